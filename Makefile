@@ -1,0 +1,57 @@
+# A thin layer over CMake. `make run` and `make test` install what is missing first.
+BUILD      ?= build
+FUZZ_BUILD ?= build-fuzz
+PORT       ?= 8000
+PYTHON     := /usr/bin/python3
+JOBS       := $(shell nproc)
+
+.PHONY: all build run test unit integration fuzz-replay fuzz bench deps format clean
+
+all: build
+
+build:
+	@cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+	@cmake --build $(BUILD) -j $(JOBS)
+
+deps:
+	@scripts/install-deps
+
+run: deps build
+	@echo
+	@echo "inferd is starting on http://127.0.0.1:$(PORT) with ./models (Ctrl-C stops it)."
+	@echo "Try, from another terminal:"
+	@echo "  curl -s -X POST http://127.0.0.1:$(PORT)/v2/models/breast_cancer/infer \\"
+	@echo "       -H 'Content-Type: application/json' -d @models/breast_cancer/sample_request.json"
+	@echo
+	@exec $(BUILD)/inferd serve --models ./models --port $(PORT)
+
+test: deps build unit fuzz-replay integration
+
+unit: build
+	@cd $(BUILD) && ctest --output-on-failure
+
+$(FUZZ_BUILD)/fuzz_infer_request: $(wildcard src/*/*.c src/*/*.h fuzz/*.c)
+	@CC=clang cmake -S . -B $(FUZZ_BUILD) -DINFERD_FUZZ=ON -DINFERD_TESTS=OFF >/dev/null
+	@cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz_infer_request
+
+fuzz-replay: $(FUZZ_BUILD)/fuzz_infer_request
+	@$(FUZZ_BUILD)/fuzz_infer_request -runs=0 fuzz/corpus/infer_request 2>&1 | tail -1
+
+fuzz: $(FUZZ_BUILD)/fuzz_infer_request
+	@mkdir -p $(FUZZ_BUILD)/corpus
+	$(FUZZ_BUILD)/fuzz_infer_request -max_total_time=60 -max_len=8192 \
+	    $(FUZZ_BUILD)/corpus fuzz/corpus/infer_request
+
+integration: build
+	@$(PYTHON) -m pytest -q tests/integration
+
+bench:
+	@scripts/install-deps --bench
+	@$(MAKE) --no-print-directory build
+	@bench/run
+
+format:
+	@clang-format -i $$(git ls-files '*.c' '*.h')
+
+clean:
+	rm -rf $(BUILD) $(FUZZ_BUILD)

@@ -1,0 +1,134 @@
+/*
+ * rowsum.c: a complete inferd backend plugin, as small as one can be.
+ *
+ * The model sums each row of its FP32 input: input "input__0" of shape [-1, width], output
+ * "output__0" of shape [-1]. `width` comes from config.json's "parameters" (default 4). It
+ * shows every part of the ABI: init, model and instance life cycle, a batched execute that
+ * writes each request's outputs through the host's allocator, and errors as messages.
+ *
+ * Build: cc -shared -fPIC -I include examples/plugin/rowsum.c -o librowsum.so
+ * Use:   {"backend": "plugin", "path": "/abs/path/librowsum.so", "parameters": {"width": 4}}
+ */
+#include "inferd/backend.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct rowsum_model {
+    struct inferd_tensor input, output;
+    int64_t width;
+};
+
+static const struct inferd_host *host;
+
+static int rs_init(const struct inferd_host *h, void **state, char *err, size_t err_len)
+{
+    (void)err;
+    (void)err_len;
+    host = h;
+    *state = NULL;
+    return 0;
+}
+
+/* Finds "width": N in the config text; a real plugin would use a JSON library. */
+static int64_t read_width(const char *config)
+{
+    const char *p = config ? strstr(config, "\"width\"") : NULL;
+
+    if (!p || !(p = strchr(p, ':')))
+        return 4;
+    return strtoll(p + 1, NULL, 10);
+}
+
+static int rs_model_create(void *backend_state, const char *dir, const char *config,
+                           void **model_state, struct inferd_model_info *info, char *err,
+                           size_t err_len)
+{
+    struct rowsum_model *m;
+    int64_t width = read_width(config);
+
+    (void)backend_state;
+    (void)dir;
+    if (width < 1 || width > 1 << 20) {
+        snprintf(err, err_len, "parameters.width: %lld is out of range 1..1048576",
+                 (long long)width);
+        return -1;
+    }
+    m = calloc(1, sizeof(*m));
+    if (!m) {
+        snprintf(err, err_len, "out of memory");
+        return -1;
+    }
+    m->width = width;
+    m->input = (struct inferd_tensor){
+        .name = "input__0", .datatype = INFERD_TYPE_FP32, .n_dims = 2, .shape = {-1, width}};
+    m->output = (struct inferd_tensor){
+        .name = "output__0", .datatype = INFERD_TYPE_FP32, .n_dims = 1, .shape = {-1}};
+    *info = (struct inferd_model_info){.inputs = &m->input,
+                                       .n_inputs = 1,
+                                       .outputs = &m->output,
+                                       .n_outputs = 1,
+                                       .platform = "rowsum",
+                                       .is_batched = 1};
+    *model_state = m;
+    return 0;
+}
+
+static void rs_model_destroy(void *state)
+{
+    free(state);
+}
+
+static int rs_instance_create(void *model_state, int index, void **instance_state, char *err,
+                              size_t err_len)
+{
+    (void)index;
+    (void)err;
+    (void)err_len;
+    *instance_state = model_state; /* stateless: instances share the model */
+    return 0;
+}
+
+static int rs_execute(void *instance_state, struct inferd_request *const *reqs, size_t n,
+                      char *err, size_t err_len)
+{
+    struct rowsum_model *m = instance_state;
+
+    (void)err;
+    (void)err_len;
+    for (size_t i = 0; i < n; i++) {
+        const struct inferd_tensor *in = &reqs[i]->inputs[0];
+        int64_t rows = in->shape[0];
+        const float *x = in->data;
+        float *y = host->output_alloc(reqs[i], "output__0", INFERD_TYPE_FP32, &rows, 1,
+                                      (size_t)rows * sizeof(float));
+        if (!y) {
+            snprintf(reqs[i]->error, sizeof(reqs[i]->error), "out of memory");
+            reqs[i]->failed = 1;
+            continue;
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            float s = 0;
+            for (int64_t c = 0; c < m->width; c++)
+                s += x[r * m->width + c];
+            y[r] = s;
+        }
+    }
+    return 0;
+}
+
+static const struct inferd_backend_api api = {
+    .api_version = INFERD_BACKEND_API_VERSION,
+    .name = "rowsum",
+    .init = rs_init,
+    .model_create = rs_model_create,
+    .model_destroy = rs_model_destroy,
+    .instance_create = rs_instance_create,
+    .execute = rs_execute,
+};
+
+const struct inferd_backend_api *inferd_backend_get(void)
+{
+    return &api;
+}

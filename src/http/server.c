@@ -1,0 +1,610 @@
+/*
+ * server.c: the HTTP server: connection life cycle, routing and the handlers.
+ *
+ * Thread map:
+ *   HTTP threads (libmicrohttpd's pool, epoll each)  read the body, route, decode and validate,
+ *       suspend the connection and hand the request to the model's batcher. They never run a
+ *       model, so no thread is held per in-flight request.
+ *   batcher threads (model/batcher.c)  run the backend, encode the response into the request's
+ *       context and resume the connection; the HTTP thread then sends it.
+ *   main thread  waits for signals (main.c) and calls http_server_stop().
+ *
+ * A suspended connection never times out in libmicrohttpd, so deadlines belong to the batcher
+ * (its sweeper answers 504 on time and notices clients that hang up).
+ */
+#define _GNU_SOURCE
+#include "http/server.h"
+#include "core/buf.h"
+#include "core/log.h"
+#include "metrics/metrics.h"
+#include "model/batcher.h"
+#include "model/codec.h"
+#include "model/registry.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <microhttpd.h>
+#include <netinet/in.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef INFERD_VERSION
+#define INFERD_VERSION "0.0.0"
+#endif
+
+struct http_server {
+    struct http_config cfg; /* immutable after start */
+    struct registry *reg;
+    struct MHD_Daemon *daemon;
+    int port;
+    _Atomic int draining;
+    _Atomic int64_t in_flight; /* contexts between arrival and completion */
+};
+
+enum req_state {
+    REQ_RECEIVING = 0, /* reading the body */
+    REQ_WAITING,       /* suspended, in a batcher */
+    REQ_READY,         /* response encoded, connection resumed */
+};
+
+enum req_kind { KIND_V2, KIND_V1 };
+
+/* One HTTP request. Lives from the first access-handler call to MHD's completion callback. */
+struct req {
+    struct http_server *srv;
+    struct MHD_Connection *conn;
+    _Atomic int state;
+    int too_large;
+    struct buf body;
+    uint64_t start_ns;
+    /* set while an inference is in flight */
+    enum req_kind kind;
+    struct model *model;
+    struct infer_request *infer;
+    struct batch_item item;
+    /* the answer, built by whichever thread finishes the request */
+    int status;
+    struct buf out;
+    int64_t json_len; /* Inference-Header-Content-Length, or -1 */
+    int retry_after_s;
+};
+
+/* ---- responses ---- */
+
+static void set_error(struct req *r, int code, const char *msg)
+{
+    r->status = err_http_status((enum err_code)code);
+    buf_release(&r->out);
+    if (codec_encode_error(msg, &r->out) != 0)
+        r->status = 500;
+    r->json_len = -1;
+    if (code == ERR_BUSY || code == ERR_UNAVAILABLE)
+        r->retry_after_s = 1;
+}
+
+static enum MHD_Result send_reply(struct req *r)
+{
+    struct MHD_Response *resp;
+    enum MHD_Result ret;
+    char num[32];
+    size_t len = r->out.len;
+    char *data = buf_take(&r->out);
+
+    resp = MHD_create_response_from_buffer(len, data ? data : (char *)"",
+                                           data ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_PERSISTENT);
+    if (!resp) {
+        free(data);
+        return MHD_NO;
+    }
+    if (r->json_len >= 0) {
+        snprintf(num, sizeof(num), "%lld", (long long)r->json_len);
+        MHD_add_response_header(resp, "Inference-Header-Content-Length", num);
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/octet-stream");
+    } else {
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+    }
+    if (r->retry_after_s > 0) {
+        snprintf(num, sizeof(num), "%d", r->retry_after_s);
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, num);
+    }
+    ret = MHD_queue_response(r->conn, (unsigned)r->status, resp);
+    MHD_destroy_response(resp);
+    if (r->model)
+        metrics_request(r->model->metrics, r->status,
+                        (double)(batcher_now_ns() - r->start_ns) / 1e9);
+    return ret;
+}
+
+static enum MHD_Result reply_error(struct req *r, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static enum MHD_Result reply_error(struct req *r, int code, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    set_error(r, code, msg);
+    return send_reply(r);
+}
+
+static enum MHD_Result reply_json(struct req *r, int status, struct buf *json)
+{
+    buf_release(&r->out);
+    r->out = *json;
+    *json = (struct buf){0};
+    r->status = status;
+    r->json_len = -1;
+    return send_reply(r);
+}
+
+/* ---- inference ---- */
+
+/* Runs on a batcher thread (or the sweeper): encode, then wake the HTTP thread. */
+static void infer_done(struct batch_item *item, int rc, const struct err *e)
+{
+    struct req *r = item->ctx;
+
+    if (rc != 0) {
+        set_error(r, rc, e->msg);
+    } else {
+        int enc;
+        buf_release(&r->out);
+        r->json_len = -1;
+        if (r->kind == KIND_V1)
+            enc = codec_encode_v1(r->infer, &r->out);
+        else
+            enc = codec_encode_v2(r->infer, r->model->name, r->model->version_str, &r->out,
+                                  &r->json_len);
+        if (enc != 0)
+            set_error(r, ERR_NOMEM, "out of memory encoding the response");
+        else
+            r->status = 200;
+    }
+    metrics_inflight_add(r->model->metrics, -1);
+    atomic_store(&r->state, REQ_READY);
+    MHD_resume_connection(r->conn);
+}
+
+static int parse_version(const char *s, int64_t *out)
+{
+    char *end;
+    long long v;
+
+    errno = 0;
+    v = strtoll(s, &end, 10);
+    if (errno || *end || end == s || v < 1)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static int64_t header_int(struct MHD_Connection *conn, const char *name, int *bad)
+{
+    const char *v = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, name);
+    char *end;
+    long long n;
+
+    *bad = 0;
+    if (!v)
+        return -1;
+    errno = 0;
+    n = strtoll(v, &end, 10);
+    if (errno || *end || end == v || n < 0) {
+        *bad = 1;
+        return -1;
+    }
+    return n;
+}
+
+static enum MHD_Result handle_infer(struct req *r, const char *name, const char *version,
+                                    enum req_kind kind)
+{
+    struct http_server *srv = r->srv;
+    const union MHD_ConnectionInfo *ci;
+    struct err e = {0};
+    int64_t v = 0, json_len;
+    uint64_t timeout_us;
+    int bad, rc;
+
+    r->kind = kind;
+    if (atomic_load(&srv->draining))
+        return reply_error(r, ERR_UNAVAILABLE, "inferd is shutting down");
+    if (version && parse_version(version, &v) != 0)
+        return reply_error(r, ERR_NOT_FOUND, "model '%s' has no version '%s'", name, version);
+    rc = registry_acquire(srv->reg, name, v, &r->model, &e);
+    if (rc != 0)
+        return reply_error(r, rc, "%s", e.msg);
+    if (kind == KIND_V1) {
+        rc = codec_decode_v1(r->body.data ? r->body.data : "", r->body.len,
+                             r->model->info.n_inputs ? r->model->info.inputs[0].name : "input__0",
+                             &r->infer, &e);
+    } else {
+        json_len = header_int(r->conn, "Inference-Header-Content-Length", &bad);
+        if (bad)
+            return reply_error(r, ERR_INVALID,
+                               "Inference-Header-Content-Length: expected a byte count");
+        rc = codec_decode_v2(r->body.data ? r->body.data : "", r->body.len, json_len, &r->infer,
+                             &e);
+    }
+    if (rc == 0)
+        rc = tensor_check_inputs(r->infer, &r->model->info, &e);
+    if (rc != 0)
+        return reply_error(r, rc, "model '%s': %s", name, e.msg);
+    buf_release(&r->body); /* decoded: the raw bytes are no longer needed */
+
+    timeout_us = r->infer->timeout_us ? r->infer->timeout_us : (uint64_t)r->model->default_timeout_us;
+    r->item = (struct batch_item){
+        .req = r->infer,
+        .deadline_ns = timeout_us ? r->start_ns + timeout_us * 1000 : 0,
+        .client_fd = -1,
+        .done = infer_done,
+        .ctx = r,
+    };
+    ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (ci)
+        r->item.client_fd = ci->connect_fd;
+    /* suspend before handing over: the batch may finish before this function returns */
+    atomic_store(&r->state, REQ_WAITING);
+    metrics_inflight_add(r->model->metrics, 1);
+    MHD_suspend_connection(r->conn);
+    rc = batcher_submit(r->model->batcher, &r->item, &e);
+    if (rc != 0)
+        infer_done(&r->item, rc, &e);
+    return MHD_YES;
+}
+
+/* ---- metadata, health, repository ---- */
+
+static int append_io(struct buf *b, const struct inferd_tensor *t, size_t n)
+{
+    int rc = buf_puts(b, "[");
+
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        rc = buf_puts(b, i ? ",{\"name\":" : "{\"name\":");
+        if (rc == 0)
+            rc = buf_json_string(b, t[i].name);
+        if (rc == 0)
+            rc = buf_printf(b, ",\"datatype\":\"%s\",\"shape\":[",
+                            tensor_datatype_name(t[i].datatype));
+        for (int d = 0; rc == 0 && d < t[i].n_dims; d++)
+            rc = buf_printf(b, "%s%lld", d ? "," : "", (long long)t[i].shape[d]);
+        if (rc == 0)
+            rc = buf_puts(b, "]}");
+    }
+    return rc ? rc : buf_puts(b, "]");
+}
+
+static enum MHD_Result handle_model_meta(struct req *r, const char *name, const char *version,
+                                         int ready_only)
+{
+    struct buf b = {0};
+    struct model *m = NULL;
+    struct err e = {0};
+    int64_t v = 0;
+    int rc;
+
+    if (version && parse_version(version, &v) != 0)
+        return reply_error(r, ERR_NOT_FOUND, "model '%s' has no version '%s'", name, version);
+    rc = registry_acquire(r->srv->reg, name, v, &m, &e);
+    if (rc != 0)
+        return reply_error(r, rc, "%s", e.msg);
+    rc = buf_puts(&b, "{\"name\":");
+    if (rc == 0)
+        rc = buf_json_string(&b, m->name);
+    if (rc == 0 && ready_only)
+        rc = buf_puts(&b, ",\"ready\":true}");
+    else if (rc == 0) {
+        rc = buf_printf(&b, ",\"versions\":[\"%s\"],\"platform\":", m->version_str);
+        if (rc == 0)
+            rc = buf_json_string(&b, m->info.platform ? m->info.platform : m->api->name);
+        if (rc == 0)
+            rc = buf_puts(&b, ",\"inputs\":");
+        if (rc == 0)
+            rc = append_io(&b, m->info.inputs, m->info.n_inputs);
+        if (rc == 0)
+            rc = buf_puts(&b, ",\"outputs\":");
+        if (rc == 0)
+            rc = append_io(&b, m->info.outputs, m->info.n_outputs);
+        if (rc == 0)
+            rc = buf_puts(&b, "}");
+    }
+    model_release(m);
+    if (rc != 0) {
+        buf_release(&b);
+        return reply_error(r, ERR_NOMEM, "out of memory");
+    }
+    return reply_json(r, 200, &b);
+}
+
+static enum MHD_Result reply_text(struct req *r, int status, const char *json)
+{
+    struct buf b = {0};
+
+    if (buf_puts(&b, json) != 0)
+        return reply_error(r, ERR_NOMEM, "out of memory");
+    return reply_json(r, status, &b);
+}
+
+static enum MHD_Result handle_repository(struct req *r, const char *name, const char *action)
+{
+    struct err e = {0};
+    int rc;
+
+    if (strcmp(action, "load") == 0)
+        rc = registry_load(r->srv->reg, name, &e);
+    else if (strcmp(action, "unload") == 0)
+        rc = registry_unload(r->srv->reg, name, &e);
+    else
+        return reply_error(r, ERR_NOT_FOUND, "no repository action '%s' (load or unload)",
+                           action);
+    if (rc != 0)
+        return reply_error(r, rc, "%s", e.msg);
+    return reply_text(r, 200, "{}");
+}
+
+static enum MHD_Result handle_metrics(struct req *r)
+{
+    struct buf b = {0};
+    struct MHD_Response *resp;
+    enum MHD_Result ret;
+    size_t len;
+    char *data;
+
+    if (metrics_render(&b) != 0) {
+        buf_release(&b);
+        return reply_error(r, ERR_NOMEM, "out of memory");
+    }
+    len = b.len;
+    data = buf_take(&b);
+    resp = MHD_create_response_from_buffer(len, data ? data : (char *)"",
+                                           data ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_PERSISTENT);
+    if (!resp)
+        return MHD_NO;
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8");
+    ret = MHD_queue_response(r->conn, 200, resp);
+    MHD_destroy_response(resp);
+    return ret;
+}
+
+/* ---- routing ---- */
+
+/* Splits "/a/b/c" into at most `max` segments (copied into `store`). Returns the count. */
+static int split_path(const char *url, char *store, size_t store_len, char **seg, int max)
+{
+    int n = 0;
+
+    snprintf(store, store_len, "%s", url);
+    for (char *p = store; *p && n < max + 1;) {
+        while (*p == '/')
+            *p++ = '\0';
+        if (!*p)
+            break;
+        seg[n++] = p;
+        while (*p && *p != '/')
+            p++;
+    }
+    return n;
+}
+
+static enum MHD_Result route_models(struct req *r, int is_get, char **seg, int n)
+{
+    /* seg: v2 models {name} [versions {v}] [infer|ready] */
+    const char *name = seg[2], *version = NULL, *tail = NULL;
+    int i = 3;
+
+    if (n >= 5 && strcmp(seg[3], "versions") == 0) {
+        version = seg[4];
+        i = 5;
+    }
+    if (n == i + 1)
+        tail = seg[i];
+    else if (n != i)
+        return reply_error(r, ERR_NOT_FOUND, "no route for this path");
+    if (!tail && is_get)
+        return handle_model_meta(r, name, version, 0);
+    if (tail && strcmp(tail, "ready") == 0 && is_get)
+        return handle_model_meta(r, name, version, 1);
+    if (tail && strcmp(tail, "infer") == 0 && !is_get)
+        return handle_infer(r, name, version, KIND_V2);
+    return reply_error(r, ERR_NOT_FOUND, "no route for this method and path");
+}
+
+static enum MHD_Result route(struct req *r, const char *method, const char *url)
+{
+    char store[1024], *seg[8];
+    int is_get = strcmp(method, "GET") == 0, is_post = strcmp(method, "POST") == 0;
+    int n;
+
+    if (strlen(url) >= sizeof(store))
+        return reply_error(r, ERR_NOT_FOUND, "path too long");
+    n = split_path(url, store, sizeof(store), seg, 7);
+    if (!is_get && !is_post)
+        return reply_error(r, ERR_NOT_FOUND, "no route for %s %s", method, url);
+    if (n == 3 && is_get && strcmp(seg[0], "v2") == 0 && strcmp(seg[1], "health") == 0) {
+        if (strcmp(seg[2], "live") == 0)
+            return reply_text(r, 200, "{\"live\":true}");
+        if (strcmp(seg[2], "ready") == 0) {
+            if (atomic_load(&r->srv->draining))
+                return reply_error(r, ERR_UNAVAILABLE, "inferd is shutting down");
+            return reply_text(r, 200, "{\"ready\":true}");
+        }
+    }
+    if (n == 1 && is_get && strcmp(seg[0], "v2") == 0)
+        return reply_text(r, 200,
+                          "{\"name\":\"inferd\",\"version\":\"" INFERD_VERSION "\","
+                          "\"extensions\":[\"binary_tensor_data\",\"model_repository\","
+                          "\"statistics\"]}");
+    if (n == 1 && is_get && strcmp(seg[0], "metrics") == 0)
+        return handle_metrics(r);
+    if (n >= 3 && strcmp(seg[0], "v2") == 0 && strcmp(seg[1], "models") == 0 && n <= 6)
+        return route_models(r, is_get, seg, n);
+    if (n == 3 && is_post && strcmp(seg[0], "v2") == 0 && strcmp(seg[1], "repository") == 0 &&
+        strcmp(seg[2], "index") == 0) {
+        struct buf b = {0};
+        if (registry_index(r->srv->reg, &b) != 0) {
+            buf_release(&b);
+            return reply_error(r, ERR_NOMEM, "out of memory");
+        }
+        return reply_json(r, 200, &b);
+    }
+    if (n == 5 && is_post && strcmp(seg[0], "v2") == 0 && strcmp(seg[1], "repository") == 0 &&
+        strcmp(seg[2], "models") == 0)
+        return handle_repository(r, seg[3], seg[4]);
+    if (n == 3 && is_post && strcmp(seg[0], "v1") == 0 && strcmp(seg[1], "models") == 0) {
+        char *colon = strrchr(seg[2], ':');
+        if (colon && strcmp(colon, ":predict") == 0) {
+            *colon = '\0';
+            return handle_infer(r, seg[2], NULL, KIND_V1);
+        }
+    }
+    return reply_error(r, ERR_NOT_FOUND, "no route for %s %s", method, url);
+}
+
+/* ---- libmicrohttpd callbacks ---- */
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
+                                  const char *method, const char *version,
+                                  const char *upload_data, size_t *upload_data_size,
+                                  void **con_cls)
+{
+    struct http_server *srv = cls;
+    struct req *r = *con_cls;
+    int bad;
+
+    (void)version;
+    if (!r) {
+        r = calloc(1, sizeof(*r));
+        if (!r)
+            return MHD_NO;
+        r->srv = srv;
+        r->conn = conn;
+        r->start_ns = batcher_now_ns();
+        r->json_len = -1;
+        atomic_fetch_add(&srv->in_flight, 1);
+        *con_cls = r;
+        int64_t declared = header_int(conn, MHD_HTTP_HEADER_CONTENT_LENGTH, &bad);
+        if (declared > srv->cfg.max_body_bytes)
+            return reply_error(r, ERR_TOO_LARGE, "request body of %lld bytes, limit is %lld",
+                               (long long)declared, (long long)srv->cfg.max_body_bytes);
+        return MHD_YES;
+    }
+    if (atomic_load(&r->state) == REQ_READY)
+        return send_reply(r);
+    if (atomic_load(&r->state) == REQ_WAITING)
+        return MHD_YES; /* spurious call while suspended */
+    if (*upload_data_size > 0) {
+        if (!r->too_large && r->body.len + *upload_data_size > (size_t)srv->cfg.max_body_bytes)
+            r->too_large = 1;
+        if (!r->too_large && buf_append(&r->body, upload_data, *upload_data_size) != 0)
+            r->too_large = 1;
+        *upload_data_size = 0;
+        return MHD_YES;
+    }
+    if (r->too_large) {
+        buf_release(&r->body);
+        return reply_error(r, ERR_TOO_LARGE, "request body larger than the limit of %lld bytes",
+                           (long long)srv->cfg.max_body_bytes);
+    }
+    return route(r, method, url);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
+                         enum MHD_RequestTerminationCode toe)
+{
+    struct http_server *srv = cls;
+    struct req *r = *con_cls;
+
+    (void)conn;
+    (void)toe;
+    if (!r)
+        return;
+    if (atomic_load(&r->state) == REQ_WAITING)
+        log_warn("http", "connection closed while its request was queued", "%s", "");
+    infer_request_destroy(r->infer);
+    model_release(r->model);
+    buf_release(&r->body);
+    buf_release(&r->out);
+    free(r);
+    *con_cls = NULL;
+    atomic_fetch_sub(&srv->in_flight, 1);
+}
+
+/* ---- life cycle ---- */
+
+int http_server_start(const struct http_config *cfg, struct registry *reg,
+                      struct http_server **out, struct err *e)
+{
+    struct http_server *s = calloc(1, sizeof(*s));
+    struct sockaddr_in addr = {0};
+    const union MHD_DaemonInfo *di;
+    long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
+    unsigned threads;
+
+    *out = NULL;
+    if (!s)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    s->cfg = *cfg;
+    s->reg = reg;
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons((uint16_t)cfg->port);
+    if (inet_pton(AF_INET, cfg->host, &addr.sin_addr) != 1) {
+        free(s);
+        return err_set(e, ERR_INVALID, "--host: '%s' is not an IPv4 address", cfg->host);
+    }
+    threads = cfg->threads > 0 ? (unsigned)cfg->threads : (unsigned)(n_cpu > 0 ? n_cpu : 1);
+    s->daemon = MHD_start_daemon(
+        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
+            MHD_USE_TURBO,
+        0, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
+        MHD_OPTION_THREAD_POOL_SIZE, threads, MHD_OPTION_CONNECTION_LIMIT,
+        (unsigned)cfg->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned)cfg->idle_timeout_s, MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+        MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024u, MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u,
+        MHD_OPTION_END);
+    if (!s->daemon) {
+        free(s);
+        return err_set(e, ERR_IO, "cannot listen on %s:%d: %s", cfg->host, cfg->port,
+                       strerror(errno));
+    }
+    di = MHD_get_daemon_info(s->daemon, MHD_DAEMON_INFO_BIND_PORT);
+    s->port = di ? di->port : cfg->port;
+    *out = s;
+    return 0;
+}
+
+int http_server_port(const struct http_server *s)
+{
+    return s->port;
+}
+
+void http_server_stop(struct http_server *s)
+{
+    uint64_t until;
+    MHD_socket fd;
+
+    if (!s)
+        return;
+    atomic_store(&s->draining, 1);
+    fd = MHD_quiesce_daemon(s->daemon);
+    if (fd != MHD_INVALID_SOCKET)
+        close(fd);
+    until = batcher_now_ns() + (uint64_t)s->cfg.drain_timeout_s * 1000000000ull;
+    while (atomic_load(&s->in_flight) > 0 && batcher_now_ns() < until) {
+        struct timespec ts = {0, 10 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+    if (atomic_load(&s->in_flight) > 0)
+        log_warn("http", "drain timeout passed with requests still open", "open=%lld",
+                 (long long)atomic_load(&s->in_flight));
+    MHD_stop_daemon(s->daemon);
+    free(s);
+}

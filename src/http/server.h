@@ -1,0 +1,39 @@
+/*
+ * server.h: `inferd serve`'s HTTP front door (KServe v2 REST, v1 predict, repository control,
+ * health and metrics) on libmicrohttpd.
+ */
+#ifndef INFERD_SERVER_H
+#define INFERD_SERVER_H
+
+#include "core/err.h"
+
+#include <stdint.h>
+
+struct registry;
+
+struct http_config {
+    const char *host;       /* address to bind; "127.0.0.1" by default */
+    int port;               /* 8000 by default; 0 picks a free port */
+    int threads;            /* HTTP threads (epoll each); 0 means one per CPU */
+    int64_t max_body_bytes; /* larger bodies get 413 */
+    int max_connections;
+    int idle_timeout_s;     /* keep-alive connections idle this long are closed */
+    int drain_timeout_s;    /* how long shutdown waits for in-flight requests */
+};
+
+struct http_server;
+
+/* Starts listening and serving. `reg` is borrowed and must outlive the server. */
+int http_server_start(const struct http_config *cfg, struct registry *reg,
+                      struct http_server **out, struct err *e);
+
+/* The port actually bound (useful with port 0). */
+int http_server_port(const struct http_server *s);
+
+/*
+ * Graceful stop: readiness turns 503, new work gets 503 with Retry-After, the listening socket
+ * closes, in-flight requests finish (up to drain_timeout_s), then the server is freed.
+ */
+void http_server_stop(struct http_server *s);
+
+#endif

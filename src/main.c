@@ -1,0 +1,256 @@
+/*
+ * main.c: the inferd command line. Parses arguments into a configuration and calls one module.
+ *
+ *   inferd serve [options]     the online server (KServe v2 REST)
+ *   inferd --version | --help | COMMAND --help
+ *
+ * Every option of a command is one row of its table below: name, default (parsed by the same
+ * code as user input), bounds and one line of help. The README's configuration reference
+ * mirrors these tables (tests/unit/test_config.c checks that).
+ */
+#define _GNU_SOURCE
+#include "core/err.h"
+#include "core/log.h"
+#include "http/server.h"
+#include "model/registry.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+
+#ifndef INFERD_VERSION
+#define INFERD_VERSION "0.0.0"
+#endif
+
+enum opt_kind { OPT_STR, OPT_INT };
+
+struct option_def {
+    const char *name; /* without the leading "--" */
+    enum opt_kind kind;
+    const char *def;
+    long long min, max;
+    const char *help;
+};
+
+/* `inferd serve` */
+static const struct option_def serve_options[] = {
+    {"models", OPT_STR, "./models", 0, 0, "model repository: DIR/<name>/config.json + versions"},
+    {"host", OPT_STR, "127.0.0.1", 0, 0, "IPv4 address to listen on (0.0.0.0 for all)"},
+    {"port", OPT_INT, "8000", 0, 65535, "TCP port (0 picks a free one and logs it)"},
+    {"threads", OPT_INT, "0", 0, 256, "HTTP threads; 0 means one per CPU"},
+    {"max-body-bytes", OPT_INT, "67108864", 1024, 4294967296LL,
+     "largest request body; past it, 413"},
+    {"max-connections", OPT_INT, "10000", 16, 1000000, "concurrent client connections"},
+    {"idle-timeout-s", OPT_INT, "60", 1, 86400, "close keep-alive connections idle this long"},
+    {"drain-timeout-s", OPT_INT, "30", 0, 3600,
+     "on SIGTERM, how long to wait for in-flight requests"},
+    {"log-level", OPT_STR, "info", 0, 0, "error, warn, info or debug"},
+};
+#define N_SERVE (sizeof(serve_options) / sizeof(serve_options[0]))
+
+struct parsed {
+    const char *str[N_SERVE];
+    long long num[N_SERVE];
+};
+
+static void usage(FILE *f)
+{
+    fprintf(f, "inferd %s: serves machine-learning models (KServe v2 REST)\n\n"
+               "usage: inferd COMMAND [options]\n\n"
+               "commands:\n"
+               "  serve    run the online inference server on a model repository\n\n"
+               "  inferd --version        print the version\n"
+               "  inferd COMMAND --help   options of a command\n",
+            INFERD_VERSION);
+}
+
+static void usage_serve(FILE *f)
+{
+    fprintf(f, "usage: inferd serve [options]\n\n"
+               "Serves every model under --models over HTTP (KServe v2 REST, v1 predict).\n"
+               "SIGHUP reloads the repository; SIGTERM/SIGINT drain and exit 0.\n\noptions:\n");
+    for (size_t i = 0; i < N_SERVE; i++)
+        fprintf(f, "  --%-18s %s (default %s)\n", serve_options[i].name, serve_options[i].help,
+                serve_options[i].def);
+}
+
+static int parse_value(const struct option_def *o, const char *v, struct parsed *p, size_t i,
+                       struct err *e)
+{
+    char *end;
+    long long n;
+
+    p->str[i] = v;
+    if (o->kind == OPT_STR)
+        return 0;
+    errno = 0;
+    n = strtoll(v, &end, 10);
+    if (errno || *end || end == v)
+        return err_set(e, ERR_INVALID, "--%s: '%s' is not an integer", o->name, v);
+    if (n < o->min)
+        return err_set(e, ERR_INVALID, "--%s: %lld is below the minimum %lld", o->name, n,
+                       o->min);
+    if (n > o->max)
+        return err_set(e, ERR_INVALID, "--%s: %lld is above the maximum %lld", o->name, n,
+                       o->max);
+    p->num[i] = n;
+    return 0;
+}
+
+static int parse_options(int argc, char **argv, struct parsed *p, struct err *e)
+{
+    int rc;
+
+    for (size_t i = 0; i < N_SERVE; i++)
+        if ((rc = parse_value(&serve_options[i], serve_options[i].def, p, i, e)) != 0)
+            return rc;
+    for (int a = 0; a < argc; a++) {
+        const char *arg = argv[a], *val = NULL, *eq;
+        size_t len, i;
+        if (strncmp(arg, "--", 2) != 0)
+            return err_set(e, ERR_INVALID, "unexpected argument '%s'", arg);
+        arg += 2;
+        eq = strchr(arg, '=');
+        len = eq ? (size_t)(eq - arg) : strlen(arg);
+        for (i = 0; i < N_SERVE; i++)
+            if (strlen(serve_options[i].name) == len &&
+                strncmp(serve_options[i].name, arg, len) == 0)
+                break;
+        if (i == N_SERVE)
+            return err_set(e, ERR_INVALID, "unknown option '%s' (see inferd serve --help)",
+                           argv[a]);
+        if (eq)
+            val = eq + 1;
+        else if (a + 1 < argc)
+            val = argv[++a];
+        else
+            return err_set(e, ERR_INVALID, "--%s needs a value", serve_options[i].name);
+        if ((rc = parse_value(&serve_options[i], val, p, i, e)) != 0)
+            return rc;
+    }
+    return 0;
+}
+
+static size_t opt_index(const char *name)
+{
+    for (size_t i = 0; i < N_SERVE; i++)
+        if (strcmp(serve_options[i].name, name) == 0)
+            return i;
+    return 0;
+}
+
+#define OPT_S(p, name) ((p)->str[opt_index(name)])
+#define OPT_N(p, name) ((p)->num[opt_index(name)])
+
+static void raise_fd_limit(void)
+{
+    struct rlimit rl;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+static int cmd_serve(int argc, char **argv)
+{
+    struct parsed p = {0};
+    struct registry *reg = NULL;
+    struct http_server *srv = NULL;
+    struct http_config hc;
+    struct err e = {0};
+    sigset_t sigs;
+    int sig, failed, rc = 1;
+
+    if (parse_options(argc, argv, &p, &e) != 0) {
+        fprintf(stderr, "inferd serve: %s\n", e.msg);
+        return 2;
+    }
+    if (log_set_level(OPT_S(&p, "log-level")) != 0) {
+        fprintf(stderr, "inferd serve: --log-level: '%s' is not error, warn, info or debug\n",
+                OPT_S(&p, "log-level"));
+        return 2;
+    }
+    raise_fd_limit();
+    /* every thread inherits this mask, so only sigwait() below sees these signals */
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    if (registry_create(OPT_S(&p, "models"), &reg, &e) != 0) {
+        fprintf(stderr, "inferd serve: %s\n", e.msg);
+        return 1;
+    }
+    failed = registry_load_all(reg);
+    if (failed)
+        log_warn("main", "some models failed to load; the others serve", "failed=%d", failed);
+    hc = (struct http_config){
+        .host = OPT_S(&p, "host"),
+        .port = (int)OPT_N(&p, "port"),
+        .threads = (int)OPT_N(&p, "threads"),
+        .max_body_bytes = OPT_N(&p, "max-body-bytes"),
+        .max_connections = (int)OPT_N(&p, "max-connections"),
+        .idle_timeout_s = (int)OPT_N(&p, "idle-timeout-s"),
+        .drain_timeout_s = (int)OPT_N(&p, "drain-timeout-s"),
+    };
+    if (http_server_start(&hc, reg, &srv, &e) != 0) {
+        log_error("main", "cannot start the HTTP server", "reason=\"%s\"", e.msg);
+        goto cleanup;
+    }
+    log_info("main", "listening", "url=http://%s:%d models=%s version=%s", hc.host,
+             http_server_port(srv), OPT_S(&p, "models"), INFERD_VERSION);
+    for (;;) {
+        if (sigwait(&sigs, &sig) != 0)
+            continue;
+        if (sig == SIGHUP) {
+            log_info("main", "SIGHUP: reloading the model repository", "%s", "");
+            registry_load_all(reg);
+            continue;
+        }
+        log_info("main", "draining", "signal=%s", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+        break;
+    }
+    http_server_stop(srv);
+    srv = NULL;
+    rc = 0;
+cleanup:
+    http_server_stop(srv);
+    registry_destroy(reg);
+    if (rc == 0)
+        log_info("main", "stopped", "%s", "");
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        usage(stderr);
+        return 2;
+    }
+    if (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "version") == 0) {
+        printf("inferd %s\n", INFERD_VERSION);
+        return 0;
+    }
+    if (strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 ||
+        strcmp(argv[1], "help") == 0) {
+        usage(stdout);
+        return 0;
+    }
+    if (strcmp(argv[1], "serve") == 0) {
+        for (int i = 2; i < argc; i++)
+            if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+                usage_serve(stdout);
+                return 0;
+            }
+        return cmd_serve(argc - 2, argv + 2);
+    }
+    fprintf(stderr, "inferd: unknown command '%s'\n\n", argv[1]);
+    usage(stderr);
+    return 2;
+}

@@ -1,0 +1,32 @@
+/*
+ * metrics.h: counters and histograms, rendered in the Prometheus text format at /metrics.
+ *
+ * One struct metrics_model per model name, created on first use and kept for the life of the
+ * process, so counters survive a model reload. Every update is a relaxed atomic: callers on
+ * any thread, no lock on the hot path.
+ */
+#ifndef INFERD_METRICS_H
+#define INFERD_METRICS_H
+
+#include "core/buf.h"
+
+#include <stddef.h>
+
+struct metrics_model;
+
+/* The entry for `name` (borrowed), created if needed; NULL only when out of memory. */
+struct metrics_model *metrics_model_get(const char *name);
+
+/* A finished request: its HTTP status and how long it took end to end. NULL m does nothing. */
+void metrics_request(struct metrics_model *m, int status, double seconds);
+/* Time a request waited in the batcher before its backend call began. */
+void metrics_queue_wait(struct metrics_model *m, double seconds);
+/* Rows in one backend execute call. */
+void metrics_batch(struct metrics_model *m, size_t rows);
+/* Requests admitted and not yet answered. */
+void metrics_inflight_add(struct metrics_model *m, int delta);
+
+/* Appends the exposition text. Returns 0 or ERR_NOMEM. */
+int metrics_render(struct buf *out);
+
+#endif

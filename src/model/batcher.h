@@ -1,0 +1,73 @@
+/*
+ * batcher.h: the per-model dynamic batcher.
+ *
+ * Producers (HTTP handlers today; the async worker and the batch runner later) submit items;
+ * `instances` threads each take up to `max_batch_size` rows of whole requests, waiting at most
+ * `max_queue_delay_us` after the oldest item for the batch to fill, and run them in one backend
+ * execute call. A sweeper thread answers items whose deadline passes while they wait (504 at
+ * that moment, even while every instance is busy) and drops items whose client hung up.
+ *
+ * Threads: submit() runs on the producer's thread and never blocks on the backend. Every
+ * item's `done` callback runs exactly once, on an instance thread or on the sweeper thread,
+ * never with the batcher lock held.
+ */
+#ifndef INFERD_BATCHER_H
+#define INFERD_BATCHER_H
+
+#include "core/err.h"
+#include "inferd/backend.h"
+#include "model/tensor.h"
+
+#include <stdint.h>
+
+struct batcher;
+struct batch_item;
+struct metrics_model;
+
+/* rc is 0 or a negative err_code; `e` is borrowed for the call. */
+typedef void (*batcher_done_fn)(struct batch_item *item, int rc, const struct err *e);
+
+/* Owned by the producer; must stay valid until `done` is called. */
+struct batch_item {
+    struct infer_request *req; /* borrowed; outputs are filled in place */
+    uint64_t deadline_ns;      /* CLOCK_MONOTONIC; 0 means none */
+    int client_fd;             /* checked for hang-up while queued; -1 means don't */
+    batcher_done_fn done;
+    void *ctx; /* the producer's */
+    /* filled by the batcher */
+    uint64_t enqueued_ns;
+    uint64_t started_ns;  /* when the backend call began; 0 if it never did */
+    size_t batch_rows;    /* rows in the batch this item ran in */
+    struct batch_item *next;
+};
+
+struct batcher_config {
+    int64_t max_batch_size;      /* rows; 1 disables batching */
+    int64_t max_queue_delay_us;  /* how long the oldest item may wait for the batch to fill */
+    int64_t max_queue_size;      /* items waiting; past it submit() returns ERR_BUSY */
+    int instances;
+    struct metrics_model *metrics; /* batch sizes and queue waits go here; NULL means none */
+};
+
+/*
+ * Creates the batcher and starts its threads, creating one backend instance per thread.
+ *   api, model_state  borrowed; must outlive batcher_destroy()
+ */
+int batcher_create(const struct batcher_config *cfg, const struct inferd_backend_api *api,
+                   void *model_state, const char *model_name, struct batcher **out,
+                   struct err *e);
+
+/* Queues `item`. Returns 0, ERR_BUSY (queue full) or ERR_UNAVAILABLE (stopping). */
+int batcher_submit(struct batcher *b, struct batch_item *item, struct err *e);
+
+/* Items waiting now (for metrics and Retry-After). */
+size_t batcher_pending(struct batcher *b);
+
+/* Stops accepting, runs every queued item to completion, joins the threads, destroys the
+ * instances and frees. NULL does nothing. Must not be called from a done callback. */
+void batcher_destroy(struct batcher *b);
+
+/* The monotonic clock the deadlines use. */
+uint64_t batcher_now_ns(void);
+
+#endif

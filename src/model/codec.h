@@ -1,0 +1,50 @@
+/*
+ * codec.h: the KServe v2 (and v1) request decoder and response encoder.
+ *
+ * Decoding turns untrusted bytes into a struct infer_request; every failure is an error naming
+ * the field (`inputs[0].shape`, `inputs[1].data[7]`), never a crash: fuzz/fuzz_infer_request.c
+ * drives these functions. Decoding does not know the model; tensor_check_inputs() does that.
+ */
+#ifndef INFERD_CODEC_H
+#define INFERD_CODEC_H
+
+#include "core/buf.h"
+#include "core/err.h"
+#include "model/tensor.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+/*
+ * Decodes a v2 infer request. `json_len` is the value of Inference-Header-Content-Length (the
+ * JSON part; the binary tensor data follows it) or -1 when the body is JSON only.
+ *   body  borrowed for the call
+ *   out   new request; the caller frees it with infer_request_destroy()
+ * Returns 0, ERR_INVALID (malformed), ERR_SHAPE (data does not fit its declaration) or
+ * ERR_NOMEM.
+ */
+int codec_decode_v2(const char *body, size_t body_len, int64_t json_len,
+                    struct infer_request **out, struct err *e);
+
+/*
+ * Decodes a v1 predict request `{"instances": [[...], ...]}` into one input named `input_name`
+ * of shape [n, width], as FP64 (tensor_check_inputs converts it).
+ */
+int codec_decode_v1(const char *body, size_t body_len, const char *input_name,
+                    struct infer_request **out, struct err *e);
+
+/*
+ * Encodes the v2 response of a finished request into `out` (appended). When any output goes
+ * as binary, the raw bytes follow the JSON and `*json_len` is set to the JSON's length;
+ * otherwise `*json_len` is -1.
+ */
+int codec_encode_v2(const struct infer_request *r, const char *model_name, const char *version,
+                    struct buf *out, int64_t *json_len);
+
+/* Encodes `{"predictions": [...]}` from the request's first output. */
+int codec_encode_v1(const struct infer_request *r, struct buf *out);
+
+/* Encodes `{"error": msg}`. */
+int codec_encode_error(const char *msg, struct buf *out);
+
+#endif

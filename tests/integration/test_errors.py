@@ -1,0 +1,183 @@
+"""Bad requests: status code, JSON error naming the problem, server still serves."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import assert_close, error_message, infer_body
+
+WIDTH = 7   # the "binary" model's number of features
+
+
+@pytest.fixture(scope="module")
+def server(module_server_factory, trained, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("errors-models")
+    trained["binary"].install(repo)
+    trained["multiclass"].install(repo)
+    return module_server_factory(repo, "--threads", "2")
+
+
+@pytest.fixture
+def client(server):
+    return server.client()
+
+
+def good_rows(trained):
+    return trained["binary"].rows(3, seed=5)
+
+
+def assert_still_serves(client, trained):
+    X = good_rows(trained)
+    assert_close(client.predict("binary", X), trained["binary"].expected(X),
+                 "valid request after a bad one")
+
+
+def tensor(**over):
+    t = {"name": "input__0", "datatype": "FP32", "shape": [1, WIDTH], "data": [0.5] * WIDTH}
+    t.update(over)
+    return {k: v for k, v in t.items() if v is not DROP}
+
+
+DROP = object()
+
+# (id, raw body bytes or JSON object, expected status, substrings: at least one
+#  must occur in the error message, case-insensitive)
+CASES = [
+    ("malformed-json", b'{"inputs": [', 400, ["json", "parse"]),
+    ("malformed-json-garbage", b"not json at all", 400, ["json", "parse"]),
+    ("empty-body", b"", 400, ["json", "body", "empty"]),
+    ("body-not-object", [1, 2, 3], 400, ["object"]),
+    ("body-string", "inputs", 400, ["object", "json"]),
+    ("inputs-missing", {"id": "x"}, 400, ["inputs"]),
+    ("inputs-empty", {"inputs": []}, 400, ["inputs"]),
+    ("inputs-not-list", {"inputs": tensor()}, 400, ["inputs"]),
+    ("input-not-object", {"inputs": [42]}, 400, ["input", "tensor", "object", "name"]),
+    ("tensor-missing-name", {"inputs": [tensor(name=DROP)]}, 400, ["name"]),
+    ("tensor-missing-datatype", {"inputs": [tensor(datatype=DROP)]}, 400, ["datatype"]),
+    ("tensor-missing-shape", {"inputs": [tensor(shape=DROP)]}, 400, ["shape"]),
+    ("tensor-missing-data", {"inputs": [tensor(data=DROP)]}, 400, ["data"]),
+    ("unknown-input-name", {"inputs": [tensor(name="features")]}, 422, ["features"]),
+    ("unsupported-datatype", {"inputs": [tensor(datatype="FP128")]}, 422, ["fp128"]),
+    ("wrong-datatype-bytes", {"inputs": [tensor(datatype="BYTES", data=["a"] * WIDTH)]}, 422, ["bytes"]),
+    ("datatype-lowercase-garbage", {"inputs": [tensor(datatype="float")]}, 422, ["float"]),
+    ("shape-1d", {"inputs": [tensor(shape=[WIDTH])]}, 422, ["shape", "2-d", "2d", "dimension"]),
+    ("shape-3d", {"inputs": [tensor(shape=[1, 1, WIDTH])]}, 422, ["shape", "2-d", "2d", "dimension"]),
+    ("width-too-small", {"inputs": [tensor(shape=[1, WIDTH - 2], data=[0.5] * (WIDTH - 2))]}, 422,
+     [str(WIDTH)]),
+    ("width-too-large", {"inputs": [tensor(shape=[1, WIDTH + 1], data=[0.5] * (WIDTH + 1))]}, 422,
+     [str(WIDTH)]),
+    ("data-count-short", {"inputs": [tensor(shape=[2, WIDTH])]}, 422,
+     [str(2 * WIDTH), "count", "element", "data"]),
+    ("data-count-long", {"inputs": [tensor(data=[0.5] * (WIDTH + 1))]}, 422,
+     [str(WIDTH + 1), "count", "element", "data"]),
+    ("data-nested-ragged", {"inputs": [tensor(shape=[2, WIDTH], data=[[0.5] * WIDTH, [0.5] * (WIDTH - 1)])]},
+     422, ["count", "element", "data", str(2 * WIDTH), str(WIDTH)]),
+    ("data-non-numeric", {"inputs": [tensor(data=["abc"] + [0.5] * (WIDTH - 1))]}, 422,
+     ["numeric", "number", "data", "abc"]),
+    ("data-object-element", {"inputs": [tensor(data=[{"x": 1}] + [0.5] * (WIDTH - 1))]}, 422,
+     ["numeric", "number", "data"]),
+]
+
+
+@pytest.mark.parametrize("body,status,needles", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_request(client, trained, body, status, needles):
+    if isinstance(body, bytes):
+        r = client.post("/v2/models/binary/infer", data=body,
+                        headers={"Content-Type": "application/json"})
+    else:
+        r = client.post("/v2/models/binary/infer", json=body)
+    assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text[:300]}"
+    assert r.headers.get("Content-Type", "").startswith("application/json"), r.headers
+    msg = error_message(r)
+    assert any(n.lower() in msg.lower() for n in needles), \
+        f"error {msg!r} should mention one of {needles}"
+    assert_still_serves(client, trained)
+
+
+def test_unknown_model_404(client, trained):
+    r = client.post("/v2/models/no_such_model/infer", json=infer_body(good_rows(trained)))
+    assert r.status_code == 404, r.text
+    assert "no_such_model" in error_message(r)
+    assert_still_serves(client, trained)
+
+
+def test_unknown_version_404(client, trained):
+    r = client.post("/v2/models/binary/versions/7/infer", json=infer_body(good_rows(trained)))
+    assert r.status_code == 404, r.text
+    assert "7" in error_message(r)
+    assert_still_serves(client, trained)
+
+
+def test_width_error_names_expected_width_other_model(client, trained):
+    # multiclass has 10 features; send the binary model's 7.
+    r = client.post("/v2/models/multiclass/infer", json=infer_body(good_rows(trained)))
+    assert r.status_code == 422, r.text
+    assert "10" in error_message(r), "error should mention the expected width 10"
+    assert_still_serves(client, trained)
+
+
+def test_unknown_input_name_mentions_expected(client, trained):
+    r = client.post("/v2/models/binary/infer", json={"inputs": [tensor(name="features")]})
+    assert r.status_code == 422, r.text
+    msg = error_message(r)
+    assert "features" in msg or "input__0" in msg, msg
+
+
+def test_v1_bad_requests(client, trained):
+    for body, status in [({"rows": [[0.5] * WIDTH]}, 400),
+                         ([[0.5] * WIDTH], 400),
+                         ({"instances": [[0.5] * (WIDTH - 1)]}, 422)]:
+        r = client.post("/v1/models/binary:predict", json=body)
+        assert r.status_code == status, f"{body!r}: {r.status_code} {r.text[:300]}"
+        error_message(r)
+    r = client.post("/v1/models/binary:predict", data=b"{nope", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    error_message(r)
+    assert_still_serves(client, trained)
+
+
+@pytest.mark.parametrize("hdr,needles", [
+    ("99999", ["header", "length"]),           # longer than the body
+    ("-1", ["header", "length"]),
+    ("abc", ["header", "length"]),
+    ("5", ["header", "length", "json"]),       # cuts the JSON header short
+])
+def test_bad_binary_header_length(client, trained, hdr, needles):
+    header = json.dumps({"inputs": [tensor()]}).encode()
+    r = client.post("/v2/models/binary/infer", data=header,
+                    headers={"Inference-Header-Content-Length": hdr,
+                             "Content-Type": "application/octet-stream"})
+    assert r.status_code == 400, f"header length {hdr!r}: {r.status_code} {r.text[:300]}"
+    msg = error_message(r)
+    assert any(n in msg.lower() for n in needles), f"error {msg!r} should mention one of {needles}"
+    assert_still_serves(client, trained)
+
+
+def test_many_bad_then_good(client, trained):
+    """A burst of assorted bad requests must not wedge or crash the server."""
+    for _ in range(5):
+        for c in CASES:
+            body = c[1]
+            if isinstance(body, bytes):
+                client.post("/v2/models/binary/infer", data=body)
+            else:
+                client.post("/v2/models/binary/infer", json=body)
+    assert_still_serves(client, trained)
+
+
+def test_max_body_bytes_413(server_factory, repo_dir, trained):
+    trained["binary"].install(repo_dir)
+    srv = server_factory(repo_dir, "--max-body-bytes", "4096")
+    client = srv.client()
+    m = trained["binary"]
+    big = m.rows(400, seed=9)                      # ~400*7 floats: well over 4 KiB of JSON
+    body = json.dumps(infer_body(big)).encode()
+    assert len(body) > 4096 * 4
+    r = client.post("/v2/models/binary/infer", data=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413, f"{len(body)}-byte body with --max-body-bytes 4096: {r.status_code}"
+    msg = error_message(r)
+    assert any(s in msg.lower() for s in ("4096", "large", "body", "size")), msg
+    # A small request still works on the same server.
+    small = m.rows(2, seed=10)
+    assert len(json.dumps(infer_body(small))) < 4096
+    assert_close(srv.client().predict("binary", small), m.expected(small), "small request after 413")
