@@ -6,7 +6,7 @@
  *
  * Every option of a command is one row of its table below: name, default (parsed by the same
  * code as user input), bounds and one line of help. The README's configuration reference
- * mirrors these tables (tests/unit/test_config.c checks that).
+ * mirrors these tables (tests/integration/test_docs.py checks that).
  */
 #define _GNU_SOURCE
 #include "core/err.h"

@@ -315,6 +315,7 @@ int batcher_submit(struct batcher *b, struct batch_item *item, struct err *e)
         rc = err_set(e, ERR_BUSY, "model '%s': queue is full (max_queue_size %lld)", b->name,
                      (long long)b->cfg.max_queue_size);
     } else {
+        int was_empty = b->head == NULL;
         if (b->tail)
             b->tail->next = item;
         else
@@ -322,7 +323,11 @@ int batcher_submit(struct batcher *b, struct batch_item *item, struct err *e)
         b->tail = item;
         b->n_pending++;
         b->pending_rows += item_rows(item);
-        pthread_cond_signal(&b->work);
+        /* wake an instance only when there is news for it: work after none, or a full batch.
+         * Otherwise an instance is already awake for this queue (running, or letting the
+         * batch fill), and waking it per request would cost a context switch per request. */
+        if (was_empty || b->pending_rows >= b->cfg.max_batch_size)
+            pthread_cond_signal(&b->work);
         if (item->deadline_ns)
             pthread_cond_signal(&b->sweep);
     }

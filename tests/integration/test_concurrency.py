@@ -106,6 +106,7 @@ def test_queue_full_429(server_factory, repo_dir, trained):
         if 429 in statuses:
             break
     counts = {s: statuses.count(s) for s in set(statuses)}
+    print(f"statuses of the burst(s): {counts}")
     assert set(counts) <= {200, 429}, counts
     assert counts.get(429, 0) >= 1, f"no 429 with max_queue_size=1 under {n_clients} concurrent clients: {counts}"
     assert counts.get(200, 0) >= 1, f"no request succeeded: {counts}"
@@ -201,6 +202,7 @@ def test_timeout_on_busy_model(server_factory, repo_dir, trained):
                 _assert_504(r, "timeout=1 on a busy model")
             else:
                 assert_close(output_array(r.json(), 1), m.expected(small), "timeout=1 answered 200")
+        print(f"timeout=1 statuses on the busy model: {got}")
     finally:
         stop.set()
         for t in threads:
