@@ -13,6 +13,9 @@
 #include "core/log.h"
 #include "http/server.h"
 #include "model/registry.h"
+#include "queue/queue.h"
+#include "queue/worker.h"
+#include "notify/notify.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -48,6 +51,22 @@ static const struct option_def serve_options[] = {
     {"drain-timeout-s", OPT_INT, "30", 0, 3600,
      "on SIGTERM, how long to wait for in-flight requests"},
     {"log-level", OPT_STR, "info", 0, 0, "error, warn, info or debug"},
+    {"data-dir", OPT_STR, "./data", 0, 0, "where the async job queue keeps its database"},
+    {"workers", OPT_INT, "4", 1, 4096, "async jobs run at once, however many are queued"},
+    {"max-queue", OPT_INT, "100000", 1, 1000000000LL,
+     "async jobs waiting; past it, 429 with Retry-After"},
+    {"max-attempts", OPT_INT, "3", 1, 100, "attempts of a job that does not say"},
+    {"retry-backoff-ms", OPT_INT, "1000", 0, 3600000,
+     "delay before a job's second attempt; doubles per attempt up to 60 s"},
+    {"job-ttl-s", OPT_INT, "0", 0, 31536000,
+     "a job not started this long after submission expires (0: never)"},
+    {"webhook-secret", OPT_STR, "", 0, 0,
+     "HMAC-SHA256 key for X-Inferd-Signature (default: $INFERD_WEBHOOK_SECRET)"},
+    {"webhook-attempts", OPT_INT, "8", 1, 100, "delivery attempts of one webhook"},
+    {"webhook-backoff-ms", OPT_INT, "1000", 1, 3600000,
+     "wait after a failed webhook attempt; doubles per attempt up to 5 minutes"},
+    {"webhook-timeout-ms", OPT_INT, "10000", 100, 600000, "one webhook attempt's time limit"},
+    {"io-threads", OPT_INT, "8", 1, 256, "threads for job-store calls made by HTTP requests"},
 };
 #define N_SERVE (sizeof(serve_options) / sizeof(serve_options[0]))
 
@@ -61,7 +80,7 @@ static void usage(FILE *f)
     fprintf(f, "inferd %s: serves machine-learning models (KServe v2 REST)\n\n"
                "usage: inferd COMMAND [options]\n\n"
                "commands:\n"
-               "  serve    run the online inference server on a model repository\n\n"
+               "  serve    serve a model repository: online (KServe v2) and async jobs\n\n"
                "  inferd --version        print the version\n"
                "  inferd COMMAND --help   options of a command\n",
             INFERD_VERSION);
@@ -160,6 +179,14 @@ static int cmd_serve(int argc, char **argv)
     struct parsed p = {0};
     struct registry *reg = NULL;
     struct http_server *srv = NULL;
+    struct queue *queue = NULL;
+    struct worker_pool *pool = NULL;
+    struct queue_config qc;
+    struct worker_pool_config wc;
+    struct notifier *notifier = NULL;
+    struct notify_config nc;
+    struct notify_store store;
+    const char *secret;
     struct http_config hc;
     struct err e = {0};
     sigset_t sigs;
@@ -190,6 +217,37 @@ static int cmd_serve(int argc, char **argv)
     failed = registry_load_all(reg);
     if (failed)
         log_warn("main", "some models failed to load; the others serve", "failed=%d", failed);
+    qc = (struct queue_config){
+        .data_dir = OPT_S(&p, "data-dir"),
+        .max_queued = OPT_N(&p, "max-queue"),
+        .retry_backoff_ms = OPT_N(&p, "retry-backoff-ms"),
+        .result_inline_max_bytes = 128 * 1024,
+    };
+    if (queue_open(&qc, &queue, &e) != 0) {
+        log_error("main", "cannot open the job queue", "reason=\"%s\"", e.msg);
+        goto cleanup;
+    }
+    wc = (struct worker_pool_config){.workers = (int)OPT_N(&p, "workers"), .lease_poll_ms = 500};
+    if (worker_pool_start(&wc, queue, reg, &pool, &e) != 0) {
+        log_error("main", "cannot start the workers", "reason=\"%s\"", e.msg);
+        goto cleanup;
+    }
+    secret = OPT_S(&p, "webhook-secret")[0] ? OPT_S(&p, "webhook-secret")
+                                             : getenv("INFERD_WEBHOOK_SECRET");
+    if (!secret || !secret[0])
+        log_warn("main", "webhooks go unsigned: no --webhook-secret or INFERD_WEBHOOK_SECRET",
+                 "%s", "");
+    nc = (struct notify_config){
+        .secret = secret,
+        .max_attempts = (int)OPT_N(&p, "webhook-attempts"),
+        .initial_backoff_ms = OPT_N(&p, "webhook-backoff-ms"),
+        .timeout_ms = OPT_N(&p, "webhook-timeout-ms"),
+    };
+    queue_notify_store(queue, &store);
+    if (notify_create(&nc, &store, &notifier, &e) != 0) {
+        log_error("main", "cannot start webhook delivery", "reason=\"%s\"", e.msg);
+        goto cleanup;
+    }
     hc = (struct http_config){
         .host = OPT_S(&p, "host"),
         .port = (int)OPT_N(&p, "port"),
@@ -198,8 +256,12 @@ static int cmd_serve(int argc, char **argv)
         .max_connections = (int)OPT_N(&p, "max-connections"),
         .idle_timeout_s = (int)OPT_N(&p, "idle-timeout-s"),
         .drain_timeout_s = (int)OPT_N(&p, "drain-timeout-s"),
+        .io_threads = (int)OPT_N(&p, "io-threads"),
+        .default_max_attempts = OPT_N(&p, "max-attempts"),
+        .default_ttl_s = OPT_N(&p, "job-ttl-s"),
+        .workers = (int)OPT_N(&p, "workers"),
     };
-    if (http_server_start(&hc, reg, &srv, &e) != 0) {
+    if (http_server_start(&hc, reg, queue, pool, notifier, &srv, &e) != 0) {
         log_error("main", "cannot start the HTTP server", "reason=\"%s\"", e.msg);
         goto cleanup;
     }
@@ -221,6 +283,9 @@ static int cmd_serve(int argc, char **argv)
     rc = 0;
 cleanup:
     http_server_stop(srv);
+    worker_pool_stop(pool); /* running jobs finish and record their results */
+    notify_destroy(notifier); /* undelivered webhooks stay stored for the next start */
+    queue_close(queue);
     registry_destroy(reg);
     if (rc == 0)
         log_info("main", "stopped", "%s", "");

@@ -4,7 +4,9 @@
  * The model sums each row of its FP32 input: input "input__0" of shape [-1, width], output
  * "output__0" of shape [-1]. `width` comes from config.json's "parameters" (default 4). It
  * shows every part of the ABI: init, model and instance life cycle, a batched execute that
- * writes each request's outputs through the host's allocator, and errors as messages.
+ * writes each request's outputs through the host's allocator, and errors as messages: a
+ * request whose first value is -999 fails alone ("poison value"), the rest of its batch
+ * succeeds.
  *
  * Build: cc -shared -fPIC -I include examples/plugin/rowsum.c -o librowsum.so
  * Use:   {"backend": "plugin", "path": "/abs/path/librowsum.so", "parameters": {"width": 4}}
@@ -101,7 +103,14 @@ static int rs_execute(void *instance_state, struct inferd_request *const *reqs, 
         const struct inferd_tensor *in = &reqs[i]->inputs[0];
         int64_t rows = in->shape[0];
         const float *x = in->data;
-        float *y = host->output_alloc(reqs[i], "output__0", INFERD_TYPE_FP32, &rows, 1,
+        float *y;
+        if (rows > 0 && x[0] == -999.0f) {
+            /* a way for tests to make one request of a batch fail: the poison value */
+            snprintf(reqs[i]->error, sizeof(reqs[i]->error), "poison value -999 in row 0");
+            reqs[i]->failed = 1;
+            continue;
+        }
+        y = host->output_alloc(reqs[i], "output__0", INFERD_TYPE_FP32, &rows, 1,
                                       (size_t)rows * sizeof(float));
         if (!y) {
             snprintf(reqs[i]->error, sizeof(reqs[i]->error), "out of memory");

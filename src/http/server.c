@@ -13,7 +13,7 @@
  * (its sweeper answers 504 on time and notices clients that hang up).
  */
 #define _GNU_SOURCE
-#include "http/server.h"
+#include "http/http_internal.h"
 #include "core/buf.h"
 #include "core/log.h"
 #include "metrics/metrics.h"
@@ -22,6 +22,7 @@
 #include "model/registry.h"
 
 #include <arpa/inet.h>
+#include <jansson.h>
 #include <errno.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
@@ -37,46 +38,9 @@
 #define INFERD_VERSION "0.0.0"
 #endif
 
-struct http_server {
-    struct http_config cfg; /* immutable after start */
-    struct registry *reg;
-    struct MHD_Daemon *daemon;
-    int port;
-    _Atomic int draining;
-    _Atomic int64_t in_flight; /* contexts between arrival and completion */
-};
-
-enum req_state {
-    REQ_RECEIVING = 0, /* reading the body */
-    REQ_WAITING,       /* suspended, in a batcher */
-    REQ_READY,         /* response encoded, connection resumed */
-};
-
-enum req_kind { KIND_V2, KIND_V1 };
-
-/* One HTTP request. Lives from the first access-handler call to MHD's completion callback. */
-struct req {
-    struct http_server *srv;
-    struct MHD_Connection *conn;
-    _Atomic int state;
-    int too_large;
-    struct buf body;
-    uint64_t start_ns;
-    /* set while an inference is in flight */
-    enum req_kind kind;
-    struct model *model;
-    struct infer_request *infer;
-    struct batch_item item;
-    /* the answer, built by whichever thread finishes the request */
-    int status;
-    struct buf out;
-    int64_t json_len; /* Inference-Header-Content-Length, or -1 */
-    int retry_after_s;
-};
-
 /* ---- responses ---- */
 
-static void set_error(struct req *r, int code, const char *msg)
+void http_set_error(struct req *r, int code, const char *msg)
 {
     r->status = err_http_status((enum err_code)code);
     buf_release(&r->out);
@@ -108,6 +72,8 @@ static enum MHD_Result send_reply(struct req *r)
     } else {
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
     }
+    if (r->location[0])
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_LOCATION, r->location);
     if (r->retry_after_s > 0) {
         snprintf(num, sizeof(num), "%d", r->retry_after_s);
         MHD_add_response_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, num);
@@ -120,10 +86,7 @@ static enum MHD_Result send_reply(struct req *r)
     return ret;
 }
 
-static enum MHD_Result reply_error(struct req *r, int code, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static enum MHD_Result reply_error(struct req *r, int code, const char *fmt, ...)
+enum MHD_Result http_reply_error(struct req *r, int code, const char *fmt, ...)
 {
     char msg[512];
     va_list ap;
@@ -131,7 +94,7 @@ static enum MHD_Result reply_error(struct req *r, int code, const char *fmt, ...
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    set_error(r, code, msg);
+    http_set_error(r, code, msg);
     return send_reply(r);
 }
 
@@ -145,6 +108,27 @@ static enum MHD_Result reply_json(struct req *r, int status, struct buf *json)
     return send_reply(r);
 }
 
+void http_finish_async(struct req *r)
+{
+    atomic_store(&r->state, REQ_READY);
+    MHD_resume_connection(r->conn);
+}
+
+static void run_deferred(void *arg)
+{
+    struct req *r = arg;
+    r->deferred(r);
+}
+
+enum MHD_Result http_defer(struct req *r, void (*fn)(struct req *r))
+{
+    atomic_store(&r->state, REQ_WAITING);
+    MHD_suspend_connection(r->conn);
+    r->deferred = fn;
+    iopool_run(r->srv->io, run_deferred, r);
+    return MHD_YES;
+}
+
 /* ---- inference ---- */
 
 /* Runs on a batcher thread (or the sweeper): encode, then wake the HTTP thread. */
@@ -153,7 +137,7 @@ static void infer_done(struct batch_item *item, int rc, const struct err *e)
     struct req *r = item->ctx;
 
     if (rc != 0) {
-        set_error(r, rc, e->msg);
+        http_set_error(r, rc, e->msg);
     } else {
         int enc;
         buf_release(&r->out);
@@ -164,7 +148,7 @@ static void infer_done(struct batch_item *item, int rc, const struct err *e)
             enc = codec_encode_v2(r->infer, r->model->name, r->model->version_str, &r->out,
                                   &r->json_len);
         if (enc != 0)
-            set_error(r, ERR_NOMEM, "out of memory encoding the response");
+            http_set_error(r, ERR_NOMEM, "out of memory encoding the response");
         else
             r->status = 200;
     }
@@ -216,12 +200,12 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
 
     r->kind = kind;
     if (atomic_load(&srv->draining))
-        return reply_error(r, ERR_UNAVAILABLE, "inferd is shutting down");
+        return http_reply_error(r, ERR_UNAVAILABLE, "inferd is shutting down");
     if (version && parse_version(version, &v) != 0)
-        return reply_error(r, ERR_NOT_FOUND, "model '%s' has no version '%s'", name, version);
+        return http_reply_error(r, ERR_NOT_FOUND, "model '%s' has no version '%s'", name, version);
     rc = registry_acquire(srv->reg, name, v, &r->model, &e);
     if (rc != 0)
-        return reply_error(r, rc, "%s", e.msg);
+        return http_reply_error(r, rc, "%s", e.msg);
     if (kind == KIND_V1) {
         rc = codec_decode_v1(r->body.data ? r->body.data : "", r->body.len,
                              r->model->info.n_inputs ? r->model->info.inputs[0].name : "input__0",
@@ -229,7 +213,7 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
     } else {
         json_len = header_int(r->conn, "Inference-Header-Content-Length", &bad);
         if (bad)
-            return reply_error(r, ERR_INVALID,
+            return http_reply_error(r, ERR_INVALID,
                                "Inference-Header-Content-Length: expected a byte count");
         rc = codec_decode_v2(r->body.data ? r->body.data : "", r->body.len, json_len, &r->infer,
                              &e);
@@ -237,7 +221,13 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
     if (rc == 0)
         rc = tensor_check_inputs(r->infer, &r->model->info, &e);
     if (rc != 0)
-        return reply_error(r, rc, "model '%s': %s", name, e.msg);
+        return http_reply_error(r, rc, "model '%s': %s", name, e.msg);
+    if (kind == KIND_V2) {
+        jobs_parse_prefer(MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Prefer"),
+                          &r->prefer_async, &r->wait_ms);
+        if (r->prefer_async)
+            return jobs_submit_infer(r); /* checked: now it becomes a job */
+    }
     buf_release(&r->body); /* decoded: the raw bytes are no longer needed */
 
     timeout_us = r->infer->timeout_us ? r->infer->timeout_us : (uint64_t)r->model->default_timeout_us;
@@ -292,10 +282,10 @@ static enum MHD_Result handle_model_meta(struct req *r, const char *name, const 
     int rc;
 
     if (version && parse_version(version, &v) != 0)
-        return reply_error(r, ERR_NOT_FOUND, "model '%s' has no version '%s'", name, version);
+        return http_reply_error(r, ERR_NOT_FOUND, "model '%s' has no version '%s'", name, version);
     rc = registry_acquire(r->srv->reg, name, v, &m, &e);
     if (rc != 0)
-        return reply_error(r, rc, "%s", e.msg);
+        return http_reply_error(r, rc, "%s", e.msg);
     rc = buf_puts(&b, "{\"name\":");
     if (rc == 0)
         rc = buf_json_string(&b, m->name);
@@ -319,7 +309,7 @@ static enum MHD_Result handle_model_meta(struct req *r, const char *name, const 
     model_release(m);
     if (rc != 0) {
         buf_release(&b);
-        return reply_error(r, ERR_NOMEM, "out of memory");
+        return http_reply_error(r, ERR_NOMEM, "out of memory");
     }
     return reply_json(r, 200, &b);
 }
@@ -329,7 +319,7 @@ static enum MHD_Result reply_text(struct req *r, int status, const char *json)
     struct buf b = {0};
 
     if (buf_puts(&b, json) != 0)
-        return reply_error(r, ERR_NOMEM, "out of memory");
+        return http_reply_error(r, ERR_NOMEM, "out of memory");
     return reply_json(r, status, &b);
 }
 
@@ -343,10 +333,10 @@ static enum MHD_Result handle_repository(struct req *r, const char *name, const 
     else if (strcmp(action, "unload") == 0)
         rc = registry_unload(r->srv->reg, name, &e);
     else
-        return reply_error(r, ERR_NOT_FOUND, "no repository action '%s' (load or unload)",
+        return http_reply_error(r, ERR_NOT_FOUND, "no repository action '%s' (load or unload)",
                            action);
     if (rc != 0)
-        return reply_error(r, rc, "%s", e.msg);
+        return http_reply_error(r, rc, "%s", e.msg);
     return reply_text(r, 200, "{}");
 }
 
@@ -358,9 +348,9 @@ static enum MHD_Result handle_metrics(struct req *r)
     size_t len;
     char *data;
 
-    if (metrics_render(&b) != 0) {
+    if (metrics_render(&b) != 0 || jobs_metrics(r->srv, &b) != 0) {
         buf_release(&b);
-        return reply_error(r, ERR_NOMEM, "out of memory");
+        return http_reply_error(r, ERR_NOMEM, "out of memory");
     }
     len = b.len;
     data = buf_take(&b);
@@ -408,33 +398,37 @@ static enum MHD_Result route_models(struct req *r, int is_get, char **seg, int n
     if (n == i + 1)
         tail = seg[i];
     else if (n != i)
-        return reply_error(r, ERR_NOT_FOUND, "no route for this path");
+        return http_reply_error(r, ERR_NOT_FOUND, "no route for this path");
     if (!tail && is_get)
         return handle_model_meta(r, name, version, 0);
     if (tail && strcmp(tail, "ready") == 0 && is_get)
         return handle_model_meta(r, name, version, 1);
     if (tail && strcmp(tail, "infer") == 0 && !is_get)
         return handle_infer(r, name, version, KIND_V2);
-    return reply_error(r, ERR_NOT_FOUND, "no route for this method and path");
+    return http_reply_error(r, ERR_NOT_FOUND, "no route for this method and path");
 }
 
 static enum MHD_Result route(struct req *r, const char *method, const char *url)
 {
     char store[1024], *seg[8];
     int is_get = strcmp(method, "GET") == 0, is_post = strcmp(method, "POST") == 0;
+    int is_delete = strcmp(method, "DELETE") == 0;
     int n;
 
     if (strlen(url) >= sizeof(store))
-        return reply_error(r, ERR_NOT_FOUND, "path too long");
+        return http_reply_error(r, ERR_NOT_FOUND, "path too long");
     n = split_path(url, store, sizeof(store), seg, 7);
+    if (n >= 2 && strcmp(seg[0], "v1") == 0 &&
+        (strcmp(seg[1], "jobs") == 0 || strcmp(seg[1], "batch-jobs") == 0))
+        return jobs_route(r, is_get, is_post, is_delete, seg, n);
     if (!is_get && !is_post)
-        return reply_error(r, ERR_NOT_FOUND, "no route for %s %s", method, url);
+        return http_reply_error(r, ERR_NOT_FOUND, "no route for %s %s", method, url);
     if (n == 3 && is_get && strcmp(seg[0], "v2") == 0 && strcmp(seg[1], "health") == 0) {
         if (strcmp(seg[2], "live") == 0)
             return reply_text(r, 200, "{\"live\":true}");
         if (strcmp(seg[2], "ready") == 0) {
             if (atomic_load(&r->srv->draining))
-                return reply_error(r, ERR_UNAVAILABLE, "inferd is shutting down");
+                return http_reply_error(r, ERR_UNAVAILABLE, "inferd is shutting down");
             return reply_text(r, 200, "{\"ready\":true}");
         }
     }
@@ -452,7 +446,7 @@ static enum MHD_Result route(struct req *r, const char *method, const char *url)
         struct buf b = {0};
         if (registry_index(r->srv->reg, &b) != 0) {
             buf_release(&b);
-            return reply_error(r, ERR_NOMEM, "out of memory");
+            return http_reply_error(r, ERR_NOMEM, "out of memory");
         }
         return reply_json(r, 200, &b);
     }
@@ -466,7 +460,7 @@ static enum MHD_Result route(struct req *r, const char *method, const char *url)
             return handle_infer(r, seg[2], NULL, KIND_V1);
         }
     }
-    return reply_error(r, ERR_NOT_FOUND, "no route for %s %s", method, url);
+    return http_reply_error(r, ERR_NOT_FOUND, "no route for %s %s", method, url);
 }
 
 /* ---- libmicrohttpd callbacks ---- */
@@ -493,7 +487,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         *con_cls = r;
         int64_t declared = header_int(conn, MHD_HTTP_HEADER_CONTENT_LENGTH, &bad);
         if (declared > srv->cfg.max_body_bytes)
-            return reply_error(r, ERR_TOO_LARGE, "request body of %lld bytes, limit is %lld",
+            return http_reply_error(r, ERR_TOO_LARGE, "request body of %lld bytes, limit is %lld",
                                (long long)declared, (long long)srv->cfg.max_body_bytes);
         return MHD_YES;
     }
@@ -511,7 +505,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (r->too_large) {
         buf_release(&r->body);
-        return reply_error(r, ERR_TOO_LARGE, "request body larger than the limit of %lld bytes",
+        return http_reply_error(r, ERR_TOO_LARGE, "request body larger than the limit of %lld bytes",
                            (long long)srv->cfg.max_body_bytes);
     }
     return route(r, method, url);
@@ -530,6 +524,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     if (atomic_load(&r->state) == REQ_WAITING)
         log_warn("http", "connection closed while its request was queued", "%s", "");
     infer_request_destroy(r->infer);
+    if (r->json)
+        json_decref((json_t *)r->json);
     model_release(r->model);
     buf_release(&r->body);
     buf_release(&r->out);
@@ -540,7 +536,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 
 /* ---- life cycle ---- */
 
-int http_server_start(const struct http_config *cfg, struct registry *reg,
+int http_server_start(const struct http_config *cfg, struct registry *reg, struct queue *q,
+                      struct worker_pool *pool, struct notifier *notifier,
                       struct http_server **out, struct err *e)
 {
     struct http_server *s = calloc(1, sizeof(*s));
@@ -554,9 +551,22 @@ int http_server_start(const struct http_config *cfg, struct registry *reg,
         return err_set(e, ERR_NOMEM, "out of memory");
     s->cfg = *cfg;
     s->reg = reg;
+    s->queue = q;
+    s->pool = pool;
+    s->notifier = notifier;
+    if (iopool_create(cfg->io_threads > 0 ? cfg->io_threads : 8, &s->io) != 0 ||
+        jobs_waiters_start(s) != 0) {
+        iopool_destroy(s->io);
+        free(s);
+        return err_set(e, ERR_NOMEM, "cannot start the I/O threads");
+    }
+    if (q)
+        queue_on_final(q, jobs_on_final, s);
     addr.sin_family = AF_INET;
     addr.sin_port = htons((uint16_t)cfg->port);
     if (inet_pton(AF_INET, cfg->host, &addr.sin_addr) != 1) {
+        jobs_waiters_stop(s);
+        iopool_destroy(s->io);
         free(s);
         return err_set(e, ERR_INVALID, "--host: '%s' is not an IPv4 address", cfg->host);
     }
@@ -571,6 +581,8 @@ int http_server_start(const struct http_config *cfg, struct registry *reg,
         MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024u, MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u,
         MHD_OPTION_END);
     if (!s->daemon) {
+        jobs_waiters_stop(s);
+        iopool_destroy(s->io);
         free(s);
         return err_set(e, ERR_IO, "cannot listen on %s:%d: %s", cfg->host, cfg->port,
                        strerror(errno));
@@ -594,6 +606,7 @@ void http_server_stop(struct http_server *s)
     if (!s)
         return;
     atomic_store(&s->draining, 1);
+    jobs_waiters_stop(s); /* long-polls answer now with the job's current state */
     fd = MHD_quiesce_daemon(s->daemon);
     if (fd != MHD_INVALID_SOCKET)
         close(fd);
@@ -606,5 +619,8 @@ void http_server_stop(struct http_server *s)
         log_warn("http", "drain timeout passed with requests still open", "open=%lld",
                  (long long)atomic_load(&s->in_flight));
     MHD_stop_daemon(s->daemon);
+    iopool_destroy(s->io);
+    if (s->queue)
+        queue_on_final(s->queue, NULL, NULL);
     free(s);
 }

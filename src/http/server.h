@@ -10,6 +10,9 @@
 #include <stdint.h>
 
 struct registry;
+struct queue;
+struct worker_pool;
+struct notifier;
 
 struct http_config {
     const char *host;       /* address to bind; "127.0.0.1" by default */
@@ -19,12 +22,18 @@ struct http_config {
     int max_connections;
     int idle_timeout_s;     /* keep-alive connections idle this long are closed */
     int drain_timeout_s;    /* how long shutdown waits for in-flight requests */
+    int io_threads;         /* threads for blocking job-store calls; 0 means 8 */
+    int64_t default_max_attempts; /* async jobs that do not say */
+    int64_t default_ttl_s;        /* 0: jobs never expire while queued */
+    int workers;                  /* the async worker pool's size, for metrics */
 };
 
 struct http_server;
 
-/* Starts listening and serving. `reg` is borrowed and must outlive the server. */
-int http_server_start(const struct http_config *cfg, struct registry *reg,
+/* Starts listening and serving. `reg`, `q` and `pool` are borrowed and must outlive the
+ * server; `q` NULL disables the async API (503), `pool` may be NULL. */
+int http_server_start(const struct http_config *cfg, struct registry *reg, struct queue *q,
+                      struct worker_pool *pool, struct notifier *notifier,
                       struct http_server **out, struct err *e);
 
 /* The port actually bound (useful with port 0). */

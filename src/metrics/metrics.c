@@ -21,6 +21,10 @@ static const double latency_bounds[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 
                                         5,      10,      30};
 #define N_LATENCY (sizeof(latency_bounds) / sizeof(latency_bounds[0]))
 
+static const double job_bounds[] = {0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5,
+                                    10,    30,    60,   300,  900, 3600};
+#define N_JOB (sizeof(job_bounds) / sizeof(job_bounds[0]))
+
 static const double batch_bounds[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384};
 #define N_BATCH (sizeof(batch_bounds) / sizeof(batch_bounds[0]))
 
@@ -35,7 +39,7 @@ struct histogram {
 struct metrics_model {
     char *name;
     _Atomic uint64_t by_status[N_STATUS + 1]; /* last: any other status */
-    struct histogram latency, queue_wait, batch;
+    struct histogram latency, queue_wait, batch, job_wait, job_run;
     _Atomic int64_t inflight;
     struct metrics_model *_Atomic next;
 };
@@ -77,6 +81,8 @@ struct metrics_model *metrics_model_get(const char *name)
             histogram_init(&m->latency, latency_bounds, N_LATENCY);
             histogram_init(&m->queue_wait, latency_bounds, N_LATENCY);
             histogram_init(&m->batch, batch_bounds, N_BATCH);
+            histogram_init(&m->job_wait, job_bounds, N_JOB);
+            histogram_init(&m->job_run, job_bounds, N_JOB);
             atomic_store(&m->next, atomic_load(&models));
             atomic_store_explicit(&models, m, memory_order_release);
         }
@@ -108,6 +114,18 @@ void metrics_batch(struct metrics_model *m, size_t rows)
 {
     if (m)
         observe(&m->batch, (double)rows);
+}
+
+void metrics_job_wait(struct metrics_model *m, double seconds)
+{
+    if (m)
+        observe(&m->job_wait, seconds);
+}
+
+void metrics_job_run(struct metrics_model *m, double seconds)
+{
+    if (m)
+        observe(&m->job_run, seconds);
 }
 
 void metrics_inflight_add(struct metrics_model *m, int delta)
@@ -172,6 +190,17 @@ int metrics_render(struct buf *out)
                            "# TYPE inferd_batch_size histogram\n");
     for (m = head; rc == 0 && m; m = atomic_load(&m->next))
         rc = render_histogram(out, "inferd_batch_size", m->name, &m->batch);
+    if (rc == 0)
+        rc = buf_puts(out, "# HELP inferd_job_queue_wait_seconds Async jobs: time from submission "
+                           "to the start of their last attempt.\n"
+                           "# TYPE inferd_job_queue_wait_seconds histogram\n");
+    for (m = head; rc == 0 && m; m = atomic_load(&m->next))
+        rc = render_histogram(out, "inferd_job_queue_wait_seconds", m->name, &m->job_wait);
+    if (rc == 0)
+        rc = buf_puts(out, "# HELP inferd_job_run_seconds Async jobs: run time of an attempt.\n"
+                           "# TYPE inferd_job_run_seconds histogram\n");
+    for (m = head; rc == 0 && m; m = atomic_load(&m->next))
+        rc = render_histogram(out, "inferd_job_run_seconds", m->name, &m->job_run);
     if (rc == 0)
         rc = buf_puts(out, "# HELP inferd_inflight_requests Requests admitted and not yet "
                            "answered.\n# TYPE inferd_inflight_requests gauge\n");

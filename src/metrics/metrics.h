@@ -23,6 +23,9 @@ void metrics_request(struct metrics_model *m, int status, double seconds);
 void metrics_queue_wait(struct metrics_model *m, double seconds);
 /* Rows in one backend execute call. */
 void metrics_batch(struct metrics_model *m, size_t rows);
+/* An async job: time from submission to its start, and its run time. */
+void metrics_job_wait(struct metrics_model *m, double seconds);
+void metrics_job_run(struct metrics_model *m, double seconds);
 /* Requests admitted and not yet answered. */
 void metrics_inflight_add(struct metrics_model *m, int delta);
 

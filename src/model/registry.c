@@ -43,6 +43,8 @@ struct model_config {
     int64_t version; /* pinned version; 0 means the highest */
     struct batcher_config batch;
     int64_t default_timeout_us;
+    int64_t lease_timeout_s;
+    const char *callback_url; /* borrowed from the json */
 };
 
 static const struct {
@@ -56,6 +58,7 @@ static const struct {
     {"instances", 1, 256},
     {"default_timeout_us", 0, INT64_MAX / 1000},
     {"nthread", 1, 256},
+    {"lease_timeout_s", 1, 7 * 86400},
 };
 
 static int int_option(json_t *root, const char *key, int64_t def, int64_t *out, const char *path,
@@ -88,7 +91,8 @@ static int parse_config(json_t *root, const char *model_dir, const char *path,
     static const char *known[] = {"backend",        "version",        "max_batch_size",
                                   "max_queue_delay_us", "max_queue_size", "instances",
                                   "default_timeout_us", "nthread",      "path",
-                                  "parameters",     "name",           "platform"};
+                                  "parameters",     "name",           "platform",
+                                  "lease_timeout_s", "callback_url"};
     long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
     int64_t instances;
     const char *key;
@@ -123,8 +127,13 @@ static int parse_config(json_t *root, const char *model_dir, const char *path,
         (rc = int_option(root, "max_queue_delay_us", 0, &c->batch.max_queue_delay_us, path, e)) ||
         (rc = int_option(root, "max_queue_size", 1024, &c->batch.max_queue_size, path, e)) ||
         (rc = int_option(root, "instances", n_cpu > 0 ? n_cpu : 1, &instances, path, e)) ||
-        (rc = int_option(root, "default_timeout_us", 0, &c->default_timeout_us, path, e)))
+        (rc = int_option(root, "default_timeout_us", 0, &c->default_timeout_us, path, e)) ||
+        (rc = int_option(root, "lease_timeout_s", 300, &c->lease_timeout_s, path, e)))
         return rc;
+    v = json_object_get(root, "callback_url");
+    if (v && !json_is_string(v))
+        return err_set(e, ERR_INVALID, "%s: callback_url: expected a string", path);
+    c->callback_url = v ? json_string_value(v) : NULL;
     c->batch.instances = (int)instances;
     return 0;
 }
@@ -182,6 +191,7 @@ static void model_destroy(struct model *m)
     if (m->model_state && m->api->model_destroy)
         m->api->model_destroy(m->model_state);
     free(m->name);
+    free(m->callback_url);
     free(m);
 }
 
@@ -254,6 +264,11 @@ static int model_build(const char *repo, const char *name, struct model **out, s
     m->version = cfg.version;
     snprintf(m->version_str, sizeof(m->version_str), "%lld", (long long)cfg.version);
     m->default_timeout_us = cfg.default_timeout_us;
+    m->job_lease_timeout_ms = cfg.lease_timeout_s * 1000;
+    if (cfg.callback_url && !(m->callback_url = strdup(cfg.callback_url))) {
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+        goto cleanup;
+    }
     m->metrics = metrics_model_get(name);
     atomic_init(&m->refs, 1);
     rc = backend_open(cfg.backend, cfg.plugin_path[0] ? cfg.plugin_path : NULL, &m->api,

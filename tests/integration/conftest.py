@@ -205,8 +205,10 @@ class Server:
                    "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
             self.cmd = cmd
             self._log_f = open(self.log_path, "wb")
+            # cwd is the test's temporary directory, so anything the server
+            # writes relative to it (e.g. a default ./data) stays out of the repo.
             self.proc = subprocess.Popen(cmd, stdout=self._log_f, stderr=self._log_f,
-                                         stdin=subprocess.DEVNULL, cwd=str(REPO_ROOT))
+                                         stdin=subprocess.DEVNULL, cwd=str(self.log_dir))
             _SERVERS.append(self)
             if not wait_ready:
                 return self
@@ -321,13 +323,32 @@ def server_factory(tmp_path):
         return s.start(wait_ready=wait_ready)
 
     yield start
-    for s in started:
-        if s.alive():
-            s.signal(signal.SIGTERM)
-            try:
-                s.proc.wait(timeout=STOP_DEADLINE_S)
-            except subprocess.TimeoutExpired:
-                s.kill()
+    _stop_all(started)
+
+
+def _stop_all(servers):
+    """SIGTERM every server still running; each must exit 0 (killed if it hangs).
+
+    Every test thus also checks a clean shutdown after whatever it did.
+    """
+    problems = []
+    for s in servers:
+        if not s.alive():
+            s._log_f.close()
+            continue
+        s.signal(signal.SIGTERM)
+        try:
+            rc = s.proc.wait(timeout=STOP_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            s.kill()
+            problems.append(f"{s.tag} {s.url}: still running {STOP_DEADLINE_S:.0f}s after SIGTERM (killed)")
+            continue
+        s._log_f.close()
+        if rc != 0:
+            problems.append(f"{s.tag} {s.url}: exit status {rc} after SIGTERM (expected 0)\n"
+                            f"--- stderr ---\n{s.log_tail(60)}")
+    if problems:
+        pytest.fail("shutdown at teardown: " + "\n".join(problems))
 
 
 @pytest.fixture(scope="module")
@@ -341,15 +362,12 @@ def module_server_factory(tmp_path_factory):
         return s.start()
 
     yield start
-    for s in started:
-        if s.alive():
-            s.signal(signal.SIGTERM)
-            try:
-                s.proc.wait(timeout=STOP_DEADLINE_S)
-            except subprocess.TimeoutExpired:
-                s.kill()
-        if s in _SERVERS:
-            _SERVERS.remove(s)
+    try:
+        _stop_all(started)
+    finally:
+        for s in started:
+            if s in _SERVERS:
+                _SERVERS.remove(s)
 
 
 # ---------------------------------------------------------------------------

@@ -2,14 +2,13 @@
 import json
 import signal
 import threading
-import time
 
 import numpy as np
 import pytest
 import requests
 
 from conftest import (Client, HTTP_TIMEOUT_S, assert_close, error_message, infer_body,
-                      output_array, parallel, wait_for)
+                      output_array, parallel, split_binary_response, wait_for)
 from prometheus_client.parser import text_string_to_metric_families
 
 TIMEOUT_WORDS = ("timeout", "timed out", "deadline", "expired")
@@ -47,22 +46,33 @@ def test_64_concurrent_clients_get_their_own_answers(server_factory, repo_dir, t
                      f"first: client {bad[0][0]}: {bad[0][1][:1]}")
 
 
-def test_concurrent_v1_and_binary_mixed(server_factory, repo_dir, trained):
+def test_concurrent_v1_json_and_binary_mixed(server_factory, repo_dir, trained):
     m = trained["multiclass"]
     m.install(repo_dir)
-    srv = server_factory(repo_dir, "--threads", "8")
+    srv = server_factory(repo_dir)             # default --threads (one per CPU)
 
     def client(i):
         c = Client(srv.url)
-        for j in range(10):
+        for j in range(12):
             X = m.rows(3, seed=50_000 + i * 100 + j)
-            if (i + j) % 2:
+            kind = (i + j) % 3
+            if kind == 0:
                 r = c.post("/v1/models/multiclass:predict", json={"instances": X.tolist()})
                 assert r.status_code == 200, r.text[:200]
                 got = np.asarray(r.json()["predictions"], dtype=np.float64)
-            else:
+            elif kind == 1:
                 got = c.predict("multiclass", X)
-            assert_close(got, m.expected(X), f"client {i} request {j}")
+            else:
+                raw = X.astype("<f4").tobytes()
+                hdr = json.dumps({"inputs": [{"name": "input__0", "datatype": "FP32", "shape": [3, 10],
+                                              "parameters": {"binary_data_size": len(raw)}}],
+                                  "parameters": {"binary_data_output": True}}).encode()
+                r = c.post("/v2/models/multiclass/infer", data=hdr + raw,
+                           headers={"Inference-Header-Content-Length": str(len(hdr))})
+                assert r.status_code == 200, r.text[:200]
+                _, out = split_binary_response(r)
+                got = np.frombuffer(out, dtype="<f4").astype(np.float64).reshape(3, 3)
+            assert_close(got, m.expected(X), f"client {i} request {j} (kind {kind})")
 
     parallel(16, client)
 
@@ -127,8 +137,8 @@ def _assert_504(r, what):
 
 def test_default_timeout_us_gives_504(server_factory, repo_dir, trained):
     m = trained["binary"]
-    # default_timeout_us=1 with default batching: the request waits in the
-    # batcher (max_queue_delay_us) far longer than 1 us.
+    # default_timeout_us=1 with default batching: handing a request from the
+    # HTTP thread to a model instance alone takes longer than 1 us.
     m.install(repo_dir, name="t_default", config={"backend": "xgboost", "default_timeout_us": 1})
     # Same, with a 200 ms batching window to leave no doubt it waited.
     m.install(repo_dir, name="t_window", config={"backend": "xgboost", "default_timeout_us": 1,
@@ -249,12 +259,19 @@ def test_sigterm_finishes_inflight_requests(server_factory, repo_dir, trained):
         except requests.RequestException as exc:
             result["exc"] = exc
 
-    t = threading.Thread(target=send, daemon=True)
-    t.start()
-    wait_for(lambda: _inflight(srv.url, "lingering") >= 1 or not t.is_alive(), 30,
-             "inferd_inflight_requests{model=lingering} >= 1 (request in the batcher)")
-    if not t.is_alive():
-        pytest.fail(f"request finished before SIGTERM could be sent while in flight: {result}")
+    # Send a request and confirm (via the in-flight gauge) that the server holds
+    # it; on a very loaded machine it may complete before we look: try again.
+    for _attempt in range(3):
+        result.clear()
+        t = threading.Thread(target=send, daemon=True)
+        t.start()
+        wait_for(lambda: _inflight(srv.url, "lingering") >= 1 or not t.is_alive(), 30,
+                 "inferd_inflight_requests{model=lingering} >= 1 (request in the batcher)")
+        if t.is_alive():
+            break
+        assert "exc" not in result and result["resp"].status_code == 200, result
+    else:
+        pytest.fail("could not catch a request in flight (each finished before the gauge showed it)")
     srv.signal(signal.SIGTERM)
 
     # Draining: ready must stop answering 200 (503, or connection refused).

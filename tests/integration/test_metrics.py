@@ -1,5 +1,4 @@
 """GET /metrics: Prometheus text that reflects the requests made."""
-import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 

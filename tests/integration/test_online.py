@@ -1,4 +1,6 @@
 """Endpoints and predictions of a server with the suite's trained models."""
+import json
+
 import numpy as np
 import pytest
 
@@ -15,6 +17,11 @@ def server(module_server_factory, trained, tmp_path_factory):
     # Two versions, pinned to the older one.
     trained["binary"].install(repo, name="pinned", version=1, config={"backend": "xgboost", "version": 1})
     trained["binary_v2"].install(repo, name="pinned", version=2)
+    # Every config.json key set (batches smaller than some requests).
+    trained["multiclass"].install(repo, name="configured", config={
+        "backend": "xgboost", "version": 1, "max_batch_size": 8, "max_queue_delay_us": 100,
+        "instances": 1, "max_queue_size": 16, "default_timeout_us": 0, "nthread": 2})
+    trained["binary"].install(repo, name="dash-dot.model_2")
     # Two versions, no pin: the highest (2) is served.
     trained["binary"].install(repo, name="multiver", version=1)
     trained["binary_v2"].install(repo, name="multiver", version=2)
@@ -148,11 +155,40 @@ def test_null_is_missing(client, trained, name, nested):
     assert_close(got, m.expected(X), f"{name}: null -> NaN (missing)")
 
 
-def test_request_id_is_echoed(client, trained):
+@pytest.mark.parametrize("req_id", ["req-42", "é/ü ☃", 'quote" back\\slash\nnewline\ttab', "", "x" * 2000])
+def test_request_id_is_echoed(client, trained, req_id):
     X = trained["binary"].rows(2, seed=700)
-    r = client.post("/v2/models/binary/infer", json=infer_body(X, id="req-42/é"))
+    r = client.post("/v2/models/binary/infer", json=infer_body(X, id=req_id))
     assert r.status_code == 200, r.text
-    assert r.json()["id"] == "req-42/é"
+    assert r.json()["id"] == req_id
+    # Same through the binary-output path (JSON header built differently).
+    r = client.post("/v2/models/binary/infer",
+                    json=infer_body(X, id=req_id, parameters={"binary_data_output": True}))
+    assert r.status_code == 200, r.text[:200]
+    hlen = int(r.headers["Inference-Header-Content-Length"])
+    assert json.loads(r.content[:hlen])["id"] == req_id
+
+
+def test_json_number_formats(client, trained):
+    """Integers, exponents, -0.0 and extreme floats in FP32 data parse like Python's json."""
+    m = trained["binary"]
+    raw = ('{"inputs":[{"name":"input__0","datatype":"FP32","shape":[3,7],"data":['
+           '1, -2, 0, 3, 1e-7, -1.5E+2, 2.5e0,'
+           '-0.0, 3.4e38, -3.4e38, 1.17549435e-38, 123456789, 0.1, 7,'
+           '0.30000001192092896, 1E1, -1e-45, 65504, 0.333333333333333333333, -7.25, 5]}]}')
+    X = np.array(json.loads(raw)["inputs"][0]["data"], dtype=np.float64).reshape(3, 7)
+    r = client.post("/v2/models/binary/infer", data=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text[:300]
+    assert_close(output_array(r.json(), 3), m.expected(X.astype(np.float32)), "number formats")
+
+
+def test_odd_model_name(client, trained):
+    m = trained["binary"]
+    X = m.rows(3, seed=750)
+    assert_close(client.predict("dash-dot.model_2", X), m.expected(X), "model name with - . _")
+    r = client.post("/v1/models/dash-dot.model_2:predict", json={"instances": X.tolist()})
+    assert r.status_code == 200, r.text[:200]
+    assert_close(r.json()["predictions"], m.expected(X), "v1 with odd name")
 
 
 def test_explicit_outputs_json(client, trained):
@@ -222,3 +258,12 @@ def test_unknown_version_404(client, trained, path_fmt):
         assert "99" in error_message(r), f"{path}: error should name the version"
     # Still serving.
     client.predict("binary", X)
+
+
+def test_all_config_keys_and_requests_larger_than_max_batch_size(client, trained):
+    m = trained["multiclass"]
+    md = client.get("/v2/models/configured").json()
+    assert md["outputs"][0]["shape"] == [-1, 3], md
+    for n_rows in (1, 8, 9, 500):          # max_batch_size is 8
+        X = m.rows(n_rows, seed=1200 + n_rows)
+        assert_close(client.predict("configured", X), m.expected(X), f"configured: {n_rows} rows")

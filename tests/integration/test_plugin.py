@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import (PLUGIN_SO, Client, error_message, infer_body, output_array, parallel,
+from conftest import (PLUGIN_SO, Client, error_message, output_array, parallel,
                       split_binary_response, write_plugin_model)
 
 

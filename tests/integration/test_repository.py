@@ -1,5 +1,4 @@
 """Model repository: broken models, load/unload, reload from disk, SIGHUP."""
-import json
 import os
 import shutil
 import signal
@@ -234,7 +233,8 @@ def _hammer(url, model_a, model_b, name, stop, out):
 
 def test_inflight_requests_survive_repeated_loads(server_factory, repo_dir, trained):
     a, b = trained["binary"], trained["binary_v2"]
-    a.install(repo_dir, name="swap", config={"backend": "xgboost", "max_queue_delay_us": 1000})
+    # A 20 ms batching window keeps requests in flight while the model is swapped.
+    a.install(repo_dir, name="swap", config={"backend": "xgboost", "max_queue_delay_us": 20000})
     srv = server_factory(repo_dir, "--threads", "8")
     c = srv.client()
     stop = threading.Event()

@@ -1,0 +1,121 @@
+/*
+ * http_internal.h: what server.c (connections, routing, online inference) and jobs.c (the
+ * async API) share. Included by src/http/ only.
+ */
+#ifndef INFERD_HTTP_INTERNAL_H
+#define INFERD_HTTP_INTERNAL_H
+
+#include "core/buf.h"
+#include "http/server.h"
+#include "model/batcher.h"
+#include "model/registry.h"
+#include "queue/queue.h"
+
+#include <microhttpd.h>
+#include <pthread.h>
+#include <stdatomic.h>
+
+struct iopool;
+struct notifier;
+struct worker_pool;
+struct req;
+
+/* Requests waiting for jobs to end (long-polls and `Prefer: wait`), by job id. */
+#define WAITER_BUCKETS 1024
+struct waiters {
+    pthread_mutex_t lock;
+    struct req *buckets[WAITER_BUCKETS]; /* guarded by lock */
+    pthread_t timer;
+    int timer_started;
+    int stopping; /* guarded by lock */
+};
+
+struct http_server {
+    struct http_config cfg; /* immutable after start */
+    struct registry *reg;
+    struct queue *queue;        /* NULL: the async API answers 503 */
+    struct worker_pool *pool;   /* for Retry-After and metrics; may be NULL */
+    struct notifier *notifier;  /* kicked when a job ends; may be NULL */
+    struct iopool *io;          /* runs blocking queue calls off the HTTP threads */
+    struct waiters waiters;
+    struct MHD_Daemon *daemon;
+    int port;
+    _Atomic int draining;
+    _Atomic int64_t in_flight; /* contexts between arrival and completion */
+};
+
+enum req_state {
+    REQ_RECEIVING = 0, /* reading the body */
+    REQ_WAITING,       /* suspended: in a batcher, the I/O pool or the waiters */
+    REQ_READY,         /* response encoded, connection resumed */
+};
+
+enum req_kind { KIND_V2, KIND_V1, KIND_JOB };
+
+enum wait_mode { WAIT_STATUS, WAIT_INFER };
+
+/* One HTTP request. Lives from the first access-handler call to MHD's completion callback. */
+struct req {
+    struct http_server *srv;
+    struct MHD_Connection *conn;
+    _Atomic int state;
+    int too_large;
+    struct buf body;
+    uint64_t start_ns;
+    /* set while an inference is in flight */
+    enum req_kind kind;
+    struct model *model;
+    struct infer_request *infer;
+    struct batch_item item;
+    /* async: the job this request is about */
+    char job_id[40];
+    struct job_spec spec;   /* enqueue: strings point into `json` or `body` */
+    void *json;             /* the parsed body (json_t *), kept while `spec` points into it */
+    char request_hash[65];
+    int prefer_async;
+    int64_t wait_ms;        /* long-poll or Prefer: wait */
+    enum wait_mode wait_mode;
+    int64_t wait_deadline_ms;
+    struct req *wait_next;  /* in the waiters' bucket; guarded by waiters.lock */
+    int list_state;         /* GET /v1/jobs filters */
+    char list_model[128];
+    char list_cursor[40];
+    int list_limit;
+    /* the answer, built by whichever thread finishes the request */
+    int status;
+    struct buf out;
+    int64_t json_len; /* Inference-Header-Content-Length, or -1 */
+    int retry_after_s;
+    char location[80]; /* Location header; "" means none */
+    void (*deferred)(struct req *r); /* what the I/O pool runs for this request */
+};
+
+/* ---- server.c ---- */
+void http_set_error(struct req *r, int code, const char *msg);
+enum MHD_Result http_reply_error(struct req *r, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* Marks the answer ready and resumes the suspended connection (any thread). */
+void http_finish_async(struct req *r);
+/* Suspends the connection and runs fn(r) on the I/O pool. */
+enum MHD_Result http_defer(struct req *r, void (*fn)(struct req *r));
+
+/* ---- jobs.c ---- */
+enum MHD_Result jobs_route(struct req *r, int is_get, int is_post, int is_delete, char **seg,
+                           int n);
+/* POST /v2/models/{m}/infer with Prefer: respond-async (after the request checked out). */
+enum MHD_Result jobs_submit_infer(struct req *r);
+/* Parses a Prefer header: respond-async and wait=N. */
+void jobs_parse_prefer(const char *prefer, int *respond_async, int64_t *wait_ms);
+int jobs_waiters_start(struct http_server *s);
+void jobs_waiters_stop(struct http_server *s);
+/* The queue's final-state hook: wakes the waiters of `id`. */
+void jobs_on_final(void *ctx, const char *id, enum job_state state);
+/* Appends the async metrics (jobs by state, backlog per worker, webhooks). */
+int jobs_metrics(struct http_server *s, struct buf *out);
+
+/* ---- iopool.c ---- */
+int iopool_create(int threads, struct iopool **out);
+void iopool_run(struct iopool *p, void (*fn)(void *arg), void *arg);
+void iopool_destroy(struct iopool *p);
+
+#endif

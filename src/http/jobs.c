@@ -1,0 +1,802 @@
+/*
+ * jobs.c: the asynchronous API: /v1/jobs, `Prefer: respond-async` on infer, long-polls.
+ *
+ * Every job-store call is blocking (it returns once the change is durable), so handlers parse
+ * and validate on the HTTP thread, then suspend the connection and run the call on the I/O
+ * pool (http_defer). A long-poll holds no thread at all: the request sits in the waiters
+ * table, keyed by job id, until the queue reports the job final (jobs_on_final) or the timer
+ * thread sees its deadline pass; either one claims it under the table lock, so it is answered
+ * exactly once, and the answer is built on the I/O pool.
+ */
+#define _GNU_SOURCE
+#include "core/log.h"
+#include "http/http_internal.h"
+#include "model/codec.h"
+#include "notify/notify.h"
+#include "queue/worker.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <openssl/evp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define WAIT_MAX_MS (3600 * 1000)
+#define TIMER_MS 50
+
+/* ---- small helpers ---- */
+
+static void set_location(struct req *r)
+{
+    snprintf(r->location, sizeof(r->location), "/v1/jobs/%s", r->job_id);
+}
+
+static int reply_job(struct req *r, int status, const struct job *j)
+{
+    buf_release(&r->out);
+    r->json_len = -1;
+    if (queue_job_json(j, &r->out) != 0) {
+        http_set_error(r, ERR_NOMEM, "out of memory");
+        return -1;
+    }
+    r->status = status;
+    return 0;
+}
+
+static void set_busy(struct req *r, const char *msg)
+{
+    struct http_server *s = r->srv;
+    double rate = worker_pool_drain_rate(s->pool);
+    int64_t queued = s->queue ? queue_queued(s->queue) : 0;
+    double secs = rate > 0 ? ceil((double)queued * 0.01 / rate) : 5;
+
+    http_set_error(r, ERR_BUSY, msg);
+    /* when 1% of the queue will have drained at the measured rate */
+    r->retry_after_s = secs < 1 ? 1 : secs > 600 ? 600 : (int)secs;
+}
+
+static void hash_request(struct req *r, const void *a, size_t a_len, const void *b, size_t b_len)
+{
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int md_len = 0;
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
+
+    r->request_hash[0] = '\0';
+    if (!ctx)
+        return;
+    if (EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1 && EVP_DigestUpdate(ctx, a, a_len) == 1 &&
+        EVP_DigestUpdate(ctx, b, b_len) == 1 && EVP_DigestFinal_ex(ctx, md, &md_len) == 1) {
+        for (unsigned i = 0; i < md_len && i < 32; i++)
+            snprintf(r->request_hash + 2 * i, 3, "%02x", md[i]);
+    }
+    EVP_MD_CTX_free(ctx);
+}
+
+void jobs_parse_prefer(const char *prefer, int *respond_async, int64_t *wait_ms)
+{
+    const char *p = prefer;
+
+    *respond_async = 0;
+    *wait_ms = 0;
+    if (!p)
+        return;
+    while (*p) {
+        while (*p == ' ' || *p == ',' || *p == '\t' || *p == ';')
+            p++;
+        if (strncasecmp(p, "respond-async", 13) == 0) {
+            *respond_async = 1;
+            p += 13;
+        } else if (strncasecmp(p, "wait=", 5) == 0) {
+            char *end;
+            long long secs;
+            errno = 0;
+            secs = strtoll(p + 5, &end, 10);
+            if (!errno && end != p + 5 && secs > 0)
+                *wait_ms = secs > WAIT_MAX_MS / 1000 ? WAIT_MAX_MS : secs * 1000;
+            p = end;
+        }
+        while (*p && *p != ',')
+            p++;
+    }
+}
+
+/* ---- the waiters table ---- */
+
+static unsigned bucket_of(const char *id)
+{
+    unsigned h = 2166136261u;
+
+    for (const unsigned char *p = (const unsigned char *)id; *p; p++)
+        h = (h ^ *p) * 16777619u;
+    return h % WAITER_BUCKETS;
+}
+
+/* Adds `r`; returns 0, or -1 when the table is stopping (answer now). */
+static int waiter_add(struct http_server *s, struct req *r)
+{
+    unsigned b = bucket_of(r->job_id);
+    int rc = 0;
+
+    pthread_mutex_lock(&s->waiters.lock);
+    if (s->waiters.stopping) {
+        rc = -1;
+    } else {
+        r->wait_next = s->waiters.buckets[b];
+        s->waiters.buckets[b] = r;
+    }
+    pthread_mutex_unlock(&s->waiters.lock);
+    return rc;
+}
+
+/* Removes `r` if it is still there: 1 means the caller now owns answering it. */
+static int waiter_claim(struct http_server *s, struct req *r)
+{
+    unsigned b = bucket_of(r->job_id);
+    int found = 0;
+
+    pthread_mutex_lock(&s->waiters.lock);
+    for (struct req **pp = &s->waiters.buckets[b]; *pp; pp = &(*pp)->wait_next) {
+        if (*pp == r) {
+            *pp = r->wait_next;
+            r->wait_next = NULL;
+            found = 1;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&s->waiters.lock);
+    return found;
+}
+
+static void answer_waiter(struct req *r);
+
+static void run_answer(void *arg)
+{
+    answer_waiter(arg);
+}
+
+void jobs_on_final(void *ctx, const char *id, enum job_state state)
+{
+    struct http_server *s = ctx;
+    unsigned b = bucket_of(id);
+    struct req *claimed = NULL;
+
+    (void)state;
+    if (s->notifier)
+        notify_kick(s->notifier); /* its webhook, if any, was stored with the final state */
+    pthread_mutex_lock(&s->waiters.lock);
+    for (struct req **pp = &s->waiters.buckets[b]; *pp;) {
+        struct req *r = *pp;
+        if (strcmp(r->job_id, id) == 0) {
+            *pp = r->wait_next;
+            r->wait_next = claimed;
+            claimed = r;
+        } else {
+            pp = &r->wait_next;
+        }
+    }
+    pthread_mutex_unlock(&s->waiters.lock);
+    while (claimed) {
+        struct req *next = claimed->wait_next;
+        claimed->wait_next = NULL;
+        iopool_run(s->io, run_answer, claimed);
+        claimed = next;
+    }
+}
+
+/* Claims every waiter whose deadline passed (all of them when `all`). */
+static struct req *claim_expired(struct http_server *s, int64_t now, int all)
+{
+    struct req *claimed = NULL;
+
+    pthread_mutex_lock(&s->waiters.lock);
+    for (int b = 0; b < WAITER_BUCKETS; b++) {
+        for (struct req **pp = &s->waiters.buckets[b]; *pp;) {
+            struct req *r = *pp;
+            if (all || r->wait_deadline_ms <= now) {
+                *pp = r->wait_next;
+                r->wait_next = claimed;
+                claimed = r;
+            } else {
+                pp = &r->wait_next;
+            }
+        }
+    }
+    pthread_mutex_unlock(&s->waiters.lock);
+    return claimed;
+}
+
+static void answer_claimed(struct http_server *s, struct req *claimed)
+{
+    while (claimed) {
+        struct req *next = claimed->wait_next;
+        claimed->wait_next = NULL;
+        iopool_run(s->io, run_answer, claimed);
+        claimed = next;
+    }
+}
+
+static void *timer_main(void *arg)
+{
+    struct http_server *s = arg;
+
+    for (;;) {
+        struct timespec ts = {0, TIMER_MS * 1000000L};
+        int stopping;
+        nanosleep(&ts, NULL);
+        pthread_mutex_lock(&s->waiters.lock);
+        stopping = s->waiters.stopping;
+        pthread_mutex_unlock(&s->waiters.lock);
+        if (stopping)
+            break;
+        answer_claimed(s, claim_expired(s, queue_now_ms(), 0));
+    }
+    return NULL;
+}
+
+int jobs_waiters_start(struct http_server *s)
+{
+    pthread_mutex_init(&s->waiters.lock, NULL);
+    if (pthread_create(&s->waiters.timer, NULL, timer_main, s) != 0)
+        return -1;
+    s->waiters.timer_started = 1;
+    return 0;
+}
+
+void jobs_waiters_stop(struct http_server *s)
+{
+    pthread_mutex_lock(&s->waiters.lock);
+    if (s->waiters.stopping) {
+        pthread_mutex_unlock(&s->waiters.lock);
+        return;
+    }
+    s->waiters.stopping = 1;
+    pthread_mutex_unlock(&s->waiters.lock);
+    if (s->waiters.timer_started)
+        pthread_join(s->waiters.timer, NULL);
+    answer_claimed(s, claim_expired(s, 0, 1));
+}
+
+/* ---- answers ---- */
+
+/* Builds the infer-style answer for a finished job: its v2 response, or its error. */
+static void answer_with_result(struct req *r, struct job *j)
+{
+    if (j->state == JOB_SUCCEEDED) {
+        buf_release(&r->out);
+        r->out = j->result;
+        j->result = (struct buf){0};
+        r->json_len = j->result_json_len;
+        r->status = 200;
+        if (r->out.len == 0 && j->output_location)
+            reply_job(r, 200, j); /* the result is in storage: say where */
+        return;
+    }
+    if (j->state == JOB_FAILED) {
+        char msg[512];
+        snprintf(msg, sizeof(msg), "job %s failed: %s", j->id, j->error ? j->error : "");
+        http_set_error(r, ERR_BACKEND, msg);
+        return;
+    }
+    if (job_state_is_final(j->state)) {
+        char msg[128];
+        snprintf(msg, sizeof(msg), "job %s is %s", j->id, job_state_name(j->state));
+        http_set_error(r, ERR_CONFLICT, msg);
+        return;
+    }
+    /* not done within the wait: the client polls from here */
+    r->status = 202;
+    buf_release(&r->out);
+    buf_printf(&r->out, "{\"id\":\"%s\",\"status\":\"%s\"}", j->id, job_state_name(j->state));
+}
+
+static void answer_waiter(struct req *r)
+{
+    struct job *j = NULL;
+    struct err e;
+    int rc = queue_get(r->srv->queue, r->job_id, r->wait_mode == WAIT_INFER, &j, &e);
+
+    if (rc != 0)
+        http_set_error(r, rc, e.msg);
+    else if (r->wait_mode == WAIT_INFER)
+        answer_with_result(r, j);
+    else
+        reply_job(r, 200, j);
+    job_free(j);
+    http_finish_async(r);
+}
+
+/* Waits for the job to end (or the deadline), without a thread. Called on the I/O pool. */
+static void wait_or_answer(struct req *r, struct job *j)
+{
+    if (j && !job_state_is_final(j->state) && r->wait_ms > 0) {
+        r->wait_deadline_ms = queue_now_ms() + r->wait_ms;
+        if (waiter_add(r->srv, r) == 0) {
+            /* it may have ended between the read and the registration: look once more */
+            struct job *again = NULL;
+            struct err e;
+            if (queue_get(r->srv->queue, r->job_id, 0, &again, &e) == 0 &&
+                job_state_is_final(again->state) && waiter_claim(r->srv, r))
+                answer_waiter(r);
+            job_free(again);
+            return;
+        }
+    }
+    if (j && r->wait_mode == WAIT_INFER)
+        answer_with_result(r, j);
+    else if (j)
+        reply_job(r, 200, j);
+    http_finish_async(r);
+}
+
+/* ---- enqueue ---- */
+
+static void do_enqueue(struct req *r)
+{
+    struct err e = {0};
+    int existed = 0, rc;
+    struct job *j = NULL;
+
+    rc = queue_enqueue(r->srv->queue, &r->spec, r->job_id, &existed, &e);
+    if (rc == ERR_BUSY) {
+        set_busy(r, e.msg);
+    } else if (rc != 0) {
+        http_set_error(r, rc, e.msg);
+        if (rc == ERR_CONFLICT)
+            set_location(r);
+    } else {
+        set_location(r);
+        if (r->prefer_async && r->wait_ms > 0) {
+            if (queue_get(r->srv->queue, r->job_id, 1, &j, &e) == 0) {
+                r->wait_mode = WAIT_INFER;
+                wait_or_answer(r, j);
+                job_free(j);
+                return;
+            }
+        }
+        if (existed) {
+            /* the same request again: the same job back */
+            if (queue_get(r->srv->queue, r->job_id, 0, &j, &e) == 0)
+                reply_job(r, 200, j);
+            else
+                http_set_error(r, e.code, e.msg);
+            job_free(j);
+        } else {
+            r->status = 202;
+            buf_release(&r->out);
+            buf_printf(&r->out, "{\"id\":\"%s\",\"status\":\"queued\"}", r->job_id);
+        }
+    }
+    http_finish_async(r);
+}
+
+/* Answers 503 and returns 1 when no job can be accepted now. */
+static int async_unavailable(struct req *r, enum MHD_Result *ret)
+{
+    if (!r->srv->queue) {
+        *ret = http_reply_error(r, ERR_UNAVAILABLE, "the async queue is not enabled");
+        return 1;
+    }
+    if (atomic_load(&r->srv->draining)) {
+        *ret = http_reply_error(r, ERR_UNAVAILABLE, "inferd is shutting down");
+        r->retry_after_s = 5;
+        return 1;
+    }
+    return 0;
+}
+
+static const char *idempotency_key(struct req *r)
+{
+    const char *k = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Idempotency-Key");
+
+    return k && *k ? k : NULL;
+}
+
+static void fill_defaults(struct req *r, struct model *m)
+{
+    r->spec.lease_timeout_ms = m->job_lease_timeout_ms;
+    if (!r->spec.callback_url)
+        r->spec.callback_url = m->callback_url;
+    if (r->spec.max_attempts <= 0)
+        r->spec.max_attempts = (int)r->srv->cfg.default_max_attempts;
+    if (r->spec.ttl_s <= 0)
+        r->spec.ttl_s = r->srv->cfg.default_ttl_s;
+}
+
+enum MHD_Result jobs_submit_infer(struct req *r)
+{
+    const char *hdr =
+        MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Inference-Header-Content-Length");
+    enum MHD_Result ret;
+
+    if (async_unavailable(r, &ret))
+        return ret;
+    r->kind = KIND_JOB;
+    memset(&r->spec, 0, sizeof(r->spec));
+    r->spec.model = r->model->name;
+    r->spec.input = r->body.data ? r->body.data : "";
+    r->spec.input_len = r->body.len;
+    /* already validated by the decoder, which accepted this header */
+    r->spec.input_json_len = hdr ? strtoll(hdr, NULL, 10) : -1;
+    r->spec.idempotency_key = idempotency_key(r);
+    fill_defaults(r, r->model);
+    hash_request(r, r->spec.model, strlen(r->spec.model), r->spec.input, r->spec.input_len);
+    r->spec.request_hash = r->request_hash;
+    return http_defer(r, do_enqueue);
+}
+
+static int get_int(json_t *root, const char *key, int64_t min, int64_t max, int64_t *out,
+                   struct err *e)
+{
+    json_t *v = json_object_get(root, key);
+
+    if (!v)
+        return 0;
+    if (!json_is_integer(v))
+        return err_set(e, ERR_INVALID, "%s: expected an integer", key);
+    if (json_integer_value(v) < min || json_integer_value(v) > max)
+        return err_set(e, ERR_INVALID, "%s: %lld is outside %lld..%lld", key,
+                       (long long)json_integer_value(v), (long long)min, (long long)max);
+    *out = json_integer_value(v);
+    return 0;
+}
+
+static int get_str(json_t *root, const char *key, const char **out, struct err *e)
+{
+    json_t *v = json_object_get(root, key);
+
+    if (!v || json_is_null(v))
+        return 0;
+    if (!json_is_string(v) || json_string_length(v) == 0)
+        return err_set(e, ERR_INVALID, "%s: expected a non-empty string", key);
+    *out = json_string_value(v);
+    return 0;
+}
+
+static int check_url(const char *key, const char *url, struct err *e)
+{
+    if (url && strncmp(url, "http://", 7) != 0 && strncmp(url, "https://", 8) != 0)
+        return err_set(e, ERR_INVALID, "%s: '%.100s' is not an http:// or https:// URL", key, url);
+    return 0;
+}
+
+static int check_location(const char *key, const char *uri, struct err *e)
+{
+    if (uri && strstr(uri, "://") && strncmp(uri, "file://", 7) != 0)
+        return err_set(e, ERR_INVALID, "%s: '%.100s': only file:// locations are supported", key,
+                       uri);
+    return 0;
+}
+
+/* POST /v1/jobs: {"model", "input" | "input_location", ...} */
+static enum MHD_Result submit_job(struct req *r)
+{
+    struct model *m = NULL;
+    struct infer_request *req = NULL;
+    json_error_t jerr;
+    json_t *root, *input;
+    struct err e = {0};
+    int64_t priority = 0, ttl = 0, attempts = 0;
+    char *input_text = NULL;
+    int rc;
+
+    enum MHD_Result ret;
+
+    if (async_unavailable(r, &ret))
+        return ret;
+    r->kind = KIND_JOB;
+    root = json_loadb(r->body.data ? r->body.data : "", r->body.len, JSON_REJECT_DUPLICATES,
+                      &jerr);
+    if (!root)
+        return http_reply_error(r, ERR_INVALID, "malformed JSON at line %d column %d: %s",
+                                jerr.line, jerr.column, jerr.text);
+    r->json = root;
+    if (!json_is_object(root))
+        return http_reply_error(r, ERR_INVALID, "the request body must be a JSON object");
+    memset(&r->spec, 0, sizeof(r->spec));
+    r->spec.input_json_len = -1;
+    if ((rc = get_str(root, "model", &r->spec.model, &e)) ||
+        (rc = get_str(root, "input_location", &r->spec.input_location, &e)) ||
+        (rc = get_str(root, "output_location", &r->spec.output_location, &e)) ||
+        (rc = get_str(root, "callback_url", &r->spec.callback_url, &e)) ||
+        (rc = check_url("callback_url", r->spec.callback_url, &e)) ||
+        (rc = check_location("input_location", r->spec.input_location, &e)) ||
+        (rc = check_location("output_location", r->spec.output_location, &e)) ||
+        (rc = get_int(root, "priority", 0, 9, &priority, &e)) ||
+        (rc = get_int(root, "ttl_s", 1, 365LL * 86400, &ttl, &e)) ||
+        (rc = get_int(root, "max_attempts", 1, 100, &attempts, &e)))
+        return http_reply_error(r, rc, "%s", e.msg);
+    if (!r->spec.model)
+        return http_reply_error(r, ERR_INVALID, "model: missing");
+    input = json_object_get(root, "input");
+    if (!input == !r->spec.input_location)
+        return http_reply_error(r, ERR_INVALID, "give exactly one of input and input_location");
+    rc = registry_acquire(r->srv->reg, r->spec.model, 0, &m, &e);
+    if (rc != 0)
+        return http_reply_error(r, rc, "%s", e.msg);
+    r->model = m; /* released when the request completes */
+    if (input) {
+        if (!json_is_object(input)) {
+            return http_reply_error(r, ERR_INVALID, "input: expected a v2 infer request object");
+        }
+        input_text = json_dumps(input, JSON_COMPACT);
+        if (!input_text)
+            return http_reply_error(r, ERR_NOMEM, "out of memory");
+        /* check it now: a bad input is the client's 4xx, not a failed job later */
+        rc = codec_decode_v2(input_text, strlen(input_text), -1, &req, &e);
+        if (rc == 0)
+            rc = tensor_check_inputs(req, &m->info, &e);
+        infer_request_destroy(req);
+        if (rc != 0) {
+            free(input_text);
+            return http_reply_error(r, rc, "input: model '%s': %s", m->name, e.msg);
+        }
+        /* keep the text in the body buffer, which lives as long as the request */
+        buf_release(&r->body);
+        buf_puts(&r->body, input_text);
+        free(input_text);
+        r->spec.input = r->body.data;
+        r->spec.input_len = r->body.len;
+    }
+    r->spec.priority = (int)priority;
+    r->spec.ttl_s = ttl;
+    r->spec.max_attempts = (int)attempts;
+    r->spec.idempotency_key = idempotency_key(r);
+    fill_defaults(r, m);
+    {
+        char *canon = json_dumps(root, JSON_COMPACT | JSON_SORT_KEYS);
+        hash_request(r, canon ? canon : "", canon ? strlen(canon) : 0, "", 0);
+        free(canon);
+    }
+    r->spec.request_hash = r->request_hash;
+    return http_defer(r, do_enqueue);
+}
+
+/* ---- reading, cancelling, listing ---- */
+
+static void do_get(struct req *r)
+{
+    struct job *j = NULL;
+    struct err e;
+    int rc = queue_get(r->srv->queue, r->job_id, 0, &j, &e);
+
+    if (rc != 0) {
+        http_set_error(r, rc, e.msg);
+        http_finish_async(r);
+        return;
+    }
+    r->wait_mode = WAIT_STATUS;
+    wait_or_answer(r, j);
+    job_free(j);
+}
+
+static void do_result(struct req *r)
+{
+    struct job *j = NULL;
+    struct err e;
+    int rc = queue_get(r->srv->queue, r->job_id, 1, &j, &e);
+
+    if (rc != 0) {
+        http_set_error(r, rc, e.msg);
+    } else if (j->state != JOB_SUCCEEDED) {
+        char msg[160];
+        snprintf(msg, sizeof(msg), "job %s is %s; its result exists once it has succeeded",
+                 j->id, job_state_name(j->state));
+        http_set_error(r, ERR_CONFLICT, msg);
+    } else if (j->output_location) {
+        /* written to storage: hand it back from there */
+        const char *path = strncmp(j->output_location, "file://", 7) == 0
+                               ? j->output_location + 7
+                               : j->output_location;
+        FILE *f = fopen(path, "rb");
+        char chunk[65536];
+        size_t n;
+        buf_release(&r->out);
+        if (!f) {
+            char msg[512];
+            snprintf(msg, sizeof(msg), "the result at %s cannot be read: %s",
+                     j->output_location, strerror(errno));
+            http_set_error(r, ERR_NOT_FOUND, msg);
+        } else {
+            while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0)
+                buf_append(&r->out, chunk, n);
+            fclose(f);
+            r->status = 200;
+            r->json_len = -1;
+        }
+    } else {
+        answer_with_result(r, j);
+    }
+    job_free(j);
+    http_finish_async(r);
+}
+
+static void do_cancel(struct req *r)
+{
+    struct job *j = NULL;
+    struct err e;
+    int rc = queue_cancel(r->srv->queue, r->job_id, &j, &e);
+
+    if (rc != 0)
+        http_set_error(r, rc, e.msg);
+    else
+        reply_job(r, 200, j);
+    job_free(j);
+    http_finish_async(r);
+}
+
+static void do_retry(struct req *r)
+{
+    struct job *j = NULL;
+    struct err e;
+    int rc = queue_retry(r->srv->queue, r->job_id, &j, &e);
+
+    if (rc != 0) {
+        http_set_error(r, rc, e.msg);
+    } else {
+        reply_job(r, 202, j);
+        set_location(r);
+    }
+    job_free(j);
+    http_finish_async(r);
+}
+
+static void do_list(struct req *r)
+{
+    struct queue_list_filter f = {
+        .state = r->list_state,
+        .model = r->list_model[0] ? r->list_model : NULL,
+        .cursor = r->list_cursor[0] ? r->list_cursor : NULL,
+        .limit = r->list_limit,
+    };
+    struct err e;
+    int rc;
+
+    buf_release(&r->out);
+    rc = queue_list(r->srv->queue, &f, &r->out, &e);
+    if (rc != 0) {
+        http_set_error(r, rc, e.msg);
+    } else {
+        r->status = 200;
+        r->json_len = -1;
+    }
+    http_finish_async(r);
+}
+
+static int parse_wait(struct req *r, struct err *e)
+{
+    const char *w = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "wait");
+    char *end;
+    double secs;
+
+    r->wait_ms = 0;
+    if (!w)
+        return 0;
+    errno = 0;
+    secs = strtod(w, &end);
+    if (errno || *end || end == w || secs < 0 || isnan(secs))
+        return err_set(e, ERR_INVALID, "wait: expected seconds >= 0, got '%.32s'", w);
+    r->wait_ms = secs * 1000 > WAIT_MAX_MS ? WAIT_MAX_MS : (int64_t)(secs * 1000);
+    return 0;
+}
+
+static enum MHD_Result list_jobs(struct req *r)
+{
+    const char *status = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "status");
+    const char *model = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "model");
+    const char *cursor = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "cursor");
+    const char *limit = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "limit");
+
+    r->list_state = -1;
+    r->list_limit = 100;
+    if (status && *status && (r->list_state = job_state_parse(status)) < 0)
+        return http_reply_error(r, ERR_INVALID,
+                                "status: '%.32s' is not queued, running, succeeded, failed, "
+                                "cancelled or expired",
+                                status);
+    if (limit) {
+        char *end;
+        long long n = strtoll(limit, &end, 10);
+        if (*end || end == limit || n < 1 || n > 1000)
+            return http_reply_error(r, ERR_INVALID, "limit: expected 1..1000, got '%.32s'",
+                                    limit);
+        r->list_limit = (int)n;
+    }
+    snprintf(r->list_model, sizeof(r->list_model), "%s", model ? model : "");
+    snprintf(r->list_cursor, sizeof(r->list_cursor), "%s", cursor ? cursor : "");
+    return http_defer(r, do_list);
+}
+
+static int valid_job_id(const char *id)
+{
+    size_t n = strlen(id);
+
+    if (n == 0 || n >= 40)
+        return 0;
+    for (const char *p = id; *p; p++)
+        if (!isalnum((unsigned char)*p) && *p != '-' && *p != '_')
+            return 0;
+    return 1;
+}
+
+/* seg: v1 jobs [id [result|retry]] */
+enum MHD_Result jobs_route(struct req *r, int is_get, int is_post, int is_delete, char **seg,
+                           int n)
+{
+    struct err e;
+
+    r->kind = KIND_JOB;
+    if (strcmp(seg[1], "batch-jobs") == 0)
+        return http_reply_error(r, ERR_NOT_FOUND, "batch jobs are not available yet");
+    if (!r->srv->queue)
+        return http_reply_error(r, ERR_UNAVAILABLE, "the async queue is not enabled");
+    if (n == 2 && is_post)
+        return submit_job(r);
+    if (n == 2 && is_get)
+        return list_jobs(r);
+    if (n < 3 || n > 4)
+        return http_reply_error(r, ERR_NOT_FOUND, "no route for this path");
+    if (!valid_job_id(seg[2]))
+        return http_reply_error(r, ERR_NOT_FOUND, "no job '%.40s'", seg[2]);
+    snprintf(r->job_id, sizeof(r->job_id), "%s", seg[2]);
+    if (n == 3 && is_get) {
+        if (parse_wait(r, &e) != 0)
+            return http_reply_error(r, e.code, "%s", e.msg);
+        return http_defer(r, do_get);
+    }
+    if (n == 3 && is_delete)
+        return http_defer(r, do_cancel);
+    if (n == 4 && is_get && strcmp(seg[3], "result") == 0)
+        return http_defer(r, do_result);
+    if (n == 4 && is_post && strcmp(seg[3], "retry") == 0)
+        return http_defer(r, do_retry);
+    return http_reply_error(r, ERR_NOT_FOUND, "no route for this method and path");
+}
+
+/* ---- metrics ---- */
+
+int jobs_metrics(struct http_server *s, struct buf *out)
+{
+    int64_t counts[JOB_N_STATES];
+    struct err e;
+    int rc, workers = s->pool ? s->cfg.workers : 0;
+    int64_t queued;
+
+    if (!s->queue)
+        return 0;
+    if (queue_counts(s->queue, counts, &e) != 0)
+        return 0; /* metrics never fail the scrape over the job store */
+    queued = counts[JOB_QUEUED];
+    rc = buf_puts(out, "# HELP inferd_jobs Async jobs by state.\n# TYPE inferd_jobs gauge\n");
+    for (int i = 0; rc == 0 && i < JOB_N_STATES; i++)
+        rc = buf_printf(out, "inferd_jobs{state=\"%s\"} %lld\n", job_state_name(i),
+                        (long long)counts[i]);
+    if (rc == 0)
+        rc = buf_printf(out,
+                        "# HELP inferd_queue_depth Async jobs waiting for a worker.\n"
+                        "# TYPE inferd_queue_depth gauge\ninferd_queue_depth %lld\n"
+                        "# HELP inferd_queue_backlog_per_worker Jobs waiting per worker: the "
+                        "autoscaling signal.\n# TYPE inferd_queue_backlog_per_worker gauge\n"
+                        "inferd_queue_backlog_per_worker %g\n"
+                        "# HELP inferd_workers_busy Workers running a job now.\n"
+                        "# TYPE inferd_workers_busy gauge\ninferd_workers_busy %d\n",
+                        (long long)queued,
+                        workers > 0 ? (double)queued / workers : (double)queued,
+                        worker_pool_busy(s->pool));
+    if (rc == 0 && s->notifier) {
+        struct notify_stats ns;
+        notify_get_stats(s->notifier, &ns);
+        rc = buf_printf(out,
+                        "# HELP inferd_webhook_deliveries_total Webhook attempts by outcome.\n"
+                        "# TYPE inferd_webhook_deliveries_total counter\n"
+                        "inferd_webhook_deliveries_total{outcome=\"delivered\"} %llu\n"
+                        "inferd_webhook_deliveries_total{outcome=\"failed_attempt\"} %llu\n"
+                        "inferd_webhook_deliveries_total{outcome=\"given_up\"} %llu\n",
+                        (unsigned long long)ns.delivered, (unsigned long long)ns.attempts_failed,
+                        (unsigned long long)ns.given_up);
+    }
+    return rc;
+}

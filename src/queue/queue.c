@@ -1,0 +1,242 @@
+/*
+ * queue.c: the queue's public functions, dispatching to the implementation, and the JSON
+ * shapes of a job and of a webhook event, shared by every implementation.
+ */
+#include "queue/queue_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static const char *state_names[JOB_N_STATES] = {"queued",    "running",   "succeeded",
+                                                "failed",    "cancelled", "expired"};
+
+const char *job_state_name(enum job_state s)
+{
+    return (unsigned)s < JOB_N_STATES ? state_names[s] : "unknown";
+}
+
+int job_state_parse(const char *name)
+{
+    for (int i = 0; i < JOB_N_STATES; i++)
+        if (strcmp(state_names[i], name) == 0)
+            return i;
+    return -1;
+}
+
+void job_free(struct job *j)
+{
+    if (!j)
+        return;
+    free(j->model);
+    free(j->error);
+    free(j->input_location);
+    free(j->output_location);
+    free(j->callback_url);
+    free(j->notifications_json);
+    buf_release(&j->input);
+    buf_release(&j->result);
+    free(j);
+}
+
+void queue_outbox_items_free(struct queue_outbox_item *items, size_t n)
+{
+    for (size_t i = 0; items && i < n; i++) {
+        free(items[i].event_id);
+        free(items[i].url);
+        free(items[i].body);
+    }
+    free(items);
+}
+
+int queue_open(const struct queue_config *cfg, struct queue **out, struct err *e)
+{
+    return queue_sqlite_open(cfg, out, e);
+}
+
+void queue_close(struct queue *q)
+{
+    if (q)
+        q->ops->close(q);
+}
+
+void queue_on_final(struct queue *q, queue_final_fn fn, void *ctx)
+{
+    q->on_final_ctx = ctx;
+    q->on_final = fn;
+    if (!fn) {
+        /* one more write through the store: when it returns, no earlier group is still
+         * calling the previous listener */
+        q->ops->extend(q, "", 0, 0, NULL);
+    }
+}
+
+int queue_enqueue(struct queue *q, const struct job_spec *spec, char id_out[40], int *existed,
+                  struct err *e)
+{
+    return q->ops->enqueue(q, spec, id_out, existed, e);
+}
+
+int queue_lease(struct queue *q, const char *worker, int64_t wait_ms, struct job **out,
+                struct err *e)
+{
+    return q->ops->lease(q, worker, wait_ms, out, e);
+}
+
+int queue_extend(struct queue *q, const char *id, uint64_t token, int64_t lease_ms,
+                 struct err *e)
+{
+    return q->ops->extend(q, id, token, lease_ms, e);
+}
+
+int queue_complete(struct queue *q, const char *id, uint64_t token, const char *result,
+                   size_t result_len, int64_t result_json_len, struct err *e)
+{
+    return q->ops->complete(q, id, token, result, result_len, result_json_len, e);
+}
+
+int queue_fail(struct queue *q, const char *id, uint64_t token, const char *error, int retryable,
+               struct err *e)
+{
+    return q->ops->fail(q, id, token, error, retryable, e);
+}
+
+int queue_cancel(struct queue *q, const char *id, struct job **out, struct err *e)
+{
+    return q->ops->cancel(q, id, out, e);
+}
+
+int queue_retry(struct queue *q, const char *id, struct job **out, struct err *e)
+{
+    return q->ops->retry(q, id, out, e);
+}
+
+int queue_get(struct queue *q, const char *id, int want_result, struct job **out, struct err *e)
+{
+    return q->ops->get(q, id, want_result, out, e);
+}
+
+int queue_list(struct queue *q, const struct queue_list_filter *f, struct buf *out,
+               struct err *e)
+{
+    return q->ops->list(q, f, out, e);
+}
+
+int queue_counts(struct queue *q, int64_t counts[JOB_N_STATES], struct err *e)
+{
+    return q->ops->counts(q, counts, e);
+}
+
+int64_t queue_queued(struct queue *q)
+{
+    return q->ops->queued(q);
+}
+
+int queue_outbox_due(struct queue *q, int64_t now_ms, size_t max, struct queue_outbox_item **out,
+                     size_t *n, struct err *e)
+{
+    return q->ops->outbox_due(q, now_ms, max, out, n, e);
+}
+
+int64_t queue_outbox_next_due(struct queue *q)
+{
+    return q->ops->outbox_next_due(q);
+}
+
+int queue_outbox_record(struct queue *q, const struct queue_outbox_attempt *a, struct err *e)
+{
+    return q->ops->outbox_record(q, a, e);
+}
+
+/* ---- JSON ---- */
+
+int queue_json_time(struct buf *out, int64_t ms)
+{
+    char ts[40];
+    struct tm tm;
+    time_t secs = (time_t)(ms / 1000);
+
+    if (ms <= 0)
+        return buf_puts(out, "null");
+    gmtime_r(&secs, &tm);
+    strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
+    return buf_printf(out, "\"%s.%03dZ\"", ts, (int)(ms % 1000));
+}
+
+static int json_str_or_null(struct buf *out, const char *s)
+{
+    return s ? buf_json_string(out, s) : buf_puts(out, "null");
+}
+
+int queue_job_json(const struct job *j, struct buf *out)
+{
+    int rc = buf_puts(out, "{\"id\":");
+
+    if (rc == 0)
+        rc = buf_json_string(out, j->id);
+    if (rc == 0)
+        rc = buf_puts(out, ",\"model\":");
+    if (rc == 0)
+        rc = json_str_or_null(out, j->model);
+    if (rc == 0)
+        rc = buf_printf(out, ",\"status\":\"%s\",\"priority\":%d,\"attempts\":%d,"
+                             "\"max_attempts\":%d,\"created_at\":",
+                        job_state_name(j->state), j->priority, j->attempts, j->max_attempts);
+    if (rc == 0)
+        rc = queue_json_time(out, j->created_ms);
+    if (rc == 0)
+        rc = buf_puts(out, ",\"started_at\":");
+    if (rc == 0)
+        rc = queue_json_time(out, j->started_ms);
+    if (rc == 0)
+        rc = buf_puts(out, ",\"finished_at\":");
+    if (rc == 0)
+        rc = queue_json_time(out, j->finished_ms);
+    if (rc == 0)
+        rc = buf_puts(out, ",\"error\":");
+    if (rc == 0)
+        rc = json_str_or_null(out, j->error);
+    if (rc == 0)
+        rc = buf_puts(out, ",\"output_location\":");
+    if (rc == 0)
+        rc = json_str_or_null(out, j->output_location);
+    if (rc == 0)
+        rc = buf_puts(out, ",\"callback_url\":");
+    if (rc == 0)
+        rc = json_str_or_null(out, j->callback_url);
+    if (rc == 0)
+        rc = buf_puts(out, ",\"notifications\":");
+    if (rc == 0)
+        rc = buf_puts(out, j->notifications_json ? j->notifications_json : "[]");
+    return rc ? rc : buf_puts(out, "}");
+}
+
+int queue_event_json(const struct job *j, const char *event_id, int64_t inline_max_bytes,
+                     struct buf *out)
+{
+    const char *type = j->state == JOB_SUCCEEDED   ? "job.succeeded"
+                       : j->state == JOB_EXPIRED   ? "job.expired"
+                       : j->state == JOB_CANCELLED ? "job.cancelled"
+                                                   : "job.failed";
+    int rc = buf_puts(out, "{\"id\":");
+
+    if (rc == 0)
+        rc = buf_json_string(out, event_id);
+    if (rc == 0)
+        rc = buf_printf(out, ",\"type\":\"%s\",\"job\":", type);
+    if (rc == 0)
+        rc = queue_job_json(j, out);
+    if (rc == 0 && j->state == JOB_SUCCEEDED) {
+        /* inline only a JSON result small enough; otherwise a link to it */
+        if (j->result.len > 0 && j->result_json_len < 0 &&
+            (int64_t)j->result.len <= inline_max_bytes) {
+            rc = buf_puts(out, ",\"result\":");
+            if (rc == 0)
+                rc = buf_append(out, j->result.data, j->result.len);
+        } else {
+            rc = buf_printf(out, ",\"result_url\":\"/v1/jobs/%s/result\"", j->id);
+        }
+    }
+    return rc ? rc : buf_puts(out, "}");
+}

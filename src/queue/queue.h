@@ -1,0 +1,213 @@
+/*
+ * queue.h: the durable job queue and job store behind one interface.
+ *
+ * Implementations: queue_sqlite.c (embedded default, one SQLite database in WAL mode under
+ * --data-dir). The operations are the ones a Redis Streams queue (consumer groups, XAUTOCLAIM)
+ * or a PostgreSQL `FOR UPDATE SKIP LOCKED` queue also offers, so callers never change.
+ *
+ * Every call is blocking and thread-safe, and returns only after its change is durable
+ * (committed and fsync'd). Callers are worker threads and the server's I/O pool, never an HTTP
+ * event thread. Implementations batch concurrent calls into one commit (group commit).
+ *
+ * A job moves queued -> running -> succeeded | failed | cancelled, or queued -> expired (its
+ * ttl passed before it started), or queued -> cancelled. Each lease hands out a fencing token
+ * (the attempt number): complete, fail and extend succeed only while that attempt still holds
+ * the lease, so a worker that stalled past its lease cannot overwrite the attempt that
+ * replaced it.
+ */
+#ifndef INFERD_QUEUE_H
+#define INFERD_QUEUE_H
+
+#include "core/buf.h"
+#include "core/err.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+enum job_state {
+    JOB_QUEUED = 0,
+    JOB_RUNNING,
+    JOB_SUCCEEDED,
+    JOB_FAILED,
+    JOB_CANCELLED,
+    JOB_EXPIRED,
+};
+#define JOB_N_STATES 6
+
+/* "queued" ... "expired"; job_state_parse returns -1 for an unknown name. */
+const char *job_state_name(enum job_state s);
+int job_state_parse(const char *name);
+static inline int job_state_is_final(enum job_state s)
+{
+    return s >= JOB_SUCCEEDED;
+}
+
+/* What a client asks for. Every pointer is borrowed for the call. */
+struct job_spec {
+    const char *model;
+    const char *input; /* a v2 infer request body (JSON); NULL with input_location */
+    size_t input_len;
+    int64_t input_json_len;      /* Inference-Header-Content-Length of `input`, or -1 */
+    const char *input_location;  /* URI of a file holding that body; NULL means inline */
+    const char *output_location; /* where to write the result; NULL means store it */
+    const char *callback_url;    /* webhook; NULL means none */
+    int priority;                /* 0-9, higher first; FIFO within a priority */
+    int64_t ttl_s;               /* 0: never expires while queued */
+    int max_attempts;            /* >= 1 */
+    int64_t lease_timeout_ms;    /* visibility timeout of each attempt */
+    const char *idempotency_key; /* NULL means none */
+    const char *request_hash;    /* hash of the request, compared for the idempotency key */
+};
+
+/* A snapshot of a job. Owned by whoever received it; free with job_free(). */
+struct job {
+    char id[40];
+    char *model;
+    enum job_state state;
+    int priority;
+    int attempts; /* attempts started, the running one included */
+    int max_attempts;
+    int64_t created_ms, started_ms, finished_ms; /* 0 when not yet */
+    int64_t lease_timeout_ms;
+    int64_t ttl_s;
+    char *error;           /* last error; NULL if none */
+    char *input_location;  /* NULL if inline */
+    char *output_location; /* NULL if stored inline */
+    char *callback_url;
+    int cancel_requested;  /* DELETE while running: discard the result when the batch returns */
+    /* filled by queue_lease() only */
+    struct buf input;       /* the inline request body */
+    int64_t input_json_len; /* -1 when JSON only */
+    uint64_t token;         /* fencing token of this attempt */
+    /* filled by queue_get() with want_result, for succeeded jobs stored inline */
+    struct buf result;
+    int64_t result_json_len;
+    char *notifications_json; /* a JSON array of webhook attempts; NULL if none */
+};
+
+void job_free(struct job *j);
+
+struct queue_list_filter {
+    int state;          /* -1 means any */
+    const char *model;  /* NULL means any */
+    const char *cursor; /* the last id of the previous page; NULL starts at the newest */
+    int limit;          /* 1..1000 */
+};
+
+struct queue;
+
+struct queue_config {
+    const char *data_dir;  /* SQLite: the database lives at DIR/inferd.db */
+    int64_t max_queued;    /* past it, enqueue says ERR_BUSY */
+    int64_t retry_backoff_ms; /* first retry delay; doubles per attempt (capped at 60 s) */
+    int64_t result_inline_max_bytes; /* results above this in webhooks become a link */
+};
+
+/* Opens (creating if needed). Jobs that were running when the previous owner died are
+ * requeued at once: the embedded queue has a single owner. */
+int queue_open(const struct queue_config *cfg, struct queue **out, struct err *e);
+void queue_close(struct queue *q);
+
+/*
+ * Stores a new job, durably. With an idempotency key already used: the same request hash
+ * gives back that job (`*existed` = 1), another hash is ERR_CONFLICT.
+ *   id_out  receives the job id (NUL-terminated, < 40 bytes)
+ * Returns 0, ERR_BUSY (max_queued jobs waiting), ERR_CONFLICT or ERR_IO.
+ */
+int queue_enqueue(struct queue *q, const struct job_spec *spec, char id_out[40], int *existed,
+                  struct err *e);
+
+/*
+ * Leases the next runnable job (highest priority, oldest first) for `lease_ms`, counting the
+ * attempt before it runs (so a crash mid-run still moves the job towards max_attempts).
+ * Waits up to `wait_ms` for one to become runnable. `*out` is NULL when none did.
+ * Jobs whose ttl passed are expired on the way.
+ */
+int queue_lease(struct queue *q, const char *worker, int64_t wait_ms, struct job **out,
+                struct err *e);
+
+/* Keeps a running attempt's lease. ERR_CONFLICT when the token no longer holds it. */
+int queue_extend(struct queue *q, const char *id, uint64_t token, int64_t lease_ms,
+                 struct err *e);
+
+/* Records the result of the attempt holding `token`. ERR_CONFLICT when fenced out (the
+ * result is discarded). A cancelled-while-running job ends cancelled, its result discarded. */
+int queue_complete(struct queue *q, const char *id, uint64_t token, const char *result,
+                   size_t result_len, int64_t result_json_len, struct err *e);
+
+/* Records a failed attempt: retried after a backoff while attempts < max_attempts and
+ * `retryable`, otherwise the job ends failed with `error`. */
+int queue_fail(struct queue *q, const char *id, uint64_t token, const char *error, int retryable,
+               struct err *e);
+
+/* Cancels: a queued job ends cancelled at once; a running one is marked and ends cancelled
+ * when its attempt reports. ERR_CONFLICT if already final; ERR_NOT_FOUND. */
+int queue_cancel(struct queue *q, const char *id, struct job **out, struct err *e);
+
+/* Sends a failed (or expired) job back to the queue with a fresh attempt budget. */
+int queue_retry(struct queue *q, const char *id, struct job **out, struct err *e);
+
+/* A snapshot of one job; `want_result` also loads the stored result. ERR_NOT_FOUND. */
+int queue_get(struct queue *q, const char *id, int want_result, struct job **out,
+              struct err *e);
+
+/* Appends a JSON page {"jobs": [...], "next_cursor": ...} (newest first). */
+int queue_list(struct queue *q, const struct queue_list_filter *f, struct buf *out,
+               struct err *e);
+
+/* Jobs per state, for metrics. */
+int queue_counts(struct queue *q, int64_t counts[JOB_N_STATES], struct err *e);
+
+/*
+ * Called (outside any queue lock, on the thread that made the change durable) whenever a job
+ * reaches a final state; used to wake long-polls. Set once before use.
+ */
+typedef void (*queue_final_fn)(void *ctx, const char *job_id, enum job_state state);
+void queue_on_final(struct queue *q, queue_final_fn fn, void *ctx);
+
+/* Jobs waiting now (cheap: kept in memory). */
+int64_t queue_queued(struct queue *q);
+
+/* Appends a job's public JSON: id, model, status, priority, attempts, created_at, ... */
+int queue_job_json(const struct job *j, struct buf *out);
+/* Appends an ISO-8601 UTC time for milliseconds since the epoch, or null for 0. */
+int queue_json_time(struct buf *out, int64_t ms);
+int64_t queue_now_ms(void);
+
+/* ---- the webhook outbox: written with each final state, drained by src/notify ---- */
+
+/* One pending webhook. Strings owned by the item. */
+struct queue_outbox_item {
+    int64_t id;
+    char *event_id; /* the same for every attempt and across restarts */
+    char *url;
+    char *body; /* the exact bytes to POST, built when the job ended */
+    size_t body_len;
+    int attempts; /* attempts already made */
+};
+
+/* What one delivery attempt did. */
+struct queue_outbox_attempt {
+    int64_t outbox_id;
+    int64_t at_ms;
+    int http_status;   /* 0 when no response */
+    const char *error; /* NULL when none */
+    int done;          /* no more attempts */
+    int delivered;
+    int64_t next_attempt_ms;
+};
+
+/* Up to `max` webhooks due by `now_ms`; `*out` is a new array: queue_outbox_items_free(). */
+int queue_outbox_due(struct queue *q, int64_t now_ms, size_t max, struct queue_outbox_item **out,
+                     size_t *n, struct err *e);
+void queue_outbox_items_free(struct queue_outbox_item *items, size_t n);
+/* The earliest due time of a pending webhook, or -1. */
+int64_t queue_outbox_next_due(struct queue *q);
+/* Fills a notify_store (src/notify) that delivers this queue's outbox. `q` must outlive it. */
+struct notify_store;
+void queue_notify_store(struct queue *q, struct notify_store *out);
+
+/* Records an attempt (listed on the job) and the delivery's next state, durably. */
+int queue_outbox_record(struct queue *q, const struct queue_outbox_attempt *a, struct err *e);
+
+#endif

@@ -1,0 +1,49 @@
+/*
+ * queue_internal.h: what the queue implementations share; included by src/queue/ only.
+ */
+#ifndef INFERD_QUEUE_INTERNAL_H
+#define INFERD_QUEUE_INTERNAL_H
+
+#include "queue/queue.h"
+
+struct queue_ops {
+    int (*enqueue)(struct queue *q, const struct job_spec *spec, char id_out[40], int *existed,
+                   struct err *e);
+    int (*lease)(struct queue *q, const char *worker, int64_t wait_ms, struct job **out,
+                 struct err *e);
+    int (*extend)(struct queue *q, const char *id, uint64_t token, int64_t lease_ms,
+                  struct err *e);
+    int (*complete)(struct queue *q, const char *id, uint64_t token, const char *result,
+                    size_t len, int64_t json_len, struct err *e);
+    int (*fail)(struct queue *q, const char *id, uint64_t token, const char *error,
+                int retryable, struct err *e);
+    int (*cancel)(struct queue *q, const char *id, struct job **out, struct err *e);
+    int (*retry)(struct queue *q, const char *id, struct job **out, struct err *e);
+    int (*get)(struct queue *q, const char *id, int want_result, struct job **out,
+               struct err *e);
+    int (*list)(struct queue *q, const struct queue_list_filter *f, struct buf *out,
+                struct err *e);
+    int (*counts)(struct queue *q, int64_t counts[JOB_N_STATES], struct err *e);
+    int64_t (*queued)(struct queue *q);
+    int (*outbox_due)(struct queue *q, int64_t now_ms, size_t max, struct queue_outbox_item **out,
+                      size_t *n, struct err *e);
+    int64_t (*outbox_next_due)(struct queue *q);
+    int (*outbox_record)(struct queue *q, const struct queue_outbox_attempt *a, struct err *e);
+    void (*close)(struct queue *q);
+};
+
+/* The first member of every implementation's struct. */
+struct queue {
+    const struct queue_ops *ops;
+    queue_final_fn on_final; /* set before use; NULL means nobody listens */
+    void *on_final_ctx;
+};
+
+int queue_sqlite_open(const struct queue_config *cfg, struct queue **out, struct err *e);
+
+/* The webhook body for a finished job: {"id": event_id, "type", "job", "result" | "result_url"}.
+ * `j->result` holds the inline result when there is one. */
+int queue_event_json(const struct job *j, const char *event_id, int64_t inline_max_bytes,
+                     struct buf *out);
+
+#endif

@@ -1,0 +1,1313 @@
+/*
+ * queue_sqlite.c: the embedded job queue, one SQLite database in WAL mode.
+ *
+ * A job moves queued -> running -> final; a lease that is not extended expires and the job
+ * becomes eligible again. Committing the INSERT before the 202, and counting the attempt when
+ * it is leased, is crash safety here; the fencing token (the attempt number) keeps a stalled
+ * attempt from overwriting the one that replaced it.
+ *
+ * Group commit: every write goes through one writer thread. Callers queue an operation and
+ * wait; the writer takes everything queued, runs it in one transaction (one SAVEPOINT per
+ * operation, so one failing operation does not undo the others), commits with one fsync
+ * (synchronous=FULL) and wakes the callers. Under load, hundreds of operations share one fsync.
+ * Reads use their own connection: WAL readers never wait for the writer.
+ *
+ * Locks: `lock` guards the operation list and the wake-ups; `read_lock` guards the read
+ * connection. Never both.
+ */
+#define _GNU_SOURCE
+#include "queue/queue_internal.h"
+#include "core/log.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#define MAX_GROUP 512              /* operations per transaction */
+#define SWEEP_INTERVAL_MS 100      /* how often expired ttls and leases are looked for */
+#define MAX_BACKOFF_MS 60000
+
+enum op_kind { OP_ENQUEUE, OP_LEASE, OP_EXTEND, OP_COMPLETE, OP_FAIL, OP_CANCEL, OP_RETRY,
+               OP_OUTBOX_RECORD };
+
+struct op {
+    enum op_kind kind;
+    /* arguments (borrowed from the caller, who waits) */
+    const struct job_spec *spec;
+    const char *id;
+    const char *worker;
+    uint64_t token;
+    int64_t lease_ms;
+    const char *data;
+    size_t data_len;
+    int64_t json_len;
+    int retryable;
+    const struct queue_outbox_attempt *attempt;
+    /* results */
+    int rc;
+    struct err err;
+    char id_out[40];
+    int existed;
+    struct job *job;
+    int done;
+    struct op *next;
+};
+
+struct final_note {
+    char id[40];
+    enum job_state state;
+    struct final_note *next;
+};
+
+struct sqlite_queue {
+    struct queue base;
+    struct queue_config cfg;
+    sqlite3 *wdb; /* writer thread only */
+    sqlite3 *rdb; /* guarded by read_lock */
+    pthread_mutex_t read_lock;
+
+    pthread_mutex_t lock;
+    pthread_cond_t work;      /* operations arrived, or stopping */
+    pthread_cond_t finished;  /* a group committed */
+    pthread_cond_t runnable;  /* jobs may have become runnable */
+    struct op *head, *tail;   /* guarded by lock */
+    int stopping;             /* guarded by lock */
+    int64_t n_queued;         /* guarded by lock: jobs in state queued */
+    uint64_t generation;      /* guarded by lock: bumped when jobs may have become runnable */
+    pthread_t writer;
+    int64_t last_sweep_ms;    /* writer thread only */
+    struct final_note *finals; /* writer thread only: notes of this group, sent after commit */
+};
+
+/* ---- small helpers ---- */
+
+int64_t queue_now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Time-ordered ids: 12 hex digits of milliseconds, then 12 random hex digits. */
+static void new_id(char out[40])
+{
+    unsigned char rnd[6] = {0};
+    int64_t now = queue_now_ms();
+
+    if (getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd)) {
+        for (size_t i = 0; i < sizeof(rnd); i++)
+            rnd[i] = (unsigned char)rand();
+    }
+    snprintf(out, 40, "%012llx%02x%02x%02x%02x%02x%02x", (unsigned long long)now, rnd[0], rnd[1],
+             rnd[2], rnd[3], rnd[4], rnd[5]);
+}
+
+static int db_err(sqlite3 *db, struct err *e, const char *what)
+{
+    return err_set(e, ERR_IO, "job store: %s: %s", what, sqlite3_errmsg(db));
+}
+
+static int exec(sqlite3 *db, const char *sql, struct err *e)
+{
+    char *msg = NULL;
+
+    if (sqlite3_exec(db, sql, NULL, NULL, &msg) != SQLITE_OK) {
+        err_set(e, ERR_IO, "job store: %s", msg ? msg : "error");
+        sqlite3_free(msg);
+        return ERR_IO;
+    }
+    return 0;
+}
+
+static sqlite3_stmt *prepare(sqlite3 *db, const char *sql)
+{
+    sqlite3_stmt *st = NULL;
+
+    if (sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, &st, NULL) != SQLITE_OK)
+        return NULL;
+    return st;
+}
+
+static char *col_strdup(sqlite3_stmt *st, int i)
+{
+    const unsigned char *s = sqlite3_column_text(st, i);
+
+    return s ? strdup((const char *)s) : NULL;
+}
+
+#define JOB_COLUMNS                                                                                \
+    "id, model, state, priority, attempts, max_attempts, created_ms, "                             \
+    "COALESCE(started_ms, 0), COALESCE(finished_ms, 0), lease_timeout_ms, ttl_s, error, "          \
+    "input_location, output_location, callback_url, cancel_requested"
+
+static struct job *job_from_row(sqlite3_stmt *st)
+{
+    struct job *j = calloc(1, sizeof(*j));
+
+    if (!j)
+        return NULL;
+    snprintf(j->id, sizeof(j->id), "%s", (const char *)sqlite3_column_text(st, 0));
+    j->model = col_strdup(st, 1);
+    j->state = (enum job_state)sqlite3_column_int(st, 2);
+    j->priority = sqlite3_column_int(st, 3);
+    j->attempts = sqlite3_column_int(st, 4);
+    j->max_attempts = sqlite3_column_int(st, 5);
+    j->created_ms = sqlite3_column_int64(st, 6);
+    j->started_ms = sqlite3_column_int64(st, 7);
+    j->finished_ms = sqlite3_column_int64(st, 8);
+    j->lease_timeout_ms = sqlite3_column_int64(st, 9);
+    j->ttl_s = sqlite3_column_int64(st, 10);
+    j->error = col_strdup(st, 11);
+    j->input_location = col_strdup(st, 12);
+    j->output_location = col_strdup(st, 13);
+    j->callback_url = col_strdup(st, 14);
+    j->cancel_requested = sqlite3_column_int(st, 15);
+    j->token = (uint64_t)j->attempts;
+    j->input_json_len = -1;
+    j->result_json_len = -1;
+    return j;
+}
+
+/* Loads one job with `db`. ERR_NOT_FOUND when absent. */
+static int load_job(sqlite3 *db, const char *id, struct job **out, struct err *e)
+{
+    sqlite3_stmt *st = prepare(db, "SELECT " JOB_COLUMNS " FROM jobs WHERE id = ?");
+    int rc;
+
+    *out = NULL;
+    if (!st)
+        return db_err(db, e, "prepare");
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    rc = sqlite3_step(st);
+    if (rc == SQLITE_ROW) {
+        *out = job_from_row(st);
+        rc = *out ? 0 : err_set(e, ERR_NOMEM, "out of memory");
+    } else if (rc == SQLITE_DONE) {
+        rc = err_set(e, ERR_NOT_FOUND, "no job '%.40s'", id);
+    } else {
+        rc = db_err(db, e, "read job");
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+/* ---- schema ---- */
+
+static const char schema[] =
+    "CREATE TABLE IF NOT EXISTS jobs ("
+    " seq INTEGER PRIMARY KEY,"
+    " id TEXT NOT NULL UNIQUE,"
+    " model TEXT NOT NULL,"
+    " state INTEGER NOT NULL,"
+    " priority INTEGER NOT NULL,"
+    " attempts INTEGER NOT NULL DEFAULT 0,"
+    " max_attempts INTEGER NOT NULL,"
+    " created_ms INTEGER NOT NULL,"
+    " started_ms INTEGER, finished_ms INTEGER,"
+    " expires_ms INTEGER NOT NULL DEFAULT 0,"
+    " available_ms INTEGER NOT NULL DEFAULT 0,"
+    " lease_until_ms INTEGER NOT NULL DEFAULT 0,"
+    " lease_timeout_ms INTEGER NOT NULL,"
+    " ttl_s INTEGER NOT NULL DEFAULT 0,"
+    " worker TEXT,"
+    " cancel_requested INTEGER NOT NULL DEFAULT 0,"
+    " input BLOB, input_json_len INTEGER NOT NULL DEFAULT -1,"
+    " input_location TEXT, output_location TEXT, callback_url TEXT,"
+    " result BLOB, result_json_len INTEGER NOT NULL DEFAULT -1,"
+    " error TEXT,"
+    " idem_key TEXT UNIQUE, request_hash TEXT);"
+    "CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(priority DESC, seq) WHERE state = 0;"
+    "CREATE INDEX IF NOT EXISTS jobs_expiring ON jobs(expires_ms) WHERE state = 0 AND "
+    " expires_ms > 0;"
+    "CREATE INDEX IF NOT EXISTS jobs_leased ON jobs(lease_until_ms) WHERE state = 1;"
+    "CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);"
+    "CREATE TABLE IF NOT EXISTS outbox ("
+    " id INTEGER PRIMARY KEY,"
+    " event_id TEXT NOT NULL UNIQUE,"
+    " job_id TEXT NOT NULL,"
+    " url TEXT NOT NULL,"
+    " body BLOB NOT NULL,"
+    " attempts INTEGER NOT NULL DEFAULT 0,"
+    " next_ms INTEGER NOT NULL,"
+    " done INTEGER NOT NULL DEFAULT 0,"
+    " delivered INTEGER NOT NULL DEFAULT 0);"
+    "CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_ms) WHERE done = 0;"
+    "CREATE TABLE IF NOT EXISTS deliveries ("
+    " outbox_id INTEGER NOT NULL, job_id TEXT NOT NULL, event_id TEXT NOT NULL,"
+    " at_ms INTEGER NOT NULL, http_status INTEGER NOT NULL, error TEXT);"
+    "CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries(job_id);";
+
+static int open_db(const char *path, sqlite3 **out, struct err *e)
+{
+    sqlite3 *db = NULL;
+    int rc;
+
+    *out = NULL;
+    if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
+                                        SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
+        rc = err_set(e, ERR_IO, "job store %s: %s", path, db ? sqlite3_errmsg(db) : "cannot open");
+        sqlite3_close(db);
+        return rc;
+    }
+    sqlite3_busy_timeout(db, 5000);
+    rc = exec(db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;",
+              e);
+    if (rc != 0) {
+        sqlite3_close(db);
+        return rc;
+    }
+    *out = db;
+    return 0;
+}
+
+/* ---- finals and the outbox (writer thread) ---- */
+
+static void note_final(struct sqlite_queue *q, const char *id, enum job_state state)
+{
+    struct final_note *n = calloc(1, sizeof(*n));
+
+    if (!n)
+        return; /* long-polls then wait for their deadline: no correctness depends on this */
+    snprintf(n->id, sizeof(n->id), "%s", id);
+    n->state = state;
+    n->next = q->finals;
+    q->finals = n;
+}
+
+/* A job just became final: note it, and store its webhook in the same transaction. */
+static int job_became_final(struct sqlite_queue *q, const char *id, struct err *e)
+{
+    struct job *j = NULL;
+    struct buf body = {0};
+    sqlite3_stmt *st = NULL;
+    char event_id[48];
+    int rc;
+
+    rc = load_job(q->wdb, id, &j, e);
+    if (rc != 0)
+        goto cleanup;
+    note_final(q, id, j->state);
+    if (!j->callback_url || !j->callback_url[0])
+        goto cleanup;
+    /* the event id is fixed here, so every repeat of this webhook carries the same one */
+    snprintf(event_id, sizeof(event_id), "evt_%s", j->id);
+    if (j->state == JOB_SUCCEEDED && !j->output_location) {
+        sqlite3_stmt *rs = prepare(q->wdb, "SELECT result, result_json_len FROM jobs WHERE id = ?");
+        if (rs) {
+            sqlite3_bind_text(rs, 1, id, -1, SQLITE_STATIC);
+            if (sqlite3_step(rs) == SQLITE_ROW) {
+                buf_append(&j->result, sqlite3_column_blob(rs, 0),
+                           (size_t)sqlite3_column_bytes(rs, 0));
+                j->result_json_len = sqlite3_column_int64(rs, 1);
+            }
+            sqlite3_finalize(rs);
+        }
+    }
+    rc = queue_event_json(j, event_id, q->cfg.result_inline_max_bytes, &body);
+    if (rc != 0) {
+        rc = err_set(e, ERR_NOMEM, "out of memory building a webhook");
+        goto cleanup;
+    }
+    st = prepare(q->wdb, "INSERT OR IGNORE INTO outbox (event_id, job_id, url, body, next_ms) "
+                         "VALUES (?, ?, ?, ?, ?)");
+    if (!st) {
+        rc = db_err(q->wdb, e, "prepare outbox");
+        goto cleanup;
+    }
+    sqlite3_bind_text(st, 1, event_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, j->callback_url, -1, SQLITE_STATIC);
+    sqlite3_bind_blob(st, 4, body.data, (int)body.len, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 5, queue_now_ms());
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = db_err(q->wdb, e, "store webhook");
+cleanup:
+    sqlite3_finalize(st);
+    buf_release(&body);
+    job_free(j);
+    return rc;
+}
+
+/* ---- operations (writer thread, inside the group's transaction) ---- */
+
+static int op_enqueue(struct sqlite_queue *q, struct op *o)
+{
+    const struct job_spec *s = o->spec;
+    sqlite3_stmt *st = NULL;
+    int64_t now = queue_now_ms();
+    int rc = 0;
+
+    if (s->idempotency_key) {
+        st = prepare(q->wdb, "SELECT id, request_hash FROM jobs WHERE idem_key = ?");
+        if (!st)
+            return db_err(q->wdb, &o->err, "prepare");
+        sqlite3_bind_text(st, 1, s->idempotency_key, -1, SQLITE_STATIC);
+        if (sqlite3_step(st) == SQLITE_ROW) {
+            const char *hash = (const char *)sqlite3_column_text(st, 1);
+            snprintf(o->id_out, sizeof(o->id_out), "%s", sqlite3_column_text(st, 0));
+            if (!hash || !s->request_hash || strcmp(hash, s->request_hash) != 0)
+                rc = err_set(&o->err, ERR_CONFLICT,
+                             "Idempotency-Key '%.64s' was used for another request (job %s)",
+                             s->idempotency_key, o->id_out);
+            o->existed = 1;
+        }
+        sqlite3_finalize(st);
+        st = NULL;
+        if (o->existed)
+            return rc;
+    }
+    if (q->n_queued >= q->cfg.max_queued)
+        return err_set(&o->err, ERR_BUSY, "the queue holds %lld jobs, the limit (--max-queue)",
+                       (long long)q->n_queued);
+    new_id(o->id_out);
+    st = prepare(q->wdb,
+                 "INSERT INTO jobs (id, model, state, priority, max_attempts, created_ms, "
+                 "expires_ms, lease_timeout_ms, ttl_s, input, input_json_len, input_location, "
+                 "output_location, callback_url, idem_key, request_hash) "
+                 "VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+    if (!st)
+        return db_err(q->wdb, &o->err, "prepare");
+    sqlite3_bind_text(st, 1, o->id_out, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, s->model, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 3, s->priority);
+    sqlite3_bind_int(st, 4, s->max_attempts);
+    sqlite3_bind_int64(st, 5, now);
+    sqlite3_bind_int64(st, 6, s->ttl_s > 0 ? now + s->ttl_s * 1000 : 0);
+    sqlite3_bind_int64(st, 7, s->lease_timeout_ms);
+    sqlite3_bind_int64(st, 8, s->ttl_s);
+    if (s->input)
+        sqlite3_bind_blob(st, 9, s->input, (int)s->input_len, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 10, s->input_json_len);
+    sqlite3_bind_text(st, 11, s->input_location, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 12, s->output_location, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 13, s->callback_url, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 14, s->idempotency_key, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 15, s->request_hash, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = db_err(q->wdb, &o->err, "insert job");
+    sqlite3_finalize(st);
+    if (rc == 0)
+        q->n_queued++;
+    return rc;
+}
+
+static int op_lease(struct sqlite_queue *q, struct op *o)
+{
+    int64_t now = queue_now_ms();
+    sqlite3_stmt *st;
+    char id[40] = "";
+    int rc = 0;
+
+    st = prepare(q->wdb, "SELECT id FROM jobs WHERE state = 0 AND available_ms <= ? AND "
+                         "(expires_ms = 0 OR expires_ms > ?) ORDER BY priority DESC, seq LIMIT 1");
+    if (!st)
+        return db_err(q->wdb, &o->err, "prepare");
+    sqlite3_bind_int64(st, 1, now);
+    sqlite3_bind_int64(st, 2, now);
+    if (sqlite3_step(st) == SQLITE_ROW)
+        snprintf(id, sizeof(id), "%s", sqlite3_column_text(st, 0));
+    sqlite3_finalize(st);
+    if (!id[0])
+        return 0;
+    st = prepare(q->wdb, "UPDATE jobs SET state = 1, attempts = attempts + 1, "
+                         "started_ms = COALESCE(started_ms, ?), lease_until_ms = ? + "
+                         "lease_timeout_ms, worker = ? WHERE id = ?");
+    if (!st)
+        return db_err(q->wdb, &o->err, "prepare");
+    sqlite3_bind_int64(st, 1, now);
+    sqlite3_bind_int64(st, 2, now);
+    sqlite3_bind_text(st, 3, o->worker, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = db_err(q->wdb, &o->err, "lease");
+    sqlite3_finalize(st);
+    if (rc != 0)
+        return rc;
+    q->n_queued--;
+    rc = load_job(q->wdb, id, &o->job, &o->err);
+    if (rc != 0)
+        return rc;
+    st = prepare(q->wdb, "SELECT input, input_json_len FROM jobs WHERE id = ?");
+    if (!st)
+        return db_err(q->wdb, &o->err, "prepare");
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        if (buf_append(&o->job->input, sqlite3_column_blob(st, 0),
+                       (size_t)sqlite3_column_bytes(st, 0)) != 0)
+            rc = err_set(&o->err, ERR_NOMEM, "out of memory");
+        o->job->input_json_len = sqlite3_column_int64(st, 1);
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
+/* Runs `sql` (binding id, then token) and says whether the attempt still held its lease. */
+static int fenced_update(struct sqlite_queue *q, struct op *o, sqlite3_stmt *st)
+{
+    int rc = 0;
+
+    if (!st)
+        return db_err(q->wdb, &o->err, "prepare");
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = db_err(q->wdb, &o->err, "update job");
+    else if (sqlite3_changes(q->wdb) == 0)
+        rc = err_set(&o->err, ERR_CONFLICT,
+                     "job %s: attempt %llu no longer holds the lease; its result is discarded",
+                     o->id, (unsigned long long)o->token);
+    sqlite3_finalize(st);
+    return rc;
+}
+
+static int op_extend(struct sqlite_queue *q, struct op *o)
+{
+    sqlite3_stmt *st = prepare(q->wdb, "UPDATE jobs SET lease_until_ms = ? WHERE id = ? AND "
+                                       "state = 1 AND attempts = ?");
+
+    if (st) {
+        sqlite3_bind_int64(st, 1, queue_now_ms() + o->lease_ms);
+        sqlite3_bind_text(st, 2, o->id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 3, (int64_t)o->token);
+    }
+    return fenced_update(q, o, st);
+}
+
+static int op_complete(struct sqlite_queue *q, struct op *o)
+{
+    /* a job cancelled while it ran ends cancelled and its result is discarded */
+    sqlite3_stmt *st = prepare(
+        q->wdb, "UPDATE jobs SET state = CASE WHEN cancel_requested THEN 4 ELSE 2 END, "
+                "result = CASE WHEN cancel_requested THEN NULL ELSE ? END, result_json_len = ?, "
+                "finished_ms = ?, error = CASE WHEN cancel_requested THEN 'cancelled while "
+                "running; result discarded' ELSE NULL END, input = NULL "
+                "WHERE id = ? AND state = 1 AND attempts = ?");
+    int rc;
+
+    if (st) {
+        if (o->data)
+            sqlite3_bind_blob(st, 1, o->data, (int)o->data_len, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, o->json_len);
+        sqlite3_bind_int64(st, 3, queue_now_ms());
+        sqlite3_bind_text(st, 4, o->id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 5, (int64_t)o->token);
+    }
+    rc = fenced_update(q, o, st);
+    return rc ? rc : job_became_final(q, o->id, &o->err);
+}
+
+static int op_fail(struct sqlite_queue *q, struct op *o)
+{
+    int64_t now = queue_now_ms(), backoff = q->cfg.retry_backoff_ms;
+    struct job *j = NULL;
+    sqlite3_stmt *st;
+    int final, rc;
+
+    rc = load_job(q->wdb, o->id, &j, &o->err);
+    if (rc != 0)
+        return rc;
+    if (j->state != JOB_RUNNING || (uint64_t)j->attempts != o->token) {
+        job_free(j);
+        return err_set(&o->err, ERR_CONFLICT, "job %s: attempt %llu no longer holds the lease",
+                       o->id, (unsigned long long)o->token);
+    }
+    final = !o->retryable || j->attempts >= j->max_attempts || j->cancel_requested;
+    for (int i = 1; i < j->attempts && backoff < MAX_BACKOFF_MS; i++)
+        backoff *= 2;
+    if (backoff > MAX_BACKOFF_MS)
+        backoff = MAX_BACKOFF_MS;
+    job_free(j);
+    st = prepare(q->wdb, "UPDATE jobs SET state = ?, error = ?, finished_ms = ?, "
+                         "available_ms = ?, input = CASE WHEN ? THEN NULL ELSE input END "
+                         "WHERE id = ? AND state = 1 AND attempts = ?");
+    if (st) {
+        sqlite3_bind_int(st, 1, final ? JOB_FAILED : JOB_QUEUED);
+        sqlite3_bind_text(st, 2, o->data, -1, SQLITE_STATIC);
+        if (final)
+            sqlite3_bind_int64(st, 3, now);
+        else
+            sqlite3_bind_null(st, 3);
+        sqlite3_bind_int64(st, 4, now + backoff);
+        sqlite3_bind_int(st, 5, final);
+        sqlite3_bind_text(st, 6, o->id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 7, (int64_t)o->token);
+    }
+    rc = fenced_update(q, o, st);
+    if (rc != 0)
+        return rc;
+    if (!final) {
+        q->n_queued++;
+        return 0;
+    }
+    return job_became_final(q, o->id, &o->err);
+}
+
+static int op_cancel(struct sqlite_queue *q, struct op *o)
+{
+    struct job *j = NULL;
+    sqlite3_stmt *st;
+    int rc;
+
+    rc = load_job(q->wdb, o->id, &j, &o->err);
+    if (rc != 0)
+        return rc;
+    if (job_state_is_final(j->state)) {
+        rc = err_set(&o->err, ERR_CONFLICT, "job %s is already %s", o->id,
+                     job_state_name(j->state));
+        job_free(j);
+        return rc;
+    }
+    if (j->state == JOB_QUEUED) {
+        st = prepare(q->wdb, "UPDATE jobs SET state = 4, finished_ms = ?, input = NULL, "
+                             "error = 'cancelled' WHERE id = ? AND state = 0");
+        q->n_queued--;
+    } else {
+        st = prepare(q->wdb, "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = 1 "
+                             "AND ? IS NOT NULL");
+    }
+    job_free(j);
+    if (!st)
+        return db_err(q->wdb, &o->err, "prepare");
+    sqlite3_bind_int64(st, 1, queue_now_ms());
+    sqlite3_bind_text(st, 2, o->id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = db_err(q->wdb, &o->err, "cancel");
+    sqlite3_finalize(st);
+    if (rc == 0)
+        rc = load_job(q->wdb, o->id, &o->job, &o->err);
+    if (rc == 0 && o->job->state == JOB_CANCELLED)
+        note_final(q, o->id, JOB_CANCELLED);
+    return rc;
+}
+
+static int op_retry(struct sqlite_queue *q, struct op *o)
+{
+    sqlite3_stmt *st = prepare(
+        q->wdb, "UPDATE jobs SET state = 0, max_attempts = attempts + max_attempts, "
+                "available_ms = 0, finished_ms = NULL, expires_ms = 0, error = NULL "
+                "WHERE id = ? AND state IN (3, 5) AND (input IS NOT NULL OR input_location IS "
+                "NOT NULL)");
+    int rc = 0;
+
+    if (!st)
+        return db_err(q->wdb, &o->err, "prepare");
+    sqlite3_bind_text(st, 1, o->id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = db_err(q->wdb, &o->err, "retry");
+    else if (sqlite3_changes(q->wdb) == 0)
+        rc = ERR_CONFLICT;
+    sqlite3_finalize(st);
+    if (rc == ERR_CONFLICT) {
+        struct job *j = NULL;
+        rc = load_job(q->wdb, o->id, &j, &o->err);
+        if (rc == 0)
+            rc = err_set(&o->err, ERR_CONFLICT, "job %s is %s; only failed or expired jobs are "
+                                                "sent back to the queue",
+                         o->id, job_state_name(j->state));
+        job_free(j);
+        return rc;
+    }
+    if (rc == 0) {
+        q->n_queued++;
+        rc = load_job(q->wdb, o->id, &o->job, &o->err);
+    }
+    return rc;
+}
+
+static int op_outbox_record(struct sqlite_queue *q, struct op *o)
+{
+    const struct queue_outbox_attempt *a = o->attempt;
+    sqlite3_stmt *st = prepare(q->wdb, "INSERT INTO deliveries (outbox_id, job_id, event_id, "
+                                       "at_ms, http_status, error) SELECT id, job_id, event_id, "
+                                       "?, ?, ? FROM outbox WHERE id = ?");
+    int rc = 0;
+
+    if (!st)
+        return db_err(q->wdb, &o->err, "prepare");
+    sqlite3_bind_int64(st, 1, a->at_ms);
+    sqlite3_bind_int(st, 2, a->http_status);
+    sqlite3_bind_text(st, 3, a->error, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 4, a->outbox_id);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = db_err(q->wdb, &o->err, "record delivery");
+    sqlite3_finalize(st);
+    if (rc != 0)
+        return rc;
+    st = prepare(q->wdb, "UPDATE outbox SET attempts = attempts + 1, done = ?, delivered = ?, "
+                         "next_ms = ? WHERE id = ?");
+    if (!st)
+        return db_err(q->wdb, &o->err, "prepare");
+    sqlite3_bind_int(st, 1, a->done);
+    sqlite3_bind_int(st, 2, a->delivered);
+    sqlite3_bind_int64(st, 3, a->next_attempt_ms);
+    sqlite3_bind_int64(st, 4, a->outbox_id);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = db_err(q->wdb, &o->err, "record delivery");
+    sqlite3_finalize(st);
+    return rc;
+}
+
+/* Expires queued jobs past their ttl and requeues (or fails) running jobs past their lease. */
+static void sweep(struct sqlite_queue *q, int64_t now)
+{
+    sqlite3_stmt *st;
+    struct err e;
+    char ids[64][40];
+    int n = 0;
+
+    st = prepare(q->wdb, "SELECT id FROM jobs WHERE state = 0 AND expires_ms > 0 AND "
+                         "expires_ms <= ? LIMIT 64");
+    if (st) {
+        sqlite3_bind_int64(st, 1, now);
+        while (n < 64 && sqlite3_step(st) == SQLITE_ROW)
+            snprintf(ids[n++], 40, "%s", sqlite3_column_text(st, 0));
+        sqlite3_finalize(st);
+    }
+    for (int i = 0; i < n; i++) {
+        st = prepare(q->wdb, "UPDATE jobs SET state = 5, finished_ms = ?, input = NULL, error = "
+                             "'its ttl passed before a worker started it' WHERE id = ?");
+        if (!st)
+            break;
+        sqlite3_bind_int64(st, 1, now);
+        sqlite3_bind_text(st, 2, ids[i], -1, SQLITE_STATIC);
+        if (sqlite3_step(st) == SQLITE_DONE) {
+            q->n_queued--;
+            job_became_final(q, ids[i], &e);
+        }
+        sqlite3_finalize(st);
+    }
+    /* a lease that ran out: the attempt is lost; count it and go again (or give up) */
+    n = 0;
+    st = prepare(q->wdb, "SELECT id, attempts >= max_attempts FROM jobs WHERE state = 1 AND "
+                         "lease_until_ms <= ? LIMIT 64");
+    int exhausted[64];
+    if (st) {
+        sqlite3_bind_int64(st, 1, now);
+        while (n < 64 && sqlite3_step(st) == SQLITE_ROW) {
+            snprintf(ids[n], 40, "%s", sqlite3_column_text(st, 0));
+            exhausted[n++] = sqlite3_column_int(st, 1);
+        }
+        sqlite3_finalize(st);
+    }
+    for (int i = 0; i < n; i++) {
+        st = prepare(q->wdb, exhausted[i]
+                                 ? "UPDATE jobs SET state = 3, finished_ms = ?, error = 'its lease "
+                                   "expired on the last attempt' WHERE id = ?"
+                                 : "UPDATE jobs SET state = 0, available_ms = ? WHERE id = ?");
+        if (!st)
+            break;
+        sqlite3_bind_int64(st, 1, now);
+        sqlite3_bind_text(st, 2, ids[i], -1, SQLITE_STATIC);
+        if (sqlite3_step(st) == SQLITE_DONE) {
+            log_warn("queue", "lease expired", "job=%s", ids[i]);
+            if (exhausted[i])
+                job_became_final(q, ids[i], &e);
+            else
+                q->n_queued++;
+        }
+        sqlite3_finalize(st);
+    }
+}
+
+static int run_op(struct sqlite_queue *q, struct op *o)
+{
+    switch (o->kind) {
+    case OP_ENQUEUE:
+        return op_enqueue(q, o);
+    case OP_LEASE:
+        return op_lease(q, o);
+    case OP_EXTEND:
+        return op_extend(q, o);
+    case OP_COMPLETE:
+        return op_complete(q, o);
+    case OP_FAIL:
+        return op_fail(q, o);
+    case OP_CANCEL:
+        return op_cancel(q, o);
+    case OP_RETRY:
+        return op_retry(q, o);
+    case OP_OUTBOX_RECORD:
+        return op_outbox_record(q, o);
+    }
+    return ERR_INVALID;
+}
+
+/* ---- the writer thread ---- */
+
+static void run_group(struct sqlite_queue *q, struct op *ops)
+{
+    struct err e = {0};
+    int64_t queued_before = q->n_queued, now = queue_now_ms();
+    int commit_ok, rc;
+
+    rc = exec(q->wdb, "BEGIN IMMEDIATE", &e);
+    for (struct op *o = ops; o; o = o->next) {
+        if (rc != 0) {
+            o->rc = err_set(&o->err, ERR_IO, "%s", e.msg);
+            continue;
+        }
+        exec(q->wdb, "SAVEPOINT op", &e);
+        o->rc = run_op(q, o);
+        if (o->rc != 0 && o->rc != ERR_CONFLICT) {
+            exec(q->wdb, "ROLLBACK TO op", &e);
+            if (o->kind == OP_ENQUEUE && o->rc != ERR_BUSY)
+                o->existed = 0;
+        }
+        exec(q->wdb, "RELEASE op", &e);
+        if (o->rc == ERR_CONFLICT && o->kind == OP_ENQUEUE)
+            o->rc = ERR_CONFLICT;
+    }
+    if (rc == 0 && now - q->last_sweep_ms >= SWEEP_INTERVAL_MS) {
+        q->last_sweep_ms = now;
+        sweep(q, now);
+    }
+    commit_ok = rc == 0 && exec(q->wdb, "COMMIT", &e) == 0;
+    if (!commit_ok) {
+        /* nothing of this group is durable: every caller hears so */
+        exec(q->wdb, "ROLLBACK", &e);
+        log_error("queue", "commit failed", "reason=\"%s\"", e.msg);
+        for (struct op *o = ops; o; o = o->next) {
+            o->rc = err_set(&o->err, ERR_IO, "job store: commit failed");
+            job_free(o->job);
+            o->job = NULL;
+        }
+        q->n_queued = queued_before;
+    }
+}
+
+static void *writer_main(void *arg)
+{
+    struct sqlite_queue *q = arg;
+
+    pthread_mutex_lock(&q->lock);
+    for (;;) {
+        struct op *ops, *last = NULL;
+        struct final_note *finals, *next;
+        int n = 0;
+        int64_t queued_before;
+        if (!q->head && !q->stopping) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += SWEEP_INTERVAL_MS * 1000000L;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            pthread_cond_timedwait(&q->work, &q->lock, &ts);
+        }
+        if (!q->head && q->stopping)
+            break;
+        ops = q->head;
+        for (struct op *o = ops; o && n < MAX_GROUP; o = o->next, n++)
+            last = o;
+        if (last) {
+            q->head = last->next;
+            if (!q->head)
+                q->tail = NULL;
+            last->next = NULL;
+        }
+        queued_before = q->n_queued;
+        pthread_mutex_unlock(&q->lock);
+
+        /* n_queued is only written by this thread; the lock orders it for readers */
+        run_group(q, ops);
+        finals = q->finals;
+        q->finals = NULL;
+
+        pthread_mutex_lock(&q->lock);
+        for (struct op *o = ops; o; o = o->next)
+            o->done = 1;
+        if (q->n_queued > queued_before || ops == NULL)
+            q->generation++;
+        for (struct op *o = ops; o; o = o->next)
+            if (o->kind == OP_FAIL || o->kind == OP_RETRY || o->kind == OP_ENQUEUE)
+                q->generation++;
+        pthread_cond_broadcast(&q->finished);
+        pthread_cond_broadcast(&q->runnable);
+        pthread_mutex_unlock(&q->lock);
+        for (struct final_note *f = finals; f; f = next) {
+            next = f->next;
+            if (q->base.on_final)
+                q->base.on_final(q->base.on_final_ctx, f->id, f->state);
+            free(f);
+        }
+        pthread_mutex_lock(&q->lock);
+    }
+    pthread_mutex_unlock(&q->lock);
+    return NULL;
+}
+
+/* Queues `o` for the writer and waits for its group to commit. */
+static int submit(struct sqlite_queue *q, struct op *o)
+{
+    pthread_mutex_lock(&q->lock);
+    if (q->stopping) {
+        pthread_mutex_unlock(&q->lock);
+        return err_set(&o->err, ERR_UNAVAILABLE, "the job store is closing");
+    }
+    o->next = NULL;
+    if (q->tail)
+        q->tail->next = o;
+    else
+        q->head = o;
+    q->tail = o;
+    pthread_cond_signal(&q->work);
+    while (!o->done)
+        pthread_cond_wait(&q->finished, &q->lock);
+    pthread_mutex_unlock(&q->lock);
+    return o->rc;
+}
+
+static struct sqlite_queue *sq(struct queue *q)
+{
+    return (struct sqlite_queue *)q;
+}
+
+static void copy_err(struct err *dst, const struct op *o)
+{
+    if (dst && o->rc != 0)
+        *dst = o->err;
+}
+
+/* ---- the ops table ---- */
+
+static int s_enqueue(struct queue *qb, const struct job_spec *spec, char id_out[40], int *existed,
+                     struct err *e)
+{
+    struct op o = {.kind = OP_ENQUEUE, .spec = spec};
+    int rc = submit(sq(qb), &o);
+
+    copy_err(e, &o);
+    snprintf(id_out, 40, "%s", o.id_out);
+    *existed = o.existed;
+    return rc;
+}
+
+static int s_lease(struct queue *qb, const char *worker, int64_t wait_ms, struct job **out,
+                   struct err *e)
+{
+    struct sqlite_queue *q = sq(qb);
+    int64_t until = queue_now_ms() + wait_ms;
+    int rc;
+
+    *out = NULL;
+    for (;;) {
+        struct op o = {.kind = OP_LEASE, .worker = worker};
+        uint64_t gen;
+        pthread_mutex_lock(&q->lock);
+        gen = q->generation;
+        pthread_mutex_unlock(&q->lock);
+        rc = submit(q, &o);
+        if (rc != 0 || o.job) {
+            copy_err(e, &o);
+            *out = o.job;
+            return rc;
+        }
+        int64_t now = queue_now_ms();
+        if (now >= until)
+            return 0;
+        /* nothing runnable: sleep until something is enqueued or requeued, or a backoff or
+         * sweep may have made a job runnable */
+        int64_t nap = until - now < SWEEP_INTERVAL_MS ? until - now : SWEEP_INTERVAL_MS;
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += nap / 1000;
+        ts.tv_nsec += (nap % 1000) * 1000000L;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_mutex_lock(&q->lock);
+        while (q->generation == gen && !q->stopping &&
+               pthread_cond_timedwait(&q->runnable, &q->lock, &ts) == 0)
+            ;
+        int stopping = q->stopping;
+        pthread_mutex_unlock(&q->lock);
+        if (stopping)
+            return 0;
+    }
+}
+
+static int s_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms,
+                    struct err *e)
+{
+    struct op o = {.kind = OP_EXTEND, .id = id, .token = token, .lease_ms = lease_ms};
+    int rc = submit(sq(qb), &o);
+
+    copy_err(e, &o);
+    return rc;
+}
+
+static int s_complete(struct queue *qb, const char *id, uint64_t token, const char *result,
+                      size_t len, int64_t json_len, struct err *e)
+{
+    struct op o = {.kind = OP_COMPLETE, .id = id, .token = token, .data = result,
+                   .data_len = len, .json_len = json_len};
+    int rc = submit(sq(qb), &o);
+
+    copy_err(e, &o);
+    return rc;
+}
+
+static int s_fail(struct queue *qb, const char *id, uint64_t token, const char *error,
+                  int retryable, struct err *e)
+{
+    struct op o = {.kind = OP_FAIL, .id = id, .token = token, .data = error,
+                   .retryable = retryable};
+    int rc = submit(sq(qb), &o);
+
+    copy_err(e, &o);
+    return rc;
+}
+
+static int s_cancel(struct queue *qb, const char *id, struct job **out, struct err *e)
+{
+    struct op o = {.kind = OP_CANCEL, .id = id};
+    int rc = submit(sq(qb), &o);
+
+    copy_err(e, &o);
+    *out = o.job;
+    return rc;
+}
+
+static int s_retry(struct queue *qb, const char *id, struct job **out, struct err *e)
+{
+    struct op o = {.kind = OP_RETRY, .id = id};
+    int rc = submit(sq(qb), &o);
+
+    copy_err(e, &o);
+    *out = o.job;
+    return rc;
+}
+
+static int s_outbox_record(struct queue *qb, const struct queue_outbox_attempt *a, struct err *e)
+{
+    struct op o = {.kind = OP_OUTBOX_RECORD, .attempt = a};
+    int rc = submit(sq(qb), &o);
+
+    copy_err(e, &o);
+    return rc;
+}
+
+/* ---- reads (their own connection) ---- */
+
+static int load_notifications(sqlite3 *db, struct job *j)
+{
+    sqlite3_stmt *st = prepare(db, "SELECT event_id, at_ms, http_status, error FROM deliveries "
+                                   "WHERE job_id = ? ORDER BY at_ms");
+    struct buf b = {0};
+    int n = 0, rc = 0;
+
+    if (!st)
+        return ERR_IO;
+    sqlite3_bind_text(st, 1, j->id, -1, SQLITE_STATIC);
+    rc = buf_puts(&b, "[");
+    while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
+        const char *err_text = (const char *)sqlite3_column_text(st, 3);
+        rc = buf_printf(&b, "%s{\"event_id\":", n++ ? "," : "");
+        if (rc == 0)
+            rc = buf_json_string(&b, (const char *)sqlite3_column_text(st, 0));
+        if (rc == 0)
+            rc = buf_puts(&b, ",\"at\":");
+        if (rc == 0)
+            rc = queue_json_time(&b, sqlite3_column_int64(st, 1));
+        if (rc == 0)
+            rc = buf_printf(&b, ",\"status_code\":%d,\"error\":", sqlite3_column_int(st, 2));
+        if (rc == 0)
+            rc = err_text ? buf_json_string(&b, err_text) : buf_puts(&b, "null");
+        if (rc == 0)
+            rc = buf_puts(&b, "}");
+    }
+    sqlite3_finalize(st);
+    if (rc == 0)
+        rc = buf_puts(&b, "]");
+    if (rc != 0) {
+        buf_release(&b);
+        return rc;
+    }
+    j->notifications_json = buf_take(&b);
+    return 0;
+}
+
+static int s_get(struct queue *qb, const char *id, int want_result, struct job **out,
+                 struct err *e)
+{
+    struct sqlite_queue *q = sq(qb);
+    int rc;
+
+    pthread_mutex_lock(&q->read_lock);
+    rc = load_job(q->rdb, id, out, e);
+    if (rc == 0 && want_result && (*out)->state == JOB_SUCCEEDED) {
+        sqlite3_stmt *st = prepare(q->rdb, "SELECT result, result_json_len FROM jobs WHERE id = ?");
+        if (!st) {
+            rc = db_err(q->rdb, e, "prepare");
+        } else {
+            sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+            if (sqlite3_step(st) == SQLITE_ROW) {
+                if (buf_append(&(*out)->result, sqlite3_column_blob(st, 0),
+                               (size_t)sqlite3_column_bytes(st, 0)) != 0)
+                    rc = err_set(e, ERR_NOMEM, "out of memory");
+                (*out)->result_json_len = sqlite3_column_int64(st, 1);
+            }
+            sqlite3_finalize(st);
+        }
+    }
+    if (rc == 0 && load_notifications(q->rdb, *out) != 0)
+        rc = db_err(q->rdb, e, "read notifications");
+    pthread_mutex_unlock(&q->read_lock);
+    if (rc != 0) {
+        job_free(*out);
+        *out = NULL;
+    }
+    return rc;
+}
+
+static int s_list(struct queue *qb, const struct queue_list_filter *f, struct buf *out,
+                  struct err *e)
+{
+    struct sqlite_queue *q = sq(qb);
+    sqlite3_stmt *st;
+    char last[40] = "";
+    int n = 0, rc = 0;
+
+    pthread_mutex_lock(&q->read_lock);
+    st = prepare(q->rdb, "SELECT " JOB_COLUMNS " FROM jobs WHERE (?1 < 0 OR state = ?1) AND "
+                         "(?2 IS NULL OR model = ?2) AND (?3 IS NULL OR seq < (SELECT seq FROM "
+                         "jobs WHERE id = ?3)) ORDER BY seq DESC LIMIT ?4");
+    if (!st) {
+        rc = db_err(q->rdb, e, "prepare");
+        goto cleanup;
+    }
+    sqlite3_bind_int(st, 1, f->state);
+    sqlite3_bind_text(st, 2, f->model, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, f->cursor, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 4, f->limit);
+    rc = buf_puts(out, "{\"jobs\":[");
+    while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
+        struct job *j = job_from_row(st);
+        if (!j) {
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+            break;
+        }
+        if (n++)
+            rc = buf_puts(out, ",");
+        if (rc == 0)
+            rc = queue_job_json(j, out);
+        snprintf(last, sizeof(last), "%s", j->id);
+        job_free(j);
+    }
+    if (rc == 0 && n == f->limit) {
+        rc = buf_puts(out, "],\"next_cursor\":");
+        if (rc == 0)
+            rc = buf_json_string(out, last);
+        if (rc == 0)
+            rc = buf_puts(out, "}");
+    } else if (rc == 0) {
+        rc = buf_puts(out, "],\"next_cursor\":null}");
+    }
+cleanup:
+    sqlite3_finalize(st);
+    pthread_mutex_unlock(&q->read_lock);
+    return rc;
+}
+
+static int s_counts(struct queue *qb, int64_t counts[JOB_N_STATES], struct err *e)
+{
+    struct sqlite_queue *q = sq(qb);
+    sqlite3_stmt *st;
+    int rc = 0;
+
+    memset(counts, 0, sizeof(int64_t) * JOB_N_STATES);
+    pthread_mutex_lock(&q->read_lock);
+    st = prepare(q->rdb, "SELECT state, COUNT(*) FROM jobs GROUP BY state");
+    if (!st)
+        rc = db_err(q->rdb, e, "prepare");
+    while (st && sqlite3_step(st) == SQLITE_ROW) {
+        int s = sqlite3_column_int(st, 0);
+        if (s >= 0 && s < JOB_N_STATES)
+            counts[s] = sqlite3_column_int64(st, 1);
+    }
+    sqlite3_finalize(st);
+    pthread_mutex_unlock(&q->read_lock);
+    return rc;
+}
+
+static int s_outbox_due(struct queue *qb, int64_t now_ms, size_t max,
+                        struct queue_outbox_item **out, size_t *n, struct err *e)
+{
+    struct sqlite_queue *q = sq(qb);
+    sqlite3_stmt *st;
+    size_t cap = max, count = 0;
+    struct queue_outbox_item *items = calloc(cap ? cap : 1, sizeof(*items));
+    int rc = 0;
+
+    *out = NULL;
+    *n = 0;
+    if (!items)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    pthread_mutex_lock(&q->read_lock);
+    st = prepare(q->rdb, "SELECT id, event_id, url, body, attempts FROM outbox WHERE done = 0 "
+                         "AND next_ms <= ? ORDER BY next_ms LIMIT ?");
+    if (!st)
+        rc = db_err(q->rdb, e, "prepare");
+    if (st) {
+        sqlite3_bind_int64(st, 1, now_ms);
+        sqlite3_bind_int64(st, 2, (int64_t)max);
+    }
+    while (st && count < cap && sqlite3_step(st) == SQLITE_ROW) {
+        struct queue_outbox_item *it = &items[count++];
+        it->id = sqlite3_column_int64(st, 0);
+        it->event_id = col_strdup(st, 1);
+        it->url = col_strdup(st, 2);
+        it->body_len = (size_t)sqlite3_column_bytes(st, 3);
+        it->body = malloc(it->body_len + 1);
+        if (it->body) {
+            memcpy(it->body, sqlite3_column_blob(st, 3), it->body_len);
+            it->body[it->body_len] = '\0';
+        }
+        it->attempts = sqlite3_column_int(st, 4);
+    }
+    sqlite3_finalize(st);
+    pthread_mutex_unlock(&q->read_lock);
+    *out = items;
+    *n = count;
+    return rc;
+}
+
+static int64_t s_outbox_next_due(struct queue *qb)
+{
+    struct sqlite_queue *q = sq(qb);
+    sqlite3_stmt *st;
+    int64_t next = -1;
+
+    pthread_mutex_lock(&q->read_lock);
+    st = prepare(q->rdb, "SELECT MIN(next_ms) FROM outbox WHERE done = 0");
+    if (st && sqlite3_step(st) == SQLITE_ROW && sqlite3_column_type(st, 0) != SQLITE_NULL)
+        next = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    pthread_mutex_unlock(&q->read_lock);
+    return next;
+}
+
+static int64_t s_queued(struct queue *qb)
+{
+    struct sqlite_queue *q = sq(qb);
+    int64_t n;
+
+    pthread_mutex_lock(&q->lock);
+    n = q->n_queued;
+    pthread_mutex_unlock(&q->lock);
+    return n;
+}
+
+/* ---- open and close ---- */
+
+static void s_close(struct queue *qb)
+{
+    struct sqlite_queue *q = sq(qb);
+
+    pthread_mutex_lock(&q->lock);
+    q->stopping = 1;
+    pthread_cond_broadcast(&q->work);
+    pthread_cond_broadcast(&q->runnable);
+    pthread_mutex_unlock(&q->lock);
+    pthread_join(q->writer, NULL);
+    sqlite3_close(q->wdb);
+    sqlite3_close(q->rdb);
+    pthread_mutex_destroy(&q->lock);
+    pthread_mutex_destroy(&q->read_lock);
+    pthread_cond_destroy(&q->work);
+    pthread_cond_destroy(&q->finished);
+    pthread_cond_destroy(&q->runnable);
+    free(q);
+}
+
+static const struct queue_ops sqlite_ops = {
+    .enqueue = s_enqueue,
+    .lease = s_lease,
+    .extend = s_extend,
+    .complete = s_complete,
+    .fail = s_fail,
+    .cancel = s_cancel,
+    .retry = s_retry,
+    .get = s_get,
+    .list = s_list,
+    .counts = s_counts,
+    .queued = s_queued,
+    .outbox_due = s_outbox_due,
+    .outbox_next_due = s_outbox_next_due,
+    .outbox_record = s_outbox_record,
+    .close = s_close,
+};
+
+/* The previous owner died holding these: run them again now (single owner: nobody else can). */
+static int recover(struct sqlite_queue *q, struct err *e)
+{
+    sqlite3_stmt *st;
+    int rc;
+
+    rc = exec(q->wdb, "UPDATE jobs SET state = 0, available_ms = 0 WHERE state = 1 AND "
+                      "attempts < max_attempts",
+              e);
+    if (rc == 0 && sqlite3_changes(q->wdb) > 0)
+        log_warn("queue", "requeued jobs a previous process left running", "jobs=%d",
+                 sqlite3_changes(q->wdb));
+    if (rc == 0)
+        rc = exec(q->wdb, "UPDATE jobs SET state = 3, finished_ms = CAST(strftime('%s','now') AS "
+                          "INTEGER) * 1000, error = 'the process running its last attempt died' "
+                          "WHERE state = 1",
+                  e);
+    if (rc != 0)
+        return rc;
+    st = prepare(q->wdb, "SELECT COUNT(*) FROM jobs WHERE state = 0");
+    if (!st)
+        return db_err(q->wdb, e, "count");
+    if (sqlite3_step(st) == SQLITE_ROW)
+        q->n_queued = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return 0;
+}
+
+int queue_sqlite_open(const struct queue_config *cfg, struct queue **out, struct err *e)
+{
+    struct sqlite_queue *q;
+    char path[4096];
+    int rc;
+
+    *out = NULL;
+    if (mkdir(cfg->data_dir, 0755) != 0 && errno != EEXIST)
+        return err_set(e, ERR_IO, "--data-dir %s: %s", cfg->data_dir, strerror(errno));
+    snprintf(path, sizeof(path), "%s/inferd.db", cfg->data_dir);
+    q = calloc(1, sizeof(*q));
+    if (!q)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    q->base.ops = &sqlite_ops;
+    q->cfg = *cfg;
+    pthread_mutex_init(&q->lock, NULL);
+    pthread_mutex_init(&q->read_lock, NULL);
+    pthread_cond_init(&q->work, NULL);
+    pthread_cond_init(&q->finished, NULL);
+    pthread_cond_init(&q->runnable, NULL);
+    rc = open_db(path, &q->wdb, e);
+    if (rc == 0)
+        rc = exec(q->wdb, schema, e);
+    if (rc == 0)
+        rc = recover(q, e);
+    if (rc == 0)
+        rc = open_db(path, &q->rdb, e);
+    if (rc == 0 && pthread_create(&q->writer, NULL, writer_main, q) != 0)
+        rc = err_set(e, ERR_NOMEM, "cannot start the job store's writer thread");
+    if (rc != 0) {
+        sqlite3_close(q->wdb);
+        sqlite3_close(q->rdb);
+        free(q);
+        return rc;
+    }
+    *out = &q->base;
+    return 0;
+}

@@ -1,0 +1,36 @@
+/*
+ * worker.h: the pool of async workers inside `inferd serve`.
+ *
+ * Each worker leases one job at a time, runs it through the same model batcher as online
+ * requests (so queued jobs are dynamically batched too), and records the result. `workers`
+ * bounds how many jobs run at once, however many are queued. A running job's lease is
+ * extended while it runs, so a long job is never run twice while its worker lives.
+ */
+#ifndef INFERD_WORKER_H
+#define INFERD_WORKER_H
+
+#include "core/err.h"
+#include "queue/queue.h"
+
+struct registry;
+struct worker_pool;
+
+struct worker_pool_config {
+    int workers;             /* >= 1 */
+    int64_t lease_poll_ms;   /* how long a lease call waits for a job before looking again */
+};
+
+/* `q` and `reg` are borrowed and must outlive the pool. */
+int worker_pool_start(const struct worker_pool_config *cfg, struct queue *q,
+                      struct registry *reg, struct worker_pool **out, struct err *e);
+
+/* Jobs running now. */
+int worker_pool_busy(struct worker_pool *p);
+
+/* Stops leasing, lets running jobs finish and record their results, joins. NULL is fine. */
+void worker_pool_stop(struct worker_pool *p);
+
+/* Completed jobs per second over the last few seconds (for Retry-After). */
+double worker_pool_drain_rate(struct worker_pool *p);
+
+#endif
