@@ -80,12 +80,10 @@ static int predict_once(DMatrixHandle proxy, const float *rows, long n, double *
     const bst_ulong *shape = NULL;
     bst_ulong dim = 0;
     const float *out = NULL;
-    if (XGBoosterPredictFromDense(g_booster, iface, PREDICT_CONFIG, proxy, &shape, &dim,
-                                  &out) != 0)
+    if (XGBoosterPredictFromDense(g_booster, iface, PREDICT_CONFIG, proxy, &shape, &dim, &out) != 0)
         return -1;
     if (dim != 1 || shape[0] != (bst_ulong)n) {
-        fprintf(stderr, "raw_predict: unexpected output shape (dim %" PRIu64 ")\n",
-                (uint64_t)dim);
+        fprintf(stderr, "raw_predict: unexpected output shape (dim %" PRIu64 ")\n", (uint64_t)dim);
         return -1;
     }
     for (long i = 0; i < n; i++)
@@ -119,8 +117,8 @@ static void *worker_main(void *arg)
         /* check the clock every few predicts only for tiny batches */
         for (int k = 0; k < 8; k++) {
             long start = (long)(next_rand(&rs) % (uint32_t)(max_start + 1));
-            if (predict_once(proxy, pool + (size_t)start * g_features, g_batch,
-                             &w->checksum) != 0) {
+            if (predict_once(proxy, pool + (size_t)start * g_features, g_batch, &w->checksum) !=
+                0) {
                 fprintf(stderr, "raw_predict: predict: %s\n", XGBGetLastError());
                 w->failed = 1;
                 goto out;

@@ -77,12 +77,13 @@ struct parsed {
 
 static void usage(FILE *f)
 {
-    fprintf(f, "inferd %s: serves machine-learning models (KServe v2 REST)\n\n"
-               "usage: inferd COMMAND [options]\n\n"
-               "commands:\n"
-               "  serve    serve a model repository: online (KServe v2) and async jobs\n\n"
-               "  inferd --version        print the version\n"
-               "  inferd COMMAND --help   options of a command\n",
+    fprintf(f,
+            "inferd %s: serves machine-learning models (KServe v2 REST)\n\n"
+            "usage: inferd COMMAND [options]\n\n"
+            "commands:\n"
+            "  serve    serve a model repository: online (KServe v2) and async jobs\n\n"
+            "  inferd --version        print the version\n"
+            "  inferd COMMAND --help   options of a command\n",
             INFERD_VERSION);
 }
 
@@ -110,11 +111,9 @@ static int parse_value(const struct option_def *o, const char *v, struct parsed 
     if (errno || *end || end == v)
         return err_set(e, ERR_INVALID, "--%s: '%s' is not an integer", o->name, v);
     if (n < o->min)
-        return err_set(e, ERR_INVALID, "--%s: %lld is below the minimum %lld", o->name, n,
-                       o->min);
+        return err_set(e, ERR_INVALID, "--%s: %lld is below the minimum %lld", o->name, n, o->min);
     if (n > o->max)
-        return err_set(e, ERR_INVALID, "--%s: %lld is above the maximum %lld", o->name, n,
-                       o->max);
+        return err_set(e, ERR_INVALID, "--%s: %lld is above the maximum %lld", o->name, n, o->max);
     p->num[i] = n;
     return 0;
 }
@@ -233,10 +232,10 @@ static int cmd_serve(int argc, char **argv)
         goto cleanup;
     }
     secret = OPT_S(&p, "webhook-secret")[0] ? OPT_S(&p, "webhook-secret")
-                                             : getenv("INFERD_WEBHOOK_SECRET");
+                                            : getenv("INFERD_WEBHOOK_SECRET");
     if (!secret || !secret[0])
-        log_warn("main", "webhooks go unsigned: no --webhook-secret or INFERD_WEBHOOK_SECRET",
-                 "%s", "");
+        log_warn("main", "webhooks go unsigned: no --webhook-secret or INFERD_WEBHOOK_SECRET", "%s",
+                 "");
     nc = (struct notify_config){
         .secret = secret,
         .max_attempts = (int)OPT_N(&p, "webhook-attempts"),
@@ -283,7 +282,7 @@ static int cmd_serve(int argc, char **argv)
     rc = 0;
 cleanup:
     http_server_stop(srv);
-    worker_pool_stop(pool); /* running jobs finish and record their results */
+    worker_pool_stop(pool);   /* running jobs finish and record their results */
     notify_destroy(notifier); /* undelivered webhooks stay stored for the next start */
     queue_close(queue);
     registry_destroy(reg);

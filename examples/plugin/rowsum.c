@@ -92,8 +92,8 @@ static int rs_instance_create(void *model_state, int index, void **instance_stat
     return 0;
 }
 
-static int rs_execute(void *instance_state, struct inferd_request *const *reqs, size_t n,
-                      char *err, size_t err_len)
+static int rs_execute(void *instance_state, struct inferd_request *const *reqs, size_t n, char *err,
+                      size_t err_len)
 {
     struct rowsum_model *m = instance_state;
 
@@ -111,7 +111,7 @@ static int rs_execute(void *instance_state, struct inferd_request *const *reqs, 
             continue;
         }
         y = host->output_alloc(reqs[i], "output__0", INFERD_TYPE_FP32, &rows, 1,
-                                      (size_t)rows * sizeof(float));
+                               (size_t)rows * sizeof(float));
         if (!y) {
             snprintf(reqs[i]->error, sizeof(reqs[i]->error), "out of memory");
             reqs[i]->failed = 1;

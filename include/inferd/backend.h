@@ -73,17 +73,17 @@ struct inferd_model_info {
     size_t n_inputs;
     const struct inferd_tensor *outputs;
     size_t n_outputs;
-    const char *platform;    /* e.g. "xgboost"; shown in model metadata */
-    int is_batched;          /* 1: the first dimension is the batch (rows) dimension */
+    const char *platform; /* e.g. "xgboost"; shown in model metadata */
+    int is_batched;       /* 1: the first dimension is the batch (rows) dimension */
 };
 
 /* One client request inside a batch. */
 struct inferd_request {
     const struct inferd_tensor *inputs; /* borrowed for the execute call */
     size_t n_inputs;
-    void *host_ctx;      /* inferd's; passed back to host->output_alloc */
-    int failed;          /* set to 1 by the backend when this request alone failed */
-    char error[256];     /* the reason, when failed */
+    void *host_ctx;  /* inferd's; passed back to host->output_alloc */
+    int failed;      /* set to 1 by the backend when this request alone failed */
+    char error[256]; /* the reason, when failed */
 };
 
 /* Services inferd offers to a backend. Valid from init until fini. */
@@ -129,8 +129,8 @@ struct inferd_backend_api {
      * allocates and fills every output through host->output_alloc, or sets `failed` and
      * `error`. Returning non-zero fails every request of the batch with `err`.
      */
-    int (*execute)(void *instance_state, struct inferd_request *const *requests,
-                   size_t n_requests, char *err, size_t err_len);
+    int (*execute)(void *instance_state, struct inferd_request *const *requests, size_t n_requests,
+                   char *err, size_t err_len);
 };
 
 /* The symbol a plugin exports. */

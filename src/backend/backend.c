@@ -67,8 +67,8 @@ static int load_plugin(const char *path, const struct inferd_backend_api **api, 
     return 0;
 }
 
-int backend_open(const char *name, const char *plugin_path,
-                 const struct inferd_backend_api **api, void **backend_state, struct err *e)
+int backend_open(const char *name, const char *plugin_path, const struct inferd_backend_api **api,
+                 void **backend_state, struct err *e)
 {
     const char *key;
     const struct inferd_backend_api *found = NULL;

@@ -17,8 +17,8 @@
  * Returns 0, ERR_NOT_FOUND (unknown backend or no such file) or ERR_INVALID (wrong ABI).
  * Thread-safe.
  */
-int backend_open(const char *name, const char *plugin_path,
-                 const struct inferd_backend_api **api, void **backend_state, struct err *e);
+int backend_open(const char *name, const char *plugin_path, const struct inferd_backend_api **api,
+                 void **backend_state, struct err *e);
 
 /* The host services given to every backend. */
 const struct inferd_host *backend_host(void);

@@ -58,8 +58,7 @@ static int xgb_init(const struct inferd_host *h, void **state, char *err, size_t
     return 0;
 }
 
-static int find_model_file(const char *dir, char *path, size_t path_len, char *err,
-                           size_t err_len)
+static int find_model_file(const char *dir, char *path, size_t path_len, char *err, size_t err_len)
 {
     static const char *names[] = {"model.json", "model.ubj", "model.bst", "model.bin"};
 

@@ -37,6 +37,6 @@ void log_write(enum log_level level, const char *module, const char *msg, const 
     va_start(ap, fmt);
     vsnprintf(tail, sizeof(tail), fmt, ap);
     va_end(ap);
-    fprintf(stderr, "ts=%s.%03ldZ level=%s module=%s msg=\"%s\"%s%s\n", ts,
-            now.tv_nsec / 1000000L, names[level], module, msg, tail[0] ? " " : "", tail);
+    fprintf(stderr, "ts=%s.%03ldZ level=%s module=%s msg=\"%s\"%s%s\n", ts, now.tv_nsec / 1000000L,
+            names[level], module, msg, tail[0] ? " " : "", tail);
 }

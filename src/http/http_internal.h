@@ -33,10 +33,10 @@ struct waiters {
 struct http_server {
     struct http_config cfg; /* immutable after start */
     struct registry *reg;
-    struct queue *queue;        /* NULL: the async API answers 503 */
-    struct worker_pool *pool;   /* for Retry-After and metrics; may be NULL */
-    struct notifier *notifier;  /* kicked when a job ends; may be NULL */
-    struct iopool *io;          /* runs blocking queue calls off the HTTP threads */
+    struct queue *queue;       /* NULL: the async API answers 503 */
+    struct worker_pool *pool;  /* for Retry-After and metrics; may be NULL */
+    struct notifier *notifier; /* kicked when a job ends; may be NULL */
+    struct iopool *io;         /* runs blocking queue calls off the HTTP threads */
     struct waiters waiters;
     struct MHD_Daemon *daemon;
     int port;
@@ -69,15 +69,15 @@ struct req {
     struct batch_item item;
     /* async: the job this request is about */
     char job_id[40];
-    struct job_spec spec;   /* enqueue: strings point into `json` or `body` */
-    void *json;             /* the parsed body (json_t *), kept while `spec` points into it */
+    struct job_spec spec; /* enqueue: strings point into `json` or `body` */
+    void *json;           /* the parsed body (json_t *), kept while `spec` points into it */
     char request_hash[65];
     int prefer_async;
-    int64_t wait_ms;        /* long-poll or Prefer: wait */
+    int64_t wait_ms; /* long-poll or Prefer: wait */
     enum wait_mode wait_mode;
     int64_t wait_deadline_ms;
-    struct req *wait_next;  /* in the waiters' bucket; guarded by waiters.lock */
-    int list_state;         /* GET /v1/jobs filters */
+    struct req *wait_next; /* in the waiters' bucket; guarded by waiters.lock */
+    int list_state;        /* GET /v1/jobs filters */
     char list_model[128];
     char list_cursor[40];
     int list_limit;
@@ -86,7 +86,7 @@ struct req {
     struct buf out;
     int64_t json_len; /* Inference-Header-Content-Length, or -1 */
     int retry_after_s;
-    char location[80]; /* Location header; "" means none */
+    char location[80];               /* Location header; "" means none */
     void (*deferred)(struct req *r); /* what the I/O pool runs for this request */
 };
 

@@ -488,8 +488,7 @@ static enum MHD_Result submit_job(struct req *r)
     if (async_unavailable(r, &ret))
         return ret;
     r->kind = KIND_JOB;
-    root = json_loadb(r->body.data ? r->body.data : "", r->body.len, JSON_REJECT_DUPLICATES,
-                      &jerr);
+    root = json_loadb(r->body.data ? r->body.data : "", r->body.len, JSON_REJECT_DUPLICATES, &jerr);
     if (!root)
         return http_reply_error(r, ERR_INVALID, "malformed JSON at line %d column %d: %s",
                                 jerr.line, jerr.column, jerr.text);
@@ -583,22 +582,21 @@ static void do_result(struct req *r)
         http_set_error(r, rc, e.msg);
     } else if (j->state != JOB_SUCCEEDED) {
         char msg[160];
-        snprintf(msg, sizeof(msg), "job %s is %s; its result exists once it has succeeded",
-                 j->id, job_state_name(j->state));
+        snprintf(msg, sizeof(msg), "job %s is %s; its result exists once it has succeeded", j->id,
+                 job_state_name(j->state));
         http_set_error(r, ERR_CONFLICT, msg);
     } else if (j->output_location) {
         /* written to storage: hand it back from there */
-        const char *path = strncmp(j->output_location, "file://", 7) == 0
-                               ? j->output_location + 7
-                               : j->output_location;
+        const char *path = strncmp(j->output_location, "file://", 7) == 0 ? j->output_location + 7
+                                                                          : j->output_location;
         FILE *f = fopen(path, "rb");
         char chunk[65536];
         size_t n;
         buf_release(&r->out);
         if (!f) {
             char msg[512];
-            snprintf(msg, sizeof(msg), "the result at %s cannot be read: %s",
-                     j->output_location, strerror(errno));
+            snprintf(msg, sizeof(msg), "the result at %s cannot be read: %s", j->output_location,
+                     strerror(errno));
             http_set_error(r, ERR_NOT_FOUND, msg);
         } else {
             while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0)
@@ -701,8 +699,7 @@ static enum MHD_Result list_jobs(struct req *r)
         char *end;
         long long n = strtoll(limit, &end, 10);
         if (*end || end == limit || n < 1 || n > 1000)
-            return http_reply_error(r, ERR_INVALID, "limit: expected 1..1000, got '%.32s'",
-                                    limit);
+            return http_reply_error(r, ERR_INVALID, "limit: expected 1..1000, got '%.32s'", limit);
         r->list_limit = (int)n;
     }
     snprintf(r->list_model, sizeof(r->list_model), "%s", model ? model : "");
@@ -723,8 +720,7 @@ static int valid_job_id(const char *id)
 }
 
 /* seg: v1 jobs [id [result|retry]] */
-enum MHD_Result jobs_route(struct req *r, int is_get, int is_post, int is_delete, char **seg,
-                           int n)
+enum MHD_Result jobs_route(struct req *r, int is_get, int is_post, int is_delete, char **seg, int n)
 {
     struct err e;
 
@@ -783,8 +779,7 @@ int jobs_metrics(struct http_server *s, struct buf *out)
                         "inferd_queue_backlog_per_worker %g\n"
                         "# HELP inferd_workers_busy Workers running a job now.\n"
                         "# TYPE inferd_workers_busy gauge\ninferd_workers_busy %d\n",
-                        (long long)queued,
-                        workers > 0 ? (double)queued / workers : (double)queued,
+                        (long long)queued, workers > 0 ? (double)queued / workers : (double)queued,
                         worker_pool_busy(s->pool));
     if (rc == 0 && s->notifier) {
         struct notify_stats ns;

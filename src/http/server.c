@@ -214,9 +214,9 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
         json_len = header_int(r->conn, "Inference-Header-Content-Length", &bad);
         if (bad)
             return http_reply_error(r, ERR_INVALID,
-                               "Inference-Header-Content-Length: expected a byte count");
-        rc = codec_decode_v2(r->body.data ? r->body.data : "", r->body.len, json_len, &r->infer,
-                             &e);
+                                    "Inference-Header-Content-Length: expected a byte count");
+        rc =
+            codec_decode_v2(r->body.data ? r->body.data : "", r->body.len, json_len, &r->infer, &e);
     }
     if (rc == 0)
         rc = tensor_check_inputs(r->infer, &r->model->info, &e);
@@ -230,7 +230,8 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
     }
     buf_release(&r->body); /* decoded: the raw bytes are no longer needed */
 
-    timeout_us = r->infer->timeout_us ? r->infer->timeout_us : (uint64_t)r->model->default_timeout_us;
+    timeout_us =
+        r->infer->timeout_us ? r->infer->timeout_us : (uint64_t)r->model->default_timeout_us;
     r->item = (struct batch_item){
         .req = r->infer,
         .deadline_ns = timeout_us ? r->start_ns + timeout_us * 1000 : 0,
@@ -334,7 +335,7 @@ static enum MHD_Result handle_repository(struct req *r, const char *name, const 
         rc = registry_unload(r->srv->reg, name, &e);
     else
         return http_reply_error(r, ERR_NOT_FOUND, "no repository action '%s' (load or unload)",
-                           action);
+                                action);
     if (rc != 0)
         return http_reply_error(r, rc, "%s", e.msg);
     return reply_text(r, 200, "{}");
@@ -466,9 +467,8 @@ static enum MHD_Result route(struct req *r, const char *method, const char *url)
 /* ---- libmicrohttpd callbacks ---- */
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
-                                  const char *method, const char *version,
-                                  const char *upload_data, size_t *upload_data_size,
-                                  void **con_cls)
+                                  const char *method, const char *version, const char *upload_data,
+                                  size_t *upload_data_size, void **con_cls)
 {
     struct http_server *srv = cls;
     struct req *r = *con_cls;
@@ -488,7 +488,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         int64_t declared = header_int(conn, MHD_HTTP_HEADER_CONTENT_LENGTH, &bad);
         if (declared > srv->cfg.max_body_bytes)
             return http_reply_error(r, ERR_TOO_LARGE, "request body of %lld bytes, limit is %lld",
-                               (long long)declared, (long long)srv->cfg.max_body_bytes);
+                                    (long long)declared, (long long)srv->cfg.max_body_bytes);
         return MHD_YES;
     }
     if (atomic_load(&r->state) == REQ_READY)
@@ -505,8 +505,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (r->too_large) {
         buf_release(&r->body);
-        return http_reply_error(r, ERR_TOO_LARGE, "request body larger than the limit of %lld bytes",
-                           (long long)srv->cfg.max_body_bytes);
+        return http_reply_error(r, ERR_TOO_LARGE,
+                                "request body larger than the limit of %lld bytes",
+                                (long long)srv->cfg.max_body_bytes);
     }
     return route(r, method, url);
 }
@@ -537,8 +538,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 /* ---- life cycle ---- */
 
 int http_server_start(const struct http_config *cfg, struct registry *reg, struct queue *q,
-                      struct worker_pool *pool, struct notifier *notifier,
-                      struct http_server **out, struct err *e)
+                      struct worker_pool *pool, struct notifier *notifier, struct http_server **out,
+                      struct err *e)
 {
     struct http_server *s = calloc(1, sizeof(*s));
     struct sockaddr_in addr = {0};
@@ -572,8 +573,7 @@ int http_server_start(const struct http_config *cfg, struct registry *reg, struc
     }
     threads = cfg->threads > 0 ? (unsigned)cfg->threads : (unsigned)(n_cpu > 0 ? n_cpu : 1);
     s->daemon = MHD_start_daemon(
-        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
-            MHD_USE_TURBO,
+        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_TURBO,
         0, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
         MHD_OPTION_THREAD_POOL_SIZE, threads, MHD_OPTION_CONNECTION_LIMIT,
         (unsigned)cfg->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,

@@ -20,9 +20,9 @@ struct http_config {
     int threads;            /* HTTP threads (epoll each); 0 means one per CPU */
     int64_t max_body_bytes; /* larger bodies get 413 */
     int max_connections;
-    int idle_timeout_s;     /* keep-alive connections idle this long are closed */
-    int drain_timeout_s;    /* how long shutdown waits for in-flight requests */
-    int io_threads;         /* threads for blocking job-store calls; 0 means 8 */
+    int idle_timeout_s;           /* keep-alive connections idle this long are closed */
+    int drain_timeout_s;          /* how long shutdown waits for in-flight requests */
+    int io_threads;               /* threads for blocking job-store calls; 0 means 8 */
     int64_t default_max_attempts; /* async jobs that do not say */
     int64_t default_ttl_s;        /* 0: jobs never expire while queued */
     int workers;                  /* the async worker pool's size, for metrics */
@@ -33,8 +33,8 @@ struct http_server;
 /* Starts listening and serving. `reg`, `q` and `pool` are borrowed and must outlive the
  * server; `q` NULL disables the async API (503), `pool` may be NULL. */
 int http_server_start(const struct http_config *cfg, struct registry *reg, struct queue *q,
-                      struct worker_pool *pool, struct notifier *notifier,
-                      struct http_server **out, struct err *e);
+                      struct worker_pool *pool, struct notifier *notifier, struct http_server **out,
+                      struct err *e);
 
 /* The port actually bound (useful with port 0). */
 int http_server_port(const struct http_server *s);

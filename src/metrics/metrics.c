@@ -16,13 +16,13 @@
 static const int statuses[] = {200, 400, 404, 409, 413, 422, 429, 499, 500, 502, 503, 504};
 #define N_STATUS (sizeof(statuses) / sizeof(statuses[0]))
 
-static const double latency_bounds[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-                                        0.025,  0.05,    0.1,    0.25,  0.5,    1,     2.5,
-                                        5,      10,      30};
+static const double latency_bounds[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                                        0.01,   0.025,   0.05,   0.1,   0.25,   0.5,
+                                        1,      2.5,     5,      10,    30};
 #define N_LATENCY (sizeof(latency_bounds) / sizeof(latency_bounds[0]))
 
-static const double job_bounds[] = {0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5,
-                                    10,    30,    60,   300,  900, 3600};
+static const double job_bounds[] = {0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1,
+                                    5,     10,    30,   60,   300, 900, 3600};
 #define N_JOB (sizeof(job_bounds) / sizeof(job_bounds[0]))
 
 static const double batch_bounds[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384};

@@ -121,8 +121,8 @@ static void answer_timeout(struct batcher *b, struct batch_item *it)
     struct err e;
 
     it->next = NULL;
-    err_set(&e, ERR_TIMEOUT, "model '%s': the request's timeout passed while it waited in the queue",
-            b->name);
+    err_set(&e, ERR_TIMEOUT,
+            "model '%s': the request's timeout passed while it waited in the queue", b->name);
     it->done(it, ERR_TIMEOUT, &e);
 }
 
@@ -360,8 +360,7 @@ static int init_sync(struct batcher *b)
 }
 
 int batcher_create(const struct batcher_config *cfg, const struct inferd_backend_api *api,
-                   void *model_state, const char *model_name, struct batcher **out,
-                   struct err *e)
+                   void *model_state, const char *model_name, struct batcher **out, struct err *e)
 {
     struct batcher *b = NULL;
     char errbuf[256];
@@ -369,8 +368,9 @@ int batcher_create(const struct batcher_config *cfg, const struct inferd_backend
 
     *out = NULL;
     if (cfg->instances < 1 || cfg->max_batch_size < 1 || cfg->max_queue_size < 1)
-        return err_set(e, ERR_INVALID, "model '%s': instances, max_batch_size and "
-                                       "max_queue_size must be at least 1",
+        return err_set(e, ERR_INVALID,
+                       "model '%s': instances, max_batch_size and "
+                       "max_queue_size must be at least 1",
                        model_name);
     b = calloc(1, sizeof(*b));
     if (!b || init_sync(b) != 0) {

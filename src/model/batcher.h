@@ -36,15 +36,15 @@ struct batch_item {
     void *ctx; /* the producer's */
     /* filled by the batcher */
     uint64_t enqueued_ns;
-    uint64_t started_ns;  /* when the backend call began; 0 if it never did */
-    size_t batch_rows;    /* rows in the batch this item ran in */
+    uint64_t started_ns; /* when the backend call began; 0 if it never did */
+    size_t batch_rows;   /* rows in the batch this item ran in */
     struct batch_item *next;
 };
 
 struct batcher_config {
-    int64_t max_batch_size;      /* rows; 1 disables batching */
-    int64_t max_queue_delay_us;  /* how long the oldest item may wait for the batch to fill */
-    int64_t max_queue_size;      /* items waiting; past it submit() returns ERR_BUSY */
+    int64_t max_batch_size;     /* rows; 1 disables batching */
+    int64_t max_queue_delay_us; /* how long the oldest item may wait for the batch to fill */
+    int64_t max_queue_size;     /* items waiting; past it submit() returns ERR_BUSY */
     int instances;
     struct metrics_model *metrics; /* batch sizes and queue waits go here; NULL means none */
 };
@@ -54,8 +54,7 @@ struct batcher_config {
  *   api, model_state  borrowed; must outlive batcher_destroy()
  */
 int batcher_create(const struct batcher_config *cfg, const struct inferd_backend_api *api,
-                   void *model_state, const char *model_name, struct batcher **out,
-                   struct err *e);
+                   void *model_state, const char *model_name, struct batcher **out, struct err *e);
 
 /* Queues `item`. Returns 0, ERR_BUSY (queue full) or ERR_UNAVAILABLE (stopping). */
 int batcher_submit(struct batcher *b, struct batch_item *item, struct err *e);

@@ -54,15 +54,18 @@ static int store_number(struct data_walk *w, json_t *v, struct err *e)
             return err_set(e, ERR_SHAPE, "inputs[%d].data[%zu]: %lld does not fit in INT32",
                            w->field_index, w->idx, (long long)n);
         if (t->datatype == INFERD_TYPE_BOOL && n != 0 && n != 1)
-            return err_set(e, ERR_SHAPE, "inputs[%d].data[%zu]: BOOL values are 0, 1, true or false",
+            return err_set(e, ERR_SHAPE,
+                           "inputs[%d].data[%zu]: BOOL values are 0, 1, true or false",
                            w->field_index, w->idx);
         d = (double)n;
     } else if (json_is_real(v)) {
         d = json_real_value(v);
         if (t->datatype != INFERD_TYPE_FP32 && t->datatype != INFERD_TYPE_FP64)
             return err_set(e, ERR_SHAPE, "inputs[%d].data[%zu]: %g is not an integer (%s)",
-                           w->field_index, w->idx, d, t->datatype == INFERD_TYPE_BOOL ? "BOOL"
-                           : t->datatype == INFERD_TYPE_INT32 ? "INT32" : "INT64");
+                           w->field_index, w->idx, d,
+                           t->datatype == INFERD_TYPE_BOOL    ? "BOOL"
+                           : t->datatype == INFERD_TYPE_INT32 ? "INT32"
+                                                              : "INT64");
     } else {
         return err_set(e, ERR_SHAPE, "inputs[%d].data[%zu]: expected a number, got %s",
                        w->field_index, w->idx, json_is_string(v) ? "a string" : "an object");
@@ -133,8 +136,7 @@ static int walk_data(struct data_walk *w, json_t *v, int depth, struct err *e)
         if (depth >= DATA_MAX_DEPTH)
             return err_set(e, ERR_SHAPE, "inputs[%d].data: nested deeper than %d levels",
                            w->field_index, DATA_MAX_DEPTH);
-        json_array_foreach(v, i, item)
-        {
+        json_array_foreach (v, i, item) {
             rc = walk_data(w, item, depth + 1, e);
             if (rc != 0)
                 return rc;
@@ -163,8 +165,7 @@ static size_t count_leaves(json_t *v, int depth)
         return 1;
     if (depth >= DATA_MAX_DEPTH)
         return SIZE_MAX;
-    json_array_foreach(v, i, item)
-    {
+    json_array_foreach (v, i, item) {
         sub = count_leaves(item, depth + 1);
         if (sub == SIZE_MAX)
             return SIZE_MAX;
@@ -191,11 +192,10 @@ static int decode_shape(json_t *shape, struct inferd_tensor *t, int idx, struct 
     if (json_array_size(shape) > INFERD_MAX_DIMS)
         return err_set(e, ERR_SHAPE, "inputs[%d].shape: %zu dimensions, limit is %d", idx,
                        json_array_size(shape), INFERD_MAX_DIMS);
-    json_array_foreach(shape, i, dim)
-    {
+    json_array_foreach (shape, i, dim) {
         if (!json_is_integer(dim) || json_integer_value(dim) < 0)
-            return err_set(e, ERR_INVALID, "inputs[%d].shape[%zu]: expected an integer >= 0",
-                           idx, i);
+            return err_set(e, ERR_INVALID, "inputs[%d].shape[%zu]: expected an integer >= 0", idx,
+                           i);
         t->shape[i] = json_integer_value(dim);
     }
     t->n_dims = (int)json_array_size(shape);
@@ -289,9 +289,8 @@ static int decode_input(json_t *in, int idx, struct binary_section *bin, struct 
     if (rc != 0)
         return rc;
     if (w.idx != (size_t)count)
-        return err_set(e, ERR_SHAPE,
-                       "inputs[%d].data: %zu elements, shape declares %lld", idx, w.idx,
-                       (long long)count);
+        return err_set(e, ERR_SHAPE, "inputs[%d].data: %zu elements, shape declares %lld", idx,
+                       w.idx, (long long)count);
     t->data_bytes = elem ? (size_t)count * elem : w.bytes_len;
     return 0;
 }
@@ -307,8 +306,7 @@ static int decode_outputs(json_t *outputs, struct infer_request *r, struct err *
         return err_set(e, ERR_INVALID, "outputs: expected a list");
     if (json_array_size(outputs) > TENSOR_MAX_IO)
         return err_set(e, ERR_INVALID, "outputs: more than %d entries", TENSOR_MAX_IO);
-    json_array_foreach(outputs, i, o)
-    {
+    json_array_foreach (outputs, i, o) {
         json_t *name = json_object_get(o, "name");
         json_t *params = json_object_get(o, "parameters");
         json_t *binary = json_is_object(params) ? json_object_get(params, "binary_data") : NULL;
@@ -356,8 +354,8 @@ static json_t *load_json(const char *body, size_t len, struct err *e)
     json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
 
     if (!root)
-        err_set(e, ERR_INVALID, "malformed JSON at line %d column %d: %s", jerr.line,
-                jerr.column, jerr.text);
+        err_set(e, ERR_INVALID, "malformed JSON at line %d column %d: %s", jerr.line, jerr.column,
+                jerr.text);
     else if (!json_is_object(root)) {
         err_set(e, ERR_INVALID, "the request body must be a JSON object");
         json_decref(root);
@@ -366,8 +364,8 @@ static json_t *load_json(const char *body, size_t len, struct err *e)
     return root;
 }
 
-int codec_decode_v2(const char *body, size_t body_len, int64_t json_len,
-                    struct infer_request **out, struct err *e)
+int codec_decode_v2(const char *body, size_t body_len, int64_t json_len, struct infer_request **out,
+                    struct err *e)
 {
     struct infer_request *r = NULL;
     struct binary_section bin = {0};
@@ -421,8 +419,7 @@ int codec_decode_v2(const char *body, size_t body_len, int64_t json_len,
                      TENSOR_MAX_IO);
         goto cleanup;
     }
-    json_array_foreach(inputs, i, item)
-    {
+    json_array_foreach (inputs, i, item) {
         r->n_inputs = i + 1; /* so that cleanup frees a half-decoded tensor */
         rc = decode_input(item, (int)i, &bin, &r->inputs[i], e);
         if (rc != 0)
@@ -489,16 +486,15 @@ int codec_decode_v1(const char *body, size_t body_len, const char *input_name,
     }
     r->inputs[0].data = data;
     r->inputs[0].data_bytes = n_rows * width * sizeof(double);
-    json_array_foreach(instances, i, row)
-    {
+    json_array_foreach (instances, i, row) {
         if (!json_is_array(row) || json_array_size(row) != width) {
-            rc = err_set(e, ERR_SHAPE, "instances[%zu]: expected a list of %zu numbers like "
-                                       "instances[0]",
+            rc = err_set(e, ERR_SHAPE,
+                         "instances[%zu]: expected a list of %zu numbers like "
+                         "instances[0]",
                          i, width);
             goto cleanup;
         }
-        json_array_foreach(row, j, v)
-        {
+        json_array_foreach (row, j, v) {
             if (json_is_number(v))
                 data[i * width + j] = json_number_value(v);
             else if (json_is_null(v))
@@ -561,8 +557,8 @@ static int append_bytes_elements(struct buf *b, const struct inferd_tensor *t)
     int first = 1, rc = 0;
 
     while (rc == 0 && end - p >= 4) {
-        uint32_t len = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-                       (uint32_t)p[3] << 24;
+        uint32_t len =
+            (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
         char *s;
         p += 4;
         if (len > (size_t)(end - p))

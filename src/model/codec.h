@@ -23,8 +23,8 @@
  * Returns 0, ERR_INVALID (malformed), ERR_SHAPE (data does not fit its declaration) or
  * ERR_NOMEM.
  */
-int codec_decode_v2(const char *body, size_t body_len, int64_t json_len,
-                    struct infer_request **out, struct err *e);
+int codec_decode_v2(const char *body, size_t body_len, int64_t json_len, struct infer_request **out,
+                    struct err *e);
 
 /*
  * Decodes a v1 predict request `{"instances": [[...], ...]}` into one input named `input_name`

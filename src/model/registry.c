@@ -88,19 +88,27 @@ static int int_option(json_t *root, const char *key, int64_t def, int64_t *out, 
 static int parse_config(json_t *root, const char *model_dir, const char *path,
                         struct model_config *c, struct err *e)
 {
-    static const char *known[] = {"backend",        "version",        "max_batch_size",
-                                  "max_queue_delay_us", "max_queue_size", "instances",
-                                  "default_timeout_us", "nthread",      "path",
-                                  "parameters",     "name",           "platform",
-                                  "lease_timeout_s", "callback_url"};
+    static const char *known[] = {"backend",
+                                  "version",
+                                  "max_batch_size",
+                                  "max_queue_delay_us",
+                                  "max_queue_size",
+                                  "instances",
+                                  "default_timeout_us",
+                                  "nthread",
+                                  "path",
+                                  "parameters",
+                                  "name",
+                                  "platform",
+                                  "lease_timeout_s",
+                                  "callback_url"};
     long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
     int64_t instances;
     const char *key;
     json_t *v, *p;
     int rc;
 
-    json_object_foreach(root, key, v)
-    {
+    json_object_foreach (root, key, v) {
         size_t i;
         for (i = 0; i < sizeof(known) / sizeof(known[0]); i++)
             if (strcmp(known[i], key) == 0)
@@ -370,8 +378,8 @@ static int load_locked(struct registry *r, const char *name, struct err *e)
         return rc == ERR_NOMEM ? ERR_NOMEM : ERR_INVALID;
     }
     install(r, name, m, NULL);
-    log_info("model", "loaded", "model=%s version=%lld backend=%s", name,
-             (long long)m->version, m->api->name);
+    log_info("model", "loaded", "model=%s version=%lld backend=%s", name, (long long)m->version,
+             m->api->name);
     return 0;
 }
 

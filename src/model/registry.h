@@ -25,10 +25,10 @@ struct model {
     void *model_state;
     struct inferd_model_info info; /* the backend's memory, valid while the model lives */
     struct batcher *batcher;
-    int64_t default_timeout_us;      /* 0 means none */
-    int64_t job_lease_timeout_ms;    /* async jobs' visibility timeout */
-    char *callback_url;              /* async jobs' default webhook; NULL means none */
-    struct metrics_model *metrics;   /* lives for the whole process */
+    int64_t default_timeout_us;    /* 0 means none */
+    int64_t job_lease_timeout_ms;  /* async jobs' visibility timeout */
+    char *callback_url;            /* async jobs' default webhook; NULL means none */
+    struct metrics_model *metrics; /* lives for the whole process */
     _Atomic int refs;
 };
 

@@ -15,8 +15,8 @@ static const struct {
     const char *name;
     enum inferd_datatype type;
 } type_names[] = {
-    {"BOOL", INFERD_TYPE_BOOL},   {"INT32", INFERD_TYPE_INT32}, {"INT64", INFERD_TYPE_INT64},
-    {"FP32", INFERD_TYPE_FP32},   {"FP64", INFERD_TYPE_FP64},   {"BYTES", INFERD_TYPE_BYTES},
+    {"BOOL", INFERD_TYPE_BOOL}, {"INT32", INFERD_TYPE_INT32}, {"INT64", INFERD_TYPE_INT64},
+    {"FP32", INFERD_TYPE_FP32}, {"FP64", INFERD_TYPE_FP64},   {"BYTES", INFERD_TYPE_BYTES},
 };
 
 enum inferd_datatype tensor_datatype_parse(const char *name)
@@ -173,8 +173,7 @@ static int check_shape(const struct inferd_tensor *got, const struct inferd_tens
     for (int i = 0; i < want->n_dims; i++) {
         if (want->shape[i] >= 0 && got->shape[i] != want->shape[i]) {
             if (i == want->n_dims - 1 && want->n_dims == 2)
-                return err_set(e, ERR_SHAPE,
-                               "input '%s': expected %lld features per row, got %lld",
+                return err_set(e, ERR_SHAPE, "input '%s': expected %lld features per row, got %lld",
                                got->name, (long long)want->shape[i], (long long)got->shape[i]);
             return err_set(e, ERR_SHAPE, "input '%s': shape[%d] is %lld, model expects %s",
                            got->name, i, (long long)got->shape[i], expect);

@@ -17,9 +17,9 @@
 #define TENSOR_MAX_IO 16 /* inputs or outputs per request */
 
 struct infer_request {
-    char *id;       /* the client's "id", echoed back; NULL when absent */
-    uint64_t timeout_us; /* the "timeout" parameter; 0 means the model's default */
-    int binary_output_all; /* "binary_data_output": true */
+    char *id;                            /* the client's "id", echoed back; NULL when absent */
+    uint64_t timeout_us;                 /* the "timeout" parameter; 0 means the model's default */
+    int binary_output_all;               /* "binary_data_output": true */
     char *binary_outputs[TENSOR_MAX_IO]; /* outputs asked for as binary; owned */
     size_t n_binary_outputs;
     char *requested_outputs[TENSOR_MAX_IO]; /* the request's "outputs" names; none = all */

@@ -9,8 +9,8 @@
 #include <string.h>
 #include <time.h>
 
-static const char *state_names[JOB_N_STATES] = {"queued",    "running",   "succeeded",
-                                                "failed",    "cancelled", "expired"};
+static const char *state_names[JOB_N_STATES] = {"queued", "running",   "succeeded",
+                                                "failed", "cancelled", "expired"};
 
 const char *job_state_name(enum job_state s)
 {
@@ -84,8 +84,7 @@ int queue_lease(struct queue *q, const char *worker, int64_t wait_ms, struct job
     return q->ops->lease(q, worker, wait_ms, out, e);
 }
 
-int queue_extend(struct queue *q, const char *id, uint64_t token, int64_t lease_ms,
-                 struct err *e)
+int queue_extend(struct queue *q, const char *id, uint64_t token, int64_t lease_ms, struct err *e)
 {
     return q->ops->extend(q, id, token, lease_ms, e);
 }
@@ -117,8 +116,7 @@ int queue_get(struct queue *q, const char *id, int want_result, struct job **out
     return q->ops->get(q, id, want_result, out, e);
 }
 
-int queue_list(struct queue *q, const struct queue_list_filter *f, struct buf *out,
-               struct err *e)
+int queue_list(struct queue *q, const struct queue_list_filter *f, struct buf *out, struct err *e)
 {
     return q->ops->list(q, f, out, e);
 }
@@ -180,8 +178,9 @@ int queue_job_json(const struct job *j, struct buf *out)
     if (rc == 0)
         rc = json_str_or_null(out, j->model);
     if (rc == 0)
-        rc = buf_printf(out, ",\"status\":\"%s\",\"priority\":%d,\"attempts\":%d,"
-                             "\"max_attempts\":%d,\"created_at\":",
+        rc = buf_printf(out,
+                        ",\"status\":\"%s\",\"priority\":%d,\"attempts\":%d,"
+                        "\"max_attempts\":%d,\"created_at\":",
                         job_state_name(j->state), j->priority, j->attempts, j->max_attempts);
     if (rc == 0)
         rc = queue_json_time(out, j->created_ms);

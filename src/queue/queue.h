@@ -74,7 +74,7 @@ struct job {
     char *input_location;  /* NULL if inline */
     char *output_location; /* NULL if stored inline */
     char *callback_url;
-    int cancel_requested;  /* DELETE while running: discard the result when the batch returns */
+    int cancel_requested; /* DELETE while running: discard the result when the batch returns */
     /* filled by queue_lease() only */
     struct buf input;       /* the inline request body */
     int64_t input_json_len; /* -1 when JSON only */
@@ -97,9 +97,9 @@ struct queue_list_filter {
 struct queue;
 
 struct queue_config {
-    const char *data_dir;  /* SQLite: the database lives at DIR/inferd.db */
-    int64_t max_queued;    /* past it, enqueue says ERR_BUSY */
-    int64_t retry_backoff_ms; /* first retry delay; doubles per attempt (capped at 60 s) */
+    const char *data_dir;            /* SQLite: the database lives at DIR/inferd.db */
+    int64_t max_queued;              /* past it, enqueue says ERR_BUSY */
+    int64_t retry_backoff_ms;        /* first retry delay; doubles per attempt (capped at 60 s) */
     int64_t result_inline_max_bytes; /* results above this in webhooks become a link */
 };
 
@@ -127,8 +127,7 @@ int queue_lease(struct queue *q, const char *worker, int64_t wait_ms, struct job
                 struct err *e);
 
 /* Keeps a running attempt's lease. ERR_CONFLICT when the token no longer holds it. */
-int queue_extend(struct queue *q, const char *id, uint64_t token, int64_t lease_ms,
-                 struct err *e);
+int queue_extend(struct queue *q, const char *id, uint64_t token, int64_t lease_ms, struct err *e);
 
 /* Records the result of the attempt holding `token`. ERR_CONFLICT when fenced out (the
  * result is discarded). A cancelled-while-running job ends cancelled, its result discarded. */
@@ -148,12 +147,10 @@ int queue_cancel(struct queue *q, const char *id, struct job **out, struct err *
 int queue_retry(struct queue *q, const char *id, struct job **out, struct err *e);
 
 /* A snapshot of one job; `want_result` also loads the stored result. ERR_NOT_FOUND. */
-int queue_get(struct queue *q, const char *id, int want_result, struct job **out,
-              struct err *e);
+int queue_get(struct queue *q, const char *id, int want_result, struct job **out, struct err *e);
 
 /* Appends a JSON page {"jobs": [...], "next_cursor": ...} (newest first). */
-int queue_list(struct queue *q, const struct queue_list_filter *f, struct buf *out,
-               struct err *e);
+int queue_list(struct queue *q, const struct queue_list_filter *f, struct buf *out, struct err *e);
 
 /* Jobs per state, for metrics. */
 int queue_counts(struct queue *q, int64_t counts[JOB_N_STATES], struct err *e);

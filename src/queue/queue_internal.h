@@ -11,18 +11,15 @@ struct queue_ops {
                    struct err *e);
     int (*lease)(struct queue *q, const char *worker, int64_t wait_ms, struct job **out,
                  struct err *e);
-    int (*extend)(struct queue *q, const char *id, uint64_t token, int64_t lease_ms,
-                  struct err *e);
-    int (*complete)(struct queue *q, const char *id, uint64_t token, const char *result,
-                    size_t len, int64_t json_len, struct err *e);
-    int (*fail)(struct queue *q, const char *id, uint64_t token, const char *error,
-                int retryable, struct err *e);
+    int (*extend)(struct queue *q, const char *id, uint64_t token, int64_t lease_ms, struct err *e);
+    int (*complete)(struct queue *q, const char *id, uint64_t token, const char *result, size_t len,
+                    int64_t json_len, struct err *e);
+    int (*fail)(struct queue *q, const char *id, uint64_t token, const char *error, int retryable,
+                struct err *e);
     int (*cancel)(struct queue *q, const char *id, struct job **out, struct err *e);
     int (*retry)(struct queue *q, const char *id, struct job **out, struct err *e);
-    int (*get)(struct queue *q, const char *id, int want_result, struct job **out,
-               struct err *e);
-    int (*list)(struct queue *q, const struct queue_list_filter *f, struct buf *out,
-                struct err *e);
+    int (*get)(struct queue *q, const char *id, int want_result, struct job **out, struct err *e);
+    int (*list)(struct queue *q, const struct queue_list_filter *f, struct buf *out, struct err *e);
     int (*counts)(struct queue *q, int64_t counts[JOB_N_STATES], struct err *e);
     int64_t (*queued)(struct queue *q);
     int (*outbox_due)(struct queue *q, int64_t now_ms, size_t max, struct queue_outbox_item **out,

@@ -62,9 +62,8 @@ cleanup:
     return rc;
 }
 
-static int record(void *ctx, int64_t delivery_id, int64_t at_ms, int http_status,
-                  const char *error, int done, int delivered, int64_t next_attempt_ms,
-                  struct err *e)
+static int record(void *ctx, int64_t delivery_id, int64_t at_ms, int http_status, const char *error,
+                  int done, int delivered, int64_t next_attempt_ms, struct err *e)
 {
     struct queue_outbox_attempt a = {
         .outbox_id = delivery_id,

@@ -29,12 +29,20 @@
 #include <sys/stat.h>
 #include <time.h>
 
-#define MAX_GROUP 512              /* operations per transaction */
-#define SWEEP_INTERVAL_MS 100      /* how often expired ttls and leases are looked for */
+#define MAX_GROUP 512         /* operations per transaction */
+#define SWEEP_INTERVAL_MS 100 /* how often expired ttls and leases are looked for */
 #define MAX_BACKOFF_MS 60000
 
-enum op_kind { OP_ENQUEUE, OP_LEASE, OP_EXTEND, OP_COMPLETE, OP_FAIL, OP_CANCEL, OP_RETRY,
-               OP_OUTBOX_RECORD };
+enum op_kind {
+    OP_ENQUEUE,
+    OP_LEASE,
+    OP_EXTEND,
+    OP_COMPLETE,
+    OP_FAIL,
+    OP_CANCEL,
+    OP_RETRY,
+    OP_OUTBOX_RECORD
+};
 
 struct op {
     enum op_kind kind;
@@ -65,23 +73,34 @@ struct final_note {
     struct final_note *next;
 };
 
+/* Prepared statements, kept for the connection's life: preparing costs more than running. */
+#define STMT_CACHE 64
+struct stmt_cache_entry {
+    sqlite3 *db;
+    const char *sql; /* a string literal: compared by address */
+    sqlite3_stmt *st;
+};
+
 struct sqlite_queue {
     struct queue base;
+    struct stmt_cache_entry cache[STMT_CACHE]; /* writer's entries: writer thread; reader's:
+                                                  under read_lock */
+    pthread_mutex_t cache_lock;                /* guards adding entries */
     struct queue_config cfg;
     sqlite3 *wdb; /* writer thread only */
     sqlite3 *rdb; /* guarded by read_lock */
     pthread_mutex_t read_lock;
 
     pthread_mutex_t lock;
-    pthread_cond_t work;      /* operations arrived, or stopping */
-    pthread_cond_t finished;  /* a group committed */
-    pthread_cond_t runnable;  /* jobs may have become runnable */
-    struct op *head, *tail;   /* guarded by lock */
-    int stopping;             /* guarded by lock */
-    int64_t n_queued;         /* guarded by lock: jobs in state queued */
-    uint64_t generation;      /* guarded by lock: bumped when jobs may have become runnable */
+    pthread_cond_t work;     /* operations arrived, or stopping */
+    pthread_cond_t finished; /* a group committed */
+    pthread_cond_t runnable; /* jobs may have become runnable */
+    struct op *head, *tail;  /* guarded by lock */
+    int stopping;            /* guarded by lock */
+    int64_t n_queued;        /* guarded by lock: jobs in state queued */
+    uint64_t generation;     /* guarded by lock: bumped when jobs may have become runnable */
     pthread_t writer;
-    int64_t last_sweep_ms;    /* writer thread only */
+    int64_t last_sweep_ms;     /* writer thread only */
     struct final_note *finals; /* writer thread only: notes of this group, sent after commit */
 };
 
@@ -126,13 +145,62 @@ static int exec(sqlite3 *db, const char *sql, struct err *e)
     return 0;
 }
 
+static struct sqlite_queue *cache_owner; /* set at open: there is one queue per process */
+
+/* A ready statement for `sql` on `db`, from the cache. Give it back with finish(). */
 static sqlite3_stmt *prepare(sqlite3 *db, const char *sql)
 {
+    struct sqlite_queue *q = cache_owner;
     sqlite3_stmt *st = NULL;
+    int i;
 
+    if (q) {
+        pthread_mutex_lock(&q->cache_lock);
+        for (i = 0; i < STMT_CACHE && q->cache[i].st; i++) {
+            if (q->cache[i].db == db && q->cache[i].sql == sql) {
+                st = q->cache[i].st;
+                pthread_mutex_unlock(&q->cache_lock);
+                return st;
+            }
+        }
+        pthread_mutex_unlock(&q->cache_lock);
+    }
     if (sqlite3_prepare_v3(db, sql, -1, SQLITE_PREPARE_PERSISTENT, &st, NULL) != SQLITE_OK)
         return NULL;
-    return st;
+    if (q) {
+        pthread_mutex_lock(&q->cache_lock);
+        for (i = 0; i < STMT_CACHE && q->cache[i].st; i++)
+            ;
+        if (i < STMT_CACHE) {
+            q->cache[i] = (struct stmt_cache_entry){.db = db, .sql = sql, .st = st};
+            pthread_mutex_unlock(&q->cache_lock);
+            return st;
+        }
+        pthread_mutex_unlock(&q->cache_lock);
+    }
+    return st; /* not cached: finish() cannot tell, so it must not be used twice */
+}
+
+/* Gives a statement back to the cache (or finalizes one the cache could not hold). */
+static void finish(sqlite3_stmt *st)
+{
+    struct sqlite_queue *q = cache_owner;
+
+    if (!st)
+        return;
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    if (q) {
+        pthread_mutex_lock(&q->cache_lock);
+        for (int i = 0; i < STMT_CACHE && q->cache[i].st; i++) {
+            if (q->cache[i].st == st) {
+                pthread_mutex_unlock(&q->cache_lock);
+                return;
+            }
+        }
+        pthread_mutex_unlock(&q->cache_lock);
+    }
+    finish(st);
 }
 
 static char *col_strdup(sqlite3_stmt *st, int i)
@@ -194,7 +262,7 @@ static int load_job(sqlite3 *db, const char *id, struct job **out, struct err *e
     } else {
         rc = db_err(db, e, "read job");
     }
-    sqlite3_finalize(st);
+    finish(st);
     return rc;
 }
 
@@ -250,15 +318,14 @@ static int open_db(const char *path, sqlite3 **out, struct err *e)
     int rc;
 
     *out = NULL;
-    if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE |
-                                        SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
+    if (sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX,
+                        NULL) != SQLITE_OK) {
         rc = err_set(e, ERR_IO, "job store %s: %s", path, db ? sqlite3_errmsg(db) : "cannot open");
         sqlite3_close(db);
         return rc;
     }
     sqlite3_busy_timeout(db, 5000);
-    rc = exec(db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;",
-              e);
+    rc = exec(db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA cache_size=-65536;", e);
     if (rc != 0) {
         sqlite3_close(db);
         return rc;
@@ -307,7 +374,7 @@ static int job_became_final(struct sqlite_queue *q, const char *id, struct err *
                            (size_t)sqlite3_column_bytes(rs, 0));
                 j->result_json_len = sqlite3_column_int64(rs, 1);
             }
-            sqlite3_finalize(rs);
+            finish(rs);
         }
     }
     rc = queue_event_json(j, event_id, q->cfg.result_inline_max_bytes, &body);
@@ -329,7 +396,7 @@ static int job_became_final(struct sqlite_queue *q, const char *id, struct err *
     if (sqlite3_step(st) != SQLITE_DONE)
         rc = db_err(q->wdb, e, "store webhook");
 cleanup:
-    sqlite3_finalize(st);
+    finish(st);
     buf_release(&body);
     job_free(j);
     return rc;
@@ -358,7 +425,7 @@ static int op_enqueue(struct sqlite_queue *q, struct op *o)
                              s->idempotency_key, o->id_out);
             o->existed = 1;
         }
-        sqlite3_finalize(st);
+        finish(st);
         st = NULL;
         if (o->existed)
             return rc;
@@ -392,7 +459,7 @@ static int op_enqueue(struct sqlite_queue *q, struct op *o)
     sqlite3_bind_text(st, 15, s->request_hash, -1, SQLITE_STATIC);
     if (sqlite3_step(st) != SQLITE_DONE)
         rc = db_err(q->wdb, &o->err, "insert job");
-    sqlite3_finalize(st);
+    finish(st);
     if (rc == 0)
         q->n_queued++;
     return rc;
@@ -405,15 +472,17 @@ static int op_lease(struct sqlite_queue *q, struct op *o)
     char id[40] = "";
     int rc = 0;
 
-    st = prepare(q->wdb, "SELECT id FROM jobs WHERE state = 0 AND available_ms <= ? AND "
-                         "(expires_ms = 0 OR expires_ms > ?) ORDER BY priority DESC, seq LIMIT 1");
+    st = prepare(
+        q->wdb,
+        "SELECT id FROM jobs INDEXED BY jobs_ready WHERE state = 0 AND available_ms <= ? AND "
+        "(expires_ms = 0 OR expires_ms > ?) ORDER BY priority DESC, seq LIMIT 1");
     if (!st)
         return db_err(q->wdb, &o->err, "prepare");
     sqlite3_bind_int64(st, 1, now);
     sqlite3_bind_int64(st, 2, now);
     if (sqlite3_step(st) == SQLITE_ROW)
         snprintf(id, sizeof(id), "%s", sqlite3_column_text(st, 0));
-    sqlite3_finalize(st);
+    finish(st);
     if (!id[0])
         return 0;
     st = prepare(q->wdb, "UPDATE jobs SET state = 1, attempts = attempts + 1, "
@@ -427,7 +496,7 @@ static int op_lease(struct sqlite_queue *q, struct op *o)
     sqlite3_bind_text(st, 4, id, -1, SQLITE_STATIC);
     if (sqlite3_step(st) != SQLITE_DONE)
         rc = db_err(q->wdb, &o->err, "lease");
-    sqlite3_finalize(st);
+    finish(st);
     if (rc != 0)
         return rc;
     q->n_queued--;
@@ -444,7 +513,7 @@ static int op_lease(struct sqlite_queue *q, struct op *o)
             rc = err_set(&o->err, ERR_NOMEM, "out of memory");
         o->job->input_json_len = sqlite3_column_int64(st, 1);
     }
-    sqlite3_finalize(st);
+    finish(st);
     return rc;
 }
 
@@ -461,7 +530,7 @@ static int fenced_update(struct sqlite_queue *q, struct op *o, sqlite3_stmt *st)
         rc = err_set(&o->err, ERR_CONFLICT,
                      "job %s: attempt %llu no longer holds the lease; its result is discarded",
                      o->id, (unsigned long long)o->token);
-    sqlite3_finalize(st);
+    finish(st);
     return rc;
 }
 
@@ -517,16 +586,18 @@ static int op_fail(struct sqlite_queue *q, struct op *o)
                        o->id, (unsigned long long)o->token);
     }
     final = !o->retryable || j->attempts >= j->max_attempts || j->cancel_requested;
+    int end_state = j->cancel_requested ? JOB_CANCELLED : final ? JOB_FAILED : JOB_QUEUED;
     for (int i = 1; i < j->attempts && backoff < MAX_BACKOFF_MS; i++)
         backoff *= 2;
     if (backoff > MAX_BACKOFF_MS)
         backoff = MAX_BACKOFF_MS;
     job_free(j);
-    st = prepare(q->wdb, "UPDATE jobs SET state = ?, error = ?, finished_ms = ?, "
-                         "available_ms = ?, input = CASE WHEN ? THEN NULL ELSE input END "
-                         "WHERE id = ? AND state = 1 AND attempts = ?");
+    /* a failed job keeps its input: POST /v1/jobs/{id}/retry sends it back */
+    st = prepare(q->wdb, "UPDATE jobs SET state = ?1, error = ?2, finished_ms = ?3, "
+                         "available_ms = ?4 WHERE id = ?6 AND state = 1 AND attempts = ?7 "
+                         "AND ?5 IS NOT NULL");
     if (st) {
-        sqlite3_bind_int(st, 1, final ? JOB_FAILED : JOB_QUEUED);
+        sqlite3_bind_int(st, 1, end_state);
         sqlite3_bind_text(st, 2, o->data, -1, SQLITE_STATIC);
         if (final)
             sqlite3_bind_int64(st, 3, now);
@@ -557,18 +628,18 @@ static int op_cancel(struct sqlite_queue *q, struct op *o)
     if (rc != 0)
         return rc;
     if (job_state_is_final(j->state)) {
-        rc = err_set(&o->err, ERR_CONFLICT, "job %s is already %s", o->id,
-                     job_state_name(j->state));
+        rc =
+            err_set(&o->err, ERR_CONFLICT, "job %s is already %s", o->id, job_state_name(j->state));
         job_free(j);
         return rc;
     }
     if (j->state == JOB_QUEUED) {
-        st = prepare(q->wdb, "UPDATE jobs SET state = 4, finished_ms = ?, input = NULL, "
-                             "error = 'cancelled' WHERE id = ? AND state = 0");
+        st = prepare(q->wdb, "UPDATE jobs SET state = 4, finished_ms = ?1, input = NULL, "
+                             "error = 'cancelled' WHERE id = ?2 AND state = 0");
         q->n_queued--;
     } else {
-        st = prepare(q->wdb, "UPDATE jobs SET cancel_requested = 1 WHERE id = ? AND state = 1 "
-                             "AND ? IS NOT NULL");
+        st = prepare(q->wdb, "UPDATE jobs SET cancel_requested = 1 WHERE id = ?2 AND state = 1 "
+                             "AND ?1 IS NOT NULL");
     }
     job_free(j);
     if (!st)
@@ -577,7 +648,7 @@ static int op_cancel(struct sqlite_queue *q, struct op *o)
     sqlite3_bind_text(st, 2, o->id, -1, SQLITE_STATIC);
     if (sqlite3_step(st) != SQLITE_DONE)
         rc = db_err(q->wdb, &o->err, "cancel");
-    sqlite3_finalize(st);
+    finish(st);
     if (rc == 0)
         rc = load_job(q->wdb, o->id, &o->job, &o->err);
     if (rc == 0 && o->job->state == JOB_CANCELLED)
@@ -601,13 +672,14 @@ static int op_retry(struct sqlite_queue *q, struct op *o)
         rc = db_err(q->wdb, &o->err, "retry");
     else if (sqlite3_changes(q->wdb) == 0)
         rc = ERR_CONFLICT;
-    sqlite3_finalize(st);
+    finish(st);
     if (rc == ERR_CONFLICT) {
         struct job *j = NULL;
         rc = load_job(q->wdb, o->id, &j, &o->err);
         if (rc == 0)
-            rc = err_set(&o->err, ERR_CONFLICT, "job %s is %s; only failed or expired jobs are "
-                                                "sent back to the queue",
+            rc = err_set(&o->err, ERR_CONFLICT,
+                         "job %s is %s; only failed or expired jobs are "
+                         "sent back to the queue",
                          o->id, job_state_name(j->state));
         job_free(j);
         return rc;
@@ -635,7 +707,7 @@ static int op_outbox_record(struct sqlite_queue *q, struct op *o)
     sqlite3_bind_int64(st, 4, a->outbox_id);
     if (sqlite3_step(st) != SQLITE_DONE)
         rc = db_err(q->wdb, &o->err, "record delivery");
-    sqlite3_finalize(st);
+    finish(st);
     if (rc != 0)
         return rc;
     st = prepare(q->wdb, "UPDATE outbox SET attempts = attempts + 1, done = ?, delivered = ?, "
@@ -648,7 +720,7 @@ static int op_outbox_record(struct sqlite_queue *q, struct op *o)
     sqlite3_bind_int64(st, 4, a->outbox_id);
     if (sqlite3_step(st) != SQLITE_DONE)
         rc = db_err(q->wdb, &o->err, "record delivery");
-    sqlite3_finalize(st);
+    finish(st);
     return rc;
 }
 
@@ -660,16 +732,18 @@ static void sweep(struct sqlite_queue *q, int64_t now)
     char ids[64][40];
     int n = 0;
 
-    st = prepare(q->wdb, "SELECT id FROM jobs WHERE state = 0 AND expires_ms > 0 AND "
-                         "expires_ms <= ? LIMIT 64");
+    st = prepare(
+        q->wdb,
+        "SELECT id FROM jobs INDEXED BY jobs_expiring WHERE state = 0 AND expires_ms > 0 AND "
+        "expires_ms <= ? LIMIT 64");
     if (st) {
         sqlite3_bind_int64(st, 1, now);
         while (n < 64 && sqlite3_step(st) == SQLITE_ROW)
             snprintf(ids[n++], 40, "%s", sqlite3_column_text(st, 0));
-        sqlite3_finalize(st);
+        finish(st);
     }
     for (int i = 0; i < n; i++) {
-        st = prepare(q->wdb, "UPDATE jobs SET state = 5, finished_ms = ?, input = NULL, error = "
+        st = prepare(q->wdb, "UPDATE jobs SET state = 5, finished_ms = ?, error = "
                              "'its ttl passed before a worker started it' WHERE id = ?");
         if (!st)
             break;
@@ -679,12 +753,14 @@ static void sweep(struct sqlite_queue *q, int64_t now)
             q->n_queued--;
             job_became_final(q, ids[i], &e);
         }
-        sqlite3_finalize(st);
+        finish(st);
     }
     /* a lease that ran out: the attempt is lost; count it and go again (or give up) */
     n = 0;
-    st = prepare(q->wdb, "SELECT id, attempts >= max_attempts FROM jobs WHERE state = 1 AND "
-                         "lease_until_ms <= ? LIMIT 64");
+    st = prepare(
+        q->wdb,
+        "SELECT id, attempts >= max_attempts FROM jobs INDEXED BY jobs_leased WHERE state = 1 AND "
+        "lease_until_ms <= ? LIMIT 64");
     int exhausted[64];
     if (st) {
         sqlite3_bind_int64(st, 1, now);
@@ -692,7 +768,7 @@ static void sweep(struct sqlite_queue *q, int64_t now)
             snprintf(ids[n], 40, "%s", sqlite3_column_text(st, 0));
             exhausted[n++] = sqlite3_column_int(st, 1);
         }
-        sqlite3_finalize(st);
+        finish(st);
     }
     for (int i = 0; i < n; i++) {
         st = prepare(q->wdb, exhausted[i]
@@ -710,7 +786,7 @@ static void sweep(struct sqlite_queue *q, int64_t now)
             else
                 q->n_queued++;
         }
-        sqlite3_finalize(st);
+        finish(st);
     }
 }
 
@@ -946,8 +1022,12 @@ static int s_extend(struct queue *qb, const char *id, uint64_t token, int64_t le
 static int s_complete(struct queue *qb, const char *id, uint64_t token, const char *result,
                       size_t len, int64_t json_len, struct err *e)
 {
-    struct op o = {.kind = OP_COMPLETE, .id = id, .token = token, .data = result,
-                   .data_len = len, .json_len = json_len};
+    struct op o = {.kind = OP_COMPLETE,
+                   .id = id,
+                   .token = token,
+                   .data = result,
+                   .data_len = len,
+                   .json_len = json_len};
     int rc = submit(sq(qb), &o);
 
     copy_err(e, &o);
@@ -957,8 +1037,8 @@ static int s_complete(struct queue *qb, const char *id, uint64_t token, const ch
 static int s_fail(struct queue *qb, const char *id, uint64_t token, const char *error,
                   int retryable, struct err *e)
 {
-    struct op o = {.kind = OP_FAIL, .id = id, .token = token, .data = error,
-                   .retryable = retryable};
+    struct op o = {
+        .kind = OP_FAIL, .id = id, .token = token, .data = error, .retryable = retryable};
     int rc = submit(sq(qb), &o);
 
     copy_err(e, &o);
@@ -1023,7 +1103,7 @@ static int load_notifications(sqlite3 *db, struct job *j)
         if (rc == 0)
             rc = buf_puts(&b, "}");
     }
-    sqlite3_finalize(st);
+    finish(st);
     if (rc == 0)
         rc = buf_puts(&b, "]");
     if (rc != 0) {
@@ -1034,8 +1114,7 @@ static int load_notifications(sqlite3 *db, struct job *j)
     return 0;
 }
 
-static int s_get(struct queue *qb, const char *id, int want_result, struct job **out,
-                 struct err *e)
+static int s_get(struct queue *qb, const char *id, int want_result, struct job **out, struct err *e)
 {
     struct sqlite_queue *q = sq(qb);
     int rc;
@@ -1054,7 +1133,7 @@ static int s_get(struct queue *qb, const char *id, int want_result, struct job *
                     rc = err_set(e, ERR_NOMEM, "out of memory");
                 (*out)->result_json_len = sqlite3_column_int64(st, 1);
             }
-            sqlite3_finalize(st);
+            finish(st);
         }
     }
     if (rc == 0 && load_notifications(q->rdb, *out) != 0)
@@ -1111,7 +1190,7 @@ static int s_list(struct queue *qb, const struct queue_list_filter *f, struct bu
         rc = buf_puts(out, "],\"next_cursor\":null}");
     }
 cleanup:
-    sqlite3_finalize(st);
+    finish(st);
     pthread_mutex_unlock(&q->read_lock);
     return rc;
 }
@@ -1132,7 +1211,7 @@ static int s_counts(struct queue *qb, int64_t counts[JOB_N_STATES], struct err *
         if (s >= 0 && s < JOB_N_STATES)
             counts[s] = sqlite3_column_int64(st, 1);
     }
-    sqlite3_finalize(st);
+    finish(st);
     pthread_mutex_unlock(&q->read_lock);
     return rc;
 }
@@ -1172,7 +1251,7 @@ static int s_outbox_due(struct queue *qb, int64_t now_ms, size_t max,
         }
         it->attempts = sqlite3_column_int(st, 4);
     }
-    sqlite3_finalize(st);
+    finish(st);
     pthread_mutex_unlock(&q->read_lock);
     *out = items;
     *n = count;
@@ -1189,7 +1268,7 @@ static int64_t s_outbox_next_due(struct queue *qb)
     st = prepare(q->rdb, "SELECT MIN(next_ms) FROM outbox WHERE done = 0");
     if (st && sqlite3_step(st) == SQLITE_ROW && sqlite3_column_type(st, 0) != SQLITE_NULL)
         next = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
+    finish(st);
     pthread_mutex_unlock(&q->read_lock);
     return next;
 }
@@ -1217,6 +1296,10 @@ static void s_close(struct queue *qb)
     pthread_cond_broadcast(&q->runnable);
     pthread_mutex_unlock(&q->lock);
     pthread_join(q->writer, NULL);
+    cache_owner = NULL;
+    for (int i = 0; i < STMT_CACHE && q->cache[i].st; i++)
+        sqlite3_finalize(q->cache[i].st);
+    pthread_mutex_destroy(&q->cache_lock);
     sqlite3_close(q->wdb);
     sqlite3_close(q->rdb);
     pthread_mutex_destroy(&q->lock);
@@ -1251,16 +1334,18 @@ static int recover(struct sqlite_queue *q, struct err *e)
     sqlite3_stmt *st;
     int rc;
 
-    rc = exec(q->wdb, "UPDATE jobs SET state = 0, available_ms = 0 WHERE state = 1 AND "
-                      "attempts < max_attempts",
+    rc = exec(q->wdb,
+              "UPDATE jobs SET state = 0, available_ms = 0 WHERE state = 1 AND "
+              "attempts < max_attempts",
               e);
     if (rc == 0 && sqlite3_changes(q->wdb) > 0)
         log_warn("queue", "requeued jobs a previous process left running", "jobs=%d",
                  sqlite3_changes(q->wdb));
     if (rc == 0)
-        rc = exec(q->wdb, "UPDATE jobs SET state = 3, finished_ms = CAST(strftime('%s','now') AS "
-                          "INTEGER) * 1000, error = 'the process running its last attempt died' "
-                          "WHERE state = 1",
+        rc = exec(q->wdb,
+                  "UPDATE jobs SET state = 3, finished_ms = CAST(strftime('%s','now') AS "
+                  "INTEGER) * 1000, error = 'the process running its last attempt died' "
+                  "WHERE state = 1",
                   e);
     if (rc != 0)
         return rc;
@@ -1269,7 +1354,7 @@ static int recover(struct sqlite_queue *q, struct err *e)
         return db_err(q->wdb, e, "count");
     if (sqlite3_step(st) == SQLITE_ROW)
         q->n_queued = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
+    finish(st);
     return 0;
 }
 
@@ -1290,6 +1375,8 @@ int queue_sqlite_open(const struct queue_config *cfg, struct queue **out, struct
     q->cfg = *cfg;
     pthread_mutex_init(&q->lock, NULL);
     pthread_mutex_init(&q->read_lock, NULL);
+    pthread_mutex_init(&q->cache_lock, NULL);
+    cache_owner = q;
     pthread_cond_init(&q->work, NULL);
     pthread_cond_init(&q->finished, NULL);
     pthread_cond_init(&q->runnable, NULL);
@@ -1303,6 +1390,9 @@ int queue_sqlite_open(const struct queue_config *cfg, struct queue **out, struct
     if (rc == 0 && pthread_create(&q->writer, NULL, writer_main, q) != 0)
         rc = err_set(e, ERR_NOMEM, "cannot start the job store's writer thread");
     if (rc != 0) {
+        cache_owner = NULL;
+        for (int i = 0; i < STMT_CACHE && q->cache[i].st; i++)
+            sqlite3_finalize(q->cache[i].st);
         sqlite3_close(q->wdb);
         sqlite3_close(q->rdb);
         free(q);

@@ -291,8 +291,8 @@ static void *worker_main(void *arg)
 
 /* ---- the pool ---- */
 
-int worker_pool_start(const struct worker_pool_config *cfg, struct queue *q,
-                      struct registry *reg, struct worker_pool **out, struct err *e)
+int worker_pool_start(const struct worker_pool_config *cfg, struct queue *q, struct registry *reg,
+                      struct worker_pool **out, struct err *e)
 {
     struct worker_pool *p = calloc(1, sizeof(*p));
     char host[64] = "host";

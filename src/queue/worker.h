@@ -16,13 +16,13 @@ struct registry;
 struct worker_pool;
 
 struct worker_pool_config {
-    int workers;             /* >= 1 */
-    int64_t lease_poll_ms;   /* how long a lease call waits for a job before looking again */
+    int workers;           /* >= 1 */
+    int64_t lease_poll_ms; /* how long a lease call waits for a job before looking again */
 };
 
 /* `q` and `reg` are borrowed and must outlive the pool. */
-int worker_pool_start(const struct worker_pool_config *cfg, struct queue *q,
-                      struct registry *reg, struct worker_pool **out, struct err *e);
+int worker_pool_start(const struct worker_pool_config *cfg, struct queue *q, struct registry *reg,
+                      struct worker_pool **out, struct err *e);
 
 /* Jobs running now. */
 int worker_pool_busy(struct worker_pool *p);

@@ -11,6 +11,7 @@ The suite needs ``build/inferd`` and
 Everything here waits by polling against a deadline; nothing asserts on
 elapsed time (the machines running this are small and shared).
 """
+import errno
 import json
 import os
 import shutil
@@ -181,7 +182,10 @@ _SERVERS = []   # servers whose logs are attached to a failing test's report
 class Server:
     """``build/inferd serve`` on a free port; stderr/stdout captured to files."""
 
-    def __init__(self, models_dir, log_dir, extra_args=(), scope="function", tag="inferd"):
+    def __init__(self, models_dir, log_dir, extra_args=(), scope="function", tag="inferd",
+                 binary=None, port=None):
+        self.binary = Path(binary) if binary is not None else INFERD_BIN
+        self.fixed_port = port    # None: a fresh free port per start
         self.models_dir = Path(models_dir)
         self.log_dir = Path(log_dir)
         self.extra_args = [str(a) for a in extra_args]
@@ -195,13 +199,15 @@ class Server:
 
     # -- lifecycle --------------------------------------------------------
     def start(self, wait_ready=True):
-        if not INFERD_BIN.exists():
-            pytest.fail(f"{INFERD_BIN} does not exist; build it first (make)")
-        for attempt in range(3):
-            self.port = free_port()
+        if not self.binary.exists():
+            pytest.fail(f"{self.binary} does not exist; build it first (make)")
+        # A fixed port (a restart on the same address) may still be held for a moment.
+        attempts = 3 if self.fixed_port is None else 40
+        for attempt in range(attempts):
+            self.port = free_port() if self.fixed_port is None else self.fixed_port
             self.url = f"http://127.0.0.1:{self.port}"
-            self.log_path = self.log_dir / f"{self.tag}-{self.port}.stderr.log"
-            cmd = [str(INFERD_BIN), "serve", "--models", str(self.models_dir),
+            self.log_path = self.log_dir / f"{self.tag}-{self.port}-{attempt}-{len(_SERVERS)}.stderr.log"
+            cmd = [str(self.binary), "serve", "--models", str(self.models_dir),
                    "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
             self.cmd = cmd
             self._log_f = open(self.log_path, "wb")
@@ -216,7 +222,10 @@ class Server:
                 return self
             # Died before ready: retry only when it looks like the port race.
             log = self.log().lower()
-            if attempt < 2 and ("address already in use" in log or "bind" in log):
+            if attempt < attempts - 1 and ("address already in use" in log or "bind" in log):
+                self._log_f.close()
+                if self.fixed_port is not None:
+                    time.sleep(0.25)
                 continue
             pytest.fail(f"inferd exited with {self.proc.returncode} before becoming ready\n"
                         f"command: {' '.join(cmd)}\n--- stderr ---\n{self.log_tail()}")
@@ -317,8 +326,9 @@ def server_factory(tmp_path):
     """
     started = []
 
-    def start(models_dir, *extra_args, wait_ready=True, tag="inferd"):
-        s = Server(models_dir, tmp_path, extra_args, scope="function", tag=tag)
+    def start(models_dir, *extra_args, wait_ready=True, tag="inferd", binary=None, port=None):
+        s = Server(models_dir, tmp_path, extra_args, scope="function", tag=tag,
+                   binary=binary, port=port)
         started.append(s)
         return s.start(wait_ready=wait_ready)
 
@@ -501,3 +511,322 @@ def parallel(n, fn):
         i, exc = errors[0]
         raise AssertionError(f"{len(errors)} of {n} client threads failed; thread {i}: {exc!r}") from exc
     return results
+
+
+# ---------------------------------------------------------------------------
+# the asynchronous job API (test_async*.py)
+# ---------------------------------------------------------------------------
+
+JOB_FINAL_STATES = ("succeeded", "failed", "cancelled", "expired")
+JOB_STATES = ("queued", "running") + JOB_FINAL_STATES
+JOB_KEYS = ("id", "model", "status", "priority", "attempts", "max_attempts", "created_at",
+            "started_at", "finished_at", "error", "output_location", "callback_url",
+            "notifications")
+
+
+def async_args(data_dir, *extra, backoff_ms=50):
+    """``serve`` options for the job API: a private --data-dir and a short retry backoff."""
+    return ["--data-dir", str(data_dir), "--retry-backoff-ms", str(backoff_ms), *extra]
+
+
+def parse_time(value):
+    """An ISO-8601 UTC time of the job JSON as a datetime (None for null)."""
+    import datetime as _dt
+    if value is None:
+        return None
+    assert isinstance(value, str), f"time is not a string: {value!r}"
+    v = value[:-1] + "+00:00" if value.endswith("Z") else value
+    try:
+        t = _dt.datetime.fromisoformat(v)
+    except ValueError:
+        pytest.fail(f"not an ISO-8601 time: {value!r}")
+    assert t.tzinfo is not None and t.utcoffset() == _dt.timedelta(0), \
+        f"time is not UTC: {value!r}"
+    return t
+
+
+def job_id_from_location(resp):
+    loc = resp.headers.get("Location")
+    assert loc, f"HTTP {resp.status_code} without a Location header: {dict(resp.headers)}"
+    assert loc.startswith("/v1/jobs/"), f"Location {loc!r} is not /v1/jobs/{{id}}"
+    return loc[len("/v1/jobs/"):]
+
+
+def check_accepted(resp, what="submit"):
+    """A 202 answer to a submission: Location + {"id","status":"queued"}; returns the id."""
+    assert resp.status_code == 202, f"{what}: HTTP {resp.status_code} (expected 202): {resp.text[:500]}"
+    body = resp.json()
+    jid = job_id_from_location(resp)
+    assert body.get("id") == jid, f"{what}: body id {body.get('id')!r} != Location id {jid!r}"
+    assert body.get("status") == "queued", f"{what}: body {body!r}"
+    return jid
+
+
+def check_job_json(job, jid=None):
+    missing = [k for k in JOB_KEYS if k not in job]
+    assert not missing, f"job JSON lacks {missing}: {job!r}"
+    if jid is not None:
+        assert job["id"] == jid, job
+    assert job["status"] in JOB_STATES, job
+    for k in ("created_at", "started_at", "finished_at"):
+        parse_time(job[k])
+    assert job["created_at"] is not None, job
+    assert isinstance(job["notifications"], list), job
+    return job
+
+
+def job_row_body(model, X, **fields):
+    """A POST /v1/jobs body with an inline input."""
+    body = {"model": model, "input": infer_body(X)}
+    body.update(fields)
+    return body
+
+
+def _jobs_submit(self, model=None, X=None, headers=None, **fields):
+    """POST /v1/jobs ``{"model": model, "input": infer_body(X), **fields}``."""
+    body = {}
+    if model is not None:
+        body["model"] = model
+    if X is not None:
+        body["input"] = infer_body(X)
+    body.update(fields)
+    return self.post("/v1/jobs", json=body, headers=headers or {})
+
+
+def _jobs_submit_ok(self, model, X=None, headers=None, **fields):
+    return check_accepted(self.submit(model, X, headers=headers, **fields),
+                          f"POST /v1/jobs model={model} {sorted(fields)}")
+
+
+def _jobs_job(self, jid, wait=None, **kw):
+    path = f"/v1/jobs/{jid}" + (f"?wait={wait}" if wait is not None else "")
+    r = self.get(path, **kw)
+    assert r.status_code == 200, f"GET {path}: HTTP {r.status_code}: {r.text[:500]}"
+    return check_job_json(r.json(), jid)
+
+
+def _jobs_wait_status(self, jid, statuses, deadline_s=60, what=None):
+    """Poll GET /v1/jobs/{id} (no long-poll) until its status is one of ``statuses``."""
+    statuses = (statuses,) if isinstance(statuses, str) else tuple(statuses)
+    last = {}
+
+    def check():
+        last["job"] = self.job(jid)
+        return last["job"] if last["job"]["status"] in statuses else None
+    end = time.monotonic() + deadline_s
+    while True:
+        job = check()
+        if job:
+            return job
+        if time.monotonic() > end:
+            pytest.fail(f"timed out after {deadline_s:.0f}s waiting for job {jid} "
+                        f"({what or ''}) to be {'/'.join(statuses)}; last: {last.get('job')!r}")
+        time.sleep(0.05)
+
+
+def _jobs_wait_final(self, jid, deadline_s=60, what=None):
+    return self.wait_status(jid, JOB_FINAL_STATES, deadline_s, what)
+
+
+def _jobs_list_all(self, limit=1000, **params):
+    """Every job of GET /v1/jobs (following next_cursor); returns (jobs, pages)."""
+    jobs, pages, cursor = [], 0, None
+    seen_cursors = set()
+    while True:
+        q = dict(params, limit=limit)
+        if cursor is not None:
+            q["cursor"] = cursor
+        r = self.get("/v1/jobs", params=q)
+        assert r.status_code == 200, f"GET /v1/jobs {q}: HTTP {r.status_code}: {r.text[:300]}"
+        page = r.json()
+        assert isinstance(page.get("jobs"), list) and "next_cursor" in page, page
+        assert len(page["jobs"]) <= limit, f"page of {len(page['jobs'])} > limit {limit}"
+        jobs.extend(page["jobs"])
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return jobs, pages
+        assert cursor not in seen_cursors, f"next_cursor {cursor!r} repeats"
+        seen_cursors.add(cursor)
+        assert pages < 10000, "GET /v1/jobs paging does not end"
+
+
+def metric_value(text, name, labels=None):
+    """The value of one sample of a Prometheus text exposition (None if absent)."""
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if labels is None:
+            if key == name:
+                return float(value)
+        elif key.startswith(name + "{"):
+            got = dict(kv.split("=", 1) for kv in key[len(name) + 1:-1].split(","))
+            got = {k: v.strip('"') for k, v in got.items()}
+            if all(got.get(k) == v for k, v in labels.items()):
+                return float(value)
+    return None
+
+
+def _jobs_counts(self):
+    """{state: count} from the inferd_jobs gauge of /metrics."""
+    text = self.metrics_text()
+    return {s: metric_value(text, "inferd_jobs", {"state": s}) for s in JOB_STATES}
+
+
+Client.submit = _jobs_submit
+Client.submit_ok = _jobs_submit_ok
+Client.job = _jobs_job
+Client.wait_status = _jobs_wait_status
+Client.wait_final = _jobs_wait_final
+Client.list_all = _jobs_list_all
+Client.job_counts = _jobs_counts
+
+
+class Gate:
+    """A job that holds an async worker until the test releases it.
+
+    Its ``input_location`` is a FIFO: the worker that runs it blocks reading the
+    file until :meth:`release` writes a valid request body into it. With
+    ``--workers 1`` this keeps every other job queued for as long as the test
+    needs, with no timing assumptions.
+    """
+    _n = 0
+
+    def __init__(self, tmp_dir, model, X):
+        Gate._n += 1
+        self.path = Path(tmp_dir) / f"gate-{Gate._n}.fifo"
+        os.mkfifo(self.path)
+        self.model = model
+        self.payload = json.dumps(infer_body(X)).encode()
+        assert len(self.payload) < 60000, "gate body must fit in a pipe buffer"
+        self.released = False
+        self.id = None
+
+    @property
+    def uri(self):
+        return f"file://{self.path}"
+
+    def submit(self, client, **fields):
+        self.id = check_accepted(client.post("/v1/jobs", json=dict(
+            {"model": self.model, "input_location": self.uri}, **fields)), "gate job")
+        return self.id
+
+    def hold(self, client, deadline_s=30):
+        """Submit and wait until the gate job runs (the worker is now held)."""
+        self.submit(client)
+        client.wait_status(self.id, "running", deadline_s, "gate job to occupy the worker")
+        return self.id
+
+    def release(self, deadline_s=30):
+        """Write the body once the worker has opened the FIFO; True when written."""
+        if self.released:
+            return True
+        end = time.monotonic() + deadline_s
+        while True:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # ENXIO: no reader yet
+                    raise
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.02)
+        try:
+            os.set_blocking(fd, True)
+            view = memoryview(self.payload)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        self.released = True
+        return True
+
+    def defuse(self):
+        """At teardown: release, or swap the FIFO for a plain file if nobody reads it."""
+        if self.released or not self.path.exists():
+            return
+        if not self.release(deadline_s=2):
+            tmp = self.path.with_suffix(".plain")
+            tmp.write_bytes(self.payload)
+            os.replace(tmp, self.path)   # a worker opening it later reads the body at once
+            self.released = True
+
+
+@pytest.fixture
+def gates(tmp_path, server_factory):
+    """``gates(model, X)`` -> a new :class:`Gate`; all are released before the servers stop."""
+    made = []
+
+    def make(model="rowsum", X=None):
+        if X is None:
+            X = np.ones((1, 4), dtype=np.float32)
+        g = Gate(tmp_path, model, X)
+        made.append(g)
+        return g
+
+    yield make
+    for g in made:
+        g.defuse()
+
+
+class WebhookReceiver:
+    """An HTTP server on 127.0.0.1:0 recording every POST.
+
+    Paths ``/flaky/<key>`` answer 500 to the first two POSTs for that key, then 200;
+    ``/fail/...`` always 500; everything else 200.
+    """
+
+    def __init__(self):
+        import http.server
+
+        self.requests = []
+        self.lock = threading.Lock()
+        self.hits = {}
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802 - http.server API
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+                with receiver.lock:
+                    receiver.hits[self.path] = receiver.hits.get(self.path, 0) + 1
+                    hit = receiver.hits[self.path]
+                    receiver.requests.append({"path": self.path, "headers": dict(self.headers),
+                                              "body": body, "at": time.time()})
+                status = 200
+                if self.path.startswith("/fail/") or (self.path.startswith("/flaky/") and hit <= 2):
+                    status = 500
+                payload = b'{"ok":true}' if status == 200 else b'{"error":"try again"}'
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def received(self, path_prefix=""):
+        with self.lock:
+            return [r for r in self.requests if r["path"].startswith(path_prefix)]
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def webhook_receiver():
+    r = WebhookReceiver()
+    yield r
+    r.close()

@@ -24,8 +24,8 @@ static _Atomic int n_execs;
 static _Atomic int max_rows_seen;
 static pthread_mutex_t gate_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t gate_cond = PTHREAD_COND_INITIALIZER;
-static int gate_closed;  /* guarded by gate_lock: execute waits while set */
-static int in_execute;   /* guarded by gate_lock */
+static int gate_closed; /* guarded by gate_lock: execute waits while set */
+static int in_execute;  /* guarded by gate_lock */
 
 static int fake_execute(void *inst, struct inferd_request *const *reqs, size_t n, char *err,
                         size_t err_len)
@@ -46,8 +46,8 @@ static int fake_execute(void *inst, struct inferd_request *const *reqs, size_t n
     for (size_t i = 0; i < n; i++) {
         const struct inferd_tensor *in = &reqs[i]->inputs[0];
         int64_t r = in->shape[0], w = in->shape[1];
-        float *y = tensor_output_alloc((struct inferd_request *)reqs[i], "y", INFERD_TYPE_FP32,
-                                       &r, 1, (size_t)r * 4);
+        float *y = tensor_output_alloc((struct inferd_request *)reqs[i], "y", INFERD_TYPE_FP32, &r,
+                                       1, (size_t)r * 4);
         rows += (int)r;
         for (int64_t k = 0; k < r; k++) {
             y[k] = 0;

@@ -68,18 +68,19 @@ static void test_rejections_name_the_field(void **state)
     assert_int_equal(decode_err("[1,2]", &e), ERR_INVALID);
     assert_int_equal(decode_err("{}", &e), ERR_INVALID);
     assert_non_null(strstr(e.msg, "inputs"));
-    assert_int_equal(decode_err("{\"inputs\":[{\"datatype\":\"FP32\",\"shape\":[1],\"data\":[1]}]}",
-                                &e),
-                     ERR_INVALID);
+    assert_int_equal(
+        decode_err("{\"inputs\":[{\"datatype\":\"FP32\",\"shape\":[1],\"data\":[1]}]}", &e),
+        ERR_INVALID);
     assert_non_null(strstr(e.msg, "inputs[0].name"));
     assert_int_equal(
-        decode_err("{\"inputs\":[{\"name\":\"x\",\"datatype\":\"FP99\",\"shape\":[1],\"data\":[1]}]}",
-                   &e),
+        decode_err(
+            "{\"inputs\":[{\"name\":\"x\",\"datatype\":\"FP99\",\"shape\":[1],\"data\":[1]}]}", &e),
         ERR_SHAPE);
     assert_non_null(strstr(e.msg, "FP99"));
     assert_int_equal(
-        decode_err("{\"inputs\":[{\"name\":\"x\",\"datatype\":\"FP32\",\"shape\":[3],\"data\":[1,2]}]}",
-                   &e),
+        decode_err(
+            "{\"inputs\":[{\"name\":\"x\",\"datatype\":\"FP32\",\"shape\":[3],\"data\":[1,2]}]}",
+            &e),
         ERR_SHAPE);
     assert_non_null(strstr(e.msg, "2 elements, shape declares 3"));
     assert_int_equal(decode_err("{\"inputs\":[{\"name\":\"x\",\"datatype\":\"FP32\",\"shape\":[2],"
@@ -182,9 +183,9 @@ static void test_v1_decode(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_flat_and_nested_agree), cmocka_unit_test(test_null_is_missing),
+        cmocka_unit_test(test_flat_and_nested_agree),     cmocka_unit_test(test_null_is_missing),
         cmocka_unit_test(test_rejections_name_the_field), cmocka_unit_test(test_binary_extension),
-        cmocka_unit_test(test_encode_json_and_v1),    cmocka_unit_test(test_v1_decode),
+        cmocka_unit_test(test_encode_json_and_v1),        cmocka_unit_test(test_v1_decode),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -123,8 +123,7 @@ static void test_output_alloc_and_reset(void **state)
     assert_int_equal(r->outputs[0].shape[0], 2);
     infer_request_reset_outputs(r);
     assert_int_equal(r->n_outputs, 0);
-    assert_null(tensor_output_alloc(&r->abi, "o", INFERD_TYPE_FP32, shape, INFERD_MAX_DIMS + 1,
-                                    4));
+    assert_null(tensor_output_alloc(&r->abi, "o", INFERD_TYPE_FP32, shape, INFERD_MAX_DIMS + 1, 4));
     infer_request_destroy(r);
 }
 

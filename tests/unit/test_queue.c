@@ -1,0 +1,267 @@
+/*
+ * test_queue.c: the SQLite job queue through its public interface: lifecycle, priority and
+ * FIFO order, fencing tokens, retries up to max_attempts, cancel, ttl expiry, idempotency,
+ * admission, and recovery of running jobs when the store is reopened.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "queue/queue.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+static char dir[256];
+
+static struct queue *open_queue(int64_t max_queued)
+{
+    struct queue_config cfg = {.data_dir = dir,
+                               .max_queued = max_queued,
+                               .retry_backoff_ms = 0,
+                               .result_inline_max_bytes = 1024};
+    struct queue *q = NULL;
+    struct err e = {0};
+
+    assert_int_equal(queue_open(&cfg, &q, &e), 0);
+    return q;
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    snprintf(dir, sizeof(dir), "/tmp/inferd-test-queue-XXXXXX");
+    assert_non_null(mkdtemp(dir));
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    char cmd[300];
+
+    (void)state;
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+    assert_int_equal(system(cmd), 0);
+    return 0;
+}
+
+static void enqueue(struct queue *q, int priority, const char *input, char id[40])
+{
+    struct job_spec spec = {.model = "m",
+                            .input = input,
+                            .input_len = strlen(input),
+                            .input_json_len = -1,
+                            .priority = priority,
+                            .max_attempts = 2,
+                            .lease_timeout_ms = 60000};
+    struct err e = {0};
+    int existed = 0;
+
+    assert_int_equal(queue_enqueue(q, &spec, id, &existed, &e), 0);
+    assert_int_equal(existed, 0);
+}
+
+static struct job *lease(struct queue *q)
+{
+    struct job *j = NULL;
+    struct err e = {0};
+
+    assert_int_equal(queue_lease(q, "w", 0, &j, &e), 0);
+    return j;
+}
+
+static void test_lifecycle_and_order(void **state)
+{
+    struct queue *q = open_queue(100);
+    char a[40], b[40], c[40], d[40];
+    struct job *j;
+    struct err e = {0};
+
+    (void)state;
+    enqueue(q, 0, "{\"a\":1}", a);
+    enqueue(q, 9, "{\"b\":1}", b);
+    enqueue(q, 5, "{\"c\":1}", c);
+    enqueue(q, 9, "{\"d\":1}", d);
+    assert_int_equal(queue_queued(q), 4);
+    /* priority first, FIFO within a priority */
+    const char *order[] = {b, d, c, a};
+    for (int i = 0; i < 4; i++) {
+        j = lease(q);
+        assert_non_null(j);
+        assert_string_equal(j->id, order[i]);
+        assert_int_equal(j->state, JOB_RUNNING);
+        assert_int_equal(j->attempts, 1);
+        assert_true(j->input.len > 0);
+        assert_int_equal(queue_complete(q, j->id, j->token, "{\"r\":1}", 7, -1, &e), 0);
+        job_free(j);
+    }
+    assert_null(lease(q));
+    assert_int_equal(queue_get(q, a, 1, &j, &e), 0);
+    assert_int_equal(j->state, JOB_SUCCEEDED);
+    assert_memory_equal(j->result.data, "{\"r\":1}", 7);
+    job_free(j);
+    queue_close(q);
+}
+
+static void test_fencing_retry_and_dead_letter(void **state)
+{
+    struct queue *q = open_queue(100);
+    struct job *j1, *j2, *j;
+    struct err e = {0};
+    char id[40];
+
+    (void)state;
+    enqueue(q, 0, "{}", id);
+    j1 = lease(q);
+    /* the first attempt fails and is retried (backoff 0); the stale token is then fenced */
+    assert_int_equal(queue_fail(q, id, j1->token, "boom 1", 1, &e), 0);
+    j2 = lease(q);
+    assert_non_null(j2);
+    assert_int_equal(j2->attempts, 2);
+    assert_int_equal(queue_complete(q, id, j1->token, "{}", 2, -1, &e), ERR_CONFLICT);
+    assert_int_equal(queue_extend(q, id, j1->token, 1000, &e), ERR_CONFLICT);
+    assert_int_equal(queue_extend(q, id, j2->token, 1000, &e), 0);
+    /* last attempt fails: dead letter with the last error */
+    assert_int_equal(queue_fail(q, id, j2->token, "boom 2", 1, &e), 0);
+    assert_int_equal(queue_get(q, id, 0, &j, &e), 0);
+    assert_int_equal(j->state, JOB_FAILED);
+    assert_string_equal(j->error, "boom 2");
+    job_free(j);
+    /* redrive */
+    assert_int_equal(queue_retry(q, id, &j, &e), 0);
+    assert_int_equal(j->state, JOB_QUEUED);
+    job_free(j);
+    job_free(j1);
+    job_free(j2);
+    j = lease(q);
+    assert_non_null(j);
+    assert_int_equal(queue_fail(q, id, j->token, "not retryable", 0, &e), 0);
+    job_free(j);
+    assert_int_equal(queue_get(q, id, 0, &j, &e), 0);
+    assert_int_equal(j->state, JOB_FAILED);
+    job_free(j);
+    queue_close(q);
+}
+
+static void test_cancel(void **state)
+{
+    struct queue *q = open_queue(100);
+    struct job *j, *running;
+    struct err e = {0};
+    char queued[40], run[40];
+
+    (void)state;
+    enqueue(q, 9, "{}", run);
+    enqueue(q, 0, "{}", queued);
+    running = lease(q);
+    assert_string_equal(running->id, run);
+    assert_int_equal(queue_cancel(q, queued, &j, &e), 0);
+    assert_int_equal(j->state, JOB_CANCELLED);
+    job_free(j);
+    assert_int_equal(queue_cancel(q, queued, &j, &e), ERR_CONFLICT);
+    /* running: marked now, cancelled when it reports, result discarded */
+    assert_int_equal(queue_cancel(q, run, &j, &e), 0);
+    assert_int_equal(j->state, JOB_RUNNING);
+    assert_int_equal(j->cancel_requested, 1);
+    job_free(j);
+    assert_int_equal(queue_complete(q, run, running->token, "{}", 2, -1, &e), 0);
+    assert_int_equal(queue_get(q, run, 1, &j, &e), 0);
+    assert_int_equal(j->state, JOB_CANCELLED);
+    assert_int_equal(j->result.len, 0);
+    job_free(j);
+    job_free(running);
+    assert_null(lease(q));
+    queue_close(q);
+}
+
+static void test_idempotency_and_admission(void **state)
+{
+    struct queue *q = open_queue(2);
+    struct job_spec spec = {.model = "m", .input = "{}", .input_len = 2, .input_json_len = -1,
+                            .max_attempts = 1, .lease_timeout_ms = 1000,
+                            .idempotency_key = "k1", .request_hash = "h1"};
+    char id1[40], id2[40], id3[40];
+    struct err e = {0};
+    int existed = 0;
+
+    (void)state;
+    assert_int_equal(queue_enqueue(q, &spec, id1, &existed, &e), 0);
+    assert_int_equal(queue_enqueue(q, &spec, id2, &existed, &e), 0);
+    assert_int_equal(existed, 1);
+    assert_string_equal(id1, id2);
+    spec.request_hash = "h2";
+    assert_int_equal(queue_enqueue(q, &spec, id2, &existed, &e), ERR_CONFLICT);
+    assert_non_null(strstr(e.msg, "Idempotency-Key 'k1'"));
+    spec.idempotency_key = NULL;
+    assert_int_equal(queue_enqueue(q, &spec, id3, &existed, &e), 0);
+    assert_int_equal(queue_enqueue(q, &spec, id3, &existed, &e), ERR_BUSY);
+    queue_close(q);
+}
+
+static void test_ttl_expiry(void **state)
+{
+    struct queue *q = open_queue(100);
+    struct job_spec spec = {.model = "m", .input = "{}", .input_len = 2, .input_json_len = -1,
+                            .max_attempts = 1, .lease_timeout_ms = 1000, .ttl_s = 1};
+    struct err e = {0};
+    struct job *j = NULL;
+    char id[40];
+    int existed;
+
+    (void)state;
+    assert_int_equal(queue_enqueue(q, &spec, id, &existed, &e), 0);
+    /* poll until the sweep expires it (it runs with the store's writes) */
+    for (int i = 0; i < 100; i++) {
+        struct timespec ts = {0, 50000000};
+        nanosleep(&ts, NULL);
+        assert_null(i > 30 ? lease(q) : NULL); /* a lease after the ttl never gets it */
+        job_free(j);
+        assert_int_equal(queue_get(q, id, 0, &j, &e), 0);
+        if (j->state == JOB_EXPIRED)
+            break;
+    }
+    assert_int_equal(j->state, JOB_EXPIRED);
+    job_free(j);
+    queue_close(q);
+}
+
+static void test_reopen_requeues_running_jobs(void **state)
+{
+    struct queue *q = open_queue(100);
+    struct job *j;
+    struct err e = {0};
+    char id[40];
+
+    (void)state;
+    enqueue(q, 0, "{\"x\":1}", id);
+    j = lease(q);
+    assert_non_null(j);
+    job_free(j);
+    queue_close(q); /* as if the process died holding the job */
+    q = open_queue(100);
+    j = lease(q);
+    assert_non_null(j);
+    assert_string_equal(j->id, id);
+    assert_int_equal(j->attempts, 2);
+    assert_int_equal(queue_complete(q, id, j->token, "{}", 2, -1, &e), 0);
+    job_free(j);
+    queue_close(q);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_lifecycle_and_order, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_fencing_retry_and_dead_letter, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_cancel, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_idempotency_and_admission, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_ttl_expiry, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reopen_requeues_running_jobs, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
