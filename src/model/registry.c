@@ -134,7 +134,7 @@ static int parse_config(json_t *root, const char *model_dir, const char *path,
         (rc = int_option(root, "max_batch_size", 64, &c->batch.max_batch_size, path, e)) ||
         (rc = int_option(root, "max_queue_delay_us", 0, &c->batch.max_queue_delay_us, path, e)) ||
         (rc = int_option(root, "max_queue_size", 1024, &c->batch.max_queue_size, path, e)) ||
-        (rc = int_option(root, "instances", n_cpu > 0 ? n_cpu : 1, &instances, path, e)) ||
+        (rc = int_option(root, "instances", n_cpu > 1 ? n_cpu / 2 : 1, &instances, path, e)) ||
         (rc = int_option(root, "default_timeout_us", 0, &c->default_timeout_us, path, e)) ||
         (rc = int_option(root, "lease_timeout_s", 300, &c->lease_timeout_s, path, e)))
         return rc;
