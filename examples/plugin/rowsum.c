@@ -6,7 +6,8 @@
  * shows every part of the ABI: init, model and instance life cycle, a batched execute that
  * writes each request's outputs through the host's allocator, and errors as messages: a
  * request whose first value is -999 fails alone ("poison value"), the rest of its batch
- * succeeds.
+ * succeeds; one whose first value is -998 makes the instance sleep for its second value in
+ * milliseconds first (a slow model, for tests).
  *
  * Build: cc -shared -fPIC -I include examples/plugin/rowsum.c -o librowsum.so
  * Use:   {"backend": "plugin", "path": "/abs/path/librowsum.so", "parameters": {"width": 4}}
@@ -16,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 struct rowsum_model {
     struct inferd_tensor input, output;
@@ -104,6 +106,11 @@ static int rs_execute(void *instance_state, struct inferd_request *const *reqs, 
         int64_t rows = in->shape[0];
         const float *x = in->data;
         float *y;
+        if (rows > 0 && m->width >= 2 && x[0] == -998.0f) {
+            /* a slow model, for tests: sleep x[1] milliseconds, then answer as usual */
+            struct timespec ts = {(time_t)(x[1] / 1000), (long)((long)x[1] % 1000) * 1000000L};
+            nanosleep(&ts, NULL);
+        }
         if (rows > 0 && x[0] == -999.0f) {
             /* a way for tests to make one request of a batch fail: the poison value */
             snprintf(reqs[i]->error, sizeof(reqs[i]->error), "poison value -999 in row 0");

@@ -363,8 +363,9 @@ static int job_became_final(struct sqlite_queue *q, const char *id, struct err *
     note_final(q, id, j->state);
     if (!j->callback_url || !j->callback_url[0])
         goto cleanup;
-    /* the event id is fixed here, so every repeat of this webhook carries the same one */
-    snprintf(event_id, sizeof(event_id), "evt_%s", j->id);
+    /* the event id is fixed here, so every repeat of this webhook carries the same one; a
+     * job sent back to the queue ends again with more attempts, and that is a new event */
+    snprintf(event_id, sizeof(event_id), "evt_%s_%d", j->id, j->attempts);
     if (j->state == JOB_SUCCEEDED && !j->output_location) {
         sqlite3_stmt *rs = prepare(q->wdb, "SELECT result, result_json_len FROM jobs WHERE id = ?");
         if (rs) {
@@ -652,7 +653,7 @@ static int op_cancel(struct sqlite_queue *q, struct op *o)
     if (rc == 0)
         rc = load_job(q->wdb, o->id, &o->job, &o->err);
     if (rc == 0 && o->job->state == JOB_CANCELLED)
-        note_final(q, o->id, JOB_CANCELLED);
+        rc = job_became_final(q, o->id, &o->err);
     return rc;
 }
 

@@ -7,7 +7,7 @@ import resource
 
 import numpy as np
 
-from conftest import infer_body, metric_value, wait_for
+from conftest import infer_body, metric_value, wait_for, write_plugin_model
 
 N_CONNECTIONS = 1000
 
@@ -58,34 +58,35 @@ def test_a_thousand_concurrent_connections(trained, repo_dir, server_factory):
 
 
 def test_client_that_hangs_up_is_dropped_from_the_queue(trained, repo_dir, server_factory):
-    slow = trained["slow"]
-    slow.install(repo_dir, name="slow", config={"backend": "xgboost", "instances": 1,
-                                                "max_batch_size": 1})
+    # the example plugin sleeps for row[1] ms when row[0] is -998: a model held busy on demand
+    write_plugin_model(repo_dir, name="held", width=4,
+                       extra={"instances": 1, "max_batch_size": 1})
     m = trained["binary"]
     m.install(repo_dir)
     srv = server_factory(repo_dir)
     c = srv.client()
-    big = slow.rows(20000, seed=1)
-    # occupy the only instance with big requests, queue one more behind them, then hang up
-    blockers = [raw_request(srv.port, infer_body(big), model="slow") for _ in range(3)]
+    body = {"inputs": [{"name": "input__0", "datatype": "FP32", "shape": [1, 4],
+                        "data": [-998, 5000, 0, 0]}]}
+    blocker = raw_request(srv.port, body, model="held")
 
     def inflight():
-        return metric_value(c.metrics_text(), "inferd_inflight_requests", {"model": "slow"}) or 0
+        return metric_value(c.metrics_text(), "inferd_inflight_requests", {"model": "held"}) or 0
 
-    wait_for(lambda: inflight() >= 2, 120, "two big requests admitted (one running, one queued)")
-    payload = json.dumps(infer_body(slow.rows(1, seed=2))).encode()
-    quitter = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
-    quitter.sendall(b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
-                    % len(payload) + payload)
+    wait_for(lambda: inflight() >= 1, 60, "the blocking request to be admitted")
+    quitter = raw_request(srv.port, {"inputs": [{"name": "input__0", "datatype": "FP32",
+                                                 "shape": [1, 4], "data": [1, 2, 3, 4]}]},
+                          model="held")
+    wait_for(lambda: inflight() >= 2, 60, "the second request to be queued behind it")
     quitter.close()
 
     def dropped():
         return metric_value(c.metrics_text(), "inferd_requests_total",
-                            {"model": "slow", "status": "499"}) or 0
+                            {"model": "held", "status": "499"}) or 0
 
-    wait_for(lambda: dropped() >= 1, 120, "the hung-up request to be counted with status 499")
-    for s in blockers:
-        s.close()
+    wait_for(lambda: dropped() >= 1, 60, "the hung-up request to be counted with status 499")
+    status, out = read_response(blocker)
+    assert status == 200 and out["outputs"][0]["data"] == [-998 + 5000 + 0 + 0]
+    blocker.close()
     # and the server still serves
     X = m.rows(3, seed=3)
     assert np.allclose(c.predict("binary", X), m.expected(X), atol=1e-6)

@@ -182,9 +182,14 @@ static void test_cancel(void **state)
 static void test_idempotency_and_admission(void **state)
 {
     struct queue *q = open_queue(2);
-    struct job_spec spec = {.model = "m", .input = "{}", .input_len = 2, .input_json_len = -1,
-                            .max_attempts = 1, .lease_timeout_ms = 1000,
-                            .idempotency_key = "k1", .request_hash = "h1"};
+    struct job_spec spec = {.model = "m",
+                            .input = "{}",
+                            .input_len = 2,
+                            .input_json_len = -1,
+                            .max_attempts = 1,
+                            .lease_timeout_ms = 1000,
+                            .idempotency_key = "k1",
+                            .request_hash = "h1"};
     char id1[40], id2[40], id3[40];
     struct err e = {0};
     int existed = 0;
@@ -206,8 +211,13 @@ static void test_idempotency_and_admission(void **state)
 static void test_ttl_expiry(void **state)
 {
     struct queue *q = open_queue(100);
-    struct job_spec spec = {.model = "m", .input = "{}", .input_len = 2, .input_json_len = -1,
-                            .max_attempts = 1, .lease_timeout_ms = 1000, .ttl_s = 1};
+    struct job_spec spec = {.model = "m",
+                            .input = "{}",
+                            .input_len = 2,
+                            .input_json_len = -1,
+                            .max_attempts = 1,
+                            .lease_timeout_ms = 1000,
+                            .ttl_s = 1};
     struct err e = {0};
     struct job *j = NULL;
     char id[40];
