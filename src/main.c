@@ -52,7 +52,9 @@ static const struct option_def serve_options[] = {
      "on SIGTERM, how long to wait for in-flight requests"},
     {"log-level", OPT_STR, "info", 0, 0, "error, warn, info or debug"},
     {"data-dir", OPT_STR, "./data", 0, 0, "where the async job queue keeps its database"},
-    {"workers", OPT_INT, "4", 1, 4096, "async jobs run at once, however many are queued"},
+    {"workers", OPT_INT, "2", 1, 4096, "async workers (each runs up to --worker-batch jobs)"},
+    {"worker-batch", OPT_INT, "64", 1, 4096,
+     "jobs a worker leases and runs at once, batched together through the model"},
     {"max-queue", OPT_INT, "100000", 1, 1000000000LL,
      "async jobs waiting; past it, 429 with Retry-After"},
     {"max-attempts", OPT_INT, "3", 1, 100, "attempts of a job that does not say"},
@@ -226,7 +228,9 @@ static int cmd_serve(int argc, char **argv)
         log_error("main", "cannot open the job queue", "reason=\"%s\"", e.msg);
         goto cleanup;
     }
-    wc = (struct worker_pool_config){.workers = (int)OPT_N(&p, "workers"), .lease_poll_ms = 500};
+    wc = (struct worker_pool_config){.workers = (int)OPT_N(&p, "workers"),
+                                     .batch = (int)OPT_N(&p, "worker-batch"),
+                                     .lease_poll_ms = 500};
     if (worker_pool_start(&wc, queue, reg, &pool, &e) != 0) {
         log_error("main", "cannot start the workers", "reason=\"%s\"", e.msg);
         goto cleanup;

@@ -84,6 +84,17 @@ int queue_lease(struct queue *q, const char *worker, int64_t wait_ms, struct job
     return q->ops->lease(q, worker, wait_ms, out, e);
 }
 
+int queue_lease_many(struct queue *q, const char *worker, size_t max, int64_t wait_ms,
+                     struct job **out, size_t *n, struct err *e)
+{
+    return q->ops->lease_many(q, worker, max, wait_ms, out, n, e);
+}
+
+int queue_finish_many(struct queue *q, struct queue_outcome *outs, size_t n, struct err *e)
+{
+    return q->ops->finish_many(q, outs, n, e);
+}
+
 int queue_extend(struct queue *q, const char *id, uint64_t token, int64_t lease_ms, struct err *e)
 {
     return q->ops->extend(q, id, token, lease_ms, e);

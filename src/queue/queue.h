@@ -126,6 +126,28 @@ int queue_enqueue(struct queue *q, const struct job_spec *spec, char id_out[40],
 int queue_lease(struct queue *q, const char *worker, int64_t wait_ms, struct job **out,
                 struct err *e);
 
+/* Like queue_lease, for up to `max` jobs in one commit. `out` is the caller's array of `max`
+ * pointers; `*n` of them receive new jobs (job_free each). */
+int queue_lease_many(struct queue *q, const char *worker, size_t max, int64_t wait_ms,
+                     struct job **out, size_t *n, struct err *e);
+
+/* One attempt's outcome, for queue_finish_many(). Strings borrowed for the call. */
+struct queue_outcome {
+    const char *id;
+    uint64_t token;
+    int ok;             /* 1: succeeded with `result`; 0: failed with `error` */
+    const char *result; /* NULL when written to output_location */
+    size_t result_len;
+    int64_t result_json_len;
+    const char *error;
+    int retryable;
+    int rc; /* filled: 0, or ERR_CONFLICT when fenced out (the outcome is discarded) */
+};
+
+/* Records many outcomes (as queue_complete / queue_fail) in one commit. Returns the first
+ * error other than a fencing conflict. */
+int queue_finish_many(struct queue *q, struct queue_outcome *outs, size_t n, struct err *e);
+
 /* Keeps a running attempt's lease. ERR_CONFLICT when the token no longer holds it. */
 int queue_extend(struct queue *q, const char *id, uint64_t token, int64_t lease_ms, struct err *e);
 

@@ -11,6 +11,9 @@ struct queue_ops {
                    struct err *e);
     int (*lease)(struct queue *q, const char *worker, int64_t wait_ms, struct job **out,
                  struct err *e);
+    int (*lease_many)(struct queue *q, const char *worker, size_t max, int64_t wait_ms,
+                      struct job **out, size_t *n, struct err *e);
+    int (*finish_many)(struct queue *q, struct queue_outcome *outs, size_t n, struct err *e);
     int (*extend)(struct queue *q, const char *id, uint64_t token, int64_t lease_ms, struct err *e);
     int (*complete)(struct queue *q, const char *id, uint64_t token, const char *result, size_t len,
                     int64_t json_len, struct err *e);

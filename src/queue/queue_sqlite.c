@@ -57,6 +57,9 @@ struct op {
     int64_t json_len;
     int retryable;
     const struct queue_outbox_attempt *attempt;
+    size_t max;        /* lease: jobs wanted */
+    struct job **jobs; /* lease: the caller's array of `max` */
+    size_t n_jobs;
     /* results */
     int rc;
     struct err err;
@@ -466,26 +469,12 @@ static int op_enqueue(struct sqlite_queue *q, struct op *o)
     return rc;
 }
 
-static int op_lease(struct sqlite_queue *q, struct op *o)
+static int lease_one(struct sqlite_queue *q, struct op *o, const char *id, int64_t now,
+                     struct job **out)
 {
-    int64_t now = queue_now_ms();
     sqlite3_stmt *st;
-    char id[40] = "";
     int rc = 0;
 
-    st = prepare(
-        q->wdb,
-        "SELECT id FROM jobs INDEXED BY jobs_ready WHERE state = 0 AND available_ms <= ? AND "
-        "(expires_ms = 0 OR expires_ms > ?) ORDER BY priority DESC, seq LIMIT 1");
-    if (!st)
-        return db_err(q->wdb, &o->err, "prepare");
-    sqlite3_bind_int64(st, 1, now);
-    sqlite3_bind_int64(st, 2, now);
-    if (sqlite3_step(st) == SQLITE_ROW)
-        snprintf(id, sizeof(id), "%s", sqlite3_column_text(st, 0));
-    finish(st);
-    if (!id[0])
-        return 0;
     st = prepare(q->wdb, "UPDATE jobs SET state = 1, attempts = attempts + 1, "
                          "started_ms = COALESCE(started_ms, ?), lease_until_ms = ? + "
                          "lease_timeout_ms, worker = ? WHERE id = ?");
@@ -501,7 +490,7 @@ static int op_lease(struct sqlite_queue *q, struct op *o)
     if (rc != 0)
         return rc;
     q->n_queued--;
-    rc = load_job(q->wdb, id, &o->job, &o->err);
+    rc = load_job(q->wdb, id, out, &o->err);
     if (rc != 0)
         return rc;
     st = prepare(q->wdb, "SELECT input, input_json_len FROM jobs WHERE id = ?");
@@ -509,12 +498,46 @@ static int op_lease(struct sqlite_queue *q, struct op *o)
         return db_err(q->wdb, &o->err, "prepare");
     sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
     if (sqlite3_step(st) == SQLITE_ROW) {
-        if (buf_append(&o->job->input, sqlite3_column_blob(st, 0),
+        if (buf_append(&(*out)->input, sqlite3_column_blob(st, 0),
                        (size_t)sqlite3_column_bytes(st, 0)) != 0)
             rc = err_set(&o->err, ERR_NOMEM, "out of memory");
-        o->job->input_json_len = sqlite3_column_int64(st, 1);
+        (*out)->input_json_len = sqlite3_column_int64(st, 1);
     }
     finish(st);
+    return rc;
+}
+
+/* Leases up to o->max runnable jobs, highest priority first, FIFO within a priority. */
+static int op_lease(struct sqlite_queue *q, struct op *o)
+{
+    int64_t now = queue_now_ms();
+    sqlite3_stmt *st;
+    char(*ids)[40] = calloc(o->max, 40);
+    size_t n = 0;
+    int rc = 0;
+
+    if (!ids)
+        return err_set(&o->err, ERR_NOMEM, "out of memory");
+    st = prepare(
+        q->wdb,
+        "SELECT id FROM jobs INDEXED BY jobs_ready WHERE state = 0 AND available_ms <= ? AND "
+        "(expires_ms = 0 OR expires_ms > ?) ORDER BY priority DESC, seq LIMIT ?");
+    if (!st) {
+        free(ids);
+        return db_err(q->wdb, &o->err, "prepare");
+    }
+    sqlite3_bind_int64(st, 1, now);
+    sqlite3_bind_int64(st, 2, now);
+    sqlite3_bind_int64(st, 3, (int64_t)o->max);
+    while (n < o->max && sqlite3_step(st) == SQLITE_ROW)
+        snprintf(ids[n++], 40, "%s", sqlite3_column_text(st, 0));
+    finish(st);
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        rc = lease_one(q, o, ids[i], now, &o->jobs[o->n_jobs]);
+        if (rc == 0)
+            o->n_jobs++;
+    }
+    free(ids);
     return rc;
 }
 
@@ -940,6 +963,31 @@ static int submit(struct sqlite_queue *q, struct op *o)
     return o->rc;
 }
 
+/* Queues every op of `ops` at once, so they share one commit, and waits for all of them. */
+static void submit_many(struct sqlite_queue *q, struct op *ops, size_t n)
+{
+    pthread_mutex_lock(&q->lock);
+    if (q->stopping) {
+        pthread_mutex_unlock(&q->lock);
+        for (size_t i = 0; i < n; i++)
+            ops[i].rc = err_set(&ops[i].err, ERR_UNAVAILABLE, "the job store is closing");
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        ops[i].next = NULL;
+        if (q->tail)
+            q->tail->next = &ops[i];
+        else
+            q->head = &ops[i];
+        q->tail = &ops[i];
+    }
+    pthread_cond_signal(&q->work);
+    for (size_t i = 0; i < n; i++)
+        while (!ops[i].done)
+            pthread_cond_wait(&q->finished, &q->lock);
+    pthread_mutex_unlock(&q->lock);
+}
+
 static struct sqlite_queue *sq(struct queue *q)
 {
     return (struct sqlite_queue *)q;
@@ -965,24 +1013,32 @@ static int s_enqueue(struct queue *qb, const struct job_spec *spec, char id_out[
     return rc;
 }
 
-static int s_lease(struct queue *qb, const char *worker, int64_t wait_ms, struct job **out,
-                   struct err *e)
+static int s_lease_many(struct queue *qb, const char *worker, size_t max, int64_t wait_ms,
+                        struct job **out, size_t *n, struct err *e)
 {
     struct sqlite_queue *q = sq(qb);
     int64_t until = queue_now_ms() + wait_ms;
     int rc;
 
-    *out = NULL;
+    *n = 0;
     for (;;) {
-        struct op o = {.kind = OP_LEASE, .worker = worker};
+        struct op o = {.kind = OP_LEASE, .worker = worker, .max = max, .jobs = out};
         uint64_t gen;
         pthread_mutex_lock(&q->lock);
         gen = q->generation;
         pthread_mutex_unlock(&q->lock);
         rc = submit(q, &o);
-        if (rc != 0 || o.job) {
+        if (rc != 0 || o.n_jobs) {
+            if (rc != 0) {
+                /* nothing of the group is durable: the leases did not happen */
+                for (size_t i = 0; i < o.n_jobs; i++) {
+                    job_free(out[i]);
+                    out[i] = NULL;
+                }
+                o.n_jobs = 0;
+            }
             copy_err(e, &o);
-            *out = o.job;
+            *n = o.n_jobs;
             return rc;
         }
         int64_t now = queue_now_ms();
@@ -1008,6 +1064,44 @@ static int s_lease(struct queue *qb, const char *worker, int64_t wait_ms, struct
         if (stopping)
             return 0;
     }
+}
+
+static int s_lease(struct queue *qb, const char *worker, int64_t wait_ms, struct job **out,
+                   struct err *e)
+{
+    size_t n = 0;
+
+    *out = NULL;
+    return s_lease_many(qb, worker, 1, wait_ms, out, &n, e);
+}
+
+static int s_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n, struct err *e)
+{
+    struct op *ops = calloc(n ? n : 1, sizeof(*ops));
+    int rc = 0;
+
+    if (!ops)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        struct queue_outcome *oc = &outs[i];
+        ops[i] = (struct op){.kind = oc->ok ? OP_COMPLETE : OP_FAIL,
+                             .id = oc->id,
+                             .token = oc->token,
+                             .data = oc->ok ? oc->result : oc->error,
+                             .data_len = oc->result_len,
+                             .json_len = oc->result_json_len,
+                             .retryable = oc->retryable};
+    }
+    submit_many(sq(qb), ops, n);
+    for (size_t i = 0; i < n; i++) {
+        outs[i].rc = ops[i].rc;
+        if (ops[i].rc != 0 && ops[i].rc != ERR_CONFLICT && rc == 0) {
+            rc = ops[i].rc;
+            copy_err(e, &ops[i]);
+        }
+    }
+    free(ops);
+    return rc;
 }
 
 static int s_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms,
@@ -1314,6 +1408,8 @@ static void s_close(struct queue *qb)
 static const struct queue_ops sqlite_ops = {
     .enqueue = s_enqueue,
     .lease = s_lease,
+    .lease_many = s_lease_many,
+    .finish_many = s_finish_many,
     .extend = s_extend,
     .complete = s_complete,
     .fail = s_fail,

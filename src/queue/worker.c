@@ -27,12 +27,10 @@ struct worker {
     pthread_t thread;
     int index;
     char name[64];
-    /* the running batch item's completion */
+    /* completions of the running jobs' batch items */
     pthread_mutex_t lock;
     pthread_cond_t cond;
-    int done;    /* guarded by lock */
-    int done_rc; /* guarded by lock */
-    struct err done_err;
+    int pending; /* guarded by lock: items submitted and not yet done */
 };
 
 struct worker_pool {
@@ -104,22 +102,41 @@ static int write_location(const char *uri, const char *data, size_t len, struct 
     return 0;
 }
 
-/* ---- running one job ---- */
+/* ---- running a batch of jobs ---- */
+
+/* One leased job on its way through the model. */
+struct slot {
+    struct worker *w;
+    struct job *job;
+    struct model *model;
+    struct infer_request *req;
+    struct batch_item item;
+    struct buf body; /* the input, when read from input_location */
+    struct buf out;  /* the encoded result */
+    int64_t out_json_len;
+    int rc;
+    int retryable;
+    struct err err;
+    int submitted;
+};
 
 static void item_done(struct batch_item *item, int rc, const struct err *e)
 {
-    struct worker *w = item->ctx;
+    struct slot *sl = item->ctx;
+    struct worker *w = sl->w;
 
     pthread_mutex_lock(&w->lock);
-    w->done = 1;
-    w->done_rc = rc;
+    sl->rc = rc;
     if (e)
-        w->done_err = *e;
-    pthread_cond_signal(&w->cond);
+        sl->err = *e;
+    sl->retryable = rc != 0; /* a backend failure may be transient; max_attempts bounds it */
+    w->pending--;
+    if (w->pending == 0)
+        pthread_cond_signal(&w->cond);
     pthread_mutex_unlock(&w->lock);
 }
 
-static void count_completion(struct worker_pool *p)
+static void count_completions(struct worker_pool *p, size_t n)
 {
     int64_t now = queue_now_ms();
 
@@ -129,33 +146,57 @@ static void count_completion(struct worker_pool *p)
         p->rate_window_start_ms = now;
         p->rate_count = 0;
     }
-    p->rate_count++;
+    p->rate_count += (int64_t)n;
     pthread_mutex_unlock(&p->rate_lock);
 }
 
-/* Submits and waits, extending the lease meanwhile. Returns the batch's rc. */
-static int run_batch(struct worker *w, struct model *m, struct job *job, struct batch_item *item,
-                     struct err *e)
+/* Reads, decodes and checks a job's input; on failure the slot says why. */
+static int prepare_slot(struct worker_pool *p, struct slot *sl)
 {
-    struct worker_pool *p = w->pool;
-    int64_t extend_every = job->lease_timeout_ms / 3 > 100 ? job->lease_timeout_ms / 3 : 100;
+    struct job *job = sl->job;
+    const struct buf *input = &job->input;
+    int64_t json_len = job->input_json_len;
+    struct err *e = &sl->err;
     int rc;
 
-    w->done = 0;
-    for (;;) {
-        rc = batcher_submit(m->batcher, item, e);
-        if (rc != ERR_BUSY)
-            break;
-        /* the model's queue is full of online traffic: wait a little, it is not the job's fault */
-        struct timespec ts = {0, 5 * 1000000};
-        nanosleep(&ts, NULL);
-        if (atomic_load(&p->stopping) && rc == ERR_BUSY)
-            continue;
+    if (job->input_location) {
+        rc = read_location(job->input_location, &sl->body, e);
+        if (rc != 0) {
+            sl->retryable = rc == ERR_IO;
+            return rc;
+        }
+        input = &sl->body;
+        json_len = -1;
     }
-    if (rc != 0)
+    rc = registry_acquire(p->reg, job->model, 0, &sl->model, e);
+    if (rc != 0) {
+        sl->retryable = 1; /* the model may be reloading */
         return rc;
+    }
+    rc = codec_decode_v2(input->data ? input->data : "", input->len, json_len, &sl->req, e);
+    if (rc == 0)
+        rc = tensor_check_inputs(sl->req, &sl->model->info, e);
+    if (rc != 0) {
+        char msg[sizeof(e->msg)];
+        snprintf(msg, sizeof(msg), "%s", e->msg);
+        err_set(e, rc, "model '%s': %s", job->model, msg);
+    }
+    return rc;
+}
+
+/* Waits until every submitted item is done, extending the jobs' leases meanwhile. */
+static void wait_batch(struct worker *w, struct slot *slots, size_t n)
+{
+    struct worker_pool *p = w->pool;
+    int64_t extend_every = INT64_MAX;
+
+    for (size_t i = 0; i < n; i++)
+        if (slots[i].job->lease_timeout_ms / 3 < extend_every)
+            extend_every = slots[i].job->lease_timeout_ms / 3;
+    if (extend_every < 100)
+        extend_every = 100;
     pthread_mutex_lock(&w->lock);
-    while (!w->done) {
+    while (w->pending > 0) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
         ts.tv_sec += extend_every / 1000;
@@ -164,128 +205,151 @@ static int run_batch(struct worker *w, struct model *m, struct job *job, struct 
             ts.tv_sec++;
             ts.tv_nsec -= 1000000000L;
         }
-        if (pthread_cond_timedwait(&w->cond, &w->lock, &ts) == ETIMEDOUT && !w->done) {
-            struct err xe;
+        if (pthread_cond_timedwait(&w->cond, &w->lock, &ts) == ETIMEDOUT && w->pending > 0) {
             pthread_mutex_unlock(&w->lock);
-            if (queue_extend(p->q, job->id, job->token, job->lease_timeout_ms, &xe) != 0)
-                log_warn("worker", "could not extend a lease", "job=%s reason=\"%s\"", job->id,
-                         xe.msg);
+            for (size_t i = 0; i < n; i++) {
+                struct err xe;
+                if (slots[i].submitted && queue_extend(p->q, slots[i].job->id, slots[i].job->token,
+                                                       slots[i].job->lease_timeout_ms, &xe) != 0)
+                    log_warn("worker", "could not extend a lease", "job=%s reason=\"%s\"",
+                             slots[i].job->id, xe.msg);
+            }
             pthread_mutex_lock(&w->lock);
         }
     }
-    rc = w->done_rc;
-    if (rc != 0)
-        *e = w->done_err;
     pthread_mutex_unlock(&w->lock);
-    return rc;
 }
 
-/* Records the outcome; `retryable` failures go back to the queue until max_attempts. */
-static void finish(struct worker *w, struct job *job, int rc, int retryable, const struct err *e,
-                   const struct buf *result, int64_t json_len)
+static void submit_slot(struct worker *w, struct slot *sl)
 {
-    struct err qe;
-    int qrc;
+    int rc;
 
-    if (rc == 0)
-        qrc = queue_complete(w->pool->q, job->id, job->token, result ? result->data : NULL,
-                             result ? result->len : 0, json_len, &qe);
-    else
-        qrc = queue_fail(w->pool->q, job->id, job->token, e->msg, retryable, &qe);
-    if (qrc == ERR_CONFLICT)
-        log_warn("worker", "attempt fenced out; its outcome is discarded", "job=%s attempt=%llu",
-                 job->id, (unsigned long long)job->token);
-    else if (qrc != 0)
-        log_error("worker", "could not record a job's outcome", "job=%s reason=\"%s\"", job->id,
-                  qe.msg);
-    count_completion(w->pool);
+    sl->item = (struct batch_item){.req = sl->req, .client_fd = -1, .done = item_done, .ctx = sl};
+    metrics_job_wait(sl->model->metrics, (double)(queue_now_ms() - sl->job->created_ms) / 1e3);
+    pthread_mutex_lock(&w->lock);
+    w->pending++;
+    pthread_mutex_unlock(&w->lock);
+    sl->submitted = 1;
+    for (;;) {
+        rc = batcher_submit(sl->model->batcher, &sl->item, &sl->err);
+        if (rc != ERR_BUSY)
+            break;
+        /* the model's queue is full of online traffic: wait a little, it is not the job's fault */
+        struct timespec ts = {0, 5 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+    if (rc != 0) {
+        pthread_mutex_lock(&w->lock);
+        w->pending--;
+        pthread_mutex_unlock(&w->lock);
+        sl->rc = rc;
+        sl->retryable = 1;
+    }
 }
 
-static void run_job(struct worker *w, struct job *job)
+/* Encodes a finished slot's result (or writes it to its output_location). */
+static void encode_slot(struct slot *sl)
+{
+    if (sl->rc != 0)
+        return;
+    if (codec_encode_v2(sl->req, sl->model->name, sl->model->version_str, &sl->out,
+                        &sl->out_json_len) != 0) {
+        sl->rc = err_set(&sl->err, ERR_NOMEM, "out of memory encoding the result");
+        sl->retryable = 1;
+        return;
+    }
+    if (sl->job->output_location) {
+        sl->rc = write_location(sl->job->output_location, sl->out.data, sl->out.len, &sl->err);
+        sl->retryable = 1;
+        if (sl->rc == 0)
+            buf_release(&sl->out); /* stored there, not inline */
+    }
+}
+
+static void run_jobs(struct worker *w, struct job **jobs, size_t n)
 {
     struct worker_pool *p = w->pool;
-    struct infer_request *req = NULL;
-    struct model *m = NULL;
-    struct buf body = {0}, out = {0};
-    struct batch_item item;
-    struct err e = {0};
-    int64_t json_len = job->input_json_len, out_json_len = -1;
-    const struct buf *input = &job->input;
-    int rc, retryable = 0;
-
-    if (job->input_location) {
-        rc = read_location(job->input_location, &body, &e);
-        if (rc != 0) {
-            retryable = rc == ERR_IO;
-            goto done;
-        }
-        input = &body;
-        json_len = -1;
-    }
-    rc = registry_acquire(p->reg, job->model, 0, &m, &e);
-    if (rc != 0) {
-        retryable = 1; /* the model may be reloading */
-        goto done;
-    }
-    rc = codec_decode_v2(input->data ? input->data : "", input->len, json_len, &req, &e);
-    if (rc == 0)
-        rc = tensor_check_inputs(req, &m->info, &e);
-    if (rc != 0) {
-        char msg[sizeof(e.msg)];
-        snprintf(msg, sizeof(msg), "%s", e.msg);
-        err_set(&e, rc, "model '%s': %s", job->model, msg);
-        goto done;
-    }
-    item = (struct batch_item){.req = req, .client_fd = -1, .done = item_done, .ctx = w};
-    metrics_job_wait(m->metrics, (double)(queue_now_ms() - job->created_ms) / 1e3);
+    struct slot *slots = calloc(n, sizeof(*slots));
+    struct queue_outcome *outs = calloc(n, sizeof(*outs));
     int64_t started = queue_now_ms();
-    rc = run_batch(w, m, job, &item, &e);
-    metrics_job_run(m->metrics, (double)(queue_now_ms() - started) / 1e3);
-    if (rc != 0) {
-        retryable = 1; /* a backend failure may be transient; max_attempts bounds a poison job */
-        goto done;
+    struct err e;
+
+    if (!slots || !outs) {
+        /* out of memory: leave the leases to expire; the jobs run again */
+        free(slots);
+        free(outs);
+        return;
     }
-    rc = codec_encode_v2(req, m->name, m->version_str, &out, &out_json_len);
-    if (rc != 0) {
-        err_set(&e, ERR_NOMEM, "out of memory encoding the result");
-        retryable = 1;
-        goto done;
+    for (size_t i = 0; i < n; i++) {
+        slots[i].w = w;
+        slots[i].job = jobs[i];
+        slots[i].rc = prepare_slot(p, &slots[i]);
     }
-    if (job->output_location) {
-        rc = write_location(job->output_location, out.data, out.len, &e);
-        retryable = 1;
-        if (rc == 0)
-            buf_release(&out);
+    /* all of them into the batchers at once: queued jobs are dynamically batched too */
+    for (size_t i = 0; i < n; i++)
+        if (slots[i].rc == 0)
+            submit_slot(w, &slots[i]);
+    wait_batch(w, slots, n);
+    for (size_t i = 0; i < n; i++) {
+        struct slot *sl = &slots[i];
+        if (sl->submitted)
+            metrics_job_run(sl->model->metrics, (double)(queue_now_ms() - started) / 1e3);
+        encode_slot(sl);
+        outs[i] = (struct queue_outcome){
+            .id = sl->job->id,
+            .token = sl->job->token,
+            .ok = sl->rc == 0,
+            .result = sl->rc == 0 ? sl->out.data : NULL,
+            .result_len = sl->rc == 0 ? sl->out.len : 0,
+            .result_json_len = sl->out_json_len,
+            .error = sl->rc == 0 ? NULL : sl->err.msg,
+            .retryable = sl->retryable,
+        };
     }
-done:
-    finish(w, job, rc, retryable, &e, rc == 0 && out.data ? &out : NULL, out_json_len);
-    infer_request_destroy(req);
-    model_release(m);
-    buf_release(&body);
-    buf_release(&out);
+    if (queue_finish_many(p->q, outs, n, &e) != 0)
+        log_error("worker", "could not record jobs' outcomes", "jobs=%zu reason=\"%s\"", n, e.msg);
+    for (size_t i = 0; i < n; i++) {
+        if (outs[i].rc == ERR_CONFLICT)
+            log_warn("worker", "attempt fenced out; its outcome is discarded",
+                     "job=%s attempt=%llu", slots[i].job->id,
+                     (unsigned long long)slots[i].job->token);
+        infer_request_destroy(slots[i].req);
+        model_release(slots[i].model);
+        buf_release(&slots[i].body);
+        buf_release(&slots[i].out);
+    }
+    count_completions(p, n);
+    free(slots);
+    free(outs);
 }
 
 static void *worker_main(void *arg)
 {
     struct worker *w = arg;
     struct worker_pool *p = w->pool;
+    struct job **jobs = calloc((size_t)p->cfg.batch, sizeof(*jobs));
 
-    while (!atomic_load(&p->stopping)) {
-        struct job *job = NULL;
+    while (jobs && !atomic_load(&p->stopping)) {
         struct err e;
-        if (queue_lease(p->q, w->name, p->cfg.lease_poll_ms, &job, &e) != 0) {
+        size_t n = 0;
+        if (queue_lease_many(p->q, w->name, (size_t)p->cfg.batch, p->cfg.lease_poll_ms, jobs, &n,
+                             &e) != 0) {
             log_error("worker", "lease failed", "worker=%s reason=\"%s\"", w->name, e.msg);
             struct timespec ts = {0, 200 * 1000000};
             nanosleep(&ts, NULL);
             continue;
         }
-        if (!job)
+        if (n == 0)
             continue;
-        atomic_fetch_add(&p->busy, 1);
-        run_job(w, job);
-        atomic_fetch_sub(&p->busy, 1);
-        job_free(job);
+        atomic_fetch_add(&p->busy, (int)n);
+        run_jobs(w, jobs, n);
+        atomic_fetch_sub(&p->busy, (int)n);
+        for (size_t i = 0; i < n; i++) {
+            job_free(jobs[i]);
+            jobs[i] = NULL;
+        }
     }
+    free(jobs);
     return NULL;
 }
 

@@ -1,10 +1,11 @@
 /*
  * worker.h: the pool of async workers inside `inferd serve`.
  *
- * Each worker leases one job at a time, runs it through the same model batcher as online
- * requests (so queued jobs are dynamically batched too), and records the result. `workers`
- * bounds how many jobs run at once, however many are queued. A running job's lease is
- * extended while it runs, so a long job is never run twice while its worker lives.
+ * Each worker leases up to `batch` jobs at once (one commit), runs them through the same
+ * model batchers as online requests (so queued jobs are dynamically batched too), and records
+ * their outcomes in one commit. At most workers x batch jobs run at once, however many are
+ * queued. A running job's lease is extended while it runs, so a long job is never run twice
+ * while its worker lives.
  */
 #ifndef INFERD_WORKER_H
 #define INFERD_WORKER_H
@@ -17,6 +18,7 @@ struct worker_pool;
 
 struct worker_pool_config {
     int workers;           /* >= 1 */
+    int batch;             /* jobs one worker leases and runs at once, >= 1 */
     int64_t lease_poll_ms; /* how long a lease call waits for a job before looking again */
 };
 

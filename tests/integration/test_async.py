@@ -62,12 +62,14 @@ def client(srv):
 
 @pytest.fixture
 def one_worker(server_factory, repo, tmp_path):
-    """start(*extra_args) -> a fresh server with --workers 1 and its own --data-dir."""
+    """start(*extra_args) -> a fresh server with one worker running one job at a time
+    (--workers 1 --worker-batch 1) and its own --data-dir."""
     counter = itertools.count()
 
     def start(*extra, models=None):
         data = tmp_path / f"data-{next(counter)}"
-        return server_factory(models or repo, *async_args(data, "--workers", "1", *extra),
+        return server_factory(models or repo,
+                              *async_args(data, "--workers", "1", "--worker-batch", "1", *extra),
                               tag="async-1w")
     return start
 

@@ -201,7 +201,7 @@ def test_kill9_requeues_running_job_at_once(server_factory, tmp_path, inferd_cop
     repo = tmp_path / "models"
     write_plugin_model(repo, "rowsum", width=4)
     data = tmp_path / "data"
-    args = async_args(data, "--workers", "1")
+    args = async_args(data, "--workers", "1", "--worker-batch", "1")
     first = server_factory(repo, *args, binary=inferd_copy, tag="requeue-1")
     c = first.client()
     X = np.array([[1.5, 2.0, -0.25, 4.0]], dtype=np.float32)
