@@ -334,43 +334,72 @@ static void wait_or_answer(struct req *r, struct job *j)
 
 /* ---- enqueue ---- */
 
-static void do_enqueue(struct req *r)
+/* What follows a commit when it needs the job store again (on the I/O pool). */
+static void after_enqueue(struct req *r)
 {
     struct err e = {0};
-    int existed = 0, rc;
     struct job *j = NULL;
 
-    rc = queue_enqueue(r->srv->queue, &r->spec, r->job_id, &existed, &e);
+    if (r->prefer_async && r->wait_ms > 0 && r->status == 0) {
+        if (queue_get(r->srv->queue, r->job_id, 1, &j, &e) == 0) {
+            r->wait_mode = WAIT_INFER;
+            wait_or_answer(r, j);
+            job_free(j);
+            return;
+        }
+    }
+    /* the same request again: the same job back */
+    if (queue_get(r->srv->queue, r->job_id, 0, &j, &e) == 0)
+        reply_job(r, 200, j);
+    else
+        http_set_error(r, e.code, e.msg);
+    job_free(j);
+    http_finish_async(r);
+}
+
+static void run_after_enqueue(void *arg)
+{
+    after_enqueue(arg);
+}
+
+/* Called on the store's writer thread once the job is durable (or refused): never blocks. */
+static void enqueued(void *ctx, int rc, const struct err *e, const char *id, int existed)
+{
+    struct req *r = ctx;
+
+    snprintf(r->job_id, sizeof(r->job_id), "%s", id ? id : "");
     if (rc == ERR_BUSY) {
-        set_busy(r, e.msg);
+        set_busy(r, e->msg);
     } else if (rc != 0) {
-        http_set_error(r, rc, e.msg);
+        http_set_error(r, rc, e->msg);
         if (rc == ERR_CONFLICT)
             set_location(r);
     } else {
         set_location(r);
-        if (r->prefer_async && r->wait_ms > 0) {
-            if (queue_get(r->srv->queue, r->job_id, 1, &j, &e) == 0) {
-                r->wait_mode = WAIT_INFER;
-                wait_or_answer(r, j);
-                job_free(j);
-                return;
-            }
+        if (existed || (r->prefer_async && r->wait_ms > 0)) {
+            iopool_run(r->srv->io, run_after_enqueue, r);
+            return;
         }
-        if (existed) {
-            /* the same request again: the same job back */
-            if (queue_get(r->srv->queue, r->job_id, 0, &j, &e) == 0)
-                reply_job(r, 200, j);
-            else
-                http_set_error(r, e.code, e.msg);
-            job_free(j);
-        } else {
-            r->status = 202;
-            buf_release(&r->out);
-            buf_printf(&r->out, "{\"id\":\"%s\",\"status\":\"queued\"}", r->job_id);
-        }
+        r->status = 202;
+        buf_release(&r->out);
+        buf_printf(&r->out, "{\"id\":\"%s\",\"status\":\"queued\"}", r->job_id);
     }
     http_finish_async(r);
+}
+
+/* Suspends the connection and hands the job to the store; the commit's callback answers. */
+static enum MHD_Result enqueue(struct req *r)
+{
+    struct err e = {0};
+
+    atomic_store(&r->state, REQ_WAITING);
+    MHD_suspend_connection(r->conn);
+    r->status = 0;
+    if (queue_enqueue_async(r->srv->queue, &r->spec, enqueued, r, &e) != 0) {
+        http_set_error(r, e.code, e.msg);
+        http_finish_async(r);
+    }
+    return MHD_YES;
 }
 
 /* Answers 503 and returns 1 when no job can be accepted now. */
@@ -425,7 +454,7 @@ enum MHD_Result jobs_submit_infer(struct req *r)
     fill_defaults(r, r->model);
     hash_request(r, r->spec.model, strlen(r->spec.model), r->spec.input, r->spec.input_len);
     r->spec.request_hash = r->request_hash;
-    return http_defer(r, do_enqueue);
+    return enqueue(r);
 }
 
 static int get_int(json_t *root, const char *key, int64_t min, int64_t max, int64_t *out,
@@ -551,7 +580,7 @@ static enum MHD_Result submit_job(struct req *r)
         free(canon);
     }
     r->spec.request_hash = r->request_hash;
-    return http_defer(r, do_enqueue);
+    return enqueue(r);
 }
 
 /* ---- reading, cancelling, listing ---- */

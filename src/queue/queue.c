@@ -84,6 +84,12 @@ int queue_lease(struct queue *q, const char *worker, int64_t wait_ms, struct job
     return q->ops->lease(q, worker, wait_ms, out, e);
 }
 
+int queue_enqueue_async(struct queue *q, const struct job_spec *spec, queue_enqueue_fn fn,
+                        void *ctx, struct err *e)
+{
+    return q->ops->enqueue_async(q, spec, fn, ctx, e);
+}
+
 int queue_lease_many(struct queue *q, const char *worker, size_t max, int64_t wait_ms,
                      struct job **out, size_t *n, struct err *e)
 {

@@ -118,6 +118,17 @@ int queue_enqueue(struct queue *q, const struct job_spec *spec, char id_out[40],
                   struct err *e);
 
 /*
+ * queue_enqueue without waiting: `fn` is called once the job is durable (or refused), on the
+ * store's writer thread, so it must not block; `spec` and everything it points to stay
+ * borrowed until then. This is how an HTTP thread hands a job over without a thread waiting
+ * for the commit. Returns 0 (fn will be called) or an error (fn will not).
+ */
+typedef void (*queue_enqueue_fn)(void *ctx, int rc, const struct err *e, const char *id,
+                                 int existed);
+int queue_enqueue_async(struct queue *q, const struct job_spec *spec, queue_enqueue_fn fn,
+                        void *ctx, struct err *e);
+
+/*
  * Leases the next runnable job (highest priority, oldest first) for `lease_ms`, counting the
  * attempt before it runs (so a crash mid-run still moves the job towards max_attempts).
  * Waits up to `wait_ms` for one to become runnable. `*out` is NULL when none did.

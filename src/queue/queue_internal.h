@@ -11,6 +11,8 @@ struct queue_ops {
                    struct err *e);
     int (*lease)(struct queue *q, const char *worker, int64_t wait_ms, struct job **out,
                  struct err *e);
+    int (*enqueue_async)(struct queue *q, const struct job_spec *spec, queue_enqueue_fn fn,
+                         void *ctx, struct err *e);
     int (*lease_many)(struct queue *q, const char *worker, size_t max, int64_t wait_ms,
                       struct job **out, size_t *n, struct err *e);
     int (*finish_many)(struct queue *q, struct queue_outcome *outs, size_t n, struct err *e);

@@ -67,6 +67,8 @@ struct op {
     int existed;
     struct job *job;
     int done;
+    queue_enqueue_fn callback; /* async enqueue: called after the commit, then the op is freed */
+    void *callback_ctx;
     struct op *next;
 };
 
@@ -919,17 +921,30 @@ static void *writer_main(void *arg)
         finals = q->finals;
         q->finals = NULL;
 
+        struct op *async_ops = NULL, **async_tail = &async_ops;
         pthread_mutex_lock(&q->lock);
-        for (struct op *o = ops; o; o = o->next)
-            o->done = 1;
         if (q->n_queued > queued_before || ops == NULL)
             q->generation++;
-        for (struct op *o = ops; o; o = o->next)
+        for (struct op *o = ops, *o_next; o; o = o_next) {
+            o_next = o->next;
             if (o->kind == OP_FAIL || o->kind == OP_RETRY || o->kind == OP_ENQUEUE)
                 q->generation++;
+            if (o->callback) {
+                *async_tail = o;
+                async_tail = &o->next;
+                o->next = NULL;
+            } else {
+                o->done = 1; /* its caller may free it as soon as the lock is released */
+            }
+        }
         pthread_cond_broadcast(&q->finished);
         pthread_cond_broadcast(&q->runnable);
         pthread_mutex_unlock(&q->lock);
+        for (struct op *o = async_ops, *o_next; o; o = o_next) {
+            o_next = o->next;
+            o->callback(o->callback_ctx, o->rc, &o->err, o->id_out, o->existed);
+            free(o);
+        }
         for (struct final_note *f = finals; f; f = next) {
             next = f->next;
             if (q->base.on_final)
@@ -1011,6 +1026,34 @@ static int s_enqueue(struct queue *qb, const struct job_spec *spec, char id_out[
     snprintf(id_out, 40, "%s", o.id_out);
     *existed = o.existed;
     return rc;
+}
+
+static int s_enqueue_async(struct queue *qb, const struct job_spec *spec, queue_enqueue_fn fn,
+                           void *ctx, struct err *e)
+{
+    struct sqlite_queue *q = sq(qb);
+    struct op *o = calloc(1, sizeof(*o));
+
+    if (!o)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    o->kind = OP_ENQUEUE;
+    o->spec = spec;
+    o->callback = fn;
+    o->callback_ctx = ctx;
+    pthread_mutex_lock(&q->lock);
+    if (q->stopping) {
+        pthread_mutex_unlock(&q->lock);
+        free(o);
+        return err_set(e, ERR_UNAVAILABLE, "the job store is closing");
+    }
+    if (q->tail)
+        q->tail->next = o;
+    else
+        q->head = o;
+    q->tail = o;
+    pthread_cond_signal(&q->work);
+    pthread_mutex_unlock(&q->lock);
+    return 0;
 }
 
 static int s_lease_many(struct queue *qb, const char *worker, size_t max, int64_t wait_ms,
@@ -1409,6 +1452,7 @@ static const struct queue_ops sqlite_ops = {
     .enqueue = s_enqueue,
     .lease = s_lease,
     .lease_many = s_lease_many,
+    .enqueue_async = s_enqueue_async,
     .finish_many = s_finish_many,
     .extend = s_extend,
     .complete = s_complete,
