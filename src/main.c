@@ -16,6 +16,7 @@
 #include "queue/queue.h"
 #include "queue/worker.h"
 #include "notify/notify.h"
+#include "batch/batch.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -23,12 +24,13 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
 #ifndef INFERD_VERSION
 #define INFERD_VERSION "0.0.0"
 #endif
 
-enum opt_kind { OPT_STR, OPT_INT };
+enum opt_kind { OPT_STR, OPT_INT, OPT_FLAG };
 
 struct option_def {
     const char *name; /* without the leading "--" */
@@ -72,9 +74,28 @@ static const struct option_def serve_options[] = {
 };
 #define N_SERVE (sizeof(serve_options) / sizeof(serve_options[0]))
 
+/* `inferd batch` */
+static const struct option_def batch_options[] = {
+    {"models", OPT_STR, "./models", 0, 0, "model repository"},
+    {"model", OPT_STR, "", 0, 0, "the model to run (required)"},
+    {"input", OPT_STR, "", 0, 0, "an object or a prefix: file:///path, or a path (required)"},
+    {"output", OPT_STR, "", 0, 0, "where <name>.out, _manifest.json and _SUCCESS go (required)"},
+    {"format", OPT_STR, "", 0, 0, "jsonl or csv (default: from each object's extension)"},
+    {"records-per-batch", OPT_INT, "1024", 1, 1048576, "records per model call"},
+    {"concurrency", OPT_INT, "2", 1, 64, "batches in flight while the next one is parsed"},
+    {"join-input", OPT_FLAG, "0", 0, 1, "write each input beside its prediction"},
+    {"csv-header", OPT_FLAG, "0", 0, 1, "skip the first line of each CSV object"},
+    {"max-errors", OPT_INT, "0", 0, INT64_MAX, "bad records tolerated (each: an empty line)"},
+    {"log-level", OPT_STR, "info", 0, 0, "error, warn, info or debug"},
+};
+#define N_BATCH (sizeof(batch_options) / sizeof(batch_options[0]))
+
+#define MAX_OPTIONS 64
 struct parsed {
-    const char *str[N_SERVE];
-    long long num[N_SERVE];
+    const struct option_def *defs;
+    size_t n;
+    const char *str[MAX_OPTIONS];
+    long long num[MAX_OPTIONS];
 };
 
 static void usage(FILE *f)
@@ -89,14 +110,32 @@ static void usage(FILE *f)
             INFERD_VERSION);
 }
 
+static void usage_options(FILE *f, const struct option_def *defs, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        fprintf(f, "  --%-18s %s%s%s%s\n", defs[i].name, defs[i].help,
+                defs[i].kind == OPT_FLAG || !defs[i].def[0] ? "" : " (default ",
+                defs[i].kind == OPT_FLAG || !defs[i].def[0] ? "" : defs[i].def,
+                defs[i].kind == OPT_FLAG || !defs[i].def[0] ? "" : ")");
+}
+
 static void usage_serve(FILE *f)
 {
     fprintf(f, "usage: inferd serve [options]\n\n"
-               "Serves every model under --models over HTTP (KServe v2 REST, v1 predict).\n"
-               "SIGHUP reloads the repository; SIGTERM/SIGINT drain and exit 0.\n\noptions:\n");
-    for (size_t i = 0; i < N_SERVE; i++)
-        fprintf(f, "  --%-18s %s (default %s)\n", serve_options[i].name, serve_options[i].help,
-                serve_options[i].def);
+               "Serves every model under --models over HTTP (KServe v2 REST, v1 predict) and\n"
+               "runs async jobs. SIGHUP reloads the repository; SIGTERM/SIGINT drain and exit 0.\n"
+               "\noptions:\n");
+    usage_options(f, serve_options, N_SERVE);
+}
+
+static void usage_batch(FILE *f)
+{
+    fprintf(f, "usage: inferd batch --model NAME --input URI --output URI [options]\n\n"
+               "Runs every record under --input through the model in big batches and writes\n"
+               "<output>/<name>.out per input object, one line per record, in order. Re-running\n"
+               "skips objects already done (see _manifest.json); _SUCCESS marks the end.\n"
+               "\noptions:\n");
+    usage_options(f, batch_options, N_BATCH);
 }
 
 static int parse_value(const struct option_def *o, const char *v, struct parsed *p, size_t i,
@@ -108,6 +147,10 @@ static int parse_value(const struct option_def *o, const char *v, struct parsed 
     p->str[i] = v;
     if (o->kind == OPT_STR)
         return 0;
+    if (o->kind == OPT_FLAG) {
+        p->num[i] = strcmp(v, "0") != 0;
+        return 0;
+    }
     errno = 0;
     n = strtoll(v, &end, 10);
     if (errno || *end || end == v)
@@ -120,12 +163,15 @@ static int parse_value(const struct option_def *o, const char *v, struct parsed 
     return 0;
 }
 
-static int parse_options(int argc, char **argv, struct parsed *p, struct err *e)
+static int parse_options(const struct option_def *defs, size_t n_defs, const char *command,
+                         int argc, char **argv, struct parsed *p, struct err *e)
 {
     int rc;
 
-    for (size_t i = 0; i < N_SERVE; i++)
-        if ((rc = parse_value(&serve_options[i], serve_options[i].def, p, i, e)) != 0)
+    p->defs = defs;
+    p->n = n_defs;
+    for (size_t i = 0; i < n_defs; i++)
+        if ((rc = parse_value(&defs[i], defs[i].def, p, i, e)) != 0)
             return rc;
     for (int a = 0; a < argc; a++) {
         const char *arg = argv[a], *val = NULL, *eq;
@@ -135,35 +181,36 @@ static int parse_options(int argc, char **argv, struct parsed *p, struct err *e)
         arg += 2;
         eq = strchr(arg, '=');
         len = eq ? (size_t)(eq - arg) : strlen(arg);
-        for (i = 0; i < N_SERVE; i++)
-            if (strlen(serve_options[i].name) == len &&
-                strncmp(serve_options[i].name, arg, len) == 0)
+        for (i = 0; i < n_defs; i++)
+            if (strlen(defs[i].name) == len && strncmp(defs[i].name, arg, len) == 0)
                 break;
-        if (i == N_SERVE)
-            return err_set(e, ERR_INVALID, "unknown option '%s' (see inferd serve --help)",
-                           argv[a]);
-        if (eq)
+        if (i == n_defs)
+            return err_set(e, ERR_INVALID, "unknown option '%s' (see inferd %s --help)", argv[a],
+                           command);
+        if (defs[i].kind == OPT_FLAG && !eq)
+            val = "1";
+        else if (eq)
             val = eq + 1;
         else if (a + 1 < argc)
             val = argv[++a];
         else
-            return err_set(e, ERR_INVALID, "--%s needs a value", serve_options[i].name);
-        if ((rc = parse_value(&serve_options[i], val, p, i, e)) != 0)
+            return err_set(e, ERR_INVALID, "--%s needs a value", defs[i].name);
+        if ((rc = parse_value(&defs[i], val, p, i, e)) != 0)
             return rc;
     }
     return 0;
 }
 
-static size_t opt_index(const char *name)
+static size_t opt_index(const struct parsed *p, const char *name)
 {
-    for (size_t i = 0; i < N_SERVE; i++)
-        if (strcmp(serve_options[i].name, name) == 0)
+    for (size_t i = 0; i < p->n; i++)
+        if (strcmp(p->defs[i].name, name) == 0)
             return i;
-    return 0;
+    return 0; /* our own tables: every name used below exists */
 }
 
-#define OPT_S(p, name) ((p)->str[opt_index(name)])
-#define OPT_N(p, name) ((p)->num[opt_index(name)])
+#define OPT_S(p, name) ((p)->str[opt_index((p), name)])
+#define OPT_N(p, name) ((p)->num[opt_index((p), name)])
 
 static void raise_fd_limit(void)
 {
@@ -193,7 +240,7 @@ static int cmd_serve(int argc, char **argv)
     sigset_t sigs;
     int sig, failed, rc = 1;
 
-    if (parse_options(argc, argv, &p, &e) != 0) {
+    if (parse_options(serve_options, N_SERVE, "serve", argc, argv, &p, &e) != 0) {
         fprintf(stderr, "inferd serve: %s\n", e.msg);
         return 2;
     }
@@ -295,6 +342,65 @@ cleanup:
     return rc;
 }
 
+static int cmd_batch(int argc, char **argv)
+{
+    struct parsed p = {0};
+    struct batch_config bc;
+    struct batch_stats st;
+    struct err e = {0};
+    const char *fmt;
+    int rc;
+
+    if (parse_options(batch_options, N_BATCH, "batch", argc, argv, &p, &e) != 0) {
+        fprintf(stderr, "inferd batch: %s\n", e.msg);
+        return 2;
+    }
+    if (log_set_level(OPT_S(&p, "log-level")) != 0) {
+        fprintf(stderr, "inferd batch: --log-level: '%s' is not error, warn, info or debug\n",
+                OPT_S(&p, "log-level"));
+        return 2;
+    }
+    for (const char **req = (const char *[]){"model", "input", "output", NULL}; *req; req++) {
+        if (!OPT_S(&p, *req)[0]) {
+            fprintf(stderr, "inferd batch: --%s is required (see inferd batch --help)\n", *req);
+            return 2;
+        }
+    }
+    fmt = OPT_S(&p, "format");
+    if (fmt[0] && strcmp(fmt, "jsonl") != 0 && strcmp(fmt, "csv") != 0) {
+        fprintf(stderr, "inferd batch: --format: '%s' is not jsonl or csv\n", fmt);
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    bc = (struct batch_config){
+        .models_dir = OPT_S(&p, "models"),
+        .model = OPT_S(&p, "model"),
+        .input = OPT_S(&p, "input"),
+        .output = OPT_S(&p, "output"),
+        .format = !fmt[0]                   ? BATCH_FORMAT_AUTO
+                  : strcmp(fmt, "csv") == 0 ? BATCH_FORMAT_CSV
+                                            : BATCH_FORMAT_JSONL,
+        .records_per_batch = OPT_N(&p, "records-per-batch"),
+        .concurrency = (int)OPT_N(&p, "concurrency"),
+        .join_input = (int)OPT_N(&p, "join-input"),
+        .csv_header = (int)OPT_N(&p, "csv-header"),
+        .max_errors = OPT_N(&p, "max-errors"),
+        .progress_tty = isatty(STDERR_FILENO),
+    };
+    rc = batch_run(&bc, &st, &e);
+    fprintf(stderr,
+            "inferd batch: %s objects=%lld skipped=%lld records=%lld errors=%lld seconds=%.2f "
+            "records_per_s=%.0f\n",
+            rc == 0 ? "done" : "failed", (long long)st.objects_done, (long long)st.objects_skipped,
+            (long long)st.records, (long long)st.errors, st.seconds,
+            st.seconds > 0 ? (double)st.records / st.seconds : 0.0);
+    if (rc != 0) {
+        fprintf(stderr, "inferd batch: %s\n", e.msg);
+        return 1;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -317,6 +423,14 @@ int main(int argc, char **argv)
                 return 0;
             }
         return cmd_serve(argc - 2, argv + 2);
+    }
+    if (strcmp(argv[1], "batch") == 0) {
+        for (int i = 2; i < argc; i++)
+            if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+                usage_batch(stdout);
+                return 0;
+            }
+        return cmd_batch(argc - 2, argv + 2);
     }
     fprintf(stderr, "inferd: unknown command '%s'\n\n", argv[1]);
     usage(stderr);

@@ -23,11 +23,12 @@ def test_help_and_version():
     assert r.returncode != 0 and "unknown command 'nosuchcommand'" in r.stderr
 
 
-def test_every_serve_option_is_in_the_readme():
-    options = re.findall(r"^\s+--([a-z0-9-]+)", run("serve", "--help").stdout, re.M)
-    assert len(options) >= 5, options
-    for opt in options:
-        assert f"`--{opt}`" in README, f"--{opt} is missing from the README's option table"
+def test_every_option_is_in_the_readme():
+    for command in ("serve", "batch"):
+        options = re.findall(r"^\s+--([a-z0-9-]+)", run(command, "--help").stdout, re.M)
+        assert len(options) >= 5, options
+        for opt in options:
+            assert f"`--{opt}`" in README, f"{command} --{opt} is missing from the README"
 
 
 def test_bad_option_values_name_the_option_and_bound():

@@ -1,0 +1,649 @@
+/*
+ * batch.c: the batch transform runner behind `inferd batch`.
+ *
+ * For each input object, records are read and parsed in chunks of records_per_batch; up to
+ * `concurrency` chunks are in the model's batcher at once while the next one is parsed, so
+ * parsing and writing overlap the model instead of adding to it. Results are written in input
+ * order, one line per record (an empty line for a tolerated bad record), to a temporary object
+ * that becomes `<name>.out` only when complete. After each object the manifest is rewritten
+ * (atomically) with its record count and output checksum; a re-run skips objects whose output
+ * still matches, and `_SUCCESS` marks the end.
+ */
+#define _GNU_SOURCE
+#include "batch/batch.h"
+#include "core/buf.h"
+#include "core/log.h"
+#include "model/registry.h"
+#include "storage/storage.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <math.h>
+#include <openssl/evp.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* ---- one chunk of records ---- */
+
+struct chunk {
+    struct runner *run;
+    int64_t first_line;  /* file line number of the chunk's first line */
+    size_t n;            /* records, good and bad */
+    size_t n_good;
+    int64_t *line_no;    /* per record */
+    char **text;         /* per record: the original line (join) or NULL */
+    char **bad;          /* per record: why it is bad, or NULL */
+    float *data;         /* n_good x width */
+    struct infer_request *req;
+    struct batch_item item;
+    int in_flight;       /* guarded by run->lock */
+    int rc;
+    struct err err;
+};
+
+struct runner {
+    const struct batch_config *cfg;
+    struct model *model;
+    int64_t width;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    struct batch_stats *stats;
+    double started;
+    double last_progress;
+};
+
+static double now_s(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void chunk_reset(struct chunk *c)
+{
+    for (size_t i = 0; i < c->n; i++) {
+        free(c->text[i]);
+        free(c->bad[i]);
+        c->text[i] = c->bad[i] = NULL;
+    }
+    infer_request_destroy(c->req);
+    c->req = NULL;
+    c->data = NULL; /* owned by the request */
+    c->n = c->n_good = 0;
+    c->rc = 0;
+}
+
+static int chunk_init(struct chunk *c, struct runner *run, size_t cap)
+{
+    memset(c, 0, sizeof(*c));
+    c->run = run;
+    c->line_no = calloc(cap, sizeof(*c->line_no));
+    c->text = calloc(cap, sizeof(*c->text));
+    c->bad = calloc(cap, sizeof(*c->bad));
+    return c->line_no && c->text && c->bad ? 0 : -1;
+}
+
+static void chunk_release(struct chunk *c)
+{
+    chunk_reset(c);
+    free(c->line_no);
+    free(c->text);
+    free(c->bad);
+}
+
+/* ---- parsing records ---- */
+
+static char *reason(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+static char *reason(const char *fmt, ...)
+{
+    char *s = NULL;
+    va_list ap;
+
+    va_start(ap, fmt);
+    if (vasprintf(&s, fmt, ap) < 0)
+        s = NULL;
+    va_end(ap);
+    return s ? s : strdup("bad record");
+}
+
+static char *parse_jsonl(const char *line, size_t len, int64_t width, float *row)
+{
+    json_error_t jerr;
+    json_t *a = json_loadb(line, len, JSON_DECODE_ANY, &jerr), *v;
+    char *why = NULL;
+    size_t i;
+
+    if (!a)
+        return reason("malformed JSON at column %d: %s", jerr.column, jerr.text);
+    if (!json_is_array(a)) {
+        why = reason("expected a JSON array of %lld numbers", (long long)width);
+    } else if ((int64_t)json_array_size(a) != width) {
+        why = reason("expected %lld values, got %zu", (long long)width, json_array_size(a));
+    } else {
+        json_array_foreach(a, i, v)
+        {
+            if (json_is_number(v)) {
+                row[i] = (float)json_number_value(v);
+            } else if (json_is_null(v)) {
+                row[i] = NAN;
+            } else {
+                why = reason("value %zu is not a number", i + 1);
+                break;
+            }
+        }
+    }
+    json_decref(a);
+    return why;
+}
+
+static char *parse_csv(const char *line, size_t len, int64_t width, float *row)
+{
+    const char *p = line, *end = line + len;
+    int64_t col = 0;
+
+    while (col < width) {
+        const char *q = memchr(p, ',', (size_t)(end - p));
+        const char *fend = q ? q : end;
+        char field[64];
+        size_t flen;
+        while (p < fend && (*p == ' ' || *p == '\t'))
+            p++;
+        flen = (size_t)(fend - p);
+        while (flen > 0 && (p[flen - 1] == ' ' || p[flen - 1] == '\t'))
+            flen--;
+        if (flen == 0) {
+            row[col] = NAN; /* an empty field is a missing value */
+        } else {
+            char *stop;
+            if (flen >= sizeof(field))
+                return reason("column %lld: value too long", (long long)col + 1);
+            memcpy(field, p, flen);
+            field[flen] = '\0';
+            errno = 0;
+            row[col] = strtof(field, &stop);
+            if (*stop || stop == field)
+                return reason("column %lld: '%s' is not a number", (long long)col + 1, field);
+        }
+        col++;
+        if (!q)
+            break;
+        p = q + 1;
+        if (col == width)
+            return reason("expected %lld columns, got more", (long long)width);
+    }
+    if (col < width)
+        return reason("expected %lld columns, got %lld", (long long)width, (long long)col);
+    return NULL;
+}
+
+/* ---- submitting and writing ---- */
+
+static void chunk_done(struct batch_item *item, int rc, const struct err *e)
+{
+    struct chunk *c = item->ctx;
+    struct runner *run = c->run;
+
+    pthread_mutex_lock(&run->lock);
+    c->rc = rc;
+    if (e)
+        c->err = *e;
+    c->in_flight = 0;
+    pthread_cond_broadcast(&run->cond);
+    pthread_mutex_unlock(&run->lock);
+}
+
+static int chunk_submit(struct runner *run, struct chunk *c, struct err *e)
+{
+    struct infer_request *r;
+    int rc;
+
+    if (c->n_good == 0) {
+        free(c->data);
+        c->data = NULL;
+        return 0;
+    }
+    r = calloc(1, sizeof(*r));
+    if (!r || !(r->inputs[0].name = strdup(run->model->info.inputs[0].name))) {
+        free(r);
+        return err_set(e, ERR_NOMEM, "out of memory");
+    }
+    r->n_inputs = 1;
+    r->inputs[0].datatype = INFERD_TYPE_FP32;
+    r->inputs[0].n_dims = 2;
+    r->inputs[0].shape[0] = (int64_t)c->n_good;
+    r->inputs[0].shape[1] = run->width;
+    r->inputs[0].data = c->data;
+    r->inputs[0].data_bytes = c->n_good * (size_t)run->width * sizeof(float);
+    infer_request_bind(r);
+    c->req = r;
+    c->item = (struct batch_item){.req = r, .client_fd = -1, .done = chunk_done, .ctx = c};
+    c->in_flight = 1;
+    for (;;) {
+        rc = batcher_submit(run->model->batcher, &c->item, e);
+        if (rc != ERR_BUSY)
+            break;
+        struct timespec ts = {0, 2 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+    if (rc != 0)
+        c->in_flight = 0;
+    return rc;
+}
+
+static void chunk_wait(struct runner *run, struct chunk *c)
+{
+    pthread_mutex_lock(&run->lock);
+    while (c->in_flight)
+        pthread_cond_wait(&run->cond, &run->lock);
+    pthread_mutex_unlock(&run->lock);
+}
+
+static int append_value(struct buf *b, float v, int csv)
+{
+    if (!isfinite(v))
+        return buf_puts(b, csv ? "" : "null");
+    return buf_printf(b, "%.9g", (double)v);
+}
+
+struct object_out {
+    struct storage_writer *out;
+    struct storage_writer *errors; /* opened at the first bad record */
+    const char *errors_uri;
+    EVP_MD_CTX *sha;
+    struct buf line;
+    int csv;
+};
+
+static int emit(struct object_out *o, struct err *e)
+{
+    int rc = storage_write(o->out, o->line.data, o->line.len, e);
+
+    if (rc == 0 && EVP_DigestUpdate(o->sha, o->line.data, o->line.len) != 1)
+        rc = err_set(e, ERR_IO, "checksum failed");
+    o->line.len = 0;
+    return rc;
+}
+
+static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o, struct err *e)
+{
+    const struct inferd_tensor *t = c->n_good && c->req ? &c->req->outputs[0] : NULL;
+    size_t per_row = 1, g = 0;
+    int rc = 0;
+
+    if (c->rc != 0)
+        return err_set(e, c->rc, "%s", c->err.msg);
+    if (t) {
+        for (int d = 1; d < t->n_dims; d++)
+            per_row *= (size_t)t->shape[d];
+        if (t->datatype != INFERD_TYPE_FP32 || t->data_bytes < c->n_good * per_row * 4)
+            return err_set(e, ERR_BACKEND, "model '%s' returned an unexpected output",
+                           run->model->name);
+    }
+    for (size_t i = 0; rc == 0 && i < c->n; i++) {
+        o->line.len = 0;
+        if (c->bad[i]) {
+            char msg[600];
+            int n = snprintf(msg, sizeof(msg), "line %lld: %s\n", (long long)c->line_no[i],
+                             c->bad[i]);
+            if (!o->errors)
+                rc = storage_open_write(o->errors_uri, &o->errors, e);
+            if (rc == 0)
+                rc = storage_write(o->errors, msg, (size_t)n, e);
+            if (rc == 0)
+                rc = buf_puts(&o->line, "\n");
+            if (rc == 0)
+                rc = emit(o, e);
+            continue;
+        }
+        const float *y = (const float *)t->data + g * per_row;
+        g++;
+        if (run->cfg->join_input && !o->csv)
+            rc = buf_printf(&o->line, "{\"input\":%s,\"prediction\":", c->text[i]);
+        else if (run->cfg->join_input)
+            rc = buf_printf(&o->line, "%s,", c->text[i]);
+        if (rc == 0 && per_row > 1 && !o->csv)
+            rc = buf_puts(&o->line, "[");
+        for (size_t k = 0; rc == 0 && k < per_row; k++) {
+            if (k)
+                rc = buf_puts(&o->line, ",");
+            if (rc == 0)
+                rc = append_value(&o->line, y[k], o->csv);
+        }
+        if (rc == 0 && per_row > 1 && !o->csv)
+            rc = buf_puts(&o->line, "]");
+        if (rc == 0 && run->cfg->join_input && !o->csv)
+            rc = buf_puts(&o->line, "}");
+        if (rc == 0)
+            rc = buf_puts(&o->line, "\n");
+        if (rc == 0)
+            rc = emit(o, e);
+    }
+    run->stats->records += (int64_t)c->n;
+    return rc;
+}
+
+/* ---- progress ---- */
+
+static void progress(struct runner *run, int final)
+{
+    struct batch_stats *s = run->stats;
+    double now = now_s(), secs = now - run->started;
+    double rate = secs > 0 ? (double)s->records / secs : 0;
+
+    if (!final && now - run->last_progress < (run->cfg->progress_tty ? 0.25 : 5.0))
+        return;
+    run->last_progress = now;
+    if (run->cfg->progress_tty && !final) {
+        fprintf(stderr, "\r  objects %lld/%lld  records %lld  %.0f records/s   ",
+                (long long)(s->objects_done + s->objects_skipped), (long long)s->objects_total,
+                (long long)s->records, rate);
+        fflush(stderr);
+    } else if (!final) {
+        log_info("batch", "progress", "objects=%lld/%lld records=%lld records_per_s=%.0f",
+                 (long long)(s->objects_done + s->objects_skipped), (long long)s->objects_total,
+                 (long long)s->records, rate);
+    }
+}
+
+/* ---- one object ---- */
+
+static int process_object(struct runner *run, const char *in_uri, const char *name,
+                          const char *out_uri, const char *errors_uri, int csv, int64_t *records,
+                          char sha_hex[65], struct err *e)
+{
+    const struct batch_config *cfg = run->cfg;
+    int n_chunks = cfg->concurrency > 0 ? cfg->concurrency : 2;
+    struct chunk *chunks = calloc((size_t)n_chunks, sizeof(*chunks));
+    struct storage_reader *in = NULL;
+    struct object_out o = {.errors_uri = errors_uri, .csv = csv};
+    int64_t line_no = 0, start_records = run->stats->records;
+    size_t cap = (size_t)cfg->records_per_batch;
+    int next = 0, rc = 0, eof = 0;
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned md_len = 0;
+
+    if (!chunks)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    for (int i = 0; i < n_chunks; i++)
+        if (chunk_init(&chunks[i], run, cap) != 0)
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+    o.sha = EVP_MD_CTX_new();
+    if (rc == 0 && (!o.sha || EVP_DigestInit_ex(o.sha, EVP_sha256(), NULL) != 1))
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    if (rc == 0)
+        rc = storage_open_read(in_uri, &in, e);
+    if (rc == 0)
+        rc = storage_open_write(out_uri, &o.out, e);
+    while (rc == 0 && !eof) {
+        struct chunk *c = &chunks[next];
+        /* the ring is full: write the oldest chunk before reusing its slot */
+        if (c->n > 0) {
+            chunk_wait(run, c);
+            rc = chunk_write(run, c, &o, e);
+            chunk_reset(c);
+            progress(run, 0);
+            if (rc != 0)
+                break;
+        }
+        c->data = malloc(cap * (size_t)run->width * sizeof(float));
+        if (!c->data) {
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+            break;
+        }
+        while (c->n < cap) {
+            const char *line;
+            size_t len;
+            char *why;
+            int got = storage_read_line(in, &line, &len, e);
+            if (got < 0) {
+                rc = got;
+                break;
+            }
+            if (got == 0) {
+                eof = 1;
+                break;
+            }
+            line_no++;
+            if (line_no == 1 && csv && cfg->csv_header)
+                continue;
+            float *row = c->data + c->n_good * (size_t)run->width;
+            why = len == 0 ? reason("empty line")
+                  : csv    ? parse_csv(line, len, run->width, row)
+                           : parse_jsonl(line, len, run->width, row);
+            c->line_no[c->n] = line_no;
+            if (why) {
+                run->stats->errors++;
+                if (run->stats->errors > cfg->max_errors) {
+                    rc = err_set(e, ERR_INVALID, "%s: line %lld: %s%s", name, (long long)line_no,
+                                 why,
+                                 cfg->max_errors ? " (more bad records than --max-errors)" : "");
+                    free(why);
+                    break;
+                }
+                c->bad[c->n] = why;
+            } else {
+                c->n_good++;
+                if (cfg->join_input && !(c->text[c->n] = strndup(line, len))) {
+                    rc = err_set(e, ERR_NOMEM, "out of memory");
+                    break;
+                }
+            }
+            c->n++;
+        }
+        if (rc == 0 && c->n > 0)
+            rc = chunk_submit(run, c, e);
+        else if (c->n == 0) {
+            free(c->data);
+            c->data = NULL;
+        }
+        next = (next + 1) % n_chunks;
+    }
+    /* drain the ring in order */
+    for (int k = 0; k < n_chunks; k++) {
+        struct chunk *c = &chunks[(next + k) % n_chunks];
+        if (c->n > 0 || c->in_flight) {
+            chunk_wait(run, c);
+            if (rc == 0)
+                rc = chunk_write(run, c, &o, e);
+        }
+        chunk_release(c);
+    }
+    free(chunks);
+    storage_close_read(in);
+    if (rc == 0 && EVP_DigestFinal_ex(o.sha, md, &md_len) != 1)
+        rc = err_set(e, ERR_IO, "checksum failed");
+    if (rc == 0 && o.errors)
+        rc = storage_commit(o.errors, e), o.errors = NULL;
+    if (rc == 0)
+        rc = storage_commit(o.out, e), o.out = NULL;
+    storage_abort(o.out);
+    storage_abort(o.errors);
+    EVP_MD_CTX_free(o.sha);
+    buf_release(&o.line);
+    for (unsigned i = 0; rc == 0 && i < md_len && i < 32; i++)
+        snprintf(sha_hex + 2 * i, 3, "%02x", md[i]);
+    *records = run->stats->records - start_records;
+    return rc;
+}
+
+/* ---- the manifest ---- */
+
+static int sha256_of(const char *uri, char hex[65])
+{
+    struct buf b = {0};
+    struct err e;
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned md_len = 0;
+    int rc = storage_get(uri, &b, &e);
+
+    if (rc == 0 && EVP_Digest(b.data ? b.data : "", b.len, md, &md_len, EVP_sha256(), NULL) != 1)
+        rc = -1;
+    for (unsigned i = 0; rc == 0 && i < md_len && i < 32; i++)
+        snprintf(hex + 2 * i, 3, "%02x", md[i]);
+    buf_release(&b);
+    return rc;
+}
+
+/* 1 if the manifest lists `name` and its output still has the recorded checksum. */
+static int already_done(json_t *objects, const char *name, const char *out_uri)
+{
+    json_t *entry = json_object_get(objects, name);
+    const char *want = json_string_value(json_object_get(entry, "sha256"));
+    char got[65] = "";
+
+    return want && sha256_of(out_uri, got) == 0 && strcmp(want, got) == 0;
+}
+
+static int save_manifest(const char *uri, json_t *manifest, struct err *e)
+{
+    char *text = json_dumps(manifest, JSON_INDENT(2) | JSON_SORT_KEYS);
+    int rc;
+
+    if (!text)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    rc = storage_put(uri, text, strlen(text), e);
+    free(text);
+    return rc;
+}
+
+static int is_reserved(const char *name)
+{
+    const char *base = strrchr(name, '/');
+    size_t n = strlen(name);
+
+    base = base ? base + 1 : name;
+    return strcmp(base, "_manifest.json") == 0 || strcmp(base, "_SUCCESS") == 0 ||
+           (n > 4 && strcmp(name + n - 4, ".out") == 0) ||
+           (n > 7 && strcmp(name + n - 7, ".errors") == 0) || strstr(base, ".tmp-") != NULL;
+}
+
+static int format_of(const struct batch_config *cfg, const char *name, int *csv, struct err *e)
+{
+    const char *dot = strrchr(name, '.');
+
+    if (cfg->format != BATCH_FORMAT_AUTO) {
+        *csv = cfg->format == BATCH_FORMAT_CSV;
+        return 0;
+    }
+    if (dot && (strcmp(dot, ".jsonl") == 0 || strcmp(dot, ".json") == 0)) {
+        *csv = 0;
+        return 0;
+    }
+    if (dot && strcmp(dot, ".csv") == 0) {
+        *csv = 1;
+        return 0;
+    }
+    return err_set(e, ERR_INVALID, "%s: cannot tell the format from its name; pass --format",
+                   name);
+}
+
+/* ---- the job ---- */
+
+static int load_model(const struct batch_config *cfg, struct registry **reg, struct model **m,
+                      struct err *e)
+{
+    int rc = registry_create(cfg->models_dir, reg, e);
+
+    if (rc == 0)
+        rc = registry_load(*reg, cfg->model, e);
+    if (rc == 0)
+        rc = registry_acquire(*reg, cfg->model, 0, m, e);
+    if (rc == 0 && ((*m)->info.n_inputs != 1 || (*m)->info.inputs[0].n_dims != 2 ||
+                    (*m)->info.inputs[0].shape[1] < 1))
+        rc = err_set(e, ERR_INVALID, "model '%s' does not take rows of numbers", cfg->model);
+    return rc;
+}
+
+int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct err *e)
+{
+    struct registry *reg = NULL;
+    struct runner run = {.cfg = cfg, .stats = stats};
+    char **names = NULL, *manifest_uri = NULL, *success_uri = NULL;
+    json_t *manifest = NULL, *objects;
+    size_t n_names = 0;
+    int is_object = 0, rc;
+
+    memset(stats, 0, sizeof(*stats));
+    run.started = now_s();
+    pthread_mutex_init(&run.lock, NULL);
+    pthread_cond_init(&run.cond, NULL);
+    rc = load_model(cfg, &reg, &run.model, e);
+    if (rc != 0)
+        goto cleanup;
+    run.width = run.model->info.inputs[0].shape[1];
+    rc = storage_list(cfg->input, &names, &n_names, &is_object, e);
+    if (rc != 0)
+        goto cleanup;
+    manifest_uri = storage_join(cfg->output, "_manifest.json");
+    success_uri = storage_join(cfg->output, "_SUCCESS");
+    if (!manifest_uri || !success_uri) {
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+        goto cleanup;
+    }
+    if (storage_exists(manifest_uri)) {
+        json_error_t jerr;
+        struct buf text = {0};
+        if (storage_get(manifest_uri, &text, e) == 0)
+            manifest = json_loadb(text.data ? text.data : "", text.len, 0, &jerr);
+        buf_release(&text);
+    }
+    if (!manifest || !json_is_object(json_object_get(manifest, "objects"))) {
+        json_decref(manifest);
+        manifest = json_pack("{s:s, s:{}}", "model", cfg->model, "objects");
+    }
+    objects = json_object_get(manifest, "objects");
+    for (size_t i = 0; i < n_names; i++)
+        if (!is_reserved(names[i]))
+            stats->objects_total++;
+    for (size_t i = 0; rc == 0 && i < n_names; i++) {
+        const char *name = names[i];
+        char *in_uri, *out_uri, *err_uri, out_name[4200], err_name[4200], sha[65] = "";
+        int64_t records = 0;
+        int csv = 0;
+        if (is_reserved(name))
+            continue;
+        snprintf(out_name, sizeof(out_name), "%s.out", name);
+        snprintf(err_name, sizeof(err_name), "%s.errors", name);
+        in_uri = is_object ? strdup(cfg->input) : storage_join(cfg->input, name);
+        out_uri = storage_join(cfg->output, out_name);
+        err_uri = storage_join(cfg->output, err_name);
+        if (!in_uri || !out_uri || !err_uri) {
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+        } else if (already_done(objects, name, out_uri)) {
+            stats->objects_skipped++;
+            log_info("batch", "skipped: already done", "object=%s", name);
+        } else if ((rc = format_of(cfg, name, &csv, e)) == 0) {
+            rc = process_object(&run, in_uri, name, out_uri, err_uri, csv, &records, sha, e);
+            if (rc == 0) {
+                json_object_set_new(objects, name,
+                                    json_pack("{s:I, s:s}", "records", (json_int_t)records,
+                                              "sha256", sha));
+                rc = save_manifest(manifest_uri, manifest, e);
+                stats->objects_done++;
+            }
+        }
+        free(in_uri);
+        free(out_uri);
+        free(err_uri);
+    }
+    if (rc == 0)
+        rc = storage_put(success_uri, "", 0, e);
+cleanup:
+    stats->seconds = now_s() - run.started;
+    if (cfg->progress_tty)
+        fprintf(stderr, "\n");
+    model_release(run.model);
+    registry_destroy(reg);
+    json_decref(manifest);
+    storage_names_free(names, n_names);
+    free(manifest_uri);
+    free(success_uri);
+    pthread_mutex_destroy(&run.lock);
+    pthread_cond_destroy(&run.cond);
+    return rc;
+}

@@ -1,0 +1,53 @@
+/*
+ * storage.h: objects by URI, read as line streams and written atomically.
+ *
+ * Today: `file://PATH` and plain paths. `s3://bucket/key` (libcurl, AWS SigV4) is the next
+ * implementation behind these same calls. A written object appears under its name only when
+ * storage_commit() succeeds (temporary name, fsync, rename): no reader ever sees it partial.
+ */
+#ifndef INFERD_STORAGE_H
+#define INFERD_STORAGE_H
+
+#include "core/buf.h"
+#include "core/err.h"
+
+#include <stddef.h>
+
+struct storage_reader;
+struct storage_writer;
+
+/* Opens an object for reading. ERR_NOT_FOUND names the object. */
+int storage_open_read(const char *uri, struct storage_reader **out, struct err *e);
+/*
+ * The next line, without its end of line ("\n" or "\r\n"). `*line` is borrowed until the next
+ * call. Returns 1 for a line, 0 at the end, or a negative error.
+ */
+int storage_read_line(struct storage_reader *r, const char **line, size_t *len, struct err *e);
+void storage_close_read(struct storage_reader *r);
+
+/* Starts writing `uri` (under a temporary name until committed). */
+int storage_open_write(const char *uri, struct storage_writer **out, struct err *e);
+int storage_write(struct storage_writer *w, const void *data, size_t len, struct err *e);
+/* Makes the object durable and visible under its name; frees `w` either way. */
+int storage_commit(struct storage_writer *w, struct err *e);
+/* Drops what was written; frees `w`. NULL does nothing. */
+void storage_abort(struct storage_writer *w);
+
+/* Whole objects. */
+int storage_get(const char *uri, struct buf *out, struct err *e);
+int storage_put(const char *uri, const void *data, size_t len, struct err *e);
+/* 1 if the object exists, 0 if not. */
+int storage_exists(const char *uri);
+
+/*
+ * The objects under `uri`: every file below it (recursive), as names relative to it, sorted;
+ * when `uri` is itself an object, one name: its basename, and `*is_object` is set.
+ *   names  new array of new strings; free with storage_names_free()
+ */
+int storage_list(const char *uri, char ***names, size_t *n, int *is_object, struct err *e);
+void storage_names_free(char **names, size_t n);
+
+/* `base` + "/" + `name` (for a single object, its folder + name): a new string. */
+char *storage_join(const char *base, const char *name);
+
+#endif
