@@ -30,16 +30,16 @@
 
 struct chunk {
     struct runner *run;
-    int64_t first_line;  /* file line number of the chunk's first line */
-    size_t n;            /* records, good and bad */
+    int64_t first_line; /* file line number of the chunk's first line */
+    size_t n;           /* records, good and bad */
     size_t n_good;
-    int64_t *line_no;    /* per record */
-    char **text;         /* per record: the original line (join) or NULL */
-    char **bad;          /* per record: why it is bad, or NULL */
-    float *data;         /* n_good x width */
+    int64_t *line_no; /* per record */
+    char **text;      /* per record: the original line (join) or NULL */
+    char **bad;       /* per record: why it is bad, or NULL */
+    float *data;      /* n_good x width */
     struct infer_request *req;
     struct batch_item item;
-    int in_flight;       /* guarded by run->lock */
+    int in_flight; /* guarded by run->lock */
     int rc;
     struct err err;
 };
@@ -125,8 +125,7 @@ static char *parse_jsonl(const char *line, size_t len, int64_t width, float *row
     } else if ((int64_t)json_array_size(a) != width) {
         why = reason("expected %lld values, got %zu", (long long)width, json_array_size(a));
     } else {
-        json_array_foreach(a, i, v)
-        {
+        json_array_foreach (a, i, v) {
             if (json_is_number(v)) {
                 row[i] = (float)json_number_value(v);
             } else if (json_is_null(v)) {
@@ -288,8 +287,8 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
         o->line.len = 0;
         if (c->bad[i]) {
             char msg[600];
-            int n = snprintf(msg, sizeof(msg), "line %lld: %s\n", (long long)c->line_no[i],
-                             c->bad[i]);
+            int n =
+                snprintf(msg, sizeof(msg), "line %lld: %s\n", (long long)c->line_no[i], c->bad[i]);
             if (!o->errors)
                 rc = storage_open_write(o->errors_uri, &o->errors, e);
             if (rc == 0)
@@ -538,8 +537,28 @@ static int format_of(const struct batch_config *cfg, const char *name, int *csv,
         *csv = 1;
         return 0;
     }
-    return err_set(e, ERR_INVALID, "%s: cannot tell the format from its name; pass --format",
-                   name);
+    return err_set(e, ERR_INVALID, "%s: cannot tell the format from its name; pass --format", name);
+}
+
+/* Deletes the temporary objects a killed run left behind, once every output is complete. */
+static int remove_leftovers(const char *output, struct err *e)
+{
+    char **names = NULL;
+    size_t n = 0;
+    int is_object = 0, rc;
+
+    rc = storage_list(output, &names, &n, &is_object, e);
+    for (size_t i = 0; rc == 0 && !is_object && i < n; i++) {
+        const char *base = strrchr(names[i], '/');
+        char *uri;
+        if (!strstr(base ? base : names[i], ".tmp-"))
+            continue;
+        uri = storage_join(output, names[i]);
+        rc = uri ? storage_delete(uri, e) : err_set(e, ERR_NOMEM, "out of memory");
+        free(uri);
+    }
+    storage_names_free(names, n);
+    return rc;
 }
 
 /* ---- the job ---- */
@@ -620,9 +639,9 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
         } else if ((rc = format_of(cfg, name, &csv, e)) == 0) {
             rc = process_object(&run, in_uri, name, out_uri, err_uri, csv, &records, sha, e);
             if (rc == 0) {
-                json_object_set_new(objects, name,
-                                    json_pack("{s:I, s:s}", "records", (json_int_t)records,
-                                              "sha256", sha));
+                json_object_set_new(
+                    objects, name,
+                    json_pack("{s:I, s:s}", "records", (json_int_t)records, "sha256", sha));
                 rc = save_manifest(manifest_uri, manifest, e);
                 stats->objects_done++;
             }
@@ -631,6 +650,8 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
         free(out_uri);
         free(err_uri);
     }
+    if (rc == 0)
+        rc = remove_leftovers(cfg->output, e);
     if (rc == 0)
         rc = storage_put(success_uri, "", 0, e);
 cleanup:

@@ -36,6 +36,8 @@ void storage_abort(struct storage_writer *w);
 /* Whole objects. */
 int storage_get(const char *uri, struct buf *out, struct err *e);
 int storage_put(const char *uri, const void *data, size_t len, struct err *e);
+/* Deletes an object; a missing one is not an error. */
+int storage_delete(const char *uri, struct err *e);
 /* 1 if the object exists, 0 if not. */
 int storage_exists(const char *uri);
 

@@ -56,8 +56,7 @@ int storage_open_read(const char *uri, struct storage_reader **out, struct err *
     if (!r->f) {
         int saved = errno;
         free(r);
-        return err_set(e, saved == ENOENT ? ERR_NOT_FOUND : ERR_IO, "%s: %s", uri,
-                       strerror(saved));
+        return err_set(e, saved == ENOENT ? ERR_NOT_FOUND : ERR_IO, "%s: %s", uri, strerror(saved));
     }
     snprintf(r->uri, sizeof(r->uri), "%s", uri);
     *out = r;
@@ -193,6 +192,17 @@ int storage_put(const char *uri, const void *data, size_t len, struct err *e)
         return rc;
     }
     return storage_commit(w, e);
+}
+
+int storage_delete(const char *uri, struct err *e)
+{
+    const char *path = path_of(uri, e);
+
+    if (!path)
+        return e->code;
+    if (unlink(path) != 0 && errno != ENOENT)
+        return err_set(e, ERR_IO, "%s: %s", uri, strerror(errno));
+    return 0;
 }
 
 int storage_exists(const char *uri)
