@@ -388,17 +388,16 @@ static int cmd_batch(int argc, char **argv)
         .progress_tty = isatty(STDERR_FILENO),
     };
     rc = batch_run(&bc, &st, &e);
+    if (rc != 0)
+        fprintf(stderr, "inferd batch: %s\n", e.msg);
+    /* the summary is always the last line */
     fprintf(stderr,
             "inferd batch: %s objects=%lld skipped=%lld records=%lld errors=%lld seconds=%.2f "
             "records_per_s=%.0f\n",
             rc == 0 ? "done" : "failed", (long long)st.objects_done, (long long)st.objects_skipped,
             (long long)st.records, (long long)st.errors, st.seconds,
             st.seconds > 0 ? (double)st.records / st.seconds : 0.0);
-    if (rc != 0) {
-        fprintf(stderr, "inferd batch: %s\n", e.msg);
-        return 1;
-    }
-    return 0;
+    return rc != 0 ? 1 : 0;
 }
 
 int main(int argc, char **argv)
