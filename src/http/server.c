@@ -70,7 +70,8 @@ static enum MHD_Result send_reply(struct req *r)
         MHD_add_response_header(resp, "Inference-Header-Content-Length", num);
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/octet-stream");
     } else {
-        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
+                                r->content_type ? r->content_type : "application/json");
     }
     if (r->location[0])
         MHD_add_response_header(resp, MHD_HTTP_HEADER_LOCATION, r->location);
@@ -341,29 +342,23 @@ static enum MHD_Result handle_repository(struct req *r, const char *name, const 
     return reply_text(r, 200, "{}");
 }
 
+/* On the I/O pool: the async part reads the job store, which HTTP threads never wait on. */
+static void render_metrics(struct req *r)
+{
+    buf_release(&r->out);
+    if (metrics_render(&r->out) != 0 || jobs_metrics(r->srv, &r->out) != 0) {
+        http_set_error(r, ERR_NOMEM, "out of memory");
+    } else {
+        r->status = 200;
+        r->json_len = -1;
+        r->content_type = "text/plain; version=0.0.4; charset=utf-8";
+    }
+    http_finish_async(r);
+}
+
 static enum MHD_Result handle_metrics(struct req *r)
 {
-    struct buf b = {0};
-    struct MHD_Response *resp;
-    enum MHD_Result ret;
-    size_t len;
-    char *data;
-
-    if (metrics_render(&b) != 0 || jobs_metrics(r->srv, &b) != 0) {
-        buf_release(&b);
-        return http_reply_error(r, ERR_NOMEM, "out of memory");
-    }
-    len = b.len;
-    data = buf_take(&b);
-    resp = MHD_create_response_from_buffer(len, data ? data : (char *)"",
-                                           data ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_PERSISTENT);
-    if (!resp)
-        return MHD_NO;
-    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8");
-    ret = MHD_queue_response(r->conn, 200, resp);
-    MHD_destroy_response(resp);
-    return ret;
+    return http_defer(r, render_metrics);
 }
 
 /* ---- routing ---- */

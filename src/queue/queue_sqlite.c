@@ -32,6 +32,7 @@
 #define MAX_GROUP 512         /* operations per transaction */
 #define SWEEP_INTERVAL_MS 100 /* how often expired ttls and leases are looked for */
 #define MAX_BACKOFF_MS 60000
+#define SLOW_COMMIT_MS 500 /* commits slower than this are logged */
 
 enum op_kind {
     OP_ENQUEUE,
@@ -847,6 +848,9 @@ static void run_group(struct sqlite_queue *q, struct op *ops)
     int64_t queued_before = q->n_queued, now = queue_now_ms();
     int commit_ok, rc;
 
+    int n_ops = 0;
+    for (struct op *o = ops; o; o = o->next)
+        n_ops++;
     rc = exec(q->wdb, "BEGIN IMMEDIATE", &e);
     for (struct op *o = ops; o; o = o->next) {
         if (rc != 0) {
@@ -868,7 +872,12 @@ static void run_group(struct sqlite_queue *q, struct op *ops)
         q->last_sweep_ms = now;
         sweep(q, now);
     }
+    int64_t commit_start = queue_now_ms();
     commit_ok = rc == 0 && exec(q->wdb, "COMMIT", &e) == 0;
+    int64_t commit_ms = queue_now_ms() - commit_start;
+    if (commit_ms >= SLOW_COMMIT_MS)
+        /* every submission waits on this: a slow disk shows here first */
+        log_warn("queue", "slow commit", "ms=%lld operations=%d", (long long)commit_ms, n_ops);
     if (!commit_ok) {
         /* nothing of this group is durable: every caller hears so */
         exec(q->wdb, "ROLLBACK", &e);
