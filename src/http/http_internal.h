@@ -86,6 +86,7 @@ struct req {
     struct buf out;
     int64_t json_len; /* Inference-Header-Content-Length, or -1 */
     int retry_after_s;
+    int counted;                     /* already in the request metrics */
     char location[80];               /* Location header; "" means none */
     const char *content_type;        /* static string; NULL means application/json */
     void (*deferred)(struct req *r); /* what the I/O pool runs for this request */

@@ -40,6 +40,17 @@
 
 /* ---- responses ---- */
 
+/* Counts an inference request once, when its answer is decided (even if the client is gone
+ * and MHD never sends it). */
+static void count_request(struct req *r)
+{
+    if (r->model && !r->counted) {
+        r->counted = 1;
+        metrics_request(r->model->metrics, r->status,
+                        (double)(batcher_now_ns() - r->start_ns) / 1e9);
+    }
+}
+
 void http_set_error(struct req *r, int code, const char *msg)
 {
     r->status = err_http_status((enum err_code)code);
@@ -81,9 +92,7 @@ static enum MHD_Result send_reply(struct req *r)
     }
     ret = MHD_queue_response(r->conn, (unsigned)r->status, resp);
     MHD_destroy_response(resp);
-    if (r->model)
-        metrics_request(r->model->metrics, r->status,
-                        (double)(batcher_now_ns() - r->start_ns) / 1e9);
+    count_request(r);
     return ret;
 }
 
@@ -154,6 +163,7 @@ static void infer_done(struct batch_item *item, int rc, const struct err *e)
             r->status = 200;
     }
     metrics_inflight_add(r->model->metrics, -1);
+    count_request(r);
     atomic_store(&r->state, REQ_READY);
     MHD_resume_connection(r->conn);
 }
