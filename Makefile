@@ -5,7 +5,7 @@ PORT       ?= 8000
 PYTHON     := /usr/bin/python3
 JOBS       := $(shell nproc)
 
-.PHONY: all build run test unit integration fuzz-replay fuzz bench deps format clean
+.PHONY: all build run test unit integration fuzz-build fuzz-replay fuzz bench deps format clean
 
 all: build
 
@@ -30,17 +30,23 @@ test: deps build unit fuzz-replay integration
 unit: build
 	@cd $(BUILD) && ctest --output-on-failure
 
-$(FUZZ_BUILD)/fuzz_infer_request: $(wildcard src/*/*.c src/*/*.h fuzz/*.c)
+FUZZ_TARGETS := infer_request batch_record
+FUZZ_SECONDS ?= 60
+
+fuzz-build: $(wildcard src/*/*.c src/*/*.h fuzz/*.c)
 	@CC=clang cmake -S . -B $(FUZZ_BUILD) -DINFERD_FUZZ=ON -DINFERD_TESTS=OFF >/dev/null
-	@cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz_infer_request
+	@cmake --build $(FUZZ_BUILD) -j $(JOBS) $(foreach t,$(FUZZ_TARGETS),--target fuzz_$(t))
 
-fuzz-replay: $(FUZZ_BUILD)/fuzz_infer_request
-	@$(FUZZ_BUILD)/fuzz_infer_request -runs=0 fuzz/corpus/infer_request 2>&1 | tail -1
+# replays every seed corpus once (part of make test)
+fuzz-replay: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	    $(FUZZ_BUILD)/fuzz_$$t -runs=0 fuzz/corpus/$$t 2>&1 | tail -1 || exit 1; done
 
-fuzz: $(FUZZ_BUILD)/fuzz_infer_request
-	@mkdir -p $(FUZZ_BUILD)/corpus
-	$(FUZZ_BUILD)/fuzz_infer_request -max_total_time=60 -max_len=8192 \
-	    $(FUZZ_BUILD)/corpus fuzz/corpus/infer_request
+# fuzzes each parser for FUZZ_SECONDS
+fuzz: fuzz-build
+	@for t in $(FUZZ_TARGETS); do mkdir -p $(FUZZ_BUILD)/corpus/$$t; \
+	    $(FUZZ_BUILD)/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -max_len=8192 \
+	        $(FUZZ_BUILD)/corpus/$$t fuzz/corpus/$$t || exit 1; done
 
 integration: build
 	@$(PYTHON) -m pytest -q tests/integration

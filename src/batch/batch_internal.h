@@ -1,0 +1,18 @@
+/*
+ * batch_internal.h: the record parsers, shared with their unit tests and fuzz target.
+ */
+#ifndef INFERD_BATCH_INTERNAL_H
+#define INFERD_BATCH_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/*
+ * Parse one record of `width` values into `row` (missing values become NaN). Return NULL for
+ * a good record, or a new string (free() it) saying what is wrong with it.
+ *   line  borrowed; not NUL-terminated necessarily: `len` bytes
+ */
+char *batch_parse_jsonl(const char *line, size_t len, int64_t width, float *row);
+char *batch_parse_csv(const char *line, size_t len, int64_t width, float *row);
+
+#endif
