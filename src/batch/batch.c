@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 /* ---- one chunk of records ---- */
 
@@ -49,6 +50,7 @@ struct runner {
     const struct batch_config *cfg;
     struct model *model;
     int64_t width;
+    int n_instances;
     pthread_mutex_t lock;
     pthread_cond_t cond;
     struct batch_stats *stats;
@@ -288,7 +290,8 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
                           char sha_hex[65], struct err *e)
 {
     const struct batch_config *cfg = run->cfg;
-    int n_chunks = cfg->concurrency > 0 ? cfg->concurrency : 2;
+    /* enough chunks in flight to keep every instance busy while the next one is parsed */
+    int n_chunks = cfg->concurrency > 0 ? cfg->concurrency : run->n_instances + 1;
     struct chunk *chunks = calloc((size_t)n_chunks, sizeof(*chunks));
     struct storage_reader *in = NULL;
     struct object_out o = {.errors_uri = errors_uri, .csv = csv};
@@ -498,10 +501,15 @@ static int remove_leftovers(const char *output, struct err *e)
 static int load_model(const struct batch_config *cfg, struct registry **reg, struct model **m,
                       struct err *e)
 {
+    long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
     int rc = registry_create(cfg->models_dir, reg, e);
 
-    if (rc == 0)
+    if (rc == 0) {
+        /* nothing else needs the CPUs here: one instance each, unless told otherwise */
+        registry_set_instances(*reg,
+                               cfg->instances > 0 ? cfg->instances : (int)(n_cpu > 0 ? n_cpu : 1));
         rc = registry_load(*reg, cfg->model, e);
+    }
     if (rc == 0)
         rc = registry_acquire(*reg, cfg->model, 0, m, e);
     if (rc == 0 && ((*m)->info.n_inputs != 1 || (*m)->info.inputs[0].n_dims != 2 ||
@@ -527,6 +535,10 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
     if (rc != 0)
         goto cleanup;
     run.width = run.model->info.inputs[0].shape[1];
+    {
+        long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
+        run.n_instances = cfg->instances > 0 ? cfg->instances : (int)(n_cpu > 0 ? n_cpu : 1);
+    }
     rc = storage_list(cfg->input, &names, &n_names, &is_object, e);
     if (rc != 0)
         goto cleanup;

@@ -19,6 +19,7 @@ struct batch_config {
     enum batch_format format;
     int64_t records_per_batch;
     int concurrency; /* batches in flight per object */
+    int instances;   /* model instances (threads); 0 means one per CPU */
     int join_input;
     int csv_header;
     int64_t max_errors; /* bad records tolerated in the whole job */

@@ -96,4 +96,3 @@ char *batch_parse_csv(const char *line, size_t len, int64_t width, float *row)
         return reason("expected %lld columns, got %lld", (long long)width, (long long)col);
     return NULL;
 }
-

@@ -34,6 +34,9 @@
 #include <time.h>
 #include <unistd.h>
 
+/* requests slower than this from first byte to completion are logged */
+#define SLOW_REQUEST_NS (5ull * 1000000000ull)
+
 #ifndef INFERD_VERSION
 #define INFERD_VERSION "0.0.0"
 #endif
@@ -524,11 +527,15 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     struct req *r = *con_cls;
 
     (void)conn;
-    (void)toe;
+
     if (!r)
         return;
     if (atomic_load(&r->state) == REQ_WAITING)
         log_warn("http", "connection closed while its request was queued", "%s", "");
+    else if (batcher_now_ns() - r->start_ns > SLOW_REQUEST_NS)
+        log_warn("http", "slow request", "ms=%llu status=%d job=%s termination=%d",
+                 (unsigned long long)((batcher_now_ns() - r->start_ns) / 1000000), r->status,
+                 r->job_id[0] ? r->job_id : "-", (int)toe);
     infer_request_destroy(r->infer);
     if (r->json)
         json_decref((json_t *)r->json);

@@ -30,6 +30,7 @@ struct entry {
 
 struct registry {
     char *dir;
+    int instances; /* set before loading; 0 means as configured */
     pthread_mutex_t load_lock;
     pthread_mutex_t lock;
     struct entry *entries; /* guarded by lock */
@@ -235,7 +236,8 @@ static int read_file(const char *path, char **out, struct err *e)
     return 0;
 }
 
-static int model_build(const char *repo, const char *name, struct model **out, struct err *e)
+static int model_build(const char *repo, const char *name, int instances, struct model **out,
+                       struct err *e)
 {
     char model_dir[PATH_MAX], path[PATH_MAX + 16], version_dir[PATH_MAX + 32], errbuf[256] = "";
     struct model_config cfg = {0};
@@ -294,6 +296,8 @@ static int model_build(const char *repo, const char *name, struct model **out, s
         goto cleanup;
     }
     cfg.batch.metrics = m->metrics;
+    if (instances > 0)
+        cfg.batch.instances = instances;
     if (!m->info.is_batched)
         cfg.batch.max_batch_size = 1; /* rows cannot be split or joined */
     rc = batcher_create(&cfg.batch, m->api, m->model_state, name, &m->batcher, e);
@@ -371,7 +375,7 @@ static int load_locked(struct registry *r, const char *name, struct err *e)
     snprintf(dir, sizeof(dir), "%s/%s", r->dir, name);
     if (!valid_name(name) || stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
         return err_set(e, ERR_NOT_FOUND, "no model folder '%s' in %s", name, r->dir);
-    rc = model_build(r->dir, name, &m, e);
+    rc = model_build(r->dir, name, r->instances, &m, e);
     if (rc != 0) {
         log_error("model", "load failed", "model=%s reason=\"%s\"", name, e->msg);
         install(r, name, NULL, e->msg);
@@ -528,6 +532,11 @@ int registry_create(const char *dir, struct registry **out, struct err *e)
     pthread_mutex_init(&r->load_lock, NULL);
     *out = r;
     return 0;
+}
+
+void registry_set_instances(struct registry *r, int n)
+{
+    r->instances = n;
 }
 
 void registry_destroy(struct registry *r)

@@ -37,6 +37,10 @@ struct registry;
 /* `dir` is borrowed (copied). Nothing is loaded yet. */
 int registry_create(const char *dir, struct registry **out, struct err *e);
 
+/* Runs every model loaded from now on with `n` instances, whatever config.json says (0: as
+ * configured). `inferd batch` uses it: no HTTP threads compete for the CPUs there. */
+void registry_set_instances(struct registry *r, int n);
+
 /* Loads (or reloads) every model folder under the repository; a model that fails is logged
  * with its path and reason and left unavailable, the others load. Models whose folder is gone
  * are unloaded. Returns the number that failed. */
