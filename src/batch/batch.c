@@ -98,22 +98,6 @@ static void chunk_release(struct chunk *c)
     free(c->bad);
 }
 
-/* ---- parsing records: batch_parse.c ---- */
-
-static char *reason(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static char *reason(const char *fmt, ...)
-{
-    char *s = NULL;
-    va_list ap;
-
-    va_start(ap, fmt);
-    if (vasprintf(&s, fmt, ap) < 0)
-        s = NULL;
-    va_end(ap);
-    return s ? s : strdup("bad record");
-}
-
 /* ---- submitting and writing ---- */
 
 static void chunk_done(struct batch_item *item, int rc, const struct err *e)
@@ -346,7 +330,7 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
             if (line_no == 1 && csv && cfg->csv_header)
                 continue;
             float *row = c->data + c->n_good * (size_t)run->width;
-            why = len == 0 ? reason("empty line")
+            why = len == 0 ? batch_reason("empty line")
                   : csv    ? batch_parse_csv(line, len, run->width, row)
                            : batch_parse_jsonl(line, len, run->width, row);
             c->line_no[c->n] = line_no;

@@ -15,4 +15,7 @@
 char *batch_parse_jsonl(const char *line, size_t len, int64_t width, float *row);
 char *batch_parse_csv(const char *line, size_t len, int64_t width, float *row);
 
+/* A new string (free() it) formatted like printf: why a record is bad. Never NULL. */
+char *batch_reason(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
 #endif

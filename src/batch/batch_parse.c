@@ -14,9 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static char *reason(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-
-static char *reason(const char *fmt, ...)
+char *batch_reason(const char *fmt, ...)
 {
     char *s = NULL;
     va_list ap;
@@ -36,11 +34,11 @@ char *batch_parse_jsonl(const char *line, size_t len, int64_t width, float *row)
     size_t i;
 
     if (!a)
-        return reason("malformed JSON at column %d: %s", jerr.column, jerr.text);
+        return batch_reason("malformed JSON at column %d: %s", jerr.column, jerr.text);
     if (!json_is_array(a)) {
-        why = reason("expected a JSON array of %lld numbers", (long long)width);
+        why = batch_reason("expected a JSON array of %lld numbers", (long long)width);
     } else if ((int64_t)json_array_size(a) != width) {
-        why = reason("expected %lld values, got %zu", (long long)width, json_array_size(a));
+        why = batch_reason("expected %lld values, got %zu", (long long)width, json_array_size(a));
     } else {
         json_array_foreach (a, i, v) {
             if (json_is_number(v)) {
@@ -48,7 +46,7 @@ char *batch_parse_jsonl(const char *line, size_t len, int64_t width, float *row)
             } else if (json_is_null(v)) {
                 row[i] = NAN;
             } else {
-                why = reason("value %zu is not a number", i + 1);
+                why = batch_reason("value %zu is not a number", i + 1);
                 break;
             }
         }
@@ -77,22 +75,22 @@ char *batch_parse_csv(const char *line, size_t len, int64_t width, float *row)
         } else {
             char *stop;
             if (flen >= sizeof(field))
-                return reason("column %lld: value too long", (long long)col + 1);
+                return batch_reason("column %lld: value too long", (long long)col + 1);
             memcpy(field, p, flen);
             field[flen] = '\0';
             errno = 0;
             row[col] = strtof(field, &stop);
             if (*stop || stop == field)
-                return reason("column %lld: '%s' is not a number", (long long)col + 1, field);
+                return batch_reason("column %lld: '%s' is not a number", (long long)col + 1, field);
         }
         col++;
         if (!q)
             break;
         p = q + 1;
         if (col == width)
-            return reason("expected %lld columns, got more", (long long)width);
+            return batch_reason("expected %lld columns, got more", (long long)width);
     }
     if (col < width)
-        return reason("expected %lld columns, got %lld", (long long)width, (long long)col);
+        return batch_reason("expected %lld columns, got %lld", (long long)width, (long long)col);
     return NULL;
 }
