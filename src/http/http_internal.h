@@ -42,6 +42,8 @@ struct http_server {
     int port;
     _Atomic int draining;
     _Atomic int64_t in_flight; /* contexts between arrival and completion */
+    pthread_mutex_t live_lock; /* guards the list of live requests */
+    struct req *live;          /* guarded by live_lock: every request not yet completed */
 };
 
 enum req_state {
@@ -86,10 +88,12 @@ struct req {
     struct buf out;
     int64_t json_len; /* Inference-Header-Content-Length, or -1 */
     int retry_after_s;
-    int counted;                     /* already in the request metrics */
-    char location[80];               /* Location header; "" means none */
-    const char *content_type;        /* static string; NULL means application/json */
-    void (*deferred)(struct req *r); /* what the I/O pool runs for this request */
+    int counted;                       /* already in the request metrics */
+    char location[80];                 /* Location header; "" means none */
+    const char *content_type;          /* static string; NULL means application/json */
+    void (*deferred)(struct req *r);   /* what the I/O pool runs for this request */
+    uint64_t ready_ns;                 /* when the answer was made ready; 0 before */
+    struct req *live_prev, *live_next; /* guarded by srv->live_lock */
 };
 
 /* ---- server.c ---- */
@@ -98,6 +102,9 @@ enum MHD_Result http_reply_error(struct req *r, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 /* Marks the answer ready and resumes the suspended connection (any thread). */
 void http_finish_async(struct req *r);
+/* Resumes again a connection whose answer has been ready for long but which libmicrohttpd
+ * still holds suspended (a lost wake-up), and logs it. Called by the waiters' timer. */
+void http_watchdog(struct http_server *s);
 /* Suspends the connection and runs fn(r) on the I/O pool. */
 enum MHD_Result http_defer(struct req *r, void (*fn)(struct req *r));
 

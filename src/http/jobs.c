@@ -233,6 +233,7 @@ static void *timer_main(void *arg)
         if (stopping)
             break;
         answer_claimed(s, claim_expired(s, queue_now_ms(), 0));
+        http_watchdog(s);
     }
     return NULL;
 }

@@ -123,6 +123,7 @@ static enum MHD_Result reply_json(struct req *r, int status, struct buf *json)
 
 void http_finish_async(struct req *r)
 {
+    r->ready_ns = batcher_now_ns();
     atomic_store(&r->state, REQ_READY);
     MHD_resume_connection(r->conn);
 }
@@ -492,6 +493,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         r->start_ns = batcher_now_ns();
         r->json_len = -1;
         atomic_fetch_add(&srv->in_flight, 1);
+        pthread_mutex_lock(&srv->live_lock);
+        r->live_next = srv->live;
+        if (srv->live)
+            srv->live->live_prev = r;
+        srv->live = r;
+        pthread_mutex_unlock(&srv->live_lock);
         *con_cls = r;
         int64_t declared = header_int(conn, MHD_HTTP_HEADER_CONTENT_LENGTH, &bad);
         if (declared > srv->cfg.max_body_bytes)
@@ -536,6 +543,14 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         log_warn("http", "slow request", "ms=%llu status=%d job=%s termination=%d",
                  (unsigned long long)((batcher_now_ns() - r->start_ns) / 1000000), r->status,
                  r->job_id[0] ? r->job_id : "-", (int)toe);
+    pthread_mutex_lock(&srv->live_lock);
+    if (r->live_prev)
+        r->live_prev->live_next = r->live_next;
+    else
+        srv->live = r->live_next;
+    if (r->live_next)
+        r->live_next->live_prev = r->live_prev;
+    pthread_mutex_unlock(&srv->live_lock);
     infer_request_destroy(r->infer);
     if (r->json)
         json_decref((json_t *)r->json);
@@ -545,6 +560,39 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     free(r);
     *con_cls = NULL;
     atomic_fetch_sub(&srv->in_flight, 1);
+}
+
+/* ---- the lost-wake-up watchdog ---- */
+
+/*
+ * Under heavy load, libmicrohttpd 0.9.75 (epoll, thread pool) was seen to leave a connection
+ * suspended after MHD_resume_connection(): the answer stayed unsent until the client gave up
+ * (30 s). Resuming a connection that is still suspended is harmless, so the waiters' timer
+ * resumes again any whose answer has waited this long.
+ */
+#define WATCHDOG_NS (1000ull * 1000000ull)
+
+void http_watchdog(struct http_server *s)
+{
+    uint64_t now = batcher_now_ns();
+
+    pthread_mutex_lock(&s->live_lock);
+    for (struct req *r = s->live; r; r = r->live_next) {
+        const union MHD_ConnectionInfo *ci;
+        if (atomic_load(&r->state) != REQ_READY || r->ready_ns > now ||
+            now - r->ready_ns < WATCHDOG_NS)
+            continue;
+        ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_SUSPENDED);
+        if (ci && ci->suspended == MHD_YES) {
+            log_warn("http", "answer ready but connection still suspended: resuming again",
+                     "ms=%llu status=%d job=%s",
+                     (unsigned long long)((now - r->ready_ns) / 1000000), r->status,
+                     r->job_id[0] ? r->job_id : "-");
+            r->ready_ns = now;
+            MHD_resume_connection(r->conn);
+        }
+    }
+    pthread_mutex_unlock(&s->live_lock);
 }
 
 /* ---- life cycle ---- */
@@ -564,6 +612,7 @@ int http_server_start(const struct http_config *cfg, struct registry *reg, struc
         return err_set(e, ERR_NOMEM, "out of memory");
     s->cfg = *cfg;
     s->reg = reg;
+    pthread_mutex_init(&s->live_lock, NULL);
     s->queue = q;
     s->pool = pool;
     s->notifier = notifier;
