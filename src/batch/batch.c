@@ -32,22 +32,29 @@
 
 struct chunk {
     struct runner *run;
-    int64_t first_line; /* file line number of the chunk's first line */
-    size_t n;           /* records, good and bad */
+    size_t n; /* records, good and bad */
     size_t n_good;
     int64_t *line_no; /* per record */
-    char **text;      /* per record: the original line (join) or NULL */
+    size_t *off;      /* per record: where its text starts in `raw` (NUL-terminated) */
+    struct buf raw;   /* the records' text, as read */
     char **bad;       /* per record: why it is bad, or NULL */
-    float *data;      /* n_good x width */
+    float *data;      /* n_good x width; owned by `req` once submitted */
     struct infer_request *req;
     struct batch_item item;
-    int in_flight; /* guarded by run->lock */
+    int in_flight;            /* guarded by run->lock: being parsed or in the model */
+    struct chunk *next_parse; /* guarded by run->lock: the parse queue */
     int rc;
     struct err err;
 };
 
 struct runner {
     const struct batch_config *cfg;
+    int csv;                  /* the current object's format */
+    struct chunk *parse_head; /* guarded by lock */
+    struct chunk *parse_tail; /* guarded by lock */
+    int parse_stopping;       /* guarded by lock */
+    pthread_t *parsers;
+    int n_parsers;
     struct model *model;
     int64_t width;
     int n_instances;
@@ -69,13 +76,16 @@ static double now_s(void)
 static void chunk_reset(struct chunk *c)
 {
     for (size_t i = 0; i < c->n; i++) {
-        free(c->text[i]);
         free(c->bad[i]);
-        c->text[i] = c->bad[i] = NULL;
+        c->bad[i] = NULL;
     }
-    infer_request_destroy(c->req);
+    if (c->req)
+        infer_request_destroy(c->req); /* it owns the data */
+    else
+        free(c->data);
     c->req = NULL;
-    c->data = NULL; /* owned by the request */
+    c->data = NULL;
+    c->raw.len = 0;
     c->n = c->n_good = 0;
     c->rc = 0;
 }
@@ -85,16 +95,17 @@ static int chunk_init(struct chunk *c, struct runner *run, size_t cap)
     memset(c, 0, sizeof(*c));
     c->run = run;
     c->line_no = calloc(cap, sizeof(*c->line_no));
-    c->text = calloc(cap, sizeof(*c->text));
+    c->off = calloc(cap, sizeof(*c->off));
     c->bad = calloc(cap, sizeof(*c->bad));
-    return c->line_no && c->text && c->bad ? 0 : -1;
+    return c->line_no && c->off && c->bad ? 0 : -1;
 }
 
 static void chunk_release(struct chunk *c)
 {
     chunk_reset(c);
+    buf_release(&c->raw);
     free(c->line_no);
-    free(c->text);
+    free(c->off);
     free(c->bad);
 }
 
@@ -119,11 +130,8 @@ static int chunk_submit(struct runner *run, struct chunk *c, struct err *e)
     struct infer_request *r;
     int rc;
 
-    if (c->n_good == 0) {
-        free(c->data);
-        c->data = NULL;
+    if (c->n_good == 0)
         return 0;
-    }
     r = calloc(1, sizeof(*r));
     if (!r || !(r->inputs[0].name = strdup(run->model->info.inputs[0].name))) {
         free(r);
@@ -139,7 +147,6 @@ static int chunk_submit(struct runner *run, struct chunk *c, struct err *e)
     infer_request_bind(r);
     c->req = r;
     c->item = (struct batch_item){.req = r, .client_fd = -1, .done = chunk_done, .ctx = c};
-    c->in_flight = 1;
     for (;;) {
         rc = batcher_submit(run->model->batcher, &c->item, e);
         if (rc != ERR_BUSY)
@@ -147,9 +154,113 @@ static int chunk_submit(struct runner *run, struct chunk *c, struct err *e)
         struct timespec ts = {0, 2 * 1000000};
         nanosleep(&ts, NULL);
     }
-    if (rc != 0)
-        c->in_flight = 0;
     return rc;
+}
+
+/* ---- parsing, on the parser threads ---- */
+
+/* Parses every record of `c`, then hands the good ones to the model. */
+static void chunk_parse(struct runner *run, struct chunk *c)
+{
+    int submitted = 0, rc = 0;
+    struct err e = {0};
+
+    c->data = malloc((c->n ? c->n : 1) * (size_t)run->width * sizeof(float));
+    if (!c->data) {
+        rc = err_set(&e, ERR_NOMEM, "out of memory");
+    } else {
+        for (size_t i = 0; i < c->n; i++) {
+            const char *line = c->raw.data + c->off[i];
+            size_t len = strlen(line);
+            float *row = c->data + c->n_good * (size_t)run->width;
+            char *why = len == 0   ? batch_reason("empty line")
+                        : run->csv ? batch_parse_csv(line, len, run->width, row)
+                                   : batch_parse_jsonl(line, len, run->width, row);
+            if (why)
+                c->bad[i] = why;
+            else
+                c->n_good++;
+        }
+        /* decide before submitting: once in the model, the chunk may be written and reused
+         * by the reader before chunk_submit() even returns */
+        int has_good = c->n_good > 0;
+        rc = chunk_submit(run, c, &e);
+        submitted = rc == 0 && has_good;
+    }
+    if (!submitted) {
+        /* nothing for the model (or it failed): the chunk is ready to write now */
+        pthread_mutex_lock(&run->lock);
+        c->rc = rc;
+        if (rc != 0)
+            c->err = e;
+        c->in_flight = 0;
+        pthread_cond_broadcast(&run->cond);
+        pthread_mutex_unlock(&run->lock);
+    }
+}
+
+static void *parser_main(void *arg)
+{
+    struct runner *run = arg;
+
+    pthread_mutex_lock(&run->lock);
+    for (;;) {
+        struct chunk *c;
+        while (!run->parse_head && !run->parse_stopping)
+            pthread_cond_wait(&run->cond, &run->lock);
+        if (!run->parse_head)
+            break;
+        c = run->parse_head;
+        run->parse_head = c->next_parse;
+        if (!run->parse_head)
+            run->parse_tail = NULL;
+        pthread_mutex_unlock(&run->lock);
+        chunk_parse(run, c);
+        pthread_mutex_lock(&run->lock);
+    }
+    pthread_mutex_unlock(&run->lock);
+    return NULL;
+}
+
+/* Queues a read chunk for the parsers; it is in flight until its results are back. */
+static void chunk_dispatch(struct runner *run, struct chunk *c)
+{
+    pthread_mutex_lock(&run->lock);
+    c->in_flight = 1;
+    c->next_parse = NULL;
+    if (run->parse_tail)
+        run->parse_tail->next_parse = c;
+    else
+        run->parse_head = c;
+    run->parse_tail = c;
+    pthread_cond_broadcast(&run->cond);
+    pthread_mutex_unlock(&run->lock);
+}
+
+static int parsers_start(struct runner *run, int n, struct err *e)
+{
+    run->parsers = calloc((size_t)n, sizeof(*run->parsers));
+    if (!run->parsers)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    for (int i = 0; i < n; i++) {
+        if (pthread_create(&run->parsers[i], NULL, parser_main, run) != 0)
+            return err_set(e, ERR_NOMEM, "cannot start parser threads");
+        run->n_parsers++;
+    }
+    return 0;
+}
+
+static void parsers_stop(struct runner *run)
+{
+    pthread_mutex_lock(&run->lock);
+    run->parse_stopping = 1;
+    pthread_cond_broadcast(&run->cond);
+    pthread_mutex_unlock(&run->lock);
+    for (int i = 0; i < run->n_parsers; i++)
+        pthread_join(run->parsers[i], NULL);
+    free(run->parsers);
+    run->parsers = NULL;
+    run->n_parsers = 0;
 }
 
 static void chunk_wait(struct runner *run, struct chunk *c)
@@ -168,6 +279,7 @@ static int append_value(struct buf *b, float v, int csv)
 }
 
 struct object_out {
+    const char *name; /* the input object, for error messages */
     struct storage_writer *out;
     struct storage_writer *errors; /* opened at the first bad record */
     const char *errors_uri;
@@ -205,6 +317,12 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
         o->line.len = 0;
         if (c->bad[i]) {
             char msg[600];
+            /* bad records are counted in input order, so the limit stops at the same one
+             * whatever the parsing order */
+            if (++run->stats->errors > run->cfg->max_errors)
+                return err_set(e, ERR_INVALID, "%s: line %lld: %s%s", o->name,
+                               (long long)c->line_no[i], c->bad[i],
+                               run->cfg->max_errors ? " (more bad records than --max-errors)" : "");
             int n =
                 snprintf(msg, sizeof(msg), "line %lld: %s\n", (long long)c->line_no[i], c->bad[i]);
             if (!o->errors)
@@ -220,9 +338,9 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
         const float *y = (const float *)t->data + g * per_row;
         g++;
         if (run->cfg->join_input && !o->csv)
-            rc = buf_printf(&o->line, "{\"input\":%s,\"prediction\":", c->text[i]);
+            rc = buf_printf(&o->line, "{\"input\":%s,\"prediction\":", c->raw.data + c->off[i]);
         else if (run->cfg->join_input)
-            rc = buf_printf(&o->line, "%s,", c->text[i]);
+            rc = buf_printf(&o->line, "%s,", c->raw.data + c->off[i]);
         if (rc == 0 && per_row > 1 && !o->csv)
             rc = buf_puts(&o->line, "[");
         for (size_t k = 0; rc == 0 && k < per_row; k++) {
@@ -275,10 +393,10 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
 {
     const struct batch_config *cfg = run->cfg;
     /* enough chunks in flight to keep every instance busy while the next one is parsed */
-    int n_chunks = cfg->concurrency > 0 ? cfg->concurrency : run->n_instances + 1;
+    int n_chunks = cfg->concurrency > 0 ? cfg->concurrency : 2 * run->n_instances + 1;
     struct chunk *chunks = calloc((size_t)n_chunks, sizeof(*chunks));
     struct storage_reader *in = NULL;
-    struct object_out o = {.errors_uri = errors_uri, .csv = csv};
+    struct object_out o = {.name = name, .errors_uri = errors_uri, .csv = csv};
     int64_t line_no = 0, start_records = run->stats->records;
     size_t cap = (size_t)cfg->records_per_batch;
     int next = 0, rc = 0, eof = 0;
@@ -287,6 +405,7 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
 
     if (!chunks)
         return err_set(e, ERR_NOMEM, "out of memory");
+    run->csv = csv;
     for (int i = 0; i < n_chunks; i++)
         if (chunk_init(&chunks[i], run, cap) != 0)
             rc = err_set(e, ERR_NOMEM, "out of memory");
@@ -308,15 +427,10 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
             if (rc != 0)
                 break;
         }
-        c->data = malloc(cap * (size_t)run->width * sizeof(float));
-        if (!c->data) {
-            rc = err_set(e, ERR_NOMEM, "out of memory");
-            break;
-        }
+        /* read: the parsers and the model work on earlier chunks meanwhile */
         while (c->n < cap) {
             const char *line;
             size_t len;
-            char *why;
             int got = storage_read_line(in, &line, &len, e);
             if (got < 0) {
                 rc = got;
@@ -329,36 +443,16 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
             line_no++;
             if (line_no == 1 && csv && cfg->csv_header)
                 continue;
-            float *row = c->data + c->n_good * (size_t)run->width;
-            why = len == 0 ? batch_reason("empty line")
-                  : csv    ? batch_parse_csv(line, len, run->width, row)
-                           : batch_parse_jsonl(line, len, run->width, row);
             c->line_no[c->n] = line_no;
-            if (why) {
-                run->stats->errors++;
-                if (run->stats->errors > cfg->max_errors) {
-                    rc = err_set(e, ERR_INVALID, "%s: line %lld: %s%s", name, (long long)line_no,
-                                 why,
-                                 cfg->max_errors ? " (more bad records than --max-errors)" : "");
-                    free(why);
-                    break;
-                }
-                c->bad[c->n] = why;
-            } else {
-                c->n_good++;
-                if (cfg->join_input && !(c->text[c->n] = strndup(line, len))) {
-                    rc = err_set(e, ERR_NOMEM, "out of memory");
-                    break;
-                }
+            c->off[c->n] = c->raw.len;
+            if (buf_append(&c->raw, line, len) != 0 || buf_append(&c->raw, "", 1) != 0) {
+                rc = err_set(e, ERR_NOMEM, "out of memory");
+                break;
             }
             c->n++;
         }
         if (rc == 0 && c->n > 0)
-            rc = chunk_submit(run, c, e);
-        else if (c->n == 0) {
-            free(c->data);
-            c->data = NULL;
-        }
+            chunk_dispatch(run, c);
         next = (next + 1) % n_chunks;
     }
     /* drain the ring in order */
@@ -519,6 +613,10 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
     if (rc != 0)
         goto cleanup;
     run.width = run.model->info.inputs[0].shape[1];
+    rc = parsers_start(
+        &run, (int)(sysconf(_SC_NPROCESSORS_ONLN) > 0 ? sysconf(_SC_NPROCESSORS_ONLN) : 1), e);
+    if (rc != 0)
+        goto cleanup;
     {
         long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
         run.n_instances = cfg->instances > 0 ? cfg->instances : (int)(n_cpu > 0 ? n_cpu : 1);
@@ -583,6 +681,8 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
     if (rc == 0)
         rc = storage_put(success_uri, "", 0, e);
 cleanup:
+    if (run.parsers)
+        parsers_stop(&run);
     stats->seconds = now_s() - run.started;
     if (cfg->progress_tty)
         fprintf(stderr, "\n");
