@@ -17,6 +17,7 @@
  */
 #define _GNU_SOURCE
 #include "queue/queue_internal.h"
+#include "core/clock.h"
 #include "core/log.h"
 
 #include <errno.h>
@@ -902,13 +903,7 @@ static void *writer_main(void *arg)
         int n = 0;
         int64_t queued_before;
         if (!q->head && !q->stopping) {
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_nsec += SWEEP_INTERVAL_MS * 1000000L;
-            if (ts.tv_nsec >= 1000000000L) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000L;
-            }
+            struct timespec ts = clock_realtime_after_ms(SWEEP_INTERVAL_MS);
             pthread_cond_timedwait(&q->work, &q->lock, &ts);
         }
         if (!q->head && q->stopping)
@@ -1099,14 +1094,7 @@ static int s_lease_many(struct queue *qb, const char *worker, size_t max, int64_
         /* nothing runnable: sleep until something is enqueued or requeued, or a backoff or
          * sweep may have made a job runnable */
         int64_t nap = until - now < SWEEP_INTERVAL_MS ? until - now : SWEEP_INTERVAL_MS;
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec += nap / 1000;
-        ts.tv_nsec += (nap % 1000) * 1000000L;
-        if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000L;
-        }
+        struct timespec ts = clock_realtime_after_ms(nap);
         pthread_mutex_lock(&q->lock);
         while (q->generation == gen && !q->stopping &&
                pthread_cond_timedwait(&q->runnable, &q->lock, &ts) == 0)

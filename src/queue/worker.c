@@ -8,6 +8,7 @@
  */
 #define _GNU_SOURCE
 #include "queue/worker.h"
+#include "core/clock.h"
 #include "core/log.h"
 #include "metrics/metrics.h"
 #include "model/codec.h"
@@ -197,14 +198,7 @@ static void wait_batch(struct worker *w, struct slot *slots, size_t n)
         extend_every = 100;
     pthread_mutex_lock(&w->lock);
     while (w->pending > 0) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec += extend_every / 1000;
-        ts.tv_nsec += (extend_every % 1000) * 1000000L;
-        if (ts.tv_nsec >= 1000000000L) {
-            ts.tv_sec++;
-            ts.tv_nsec -= 1000000000L;
-        }
+        struct timespec ts = clock_realtime_after_ms(extend_every);
         if (pthread_cond_timedwait(&w->cond, &w->lock, &ts) == ETIMEDOUT && w->pending > 0) {
             pthread_mutex_unlock(&w->lock);
             for (size_t i = 0; i < n; i++) {
