@@ -83,6 +83,8 @@ struct req {
     char list_model[128];
     char list_cursor[40];
     int list_limit;
+    char repo_model[256]; /* POST /v2/repository/models/{m}/load|unload */
+    int repo_load;
     /* the answer, built by whichever thread finishes the request */
     int status;
     struct buf out;

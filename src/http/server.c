@@ -339,21 +339,35 @@ static enum MHD_Result reply_text(struct req *r, int status, const char *json)
     return reply_json(r, status, &b);
 }
 
-static enum MHD_Result handle_repository(struct req *r, const char *name, const char *action)
+/* On the I/O pool: loading a model reads files and may take seconds. */
+static void do_repository(struct req *r)
 {
     struct err e = {0};
-    int rc;
+    int rc = r->repo_load ? registry_load(r->srv->reg, r->repo_model, &e)
+                          : registry_unload(r->srv->reg, r->repo_model, &e);
 
-    if (strcmp(action, "load") == 0)
-        rc = registry_load(r->srv->reg, name, &e);
-    else if (strcmp(action, "unload") == 0)
-        rc = registry_unload(r->srv->reg, name, &e);
-    else
+    buf_release(&r->out);
+    r->json_len = -1;
+    if (rc != 0) {
+        http_set_error(r, rc, e.msg);
+    } else if (buf_puts(&r->out, "{}") != 0) {
+        http_set_error(r, ERR_NOMEM, "out of memory");
+    } else {
+        r->status = 200;
+    }
+    http_finish_async(r);
+}
+
+static enum MHD_Result handle_repository(struct req *r, const char *name, const char *action)
+{
+    if (strcmp(action, "load") != 0 && strcmp(action, "unload") != 0)
         return http_reply_error(r, ERR_NOT_FOUND, "no repository action '%s' (load or unload)",
                                 action);
-    if (rc != 0)
-        return http_reply_error(r, rc, "%s", e.msg);
-    return reply_text(r, 200, "{}");
+    if (strlen(name) >= sizeof(r->repo_model))
+        return http_reply_error(r, ERR_NOT_FOUND, "no model folder '%.64s...'", name);
+    snprintf(r->repo_model, sizeof(r->repo_model), "%s", name);
+    r->repo_load = strcmp(action, "load") == 0;
+    return http_defer(r, do_repository);
 }
 
 /* On the I/O pool: the async part reads the job store, which HTTP threads never wait on. */
