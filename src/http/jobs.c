@@ -14,6 +14,7 @@
 #include "model/codec.h"
 #include "notify/notify.h"
 #include "queue/worker.h"
+#include "storage/storage.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -617,21 +618,14 @@ static void do_result(struct req *r)
         http_set_error(r, ERR_CONFLICT, msg);
     } else if (j->output_location) {
         /* written to storage: hand it back from there */
-        const char *path = strncmp(j->output_location, "file://", 7) == 0 ? j->output_location + 7
-                                                                          : j->output_location;
-        FILE *f = fopen(path, "rb");
-        char chunk[65536];
-        size_t n;
         buf_release(&r->out);
-        if (!f) {
+        if (storage_get(j->output_location, &r->out, &e) != 0) {
             char msg[512];
             snprintf(msg, sizeof(msg), "the result at %s cannot be read: %s", j->output_location,
-                     strerror(errno));
+                     e.msg);
+            buf_release(&r->out);
             http_set_error(r, ERR_NOT_FOUND, msg);
         } else {
-            while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0)
-                buf_append(&r->out, chunk, n);
-            fclose(f);
             r->status = 200;
             r->json_len = -1;
         }

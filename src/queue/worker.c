@@ -13,6 +13,7 @@
 #include "metrics/metrics.h"
 #include "model/codec.h"
 #include "model/registry.h"
+#include "storage/storage.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -50,57 +51,29 @@ struct worker_pool {
 
 /* ---- reading inputs and writing outputs (file:// and plain paths) ---- */
 
-static const char *file_path(const char *uri)
-{
-    if (strncmp(uri, "file://", 7) == 0)
-        return uri + 7;
-    return strstr(uri, "://") ? NULL : uri;
-}
-
+/* The job's input and output go through storage, so they are atomic and name the location. */
 static int read_location(const char *uri, struct buf *out, struct err *e)
 {
-    const char *path = file_path(uri);
-    char chunk[65536];
-    FILE *f;
-    size_t n;
+    int rc = storage_get(uri, out, e);
 
-    if (!path)
-        return err_set(e, ERR_INVALID, "input_location '%s': only file:// is supported", uri);
-    f = fopen(path, "rb");
-    if (!f)
-        return err_set(e, ERR_NOT_FOUND, "input_location '%s': %s", uri, strerror(errno));
-    while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0) {
-        if (buf_append(out, chunk, n) != 0) {
-            fclose(f);
-            return err_set(e, ERR_NOMEM, "out of memory reading '%s'", uri);
-        }
+    if (rc != 0) {
+        char msg[sizeof(e->msg)];
+        snprintf(msg, sizeof(msg), "%s", e->msg);
+        err_set(e, rc, "input_location: %s", msg);
     }
-    fclose(f);
-    return 0;
+    return rc;
 }
 
-/* Writes to a temporary name, syncs, then renames: no reader ever sees a partial object. */
 static int write_location(const char *uri, const char *data, size_t len, struct err *e)
 {
-    const char *path = file_path(uri);
-    char tmp[4200];
-    FILE *f;
-    int ok;
+    int rc = storage_put(uri, data, len, e);
 
-    if (!path)
-        return err_set(e, ERR_INVALID, "output_location '%s': only file:// is supported", uri);
-    snprintf(tmp, sizeof(tmp), "%s.tmp-%d", path, (int)getpid());
-    f = fopen(tmp, "wb");
-    if (!f)
-        return err_set(e, ERR_IO, "output_location '%s': %s", uri, strerror(errno));
-    ok = fwrite(data, 1, len, f) == len && fflush(f) == 0 && fsync(fileno(f)) == 0;
-    ok = fclose(f) == 0 && ok;
-    if (!ok || rename(tmp, path) != 0) {
-        int saved = errno;
-        unlink(tmp);
-        return err_set(e, ERR_IO, "output_location '%s': %s", uri, strerror(saved));
+    if (rc != 0) {
+        char msg[sizeof(e->msg)];
+        snprintf(msg, sizeof(msg), "%s", e->msg);
+        err_set(e, rc, "output_location: %s", msg);
     }
-    return 0;
+    return rc;
 }
 
 /* ---- running a batch of jobs ---- */
