@@ -1,28 +1,76 @@
 /*
  * fuzz_batch_record.c: libFuzzer target for the batch transform's record parsers (JSON Lines
  * and CSV). Byte 0 picks the parser, byte 1 the width (1..64); the rest is one record. Every
- * rejection must carry a reason.
+ * rejection must carry a reason; whatever the JSON Lines fast path accepts, jansson must
+ * accept with the same values; every CSV value must be strtof's.
  */
 #include "batch/batch_internal.h"
 
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
+static int same(float a, float b)
+{
+    return (isnan(a) && isnan(b)) || memcmp(&a, &b, sizeof(a)) == 0;
+}
+
+/* Each field of a CSV record the parser accepted, through strtof. */
+static void check_csv(const char *line, size_t len, int64_t width, const float *row)
+{
+    char *copy = strndup(line, len), *tok;
+    int64_t i = 0;
+
+    if (!copy)
+        return;
+    /* strtok would merge empty fields: split by hand */
+    for (char *p = copy;; i++) {
+        char *comma = strchr(p, ',');
+        if (comma)
+            *comma = '\0';
+        tok = p;
+        while (*tok == ' ' || *tok == '\t')
+            tok++;
+        char *end = tok + strlen(tok);
+        while (end > tok && (end[-1] == ' ' || end[-1] == '\t'))
+            *--end = '\0';
+        if (i < width && *tok && !same(strtof(tok, NULL), row[i]))
+            abort(); /* the fast path read a value differently from strtof */
+        if (!comma)
+            break;
+        p = comma + 1;
+    }
+    free(copy);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    float row[64];
+    float row[64], ref[64];
+    const char *line = (const char *)data + 2;
     int64_t width;
     char *why;
 
-    if (size < 2)
+    if (size < 2 || memchr(line, '\0', size - 2))
         return 0;
     width = 1 + data[1] % 64;
-    if (data[0] & 1)
-        why = batch_parse_csv((const char *)data + 2, size - 2, width, row);
-    else
-        why = batch_parse_jsonl((const char *)data + 2, size - 2, width, row);
+    if (data[0] & 1) {
+        why = batch_parse_csv(line, size - 2, width, row);
+        if (!why)
+            check_csv(line, size - 2, width, row);
+    } else {
+        why = batch_parse_jsonl(line, size - 2, width, row);
+        if (batch_parse_jsonl_fast(line, size - 2, width, row)) {
+            char *ref_why = batch_parse_jsonl_json(line, size - 2, width, ref);
+            if (ref_why)
+                abort(); /* the fast path accepted what jansson refuses */
+            for (int64_t i = 0; i < width; i++)
+                if (!same(row[i], ref[i]))
+                    abort(); /* ... or read a value differently */
+        }
+    }
     if (why && !why[0])
         abort();
     free(why);

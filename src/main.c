@@ -17,6 +17,8 @@
 #include "queue/worker.h"
 #include "notify/notify.h"
 #include "batch/batch.h"
+#include "storage/storage.h"
+#include "batch/batch_jobs.h"
 
 #include <errno.h>
 #include <signal.h>
@@ -71,6 +73,11 @@ static const struct option_def serve_options[] = {
      "wait after a failed webhook attempt; doubles per attempt up to 5 minutes"},
     {"webhook-timeout-ms", OPT_INT, "10000", 100, 600000, "one webhook attempt's time limit"},
     {"io-threads", OPT_INT, "8", 1, 256, "threads for job-store calls made by HTTP requests"},
+    {"s3-endpoint", OPT_STR, "", 0, 0,
+     "S3 endpoint URL for s3:// locations (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, "
+     "else AWS)"},
+    {"s3-part-size-mb", OPT_INT, "8", 5, 5120,
+     "S3 writes past this size become multipart uploads in parts this big"},
 };
 #define N_SERVE (sizeof(serve_options) / sizeof(serve_options[0]))
 
@@ -78,7 +85,8 @@ static const struct option_def serve_options[] = {
 static const struct option_def batch_options[] = {
     {"models", OPT_STR, "./models", 0, 0, "model repository"},
     {"model", OPT_STR, "", 0, 0, "the model to run (required)"},
-    {"input", OPT_STR, "", 0, 0, "an object or a prefix: file:///path, or a path (required)"},
+    {"input", OPT_STR, "", 0, 0,
+     "an object or a prefix: file:///path, s3://bucket/key, or a path (required)"},
     {"output", OPT_STR, "", 0, 0, "where <name>.out, _manifest.json and _SUCCESS go (required)"},
     {"format", OPT_STR, "", 0, 0, "jsonl or csv (default: from each object's extension)"},
     {"records-per-batch", OPT_INT, "1024", 1, 1048576, "records per model call"},
@@ -89,6 +97,11 @@ static const struct option_def batch_options[] = {
     {"csv-header", OPT_FLAG, "0", 0, 1, "skip the first line of each CSV object"},
     {"max-errors", OPT_INT, "0", 0, INT64_MAX, "bad records tolerated (each: an empty line)"},
     {"log-level", OPT_STR, "info", 0, 0, "error, warn, info or debug"},
+    {"s3-endpoint", OPT_STR, "", 0, 0,
+     "S3 endpoint URL for s3:// URIs (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else "
+     "AWS)"},
+    {"s3-part-size-mb", OPT_INT, "8", 5, 5120,
+     "S3 outputs past this size become multipart uploads in parts this big"},
 };
 #define N_BATCH (sizeof(batch_options) / sizeof(batch_options[0]))
 
@@ -214,6 +227,22 @@ static size_t opt_index(const struct parsed *p, const char *name)
 #define OPT_S(p, name) ((p)->str[opt_index((p), name)])
 #define OPT_N(p, name) ((p)->num[opt_index((p), name)])
 
+/* The storage options both commands share; prints the error itself. */
+static int configure_storage(const struct parsed *p, const char *command)
+{
+    struct storage_config sc = {
+        .s3_endpoint = OPT_S(p, "s3-endpoint"),
+        .s3_part_size_bytes = OPT_N(p, "s3-part-size-mb") * 1024 * 1024,
+    };
+    struct err e = {0};
+
+    if (storage_configure(&sc, &e) != 0) {
+        fprintf(stderr, "inferd %s: %s\n", command, e.msg);
+        return -1;
+    }
+    return 0;
+}
+
 static void raise_fd_limit(void)
 {
     struct rlimit rl;
@@ -234,6 +263,8 @@ static int cmd_serve(int argc, char **argv)
     struct queue_config qc;
     struct worker_pool_config wc;
     struct notifier *notifier = NULL;
+    struct batch_scheduler *scheduler = NULL;
+    struct batch_jobs_config bjc;
     struct notify_config nc;
     struct notify_store store;
     const char *secret;
@@ -251,6 +282,8 @@ static int cmd_serve(int argc, char **argv)
                 OPT_S(&p, "log-level"));
         return 2;
     }
+    if (configure_storage(&p, "serve") != 0)
+        return 2;
     raise_fd_limit();
     /* every thread inherits this mask, so only sigwait() below sees these signals */
     sigemptyset(&sigs);
@@ -317,6 +350,12 @@ static int cmd_serve(int argc, char **argv)
         log_error("main", "cannot start the HTTP server", "reason=\"%s\"", e.msg);
         goto cleanup;
     }
+    bjc = (struct batch_jobs_config){
+        .q = queue, .reg = reg, .max_attempts = (int)OPT_N(&p, "max-attempts")};
+    if (batch_scheduler_start(&bjc, &scheduler, &e) != 0) {
+        log_error("main", "cannot start the batch scheduler", "reason=\"%s\"", e.msg);
+        goto cleanup;
+    }
     log_info("main", "listening", "url=http://%s:%d models=%s version=%s", hc.host,
              http_server_port(srv), OPT_S(&p, "models"), INFERD_VERSION);
     for (;;) {
@@ -335,6 +374,7 @@ static int cmd_serve(int argc, char **argv)
     rc = 0;
 cleanup:
     http_server_stop(srv);
+    batch_scheduler_stop(scheduler);
     worker_pool_stop(pool);   /* running jobs finish and record their results */
     notify_destroy(notifier); /* undelivered webhooks stay stored for the next start */
     queue_close(queue);
@@ -368,6 +408,8 @@ static int cmd_batch(int argc, char **argv)
             return 2;
         }
     }
+    if (configure_storage(&p, "batch") != 0)
+        return 2;
     fmt = OPT_S(&p, "format");
     if (fmt[0] && strcmp(fmt, "jsonl") != 0 && strcmp(fmt, "csv") != 0) {
         fprintf(stderr, "inferd batch: --format: '%s' is not jsonl or csv\n", fmt);

@@ -370,7 +370,8 @@ static void progress(struct runner *run, int final)
     double now = now_s(), secs = now - run->started;
     double rate = secs > 0 ? (double)s->records / secs : 0;
 
-    if (!final && now - run->last_progress < (run->cfg->progress_tty ? 0.25 : 5.0))
+    if (run->cfg->quiet ||
+        (!final && now - run->last_progress < (run->cfg->progress_tty ? 0.25 : 5.0)))
         return;
     run->last_progress = now;
     if (run->cfg->progress_tty && !final) {
@@ -424,6 +425,8 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
             rc = chunk_write(run, c, &o, e);
             chunk_reset(c);
             progress(run, 0);
+            if (rc == 0 && cfg->tick)
+                rc = cfg->tick(cfg->tick_ctx, e);
             if (rc != 0)
                 break;
         }
@@ -523,7 +526,7 @@ static int save_manifest(const char *uri, json_t *manifest, struct err *e)
     return rc;
 }
 
-static int is_reserved(const char *name)
+int batch_is_reserved(const char *name)
 {
     const char *base = strrchr(name, '/');
     size_t n = strlen(name);
@@ -534,7 +537,7 @@ static int is_reserved(const char *name)
            (n > 7 && strcmp(name + n - 7, ".errors") == 0) || strstr(base, ".tmp-") != NULL;
 }
 
-static int format_of(const struct batch_config *cfg, const char *name, int *csv, struct err *e)
+int batch_format_of(const struct batch_config *cfg, const char *name, int *csv, struct err *e)
 {
     const char *dot = strrchr(name, '.');
 
@@ -554,7 +557,7 @@ static int format_of(const struct batch_config *cfg, const char *name, int *csv,
 }
 
 /* Deletes the temporary objects a killed run left behind, once every output is complete. */
-static int remove_leftovers(const char *output, struct err *e)
+int batch_remove_leftovers(const char *output, struct err *e)
 {
     char **names = NULL;
     size_t n = 0;
@@ -571,6 +574,40 @@ static int remove_leftovers(const char *output, struct err *e)
         free(uri);
     }
     storage_names_free(names, n);
+    return rc;
+}
+
+/* ---- one object, for a worker ---- */
+
+int batch_run_object(const struct batch_config *cfg, struct model *m, const char *in_uri,
+                     const char *name, const char *out_uri, const char *errors_uri,
+                     struct batch_object_result *res, struct err *e)
+{
+    struct batch_stats stats = {0};
+    struct runner run = {.cfg = cfg, .stats = &stats, .model = m};
+    long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
+    int csv = 0, rc;
+
+    memset(res, 0, sizeof(*res));
+    if (m->info.n_inputs != 1 || m->info.inputs[0].n_dims != 2 || m->info.inputs[0].shape[1] < 1)
+        return err_set(e, ERR_INVALID, "model '%s' does not take rows of numbers", m->name);
+    rc = batch_format_of(cfg, name, &csv, e);
+    if (rc != 0)
+        return rc;
+    run.started = now_s();
+    run.width = m->info.inputs[0].shape[1];
+    run.n_instances = cfg->instances > 0 ? cfg->instances : 2;
+    pthread_mutex_init(&run.lock, NULL);
+    pthread_cond_init(&run.cond, NULL);
+    rc = parsers_start(&run, (int)(n_cpu > 0 ? n_cpu : 1), e);
+    if (rc == 0)
+        rc = process_object(&run, in_uri, name, out_uri, errors_uri, csv, &res->records,
+                            res->sha256, e);
+    res->errors = stats.errors;
+    if (run.parsers)
+        parsers_stop(&run);
+    pthread_mutex_destroy(&run.lock);
+    pthread_cond_destroy(&run.cond);
     return rc;
 }
 
@@ -603,7 +640,9 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
     char **names = NULL, *manifest_uri = NULL, *success_uri = NULL;
     json_t *manifest = NULL, *objects;
     size_t n_names = 0;
-    int is_object = 0, rc;
+    int is_object = 0, unsaved = 0, rc;
+    double last_save = 0;
+    struct err save_err;
 
     memset(stats, 0, sizeof(*stats));
     run.started = now_s();
@@ -643,14 +682,14 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
     }
     objects = json_object_get(manifest, "objects");
     for (size_t i = 0; i < n_names; i++)
-        if (!is_reserved(names[i]))
+        if (!batch_is_reserved(names[i]))
             stats->objects_total++;
     for (size_t i = 0; rc == 0 && i < n_names; i++) {
         const char *name = names[i];
         char *in_uri, *out_uri, *err_uri, out_name[4200], err_name[4200], sha[65] = "";
         int64_t records = 0;
         int csv = 0;
-        if (is_reserved(name))
+        if (batch_is_reserved(name))
             continue;
         snprintf(out_name, sizeof(out_name), "%s.out", name);
         snprintf(err_name, sizeof(err_name), "%s.errors", name);
@@ -662,13 +701,22 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
         } else if (already_done(objects, name, out_uri)) {
             stats->objects_skipped++;
             log_info("batch", "skipped: already done", "object=%s", name);
-        } else if ((rc = format_of(cfg, name, &csv, e)) == 0) {
+        } else if ((rc = batch_format_of(cfg, name, &csv, e)) == 0) {
             rc = process_object(&run, in_uri, name, out_uri, err_uri, csv, &records, sha, e);
             if (rc == 0) {
                 json_object_set_new(
                     objects, name,
                     json_pack("{s:I, s:s}", "records", (json_int_t)records, "sha256", sha));
-                rc = save_manifest(manifest_uri, manifest, e);
+                /* at most once a second (and at the end): with thousands of small objects,
+                 * rewriting it after each would cost more than the objects; a crash then
+                 * re-runs at most a second's worth of finished objects */
+                if (now_s() - last_save >= 1.0) {
+                    rc = save_manifest(manifest_uri, manifest, e);
+                    last_save = now_s();
+                    unsaved = 0;
+                } else {
+                    unsaved = 1;
+                }
                 stats->objects_done++;
             }
         }
@@ -676,8 +724,14 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
         free(out_uri);
         free(err_uri);
     }
+    if (unsaved) {
+        /* after a failure too: what finished is not run again */
+        int saved = save_manifest(manifest_uri, manifest, rc == 0 ? e : &save_err);
+        if (rc == 0)
+            rc = saved;
+    }
     if (rc == 0)
-        rc = remove_leftovers(cfg->output, e);
+        rc = batch_remove_leftovers(cfg->output, e);
     if (rc == 0)
         rc = storage_put(success_uri, "", 0, e);
 cleanup:

@@ -24,6 +24,10 @@ struct batch_config {
     int csv_header;
     int64_t max_errors; /* bad records tolerated in the whole job */
     int progress_tty;   /* a live progress line instead of log lines */
+    int quiet;          /* no progress lines at all (a worker's task) */
+    /* called between chunks; a non-zero return (with `e` filled) stops the object */
+    int (*tick)(void *ctx, struct err *e);
+    void *tick_ctx;
 };
 
 /* Summary of a finished (or failed) run. */
@@ -35,5 +39,31 @@ struct batch_stats {
 
 /* Runs the job. Returns 0, or an error whose message names the object and line. */
 int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct err *e);
+
+/* What one object gave. */
+struct batch_object_result {
+    int64_t records, errors;
+    char sha256[65]; /* of the output written */
+};
+
+struct model;
+/*
+ * Runs one input object through `m` (acquired by the caller): `in_uri` to `out_uri`, bad
+ * records (up to cfg->max_errors) to `errors_uri`. Workers run batch tasks with it; only
+ * cfg's format, records_per_batch, concurrency, instances, join_input, csv_header,
+ * max_errors, quiet and tick are used.
+ *   name  the object's name relative to the job's input, for messages and the format
+ */
+int batch_run_object(const struct batch_config *cfg, struct model *m, const char *in_uri,
+                     const char *name, const char *out_uri, const char *errors_uri,
+                     struct batch_object_result *res, struct err *e);
+
+/* 1 for the names a batch job writes itself (outputs, errors, manifest, markers): never
+ * inputs. */
+int batch_is_reserved(const char *name);
+/* Deletes the temporary objects killed runs left under `output`. */
+int batch_remove_leftovers(const char *output, struct err *e);
+/* The format of object `name`: cfg->format, else from its extension. */
+int batch_format_of(const struct batch_config *cfg, const char *name, int *csv, struct err *e);
 
 #endif

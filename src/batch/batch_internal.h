@@ -15,6 +15,12 @@
 char *batch_parse_jsonl(const char *line, size_t len, int64_t width, float *row);
 char *batch_parse_csv(const char *line, size_t len, int64_t width, float *row);
 
+/* batch_parse_jsonl is these two: a fast path for flat arrays of exactly `width` numbers and
+ * nulls (1 if it parsed the record; 0 leaves it to jansson), then jansson, which also gives
+ * the reasons. Both convert numbers alike; the fuzz target checks that they agree. */
+int batch_parse_jsonl_fast(const char *line, size_t len, int64_t width, float *row);
+char *batch_parse_jsonl_json(const char *line, size_t len, int64_t width, float *row);
+
 /* A new string (free() it) formatted like printf: why a record is bad. Never NULL. */
 char *batch_reason(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

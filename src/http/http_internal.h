@@ -85,6 +85,7 @@ struct req {
     int list_limit;
     char repo_model[256]; /* POST /v2/repository/models/{m}/load|unload */
     int repo_load;
+    int batch_schedule; /* POST /v1/batch-jobs: the definition has a schedule */
     /* the answer, built by whichever thread finishes the request */
     int status;
     struct buf out;
@@ -111,6 +112,8 @@ void http_watchdog(struct http_server *s);
 enum MHD_Result http_defer(struct req *r, void (*fn)(struct req *r));
 
 /* ---- jobs.c ---- */
+/* 1 if `id` can be a job or batch-job id (1-39 letters, digits, '-', '_'). */
+int http_valid_id(const char *id);
 enum MHD_Result jobs_route(struct req *r, int is_get, int is_post, int is_delete, char **seg,
                            int n);
 /* POST /v2/models/{m}/infer with Prefer: respond-async (after the request checked out). */
@@ -123,6 +126,10 @@ void jobs_waiters_stop(struct http_server *s);
 void jobs_on_final(void *ctx, const char *id, enum job_state state);
 /* Appends the async metrics (jobs by state, backlog per worker, webhooks). */
 int jobs_metrics(struct http_server *s, struct buf *out);
+
+/* ---- batch_api.c ---- */
+enum MHD_Result batch_api_route(struct req *r, int is_get, int is_post, int is_delete,
+                                char **seg, int n);
 
 /* ---- iopool.c ---- */
 int iopool_create(int threads, struct iopool **out);

@@ -496,9 +496,10 @@ static int check_url(const char *key, const char *url, struct err *e)
 
 static int check_location(const char *key, const char *uri, struct err *e)
 {
-    if (uri && strstr(uri, "://") && strncmp(uri, "file://", 7) != 0)
-        return err_set(e, ERR_INVALID, "%s: '%.100s': only file:// locations are supported", key,
-                       uri);
+    if (uri && strstr(uri, "://") && strncmp(uri, "file://", 7) != 0 &&
+        strncmp(uri, "s3://", 5) != 0)
+        return err_set(e, ERR_INVALID, "%s: '%.100s': only paths, file:// and s3:// are supported",
+                       key, uri);
     return 0;
 }
 
@@ -731,7 +732,7 @@ static enum MHD_Result list_jobs(struct req *r)
     return http_defer(r, do_list);
 }
 
-static int valid_job_id(const char *id)
+int http_valid_id(const char *id)
 {
     size_t n = strlen(id);
 
@@ -750,7 +751,7 @@ enum MHD_Result jobs_route(struct req *r, int is_get, int is_post, int is_delete
 
     r->kind = KIND_JOB;
     if (strcmp(seg[1], "batch-jobs") == 0)
-        return http_reply_error(r, ERR_NOT_FOUND, "batch jobs are not available yet");
+        return batch_api_route(r, is_get, is_post, is_delete, seg, n);
     if (!r->srv->queue)
         return http_reply_error(r, ERR_UNAVAILABLE, "the async queue is not enabled");
     if (n == 2 && is_post)
@@ -759,7 +760,7 @@ enum MHD_Result jobs_route(struct req *r, int is_get, int is_post, int is_delete
         return list_jobs(r);
     if (n < 3 || n > 4)
         return http_reply_error(r, ERR_NOT_FOUND, "no route for this path");
-    if (!valid_job_id(seg[2]))
+    if (!http_valid_id(seg[2]))
         return http_reply_error(r, ERR_NOT_FOUND, "no job '%.40s'", seg[2]);
     snprintf(r->job_id, sizeof(r->job_id), "%s", seg[2]);
     if (n == 3 && is_get) {

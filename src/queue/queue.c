@@ -133,6 +133,47 @@ int queue_get(struct queue *q, const char *id, int want_result, struct job **out
     return q->ops->get(q, id, want_result, out, e);
 }
 
+int queue_batch_create(struct queue *q, const struct batch_job_spec *spec, char id_out[40],
+                       struct err *e)
+{
+    return q->ops->batch_create(q, spec, id_out, e);
+}
+
+int queue_batch_get(struct queue *q, const char *id, struct buf *out, struct err *e)
+{
+    return q->ops->batch_get(q, id, out, e);
+}
+
+int queue_batch_list(struct queue *q, int limit, struct buf *out, struct err *e)
+{
+    return q->ops->batch_list(q, limit, out, e);
+}
+
+int queue_batch_cancel(struct queue *q, const char *id, struct buf *out, struct err *e)
+{
+    return q->ops->batch_cancel(q, id, out, e);
+}
+
+int queue_batch_manifest(struct queue *q, const char *id, struct buf *out, struct err *e)
+{
+    return q->ops->batch_manifest(q, id, out, e);
+}
+
+int queue_schedules_due(struct queue *q, int64_t now_ms, struct queue_schedule **out, size_t *n,
+                        struct err *e)
+{
+    return q->ops->schedules_due(q, now_ms, out, n, e);
+}
+
+void queue_schedules_free(struct queue_schedule *s, size_t n)
+{
+    for (size_t i = 0; s && i < n; i++) {
+        free(s[i].definition);
+        free(s[i].schedule);
+    }
+    free(s);
+}
+
 int queue_list(struct queue *q, const struct queue_list_filter *f, struct buf *out, struct err *e)
 {
     return q->ops->list(q, f, out, e);

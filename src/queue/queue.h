@@ -42,9 +42,18 @@ static inline int job_state_is_final(enum job_state s)
     return s >= JOB_SUCCEEDED;
 }
 
+/* What a job does: run an inference, or a part of a batch job (src/batch runs those). */
+enum job_kind {
+    JOB_KIND_INFER = 0,
+    JOB_KIND_BATCH_TASK,   /* one input object of a batch job; result {"object","records",...} */
+    JOB_KIND_BATCH_FINISH, /* after every task succeeded: the manifest and _SUCCESS */
+};
+
 /* What a client asks for. Every pointer is borrowed for the call. */
 struct job_spec {
     const char *model;
+    enum job_kind kind;
+    const char *batch_id; /* batch tasks: their batch job; NULL otherwise */
     const char *input; /* a v2 infer request body (JSON); NULL with input_location */
     size_t input_len;
     int64_t input_json_len;      /* Inference-Header-Content-Length of `input`, or -1 */
@@ -83,6 +92,8 @@ struct job {
     struct buf result;
     int64_t result_json_len;
     char *notifications_json; /* a JSON array of webhook attempts; NULL if none */
+    enum job_kind kind;
+    char batch_id[40]; /* batch tasks: the batch job they belong to; "" otherwise */
 };
 
 void job_free(struct job *j);
@@ -203,6 +214,67 @@ int queue_job_json(const struct job *j, struct buf *out);
 /* Appends an ISO-8601 UTC time for milliseconds since the epoch, or null for 0. */
 int queue_json_time(struct buf *out, int64_t ms);
 int64_t queue_now_ms(void);
+
+/* ---- batch jobs: a run of batch transform, one task (a job) per input object ---- */
+
+/*
+ * A batch job is either a run or a schedule. A run is stored with one JOB_KIND_BATCH_TASK job
+ * per input object, in one commit; when the last task succeeds, a JOB_KIND_BATCH_FINISH job is
+ * queued in the same commit as that success; when it succeeds the run has succeeded. A task
+ * that fails for good, or bad records past max_errors, fails the run and cancels its other
+ * tasks. Every end of a run stores its webhook (batch.succeeded, batch.failed,
+ * batch.cancelled) with the state change. A schedule holds a definition and the time of its
+ * next run; the scheduler creates its runs.
+ */
+struct batch_job_spec {
+    const char *definition;   /* JSON object: the options as accepted */
+    const char *model;
+    const char *callback_url; /* NULL: none */
+    int64_t max_errors;       /* bad records tolerated over the whole run */
+    int max_attempts;         /* per task */
+    int64_t lease_timeout_ms; /* per task attempt */
+    /* a schedule: no run now */
+    const char *schedule;     /* the cron expression; NULL for a run */
+    int64_t next_run_ms;      /* its first run */
+    /* a run */
+    const char *output;             /* where this run writes */
+    const char *const *task_inputs; /* per input object: the task's input (JSON) */
+    const char *const *task_objects; /* per input object: its name */
+    size_t n_tasks;
+    const char *finish_input; /* the finishing job's input (JSON) */
+    const char *error;        /* non-NULL: the run failed before it started (stored failed) */
+    /* a run of a schedule: stored only if the schedule is active and due at run_at_ms, and its
+     * next run moves to parent_next_run_ms in the same commit (so a run happens once) */
+    const char *parent;
+    int64_t run_at_ms;
+    int64_t parent_next_run_ms;
+};
+
+/* Stores a batch job. ERR_BUSY when its tasks would pass max_queued; ERR_CONFLICT when a
+ * scheduled run is no longer due (another scheduler made it). */
+int queue_batch_create(struct queue *q, const struct batch_job_spec *spec, char id_out[40],
+                       struct err *e);
+/* Appends a batch job's public JSON (a schedule's lists its latest runs). ERR_NOT_FOUND. */
+int queue_batch_get(struct queue *q, const char *id, struct buf *out, struct err *e);
+/* Appends {"batch_jobs": [...]}: runs started by hand and schedules, newest first. */
+int queue_batch_list(struct queue *q, int limit, struct buf *out, struct err *e);
+/* Cancels a run (its tasks stop) or a schedule (no more runs). Appends its JSON to `out`.
+ * ERR_CONFLICT if it already ended. */
+int queue_batch_cancel(struct queue *q, const char *id, struct buf *out, struct err *e);
+/* Appends the run's manifest: {"model", "objects": {name: {"records", "sha256"}}}. */
+int queue_batch_manifest(struct queue *q, const char *id, struct buf *out, struct err *e);
+
+/* A schedule that is due. Strings owned by the array. */
+struct queue_schedule {
+    char id[40];
+    char *definition;
+    char *schedule;
+    int64_t next_run_ms;
+};
+/* Schedules due by `now_ms`; free with queue_schedules_free(). */
+int queue_schedules_due(struct queue *q, int64_t now_ms, struct queue_schedule **out, size_t *n,
+                        struct err *e);
+void queue_schedules_free(struct queue_schedule *s, size_t n);
 
 /* ---- the webhook outbox: written with each final state, drained by src/notify ---- */
 

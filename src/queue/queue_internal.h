@@ -31,6 +31,14 @@ struct queue_ops {
                       size_t *n, struct err *e);
     int64_t (*outbox_next_due)(struct queue *q);
     int (*outbox_record)(struct queue *q, const struct queue_outbox_attempt *a, struct err *e);
+    int (*batch_create)(struct queue *q, const struct batch_job_spec *spec, char id_out[40],
+                        struct err *e);
+    int (*batch_get)(struct queue *q, const char *id, struct buf *out, struct err *e);
+    int (*batch_list)(struct queue *q, int limit, struct buf *out, struct err *e);
+    int (*batch_cancel)(struct queue *q, const char *id, struct buf *out, struct err *e);
+    int (*batch_manifest)(struct queue *q, const char *id, struct buf *out, struct err *e);
+    int (*schedules_due)(struct queue *q, int64_t now_ms, struct queue_schedule **out, size_t *n,
+                         struct err *e);
     void (*close)(struct queue *q);
 };
 

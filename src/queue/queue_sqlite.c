@@ -16,7 +16,7 @@
  * connection. Never both.
  */
 #define _GNU_SOURCE
-#include "queue/queue_internal.h"
+#include "queue/sqlite_internal.h"
 #include "core/clock.h"
 #include "core/log.h"
 
@@ -30,86 +30,6 @@
 #include <sys/stat.h>
 #include <time.h>
 
-#define MAX_GROUP 512         /* operations per transaction */
-#define SWEEP_INTERVAL_MS 100 /* how often expired ttls and leases are looked for */
-#define MAX_BACKOFF_MS 60000
-#define SLOW_COMMIT_MS 500 /* commits slower than this are logged */
-
-enum op_kind {
-    OP_ENQUEUE,
-    OP_LEASE,
-    OP_EXTEND,
-    OP_COMPLETE,
-    OP_FAIL,
-    OP_CANCEL,
-    OP_RETRY,
-    OP_OUTBOX_RECORD
-};
-
-struct op {
-    enum op_kind kind;
-    /* arguments (borrowed from the caller, who waits) */
-    const struct job_spec *spec;
-    const char *id;
-    const char *worker;
-    uint64_t token;
-    int64_t lease_ms;
-    const char *data;
-    size_t data_len;
-    int64_t json_len;
-    int retryable;
-    const struct queue_outbox_attempt *attempt;
-    size_t max;        /* lease: jobs wanted */
-    struct job **jobs; /* lease: the caller's array of `max` */
-    size_t n_jobs;
-    /* results */
-    int rc;
-    struct err err;
-    char id_out[40];
-    int existed;
-    struct job *job;
-    int done;
-    queue_enqueue_fn callback; /* async enqueue: called after the commit, then the op is freed */
-    void *callback_ctx;
-    struct op *next;
-};
-
-struct final_note {
-    char id[40];
-    enum job_state state;
-    struct final_note *next;
-};
-
-/* Prepared statements, kept for the connection's life: preparing costs more than running. */
-#define STMT_CACHE 64
-struct stmt_cache_entry {
-    sqlite3 *db;
-    const char *sql; /* a string literal: compared by address */
-    sqlite3_stmt *st;
-};
-
-struct sqlite_queue {
-    struct queue base;
-    struct stmt_cache_entry cache[STMT_CACHE]; /* writer's entries: writer thread; reader's:
-                                                  under read_lock */
-    pthread_mutex_t cache_lock;                /* guards adding entries */
-    struct queue_config cfg;
-    sqlite3 *wdb; /* writer thread only */
-    sqlite3 *rdb; /* guarded by read_lock */
-    pthread_mutex_t read_lock;
-
-    pthread_mutex_t lock;
-    pthread_cond_t work;     /* operations arrived, or stopping */
-    pthread_cond_t finished; /* a group committed */
-    pthread_cond_t runnable; /* jobs may have become runnable */
-    struct op *head, *tail;  /* guarded by lock */
-    int stopping;            /* guarded by lock */
-    int64_t n_queued;        /* guarded by lock: jobs in state queued */
-    uint64_t generation;     /* guarded by lock: bumped when jobs may have become runnable */
-    pthread_t writer;
-    int64_t last_sweep_ms;     /* writer thread only */
-    struct final_note *finals; /* writer thread only: notes of this group, sent after commit */
-};
 
 /* ---- small helpers ---- */
 
@@ -122,7 +42,7 @@ int64_t queue_now_ms(void)
 }
 
 /* Time-ordered ids: 12 hex digits of milliseconds, then 12 random hex digits. */
-static void new_id(char out[40])
+void sq_new_id(char out[40])
 {
     unsigned char rnd[6] = {0};
     int64_t now = queue_now_ms();
@@ -135,12 +55,12 @@ static void new_id(char out[40])
              rnd[2], rnd[3], rnd[4], rnd[5]);
 }
 
-static int db_err(sqlite3 *db, struct err *e, const char *what)
+int sq_db_err(sqlite3 *db, struct err *e, const char *what)
 {
     return err_set(e, ERR_IO, "job store: %s: %s", what, sqlite3_errmsg(db));
 }
 
-static int exec(sqlite3 *db, const char *sql, struct err *e)
+int sq_exec(sqlite3 *db, const char *sql, struct err *e)
 {
     char *msg = NULL;
 
@@ -152,10 +72,10 @@ static int exec(sqlite3 *db, const char *sql, struct err *e)
     return 0;
 }
 
-static struct sqlite_queue *cache_owner; /* set at open: there is one queue per process */
+struct sqlite_queue *cache_owner; /* set at open: there is one queue per process */
 
-/* A ready statement for `sql` on `db`, from the cache. Give it back with finish(). */
-static sqlite3_stmt *prepare(sqlite3 *db, const char *sql)
+/* A ready statement for `sql` on `db`, from the cache. Give it back with sq_finish(). */
+sqlite3_stmt *sq_prepare(sqlite3 *db, const char *sql)
 {
     struct sqlite_queue *q = cache_owner;
     sqlite3_stmt *st = NULL;
@@ -185,11 +105,11 @@ static sqlite3_stmt *prepare(sqlite3 *db, const char *sql)
         }
         pthread_mutex_unlock(&q->cache_lock);
     }
-    return st; /* not cached: finish() cannot tell, so it must not be used twice */
+    return st; /* not cached: sq_finish() cannot tell, so it must not be used twice */
 }
 
 /* Gives a statement back to the cache (or finalizes one the cache could not hold). */
-static void finish(sqlite3_stmt *st)
+void sq_finish(sqlite3_stmt *st)
 {
     struct sqlite_queue *q = cache_owner;
 
@@ -207,10 +127,10 @@ static void finish(sqlite3_stmt *st)
         }
         pthread_mutex_unlock(&q->cache_lock);
     }
-    finish(st);
+    sqlite3_finalize(st);
 }
 
-static char *col_strdup(sqlite3_stmt *st, int i)
+char *sq_col_strdup(sqlite3_stmt *st, int i)
 {
     const unsigned char *s = sqlite3_column_text(st, i);
 
@@ -220,7 +140,7 @@ static char *col_strdup(sqlite3_stmt *st, int i)
 #define JOB_COLUMNS                                                                                \
     "id, model, state, priority, attempts, max_attempts, created_ms, "                             \
     "COALESCE(started_ms, 0), COALESCE(finished_ms, 0), lease_timeout_ms, ttl_s, error, "          \
-    "input_location, output_location, callback_url, cancel_requested"
+    "input_location, output_location, callback_url, cancel_requested, kind, batch_id"
 
 static struct job *job_from_row(sqlite3_stmt *st)
 {
@@ -229,7 +149,7 @@ static struct job *job_from_row(sqlite3_stmt *st)
     if (!j)
         return NULL;
     snprintf(j->id, sizeof(j->id), "%s", (const char *)sqlite3_column_text(st, 0));
-    j->model = col_strdup(st, 1);
+    j->model = sq_col_strdup(st, 1);
     j->state = (enum job_state)sqlite3_column_int(st, 2);
     j->priority = sqlite3_column_int(st, 3);
     j->attempts = sqlite3_column_int(st, 4);
@@ -239,11 +159,14 @@ static struct job *job_from_row(sqlite3_stmt *st)
     j->finished_ms = sqlite3_column_int64(st, 8);
     j->lease_timeout_ms = sqlite3_column_int64(st, 9);
     j->ttl_s = sqlite3_column_int64(st, 10);
-    j->error = col_strdup(st, 11);
-    j->input_location = col_strdup(st, 12);
-    j->output_location = col_strdup(st, 13);
-    j->callback_url = col_strdup(st, 14);
+    j->error = sq_col_strdup(st, 11);
+    j->input_location = sq_col_strdup(st, 12);
+    j->output_location = sq_col_strdup(st, 13);
+    j->callback_url = sq_col_strdup(st, 14);
     j->cancel_requested = sqlite3_column_int(st, 15);
+    j->kind = (enum job_kind)sqlite3_column_int(st, 16);
+    if (sqlite3_column_text(st, 17))
+        snprintf(j->batch_id, sizeof(j->batch_id), "%s", sqlite3_column_text(st, 17));
     j->token = (uint64_t)j->attempts;
     j->input_json_len = -1;
     j->result_json_len = -1;
@@ -251,14 +174,14 @@ static struct job *job_from_row(sqlite3_stmt *st)
 }
 
 /* Loads one job with `db`. ERR_NOT_FOUND when absent. */
-static int load_job(sqlite3 *db, const char *id, struct job **out, struct err *e)
+int sq_load_job(sqlite3 *db, const char *id, struct job **out, struct err *e)
 {
-    sqlite3_stmt *st = prepare(db, "SELECT " JOB_COLUMNS " FROM jobs WHERE id = ?");
+    sqlite3_stmt *st = sq_prepare(db, "SELECT " JOB_COLUMNS " FROM jobs WHERE id = ?");
     int rc;
 
     *out = NULL;
     if (!st)
-        return db_err(db, e, "prepare");
+        return sq_db_err(db, e, "prepare");
     sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
     rc = sqlite3_step(st);
     if (rc == SQLITE_ROW) {
@@ -267,9 +190,9 @@ static int load_job(sqlite3 *db, const char *id, struct job **out, struct err *e
     } else if (rc == SQLITE_DONE) {
         rc = err_set(e, ERR_NOT_FOUND, "no job '%.40s'", id);
     } else {
-        rc = db_err(db, e, "read job");
+        rc = sq_db_err(db, e, "read job");
     }
-    finish(st);
+    sq_finish(st);
     return rc;
 }
 
@@ -297,7 +220,8 @@ static const char schema[] =
     " input_location TEXT, output_location TEXT, callback_url TEXT,"
     " result BLOB, result_json_len INTEGER NOT NULL DEFAULT -1,"
     " error TEXT,"
-    " idem_key TEXT UNIQUE, request_hash TEXT);"
+    " idem_key TEXT UNIQUE, request_hash TEXT,"
+    " kind INTEGER NOT NULL DEFAULT 0, batch_id TEXT, object TEXT);"
     "CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(priority DESC, seq) WHERE state = 0;"
     "CREATE INDEX IF NOT EXISTS jobs_expiring ON jobs(expires_ms) WHERE state = 0 AND "
     " expires_ms > 0;"
@@ -332,7 +256,7 @@ static int open_db(const char *path, sqlite3 **out, struct err *e)
         return rc;
     }
     sqlite3_busy_timeout(db, 5000);
-    rc = exec(db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA cache_size=-65536;", e);
+    rc = sq_exec(db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA cache_size=-65536;", e);
     if (rc != 0) {
         sqlite3_close(db);
         return rc;
@@ -343,7 +267,7 @@ static int open_db(const char *path, sqlite3 **out, struct err *e)
 
 /* ---- finals and the outbox (writer thread) ---- */
 
-static void note_final(struct sqlite_queue *q, const char *id, enum job_state state)
+static void sq_note_final(struct sqlite_queue *q, const char *id, enum job_state state)
 {
     struct final_note *n = calloc(1, sizeof(*n));
 
@@ -356,7 +280,7 @@ static void note_final(struct sqlite_queue *q, const char *id, enum job_state st
 }
 
 /* A job just became final: note it, and store its webhook in the same transaction. */
-static int job_became_final(struct sqlite_queue *q, const char *id, struct err *e)
+int sq_job_became_final(struct sqlite_queue *q, const char *id, struct err *e)
 {
     struct job *j = NULL;
     struct buf body = {0};
@@ -364,17 +288,21 @@ static int job_became_final(struct sqlite_queue *q, const char *id, struct err *
     char event_id[48];
     int rc;
 
-    rc = load_job(q->wdb, id, &j, e);
+    rc = sq_load_job(q->wdb, id, &j, e);
     if (rc != 0)
         goto cleanup;
-    note_final(q, id, j->state);
+    sq_note_final(q, id, j->state);
+    if (j->kind != JOB_KIND_INFER) {
+        rc = sq_batch_task_final(q, j, e); /* the batch job, not the task, has a webhook */
+        goto cleanup;
+    }
     if (!j->callback_url || !j->callback_url[0])
         goto cleanup;
     /* the event id is fixed here, so every repeat of this webhook carries the same one; a
      * job sent back to the queue ends again with more attempts, and that is a new event */
     snprintf(event_id, sizeof(event_id), "evt_%s_%d", j->id, j->attempts);
     if (j->state == JOB_SUCCEEDED && !j->output_location) {
-        sqlite3_stmt *rs = prepare(q->wdb, "SELECT result, result_json_len FROM jobs WHERE id = ?");
+        sqlite3_stmt *rs = sq_prepare(q->wdb, "SELECT result, result_json_len FROM jobs WHERE id = ?");
         if (rs) {
             sqlite3_bind_text(rs, 1, id, -1, SQLITE_STATIC);
             if (sqlite3_step(rs) == SQLITE_ROW) {
@@ -382,7 +310,7 @@ static int job_became_final(struct sqlite_queue *q, const char *id, struct err *
                            (size_t)sqlite3_column_bytes(rs, 0));
                 j->result_json_len = sqlite3_column_int64(rs, 1);
             }
-            finish(rs);
+            sq_finish(rs);
         }
     }
     rc = queue_event_json(j, event_id, q->cfg.result_inline_max_bytes, &body);
@@ -390,10 +318,10 @@ static int job_became_final(struct sqlite_queue *q, const char *id, struct err *
         rc = err_set(e, ERR_NOMEM, "out of memory building a webhook");
         goto cleanup;
     }
-    st = prepare(q->wdb, "INSERT OR IGNORE INTO outbox (event_id, job_id, url, body, next_ms) "
+    st = sq_prepare(q->wdb, "INSERT OR IGNORE INTO outbox (event_id, job_id, url, body, next_ms) "
                          "VALUES (?, ?, ?, ?, ?)");
     if (!st) {
-        rc = db_err(q->wdb, e, "prepare outbox");
+        rc = sq_db_err(q->wdb, e, "prepare outbox");
         goto cleanup;
     }
     sqlite3_bind_text(st, 1, event_id, -1, SQLITE_STATIC);
@@ -402,9 +330,9 @@ static int job_became_final(struct sqlite_queue *q, const char *id, struct err *
     sqlite3_bind_blob(st, 4, body.data, (int)body.len, SQLITE_STATIC);
     sqlite3_bind_int64(st, 5, queue_now_ms());
     if (sqlite3_step(st) != SQLITE_DONE)
-        rc = db_err(q->wdb, e, "store webhook");
+        rc = sq_db_err(q->wdb, e, "store webhook");
 cleanup:
-    finish(st);
+    sq_finish(st);
     buf_release(&body);
     job_free(j);
     return rc;
@@ -416,13 +344,12 @@ static int op_enqueue(struct sqlite_queue *q, struct op *o)
 {
     const struct job_spec *s = o->spec;
     sqlite3_stmt *st = NULL;
-    int64_t now = queue_now_ms();
     int rc = 0;
 
     if (s->idempotency_key) {
-        st = prepare(q->wdb, "SELECT id, request_hash FROM jobs WHERE idem_key = ?");
+        st = sq_prepare(q->wdb, "SELECT id, request_hash FROM jobs WHERE idem_key = ?");
         if (!st)
-            return db_err(q->wdb, &o->err, "prepare");
+            return sq_db_err(q->wdb, &o->err, "prepare");
         sqlite3_bind_text(st, 1, s->idempotency_key, -1, SQLITE_STATIC);
         if (sqlite3_step(st) == SQLITE_ROW) {
             const char *hash = (const char *)sqlite3_column_text(st, 1);
@@ -433,7 +360,7 @@ static int op_enqueue(struct sqlite_queue *q, struct op *o)
                              s->idempotency_key, o->id_out);
             o->existed = 1;
         }
-        finish(st);
+        sq_finish(st);
         st = NULL;
         if (o->existed)
             return rc;
@@ -441,15 +368,24 @@ static int op_enqueue(struct sqlite_queue *q, struct op *o)
     if (q->n_queued >= q->cfg.max_queued)
         return err_set(&o->err, ERR_BUSY, "the queue holds %lld jobs, the limit (--max-queue)",
                        (long long)q->n_queued);
-    new_id(o->id_out);
-    st = prepare(q->wdb,
+    sq_new_id(o->id_out);
+    return sq_insert_job(q, s, o->id_out, &o->err);
+}
+
+int sq_insert_job(struct sqlite_queue *q, const struct job_spec *s, const char *id, struct err *e)
+{
+    int64_t now = queue_now_ms();
+    sqlite3_stmt *st;
+    int rc = 0;
+
+    st = sq_prepare(q->wdb,
                  "INSERT INTO jobs (id, model, state, priority, max_attempts, created_ms, "
                  "expires_ms, lease_timeout_ms, ttl_s, input, input_json_len, input_location, "
-                 "output_location, callback_url, idem_key, request_hash) "
-                 "VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+                 "output_location, callback_url, idem_key, request_hash, kind, batch_id) "
+                 "VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
     if (!st)
-        return db_err(q->wdb, &o->err, "prepare");
-    sqlite3_bind_text(st, 1, o->id_out, -1, SQLITE_STATIC);
+        return sq_db_err(q->wdb, e, "prepare");
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, s->model, -1, SQLITE_STATIC);
     sqlite3_bind_int(st, 3, s->priority);
     sqlite3_bind_int(st, 4, s->max_attempts);
@@ -465,9 +401,11 @@ static int op_enqueue(struct sqlite_queue *q, struct op *o)
     sqlite3_bind_text(st, 13, s->callback_url, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 14, s->idempotency_key, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 15, s->request_hash, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 16, (int)s->kind);
+    sqlite3_bind_text(st, 17, s->batch_id, -1, SQLITE_STATIC);
     if (sqlite3_step(st) != SQLITE_DONE)
-        rc = db_err(q->wdb, &o->err, "insert job");
-    finish(st);
+        rc = sq_db_err(q->wdb, e, "insert job");
+    sq_finish(st);
     if (rc == 0)
         q->n_queued++;
     return rc;
@@ -479,27 +417,29 @@ static int lease_one(struct sqlite_queue *q, struct op *o, const char *id, int64
     sqlite3_stmt *st;
     int rc = 0;
 
-    st = prepare(q->wdb, "UPDATE jobs SET state = 1, attempts = attempts + 1, "
+    st = sq_prepare(q->wdb, "UPDATE jobs SET state = 1, attempts = attempts + 1, "
                          "started_ms = COALESCE(started_ms, ?), lease_until_ms = ? + "
                          "lease_timeout_ms, worker = ? WHERE id = ?");
     if (!st)
-        return db_err(q->wdb, &o->err, "prepare");
+        return sq_db_err(q->wdb, &o->err, "prepare");
     sqlite3_bind_int64(st, 1, now);
     sqlite3_bind_int64(st, 2, now);
     sqlite3_bind_text(st, 3, o->worker, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 4, id, -1, SQLITE_STATIC);
     if (sqlite3_step(st) != SQLITE_DONE)
-        rc = db_err(q->wdb, &o->err, "lease");
-    finish(st);
+        rc = sq_db_err(q->wdb, &o->err, "lease");
+    sq_finish(st);
     if (rc != 0)
         return rc;
     q->n_queued--;
-    rc = load_job(q->wdb, id, out, &o->err);
+    rc = sq_load_job(q->wdb, id, out, &o->err);
     if (rc != 0)
         return rc;
-    st = prepare(q->wdb, "SELECT input, input_json_len FROM jobs WHERE id = ?");
+    if ((*out)->batch_id[0] && (rc = sq_batch_task_started(q, (*out)->batch_id, now, &o->err)))
+        return rc;
+    st = sq_prepare(q->wdb, "SELECT input, input_json_len FROM jobs WHERE id = ?");
     if (!st)
-        return db_err(q->wdb, &o->err, "prepare");
+        return sq_db_err(q->wdb, &o->err, "prepare");
     sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
     if (sqlite3_step(st) == SQLITE_ROW) {
         if (buf_append(&(*out)->input, sqlite3_column_blob(st, 0),
@@ -507,7 +447,7 @@ static int lease_one(struct sqlite_queue *q, struct op *o, const char *id, int64
             rc = err_set(&o->err, ERR_NOMEM, "out of memory");
         (*out)->input_json_len = sqlite3_column_int64(st, 1);
     }
-    finish(st);
+    sq_finish(st);
     return rc;
 }
 
@@ -522,20 +462,25 @@ static int op_lease(struct sqlite_queue *q, struct op *o)
 
     if (!ids)
         return err_set(&o->err, ERR_NOMEM, "out of memory");
-    st = prepare(
+    st = sq_prepare(
         q->wdb,
-        "SELECT id FROM jobs INDEXED BY jobs_ready WHERE state = 0 AND available_ms <= ? AND "
+        "SELECT id, kind FROM jobs INDEXED BY jobs_ready WHERE state = 0 AND available_ms <= ? AND "
         "(expires_ms = 0 OR expires_ms > ?) ORDER BY priority DESC, seq LIMIT ?");
     if (!st) {
         free(ids);
-        return db_err(q->wdb, &o->err, "prepare");
+        return sq_db_err(q->wdb, &o->err, "prepare");
     }
     sqlite3_bind_int64(st, 1, now);
     sqlite3_bind_int64(st, 2, now);
     sqlite3_bind_int64(st, 3, (int64_t)o->max);
-    while (n < o->max && sqlite3_step(st) == SQLITE_ROW)
+    /* a batch task runs for long: one per lease, so the others wait for a free worker */
+    int tasks = 0;
+    while (n < o->max && sqlite3_step(st) == SQLITE_ROW) {
+        if (sqlite3_column_int(st, 1) != JOB_KIND_INFER && tasks++ > 0)
+            continue;
         snprintf(ids[n++], 40, "%s", sqlite3_column_text(st, 0));
-    finish(st);
+    }
+    sq_finish(st);
     for (size_t i = 0; rc == 0 && i < n; i++) {
         rc = lease_one(q, o, ids[i], now, &o->jobs[o->n_jobs]);
         if (rc == 0)
@@ -551,20 +496,20 @@ static int fenced_update(struct sqlite_queue *q, struct op *o, sqlite3_stmt *st)
     int rc = 0;
 
     if (!st)
-        return db_err(q->wdb, &o->err, "prepare");
+        return sq_db_err(q->wdb, &o->err, "prepare");
     if (sqlite3_step(st) != SQLITE_DONE)
-        rc = db_err(q->wdb, &o->err, "update job");
+        rc = sq_db_err(q->wdb, &o->err, "update job");
     else if (sqlite3_changes(q->wdb) == 0)
         rc = err_set(&o->err, ERR_CONFLICT,
                      "job %s: attempt %llu no longer holds the lease; its result is discarded",
                      o->id, (unsigned long long)o->token);
-    finish(st);
+    sq_finish(st);
     return rc;
 }
 
 static int op_extend(struct sqlite_queue *q, struct op *o)
 {
-    sqlite3_stmt *st = prepare(q->wdb, "UPDATE jobs SET lease_until_ms = ? WHERE id = ? AND "
+    sqlite3_stmt *st = sq_prepare(q->wdb, "UPDATE jobs SET lease_until_ms = ? WHERE id = ? AND "
                                        "state = 1 AND attempts = ?");
 
     if (st) {
@@ -578,7 +523,7 @@ static int op_extend(struct sqlite_queue *q, struct op *o)
 static int op_complete(struct sqlite_queue *q, struct op *o)
 {
     /* a job cancelled while it ran ends cancelled and its result is discarded */
-    sqlite3_stmt *st = prepare(
+    sqlite3_stmt *st = sq_prepare(
         q->wdb, "UPDATE jobs SET state = CASE WHEN cancel_requested THEN 4 ELSE 2 END, "
                 "result = CASE WHEN cancel_requested THEN NULL ELSE ? END, result_json_len = ?, "
                 "finished_ms = ?, error = CASE WHEN cancel_requested THEN 'cancelled while "
@@ -595,7 +540,7 @@ static int op_complete(struct sqlite_queue *q, struct op *o)
         sqlite3_bind_int64(st, 5, (int64_t)o->token);
     }
     rc = fenced_update(q, o, st);
-    return rc ? rc : job_became_final(q, o->id, &o->err);
+    return rc ? rc : sq_job_became_final(q, o->id, &o->err);
 }
 
 static int op_fail(struct sqlite_queue *q, struct op *o)
@@ -605,7 +550,7 @@ static int op_fail(struct sqlite_queue *q, struct op *o)
     sqlite3_stmt *st;
     int final, rc;
 
-    rc = load_job(q->wdb, o->id, &j, &o->err);
+    rc = sq_load_job(q->wdb, o->id, &j, &o->err);
     if (rc != 0)
         return rc;
     if (j->state != JOB_RUNNING || (uint64_t)j->attempts != o->token) {
@@ -621,7 +566,7 @@ static int op_fail(struct sqlite_queue *q, struct op *o)
         backoff = MAX_BACKOFF_MS;
     job_free(j);
     /* a failed job keeps its input: POST /v1/jobs/{id}/retry sends it back */
-    st = prepare(q->wdb, "UPDATE jobs SET state = ?1, error = ?2, finished_ms = ?3, "
+    st = sq_prepare(q->wdb, "UPDATE jobs SET state = ?1, error = ?2, finished_ms = ?3, "
                          "available_ms = ?4 WHERE id = ?6 AND state = 1 AND attempts = ?7 "
                          "AND ?5 IS NOT NULL");
     if (st) {
@@ -643,7 +588,7 @@ static int op_fail(struct sqlite_queue *q, struct op *o)
         q->n_queued++;
         return 0;
     }
-    return job_became_final(q, o->id, &o->err);
+    return sq_job_became_final(q, o->id, &o->err);
 }
 
 static int op_cancel(struct sqlite_queue *q, struct op *o)
@@ -652,7 +597,7 @@ static int op_cancel(struct sqlite_queue *q, struct op *o)
     sqlite3_stmt *st;
     int rc;
 
-    rc = load_job(q->wdb, o->id, &j, &o->err);
+    rc = sq_load_job(q->wdb, o->id, &j, &o->err);
     if (rc != 0)
         return rc;
     if (job_state_is_final(j->state)) {
@@ -662,31 +607,31 @@ static int op_cancel(struct sqlite_queue *q, struct op *o)
         return rc;
     }
     if (j->state == JOB_QUEUED) {
-        st = prepare(q->wdb, "UPDATE jobs SET state = 4, finished_ms = ?1, input = NULL, "
+        st = sq_prepare(q->wdb, "UPDATE jobs SET state = 4, finished_ms = ?1, input = NULL, "
                              "error = 'cancelled' WHERE id = ?2 AND state = 0");
         q->n_queued--;
     } else {
-        st = prepare(q->wdb, "UPDATE jobs SET cancel_requested = 1 WHERE id = ?2 AND state = 1 "
+        st = sq_prepare(q->wdb, "UPDATE jobs SET cancel_requested = 1 WHERE id = ?2 AND state = 1 "
                              "AND ?1 IS NOT NULL");
     }
     job_free(j);
     if (!st)
-        return db_err(q->wdb, &o->err, "prepare");
+        return sq_db_err(q->wdb, &o->err, "prepare");
     sqlite3_bind_int64(st, 1, queue_now_ms());
     sqlite3_bind_text(st, 2, o->id, -1, SQLITE_STATIC);
     if (sqlite3_step(st) != SQLITE_DONE)
-        rc = db_err(q->wdb, &o->err, "cancel");
-    finish(st);
+        rc = sq_db_err(q->wdb, &o->err, "cancel");
+    sq_finish(st);
     if (rc == 0)
-        rc = load_job(q->wdb, o->id, &o->job, &o->err);
+        rc = sq_load_job(q->wdb, o->id, &o->job, &o->err);
     if (rc == 0 && o->job->state == JOB_CANCELLED)
-        rc = job_became_final(q, o->id, &o->err);
+        rc = sq_job_became_final(q, o->id, &o->err);
     return rc;
 }
 
 static int op_retry(struct sqlite_queue *q, struct op *o)
 {
-    sqlite3_stmt *st = prepare(
+    sqlite3_stmt *st = sq_prepare(
         q->wdb, "UPDATE jobs SET state = 0, max_attempts = attempts + max_attempts, "
                 "available_ms = 0, finished_ms = NULL, expires_ms = 0, error = NULL "
                 "WHERE id = ? AND state IN (3, 5) AND (input IS NOT NULL OR input_location IS "
@@ -694,16 +639,16 @@ static int op_retry(struct sqlite_queue *q, struct op *o)
     int rc = 0;
 
     if (!st)
-        return db_err(q->wdb, &o->err, "prepare");
+        return sq_db_err(q->wdb, &o->err, "prepare");
     sqlite3_bind_text(st, 1, o->id, -1, SQLITE_STATIC);
     if (sqlite3_step(st) != SQLITE_DONE)
-        rc = db_err(q->wdb, &o->err, "retry");
+        rc = sq_db_err(q->wdb, &o->err, "retry");
     else if (sqlite3_changes(q->wdb) == 0)
         rc = ERR_CONFLICT;
-    finish(st);
+    sq_finish(st);
     if (rc == ERR_CONFLICT) {
         struct job *j = NULL;
-        rc = load_job(q->wdb, o->id, &j, &o->err);
+        rc = sq_load_job(q->wdb, o->id, &j, &o->err);
         if (rc == 0)
             rc = err_set(&o->err, ERR_CONFLICT,
                          "job %s is %s; only failed or expired jobs are "
@@ -714,7 +659,7 @@ static int op_retry(struct sqlite_queue *q, struct op *o)
     }
     if (rc == 0) {
         q->n_queued++;
-        rc = load_job(q->wdb, o->id, &o->job, &o->err);
+        rc = sq_load_job(q->wdb, o->id, &o->job, &o->err);
     }
     return rc;
 }
@@ -722,33 +667,33 @@ static int op_retry(struct sqlite_queue *q, struct op *o)
 static int op_outbox_record(struct sqlite_queue *q, struct op *o)
 {
     const struct queue_outbox_attempt *a = o->attempt;
-    sqlite3_stmt *st = prepare(q->wdb, "INSERT INTO deliveries (outbox_id, job_id, event_id, "
+    sqlite3_stmt *st = sq_prepare(q->wdb, "INSERT INTO deliveries (outbox_id, job_id, event_id, "
                                        "at_ms, http_status, error) SELECT id, job_id, event_id, "
                                        "?, ?, ? FROM outbox WHERE id = ?");
     int rc = 0;
 
     if (!st)
-        return db_err(q->wdb, &o->err, "prepare");
+        return sq_db_err(q->wdb, &o->err, "prepare");
     sqlite3_bind_int64(st, 1, a->at_ms);
     sqlite3_bind_int(st, 2, a->http_status);
     sqlite3_bind_text(st, 3, a->error, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 4, a->outbox_id);
     if (sqlite3_step(st) != SQLITE_DONE)
-        rc = db_err(q->wdb, &o->err, "record delivery");
-    finish(st);
+        rc = sq_db_err(q->wdb, &o->err, "record delivery");
+    sq_finish(st);
     if (rc != 0)
         return rc;
-    st = prepare(q->wdb, "UPDATE outbox SET attempts = attempts + 1, done = ?, delivered = ?, "
+    st = sq_prepare(q->wdb, "UPDATE outbox SET attempts = attempts + 1, done = ?, delivered = ?, "
                          "next_ms = ? WHERE id = ?");
     if (!st)
-        return db_err(q->wdb, &o->err, "prepare");
+        return sq_db_err(q->wdb, &o->err, "prepare");
     sqlite3_bind_int(st, 1, a->done);
     sqlite3_bind_int(st, 2, a->delivered);
     sqlite3_bind_int64(st, 3, a->next_attempt_ms);
     sqlite3_bind_int64(st, 4, a->outbox_id);
     if (sqlite3_step(st) != SQLITE_DONE)
-        rc = db_err(q->wdb, &o->err, "record delivery");
-    finish(st);
+        rc = sq_db_err(q->wdb, &o->err, "record delivery");
+    sq_finish(st);
     return rc;
 }
 
@@ -760,7 +705,7 @@ static void sweep(struct sqlite_queue *q, int64_t now)
     char ids[64][40];
     int n = 0;
 
-    st = prepare(
+    st = sq_prepare(
         q->wdb,
         "SELECT id FROM jobs INDEXED BY jobs_expiring WHERE state = 0 AND expires_ms > 0 AND "
         "expires_ms <= ? LIMIT 64");
@@ -768,10 +713,10 @@ static void sweep(struct sqlite_queue *q, int64_t now)
         sqlite3_bind_int64(st, 1, now);
         while (n < 64 && sqlite3_step(st) == SQLITE_ROW)
             snprintf(ids[n++], 40, "%s", sqlite3_column_text(st, 0));
-        finish(st);
+        sq_finish(st);
     }
     for (int i = 0; i < n; i++) {
-        st = prepare(q->wdb, "UPDATE jobs SET state = 5, finished_ms = ?, error = "
+        st = sq_prepare(q->wdb, "UPDATE jobs SET state = 5, finished_ms = ?, error = "
                              "'its ttl passed before a worker started it' WHERE id = ?");
         if (!st)
             break;
@@ -779,13 +724,13 @@ static void sweep(struct sqlite_queue *q, int64_t now)
         sqlite3_bind_text(st, 2, ids[i], -1, SQLITE_STATIC);
         if (sqlite3_step(st) == SQLITE_DONE) {
             q->n_queued--;
-            job_became_final(q, ids[i], &e);
+            sq_job_became_final(q, ids[i], &e);
         }
-        finish(st);
+        sq_finish(st);
     }
     /* a lease that ran out: the attempt is lost; count it and go again (or give up) */
     n = 0;
-    st = prepare(
+    st = sq_prepare(
         q->wdb,
         "SELECT id, attempts >= max_attempts FROM jobs INDEXED BY jobs_leased WHERE state = 1 AND "
         "lease_until_ms <= ? LIMIT 64");
@@ -796,10 +741,10 @@ static void sweep(struct sqlite_queue *q, int64_t now)
             snprintf(ids[n], 40, "%s", sqlite3_column_text(st, 0));
             exhausted[n++] = sqlite3_column_int(st, 1);
         }
-        finish(st);
+        sq_finish(st);
     }
     for (int i = 0; i < n; i++) {
-        st = prepare(q->wdb, exhausted[i]
+        st = sq_prepare(q->wdb, exhausted[i]
                                  ? "UPDATE jobs SET state = 3, finished_ms = ?, error = 'its lease "
                                    "expired on the last attempt' WHERE id = ?"
                                  : "UPDATE jobs SET state = 0, available_ms = ? WHERE id = ?");
@@ -810,11 +755,11 @@ static void sweep(struct sqlite_queue *q, int64_t now)
         if (sqlite3_step(st) == SQLITE_DONE) {
             log_warn("queue", "lease expired", "job=%s", ids[i]);
             if (exhausted[i])
-                job_became_final(q, ids[i], &e);
+                sq_job_became_final(q, ids[i], &e);
             else
                 q->n_queued++;
         }
-        finish(st);
+        sq_finish(st);
     }
 }
 
@@ -837,6 +782,10 @@ static int run_op(struct sqlite_queue *q, struct op *o)
         return op_retry(q, o);
     case OP_OUTBOX_RECORD:
         return op_outbox_record(q, o);
+    case OP_BATCH_CREATE:
+        return sq_op_batch_create(q, o);
+    case OP_BATCH_CANCEL:
+        return sq_op_batch_cancel(q, o);
     }
     return ERR_INVALID;
 }
@@ -852,20 +801,20 @@ static void run_group(struct sqlite_queue *q, struct op *ops)
     int n_ops = 0;
     for (struct op *o = ops; o; o = o->next)
         n_ops++;
-    rc = exec(q->wdb, "BEGIN IMMEDIATE", &e);
+    rc = sq_exec(q->wdb, "BEGIN IMMEDIATE", &e);
     for (struct op *o = ops; o; o = o->next) {
         if (rc != 0) {
             o->rc = err_set(&o->err, ERR_IO, "%s", e.msg);
             continue;
         }
-        exec(q->wdb, "SAVEPOINT op", &e);
+        sq_exec(q->wdb, "SAVEPOINT op", &e);
         o->rc = run_op(q, o);
         if (o->rc != 0 && o->rc != ERR_CONFLICT) {
-            exec(q->wdb, "ROLLBACK TO op", &e);
+            sq_exec(q->wdb, "ROLLBACK TO op", &e);
             if (o->kind == OP_ENQUEUE && o->rc != ERR_BUSY)
                 o->existed = 0;
         }
-        exec(q->wdb, "RELEASE op", &e);
+        sq_exec(q->wdb, "RELEASE op", &e);
         if (o->rc == ERR_CONFLICT && o->kind == OP_ENQUEUE)
             o->rc = ERR_CONFLICT;
     }
@@ -874,14 +823,14 @@ static void run_group(struct sqlite_queue *q, struct op *ops)
         sweep(q, now);
     }
     int64_t commit_start = queue_now_ms();
-    commit_ok = rc == 0 && exec(q->wdb, "COMMIT", &e) == 0;
+    commit_ok = rc == 0 && sq_exec(q->wdb, "COMMIT", &e) == 0;
     int64_t commit_ms = queue_now_ms() - commit_start;
     if (commit_ms >= SLOW_COMMIT_MS)
         /* every submission waits on this: a slow disk shows here first */
         log_warn("queue", "slow commit", "ms=%lld operations=%d", (long long)commit_ms, n_ops);
     if (!commit_ok) {
         /* nothing of this group is durable: every caller hears so */
-        exec(q->wdb, "ROLLBACK", &e);
+        sq_exec(q->wdb, "ROLLBACK", &e);
         log_error("queue", "commit failed", "reason=\"%s\"", e.msg);
         for (struct op *o = ops; o; o = o->next) {
             o->rc = err_set(&o->err, ERR_IO, "job store: commit failed");
@@ -962,7 +911,7 @@ static void *writer_main(void *arg)
 }
 
 /* Queues `o` for the writer and waits for its group to commit. */
-static int submit(struct sqlite_queue *q, struct op *o)
+int sq_submit(struct sqlite_queue *q, struct op *o)
 {
     pthread_mutex_lock(&q->lock);
     if (q->stopping) {
@@ -1024,7 +973,7 @@ static int s_enqueue(struct queue *qb, const struct job_spec *spec, char id_out[
                      struct err *e)
 {
     struct op o = {.kind = OP_ENQUEUE, .spec = spec};
-    int rc = submit(sq(qb), &o);
+    int rc = sq_submit(sq(qb), &o);
 
     copy_err(e, &o);
     snprintf(id_out, 40, "%s", o.id_out);
@@ -1074,7 +1023,7 @@ static int s_lease_many(struct queue *qb, const char *worker, size_t max, int64_
         pthread_mutex_lock(&q->lock);
         gen = q->generation;
         pthread_mutex_unlock(&q->lock);
-        rc = submit(q, &o);
+        rc = sq_submit(q, &o);
         if (rc != 0 || o.n_jobs) {
             if (rc != 0) {
                 /* nothing of the group is durable: the leases did not happen */
@@ -1148,7 +1097,7 @@ static int s_extend(struct queue *qb, const char *id, uint64_t token, int64_t le
                     struct err *e)
 {
     struct op o = {.kind = OP_EXTEND, .id = id, .token = token, .lease_ms = lease_ms};
-    int rc = submit(sq(qb), &o);
+    int rc = sq_submit(sq(qb), &o);
 
     copy_err(e, &o);
     return rc;
@@ -1163,7 +1112,7 @@ static int s_complete(struct queue *qb, const char *id, uint64_t token, const ch
                    .data = result,
                    .data_len = len,
                    .json_len = json_len};
-    int rc = submit(sq(qb), &o);
+    int rc = sq_submit(sq(qb), &o);
 
     copy_err(e, &o);
     return rc;
@@ -1174,7 +1123,7 @@ static int s_fail(struct queue *qb, const char *id, uint64_t token, const char *
 {
     struct op o = {
         .kind = OP_FAIL, .id = id, .token = token, .data = error, .retryable = retryable};
-    int rc = submit(sq(qb), &o);
+    int rc = sq_submit(sq(qb), &o);
 
     copy_err(e, &o);
     return rc;
@@ -1183,7 +1132,7 @@ static int s_fail(struct queue *qb, const char *id, uint64_t token, const char *
 static int s_cancel(struct queue *qb, const char *id, struct job **out, struct err *e)
 {
     struct op o = {.kind = OP_CANCEL, .id = id};
-    int rc = submit(sq(qb), &o);
+    int rc = sq_submit(sq(qb), &o);
 
     copy_err(e, &o);
     *out = o.job;
@@ -1193,7 +1142,7 @@ static int s_cancel(struct queue *qb, const char *id, struct job **out, struct e
 static int s_retry(struct queue *qb, const char *id, struct job **out, struct err *e)
 {
     struct op o = {.kind = OP_RETRY, .id = id};
-    int rc = submit(sq(qb), &o);
+    int rc = sq_submit(sq(qb), &o);
 
     copy_err(e, &o);
     *out = o.job;
@@ -1203,7 +1152,7 @@ static int s_retry(struct queue *qb, const char *id, struct job **out, struct er
 static int s_outbox_record(struct queue *qb, const struct queue_outbox_attempt *a, struct err *e)
 {
     struct op o = {.kind = OP_OUTBOX_RECORD, .attempt = a};
-    int rc = submit(sq(qb), &o);
+    int rc = sq_submit(sq(qb), &o);
 
     copy_err(e, &o);
     return rc;
@@ -1213,7 +1162,7 @@ static int s_outbox_record(struct queue *qb, const struct queue_outbox_attempt *
 
 static int load_notifications(sqlite3 *db, struct job *j)
 {
-    sqlite3_stmt *st = prepare(db, "SELECT event_id, at_ms, http_status, error FROM deliveries "
+    sqlite3_stmt *st = sq_prepare(db, "SELECT event_id, at_ms, http_status, error FROM deliveries "
                                    "WHERE job_id = ? ORDER BY at_ms");
     struct buf b = {0};
     int n = 0, rc = 0;
@@ -1238,7 +1187,7 @@ static int load_notifications(sqlite3 *db, struct job *j)
         if (rc == 0)
             rc = buf_puts(&b, "}");
     }
-    finish(st);
+    sq_finish(st);
     if (rc == 0)
         rc = buf_puts(&b, "]");
     if (rc != 0) {
@@ -1255,11 +1204,11 @@ static int s_get(struct queue *qb, const char *id, int want_result, struct job *
     int rc;
 
     pthread_mutex_lock(&q->read_lock);
-    rc = load_job(q->rdb, id, out, e);
+    rc = sq_load_job(q->rdb, id, out, e);
     if (rc == 0 && want_result && (*out)->state == JOB_SUCCEEDED) {
-        sqlite3_stmt *st = prepare(q->rdb, "SELECT result, result_json_len FROM jobs WHERE id = ?");
+        sqlite3_stmt *st = sq_prepare(q->rdb, "SELECT result, result_json_len FROM jobs WHERE id = ?");
         if (!st) {
-            rc = db_err(q->rdb, e, "prepare");
+            rc = sq_db_err(q->rdb, e, "prepare");
         } else {
             sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
             if (sqlite3_step(st) == SQLITE_ROW) {
@@ -1268,11 +1217,11 @@ static int s_get(struct queue *qb, const char *id, int want_result, struct job *
                     rc = err_set(e, ERR_NOMEM, "out of memory");
                 (*out)->result_json_len = sqlite3_column_int64(st, 1);
             }
-            finish(st);
+            sq_finish(st);
         }
     }
     if (rc == 0 && load_notifications(q->rdb, *out) != 0)
-        rc = db_err(q->rdb, e, "read notifications");
+        rc = sq_db_err(q->rdb, e, "read notifications");
     pthread_mutex_unlock(&q->read_lock);
     if (rc != 0) {
         job_free(*out);
@@ -1290,11 +1239,11 @@ static int s_list(struct queue *qb, const struct queue_list_filter *f, struct bu
     int n = 0, rc = 0;
 
     pthread_mutex_lock(&q->read_lock);
-    st = prepare(q->rdb, "SELECT " JOB_COLUMNS " FROM jobs WHERE (?1 < 0 OR state = ?1) AND "
+    st = sq_prepare(q->rdb, "SELECT " JOB_COLUMNS " FROM jobs WHERE kind = 0 AND (?1 < 0 OR state = ?1) AND "
                          "(?2 IS NULL OR model = ?2) AND (?3 IS NULL OR seq < (SELECT seq FROM "
                          "jobs WHERE id = ?3)) ORDER BY seq DESC LIMIT ?4");
     if (!st) {
-        rc = db_err(q->rdb, e, "prepare");
+        rc = sq_db_err(q->rdb, e, "prepare");
         goto cleanup;
     }
     sqlite3_bind_int(st, 1, f->state);
@@ -1325,7 +1274,7 @@ static int s_list(struct queue *qb, const struct queue_list_filter *f, struct bu
         rc = buf_puts(out, "],\"next_cursor\":null}");
     }
 cleanup:
-    finish(st);
+    sq_finish(st);
     pthread_mutex_unlock(&q->read_lock);
     return rc;
 }
@@ -1338,15 +1287,15 @@ static int s_counts(struct queue *qb, int64_t counts[JOB_N_STATES], struct err *
 
     memset(counts, 0, sizeof(int64_t) * JOB_N_STATES);
     pthread_mutex_lock(&q->read_lock);
-    st = prepare(q->rdb, "SELECT state, COUNT(*) FROM jobs GROUP BY state");
+    st = sq_prepare(q->rdb, "SELECT state, COUNT(*) FROM jobs GROUP BY state");
     if (!st)
-        rc = db_err(q->rdb, e, "prepare");
+        rc = sq_db_err(q->rdb, e, "prepare");
     while (st && sqlite3_step(st) == SQLITE_ROW) {
         int s = sqlite3_column_int(st, 0);
         if (s >= 0 && s < JOB_N_STATES)
             counts[s] = sqlite3_column_int64(st, 1);
     }
-    finish(st);
+    sq_finish(st);
     pthread_mutex_unlock(&q->read_lock);
     return rc;
 }
@@ -1365,10 +1314,10 @@ static int s_outbox_due(struct queue *qb, int64_t now_ms, size_t max,
     if (!items)
         return err_set(e, ERR_NOMEM, "out of memory");
     pthread_mutex_lock(&q->read_lock);
-    st = prepare(q->rdb, "SELECT id, event_id, url, body, attempts FROM outbox WHERE done = 0 "
+    st = sq_prepare(q->rdb, "SELECT id, event_id, url, body, attempts FROM outbox WHERE done = 0 "
                          "AND next_ms <= ? ORDER BY next_ms LIMIT ?");
     if (!st)
-        rc = db_err(q->rdb, e, "prepare");
+        rc = sq_db_err(q->rdb, e, "prepare");
     if (st) {
         sqlite3_bind_int64(st, 1, now_ms);
         sqlite3_bind_int64(st, 2, (int64_t)max);
@@ -1376,8 +1325,8 @@ static int s_outbox_due(struct queue *qb, int64_t now_ms, size_t max,
     while (st && count < cap && sqlite3_step(st) == SQLITE_ROW) {
         struct queue_outbox_item *it = &items[count++];
         it->id = sqlite3_column_int64(st, 0);
-        it->event_id = col_strdup(st, 1);
-        it->url = col_strdup(st, 2);
+        it->event_id = sq_col_strdup(st, 1);
+        it->url = sq_col_strdup(st, 2);
         it->body_len = (size_t)sqlite3_column_bytes(st, 3);
         it->body = malloc(it->body_len + 1);
         if (it->body) {
@@ -1386,7 +1335,7 @@ static int s_outbox_due(struct queue *qb, int64_t now_ms, size_t max,
         }
         it->attempts = sqlite3_column_int(st, 4);
     }
-    finish(st);
+    sq_finish(st);
     pthread_mutex_unlock(&q->read_lock);
     *out = items;
     *n = count;
@@ -1400,10 +1349,10 @@ static int64_t s_outbox_next_due(struct queue *qb)
     int64_t next = -1;
 
     pthread_mutex_lock(&q->read_lock);
-    st = prepare(q->rdb, "SELECT MIN(next_ms) FROM outbox WHERE done = 0");
+    st = sq_prepare(q->rdb, "SELECT MIN(next_ms) FROM outbox WHERE done = 0");
     if (st && sqlite3_step(st) == SQLITE_ROW && sqlite3_column_type(st, 0) != SQLITE_NULL)
         next = sqlite3_column_int64(st, 0);
-    finish(st);
+    sq_finish(st);
     pthread_mutex_unlock(&q->read_lock);
     return next;
 }
@@ -1463,6 +1412,12 @@ static const struct queue_ops sqlite_ops = {
     .outbox_due = s_outbox_due,
     .outbox_next_due = s_outbox_next_due,
     .outbox_record = s_outbox_record,
+    .batch_create = sq_batch_create,
+    .batch_get = sq_batch_get,
+    .batch_list = sq_batch_list,
+    .batch_cancel = sq_batch_cancel,
+    .batch_manifest = sq_batch_manifest,
+    .schedules_due = sq_schedules_due,
     .close = s_close,
 };
 
@@ -1472,27 +1427,44 @@ static int recover(struct sqlite_queue *q, struct err *e)
     sqlite3_stmt *st;
     int rc;
 
-    rc = exec(q->wdb,
+    rc = sq_exec(q->wdb,
               "UPDATE jobs SET state = 0, available_ms = 0 WHERE state = 1 AND "
               "attempts < max_attempts",
               e);
     if (rc == 0 && sqlite3_changes(q->wdb) > 0)
         log_warn("queue", "requeued jobs a previous process left running", "jobs=%d",
                  sqlite3_changes(q->wdb));
-    if (rc == 0)
-        rc = exec(q->wdb,
-                  "UPDATE jobs SET state = 3, finished_ms = CAST(strftime('%s','now') AS "
-                  "INTEGER) * 1000, error = 'the process running its last attempt died' "
-                  "WHERE state = 1",
-                  e);
+    /* the rest ran their last attempt: failed, through the final-state hook (webhooks,
+     * batch jobs) */
+    while (rc == 0) {
+        char id[40] = "";
+        st = sq_prepare(q->wdb, "SELECT id FROM jobs WHERE state = 1 LIMIT 1");
+        if (!st)
+            return sq_db_err(q->wdb, e, "recover");
+        if (sqlite3_step(st) == SQLITE_ROW)
+            snprintf(id, sizeof(id), "%s", sqlite3_column_text(st, 0));
+        sq_finish(st);
+        if (!id[0])
+            break;
+        st = sq_prepare(q->wdb, "UPDATE jobs SET state = 3, finished_ms = ?, error = 'the process "
+                                "running its last attempt died' WHERE id = ?");
+        if (!st)
+            return sq_db_err(q->wdb, e, "recover");
+        sqlite3_bind_int64(st, 1, queue_now_ms());
+        sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+        rc = sqlite3_step(st) == SQLITE_DONE ? 0 : sq_db_err(q->wdb, e, "recover");
+        sq_finish(st);
+        if (rc == 0)
+            rc = sq_job_became_final(q, id, e);
+    }
     if (rc != 0)
         return rc;
-    st = prepare(q->wdb, "SELECT COUNT(*) FROM jobs WHERE state = 0");
+    st = sq_prepare(q->wdb, "SELECT COUNT(*) FROM jobs WHERE state = 0");
     if (!st)
-        return db_err(q->wdb, e, "count");
+        return sq_db_err(q->wdb, e, "count");
     if (sqlite3_step(st) == SQLITE_ROW)
         q->n_queued = sqlite3_column_int64(st, 0);
-    finish(st);
+    sq_finish(st);
     return 0;
 }
 
@@ -1520,9 +1492,16 @@ int queue_sqlite_open(const struct queue_config *cfg, struct queue **out, struct
     pthread_cond_init(&q->runnable, NULL);
     rc = open_db(path, &q->wdb, e);
     if (rc == 0)
-        rc = exec(q->wdb, schema, e);
+        rc = sq_exec(q->wdb, schema, e);
     if (rc == 0)
+        rc = sq_batch_migrate(q->wdb, e);
+    if (rc == 0)
+        rc = sq_exec(q->wdb, "BEGIN IMMEDIATE", e);
+    if (rc == 0) {
         rc = recover(q, e);
+        if (sq_exec(q->wdb, rc == 0 ? "COMMIT" : "ROLLBACK", e) != 0 && rc == 0)
+            rc = e->code;
+    }
     if (rc == 0)
         rc = open_db(path, &q->rdb, e);
     if (rc == 0 && pthread_create(&q->writer, NULL, writer_main, q) != 0)

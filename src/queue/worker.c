@@ -8,6 +8,7 @@
  */
 #define _GNU_SOURCE
 #include "queue/worker.h"
+#include "batch/batch_jobs.h"
 #include "core/clock.h"
 #include "core/log.h"
 #include "metrics/metrics.h"
@@ -290,6 +291,35 @@ static void run_jobs(struct worker *w, struct job **jobs, size_t n)
     free(outs);
 }
 
+/* A batch task (one input object) or a run's finishing job: long, so it runs alone. */
+static void run_task(struct worker *w, struct job *job)
+{
+    struct worker_pool *p = w->pool;
+    struct buf result = {0};
+    struct err e = {0}, fe;
+    int retryable = 0;
+    int rc = batch_task_run(p->q, p->reg, job, &p->stopping, &result, &retryable, &e);
+    struct queue_outcome out = {
+        .id = job->id,
+        .token = job->token,
+        .ok = rc == 0,
+        .result = rc == 0 ? result.data : NULL,
+        .result_len = rc == 0 ? result.len : 0,
+        .result_json_len = -1,
+        .error = rc == 0 ? NULL : e.msg,
+        .retryable = retryable,
+    };
+
+    if (rc != 0 && rc != ERR_CANCELLED)
+        log_warn("worker", "batch task failed", "job=%s batch_job=%s retryable=%d reason=\"%s\"",
+                 job->id, job->batch_id, retryable, e.msg);
+    if (queue_finish_many(p->q, &out, 1, &fe) != 0)
+        log_error("worker", "could not record a batch task's outcome", "job=%s reason=\"%s\"",
+                  job->id, fe.msg);
+    buf_release(&result);
+    count_completions(p, 1);
+}
+
 static void *worker_main(void *arg)
 {
     struct worker *w = arg;
@@ -309,7 +339,19 @@ static void *worker_main(void *arg)
         if (n == 0)
             continue;
         atomic_fetch_add(&p->busy, (int)n);
-        run_jobs(w, jobs, n);
+        /* inferences first, as one batch; then the batch task (at most one per lease) */
+        size_t n_infer = 0;
+        for (size_t i = 0; i < n; i++) {
+            if (jobs[i]->kind == JOB_KIND_INFER) {
+                struct job *t = jobs[n_infer];
+                jobs[n_infer++] = jobs[i];
+                jobs[i] = t;
+            }
+        }
+        if (n_infer > 0)
+            run_jobs(w, jobs, n_infer);
+        for (size_t i = n_infer; i < n; i++)
+            run_task(w, jobs[i]);
         atomic_fetch_sub(&p->busy, (int)n);
         for (size_t i = 0; i < n; i++) {
             job_free(jobs[i]);

@@ -1,9 +1,12 @@
 /*
  * storage.h: objects by URI, read as line streams and written atomically.
  *
- * Today: `file://PATH` and plain paths. `s3://bucket/key` (libcurl, AWS SigV4) is the next
- * implementation behind these same calls. A written object appears under its name only when
- * storage_commit() succeeds (temporary name, fsync, rename): no reader ever sees it partial.
+ * `file://PATH` and plain paths (storage_file.c), and `s3://bucket/key` on any S3-compatible
+ * endpoint (storage_s3.c: libcurl, AWS SigV4, path-style). A written object appears under its
+ * name only when storage_commit() succeeds (files: temporary name, fsync, rename; S3: one PUT
+ * or a completed multipart upload): no reader ever sees it partial.
+ *
+ * Every call is thread-safe; readers and writers belong to one thread at a time.
  */
 #ifndef INFERD_STORAGE_H
 #define INFERD_STORAGE_H
@@ -13,8 +16,24 @@
 
 #include <stddef.h>
 
+#include <stdint.h>
+
 struct storage_reader;
 struct storage_writer;
+
+struct storage_config {
+    /* "" or NULL: $AWS_ENDPOINT_URL_S3, then $AWS_ENDPOINT_URL, else
+     * https://s3.<region>.amazonaws.com (region: $AWS_REGION, $AWS_DEFAULT_REGION, us-east-1) */
+    const char *s3_endpoint;
+    /* multipart uploads start past this many bytes, in parts this big; 0: 8 MiB, minimum 5 MiB */
+    int64_t s3_part_size_bytes;
+};
+
+/*
+ * Sets the S3 options (the strings are copied). Call before the first storage call, from one
+ * thread; without it the defaults hold. ERR_INVALID names the bad option.
+ */
+int storage_configure(const struct storage_config *cfg, struct err *e);
 
 /* Opens an object for reading. ERR_NOT_FOUND names the object. */
 int storage_open_read(const char *uri, struct storage_reader **out, struct err *e);
@@ -40,6 +59,8 @@ int storage_put(const char *uri, const void *data, size_t len, struct err *e);
 int storage_delete(const char *uri, struct err *e);
 /* 1 if the object exists, 0 if not. */
 int storage_exists(const char *uri);
+/* 1 if `uri` has a backend: a plain path, file:// or s3://. */
+int storage_supports(const char *uri);
 
 /*
  * The objects under `uri`: every file below it (recursive), as names relative to it, sorted;

@@ -1,15 +1,16 @@
 /*
- * storage_file.c: file:// and plain-path objects.
+ * storage_file.c: file:// and plain-path objects (the backend behind storage.c).
  *
  * Writes go to "<path>.tmp-<pid>" and are renamed over the final name after fflush and fsync,
  * so a crash leaves either the old object, the new one, or a stray temporary file, never a
  * partial object under the final name. Missing parent folders are created.
  */
 #define _GNU_SOURCE
-#include "storage/storage.h"
+#include "storage/storage_internal.h"
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,14 +18,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-struct storage_reader {
-    FILE *f;
-    char *line;
-    size_t cap;
+struct file_reader {
+    int fd;
     char uri[PATH_MAX];
 };
 
-struct storage_writer {
+struct file_writer {
     FILE *f;
     char path[PATH_MAX];
     char tmp[PATH_MAX + 32];
@@ -35,61 +34,64 @@ static const char *path_of(const char *uri, struct err *e)
     if (strncmp(uri, "file://", 7) == 0)
         return uri + 7;
     if (strstr(uri, "://")) {
-        err_set(e, ERR_INVALID, "'%.200s': only file:// and plain paths are supported yet", uri);
+        err_set(e, ERR_INVALID, "'%.200s': only file://, s3:// and plain paths are supported", uri);
         return NULL;
     }
     return uri;
 }
 
-int storage_open_read(const char *uri, struct storage_reader **out, struct err *e)
+/* ---- reading ---- */
+
+static int file_open_read(const char *uri, void **impl, struct err *e)
 {
     const char *path = path_of(uri, e);
-    struct storage_reader *r;
+    struct file_reader *r;
 
-    *out = NULL;
+    *impl = NULL;
     if (!path)
         return e->code;
     r = calloc(1, sizeof(*r));
     if (!r)
         return err_set(e, ERR_NOMEM, "out of memory");
-    r->f = fopen(path, "rb");
-    if (!r->f) {
+    /* blocks on a FIFO until a writer opens it, as fopen() did */
+    r->fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (r->fd < 0) {
         int saved = errno;
         free(r);
         return err_set(e, saved == ENOENT ? ERR_NOT_FOUND : ERR_IO, "%s: %s", uri, strerror(saved));
     }
     snprintf(r->uri, sizeof(r->uri), "%s", uri);
-    *out = r;
+    *impl = r;
     return 0;
 }
 
-int storage_read_line(struct storage_reader *r, const char **line, size_t *len, struct err *e)
+static int file_read(void *impl, char *dst, size_t cap, size_t *n, struct err *e)
 {
-    ssize_t n;
+    struct file_reader *r = impl;
+    ssize_t got;
 
-    errno = 0;
-    n = getline(&r->line, &r->cap, r->f);
-    if (n < 0) {
-        if (ferror(r->f))
-            return err_set(e, ERR_IO, "%s: %s", r->uri, strerror(errno));
-        return 0;
+    do
+        got = read(r->fd, dst, cap);
+    while (got < 0 && errno == EINTR);
+    if (got < 0) {
+        *n = 0;
+        return err_set(e, ERR_IO, "%s: %s", r->uri, strerror(errno));
     }
-    while (n > 0 && (r->line[n - 1] == '\n' || r->line[n - 1] == '\r'))
-        r->line[--n] = '\0';
-    *line = r->line;
-    *len = (size_t)n;
-    return 1;
+    *n = (size_t)got;
+    return 0;
 }
 
-void storage_close_read(struct storage_reader *r)
+static void file_close_read(void *impl)
 {
+    struct file_reader *r = impl;
+
     if (!r)
         return;
-    if (r->f)
-        fclose(r->f);
-    free(r->line);
+    close(r->fd);
     free(r);
 }
+
+/* ---- writing ---- */
 
 static int make_parents(const char *path)
 {
@@ -107,12 +109,12 @@ static int make_parents(const char *path)
     return 0;
 }
 
-int storage_open_write(const char *uri, struct storage_writer **out, struct err *e)
+static int file_open_write(const char *uri, void **impl, struct err *e)
 {
     const char *path = path_of(uri, e);
-    struct storage_writer *w;
+    struct file_writer *w;
 
-    *out = NULL;
+    *impl = NULL;
     if (!path)
         return e->code;
     w = calloc(1, sizeof(*w));
@@ -125,19 +127,22 @@ int storage_open_write(const char *uri, struct storage_writer **out, struct err 
         free(w);
         return err_set(e, ERR_IO, "%s: %s", uri, strerror(saved));
     }
-    *out = w;
+    *impl = w;
     return 0;
 }
 
-int storage_write(struct storage_writer *w, const void *data, size_t len, struct err *e)
+static int file_write(void *impl, const void *data, size_t len, struct err *e)
 {
+    struct file_writer *w = impl;
+
     if (len && fwrite(data, 1, len, w->f) != len)
         return err_set(e, ERR_IO, "%s: %s", w->path, strerror(errno));
     return 0;
 }
 
-int storage_commit(struct storage_writer *w, struct err *e)
+static int file_commit(void *impl, struct err *e)
 {
+    struct file_writer *w = impl;
     int ok, rc = 0;
 
     ok = fflush(w->f) == 0 && fsync(fileno(w->f)) == 0;
@@ -150,8 +155,10 @@ int storage_commit(struct storage_writer *w, struct err *e)
     return rc;
 }
 
-void storage_abort(struct storage_writer *w)
+static void file_abort(void *impl)
 {
+    struct file_writer *w = impl;
+
     if (!w)
         return;
     fclose(w->f);
@@ -159,42 +166,9 @@ void storage_abort(struct storage_writer *w)
     free(w);
 }
 
-int storage_get(const char *uri, struct buf *out, struct err *e)
-{
-    struct storage_reader *r;
-    char chunk[65536];
-    size_t n;
-    int rc = storage_open_read(uri, &r, e);
+/* ---- the rest ---- */
 
-    if (rc != 0)
-        return rc;
-    while ((n = fread(chunk, 1, sizeof(chunk), r->f)) > 0) {
-        if (buf_append(out, chunk, n) != 0) {
-            rc = err_set(e, ERR_NOMEM, "out of memory reading %s", uri);
-            break;
-        }
-    }
-    if (rc == 0 && ferror(r->f))
-        rc = err_set(e, ERR_IO, "%s: read error", uri);
-    storage_close_read(r);
-    return rc;
-}
-
-int storage_put(const char *uri, const void *data, size_t len, struct err *e)
-{
-    struct storage_writer *w;
-    int rc = storage_open_write(uri, &w, e);
-
-    if (rc == 0)
-        rc = storage_write(w, data, len, e);
-    if (rc != 0) {
-        storage_abort(w);
-        return rc;
-    }
-    return storage_commit(w, e);
-}
-
-int storage_delete(const char *uri, struct err *e)
+static int file_remove(const char *uri, struct err *e)
 {
     const char *path = path_of(uri, e);
 
@@ -205,7 +179,7 @@ int storage_delete(const char *uri, struct err *e)
     return 0;
 }
 
-int storage_exists(const char *uri)
+static int file_exists(const char *uri)
 {
     struct err e;
     const char *path = path_of(uri, &e);
@@ -213,28 +187,7 @@ int storage_exists(const char *uri)
     return path && access(path, F_OK) == 0;
 }
 
-struct names {
-    char **v;
-    size_t n, cap;
-};
-
-static int add_name(struct names *ns, const char *name)
-{
-    if (ns->n == ns->cap) {
-        size_t cap = ns->cap ? ns->cap * 2 : 64;
-        char **p = realloc(ns->v, cap * sizeof(*p));
-        if (!p)
-            return -1;
-        ns->v = p;
-        ns->cap = cap;
-    }
-    if (!(ns->v[ns->n] = strdup(name)))
-        return -1;
-    ns->n++;
-    return 0;
-}
-
-static int walk(const char *root, const char *rel, struct names *ns, struct err *e)
+static int walk(const char *root, const char *rel, struct storage_names *ns, struct err *e)
 {
     char dir[PATH_MAX];
     DIR *d;
@@ -256,70 +209,46 @@ static int walk(const char *root, const char *rel, struct names *ns, struct err 
             continue;
         if (S_ISDIR(st.st_mode))
             rc = walk(root, sub, ns, e);
-        else if (S_ISREG(st.st_mode) && add_name(ns, sub) != 0)
+        else if (S_ISREG(st.st_mode) && storage_names_add(ns, sub, strlen(sub)) != 0)
             rc = err_set(e, ERR_NOMEM, "out of memory");
     }
     closedir(d);
     return rc;
 }
 
-static int cmp_names(const void *a, const void *b)
-{
-    return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-int storage_list(const char *uri, char ***names, size_t *n, int *is_object, struct err *e)
+static int file_list(const char *uri, struct storage_names *ns, int *is_object, struct err *e)
 {
     const char *path = path_of(uri, e);
-    struct names ns = {0};
     struct stat st;
-    int rc = 0;
+    char root[PATH_MAX];
 
-    *names = NULL;
-    *n = 0;
-    *is_object = 0;
     if (!path)
         return e->code;
     if (stat(path, &st) != 0)
         return err_set(e, ERR_NOT_FOUND, "%s: %s", uri, strerror(errno));
     if (S_ISREG(st.st_mode)) {
         const char *base = strrchr(path, '/');
+        base = base ? base + 1 : path;
         *is_object = 1;
-        if (add_name(&ns, base ? base + 1 : path) != 0)
-            rc = err_set(e, ERR_NOMEM, "out of memory");
-    } else {
-        char root[PATH_MAX];
-        snprintf(root, sizeof(root), "%s", path);
-        while (strlen(root) > 1 && root[strlen(root) - 1] == '/')
-            root[strlen(root) - 1] = '\0';
-        rc = walk(root, "", &ns, e);
+        if (storage_names_add(ns, base, strlen(base)) != 0)
+            return err_set(e, ERR_NOMEM, "out of memory");
+        return 0;
     }
-    if (rc != 0) {
-        storage_names_free(ns.v, ns.n);
-        return rc;
-    }
-    qsort(ns.v, ns.n, sizeof(*ns.v), cmp_names);
-    *names = ns.v;
-    *n = ns.n;
-    return 0;
+    snprintf(root, sizeof(root), "%s", path);
+    while (strlen(root) > 1 && root[strlen(root) - 1] == '/')
+        root[strlen(root) - 1] = '\0';
+    return walk(root, "", ns, e);
 }
 
-void storage_names_free(char **names, size_t n)
-{
-    for (size_t i = 0; names && i < n; i++)
-        free(names[i]);
-    free(names);
-}
-
-char *storage_join(const char *base, const char *name)
-{
-    size_t bl = strlen(base), len = bl + strlen(name) + 2;
-    char *s = malloc(len);
-
-    if (!s)
-        return NULL;
-    while (bl > 0 && base[bl - 1] == '/')
-        bl--;
-    snprintf(s, len, "%.*s/%s", (int)bl, base, name);
-    return s;
-}
+const struct storage_ops storage_file_ops = {
+    .open_read = file_open_read,
+    .read = file_read,
+    .close_read = file_close_read,
+    .open_write = file_open_write,
+    .write = file_write,
+    .commit = file_commit,
+    .abort = file_abort,
+    .remove = file_remove,
+    .exists = file_exists,
+    .list = file_list,
+};

@@ -834,3 +834,108 @@ def webhook_receiver():
     r = WebhookReceiver()
     yield r
     r.close()
+
+
+# ---------------------------------------------------------------------------
+# S3: s3rver (installed by scripts/install-deps into .deps/) and Debian's awscli
+# ---------------------------------------------------------------------------
+
+S3RVER_BIN = REPO_ROOT / ".deps" / "node_modules" / ".bin" / "s3rver"
+AWS_BIN = Path("/usr/bin/aws")      # Debian's awscli, not a pyenv shim
+S3_KEY = "S3RVER"                   # the credentials s3rver accepts
+S3_BUCKET = "inferd-test"           # created at start-up; tests use their own prefixes
+S3_DEADLINE_S = 30.0
+
+
+class S3rver:
+    """An s3rver on 127.0.0.1 with its own data folder and bucket ``S3_BUCKET``.
+
+    s3rver checks the access key id but not SigV4 signatures (test_s3.py has a proxy that does).
+    Node 20 needs ``--openssl-legacy-provider`` for s3rver's continuation tokens.
+    """
+
+    def __init__(self, data_dir, buckets=(S3_BUCKET,)):
+        if not S3RVER_BIN.exists():
+            pytest.fail(f"{S3RVER_BIN} is missing: run scripts/install-deps")
+        if not AWS_BIN.exists():
+            pytest.fail(f"{AWS_BIN} is missing: run scripts/install-deps (Debian's awscli)")
+        self.data_dir = Path(data_dir)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.data_dir.parent / f"s3rver-{self.port}.log"
+        cmd = [str(S3RVER_BIN), "-d", str(self.data_dir), "-a", "127.0.0.1",
+               "-p", str(self.port), "-s"]
+        for b in buckets:
+            cmd += ["--configure-bucket", b]
+        env = dict(os.environ, NODE_OPTIONS="--openssl-legacy-provider")
+        self._log_f = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log_f, stderr=self._log_f,
+                                     stdin=subprocess.DEVNULL, env=env)
+        wait_for(self._ready, S3_DEADLINE_S, f"s3rver on {self.endpoint} to answer")
+
+    def _ready(self):
+        if self.proc.poll() is not None:
+            pytest.fail(f"s3rver exited with {self.proc.returncode}:\n"
+                        f"{self.log_path.read_text(errors='replace')[-2000:]}")
+        return requests.get(f"{self.endpoint}/{S3_BUCKET}?list-type=2&max-keys=1",
+                            timeout=5).status_code == 200
+
+    def env(self, **extra):
+        """The environment for awscli and inferd: s3rver's credentials and region."""
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_KEY,
+                   AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+        for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_REGION",
+                  "AWS_PROFILE"):
+            env.pop(k, None)
+        env.update(extra)
+        return env
+
+    def aws(self, *args, check=True, endpoint=None):
+        """Runs ``/usr/bin/aws --endpoint-url ... ARGS``; returns the CompletedProcess."""
+        cmd = [str(AWS_BIN), "--endpoint-url", endpoint or self.endpoint, *map(str, args)]
+        p = subprocess.run(cmd, env=self.env(), capture_output=True, timeout=300)
+        if check and p.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)}: exit {p.returncode}\n"
+                        f"{p.stderr.decode(errors='replace')[-2000:]}")
+        return p
+
+    def upload(self, local_dir, uri):
+        """Copies every file under ``local_dir`` to the prefix ``uri`` (s3://bucket/prefix)."""
+        self.aws("s3", "cp", "--recursive", "--only-show-errors", local_dir, uri)
+
+    def download(self, uri, local_dir):
+        """Copies every object under the prefix ``uri`` into ``local_dir``."""
+        self.aws("s3", "cp", "--recursive", "--only-show-errors", uri, local_dir)
+        return Path(local_dir)
+
+    def keys(self, uri):
+        """{key relative to the prefix ``uri``: size} of every object under it."""
+        bucket, _, prefix = uri[len("s3://"):].partition("/")
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        p = self.aws("s3api", "list-objects-v2", "--bucket", bucket, "--prefix", prefix,
+                     "--output", "json")
+        out = json.loads(p.stdout or b"{}")
+        return {o["Key"][len(prefix):]: o["Size"] for o in out.get("Contents", [])}
+
+    def get_bytes(self, uri, tmp_dir):
+        dst = Path(tmp_dir) / f"get-{time.monotonic_ns()}"
+        self.aws("s3", "cp", "--only-show-errors", uri, dst)
+        return dst.read_bytes()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_f.close()
+
+
+@pytest.fixture(scope="module")
+def s3rver(tmp_path_factory):
+    """A module's s3rver (bucket ``S3_BUCKET``); stopped at the end of the module."""
+    server = S3rver(tmp_path_factory.mktemp("s3rver") / "data")
+    yield server
+    server.stop()

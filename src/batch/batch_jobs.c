@@ -1,0 +1,616 @@
+/*
+ * batch_jobs.c: server-side batch jobs: definitions, runs split into one queue task per input
+ * object, the cron scheduler, and running tasks on workers.
+ *
+ * A run's tasks are ordinary queue jobs, so --workers bounds them, a crash re-runs a task
+ * (its output is written atomically, so a re-run replaces it whole), and several workers
+ * share one run. The queue counts finished tasks in the run and queues a finishing job after
+ * the last one; that job writes _manifest.json (the same format `inferd batch` writes) and
+ * _SUCCESS.
+ */
+#define _GNU_SOURCE
+#include "batch/batch_jobs.h"
+#include "batch/batch.h"
+#include "batch/cron.h"
+#include "core/clock.h"
+#include "core/log.h"
+#include "model/registry.h"
+#include "storage/storage.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define SCHEDULER_TICK_MS 1000
+#define CANCEL_CHECK_MS 1000 /* how often a running task looks for a cancellation */
+
+/* ---- definitions ---- */
+
+static const char *const known_fields[] = {
+    "model",     "input",      "output",     "format",       "records_per_batch", "concurrency",
+    "join_input", "csv_header", "max_errors", "callback_url", "schedule",          NULL};
+
+static int check_uri(json_t *def, const char *key, struct err *e)
+{
+    json_t *v = json_object_get(def, key);
+    const char *s = json_string_value(v);
+
+    if (!v)
+        return err_set(e, ERR_INVALID, "%s: missing", key);
+    if (!s || !s[0])
+        return err_set(e, ERR_INVALID, "%s: expected a non-empty string (a path, file:// or s3:// "
+                                       "URI)",
+                       key);
+    if (strstr(s, "://") && strncmp(s, "file://", 7) != 0 && strncmp(s, "s3://", 5) != 0)
+        return err_set(e, ERR_INVALID, "%s: '%.100s': only paths, file:// and s3:// are supported",
+                       key, s);
+    return 0;
+}
+
+static int check_int(json_t *def, const char *key, int64_t min, int64_t max, int64_t dflt,
+                     struct err *e)
+{
+    json_t *v = json_object_get(def, key);
+
+    if (!v || json_is_null(v))
+        return json_object_set_new(def, key, json_integer(dflt)) == 0
+                   ? 0
+                   : err_set(e, ERR_NOMEM, "out of memory");
+    if (!json_is_integer(v))
+        return err_set(e, ERR_INVALID, "%s: expected an integer", key);
+    if (json_integer_value(v) < min || json_integer_value(v) > max)
+        return err_set(e, ERR_INVALID, "%s: %lld is outside %lld..%lld", key,
+                       (long long)json_integer_value(v), (long long)min, (long long)max);
+    return 0;
+}
+
+static int check_bool(json_t *def, const char *key, struct err *e)
+{
+    json_t *v = json_object_get(def, key);
+
+    if (!v || json_is_null(v))
+        return json_object_set_new(def, key, json_false()) == 0
+                   ? 0
+                   : err_set(e, ERR_NOMEM, "out of memory");
+    return json_is_boolean(v) ? 0 : err_set(e, ERR_INVALID, "%s: expected true or false", key);
+}
+
+static int check_fields(json_t *def, struct registry *reg, struct err *e)
+{
+    const char *key, *s;
+    json_t *v;
+    struct model *m = NULL;
+    struct cron c;
+    int rc;
+
+    json_object_foreach(def, key, v)
+    {
+        int known = 0;
+        for (int i = 0; known_fields[i]; i++)
+            known |= strcmp(known_fields[i], key) == 0;
+        if (!known)
+            return err_set(e, ERR_INVALID, "unknown field '%.64s'", key);
+    }
+    s = json_string_value(json_object_get(def, "model"));
+    if (!s || !s[0])
+        return err_set(e, ERR_INVALID, "model: missing");
+    rc = registry_acquire(reg, s, 0, &m, e);
+    if (rc != 0)
+        return rc;
+    if (m->info.n_inputs != 1 || m->info.inputs[0].n_dims != 2 || m->info.inputs[0].shape[1] < 1)
+        rc = err_set(e, ERR_INVALID, "model: '%s' does not take rows of numbers", s);
+    model_release(m);
+    if (rc != 0 || (rc = check_uri(def, "input", e)) || (rc = check_uri(def, "output", e)))
+        return rc;
+    v = json_object_get(def, "format");
+    if (v && !json_is_null(v) &&
+        (!json_is_string(v) || (strcmp(json_string_value(v), "jsonl") != 0 &&
+                                strcmp(json_string_value(v), "csv") != 0)))
+        return err_set(e, ERR_INVALID, "format: expected \"jsonl\" or \"csv\"");
+    if ((rc = check_int(def, "records_per_batch", 1, 1000000, 1024, e)) ||
+        (rc = check_int(def, "concurrency", 0, 1024, 0, e)) ||
+        (rc = check_int(def, "max_errors", 0, INT64_MAX / 2, 0, e)) ||
+        (rc = check_bool(def, "join_input", e)) || (rc = check_bool(def, "csv_header", e)))
+        return rc;
+    v = json_object_get(def, "callback_url");
+    if (v && !json_is_null(v) &&
+        (!json_is_string(v) || (strncmp(json_string_value(v), "http://", 7) != 0 &&
+                                strncmp(json_string_value(v), "https://", 8) != 0)))
+        return err_set(e, ERR_INVALID, "callback_url: expected an http:// or https:// URL");
+    v = json_object_get(def, "schedule");
+    if (v && !json_is_null(v)) {
+        if (!json_is_string(v))
+            return err_set(e, ERR_INVALID, "schedule: expected a 5-field cron expression");
+        if ((rc = cron_parse(json_string_value(v), &c, e)) != 0) {
+            char msg[sizeof(e->msg)];
+            snprintf(msg, sizeof(msg), "%s", e->msg);
+            return err_set(e, rc, "schedule: %s", msg);
+        }
+        if (cron_next(&c, batch_clock_now_ms()) < 0)
+            return err_set(e, ERR_INVALID, "schedule: '%.64s' never matches",
+                           json_string_value(v));
+    }
+    return 0;
+}
+
+int batch_job_check(const char *body, size_t len, struct registry *reg, char **normalized,
+                    int *is_schedule, struct err *e)
+{
+    json_error_t jerr;
+    json_t *def = json_loadb(body, len, JSON_REJECT_DUPLICATES, &jerr);
+    int rc;
+
+    *normalized = NULL;
+    *is_schedule = 0;
+    if (!def)
+        return err_set(e, ERR_INVALID, "malformed JSON at line %d column %d: %s", jerr.line,
+                       jerr.column, jerr.text);
+    if (!json_is_object(def)) {
+        json_decref(def);
+        return err_set(e, ERR_INVALID, "the request body must be a JSON object");
+    }
+    rc = check_fields(def, reg, e);
+    if (rc == 0) {
+        json_t *sched = json_object_get(def, "schedule");
+        *is_schedule = sched && !json_is_null(sched);
+        if (json_is_null(sched))
+            json_object_del(def, "schedule");
+        *normalized = json_dumps(def, JSON_COMPACT | JSON_SORT_KEYS);
+        if (!*normalized)
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+    }
+    json_decref(def);
+    return rc;
+}
+
+/* ---- starting runs ---- */
+
+struct run_plan {
+    char **names;
+    size_t n_names;
+    char **inputs; /* per task: its input JSON */
+    char **objects;
+    size_t n_tasks;
+    char *output;
+    char *finish_input;
+};
+
+static void plan_free(struct run_plan *p)
+{
+    storage_names_free(p->names, p->n_names);
+    for (size_t i = 0; i < p->n_tasks; i++) {
+        free(p->inputs[i]);
+        free(p->objects[i]);
+    }
+    free(p->inputs);
+    free(p->objects);
+    free(p->output);
+    free(p->finish_input);
+}
+
+static char *task_input(json_t *def, const char *name, const char *in_uri, const char *out_uri,
+                        const char *err_uri, int csv)
+{
+    json_t *t = json_pack("{s:s, s:s, s:s, s:s, s:s, s:O, s:O, s:O, s:O, s:O}", "object", name,
+                          "in", in_uri, "out", out_uri, "errors", err_uri, "format",
+                          csv ? "csv" : "jsonl", "records_per_batch",
+                          json_object_get(def, "records_per_batch"), "concurrency",
+                          json_object_get(def, "concurrency"), "join_input",
+                          json_object_get(def, "join_input"), "csv_header",
+                          json_object_get(def, "csv_header"), "max_errors",
+                          json_object_get(def, "max_errors"));
+    char *s = t ? json_dumps(t, JSON_COMPACT) : NULL;
+
+    json_decref(t);
+    return s;
+}
+
+/* Lists the input and prepares one task per object. */
+static int plan_run(json_t *def, int64_t run_at_ms, struct run_plan *p, struct err *e)
+{
+    const char *input = json_string_value(json_object_get(def, "input"));
+    const char *output = json_string_value(json_object_get(def, "output"));
+    const char *format = json_string_value(json_object_get(def, "format"));
+    struct batch_config bc = {
+        .format = !format                        ? BATCH_FORMAT_AUTO
+                  : strcmp(format, "csv") == 0 ? BATCH_FORMAT_CSV
+                                               : BATCH_FORMAT_JSONL,
+    };
+    int is_object = 0, rc;
+
+    if (run_at_ms > 0) {
+        char stamp[32];
+        time_t t = (time_t)(run_at_ms / 1000);
+        struct tm tm;
+        gmtime_r(&t, &tm);
+        strftime(stamp, sizeof(stamp), "%Y%m%dT%H%MZ", &tm);
+        p->output = storage_join(output, stamp);
+    } else {
+        p->output = strdup(output);
+    }
+    if (!p->output)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    rc = storage_list(input, &p->names, &p->n_names, &is_object, e);
+    if (rc != 0) {
+        char msg[sizeof(e->msg)];
+        snprintf(msg, sizeof(msg), "%s", e->msg);
+        return err_set(e, rc, "input: %s", msg);
+    }
+    p->inputs = calloc(p->n_names ? p->n_names : 1, sizeof(*p->inputs));
+    p->objects = calloc(p->n_names ? p->n_names : 1, sizeof(*p->objects));
+    if (!p->inputs || !p->objects)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < p->n_names; i++) {
+        const char *name = p->names[i];
+        char out_name[4200], err_name[4200], *in_uri, *out_uri, *err_uri;
+        int csv = 0;
+        if (batch_is_reserved(name))
+            continue;
+        if ((rc = batch_format_of(&bc, name, &csv, e)) != 0) {
+            char msg[sizeof(e->msg)];
+            snprintf(msg, sizeof(msg), "%s", e->msg);
+            return err_set(e, rc, "input: %s (or give \"format\")", msg);
+        }
+        snprintf(out_name, sizeof(out_name), "%s.out", name);
+        snprintf(err_name, sizeof(err_name), "%s.errors", name);
+        in_uri = is_object ? strdup(input) : storage_join(input, name);
+        out_uri = storage_join(p->output, out_name);
+        err_uri = storage_join(p->output, err_name);
+        if (in_uri && out_uri && err_uri) {
+            p->inputs[p->n_tasks] = task_input(def, name, in_uri, out_uri, err_uri, csv);
+            p->objects[p->n_tasks] = strdup(name);
+        }
+        free(in_uri);
+        free(out_uri);
+        free(err_uri);
+        if (!p->inputs[p->n_tasks] || !p->objects[p->n_tasks]) {
+            free(p->inputs[p->n_tasks]);
+            free(p->objects[p->n_tasks]);
+            p->inputs[p->n_tasks] = p->objects[p->n_tasks] = NULL;
+            return err_set(e, ERR_NOMEM, "out of memory");
+        }
+        p->n_tasks++;
+    }
+    if (p->n_tasks == 0)
+        return err_set(e, ERR_NOT_FOUND, "input: no input objects under %.200s", input);
+    json_t *fin = json_pack("{s:s}", "output", p->output);
+    p->finish_input = fin ? json_dumps(fin, JSON_COMPACT) : NULL;
+    json_decref(fin);
+    return p->finish_input ? 0 : err_set(e, ERR_NOMEM, "out of memory");
+}
+
+static int64_t lease_of(struct registry *reg, const char *model)
+{
+    struct model *m = NULL;
+    struct err e;
+    int64_t ms = 300000;
+
+    if (registry_acquire(reg, model, 0, &m, &e) == 0) {
+        ms = m->job_lease_timeout_ms;
+        model_release(m);
+    }
+    return ms;
+}
+
+int batch_job_start(const struct batch_jobs_config *cfg, const char *definition,
+                    const char *parent, int64_t run_at_ms, int64_t parent_next_ms,
+                    char id_out[40], struct err *e)
+{
+    json_t *def = json_loads(definition, 0, NULL);
+    struct run_plan p = {0};
+    struct batch_job_spec spec = {0};
+    struct err plan_err = {0};
+    char *run_def = NULL;
+    int rc;
+
+    if (!json_is_object(def)) {
+        json_decref(def);
+        return err_set(e, ERR_INVALID, "batch job definition is not a JSON object");
+    }
+    json_object_del(def, "schedule"); /* a run's definition: what it ran with */
+    run_def = json_dumps(def, JSON_COMPACT | JSON_SORT_KEYS);
+    rc = plan_run(def, parent ? run_at_ms : 0, &p, &plan_err);
+    if (rc != 0 && !parent) {
+        *e = plan_err;
+        goto cleanup;
+    }
+    spec.definition = run_def ? run_def : definition;
+    spec.model = json_string_value(json_object_get(def, "model"));
+    spec.callback_url = json_string_value(json_object_get(def, "callback_url"));
+    spec.max_errors = json_integer_value(json_object_get(def, "max_errors"));
+    spec.max_attempts = cfg->max_attempts > 0 ? cfg->max_attempts : 3;
+    spec.lease_timeout_ms = lease_of(cfg->reg, spec.model);
+    spec.output = p.output;
+    spec.task_inputs = (const char *const *)p.inputs;
+    spec.task_objects = (const char *const *)p.objects;
+    spec.n_tasks = rc == 0 ? p.n_tasks : 0;
+    spec.finish_input = p.finish_input;
+    spec.error = rc != 0 ? plan_err.msg : NULL; /* a scheduled run that cannot start: failed */
+    spec.parent = parent;
+    spec.run_at_ms = run_at_ms;
+    spec.parent_next_run_ms = parent_next_ms;
+    rc = queue_batch_create(cfg->q, &spec, id_out, e);
+    if (rc == 0)
+        log_info("batch", "batch job started", "batch_job=%s objects=%zu output=%s", id_out,
+                 spec.n_tasks, p.output ? p.output : "-");
+cleanup:
+    plan_free(&p);
+    free(run_def);
+    json_decref(def);
+    return rc;
+}
+
+int batch_job_schedule(const struct batch_jobs_config *cfg, const char *definition,
+                       char id_out[40], struct err *e)
+{
+    json_t *def = json_loads(definition, 0, NULL);
+    struct batch_job_spec spec = {0};
+    struct cron c;
+    int rc;
+
+    if (!json_is_object(def)) {
+        json_decref(def);
+        return err_set(e, ERR_INVALID, "batch job definition is not a JSON object");
+    }
+    rc = cron_parse(json_string_value(json_object_get(def, "schedule")), &c, e);
+    if (rc == 0) {
+        spec.definition = definition;
+        spec.model = json_string_value(json_object_get(def, "model"));
+        spec.callback_url = json_string_value(json_object_get(def, "callback_url"));
+        spec.max_errors = json_integer_value(json_object_get(def, "max_errors"));
+        spec.max_attempts = cfg->max_attempts > 0 ? cfg->max_attempts : 3;
+        spec.lease_timeout_ms = lease_of(cfg->reg, spec.model);
+        spec.schedule = json_string_value(json_object_get(def, "schedule"));
+        spec.next_run_ms = cron_next(&c, batch_clock_now_ms());
+        rc = queue_batch_create(cfg->q, &spec, id_out, e);
+    }
+    json_decref(def);
+    return rc;
+}
+
+/* ---- the scheduler ---- */
+
+int64_t batch_clock_now_ms(void)
+{
+    const char *path = getenv("INFERD_CLOCK_FILE");
+    FILE *f;
+    long long ms = 0;
+
+    if (!path || !path[0] || !(f = fopen(path, "r")))
+        return queue_now_ms();
+    if (fscanf(f, "%lld", &ms) != 1)
+        ms = 0;
+    fclose(f);
+    return ms > 0 ? (int64_t)ms : queue_now_ms();
+}
+
+struct batch_scheduler {
+    struct batch_jobs_config cfg;
+    pthread_t thread;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int stopping; /* guarded by lock */
+};
+
+static void run_due(struct batch_scheduler *s)
+{
+    struct queue_schedule *due = NULL;
+    size_t n = 0;
+    int64_t now = batch_clock_now_ms();
+    struct err e;
+
+    if (queue_schedules_due(s->cfg.q, now, &due, &n, &e) != 0) {
+        log_error("batch", "cannot read schedules", "reason=\"%s\"", e.msg);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        struct cron c;
+        char id[40];
+        int64_t next = -1;
+        if (cron_parse(due[i].schedule, &c, &e) == 0)
+            next = cron_next(&c, now); /* minutes missed while down are not run twice */
+        int rc = batch_job_start(&s->cfg, due[i].definition, due[i].id, due[i].next_run_ms, next,
+                                 id, &e);
+        if (rc == 0)
+            log_info("batch", "scheduled run started", "schedule=%s batch_job=%s", due[i].id, id);
+        else if (rc != ERR_CONFLICT)
+            log_error("batch", "scheduled run not started", "schedule=%s reason=\"%s\"",
+                      due[i].id, e.msg);
+    }
+    queue_schedules_free(due, n);
+}
+
+static void *scheduler_main(void *arg)
+{
+    struct batch_scheduler *s = arg;
+
+    pthread_mutex_lock(&s->lock);
+    while (!s->stopping) {
+        pthread_mutex_unlock(&s->lock);
+        run_due(s);
+        pthread_mutex_lock(&s->lock);
+        struct timespec ts = clock_realtime_after_ms(SCHEDULER_TICK_MS);
+        if (!s->stopping)
+            pthread_cond_timedwait(&s->cond, &s->lock, &ts);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return NULL;
+}
+
+int batch_scheduler_start(const struct batch_jobs_config *cfg, struct batch_scheduler **out,
+                          struct err *e)
+{
+    struct batch_scheduler *s = calloc(1, sizeof(*s));
+
+    *out = NULL;
+    if (!s)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    s->cfg = *cfg;
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->cond, NULL);
+    if (pthread_create(&s->thread, NULL, scheduler_main, s) != 0) {
+        free(s);
+        return err_set(e, ERR_NOMEM, "cannot start the batch scheduler");
+    }
+    *out = s;
+    return 0;
+}
+
+void batch_scheduler_stop(struct batch_scheduler *s)
+{
+    if (!s)
+        return;
+    pthread_mutex_lock(&s->lock);
+    s->stopping = 1;
+    pthread_cond_signal(&s->cond);
+    pthread_mutex_unlock(&s->lock);
+    pthread_join(s->thread, NULL);
+    pthread_mutex_destroy(&s->lock);
+    pthread_cond_destroy(&s->cond);
+    free(s);
+}
+
+/* ---- running tasks (worker threads) ---- */
+
+struct task_tick {
+    struct queue *q;
+    const _Atomic int *stop;
+    const struct job *job;
+    int64_t last_extend_ms, last_check_ms;
+};
+
+/* Between chunks: keep the lease, and stop if the task was cancelled or lost its lease. */
+static int task_tick(void *ctx, struct err *e)
+{
+    struct task_tick *t = ctx;
+    int64_t now = queue_now_ms();
+    struct job *j = NULL;
+    int rc = 0;
+
+    if (t->stop && atomic_load(t->stop))
+        return err_set(e, ERR_UNAVAILABLE, "inferd is shutting down; the task runs again");
+    if (now - t->last_extend_ms >= t->job->lease_timeout_ms / 3) {
+        t->last_extend_ms = now;
+        if (queue_extend(t->q, t->job->id, t->job->token, t->job->lease_timeout_ms, e) != 0)
+            return err_set(e, ERR_CONFLICT, "task %s lost its lease", t->job->id);
+    }
+    if (now - t->last_check_ms >= CANCEL_CHECK_MS) {
+        t->last_check_ms = now;
+        if (queue_get(t->q, t->job->id, 0, &j, e) == 0 && j->cancel_requested)
+            rc = err_set(e, ERR_CANCELLED, "cancelled");
+        job_free(j);
+    }
+    return rc;
+}
+
+static int run_object(struct queue *q, struct registry *reg, const struct job *job,
+                      const _Atomic int *stop, json_t *in, struct buf *result, int *retryable,
+                      struct err *e)
+{
+    const char *object = json_string_value(json_object_get(in, "object"));
+    const char *format = json_string_value(json_object_get(in, "format"));
+    struct task_tick tick = {.q = q, .stop = stop, .job = job};
+    struct batch_config bc = {
+        .format = format && strcmp(format, "csv") == 0 ? BATCH_FORMAT_CSV : BATCH_FORMAT_JSONL,
+        .records_per_batch = json_integer_value(json_object_get(in, "records_per_batch")),
+        .concurrency = (int)json_integer_value(json_object_get(in, "concurrency")),
+        .join_input = json_is_true(json_object_get(in, "join_input")),
+        .csv_header = json_is_true(json_object_get(in, "csv_header")),
+        .max_errors = json_integer_value(json_object_get(in, "max_errors")),
+        .quiet = 1,
+        .tick = task_tick,
+        .tick_ctx = &tick,
+    };
+    struct batch_object_result res;
+    struct model *m = NULL;
+    json_t *out;
+    char *text;
+    int rc;
+
+    tick.last_extend_ms = tick.last_check_ms = queue_now_ms();
+    if (!object || bc.records_per_batch < 1)
+        return err_set(e, ERR_INVALID, "batch task %s: malformed task input", job->id);
+    rc = registry_acquire(reg, job->model, 0, &m, e);
+    if (rc != 0) {
+        *retryable = 1; /* the model may be reloading */
+        return rc;
+    }
+    rc = batch_run_object(&bc, m, json_string_value(json_object_get(in, "in")), object,
+                          json_string_value(json_object_get(in, "out")),
+                          json_string_value(json_object_get(in, "errors")), &res, e);
+    model_release(m);
+    if (rc != 0) {
+        /* storage and the model may recover; a bad record or a missing object will not */
+        *retryable = rc == ERR_IO || rc == ERR_BACKEND || rc == ERR_NOMEM || rc == ERR_TIMEOUT ||
+                     rc == ERR_UNAVAILABLE;
+        return rc;
+    }
+    out = json_pack("{s:s, s:I, s:I, s:s}", "object", object, "records", (json_int_t)res.records,
+                    "errors", (json_int_t)res.errors, "sha256", res.sha256);
+    text = out ? json_dumps(out, JSON_COMPACT) : NULL;
+    rc = text ? buf_puts(result, text) : err_set(e, ERR_NOMEM, "out of memory");
+    free(text);
+    json_decref(out);
+    return rc;
+}
+
+/* The end of a run: the manifest, then _SUCCESS (the same files `inferd batch` writes). */
+static int finish_run(struct queue *q, const struct job *job, json_t *in, struct buf *result,
+                      int *retryable, struct err *e)
+{
+    const char *output = json_string_value(json_object_get(in, "output"));
+    struct buf manifest = {0};
+    char *manifest_uri, *success_uri;
+    int rc;
+
+    if (!output)
+        return err_set(e, ERR_INVALID, "batch job %s: malformed finishing input", job->batch_id);
+    manifest_uri = storage_join(output, "_manifest.json");
+    success_uri = storage_join(output, "_SUCCESS");
+    *retryable = 1;
+    rc = manifest_uri && success_uri ? 0 : err_set(e, ERR_NOMEM, "out of memory");
+    if (rc == 0)
+        rc = queue_batch_manifest(q, job->batch_id, &manifest, e);
+    if (rc == 0) {
+        json_t *m = json_loadb(manifest.data, manifest.len, 0, NULL);
+        char *pretty = m ? json_dumps(m, JSON_INDENT(2) | JSON_SORT_KEYS) : NULL;
+        rc = pretty ? storage_put(manifest_uri, pretty, strlen(pretty), e)
+                    : err_set(e, ERR_NOMEM, "out of memory");
+        free(pretty);
+        json_decref(m);
+    }
+    if (rc == 0)
+        rc = batch_remove_leftovers(output, e);
+    if (rc == 0)
+        rc = storage_put(success_uri, "", 0, e);
+    if (rc == 0)
+        rc = buf_puts(result, "{}");
+    buf_release(&manifest);
+    free(manifest_uri);
+    free(success_uri);
+    return rc;
+}
+
+int batch_task_run(struct queue *q, struct registry *reg, const struct job *job,
+                   const _Atomic int *stop, struct buf *result, int *retryable, struct err *e)
+{
+    json_t *in = json_loadb(job->input.data ? job->input.data : "", job->input.len, 0, NULL);
+    int rc;
+
+    *retryable = 0;
+    if (!json_is_object(in)) {
+        json_decref(in);
+        return err_set(e, ERR_INVALID, "batch task %s: malformed task input", job->id);
+    }
+    if (job->kind == JOB_KIND_BATCH_FINISH)
+        rc = finish_run(q, job, in, result, retryable, e);
+    else
+        rc = run_object(q, reg, job, stop, in, result, retryable, e);
+    json_decref(in);
+    return rc;
+}

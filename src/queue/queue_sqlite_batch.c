@@ -1,0 +1,715 @@
+/*
+ * queue_sqlite_batch.c: batch jobs in the SQLite queue.
+ *
+ * A run is a row of batch_jobs plus one job (kind JOB_KIND_BATCH_TASK) per input object,
+ * stored in one commit. Workers lease tasks like any job; the final-state hook of a task
+ * (sq_batch_task_final, called inside the transaction that made the task final) counts it in
+ * its run, so a run's progress never disagrees with its tasks: when the last task succeeds the
+ * finishing job is queued in that same commit, and when a task fails for good the run fails
+ * and its other tasks are cancelled in that commit too. A schedule is a row with a cron
+ * expression and the time of its next run; creating a run moves that time in the same commit,
+ * and (parent, run_at_ms) is unique, so each scheduled minute runs once.
+ */
+#define _GNU_SOURCE
+#include "core/log.h"
+#include "queue/sqlite_internal.h"
+
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define RUNS_LISTED 50 /* a schedule's latest runs shown with it */
+
+const char sq_batch_schema[] =
+    "CREATE TABLE IF NOT EXISTS batch_jobs ("
+    " seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, parent TEXT,"
+    " definition TEXT NOT NULL, model TEXT NOT NULL, schedule TEXT,"
+    " state INTEGER NOT NULL, output TEXT, callback_url TEXT,"
+    " max_errors INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL DEFAULT 3,"
+    " lease_timeout_ms INTEGER NOT NULL DEFAULT 300000,"
+    " created_ms INTEGER NOT NULL, started_ms INTEGER, finished_ms INTEGER,"
+    " run_at_ms INTEGER, next_run_ms INTEGER,"
+    " objects_total INTEGER NOT NULL DEFAULT 0, objects_done INTEGER NOT NULL DEFAULT 0,"
+    " records_done INTEGER NOT NULL DEFAULT 0, records_failed INTEGER NOT NULL DEFAULT 0,"
+    " error TEXT, finish_input BLOB);"
+    "CREATE UNIQUE INDEX IF NOT EXISTS batch_runs ON batch_jobs(parent, run_at_ms) "
+    " WHERE parent IS NOT NULL;"
+    "CREATE INDEX IF NOT EXISTS batch_due ON batch_jobs(next_run_ms) "
+    " WHERE schedule IS NOT NULL AND state = 0;"
+    "CREATE INDEX IF NOT EXISTS jobs_batch ON jobs(batch_id, state) WHERE batch_id IS NOT NULL;";
+
+int sq_batch_migrate(sqlite3 *db, struct err *e)
+{
+    sqlite3_stmt *st = NULL;
+    int has_kind = 0, rc = 0;
+
+    /* not cached: it runs once */
+    if (sqlite3_prepare_v2(db, "SELECT name FROM pragma_table_info('jobs')", -1, &st, NULL) !=
+        SQLITE_OK)
+        return sq_db_err(db, e, "read schema");
+    while (sqlite3_step(st) == SQLITE_ROW)
+        if (strcmp((const char *)sqlite3_column_text(st, 0), "kind") == 0)
+            has_kind = 1;
+    sqlite3_finalize(st);
+    if (!has_kind) {
+        log_info("queue", "adding batch-job columns to an older job store", "table=%s", "jobs");
+        rc = sq_exec(db,
+                     "ALTER TABLE jobs ADD COLUMN kind INTEGER NOT NULL DEFAULT 0;"
+                     "ALTER TABLE jobs ADD COLUMN batch_id TEXT;",
+                     e);
+    }
+    return rc ? rc : sq_exec(db, sq_batch_schema, e);
+}
+
+/* ---- the public JSON of a batch job ---- */
+
+static json_t *json_time(int64_t ms)
+{
+    char ts[48], full[64];
+    struct tm tm;
+    time_t secs = (time_t)(ms / 1000);
+
+    if (ms <= 0)
+        return json_null();
+    gmtime_r(&secs, &tm);
+    strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
+    snprintf(full, sizeof(full), "%s.%03dZ", ts, (int)(ms % 1000));
+    return json_string(full);
+}
+
+static json_t *json_text_or_null(sqlite3_stmt *st, int col)
+{
+    const unsigned char *s = sqlite3_column_text(st, col);
+
+    return s ? json_string((const char *)s) : json_null();
+}
+
+static const char *status_name(int is_schedule, int state)
+{
+    if (is_schedule)
+        return state == JOB_CANCELLED ? "cancelled" : "scheduled";
+    return job_state_name((enum job_state)state);
+}
+
+#define BATCH_COLUMNS                                                                              \
+    "id, parent, definition, schedule, state, output, created_ms, COALESCE(started_ms, 0), "       \
+    "COALESCE(finished_ms, 0), COALESCE(run_at_ms, 0), COALESCE(next_run_ms, 0), "                 \
+    "objects_total, objects_done, records_done, records_failed, error"
+
+/* One row of BATCH_COLUMNS as JSON: the definition's options, then its state. */
+static json_t *row_json(sqlite3_stmt *st)
+{
+    const char *def = (const char *)sqlite3_column_text(st, 2);
+    json_t *o = def ? json_loads(def, 0, NULL) : NULL;
+    int is_schedule = sqlite3_column_type(st, 3) != SQLITE_NULL;
+    int state = sqlite3_column_int(st, 4);
+
+    if (!json_is_object(o)) {
+        json_decref(o);
+        o = json_object();
+    }
+    if (!o)
+        return NULL;
+    json_object_set_new(o, "id", json_string((const char *)sqlite3_column_text(st, 0)));
+    json_object_set_new(o, "status", json_string(status_name(is_schedule, state)));
+    json_object_set_new(o, "created_at", json_time(sqlite3_column_int64(st, 6)));
+    if (is_schedule) {
+        json_object_set_new(o, "next_run_at",
+                            json_time(state == JOB_CANCELLED ? 0 : sqlite3_column_int64(st, 10)));
+        return o;
+    }
+    if (sqlite3_column_type(st, 1) != SQLITE_NULL) {
+        json_object_set_new(o, "schedule_id", json_text_or_null(st, 1));
+        json_object_set_new(o, "run_at", json_time(sqlite3_column_int64(st, 9)));
+        json_object_del(o, "schedule");
+    }
+    json_object_set_new(o, "output", json_text_or_null(st, 5));
+    json_object_set_new(o, "started_at", json_time(sqlite3_column_int64(st, 7)));
+    json_object_set_new(o, "finished_at", json_time(sqlite3_column_int64(st, 8)));
+    json_object_set_new(
+        o, "progress",
+        json_pack("{s:I, s:I, s:I, s:I}", "objects_total", (json_int_t)sqlite3_column_int64(st, 11),
+                  "objects_done", (json_int_t)sqlite3_column_int64(st, 12), "records_done",
+                  (json_int_t)sqlite3_column_int64(st, 13), "records_failed",
+                  (json_int_t)sqlite3_column_int64(st, 14)));
+    json_object_set_new(o, "error", json_text_or_null(st, 15));
+    return o;
+}
+
+/* A batch job's JSON, with a schedule's latest runs, read with `db`. */
+static int batch_json(sqlite3 *db, const char *id, json_t **out, struct err *e)
+{
+    sqlite3_stmt *st = sq_prepare(db, "SELECT " BATCH_COLUMNS " FROM batch_jobs WHERE id = ?");
+    json_t *o = NULL;
+    int rc = 0, is_schedule = 0;
+
+    *out = NULL;
+    if (!st)
+        return sq_db_err(db, e, "prepare");
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        o = row_json(st);
+        is_schedule = sqlite3_column_type(st, 3) != SQLITE_NULL;
+        if (!o)
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+    } else {
+        rc = err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
+    }
+    sq_finish(st);
+    if (rc != 0 || !is_schedule) {
+        *out = o;
+        return rc;
+    }
+    st = sq_prepare(db, "SELECT " BATCH_COLUMNS " FROM batch_jobs WHERE parent = ? "
+                        "ORDER BY seq DESC LIMIT " "50");
+    if (!st) {
+        json_decref(o);
+        return sq_db_err(db, e, "prepare");
+    }
+    json_t *runs = json_array();
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    while (runs && sqlite3_step(st) == SQLITE_ROW)
+        json_array_append_new(runs, row_json(st));
+    sq_finish(st);
+    json_object_set_new(o, "runs", runs ? runs : json_array());
+    *out = o;
+    return 0;
+}
+
+static int append_json(struct buf *out, json_t *o, struct err *e)
+{
+    char *text = json_dumps(o, JSON_COMPACT);
+    int rc = text ? buf_puts(out, text) : -1;
+
+    free(text);
+    return rc == 0 ? 0 : err_set(e, ERR_NOMEM, "out of memory");
+}
+
+/* ---- the end of a run (writer thread) ---- */
+
+/* Ends a run: its other tasks stop, and its webhook is stored, in the current transaction. */
+static int end_run(struct sqlite_queue *q, const char *id, enum job_state state,
+                   const char *error, struct err *e)
+{
+    int64_t now = queue_now_ms();
+    sqlite3_stmt *st;
+    json_t *bj = NULL, *event = NULL;
+    char *body = NULL, event_id[64];
+    const char *url;
+    int rc = 0;
+
+    st = sq_prepare(q->wdb, "UPDATE batch_jobs SET state = ?, finished_ms = ?, error = ? "
+                            "WHERE id = ? AND state < 2");
+    if (!st)
+        return sq_db_err(q->wdb, e, "prepare");
+    sqlite3_bind_int(st, 1, state);
+    sqlite3_bind_int64(st, 2, now);
+    sqlite3_bind_text(st, 3, error, -1, SQLITE_TRANSIENT);
+    sqlite3_bind_text(st, 4, id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = sq_db_err(q->wdb, e, "end batch job");
+    sq_finish(st);
+    if (rc != 0)
+        return rc;
+    st = sq_prepare(q->wdb, "UPDATE jobs SET state = 4, finished_ms = ?, input = NULL, "
+                            "error = 'its batch job ended' WHERE batch_id = ? AND state = 0");
+    if (!st)
+        return sq_db_err(q->wdb, e, "prepare");
+    sqlite3_bind_int64(st, 1, now);
+    sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = sq_db_err(q->wdb, e, "cancel tasks");
+    else
+        q->n_queued -= sqlite3_changes(q->wdb);
+    sq_finish(st);
+    if (rc != 0)
+        return rc;
+    /* running tasks see it at their next check and stop */
+    st = sq_prepare(q->wdb, "UPDATE jobs SET cancel_requested = 1 WHERE batch_id = ? AND "
+                            "state = 1");
+    if (!st)
+        return sq_db_err(q->wdb, e, "prepare");
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = sq_db_err(q->wdb, e, "cancel tasks");
+    sq_finish(st);
+    if (rc != 0)
+        return rc;
+    log_info("batch", "batch job ended", "batch_job=%s status=%s%s%s%s", id,
+             job_state_name(state), error ? " reason=\"" : "", error ? error : "",
+             error ? "\"" : "");
+    rc = batch_json(q->wdb, id, &bj, e);
+    if (rc != 0)
+        return rc;
+    url = json_string_value(json_object_get(bj, "callback_url"));
+    if (url && url[0]) {
+        snprintf(event_id, sizeof(event_id), "evt_%s", id);
+        event = json_pack("{s:s, s:s, s:O}", "id", event_id, "type",
+                          state == JOB_SUCCEEDED   ? "batch.succeeded"
+                          : state == JOB_CANCELLED ? "batch.cancelled"
+                                                   : "batch.failed",
+                          "batch_job", bj);
+        body = event ? json_dumps(event, JSON_COMPACT) : NULL;
+        st = sq_prepare(q->wdb, "INSERT OR IGNORE INTO outbox (event_id, job_id, url, body, "
+                                "next_ms) VALUES (?, ?, ?, ?, ?)");
+        if (!body || !st) {
+            rc = body ? sq_db_err(q->wdb, e, "prepare") : err_set(e, ERR_NOMEM, "out of memory");
+        } else {
+            sqlite3_bind_text(st, 1, event_id, -1, SQLITE_STATIC);
+            sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+            sqlite3_bind_text(st, 3, url, -1, SQLITE_STATIC);
+            sqlite3_bind_blob(st, 4, body, (int)strlen(body), SQLITE_STATIC);
+            sqlite3_bind_int64(st, 5, now);
+            if (sqlite3_step(st) != SQLITE_DONE)
+                rc = sq_db_err(q->wdb, e, "store webhook");
+        }
+        sq_finish(st);
+    }
+    free(body);
+    json_decref(event);
+    json_decref(bj);
+    return rc;
+}
+
+static int queue_finish_job(struct sqlite_queue *q, const char *batch_id, struct err *e)
+{
+    sqlite3_stmt *st = sq_prepare(q->wdb, "SELECT model, finish_input, max_attempts, "
+                                          "lease_timeout_ms FROM batch_jobs WHERE id = ?");
+    struct job_spec spec = {.kind = JOB_KIND_BATCH_FINISH, .batch_id = batch_id,
+                            .input_json_len = -1};
+    char *model = NULL, *input = NULL, id[40];
+    int rc = 0;
+
+    if (!st)
+        return sq_db_err(q->wdb, e, "prepare");
+    sqlite3_bind_text(st, 1, batch_id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        model = sq_col_strdup(st, 0);
+        input = sq_col_strdup(st, 1);
+        spec.max_attempts = sqlite3_column_int(st, 2);
+        spec.lease_timeout_ms = sqlite3_column_int64(st, 3);
+    }
+    sq_finish(st);
+    if (!model || !input) {
+        rc = err_set(e, ERR_IO, "batch job %s: cannot read its definition", batch_id);
+    } else {
+        spec.model = model;
+        spec.input = input;
+        spec.input_len = strlen(input);
+        sq_new_id(id);
+        rc = sq_insert_job(q, &spec, id, e);
+        if (rc == 0)
+            q->n_queued++;
+    }
+    free(model);
+    free(input);
+    return rc;
+}
+
+int sq_batch_task_started(struct sqlite_queue *q, const char *batch_id, int64_t now,
+                          struct err *e)
+{
+    sqlite3_stmt *st = sq_prepare(q->wdb, "UPDATE batch_jobs SET state = 1, started_ms = "
+                                          "COALESCE(started_ms, ?) WHERE id = ? AND state = 0");
+    int rc = 0;
+
+    if (!st)
+        return sq_db_err(q->wdb, e, "prepare");
+    sqlite3_bind_int64(st, 1, now);
+    sqlite3_bind_text(st, 2, batch_id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = sq_db_err(q->wdb, e, "start batch job");
+    sq_finish(st);
+    return rc;
+}
+
+/* A succeeded task: counts its records; queues the finishing job after the last one. */
+static int count_task(struct sqlite_queue *q, const struct job *j, struct err *e)
+{
+    sqlite3_stmt *st;
+    json_t *res = NULL;
+    int64_t records = 0, bad = 0, total = 0, done = 0, failed = 0, max_errors = 0;
+    const char *object = "?";
+    int rc = 0;
+
+    st = sq_prepare(q->wdb, "SELECT result FROM jobs WHERE id = ?");
+    if (!st)
+        return sq_db_err(q->wdb, e, "prepare");
+    sqlite3_bind_text(st, 1, j->id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) == SQLITE_ROW)
+        res = json_loadb(sqlite3_column_blob(st, 0), (size_t)sqlite3_column_bytes(st, 0), 0, NULL);
+    sq_finish(st);
+    records = json_integer_value(json_object_get(res, "records"));
+    bad = json_integer_value(json_object_get(res, "errors"));
+    if (json_is_string(json_object_get(res, "object")))
+        object = json_string_value(json_object_get(res, "object"));
+    st = sq_prepare(q->wdb, "UPDATE batch_jobs SET objects_done = objects_done + 1, "
+                            "records_done = records_done + ?, records_failed = records_failed + ? "
+                            "WHERE id = ? RETURNING objects_total, objects_done, records_failed, "
+                            "max_errors");
+    if (!st) {
+        json_decref(res);
+        return sq_db_err(q->wdb, e, "prepare");
+    }
+    sqlite3_bind_int64(st, 1, records);
+    sqlite3_bind_int64(st, 2, bad);
+    sqlite3_bind_text(st, 3, j->batch_id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        total = sqlite3_column_int64(st, 0);
+        done = sqlite3_column_int64(st, 1);
+        failed = sqlite3_column_int64(st, 2);
+        max_errors = sqlite3_column_int64(st, 3);
+        while (sqlite3_step(st) == SQLITE_ROW)
+            ;
+    } else {
+        rc = sq_db_err(q->wdb, e, "count task");
+    }
+    sq_finish(st);
+    if (rc == 0 && failed > max_errors) {
+        char why[512];
+        snprintf(why, sizeof(why),
+                 "%lld bad records in all, more than max_errors (%lld); the last from %s",
+                 (long long)failed, (long long)max_errors, object);
+        rc = end_run(q, j->batch_id, JOB_FAILED, why, e);
+    } else if (rc == 0 && done == total) {
+        rc = queue_finish_job(q, j->batch_id, e);
+    }
+    json_decref(res);
+    return rc;
+}
+
+int sq_batch_task_final(struct sqlite_queue *q, const struct job *j, struct err *e)
+{
+    sqlite3_stmt *st = sq_prepare(q->wdb, "SELECT state FROM batch_jobs WHERE id = ?");
+    int state = -1;
+    char why[512];
+
+    if (!st)
+        return sq_db_err(q->wdb, e, "prepare");
+    sqlite3_bind_text(st, 1, j->batch_id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) == SQLITE_ROW)
+        state = sqlite3_column_int(st, 0);
+    sq_finish(st);
+    if (state < 0 || job_state_is_final((enum job_state)state))
+        return 0; /* it ended already: this task was cancelled with it */
+    if (j->state == JOB_SUCCEEDED)
+        return j->kind == JOB_KIND_BATCH_TASK ? count_task(q, j, e)
+                                              : end_run(q, j->batch_id, JOB_SUCCEEDED, NULL, e);
+    if (j->state == JOB_CANCELLED)
+        snprintf(why, sizeof(why), "its task %s was cancelled", j->id);
+    else
+        snprintf(why, sizeof(why), "%s", j->error ? j->error : "a task failed");
+    return end_run(q, j->batch_id, JOB_FAILED, why, e);
+}
+
+/* ---- creating and cancelling (writer thread) ---- */
+
+/* A scheduled run: only while its schedule is active and due at run_at_ms; moves it on. */
+static int claim_schedule(struct sqlite_queue *q, const struct batch_job_spec *s, struct err *e)
+{
+    sqlite3_stmt *st = sq_prepare(q->wdb, "UPDATE batch_jobs SET next_run_ms = ? WHERE id = ? "
+                                          "AND schedule IS NOT NULL AND state = 0 AND "
+                                          "next_run_ms = ?");
+    int rc = 0;
+
+    if (!st)
+        return sq_db_err(q->wdb, e, "prepare");
+    if (s->parent_next_run_ms > 0)
+        sqlite3_bind_int64(st, 1, s->parent_next_run_ms);
+    else
+        sqlite3_bind_null(st, 1);
+    sqlite3_bind_text(st, 2, s->parent, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, s->run_at_ms);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = sq_db_err(q->wdb, e, "advance schedule");
+    else if (sqlite3_changes(q->wdb) == 0)
+        rc = err_set(e, ERR_CONFLICT, "schedule %s is no longer due at that time", s->parent);
+    sq_finish(st);
+    return rc;
+}
+
+int sq_op_batch_create(struct sqlite_queue *q, struct op *o)
+{
+    const struct batch_job_spec *s = o->batch;
+    int64_t now = queue_now_ms();
+    sqlite3_stmt *st;
+    int rc = 0;
+
+    if (s->parent && (rc = claim_schedule(q, s, &o->err)) != 0)
+        return rc;
+    if (!s->schedule && !s->error && q->n_queued + (int64_t)s->n_tasks > q->cfg.max_queued)
+        return err_set(&o->err, ERR_BUSY,
+                       "%zu tasks would pass the queue's limit of %lld jobs (--max-queue); "
+                       "%lld are waiting",
+                       s->n_tasks, (long long)q->cfg.max_queued, (long long)q->n_queued);
+    char raw[40];
+    sq_new_id(raw);
+    snprintf(o->id_out, sizeof(o->id_out), "batch-%s", raw);
+    st = sq_prepare(q->wdb,
+                    "INSERT INTO batch_jobs (id, parent, definition, model, schedule, state, "
+                    "output, callback_url, max_errors, max_attempts, lease_timeout_ms, created_ms, "
+                    "run_at_ms, next_run_ms, objects_total, finish_input) "
+                    "VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+    if (!st)
+        return sq_db_err(q->wdb, &o->err, "prepare");
+    sqlite3_bind_text(st, 1, o->id_out, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, s->parent, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, s->definition, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, s->model, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 5, s->schedule, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 6, s->output, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 7, s->callback_url, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 8, s->max_errors);
+    sqlite3_bind_int(st, 9, s->max_attempts);
+    sqlite3_bind_int64(st, 10, s->lease_timeout_ms);
+    sqlite3_bind_int64(st, 11, now);
+    if (s->parent)
+        sqlite3_bind_int64(st, 12, s->run_at_ms);
+    if (s->schedule)
+        sqlite3_bind_int64(st, 13, s->next_run_ms);
+    sqlite3_bind_int64(st, 14, (int64_t)s->n_tasks);
+    sqlite3_bind_text(st, 15, s->finish_input, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = sq_db_err(q->wdb, &o->err, "insert batch job");
+    sq_finish(st);
+    if (rc != 0 || s->schedule)
+        return rc;
+    if (s->error)
+        return end_run(q, o->id_out, JOB_FAILED, s->error, &o->err);
+    for (size_t i = 0; rc == 0 && i < s->n_tasks; i++) {
+        struct job_spec task = {
+            .model = s->model,
+            .kind = JOB_KIND_BATCH_TASK,
+            .batch_id = o->id_out,
+            .input = s->task_inputs[i],
+            .input_len = strlen(s->task_inputs[i]),
+            .input_json_len = -1,
+            .max_attempts = s->max_attempts,
+            .lease_timeout_ms = s->lease_timeout_ms,
+        };
+        char id[40];
+        sq_new_id(id);
+        rc = sq_insert_job(q, &task, id, &o->err);
+        if (rc == 0)
+            q->n_queued++;
+    }
+    if (rc == 0 && s->n_tasks == 0)
+        rc = queue_finish_job(q, o->id_out, &o->err);
+    return rc;
+}
+
+int sq_op_batch_cancel(struct sqlite_queue *q, struct op *o)
+{
+    sqlite3_stmt *st = sq_prepare(q->wdb, "SELECT state, schedule IS NOT NULL FROM batch_jobs "
+                                          "WHERE id = ?");
+    int state = -1, is_schedule = 0, rc = 0;
+    json_t *bj = NULL;
+
+    if (!st)
+        return sq_db_err(q->wdb, &o->err, "prepare");
+    sqlite3_bind_text(st, 1, o->id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        state = sqlite3_column_int(st, 0);
+        is_schedule = sqlite3_column_int(st, 1);
+    }
+    sq_finish(st);
+    if (state < 0)
+        return err_set(&o->err, ERR_NOT_FOUND, "no batch job '%.40s'", o->id);
+    if (is_schedule ? state == JOB_CANCELLED : job_state_is_final((enum job_state)state))
+        return err_set(&o->err, ERR_CONFLICT, "batch job %s is already %s", o->id,
+                       status_name(is_schedule, state));
+    if (is_schedule) {
+        st = sq_prepare(q->wdb, "UPDATE batch_jobs SET state = 4, finished_ms = ? WHERE id = ?");
+        if (!st)
+            return sq_db_err(q->wdb, &o->err, "prepare");
+        sqlite3_bind_int64(st, 1, queue_now_ms());
+        sqlite3_bind_text(st, 2, o->id, -1, SQLITE_STATIC);
+        if (sqlite3_step(st) != SQLITE_DONE)
+            rc = sq_db_err(q->wdb, &o->err, "cancel schedule");
+        sq_finish(st);
+    } else {
+        rc = end_run(q, o->id, JOB_CANCELLED, "cancelled", &o->err);
+    }
+    if (rc == 0)
+        rc = batch_json(q->wdb, o->id, &bj, &o->err);
+    if (rc == 0)
+        rc = append_json(o->out, bj, &o->err);
+    json_decref(bj);
+    return rc;
+}
+
+int sq_batch_create(struct queue *qb, const struct batch_job_spec *spec, char id_out[40],
+                    struct err *e)
+{
+    struct op o = {.kind = OP_BATCH_CREATE, .batch = spec};
+    int rc = sq_submit(sq_of(qb), &o);
+
+    if (rc != 0)
+        *e = o.err;
+    else
+        snprintf(id_out, 40, "%s", o.id_out);
+    return rc;
+}
+
+int sq_batch_cancel(struct queue *qb, const char *id, struct buf *out, struct err *e)
+{
+    struct op o = {.kind = OP_BATCH_CANCEL, .id = id, .out = out};
+    int rc = sq_submit(sq_of(qb), &o);
+
+    if (rc != 0)
+        *e = o.err;
+    return rc;
+}
+
+/* ---- reading (the read connection) ---- */
+
+int sq_batch_get(struct queue *qb, const char *id, struct buf *out, struct err *e)
+{
+    struct sqlite_queue *q = sq_of(qb);
+    json_t *bj = NULL;
+    int rc;
+
+    pthread_mutex_lock(&q->read_lock);
+    rc = batch_json(q->rdb, id, &bj, e);
+    pthread_mutex_unlock(&q->read_lock);
+    if (rc == 0)
+        rc = append_json(out, bj, e);
+    json_decref(bj);
+    return rc;
+}
+
+int sq_batch_list(struct queue *qb, int limit, struct buf *out, struct err *e)
+{
+    struct sqlite_queue *q = sq_of(qb);
+    json_t *list = json_array(), *root;
+    sqlite3_stmt *st;
+    int rc = 0;
+
+    if (!list)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    pthread_mutex_lock(&q->read_lock);
+    st = sq_prepare(q->rdb, "SELECT id FROM batch_jobs WHERE parent IS NULL ORDER BY seq DESC "
+                            "LIMIT ?");
+    if (!st)
+        rc = sq_db_err(q->rdb, e, "prepare");
+    else
+        sqlite3_bind_int(st, 1, limit);
+    /* ids first: batch_json() uses other statements on the same connection */
+    char(*ids)[40] = calloc((size_t)limit, 40);
+    int n = 0;
+    while (rc == 0 && ids && n < limit && sqlite3_step(st) == SQLITE_ROW)
+        snprintf(ids[n++], 40, "%s", sqlite3_column_text(st, 0));
+    sq_finish(st);
+    for (int i = 0; rc == 0 && ids && i < n; i++) {
+        json_t *bj = NULL;
+        rc = batch_json(q->rdb, ids[i], &bj, e);
+        if (rc == 0)
+            json_array_append_new(list, bj);
+    }
+    pthread_mutex_unlock(&q->read_lock);
+    if (!ids && rc == 0)
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    free(ids);
+    root = json_pack("{s:o}", "batch_jobs", list);
+    if (rc == 0)
+        rc = append_json(out, root, e);
+    json_decref(root);
+    return rc;
+}
+
+int sq_batch_manifest(struct queue *qb, const char *id, struct buf *out, struct err *e)
+{
+    struct sqlite_queue *q = sq_of(qb);
+    json_t *objects = json_object(), *root = NULL;
+    sqlite3_stmt *st;
+    char *model = NULL;
+    int rc = 0;
+
+    pthread_mutex_lock(&q->read_lock);
+    st = sq_prepare(q->rdb, "SELECT model FROM batch_jobs WHERE id = ?");
+    if (st) {
+        sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        if (sqlite3_step(st) == SQLITE_ROW)
+            model = sq_col_strdup(st, 0);
+        sq_finish(st);
+    }
+    st = sq_prepare(q->rdb, "SELECT result FROM jobs WHERE batch_id = ? AND kind = 1 AND "
+                            "state = 2");
+    if (!st || !model || !objects) {
+        rc = !model ? err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id)
+                    : sq_db_err(q->rdb, e, "prepare");
+    } else {
+        sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        while (sqlite3_step(st) == SQLITE_ROW) {
+            json_t *r = json_loadb(sqlite3_column_blob(st, 0), (size_t)sqlite3_column_bytes(st, 0),
+                                   0, NULL);
+            const char *name = json_string_value(json_object_get(r, "object"));
+            if (name)
+                json_object_set_new(objects, name,
+                                    json_pack("{s:O, s:O}", "records",
+                                              json_object_get(r, "records"), "sha256",
+                                              json_object_get(r, "sha256")));
+            json_decref(r);
+        }
+    }
+    sq_finish(st);
+    pthread_mutex_unlock(&q->read_lock);
+    if (rc == 0) {
+        root = json_pack("{s:s, s:O}", "model", model, "objects", objects);
+        rc = root ? append_json(out, root, e) : err_set(e, ERR_NOMEM, "out of memory");
+    }
+    json_decref(root);
+    json_decref(objects);
+    free(model);
+    return rc;
+}
+
+int sq_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **out, size_t *n,
+                     struct err *e)
+{
+    struct sqlite_queue *q = sq_of(qb);
+    struct queue_schedule *v = NULL;
+    size_t cap = 0;
+    sqlite3_stmt *st;
+    int rc = 0;
+
+    *out = NULL;
+    *n = 0;
+    pthread_mutex_lock(&q->read_lock);
+    st = sq_prepare(q->rdb, "SELECT id, definition, schedule, next_run_ms FROM batch_jobs "
+                            "INDEXED BY batch_due WHERE schedule IS NOT NULL AND state = 0 AND "
+                            "next_run_ms <= ? ORDER BY next_run_ms LIMIT 100");
+    if (!st) {
+        rc = sq_db_err(q->rdb, e, "prepare");
+    } else {
+        sqlite3_bind_int64(st, 1, now_ms);
+        while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
+            if (*n == cap) {
+                size_t ncap = cap ? cap * 2 : 8;
+                struct queue_schedule *p = realloc(v, ncap * sizeof(*p));
+                if (!p) {
+                    rc = err_set(e, ERR_NOMEM, "out of memory");
+                    break;
+                }
+                v = p;
+                cap = ncap;
+            }
+            struct queue_schedule *s = &v[(*n)++];
+            snprintf(s->id, sizeof(s->id), "%s", sqlite3_column_text(st, 0));
+            s->definition = sq_col_strdup(st, 1);
+            s->schedule = sq_col_strdup(st, 2);
+            s->next_run_ms = sqlite3_column_int64(st, 3);
+        }
+    }
+    sq_finish(st);
+    pthread_mutex_unlock(&q->read_lock);
+    if (rc != 0) {
+        queue_schedules_free(v, *n);
+        *n = 0;
+        return rc;
+    }
+    *out = v;
+    return 0;
+}

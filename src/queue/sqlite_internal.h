@@ -1,0 +1,147 @@
+/*
+ * sqlite_internal.h: what the SQLite queue's files share (queue_sqlite.c: jobs, the writer
+ * thread, webhooks; queue_sqlite_batch.c: batch jobs). Included by those two only.
+ */
+#ifndef INFERD_SQLITE_INTERNAL_H
+#define INFERD_SQLITE_INTERNAL_H
+
+#include "queue/queue_internal.h"
+
+#include <pthread.h>
+#include <sqlite3.h>
+
+#define MAX_GROUP 512         /* operations per transaction */
+#define SWEEP_INTERVAL_MS 100 /* how often expired ttls and leases are looked for */
+#define MAX_BACKOFF_MS 60000
+#define SLOW_COMMIT_MS 500 /* commits slower than this are logged */
+
+enum op_kind {
+    OP_ENQUEUE,
+    OP_LEASE,
+    OP_EXTEND,
+    OP_COMPLETE,
+    OP_FAIL,
+    OP_CANCEL,
+    OP_RETRY,
+    OP_OUTBOX_RECORD,
+    OP_BATCH_CREATE,
+    OP_BATCH_CANCEL,
+};
+
+struct op {
+    enum op_kind kind;
+    /* arguments (borrowed from the caller, who waits) */
+    const struct job_spec *spec;
+    const char *id;
+    const char *worker;
+    uint64_t token;
+    int64_t lease_ms;
+    const char *data;
+    size_t data_len;
+    int64_t json_len;
+    int retryable;
+    const struct queue_outbox_attempt *attempt;
+    const struct batch_job_spec *batch; /* batch create */
+    struct buf *out;                    /* batch cancel: the batch job's JSON */
+    size_t max;        /* lease: jobs wanted */
+    struct job **jobs; /* lease: the caller's array of `max` */
+    size_t n_jobs;
+    /* results */
+    int rc;
+    struct err err;
+    char id_out[40];
+    int existed;
+    struct job *job;
+    int done;
+    queue_enqueue_fn callback; /* async enqueue: called after the commit, then the op is freed */
+    void *callback_ctx;
+    struct op *next;
+};
+
+struct final_note {
+    char id[40];
+    enum job_state state;
+    struct final_note *next;
+};
+
+/* Prepared statements, kept for the connection's life: preparing costs more than running. */
+#define STMT_CACHE 128
+struct stmt_cache_entry {
+    sqlite3 *db;
+    const char *sql; /* a string literal: compared by address */
+    sqlite3_stmt *st;
+};
+
+struct sqlite_queue {
+    struct queue base;
+    struct stmt_cache_entry cache[STMT_CACHE]; /* writer's entries: writer thread; reader's:
+                                                  under read_lock */
+    pthread_mutex_t cache_lock;                /* guards adding entries */
+    struct queue_config cfg;
+    sqlite3 *wdb; /* writer thread only */
+    sqlite3 *rdb; /* guarded by read_lock */
+    pthread_mutex_t read_lock;
+
+    pthread_mutex_t lock;
+    pthread_cond_t work;     /* operations arrived, or stopping */
+    pthread_cond_t finished; /* a group committed */
+    pthread_cond_t runnable; /* jobs may have become runnable */
+    struct op *head, *tail;  /* guarded by lock */
+    int stopping;            /* guarded by lock */
+    int64_t n_queued;        /* guarded by lock: jobs in state queued */
+    uint64_t generation;     /* guarded by lock: bumped when jobs may have become runnable */
+    pthread_t writer;
+    int64_t last_sweep_ms;     /* writer thread only */
+    struct final_note *finals; /* writer thread only: notes of this group, sent after commit */
+};
+
+
+static inline struct sqlite_queue *sq_of(struct queue *q)
+{
+    return (struct sqlite_queue *)q;
+}
+
+/* ---- helpers (queue_sqlite.c) ---- */
+
+extern struct sqlite_queue *cache_owner; /* the one queue of this process */
+
+/* A ready statement for `sql` (a string literal) on `db`, from the cache; give it back with
+ * sq_finish(). NULL on error. */
+sqlite3_stmt *sq_prepare(sqlite3 *db, const char *sql);
+void sq_finish(sqlite3_stmt *st);
+int sq_exec(sqlite3 *db, const char *sql, struct err *e);
+int sq_db_err(sqlite3 *db, struct err *e, const char *what);
+void sq_new_id(char out[40]);
+char *sq_col_strdup(sqlite3_stmt *st, int i);
+int sq_load_job(sqlite3 *db, const char *id, struct job **out, struct err *e);
+/* Inserts a queued job (writer thread); counts it in n_queued. */
+int sq_insert_job(struct sqlite_queue *q, const struct job_spec *s, const char *id,
+                  struct err *e);
+/* A job just became final: wakes its waiters, stores its webhook, and for a batch task
+ * updates its batch job, all in the current transaction. */
+int sq_job_became_final(struct sqlite_queue *q, const char *id, struct err *e);
+/* Submits an operation to the writer and waits for its commit. */
+int sq_submit(struct sqlite_queue *q, struct op *o);
+
+/* ---- batch jobs (queue_sqlite_batch.c) ---- */
+
+extern const char sq_batch_schema[];
+/* Adds columns that databases made by earlier versions lack. */
+int sq_batch_migrate(sqlite3 *db, struct err *e);
+int sq_op_batch_create(struct sqlite_queue *q, struct op *o);
+int sq_op_batch_cancel(struct sqlite_queue *q, struct op *o);
+/* Called by sq_job_became_final for batch tasks and finishing jobs. */
+int sq_batch_task_final(struct sqlite_queue *q, const struct job *j, struct err *e);
+/* A task was leased: its run is running. */
+int sq_batch_task_started(struct sqlite_queue *q, const char *batch_id, int64_t now,
+                          struct err *e);
+int sq_batch_get(struct queue *qb, const char *id, struct buf *out, struct err *e);
+int sq_batch_list(struct queue *qb, int limit, struct buf *out, struct err *e);
+int sq_batch_manifest(struct queue *qb, const char *id, struct buf *out, struct err *e);
+int sq_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **out, size_t *n,
+                     struct err *e);
+int sq_batch_create(struct queue *qb, const struct batch_job_spec *spec, char id_out[40],
+                    struct err *e);
+int sq_batch_cancel(struct queue *qb, const char *id, struct buf *out, struct err *e);
+
+#endif

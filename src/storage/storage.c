@@ -1,0 +1,324 @@
+/*
+ * storage.c: the storage calls, dispatched by scheme to a backend (storage_internal.h).
+ *
+ * `s3://` goes to storage_s3.c, everything else (file:// and plain paths) to storage_file.c.
+ * What does not depend on the backend lives here: splitting a byte stream into lines, reading
+ * and writing whole objects, sorting listings and joining names.
+ */
+#include "storage/storage_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define READ_BUF_BYTES (1u << 20) /* grows for longer lines */
+#define MIB (1024 * 1024)
+
+struct storage_reader {
+    const struct storage_ops *ops;
+    void *impl;
+    char *buf;
+    size_t cap;
+    size_t start, end; /* unread bytes are buf[start, end); buf[end] is free for a NUL */
+    int at_end;        /* the backend said there is no more */
+};
+
+struct storage_writer {
+    const struct storage_ops *ops;
+    void *impl;
+};
+
+/* ---- settings ---- */
+
+static char s3_endpoint[512];
+static int64_t s3_part_size = 8 * MIB;
+
+int storage_configure(const struct storage_config *cfg, struct err *e)
+{
+    const char *ep = cfg->s3_endpoint ? cfg->s3_endpoint : "";
+    int64_t part = cfg->s3_part_size_bytes ? cfg->s3_part_size_bytes : 8 * MIB;
+
+    if (ep[0] && strncmp(ep, "http://", 7) != 0 && strncmp(ep, "https://", 8) != 0)
+        return err_set(e, ERR_INVALID, "--s3-endpoint: '%.200s' is not an http:// or https:// URL",
+                       ep);
+    if (strlen(ep) >= sizeof(s3_endpoint))
+        return err_set(e, ERR_INVALID, "--s3-endpoint: longer than %zu bytes",
+                       sizeof(s3_endpoint) - 1);
+    if (part < 5 * MIB)
+        return err_set(e, ERR_INVALID,
+                       "--s3-part-size-mb: %lld bytes is below S3's minimum part size, 5 MiB",
+                       (long long)part);
+    if (part > (int64_t)5 * 1024 * MIB)
+        return err_set(e, ERR_INVALID, "--s3-part-size-mb: %lld bytes is above S3's maximum, 5 GiB",
+                       (long long)part);
+    snprintf(s3_endpoint, sizeof(s3_endpoint), "%s", ep);
+    s3_part_size = part;
+    return 0;
+}
+
+const char *storage_s3_endpoint_option(void)
+{
+    return s3_endpoint;
+}
+
+int64_t storage_s3_part_size(void)
+{
+    return s3_part_size;
+}
+
+static const struct storage_ops *ops_for(const char *uri)
+{
+    return strncmp(uri, "s3://", 5) == 0 ? &storage_s3_ops : &storage_file_ops;
+}
+
+/* ---- reading ---- */
+
+int storage_open_read(const char *uri, struct storage_reader **out, struct err *e)
+{
+    struct storage_reader *r = calloc(1, sizeof(*r));
+    int rc;
+
+    *out = NULL;
+    if (!r || !(r->buf = malloc(READ_BUF_BYTES))) {
+        free(r);
+        return err_set(e, ERR_NOMEM, "out of memory");
+    }
+    r->cap = READ_BUF_BYTES;
+    r->ops = ops_for(uri);
+    rc = r->ops->open_read(uri, &r->impl, e);
+    if (rc != 0) {
+        free(r->buf);
+        free(r);
+        return rc;
+    }
+    *out = r;
+    return 0;
+}
+
+/* Moves the unread bytes to the front, grows the buffer when they fill it, and reads more. */
+static int fill(struct storage_reader *r, struct err *e)
+{
+    size_t n = 0;
+    int rc;
+
+    if (r->start > 0) {
+        memmove(r->buf, r->buf + r->start, r->end - r->start);
+        r->end -= r->start;
+        r->start = 0;
+    }
+    if (r->end + 1 >= r->cap) {
+        char *p = realloc(r->buf, r->cap * 2);
+        if (!p)
+            return err_set(e, ERR_NOMEM, "out of memory: a line longer than %zu bytes", r->cap);
+        r->buf = p;
+        r->cap *= 2;
+    }
+    rc = r->ops->read(r->impl, r->buf + r->end, r->cap - 1 - r->end, &n, e);
+    if (rc != 0)
+        return rc;
+    if (n == 0)
+        r->at_end = 1;
+    r->end += n;
+    return 0;
+}
+
+int storage_read_line(struct storage_reader *r, const char **line, size_t *len, struct err *e)
+{
+    size_t scanned = 0; /* bytes after start known to hold no '\n' */
+
+    for (;;) {
+        char *s = r->buf + r->start;
+        char *nl = memchr(s + scanned, '\n', r->end - r->start - scanned);
+        size_t n;
+        int rc;
+        if (nl || (r->at_end && r->end > r->start)) {
+            n = nl ? (size_t)(nl - s) : r->end - r->start;
+            r->start += nl ? n + 1 : n;
+            while (n > 0 && s[n - 1] == '\r')
+                n--;
+            s[n] = '\0';
+            *line = s;
+            *len = n;
+            return 1;
+        }
+        if (r->at_end)
+            return 0;
+        scanned = r->end - r->start;
+        rc = fill(r, e);
+        if (rc != 0)
+            return rc;
+    }
+}
+
+void storage_close_read(struct storage_reader *r)
+{
+    if (!r)
+        return;
+    r->ops->close_read(r->impl);
+    free(r->buf);
+    free(r);
+}
+
+/* ---- writing ---- */
+
+int storage_open_write(const char *uri, struct storage_writer **out, struct err *e)
+{
+    struct storage_writer *w = calloc(1, sizeof(*w));
+    int rc;
+
+    *out = NULL;
+    if (!w)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    w->ops = ops_for(uri);
+    rc = w->ops->open_write(uri, &w->impl, e);
+    if (rc != 0) {
+        free(w);
+        return rc;
+    }
+    *out = w;
+    return 0;
+}
+
+int storage_write(struct storage_writer *w, const void *data, size_t len, struct err *e)
+{
+    return w->ops->write(w->impl, data, len, e);
+}
+
+int storage_commit(struct storage_writer *w, struct err *e)
+{
+    int rc = w->ops->commit(w->impl, e);
+
+    free(w);
+    return rc;
+}
+
+void storage_abort(struct storage_writer *w)
+{
+    if (!w)
+        return;
+    w->ops->abort(w->impl);
+    free(w);
+}
+
+/* ---- whole objects ---- */
+
+int storage_get(const char *uri, struct buf *out, struct err *e)
+{
+    const struct storage_ops *ops = ops_for(uri);
+    void *impl = NULL;
+    size_t n = 1;
+    int rc = ops->open_read(uri, &impl, e);
+
+    while (rc == 0 && n > 0) {
+        if (buf_reserve(out, 1u << 16) != 0) {
+            rc = err_set(e, ERR_NOMEM, "out of memory reading %s", uri);
+            break;
+        }
+        rc = ops->read(impl, out->data + out->len, out->cap - out->len - 1, &n, e);
+        if (rc == 0) {
+            out->len += n;
+            out->data[out->len] = '\0';
+        }
+    }
+    if (impl)
+        ops->close_read(impl);
+    return rc;
+}
+
+int storage_put(const char *uri, const void *data, size_t len, struct err *e)
+{
+    struct storage_writer *w;
+    int rc = storage_open_write(uri, &w, e);
+
+    if (rc != 0)
+        return rc;
+    rc = storage_write(w, data, len, e);
+    if (rc != 0) {
+        storage_abort(w);
+        return rc;
+    }
+    return storage_commit(w, e);
+}
+
+int storage_delete(const char *uri, struct err *e)
+{
+    return ops_for(uri)->remove(uri, e);
+}
+
+int storage_exists(const char *uri)
+{
+    return ops_for(uri)->exists(uri);
+}
+
+int storage_supports(const char *uri)
+{
+    return !strstr(uri, "://") || strncmp(uri, "file://", 7) == 0 || strncmp(uri, "s3://", 5) == 0;
+}
+
+/* ---- listing ---- */
+
+int storage_names_add(struct storage_names *ns, const char *name, size_t len)
+{
+    char *s;
+
+    if (ns->n == ns->cap) {
+        size_t cap = ns->cap ? ns->cap * 2 : 64;
+        char **p = realloc(ns->v, cap * sizeof(*p));
+        if (!p)
+            return ERR_NOMEM;
+        ns->v = p;
+        ns->cap = cap;
+    }
+    if (!(s = malloc(len + 1)))
+        return ERR_NOMEM;
+    memcpy(s, name, len);
+    s[len] = '\0';
+    ns->v[ns->n++] = s;
+    return 0;
+}
+
+static int cmp_names(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+int storage_list(const char *uri, char ***names, size_t *n, int *is_object, struct err *e)
+{
+    struct storage_names ns = {0};
+    int rc;
+
+    *names = NULL;
+    *n = 0;
+    *is_object = 0;
+    rc = ops_for(uri)->list(uri, &ns, is_object, e);
+    if (rc != 0) {
+        storage_names_free(ns.v, ns.n);
+        *is_object = 0;
+        return rc;
+    }
+    if (ns.n > 1)
+        qsort(ns.v, ns.n, sizeof(*ns.v), cmp_names);
+    *names = ns.v;
+    *n = ns.n;
+    return 0;
+}
+
+void storage_names_free(char **names, size_t n)
+{
+    for (size_t i = 0; names && i < n; i++)
+        free(names[i]);
+    free(names);
+}
+
+char *storage_join(const char *base, const char *name)
+{
+    size_t bl = strlen(base), len = bl + strlen(name) + 2;
+    char *s = malloc(len);
+
+    if (!s)
+        return NULL;
+    while (bl > 0 && base[bl - 1] == '/')
+        bl--;
+    snprintf(s, len, "%.*s/%s", (int)bl, base, name);
+    return s;
+}

@@ -1,0 +1,315 @@
+"""Server-side batch jobs: ``/v1/batch-jobs`` through the queue.
+
+A batch job is split into one queue task per input object, run by the server's
+workers; its outputs must be exactly what ``inferd batch`` writes for the same
+input (``<name>.out`` per object, ``_manifest.json``, ``_SUCCESS``). The tests
+start real ``inferd serve`` processes, submit over HTTP, read the files back and
+compare predictions with python-xgboost. Schedules run against a clock file
+(``INFERD_CLOCK_FILE``) that the test moves forward, so no test waits minutes.
+Nothing asserts on elapsed time.
+"""
+import calendar
+import hashlib
+import hmac
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import INFERD_BIN, async_args, assert_close, error_message, wait_for
+
+SECRET = "batch-secret"
+DEADLINE_S = 120.0
+
+
+def write_csv(path, X):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in X:
+            f.write(",".join("" if np.isnan(v) else repr(float(v)) for v in row) + "\n")
+
+
+def write_jsonl(path, X):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in X:
+            f.write(json.dumps([None if np.isnan(v) else float(v) for v in row]) + "\n")
+
+
+def read_predictions(path):
+    return np.array([float(line) for line in path.read_text().splitlines()])
+
+
+def get(server, bid):
+    r = requests.get(f"{server.url}/v1/batch-jobs/{bid}", timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def submit(server, **definition):
+    return requests.post(f"{server.url}/v1/batch-jobs", json=definition, timeout=60)
+
+
+def wait_status(server, bid, statuses, deadline_s=DEADLINE_S):
+    def check():
+        j = get(server, bid)
+        return j if j["status"] in statuses else None
+    return wait_for(check, deadline_s, f"batch job {bid} to be {statuses}")
+
+
+def cli_batch(inp, out, model, repo, *extra):
+    p = subprocess.run([str(INFERD_BIN), "batch", "--models", str(repo), "--model", model,
+                        "--input", str(inp), "--output", str(out), *extra],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=DEADLINE_S)
+    assert p.returncode == 0, p.stderr.decode()
+
+
+def check_signed(req):
+    h = {k.lower(): v for k, v in req["headers"].items()}
+    sig = h.get("x-inferd-signature", "")
+    want = hmac.new(SECRET.encode(), req["body"], hashlib.sha256).hexdigest()
+    assert sig == "sha256=" + want, f"bad signature {sig!r}"
+    body = json.loads(req["body"])
+    assert h.get("x-inferd-event-id") == body["id"]
+    return body
+
+
+@pytest.fixture
+def inputs(tmp_path, trained):
+    """Three objects (two CSV, one nested JSONL) for the binary model, and the repo."""
+    m = trained["binary"]
+    repo = tmp_path / "models"
+    m.install(repo)
+    data = {}
+    for i, name in enumerate(["a.csv", "b.csv", "sub/c.jsonl"]):
+        X = m.rows(700 + 50 * i, seed=10 + i, nan_fraction=0.05)
+        data[name] = X
+        (write_jsonl if name.endswith(".jsonl") else write_csv)(tmp_path / "in" / name, X)
+    return m, repo, tmp_path / "in", data
+
+
+def test_batch_job_end_to_end(tmp_path, inputs, server_factory, webhook_receiver):
+    m, repo, inp, data = inputs
+    server = server_factory(repo, *async_args(tmp_path / "data", "--workers", "3",
+                                              "--webhook-secret", SECRET))
+    out = tmp_path / "out"
+    r = submit(server, model=m.name, input=str(inp), output=f"file://{out}",
+               records_per_batch=128, callback_url=webhook_receiver.url + "/batch")
+    assert r.status_code == 202, r.text
+    job = r.json()
+    bid = job["id"]
+    assert r.headers["Location"] == f"/v1/batch-jobs/{bid}"
+    assert job["status"] in ("queued", "running", "succeeded")
+    assert job["progress"]["objects_total"] == 3
+    done = wait_status(server, bid, ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done
+    assert done["progress"] == {"objects_total": 3, "objects_done": 3,
+                                "records_done": sum(len(X) for X in data.values()),
+                                "records_failed": 0}
+    assert done["started_at"] and done["finished_at"] and done["error"] is None
+    for name, X in data.items():
+        assert_close(read_predictions(out / (name + ".out")), m.expected(X), name)
+    assert (out / "_SUCCESS").exists()
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert sorted(manifest["objects"]) == sorted(data)
+    for name in data:
+        sha = hashlib.sha256((out / (name + ".out")).read_bytes()).hexdigest()
+        assert manifest["objects"][name] == {"records": len(data[name]), "sha256": sha}
+    # byte for byte what `inferd batch` writes for the same input
+    cli_out = tmp_path / "cli-out"
+    cli_batch(inp, cli_out, m.name, repo, "--records-per-batch", "128")
+    for name in data:
+        assert (out / (name + ".out")).read_bytes() == (cli_out / (name + ".out")).read_bytes()
+    # the signed batch.succeeded webhook
+    hook = wait_for(lambda: webhook_receiver.received("/batch"), 30, "the batch webhook")
+    body = check_signed(hook[0])
+    assert body["type"] == "batch.succeeded"
+    assert body["batch_job"]["id"] == bid and body["batch_job"]["status"] == "succeeded"
+    assert body["batch_job"]["progress"]["objects_done"] == 3
+    # the tasks are not async jobs
+    jobs = requests.get(f"{server.url}/v1/jobs", timeout=30).json()["jobs"]
+    assert jobs == []
+    listed = requests.get(f"{server.url}/v1/batch-jobs", timeout=30).json()["batch_jobs"]
+    assert [b["id"] for b in listed] == [bid]
+
+
+def test_bad_record_policies(tmp_path, inputs, server_factory, webhook_receiver):
+    m, repo, inp, data = inputs
+    lines = (inp / "b.csv").read_text().splitlines()
+    lines[41] = "1,2,oops"
+    (inp / "b.csv").write_text("\n".join(lines) + "\n")
+    server = server_factory(repo, *async_args(tmp_path / "data", "--webhook-secret", SECRET))
+    r = submit(server, model=m.name, input=str(inp), output=str(tmp_path / "strict"),
+               callback_url=webhook_receiver.url + "/strict")
+    assert r.status_code == 202, r.text
+    failed = wait_status(server, r.json()["id"], ("succeeded", "failed"))
+    assert failed["status"] == "failed", failed
+    assert "b.csv" in failed["error"] and "line 42" in failed["error"], failed["error"]
+    assert not (tmp_path / "strict" / "_SUCCESS").exists()
+    hook = wait_for(lambda: webhook_receiver.received("/strict"), 30, "the failure webhook")
+    body = check_signed(hook[0])
+    assert body["type"] == "batch.failed" and "line 42" in body["batch_job"]["error"]
+
+    r = submit(server, model=m.name, input=str(inp), output=str(tmp_path / "lenient"),
+               max_errors=3)
+    ok = wait_status(server, r.json()["id"], ("succeeded", "failed"))
+    assert ok["status"] == "succeeded", ok
+    assert ok["progress"]["records_failed"] == 1
+    out_lines = (tmp_path / "lenient" / "b.csv.out").read_text().split("\n")
+    assert out_lines[41] == "" and len(out_lines) == len(lines) + 1
+    assert "line 42" in (tmp_path / "lenient" / "b.csv.errors").read_text()
+
+
+@pytest.mark.parametrize("body,status,words", [
+    ({"input": "/x", "output": "/y"}, 400, "model"),
+    ({"model": "nope", "input": "/x", "output": "/y"}, 404, "nope"),
+    ({"model": "binary", "output": "/y"}, 400, "input"),
+    ({"model": "binary", "input": "/x"}, 400, "output"),
+    ({"model": "binary", "input": "/x", "output": "/y", "format": "xml"}, 400, "format"),
+    ({"model": "binary", "input": "/x", "output": "/y", "max_errors": -1}, 400, "max_errors"),
+    ({"model": "binary", "input": "/x", "output": "/y", "records_per_batch": 0}, 400,
+     "records_per_batch"),
+    ({"model": "binary", "input": "/x", "output": "/y", "inptu": 1}, 400, "inptu"),
+    ({"model": "binary", "input": "gs://b/k", "output": "/y"}, 400, "input"),
+    ({"model": "binary", "input": "/x", "output": "/y", "schedule": "61 * * * *"}, 400,
+     "schedule"),
+    ({"model": "binary", "input": "/x", "output": "/y", "callback_url": "ftp://x"}, 400,
+     "callback_url"),
+])
+def test_bad_definitions(tmp_path, trained, server_factory, body, status, words):
+    repo = tmp_path / "models"
+    trained["binary"].install(repo)
+    server = server_factory(repo, *async_args(tmp_path / "data"))
+    r = submit(server, **body)
+    assert r.status_code == status, r.text
+    assert words in error_message(r)
+
+
+def test_missing_input(tmp_path, trained, server_factory):
+    repo = tmp_path / "models"
+    trained["binary"].install(repo)
+    server = server_factory(repo, *async_args(tmp_path / "data"))
+    r = submit(server, model="binary", input=str(tmp_path / "nothing-here"),
+               output=str(tmp_path / "out"))
+    assert r.status_code == 404, r.text
+    assert "nothing-here" in error_message(r)
+    (tmp_path / "weird").mkdir()
+    (tmp_path / "weird" / "data.parquet").write_text("x")
+    r = submit(server, model="binary", input=str(tmp_path / "weird"), output=str(tmp_path / "o"))
+    assert r.status_code == 400 and "data.parquet" in error_message(r), r.text
+    r = requests.get(f"{server.url}/v1/batch-jobs/batch-nope", timeout=30)
+    assert r.status_code == 404 and "batch-nope" in error_message(r)
+
+
+def test_cancel_running_batch(tmp_path, trained, server_factory):
+    m = trained["slow"]
+    repo = tmp_path / "models"
+    m.install(repo, config={"backend": "xgboost", "instances": 1})
+    for i in range(8):
+        write_csv(tmp_path / "in" / f"part-{i}.csv", m.rows(3000, seed=i))
+    server = server_factory(repo, *async_args(tmp_path / "data", "--workers", "1"))
+    r = submit(server, model=m.name, input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+               records_per_batch=64)
+    bid = r.json()["id"]
+    wait_status(server, bid, ("running",))
+    r = requests.delete(f"{server.url}/v1/batch-jobs/{bid}", timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "cancelled"
+    # the running task stops; no further object is started and no _SUCCESS appears
+    def idle():
+        return requests.get(f"{server.url}/metrics", timeout=30).ok and \
+            all(s not in ("queued", "running") for s in [get(server, bid)["status"]])
+    wait_for(idle, 30, "the cancelled batch job to settle")
+    time.sleep(1.0)
+    j = get(server, bid)
+    assert j["status"] == "cancelled" and j["progress"]["objects_done"] < 8, j
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    r = requests.delete(f"{server.url}/v1/batch-jobs/{bid}", timeout=30)
+    assert r.status_code == 409 and "cancelled" in error_message(r)
+
+
+def test_batch_survives_kill(tmp_path, trained, server_factory):
+    """kill -9 in the middle; after a restart the run completes with the same outputs."""
+    m = trained["slow"]
+    repo = tmp_path / "models"
+    m.install(repo, config={"backend": "xgboost", "instances": 1})
+    for i in range(6):
+        write_csv(tmp_path / "in" / f"part-{i}.csv", m.rows(2500, seed=20 + i))
+    args = async_args(tmp_path / "data", "--workers", "1")
+    server = server_factory(repo, *args)
+    r = submit(server, model=m.name, input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+               records_per_batch=64)
+    bid = r.json()["id"]
+    wait_for(lambda: get(server, bid)["progress"]["objects_done"] >= 1, DEADLINE_S,
+             "one object done")
+    server.kill()
+    server2 = server_factory(repo, *args)
+    done = wait_status(server2, bid, ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done
+    assert done["progress"]["objects_done"] == 6
+    cli_batch(tmp_path / "in", tmp_path / "cli", m.name, repo, "--records-per-batch", "64")
+    for i in range(6):
+        name = f"part-{i}.csv.out"
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "cli" / name).read_bytes()
+    assert not [p for p in (tmp_path / "out").iterdir() if ".tmp-" in p.name]
+
+
+def utc_ms(y, mo, d, h, mi, s=0):
+    return calendar.timegm((y, mo, d, h, mi, s)) * 1000
+
+
+def test_schedule_fires_on_the_clock(tmp_path, inputs, server_factory, monkeypatch,
+                                     webhook_receiver):
+    m, repo, inp, data = inputs
+    clock = tmp_path / "clock"
+    clock.write_text(str(utc_ms(2030, 1, 1, 0, 0, 30)))
+    monkeypatch.setenv("INFERD_CLOCK_FILE", str(clock))
+    server = server_factory(repo, *async_args(tmp_path / "data", "--webhook-secret", SECRET))
+    out = tmp_path / "nightly"
+    r = submit(server, model=m.name, input=str(inp), output=str(out), schedule="* * * * *",
+               callback_url=webhook_receiver.url + "/sched")
+    assert r.status_code == 201, r.text
+    sched = r.json()
+    sid = sched["id"]
+    assert sched["status"] == "scheduled" and sched["schedule"] == "* * * * *"
+    assert sched["next_run_at"] == "2030-01-01T00:01:00.000Z"
+    assert sched["runs"] == []
+    time.sleep(1.5)
+    assert get(server, sid)["runs"] == []        # not due yet: the clock has not moved
+
+    clock.write_text(str(utc_ms(2030, 1, 1, 0, 1, 5)))
+    s = wait_for(lambda: (lambda j: j if j["runs"] else None)(get(server, sid)), 30, "a run")
+    run = s["runs"][0]
+    assert run["run_at"] == "2030-01-01T00:01:00.000Z" and run["schedule_id"] == sid
+    assert s["next_run_at"] == "2030-01-01T00:02:00.000Z"
+    done = wait_status(server, run["id"], ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done
+    assert done["output"] == str(out / "20300101T0001Z")
+    for name, X in data.items():
+        assert_close(read_predictions(out / "20300101T0001Z" / (name + ".out")), m.expected(X))
+    assert (out / "20300101T0001Z" / "_SUCCESS").exists()
+
+    # minutes missed while nothing looked run once, then the schedule moves past now
+    clock.write_text(str(utc_ms(2030, 1, 1, 0, 3, 10)))
+    s = wait_for(lambda: (lambda j: j if len(j["runs"]) == 2 else None)(get(server, sid)), 30,
+                 "a second run")
+    assert s["runs"][0]["run_at"] == "2030-01-01T00:02:00.000Z"
+    assert s["next_run_at"] == "2030-01-01T00:04:00.000Z"
+    wait_status(server, s["runs"][0]["id"], ("succeeded",))
+    hooks = wait_for(lambda: (lambda h: h if len(h) >= 2 else None)(
+        webhook_receiver.received("/sched")), 30, "two run webhooks")
+    assert all(check_signed(h)["type"] == "batch.succeeded" for h in hooks)
+
+    listed = requests.get(f"{server.url}/v1/batch-jobs", timeout=30).json()["batch_jobs"]
+    assert [b["id"] for b in listed] == [sid] and len(listed[0]["runs"]) == 2
+
+    r = requests.delete(f"{server.url}/v1/batch-jobs/{sid}", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+    clock.write_text(str(utc_ms(2030, 1, 1, 0, 9, 0)))
+    time.sleep(2.5)
+    assert len(get(server, sid)["runs"]) == 2

@@ -1,0 +1,301 @@
+/*
+ * test_storage.c: the storage layer without a network: the generic line reader over the file
+ * backend (buffer boundaries, long lines, CRLF, no final newline), whole-object calls, dispatch
+ * by scheme, configuration bounds, and the S3 pieces that are pure functions (URI encoding,
+ * canonical query strings, ListObjectsV2 and error XML).
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "storage/storage_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static char dir[64];
+
+static int make_dir(void **state)
+{
+    (void)state;
+    snprintf(dir, sizeof(dir), "/tmp/inferd-test-storage-XXXXXX");
+    return mkdtemp(dir) ? 0 : -1;
+}
+
+static int remove_dir(void **state)
+{
+    char cmd[128];
+
+    (void)state;
+    snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
+    return system(cmd) == 0 ? 0 : -1;
+}
+
+static char *path_in_dir(const char *name)
+{
+    char *p = storage_join(dir, name);
+
+    assert_non_null(p);
+    return p;
+}
+
+/* Writes `len` bytes through storage_put and reads them back line by line. */
+static void check_lines(const char *data, size_t len, const char **want, size_t n_want)
+{
+    char *uri = path_in_dir("lines.txt");
+    struct storage_reader *r = NULL;
+    struct err e = {0};
+    const char *line;
+    size_t got_len, i = 0;
+    int rc;
+
+    assert_int_equal(storage_put(uri, data, len, &e), 0);
+    assert_int_equal(storage_open_read(uri, &r, &e), 0);
+    while ((rc = storage_read_line(r, &line, &got_len, &e)) == 1) {
+        assert_true(i < n_want);
+        assert_int_equal(got_len, strlen(want[i]));
+        assert_memory_equal(line, want[i], got_len);
+        assert_int_equal(line[got_len], '\0');
+        i++;
+    }
+    assert_int_equal(rc, 0);
+    assert_int_equal(i, n_want);
+    assert_int_equal(storage_read_line(r, &line, &got_len, &e), 0); /* stays at the end */
+    storage_close_read(r);
+    free(uri);
+}
+
+static void test_line_endings(void **state)
+{
+    (void)state;
+    check_lines("", 0, NULL, 0);
+    check_lines("a\nbb\r\n\nccc", 10, (const char *[]){"a", "bb", "", "ccc"}, 4);
+    check_lines("x\r\n", 3, (const char *[]){"x"}, 1);
+    check_lines("\n\n", 2, (const char *[]){"", ""}, 2);
+    check_lines("only\r", 5, (const char *[]){"only"}, 1);
+}
+
+static void test_long_lines_cross_the_buffer(void **state)
+{
+    /* 3 MiB lines outgrow the 1 MiB read buffer; short ones straddle its boundaries */
+    size_t big = (size_t)3 << 20, n_small = 200000, len = 0;
+    char *data = malloc(2 * big + n_small * 8 + 16);
+    char *uri = path_in_dir("long.txt");
+    struct storage_reader *r = NULL;
+    struct err e = {0};
+    const char *line;
+    size_t got, count = 0;
+
+    (void)state;
+    assert_non_null(data);
+    memset(data, 'a', big);
+    len = big;
+    data[len++] = '\n';
+    for (size_t i = 0; i < n_small; i++)
+        len += (size_t)snprintf(data + len, 9, "%06zu\r\n", i);
+    memset(data + len, 'b', big);
+    len += big; /* no final newline */
+    assert_int_equal(storage_put(uri, data, len, &e), 0);
+    assert_int_equal(storage_open_read(uri, &r, &e), 0);
+    assert_int_equal(storage_read_line(r, &line, &got, &e), 1);
+    assert_int_equal(got, big);
+    assert_true(line[0] == 'a' && line[big - 1] == 'a');
+    for (size_t i = 0; i < n_small; i++) {
+        char want[8];
+        snprintf(want, sizeof(want), "%06zu", i);
+        assert_int_equal(storage_read_line(r, &line, &got, &e), 1);
+        assert_int_equal(got, 6);
+        assert_memory_equal(line, want, 6);
+        count++;
+    }
+    assert_int_equal(storage_read_line(r, &line, &got, &e), 1);
+    assert_int_equal(got, big);
+    assert_true(line[0] == 'b' && line[big - 1] == 'b');
+    assert_int_equal(storage_read_line(r, &line, &got, &e), 0);
+    assert_int_equal(count, n_small);
+    storage_close_read(r);
+    free(uri);
+    free(data);
+}
+
+static void test_whole_objects_and_listing(void **state)
+{
+    char *a = path_in_dir("tree/a.txt"), *b = path_in_dir("tree/sub/b.txt");
+    char *tree = path_in_dir("tree"), file_uri[128];
+    struct buf got = {0};
+    struct err e = {0};
+    char **names = NULL;
+    size_t n = 0;
+    int is_object = -1;
+
+    (void)state;
+    assert_int_equal(storage_put(a, "hello", 5, &e), 0);
+    assert_int_equal(storage_put(b, "", 0, &e), 0);
+    snprintf(file_uri, sizeof(file_uri), "file://%s", a);
+    assert_int_equal(storage_get(file_uri, &got, &e), 0);
+    assert_int_equal(got.len, 5);
+    assert_string_equal(got.data, "hello");
+    buf_release(&got);
+    assert_true(storage_exists(a));
+    assert_int_equal(storage_list(tree, &names, &n, &is_object, &e), 0);
+    assert_int_equal(is_object, 0);
+    assert_int_equal(n, 2);
+    assert_string_equal(names[0], "a.txt");
+    assert_string_equal(names[1], "sub/b.txt");
+    storage_names_free(names, n);
+    assert_int_equal(storage_list(a, &names, &n, &is_object, &e), 0);
+    assert_int_equal(is_object, 1);
+    assert_int_equal(n, 1);
+    assert_string_equal(names[0], "a.txt");
+    storage_names_free(names, n);
+    assert_int_equal(storage_delete(a, &e), 0);
+    assert_int_equal(storage_delete(a, &e), 0); /* missing: fine */
+    assert_false(storage_exists(a));
+    assert_int_equal(storage_get(a, &got, &e), ERR_NOT_FOUND);
+    assert_non_null(strstr(e.msg, "a.txt"));
+    buf_release(&got);
+    free(a);
+    free(b);
+    free(tree);
+}
+
+static void test_abort_leaves_nothing(void **state)
+{
+    char *uri = path_in_dir("aborted.txt");
+    struct storage_writer *w = NULL;
+    struct err e = {0};
+
+    (void)state;
+    assert_int_equal(storage_open_write(uri, &w, &e), 0);
+    assert_int_equal(storage_write(w, "partial", 7, &e), 0);
+    storage_abort(w);
+    storage_abort(NULL);
+    assert_false(storage_exists(uri));
+    free(uri);
+}
+
+static void test_schemes_and_configuration(void **state)
+{
+    struct err e = {0};
+    struct buf b = {0};
+    struct storage_reader *r = NULL;
+
+    (void)state;
+    assert_true(storage_supports("/a/b"));
+    assert_true(storage_supports("file:///a"));
+    assert_true(storage_supports("s3://bucket/key"));
+    assert_false(storage_supports("gs://bucket/key"));
+    assert_int_equal(storage_get("gs://bucket/key", &b, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "gs://bucket/key"));
+    assert_int_equal(storage_open_read("s3:///key", &r, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "no bucket name"));
+    assert_null(r);
+    assert_int_equal(storage_configure(&(struct storage_config){.s3_endpoint = "ftp://x"}, &e),
+                     ERR_INVALID);
+    assert_non_null(strstr(e.msg, "ftp://x"));
+    assert_int_equal(storage_configure(&(struct storage_config){.s3_part_size_bytes = 4 << 20}, &e),
+                     ERR_INVALID);
+    assert_non_null(strstr(e.msg, "5 MiB"));
+    assert_int_equal(storage_configure(&(struct storage_config){.s3_endpoint = "http://h:1/",
+                                                                .s3_part_size_bytes = 5 << 20},
+                                       &e),
+                     0);
+    assert_string_equal(storage_s3_endpoint_option(), "http://h:1/");
+    assert_int_equal(storage_s3_part_size(), 5 << 20);
+    assert_int_equal(storage_configure(&(struct storage_config){0}, &e), 0);
+    assert_int_equal(storage_s3_part_size(), 8 << 20);
+    buf_release(&b);
+}
+
+static void test_join(void **state)
+{
+    char *s;
+
+    (void)state;
+    s = storage_join("s3://b/p/", "x.out");
+    assert_string_equal(s, "s3://b/p/x.out");
+    free(s);
+    s = storage_join("s3://b", "_SUCCESS");
+    assert_string_equal(s, "s3://b/_SUCCESS");
+    free(s);
+}
+
+static void test_s3_encoding(void **state)
+{
+    struct buf b = {0};
+
+    (void)state;
+    assert_int_equal(storage_s3_uri_encode(&b, "a b/c~d_e.f-g+h%é", 1), 0);
+    assert_string_equal(b.data, "a%20b/c~d_e.f-g%2Bh%25%C3%A9");
+    b.len = 0;
+    assert_int_equal(storage_s3_uri_encode(&b, "in/x=1&y", 0), 0);
+    assert_string_equal(b.data, "in%2Fx%3D1%26y");
+    b.len = 0;
+    /* names sorted by the caller; valueless parameters keep their '=' */
+    assert_int_equal(storage_s3_query_add(&b, "continuation-token", "1/a+b=="), 0);
+    assert_int_equal(storage_s3_query_add(&b, "list-type", "2"), 0);
+    assert_int_equal(storage_s3_query_add(&b, "prefix", "dir/"), 0);
+    assert_string_equal(b.data, "continuation-token=1%2Fa%2Bb%3D%3D&list-type=2&prefix=dir%2F");
+    b.len = 0;
+    assert_int_equal(storage_s3_query_add(&b, "uploads", NULL), 0);
+    assert_string_equal(b.data, "uploads=");
+    buf_release(&b);
+}
+
+static void test_s3_xml(void **state)
+{
+    const char *page =
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
+        "<ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>b</Name>"
+        "<Prefix>in/</Prefix><IsTruncated>true</IsTruncated>"
+        "<Contents><Key>in/b.jsonl</Key><Size>3</Size></Contents>"
+        "<Contents><Key>in/sub/</Key><Size>0</Size></Contents>"
+        "<Contents><Key>in/a &amp; c.csv</Key></Contents>"
+        "<NextContinuationToken>tok+1/=</NextContinuationToken></ListBucketResult>";
+    const char *last = "<ListBucketResult><IsTruncated>false</IsTruncated>"
+                       "<Contents><Key>in/z</Key></Contents></ListBucketResult>";
+    const char *error = "<?xml version=\"1.0\"?><Error><Code>NoSuchKey</Code>"
+                        "<Message>The specified key does not exist.</Message></Error>";
+    struct storage_names ns = {0};
+    char *next = NULL, *s;
+
+    (void)state;
+    assert_int_equal(storage_s3_parse_list(page, strlen(page), "in/", &ns, &next), 0);
+    assert_int_equal(ns.n, 2);
+    assert_string_equal(ns.v[0], "b.jsonl");
+    assert_string_equal(ns.v[1], "a & c.csv");
+    assert_string_equal(next, "tok+1/=");
+    free(next);
+    assert_int_equal(storage_s3_parse_list(last, strlen(last), "in/", &ns, &next), 0);
+    assert_null(next);
+    assert_int_equal(ns.n, 3);
+    assert_string_equal(ns.v[2], "z");
+    assert_int_equal(storage_s3_parse_list(error, strlen(error), "in/", &ns, &next), ERR_IO);
+    assert_int_equal(storage_s3_parse_list("not xml", 7, "", &ns, &next), ERR_IO);
+    assert_int_equal(storage_s3_parse_list("", 0, "", &ns, &next), ERR_IO);
+    storage_names_free(ns.v, ns.n);
+    s = storage_s3_xml_text(error, strlen(error), "Code");
+    assert_string_equal(s, "NoSuchKey");
+    free(s);
+    assert_null(storage_s3_xml_text(error, strlen(error), "UploadId"));
+    assert_null(storage_s3_xml_text("<a", 2, "a"));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_line_endings),
+        cmocka_unit_test(test_long_lines_cross_the_buffer),
+        cmocka_unit_test(test_whole_objects_and_listing),
+        cmocka_unit_test(test_abort_leaves_nothing),
+        cmocka_unit_test(test_schemes_and_configuration),
+        cmocka_unit_test(test_join),
+        cmocka_unit_test(test_s3_encoding),
+        cmocka_unit_test(test_s3_xml),
+    };
+    return cmocka_run_group_tests(tests, make_dir, remove_dir);
+}
