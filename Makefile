@@ -30,7 +30,7 @@ test: deps build unit fuzz-replay integration
 unit: build
 	@cd $(BUILD) && ctest --output-on-failure
 
-FUZZ_TARGETS := infer_request batch_record cron
+FUZZ_TARGETS := infer_request batch_record cron s3_xml
 FUZZ_SECONDS ?= 60
 
 fuzz-build: $(wildcard src/*/*.c src/*/*.h fuzz/*.c)

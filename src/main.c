@@ -34,74 +34,99 @@
 
 enum opt_kind { OPT_STR, OPT_INT, OPT_FLAG };
 
+/* which commands take an option of the serve/worker table (0: every command of its table) */
+#define SERVE 1u
+#define WORKER 2u
+#define BOTH (SERVE | WORKER)
+
 struct option_def {
     const char *name; /* without the leading "--" */
     enum opt_kind kind;
     const char *def;
     long long min, max;
     const char *help;
+    unsigned cmds;
 };
 
 /* `inferd serve` */
 static const struct option_def serve_options[] = {
-    {"models", OPT_STR, "./models", 0, 0, "model repository: DIR/<name>/config.json + versions"},
-    {"host", OPT_STR, "127.0.0.1", 0, 0, "IPv4 address to listen on (0.0.0.0 for all)"},
-    {"port", OPT_INT, "8000", 0, 65535, "TCP port (0 picks a free one and logs it)"},
-    {"threads", OPT_INT, "0", 0, 256, "HTTP threads; 0 means one per CPU"},
+    {"models", OPT_STR, "./models", 0, 0, "model repository: DIR/<name>/config.json + versions",
+     BOTH},
+    {"host", OPT_STR, "127.0.0.1", 0, 0, "IPv4 address to listen on (0.0.0.0 for all)", BOTH},
+    {"port", OPT_INT, "8000", 0, 65535, "TCP port (0 picks a free one and logs it)", BOTH},
+    {"threads", OPT_INT, "0", 0, 256, "HTTP threads; 0 means one per CPU", BOTH},
     {"max-body-bytes", OPT_INT, "67108864", 1024, 4294967296LL,
-     "largest request body; past it, 413"},
-    {"max-connections", OPT_INT, "10000", 16, 1000000, "concurrent client connections"},
-    {"idle-timeout-s", OPT_INT, "60", 1, 86400, "close keep-alive connections idle this long"},
+     "largest request body; past it, 413", SERVE},
+    {"max-connections", OPT_INT, "10000", 16, 1000000, "concurrent client connections", BOTH},
+    {"idle-timeout-s", OPT_INT, "60", 1, 86400, "close keep-alive connections idle this long",
+     BOTH},
     {"drain-timeout-s", OPT_INT, "30", 0, 3600,
-     "on SIGTERM, how long to wait for in-flight requests"},
-    {"log-level", OPT_STR, "info", 0, 0, "error, warn, info or debug"},
-    {"data-dir", OPT_STR, "./data", 0, 0, "where the async job queue keeps its database"},
-    {"workers", OPT_INT, "2", 1, 4096, "async workers (each runs up to --worker-batch jobs)"},
+     "on SIGTERM, how long to wait for in-flight requests", BOTH},
+    {"log-level", OPT_STR, "info", 0, 0, "error, warn, info or debug", BOTH},
+    {"data-dir", OPT_STR, "./data", 0, 0, "where the async job queue keeps its database", SERVE},
+    {"queue", OPT_STR, "sqlite", 0, 0,
+     "the job queue: sqlite (under --data-dir) or redis://HOST:PORT/DB (shared with inferd "
+     "worker processes)",
+     BOTH},
+    {"workers", OPT_INT, "2", 0, 4096,
+     "async workers (each runs up to --worker-batch jobs); 0: accept and answer only", BOTH},
+    {"min-workers", OPT_INT, "0", 0, 4096,
+     "autoscaling: the fewest workers (0: none while idle); needs --max-workers", BOTH},
+    {"max-workers", OPT_INT, "0", 0, 4096,
+     "autoscaling: the most workers; 0 keeps a fixed pool of --workers", BOTH},
+    {"target-backlog", OPT_INT, "10", 1, 1000000,
+     "autoscaling: queued jobs per worker above which the pool grows", BOTH},
+    {"scale-down-delay-s", OPT_INT, "30", 0, 86400,
+     "autoscaling: idle this long before each worker is retired", BOTH},
     {"worker-batch", OPT_INT, "64", 1, 4096,
-     "jobs a worker leases and runs at once, batched together through the model"},
+     "jobs a worker leases and runs at once, batched together through the model", BOTH},
     {"max-queue", OPT_INT, "100000", 1, 1000000000LL,
-     "async jobs waiting; past it, 429 with Retry-After"},
-    {"max-attempts", OPT_INT, "3", 1, 100, "attempts of a job that does not say"},
+     "async jobs waiting; past it, 429 with Retry-After", SERVE},
+    {"max-attempts", OPT_INT, "3", 1, 100, "attempts of a job that does not say", SERVE},
     {"retry-backoff-ms", OPT_INT, "1000", 0, 3600000,
-     "delay before a job's second attempt; doubles per attempt up to 60 s"},
+     "delay before a job's second attempt; doubles per attempt up to 60 s", BOTH},
     {"job-ttl-s", OPT_INT, "0", 0, 31536000,
-     "a job not started this long after submission expires (0: never)"},
+     "a job not started this long after submission expires (0: never)", SERVE},
     {"webhook-secret", OPT_STR, "", 0, 0,
-     "HMAC-SHA256 key for X-Inferd-Signature (default: $INFERD_WEBHOOK_SECRET)"},
-    {"webhook-attempts", OPT_INT, "8", 1, 100, "delivery attempts of one webhook"},
+     "HMAC-SHA256 key for X-Inferd-Signature (default: $INFERD_WEBHOOK_SECRET)", BOTH},
+    {"webhook-attempts", OPT_INT, "8", 1, 100, "delivery attempts of one webhook", BOTH},
     {"webhook-backoff-ms", OPT_INT, "1000", 1, 3600000,
-     "wait after a failed webhook attempt; doubles per attempt up to 5 minutes"},
-    {"webhook-timeout-ms", OPT_INT, "10000", 100, 600000, "one webhook attempt's time limit"},
-    {"io-threads", OPT_INT, "8", 1, 256, "threads for job-store calls made by HTTP requests"},
+     "wait after a failed webhook attempt; doubles per attempt up to 5 minutes", BOTH},
+    {"webhook-timeout-ms", OPT_INT, "10000", 100, 600000, "one webhook attempt's time limit", BOTH},
+    {"io-threads", OPT_INT, "8", 1, 256, "threads for job-store calls made by HTTP requests", BOTH},
     {"s3-endpoint", OPT_STR, "", 0, 0,
      "S3 endpoint URL for s3:// locations (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, "
-     "else AWS)"},
+     "else AWS)",
+     BOTH},
+    {"result-ttl-s", OPT_INT, "604800", 0, 315360000,
+     "Redis queue: how long a finished job and its result are kept (0: forever)", BOTH},
     {"s3-part-size-mb", OPT_INT, "8", 5, 5120,
-     "S3 writes past this size become multipart uploads in parts this big"},
+     "S3 writes past this size become multipart uploads in parts this big", BOTH},
 };
 #define N_SERVE (sizeof(serve_options) / sizeof(serve_options[0]))
 
 /* `inferd batch` */
 static const struct option_def batch_options[] = {
-    {"models", OPT_STR, "./models", 0, 0, "model repository"},
-    {"model", OPT_STR, "", 0, 0, "the model to run (required)"},
+    {"models", OPT_STR, "./models", 0, 0, "model repository", 0},
+    {"model", OPT_STR, "", 0, 0, "the model to run (required)", 0},
     {"input", OPT_STR, "", 0, 0,
-     "an object or a prefix: file:///path, s3://bucket/key, or a path (required)"},
-    {"output", OPT_STR, "", 0, 0, "where <name>.out, _manifest.json and _SUCCESS go (required)"},
-    {"format", OPT_STR, "", 0, 0, "jsonl or csv (default: from each object's extension)"},
-    {"records-per-batch", OPT_INT, "1024", 1, 1048576, "records per model call"},
+     "an object or a prefix: file:///path, s3://bucket/key, or a path (required)", 0},
+    {"output", OPT_STR, "", 0, 0, "where <name>.out, _manifest.json and _SUCCESS go (required)", 0},
+    {"format", OPT_STR, "", 0, 0, "jsonl or csv (default: from each object's extension)", 0},
+    {"records-per-batch", OPT_INT, "1024", 1, 1048576, "records per model call", 0},
     {"concurrency", OPT_INT, "0", 0, 64,
-     "batches in flight while the next one is parsed (0: instances + 1)"},
-    {"instances", OPT_INT, "0", 0, 256, "model instances, each a thread (0: one per CPU)"},
-    {"join-input", OPT_FLAG, "0", 0, 1, "write each input beside its prediction"},
-    {"csv-header", OPT_FLAG, "0", 0, 1, "skip the first line of each CSV object"},
-    {"max-errors", OPT_INT, "0", 0, INT64_MAX, "bad records tolerated (each: an empty line)"},
-    {"log-level", OPT_STR, "info", 0, 0, "error, warn, info or debug"},
+     "batches in flight while the next one is parsed (0: instances + 1)", 0},
+    {"instances", OPT_INT, "0", 0, 256, "model instances, each a thread (0: one per CPU)", 0},
+    {"join-input", OPT_FLAG, "0", 0, 1, "write each input beside its prediction", 0},
+    {"csv-header", OPT_FLAG, "0", 0, 1, "skip the first line of each CSV object", 0},
+    {"max-errors", OPT_INT, "0", 0, INT64_MAX, "bad records tolerated (each: an empty line)", 0},
+    {"log-level", OPT_STR, "info", 0, 0, "error, warn, info or debug", 0},
     {"s3-endpoint", OPT_STR, "", 0, 0,
      "S3 endpoint URL for s3:// URIs (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else "
-     "AWS)"},
+     "AWS)",
+     0},
     {"s3-part-size-mb", OPT_INT, "8", 5, 5120,
-     "S3 outputs past this size become multipart uploads in parts this big"},
+     "S3 outputs past this size become multipart uploads in parts this big", 0},
 };
 #define N_BATCH (sizeof(batch_options) / sizeof(batch_options[0]))
 
@@ -111,6 +136,7 @@ struct parsed {
     size_t n;
     const char *str[MAX_OPTIONS];
     long long num[MAX_OPTIONS];
+    int given[MAX_OPTIONS]; /* on the command line, not defaulted */
 };
 
 static void usage(FILE *f)
@@ -119,19 +145,22 @@ static void usage(FILE *f)
             "inferd %s: serves machine-learning models (KServe v2 REST)\n\n"
             "usage: inferd COMMAND [options]\n\n"
             "commands:\n"
-            "  serve    serve a model repository: online (KServe v2) and async jobs\n\n"
+            "  serve    serve a model repository: online (KServe v2), async and batch jobs\n"
+            "  worker   run async jobs from a shared queue (--queue redis://...), no API\n"
+            "  batch    run a batch transform over files or S3 and exit\n\n"
             "  inferd --version        print the version\n"
             "  inferd COMMAND --help   options of a command\n",
             INFERD_VERSION);
 }
 
-static void usage_options(FILE *f, const struct option_def *defs, size_t n)
+static void usage_options(FILE *f, const struct option_def *defs, size_t n, unsigned cmd)
 {
     for (size_t i = 0; i < n; i++)
-        fprintf(f, "  --%-18s %s%s%s%s\n", defs[i].name, defs[i].help,
-                defs[i].kind == OPT_FLAG || !defs[i].def[0] ? "" : " (default ",
-                defs[i].kind == OPT_FLAG || !defs[i].def[0] ? "" : defs[i].def,
-                defs[i].kind == OPT_FLAG || !defs[i].def[0] ? "" : ")");
+        if (!defs[i].cmds || (defs[i].cmds & cmd))
+            fprintf(f, "  --%-18s %s%s%s%s\n", defs[i].name, defs[i].help,
+                    defs[i].kind == OPT_FLAG || !defs[i].def[0] ? "" : " (default ",
+                    defs[i].kind == OPT_FLAG || !defs[i].def[0] ? "" : defs[i].def,
+                    defs[i].kind == OPT_FLAG || !defs[i].def[0] ? "" : ")");
 }
 
 static void usage_serve(FILE *f)
@@ -140,7 +169,18 @@ static void usage_serve(FILE *f)
                "Serves every model under --models over HTTP (KServe v2 REST, v1 predict) and\n"
                "runs async jobs. SIGHUP reloads the repository; SIGTERM/SIGINT drain and exit 0.\n"
                "\noptions:\n");
-    usage_options(f, serve_options, N_SERVE);
+    usage_options(f, serve_options, N_SERVE, SERVE);
+}
+
+static void usage_worker(FILE *f)
+{
+    fprintf(f,
+            "usage: inferd worker --queue redis://HOST:PORT/DB [options]\n\n"
+            "Runs async jobs from the shared queue that inferd serve --queue redis://... fills,\n"
+            "with --workers threads; serves only /metrics and /v2/health/* (default port 8001).\n"
+            "SIGTERM finishes the running jobs and exits 0.\n"
+            "\noptions:\n");
+    usage_options(f, serve_options, N_SERVE, WORKER);
 }
 
 static void usage_batch(FILE *f)
@@ -150,7 +190,7 @@ static void usage_batch(FILE *f)
                "<output>/<name>.out per input object, one line per record, in order. Re-running\n"
                "skips objects already done (see _manifest.json); _SUCCESS marks the end.\n"
                "\noptions:\n");
-    usage_options(f, batch_options, N_BATCH);
+    usage_options(f, batch_options, N_BATCH, 0);
 }
 
 static int parse_value(const struct option_def *o, const char *v, struct parsed *p, size_t i,
@@ -179,7 +219,7 @@ static int parse_value(const struct option_def *o, const char *v, struct parsed 
 }
 
 static int parse_options(const struct option_def *defs, size_t n_defs, const char *command,
-                         int argc, char **argv, struct parsed *p, struct err *e)
+                         unsigned cmd, int argc, char **argv, struct parsed *p, struct err *e)
 {
     int rc;
 
@@ -199,9 +239,10 @@ static int parse_options(const struct option_def *defs, size_t n_defs, const cha
         for (i = 0; i < n_defs; i++)
             if (strlen(defs[i].name) == len && strncmp(defs[i].name, arg, len) == 0)
                 break;
-        if (i == n_defs)
+        if (i == n_defs || (defs[i].cmds && !(defs[i].cmds & cmd)))
             return err_set(e, ERR_INVALID, "unknown option '%s' (see inferd %s --help)", argv[a],
                            command);
+        p->given[i] = 1;
         if (defs[i].kind == OPT_FLAG && !eq)
             val = "1";
         else if (eq)
@@ -253,7 +294,7 @@ static void raise_fd_limit(void)
     }
 }
 
-static int cmd_serve(int argc, char **argv)
+static int cmd_serve(int argc, char **argv, int worker)
 {
     struct parsed p = {0};
     struct registry *reg = NULL;
@@ -273,16 +314,26 @@ static int cmd_serve(int argc, char **argv)
     sigset_t sigs;
     int sig, failed, rc = 1;
 
-    if (parse_options(serve_options, N_SERVE, "serve", argc, argv, &p, &e) != 0) {
-        fprintf(stderr, "inferd serve: %s\n", e.msg);
+    const char *cmd = worker ? "worker" : "serve";
+
+    if (parse_options(serve_options, N_SERVE, cmd, worker ? WORKER : SERVE, argc, argv, &p, &e) !=
+        0) {
+        fprintf(stderr, "inferd %s: %s\n", cmd, e.msg);
         return 2;
     }
     if (log_set_level(OPT_S(&p, "log-level")) != 0) {
-        fprintf(stderr, "inferd serve: --log-level: '%s' is not error, warn, info or debug\n",
+        fprintf(stderr, "inferd %s: --log-level: '%s' is not error, warn, info or debug\n", cmd,
                 OPT_S(&p, "log-level"));
         return 2;
     }
-    if (configure_storage(&p, "serve") != 0)
+    if (worker && strncmp(OPT_S(&p, "queue"), "redis://", 8) != 0) {
+        fprintf(stderr, "inferd worker: --queue redis://HOST:PORT/DB is required (the SQLite "
+                        "queue belongs to one inferd serve, which runs its own workers)\n");
+        return 2;
+    }
+    if (worker && !p.given[opt_index(&p, "port")])
+        p.num[opt_index(&p, "port")] = 8001;
+    if (configure_storage(&p, cmd) != 0)
         return 2;
     raise_fd_limit();
     /* every thread inherits this mask, so only sigwait() below sees these signals */
@@ -294,13 +345,15 @@ static int cmd_serve(int argc, char **argv)
     signal(SIGPIPE, SIG_IGN);
 
     if (registry_create(OPT_S(&p, "models"), &reg, &e) != 0) {
-        fprintf(stderr, "inferd serve: %s\n", e.msg);
+        fprintf(stderr, "inferd %s: %s\n", cmd, e.msg);
         return 1;
     }
     failed = registry_load_all(reg);
     if (failed)
         log_warn("main", "some models failed to load; the others serve", "failed=%d", failed);
     qc = (struct queue_config){
+        .url = OPT_S(&p, "queue"),
+        .result_ttl_s = OPT_N(&p, "result-ttl-s"),
         .data_dir = OPT_S(&p, "data-dir"),
         .max_queued = OPT_N(&p, "max-queue"),
         .retry_backoff_ms = OPT_N(&p, "retry-backoff-ms"),
@@ -310,10 +363,22 @@ static int cmd_serve(int argc, char **argv)
         log_error("main", "cannot open the job queue", "reason=\"%s\"", e.msg);
         goto cleanup;
     }
-    wc = (struct worker_pool_config){.workers = (int)OPT_N(&p, "workers"),
-                                     .batch = (int)OPT_N(&p, "worker-batch"),
-                                     .lease_poll_ms = 500};
-    if (worker_pool_start(&wc, queue, reg, &pool, &e) != 0) {
+    wc = (struct worker_pool_config){
+        .workers = (int)OPT_N(&p, "workers"),
+        .min_workers = (int)OPT_N(&p, "min-workers"),
+        .max_workers = (int)OPT_N(&p, "max-workers"),
+        .target_backlog = (int)OPT_N(&p, "target-backlog"),
+        .scale_down_delay_ms = OPT_N(&p, "scale-down-delay-s") * 1000,
+        .batch = (int)OPT_N(&p, "worker-batch"),
+        .lease_poll_ms = 500,
+    };
+    if (wc.max_workers > 0 && wc.min_workers > wc.max_workers) {
+        fprintf(stderr, "inferd %s: --min-workers %d is above --max-workers %d\n", cmd,
+                wc.min_workers, wc.max_workers);
+        return 2;
+    }
+    if ((wc.workers > 0 || wc.max_workers > 0) &&
+        worker_pool_start(&wc, queue, reg, &pool, &e) != 0) {
         log_error("main", "cannot start the workers", "reason=\"%s\"", e.msg);
         goto cleanup;
     }
@@ -345,6 +410,7 @@ static int cmd_serve(int argc, char **argv)
         .default_max_attempts = OPT_N(&p, "max-attempts"),
         .default_ttl_s = OPT_N(&p, "job-ttl-s"),
         .workers = (int)OPT_N(&p, "workers"),
+        .worker_only = worker,
     };
     if (http_server_start(&hc, reg, queue, pool, notifier, &srv, &e) != 0) {
         log_error("main", "cannot start the HTTP server", "reason=\"%s\"", e.msg);
@@ -352,12 +418,14 @@ static int cmd_serve(int argc, char **argv)
     }
     bjc = (struct batch_jobs_config){
         .q = queue, .reg = reg, .max_attempts = (int)OPT_N(&p, "max-attempts")};
-    if (batch_scheduler_start(&bjc, &scheduler, &e) != 0) {
+    if (!worker && batch_scheduler_start(&bjc, &scheduler, &e) != 0) {
         log_error("main", "cannot start the batch scheduler", "reason=\"%s\"", e.msg);
         goto cleanup;
     }
-    log_info("main", "listening", "url=http://%s:%d models=%s version=%s", hc.host,
-             http_server_port(srv), OPT_S(&p, "models"), INFERD_VERSION);
+    log_info("main", worker ? "worker running" : "listening",
+             "url=http://%s:%d models=%s queue=%s workers=%d version=%s", hc.host,
+             http_server_port(srv), OPT_S(&p, "models"), OPT_S(&p, "queue"), wc.workers,
+             INFERD_VERSION);
     for (;;) {
         if (sigwait(&sigs, &sig) != 0)
             continue;
@@ -393,7 +461,7 @@ static int cmd_batch(int argc, char **argv)
     const char *fmt;
     int rc;
 
-    if (parse_options(batch_options, N_BATCH, "batch", argc, argv, &p, &e) != 0) {
+    if (parse_options(batch_options, N_BATCH, "batch", 0, argc, argv, &p, &e) != 0) {
         fprintf(stderr, "inferd batch: %s\n", e.msg);
         return 2;
     }
@@ -466,7 +534,15 @@ int main(int argc, char **argv)
                 usage_serve(stdout);
                 return 0;
             }
-        return cmd_serve(argc - 2, argv + 2);
+        return cmd_serve(argc - 2, argv + 2, 0);
+    }
+    if (strcmp(argv[1], "worker") == 0) {
+        for (int i = 2; i < argc; i++)
+            if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+                usage_worker(stdout);
+                return 0;
+            }
+        return cmd_serve(argc - 2, argv + 2, 1);
     }
     if (strcmp(argv[1], "batch") == 0) {
         for (int i = 2; i < argc; i++)

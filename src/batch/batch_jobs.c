@@ -32,7 +32,7 @@
 /* ---- definitions ---- */
 
 static const char *const known_fields[] = {
-    "model",     "input",      "output",     "format",       "records_per_batch", "concurrency",
+    "model",      "input",      "output",     "format",       "records_per_batch", "concurrency",
     "join_input", "csv_header", "max_errors", "callback_url", "schedule",          NULL};
 
 static int check_uri(json_t *def, const char *key, struct err *e)
@@ -43,8 +43,9 @@ static int check_uri(json_t *def, const char *key, struct err *e)
     if (!v)
         return err_set(e, ERR_INVALID, "%s: missing", key);
     if (!s || !s[0])
-        return err_set(e, ERR_INVALID, "%s: expected a non-empty string (a path, file:// or s3:// "
-                                       "URI)",
+        return err_set(e, ERR_INVALID,
+                       "%s: expected a non-empty string (a path, file:// or s3:// "
+                       "URI)",
                        key);
     if (strstr(s, "://") && strncmp(s, "file://", 7) != 0 && strncmp(s, "s3://", 5) != 0)
         return err_set(e, ERR_INVALID, "%s: '%.100s': only paths, file:// and s3:// are supported",
@@ -88,8 +89,7 @@ static int check_fields(json_t *def, struct registry *reg, struct err *e)
     struct cron c;
     int rc;
 
-    json_object_foreach(def, key, v)
-    {
+    json_object_foreach (def, key, v) {
         int known = 0;
         for (int i = 0; known_fields[i]; i++)
             known |= strcmp(known_fields[i], key) == 0;
@@ -109,8 +109,8 @@ static int check_fields(json_t *def, struct registry *reg, struct err *e)
         return rc;
     v = json_object_get(def, "format");
     if (v && !json_is_null(v) &&
-        (!json_is_string(v) || (strcmp(json_string_value(v), "jsonl") != 0 &&
-                                strcmp(json_string_value(v), "csv") != 0)))
+        (!json_is_string(v) ||
+         (strcmp(json_string_value(v), "jsonl") != 0 && strcmp(json_string_value(v), "csv") != 0)))
         return err_set(e, ERR_INVALID, "format: expected \"jsonl\" or \"csv\"");
     if ((rc = check_int(def, "records_per_batch", 1, 1000000, 1024, e)) ||
         (rc = check_int(def, "concurrency", 0, 1024, 0, e)) ||
@@ -132,8 +132,7 @@ static int check_fields(json_t *def, struct registry *reg, struct err *e)
             return err_set(e, rc, "schedule: %s", msg);
         }
         if (cron_next(&c, batch_clock_now_ms()) < 0)
-            return err_set(e, ERR_INVALID, "schedule: '%.64s' never matches",
-                           json_string_value(v));
+            return err_set(e, ERR_INVALID, "schedule: '%.64s' never matches", json_string_value(v));
     }
     return 0;
 }
@@ -196,14 +195,13 @@ static void plan_free(struct run_plan *p)
 static char *task_input(json_t *def, const char *name, const char *in_uri, const char *out_uri,
                         const char *err_uri, int csv)
 {
-    json_t *t = json_pack("{s:s, s:s, s:s, s:s, s:s, s:O, s:O, s:O, s:O, s:O}", "object", name,
-                          "in", in_uri, "out", out_uri, "errors", err_uri, "format",
-                          csv ? "csv" : "jsonl", "records_per_batch",
-                          json_object_get(def, "records_per_batch"), "concurrency",
-                          json_object_get(def, "concurrency"), "join_input",
-                          json_object_get(def, "join_input"), "csv_header",
-                          json_object_get(def, "csv_header"), "max_errors",
-                          json_object_get(def, "max_errors"));
+    json_t *t = json_pack(
+        "{s:s, s:s, s:s, s:s, s:s, s:O, s:O, s:O, s:O, s:O}", "object", name, "in", in_uri, "out",
+        out_uri, "errors", err_uri, "format", csv ? "csv" : "jsonl", "records_per_batch",
+        json_object_get(def, "records_per_batch"), "concurrency",
+        json_object_get(def, "concurrency"), "join_input", json_object_get(def, "join_input"),
+        "csv_header", json_object_get(def, "csv_header"), "max_errors",
+        json_object_get(def, "max_errors"));
     char *s = t ? json_dumps(t, JSON_COMPACT) : NULL;
 
     json_decref(t);
@@ -217,7 +215,7 @@ static int plan_run(json_t *def, int64_t run_at_ms, struct run_plan *p, struct e
     const char *output = json_string_value(json_object_get(def, "output"));
     const char *format = json_string_value(json_object_get(def, "format"));
     struct batch_config bc = {
-        .format = !format                        ? BATCH_FORMAT_AUTO
+        .format = !format                      ? BATCH_FORMAT_AUTO
                   : strcmp(format, "csv") == 0 ? BATCH_FORMAT_CSV
                                                : BATCH_FORMAT_JSONL,
     };
@@ -297,9 +295,8 @@ static int64_t lease_of(struct registry *reg, const char *model)
     return ms;
 }
 
-int batch_job_start(const struct batch_jobs_config *cfg, const char *definition,
-                    const char *parent, int64_t run_at_ms, int64_t parent_next_ms,
-                    char id_out[40], struct err *e)
+int batch_job_start(const struct batch_jobs_config *cfg, const char *definition, const char *parent,
+                    int64_t run_at_ms, int64_t parent_next_ms, char id_out[40], struct err *e)
 {
     json_t *def = json_loads(definition, 0, NULL);
     struct run_plan p = {0};
@@ -345,8 +342,8 @@ cleanup:
     return rc;
 }
 
-int batch_job_schedule(const struct batch_jobs_config *cfg, const char *definition,
-                       char id_out[40], struct err *e)
+int batch_job_schedule(const struct batch_jobs_config *cfg, const char *definition, char id_out[40],
+                       struct err *e)
 {
     json_t *def = json_loads(definition, 0, NULL);
     struct batch_job_spec spec = {0};
@@ -419,8 +416,8 @@ static void run_due(struct batch_scheduler *s)
         if (rc == 0)
             log_info("batch", "scheduled run started", "schedule=%s batch_job=%s", due[i].id, id);
         else if (rc != ERR_CONFLICT)
-            log_error("batch", "scheduled run not started", "schedule=%s reason=\"%s\"",
-                      due[i].id, e.msg);
+            log_error("batch", "scheduled run not started", "schedule=%s reason=\"%s\"", due[i].id,
+                      e.msg);
     }
     queue_schedules_free(due, n);
 }

@@ -21,8 +21,9 @@ static const char *const month_names[] = {"JAN", "FEB", "MAR", "APR", "MAY", "JU
 static const char *const day_names[] = {"SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN"};
 
 static const struct field fields[5] = {
-    {"minute", 0, 59, NULL},      {"hour", 0, 23, NULL},          {"day of month", 1, 31, NULL},
-    {"month", 1, 12, month_names}, {"day of week", 0, 7, day_names},
+    {"minute", 0, 59, NULL},          {"hour", 0, 23, NULL},
+    {"day of month", 1, 31, NULL},    {"month", 1, 12, month_names},
+    {"day of week", 0, 7, day_names},
 };
 
 /* A number or a name at *p; advances *p. -1 if neither. */
@@ -72,8 +73,8 @@ static int parse_field(const struct field *f, const char *s, size_t len, uint64_
         } else {
             lo = value(f, &p);
             if (lo < 0)
-                return err_set(e, ERR_INVALID, "cron %s field '%s': expected a number%s",
-                               f->name, text, f->names ? " or a name" : "");
+                return err_set(e, ERR_INVALID, "cron %s field '%s': expected a number%s", f->name,
+                               text, f->names ? " or a name" : "");
             hi = lo;
             if (*p == '-') {
                 p++;

@@ -44,7 +44,7 @@ static void do_create(struct req *r)
     char id[40];
     struct err e = {0};
     int rc = r->batch_schedule ? batch_job_schedule(&cfg, r->body.data, id, &e)
-                          : batch_job_start(&cfg, r->body.data, NULL, 0, 0, id, &e);
+                               : batch_job_start(&cfg, r->body.data, NULL, 0, 0, id, &e);
 
     if (rc == ERR_BUSY)
         r->retry_after_s = 5;

@@ -376,6 +376,8 @@ static void enqueued(void *ctx, int rc, const struct err *e, const char *id, int
         http_set_error(r, rc, e->msg);
         if (rc == ERR_CONFLICT)
             set_location(r);
+        if (rc == ERR_UNAVAILABLE)
+            r->retry_after_s = 5; /* the job store is unreachable: nothing was stored */
     } else {
         set_location(r);
         if (existed || (r->prefer_async && r->wait_ms > 0)) {
@@ -399,6 +401,8 @@ static enum MHD_Result enqueue(struct req *r)
     r->status = 0;
     if (queue_enqueue_async(r->srv->queue, &r->spec, enqueued, r, &e) != 0) {
         http_set_error(r, e.code, e.msg);
+        if (e.code == ERR_UNAVAILABLE)
+            r->retry_after_s = 5;
         http_finish_async(r);
     }
     return MHD_YES;
@@ -783,7 +787,7 @@ int jobs_metrics(struct http_server *s, struct buf *out)
 {
     int64_t counts[JOB_N_STATES];
     struct err e;
-    int rc, workers = s->pool ? s->cfg.workers : 0;
+    int rc, workers = worker_pool_size(s->pool);
     int64_t queued;
 
     if (!s->queue)
@@ -803,9 +807,11 @@ int jobs_metrics(struct http_server *s, struct buf *out)
                         "autoscaling signal.\n# TYPE inferd_queue_backlog_per_worker gauge\n"
                         "inferd_queue_backlog_per_worker %g\n"
                         "# HELP inferd_workers_busy Workers running a job now.\n"
-                        "# TYPE inferd_workers_busy gauge\ninferd_workers_busy %d\n",
+                        "# TYPE inferd_workers_busy gauge\ninferd_workers_busy %d\n"
+                        "# HELP inferd_workers Workers in this process's pool (autoscaling "
+                        "changes it).\n# TYPE inferd_workers gauge\ninferd_workers %d\n",
                         (long long)queued, workers > 0 ? (double)queued / workers : (double)queued,
-                        worker_pool_busy(s->pool));
+                        worker_pool_busy(s->pool), workers);
     if (rc == 0 && s->notifier) {
         struct notify_stats ns;
         notify_get_stats(s->notifier, &ns);

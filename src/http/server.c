@@ -442,6 +442,11 @@ static enum MHD_Result route(struct req *r, const char *method, const char *url)
     if (strlen(url) >= sizeof(store))
         return http_reply_error(r, ERR_NOT_FOUND, "path too long");
     n = split_path(url, store, sizeof(store), seg, 7);
+    if (r->srv->cfg.worker_only && !(n == 1 && is_get && strcmp(seg[0], "metrics") == 0) &&
+        !(n == 3 && is_get && strcmp(seg[0], "v2") == 0 && strcmp(seg[1], "health") == 0))
+        return http_reply_error(r, ERR_NOT_FOUND,
+                                "inferd worker serves only /metrics and /v2/health/*; the API "
+                                "is on inferd serve");
     if (n >= 2 && strcmp(seg[0], "v1") == 0 &&
         (strcmp(seg[1], "jobs") == 0 || strcmp(seg[1], "batch-jobs") == 0))
         return jobs_route(r, is_get, is_post, is_delete, seg, n);

@@ -26,6 +26,7 @@ struct http_config {
     int64_t default_max_attempts; /* async jobs that do not say */
     int64_t default_ttl_s;        /* 0: jobs never expire while queued */
     int workers;                  /* the async worker pool's size, for metrics */
+    int worker_only;              /* inferd worker: only metrics and health */
 };
 
 struct http_server;

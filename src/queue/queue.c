@@ -3,6 +3,7 @@
  * shapes of a job and of a webhook event, shared by every implementation.
  */
 #include "queue/queue_internal.h"
+#include "queue/queue_redis.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,6 +53,11 @@ void queue_outbox_items_free(struct queue_outbox_item *items, size_t n)
 
 int queue_open(const struct queue_config *cfg, struct queue **out, struct err *e)
 {
+    if (cfg->url && strncmp(cfg->url, "redis://", 8) == 0)
+        return queue_redis_open(cfg, out, e);
+    if (cfg->url && cfg->url[0] && strcmp(cfg->url, "sqlite") != 0)
+        return err_set(e, ERR_INVALID, "--queue %s: expected sqlite or redis://host:port/db",
+                       cfg->url);
     return queue_sqlite_open(cfg, out, e);
 }
 

@@ -128,12 +128,12 @@ static json_t *row_json(sqlite3_stmt *st)
     json_object_set_new(o, "output", json_text_or_null(st, 5));
     json_object_set_new(o, "started_at", json_time(sqlite3_column_int64(st, 7)));
     json_object_set_new(o, "finished_at", json_time(sqlite3_column_int64(st, 8)));
-    json_object_set_new(
-        o, "progress",
-        json_pack("{s:I, s:I, s:I, s:I}", "objects_total", (json_int_t)sqlite3_column_int64(st, 11),
-                  "objects_done", (json_int_t)sqlite3_column_int64(st, 12), "records_done",
-                  (json_int_t)sqlite3_column_int64(st, 13), "records_failed",
-                  (json_int_t)sqlite3_column_int64(st, 14)));
+    json_object_set_new(o, "progress",
+                        json_pack("{s:I, s:I, s:I, s:I}", "objects_total",
+                                  (json_int_t)sqlite3_column_int64(st, 11), "objects_done",
+                                  (json_int_t)sqlite3_column_int64(st, 12), "records_done",
+                                  (json_int_t)sqlite3_column_int64(st, 13), "records_failed",
+                                  (json_int_t)sqlite3_column_int64(st, 14)));
     json_object_set_new(o, "error", json_text_or_null(st, 15));
     return o;
 }
@@ -163,7 +163,8 @@ static int batch_json(sqlite3 *db, const char *id, json_t **out, struct err *e)
         return rc;
     }
     st = sq_prepare(db, "SELECT " BATCH_COLUMNS " FROM batch_jobs WHERE parent = ? "
-                        "ORDER BY seq DESC LIMIT " "50");
+                        "ORDER BY seq DESC LIMIT "
+                        "50");
     if (!st) {
         json_decref(o);
         return sq_db_err(db, e, "prepare");
@@ -190,8 +191,8 @@ static int append_json(struct buf *out, json_t *o, struct err *e)
 /* ---- the end of a run (writer thread) ---- */
 
 /* Ends a run: its other tasks stop, and its webhook is stored, in the current transaction. */
-static int end_run(struct sqlite_queue *q, const char *id, enum job_state state,
-                   const char *error, struct err *e)
+static int end_run(struct sqlite_queue *q, const char *id, enum job_state state, const char *error,
+                   struct err *e)
 {
     int64_t now = queue_now_ms();
     sqlite3_stmt *st;
@@ -237,9 +238,8 @@ static int end_run(struct sqlite_queue *q, const char *id, enum job_state state,
     sq_finish(st);
     if (rc != 0)
         return rc;
-    log_info("batch", "batch job ended", "batch_job=%s status=%s%s%s%s", id,
-             job_state_name(state), error ? " reason=\"" : "", error ? error : "",
-             error ? "\"" : "");
+    log_info("batch", "batch job ended", "batch_job=%s status=%s%s%s%s", id, job_state_name(state),
+             error ? " reason=\"" : "", error ? error : "", error ? "\"" : "");
     rc = batch_json(q->wdb, id, &bj, e);
     if (rc != 0)
         return rc;
@@ -277,8 +277,8 @@ static int queue_finish_job(struct sqlite_queue *q, const char *batch_id, struct
 {
     sqlite3_stmt *st = sq_prepare(q->wdb, "SELECT model, finish_input, max_attempts, "
                                           "lease_timeout_ms FROM batch_jobs WHERE id = ?");
-    struct job_spec spec = {.kind = JOB_KIND_BATCH_FINISH, .batch_id = batch_id,
-                            .input_json_len = -1};
+    struct job_spec spec = {
+        .kind = JOB_KIND_BATCH_FINISH, .batch_id = batch_id, .input_json_len = -1};
     char *model = NULL, *input = NULL, id[40];
     int rc = 0;
 
@@ -308,8 +308,7 @@ static int queue_finish_job(struct sqlite_queue *q, const char *batch_id, struct
     return rc;
 }
 
-int sq_batch_task_started(struct sqlite_queue *q, const char *batch_id, int64_t now,
-                          struct err *e)
+int sq_batch_task_started(struct sqlite_queue *q, const char *batch_id, int64_t now, struct err *e)
 {
     sqlite3_stmt *st = sq_prepare(q->wdb, "UPDATE batch_jobs SET state = 1, started_ms = "
                                           "COALESCE(started_ms, ?) WHERE id = ? AND state = 0");

@@ -25,9 +25,13 @@
 #include <time.h>
 #include <unistd.h>
 
+enum worker_state { WORKER_OFF = 0, WORKER_RUNNING, WORKER_RETIRING };
+
 struct worker {
     struct worker_pool *pool;
     pthread_t thread;
+    enum worker_state state; /* the controller's (and start/stop's) only */
+    _Atomic int retire;      /* finish the current jobs, then exit */
     int index;
     char name[64];
     /* completions of the running jobs' batch items */
@@ -41,8 +45,12 @@ struct worker_pool {
     struct queue *q;
     struct registry *reg;
     struct worker *workers;
-    int n_started;
+    int n_slots;          /* workers allocated: max_workers */
+    _Atomic int n_active; /* running and not retiring */
     _Atomic int stopping;
+    pthread_t controller;
+    int controller_started;
+    int64_t idle_since_ms; /* controller's: when the queue was last seen empty and idle */
     _Atomic int busy;
     pthread_mutex_t rate_lock;
     int64_t rate_window_start_ms; /* guarded by rate_lock */
@@ -326,7 +334,7 @@ static void *worker_main(void *arg)
     struct worker_pool *p = w->pool;
     struct job **jobs = calloc((size_t)p->cfg.batch, sizeof(*jobs));
 
-    while (jobs && !atomic_load(&p->stopping)) {
+    while (jobs && !atomic_load(&p->stopping) && !atomic_load(&w->retire)) {
         struct err e;
         size_t n = 0;
         if (queue_lease_many(p->q, w->name, (size_t)p->cfg.batch, p->cfg.lease_poll_ms, jobs, &n,
@@ -364,41 +372,141 @@ static void *worker_main(void *arg)
 
 /* ---- the pool ---- */
 
+static int start_worker(struct worker_pool *p, struct worker *w)
+{
+    atomic_store(&w->retire, 0);
+    if (pthread_create(&w->thread, NULL, worker_main, w) != 0)
+        return -1;
+    w->state = WORKER_RUNNING;
+    atomic_fetch_add(&p->n_active, 1);
+    return 0;
+}
+
+/* Reaps retired workers whose threads have ended. */
+static void reap(struct worker_pool *p)
+{
+    for (int i = 0; i < p->n_slots; i++) {
+        struct worker *w = &p->workers[i];
+        if (w->state == WORKER_RETIRING && pthread_tryjoin_np(w->thread, NULL) == 0)
+            w->state = WORKER_OFF;
+    }
+}
+
+/*
+ * Autoscaling, twice a second: more workers (up to max) while the backlog per worker is
+ * above the target and would take more than a second to drain at the observed rate; one
+ * fewer (down to min, which may be 0) per tick once nothing has been queued or running for
+ * scale_down_delay_ms.
+ */
+static void scale(struct worker_pool *p)
+{
+    const struct worker_pool_config *c = &p->cfg;
+    int64_t now = queue_now_ms(), queued = queue_queued(p->q);
+    int n = atomic_load(&p->n_active), busy = atomic_load(&p->busy);
+    double rate = worker_pool_drain_rate(p);
+    double per_worker = n > 0 ? (double)queued / n : (double)queued;
+    double drain_s = rate > 0 ? (double)queued / rate : 1e9;
+
+    reap(p);
+    if (queued > 0 || busy > 0)
+        p->idle_since_ms = now;
+    if (queued > 0 && n < c->max_workers &&
+        (n == 0 || (per_worker > (double)c->target_backlog && drain_s > 1.0))) {
+        int want = (int)((queued + c->target_backlog - 1) / c->target_backlog);
+        if (want > c->max_workers)
+            want = c->max_workers;
+        if (want <= n)
+            want = n + 1;
+        for (int i = 0; i < p->n_slots && atomic_load(&p->n_active) < want; i++)
+            if (p->workers[i].state == WORKER_OFF && start_worker(p, &p->workers[i]) != 0)
+                break;
+        log_info("worker", "scaled up", "workers=%d queued=%lld jobs_per_s=%.1f",
+                 atomic_load(&p->n_active), (long long)queued, rate);
+    } else if (n > c->min_workers && now - p->idle_since_ms >= c->scale_down_delay_ms) {
+        for (int i = p->n_slots - 1; i >= 0; i--) {
+            struct worker *w = &p->workers[i];
+            if (w->state == WORKER_RUNNING) {
+                atomic_store(&w->retire, 1);
+                w->state = WORKER_RETIRING;
+                atomic_fetch_sub(&p->n_active, 1);
+                break;
+            }
+        }
+        p->idle_since_ms = now; /* one per delay: a quiet spell shrinks the pool step by step */
+        log_info("worker", "scaled down", "workers=%d", atomic_load(&p->n_active));
+    }
+}
+
+static void *controller_main(void *arg)
+{
+    struct worker_pool *p = arg;
+
+    while (!atomic_load(&p->stopping)) {
+        struct timespec ts = {0, 100 * 1000000};
+        for (int i = 0; i < 5 && !atomic_load(&p->stopping); i++)
+            nanosleep(&ts, NULL);
+        if (!atomic_load(&p->stopping))
+            scale(p);
+    }
+    return NULL;
+}
+
 int worker_pool_start(const struct worker_pool_config *cfg, struct queue *q, struct registry *reg,
                       struct worker_pool **out, struct err *e)
 {
     struct worker_pool *p = calloc(1, sizeof(*p));
     char host[64] = "host";
+    int start;
 
     *out = NULL;
     if (!p)
         return err_set(e, ERR_NOMEM, "out of memory");
     p->cfg = *cfg;
+    if (p->cfg.max_workers <= 0) /* a fixed pool */
+        p->cfg.min_workers = p->cfg.max_workers = cfg->workers;
+    if (p->cfg.target_backlog <= 0)
+        p->cfg.target_backlog = 10;
     p->q = q;
     p->reg = reg;
     pthread_mutex_init(&p->rate_lock, NULL);
     p->rate_window_start_ms = queue_now_ms();
-    p->workers = calloc((size_t)cfg->workers, sizeof(*p->workers));
+    p->idle_since_ms = queue_now_ms();
+    p->n_slots = p->cfg.max_workers > 0 ? p->cfg.max_workers : 1;
+    p->workers = calloc((size_t)p->n_slots, sizeof(*p->workers));
     if (!p->workers) {
         free(p);
         return err_set(e, ERR_NOMEM, "out of memory");
     }
     gethostname(host, sizeof(host) - 1);
-    for (int i = 0; i < cfg->workers; i++) {
+    for (int i = 0; i < p->n_slots; i++) {
         struct worker *w = &p->workers[i];
         w->pool = p;
         w->index = i;
         snprintf(w->name, sizeof(w->name), "%.40s/%d/%d", host, (int)getpid(), i);
         pthread_mutex_init(&w->lock, NULL);
         pthread_cond_init(&w->cond, NULL);
-        if (pthread_create(&w->thread, NULL, worker_main, w) != 0) {
+    }
+    start = p->cfg.min_workers == p->cfg.max_workers ? p->cfg.max_workers : p->cfg.min_workers;
+    for (int i = 0; i < start; i++) {
+        if (start_worker(p, &p->workers[i]) != 0) {
             worker_pool_stop(p);
             return err_set(e, ERR_NOMEM, "cannot start worker %d", i);
         }
-        p->n_started++;
+    }
+    if (p->cfg.max_workers > p->cfg.min_workers) {
+        if (pthread_create(&p->controller, NULL, controller_main, p) != 0) {
+            worker_pool_stop(p);
+            return err_set(e, ERR_NOMEM, "cannot start the autoscaler");
+        }
+        p->controller_started = 1;
     }
     *out = p;
     return 0;
+}
+
+int worker_pool_size(struct worker_pool *p)
+{
+    return p ? atomic_load(&p->n_active) : 0;
 }
 
 int worker_pool_busy(struct worker_pool *p)
@@ -423,9 +531,12 @@ void worker_pool_stop(struct worker_pool *p)
     if (!p)
         return;
     atomic_store(&p->stopping, 1);
-    for (int i = 0; i < p->n_started; i++)
-        pthread_join(p->workers[i].thread, NULL);
-    for (int i = 0; i < p->cfg.workers; i++) {
+    if (p->controller_started)
+        pthread_join(p->controller, NULL);
+    for (int i = 0; i < p->n_slots; i++)
+        if (p->workers[i].state != WORKER_OFF)
+            pthread_join(p->workers[i].thread, NULL);
+    for (int i = 0; i < p->n_slots; i++) {
         pthread_mutex_destroy(&p->workers[i].lock);
         pthread_cond_destroy(&p->workers[i].cond);
     }

@@ -17,7 +17,11 @@ struct registry;
 struct worker_pool;
 
 struct worker_pool_config {
-    int workers;           /* >= 1 */
+    int workers;           /* >= 1: a fixed pool of this many (when max_workers is 0) */
+    int min_workers;       /* autoscaling: between min (0 allowed) and max workers */
+    int max_workers;       /* 0: no autoscaling */
+    int target_backlog;    /* queued jobs per worker above which the pool grows (0: 10) */
+    int64_t scale_down_delay_ms; /* idle this long before each step down */
     int batch;             /* jobs one worker leases and runs at once, >= 1 */
     int64_t lease_poll_ms; /* how long a lease call waits for a job before looking again */
 };
@@ -28,6 +32,9 @@ int worker_pool_start(const struct worker_pool_config *cfg, struct queue *q, str
 
 /* Jobs running now. */
 int worker_pool_busy(struct worker_pool *p);
+
+/* Workers running now (autoscaling changes it). 0 for NULL. */
+int worker_pool_size(struct worker_pool *p);
 
 /* Stops leasing, lets running jobs finish and record their results, joins. NULL is fine. */
 void worker_pool_stop(struct worker_pool *p);

@@ -161,10 +161,18 @@ static void sha256_hex(const void *data, size_t len, char hex[65])
 
 /* ---- XML ---- */
 
+/* libxml2 prints parse errors to stderr by default; a bad S3 answer is reported by us, once,
+ * in the log's format, not by the parser. */
+static void xml_quiet(void *ctx, const char *fmt, ...)
+{
+    (void)ctx, (void)fmt;
+}
+
 static xmlDocPtr parse_xml(const char *xml, size_t len)
 {
     if (!xml || len == 0 || len > INT_MAX)
         return NULL;
+    xmlSetGenericErrorFunc(NULL, xml_quiet); /* per thread in libxml2 */
     return xmlReadMemory(xml, (int)len, NULL, NULL,
                          XML_PARSE_NONET | XML_PARSE_NOERROR | XML_PARSE_NOWARNING);
 }

@@ -24,7 +24,7 @@ def test_help_and_version():
 
 
 def test_every_option_is_in_the_readme():
-    for command in ("serve", "batch"):
+    for command in ("serve", "worker", "batch"):
         options = re.findall(r"^\s+--([a-z0-9-]+)", run(command, "--help").stdout, re.M)
         assert len(options) >= 5, options
         for opt in options:

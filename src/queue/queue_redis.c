@@ -1,0 +1,1324 @@
+/*
+ * queue_redis.c: the job queue on Redis Streams, shared by any number of processes.
+ *
+ * Every change is one call of queue_redis.lua (atomic: Redis runs a script alone), so the
+ * guarantees are the SQLite queue's: a job is stored (and on its priority's stream) before
+ * enqueue returns, a lease counts the attempt first, complete/fail/extend are fenced by the
+ * attempt number, and a final state, its webhook and its wake-up are one step. Workers read
+ * the streams through the consumer group "workers"; a sweeper in every process reclaims the
+ * entries of attempts whose lease ran out (XAUTOCLAIM), so a crashed worker's jobs run again.
+ *
+ * Connections: a small pool of blocking hiredis contexts, each used by one thread at a time;
+ * one more connection subscribes to the final-state channel (long-polls) and one pipelines
+ * the asynchronous enqueues of HTTP threads. A lost connection is reconnected on next use;
+ * meanwhile calls fail with ERR_UNAVAILABLE (the API answers 503 with Retry-After).
+ */
+#define _GNU_SOURCE
+#include "queue/queue_redis.h"
+#include "core/clock.h"
+#include "core/log.h"
+
+#include <errno.h>
+#include <hiredis/hiredis.h>
+#include <openssl/sha.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#define POOL_SIZE 32
+#define SWEEP_MS 1000
+#define RECLAIM_MIN_IDLE_MS 1000
+#define MAX_BACKOFF_MS 60000
+#define OUTBOX_HOLD_MS 60000 /* a taken webhook is someone's for this long */
+#define CONNECT_TIMEOUT_MS 3000
+#define COMMAND_TIMEOUT_MS 10000
+
+extern const char queue_redis_lua[];
+
+struct async_op {
+    struct job_spec spec;
+    char id[40];
+    struct buf fields; /* unused: spec is borrowed until the callback */
+    queue_enqueue_fn fn;
+    void *ctx;
+    struct async_op *next;
+};
+
+struct redis_queue {
+    struct queue base;
+    struct queue_config cfg;
+    char host[256];
+    int port, db;
+    char prefix[64];
+    char sha[41];  /* of the script */
+    char name[96]; /* this process: host/pid */
+
+    pthread_mutex_t pool_lock;
+    redisContext *pool[POOL_SIZE]; /* guarded by pool_lock: idle connections */
+    int n_idle;                    /* guarded by pool_lock */
+
+    pthread_mutex_t lock;
+    pthread_cond_t cond;       /* stopping (the sweeper and subscriber wait on it) */
+    pthread_cond_t async_cond; /* enqueues arrived, or stopping */
+    int stopping;              /* guarded by lock */
+    struct async_op *async_head, *async_tail; /* guarded by lock */
+    pthread_t async_thread, sweeper, subscriber;
+    int threads_started;
+    _Atomic int64_t down_since_ms; /* 0 while Redis answers */
+};
+
+static struct redis_queue *rq(struct queue *q)
+{
+    return (struct redis_queue *)q;
+}
+
+/* ---- connections ---- */
+
+static int load_script(redisContext *c, struct err *e)
+{
+    redisReply *r = redisCommand(c, "SCRIPT LOAD %s", queue_redis_lua);
+    int rc = 0;
+
+    if (!r || r->type != REDIS_REPLY_STRING)
+        rc = err_set(e, ERR_UNAVAILABLE, "Redis: cannot load the queue script: %s",
+                     r && r->type == REDIS_REPLY_ERROR ? r->str : c->errstr);
+    freeReplyObject(r);
+    return rc;
+}
+
+static redisContext *connect_redis(struct redis_queue *q, struct err *e)
+{
+    struct timeval tv = {CONNECT_TIMEOUT_MS / 1000, (CONNECT_TIMEOUT_MS % 1000) * 1000};
+    struct timeval cmd = {COMMAND_TIMEOUT_MS / 1000, 0};
+    redisContext *c = redisConnectWithTimeout(q->host, q->port, tv);
+    redisReply *r;
+
+    if (!c || c->err) {
+        err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port,
+                c ? c->errstr : "cannot connect");
+        redisFree(c);
+        return NULL;
+    }
+    redisSetTimeout(c, cmd);
+    if (q->db != 0) {
+        r = redisCommand(c, "SELECT %d", q->db);
+        if (!r || r->type == REDIS_REPLY_ERROR) {
+            err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: SELECT %d failed", q->host, q->port,
+                    q->db);
+            freeReplyObject(r);
+            redisFree(c);
+            return NULL;
+        }
+        freeReplyObject(r);
+    }
+    if (load_script(c, e) != 0) {
+        redisFree(c);
+        return NULL;
+    }
+    return c;
+}
+
+static void note_down(struct redis_queue *q, const char *why)
+{
+    int64_t expected = 0;
+
+    if (atomic_compare_exchange_strong(&q->down_since_ms, &expected, queue_now_ms()))
+        log_error("queue", "Redis unreachable", "redis=%s:%d reason=\"%s\"", q->host, q->port, why);
+}
+
+static void note_up(struct redis_queue *q)
+{
+    if (atomic_exchange(&q->down_since_ms, 0) != 0)
+        log_info("queue", "Redis reachable again", "redis=%s:%d", q->host, q->port);
+}
+
+static redisContext *take_conn(struct redis_queue *q, struct err *e)
+{
+    redisContext *c = NULL;
+
+    pthread_mutex_lock(&q->pool_lock);
+    if (q->n_idle > 0)
+        c = q->pool[--q->n_idle];
+    pthread_mutex_unlock(&q->pool_lock);
+    if (!c) {
+        c = connect_redis(q, e);
+        if (!c)
+            note_down(q, e->msg);
+    }
+    return c;
+}
+
+/* Gives a connection back; a broken one is closed instead. */
+static void give_conn(struct redis_queue *q, redisContext *c)
+{
+    if (!c)
+        return;
+    if (c->err) {
+        note_down(q, c->errstr);
+        redisFree(c);
+        return;
+    }
+    note_up(q);
+    pthread_mutex_lock(&q->pool_lock);
+    if (q->n_idle < POOL_SIZE) {
+        q->pool[q->n_idle++] = c;
+        c = NULL;
+    }
+    pthread_mutex_unlock(&q->pool_lock);
+    redisFree(c);
+}
+
+/* ---- calling the script ---- */
+
+struct args {
+    const char *v[64];
+    size_t len[64];
+    char store[64][32]; /* numbers formatted here */
+    int n;
+};
+
+static void arg(struct args *a, const char *s)
+{
+    a->v[a->n] = s ? s : "";
+    a->len[a->n] = strlen(a->v[a->n]);
+    a->n++;
+}
+
+static void arg_bin(struct args *a, const char *s, size_t len)
+{
+    a->v[a->n] = s ? s : "";
+    a->len[a->n] = s ? len : 0;
+    a->n++;
+}
+
+static void arg_int(struct args *a, int64_t v)
+{
+    snprintf(a->store[a->n], sizeof(a->store[a->n]), "%lld", (long long)v);
+    arg(a, a->store[a->n]);
+}
+
+/* EVALSHA <sha> 0 <op> <prefix> <now> ...: the head of every script call. */
+static void script_args(struct redis_queue *q, struct args *a, const char *op)
+{
+    a->n = 0;
+    arg(a, "EVALSHA");
+    arg(a, q->sha);
+    arg(a, "0");
+    arg(a, op);
+    arg(a, q->prefix);
+    arg_int(a, queue_now_ms());
+}
+
+static redisReply *call(struct redis_queue *q, redisContext *c, struct args *a, struct err *e)
+{
+    redisReply *r = redisCommandArgv(c, a->n, a->v, a->len);
+
+    if (!r) {
+        err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
+        return NULL;
+    }
+    if (r->type == REDIS_REPLY_ERROR) {
+        err_set(e, ERR_IO, "Redis: %.200s", r->str);
+        freeReplyObject(r);
+        return NULL;
+    }
+    return r;
+}
+
+/* One script call on a pooled connection. */
+static redisReply *run(struct redis_queue *q, struct args *a, struct err *e)
+{
+    redisContext *c = take_conn(q, e);
+    redisReply *r;
+
+    if (!c)
+        return NULL;
+    r = call(q, c, a, e);
+    give_conn(q, c);
+    return r;
+}
+
+/* ---- jobs from hashes ---- */
+
+static const char *hget(const redisReply *h, const char *name, size_t *len)
+{
+    for (size_t i = 0; h && i + 1 < h->elements; i += 2) {
+        if (strcmp(h->element[i]->str, name) == 0) {
+            if (len)
+                *len = h->element[i + 1]->len;
+            return h->element[i + 1]->str;
+        }
+    }
+    return NULL;
+}
+
+static int64_t hget_int(const redisReply *h, const char *name)
+{
+    const char *s = hget(h, name, NULL);
+    return s ? strtoll(s, NULL, 10) : 0;
+}
+
+static char *hget_dup(const redisReply *h, const char *name)
+{
+    const char *s = hget(h, name, NULL);
+    return s && s[0] ? strdup(s) : NULL;
+}
+
+/* A job from its HGETALL reply; `with_input` / `with_result` also copy those. */
+static struct job *job_from_hash(const char *id, const redisReply *h, int with_input,
+                                 int with_result)
+{
+    struct job *j = calloc(1, sizeof(*j));
+    const char *s;
+    size_t len = 0;
+
+    if (!j)
+        return NULL;
+    snprintf(j->id, sizeof(j->id), "%s", id);
+    j->model = hget_dup(h, "model");
+    j->state = (enum job_state)hget_int(h, "state");
+    j->priority = (int)hget_int(h, "priority");
+    j->attempts = (int)hget_int(h, "attempts");
+    j->max_attempts = (int)hget_int(h, "max_attempts");
+    j->created_ms = hget_int(h, "created_ms");
+    j->started_ms = hget_int(h, "started_ms");
+    j->finished_ms = hget_int(h, "finished_ms");
+    j->lease_timeout_ms = hget_int(h, "lease_timeout_ms");
+    j->ttl_s = hget_int(h, "ttl_s");
+    j->error = hget_dup(h, "error");
+    j->input_location = hget_dup(h, "input_location");
+    j->output_location = hget_dup(h, "output_location");
+    j->callback_url = hget_dup(h, "callback_url");
+    j->cancel_requested = (int)hget_int(h, "cancel_requested");
+    j->kind = (enum job_kind)hget_int(h, "kind");
+    if ((s = hget(h, "batch_id", NULL)))
+        snprintf(j->batch_id, sizeof(j->batch_id), "%s", s);
+    j->token = (uint64_t)j->attempts;
+    j->input_json_len = -1;
+    j->result_json_len = -1;
+    if (with_input && (s = hget(h, "input", &len))) {
+        buf_append(&j->input, s, len);
+        j->input_json_len = hget_int(h, "input_json_len");
+    }
+    if (with_result && (s = hget(h, "result", &len))) {
+        buf_append(&j->result, s, len);
+        j->result_json_len = hget(h, "result_json_len", NULL) ? hget_int(h, "result_json_len") : -1;
+    }
+    return j;
+}
+
+static int load_job(struct redis_queue *q, redisContext *c, const char *id, int with_input,
+                    int with_result, struct job **out, struct err *e)
+{
+    char key[128];
+    redisReply *r;
+
+    *out = NULL;
+    snprintf(key, sizeof(key), "%sjob:%s", q->prefix, id);
+    r = redisCommand(c, "HGETALL %s", key);
+    if (!r)
+        return err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
+    if (r->type != REDIS_REPLY_ARRAY || r->elements == 0) {
+        freeReplyObject(r);
+        return err_set(e, ERR_NOT_FOUND, "no job '%.40s'", id);
+    }
+    *out = job_from_hash(id, r, with_input, with_result);
+    freeReplyObject(r);
+    return *out ? 0 : err_set(e, ERR_NOMEM, "out of memory");
+}
+
+/* ---- operations ---- */
+
+static void new_id(char out[40])
+{
+    unsigned char rnd[6] = {0};
+
+    if (getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd))
+        for (size_t i = 0; i < sizeof(rnd); i++)
+            rnd[i] = (unsigned char)rand();
+    snprintf(out, 40, "%012llx%02x%02x%02x%02x%02x%02x", (unsigned long long)queue_now_ms(), rnd[0],
+             rnd[1], rnd[2], rnd[3], rnd[4], rnd[5]);
+}
+
+static void enqueue_args(struct redis_queue *q, struct args *a, const struct job_spec *s,
+                         const char *id)
+{
+    script_args(q, a, "enqueue");
+    arg(a, id);
+    arg(a, s->idempotency_key);
+    arg(a, s->request_hash);
+    arg_int(a, q->cfg.max_queued);
+    arg(a, "model"), arg(a, s->model);
+    arg(a, "priority"), arg_int(a, s->priority);
+    arg(a, "max_attempts"), arg_int(a, s->max_attempts);
+    arg(a, "lease_timeout_ms"), arg_int(a, s->lease_timeout_ms);
+    arg(a, "ttl_s"), arg_int(a, s->ttl_s);
+    arg(a, "kind"), arg_int(a, s->kind);
+    arg(a, "batch_id"), arg(a, s->batch_id);
+    arg(a, "input_location"), arg(a, s->input_location);
+    arg(a, "output_location"), arg(a, s->output_location);
+    arg(a, "callback_url"), arg(a, s->callback_url);
+    arg(a, "input_json_len"), arg_int(a, s->input_json_len);
+    if (s->input)
+        arg(a, "input"), arg_bin(a, s->input, s->input_len);
+}
+
+/* The enqueue script's answer: {"ok"|"existed"|"conflict"|"busy", id}. */
+static int enqueue_reply(const struct job_spec *s, redisReply *r, char id_out[40], int *existed,
+                         struct err *e)
+{
+    const char *status;
+
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2)
+        return err_set(e, ERR_IO, "Redis: unexpected answer to enqueue");
+    status = r->element[0]->str;
+    snprintf(id_out, 40, "%s", r->element[1]->str ? r->element[1]->str : "");
+    *existed = strcmp(status, "existed") == 0 || strcmp(status, "conflict") == 0;
+    if (strcmp(status, "conflict") == 0)
+        return err_set(e, ERR_CONFLICT,
+                       "Idempotency-Key '%.64s' was used for another request (job %s)",
+                       s->idempotency_key, id_out);
+    if (strcmp(status, "busy") == 0)
+        return err_set(e, ERR_BUSY, "the queue holds %s jobs, the limit (--max-queue)", id_out);
+    return 0;
+}
+
+static int r_enqueue(struct queue *qb, const struct job_spec *spec, char id_out[40], int *existed,
+                     struct err *e)
+{
+    struct redis_queue *q = rq(qb);
+    struct args a;
+    char id[40];
+    redisReply *r;
+    int rc;
+
+    new_id(id);
+    enqueue_args(q, &a, spec, id);
+    r = run(q, &a, e);
+    if (!r)
+        return e->code;
+    rc = enqueue_reply(spec, r, id_out, existed, e);
+    freeReplyObject(r);
+    return rc;
+}
+
+/* The asynchronous enqueues of HTTP threads, pipelined on one connection. */
+static void *async_main(void *self)
+{
+    struct redis_queue *q = self;
+    redisContext *c = NULL;
+
+    pthread_mutex_lock(&q->lock);
+    for (;;) {
+        struct async_op *ops;
+        while (!q->async_head && !q->stopping)
+            pthread_cond_wait(&q->async_cond, &q->lock);
+        if (!q->async_head)
+            break;
+        ops = q->async_head;
+        q->async_head = q->async_tail = NULL;
+        pthread_mutex_unlock(&q->lock);
+
+        struct err e = {0};
+        if (!c || c->err) {
+            redisFree(c);
+            c = connect_redis(q, &e);
+            if (!c)
+                note_down(q, e.msg);
+        }
+        for (struct async_op *o = ops; c && o; o = o->next) {
+            struct args a;
+            new_id(o->id);
+            enqueue_args(q, &a, &o->spec, o->id);
+            redisAppendCommandArgv(c, a.n, a.v, a.len);
+        }
+        for (struct async_op *o = ops, *next; o; o = next) {
+            redisReply *r = NULL;
+            char id[40] = "";
+            int existed = 0, rc;
+            next = o->next;
+            if (c && redisGetReply(c, (void **)&r) == REDIS_OK && r) {
+                rc = r->type == REDIS_REPLY_ERROR ? err_set(&e, ERR_IO, "Redis: %.200s", r->str)
+                                                  : enqueue_reply(&o->spec, r, id, &existed, &e);
+            } else {
+                rc = err_set(&e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port,
+                             c ? c->errstr : e.msg);
+            }
+            freeReplyObject(r);
+            o->fn(o->ctx, rc, &e, id, existed);
+            free(o);
+        }
+        if (c && !c->err)
+            note_up(q);
+        pthread_mutex_lock(&q->lock);
+    }
+    pthread_mutex_unlock(&q->lock);
+    redisFree(c);
+    return NULL;
+}
+
+static int r_enqueue_async(struct queue *qb, const struct job_spec *spec, queue_enqueue_fn fn,
+                           void *ctx, struct err *e)
+{
+    struct redis_queue *q = rq(qb);
+    struct async_op *o;
+
+    if (atomic_load(&q->down_since_ms) != 0)
+        return err_set(e, ERR_UNAVAILABLE, "the job queue (Redis at %s:%d) is unreachable", q->host,
+                       q->port);
+    o = calloc(1, sizeof(*o));
+    if (!o)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    o->spec = *spec;
+    o->fn = fn;
+    o->ctx = ctx;
+    pthread_mutex_lock(&q->lock);
+    if (q->stopping) {
+        pthread_mutex_unlock(&q->lock);
+        free(o);
+        return err_set(e, ERR_UNAVAILABLE, "the job store is closing");
+    }
+    if (q->async_tail)
+        q->async_tail->next = o;
+    else
+        q->async_head = o;
+    q->async_tail = o;
+    pthread_cond_signal(&q->async_cond);
+    pthread_mutex_unlock(&q->lock);
+    return 0;
+}
+
+/* Waits up to `ms` for a new entry on any priority stream. */
+static void wait_for_work(struct redis_queue *q, redisContext *c, int64_t ms)
+{
+    const char *argv[26];
+    char keys[10][96];
+    char block[24];
+    int n = 0;
+
+    snprintf(block, sizeof(block), "%lld", (long long)ms);
+    argv[n++] = "XREAD";
+    argv[n++] = "BLOCK";
+    argv[n++] = block;
+    argv[n++] = "STREAMS";
+    for (int p = 9; p >= 0; p--) {
+        snprintf(keys[p], sizeof(keys[p]), "%sq:%d", q->prefix, p);
+        argv[n++] = keys[p];
+    }
+    for (int p = 0; p < 10; p++)
+        argv[n++] = "$";
+    freeReplyObject(redisCommandArgv(c, n, argv, NULL));
+}
+
+static int r_lease_many(struct queue *qb, const char *worker, size_t max, int64_t wait_ms,
+                        struct job **out, size_t *n, struct err *e)
+{
+    struct redis_queue *q = rq(qb);
+    redisContext *c = take_conn(q, e);
+    redisReply *r = NULL;
+    struct args a;
+    int rc = 0;
+
+    *n = 0;
+    if (!c)
+        return e->code;
+    for (int round = 0; round < 2; round++) {
+        script_args(q, &a, "lease");
+        arg(&a, worker);
+        arg_int(&a, (int64_t)max);
+        arg_int(&a, q->cfg.result_ttl_s);
+        r = call(q, c, &a, e);
+        if (!r) {
+            rc = e->code;
+            break;
+        }
+        if (r->type == REDIS_REPLY_ARRAY && r->elements > 0)
+            break;
+        freeReplyObject(r);
+        r = NULL;
+        if (round == 0 && wait_ms > 0)
+            wait_for_work(q, c, wait_ms < 250 ? wait_ms : 250); /* delayed retries come by time */
+        else
+            break;
+        if (c->err)
+            break;
+    }
+    for (size_t i = 0; r && i < r->elements && *n < max; i++) {
+        if (load_job(q, c, r->element[i]->str, 1, 0, &out[*n], e) == 0)
+            (*n)++;
+    }
+    freeReplyObject(r);
+    give_conn(q, c);
+    return rc;
+}
+
+static int r_lease(struct queue *qb, const char *worker, int64_t wait_ms, struct job **out,
+                   struct err *e)
+{
+    size_t n = 0;
+    int rc = r_lease_many(qb, worker, 1, wait_ms, out, &n, e);
+
+    if (n == 0)
+        *out = NULL;
+    return rc;
+}
+
+static int int_reply(redisReply *r, int64_t *v)
+{
+    if (!r || r->type != REDIS_REPLY_INTEGER)
+        return -1;
+    *v = r->integer;
+    return 0;
+}
+
+static int r_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms,
+                    struct err *e)
+{
+    struct redis_queue *q = rq(qb);
+    struct args a;
+    redisReply *r;
+    int64_t v = 0;
+
+    if (!id[0])
+        return 0; /* queue_on_final's flush: nothing to wait for here */
+    script_args(q, &a, "extend");
+    arg(&a, id);
+    arg_int(&a, (int64_t)token);
+    arg_int(&a, lease_ms);
+    r = run(q, &a, e);
+    if (!r)
+        return e->code;
+    int_reply(r, &v);
+    freeReplyObject(r);
+    return v == 1 ? 0
+                  : err_set(e, ERR_CONFLICT, "job %s: attempt %llu no longer holds the lease", id,
+                            (unsigned long long)token);
+}
+
+static void outcome_args(struct redis_queue *q, struct args *a, const struct queue_outcome *o)
+{
+    if (o->ok) {
+        script_args(q, a, "complete");
+        arg(a, o->id);
+        arg_int(a, (int64_t)o->token);
+        arg_bin(a, o->result, o->result_len);
+        arg_int(a, o->result_json_len);
+        arg_int(a, q->cfg.result_ttl_s);
+    } else {
+        script_args(q, a, "fail");
+        arg(a, o->id);
+        arg_int(a, (int64_t)o->token);
+        arg(a, o->error ? o->error : "failed");
+        arg(a, o->retryable ? "1" : "0");
+        arg_int(a, q->cfg.retry_backoff_ms);
+        arg_int(a, MAX_BACKOFF_MS);
+        arg_int(a, q->cfg.result_ttl_s);
+    }
+}
+
+static int r_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n, struct err *e)
+{
+    struct redis_queue *q = rq(qb);
+    redisContext *c = take_conn(q, e);
+    int rc = 0;
+
+    if (!c)
+        return e->code;
+    for (size_t i = 0; i < n; i++) {
+        struct args a;
+        outcome_args(q, &a, &outs[i]);
+        redisAppendCommandArgv(c, a.n, a.v, a.len);
+    }
+    for (size_t i = 0; i < n; i++) {
+        redisReply *r = NULL;
+        int64_t v = 0;
+        if (redisGetReply(c, (void **)&r) != REDIS_OK || !r) {
+            outs[i].rc =
+                err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
+            if (rc == 0)
+                rc = outs[i].rc;
+            continue;
+        }
+        if (r->type == REDIS_REPLY_ERROR) {
+            outs[i].rc = err_set(e, ERR_IO, "Redis: %.200s", r->str);
+            if (rc == 0)
+                rc = outs[i].rc;
+        } else {
+            int_reply(r, &v);
+            outs[i].rc = v == 1 ? 0 : ERR_CONFLICT;
+        }
+        freeReplyObject(r);
+    }
+    give_conn(q, c);
+    return rc;
+}
+
+static int r_complete(struct queue *qb, const char *id, uint64_t token, const char *result,
+                      size_t len, int64_t json_len, struct err *e)
+{
+    struct queue_outcome o = {.id = id,
+                              .token = token,
+                              .ok = 1,
+                              .result = result,
+                              .result_len = len,
+                              .result_json_len = json_len};
+    int rc = r_finish_many(qb, &o, 1, e);
+
+    if (rc == 0 && o.rc == ERR_CONFLICT)
+        return err_set(e, ERR_CONFLICT,
+                       "job %s: attempt %llu no longer holds the lease; its "
+                       "result is discarded",
+                       id, (unsigned long long)token);
+    return rc;
+}
+
+static int r_fail(struct queue *qb, const char *id, uint64_t token, const char *error,
+                  int retryable, struct err *e)
+{
+    struct queue_outcome o = {.id = id, .token = token, .error = error, .retryable = retryable};
+    int rc = r_finish_many(qb, &o, 1, e);
+
+    if (rc == 0 && o.rc == ERR_CONFLICT)
+        return err_set(e, ERR_CONFLICT, "job %s: attempt %llu no longer holds the lease", id,
+                       (unsigned long long)token);
+    return rc;
+}
+
+/* cancel and retry: a script answering a state (or -1 / -2), then the job. */
+static int change_then_load(struct redis_queue *q, const char *op, const char *id, struct job **out,
+                            struct err *e)
+{
+    redisContext *c = take_conn(q, e);
+    struct args a;
+    redisReply *r;
+    int64_t v = -1;
+    int rc = 0;
+
+    *out = NULL;
+    if (!c)
+        return e->code;
+    script_args(q, &a, op);
+    arg(&a, id);
+    arg_int(&a, q->cfg.result_ttl_s);
+    r = call(q, c, &a, e);
+    if (!r) {
+        give_conn(q, c);
+        return e->code;
+    }
+    int_reply(r, &v);
+    freeReplyObject(r);
+    if (v == -1) {
+        rc = err_set(e, ERR_NOT_FOUND, "no job '%.40s'", id);
+    } else {
+        rc = load_job(q, c, id, 0, 0, out, e);
+        if (rc == 0 && v == -2) {
+            rc = strcmp(op, "cancel") == 0
+                     ? err_set(e, ERR_CONFLICT, "job %s is already %s", id,
+                               job_state_name((*out)->state))
+                     : err_set(e, ERR_CONFLICT,
+                               "job %s is %s; only failed or expired jobs are sent back to the "
+                               "queue",
+                               id, job_state_name((*out)->state));
+            job_free(*out);
+            *out = NULL;
+        }
+    }
+    give_conn(q, c);
+    return rc;
+}
+
+static int r_cancel(struct queue *qb, const char *id, struct job **out, struct err *e)
+{
+    return change_then_load(rq(qb), "cancel", id, out, e);
+}
+
+static int r_retry(struct queue *qb, const char *id, struct job **out, struct err *e)
+{
+    return change_then_load(rq(qb), "retry", id, out, e);
+}
+
+/* The webhook attempts of a job, as the job JSON shows them. */
+static int load_notifications(struct redis_queue *q, redisContext *c, struct job *j)
+{
+    redisReply *r = redisCommand(c, "LRANGE %sdeliv:%s 0 -1", q->prefix, j->id);
+    struct buf b = {0};
+    int rc = 0;
+
+    if (!r)
+        return ERR_UNAVAILABLE;
+    rc = buf_puts(&b, "[");
+    for (size_t i = 0; rc == 0 && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++)
+        rc = buf_printf(&b, "%s%s", i ? "," : "", r->element[i]->str);
+    if (rc == 0)
+        rc = buf_puts(&b, "]");
+    freeReplyObject(r);
+    if (rc != 0) {
+        buf_release(&b);
+        return rc;
+    }
+    j->notifications_json = buf_take(&b);
+    return 0;
+}
+
+static int r_get(struct queue *qb, const char *id, int want_result, struct job **out, struct err *e)
+{
+    struct redis_queue *q = rq(qb);
+    redisContext *c = take_conn(q, e);
+    int rc;
+
+    *out = NULL;
+    if (!c)
+        return e->code;
+    rc = load_job(q, c, id, 0, want_result, out, e);
+    if (rc == 0 && load_notifications(q, c, *out) != 0)
+        rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
+    if (rc != 0) {
+        job_free(*out);
+        *out = NULL;
+    }
+    give_conn(q, c);
+    return rc;
+}
+
+/* Newest first, from the index; jobs past their retention leave the index here. */
+static int r_list(struct queue *qb, const struct queue_list_filter *f, struct buf *out,
+                  struct err *e)
+{
+    struct redis_queue *q = rq(qb);
+    redisContext *c = take_conn(q, e);
+    long long start = 0;
+    int n = 0, rc = 0, scanned = 0;
+    char last[40] = "";
+
+    if (!c)
+        return e->code;
+    if (f->cursor) {
+        redisReply *r = redisCommand(c, "ZREVRANK %sjobs %s", q->prefix, f->cursor);
+        if (r && r->type == REDIS_REPLY_INTEGER)
+            start = r->integer + 1;
+        freeReplyObject(r);
+    }
+    rc = buf_puts(out, "{\"jobs\":[");
+    while (rc == 0 && n < f->limit && scanned < 100000) {
+        redisReply *ids =
+            redisCommand(c, "ZREVRANGE %sjobs %lld %lld", q->prefix, start, start + 199);
+        if (!ids || ids->type != REDIS_REPLY_ARRAY) {
+            freeReplyObject(ids);
+            rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
+            break;
+        }
+        if (ids->elements == 0) {
+            freeReplyObject(ids);
+            break;
+        }
+        for (size_t i = 0; rc == 0 && i < ids->elements && n < f->limit; i++) {
+            struct job *j = NULL;
+            const char *id = ids->element[i]->str;
+            scanned++;
+            start++;
+            if (load_job(q, c, id, 0, 0, &j, e) != 0) {
+                freeReplyObject(redisCommand(c, "ZREM %sjobs %s", q->prefix, id));
+                start--;
+                continue;
+            }
+            if (j->kind == JOB_KIND_INFER && (f->state < 0 || (int)j->state == f->state) &&
+                (!f->model || (j->model && strcmp(j->model, f->model) == 0))) {
+                if (n++)
+                    rc = buf_puts(out, ",");
+                if (rc == 0 && load_notifications(q, c, j) == 0)
+                    rc = queue_job_json(j, out);
+                snprintf(last, sizeof(last), "%s", j->id);
+            }
+            job_free(j);
+        }
+        freeReplyObject(ids);
+    }
+    if (rc == 0 && n == f->limit) {
+        rc = buf_puts(out, "],\"next_cursor\":");
+        if (rc == 0)
+            rc = buf_json_string(out, last);
+        if (rc == 0)
+            rc = buf_puts(out, "}");
+    } else if (rc == 0) {
+        rc = buf_puts(out, "],\"next_cursor\":null}");
+    }
+    give_conn(q, c);
+    return rc;
+}
+
+static int r_counts(struct queue *qb, int64_t counts[JOB_N_STATES], struct err *e)
+{
+    struct redis_queue *q = rq(qb);
+    redisContext *c = take_conn(q, e);
+    redisReply *r;
+
+    memset(counts, 0, sizeof(int64_t) * JOB_N_STATES);
+    if (!c)
+        return e->code;
+    r = redisCommand(c, "HGETALL %scounts", q->prefix);
+    for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && i + 1 < r->elements; i += 2) {
+        int s = job_state_parse(r->element[i]->str);
+        if (s >= 0)
+            counts[s] = strtoll(r->element[i + 1]->str, NULL, 10);
+    }
+    if (!r)
+        err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
+    freeReplyObject(r);
+    give_conn(q, c);
+    return r ? 0 : ERR_UNAVAILABLE;
+}
+
+static int64_t r_queued(struct queue *qb)
+{
+    int64_t counts[JOB_N_STATES];
+    struct err e;
+
+    return r_counts(qb, counts, &e) == 0 ? counts[JOB_QUEUED] : 0;
+}
+
+/* ---- webhooks ---- */
+
+/* Fixes an outbox item's body the first time it is sent; gives back the stored one. */
+static int outbox_body(struct redis_queue *q, redisContext *c, struct queue_outbox_item *it,
+                       const char *job_id, struct err *e)
+{
+    struct job *j = NULL;
+    struct buf body = {0};
+    struct args a;
+    redisReply *r;
+    char oid[24];
+    int rc = load_job(q, c, job_id, 0, 1, &j, e);
+
+    if (rc != 0)
+        return rc;
+    rc = queue_event_json(j, it->event_id, q->cfg.result_inline_max_bytes, &body);
+    job_free(j);
+    if (rc != 0)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    snprintf(oid, sizeof(oid), "%lld", (long long)it->id);
+    script_args(q, &a, "outbox_body");
+    arg(&a, oid);
+    arg_bin(&a, body.data, body.len);
+    r = call(q, c, &a, e);
+    freeReplyObject(r);
+    buf_release(&body);
+    if (!r)
+        return e->code;
+    r = redisCommand(c, "HGET %sout:%s body", q->prefix, oid);
+    if (r && r->type == REDIS_REPLY_STRING) {
+        it->body = malloc(r->len + 1);
+        if (it->body) {
+            memcpy(it->body, r->str, r->len);
+            it->body[r->len] = '\0';
+            it->body_len = r->len;
+        }
+    }
+    freeReplyObject(r);
+    return it->body ? 0 : err_set(e, ERR_IO, "webhook %s: no body", oid);
+}
+
+static int r_outbox_due(struct queue *qb, int64_t now_ms, size_t max,
+                        struct queue_outbox_item **out, size_t *n, struct err *e)
+{
+    struct redis_queue *q = rq(qb);
+    redisContext *c = take_conn(q, e);
+    struct queue_outbox_item *items = NULL;
+    struct args a;
+    redisReply *r;
+
+    (void)now_ms;
+    *out = NULL;
+    *n = 0;
+    if (!c)
+        return e->code;
+    script_args(q, &a, "outbox_take");
+    arg_int(&a, (int64_t)max);
+    arg_int(&a, OUTBOX_HOLD_MS);
+    r = call(q, c, &a, e);
+    if (r && r->type == REDIS_REPLY_ARRAY && r->elements > 0)
+        items = calloc(r->elements, sizeof(*items));
+    for (size_t i = 0; items && i < r->elements; i++) {
+        redisReply *pair = r->element[i];
+        const redisReply *h = pair->element[1];
+        struct queue_outbox_item *it = &items[*n];
+        const char *job = hget(h, "job_id", NULL);
+        size_t len = 0;
+        const char *body = hget(h, "body", &len);
+        it->id = strtoll(pair->element[0]->str, NULL, 10);
+        it->event_id = hget_dup(h, "event_id");
+        it->url = hget_dup(h, "url");
+        it->attempts = (int)hget_int(h, "attempts");
+        if (body) {
+            it->body = malloc(len + 1);
+            if (it->body) {
+                memcpy(it->body, body, len);
+                it->body[len] = '\0';
+                it->body_len = len;
+            }
+        } else if (job && it->event_id) {
+            struct err be;
+            if (outbox_body(q, c, it, job, &be) != 0)
+                log_warn("queue", "webhook body not built", "event=%s reason=\"%s\"", it->event_id,
+                         be.msg);
+        }
+        if (it->body && it->url && it->event_id)
+            (*n)++;
+        else
+            queue_outbox_items_free(it, 0), free(it->event_id), free(it->url), free(it->body),
+                memset(it, 0, sizeof(*it));
+    }
+    freeReplyObject(r);
+    give_conn(q, c);
+    *out = items;
+    return r ? 0 : e->code;
+}
+
+static int64_t r_outbox_next_due(struct queue *qb)
+{
+    struct redis_queue *q = rq(qb);
+    struct err e;
+    redisContext *c = take_conn(q, &e);
+    redisReply *r;
+    int64_t next = -1;
+
+    if (!c)
+        return queue_now_ms() + 1000;
+    r = redisCommand(c, "ZRANGE %soutbox 0 0 WITHSCORES", q->prefix);
+    if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 2)
+        next = strtoll(r->element[1]->str, NULL, 10);
+    freeReplyObject(r);
+    give_conn(q, c);
+    return next;
+}
+
+static int r_outbox_record(struct queue *qb, const struct queue_outbox_attempt *at, struct err *e)
+{
+    struct redis_queue *q = rq(qb);
+    struct buf rec = {0};
+    struct args a;
+    redisReply *r;
+    char oid[24];
+    int rc;
+
+    /* the event id is the outbox item's; the record shows it as SQLite's does */
+    rc = buf_puts(&rec, "{\"event_id\":null,\"at\":");
+    if (rc == 0)
+        rc = queue_json_time(&rec, at->at_ms);
+    if (rc == 0)
+        rc = buf_printf(&rec, ",\"status_code\":%d,\"error\":", at->http_status);
+    if (rc == 0)
+        rc = at->error ? buf_json_string(&rec, at->error) : buf_puts(&rec, "null");
+    if (rc == 0)
+        rc = buf_puts(&rec, "}");
+    if (rc != 0) {
+        buf_release(&rec);
+        return err_set(e, ERR_NOMEM, "out of memory");
+    }
+    snprintf(oid, sizeof(oid), "%lld", (long long)at->outbox_id);
+    script_args(q, &a, "outbox_record");
+    arg(&a, oid);
+    arg_bin(&a, rec.data, rec.len);
+    arg(&a, at->done ? "1" : "0");
+    arg_int(&a, at->next_attempt_ms);
+    r = run(q, &a, e);
+    buf_release(&rec);
+    freeReplyObject(r);
+    return r ? 0 : e->code;
+}
+
+/* ---- batch jobs: not on Redis yet ---- */
+
+static int no_batch(struct err *e)
+{
+    return err_set(e, ERR_UNAVAILABLE,
+                   "batch jobs run on the SQLite queue for now; not on --queue redis://");
+}
+
+static int r_batch_create(struct queue *qb, const struct batch_job_spec *spec, char id_out[40],
+                          struct err *e)
+{
+    (void)qb, (void)spec, (void)id_out;
+    return no_batch(e);
+}
+
+static int r_batch_get(struct queue *qb, const char *id, struct buf *out, struct err *e)
+{
+    (void)qb, (void)out;
+    return err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
+}
+
+static int r_batch_list(struct queue *qb, int limit, struct buf *out, struct err *e)
+{
+    (void)qb, (void)limit, (void)e;
+    return buf_puts(out, "{\"batch_jobs\":[]}");
+}
+
+static int r_batch_cancel(struct queue *qb, const char *id, struct buf *out, struct err *e)
+{
+    return r_batch_get(qb, id, out, e);
+}
+
+static int r_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **out, size_t *n,
+                           struct err *e)
+{
+    (void)qb, (void)now_ms, (void)e;
+    *out = NULL;
+    *n = 0;
+    return 0;
+}
+
+/* ---- background threads: the sweeper and the final-state subscriber ---- */
+
+static int wait_stop(struct redis_queue *q, int64_t ms)
+{
+    struct timespec ts = clock_realtime_after_ms(ms);
+    int stop;
+
+    pthread_mutex_lock(&q->lock);
+    if (!q->stopping)
+        pthread_cond_timedwait(&q->cond, &q->lock, &ts);
+    stop = q->stopping;
+    pthread_mutex_unlock(&q->lock);
+    return stop;
+}
+
+static void *sweeper_main(void *self)
+{
+    struct redis_queue *q = self;
+    char sweeper[128];
+
+    snprintf(sweeper, sizeof(sweeper), "%s/sweeper", q->name);
+    while (!wait_stop(q, SWEEP_MS)) {
+        struct args a;
+        struct err e;
+        redisReply *r;
+        script_args(q, &a, "reclaim");
+        arg(&a, sweeper);
+        arg_int(&a, RECLAIM_MIN_IDLE_MS);
+        arg_int(&a, q->cfg.result_ttl_s);
+        r = run(q, &a, &e);
+        if (r && r->type == REDIS_REPLY_INTEGER && r->integer > 0)
+            log_warn("queue", "leases expired; jobs reclaimed", "jobs=%lld", (long long)r->integer);
+        freeReplyObject(r);
+    }
+    return NULL;
+}
+
+static void *subscriber_main(void *self)
+{
+    struct redis_queue *q = self;
+    int64_t backoff = 100;
+
+    while (!wait_stop(q, 0)) {
+        struct err e;
+        redisContext *c = connect_redis(q, &e);
+        redisReply *r;
+        if (!c) {
+            if (wait_stop(q, backoff))
+                break;
+            backoff = backoff < 5000 ? backoff * 2 : 5000;
+            continue;
+        }
+        backoff = 100;
+        /* a short read timeout, so stopping is noticed */
+        struct timeval tv = {0, 500 * 1000};
+        redisSetTimeout(c, tv);
+        r = redisCommand(c, "SUBSCRIBE %sfinal", q->prefix);
+        freeReplyObject(r);
+        while (!c->err) {
+            r = NULL;
+            if (redisGetReply(c, (void **)&r) != REDIS_OK) {
+                if (c->err == REDIS_ERR_IO && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                    c->err = 0; /* a read timeout: look at `stopping`, then read on */
+                    if (wait_stop(q, 0))
+                        break;
+                    continue;
+                }
+                break;
+            }
+            if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
+                strcmp(r->element[0]->str, "message") == 0 && q->base.on_final) {
+                char id[48] = "";
+                const char *msg = r->element[2]->str, *sp = strchr(msg, ' ');
+                if (sp && (size_t)(sp - msg) < sizeof(id)) {
+                    memcpy(id, msg, (size_t)(sp - msg));
+                    int st = job_state_parse(sp + 1);
+                    q->base.on_final(q->base.on_final_ctx, id, (enum job_state)(st < 0 ? 0 : st));
+                }
+            }
+            freeReplyObject(r);
+        }
+        redisFree(c);
+    }
+    return NULL;
+}
+
+/* ---- opening and closing ---- */
+
+static void r_close(struct queue *qb)
+{
+    struct redis_queue *q = rq(qb);
+
+    pthread_mutex_lock(&q->lock);
+    q->stopping = 1;
+    pthread_cond_broadcast(&q->cond);
+    pthread_cond_broadcast(&q->async_cond);
+    pthread_mutex_unlock(&q->lock);
+    if (q->threads_started) {
+        pthread_join(q->async_thread, NULL);
+        pthread_join(q->sweeper, NULL);
+        pthread_join(q->subscriber, NULL);
+    }
+    for (int i = 0; i < q->n_idle; i++)
+        redisFree(q->pool[i]);
+    pthread_mutex_destroy(&q->pool_lock);
+    pthread_mutex_destroy(&q->lock);
+    pthread_cond_destroy(&q->cond);
+    pthread_cond_destroy(&q->async_cond);
+    free(q);
+}
+
+static const struct queue_ops redis_ops = {
+    .enqueue = r_enqueue,
+    .lease = r_lease,
+    .lease_many = r_lease_many,
+    .enqueue_async = r_enqueue_async,
+    .finish_many = r_finish_many,
+    .extend = r_extend,
+    .complete = r_complete,
+    .fail = r_fail,
+    .cancel = r_cancel,
+    .retry = r_retry,
+    .get = r_get,
+    .list = r_list,
+    .counts = r_counts,
+    .queued = r_queued,
+    .outbox_due = r_outbox_due,
+    .outbox_next_due = r_outbox_next_due,
+    .outbox_record = r_outbox_record,
+    .batch_create = r_batch_create,
+    .batch_get = r_batch_get,
+    .batch_list = r_batch_list,
+    .batch_cancel = r_batch_cancel,
+    .batch_manifest = r_batch_get,
+    .schedules_due = r_schedules_due,
+    .close = r_close,
+};
+
+/* redis://[host][:port][/db] */
+static int parse_url(struct redis_queue *q, const char *url, struct err *e)
+{
+    const char *p = url + strlen("redis://"), *colon, *slash;
+    size_t hlen;
+
+    q->port = 6379;
+    q->db = 0;
+    slash = strchr(p, '/');
+    colon = strchr(p, ':');
+    if (colon && slash && colon > slash)
+        colon = NULL;
+    hlen = (size_t)((colon ? colon : slash ? slash : p + strlen(p)) - p);
+    if (strchr(p, '@'))
+        return err_set(e, ERR_INVALID, "--queue %s: passwords are not supported yet", url);
+    if (hlen >= sizeof(q->host))
+        return err_set(e, ERR_INVALID, "--queue %s: host name too long", url);
+    memcpy(q->host, p, hlen);
+    q->host[hlen] = '\0';
+    if (!q->host[0])
+        snprintf(q->host, sizeof(q->host), "127.0.0.1");
+    if (colon) {
+        char *end;
+        long v = strtol(colon + 1, &end, 10);
+        if (end == colon + 1 || v < 1 || v > 65535 || (*end && *end != '/'))
+            return err_set(e, ERR_INVALID, "--queue %s: bad port", url);
+        q->port = (int)v;
+    }
+    if (slash && slash[1]) {
+        char *end;
+        long v = strtol(slash + 1, &end, 10);
+        if (*end || v < 0 || v > 1000)
+            return err_set(e, ERR_INVALID, "--queue %s: bad database number", url);
+        q->db = (int)v;
+    }
+    return 0;
+}
+
+static void script_sha(char out[41])
+{
+    unsigned char md[SHA_DIGEST_LENGTH];
+
+    SHA1((const unsigned char *)queue_redis_lua, strlen(queue_redis_lua), md);
+    for (int i = 0; i < SHA_DIGEST_LENGTH; i++)
+        snprintf(out + 2 * i, 3, "%02x", md[i]);
+}
+
+/* The consumer group on every priority stream (created with the streams). */
+static int create_groups(struct redis_queue *q, redisContext *c, struct err *e)
+{
+    for (int p = 0; p < 10; p++) {
+        redisReply *r = redisCommand(c, "XGROUP CREATE %sq:%d workers 0 MKSTREAM", q->prefix, p);
+        int bad = !r || (r->type == REDIS_REPLY_ERROR && !strstr(r->str, "BUSYGROUP"));
+        if (bad)
+            err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: cannot create the consumer group: %s",
+                    q->host, q->port, r ? r->str : c->errstr);
+        freeReplyObject(r);
+        if (bad)
+            return ERR_UNAVAILABLE;
+    }
+    return 0;
+}
+
+int queue_redis_open(const struct queue_config *cfg, struct queue **out, struct err *e)
+{
+    struct redis_queue *q = calloc(1, sizeof(*q));
+    redisContext *c;
+    char host[64] = "host";
+    int rc;
+
+    *out = NULL;
+    if (!q)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    q->base.ops = &redis_ops;
+    q->cfg = *cfg;
+    snprintf(q->prefix, sizeof(q->prefix), "inferd:");
+    gethostname(host, sizeof(host) - 1);
+    snprintf(q->name, sizeof(q->name), "%.60s/%d", host, (int)getpid());
+    script_sha(q->sha);
+    pthread_mutex_init(&q->pool_lock, NULL);
+    pthread_mutex_init(&q->lock, NULL);
+    pthread_cond_init(&q->cond, NULL);
+    pthread_cond_init(&q->async_cond, NULL);
+    rc = parse_url(q, cfg->url, e);
+    if (rc != 0) {
+        r_close(&q->base);
+        return rc;
+    }
+    c = connect_redis(q, e);
+    if (!c) {
+        r_close(&q->base);
+        return ERR_UNAVAILABLE;
+    }
+    rc = create_groups(q, c, e);
+    give_conn(q, c);
+    if (rc != 0) {
+        r_close(&q->base);
+        return rc;
+    }
+    if (pthread_create(&q->async_thread, NULL, async_main, q) != 0 ||
+        pthread_create(&q->sweeper, NULL, sweeper_main, q) != 0 ||
+        pthread_create(&q->subscriber, NULL, subscriber_main, q) != 0) {
+        /* a half-started set of threads cannot be joined safely: give up now */
+        log_error("queue", "cannot start the Redis queue's threads", "%s", "");
+        abort();
+    }
+    q->threads_started = 1;
+    log_info("queue", "job queue on Redis", "redis=%s:%d db=%d result_ttl_s=%lld", q->host, q->port,
+             q->db, (long long)cfg->result_ttl_s);
+    *out = &q->base;
+    return 0;
+}

@@ -1,0 +1,322 @@
+-- queue_redis.lua: every change to the Redis queue, as one script, so each operation is
+-- atomic (Redis runs a script alone) and needs one round trip. CMakeLists.txt embeds
+-- this file; queue_redis.c calls it with EVALSHA: ARGV[1] the operation, ARGV[2] the key
+-- prefix, ARGV[3] the time (ms), the rest per operation.
+--
+-- Keys (P = prefix): P..'job:'..id a job (hash); P..'q:'..p one stream per priority 0-9, read
+-- through the consumer group 'workers'; P..'delayed' jobs waiting out a retry backoff (zset,
+-- score = when); P..'expiring' queued jobs with a ttl (zset, score = expiry); P..'jobs' every
+-- job, newest last (zset, score = created ms); P..'idem:'..key an idempotency key's job;
+-- P..'counts' jobs per state (hash); P..'outbox' pending webhooks (zset, score = next
+-- attempt); P..'out:'..n one webhook (hash); P..'deliv:'..id a job's webhook attempts (list
+-- of JSON). Channel P..'final' carries "id state" when a job ends.
+
+local op, P, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local STATES = {[0] = 'queued', 'running', 'succeeded', 'failed', 'cancelled', 'expired'}
+local GROUP = 'workers'
+
+local function jkey(id) return P .. 'job:' .. id end
+local function qkey(p) return P .. 'q:' .. p end
+
+local function count(state, delta)
+    redis.call('HINCRBY', P .. 'counts', STATES[state], delta)
+end
+
+local function field(id, name) return redis.call('HGET', jkey(id), name) end
+local function num(id, name) return tonumber(redis.call('HGET', jkey(id), name) or '0') end
+
+-- Puts a job on its priority's stream.
+local function push(id)
+    local p = field(id, 'priority') or '0'
+    local entry = redis.call('XADD', qkey(p), '*', 'id', id)
+    redis.call('HSET', jkey(id), 'entry', entry)
+end
+
+-- Forgets a job's stream entry (acknowledged if it was delivered).
+local function drop_entry(id)
+    local entry, p = field(id, 'entry'), field(id, 'priority') or '0'
+    if entry and entry ~= '' then
+        redis.call('XACK', qkey(p), GROUP, entry)
+        redis.call('XDEL', qkey(p), entry)
+        redis.call('HSET', jkey(id), 'entry', '')
+    end
+end
+
+-- A job reached a final state: wake its waiters, store its webhook, start its retention.
+local function ended(id, state, ttl_s)
+    redis.call('PUBLISH', P .. 'final', id .. ' ' .. STATES[state])
+    local url = field(id, 'callback_url')
+    if url and url ~= '' then
+        local n = redis.call('INCR', P .. 'outbox:seq')
+        local event = 'evt_' .. id .. '_' .. (field(id, 'attempts') or '0')
+        redis.call('HSET', P .. 'out:' .. n, 'event_id', event, 'job_id', id, 'url', url,
+                   'attempts', 0)
+        redis.call('ZADD', P .. 'outbox', now, n)
+    end
+    if ttl_s > 0 then
+        redis.call('EXPIRE', jkey(id), ttl_s)
+        redis.call('EXPIRE', P .. 'deliv:' .. id, ttl_s + 86400)
+    end
+end
+
+local function finish(id, from, state, err, ttl_s)
+    redis.call('HSET', jkey(id), 'state', state, 'finished_ms', now)
+    if err then redis.call('HSET', jkey(id), 'error', err) end
+    count(from, -1)
+    count(state, 1)
+    ended(id, state, ttl_s)
+end
+
+-- Queued jobs whose ttl passed: expired. Retries whose backoff passed: back on their stream.
+local function housekeeping(ttl_s)
+    local due = redis.call('ZRANGEBYSCORE', P .. 'expiring', '-inf', now, 'LIMIT', 0, 100)
+    for _, id in ipairs(due) do
+        redis.call('ZREM', P .. 'expiring', id)
+        if num(id, 'state') == 0 then
+            drop_entry(id)
+            redis.call('ZREM', P .. 'delayed', id)
+            finish(id, 0, 5, 'its ttl passed before a worker started it', ttl_s)
+        end
+    end
+    due = redis.call('ZRANGEBYSCORE', P .. 'delayed', '-inf', now, 'LIMIT', 0, 100)
+    for _, id in ipairs(due) do
+        redis.call('ZREM', P .. 'delayed', id)
+        if num(id, 'state') == 0 then push(id) end
+    end
+end
+
+-- ARGV: id, idem_key, request_hash, max_queued, then field/value pairs of the job.
+local function enqueue()
+    local id, idem, hash, max_queued = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+    if idem ~= '' then
+        local old = redis.call('GET', P .. 'idem:' .. idem)
+        if old and redis.call('EXISTS', jkey(old)) == 1 then
+            if field(old, 'request_hash') == hash then return {'existed', old} end
+            return {'conflict', old}
+        end
+    end
+    local queued = tonumber(redis.call('HGET', P .. 'counts', 'queued') or '0')
+    if queued >= max_queued then return {'busy', tostring(queued)} end
+    local args = {}
+    for i = 8, #ARGV do args[#args + 1] = ARGV[i] end
+    redis.call('HSET', jkey(id), 'state', 0, 'attempts', 0, 'created_ms', now, 'started_ms', 0,
+               'finished_ms', 0, 'cancel_requested', 0, 'request_hash', hash, 'idem_key', idem,
+               unpack(args))
+    if idem ~= '' then redis.call('SET', P .. 'idem:' .. idem, id) end
+    local ttl = num(id, 'ttl_s')
+    if ttl > 0 then redis.call('ZADD', P .. 'expiring', now + ttl * 1000, id) end
+    redis.call('ZADD', P .. 'jobs', now, id)
+    count(0, 1)
+    push(id)
+    return {'ok', id}
+end
+
+-- ARGV: worker, max, result_ttl_s. Leases up to max jobs, highest priority first.
+local function lease()
+    local worker, max, ttl_s = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+    housekeeping(ttl_s)
+    local out = {}
+    for p = 9, 0, -1 do
+        if #out >= max then break end
+        local ok, res = pcall(redis.call, 'XREADGROUP', 'GROUP', GROUP, worker, 'COUNT',
+                              max - #out, 'STREAMS', qkey(p), '>')
+        if ok and res then
+            for _, e in ipairs(res[1][2]) do
+                local entry, id = e[1], e[2][2]
+                if redis.call('EXISTS', jkey(id)) == 1 and num(id, 'state') == 0 and
+                   field(id, 'entry') == entry then
+                    local attempts = num(id, 'attempts') + 1
+                    redis.call('HSET', jkey(id), 'state', 1, 'attempts', attempts, 'worker',
+                               worker, 'lease_until', now + num(id, 'lease_timeout_ms'))
+                    if num(id, 'started_ms') == 0 then
+                        redis.call('HSET', jkey(id), 'started_ms', now)
+                    end
+                    redis.call('ZREM', P .. 'expiring', id)
+                    count(0, -1)
+                    count(1, 1)
+                    out[#out + 1] = id
+                else
+                    -- cancelled, expired or superseded while it waited: not work any more
+                    redis.call('XACK', qkey(p), GROUP, entry)
+                    redis.call('XDEL', qkey(p), entry)
+                end
+            end
+        end
+    end
+    return out
+end
+
+-- The attempt holding the lease, or nil.
+local function holder(id, token)
+    if redis.call('EXISTS', jkey(id)) == 0 then return nil end
+    if num(id, 'state') ~= 1 or num(id, 'attempts') ~= token then return nil end
+    return true
+end
+
+-- ARGV: id, token, lease_ms
+local function extend()
+    local id, token, lease_ms = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+    if not holder(id, token) then return 0 end
+    redis.call('HSET', jkey(id), 'lease_until', now + lease_ms)
+    local entry, p = field(id, 'entry'), field(id, 'priority') or '0'
+    if entry and entry ~= '' then
+        -- a fresh idle time, so XAUTOCLAIM leaves a living attempt alone
+        redis.call('XCLAIM', qkey(p), GROUP, field(id, 'worker'), 0, entry, 'JUSTID')
+    end
+    return 1
+end
+
+-- ARGV: id, token, result, result_json_len, result_ttl_s
+local function complete()
+    local id, token, ttl_s = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[8])
+    if not holder(id, token) then return 0 end
+    drop_entry(id)
+    if num(id, 'cancel_requested') == 1 then
+        finish(id, 1, 4, 'cancelled while running; result discarded', ttl_s)
+    else
+        redis.call('HSET', jkey(id), 'result', ARGV[6], 'result_json_len', ARGV[7])
+        redis.call('HDEL', jkey(id), 'input')
+        finish(id, 1, 2, nil, ttl_s)
+    end
+    return 1
+end
+
+-- ARGV: id, token, error, retryable, first backoff ms, max backoff ms, result_ttl_s
+local function fail()
+    local id, token, err = ARGV[4], tonumber(ARGV[5]), ARGV[6]
+    local retryable, backoff, max_backoff = ARGV[7] == '1', tonumber(ARGV[8]), tonumber(ARGV[9])
+    local ttl_s = tonumber(ARGV[10])
+    if not holder(id, token) then return 0 end
+    drop_entry(id)
+    local attempts = num(id, 'attempts')
+    if num(id, 'cancel_requested') == 1 then
+        finish(id, 1, 4, err, ttl_s)
+    elseif not retryable or attempts >= num(id, 'max_attempts') then
+        finish(id, 1, 3, err, ttl_s)
+    else
+        for _ = 2, attempts do
+            if backoff < max_backoff then backoff = backoff * 2 end
+        end
+        if backoff > max_backoff then backoff = max_backoff end
+        redis.call('HSET', jkey(id), 'state', 0, 'error', err)
+        redis.call('ZADD', P .. 'delayed', now + backoff, id)
+        count(1, -1)
+        count(0, 1)
+    end
+    return 1
+end
+
+-- ARGV: id, result_ttl_s. Returns the state after, or -1 (no job) / -2 (already final).
+local function cancel()
+    local id, ttl_s = ARGV[4], tonumber(ARGV[5])
+    if redis.call('EXISTS', jkey(id)) == 0 then return -1 end
+    local state = num(id, 'state')
+    if state >= 2 then return -2 end
+    if state == 0 then
+        drop_entry(id)
+        redis.call('ZREM', P .. 'delayed', id)
+        redis.call('ZREM', P .. 'expiring', id)
+        redis.call('HDEL', jkey(id), 'input')
+        finish(id, 0, 4, 'cancelled', ttl_s)
+        return 4
+    end
+    redis.call('HSET', jkey(id), 'cancel_requested', 1)
+    return 1
+end
+
+-- ARGV: id. A failed or expired job goes back to the queue with a fresh attempt budget.
+local function retry()
+    local id = ARGV[4]
+    if redis.call('EXISTS', jkey(id)) == 0 then return -1 end
+    local state = num(id, 'state')
+    if state ~= 3 and state ~= 5 then return -2 end
+    local input = redis.call('HEXISTS', jkey(id), 'input') == 1 or
+                  (field(id, 'input_location') or '') ~= ''
+    if not input then return -2 end
+    redis.call('PERSIST', jkey(id))
+    redis.call('HSET', jkey(id), 'state', 0, 'max_attempts',
+               num(id, 'attempts') + num(id, 'max_attempts'), 'finished_ms', 0, 'error', '')
+    count(state, -1)
+    count(0, 1)
+    push(id)
+    return 0
+end
+
+-- ARGV: sweeper consumer, min idle ms, result_ttl_s. Attempts whose lease ran out (their
+-- worker died or stalled): XAUTOCLAIM finds the stream entries idle past the shortest lease;
+-- the job's own lease decides. Expired ones run again, or fail on their last attempt.
+local function reclaim()
+    local sweeper, min_idle, ttl_s = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+    local n = 0
+    for p = 0, 9 do
+        local res = redis.call('XAUTOCLAIM', qkey(p), GROUP, sweeper, min_idle, '0-0', 'COUNT', 100)
+        for _, e in ipairs(res[2]) do
+            local entry, fields = e[1], e[2]
+            local id = fields and fields[2]
+            local live = id and redis.call('EXISTS', jkey(id)) == 1 and num(id, 'state') == 1 and
+                         field(id, 'entry') == entry
+            if live and num(id, 'lease_until') > now then
+                -- not expired after all (a longer lease): back to its worker, idle kept
+                redis.call('XCLAIM', qkey(p), GROUP, field(id, 'worker'), 0, entry, 'IDLE',
+                           math.max(0, now - (num(id, 'lease_until') - num(id, 'lease_timeout_ms'))),
+                           'JUSTID')
+            elseif live then
+                drop_entry(id)
+                n = n + 1
+                if num(id, 'attempts') >= num(id, 'max_attempts') then
+                    finish(id, 1, 3, 'its lease expired on the last attempt', ttl_s)
+                else
+                    redis.call('HSET', jkey(id), 'state', 0)
+                    count(1, -1)
+                    count(0, 1)
+                    push(id)
+                end
+            else
+                redis.call('XACK', qkey(p), GROUP, entry)
+                redis.call('XDEL', qkey(p), entry)
+            end
+        end
+    end
+    return n
+end
+
+-- ARGV: max, redelivery ms. Due webhooks, each held for `redelivery` so that only one
+-- process sends it at a time (a sender that dies releases it by then).
+local function outbox_take()
+    local max, hold = tonumber(ARGV[4]), tonumber(ARGV[5])
+    local due = redis.call('ZRANGEBYSCORE', P .. 'outbox', '-inf', now, 'LIMIT', 0, max)
+    local out = {}
+    for _, n in ipairs(due) do
+        redis.call('ZADD', P .. 'outbox', now + hold, n)
+        local h = redis.call('HGETALL', P .. 'out:' .. n)
+        out[#out + 1] = {n, h}
+    end
+    return out
+end
+
+-- ARGV: outbox id, delivery record (JSON), done, next ms
+local function outbox_record()
+    local n, rec, done, next_ms = ARGV[4], ARGV[5], ARGV[6] == '1', tonumber(ARGV[7])
+    local job = redis.call('HGET', P .. 'out:' .. n, 'job_id')
+    if not job then return 0 end
+    redis.call('RPUSH', P .. 'deliv:' .. job, rec)
+    redis.call('HINCRBY', P .. 'out:' .. n, 'attempts', 1)
+    if done then
+        redis.call('ZREM', P .. 'outbox', n)
+        redis.call('DEL', P .. 'out:' .. n)
+    else
+        redis.call('ZADD', P .. 'outbox', next_ms, n)
+    end
+    return 1
+end
+
+-- ARGV: outbox id, body. Fixes a webhook's body the first time it is sent.
+local function outbox_body()
+    return redis.call('HSETNX', P .. 'out:' .. ARGV[4], 'body', ARGV[5])
+end
+
+local ops = {enqueue = enqueue, lease = lease, extend = extend, complete = complete,
+             fail = fail, cancel = cancel, retry = retry, reclaim = reclaim,
+             outbox_take = outbox_take, outbox_record = outbox_record,
+             outbox_body = outbox_body}
+return ops[op]()
