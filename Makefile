@@ -55,6 +55,7 @@ bench:
 	@scripts/install-deps --bench
 	@$(MAKE) --no-print-directory build
 	@bench/run
+	@bench/scale_run
 
 format:
 	@clang-format -i $$(git ls-files '*.c' '*.h')

@@ -171,6 +171,11 @@ int queue_schedules_due(struct queue *q, int64_t now_ms, struct queue_schedule *
     return q->ops->schedules_due(q, now_ms, out, n, e);
 }
 
+int queue_outbox_exclusive(struct queue *q)
+{
+    return q->ops->outbox_exclusive;
+}
+
 void queue_schedules_free(struct queue_schedule *s, size_t n)
 {
     for (size_t i = 0; s && i < n; i++) {

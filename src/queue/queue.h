@@ -305,6 +305,9 @@ struct queue_outbox_attempt {
 int queue_outbox_due(struct queue *q, int64_t now_ms, size_t max, struct queue_outbox_item **out,
                      size_t *n, struct err *e);
 void queue_outbox_items_free(struct queue_outbox_item *items, size_t n);
+/* 1 when queue_outbox_due() never hands out again what a sender holds (Redis, shared by
+ * many senders); 0 when it returns due webhooks whoever sends them (SQLite, one owner). */
+int queue_outbox_exclusive(struct queue *q);
 /* The earliest due time of a pending webhook, or -1. */
 int64_t queue_outbox_next_due(struct queue *q);
 /* Fills a notify_store (src/notify) that delivers this queue's outbox. `q` must outlive it. */

@@ -40,6 +40,7 @@ struct queue_ops {
     int (*schedules_due)(struct queue *q, int64_t now_ms, struct queue_schedule **out, size_t *n,
                          struct err *e);
     void (*close)(struct queue *q);
+    int outbox_exclusive; /* outbox_due hides what it handed out (held for one sender) */
 };
 
 /* The first member of every implementation's struct. */

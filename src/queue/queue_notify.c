@@ -26,7 +26,9 @@ static int take_due(void *ctx, int64_t now_ms, const int64_t *in_flight, size_t 
 
     *out = NULL;
     *n = 0;
-    rc = queue_outbox_due(ctx, now_ms, max + n_in_flight, &items, &got, e);
+    /* a store that returns in-flight webhooks too is asked for that many more */
+    rc = queue_outbox_due(ctx, now_ms, queue_outbox_exclusive(ctx) ? max : max + n_in_flight,
+                          &items, &got, e);
     if (rc != 0 || got == 0)
         goto cleanup;
     ds = calloc(got, sizeof(*ds));

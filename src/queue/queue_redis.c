@@ -20,6 +20,7 @@
 
 #include <errno.h>
 #include <hiredis/hiredis.h>
+#include <jansson.h>
 #include <openssl/sha.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -161,6 +162,11 @@ static void give_conn(struct redis_queue *q, redisContext *c)
     if (c->err) {
         note_down(q, c->errstr);
         redisFree(c);
+        /* the idle ones most likely broke with it (Redis restarted): reconnect afresh */
+        pthread_mutex_lock(&q->pool_lock);
+        while (q->n_idle > 0)
+            redisFree(q->pool[--q->n_idle]);
+        pthread_mutex_unlock(&q->pool_lock);
         return;
     }
     note_up(q);
@@ -884,20 +890,28 @@ static int64_t r_queued(struct queue *qb)
 /* ---- webhooks ---- */
 
 /* Fixes an outbox item's body the first time it is sent; gives back the stored one. */
+static int batch_event_json(struct redis_queue *q, redisContext *c, const char *id,
+                            const char *event_id, struct buf *out, struct err *e);
+
 static int outbox_body(struct redis_queue *q, redisContext *c, struct queue_outbox_item *it,
-                       const char *job_id, struct err *e)
+                       const char *job_id, int is_batch, struct err *e)
 {
     struct job *j = NULL;
     struct buf body = {0};
     struct args a;
     redisReply *r;
     char oid[24];
-    int rc = load_job(q, c, job_id, 0, 1, &j, e);
+    int rc;
 
-    if (rc != 0)
-        return rc;
-    rc = queue_event_json(j, it->event_id, q->cfg.result_inline_max_bytes, &body);
-    job_free(j);
+    if (is_batch) {
+        rc = batch_event_json(q, c, job_id, it->event_id, &body, e);
+    } else {
+        rc = load_job(q, c, job_id, 0, 1, &j, e);
+        if (rc != 0)
+            return rc;
+        rc = queue_event_json(j, it->event_id, q->cfg.result_inline_max_bytes, &body);
+        job_free(j);
+    }
     if (rc != 0)
         return err_set(e, ERR_NOMEM, "out of memory");
     snprintf(oid, sizeof(oid), "%lld", (long long)it->id);
@@ -962,7 +976,7 @@ static int r_outbox_due(struct queue *qb, int64_t now_ms, size_t max,
             }
         } else if (job && it->event_id) {
             struct err be;
-            if (outbox_body(q, c, it, job, &be) != 0)
+            if (outbox_body(q, c, it, job, hget_int(h, "batch") == 1, &be) != 0)
                 log_warn("queue", "webhook body not built", "event=%s reason=\"%s\"", it->event_id,
                          be.msg);
         }
@@ -1005,8 +1019,8 @@ static int r_outbox_record(struct queue *qb, const struct queue_outbox_attempt *
     char oid[24];
     int rc;
 
-    /* the event id is the outbox item's; the record shows it as SQLite's does */
-    rc = buf_puts(&rec, "{\"event_id\":null,\"at\":");
+    /* the script puts the outbox item's event id first, so the record reads as SQLite's */
+    rc = buf_puts(&rec, ",\"at\":");
     if (rc == 0)
         rc = queue_json_time(&rec, at->at_ms);
     if (rc == 0)
@@ -1031,44 +1045,380 @@ static int r_outbox_record(struct queue *qb, const struct queue_outbox_attempt *
     return r ? 0 : e->code;
 }
 
-/* ---- batch jobs: not on Redis yet ---- */
+/* ---- batch jobs: a run is a hash plus one task job per input object (see the script) ---- */
 
-static int no_batch(struct err *e)
+static json_t *json_time(int64_t ms)
 {
-    return err_set(e, ERR_UNAVAILABLE,
-                   "batch jobs run on the SQLite queue for now; not on --queue redis://");
+    struct buf b = {0};
+    json_t *v;
+
+    if (ms <= 0 || queue_json_time(&b, ms) != 0 || b.len < 2) {
+        buf_release(&b);
+        return json_null();
+    }
+    v = json_stringn(b.data + 1, b.len - 2); /* without the quotes */
+    buf_release(&b);
+    return v;
 }
 
-static int r_batch_create(struct queue *qb, const struct batch_job_spec *spec, char id_out[40],
+static json_t *json_field(const redisReply *h, const char *name)
+{
+    const char *s = hget(h, name, NULL);
+    return s && s[0] ? json_string(s) : json_null();
+}
+
+/* A batch job's public JSON from its hash (as the SQLite queue shows it). */
+static json_t *batch_from_hash(const char *id, const redisReply *h)
+{
+    const char *def = hget(h, "definition", NULL);
+    const char *sched = hget(h, "schedule", NULL);
+    const char *parent = hget(h, "parent", NULL);
+    int is_schedule = sched && sched[0];
+    int state = (int)hget_int(h, "state");
+    json_t *o = def ? json_loads(def, 0, NULL) : NULL;
+
+    if (!json_is_object(o)) {
+        json_decref(o);
+        o = json_object();
+    }
+    if (!o)
+        return NULL;
+    json_object_set_new(o, "id", json_string(id));
+    json_object_set_new(o, "status", json_string(is_schedule ? (state == JOB_CANCELLED
+                                                                    ? "cancelled"
+                                                                    : "scheduled")
+                                                              : job_state_name(state)));
+    json_object_set_new(o, "created_at", json_time(hget_int(h, "created_ms")));
+    if (is_schedule) {
+        json_object_set_new(o, "next_run_at", json_time(state == JOB_CANCELLED
+                                                            ? 0
+                                                            : hget_int(h, "next_run_ms")));
+        return o;
+    }
+    if (parent && parent[0]) {
+        json_object_set_new(o, "schedule_id", json_string(parent));
+        json_object_set_new(o, "run_at", json_time(hget_int(h, "run_at_ms")));
+        json_object_del(o, "schedule");
+    }
+    json_object_set_new(o, "output", json_field(h, "output"));
+    json_object_set_new(o, "started_at", json_time(hget_int(h, "started_ms")));
+    json_object_set_new(o, "finished_at", json_time(hget_int(h, "finished_ms")));
+    json_object_set_new(
+        o, "progress",
+        json_pack("{s:I, s:I, s:I, s:I}", "objects_total", (json_int_t)hget_int(h, "objects_total"),
+                  "objects_done", (json_int_t)hget_int(h, "objects_done"), "records_done",
+                  (json_int_t)hget_int(h, "records_done"), "records_failed",
+                  (json_int_t)hget_int(h, "records_failed")));
+    json_object_set_new(o, "error", json_field(h, "error"));
+    return o;
+}
+
+static int load_batch(struct redis_queue *q, redisContext *c, const char *id, int with_runs,
+                      json_t **out, struct err *e)
+{
+    redisReply *h = redisCommand(c, "HGETALL %sbatch:%s", q->prefix, id);
+    const char *sched;
+
+    *out = NULL;
+    if (!h)
+        return err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
+    if (h->type != REDIS_REPLY_ARRAY || h->elements == 0) {
+        freeReplyObject(h);
+        return err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
+    }
+    *out = batch_from_hash(id, h);
+    sched = hget(h, "schedule", NULL);
+    if (*out && with_runs && sched && sched[0]) {
+        json_t *runs = json_array();
+        redisReply *ids = redisCommand(c, "ZREVRANGE %sruns:%s 0 49", q->prefix, id);
+        for (size_t i = 0; runs && ids && ids->type == REDIS_REPLY_ARRAY && i < ids->elements;
+             i++) {
+            json_t *run = NULL;
+            struct err re;
+            if (load_batch(q, c, ids->element[i]->str, 0, &run, &re) == 0)
+                json_array_append_new(runs, run);
+        }
+        freeReplyObject(ids);
+        json_object_set_new(*out, "runs", runs ? runs : json_array());
+    }
+    freeReplyObject(h);
+    return *out ? 0 : err_set(e, ERR_NOMEM, "out of memory");
+}
+
+static int append_json(struct buf *out, json_t *o, struct err *e)
+{
+    char *text = json_dumps(o, JSON_COMPACT);
+    int rc = text ? buf_puts(out, text) : -1;
+
+    free(text);
+    return rc == 0 ? 0 : err_set(e, ERR_NOMEM, "out of memory");
+}
+
+static int batch_event_json(struct redis_queue *q, redisContext *c, const char *id,
+                            const char *event_id, struct buf *out, struct err *e)
+{
+    json_t *bj = NULL, *event;
+    const char *status;
+    char type[40];
+    int rc = load_batch(q, c, id, 0, &bj, e);
+
+    if (rc != 0)
+        return rc;
+    status = json_string_value(json_object_get(bj, "status"));
+    snprintf(type, sizeof(type), "batch.%s", status ? status : "failed");
+    event = json_pack("{s:s, s:s, s:O}", "id", event_id, "type", type, "batch_job", bj);
+    rc = event ? append_json(out, event, e) : err_set(e, ERR_NOMEM, "out of memory");
+    json_decref(event);
+    json_decref(bj);
+    return rc;
+}
+
+static void add_arg(const char **v, size_t *len, int *argc, const char *s)
+{
+    v[*argc] = s ? s : "";
+    len[*argc] = strlen(v[*argc]);
+    (*argc)++;
+}
+
+static int r_batch_create(struct queue *qb, const struct batch_job_spec *s, char id_out[40],
                           struct err *e)
 {
-    (void)qb, (void)spec, (void)id_out;
-    return no_batch(e);
+    struct redis_queue *q = rq(qb);
+    size_t n = 32 + 2 * s->n_tasks; /* 23 fixed arguments, then id and input per task */
+    const char **v = calloc(n, sizeof(*v));
+    size_t *len = calloc(n, sizeof(*len));
+    char(*ids)[40] = calloc(s->n_tasks ? s->n_tasks : 1, 40);
+    char nums[8][32], raw[40];
+    redisReply *r = NULL;
+    redisContext *c = NULL;
+    int argc = 0, rc = 0;
+
+    if (!v || !len || !ids) {
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+        goto cleanup;
+    }
+    new_id(raw);
+    snprintf(id_out, 40, "batch-%s", raw);
+#define ADD(str) add_arg(v, len, &argc, (str))
+#define ADD_INT(i, val) (snprintf(nums[i], sizeof(nums[i]), "%lld", (long long)(val)), ADD(nums[i]))
+    ADD("EVALSHA");
+    ADD(q->sha);
+    ADD("0");
+    ADD("batch_create");
+    ADD(q->prefix);
+    ADD_INT(0, queue_now_ms());
+    ADD(id_out);
+    ADD(s->parent);
+    ADD_INT(1, s->run_at_ms);
+    ADD_INT(2, s->parent_next_run_ms);
+    ADD_INT(3, q->cfg.max_queued);
+    ADD_INT(4, q->cfg.result_ttl_s);
+    ADD(s->definition);
+    ADD(s->model);
+    ADD(s->schedule);
+    ADD(s->output);
+    ADD(s->callback_url);
+    ADD_INT(5, s->max_errors);
+    ADD_INT(6, s->max_attempts);
+    ADD_INT(7, s->lease_timeout_ms);
+    char next[32];
+    snprintf(next, sizeof(next), "%lld", (long long)s->next_run_ms);
+    ADD(next);
+    ADD(s->finish_input);
+    ADD(s->error);
+    for (size_t i = 0; !s->schedule && !s->error && i < s->n_tasks; i++) {
+        new_id(ids[i]);
+        ADD(ids[i]);
+        ADD(s->task_inputs[i]);
+    }
+#undef ADD
+#undef ADD_INT
+    c = take_conn(q, e);
+    if (!c) {
+        rc = e->code;
+        goto cleanup;
+    }
+    r = redisCommandArgv(c, argc, v, len);
+    if (!r) {
+        rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
+    } else if (r->type == REDIS_REPLY_ERROR) {
+        rc = err_set(e, ERR_IO, "Redis: %.200s", r->str);
+    } else if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
+        rc = err_set(e, ERR_IO, "Redis: unexpected answer to batch_create");
+    } else if (strcmp(r->element[0]->str, "conflict") == 0) {
+        rc = err_set(e, ERR_CONFLICT, "schedule %s is no longer due at that time", s->parent);
+    } else if (strcmp(r->element[0]->str, "busy") == 0) {
+        rc = err_set(e, ERR_BUSY,
+                     "%zu tasks would pass the queue's limit of %lld jobs (--max-queue); %s are "
+                     "waiting",
+                     s->n_tasks, (long long)q->cfg.max_queued, r->element[1]->str);
+    }
+cleanup:
+    freeReplyObject(r);
+    give_conn(q, c);
+    free(v);
+    free(len);
+    free(ids);
+    return rc;
 }
 
 static int r_batch_get(struct queue *qb, const char *id, struct buf *out, struct err *e)
 {
-    (void)qb, (void)out;
-    return err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
+    struct redis_queue *q = rq(qb);
+    redisContext *c = take_conn(q, e);
+    json_t *bj = NULL;
+    int rc;
+
+    if (!c)
+        return e->code;
+    rc = load_batch(q, c, id, 1, &bj, e);
+    give_conn(q, c);
+    if (rc == 0)
+        rc = append_json(out, bj, e);
+    json_decref(bj);
+    return rc;
 }
 
 static int r_batch_list(struct queue *qb, int limit, struct buf *out, struct err *e)
 {
-    (void)qb, (void)limit, (void)e;
-    return buf_puts(out, "{\"batch_jobs\":[]}");
+    struct redis_queue *q = rq(qb);
+    redisContext *c = take_conn(q, e);
+    json_t *list = json_array(), *root;
+    redisReply *ids;
+    int rc = 0;
+
+    if (!c) {
+        json_decref(list);
+        return e->code;
+    }
+    ids = redisCommand(c, "ZREVRANGE %sbatches 0 %d", q->prefix, limit - 1);
+    for (size_t i = 0; list && ids && ids->type == REDIS_REPLY_ARRAY && i < ids->elements; i++) {
+        json_t *bj = NULL;
+        struct err be;
+        if (load_batch(q, c, ids->element[i]->str, 1, &bj, &be) == 0)
+            json_array_append_new(list, bj);
+    }
+    if (!ids)
+        rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
+    freeReplyObject(ids);
+    give_conn(q, c);
+    root = json_pack("{s:o}", "batch_jobs", list ? list : json_array());
+    if (rc == 0)
+        rc = root ? append_json(out, root, e) : err_set(e, ERR_NOMEM, "out of memory");
+    json_decref(root);
+    return rc;
 }
 
 static int r_batch_cancel(struct queue *qb, const char *id, struct buf *out, struct err *e)
 {
+    struct redis_queue *q = rq(qb);
+    struct args a;
+    redisReply *r;
+    int64_t v = -1;
+
+    script_args(q, &a, "batch_cancel");
+    arg(&a, id);
+    arg_int(&a, q->cfg.result_ttl_s);
+    r = run(q, &a, e);
+    if (!r)
+        return e->code;
+    int_reply(r, &v);
+    freeReplyObject(r);
+    if (v == -1)
+        return err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
+    if (v == -2) {
+        struct buf tmp = {0};
+        json_error_t jerr;
+        json_t *bj;
+        int rc = r_batch_get(qb, id, &tmp, e);
+        bj = rc == 0 ? json_loadb(tmp.data, tmp.len, 0, &jerr) : NULL;
+        rc = err_set(e, ERR_CONFLICT, "batch job %s is already %s", id,
+                     bj ? json_string_value(json_object_get(bj, "status")) : "over");
+        json_decref(bj);
+        buf_release(&tmp);
+        return rc;
+    }
     return r_batch_get(qb, id, out, e);
 }
 
-static int r_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **out, size_t *n,
-                           struct err *e)
+static int r_batch_manifest(struct queue *qb, const char *id, struct buf *out, struct err *e)
 {
-    (void)qb, (void)now_ms, (void)e;
+    struct redis_queue *q = rq(qb);
+    redisContext *c = take_conn(q, e);
+    json_t *objects = json_object(), *root = NULL;
+    redisReply *model = NULL, *tasks = NULL;
+    int rc = 0;
+
+    if (!c) {
+        json_decref(objects);
+        return e->code;
+    }
+    model = redisCommand(c, "HGET %sbatch:%s model", q->prefix, id);
+    tasks = redisCommand(c, "SMEMBERS %sbtasks:%s", q->prefix, id);
+    if (!model || model->type != REDIS_REPLY_STRING || !tasks || !objects) {
+        rc = err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
+        goto cleanup;
+    }
+    for (size_t i = 0; tasks->type == REDIS_REPLY_ARRAY && i < tasks->elements; i++) {
+        redisReply *t = redisCommand(c, "HMGET %sjob:%s kind state result", q->prefix,
+                                     tasks->element[i]->str);
+        if (t && t->type == REDIS_REPLY_ARRAY && t->elements == 3 && t->element[0]->str &&
+            strcmp(t->element[0]->str, "1") == 0 && t->element[1]->str &&
+            strcmp(t->element[1]->str, "2") == 0 && t->element[2]->str) {
+            json_t *res = json_loadb(t->element[2]->str, t->element[2]->len, 0, NULL);
+            const char *name = json_string_value(json_object_get(res, "object"));
+            if (name)
+                json_object_set_new(objects, name,
+                                    json_pack("{s:O, s:O}", "records",
+                                              json_object_get(res, "records"), "sha256",
+                                              json_object_get(res, "sha256")));
+            json_decref(res);
+        }
+        freeReplyObject(t);
+    }
+    root = json_pack("{s:s, s:O}", "model", model->str, "objects", objects);
+    rc = root ? append_json(out, root, e) : err_set(e, ERR_NOMEM, "out of memory");
+cleanup:
+    freeReplyObject(model);
+    freeReplyObject(tasks);
+    give_conn(q, c);
+    json_decref(root);
+    json_decref(objects);
+    return rc;
+}
+
+static int r_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **out,
+                           size_t *n, struct err *e)
+{
+    struct redis_queue *q = rq(qb);
+    redisContext *c = take_conn(q, e);
+    redisReply *ids;
+    struct queue_schedule *v = NULL;
+
     *out = NULL;
     *n = 0;
+    if (!c)
+        return e->code;
+    ids = redisCommand(c, "ZRANGEBYSCORE %sschedules -inf %lld LIMIT 0 100", q->prefix,
+                       (long long)now_ms);
+    if (ids && ids->type == REDIS_REPLY_ARRAY && ids->elements > 0)
+        v = calloc(ids->elements, sizeof(*v));
+    for (size_t i = 0; v && i < ids->elements; i++) {
+        redisReply *h = redisCommand(c, "HMGET %sbatch:%s definition schedule next_run_ms",
+                                     q->prefix, ids->element[i]->str);
+        if (h && h->type == REDIS_REPLY_ARRAY && h->elements == 3 && h->element[0]->str &&
+            h->element[1]->str && h->element[2]->str) {
+            struct queue_schedule *s = &v[(*n)++];
+            snprintf(s->id, sizeof(s->id), "%s", ids->element[i]->str);
+            s->definition = strdup(h->element[0]->str);
+            s->schedule = strdup(h->element[1]->str);
+            s->next_run_ms = strtoll(h->element[2]->str, NULL, 10);
+        }
+        freeReplyObject(h);
+    }
+    freeReplyObject(ids);
+    give_conn(q, c);
+    *out = v;
     return 0;
 }
 
@@ -1205,9 +1555,10 @@ static const struct queue_ops redis_ops = {
     .batch_get = r_batch_get,
     .batch_list = r_batch_list,
     .batch_cancel = r_batch_cancel,
-    .batch_manifest = r_batch_get,
+    .batch_manifest = r_batch_manifest,
     .schedules_due = r_schedules_due,
     .close = r_close,
+    .outbox_exclusive = 1,
 };
 
 /* redis://[host][:port][/db] */

@@ -56,8 +56,12 @@ local function ended(id, state, ttl_s)
     if ttl_s > 0 then
         redis.call('EXPIRE', jkey(id), ttl_s)
         redis.call('EXPIRE', P .. 'deliv:' .. id, ttl_s + 86400)
+        local idem = field(id, 'idem_key')
+        if idem and idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. idem, ttl_s) end
     end
 end
+
+local batch_task_final -- defined with the batch jobs below
 
 local function finish(id, from, state, err, ttl_s)
     redis.call('HSET', jkey(id), 'state', state, 'finished_ms', now)
@@ -65,6 +69,7 @@ local function finish(id, from, state, err, ttl_s)
     count(from, -1)
     count(state, 1)
     ended(id, state, ttl_s)
+    if num(id, 'kind') ~= 0 then batch_task_final(id, state, ttl_s) end
 end
 
 -- Queued jobs whose ttl passed: expired. Retries whose backoff passed: back on their stream.
@@ -115,7 +120,7 @@ end
 local function lease()
     local worker, max, ttl_s = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
     housekeeping(ttl_s)
-    local out = {}
+    local out, tasks = {}, 0
     for p = 9, 0, -1 do
         if #out >= max then break end
         local ok, res = pcall(redis.call, 'XREADGROUP', 'GROUP', GROUP, worker, 'COUNT',
@@ -123,8 +128,21 @@ local function lease()
         if ok and res then
             for _, e in ipairs(res[1][2]) do
                 local entry, id = e[1], e[2][2]
-                if redis.call('EXISTS', jkey(id)) == 1 and num(id, 'state') == 0 and
-                   field(id, 'entry') == entry then
+                local live = redis.call('EXISTS', jkey(id)) == 1 and num(id, 'state') == 0 and
+                             field(id, 'entry') == entry
+                if live and num(id, 'kind') ~= 0 and tasks > 0 then
+                    -- a batch task runs for long: one per lease; this one waits its turn
+                    redis.call('XACK', qkey(p), GROUP, entry)
+                    redis.call('XDEL', qkey(p), entry)
+                    push(id)
+                elseif live then
+                    if num(id, 'kind') ~= 0 then
+                        tasks = tasks + 1
+                        local b = P .. 'batch:' .. field(id, 'batch_id')
+                        if redis.call('HGET', b, 'state') == '0' then
+                            redis.call('HSET', b, 'state', 1, 'started_ms', now)
+                        end
+                    end
                     local attempts = num(id, 'attempts') + 1
                     redis.call('HSET', jkey(id), 'state', 1, 'attempts', attempts, 'worker',
                                worker, 'lease_until', now + num(id, 'lease_timeout_ms'))
@@ -294,12 +312,13 @@ local function outbox_take()
     return out
 end
 
--- ARGV: outbox id, delivery record (JSON), done, next ms
+-- ARGV: outbox id, delivery record (the JSON object's members after the event id), done, next ms
 local function outbox_record()
     local n, rec, done, next_ms = ARGV[4], ARGV[5], ARGV[6] == '1', tonumber(ARGV[7])
     local job = redis.call('HGET', P .. 'out:' .. n, 'job_id')
     if not job then return 0 end
-    redis.call('RPUSH', P .. 'deliv:' .. job, rec)
+    local event = redis.call('HGET', P .. 'out:' .. n, 'event_id') or ''
+    redis.call('RPUSH', P .. 'deliv:' .. job, '{"event_id":' .. cjson.encode(event) .. rec)
     redis.call('HINCRBY', P .. 'out:' .. n, 'attempts', 1)
     if done then
         redis.call('ZREM', P .. 'outbox', n)
@@ -315,7 +334,149 @@ local function outbox_body()
     return redis.call('HSETNX', P .. 'out:' .. ARGV[4], 'body', ARGV[5])
 end
 
-local ops = {enqueue = enqueue, lease = lease, extend = extend, complete = complete,
+-- ---- batch jobs: a run is a hash plus one task job (kind 1) per input object ----
+
+local function bkey(id) return P .. 'batch:' .. id end
+local function bnum(id, name) return tonumber(redis.call('HGET', bkey(id), name) or '0') end
+
+-- A queued job of a batch job (a task, kind 1, or its finishing job, kind 2).
+local function new_task(id, batch, kind, input)
+    local b = bkey(batch)
+    redis.call('HSET', jkey(id), 'state', 0, 'attempts', 0, 'created_ms', now, 'started_ms', 0,
+               'finished_ms', 0, 'cancel_requested', 0, 'model', redis.call('HGET', b, 'model'),
+               'priority', 0, 'max_attempts', redis.call('HGET', b, 'max_attempts'),
+               'lease_timeout_ms', redis.call('HGET', b, 'lease_timeout_ms'), 'ttl_s', 0,
+               'kind', kind, 'batch_id', batch, 'input', input, 'input_json_len', -1)
+    redis.call('SADD', P .. 'btasks:' .. batch, id)
+    count(0, 1)
+    push(id)
+end
+
+-- Ends a run: its queued tasks are cancelled, running ones asked to stop, its webhook stored.
+local function end_run(batch, state, err, ttl_s)
+    local b = bkey(batch)
+    if tonumber(redis.call('HGET', b, 'state') or '0') >= 2 then return end
+    redis.call('HSET', b, 'state', state, 'finished_ms', now, 'error', err or '')
+    for _, t in ipairs(redis.call('SMEMBERS', P .. 'btasks:' .. batch)) do
+        local st = num(t, 'state')
+        if st == 0 then
+            drop_entry(t)
+            redis.call('ZREM', P .. 'delayed', t)
+            redis.call('HSET', jkey(t), 'state', 4, 'finished_ms', now, 'error',
+                       'its batch job ended')
+            redis.call('HDEL', jkey(t), 'input')
+            count(0, -1)
+            count(4, 1)
+        elseif st == 1 then
+            redis.call('HSET', jkey(t), 'cancel_requested', 1)
+        end
+    end
+    local url = redis.call('HGET', b, 'callback_url')
+    if url and url ~= '' then
+        local n = redis.call('INCR', P .. 'outbox:seq')
+        redis.call('HSET', P .. 'out:' .. n, 'event_id', 'evt_' .. batch, 'job_id', batch, 'url',
+                   url, 'attempts', 0, 'batch', 1)
+        redis.call('ZADD', P .. 'outbox', now, n)
+    end
+    if ttl_s > 0 then redis.call('EXPIRE', b, ttl_s) end
+end
+
+batch_task_final = function(id, state, ttl_s)
+    local batch = field(id, 'batch_id')
+    if not batch or batch == '' or redis.call('EXISTS', bkey(batch)) == 0 then return end
+    if bnum(batch, 'state') >= 2 then return end -- it ended: this task was cancelled with it
+    if state == 2 and num(id, 'kind') == 2 then
+        end_run(batch, 2, nil, ttl_s)
+    elseif state == 2 then
+        local ok, res = pcall(cjson.decode, field(id, 'result') or '{}')
+        if not ok or type(res) ~= 'table' then res = {} end
+        local b = bkey(batch)
+        redis.call('HINCRBY', b, 'objects_done', 1)
+        redis.call('HINCRBY', b, 'records_done', tonumber(res.records) or 0)
+        local failed = redis.call('HINCRBY', b, 'records_failed', tonumber(res.errors) or 0)
+        if failed > bnum(batch, 'max_errors') then
+            end_run(batch, 3, failed .. ' bad records in all, more than max_errors (' ..
+                    bnum(batch, 'max_errors') .. '); the last from ' .. tostring(res.object),
+                    ttl_s)
+        elseif bnum(batch, 'objects_done') == bnum(batch, 'objects_total') then
+            new_task(batch .. '-finish', batch, 2, redis.call('HGET', b, 'finish_input'))
+        end
+    elseif state == 4 then
+        end_run(batch, 3, 'its task ' .. id .. ' was cancelled', ttl_s)
+    else
+        end_run(batch, 3, field(id, 'error') or 'a task failed', ttl_s)
+    end
+end
+
+-- ARGV: id, parent, run_at, parent_next, max_queued, result_ttl_s, then 11 field values
+-- (definition model schedule output callback_url max_errors max_attempts lease_timeout_ms
+-- next_run_ms finish_input error), then task id / input pairs.
+local function batch_create()
+    local id, parent, run_at, parent_next = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+    local max_queued, ttl_s = tonumber(ARGV[8]), tonumber(ARGV[9])
+    local names = {'definition', 'model', 'schedule', 'output', 'callback_url', 'max_errors',
+                   'max_attempts', 'lease_timeout_ms', 'next_run_ms', 'finish_input', 'error'}
+    local f = {}
+    for i, name in ipairs(names) do f[name] = ARGV[9 + i] end
+    local first_task = 10 + #names
+    local n_tasks = (#ARGV - first_task + 1) / 2
+    if parent ~= '' then
+        local pb = bkey(parent)
+        if redis.call('HGET', pb, 'state') ~= '0' or
+           tonumber(redis.call('HGET', pb, 'next_run_ms') or '-1') ~= run_at then
+            return {'conflict', parent}
+        end
+        if parent_next > 0 then
+            redis.call('HSET', pb, 'next_run_ms', parent_next)
+            redis.call('ZADD', P .. 'schedules', parent_next, parent)
+        else
+            redis.call('ZREM', P .. 'schedules', parent)
+        end
+    end
+    local queued = tonumber(redis.call('HGET', P .. 'counts', 'queued') or '0')
+    if f.schedule == '' and f.error == '' and queued + n_tasks > max_queued then
+        return {'busy', tostring(queued)}
+    end
+    redis.call('HSET', bkey(id), 'state', 0, 'created_ms', now, 'started_ms', 0, 'finished_ms', 0,
+               'objects_total', n_tasks, 'objects_done', 0, 'records_done', 0,
+               'records_failed', 0, 'parent', parent, 'run_at_ms', run_at)
+    for _, name in ipairs(names) do redis.call('HSET', bkey(id), name, f[name]) end
+    if f.schedule ~= '' then
+        redis.call('ZADD', P .. 'schedules', tonumber(f.next_run_ms), id)
+        redis.call('ZADD', P .. 'batches', now, id)
+        return {'ok', id}
+    end
+    if parent ~= '' then
+        redis.call('ZADD', P .. 'runs:' .. parent, now, id)
+    else
+        redis.call('ZADD', P .. 'batches', now, id)
+    end
+    if f.error ~= '' then
+        end_run(id, 3, f.error, ttl_s)
+        return {'ok', id}
+    end
+    for i = first_task, #ARGV, 2 do new_task(ARGV[i], id, 1, ARGV[i + 1]) end
+    if n_tasks == 0 then new_task(id .. '-finish', id, 2, f.finish_input) end
+    return {'ok', id}
+end
+
+-- ARGV: id, result_ttl_s. -1: none; -2: already ended; else the state after.
+local function batch_cancel()
+    local id, ttl_s = ARGV[4], tonumber(ARGV[5])
+    if redis.call('EXISTS', bkey(id)) == 0 then return -1 end
+    local state = bnum(id, 'state')
+    if (redis.call('HGET', bkey(id), 'schedule') or '') ~= '' then
+        if state == 4 then return -2 end
+        redis.call('HSET', bkey(id), 'state', 4, 'finished_ms', now)
+        redis.call('ZREM', P .. 'schedules', id)
+        return 4
+    end
+    if state >= 2 then return -2 end
+    end_run(id, 4, 'cancelled', ttl_s)
+    return 4
+end
+
+local ops = {batch_create = batch_create, batch_cancel = batch_cancel, enqueue = enqueue, lease = lease, extend = extend, complete = complete,
              fail = fail, cancel = cancel, retry = retry, reclaim = reclaim,
              outbox_take = outbox_take, outbox_record = outbox_record,
              outbox_body = outbox_body}

@@ -318,6 +318,9 @@ static void run_task(struct worker *w, struct job *job)
         .retryable = retryable,
     };
 
+    if (rc == 0 && job->kind == JOB_KIND_BATCH_TASK)
+        log_info("worker", "batch task done", "job=%s batch_job=%s worker=%s", job->id,
+                 job->batch_id, w->name);
     if (rc != 0 && rc != ERR_CANCELLED)
         log_warn("worker", "batch task failed", "job=%s batch_job=%s retryable=%d reason=\"%s\"",
                  job->id, job->batch_id, retryable, e.msg);

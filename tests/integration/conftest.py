@@ -6,7 +6,8 @@ Run from the repository root with Debian's interpreter:
 
 The suite needs ``build/inferd`` and
 ``build/examples/plugin/libinferd_example_plugin.so`` (``make`` builds both).
-``INFERD_BIN`` / ``INFERD_PLUGIN`` override those paths.
+``INFERD_BIN`` / ``INFERD_PLUGIN`` override those paths. The Redis queue's tests run
+Debian's ``/usr/bin/redis-server`` (``scripts/install-deps`` installs it).
 
 Everything here waits by polling against a deadline; nothing asserts on
 elapsed time (the machines running this are small and shared).
@@ -180,11 +181,13 @@ _SERVERS = []   # servers whose logs are attached to a failing test's report
 
 
 class Server:
-    """``build/inferd serve`` on a free port; stderr/stdout captured to files."""
+    """``build/inferd serve`` (or ``command``, e.g. ``worker``) on a free port;
+    stderr/stdout captured to files."""
 
     def __init__(self, models_dir, log_dir, extra_args=(), scope="function", tag="inferd",
-                 binary=None, port=None):
+                 binary=None, port=None, command="serve"):
         self.binary = Path(binary) if binary is not None else INFERD_BIN
+        self.command = command
         self.fixed_port = port    # None: a fresh free port per start
         self.models_dir = Path(models_dir)
         self.log_dir = Path(log_dir)
@@ -207,7 +210,7 @@ class Server:
             self.port = free_port() if self.fixed_port is None else self.fixed_port
             self.url = f"http://127.0.0.1:{self.port}"
             self.log_path = self.log_dir / f"{self.tag}-{self.port}-{attempt}-{len(_SERVERS)}.stderr.log"
-            cmd = [str(self.binary), "serve", "--models", str(self.models_dir),
+            cmd = [str(self.binary), self.command, "--models", str(self.models_dir),
                    "--host", "127.0.0.1", "--port", str(self.port), *self.extra_args]
             self.cmd = cmd
             self._log_f = open(self.log_path, "wb")
@@ -329,6 +332,29 @@ def server_factory(tmp_path):
     def start(models_dir, *extra_args, wait_ready=True, tag="inferd", binary=None, port=None):
         s = Server(models_dir, tmp_path, extra_args, scope="function", tag=tag,
                    binary=binary, port=port)
+        started.append(s)
+        return s.start(wait_ready=wait_ready)
+
+    yield start
+    _stop_all(started)
+
+
+@pytest.fixture
+def worker_factory(tmp_path):
+    """``start(models_dir, queue_url, *extra_args, backoff_ms=50, wait_ready=True)`` ->
+    a started ``inferd worker --queue queue_url`` (a :class:`Server`; its ``url`` is its
+    own port, which serves only /metrics and /v2/health/*).
+
+    Like ``server_factory``: ready when GET /v2/health/ready answers 200 on its port;
+    workers still running at teardown are SIGTERMed and must exit 0.
+    """
+    started = []
+
+    def start(models_dir, queue_url, *extra_args, backoff_ms=50, wait_ready=True, tag="worker",
+              binary=None):
+        args = ["--queue", queue_url, "--retry-backoff-ms", str(backoff_ms), *extra_args]
+        s = Server(models_dir, tmp_path, args, scope="function", tag=tag, binary=binary,
+                   command="worker")
         started.append(s)
         return s.start(wait_ready=wait_ready)
 
@@ -524,9 +550,15 @@ JOB_KEYS = ("id", "model", "status", "priority", "attempts", "max_attempts", "cr
             "notifications")
 
 
-def async_args(data_dir, *extra, backoff_ms=50):
-    """``serve`` options for the job API: a private --data-dir and a short retry backoff."""
-    return ["--data-dir", str(data_dir), "--retry-backoff-ms", str(backoff_ms), *extra]
+def async_args(data_dir, *extra, backoff_ms=50, queue="sqlite"):
+    """``serve`` options for the job API: a private --data-dir, a short retry backoff and,
+    when ``queue`` is a ``redis://`` URL (see the ``fresh_queue`` fixture), ``--queue URL``.
+
+    With the default ``queue="sqlite"`` no --queue is given: the default stays tested.
+    """
+    queue_args = [] if queue in (None, "sqlite") else ["--queue", str(queue)]
+    return ["--data-dir", str(data_dir), *queue_args, "--retry-backoff-ms", str(backoff_ms),
+            *extra]
 
 
 def parse_time(value):
@@ -775,8 +807,10 @@ class WebhookReceiver:
     """An HTTP server on 127.0.0.1:0 recording every POST.
 
     Paths ``/flaky/<key>`` answer 500 to the first two POSTs for that key, then 200;
-    ``/fail/...`` always 500; everything else 200.
+    ``/fail/...`` always 500; ``/slow/...`` 200 after ``SLOW_S`` (so deliveries overlap);
+    everything else 200.
     """
+    SLOW_S = 0.3
 
     def __init__(self):
         import http.server
@@ -798,6 +832,8 @@ class WebhookReceiver:
                     receiver.requests.append({"path": self.path, "headers": dict(self.headers),
                                               "body": body, "at": time.time()})
                 status = 200
+                if self.path.startswith("/slow/"):
+                    time.sleep(receiver.SLOW_S)
                 if self.path.startswith("/fail/") or (self.path.startswith("/flaky/") and hit <= 2):
                     status = 500
                 payload = b'{"ok":true}' if status == 200 else b'{"error":"try again"}'
@@ -939,3 +975,271 @@ def s3rver(tmp_path_factory):
     server = S3rver(tmp_path_factory.mktemp("s3rver") / "data")
     yield server
     server.stop()
+
+
+# ---------------------------------------------------------------------------
+# Redis: Debian's redis-server (scripts/install-deps), and the queue parametrization
+# ---------------------------------------------------------------------------
+
+REDIS_SERVER_BIN = Path("/usr/bin/redis-server")
+REDIS_DEADLINE_S = 30.0
+REDIS_DATABASES = 1001      # inferd accepts redis://host:port/0 ... /1000
+
+
+class RedisError(Exception):
+    """An error reply (``-ERR ...``) from Redis."""
+
+
+class RedisClient:
+    """A minimal RESP client, for the tests' own look into Redis (no python3-redis needed).
+
+    ``execute("HGETALL", "inferd:counts")`` -> the decoded reply (bulk strings as ``bytes``);
+    ``pipeline([cmd, ...])`` sends them all, then reads every reply (errors as RedisError
+    objects, not raised).
+    """
+
+    def __init__(self, port, db=0, timeout=10.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.rf = self.sock.makefile("rb")
+        if db:
+            self.execute("SELECT", db)
+
+    @classmethod
+    def from_url(cls, url):
+        """For ``redis://127.0.0.1:PORT/DB`` (the form the fixtures hand out)."""
+        hostport, _, db = url[len("redis://"):].partition("/")
+        return cls(int(hostport.rsplit(":", 1)[1]), int(db or 0))
+
+    @staticmethod
+    def _encode(args):
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            a = a if isinstance(a, bytes) else str(a).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+        return b"".join(out)
+
+    def _read(self):
+        line = self.rf.readline()
+        if not line.endswith(b"\r\n"):
+            raise ConnectionError("Redis closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            return RedisError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            return None if n < 0 else self.rf.read(n + 2)[:-2]
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._read() for _ in range(n)]
+        raise ConnectionError(f"unexpected RESP line {line!r}")
+
+    def execute(self, *args):
+        self.sock.sendall(self._encode(args))
+        reply = self._read()
+        if isinstance(reply, RedisError):
+            raise reply
+        return reply
+
+    def pipeline(self, commands, chunk=500):
+        replies = []
+        for i in range(0, len(commands), chunk):
+            part = commands[i:i + chunk]
+            self.sock.sendall(b"".join(self._encode(c) for c in part))
+            replies.extend(self._read() for _ in part)
+        return replies
+
+    def scan_keys(self, pattern):
+        keys, cursor = [], b"0"
+        while True:
+            cursor, batch = self.execute("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+            keys.extend(batch)
+            if cursor == b"0":
+                return keys
+
+    def close(self):
+        try:
+            self.rf.close()
+        finally:
+            self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RedisServer:
+    """``redis-server`` on a free 127.0.0.1 port with its own folder and an append-only
+    file fsynced on every write (``--appendonly yes --appendfsync always --save ""``), so
+    :meth:`kill9` loses nothing it acknowledged and :meth:`restart` (same port, same
+    folder) replays it. Its log is attached to a failing test's report, like inferd's.
+    """
+
+    def __init__(self, data_dir, tag="redis", scope="function"):
+        if not REDIS_SERVER_BIN.exists():
+            pytest.fail(f"{REDIS_SERVER_BIN} is missing: run scripts/install-deps")
+        self.dir = Path(data_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tag = tag
+        self.scope = scope
+        self.port = None
+        self.url = None
+        self.proc = None
+        self.log_path = None
+        self._log_f = None
+        self.n_starts = 0
+        self._db_lock = threading.Lock()
+        self._next_db = 0
+
+    # -- lifecycle --------------------------------------------------------
+    def start(self):
+        """Starts it (on the same port after the first start); returns once PING answers."""
+        fixed = self.port is not None
+        attempts = 40 if fixed else 3
+        for attempt in range(attempts):
+            if not fixed:
+                self.port = free_port()
+            self.url = f"redis://127.0.0.1:{self.port}"
+            self.n_starts += 1
+            self.log_path = self.dir / f"redis-{self.port}-{self.n_starts}.log"
+            cmd = [str(REDIS_SERVER_BIN), "--port", str(self.port), "--bind", "127.0.0.1",
+                   "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", "always",
+                   "--save", "", "--daemonize", "no", "--logfile", "",
+                   "--databases", str(REDIS_DATABASES)]
+            self._log_f = open(self.log_path, "wb")
+            self.proc = subprocess.Popen(cmd, stdout=self._log_f, stderr=self._log_f,
+                                         stdin=subprocess.DEVNULL, cwd=str(self.dir))
+            if self._wait_ready():
+                return self
+            self._log_f.close()
+            if attempt < attempts - 1 and "address already in use" in self.log().lower():
+                time.sleep(0.25 if fixed else 0)
+                continue
+            pytest.fail(f"redis-server exited with {self.proc.returncode} before answering "
+                        f"PING\ncommand: {' '.join(cmd)}\n--- log ---\n{self.log_tail()}")
+        return self
+
+    def _wait_ready(self):
+        """True once PING answers PONG (not -LOADING); False if the process exits."""
+        end = time.monotonic() + REDIS_DEADLINE_S
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with RedisClient(self.port, timeout=2) as c:
+                    if c.execute("PING") == "PONG":
+                        return True
+            except (OSError, RedisError):
+                pass
+            time.sleep(0.02)
+        self.proc.kill()
+        self.proc.wait()
+        pytest.fail(f"redis-server on port {self.port} did not answer PING within "
+                    f"{REDIS_DEADLINE_S:.0f}s\n--- log ---\n{self.log_tail()}")
+
+    def kill9(self):
+        """SIGKILL, as a crash: no shutdown, no final save (the AOF has every write)."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self._log_f.close()
+
+    def restart(self):
+        """Starts it again on the same port and folder: the AOF replays."""
+        assert not self.alive(), "restart() of a redis-server that is still running"
+        return self.start()
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log_f is not None:
+            self._log_f.close()
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- databases / clients ------------------------------------------------
+    def db_url(self, db=0):
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def fresh_url(self):
+        """The URL of a database no other queue of this session uses now, emptied first.
+
+        Databases 1..1000 are handed out in turn (0 is left for tests' own use).
+        """
+        with self._db_lock:
+            self._next_db = self._next_db % (REDIS_DATABASES - 1) + 1
+            db = self._next_db
+        with RedisClient(self.port, db) as c:
+            c.execute("FLUSHDB")
+        return self.db_url(db)
+
+    def client(self, db=0):
+        return RedisClient(self.port, db)
+
+    # -- logs ----------------------------------------------------------------
+    def log(self):
+        try:
+            return self.log_path.read_bytes().decode("utf-8", "replace")
+        except (OSError, AttributeError):
+            return ""
+
+    def log_tail(self, lines=150):
+        return "\n".join(self.log().splitlines()[-lines:])
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A test's own redis-server (AOF, fsync always); see :class:`RedisServer` for
+    ``kill9()`` / ``restart()``. Stopped at teardown.
+
+    Request it before ``server_factory`` / ``worker_factory``, so that it is stopped after
+    them (inferd then shuts down against a living Redis).
+    """
+    r = RedisServer(tmp_path / "redis", tag="redis")
+    _SERVERS.append(r)
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_redis(tmp_path_factory):
+    """One redis-server for the whole session; each queue gets its own database
+    (``fresh_url()``), so module-scoped servers and per-test servers never share keys."""
+    r = RedisServer(tmp_path_factory.mktemp("redis-shared"), tag="redis-shared",
+                    scope="session")
+    _SERVERS.append(r)
+    r.start()
+    yield r
+    r.stop()
+    if r in _SERVERS:
+        _SERVERS.remove(r)
+
+
+QUEUE_KINDS = ("sqlite", "redis")
+
+
+@pytest.fixture(scope="module", params=QUEUE_KINDS)
+def queue_kind(request):
+    """Runs every test that (indirectly) uses it once per queue: ``sqlite``, ``redis``."""
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def fresh_queue(queue_kind, request):
+    """``fresh_queue()`` -> the ``queue=`` of :func:`async_args` for a new, empty queue:
+    ``"sqlite"`` (the queue lives under the server's --data-dir), or the URL of an emptied
+    database of the session's redis-server."""
+    if queue_kind == "sqlite":
+        return lambda: "sqlite"
+    return request.getfixturevalue("shared_redis").fresh_url

@@ -2,6 +2,11 @@
 cancel, ttl, priorities, idempotency, queue limits, retries, listing, metrics and
 webhooks.
 
+Every test runs twice, once per queue (the ``queue_kind`` fixture of conftest.py):
+``[sqlite]`` (the default, under --data-dir) and ``[redis]`` (``--queue redis://...``, a
+fresh database of the session's redis-server per server; serve runs its own workers here,
+test_redis.py covers serve + separate ``inferd worker`` processes).
+
 Tests that need jobs to stay queued run ``--workers 1`` and hold that worker with
 a :class:`conftest.Gate` job (its input_location is a FIFO the worker blocks on
 until the test writes it), so nothing here depends on how fast the machine is.
@@ -50,9 +55,12 @@ def repo(trained, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def srv(module_server_factory, repo, tmp_path_factory):
+def srv(module_server_factory, repo, tmp_path_factory, queue_kind, fresh_queue):
     data = tmp_path_factory.mktemp("async-data")
-    return module_server_factory(repo, *async_args(data, "--workers", "2"), tag="async")
+    s = module_server_factory(repo, *async_args(data, "--workers", "2", queue=fresh_queue()),
+                              tag=f"async-{queue_kind}")
+    yield s
+    s.stop()    # before the other queue's server starts (the module's factory checks it too)
 
 
 @pytest.fixture
@@ -61,16 +69,17 @@ def client(srv):
 
 
 @pytest.fixture
-def one_worker(server_factory, repo, tmp_path):
+def one_worker(server_factory, repo, tmp_path, queue_kind, fresh_queue):
     """start(*extra_args) -> a fresh server with one worker running one job at a time
-    (--workers 1 --worker-batch 1) and its own --data-dir."""
+    (--workers 1 --worker-batch 1) and its own --data-dir or Redis database."""
     counter = itertools.count()
 
     def start(*extra, models=None):
         data = tmp_path / f"data-{next(counter)}"
         return server_factory(models or repo,
-                              *async_args(data, "--workers", "1", "--worker-batch", "1", *extra),
-                              tag="async-1w")
+                              *async_args(data, "--workers", "1", "--worker-batch", "1", *extra,
+                                          queue=fresh_queue()),
+                              tag=f"async-1w-{queue_kind}")
     return start
 
 
@@ -557,8 +566,9 @@ def test_input_and_output_locations(client, tmp_path, trained):
 # ---------------------------------------------------------------------------
 
 
-def test_listing_filters_and_paging(server_factory, repo, tmp_path, trained):
-    s = server_factory(repo, *async_args(tmp_path / "data", "--workers", "2"), tag="async-list")
+def test_listing_filters_and_paging(server_factory, repo, tmp_path, trained, fresh_queue):
+    s = server_factory(repo, *async_args(tmp_path / "data", "--workers", "2",
+                                         queue=fresh_queue()), tag="async-list")
     c = s.client()
     ok = [c.submit_ok("rowsum", rows4(1, 400 + i)) for i in range(5)]
     bad = [c.submit_ok("rowsum", poison_rows(), max_attempts=1) for _ in range(2)]
@@ -627,7 +637,7 @@ WEBHOOK_DEADLINE_S = 25
 
 
 @pytest.fixture(scope="module")
-def hooks(module_server_factory, repo, tmp_path_factory):
+def hooks(module_server_factory, repo, tmp_path_factory, queue_kind, fresh_queue):
     """One server (--workers 1, --webhook-secret) and a receiver; every scenario submitted
     at once so the tests share one delivery deadline."""
     recv = WebhookReceiver()
@@ -637,8 +647,9 @@ def hooks(module_server_factory, repo, tmp_path_factory):
                        extra={"callback_url": recv.url + "/default/model"})
     data = tmp_path_factory.mktemp("hook-data")
     s = module_server_factory(models, *async_args(data, "--workers", "1",
-                                                  "--webhook-secret", WEBHOOK_SECRET),
-                              tag="async-hooks")
+                                                  "--webhook-secret", WEBHOOK_SECRET,
+                                                  queue=fresh_queue()),
+                              tag=f"async-hooks-{queue_kind}")
     c = s.client()
     sc = {"recv": recv, "client": c}
     gate = Gate(tmp_path_factory.mktemp("hook-gate"), "rowsum", np.ones((1, 4), np.float32))
@@ -680,6 +691,7 @@ def hooks(module_server_factory, repo, tmp_path_factory):
         c.wait_final(jid)
     yield sc
     recv.close()
+    s.stop()
 
 
 def _wait_hooks(sc, predicate, what, job=None):

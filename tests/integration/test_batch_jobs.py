@@ -6,6 +6,7 @@ input (``<name>.out`` per object, ``_manifest.json``, ``_SUCCESS``). The tests
 start real ``inferd serve`` processes, submit over HTTP, read the files back and
 compare predictions with python-xgboost. Schedules run against a clock file
 (``INFERD_CLOCK_FILE``) that the test moves forward, so no test waits minutes.
+Every test runs on both queues (SQLite and Redis: the ``fresh_queue`` fixture).
 Nothing asserts on elapsed time.
 """
 import calendar
@@ -24,6 +25,11 @@ import requests
 from conftest import INFERD_BIN, async_args, assert_close, error_message, wait_for
 
 SECRET = "batch-secret"
+
+
+def qa(queue, data_dir, *extra):
+    """serve's options for a job queue: SQLite under data_dir, or the Redis of fresh_queue."""
+    return async_args(data_dir, *extra, queue=queue)
 DEADLINE_S = 120.0
 
 
@@ -93,9 +99,10 @@ def inputs(tmp_path, trained):
     return m, repo, tmp_path / "in", data
 
 
-def test_batch_job_end_to_end(tmp_path, inputs, server_factory, webhook_receiver):
+def test_batch_job_end_to_end(tmp_path, inputs, server_factory, webhook_receiver, fresh_queue):
+    q = fresh_queue()
     m, repo, inp, data = inputs
-    server = server_factory(repo, *async_args(tmp_path / "data", "--workers", "3",
+    server = server_factory(repo, *qa(q, tmp_path / "data", "--workers", "3",
                                               "--webhook-secret", SECRET))
     out = tmp_path / "out"
     r = submit(server, model=m.name, input=str(inp), output=f"file://{out}",
@@ -138,12 +145,13 @@ def test_batch_job_end_to_end(tmp_path, inputs, server_factory, webhook_receiver
     assert [b["id"] for b in listed] == [bid]
 
 
-def test_bad_record_policies(tmp_path, inputs, server_factory, webhook_receiver):
+def test_bad_record_policies(tmp_path, inputs, server_factory, webhook_receiver, fresh_queue):
+    q = fresh_queue()
     m, repo, inp, data = inputs
     lines = (inp / "b.csv").read_text().splitlines()
     lines[41] = "1,2,oops"
     (inp / "b.csv").write_text("\n".join(lines) + "\n")
-    server = server_factory(repo, *async_args(tmp_path / "data", "--webhook-secret", SECRET))
+    server = server_factory(repo, *qa(q, tmp_path / "data", "--webhook-secret", SECRET))
     r = submit(server, model=m.name, input=str(inp), output=str(tmp_path / "strict"),
                callback_url=webhook_receiver.url + "/strict")
     assert r.status_code == 202, r.text
@@ -181,19 +189,21 @@ def test_bad_record_policies(tmp_path, inputs, server_factory, webhook_receiver)
     ({"model": "binary", "input": "/x", "output": "/y", "callback_url": "ftp://x"}, 400,
      "callback_url"),
 ])
-def test_bad_definitions(tmp_path, trained, server_factory, body, status, words):
+def test_bad_definitions(tmp_path, trained, server_factory, body, status, words, fresh_queue):
+    q = fresh_queue()
     repo = tmp_path / "models"
     trained["binary"].install(repo)
-    server = server_factory(repo, *async_args(tmp_path / "data"))
+    server = server_factory(repo, *qa(q, tmp_path / "data"))
     r = submit(server, **body)
     assert r.status_code == status, r.text
     assert words in error_message(r)
 
 
-def test_missing_input(tmp_path, trained, server_factory):
+def test_missing_input(tmp_path, trained, server_factory, fresh_queue):
+    q = fresh_queue()
     repo = tmp_path / "models"
     trained["binary"].install(repo)
-    server = server_factory(repo, *async_args(tmp_path / "data"))
+    server = server_factory(repo, *qa(q, tmp_path / "data"))
     r = submit(server, model="binary", input=str(tmp_path / "nothing-here"),
                output=str(tmp_path / "out"))
     assert r.status_code == 404, r.text
@@ -206,13 +216,14 @@ def test_missing_input(tmp_path, trained, server_factory):
     assert r.status_code == 404 and "batch-nope" in error_message(r)
 
 
-def test_cancel_running_batch(tmp_path, trained, server_factory):
+def test_cancel_running_batch(tmp_path, trained, server_factory, fresh_queue):
+    q = fresh_queue()
     m = trained["slow"]
     repo = tmp_path / "models"
     m.install(repo, config={"backend": "xgboost", "instances": 1})
     for i in range(8):
         write_csv(tmp_path / "in" / f"part-{i}.csv", m.rows(3000, seed=i))
-    server = server_factory(repo, *async_args(tmp_path / "data", "--workers", "1"))
+    server = server_factory(repo, *qa(q, tmp_path / "data", "--workers", "1"))
     r = submit(server, model=m.name, input=str(tmp_path / "in"), output=str(tmp_path / "out"),
                records_per_batch=64)
     bid = r.json()["id"]
@@ -233,14 +244,18 @@ def test_cancel_running_batch(tmp_path, trained, server_factory):
     assert r.status_code == 409 and "cancelled" in error_message(r)
 
 
-def test_batch_survives_kill(tmp_path, trained, server_factory):
-    """kill -9 in the middle; after a restart the run completes with the same outputs."""
+def test_batch_survives_kill(tmp_path, trained, server_factory, fresh_queue):
+    """kill -9 in the middle; after a restart the run completes with the same outputs.
+
+    SQLite requeues the dead process's tasks when it reopens; Redis (shared by many
+    processes) when their lease runs out: hence the short lease."""
+    q = fresh_queue()
     m = trained["slow"]
     repo = tmp_path / "models"
-    m.install(repo, config={"backend": "xgboost", "instances": 1})
+    m.install(repo, config={"backend": "xgboost", "instances": 1, "lease_timeout_s": 3})
     for i in range(6):
         write_csv(tmp_path / "in" / f"part-{i}.csv", m.rows(2500, seed=20 + i))
-    args = async_args(tmp_path / "data", "--workers", "1")
+    args = qa(q, tmp_path / "data", "--workers", "1")
     server = server_factory(repo, *args)
     r = submit(server, model=m.name, input=str(tmp_path / "in"), output=str(tmp_path / "out"),
                records_per_batch=64)
@@ -264,12 +279,13 @@ def utc_ms(y, mo, d, h, mi, s=0):
 
 
 def test_schedule_fires_on_the_clock(tmp_path, inputs, server_factory, monkeypatch,
-                                     webhook_receiver):
+                                     webhook_receiver, fresh_queue):
+    q = fresh_queue()
     m, repo, inp, data = inputs
     clock = tmp_path / "clock"
     clock.write_text(str(utc_ms(2030, 1, 1, 0, 0, 30)))
     monkeypatch.setenv("INFERD_CLOCK_FILE", str(clock))
-    server = server_factory(repo, *async_args(tmp_path / "data", "--webhook-secret", SECRET))
+    server = server_factory(repo, *qa(q, tmp_path / "data", "--webhook-secret", SECRET))
     out = tmp_path / "nightly"
     r = submit(server, model=m.name, input=str(inp), output=str(out), schedule="* * * * *",
                callback_url=webhook_receiver.url + "/sched")
@@ -313,3 +329,33 @@ def test_schedule_fires_on_the_clock(tmp_path, inputs, server_factory, monkeypat
     clock.write_text(str(utc_ms(2030, 1, 1, 0, 9, 0)))
     time.sleep(2.5)
     assert len(get(server, sid)["runs"]) == 2
+
+
+def test_workers_share_one_batch_job(tmp_path, trained, server_factory, worker_factory,
+                                     queue_kind, fresh_queue):
+    """Redis: an API that runs nothing and three worker processes; 30 input objects are
+    shared among the workers and the outputs equal a single-process `inferd batch` run's."""
+    if queue_kind != "redis":
+        pytest.skip("worker processes share a Redis queue only")
+    q = fresh_queue()
+    m = trained["regression"]
+    repo = tmp_path / "models"
+    m.install(repo)
+    for i in range(30):
+        write_csv(tmp_path / "in" / f"part-{i:02d}.csv", m.rows(400 + i, seed=100 + i))
+    server = server_factory(repo, *qa(q, tmp_path / "data", "--workers", "0"))
+    workers = [worker_factory(repo, q, "--workers", "1", tag=f"worker{i}") for i in range(3)]
+    r = submit(server, model=m.name, input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+               records_per_batch=64)
+    assert r.status_code == 202, r.text
+    done = wait_status(server, r.json()["id"], ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done
+    assert done["progress"]["objects_done"] == 30
+    cli_batch(tmp_path / "in", tmp_path / "cli", m.name, repo, "--records-per-batch", "64")
+    for i in range(30):
+        name = f"part-{i:02d}.csv.out"
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "cli" / name).read_bytes()
+    assert json.loads((tmp_path / "out" / "_manifest.json").read_text()) == \
+        json.loads((tmp_path / "cli" / "_manifest.json").read_text())
+    ran = [w.log().count('msg="batch task done"') for w in workers]
+    assert sum(ran) == 30 and all(n > 0 for n in ran), f"tasks per worker: {ran}"
