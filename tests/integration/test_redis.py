@@ -561,3 +561,31 @@ def test_webhook_burst_is_not_held_back(kind, redis_server, server_factory, repo
         time.sleep(0.1)
     assert sent() == BURST, \
         f"{sent()} of {BURST} webhooks sent within {BURST_DEADLINE_S} s of the jobs' end"
+
+
+def test_autoscaling_grows_under_backlog_and_shrinks_when_idle(split):
+    """--min-workers 0 --max-workers 3: no worker thread while idle, more while a backlog
+    waits, back to none after --scale-down-delay-s of idleness; every job succeeds."""
+    serve, (w,), _ = split(1, "--min-workers", "0", "--max-workers", "3", "--target-backlog",
+                           "2", "--scale-down-delay-s", "1", "--worker-batch", "1")
+
+    def workers():
+        return metric_value(requests.get(w.url + "/metrics", timeout=HTTP_TIMEOUT_S).text,
+                            "inferd_workers")
+
+    assert workers() == 0
+    X = sleep_rows(24, 300)
+    bodies = [{"model": "sleepy", "input": infer_body(X[i:i + 1])} for i in range(len(X))]
+    ids = submit_all(serve.url, bodies)
+    seen = []
+    def grown():
+        seen.append(workers())
+        return seen[-1] >= 2
+    wait_for(grown, 30, "the worker pool to grow under the backlog")
+    c = serve.client()
+    for jid in ids:
+        assert c.wait_final(jid, deadline_s=120)["status"] == "succeeded"
+    wait_for(lambda: workers() == 0, 30, "the pool to shrink to --min-workers 0 when idle")
+    assert max(seen) <= 3, f"never more than --max-workers: {seen}"
+    scaled = w.log()
+    assert 'msg="scaled up"' in scaled and 'msg="scaled down"' in scaled
