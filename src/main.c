@@ -513,6 +513,26 @@ static int cmd_batch(int argc, char **argv)
     return rc != 0 ? 1 : 0;
 }
 
+static int cmd_serve_api(int argc, char **argv)
+{
+    return cmd_serve(argc, argv, 0);
+}
+
+static int cmd_worker(int argc, char **argv)
+{
+    return cmd_serve(argc, argv, 1);
+}
+
+static const struct {
+    const char *name;
+    void (*usage)(FILE *f);
+    int (*run)(int argc, char **argv);
+} commands[] = {
+    {"serve", usage_serve, cmd_serve_api},
+    {"worker", usage_worker, cmd_worker},
+    {"batch", usage_batch, cmd_batch},
+};
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -528,29 +548,15 @@ int main(int argc, char **argv)
         usage(stdout);
         return 0;
     }
-    if (strcmp(argv[1], "serve") == 0) {
+    for (size_t c = 0; c < sizeof(commands) / sizeof(commands[0]); c++) {
+        if (strcmp(argv[1], commands[c].name) != 0)
+            continue;
         for (int i = 2; i < argc; i++)
             if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-                usage_serve(stdout);
+                commands[c].usage(stdout);
                 return 0;
             }
-        return cmd_serve(argc - 2, argv + 2, 0);
-    }
-    if (strcmp(argv[1], "worker") == 0) {
-        for (int i = 2; i < argc; i++)
-            if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-                usage_worker(stdout);
-                return 0;
-            }
-        return cmd_serve(argc - 2, argv + 2, 1);
-    }
-    if (strcmp(argv[1], "batch") == 0) {
-        for (int i = 2; i < argc; i++)
-            if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-                usage_batch(stdout);
-                return 0;
-            }
-        return cmd_batch(argc - 2, argv + 2);
+        return commands[c].run(argc - 2, argv + 2);
     }
     fprintf(stderr, "inferd: unknown command '%s'\n\n", argv[1]);
     usage(stderr);
