@@ -371,6 +371,9 @@ static int cmd_serve(int argc, char **argv, int worker)
         .scale_down_delay_ms = OPT_N(&p, "scale-down-delay-s") * 1000,
         .batch = (int)OPT_N(&p, "worker-batch"),
         .lease_poll_ms = 500,
+        /* running jobs get the drain timeout too; past it they run again later */
+        .drain_timeout_ms = OPT_N(&p, "drain-timeout-s") > 0 ? OPT_N(&p, "drain-timeout-s") * 1000
+                                                            : 1,
     };
     if (wc.max_workers > 0 && wc.min_workers > wc.max_workers) {
         fprintf(stderr, "inferd %s: --min-workers %d is above --max-workers %d\n", cmd,

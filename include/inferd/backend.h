@@ -12,6 +12,10 @@
  *                   inferd thread at a time, so instance state needs no lock
  *   execute         one call per dynamic batch: an array of requests, each with its own inputs;
  *                   the backend writes each request's outputs (or an error) and returns
+ *   execute_async   (API 2, optional, instead of execute) starts the requests and returns at
+ *                   once; the backend finishes each one later, from any thread, with
+ *                   host->request_done(). For backends that wait on something else (an
+ *                   upstream server): inferd holds no thread per request in flight
  *   instance_destroy, model_destroy, fini   in reverse order
  *
  * A plugin exports one symbol, `inferd_backend_get`, returning a pointer to a static
@@ -41,7 +45,11 @@ extern "C" {
 #endif
 
 /* Bumped on any incompatible change; inferd refuses a plugin built for another version. */
-#define INFERD_BACKEND_API_VERSION 1
+#define INFERD_BACKEND_API_VERSION 2
+
+/* inferd also loads plugins built for API 1: every field added by API 2 is at the end of a
+ * struct that inferd allocates, or read only when a plugin says api_version >= 2. */
+#define INFERD_BACKEND_API_VERSION_MIN 1
 
 /* Tensors have at most this many dimensions. */
 #define INFERD_MAX_DIMS 8
@@ -75,7 +83,23 @@ struct inferd_model_info {
     size_t n_outputs;
     const char *platform; /* e.g. "xgboost"; shown in model metadata */
     int is_batched;       /* 1: the first dimension is the batch (rows) dimension */
+    /* API 2 (inferd zeroes the struct before model_create, so API 1 backends leave these 0) */
+    int inputs_optional; /* 1: a request carries any non-empty subset of the inputs */
+    int json_io;         /* INFERD_JSON_IO_*: whether requests may be whole JSON documents */
+    int max_in_flight;   /* execute_async: requests started and not done, at most (0: 64) */
 };
+
+/*
+ * JSON documents. A model with json_io set also takes a request whose only input is named
+ * "json" (BYTES, shape [1]) holding one JSON value of any kind, and answers it with one output
+ * named "json" (BYTES, shape [1]) holding the JSON answer. inferd uses this form for what is
+ * not a tensor request: such a model's request body, an async job's "input", a JSON Lines
+ * batch record.
+ */
+#define INFERD_JSON_IO_NONE 0
+#define INFERD_JSON_IO_ALSO 1 /* documents, and KServe v2 requests (a body with "inputs") */
+#define INFERD_JSON_IO_ONLY 2 /* every request body is a document, forwarded as it is */
+#define INFERD_JSON_NAME "json"
 
 /* One client request inside a batch. */
 struct inferd_request {
@@ -84,6 +108,12 @@ struct inferd_request {
     void *host_ctx;  /* inferd's; passed back to host->output_alloc */
     int failed;      /* set to 1 by the backend when this request alone failed */
     char error[256]; /* the reason, when failed */
+    /* API 2: more about a failure (inferd sets 0, 1, 0 before execute) */
+    int status;             /* the HTTP status that describes it: 400, 413 and 422 say the
+                             * input was refused, 502 an upstream failed, 504 it timed out;
+                             * 0 means 500 */
+    int retryable;          /* 0: trying again cannot help (async jobs fail at once) */
+    int64_t retry_after_ms; /* > 0: do not try again sooner than this */
 };
 
 /* Services inferd offers to a backend. Valid from init until fini. */
@@ -99,6 +129,13 @@ struct inferd_host {
                           size_t data_bytes);
     /* Writes one log line under the backend's name; level 0 error, 1 warn, 2 info, 3 debug. */
     void (*log)(int level, const char *backend, const char *msg);
+    /* API 2, for execute_async: */
+    /* Ends one started request (outputs filled, or failed set). Exactly once per request, from
+     * any thread; the request and its inputs must not be touched afterwards. */
+    void (*request_done)(struct inferd_request *request);
+    /* 1 once nobody waits for the request any more (its job was cancelled, its client hung
+     * up): the backend should stop its work and end it with request_done. Any thread. */
+    int (*request_cancelled)(const struct inferd_request *request);
 };
 
 struct inferd_backend_api {
@@ -131,6 +168,16 @@ struct inferd_backend_api {
      */
     int (*execute)(void *instance_state, struct inferd_request *const *requests, size_t n_requests,
                    char *err, size_t err_len);
+
+    /*
+     * API 2, optional; when set, inferd calls it instead of execute. Starts the requests and
+     * returns without waiting for them; each one is then ended by host->request_done(), once,
+     * possibly before this call returns. Returning non-zero means none was started: inferd
+     * fails them all with `err` and request_done must not be called for them. inferd keeps
+     * at most info->max_in_flight requests started and not done per model.
+     */
+    int (*execute_async)(void *instance_state, struct inferd_request *const *requests,
+                         size_t n_requests, char *err, size_t err_len);
 };
 
 /* The symbol a plugin exports. */

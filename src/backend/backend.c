@@ -3,6 +3,7 @@
  */
 #include "backend/backend.h"
 #include "core/log.h"
+#include "model/batcher.h"
 #include "model/tensor.h"
 
 #include <dlfcn.h>
@@ -34,6 +35,8 @@ static const struct inferd_host host = {
     .api_version = INFERD_BACKEND_API_VERSION,
     .output_alloc = tensor_output_alloc,
     .log = host_log,
+    .request_done = batcher_request_done,
+    .request_cancelled = batcher_request_cancelled,
 };
 
 const struct inferd_host *backend_host(void)
@@ -54,13 +57,15 @@ static int load_plugin(const char *path, const struct inferd_backend_api **api, 
         return err_set(e, ERR_INVALID, "plugin %s: no symbol inferd_backend_get", path);
     }
     *api = get();
-    if (!*api || (*api)->api_version != INFERD_BACKEND_API_VERSION) {
+    if (!*api || (*api)->api_version < INFERD_BACKEND_API_VERSION_MIN ||
+        (*api)->api_version > INFERD_BACKEND_API_VERSION) {
         unsigned v = *api ? (*api)->api_version : 0;
         dlclose(handle);
-        return err_set(e, ERR_INVALID, "plugin %s: built for backend API %u, inferd speaks %d",
-                       path, v, INFERD_BACKEND_API_VERSION);
+        return err_set(e, ERR_INVALID, "plugin %s: built for backend API %u, inferd speaks %d to %d",
+                       path, v, INFERD_BACKEND_API_VERSION_MIN, INFERD_BACKEND_API_VERSION);
     }
-    if (!(*api)->model_create || !(*api)->execute) {
+    if (!(*api)->model_create ||
+        (!(*api)->execute && ((*api)->api_version < 2 || !(*api)->execute_async))) {
         dlclose(handle);
         return err_set(e, ERR_INVALID, "plugin %s: model_create and execute are required", path);
     }
@@ -76,14 +81,14 @@ int backend_open(const char *name, const char *plugin_path, const struct inferd_
     char errbuf[256] = "";
     int rc = 0;
 
-    if (strcmp(name, "xgboost") == 0) {
+    if (strcmp(name, "xgboost") == 0 || strcmp(name, "http") == 0) {
         key = name;
     } else if (strcmp(name, "plugin") == 0) {
         if (!plugin_path)
             return err_set(e, ERR_INVALID, "backend 'plugin' needs \"path\" in config.json");
         key = plugin_path;
     } else {
-        return err_set(e, ERR_NOT_FOUND, "unknown backend '%s' (xgboost or plugin)", name);
+        return err_set(e, ERR_NOT_FOUND, "unknown backend '%s' (xgboost, http or plugin)", name);
     }
     pthread_mutex_lock(&lock);
     for (l = loaded; l; l = l->next)
@@ -92,6 +97,8 @@ int backend_open(const char *name, const char *plugin_path, const struct inferd_
     if (!l) {
         if (strcmp(name, "xgboost") == 0)
             found = backend_xgboost();
+        else if (strcmp(name, "http") == 0)
+            found = backend_http();
         else
             rc = load_plugin(plugin_path, &found, e);
         l = rc == 0 ? calloc(1, sizeof(*l)) : NULL;

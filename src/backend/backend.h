@@ -12,7 +12,7 @@
 #include "inferd/backend.h"
 
 /*
- * Resolves `name` ("xgboost" or "plugin"; for "plugin", `plugin_path` is the .so to load).
+ * Resolves `name` ("xgboost", "http" or "plugin"; for "plugin", `plugin_path` is the .so to load).
  *   api, backend_state  lent until process exit
  * Returns 0, ERR_NOT_FOUND (unknown backend or no such file) or ERR_INVALID (wrong ABI).
  * Thread-safe.
@@ -25,5 +25,6 @@ const struct inferd_host *backend_host(void);
 
 /* Built-ins. */
 const struct inferd_backend_api *backend_xgboost(void);
+const struct inferd_backend_api *backend_http(void); /* http.c: an upstream model server */
 
 #endif

@@ -8,12 +8,18 @@
  * that becomes `<name>.out` only when complete. After each object the manifest is rewritten
  * (atomically) with its record count and output checksum; a re-run skips objects whose output
  * still matches, and `_SUCCESS` marks the end.
+ *
+ * A model that takes JSON documents (json_io: an upstream LLM or JSON service behind the http
+ * backend) gets each JSON Lines record as its own request: any JSON value, answered by one
+ * JSON value per output line. Records the model refuses (a 4xx) are bad records like
+ * unparsable ones; other failures fail the object, to be run again.
  */
 #define _GNU_SOURCE
 #include "batch/batch.h"
 #include "batch/batch_internal.h"
 #include "core/buf.h"
 #include "core/log.h"
+#include "model/codec.h"
 #include "model/registry.h"
 #include "storage/storage.h"
 
@@ -22,6 +28,7 @@
 #include <math.h>
 #include <openssl/evp.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,6 +48,10 @@ struct chunk {
     float *data;      /* n_good x width; owned by `req` once submitted */
     struct infer_request *req;
     struct batch_item item;
+    /* document models: one request per record (NULL for a bad one) */
+    struct infer_request **docs;
+    struct batch_item *doc_items;
+    size_t pending; /* guarded by run->lock: document requests not yet done */
     int in_flight;            /* guarded by run->lock: being parsed or in the model */
     struct chunk *next_parse; /* guarded by run->lock: the parse queue */
     int rc;
@@ -56,6 +67,10 @@ struct runner {
     pthread_t *parsers;
     int n_parsers;
     struct model *model;
+    int documents; /* the model takes JSON documents: one request per record */
+    _Atomic int stopping; /* a tick failed: submit nothing more, cancel what runs */
+    struct chunk *ring; /* process_object's chunks, for cancelling */
+    int n_ring;
     int64_t width;
     int n_instances;
     pthread_mutex_t lock;
@@ -78,6 +93,10 @@ static void chunk_reset(struct chunk *c)
     for (size_t i = 0; i < c->n; i++) {
         free(c->bad[i]);
         c->bad[i] = NULL;
+        if (c->docs) {
+            infer_request_destroy(c->docs[i]);
+            c->docs[i] = NULL;
+        }
     }
     if (c->req)
         infer_request_destroy(c->req); /* it owns the data */
@@ -97,6 +116,12 @@ static int chunk_init(struct chunk *c, struct runner *run, size_t cap)
     c->line_no = calloc(cap, sizeof(*c->line_no));
     c->off = calloc(cap, sizeof(*c->off));
     c->bad = calloc(cap, sizeof(*c->bad));
+    if (run->documents) {
+        c->docs = calloc(cap, sizeof(*c->docs));
+        c->doc_items = calloc(cap, sizeof(*c->doc_items));
+        if (!c->docs || !c->doc_items)
+            return -1;
+    }
     return c->line_no && c->off && c->bad ? 0 : -1;
 }
 
@@ -107,6 +132,8 @@ static void chunk_release(struct chunk *c)
     free(c->line_no);
     free(c->off);
     free(c->bad);
+    free(c->docs);
+    free(c->doc_items);
 }
 
 /* ---- submitting and writing ---- */
@@ -157,6 +184,74 @@ static int chunk_submit(struct runner *run, struct chunk *c, struct err *e)
     return rc;
 }
 
+static void pending_done(struct runner *run, struct chunk *c)
+{
+    pthread_mutex_lock(&run->lock);
+    if (--c->pending == 0) {
+        c->in_flight = 0;
+        pthread_cond_broadcast(&run->cond);
+    }
+    pthread_mutex_unlock(&run->lock);
+}
+
+/* A document request ended: a refused record is a bad record, any other failure the chunk's. */
+static void doc_done(struct batch_item *item, int rc, const struct err *e)
+{
+    struct chunk *c = item->ctx;
+    struct runner *run = c->run;
+    size_t i = (size_t)(item - c->doc_items);
+
+    pthread_mutex_lock(&run->lock);
+    if (rc == ERR_INVALID || rc == ERR_SHAPE || rc == ERR_TOO_LARGE) {
+        c->bad[i] = batch_reason("%s", e ? e->msg : "refused by the model");
+        infer_request_destroy(c->docs[i]);
+        c->docs[i] = NULL;
+        c->n_good--;
+    } else if (rc != 0 && c->rc == 0) {
+        c->rc = rc;
+        if (e)
+            c->err = *e;
+    }
+    pthread_mutex_unlock(&run->lock);
+    pending_done(run, c);
+}
+
+/* Document models: each good record is a request of its own. */
+static void chunk_submit_docs(struct runner *run, struct chunk *c)
+{
+    size_t n_submit = 0;
+
+    for (size_t i = 0; i < c->n; i++)
+        if (c->docs[i])
+            n_submit++;
+    pthread_mutex_lock(&run->lock);
+    c->pending = n_submit + 1; /* +1 until every one is submitted */
+    pthread_mutex_unlock(&run->lock);
+    for (size_t i = 0; i < c->n; i++) {
+        struct batch_item *it = &c->doc_items[i];
+        struct err e = {0};
+        int rc;
+        if (!c->docs[i])
+            continue;
+        *it = (struct batch_item){.req = c->docs[i], .client_fd = -1, .done = doc_done, .ctx = c};
+        if (atomic_load(&run->stopping)) {
+            err_set(&e, ERR_CANCELLED, "stopped");
+            doc_done(it, ERR_CANCELLED, &e);
+            continue;
+        }
+        for (;;) {
+            rc = batcher_submit(run->model->batcher, it, &e);
+            if (rc != ERR_BUSY)
+                break;
+            struct timespec ts = {0, 2 * 1000000};
+            nanosleep(&ts, NULL);
+        }
+        if (rc != 0)
+            doc_done(it, rc, &e);
+    }
+    pending_done(run, c); /* the +1 */
+}
+
 /* ---- parsing, on the parser threads ---- */
 
 /* Parses every record of `c`, then hands the good ones to the model. */
@@ -165,6 +260,21 @@ static void chunk_parse(struct runner *run, struct chunk *c)
     int submitted = 0, rc = 0;
     struct err e = {0};
 
+    if (run->documents) {
+        for (size_t i = 0; i < c->n; i++) {
+            const char *line = c->raw.data + c->off[i];
+            size_t len = strlen(line);
+            if (len == 0) {
+                c->bad[i] = batch_reason("empty line");
+            } else if (codec_decode_document(line, len, &c->docs[i], &e) != 0) {
+                c->bad[i] = batch_reason("%s", e.msg);
+            } else {
+                c->n_good++;
+            }
+        }
+        chunk_submit_docs(run, c);
+        return;
+    }
     c->data = malloc((c->n ? c->n : 1) * (size_t)run->width * sizeof(float));
     if (!c->data) {
         rc = err_set(&e, ERR_NOMEM, "out of memory");
@@ -263,12 +373,42 @@ static void parsers_stop(struct runner *run)
     run->n_parsers = 0;
 }
 
-static void chunk_wait(struct runner *run, struct chunk *c)
+/* Asks the model to drop every request of the object still queued or running. */
+static void cancel_ring(struct runner *run)
 {
+    atomic_store(&run->stopping, 1);
+    for (int k = 0; k < run->n_ring; k++) {
+        struct chunk *c = &run->ring[k];
+        if (c->req)
+            batch_item_cancel(&c->item);
+        for (size_t i = 0; c->docs && i < c->n; i++)
+            if (c->docs[i])
+                batch_item_cancel(&c->doc_items[i]);
+    }
+}
+
+/* Waits for a chunk's results. Slow models (an upstream taking minutes) still get their
+ * ticks: the lease is kept and a cancel is noticed, which stops what runs. */
+static int chunk_wait(struct runner *run, struct chunk *c, struct err *e)
+{
+    int rc = 0;
+
     pthread_mutex_lock(&run->lock);
-    while (c->in_flight)
-        pthread_cond_wait(&run->cond, &run->lock);
+    while (c->in_flight) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_sec += 1;
+        if (pthread_cond_timedwait(&run->cond, &run->lock, &ts) != ETIMEDOUT || !c->in_flight ||
+            !run->cfg->tick || rc != 0)
+            continue;
+        pthread_mutex_unlock(&run->lock);
+        rc = run->cfg->tick(run->cfg->tick_ctx, e);
+        if (rc != 0)
+            cancel_ring(run);
+        pthread_mutex_lock(&run->lock);
+    }
     pthread_mutex_unlock(&run->lock);
+    return rc;
 }
 
 static int append_value(struct buf *b, float v, int csv)
@@ -298,6 +438,29 @@ static int emit(struct object_out *o, struct err *e)
     return rc;
 }
 
+/* A document record's answer, as one line of compact JSON. */
+static int write_document(struct runner *run, struct chunk *c, size_t i, struct object_out *o,
+                          struct err *e)
+{
+    size_t len = 0;
+    const char *doc = infer_request_document(c->docs[i], &len);
+    json_t *v = doc ? json_loadb(doc, len, JSON_DECODE_ANY, NULL) : NULL;
+    char *text = v ? json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
+    int rc;
+
+    json_decref(v);
+    if (!text)
+        return err_set(e, ERR_BACKEND, "%s: line %lld: model '%s' returned no JSON answer",
+                       o->name, (long long)c->line_no[i], run->model->name);
+    if (run->cfg->join_input)
+        rc = buf_printf(&o->line, "{\"input\":%s,\"prediction\":%s}\n", c->raw.data + c->off[i],
+                        text);
+    else
+        rc = buf_printf(&o->line, "%s\n", text);
+    free(text);
+    return rc ? rc : emit(o, e);
+}
+
 static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o, struct err *e)
 {
     const struct inferd_tensor *t = c->n_good && c->req ? &c->req->outputs[0] : NULL;
@@ -306,6 +469,8 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
 
     if (c->rc != 0)
         return err_set(e, c->rc, "%s", c->err.msg);
+    if (t && (c->req->n_outputs == 0 || t->n_dims < 1))
+        return err_set(e, ERR_BACKEND, "model '%s' returned no output", run->model->name);
     if (t) {
         for (int d = 1; d < t->n_dims; d++)
             per_row *= (size_t)t->shape[d];
@@ -333,6 +498,10 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
                 rc = buf_puts(&o->line, "\n");
             if (rc == 0)
                 rc = emit(o, e);
+            continue;
+        }
+        if (run->documents) {
+            rc = write_document(run, c, i, o, e);
             continue;
         }
         const float *y = (const float *)t->data + g * per_row;
@@ -406,7 +575,16 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
 
     if (!chunks)
         return err_set(e, ERR_NOMEM, "out of memory");
+    if (run->documents && csv) {
+        free(chunks);
+        return err_set(e, ERR_INVALID,
+                       "%s: model '%s' takes JSON documents: give JSON Lines, not CSV", name,
+                       run->model->name);
+    }
     run->csv = csv;
+    run->ring = chunks;
+    run->n_ring = n_chunks;
+    atomic_store(&run->stopping, 0);
     for (int i = 0; i < n_chunks; i++)
         if (chunk_init(&chunks[i], run, cap) != 0)
             rc = err_set(e, ERR_NOMEM, "out of memory");
@@ -421,8 +599,9 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
         struct chunk *c = &chunks[next];
         /* the ring is full: write the oldest chunk before reusing its slot */
         if (c->n > 0) {
-            chunk_wait(run, c);
-            rc = chunk_write(run, c, &o, e);
+            rc = chunk_wait(run, c, e);
+            if (rc == 0)
+                rc = chunk_write(run, c, &o, e);
             chunk_reset(c);
             progress(run, 0);
             if (rc == 0 && cfg->tick)
@@ -462,13 +641,18 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
     for (int k = 0; k < n_chunks; k++) {
         struct chunk *c = &chunks[(next + k) % n_chunks];
         if (c->n > 0 || c->in_flight) {
-            chunk_wait(run, c);
+            struct err we;
+            int wrc = chunk_wait(run, c, rc == 0 ? e : &we);
+            if (rc == 0)
+                rc = wrc;
             if (rc == 0)
                 rc = chunk_write(run, c, &o, e);
         }
         chunk_release(c);
     }
     free(chunks);
+    run->ring = NULL;
+    run->n_ring = 0;
     storage_close_read(in);
     if (rc == 0 && EVP_DigestFinal_ex(o.sha, md, &md_len) != 1)
         rc = err_set(e, ERR_IO, "checksum failed");
@@ -589,13 +773,14 @@ int batch_run_object(const struct batch_config *cfg, struct model *m, const char
     int csv = 0, rc;
 
     memset(res, 0, sizeof(*res));
-    if (m->info.n_inputs != 1 || m->info.inputs[0].n_dims != 2 || m->info.inputs[0].shape[1] < 1)
+    run.documents = m->info.json_io != INFERD_JSON_IO_NONE;
+    if (!batch_model_ok(m))
         return err_set(e, ERR_INVALID, "model '%s' does not take rows of numbers", m->name);
     rc = batch_format_of(cfg, name, &csv, e);
     if (rc != 0)
         return rc;
     run.started = now_s();
-    run.width = m->info.inputs[0].shape[1];
+    run.width = run.documents ? 0 : m->info.inputs[0].shape[1];
     run.n_instances = cfg->instances > 0 ? cfg->instances : 2;
     pthread_mutex_init(&run.lock, NULL);
     pthread_cond_init(&run.cond, NULL);
@@ -613,6 +798,14 @@ int batch_run_object(const struct batch_config *cfg, struct model *m, const char
 
 /* ---- the job ---- */
 
+int batch_model_ok(const struct model *m)
+{
+    if (m->info.json_io != INFERD_JSON_IO_NONE)
+        return 1;
+    return m->info.n_inputs == 1 && m->info.inputs[0].n_dims == 2 &&
+           m->info.inputs[0].shape[1] >= 1;
+}
+
 static int load_model(const struct batch_config *cfg, struct registry **reg, struct model **m,
                       struct err *e)
 {
@@ -627,8 +820,7 @@ static int load_model(const struct batch_config *cfg, struct registry **reg, str
     }
     if (rc == 0)
         rc = registry_acquire(*reg, cfg->model, 0, m, e);
-    if (rc == 0 && ((*m)->info.n_inputs != 1 || (*m)->info.inputs[0].n_dims != 2 ||
-                    (*m)->info.inputs[0].shape[1] < 1))
+    if (rc == 0 && !batch_model_ok(*m))
         rc = err_set(e, ERR_INVALID, "model '%s' does not take rows of numbers", cfg->model);
     return rc;
 }
@@ -651,7 +843,8 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
     rc = load_model(cfg, &reg, &run.model, e);
     if (rc != 0)
         goto cleanup;
-    run.width = run.model->info.inputs[0].shape[1];
+    run.documents = run.model->info.json_io != INFERD_JSON_IO_NONE;
+    run.width = run.documents ? 0 : run.model->info.inputs[0].shape[1];
     rc = parsers_start(
         &run, (int)(sysconf(_SC_NPROCESSORS_ONLN) > 0 ? sysconf(_SC_NPROCESSORS_ONLN) : 1), e);
     if (rc != 0)

@@ -58,6 +58,10 @@ int batch_run_object(const struct batch_config *cfg, struct model *m, const char
                      const char *name, const char *out_uri, const char *errors_uri,
                      struct batch_object_result *res, struct err *e);
 
+/* 1 when `m` can run a batch transform: rows of numbers (one input [-1, width]) or JSON
+ * documents (json_io). */
+int batch_model_ok(const struct model *m);
+
 /* 1 for the names a batch job writes itself (outputs, errors, manifest, markers): never
  * inputs. */
 int batch_is_reserved(const char *name);

@@ -102,7 +102,8 @@ static int check_fields(json_t *def, struct registry *reg, struct err *e)
     rc = registry_acquire(reg, s, 0, &m, e);
     if (rc != 0)
         return rc;
-    if (m->info.n_inputs != 1 || m->info.inputs[0].n_dims != 2 || m->info.inputs[0].shape[1] < 1)
+    int documents = m->info.json_io != INFERD_JSON_IO_NONE;
+    if (!batch_model_ok(m))
         rc = err_set(e, ERR_INVALID, "model: '%s' does not take rows of numbers", s);
     model_release(m);
     if (rc != 0 || (rc = check_uri(def, "input", e)) || (rc = check_uri(def, "output", e)))
@@ -112,6 +113,9 @@ static int check_fields(json_t *def, struct registry *reg, struct err *e)
         (!json_is_string(v) ||
          (strcmp(json_string_value(v), "jsonl") != 0 && strcmp(json_string_value(v), "csv") != 0)))
         return err_set(e, ERR_INVALID, "format: expected \"jsonl\" or \"csv\"");
+    if (documents && v && json_is_string(v) && strcmp(json_string_value(v), "csv") == 0)
+        return err_set(e, ERR_INVALID,
+                       "format: model '%s' takes JSON documents: give JSON Lines, not CSV", s);
     if ((rc = check_int(def, "records_per_batch", 1, 1000000, 1024, e)) ||
         (rc = check_int(def, "concurrency", 0, 1024, 0, e)) ||
         (rc = check_int(def, "max_errors", 0, INT64_MAX / 2, 0, e)) ||

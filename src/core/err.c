@@ -38,6 +38,8 @@ int err_http_status(enum err_code code)
         return 429;
     case ERR_CANCELLED:
         return 499;
+    case ERR_UPSTREAM:
+        return 502;
     case ERR_UNAVAILABLE:
         return 503;
     case ERR_TIMEOUT:

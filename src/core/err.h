@@ -21,6 +21,7 @@ enum err_code {
     ERR_BACKEND = -10,    /* the model failed: 500 */
     ERR_CONFLICT = -11,   /* 409 */
     ERR_CANCELLED = -12,  /* the client went away: 499 */
+    ERR_UPSTREAM = -13,   /* an upstream model server failed or cannot be reached: 502 */
 };
 
 struct err {

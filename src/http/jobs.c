@@ -554,14 +554,14 @@ static enum MHD_Result submit_job(struct req *r)
         return http_reply_error(r, rc, "%s", e.msg);
     r->model = m; /* released when the request completes */
     if (input) {
-        if (!json_is_object(input)) {
+        if (!json_is_object(input) && m->info.json_io == INFERD_JSON_IO_NONE) {
             return http_reply_error(r, ERR_INVALID, "input: expected a v2 infer request object");
         }
-        input_text = json_dumps(input, JSON_COMPACT);
+        input_text = json_dumps(input, JSON_COMPACT | JSON_ENCODE_ANY);
         if (!input_text)
             return http_reply_error(r, ERR_NOMEM, "out of memory");
         /* check it now: a bad input is the client's 4xx, not a failed job later */
-        rc = codec_decode_v2(input_text, strlen(input_text), -1, &req, &e);
+        rc = codec_decode_for_model(&m->info, input_text, strlen(input_text), -1, &req, &e);
         if (rc == 0)
             rc = tensor_check_inputs(req, &m->info, &e);
         infer_request_destroy(req);

@@ -159,8 +159,8 @@ static void infer_done(struct batch_item *item, int rc, const struct err *e)
         if (r->kind == KIND_V1)
             enc = codec_encode_v1(r->infer, &r->out);
         else
-            enc = codec_encode_v2(r->infer, r->model->name, r->model->version_str, &r->out,
-                                  &r->json_len);
+            enc = codec_encode_result(r->infer, r->model->name, r->model->version_str, &r->out,
+                                      &r->json_len);
         if (enc != 0)
             http_set_error(r, ERR_NOMEM, "out of memory encoding the response");
         else
@@ -230,8 +230,8 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
         if (bad)
             return http_reply_error(r, ERR_INVALID,
                                     "Inference-Header-Content-Length: expected a byte count");
-        rc =
-            codec_decode_v2(r->body.data ? r->body.data : "", r->body.len, json_len, &r->infer, &e);
+        rc = codec_decode_for_model(&r->model->info, r->body.data ? r->body.data : "", r->body.len,
+                                    json_len, &r->infer, &e);
     }
     if (rc == 0)
         rc = tensor_check_inputs(r->infer, &r->model->info, &e);

@@ -6,7 +6,11 @@
  *   instance i     wait for work; gather whole requests up to max_batch_size rows, waiting up
  *                  to max_queue_delay_us after the oldest; unlock; execute; call done()
  *   sweeper        wakes at the nearest deadline or every SWEEP_MS: answers expired items with
- *                  ERR_TIMEOUT and drops items whose client closed its socket (ERR_CANCELLED)
+ *                  ERR_TIMEOUT and drops items whose client closed its socket or that were
+ *                  cancelled (ERR_CANCELLED)
+ *   execute_async  one instance thread dispatches without waiting, while fewer than
+ *                  max_in_flight requests are started; the backend's thread ends each one in
+ *                  batcher_request_done(), which frees a place and wakes the dispatcher
  * One lock; it is never held across a backend call or a done() callback.
  */
 #define _GNU_SOURCE
@@ -45,6 +49,8 @@ struct batcher {
     size_t n_pending;        /* guarded by lock; <= cfg.max_queue_size */
     int64_t pending_rows;    /* guarded by lock */
     int stopping;            /* guarded by lock */
+    int is_async;            /* the backend has execute_async; immutable */
+    int64_t in_flight;       /* guarded by lock: execute_async requests started, not done */
 
     struct instance *instances;
     int n_started; /* threads running; only touched by create and destroy */
@@ -89,8 +95,10 @@ static void unlink_item(struct batcher *b, struct batch_item *prev, struct batch
 
 /* ---- instances ---- */
 
-/* Takes whole requests from the head up to max_batch_size rows (at least one). Holds the lock. */
-static struct batch_item *take_batch(struct batcher *b, size_t *n_items, int64_t *n_rows)
+/* Takes whole requests from the head up to max_batch_size rows and `max_items` items (at
+ * least one). Holds the lock. */
+static struct batch_item *take_batch(struct batcher *b, int64_t max_items, size_t *n_items,
+                                     int64_t *n_rows)
 {
     struct batch_item *first = b->head, *last = NULL, *it = b->head;
     int64_t rows = 0;
@@ -98,7 +106,7 @@ static struct batch_item *take_batch(struct batcher *b, size_t *n_items, int64_t
 
     while (it) {
         int64_t r = item_rows(it);
-        if (n > 0 && rows + r > b->cfg.max_batch_size)
+        if (n > 0 && (rows + r > b->cfg.max_batch_size || (int64_t)n >= max_items))
             break;
         rows += r;
         n++;
@@ -149,6 +157,90 @@ static struct batch_item *drop_expired(struct batcher *b, struct batch_item *ite
     return keep;
 }
 
+/* The err_code for a request the backend failed, from the HTTP status it gave. */
+static enum err_code failure_code(const struct inferd_request *r)
+{
+    switch (r->status) {
+    case 400:
+        return ERR_INVALID;
+    case 413:
+        return ERR_TOO_LARGE;
+    case 422:
+        return ERR_SHAPE;
+    case 429:
+        return ERR_BUSY;
+    case 499:
+        return ERR_CANCELLED;
+    case 502:
+        return ERR_UPSTREAM;
+    case 503:
+        return ERR_UNAVAILABLE;
+    case 504:
+        return ERR_TIMEOUT;
+    default:
+        return ERR_BACKEND;
+    }
+}
+
+/* Calls done() for an item the backend has finished with. */
+static void answer_item(struct batcher *b, struct batch_item *it)
+{
+    struct inferd_request *abi = &it->req->abi;
+
+    it->next = NULL;
+    if (abi->failed) {
+        struct err e;
+        enum err_code code = failure_code(abi);
+        if (code == ERR_CANCELLED)
+            err_set(&e, code, "model '%s': cancelled", b->name);
+        else
+            err_set(&e, code, "model '%s': %s", b->name, abi->error[0] ? abi->error : "failed");
+        it->done(it, code, &e);
+    } else {
+        it->done(it, 0, NULL);
+    }
+}
+
+void batch_item_cancel(struct batch_item *item)
+{
+    atomic_store(&item->cancelled, 1);
+}
+
+static int client_gone(int fd);
+
+int batcher_request_cancelled(const struct inferd_request *request)
+{
+    const struct batch_item *it = infer_request_of(request)->batch_item;
+
+    return !it || atomic_load(&it->cancelled) || client_gone(it->client_fd);
+}
+
+void batcher_request_done(struct inferd_request *request)
+{
+    struct infer_request *r = infer_request_of(request);
+    struct batch_item *it = r->batch_item;
+    struct batcher *b = it->batcher;
+
+    r->batch_item = NULL;
+    answer_item(b, it);
+    /* `b` lives until in_flight is 0: batcher_destroy waits for that */
+    pthread_mutex_lock(&b->lock);
+    b->in_flight--;
+    pthread_cond_broadcast(&b->work);
+    pthread_mutex_unlock(&b->lock);
+}
+
+/* Gives back the places of execute_async requests that never started. */
+static void release_in_flight(struct batcher *b, int64_t n)
+{
+    if (!b->is_async || n == 0)
+        return;
+    pthread_mutex_lock(&b->lock);
+    b->in_flight -= n;
+    pthread_cond_broadcast(&b->work);
+    pthread_mutex_unlock(&b->lock);
+}
+
 static void run_batch(struct instance *in, struct batch_item *items, size_t n, int64_t rows)
 {
     struct batcher *b = in->b;
@@ -168,33 +260,40 @@ static void run_batch(struct instance *in, struct batch_item *items, size_t n, i
         if (reqs) {
             infer_request_reset_outputs(it->req);
             infer_request_bind(it->req);
+            it->req->batch_item = it;
             reqs[i++] = &it->req->abi;
         }
     }
     metrics_batch(b->cfg.metrics, (size_t)rows);
     if (!reqs) {
         rc = err_set(&e, ERR_NOMEM, "out of memory building a batch of %zu requests", n);
+    } else if (b->is_async) {
+        /* once started, a request may end (and its item be freed) at any moment */
+        rc = b->api->execute_async(in->state, reqs, n, errbuf, sizeof(errbuf));
+        if (rc == 0) {
+            if (reqs != stack_reqs)
+                free(reqs);
+            return;
+        }
     } else {
         rc = b->api->execute(in->state, reqs, n, errbuf, sizeof(errbuf));
-        if (rc != 0)
-            rc = err_set(&e, ERR_BACKEND, "model '%s': %s", b->name,
-                         errbuf[0] ? errbuf : "the backend failed");
     }
+    if (rc != 0 && reqs)
+        rc = err_set(&e, ERR_BACKEND, "model '%s': %s", b->name,
+                     errbuf[0] ? errbuf : "the backend failed");
     if (reqs != stack_reqs)
         free(reqs);
     for (it = items; it; it = next) {
         next = it->next;
-        it->next = NULL;
+        it->req->batch_item = NULL;
         if (rc != 0) {
+            it->next = NULL;
             it->done(it, rc, &e);
-        } else if (it->req->abi.failed) {
-            struct err ie;
-            err_set(&ie, ERR_BACKEND, "model '%s': %s", b->name, it->req->abi.error);
-            it->done(it, ERR_BACKEND, &ie);
         } else {
-            it->done(it, 0, NULL);
+            answer_item(b, it);
         }
     }
+    release_in_flight(b, (int64_t)n);
 }
 
 static void *instance_main(void *arg)
@@ -207,7 +306,8 @@ static void *instance_main(void *arg)
 
     pthread_mutex_lock(&b->lock);
     for (;;) {
-        while (!b->head && !b->stopping)
+        /* execute_async: wait for a free place too, even while stopping (we drain) */
+        while ((!b->head && !b->stopping) || (b->head && b->is_async && b->in_flight >= b->cfg.max_in_flight))
             pthread_cond_wait(&b->work, &b->lock);
         if (!b->head)
             break; /* stopping and drained */
@@ -225,15 +325,25 @@ static void *instance_main(void *arg)
             if (!b->head)
                 continue; /* another instance or the sweeper took them */
         }
-        items = take_batch(b, &n, &rows);
-        if (b->head)
+        if (b->is_async && b->in_flight >= b->cfg.max_in_flight)
+            continue; /* the places went while the batch filled */
+        items = take_batch(b, b->is_async ? b->cfg.max_in_flight - b->in_flight : INT64_MAX, &n,
+                           &rows);
+        if (b->is_async)
+            b->in_flight += (int64_t)n;
+        if (b->head && !b->is_async)
             pthread_cond_signal(&b->work); /* more left: wake another instance */
         pthread_mutex_unlock(&b->lock);
+        size_t n_taken = n;
         items = drop_expired(b, items, &n, &rows);
+        release_in_flight(b, (int64_t)(n_taken - n));
         if (items)
             run_batch(in, items, n, rows);
         pthread_mutex_lock(&b->lock);
     }
+    /* execute_async: the backend's requests end before its instance is destroyed */
+    while (b->is_async && b->in_flight > 0)
+        pthread_cond_wait(&b->work, &b->lock);
     pthread_mutex_unlock(&b->lock);
     return NULL;
 }
@@ -265,7 +375,7 @@ static void *sweeper_main(void *arg)
                 unlink_item(b, prev, it);
                 it->next = expired;
                 expired = it;
-            } else if (client_gone(it->client_fd)) {
+            } else if (atomic_load(&it->cancelled) || client_gone(it->client_fd)) {
                 unlink_item(b, prev, it);
                 it->next = gone;
                 gone = it;
@@ -286,7 +396,8 @@ static void *sweeper_main(void *arg)
                 struct err e;
                 next = it->next;
                 it->next = NULL;
-                err_set(&e, ERR_CANCELLED, "the client closed the connection");
+                err_set(&e, ERR_CANCELLED, atomic_load(&it->cancelled) ? "cancelled"
+                                                                       : "the client closed the connection");
                 it->done(it, ERR_CANCELLED, &e);
             }
             pthread_mutex_lock(&b->lock);
@@ -308,6 +419,7 @@ int batcher_submit(struct batcher *b, struct batch_item *item, struct err *e)
     item->next = NULL;
     item->started_ns = 0;
     item->enqueued_ns = batcher_now_ns();
+    item->batcher = b;
     pthread_mutex_lock(&b->lock);
     if (b->stopping) {
         rc = err_set(e, ERR_UNAVAILABLE, "model '%s' is being unloaded", b->name);
@@ -378,6 +490,13 @@ int batcher_create(const struct batcher_config *cfg, const struct inferd_backend
         return err_set(e, ERR_NOMEM, "out of memory");
     }
     b->cfg = *cfg;
+    b->is_async = api->api_version >= 2 && api->execute_async != NULL;
+    if (b->is_async) {
+        b->cfg.instances = 1; /* one dispatcher; the backend's own thread does the waiting */
+        if (b->cfg.max_in_flight <= 0)
+            b->cfg.max_in_flight = 64;
+    }
+    cfg = &b->cfg;
     b->api = api;
     b->model_state = model_state;
     snprintf(b->name, sizeof(b->name), "%s", model_name);

@@ -7,9 +7,14 @@
  * execute call. A sweeper thread answers items whose deadline passes while they wait (504 at
  * that moment, even while every instance is busy) and drops items whose client hung up.
  *
+ * A backend with execute_async (an upstream server behind it) gets one dispatching thread
+ * instead of `instances`: it starts batches without waiting for them, keeping at most
+ * `max_in_flight` requests started and not done; the rest wait here, where deadlines and
+ * cancellation still apply. The backend ends each request from its own thread.
+ *
  * Threads: submit() runs on the producer's thread and never blocks on the backend. Every
- * item's `done` callback runs exactly once, on an instance thread or on the sweeper thread,
- * never with the batcher lock held.
+ * item's `done` callback runs exactly once, on an instance thread, the sweeper thread or (for
+ * execute_async) the backend's thread, never with the batcher lock held.
  */
 #ifndef INFERD_BATCHER_H
 #define INFERD_BATCHER_H
@@ -18,6 +23,7 @@
 #include "inferd/backend.h"
 #include "model/tensor.h"
 
+#include <stdatomic.h>
 #include <stdint.h>
 
 struct batcher;
@@ -38,14 +44,22 @@ struct batch_item {
     uint64_t enqueued_ns;
     uint64_t started_ns; /* when the backend call began; 0 if it never did */
     size_t batch_rows;   /* rows in the batch this item ran in */
+    struct batcher *batcher;
+    _Atomic int cancelled; /* set by batch_item_cancel() */
     struct batch_item *next;
 };
+
+/* Nobody waits for `item` any more (its job was cancelled): a queued item is answered
+ * ERR_CANCELLED within a sweep, a running execute_async request is asked to stop. Any thread,
+ * until `done` runs. */
+void batch_item_cancel(struct batch_item *item);
 
 struct batcher_config {
     int64_t max_batch_size;     /* rows; 1 disables batching */
     int64_t max_queue_delay_us; /* how long the oldest item may wait for the batch to fill */
     int64_t max_queue_size;     /* items waiting; past it submit() returns ERR_BUSY */
     int instances;
+    int64_t max_in_flight;         /* execute_async: requests started and not done (0: 64) */
     struct metrics_model *metrics; /* batch sizes and queue waits go here; NULL means none */
 };
 
@@ -65,6 +79,10 @@ size_t batcher_pending(struct batcher *b);
 /* Stops accepting, runs every queued item to completion, joins the threads, destroys the
  * instances and frees. NULL does nothing. Must not be called from a done callback. */
 void batcher_destroy(struct batcher *b);
+
+/* The host->request_done and host->request_cancelled given to backends. */
+void batcher_request_done(struct inferd_request *request);
+int batcher_request_cancelled(const struct inferd_request *request);
 
 /* The monotonic clock the deadlines use. */
 uint64_t batcher_now_ns(void);

@@ -707,3 +707,128 @@ int codec_encode_error(const char *msg, struct buf *out)
         rc = buf_json_string(out, msg);
     return rc ? rc : buf_puts(out, "}");
 }
+
+/* ---- JSON documents and upstream servers ---- */
+
+int codec_decode_document(const char *body, size_t body_len, struct infer_request **out,
+                          struct err *e)
+{
+    struct infer_request *r = NULL;
+    json_error_t jerr;
+    json_t *root;
+    uint32_t n;
+
+    *out = NULL;
+    if (body_len > UINT32_MAX)
+        return err_set(e, ERR_TOO_LARGE, "a JSON document of %zu bytes, limit is 4 GiB", body_len);
+    root = json_loadb(body, body_len, JSON_DECODE_ANY, &jerr);
+    if (!root)
+        return err_set(e, ERR_INVALID, "malformed JSON at line %d column %d: %s", jerr.line,
+                       jerr.column, jerr.text);
+    json_decref(root);
+    r = calloc(1, sizeof(*r));
+    if (!r || !(r->inputs[0].name = strdup(INFERD_JSON_NAME)) ||
+        !(r->inputs[0].data = malloc(body_len + 4))) {
+        infer_request_destroy(r);
+        return err_set(e, ERR_NOMEM, "out of memory");
+    }
+    r->n_inputs = 1;
+    r->is_document = 1;
+    r->inputs[0].datatype = INFERD_TYPE_BYTES;
+    r->inputs[0].n_dims = 1;
+    r->inputs[0].shape[0] = 1;
+    n = (uint32_t)body_len;
+    memcpy(r->inputs[0].data, &n, 4);
+    if (body_len)
+        memcpy((char *)r->inputs[0].data + 4, body, body_len);
+    r->inputs[0].data_bytes = body_len + 4;
+    infer_request_bind(r);
+    *out = r;
+    return 0;
+}
+
+/* 1 when `body` is a JSON object with an "inputs" list: a KServe v2 request. */
+static int looks_like_v2(const char *body, size_t body_len)
+{
+    json_t *root = json_loadb(body, body_len, JSON_DECODE_ANY, NULL);
+    int yes = json_is_object(root) && json_is_array(json_object_get(root, "inputs"));
+
+    json_decref(root);
+    return yes;
+}
+
+int codec_decode_for_model(const struct inferd_model_info *info, const char *body,
+                           size_t body_len, int64_t json_len, struct infer_request **out,
+                           struct err *e)
+{
+    if (info->json_io == INFERD_JSON_IO_ONLY ||
+        (info->json_io == INFERD_JSON_IO_ALSO && json_len < 0 && !looks_like_v2(body, body_len)))
+        return codec_decode_document(body, body_len, out, e);
+    return codec_decode_v2(body, body_len, json_len, out, e);
+}
+
+int codec_encode_result(const struct infer_request *r, const char *model_name,
+                        const char *version, struct buf *out, int64_t *json_len)
+{
+    const char *doc;
+    size_t len;
+
+    if (!r->is_document)
+        return codec_encode_v2(r, model_name, version, out, json_len);
+    *json_len = -1;
+    doc = infer_request_document(r, &len);
+    if (!doc)
+        return buf_puts(out, "null");
+    return buf_append(out, doc, len);
+}
+
+int codec_encode_request_v2(const struct infer_request *r, struct buf *out)
+{
+    int rc = buf_puts(out, "{\"inputs\":[");
+
+    for (size_t i = 0; rc == 0 && i < r->n_inputs; i++) {
+        if (i)
+            rc = buf_append(out, ",", 1);
+        if (rc == 0)
+            rc = append_output(out, &r->inputs[i], 0);
+    }
+    return rc ? rc : buf_puts(out, "]}");
+}
+
+int codec_decode_response_v2(const char *body, size_t body_len, struct infer_request **out,
+                             struct err *e)
+{
+    struct infer_request *r = NULL;
+    struct binary_section bin = {0};
+    json_t *root = NULL, *outputs, *item;
+    size_t i;
+    int rc = 0;
+
+    *out = NULL;
+    root = load_json(body, body_len, e);
+    if (!root)
+        return e ? e->code : ERR_INVALID;
+    outputs = json_object_get(root, "outputs");
+    if (!json_is_array(outputs) || json_array_size(outputs) > TENSOR_MAX_IO) {
+        rc = err_set(e, ERR_INVALID, "outputs: missing, not a list or more than %d",
+                     TENSOR_MAX_IO);
+        goto cleanup;
+    }
+    r = calloc(1, sizeof(*r));
+    if (!r) {
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+        goto cleanup;
+    }
+    json_array_foreach (outputs, i, item) {
+        r->n_inputs = i + 1;
+        rc = decode_input(item, (int)i, &bin, &r->inputs[i], e);
+        if (rc != 0)
+            goto cleanup;
+    }
+    *out = r;
+    r = NULL;
+cleanup:
+    infer_request_destroy(r);
+    json_decref(root);
+    return rc;
+}

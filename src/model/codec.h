@@ -44,6 +44,27 @@ int codec_encode_v2(const struct infer_request *r, const char *model_name, const
 /* Encodes `{"predictions": [...]}` from the request's first output. */
 int codec_encode_v1(const struct infer_request *r, struct buf *out);
 
+/*
+ * JSON documents (models with json_io, see inferd/backend.h). codec_decode_document checks
+ * that `body` is one JSON value of any kind and makes it a request whose only input is
+ * "json"; codec_decode_for_model picks the document or the v2 form by the model's json_io;
+ * codec_encode_result writes a document request's "json" output as it is, and a v2 request's
+ * outputs as codec_encode_v2 does.
+ */
+int codec_decode_document(const char *body, size_t body_len, struct infer_request **out,
+                          struct err *e);
+int codec_decode_for_model(const struct inferd_model_info *info, const char *body,
+                           size_t body_len, int64_t json_len, struct infer_request **out,
+                           struct err *e);
+int codec_encode_result(const struct infer_request *r, const char *model_name,
+                        const char *version, struct buf *out, int64_t *json_len);
+
+/* For the http backend: a v2 request `{"inputs": [...]}` of r's inputs, as JSON; and an
+ * upstream's v2 response, whose "outputs" are decoded into the new request's inputs. */
+int codec_encode_request_v2(const struct infer_request *r, struct buf *out);
+int codec_decode_response_v2(const char *body, size_t body_len, struct infer_request **out,
+                             struct err *e);
+
 /* Encodes `{"error": msg}`. */
 int codec_encode_error(const char *msg, struct buf *out);
 

@@ -102,7 +102,17 @@ static int parse_config(json_t *root, const char *model_dir, const char *path,
                                   "name",
                                   "platform",
                                   "lease_timeout_s",
-                                  "callback_url"};
+                                  "callback_url",
+                                  /* the http backend's */
+                                  "url",
+                                  "protocol",
+                                  "timeout_s",
+                                  "max_concurrency",
+                                  "headers",
+                                  "inputs",
+                                  "outputs",
+                                  "upstream_model",
+                                  "openai_model"};
     long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
     int64_t instances;
     const char *key;
@@ -119,7 +129,8 @@ static int parse_config(json_t *root, const char *model_dir, const char *path,
     }
     v = json_object_get(root, "backend");
     if (!json_is_string(v))
-        return err_set(e, ERR_INVALID, "%s: backend: missing (\"xgboost\" or \"plugin\")", path);
+        return err_set(e, ERR_INVALID, "%s: backend: missing (\"xgboost\", \"http\" or \"plugin\")",
+                       path);
     c->backend = json_string_value(v);
     p = json_object_get(root, "path");
     if (p && !json_is_string(p))
@@ -149,7 +160,9 @@ static int parse_config(json_t *root, const char *model_dir, const char *path,
 
 /* ---- versions ---- */
 
-static int pick_version(const char *model_dir, int64_t pinned, int64_t *out, struct err *e)
+/* `no_folder_ok`: a model that needs no files (the http backend) is version 1 without one. */
+static int pick_version(const char *model_dir, int64_t pinned, int no_folder_ok, int64_t *out,
+                        struct err *e)
 {
     DIR *d = opendir(model_dir);
     struct dirent *de;
@@ -181,6 +194,10 @@ static int pick_version(const char *model_dir, int64_t pinned, int64_t *out, str
             return err_set(e, ERR_NOT_FOUND, "%s: pinned version %lld has no folder %s/%lld",
                            model_dir, (long long)pinned, model_dir, (long long)pinned);
         *out = pinned;
+        return 0;
+    }
+    if (!best && no_folder_ok) {
+        *out = 0;
         return 0;
     }
     if (!best)
@@ -262,10 +279,16 @@ static int model_build(const char *repo, const char *name, int instances, struct
     }
     rc = parse_config(root, model_dir, path, &cfg, e);
     if (rc == 0)
-        rc = pick_version(model_dir, cfg.version, &cfg.version, e);
+        rc = pick_version(model_dir, cfg.version, strcmp(cfg.backend, "http") == 0, &cfg.version,
+                          e);
     if (rc != 0)
         goto cleanup;
-    snprintf(version_dir, sizeof(version_dir), "%s/%lld", model_dir, (long long)cfg.version);
+    if (cfg.version == 0) { /* no version folder: the model folder itself, as version 1 */
+        cfg.version = 1;
+        snprintf(version_dir, sizeof(version_dir), "%s", model_dir);
+    } else {
+        snprintf(version_dir, sizeof(version_dir), "%s/%lld", model_dir, (long long)cfg.version);
+    }
     m = calloc(1, sizeof(*m));
     if (!m || !(m->name = strdup(name))) {
         rc = err_set(e, ERR_NOMEM, "out of memory");
@@ -296,6 +319,7 @@ static int model_build(const char *repo, const char *name, int instances, struct
         goto cleanup;
     }
     cfg.batch.metrics = m->metrics;
+    cfg.batch.max_in_flight = m->info.max_in_flight;
     if (instances > 0)
         cfg.batch.instances = instances;
     if (!m->info.is_batched)

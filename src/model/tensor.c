@@ -6,6 +6,7 @@
  */
 #include "model/tensor.h"
 
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,6 +60,31 @@ void infer_request_reset_outputs(struct infer_request *r)
     r->n_outputs = 0;
     r->abi.failed = 0;
     r->abi.error[0] = '\0';
+    r->abi.status = 0;
+    r->abi.retryable = 1;
+    r->abi.retry_after_ms = 0;
+}
+
+struct infer_request *infer_request_of(const struct inferd_request *abi)
+{
+    return (struct infer_request *)((const char *)abi - offsetof(struct infer_request, abi));
+}
+
+const char *infer_request_document(const struct infer_request *r, size_t *len)
+{
+    for (size_t i = 0; i < r->n_outputs; i++) {
+        const struct inferd_tensor *t = &r->outputs[i];
+        uint32_t n;
+        if (strcmp(t->name, INFERD_JSON_NAME) != 0 || t->datatype != INFERD_TYPE_BYTES ||
+            t->data_bytes < 4)
+            continue;
+        memcpy(&n, t->data, 4);
+        if (n > t->data_bytes - 4)
+            return NULL;
+        *len = n;
+        return (const char *)t->data + 4;
+    }
+    return NULL;
 }
 
 void infer_request_destroy(struct infer_request *r)
@@ -187,6 +213,15 @@ int tensor_check_inputs(struct infer_request *r, const struct inferd_model_info 
 {
     int rc;
 
+    if (r->is_document) {
+        if (info->json_io == INFERD_JSON_IO_NONE)
+            return err_set(e, ERR_INVALID, "this model takes KServe v2 tensors, not a JSON document");
+        return 0;
+    }
+    if (info->json_io == INFERD_JSON_IO_ONLY)
+        return err_set(e, ERR_INVALID, "this model takes JSON documents only");
+    if (info->inputs_optional && r->n_inputs == 0)
+        return err_set(e, ERR_INVALID, "no inputs: give at least one of the model's inputs");
     for (size_t i = 0; i < r->n_inputs; i++) {
         size_t j;
         for (j = 0; j < info->n_inputs; j++)
@@ -204,7 +239,7 @@ int tensor_check_inputs(struct infer_request *r, const struct inferd_model_info 
         if (rc != 0)
             return rc;
     }
-    for (size_t j = 0; j < info->n_inputs; j++) {
+    for (size_t j = 0; j < info->n_inputs && !info->inputs_optional; j++) {
         size_t i;
         for (i = 0; i < r->n_inputs; i++)
             if (strcmp(r->inputs[i].name, info->inputs[j].name) == 0)

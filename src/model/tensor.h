@@ -28,6 +28,8 @@ struct infer_request {
     size_t n_inputs;
     struct inferd_tensor outputs[TENSOR_MAX_IO]; /* filled by the backend; owned */
     size_t n_outputs;
+    int is_document;  /* one JSON document (input "json"), for models with json_io */
+    void *batch_item; /* the batcher's, while the request runs */
     struct inferd_request abi; /* what the backend sees; points into inputs */
 };
 
@@ -59,6 +61,12 @@ void *tensor_output_alloc(struct inferd_request *request, const char *name,
 
 /* Prepares r->abi before execute. */
 void infer_request_bind(struct infer_request *r);
+
+/* The request that embeds `abi`. */
+struct infer_request *infer_request_of(const struct inferd_request *abi);
+
+/* A document request's output "json" (NULL when it has none), with its length. */
+const char *infer_request_document(const struct infer_request *r, size_t *len);
 
 /* Frees the outputs (for a retry) and clears the failure. */
 void infer_request_reset_outputs(struct infer_request *r);

@@ -5,6 +5,8 @@
 #include "queue/queue_internal.h"
 #include "queue/queue_redis.h"
 
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -96,10 +98,10 @@ int queue_enqueue_async(struct queue *q, const struct job_spec *spec, queue_enqu
     return q->ops->enqueue_async(q, spec, fn, ctx, e);
 }
 
-int queue_lease_many(struct queue *q, const char *worker, size_t max, int64_t wait_ms,
-                     struct job **out, size_t *n, struct err *e)
+int queue_lease_many(struct queue *q, const char *worker, size_t max, int max_tasks,
+                     int64_t wait_ms, struct job **out, size_t *n, struct err *e)
 {
-    return q->ops->lease_many(q, worker, max, wait_ms, out, n, e);
+    return q->ops->lease_many(q, worker, max, max_tasks, wait_ms, out, n, e);
 }
 
 int queue_finish_many(struct queue *q, struct queue_outcome *outs, size_t n, struct err *e)
@@ -126,7 +128,38 @@ int queue_fail(struct queue *q, const char *id, uint64_t token, const char *erro
 
 int queue_cancel(struct queue *q, const char *id, struct job **out, struct err *e)
 {
-    return q->ops->cancel(q, id, out, e);
+    int rc = q->ops->cancel(q, id, out, e);
+
+    if (rc == 0 && *out && (*out)->state == JOB_RUNNING)
+        queue_note_cancel(q, id);
+    return rc;
+}
+
+static pthread_mutex_t cancel_lock = PTHREAD_MUTEX_INITIALIZER;
+
+void queue_note_cancel(struct queue *q, const char *id)
+{
+    pthread_mutex_lock(&cancel_lock);
+    snprintf(q->cancelled[q->n_cancelled % QUEUE_CANCEL_RING], sizeof(q->cancelled[0]), "%s", id);
+    q->n_cancelled++;
+    atomic_fetch_add(&q->cancel_gen, 1);
+    pthread_mutex_unlock(&cancel_lock);
+}
+
+uint64_t queue_cancel_generation(struct queue *q)
+{
+    return atomic_load(&q->cancel_gen);
+}
+
+int queue_cancel_noted(struct queue *q, const char *id)
+{
+    int found = 0;
+
+    pthread_mutex_lock(&cancel_lock);
+    for (unsigned i = 0; i < QUEUE_CANCEL_RING && i < q->n_cancelled && !found; i++)
+        found = strcmp(q->cancelled[i], id) == 0;
+    pthread_mutex_unlock(&cancel_lock);
+    return found;
 }
 
 int queue_retry(struct queue *q, const char *id, struct job **out, struct err *e)
@@ -261,6 +294,13 @@ int queue_job_json(const struct job *j, struct buf *out)
         rc = buf_puts(out, ",\"finished_at\":");
     if (rc == 0)
         rc = queue_json_time(out, j->finished_ms);
+    if (rc == 0) { /* since it first started, until it finished */
+        int64_t end = j->state == JOB_RUNNING ? queue_now_ms() : j->finished_ms;
+        if (j->started_ms > 0 && end >= j->started_ms)
+            rc = buf_printf(out, ",\"elapsed_s\":%.3f", (double)(end - j->started_ms) / 1e3);
+        else
+            rc = buf_puts(out, ",\"elapsed_s\":null");
+    }
     if (rc == 0)
         rc = buf_puts(out, ",\"error\":");
     if (rc == 0)

@@ -150,10 +150,11 @@ int queue_enqueue_async(struct queue *q, const struct job_spec *spec, queue_enqu
 int queue_lease(struct queue *q, const char *worker, int64_t wait_ms, struct job **out,
                 struct err *e);
 
-/* Like queue_lease, for up to `max` jobs in one commit. `out` is the caller's array of `max`
- * pointers; `*n` of them receive new jobs (job_free each). */
-int queue_lease_many(struct queue *q, const char *worker, size_t max, int64_t wait_ms,
-                     struct job **out, size_t *n, struct err *e);
+/* Like queue_lease, for up to `max` jobs in one commit, of which at most `max_tasks` (0 or 1)
+ * batch tasks, which run for long. `out` is the caller's array of `max` pointers; `*n` of
+ * them receive new jobs (job_free each). */
+int queue_lease_many(struct queue *q, const char *worker, size_t max, int max_tasks,
+                     int64_t wait_ms, struct job **out, size_t *n, struct err *e);
 
 /* One attempt's outcome, for queue_finish_many(). Strings borrowed for the call. */
 struct queue_outcome {
@@ -165,6 +166,7 @@ struct queue_outcome {
     int64_t result_json_len;
     const char *error;
     int retryable;
+    int64_t retry_after_ms; /* > 0: the next attempt no sooner than this (after a backoff) */
     int rc; /* filled: 0, or ERR_CONFLICT when fenced out (the outcome is discarded) */
 };
 
@@ -188,6 +190,14 @@ int queue_fail(struct queue *q, const char *id, uint64_t token, const char *erro
 /* Cancels: a queued job ends cancelled at once; a running one is marked and ends cancelled
  * when its attempt reports. ERR_CONFLICT if already final; ERR_NOT_FOUND. */
 int queue_cancel(struct queue *q, const char *id, struct job **out, struct err *e);
+
+/*
+ * Running jobs asked to cancel, as this process learnt (its own queue_cancel calls; on Redis,
+ * any process's, by pub/sub): a worker compares the generation, which changes with each new
+ * one, and then asks about its running jobs. Both are cheap and make no I/O.
+ */
+uint64_t queue_cancel_generation(struct queue *q);
+int queue_cancel_noted(struct queue *q, const char *id);
 
 /* Sends a failed (or expired) job back to the queue with a fresh attempt budget. */
 int queue_retry(struct queue *q, const char *id, struct job **out, struct err *e);

@@ -6,6 +6,8 @@
 
 #include "queue/queue.h"
 
+#include <stdatomic.h>
+
 struct queue_ops {
     int (*enqueue)(struct queue *q, const struct job_spec *spec, char id_out[40], int *existed,
                    struct err *e);
@@ -13,8 +15,8 @@ struct queue_ops {
                  struct err *e);
     int (*enqueue_async)(struct queue *q, const struct job_spec *spec, queue_enqueue_fn fn,
                          void *ctx, struct err *e);
-    int (*lease_many)(struct queue *q, const char *worker, size_t max, int64_t wait_ms,
-                      struct job **out, size_t *n, struct err *e);
+    int (*lease_many)(struct queue *q, const char *worker, size_t max, int max_tasks,
+                      int64_t wait_ms, struct job **out, size_t *n, struct err *e);
     int (*finish_many)(struct queue *q, struct queue_outcome *outs, size_t n, struct err *e);
     int (*extend)(struct queue *q, const char *id, uint64_t token, int64_t lease_ms, struct err *e);
     int (*complete)(struct queue *q, const char *id, uint64_t token, const char *result, size_t len,
@@ -43,12 +45,21 @@ struct queue_ops {
     int outbox_exclusive; /* outbox_due hides what it handed out (held for one sender) */
 };
 
+#define QUEUE_CANCEL_RING 256
+
 /* The first member of every implementation's struct. */
 struct queue {
     const struct queue_ops *ops;
     queue_final_fn on_final; /* set before use; NULL means nobody listens */
     void *on_final_ctx;
+    /* running jobs asked to cancel, newest last (queue.c, under its lock) */
+    char cancelled[QUEUE_CANCEL_RING][40];
+    unsigned n_cancelled;
+    _Atomic uint64_t cancel_gen;
 };
+
+/* Records that running job `id` was asked to cancel (here, or in another process). */
+void queue_note_cancel(struct queue *q, const char *id);
 
 int queue_sqlite_open(const struct queue_config *cfg, struct queue **out, struct err *e);
 

@@ -521,8 +521,8 @@ static void wait_for_work(struct redis_queue *q, redisContext *c, int64_t ms)
     freeReplyObject(redisCommandArgv(c, n, argv, NULL));
 }
 
-static int r_lease_many(struct queue *qb, const char *worker, size_t max, int64_t wait_ms,
-                        struct job **out, size_t *n, struct err *e)
+static int r_lease_many(struct queue *qb, const char *worker, size_t max, int max_tasks,
+                        int64_t wait_ms, struct job **out, size_t *n, struct err *e)
 {
     struct redis_queue *q = rq(qb);
     redisContext *c = take_conn(q, e);
@@ -538,6 +538,7 @@ static int r_lease_many(struct queue *qb, const char *worker, size_t max, int64_
         arg(&a, worker);
         arg_int(&a, (int64_t)max);
         arg_int(&a, q->cfg.result_ttl_s);
+        arg_int(&a, max_tasks);
         r = call(q, c, &a, e);
         if (!r) {
             rc = e->code;
@@ -567,7 +568,7 @@ static int r_lease(struct queue *qb, const char *worker, int64_t wait_ms, struct
                    struct err *e)
 {
     size_t n = 0;
-    int rc = r_lease_many(qb, worker, 1, wait_ms, out, &n, e);
+    int rc = r_lease_many(qb, worker, 1, 1, wait_ms, out, &n, e);
 
     if (n == 0)
         *out = NULL;
@@ -624,6 +625,7 @@ static void outcome_args(struct redis_queue *q, struct args *a, const struct que
         arg_int(a, q->cfg.retry_backoff_ms);
         arg_int(a, MAX_BACKOFF_MS);
         arg_int(a, q->cfg.result_ttl_s);
+        arg_int(a, o->retry_after_ms);
     }
 }
 
@@ -1478,7 +1480,10 @@ static void *subscriber_main(void *self)
         /* a short read timeout, so stopping is noticed */
         struct timeval tv = {0, 500 * 1000};
         redisSetTimeout(c, tv);
-        r = redisCommand(c, "SUBSCRIBE %sfinal", q->prefix);
+        r = redisCommand(c, "SUBSCRIBE %sfinal %scancel", q->prefix, q->prefix);
+        freeReplyObject(r);
+        r = NULL;
+        redisGetReply(c, (void **)&r); /* the second channel's confirmation */
         freeReplyObject(r);
         while (!c->err) {
             r = NULL;
@@ -1492,7 +1497,12 @@ static void *subscriber_main(void *self)
                 break;
             }
             if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
-                strcmp(r->element[0]->str, "message") == 0 && q->base.on_final) {
+                strcmp(r->element[0]->str, "message") == 0 && r->element[1]->str &&
+                r->element[2]->str && strlen(r->element[1]->str) > 6 &&
+                strcmp(r->element[1]->str + strlen(r->element[1]->str) - 6, "cancel") == 0) {
+                queue_note_cancel(&q->base, r->element[2]->str);
+            } else if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
+                       strcmp(r->element[0]->str, "message") == 0 && q->base.on_final) {
                 char id[48] = "";
                 const char *msg = r->element[2]->str, *sp = strchr(msg, ' ');
                 if (sp && (size_t)(sp - msg) < sizeof(id)) {

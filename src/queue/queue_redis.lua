@@ -116,9 +116,11 @@ local function enqueue()
     return {'ok', id}
 end
 
--- ARGV: worker, max, result_ttl_s. Leases up to max jobs, highest priority first.
+-- ARGV: worker, max, result_ttl_s, max_tasks. Leases up to max jobs, highest priority first,
+-- of which at most max_tasks batch tasks.
 local function lease()
     local worker, max, ttl_s = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+    local max_tasks = tonumber(ARGV[7] or '1')
     housekeeping(ttl_s)
     local out, tasks = {}, 0
     for p = 9, 0, -1 do
@@ -130,7 +132,7 @@ local function lease()
                 local entry, id = e[1], e[2][2]
                 local live = redis.call('EXISTS', jkey(id)) == 1 and num(id, 'state') == 0 and
                              field(id, 'entry') == entry
-                if live and num(id, 'kind') ~= 0 and tasks > 0 then
+                if live and num(id, 'kind') ~= 0 and tasks >= max_tasks then
                     -- a batch task runs for long: one per lease; this one waits its turn
                     redis.call('XACK', qkey(p), GROUP, entry)
                     redis.call('XDEL', qkey(p), entry)
@@ -199,11 +201,12 @@ local function complete()
     return 1
 end
 
--- ARGV: id, token, error, retryable, first backoff ms, max backoff ms, result_ttl_s
+-- ARGV: id, token, error, retryable, first backoff ms, max backoff ms, result_ttl_s,
+-- retry_after_ms (the model's own "not before"; 0: none)
 local function fail()
     local id, token, err = ARGV[4], tonumber(ARGV[5]), ARGV[6]
     local retryable, backoff, max_backoff = ARGV[7] == '1', tonumber(ARGV[8]), tonumber(ARGV[9])
-    local ttl_s = tonumber(ARGV[10])
+    local ttl_s, retry_after = tonumber(ARGV[10]), tonumber(ARGV[11] or '0')
     if not holder(id, token) then return 0 end
     drop_entry(id)
     local attempts = num(id, 'attempts')
@@ -216,6 +219,7 @@ local function fail()
             if backoff < max_backoff then backoff = backoff * 2 end
         end
         if backoff > max_backoff then backoff = max_backoff end
+        if retry_after > backoff then backoff = retry_after end
         redis.call('HSET', jkey(id), 'state', 0, 'error', err)
         redis.call('ZADD', P .. 'delayed', now + backoff, id)
         count(1, -1)
@@ -239,6 +243,7 @@ local function cancel()
         return 4
     end
     redis.call('HSET', jkey(id), 'cancel_requested', 1)
+    redis.call('PUBLISH', P .. 'cancel', id) -- its worker, in whichever process, stops it
     return 1
 end
 

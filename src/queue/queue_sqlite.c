@@ -473,10 +473,11 @@ static int op_lease(struct sqlite_queue *q, struct op *o)
     sqlite3_bind_int64(st, 1, now);
     sqlite3_bind_int64(st, 2, now);
     sqlite3_bind_int64(st, 3, (int64_t)o->max);
-    /* a batch task runs for long: one per lease, so the others wait for a free worker */
+    /* a batch task runs for long: at most one per lease (none when the worker runs one), so
+     * the others wait for a free worker */
     int tasks = 0;
     while (n < o->max && sqlite3_step(st) == SQLITE_ROW) {
-        if (sqlite3_column_int(st, 1) != JOB_KIND_INFER && tasks++ > 0)
+        if (sqlite3_column_int(st, 1) != JOB_KIND_INFER && tasks++ >= o->max_tasks)
             continue;
         snprintf(ids[n++], 40, "%s", sqlite3_column_text(st, 0));
     }
@@ -564,6 +565,8 @@ static int op_fail(struct sqlite_queue *q, struct op *o)
         backoff *= 2;
     if (backoff > MAX_BACKOFF_MS)
         backoff = MAX_BACKOFF_MS;
+    if (o->retry_after_ms > backoff) /* the model said when (an upstream's Retry-After) */
+        backoff = o->retry_after_ms;
     job_free(j);
     /* a failed job keeps its input: POST /v1/jobs/{id}/retry sends it back */
     st = sq_prepare(q->wdb, "UPDATE jobs SET state = ?1, error = ?2, finished_ms = ?3, "
@@ -1009,8 +1012,8 @@ static int s_enqueue_async(struct queue *qb, const struct job_spec *spec, queue_
     return 0;
 }
 
-static int s_lease_many(struct queue *qb, const char *worker, size_t max, int64_t wait_ms,
-                        struct job **out, size_t *n, struct err *e)
+static int s_lease_many(struct queue *qb, const char *worker, size_t max, int max_tasks,
+                        int64_t wait_ms, struct job **out, size_t *n, struct err *e)
 {
     struct sqlite_queue *q = sq(qb);
     int64_t until = queue_now_ms() + wait_ms;
@@ -1018,7 +1021,8 @@ static int s_lease_many(struct queue *qb, const char *worker, size_t max, int64_
 
     *n = 0;
     for (;;) {
-        struct op o = {.kind = OP_LEASE, .worker = worker, .max = max, .jobs = out};
+        struct op o = {
+            .kind = OP_LEASE, .worker = worker, .max = max, .max_tasks = max_tasks, .jobs = out};
         uint64_t gen;
         pthread_mutex_lock(&q->lock);
         gen = q->generation;
@@ -1061,7 +1065,7 @@ static int s_lease(struct queue *qb, const char *worker, int64_t wait_ms, struct
     size_t n = 0;
 
     *out = NULL;
-    return s_lease_many(qb, worker, 1, wait_ms, out, &n, e);
+    return s_lease_many(qb, worker, 1, 1, wait_ms, out, &n, e);
 }
 
 static int s_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n, struct err *e)
@@ -1079,7 +1083,8 @@ static int s_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n,
                              .data = oc->ok ? oc->result : oc->error,
                              .data_len = oc->result_len,
                              .json_len = oc->result_json_len,
-                             .retryable = oc->retryable};
+                             .retryable = oc->retryable,
+                             .retry_after_ms = oc->retry_after_ms};
     }
     submit_many(sq(qb), ops, n);
     for (size_t i = 0; i < n; i++) {

@@ -40,10 +40,12 @@ struct op {
     size_t data_len;
     int64_t json_len;
     int retryable;
+    int64_t retry_after_ms; /* OP_FAIL: no sooner than this */
     const struct queue_outbox_attempt *attempt;
     const struct batch_job_spec *batch; /* batch create */
     struct buf *out;                    /* batch cancel: the batch job's JSON */
     size_t max;        /* lease: jobs wanted */
+    int max_tasks;     /* lease: batch tasks wanted, at most */
     struct job **jobs; /* lease: the caller's array of `max` */
     size_t n_jobs;
     /* results */

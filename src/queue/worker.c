@@ -1,10 +1,11 @@
 /*
- * worker.c: async workers: lease a job, run it through the model's batcher, record the result.
+ * worker.c: async workers: lease jobs, run them through the models' batchers, record results.
  *
- * A worker is a thread that owns at most one job. While the batch runs, the worker waits on
- * its own condition variable and wakes every third of the lease to extend it, with the
- * attempt's fencing token: if that fails, another attempt owns the job now and this result
- * will be discarded by queue_complete().
+ * A worker is a thread that owns up to cfg.batch jobs at once (its slots) and refills each
+ * slot as soon as its job's outcome is recorded. While jobs run, it wakes when all have
+ * answered or every CANCEL_CHECK_MS, extends their leases every third of the lease with each
+ * attempt's fencing token (if that fails, another attempt owns the job now and this result
+ * will be discarded by queue_complete()), and stops the ones that were cancelled.
  */
 #define _GNU_SOURCE
 #include "queue/worker.h"
@@ -27,6 +28,8 @@
 
 enum worker_state { WORKER_OFF = 0, WORKER_RUNNING, WORKER_RETIRING };
 
+#define CANCEL_CHECK_MS 100 /* how soon a running job notices DELETE /v1/jobs/{id} */
+
 struct worker {
     struct worker_pool *pool;
     pthread_t thread;
@@ -38,6 +41,16 @@ struct worker {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     int pending; /* guarded by lock: items submitted and not yet done */
+    /* the worker thread's own */
+    struct slot *slots;                 /* cfg.batch of them */
+    size_t n_used;                      /* slots holding a job */
+    struct slot **scratch_slots;        /* cfg.batch: record_done's */
+    struct queue_outcome *scratch_outs; /* cfg.batch: record_done's */
+    /* the batch task, on its own thread */
+    struct job *task_job;
+    pthread_t task_thread;
+    int task_started; /* the worker thread's: task_thread is to be joined */
+    int task_running; /* guarded by lock */
 };
 
 struct worker_pool {
@@ -85,22 +98,26 @@ static int write_location(const char *uri, const char *data, size_t len, struct 
     return rc;
 }
 
-/* ---- running a batch of jobs ---- */
+/* ---- running jobs ---- */
 
-/* One leased job on its way through the model. */
+/* One leased job on its way through the model. A worker has cfg.batch of them. */
 struct slot {
     struct worker *w;
-    struct job *job;
+    struct job *job; /* NULL: the slot is free */
     struct model *model;
     struct infer_request *req;
     struct batch_item item;
     struct buf body; /* the input, when read from input_location */
     struct buf out;  /* the encoded result */
     int64_t out_json_len;
+    int64_t started_ms;
     int rc;
     int retryable;
+    int64_t retry_after_ms;
     struct err err;
     int submitted;
+    int done;      /* guarded by w->lock: the model answered, or the job never reached it */
+    int abandoned; /* stopped at shutdown: not recorded, the lease lapses and it runs again */
 };
 
 static void item_done(struct batch_item *item, int rc, const struct err *e)
@@ -112,8 +129,14 @@ static void item_done(struct batch_item *item, int rc, const struct err *e)
     sl->rc = rc;
     if (e)
         sl->err = *e;
-    sl->retryable = rc != 0; /* a backend failure may be transient; max_attempts bounds it */
+    /* a backend failure may be transient (max_attempts bounds it), unless the backend says
+     * trying again cannot help, or it refused the input itself */
+    sl->retryable = rc != 0 && sl->req->abi.retryable && rc != ERR_INVALID && rc != ERR_SHAPE &&
+                    rc != ERR_TOO_LARGE;
+    sl->retry_after_ms = rc != 0 ? sl->req->abi.retry_after_ms : 0;
+    sl->done = 1;
     w->pending--;
+    /* all answered: record them now, in one commit; otherwise the next tick collects them */
     if (w->pending == 0)
         pthread_cond_signal(&w->cond);
     pthread_mutex_unlock(&w->lock);
@@ -156,7 +179,8 @@ static int prepare_slot(struct worker_pool *p, struct slot *sl)
         sl->retryable = 1; /* the model may be reloading */
         return rc;
     }
-    rc = codec_decode_v2(input->data ? input->data : "", input->len, json_len, &sl->req, e);
+    rc = codec_decode_for_model(&sl->model->info, input->data ? input->data : "", input->len,
+                                json_len, &sl->req, e);
     if (rc == 0)
         rc = tensor_check_inputs(sl->req, &sl->model->info, e);
     if (rc != 0) {
@@ -165,35 +189,6 @@ static int prepare_slot(struct worker_pool *p, struct slot *sl)
         err_set(e, rc, "model '%s': %s", job->model, msg);
     }
     return rc;
-}
-
-/* Waits until every submitted item is done, extending the jobs' leases meanwhile. */
-static void wait_batch(struct worker *w, struct slot *slots, size_t n)
-{
-    struct worker_pool *p = w->pool;
-    int64_t extend_every = INT64_MAX;
-
-    for (size_t i = 0; i < n; i++)
-        if (slots[i].job->lease_timeout_ms / 3 < extend_every)
-            extend_every = slots[i].job->lease_timeout_ms / 3;
-    if (extend_every < 100)
-        extend_every = 100;
-    pthread_mutex_lock(&w->lock);
-    while (w->pending > 0) {
-        struct timespec ts = clock_realtime_after_ms(extend_every);
-        if (pthread_cond_timedwait(&w->cond, &w->lock, &ts) == ETIMEDOUT && w->pending > 0) {
-            pthread_mutex_unlock(&w->lock);
-            for (size_t i = 0; i < n; i++) {
-                struct err xe;
-                if (slots[i].submitted && queue_extend(p->q, slots[i].job->id, slots[i].job->token,
-                                                       slots[i].job->lease_timeout_ms, &xe) != 0)
-                    log_warn("worker", "could not extend a lease", "job=%s reason=\"%s\"",
-                             slots[i].job->id, xe.msg);
-            }
-            pthread_mutex_lock(&w->lock);
-        }
-    }
-    pthread_mutex_unlock(&w->lock);
 }
 
 static void submit_slot(struct worker *w, struct slot *sl)
@@ -217,9 +212,10 @@ static void submit_slot(struct worker *w, struct slot *sl)
     if (rc != 0) {
         pthread_mutex_lock(&w->lock);
         w->pending--;
-        pthread_mutex_unlock(&w->lock);
         sl->rc = rc;
         sl->retryable = 1;
+        sl->done = 1;
+        pthread_mutex_unlock(&w->lock);
     }
 }
 
@@ -228,8 +224,8 @@ static void encode_slot(struct slot *sl)
 {
     if (sl->rc != 0)
         return;
-    if (codec_encode_v2(sl->req, sl->model->name, sl->model->version_str, &sl->out,
-                        &sl->out_json_len) != 0) {
+    if (codec_encode_result(sl->req, sl->model->name, sl->model->version_str, &sl->out,
+                            &sl->out_json_len) != 0) {
         sl->rc = err_set(&sl->err, ERR_NOMEM, "out of memory encoding the result");
         sl->retryable = 1;
         return;
@@ -242,36 +238,55 @@ static void encode_slot(struct slot *sl)
     }
 }
 
-static void run_jobs(struct worker *w, struct job **jobs, size_t n)
+/* Puts freshly leased inference jobs into free slots and hands them to their models. */
+static void start_jobs(struct worker *w, struct job **jobs, size_t n)
 {
     struct worker_pool *p = w->pool;
-    struct slot *slots = calloc(n, sizeof(*slots));
-    struct queue_outcome *outs = calloc(n, sizeof(*outs));
-    int64_t started = queue_now_ms();
+    size_t k = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        while (w->slots[k].job)
+            k++;
+        struct slot *sl = &w->slots[k];
+        sl->job = jobs[i];
+        sl->started_ms = queue_now_ms();
+        w->n_used++;
+        if (prepare_slot(p, sl) == 0) {
+            submit_slot(w, sl);
+        } else {
+            sl->rc = sl->err.code ? sl->err.code : ERR_INVALID;
+            pthread_mutex_lock(&w->lock);
+            sl->done = 1;
+            pthread_mutex_unlock(&w->lock);
+        }
+    }
+}
+
+/* Records the outcomes of every answered slot in one commit and frees those slots. */
+static void record_done(struct worker *w)
+{
+    struct worker_pool *p = w->pool;
+    size_t cap = (size_t)p->cfg.batch, n = 0, n_freed = 0;
+    struct slot **done = w->scratch_slots;
+    struct queue_outcome *outs = w->scratch_outs;
     struct err e;
 
-    if (!slots || !outs) {
-        /* out of memory: leave the leases to expire; the jobs run again */
-        free(slots);
-        free(outs);
+    pthread_mutex_lock(&w->lock);
+    for (size_t i = 0; i < cap; i++)
+        if (w->slots[i].job && w->slots[i].done)
+            done[n++] = &w->slots[i];
+    pthread_mutex_unlock(&w->lock);
+    if (n == 0)
         return;
-    }
+    size_t n_out = 0;
     for (size_t i = 0; i < n; i++) {
-        slots[i].w = w;
-        slots[i].job = jobs[i];
-        slots[i].rc = prepare_slot(p, &slots[i]);
-    }
-    /* all of them into the batchers at once: queued jobs are dynamically batched too */
-    for (size_t i = 0; i < n; i++)
-        if (slots[i].rc == 0)
-            submit_slot(w, &slots[i]);
-    wait_batch(w, slots, n);
-    for (size_t i = 0; i < n; i++) {
-        struct slot *sl = &slots[i];
+        struct slot *sl = done[i];
+        if (sl->abandoned)
+            continue;
         if (sl->submitted)
-            metrics_job_run(sl->model->metrics, (double)(queue_now_ms() - started) / 1e3);
+            metrics_job_run(sl->model->metrics, (double)(queue_now_ms() - sl->started_ms) / 1e3);
         encode_slot(sl);
-        outs[i] = (struct queue_outcome){
+        outs[n_out++] = (struct queue_outcome){
             .id = sl->job->id,
             .token = sl->job->token,
             .ok = sl->rc == 0,
@@ -280,23 +295,77 @@ static void run_jobs(struct worker *w, struct job **jobs, size_t n)
             .result_json_len = sl->out_json_len,
             .error = sl->rc == 0 ? NULL : sl->err.msg,
             .retryable = sl->retryable,
+            .retry_after_ms = sl->retry_after_ms,
         };
     }
-    if (queue_finish_many(p->q, outs, n, &e) != 0)
-        log_error("worker", "could not record jobs' outcomes", "jobs=%zu reason=\"%s\"", n, e.msg);
-    for (size_t i = 0; i < n; i++) {
-        if (outs[i].rc == ERR_CONFLICT)
+    if (n_out > 0 && queue_finish_many(p->q, outs, n_out, &e) != 0)
+        log_error("worker", "could not record jobs' outcomes", "jobs=%zu reason=\"%s\"", n_out,
+                  e.msg);
+    for (size_t i = 0, o = 0; i < n; i++) {
+        struct slot *sl = done[i];
+        if (!sl->abandoned && outs[o++].rc == ERR_CONFLICT)
             log_warn("worker", "attempt fenced out; its outcome is discarded",
-                     "job=%s attempt=%llu", slots[i].job->id,
-                     (unsigned long long)slots[i].job->token);
-        infer_request_destroy(slots[i].req);
-        model_release(slots[i].model);
-        buf_release(&slots[i].body);
-        buf_release(&slots[i].out);
+                     "job=%s attempt=%llu", sl->job->id, (unsigned long long)sl->job->token);
+        if (sl->abandoned)
+            log_warn("worker", "stopped by shutdown; it runs again after its lease",
+                     "job=%s", sl->job->id);
+        infer_request_destroy(sl->req);
+        model_release(sl->model);
+        buf_release(&sl->body);
+        buf_release(&sl->out);
+        job_free(sl->job);
+        *sl = (struct slot){.w = w};
+        n_freed++;
     }
-    count_completions(p, n);
-    free(slots);
-    free(outs);
+    w->n_used -= n_freed;
+    atomic_fetch_sub(&p->busy, (int)n_freed);
+    count_completions(p, n_out);
+}
+
+/* Asks the model to stop the running jobs that were cancelled since `*gen`. */
+static void stop_cancelled(struct worker *w, uint64_t *gen)
+{
+    struct worker_pool *p = w->pool;
+    uint64_t now_gen = queue_cancel_generation(p->q);
+
+    if (now_gen == *gen)
+        return;
+    *gen = now_gen;
+    for (int i = 0; i < p->cfg.batch; i++) {
+        struct slot *sl = &w->slots[i];
+        if (sl->job && sl->submitted && queue_cancel_noted(p->q, sl->job->id))
+            batch_item_cancel(&sl->item);
+    }
+}
+
+/* Keeps the leases of the jobs still running, every third of their lease. */
+static void extend_leases(struct worker *w, int64_t *last_ms)
+{
+    struct worker_pool *p = w->pool;
+    int64_t every = INT64_MAX, now = queue_now_ms();
+
+    for (int i = 0; i < p->cfg.batch; i++)
+        if (w->slots[i].job && w->slots[i].job->lease_timeout_ms / 3 < every)
+            every = w->slots[i].job->lease_timeout_ms / 3;
+    if (every < 100)
+        every = 100;
+    if (now - *last_ms < every)
+        return;
+    *last_ms = now;
+    for (int i = 0; i < p->cfg.batch; i++) {
+        struct slot *sl = &w->slots[i];
+        struct err xe;
+        int done;
+        if (!sl->job || !sl->submitted)
+            continue;
+        pthread_mutex_lock(&w->lock);
+        done = sl->done;
+        pthread_mutex_unlock(&w->lock);
+        if (!done && queue_extend(p->q, sl->job->id, sl->job->token, sl->job->lease_timeout_ms,
+                                  &xe) != 0)
+            log_warn("worker", "could not extend a lease", "job=%s reason=\"%s\"", sl->job->id,
+                     xe.msg);
+    }
 }
 
 /* A batch task (one input object) or a run's finishing job: long, so it runs alone. */
@@ -331,43 +400,115 @@ static void run_task(struct worker *w, struct job *job)
     count_completions(p, 1);
 }
 
+/* The worker's task thread: one batch task, beside the worker's inference jobs. */
+static void *task_main(void *arg)
+{
+    struct worker *w = arg;
+
+    run_task(w, w->task_job);
+    job_free(w->task_job);
+    w->task_job = NULL;
+    atomic_fetch_sub(&w->pool->busy, 1);
+    pthread_mutex_lock(&w->lock);
+    w->task_running = 0;
+    pthread_cond_signal(&w->cond);
+    pthread_mutex_unlock(&w->lock);
+    return NULL;
+}
+
+static void start_task(struct worker *w, struct job *job)
+{
+    w->task_job = job;
+    w->task_running = 1;
+    if (pthread_create(&w->task_thread, NULL, task_main, w) == 0) {
+        w->task_started = 1;
+        return;
+    }
+    task_main(w); /* no thread to be had: run it here */
+}
+
+/* Joins the task thread once its task is over. */
+static void reap_task(struct worker *w)
+{
+    int running;
+
+    if (!w->task_started)
+        return;
+    pthread_mutex_lock(&w->lock);
+    running = w->task_running;
+    pthread_mutex_unlock(&w->lock);
+    if (!running) {
+        pthread_join(w->task_thread, NULL);
+        w->task_started = 0;
+    }
+}
+
+/*
+ * The worker's loop. Jobs run side by side, up to cfg.batch of them: a job's slot is refilled
+ * as soon as its outcome is recorded, so one job of ten minutes does not hold back the others.
+ * The loop waits in the lease call while nothing runs, and otherwise wakes when every running
+ * job has answered or every CANCEL_CHECK_MS, to record what finished, keep leases, notice
+ * cancellations and lease more. A batch task runs on its own thread, one at a time.
+ */
 static void *worker_main(void *arg)
 {
     struct worker *w = arg;
     struct worker_pool *p = w->pool;
-    struct job **jobs = calloc((size_t)p->cfg.batch, sizeof(*jobs));
+    size_t cap = (size_t)p->cfg.batch;
+    struct job **jobs = calloc(cap, sizeof(*jobs));
+    int64_t last_extend = queue_now_ms(), stop_seen_ms = 0;
+    uint64_t gen = 0;
 
-    while (jobs && !atomic_load(&p->stopping) && !atomic_load(&w->retire)) {
-        struct err e;
-        size_t n = 0;
-        if (queue_lease_many(p->q, w->name, (size_t)p->cfg.batch, p->cfg.lease_poll_ms, jobs, &n,
-                             &e) != 0) {
-            log_error("worker", "lease failed", "worker=%s reason=\"%s\"", w->name, e.msg);
-            struct timespec ts = {0, 200 * 1000000};
-            nanosleep(&ts, NULL);
-            continue;
+    while (jobs) {
+        int leaving = atomic_load(&p->stopping) || atomic_load(&w->retire);
+        reap_task(w);
+        if (leaving && w->n_used == 0 && !w->task_started)
+            break;
+        if (!leaving && w->n_used < cap) {
+            int idle = w->n_used == 0 && !w->task_started;
+            size_t n = 0;
+            struct err e;
+            if (queue_lease_many(p->q, w->name, cap - w->n_used, w->task_started ? 0 : 1,
+                                 idle ? p->cfg.lease_poll_ms : 0, jobs, &n, &e) != 0) {
+                log_error("worker", "lease failed", "worker=%s reason=\"%s\"", w->name, e.msg);
+                struct timespec ts = {0, 200 * 1000000};
+                nanosleep(&ts, NULL);
+            }
+            atomic_fetch_add(&p->busy, (int)n);
+            size_t n_infer = 0;
+            for (size_t i = 0; i < n; i++) {
+                if (jobs[i]->kind == JOB_KIND_INFER)
+                    jobs[n_infer++] = jobs[i];
+                else
+                    start_task(w, jobs[i]); /* at most one, and only when none runs */
+            }
+            start_jobs(w, jobs, n_infer);
         }
-        if (n == 0)
+        if (w->n_used == 0 && !w->task_started)
             continue;
-        atomic_fetch_add(&p->busy, (int)n);
-        /* inferences first, as one batch; then the batch task (at most one per lease) */
-        size_t n_infer = 0;
-        for (size_t i = 0; i < n; i++) {
-            if (jobs[i]->kind == JOB_KIND_INFER) {
-                struct job *t = jobs[n_infer];
-                jobs[n_infer++] = jobs[i];
-                jobs[i] = t;
+        pthread_mutex_lock(&w->lock);
+        if (w->pending > 0 || (w->task_started && w->task_running && w->n_used == 0)) {
+            struct timespec ts = clock_realtime_after_ms(CANCEL_CHECK_MS);
+            pthread_cond_timedwait(&w->cond, &w->lock, &ts);
+        }
+        pthread_mutex_unlock(&w->lock);
+        stop_cancelled(w, &gen);
+        if (leaving && !stop_seen_ms)
+            stop_seen_ms = queue_now_ms();
+        if (leaving && p->cfg.drain_timeout_ms > 0 &&
+            queue_now_ms() - stop_seen_ms >= p->cfg.drain_timeout_ms) {
+            /* shutting down and out of patience: stop what still runs; not recorded, so each
+             * runs again once its lease lapses (at once, on a restarted SQLite queue) */
+            for (size_t i = 0; i < cap; i++) {
+                struct slot *sl = &w->slots[i];
+                if (sl->job && sl->submitted && !sl->abandoned) {
+                    sl->abandoned = 1;
+                    batch_item_cancel(&sl->item);
+                }
             }
         }
-        if (n_infer > 0)
-            run_jobs(w, jobs, n_infer);
-        for (size_t i = n_infer; i < n; i++)
-            run_task(w, jobs[i]);
-        atomic_fetch_sub(&p->busy, (int)n);
-        for (size_t i = 0; i < n; i++) {
-            job_free(jobs[i]);
-            jobs[i] = NULL;
-        }
+        extend_leases(w, &last_extend);
+        record_done(w);
     }
     free(jobs);
     return NULL;
@@ -377,6 +518,17 @@ static void *worker_main(void *arg)
 
 static int start_worker(struct worker_pool *p, struct worker *w)
 {
+    size_t cap = (size_t)p->cfg.batch;
+
+    if (!w->slots) {
+        w->slots = calloc(cap, sizeof(*w->slots));
+        w->scratch_slots = calloc(cap, sizeof(*w->scratch_slots));
+        w->scratch_outs = calloc(cap, sizeof(*w->scratch_outs));
+        if (!w->slots || !w->scratch_slots || !w->scratch_outs)
+            return -1;
+        for (size_t i = 0; i < cap; i++)
+            w->slots[i].w = w;
+    }
     atomic_store(&w->retire, 0);
     if (pthread_create(&w->thread, NULL, worker_main, w) != 0)
         return -1;
@@ -542,6 +694,9 @@ void worker_pool_stop(struct worker_pool *p)
     for (int i = 0; i < p->n_slots; i++) {
         pthread_mutex_destroy(&p->workers[i].lock);
         pthread_cond_destroy(&p->workers[i].cond);
+        free(p->workers[i].slots);
+        free(p->workers[i].scratch_slots);
+        free(p->workers[i].scratch_outs);
     }
     pthread_mutex_destroy(&p->rate_lock);
     free(p->workers);

@@ -24,6 +24,8 @@ struct worker_pool_config {
     int64_t scale_down_delay_ms; /* idle this long before each step down */
     int batch;             /* jobs one worker leases and runs at once, >= 1 */
     int64_t lease_poll_ms; /* how long a lease call waits for a job before looking again */
+    int64_t drain_timeout_ms; /* on stop, running jobs get this long; then they are stopped
+                               * and run again later (0: wait for them however long) */
 };
 
 /* `q` and `reg` are borrowed and must outlive the pool. */
@@ -36,7 +38,8 @@ int worker_pool_busy(struct worker_pool *p);
 /* Workers running now (autoscaling changes it). 0 for NULL. */
 int worker_pool_size(struct worker_pool *p);
 
-/* Stops leasing, lets running jobs finish and record their results, joins. NULL is fine. */
+/* Stops leasing, lets running jobs finish and record their results (for up to
+ * drain_timeout_ms), joins. NULL is fine. */
 void worker_pool_stop(struct worker_pool *p);
 
 /* Completed jobs per second over the last few seconds (for Retry-After). */
