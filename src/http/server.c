@@ -168,6 +168,9 @@ static void infer_done(struct batch_item *item, int rc, const struct err *e)
     }
     metrics_inflight_add(r->model->metrics, -1);
     count_request(r);
+    /* the watchdog measures from here: without it, every answer looked overdue and got a
+     * second resume, which under load made MHD answer a kept-alive request twice */
+    r->ready_ns = batcher_now_ns();
     atomic_store(&r->state, REQ_READY);
     MHD_resume_connection(r->conn);
 }
