@@ -56,6 +56,7 @@ bench:
 	@$(MAKE) --no-print-directory build
 	@bench/run
 	@bench/scale_run
+	@bench/upstream_run
 
 format:
 	@clang-format -i $$(git ls-files '*.c' '*.h')
