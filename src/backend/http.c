@@ -552,7 +552,7 @@ static int openai_body(struct http_model *m, struct inferd_request *req, struct 
     int rc = -1;
 
     if (doc && (s = first_bytes(doc, &len))) {
-        v = json_loadb(s, len, JSON_DECODE_ANY, NULL);
+        v = json_loadb(s, len, JSON_DECODE_ANY | JSON_ALLOW_NUL, NULL);
         if (json_is_string(v)) {
             body = json_pack("{s:O}", "prompt", v);
         } else if (json_is_array(v)) {
@@ -711,7 +711,7 @@ static void take_answer(struct http_model *m, struct inferd_request *req, const 
         }
         goto cleanup;
     }
-    root = json_loadb(body, resp->len, JSON_DECODE_ANY, NULL);
+    root = json_loadb(body, resp->len, JSON_DECODE_ANY | JSON_ALLOW_NUL, NULL);
     if (!root) {
         set_failed(req, 502, 1, "upstream %s: its answer is not JSON", m->url);
         goto cleanup;

@@ -444,7 +444,7 @@ static int write_document(struct runner *run, struct chunk *c, size_t i, struct 
 {
     size_t len = 0;
     const char *doc = infer_request_document(c->docs[i], &len);
-    json_t *v = doc ? json_loadb(doc, len, JSON_DECODE_ANY, NULL) : NULL;
+    json_t *v = doc ? json_loadb(doc, len, JSON_DECODE_ANY | JSON_ALLOW_NUL, NULL) : NULL;
     char *text = v ? json_dumps(v, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
     int rc;
 

@@ -5,6 +5,7 @@
 #include "core/err.h"
 
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,18 +63,60 @@ int buf_printf(struct buf *b, const char *fmt, ...)
 
 int buf_json_string(struct buf *b, const char *s)
 {
+    return buf_json_stringn(b, s, strlen(s));
+}
+
+/* Length of the valid UTF-8 sequence at p (at most `left` bytes), or 0 when it is not one. */
+static size_t utf8_len(const unsigned char *p, size_t left)
+{
+    size_t n;
+    uint32_t cp;
+
+    if (p[0] < 0x80)
+        return 1;
+    if (p[0] >= 0xc2 && p[0] <= 0xdf)
+        n = 2, cp = p[0] & 0x1f;
+    else if (p[0] >= 0xe0 && p[0] <= 0xef)
+        n = 3, cp = p[0] & 0x0f;
+    else if (p[0] >= 0xf0 && p[0] <= 0xf4)
+        n = 4, cp = p[0] & 0x07;
+    else
+        return 0;
+    if (n > left)
+        return 0;
+    for (size_t i = 1; i < n; i++) {
+        if ((p[i] & 0xc0) != 0x80)
+            return 0;
+        cp = (cp << 6) | (p[i] & 0x3f);
+    }
+    if ((n == 3 && cp < 0x800) || (n == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+        (cp >= 0xd800 && cp <= 0xdfff))
+        return 0; /* overlong, out of range, or a surrogate */
+    return n;
+}
+
+int buf_json_stringn(struct buf *b, const char *s, size_t len)
+{
+    const unsigned char *p = (const unsigned char *)s, *end = p + len;
+
     if (buf_append(b, "\"", 1) != 0)
         return ERR_NOMEM;
-    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+    while (p < end) {
+        size_t n = utf8_len(p, (size_t)(end - p));
         int rc;
-        if (*p == '"' || *p == '\\')
+        if (n == 0) {
+            rc = buf_puts(b, "\\ufffd");
+            n = 1;
+        } else if (*p == '"' || *p == '\\') {
             rc = buf_printf(b, "\\%c", *p);
-        else if (*p < 0x20)
+        } else if (*p < 0x20) {
             rc = buf_printf(b, "\\u%04x", *p);
-        else
-            rc = buf_append(b, p, 1);
+        } else {
+            rc = buf_append(b, p, n);
+        }
         if (rc != 0)
             return rc;
+        p += n;
     }
     return buf_append(b, "\"", 1);
 }

@@ -49,6 +49,7 @@ struct batcher {
     size_t n_pending;        /* guarded by lock; <= cfg.max_queue_size */
     int64_t pending_rows;    /* guarded by lock */
     int stopping;            /* guarded by lock */
+    int sweeper_stopping;    /* guarded by lock: set once the instances have drained */
     int is_async;            /* the backend has execute_async; immutable */
     int64_t in_flight;       /* guarded by lock: execute_async requests started, not done */
 
@@ -364,7 +365,7 @@ static void *sweeper_main(void *arg)
     struct batcher *b = arg;
 
     pthread_mutex_lock(&b->lock);
-    while (!b->stopping) {
+    while (!b->sweeper_stopping) { /* deadlines and cancels still apply while draining */
         uint64_t now = batcher_now_ns(), wake = now + SWEEP_MS * 1000000ull;
         struct batch_item *prev = NULL, *it = b->head, *next, *expired = NULL, *gone = NULL;
         struct timespec ts;
@@ -544,12 +545,16 @@ void batcher_destroy(struct batcher *b)
     pthread_cond_broadcast(&b->work);
     pthread_cond_broadcast(&b->sweep);
     pthread_mutex_unlock(&b->lock);
-    /* instances drain the queue before they exit */
+    /* instances drain the queue before they exit (execute_async: until every request ended) */
     for (int i = 0; i < b->n_started; i++) {
         pthread_join(b->instances[i].thread, NULL);
         if (b->api->instance_destroy)
             b->api->instance_destroy(b->instances[i].state);
     }
+    pthread_mutex_lock(&b->lock);
+    b->sweeper_stopping = 1;
+    pthread_cond_broadcast(&b->sweep);
+    pthread_mutex_unlock(&b->lock);
     if (b->sweeper_started)
         pthread_join(b->sweeper, NULL);
     pthread_cond_destroy(&b->work);

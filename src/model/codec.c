@@ -81,6 +81,9 @@ static int store_number(struct data_walk *w, json_t *v, struct err *e)
         ((int64_t *)t->data)[w->idx] = (int64_t)d;
         break;
     case INFERD_TYPE_FP32:
+        if (isfinite(d) && isinf((float)d))
+            return err_set(e, ERR_SHAPE, "inputs[%d].data[%zu]: %g does not fit in FP32",
+                           w->field_index, w->idx, d);
         ((float *)t->data)[w->idx] = (float)d;
         break;
     default:
@@ -202,6 +205,38 @@ static int decode_shape(json_t *shape, struct inferd_tensor *t, int idx, struct 
     return 0;
 }
 
+/* Binary tensor data holds what its shape says: BOOL bytes are 0 or 1, and BYTES is exactly
+ * `count` elements of a 4-byte length and that many bytes. */
+static int check_binary(const struct inferd_tensor *t, int idx, size_t count, struct err *e)
+{
+    const unsigned char *p = t->data, *end = p + t->data_bytes;
+    size_t n = 0;
+
+    if (t->datatype == INFERD_TYPE_BOOL) {
+        for (size_t i = 0; i < t->data_bytes; i++)
+            if (p[i] > 1)
+                return err_set(e, ERR_SHAPE, "inputs[%d]: BOOL byte %zu is %u, not 0 or 1", idx,
+                               i, p[i]);
+        return 0;
+    }
+    if (t->datatype != INFERD_TYPE_BYTES)
+        return 0;
+    while (end - p >= 4) {
+        uint32_t len =
+            (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+        if (len > (size_t)(end - p - 4))
+            break;
+        p += 4 + len;
+        n++;
+    }
+    if (p != end || n != count)
+        return err_set(e, ERR_SHAPE,
+                       "inputs[%d]: binary BYTES data holds %zu whole elements%s, shape "
+                       "declares %zu",
+                       idx, n, p != end ? " and a cut-off one" : "", count);
+    return 0;
+}
+
 static int decode_input(json_t *in, int idx, struct binary_section *bin, struct inferd_tensor *t,
                         struct err *e)
 {
@@ -265,7 +300,7 @@ static int decode_input(json_t *in, int idx, struct binary_section *bin, struct 
         memcpy(t->data, bin->data + bin->used, nbytes);
         t->data_bytes = nbytes;
         bin->used += nbytes;
-        return 0;
+        return check_binary(t, idx, (size_t)count, e);
     }
     if (!data)
         return err_set(e, ERR_INVALID, "inputs[%d].data: missing", idx);
@@ -553,23 +588,18 @@ static int append_element(struct buf *b, const struct inferd_tensor *t, size_t i
 
 static int append_bytes_elements(struct buf *b, const struct inferd_tensor *t)
 {
-    const unsigned char *p = t->data, *end = p + t->data_bytes;
+    const unsigned char *p = t->data, *end = p ? p + t->data_bytes : p;
     int first = 1, rc = 0;
 
-    while (rc == 0 && end - p >= 4) {
+    while (rc == 0 && p && end - p >= 4) {
         uint32_t len =
             (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-        char *s;
         p += 4;
         if (len > (size_t)(end - p))
             break;
-        s = strndup((const char *)p, len);
-        if (!s)
-            return ERR_NOMEM;
         rc = buf_puts(b, first ? "" : ",");
-        if (rc == 0)
-            rc = buf_json_string(b, s);
-        free(s);
+        if (rc == 0) /* NULs and invalid UTF-8 kept valid JSON, never cut short */
+            rc = buf_json_stringn(b, (const char *)p, len);
         p += len;
         first = 0;
     }
@@ -721,7 +751,7 @@ int codec_decode_document(const char *body, size_t body_len, struct infer_reques
     *out = NULL;
     if (body_len > UINT32_MAX)
         return err_set(e, ERR_TOO_LARGE, "a JSON document of %zu bytes, limit is 4 GiB", body_len);
-    root = json_loadb(body, body_len, JSON_DECODE_ANY, &jerr);
+    root = json_loadb(body, body_len, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
     if (!root)
         return err_set(e, ERR_INVALID, "malformed JSON at line %d column %d: %s", jerr.line,
                        jerr.column, jerr.text);
@@ -822,9 +852,17 @@ int codec_decode_response_v2(const char *body, size_t body_len, struct infer_req
     json_array_foreach (outputs, i, item) {
         r->n_inputs = i + 1;
         rc = decode_input(item, (int)i, &bin, &r->inputs[i], e);
-        if (rc != 0)
+        if (rc != 0) {
+            /* the decoder names request fields; these are the response's outputs */
+            char msg[sizeof(e->msg)] = "";
+            if (e)
+                snprintf(msg, sizeof(msg), "%s", e->msg);
+            if (e && strncmp(msg, "inputs[", 7) == 0)
+                err_set(e, rc, "outputs[%s", msg + 7);
             goto cleanup;
+        }
     }
+    infer_request_bind(r);
     *out = r;
     r = NULL;
 cleanup:

@@ -170,6 +170,22 @@ static int convert(struct inferd_tensor *t, enum inferd_datatype to, struct err 
                            tensor_datatype_name(t->datatype), tensor_datatype_name(to));
     }
     n = t->data_bytes / from_size;
+    if (to == INFERD_TYPE_INT32 && t->datatype == INFERD_TYPE_INT64) {
+        for (size_t i = 0; i < n; i++) {
+            int64_t v = ((const int64_t *)t->data)[i];
+            if (v < INT32_MIN || v > INT32_MAX)
+                return err_set(e, ERR_SHAPE, "input '%s': value %zu (%lld) does not fit in INT32",
+                               t->name, i, (long long)v);
+        }
+    }
+    if (to == INFERD_TYPE_BOOL && t->datatype != INFERD_TYPE_BOOL) {
+        for (size_t i = 0; i < n; i++) {
+            double v = load_value(t->data, t->datatype, i);
+            if (v != 0.0 && v != 1.0)
+                return err_set(e, ERR_SHAPE, "input '%s': value %zu is %g; BOOL values are 0 or 1",
+                               t->name, i, v);
+        }
+    }
     out = malloc(n * to_size + 1);
     if (!out)
         return err_set(e, ERR_NOMEM, "out of memory converting input '%s'", t->name);

@@ -1,6 +1,7 @@
 /*
  * test_tensor.c: datatypes, element counts, and the check (and conversion) of a request
- * against a model's declared inputs.
+ * against a model's declared inputs, including JSON documents (json_io) and models whose
+ * inputs are optional.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -12,6 +13,8 @@
 #include "model/tensor.h"
 
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static const struct inferd_tensor in4 = {
@@ -127,6 +130,164 @@ static void test_output_alloc_and_reset(void **state)
     infer_request_destroy(r);
 }
 
+/* ---- JSON documents and optional inputs ---- */
+
+static void test_check_document_needs_json_io(void **state)
+{
+    struct inferd_model_info m = info;
+    struct infer_request *doc = NULL;
+    struct err e = {0};
+
+    (void)state;
+    assert_int_equal(codec_decode_document("{\"q\":1}", 7, &doc, &e), 0);
+    m.json_io = INFERD_JSON_IO_NONE;
+    assert_int_equal(tensor_check_inputs(doc, &m, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "not a JSON document"));
+    /* with json_io the document goes as it is, whatever the model's tensor inputs say */
+    m.json_io = INFERD_JSON_IO_ALSO;
+    assert_int_equal(tensor_check_inputs(doc, &m, &e), 0);
+    m.json_io = INFERD_JSON_IO_ONLY;
+    assert_int_equal(tensor_check_inputs(doc, &m, &e), 0);
+    assert_int_equal(doc->n_inputs, 1);
+    assert_int_equal(doc->inputs[0].datatype, INFERD_TYPE_BYTES);
+    assert_int_equal(doc->inputs[0].data_bytes, 11);
+    infer_request_destroy(doc);
+}
+
+static void test_check_json_io_only_refuses_tensors(void **state)
+{
+    const char *j = "{\"inputs\":[{\"name\":\"input__0\",\"datatype\":\"INT64\",\"shape\":[1,4],"
+                    "\"data\":[1,2,3,4]}]}";
+    struct inferd_model_info m = info;
+    struct err e = {0};
+    struct infer_request *r = decode(j, &e);
+
+    (void)state;
+    m.json_io = INFERD_JSON_IO_ONLY;
+    assert_int_equal(tensor_check_inputs(r, &m, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "JSON documents only"));
+    assert_int_equal(r->inputs[0].datatype, INFERD_TYPE_INT64); /* untouched */
+    /* ALSO checks and converts tensors as usual */
+    m.json_io = INFERD_JSON_IO_ALSO;
+    assert_int_equal(tensor_check_inputs(r, &m, &e), 0);
+    assert_int_equal(r->inputs[0].datatype, INFERD_TYPE_FP32);
+    infer_request_destroy(r);
+}
+
+static const struct inferd_tensor abc[] = {
+    {.name = "a", .datatype = INFERD_TYPE_FP32, .n_dims = 2, .shape = {-1, 2}},
+    {.name = "b", .datatype = INFERD_TYPE_INT64, .n_dims = 1, .shape = {-1}},
+    {.name = "c", .datatype = INFERD_TYPE_BYTES, .n_dims = 1, .shape = {-1}},
+};
+
+#define IN_A "{\"name\":\"a\",\"datatype\":\"FP32\",\"shape\":[1,2],\"data\":[1,2]}"
+#define IN_B "{\"name\":\"b\",\"datatype\":\"INT32\",\"shape\":[1],\"data\":[5]}"
+#define IN_C "{\"name\":\"c\",\"datatype\":\"BYTES\",\"shape\":[1],\"data\":[\"t\"]}"
+
+static void test_check_optional_inputs(void **state)
+{
+    static const struct {
+        const char *inputs;
+        int optional_rc, required_rc;
+        const char *says; /* in the message when optional_rc != 0 */
+    } cases[] = {
+        {IN_B, 0, ERR_INVALID, NULL},
+        {IN_A "," IN_C, 0, ERR_INVALID, NULL},
+        {IN_C "," IN_B "," IN_A, 0, 0, NULL},
+        {IN_A "," IN_A, ERR_INVALID, ERR_INVALID, "appears twice"},
+        {"{\"name\":\"d\",\"datatype\":\"FP32\",\"shape\":[1],\"data\":[1]}", ERR_SHAPE, ERR_SHAPE,
+         "unknown input 'd'"},
+        {IN_A ",{\"name\":\"b\",\"datatype\":\"INT32\",\"shape\":[2],\"data\":[5,6]}", ERR_SHAPE,
+         ERR_INVALID, "different batch sizes"},
+        {"{\"name\":\"a\",\"datatype\":\"FP32\",\"shape\":[1,3],\"data\":[1,2,3]}", ERR_SHAPE,
+         ERR_SHAPE, "expected 2 features per row, got 3"},
+    };
+    struct inferd_model_info m = {
+        .inputs = abc, .n_inputs = 3, .outputs = &out1, .n_outputs = 1, .is_batched = 1};
+    char json[1024];
+    struct err e = {0};
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct infer_request *r;
+        snprintf(json, sizeof(json), "{\"inputs\":[%s]}", cases[i].inputs);
+        r = decode(json, &e);
+        m.inputs_optional = 1;
+        assert_int_equal(tensor_check_inputs(r, &m, &e), cases[i].optional_rc);
+        if (cases[i].says)
+            assert_non_null(strstr(e.msg, cases[i].says));
+        infer_request_destroy(r);
+        r = decode(json, &e);
+        m.inputs_optional = 0;
+        assert_int_equal(tensor_check_inputs(r, &m, &e), cases[i].required_rc);
+        if (cases[i].required_rc == ERR_INVALID && !cases[i].says)
+            assert_non_null(strstr(e.msg, "missing input"));
+        infer_request_destroy(r);
+    }
+    /* a subset is still converted to the model's datatypes */
+    struct infer_request *r = decode("{\"inputs\":[" IN_B "]}", &e);
+    m.inputs_optional = 1;
+    assert_int_equal(tensor_check_inputs(r, &m, &e), 0);
+    assert_int_equal(r->inputs[0].datatype, INFERD_TYPE_INT64);
+    assert_int_equal(((int64_t *)r->inputs[0].data)[0], 5);
+    infer_request_destroy(r);
+}
+
+static void test_check_optional_inputs_not_none(void **state)
+{
+    struct inferd_model_info m = {.inputs = abc, .n_inputs = 3, .inputs_optional = 1};
+    struct infer_request *r = calloc(1, sizeof(*r)); /* the decoder never makes one this empty */
+    struct err e = {0};
+
+    (void)state;
+    assert_non_null(r);
+    assert_int_equal(tensor_check_inputs(r, &m, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "no inputs"));
+    m.inputs_optional = 0;
+    assert_int_equal(tensor_check_inputs(r, &m, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "missing input 'a'"));
+    infer_request_destroy(r);
+}
+
+static void test_request_document_output(void **state)
+{
+    int64_t one[] = {1};
+    struct infer_request *r = NULL;
+    struct err e = {0};
+    unsigned char *p;
+    size_t len = 99;
+
+    (void)state;
+    assert_int_equal(codec_decode_document("[]", 2, &r, &e), 0);
+    assert_null(infer_request_document(r, &len)); /* no outputs */
+    /* near misses: another name, another datatype, shorter than a length, a length too long */
+    p = tensor_output_alloc(&r->abi, "text", INFERD_TYPE_BYTES, one, 1, 6);
+    memcpy(p, "\x02\0\0\0hi", 6);
+    p = tensor_output_alloc(&r->abi, "json", INFERD_TYPE_INT32, one, 1, 4);
+    memset(p, 0, 4);
+    p = tensor_output_alloc(&r->abi, "json", INFERD_TYPE_BYTES, one, 1, 3);
+    memset(p, 0, 3);
+    assert_null(infer_request_document(r, &len));
+    p = tensor_output_alloc(&r->abi, "json", INFERD_TYPE_BYTES, one, 1, 8);
+    memcpy(p, "\x05\0\0\0{}{}", 8);
+    assert_null(infer_request_document(r, &len));
+    assert_int_equal(len, 99);
+    infer_request_reset_outputs(r);
+    /* the one that counts; bytes after the length are ignored */
+    p = tensor_output_alloc(&r->abi, "json", INFERD_TYPE_BYTES, one, 1, 9);
+    memcpy(p, "\x04\0\0\0true!", 9);
+    const char *doc = infer_request_document(r, &len);
+    assert_non_null(doc);
+    assert_int_equal(len, 4);
+    assert_memory_equal(doc, "true", 4);
+    infer_request_reset_outputs(r);
+    p = tensor_output_alloc(&r->abi, "json", INFERD_TYPE_BYTES, one, 1, 4);
+    memset(p, 0, 4);
+    assert_non_null(infer_request_document(r, &len));
+    assert_int_equal(len, 0);
+    infer_request_destroy(r);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -137,6 +298,11 @@ int main(void)
         cmocka_unit_test(test_check_rejects_unknown_and_missing),
         cmocka_unit_test(test_check_rejects_bytes_for_numbers),
         cmocka_unit_test(test_output_alloc_and_reset),
+        cmocka_unit_test(test_check_document_needs_json_io),
+        cmocka_unit_test(test_check_json_io_only_refuses_tensors),
+        cmocka_unit_test(test_check_optional_inputs),
+        cmocka_unit_test(test_check_optional_inputs_not_none),
+        cmocka_unit_test(test_request_document_output),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
