@@ -111,8 +111,7 @@ static int parse_config(json_t *root, const char *model_dir, const char *path,
                                   "headers",
                                   "inputs",
                                   "outputs",
-                                  "upstream_model",
-                                  "openai_model"};
+                                  "upstream_model"};
     long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
     int64_t instances;
     const char *key;
