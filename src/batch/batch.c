@@ -37,6 +37,9 @@
 
 /* ---- one chunk of records ---- */
 
+#define DOC_ATTEMPTS 3    /* a document record that fails for a passing reason: tries in all */
+#define DOC_RETRY_MS 1000 /* its first backoff; doubles per attempt */
+
 struct chunk {
     struct runner *run;
     size_t n; /* records, good and bad */
@@ -51,6 +54,10 @@ struct chunk {
     /* document models: one request per record (NULL for a bad one) */
     struct infer_request **docs;
     struct batch_item *doc_items;
+    unsigned char *tries;  /* per record: attempts that failed for a passing reason */
+    unsigned char *retry;  /* per record: to be sent again (guarded by run->lock) */
+    size_t n_retry;        /* guarded by run->lock */
+    int64_t retry_after_ms; /* guarded by run->lock: the longest an upstream asked for */
     size_t pending; /* guarded by run->lock: document requests not yet done */
     int in_flight;            /* guarded by run->lock: being parsed or in the model */
     struct chunk *next_parse; /* guarded by run->lock: the parse queue */
@@ -96,6 +103,7 @@ static void chunk_reset(struct chunk *c)
         if (c->docs) {
             infer_request_destroy(c->docs[i]);
             c->docs[i] = NULL;
+            c->tries[i] = c->retry[i] = 0;
         }
     }
     if (c->req)
@@ -106,6 +114,8 @@ static void chunk_reset(struct chunk *c)
     c->data = NULL;
     c->raw.len = 0;
     c->n = c->n_good = 0;
+    c->n_retry = 0;
+    c->retry_after_ms = 0;
     c->rc = 0;
 }
 
@@ -119,7 +129,9 @@ static int chunk_init(struct chunk *c, struct runner *run, size_t cap)
     if (run->documents) {
         c->docs = calloc(cap, sizeof(*c->docs));
         c->doc_items = calloc(cap, sizeof(*c->doc_items));
-        if (!c->docs || !c->doc_items)
+        c->tries = calloc(cap, 1);
+        c->retry = calloc(cap, 1);
+        if (!c->docs || !c->doc_items || !c->tries || !c->retry)
             return -1;
     }
     return c->line_no && c->off && c->bad ? 0 : -1;
@@ -134,6 +146,8 @@ static void chunk_release(struct chunk *c)
     free(c->bad);
     free(c->docs);
     free(c->doc_items);
+    free(c->tries);
+    free(c->retry);
 }
 
 /* ---- submitting and writing ---- */
@@ -207,6 +221,16 @@ static void doc_done(struct batch_item *item, int rc, const struct err *e)
         infer_request_destroy(c->docs[i]);
         c->docs[i] = NULL;
         c->n_good--;
+    } else if (rc != 0 && rc != ERR_CANCELLED && c->docs[i]->abi.retryable &&
+               c->tries[i] + 1 < DOC_ATTEMPTS && !atomic_load(&run->stopping)) {
+        /* an upstream hiccup: this record alone goes again after a backoff (chunk_wait) */
+        c->tries[i]++;
+        c->retry[i] = 1;
+        c->n_retry++;
+        if (c->docs[i]->abi.retry_after_ms > c->retry_after_ms)
+            c->retry_after_ms = c->docs[i]->abi.retry_after_ms;
+        if (e)
+            c->err = *e;
     } else if (rc != 0 && c->rc == 0) {
         c->rc = rc;
         if (e)
@@ -216,23 +240,25 @@ static void doc_done(struct batch_item *item, int rc, const struct err *e)
     pending_done(run, c);
 }
 
-/* Document models: each good record is a request of its own. */
-static void chunk_submit_docs(struct runner *run, struct chunk *c)
+/* Document models: each good record is a request of its own (`again`: only the records
+ * marked to be sent again). */
+static void chunk_submit_docs(struct runner *run, struct chunk *c, int again)
 {
     size_t n_submit = 0;
 
-    for (size_t i = 0; i < c->n; i++)
-        if (c->docs[i])
-            n_submit++;
     pthread_mutex_lock(&run->lock);
+    for (size_t i = 0; i < c->n; i++)
+        if (c->docs[i] && (!again || c->retry[i]))
+            n_submit++;
     c->pending = n_submit + 1; /* +1 until every one is submitted */
     pthread_mutex_unlock(&run->lock);
     for (size_t i = 0; i < c->n; i++) {
         struct batch_item *it = &c->doc_items[i];
         struct err e = {0};
         int rc;
-        if (!c->docs[i])
+        if (!c->docs[i] || (again && !c->retry[i]))
             continue;
+        c->retry[i] = 0;
         *it = (struct batch_item){.req = c->docs[i], .client_fd = -1, .done = doc_done, .ctx = c};
         if (atomic_load(&run->stopping)) {
             err_set(&e, ERR_CANCELLED, "stopped");
@@ -272,7 +298,7 @@ static void chunk_parse(struct runner *run, struct chunk *c)
                 c->n_good++;
             }
         }
-        chunk_submit_docs(run, c);
+        chunk_submit_docs(run, c, 0);
         return;
     }
     c->data = malloc((c->n ? c->n : 1) * (size_t)run->width * sizeof(float));
@@ -394,17 +420,56 @@ static int chunk_wait(struct runner *run, struct chunk *c, struct err *e)
     int rc = 0;
 
     pthread_mutex_lock(&run->lock);
-    while (c->in_flight) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec += 1;
-        if (pthread_cond_timedwait(&run->cond, &run->lock, &ts) != ETIMEDOUT || !c->in_flight ||
-            !run->cfg->tick || rc != 0)
-            continue;
+    for (;;) {
+        while (c->in_flight) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += 1;
+            if (pthread_cond_timedwait(&run->cond, &run->lock, &ts) != ETIMEDOUT ||
+                !c->in_flight || !run->cfg->tick || rc != 0)
+                continue;
+            pthread_mutex_unlock(&run->lock);
+            rc = run->cfg->tick(run->cfg->tick_ctx, e);
+            if (rc != 0)
+                cancel_ring(run);
+            pthread_mutex_lock(&run->lock);
+        }
+        if (c->n_retry == 0 || rc != 0 || c->rc != 0 || atomic_load(&run->stopping)) {
+            if (c->n_retry != 0 && c->rc == 0) /* records left unanswered: not a result */
+                c->rc = rc ? rc : ERR_CANCELLED;
+            break;
+        }
+        /* records that failed for a passing reason go again, after a backoff (or the
+         * upstream's Retry-After), each at most DOC_ATTEMPTS times in all */
+        int tries = 0;
+        for (size_t i = 0; i < c->n; i++)
+            if (c->retry[i] && c->tries[i] > tries)
+                tries = c->tries[i];
+        int64_t delay_ms = (int64_t)DOC_RETRY_MS << (tries - 1);
+        if (c->retry_after_ms > delay_ms)
+            delay_ms = c->retry_after_ms;
+        log_warn("batch", "records failed for a passing reason; sending them again",
+                 "records=%zu attempt=%d delay_ms=%lld reason=\"%s\"", c->n_retry, tries + 1,
+                 (long long)delay_ms, c->err.msg);
+        c->n_retry = 0;
+        c->retry_after_ms = 0;
+        c->in_flight = 1;
         pthread_mutex_unlock(&run->lock);
-        rc = run->cfg->tick(run->cfg->tick_ctx, e);
-        if (rc != 0)
-            cancel_ring(run);
+        for (int64_t slept = 0; slept < delay_ms && rc == 0; slept += 250) {
+            struct timespec ts = {0, 250 * 1000000};
+            nanosleep(&ts, NULL);
+            if (run->cfg->tick && slept % 1000 == 0)
+                rc = run->cfg->tick(run->cfg->tick_ctx, e);
+        }
+        if (rc == 0 && !atomic_load(&run->stopping)) {
+            chunk_submit_docs(run, c, 1);
+        } else {
+            pthread_mutex_lock(&run->lock);
+            if (c->rc == 0)
+                c->rc = rc ? rc : ERR_CANCELLED;
+            c->in_flight = 0;
+            pthread_mutex_unlock(&run->lock);
+        }
         pthread_mutex_lock(&run->lock);
     }
     pthread_mutex_unlock(&run->lock);

@@ -367,6 +367,49 @@ def test_json_protocol_documents(serve, upstream, inferd_bin, repo_dir, tmp_path
     assert up.count() == before + 2 * len(records)
 
 
+def test_batch_sends_records_again_after_a_passing_failure(upstream, inferd_bin, repo_dir,
+                                                           tmp_path):
+    """A document record whose upstream call fails for a passing reason (503 with
+    Retry-After, 500) is sent again on its own, up to 3 attempts in all; the run keeps every
+    other record's answer and its alignment. A record that keeps failing fails the run,
+    naming the upstream, after its third attempt."""
+    flaky = [Reply(503, {"error": "overloaded"}, headers={"Retry-After": "1"}), Reply()]
+    twice = [Reply(500, {"error": "boom"}), Reply(500, {"error": "boom"}), Reply()]
+    always = [Reply(500, {"error": "still broken"})]
+    up = upstream(Script({0: flaky, 3: flaky, 5: twice, 99: always},
+                         key=lambda c: c.json["n"]), name="flaky")
+    http_model(repo_dir, "flaky", up.url + "/x", "json", timeout_s=30)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    records = [{"n": i} for i in range(8)]
+    (inp / "recs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    t0 = time.monotonic()
+    run_batch(inferd_bin, repo_dir, "flaky", inp, tmp_path / "out")
+    took = time.monotonic() - t0
+    lines = out_lines(tmp_path / "out" / "recs.jsonl.out")
+    assert len(lines) == len(records), lines
+    for line, rec in zip(lines, records):
+        got = json.loads(line)
+        assert got["echo"] == rec, f"line {line!r} for record {rec!r}"
+        want_calls = {0: 2, 3: 2, 5: 3}.get(rec["n"], 1)
+        assert got["call"] == want_calls, f"record {rec!r}: answered by call {got['call']}"
+        assert up.count(json.dumps(rec, sort_keys=True, separators=(",", ":"))) == want_calls, \
+            f"record {rec!r}: called again only while it failed"
+    assert took >= 0.9, f"the 503's Retry-After: 1 should hold the retry back ({took:.2f}s)"
+    # a record that never recovers fails the run after 3 attempts, naming the upstream
+    (inp / "recs.jsonl").write_text(json.dumps({"n": 99}) + "\n")
+    cmd = [str(inferd_bin), "batch", "--models", str(repo_dir), "--model", "flaky",
+           "--input", str(inp), "--output", str(tmp_path / "out2")]
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
+                       timeout=BATCH_DEADLINE_S)
+    stderr = p.stderr.decode("utf-8", "replace")
+    assert p.returncode != 0, f"the run should fail; stderr:\n{stderr[-2000:]}"
+    assert "still broken" in stderr and up.url in stderr, stderr[-2000:]
+    calls_99 = [c for c in up.snapshot() if c.json == {"n": 99}]
+    assert len(calls_99) == 3, f"a failing record is tried 3 times, not {len(calls_99)}"
+    assert not (tmp_path / "out2" / "_SUCCESS").exists()
+
+
 # ---------------------------------------------------------------------------
 # 3. upstream failures of async jobs: retried (5xx, 429 + Retry-After) or not (4xx)
 # ---------------------------------------------------------------------------
