@@ -33,8 +33,8 @@ unit: build
 FUZZ_TARGETS := infer_request batch_record cron s3_xml
 FUZZ_SECONDS ?= 60
 
-fuzz-build: $(wildcard src/*/*.c src/*/*.h fuzz/*.c)
-	@CC=clang cmake -S . -B $(FUZZ_BUILD) -DINFERD_FUZZ=ON -DINFERD_TESTS=OFF >/dev/null
+fuzz-build: $(wildcard src/*/*.c src/*/*.cc src/*/*.h fuzz/*.c)
+	@CC=clang CXX=clang++ cmake -S . -B $(FUZZ_BUILD) -DINFERD_FUZZ=ON -DINFERD_TESTS=OFF >/dev/null
 	@cmake --build $(FUZZ_BUILD) -j $(JOBS) $(foreach t,$(FUZZ_TARGETS),--target fuzz_$(t))
 
 # replays every seed corpus once (part of make test)

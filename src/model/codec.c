@@ -2,10 +2,13 @@
  * codec.c: KServe v2 / v1 JSON (and the v2 binary tensor extension) to struct infer_request and
  * back.
  *
- * Requests are parsed with jansson; responses are written by hand into a struct buf because
- * they are flat and large arrays of numbers are the hot path. Every error names the field.
+ * Requests are parsed with simdjson (core/jdoc.h: a single-row request in well under a
+ * microsecond); responses are written by hand into a struct buf because they are flat and large
+ * arrays of numbers are the hot path. Every error names the field.
  */
 #include "model/codec.h"
+
+#include "core/jdoc.h"
 
 #include <jansson.h>
 #include <math.h>
@@ -14,6 +17,15 @@
 
 /* Nesting deeper than this in "data" cannot match any shape we accept. */
 #define DATA_MAX_DEPTH (INFERD_MAX_DIMS + 1)
+
+/* A string member with no NUL byte in it (names, ids, datatypes), or NULL. */
+static const char *plain_string(const struct jdoc_val *v)
+{
+    size_t len;
+    const char *s = jdoc_string(v, &len);
+
+    return s && strlen(s) == len ? s : NULL;
+}
 
 /* ---- decoding "data" ---- */
 
@@ -26,28 +38,31 @@ struct data_walk {
     int field_index; /* inputs[i] */
 };
 
-static int store_number(struct data_walk *w, json_t *v, struct err *e)
+static int store_number(struct data_walk *w, const struct jdoc_val *v, struct err *e)
 {
     struct inferd_tensor *t = w->t;
     double d;
-    json_int_t n;
+    int64_t n;
 
-    if (json_is_null(v)) {
+    switch (jdoc_type(v)) {
+    case JDOC_NULL:
         if (t->datatype != INFERD_TYPE_FP32 && t->datatype != INFERD_TYPE_FP64)
             return err_set(e, ERR_SHAPE,
                            "inputs[%d].data[%zu]: null (missing) is only allowed for FP32 and "
                            "FP64",
                            w->field_index, w->idx);
         d = NAN;
-    } else if (json_is_boolean(v)) {
+        break;
+    case JDOC_BOOL:
         if (t->datatype != INFERD_TYPE_BOOL)
             return err_set(e, ERR_SHAPE, "inputs[%d].data[%zu]: expected a number, got a boolean",
                            w->field_index, w->idx);
-        d = json_is_true(v) ? 1.0 : 0.0;
-    } else if (json_is_integer(v)) {
-        n = json_integer_value(v);
+        d = jdoc_is_true(v) ? 1.0 : 0.0;
+        break;
+    case JDOC_INT:
+        n = jdoc_int(v);
         if (t->datatype == INFERD_TYPE_INT64) {
-            ((int64_t *)t->data)[w->idx] = (int64_t)n;
+            ((int64_t *)t->data)[w->idx] = n;
             return 0;
         }
         if (t->datatype == INFERD_TYPE_INT32 && (n < INT32_MIN || n > INT32_MAX))
@@ -58,17 +73,20 @@ static int store_number(struct data_walk *w, json_t *v, struct err *e)
                            "inputs[%d].data[%zu]: BOOL values are 0, 1, true or false",
                            w->field_index, w->idx);
         d = (double)n;
-    } else if (json_is_real(v)) {
-        d = json_real_value(v);
+        break;
+    case JDOC_REAL:
+        d = jdoc_number(v);
         if (t->datatype != INFERD_TYPE_FP32 && t->datatype != INFERD_TYPE_FP64)
             return err_set(e, ERR_SHAPE, "inputs[%d].data[%zu]: %g is not an integer (%s)",
                            w->field_index, w->idx, d,
                            t->datatype == INFERD_TYPE_BOOL    ? "BOOL"
                            : t->datatype == INFERD_TYPE_INT32 ? "INT32"
-                                                              : "INT64");
-    } else {
+                                                              : "INT64 or out of its range");
+        break;
+    default:
         return err_set(e, ERR_SHAPE, "inputs[%d].data[%zu]: expected a number, got %s",
-                       w->field_index, w->idx, json_is_string(v) ? "a string" : "an object");
+                       w->field_index, w->idx,
+                       jdoc_type(v) == JDOC_STRING ? "a string" : "an object");
     }
     switch (t->datatype) {
     case INFERD_TYPE_BOOL:
@@ -93,16 +111,15 @@ static int store_number(struct data_walk *w, json_t *v, struct err *e)
     return 0;
 }
 
-static int store_bytes(struct data_walk *w, json_t *v, struct err *e)
+static int store_bytes(struct data_walk *w, const struct jdoc_val *v, struct err *e)
 {
     const char *s;
-    size_t len, need;
+    size_t len = 0, need;
 
-    if (!json_is_string(v))
+    s = jdoc_string(v, &len);
+    if (!s)
         return err_set(e, ERR_SHAPE, "inputs[%d].data[%zu]: BYTES elements are strings",
                        w->field_index, w->idx);
-    s = json_string_value(v);
-    len = json_string_length(v);
     if (len > UINT32_MAX)
         return err_set(e, ERR_TOO_LARGE, "inputs[%d].data[%zu]: string too long", w->field_index,
                        w->idx);
@@ -129,18 +146,18 @@ static int store_bytes(struct data_walk *w, json_t *v, struct err *e)
     return 0;
 }
 
-static int walk_data(struct data_walk *w, json_t *v, int depth, struct err *e)
+static int walk_data(struct data_walk *w, const struct jdoc_val *v, int depth, struct err *e)
 {
-    size_t i;
-    json_t *item;
+    struct jdoc_iter it;
+    struct jdoc_val item;
     int rc;
 
-    if (json_is_array(v)) {
+    if (jdoc_type(v) == JDOC_ARRAY) {
         if (depth >= DATA_MAX_DEPTH)
             return err_set(e, ERR_SHAPE, "inputs[%d].data: nested deeper than %d levels",
                            w->field_index, DATA_MAX_DEPTH);
-        json_array_foreach (v, i, item) {
-            rc = walk_data(w, item, depth + 1, e);
+        for (jdoc_iter_init(v, &it); jdoc_iter_next(&it, &item);) {
+            rc = walk_data(w, &item, depth + 1, e);
             if (rc != 0)
                 return rc;
         }
@@ -159,17 +176,22 @@ static int walk_data(struct data_walk *w, json_t *v, int depth, struct err *e)
 }
 
 /* Elements in a (nested) list, or SIZE_MAX when nested too deep. */
-static size_t count_leaves(json_t *v, int depth)
+static size_t count_leaves(const struct jdoc_val *v, int depth)
 {
-    size_t i, n = 0, sub;
-    json_t *item;
+    struct jdoc_iter it;
+    struct jdoc_val item;
+    size_t n = 0, sub;
 
-    if (!json_is_array(v))
+    if (jdoc_type(v) != JDOC_ARRAY)
         return 1;
     if (depth >= DATA_MAX_DEPTH)
         return SIZE_MAX;
-    json_array_foreach (v, i, item) {
-        sub = count_leaves(item, depth + 1);
+    for (jdoc_iter_init(v, &it); jdoc_iter_next(&it, &item);) {
+        if (jdoc_type(&item) != JDOC_ARRAY) { /* a flat list: the rest are counted at once */
+            n++;
+            continue;
+        }
+        sub = count_leaves(&item, depth + 1);
         if (sub == SIZE_MAX)
             return SIZE_MAX;
         n += sub;
@@ -185,23 +207,25 @@ struct binary_section {
     size_t used;
 };
 
-static int decode_shape(json_t *shape, struct inferd_tensor *t, int idx, struct err *e)
+static int decode_shape(const struct jdoc_val *shape, struct inferd_tensor *t, int idx,
+                        struct err *e)
 {
-    size_t i;
-    json_t *dim;
+    struct jdoc_iter it;
+    struct jdoc_val dim;
+    size_t i = 0, n = jdoc_size(shape);
 
-    if (!json_is_array(shape))
+    if (jdoc_type(shape) != JDOC_ARRAY)
         return err_set(e, ERR_INVALID, "inputs[%d].shape: expected a list of integers", idx);
-    if (json_array_size(shape) > INFERD_MAX_DIMS)
-        return err_set(e, ERR_SHAPE, "inputs[%d].shape: %zu dimensions, limit is %d", idx,
-                       json_array_size(shape), INFERD_MAX_DIMS);
-    json_array_foreach (shape, i, dim) {
-        if (!json_is_integer(dim) || json_integer_value(dim) < 0)
+    if (n > INFERD_MAX_DIMS)
+        return err_set(e, ERR_SHAPE, "inputs[%d].shape: %zu dimensions, limit is %d", idx, n,
+                       INFERD_MAX_DIMS);
+    for (jdoc_iter_init(shape, &it); jdoc_iter_next(&it, &dim); i++) {
+        if (jdoc_type(&dim) != JDOC_INT || jdoc_int(&dim) < 0)
             return err_set(e, ERR_INVALID, "inputs[%d].shape[%zu]: expected an integer >= 0", idx,
                            i);
-        t->shape[i] = json_integer_value(dim);
+        t->shape[i] = jdoc_int(&dim);
     }
-    t->n_dims = (int)json_array_size(shape);
+    t->n_dims = (int)n;
     return 0;
 }
 
@@ -237,49 +261,50 @@ static int check_binary(const struct inferd_tensor *t, int idx, size_t count, st
     return 0;
 }
 
-static int decode_input(json_t *in, int idx, struct binary_section *bin, struct inferd_tensor *t,
-                        struct err *e)
+static int decode_input(const struct jdoc_val *in, int idx, struct binary_section *bin,
+                        struct inferd_tensor *t, struct err *e)
 {
-    json_t *name, *dt, *shape, *data, *params, *bsize;
+    struct jdoc_val name, dt, shape, data, params, bsize;
+    const char *name_s, *dt_s;
     int64_t count;
     size_t elem, nbytes;
-    int rc;
+    int rc, has_data, has_bsize;
 
-    if (!json_is_object(in))
+    if (jdoc_type(in) != JDOC_OBJECT)
         return err_set(e, ERR_INVALID, "inputs[%d]: expected an object", idx);
-    name = json_object_get(in, "name");
-    dt = json_object_get(in, "datatype");
-    shape = json_object_get(in, "shape");
-    data = json_object_get(in, "data");
-    params = json_object_get(in, "parameters");
-    if (!json_is_string(name) || json_string_length(name) == 0)
+    name_s = jdoc_get(in, "name", &name) ? plain_string(&name) : NULL;
+    dt_s = jdoc_get(in, "datatype", &dt) ? plain_string(&dt) : NULL;
+    if (!name_s || !*name_s)
         return err_set(e, ERR_INVALID, "inputs[%d].name: missing or not a string", idx);
-    if (!json_is_string(dt))
+    if (!dt_s)
         return err_set(e, ERR_INVALID, "inputs[%d].datatype: missing or not a string", idx);
-    if (!shape)
+    if (!jdoc_get(in, "shape", &shape))
         return err_set(e, ERR_INVALID, "inputs[%d].shape: missing", idx);
-    t->name = strdup(json_string_value(name));
+    t->name = strdup(name_s);
     if (!t->name)
         return err_set(e, ERR_NOMEM, "out of memory");
-    t->datatype = tensor_datatype_parse(json_string_value(dt));
+    t->datatype = tensor_datatype_parse(dt_s);
     if (t->datatype == INFERD_TYPE_INVALID)
         return err_set(e, ERR_SHAPE,
                        "inputs[%d].datatype: unknown datatype '%.32s' (BOOL, INT32, INT64, FP32, "
                        "FP64 or BYTES)",
-                       idx, json_string_value(dt));
-    rc = decode_shape(shape, t, idx, e);
+                       idx, dt_s);
+    rc = decode_shape(&shape, t, idx, e);
     if (rc != 0)
         return rc;
     count = tensor_element_count(t->shape, t->n_dims);
     elem = inferd_datatype_size(t->datatype);
     if (count < 0 || (elem && (uint64_t)count > SIZE_MAX / 2 / elem))
         return err_set(e, ERR_SHAPE, "inputs[%d].shape: too many elements", idx);
-    bsize = params && json_is_object(params) ? json_object_get(params, "binary_data_size") : NULL;
-    if (bsize) {
-        if (!json_is_integer(bsize) || json_integer_value(bsize) < 0)
+    has_bsize = jdoc_get(in, "parameters", &params) && jdoc_get(&params, "binary_data_size", &bsize);
+    if (has_bsize) {
+        if (jdoc_type(&bsize) != JDOC_INT || jdoc_int(&bsize) < 0)
             return err_set(e, ERR_INVALID,
                            "inputs[%d].parameters.binary_data_size: expected an integer >= 0", idx);
-        nbytes = (size_t)json_integer_value(bsize);
+        if ((uint64_t)jdoc_int(&bsize) > SIZE_MAX)
+            return err_set(e, ERR_INVALID,
+                           "inputs[%d].parameters.binary_data_size: larger than the body", idx);
+        nbytes = (size_t)jdoc_int(&bsize);
         if (!bin->data)
             return err_set(e, ERR_INVALID,
                            "inputs[%d]: binary_data_size given but the request has no "
@@ -302,12 +327,13 @@ static int decode_input(json_t *in, int idx, struct binary_section *bin, struct 
         bin->used += nbytes;
         return check_binary(t, idx, (size_t)count, e);
     }
-    if (!data)
+    has_data = jdoc_get(in, "data", &data);
+    if (!has_data)
         return err_set(e, ERR_INVALID, "inputs[%d].data: missing", idx);
-    if (!json_is_array(data))
+    if (jdoc_type(&data) != JDOC_ARRAY)
         return err_set(e, ERR_INVALID, "inputs[%d].data: expected a list", idx);
     /* count first: the shape is only a claim, the JSON text bounds what we allocate */
-    size_t n_leaves = count_leaves(data, 0);
+    size_t n_leaves = count_leaves(&data, 0);
     if (n_leaves == SIZE_MAX)
         return err_set(e, ERR_SHAPE, "inputs[%d].data: nested deeper than %d levels", idx,
                        DATA_MAX_DEPTH);
@@ -320,7 +346,7 @@ static int decode_input(json_t *in, int idx, struct binary_section *bin, struct 
             return err_set(e, ERR_TOO_LARGE, "inputs[%d].shape: too many elements", idx);
     }
     struct data_walk w = {.t = t, .n_expect = (size_t)count, .field_index = idx};
-    rc = walk_data(&w, data, 0, e);
+    rc = walk_data(&w, &data, 0, e);
     if (rc != 0)
         return rc;
     if (w.idx != (size_t)count)
@@ -330,29 +356,30 @@ static int decode_input(json_t *in, int idx, struct binary_section *bin, struct 
     return 0;
 }
 
-static int decode_outputs(json_t *outputs, struct infer_request *r, struct err *e)
+static int decode_outputs(const struct jdoc_val *root, struct infer_request *r, struct err *e)
 {
-    size_t i;
-    json_t *o;
+    struct jdoc_val outputs, o, name, params, binary;
+    struct jdoc_iter it;
+    const char *name_s;
+    size_t i = 0;
 
-    if (!outputs)
+    if (!jdoc_get(root, "outputs", &outputs))
         return 0;
-    if (!json_is_array(outputs))
+    if (jdoc_type(&outputs) != JDOC_ARRAY)
         return err_set(e, ERR_INVALID, "outputs: expected a list");
-    if (json_array_size(outputs) > TENSOR_MAX_IO)
+    if (jdoc_size(&outputs) > TENSOR_MAX_IO)
         return err_set(e, ERR_INVALID, "outputs: more than %d entries", TENSOR_MAX_IO);
-    json_array_foreach (outputs, i, o) {
-        json_t *name = json_object_get(o, "name");
-        json_t *params = json_object_get(o, "parameters");
-        json_t *binary = json_is_object(params) ? json_object_get(params, "binary_data") : NULL;
-        if (!json_is_string(name))
+    for (jdoc_iter_init(&outputs, &it); jdoc_iter_next(&it, &o); i++) {
+        name_s = jdoc_get(&o, "name", &name) ? plain_string(&name) : NULL;
+        if (!name_s)
             return err_set(e, ERR_INVALID, "outputs[%zu].name: missing or not a string", i);
-        r->requested_outputs[r->n_requested_outputs] = strdup(json_string_value(name));
+        r->requested_outputs[r->n_requested_outputs] = strdup(name_s);
         if (!r->requested_outputs[r->n_requested_outputs])
             return err_set(e, ERR_NOMEM, "out of memory");
         r->n_requested_outputs++;
-        if (json_is_true(binary)) {
-            r->binary_outputs[r->n_binary_outputs] = strdup(json_string_value(name));
+        if (jdoc_get(&o, "parameters", &params) && jdoc_get(&params, "binary_data", &binary) &&
+            jdoc_is_true(&binary)) {
+            r->binary_outputs[r->n_binary_outputs] = strdup(name_s);
             if (!r->binary_outputs[r->n_binary_outputs])
                 return err_set(e, ERR_NOMEM, "out of memory");
             r->n_binary_outputs++;
@@ -361,42 +388,38 @@ static int decode_outputs(json_t *outputs, struct infer_request *r, struct err *
     return 0;
 }
 
-static int decode_parameters(json_t *params, struct infer_request *r, struct err *e)
+static int decode_parameters(const struct jdoc_val *root, struct infer_request *r,
+                             struct err *e)
 {
-    json_t *timeout, *bin;
+    struct jdoc_val params, timeout, bin;
 
-    if (!params)
+    if (!jdoc_get(root, "parameters", &params))
         return 0;
-    if (!json_is_object(params))
+    if (jdoc_type(&params) != JDOC_OBJECT)
         return err_set(e, ERR_INVALID, "parameters: expected an object");
-    timeout = json_object_get(params, "timeout");
-    if (timeout) {
-        if (!json_is_integer(timeout) || json_integer_value(timeout) < 0)
+    if (jdoc_get(&params, "timeout", &timeout)) {
+        if (jdoc_type(&timeout) != JDOC_INT || jdoc_int(&timeout) < 0)
             return err_set(e, ERR_INVALID,
                            "parameters.timeout: expected microseconds as an integer >= 0");
-        r->timeout_us = (uint64_t)json_integer_value(timeout);
+        r->timeout_us = (uint64_t)jdoc_int(&timeout);
     }
-    bin = json_object_get(params, "binary_data_output");
-    if (bin && !json_is_boolean(bin))
-        return err_set(e, ERR_INVALID, "parameters.binary_data_output: expected true or false");
-    r->binary_output_all = json_is_true(bin);
+    if (jdoc_get(&params, "binary_data_output", &bin)) {
+        if (jdoc_type(&bin) != JDOC_BOOL)
+            return err_set(e, ERR_INVALID,
+                           "parameters.binary_data_output: expected true or false");
+        r->binary_output_all = jdoc_is_true(&bin);
+    }
     return 0;
 }
 
-static json_t *load_json(const char *body, size_t len, struct err *e)
+/* Parses a request body that must be a JSON object (jdoc_done() when finished with it). */
+static int load_json(const char *body, size_t len, struct jdoc_val *root, struct err *e)
 {
-    json_error_t jerr;
-    json_t *root = json_loadb(body, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
+    int rc = jdoc_parse(body, len, root, e);
 
-    if (!root)
-        err_set(e, ERR_INVALID, "malformed JSON at line %d column %d: %s", jerr.line, jerr.column,
-                jerr.text);
-    else if (!json_is_object(root)) {
-        err_set(e, ERR_INVALID, "the request body must be a JSON object");
-        json_decref(root);
-        root = NULL;
-    }
-    return root;
+    if (rc == 0 && jdoc_type(root) != JDOC_OBJECT)
+        rc = err_set(e, ERR_INVALID, "the request body must be a JSON object");
+    return rc;
 }
 
 int codec_decode_v2(const char *body, size_t body_len, int64_t json_len, struct infer_request **out,
@@ -404,59 +427,58 @@ int codec_decode_v2(const char *body, size_t body_len, int64_t json_len, struct 
 {
     struct infer_request *r = NULL;
     struct binary_section bin = {0};
-    json_t *root = NULL, *inputs, *id, *item;
-    size_t i;
+    struct jdoc_val root, inputs, id, item;
+    struct jdoc_iter it;
+    const char *id_s;
+    size_t i = 0, n_inputs;
     int rc;
 
     *out = NULL;
     if (json_len >= 0) {
-        if ((uint64_t)json_len > body_len) {
-            rc = err_set(e, ERR_INVALID,
-                         "Inference-Header-Content-Length is %lld, the body has only %zu bytes",
-                         (long long)json_len, body_len);
-            goto cleanup;
-        }
+        if ((uint64_t)json_len > body_len)
+            return err_set(e, ERR_INVALID,
+                           "Inference-Header-Content-Length is %lld, the body has only %zu bytes",
+                           (long long)json_len, body_len);
         bin.data = (const unsigned char *)body + json_len;
         bin.len = body_len - (size_t)json_len;
         body_len = (size_t)json_len;
     }
-    root = load_json(body, body_len, e);
-    if (!root) {
-        rc = e ? e->code : ERR_INVALID;
+    rc = load_json(body, body_len, &root, e);
+    if (rc != 0)
         goto cleanup;
-    }
     r = calloc(1, sizeof(*r));
     if (!r) {
         rc = err_set(e, ERR_NOMEM, "out of memory");
         goto cleanup;
     }
-    id = json_object_get(root, "id");
-    if (id && !json_is_string(id)) {
-        rc = err_set(e, ERR_INVALID, "id: expected a string");
-        goto cleanup;
+    if (jdoc_get(&root, "id", &id)) {
+        id_s = plain_string(&id);
+        if (!id_s) {
+            rc = err_set(e, ERR_INVALID, "id: expected a string");
+            goto cleanup;
+        }
+        if (!(r->id = strdup(id_s))) {
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+            goto cleanup;
+        }
     }
-    if (id && !(r->id = strdup(json_string_value(id)))) {
-        rc = err_set(e, ERR_NOMEM, "out of memory");
-        goto cleanup;
-    }
-    rc = decode_parameters(json_object_get(root, "parameters"), r, e);
+    rc = decode_parameters(&root, r, e);
     if (rc == 0)
-        rc = decode_outputs(json_object_get(root, "outputs"), r, e);
+        rc = decode_outputs(&root, r, e);
     if (rc != 0)
         goto cleanup;
-    inputs = json_object_get(root, "inputs");
-    if (!json_is_array(inputs) || json_array_size(inputs) == 0) {
+    if (!jdoc_get(&root, "inputs", &inputs) || jdoc_type(&inputs) != JDOC_ARRAY ||
+        (n_inputs = jdoc_size(&inputs)) == 0) {
         rc = err_set(e, ERR_INVALID, "inputs: missing, empty or not a list");
         goto cleanup;
     }
-    if (json_array_size(inputs) > TENSOR_MAX_IO) {
-        rc = err_set(e, ERR_INVALID, "inputs: %zu tensors, limit is %d", json_array_size(inputs),
-                     TENSOR_MAX_IO);
+    if (n_inputs > TENSOR_MAX_IO) {
+        rc = err_set(e, ERR_INVALID, "inputs: %zu tensors, limit is %d", n_inputs, TENSOR_MAX_IO);
         goto cleanup;
     }
-    json_array_foreach (inputs, i, item) {
+    for (jdoc_iter_init(&inputs, &it); jdoc_iter_next(&it, &item); i++) {
         r->n_inputs = i + 1; /* so that cleanup frees a half-decoded tensor */
-        rc = decode_input(item, (int)i, &bin, &r->inputs[i], e);
+        rc = decode_input(&item, (int)i, &bin, &r->inputs[i], e);
         if (rc != 0)
             goto cleanup;
     }
@@ -473,7 +495,7 @@ int codec_decode_v2(const char *body, size_t body_len, int64_t json_len, struct 
     rc = 0;
 cleanup:
     infer_request_destroy(r);
-    json_decref(root);
+    jdoc_done();
     return rc;
 }
 
@@ -481,29 +503,32 @@ int codec_decode_v1(const char *body, size_t body_len, const char *input_name,
                     struct infer_request **out, struct err *e)
 {
     struct infer_request *r = NULL;
-    json_t *root = NULL, *instances, *row, *v;
-    size_t n_rows, width = 0, i, j;
+    struct jdoc_val root, instances, row, v;
+    struct jdoc_iter rows, cols;
+    size_t n_rows, width = 0, i = 0, j;
     double *data;
     int rc;
 
     *out = NULL;
-    root = load_json(body, body_len, e);
-    if (!root) {
-        rc = e ? e->code : ERR_INVALID;
+    rc = load_json(body, body_len, &root, e);
+    if (rc != 0)
         goto cleanup;
-    }
-    instances = json_object_get(root, "instances");
-    if (!json_is_array(instances) || json_array_size(instances) == 0) {
+    if (!jdoc_get(&root, "instances", &instances) || jdoc_type(&instances) != JDOC_ARRAY ||
+        (n_rows = jdoc_size(&instances)) == 0) {
         rc = err_set(e, ERR_INVALID, "instances: missing, empty or not a list");
         goto cleanup;
     }
-    n_rows = json_array_size(instances);
-    row = json_array_get(instances, 0);
-    if (!json_is_array(row)) {
+    jdoc_iter_init(&instances, &rows);
+    jdoc_iter_next(&rows, &row);
+    if (jdoc_type(&row) != JDOC_ARRAY) {
         rc = err_set(e, ERR_INVALID, "instances[0]: expected a list of numbers");
         goto cleanup;
     }
-    width = json_array_size(row);
+    width = jdoc_size(&row);
+    if (width && n_rows > SIZE_MAX / sizeof(double) / width) {
+        rc = err_set(e, ERR_TOO_LARGE, "instances: too many values");
+        goto cleanup;
+    }
     r = calloc(1, sizeof(*r));
     if (!r || !(r->inputs[0].name = strdup(input_name))) {
         rc = err_set(e, ERR_NOMEM, "out of memory");
@@ -521,18 +546,20 @@ int codec_decode_v1(const char *body, size_t body_len, const char *input_name,
     }
     r->inputs[0].data = data;
     r->inputs[0].data_bytes = n_rows * width * sizeof(double);
-    json_array_foreach (instances, i, row) {
-        if (!json_is_array(row) || json_array_size(row) != width) {
+    for (jdoc_iter_init(&instances, &rows); jdoc_iter_next(&rows, &row); i++) {
+        if (jdoc_type(&row) != JDOC_ARRAY || jdoc_size(&row) != width) {
             rc = err_set(e, ERR_SHAPE,
                          "instances[%zu]: expected a list of %zu numbers like "
                          "instances[0]",
                          i, width);
             goto cleanup;
         }
-        json_array_foreach (row, j, v) {
-            if (json_is_number(v))
-                data[i * width + j] = json_number_value(v);
-            else if (json_is_null(v))
+        j = 0;
+        for (jdoc_iter_init(&row, &cols); jdoc_iter_next(&cols, &v); j++) {
+            enum jdoc_type type = jdoc_type(&v);
+            if (type == JDOC_INT || type == JDOC_REAL)
+                data[i * width + j] = jdoc_number(&v);
+            else if (type == JDOC_NULL)
                 data[i * width + j] = NAN;
             else {
                 rc = err_set(e, ERR_SHAPE, "instances[%zu][%zu]: expected a number", i, j);
@@ -546,7 +573,7 @@ int codec_decode_v1(const char *body, size_t body_len, const char *input_name,
     rc = 0;
 cleanup:
     infer_request_destroy(r);
-    json_decref(root);
+    jdoc_done();
     return rc;
 }
 
@@ -780,10 +807,11 @@ int codec_decode_document(const char *body, size_t body_len, struct infer_reques
 /* 1 when `body` is a JSON object with an "inputs" list: a KServe v2 request. */
 static int looks_like_v2(const char *body, size_t body_len)
 {
-    json_t *root = json_loadb(body, body_len, JSON_DECODE_ANY, NULL);
-    int yes = json_is_object(root) && json_is_array(json_object_get(root, "inputs"));
+    struct jdoc_val root, inputs;
+    int yes = jdoc_parse(body, body_len, &root, NULL) == 0 && jdoc_get(&root, "inputs", &inputs) &&
+              jdoc_type(&inputs) == JDOC_ARRAY;
 
-    json_decref(root);
+    jdoc_done();
     return yes;
 }
 
@@ -830,16 +858,17 @@ int codec_decode_response_v2(const char *body, size_t body_len, struct infer_req
 {
     struct infer_request *r = NULL;
     struct binary_section bin = {0};
-    json_t *root = NULL, *outputs, *item;
-    size_t i;
-    int rc = 0;
+    struct jdoc_val root, outputs, item;
+    struct jdoc_iter it;
+    size_t i = 0;
+    int rc;
 
     *out = NULL;
-    root = load_json(body, body_len, e);
-    if (!root)
-        return e ? e->code : ERR_INVALID;
-    outputs = json_object_get(root, "outputs");
-    if (!json_is_array(outputs) || json_array_size(outputs) > TENSOR_MAX_IO) {
+    rc = load_json(body, body_len, &root, e);
+    if (rc != 0)
+        goto cleanup;
+    if (!jdoc_get(&root, "outputs", &outputs) || jdoc_type(&outputs) != JDOC_ARRAY ||
+        jdoc_size(&outputs) > TENSOR_MAX_IO) {
         rc = err_set(e, ERR_INVALID, "outputs: missing, not a list or more than %d",
                      TENSOR_MAX_IO);
         goto cleanup;
@@ -849,9 +878,9 @@ int codec_decode_response_v2(const char *body, size_t body_len, struct infer_req
         rc = err_set(e, ERR_NOMEM, "out of memory");
         goto cleanup;
     }
-    json_array_foreach (outputs, i, item) {
+    for (jdoc_iter_init(&outputs, &it); jdoc_iter_next(&it, &item); i++) {
         r->n_inputs = i + 1;
-        rc = decode_input(item, (int)i, &bin, &r->inputs[i], e);
+        rc = decode_input(&item, (int)i, &bin, &r->inputs[i], e);
         if (rc != 0) {
             /* the decoder names request fields; these are the response's outputs */
             char msg[sizeof(e->msg)] = "";
@@ -867,6 +896,6 @@ int codec_decode_response_v2(const char *body, size_t body_len, struct infer_req
     r = NULL;
 cleanup:
     infer_request_destroy(r);
-    json_decref(root);
+    jdoc_done();
     return rc;
 }
