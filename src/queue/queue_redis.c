@@ -555,10 +555,29 @@ static int r_lease_many(struct queue *qb, const char *worker, size_t max, int ma
         if (c->err)
             break;
     }
-    for (size_t i = 0; r && i < r->elements && *n < max; i++) {
-        if (load_job(q, c, r->element[i]->str, 1, 0, &out[*n], e) == 0)
-            (*n)++;
+    /* one round trip for every leased job's hash (a job that cannot be read stays leased
+     * and runs again when its lease ends, as after a crash) */
+    size_t n_leased = r ? (r->elements < max ? r->elements : max) : 0;
+    size_t n_sent = 0;
+    for (; n_sent < n_leased; n_sent++)
+        if (redisAppendCommand(c, "HGETALL %s%s%s", q->prefix, "job:",
+                               r->element[n_sent]->str) != REDIS_OK)
+            break;
+    for (size_t i = 0; i < n_sent; i++) {
+        redisReply *h = NULL;
+        if (redisGetReply(c, (void **)&h) != REDIS_OK || !h) {
+            rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
+            break;
+        }
+        if (h->type == REDIS_REPLY_ARRAY && h->elements > 0) {
+            out[*n] = job_from_hash(r->element[i]->str, h, 1, 0);
+            if (out[*n])
+                (*n)++;
+        }
+        freeReplyObject(h);
     }
+    if (rc != 0 && *n > 0)
+        rc = 0; /* what was read runs; the rest waits for its lease to end */
     freeReplyObject(r);
     give_conn(q, c);
     return rc;
