@@ -99,7 +99,7 @@ static const struct option_def serve_options[] = {
      "else AWS)",
      BOTH},
     {"result-ttl-s", OPT_INT, "604800", 0, 315360000,
-     "Redis queue: how long a finished job and its result are kept (0: forever)", BOTH},
+     "how long a finished job and its result are kept (0: forever)", BOTH},
     {"s3-part-size-mb", OPT_INT, "8", 5, 5120,
      "S3 writes past this size become multipart uploads in parts this big", BOTH},
 };

@@ -110,7 +110,7 @@ struct queue;
 struct queue_config {
     const char *url;                 /* NULL or "sqlite": SQLite; "redis://host:port/db": Redis */
     const char *data_dir;            /* SQLite: the database lives at DIR/inferd.db */
-    int64_t result_ttl_s;            /* Redis: how long a finished job is kept; 0 forever */
+    int64_t result_ttl_s;            /* how long a finished job is kept; 0 forever */
     int64_t max_queued;              /* past it, enqueue says ERR_BUSY */
     int64_t retry_backoff_ms;        /* first retry delay; doubles per attempt (capped at 60 s) */
     int64_t result_inline_max_bytes; /* results above this in webhooks become a link */

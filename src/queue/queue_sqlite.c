@@ -227,6 +227,7 @@ static const char schema[] =
     " expires_ms > 0;"
     "CREATE INDEX IF NOT EXISTS jobs_leased ON jobs(lease_until_ms) WHERE state = 1;"
     "CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);"
+    "CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_ms) WHERE state >= 2;"
     "CREATE TABLE IF NOT EXISTS outbox ("
     " id INTEGER PRIMARY KEY,"
     " event_id TEXT NOT NULL UNIQUE,"
@@ -238,6 +239,7 @@ static const char schema[] =
     " done INTEGER NOT NULL DEFAULT 0,"
     " delivered INTEGER NOT NULL DEFAULT 0);"
     "CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_ms) WHERE done = 0;"
+    "CREATE INDEX IF NOT EXISTS outbox_job ON outbox(job_id);"
     "CREATE TABLE IF NOT EXISTS deliveries ("
     " outbox_id INTEGER NOT NULL, job_id TEXT NOT NULL, event_id TEXT NOT NULL,"
     " at_ms INTEGER NOT NULL, http_status INTEGER NOT NULL, error TEXT);"
@@ -766,6 +768,42 @@ static void sweep(struct sqlite_queue *q, int64_t now)
     }
 }
 
+/* Removes inference jobs that finished more than --result-ttl-s ago, with their webhook
+ * records, at most RETAIN_MAX per call; a job whose webhook is still being delivered stays.
+ * Returns how many went. (Batch jobs' tasks stay with their batch job.) */
+static int retain(struct sqlite_queue *q, int64_t now)
+{
+    static const char *const steps[] = {
+        "DELETE FROM temp.retired",
+        "INSERT INTO temp.retired SELECT id FROM jobs INDEXED BY jobs_finished WHERE state >= 2 "
+        "AND finished_ms <= ?1 AND kind = 0 AND batch_id IS NULL AND NOT EXISTS (SELECT 1 FROM "
+        "outbox WHERE outbox.job_id = jobs.id AND done = 0) ORDER BY finished_ms LIMIT ?2",
+        "DELETE FROM deliveries WHERE job_id IN temp.retired",
+        "DELETE FROM outbox WHERE job_id IN temp.retired",
+        "DELETE FROM jobs WHERE id IN temp.retired",
+    };
+    int n = 0;
+
+    for (size_t i = 0; i < sizeof(steps) / sizeof(steps[0]); i++) {
+        sqlite3_stmt *st = sq_prepare(q->wdb, steps[i]);
+        if (!st)
+            return 0;
+        if (i == 1) {
+            sqlite3_bind_int64(st, 1, now - q->cfg.result_ttl_s * 1000);
+            sqlite3_bind_int(st, 2, RETAIN_MAX);
+        }
+        int rc = sqlite3_step(st);
+        if (i == 1)
+            n = sqlite3_changes(q->wdb);
+        sq_finish(st);
+        if (rc != SQLITE_DONE || (i == 1 && n == 0))
+            break;
+    }
+    if (n > 0)
+        log_debug("queue", "finished jobs past their retention removed", "jobs=%d", n);
+    return n;
+}
+
 static int run_op(struct sqlite_queue *q, struct op *o)
 {
     switch (o->kind) {
@@ -824,6 +862,8 @@ static void run_group(struct sqlite_queue *q, struct op *ops)
     if (rc == 0 && now - q->last_sweep_ms >= SWEEP_INTERVAL_MS) {
         q->last_sweep_ms = now;
         sweep(q, now);
+        if (q->cfg.result_ttl_s > 0 && now >= q->next_retain_ms)
+            q->next_retain_ms = now + (retain(q, now) == RETAIN_MAX ? 0 : RETAIN_INTERVAL_MS);
     }
     int64_t commit_start = queue_now_ms();
     commit_ok = rc == 0 && sq_exec(q->wdb, "COMMIT", &e) == 0;
@@ -1500,6 +1540,8 @@ int queue_sqlite_open(const struct queue_config *cfg, struct queue **out, struct
         rc = sq_exec(q->wdb, schema, e);
     if (rc == 0)
         rc = sq_batch_migrate(q->wdb, e);
+    if (rc == 0) /* the writer's scratch list of jobs past their retention (retain()) */
+        rc = sq_exec(q->wdb, "CREATE TEMP TABLE IF NOT EXISTS retired(id TEXT PRIMARY KEY)", e);
     if (rc == 0)
         rc = sq_exec(q->wdb, "BEGIN IMMEDIATE", e);
     if (rc == 0) {

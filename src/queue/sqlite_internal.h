@@ -12,6 +12,8 @@
 
 #define MAX_GROUP 512         /* operations per transaction */
 #define SWEEP_INTERVAL_MS 100 /* how often expired ttls and leases are looked for */
+#define RETAIN_INTERVAL_MS 1000 /* how often finished jobs past --result-ttl-s are removed */
+#define RETAIN_MAX 1000         /* at most this many per pass (more come at the next sweep) */
 #define MAX_BACKOFF_MS 60000
 #define SLOW_COMMIT_MS 500 /* commits slower than this are logged */
 
@@ -94,6 +96,7 @@ struct sqlite_queue {
     uint64_t generation;     /* guarded by lock: bumped when jobs may have become runnable */
     pthread_t writer;
     int64_t last_sweep_ms;     /* writer thread only */
+    int64_t next_retain_ms;    /* writer thread only */
     struct final_note *finals; /* writer thread only: notes of this group, sent after commit */
 };
 

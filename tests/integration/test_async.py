@@ -599,6 +599,32 @@ def test_listing_filters_and_paging(server_factory, repo, tmp_path, trained, fre
         assert r.status_code == 400, f"GET /v1/jobs {params}: HTTP {r.status_code}"
 
 
+def test_finished_jobs_go_after_result_ttl(one_worker):
+    """--result-ttl-s 1: a finished job (and its Idempotency-Key) is gone a little after a
+    second (that queued and running jobs stay is tests/unit/test_queue.c's)."""
+    s = one_worker("--result-ttl-s", "1")
+    c = s.client()
+    key = f"idem-{uuid.uuid4()}"
+    X = rows4(1, 130)
+    body = {"model": "rowsum", "input": infer_body(X)}
+    jid = check_accepted(c.post("/v1/jobs", json=body, headers={"Idempotency-Key": key}))
+    assert c.wait_final(jid)["status"] == "succeeded"
+    check_result(c, jid, rowsum(X), "rowsum", "before its retention ends")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        r = c.get(f"/v1/jobs/{jid}")
+        if r.status_code == 404:
+            break
+        time.sleep(0.2)
+    assert r.status_code == 404, f"a job finished 1 s ago is still there after 15 s: {r.text[:300]}"
+    error_message(r)
+    assert jid not in [j["id"] for j in c.list_all()[0]], "a removed job is still listed"
+    # the key names no job any more: the same body makes a new one
+    again = check_accepted(c.post("/v1/jobs", json=body, headers={"Idempotency-Key": key}))
+    assert again != jid
+    assert c.wait_final(again)["status"] == "succeeded"
+
+
 def test_metrics(one_worker, gates):
     s = one_worker()
     c = s.client()

@@ -27,18 +27,24 @@ static const char *redis_url(void)
     return u && u[0] ? u : NULL;
 }
 
-static struct queue *open_queue(int64_t max_queued)
+static struct queue *open_queue_kept(int64_t max_queued, int64_t result_ttl_s)
 {
     struct queue_config cfg = {.url = redis_url(),
                                .data_dir = dir,
                                .max_queued = max_queued,
                                .retry_backoff_ms = 0,
+                               .result_ttl_s = result_ttl_s,
                                .result_inline_max_bytes = 1024};
     struct queue *q = NULL;
     struct err e = {0};
 
     assert_int_equal(queue_open(&cfg, &q, &e), 0);
     return q;
+}
+
+static struct queue *open_queue(int64_t max_queued)
+{
+    return open_queue_kept(max_queued, 0);
 }
 
 static int setup(void **state)
@@ -254,6 +260,44 @@ static void test_ttl_expiry(void **state)
     queue_close(q);
 }
 
+/* A finished job goes --result-ttl-s after it finished; queued and running ones stay. */
+static void test_retention(void **state)
+{
+    struct queue *q = open_queue_kept(100, 1);
+    char done[40], waiting[40], running[40];
+    struct job *j = NULL;
+    struct err e = {0};
+    int rc = 0;
+
+    (void)state;
+    enqueue(q, 9, "{\"a\":1}", done);
+    enqueue(q, 5, "{\"b\":1}", running);
+    j = lease(q);
+    assert_string_equal(j->id, done);
+    assert_int_equal(queue_complete(q, j->id, j->token, "{\"r\":1}", 7, -1, &e), 0);
+    job_free(j);
+    j = lease(q);
+    assert_string_equal(j->id, running);
+    job_free(j);
+    enqueue(q, 0, "{\"c\":1}", waiting);
+    for (int i = 0; i < 100; i++) { /* up to 5 s: 1 s of retention, then the next pass */
+        struct timespec ts = {0, 50000000};
+        nanosleep(&ts, NULL);
+        rc = queue_get(q, done, 1, &j, &e);
+        if (rc != 0)
+            break;
+        job_free(j);
+    }
+    assert_int_equal(rc, ERR_NOT_FOUND);
+    assert_int_equal(queue_get(q, running, 0, &j, &e), 0);
+    assert_int_equal(j->state, JOB_RUNNING);
+    job_free(j);
+    assert_int_equal(queue_get(q, waiting, 0, &j, &e), 0);
+    assert_int_equal(j->state, JOB_QUEUED);
+    job_free(j);
+    queue_close(q);
+}
+
 /* Redis: an attempt whose lease runs out (its worker died) is reclaimed and runs again. */
 static void test_expired_lease_is_reclaimed(void **state)
 {
@@ -324,6 +368,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_cancel, setup, teardown),
         cmocka_unit_test_setup_teardown(test_idempotency_and_admission, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ttl_expiry, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_retention, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen_requeues_running_jobs, setup, teardown),
         cmocka_unit_test_setup_teardown(test_expired_lease_is_reclaimed, setup, teardown),
     };
