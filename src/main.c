@@ -102,6 +102,10 @@ static const struct option_def serve_options[] = {
      "how long a finished job and its result are kept (0: forever)", BOTH},
     {"s3-part-size-mb", OPT_INT, "8", 5, 5120,
      "S3 writes past this size become multipart uploads in parts this big", BOTH},
+    {"file-roots", OPT_STR, "", 0, 0,
+     "folders (DIR[:DIR...]) that jobs' file:// and path locations must stay inside; empty: any "
+     "file this process can reach",
+     BOTH},
 };
 #define N_SERVE (sizeof(serve_options) / sizeof(serve_options[0]))
 
@@ -268,12 +272,14 @@ static size_t opt_index(const struct parsed *p, const char *name)
 #define OPT_S(p, name) ((p)->str[opt_index((p), name)])
 #define OPT_N(p, name) ((p)->num[opt_index((p), name)])
 
-/* The storage options both commands share; prints the error itself. */
-static int configure_storage(const struct parsed *p, const char *command)
+/* The storage options both commands share (`file_roots`: serve and worker only); prints the
+ * error itself. */
+static int configure_storage(const struct parsed *p, const char *command, const char *file_roots)
 {
     struct storage_config sc = {
         .s3_endpoint = OPT_S(p, "s3-endpoint"),
         .s3_part_size_bytes = OPT_N(p, "s3-part-size-mb") * 1024 * 1024,
+        .file_roots = file_roots,
     };
     struct err e = {0};
 
@@ -333,8 +339,11 @@ static int cmd_serve(int argc, char **argv, int worker)
     }
     if (worker && !p.given[opt_index(&p, "port")])
         p.num[opt_index(&p, "port")] = 8001;
-    if (configure_storage(&p, cmd) != 0)
+    if (configure_storage(&p, cmd, OPT_S(&p, "file-roots")) != 0)
         return 2;
+    if (!OPT_S(&p, "file-roots")[0] && strncmp(OPT_S(&p, "host"), "127.", 4) != 0)
+        log_warn("main", "jobs may read and write any file this process can; --file-roots limits "
+                 "them", "host=%s", OPT_S(&p, "host"));
     raise_fd_limit();
     /* every thread inherits this mask, so only sigwait() below sees these signals */
     sigemptyset(&sigs);
@@ -479,7 +488,7 @@ static int cmd_batch(int argc, char **argv)
             return 2;
         }
     }
-    if (configure_storage(&p, "batch") != 0)
+    if (configure_storage(&p, "batch", NULL) != 0)
         return 2;
     fmt = OPT_S(&p, "format");
     if (fmt[0] && strcmp(fmt, "jsonl") != 0 && strcmp(fmt, "csv") != 0) {

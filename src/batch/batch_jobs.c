@@ -50,6 +50,9 @@ static int check_uri(json_t *def, const char *key, struct err *e)
     if (strstr(s, "://") && strncmp(s, "file://", 7) != 0 && strncmp(s, "s3://", 5) != 0)
         return err_set(e, ERR_INVALID, "%s: '%.100s': only paths, file:// and s3:// are supported",
                        key, s);
+    struct err why = {0};
+    if (storage_check_allowed(s, &why) != 0)
+        return err_set(e, ERR_INVALID, "%s: %s", key, why.msg);
     return 0;
 }
 

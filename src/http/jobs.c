@@ -504,6 +504,9 @@ static int check_location(const char *key, const char *uri, struct err *e)
         strncmp(uri, "s3://", 5) != 0)
         return err_set(e, ERR_INVALID, "%s: '%.100s': only paths, file:// and s3:// are supported",
                        key, uri);
+    struct err why = {0};
+    if (uri && storage_check_allowed(uri, &why) != 0)
+        return err_set(e, ERR_INVALID, "%s: %s", key, why.msg);
     return 0;
 }
 

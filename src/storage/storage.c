@@ -3,13 +3,18 @@
  *
  * `s3://` goes to storage_s3.c, everything else (file:// and plain paths) to storage_file.c.
  * What does not depend on the backend lives here: splitting a byte stream into lines, reading
- * and writing whole objects, sorting listings and joining names.
+ * and writing whole objects, sorting listings and joining names, and the --file-roots policy.
  */
+#define _GNU_SOURCE
 #include "storage/storage_internal.h"
 
+#include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #define READ_BUF_BYTES (1u << 20) /* grows for longer lines */
 #define MIB (1024 * 1024)
@@ -32,6 +37,104 @@ struct storage_writer {
 
 static char s3_endpoint[512];
 static int64_t s3_part_size = 8 * MIB;
+#define MAX_FILE_ROOTS 16
+static char file_roots[MAX_FILE_ROOTS][PATH_MAX]; /* resolved, no trailing '/' ("" for /) */
+static int n_file_roots;
+static char file_roots_option[1024];
+
+/* Sets the file roots from "DIR[:DIR...]": each must exist and be a folder. */
+static int set_file_roots(const char *list, struct err *e)
+{
+    char one[PATH_MAX];
+    const char *p = list, *end;
+
+    n_file_roots = 0;
+    file_roots_option[0] = '\0';
+    if (!list || !list[0])
+        return 0;
+    if (strlen(list) >= sizeof(file_roots_option))
+        return err_set(e, ERR_INVALID, "--file-roots: longer than %zu bytes",
+                       sizeof(file_roots_option) - 1);
+    snprintf(file_roots_option, sizeof(file_roots_option), "%s", list);
+    for (; *p; p = *end ? end + 1 : end) {
+        struct stat st;
+        end = strchr(p, ':');
+        if (!end)
+            end = p + strlen(p);
+        if (end == p)
+            continue;
+        if (n_file_roots == MAX_FILE_ROOTS)
+            return err_set(e, ERR_INVALID, "--file-roots: more than %d folders", MAX_FILE_ROOTS);
+        snprintf(one, sizeof(one), "%.*s", (int)(end - p), p);
+        if (!realpath(one, file_roots[n_file_roots]) || stat(file_roots[n_file_roots], &st) != 0 ||
+            !S_ISDIR(st.st_mode))
+            return err_set(e, ERR_INVALID, "--file-roots: '%.200s' is not an existing folder", one);
+        if (strcmp(file_roots[n_file_roots], "/") == 0)
+            file_roots[n_file_roots][0] = '\0';
+        n_file_roots++;
+    }
+    return 0;
+}
+
+/* Resolves `path` as the kernel would when it is opened or created: relative to the working
+ * folder, symlinks followed, for the longest part of it that exists. ".." is refused, so the
+ * part that does not exist yet cannot climb out of the part that does. */
+static int resolve_path(const char *path, char out[PATH_MAX])
+{
+    char abs[PATH_MAX], head[PATH_MAX], cwd[PATH_MAX];
+    size_t cut;
+
+    for (const char *c = path; (c = strstr(c, "..")) != NULL; c += 2)
+        if ((c == path || c[-1] == '/') && (c[2] == '/' || c[2] == '\0'))
+            return -1;
+    if (path[0] == '/')
+        snprintf(abs, sizeof(abs), "%s", path);
+    else if (getcwd(cwd, sizeof(cwd)) && strlen(cwd) + 1 + strlen(path) < sizeof(abs))
+        snprintf(abs, sizeof(abs), "%s/%s", cwd, path);
+    else
+        return -1;
+    snprintf(head, sizeof(head), "%s", abs);
+    cut = strlen(head);
+    for (;;) {
+        if (realpath(head[0] ? head : "/", out)) {
+            size_t n = strlen(out);
+            if (n + strlen(abs + cut) >= PATH_MAX)
+                return -1;
+            if (n == 1) /* "/" */
+                n = 0;
+            snprintf(out + n, PATH_MAX - n, "%s", abs + cut);
+            return 0;
+        }
+        if (errno != ENOENT && errno != ENOTDIR)
+            return -1;
+        char *slash = strrchr(head, '/');
+        if (!slash)
+            return -1;
+        *slash = '\0';
+        cut = (size_t)(slash - head);
+    }
+}
+
+int storage_check_allowed(const char *uri, struct err *e)
+{
+    char resolved[PATH_MAX];
+    const char *path = uri;
+
+    if (n_file_roots == 0 || strncmp(uri, "s3://", 5) == 0)
+        return 0;
+    if (strncmp(uri, "file://", 7) == 0)
+        path = uri + 7;
+    if (!path[0] || resolve_path(path, resolved) != 0)
+        return err_set(e, ERR_INVALID,
+                       "'%.200s': cannot be resolved inside --file-roots (no '..' allowed)", uri);
+    for (int i = 0; i < n_file_roots; i++) {
+        size_t n = strlen(file_roots[i]);
+        if (strncmp(resolved, file_roots[i], n) == 0 && (resolved[n] == '/' || resolved[n] == '\0'))
+            return 0;
+    }
+    return err_set(e, ERR_INVALID, "'%.200s' is outside --file-roots (%.200s)", uri,
+                   file_roots_option);
+}
 
 int storage_configure(const struct storage_config *cfg, struct err *e)
 {
@@ -53,7 +156,7 @@ int storage_configure(const struct storage_config *cfg, struct err *e)
                        (long long)part);
     snprintf(s3_endpoint, sizeof(s3_endpoint), "%s", ep);
     s3_part_size = part;
-    return 0;
+    return set_file_roots(cfg->file_roots, e);
 }
 
 const char *storage_s3_endpoint_option(void)

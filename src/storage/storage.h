@@ -27,6 +27,9 @@ struct storage_config {
     const char *s3_endpoint;
     /* multipart uploads start past this many bytes, in parts this big; 0: 8 MiB, minimum 5 MiB */
     int64_t s3_part_size_bytes;
+    /* "" or NULL: file:// and plain paths may name any file; else a ':'-separated list of
+     * existing folders, and every file location must resolve (symlinks included) inside one */
+    const char *file_roots;
 };
 
 /*
@@ -61,6 +64,10 @@ int storage_delete(const char *uri, struct err *e);
 int storage_exists(const char *uri);
 /* 1 if `uri` has a backend: a plain path, file:// or s3://. */
 int storage_supports(const char *uri);
+
+/* 0 if `uri` may be read or written here: s3://, or a file inside the configured file roots
+ * (ERR_INVALID names the location and the roots). Every file operation checks this too. */
+int storage_check_allowed(const char *uri, struct err *e);
 
 /*
  * The objects under `uri`: every file below it (recursive), as names relative to it, sorted;

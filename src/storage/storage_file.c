@@ -29,15 +29,16 @@ struct file_writer {
     char tmp[PATH_MAX + 32];
 };
 
+/* The path a location names, once it is known to be allowed (--file-roots). */
 static const char *path_of(const char *uri, struct err *e)
 {
-    if (strncmp(uri, "file://", 7) == 0)
-        return uri + 7;
-    if (strstr(uri, "://")) {
+    if (strstr(uri, "://") && strncmp(uri, "file://", 7) != 0) {
         err_set(e, ERR_INVALID, "'%.200s': only file://, s3:// and plain paths are supported", uri);
         return NULL;
     }
-    return uri;
+    if (storage_check_allowed(uri, e) != 0)
+        return NULL;
+    return strncmp(uri, "file://", 7) == 0 ? uri + 7 : uri;
 }
 
 /* ---- reading ---- */

@@ -561,6 +561,38 @@ def test_input_and_output_locations(client, tmp_path, trained):
                  m.expected(X), "second result file")
 
 
+def test_file_roots_confine_locations(one_worker, tmp_path, trained):
+    """--file-roots: a job's file locations must resolve inside it (symlinks followed)."""
+    root, outside = tmp_path / "jobs-root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "link-out").symlink_to(outside)
+    s = one_worker("--file-roots", str(root))
+    c = s.client()
+    m = trained["binary"]
+    X = m.rows(2, seed=140)
+    for where in (root, outside):
+        (where / "request.json").write_text(json.dumps(infer_body(X)))
+    jid = c.submit_ok("binary", input_location=f"file://{root}/request.json",
+                      output_location=f"file://{root}/out/result.json")
+    assert c.wait_final(jid)["status"] == "succeeded"
+    assert_close(output_array(json.loads((root / "out" / "result.json").read_text()), 2),
+                 m.expected(X), "result inside the root")
+    for field, value in (("input_location", f"file://{outside}/request.json"),
+                         ("input_location", str(root / "link-out" / "request.json")),
+                         ("input_location", f"{root}/../outside/request.json"),
+                         ("input_location", "/etc/passwd"),
+                         ("output_location", f"file://{outside}/result.json")):
+        body = {"model": "binary", field: value}
+        if field == "output_location":
+            body["input"] = infer_body(X)
+        r = c.post("/v1/jobs", json=body)
+        assert r.status_code == 400, f"{field}={value}: HTTP {r.status_code}: {r.text[:300]}"
+        msg = error_message(r)
+        assert field in msg and "--file-roots" in msg, f"{field}={value}: {msg!r}"
+    assert not (outside / "result.json").exists()
+
+
 # ---------------------------------------------------------------------------
 # listing, metrics
 # ---------------------------------------------------------------------------

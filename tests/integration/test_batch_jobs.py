@@ -199,6 +199,31 @@ def test_bad_definitions(tmp_path, trained, server_factory, body, status, words,
     assert words in error_message(r)
 
 
+def test_file_roots_confine_batch_jobs(tmp_path, trained, server_factory, fresh_queue):
+    q = fresh_queue()
+    repo = tmp_path / "models"
+    trained["binary"].install(repo)
+    root = tmp_path / "root"
+    X = trained["binary"].rows(5, seed=150)
+    write_jsonl(root / "in" / "a.jsonl", X)
+    write_jsonl(tmp_path / "elsewhere" / "a.jsonl", X)
+    server = server_factory(repo, *qa(q, tmp_path / "data"), "--file-roots", str(root))
+    for field, value in (("input", str(tmp_path / "elsewhere")),
+                         ("output", str(tmp_path / "elsewhere" / "out"))):
+        body = {"model": "binary", "input": str(root / "in"), "output": str(root / "out"),
+                field: value}
+        r = submit(server, **body)
+        assert r.status_code == 400, f"{field}={value}: HTTP {r.status_code}: {r.text[:300]}"
+        msg = error_message(r)
+        assert field in msg and "--file-roots" in msg, msg
+    r = submit(server, model="binary", input=str(root / "in"), output=str(root / "out"))
+    assert r.status_code == 202, r.text
+    assert wait_status(server, r.json()["id"], {"succeeded"})["status"] == "succeeded"
+    assert_close(read_predictions(root / "out" / "a.jsonl.out"), trained["binary"].expected(X),
+                 "batch output inside the root")
+    assert not (tmp_path / "elsewhere" / "out").exists()
+
+
 def test_missing_input(tmp_path, trained, server_factory, fresh_queue):
     q = fresh_queue()
     repo = tmp_path / "models"

@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static char dir[64];
@@ -211,6 +212,73 @@ static void test_schemes_and_configuration(void **state)
     buf_release(&b);
 }
 
+/* --file-roots: every file location must resolve inside a root, symlinks and all. */
+static void test_file_roots(void **state)
+{
+    char root[128], other[128], roots[300], p[512], cwd[1024];
+    struct err e = {0};
+    struct buf b = {0};
+
+    (void)state;
+    snprintf(root, sizeof(root), "%s/root", dir);
+    snprintf(other, sizeof(other), "%s/other", dir);
+    assert_int_equal(mkdir(root, 0755), 0);
+    assert_int_equal(mkdir(other, 0755), 0);
+    snprintf(p, sizeof(p), "%s/secret", other);
+    assert_int_equal(storage_put(p, "s\n", 2, &e), 0);
+    snprintf(p, sizeof(p), "%s/escape", root); /* a link inside that points outside */
+    assert_int_equal(symlink(other, p), 0);
+
+    snprintf(roots, sizeof(roots), "%s/missing", dir);
+    assert_int_equal(storage_configure(&(struct storage_config){.file_roots = roots}, &e),
+                     ERR_INVALID);
+    assert_non_null(strstr(e.msg, "missing"));
+    snprintf(roots, sizeof(roots), "%s::%s//./", root, other); /* two roots, any spelling */
+    assert_int_equal(storage_configure(&(struct storage_config){.file_roots = roots}, &e), 0);
+    snprintf(p, sizeof(p), "%s/secret", other);
+    assert_int_equal(storage_check_allowed(p, &e), 0);
+    snprintf(roots, sizeof(roots), "%s/", root);
+    assert_int_equal(storage_configure(&(struct storage_config){.file_roots = roots}, &e), 0);
+
+    /* inside: existing or not yet, plain path or file:// */
+    snprintf(p, sizeof(p), "%s/a/b/new.jsonl", root);
+    assert_int_equal(storage_check_allowed(p, &e), 0);
+    assert_int_equal(storage_put(p, "x\n", 2, &e), 0);
+    snprintf(p, sizeof(p), "file://%s/a/b/new.jsonl", root);
+    assert_int_equal(storage_get(p, &b, &e), 0);
+    assert_int_equal(storage_check_allowed(root, &e), 0);
+    assert_int_equal(storage_check_allowed("s3://bucket/anything", &e), 0);
+
+    /* outside: another folder, a prefix look-alike, "..", a symlink out, a relative path */
+    snprintf(p, sizeof(p), "%s/secret", other);
+    assert_int_equal(storage_check_allowed(p, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "outside --file-roots"));
+    assert_int_equal(storage_get(p, &b, &e), ERR_INVALID);
+    assert_int_equal(storage_put(p, "y\n", 2, &e), ERR_INVALID);
+    snprintf(p, sizeof(p), "%s2/x", root);
+    assert_int_equal(storage_check_allowed(p, &e), ERR_INVALID);
+    snprintf(p, sizeof(p), "%s/../other/secret", root);
+    assert_int_equal(storage_check_allowed(p, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, ".."));
+    snprintf(p, sizeof(p), "file://%s/escape/secret", root);
+    assert_int_equal(storage_get(p, &b, &e), ERR_INVALID);
+    snprintf(p, sizeof(p), "%s/escape/new-file", root);
+    assert_int_equal(storage_put(p, "z\n", 2, &e), ERR_INVALID);
+    assert_int_equal(storage_check_allowed("/etc/passwd", &e), ERR_INVALID);
+    assert_non_null(getcwd(cwd, sizeof(cwd)));
+    assert_int_equal(chdir(root), 0);
+    assert_int_equal(storage_check_allowed("a/b/new.jsonl", &e), 0);
+    assert_int_equal(chdir(other), 0);
+    assert_int_equal(storage_check_allowed("secret", &e), ERR_INVALID);
+    assert_int_equal(chdir(cwd), 0);
+
+    /* no roots: anywhere again */
+    assert_int_equal(storage_configure(&(struct storage_config){0}, &e), 0);
+    snprintf(p, sizeof(p), "%s/secret", other);
+    assert_int_equal(storage_check_allowed(p, &e), 0);
+    buf_release(&b);
+}
+
 static void test_join(void **state)
 {
     char *s;
@@ -293,6 +361,7 @@ int main(void)
         cmocka_unit_test(test_whole_objects_and_listing),
         cmocka_unit_test(test_abort_leaves_nothing),
         cmocka_unit_test(test_schemes_and_configuration),
+        cmocka_unit_test(test_file_roots),
         cmocka_unit_test(test_join),
         cmocka_unit_test(test_s3_encoding),
         cmocka_unit_test(test_s3_xml),
