@@ -102,6 +102,8 @@ static const struct option_def serve_options[] = {
      "how long a finished job and its result are kept (0: forever)", BOTH},
     {"s3-part-size-mb", OPT_INT, "8", 5, 5120,
      "S3 writes past this size become multipart uploads in parts this big", BOTH},
+    {"webhook-hosts", OPT_STR, "", 0, 0,
+     "hosts (HOST[,.DOMAIN...]) that callback URLs may name; empty: any", BOTH},
     {"file-roots", OPT_STR, "", 0, 0,
      "folders (DIR[:DIR...]) that jobs' file:// and path locations must stay inside; empty: any "
      "file this process can reach",
@@ -341,6 +343,10 @@ static int cmd_serve(int argc, char **argv, int worker)
         p.num[opt_index(&p, "port")] = 8001;
     if (configure_storage(&p, cmd, OPT_S(&p, "file-roots")) != 0)
         return 2;
+    if (notify_set_allowed_hosts(OPT_S(&p, "webhook-hosts"), &e) != 0) {
+        fprintf(stderr, "inferd %s: %s\n", cmd, e.msg);
+        return 2;
+    }
     if (!OPT_S(&p, "file-roots")[0] && strncmp(OPT_S(&p, "host"), "127.", 4) != 0)
         log_warn("main", "jobs may read and write any file this process can; --file-roots limits "
                  "them", "host=%s", OPT_S(&p, "host"));

@@ -14,6 +14,7 @@
 #include "batch/cron.h"
 #include "core/clock.h"
 #include "core/log.h"
+#include "notify/notify.h"
 #include "model/registry.h"
 #include "storage/storage.h"
 
@@ -125,10 +126,13 @@ static int check_fields(json_t *def, struct registry *reg, struct err *e)
         (rc = check_bool(def, "join_input", e)) || (rc = check_bool(def, "csv_header", e)))
         return rc;
     v = json_object_get(def, "callback_url");
-    if (v && !json_is_null(v) &&
-        (!json_is_string(v) || (strncmp(json_string_value(v), "http://", 7) != 0 &&
-                                strncmp(json_string_value(v), "https://", 8) != 0)))
-        return err_set(e, ERR_INVALID, "callback_url: expected an http:// or https:// URL");
+    if (v && !json_is_null(v)) {
+        struct err why = {0};
+        if (!json_is_string(v))
+            return err_set(e, ERR_INVALID, "callback_url: expected an http:// or https:// URL");
+        if (notify_check_url(json_string_value(v), &why) != 0)
+            return err_set(e, ERR_INVALID, "callback_url: %s", why.msg);
+    }
     v = json_object_get(def, "schedule");
     if (v && !json_is_null(v)) {
         if (!json_is_string(v))

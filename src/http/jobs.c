@@ -493,8 +493,10 @@ static int get_str(json_t *root, const char *key, const char **out, struct err *
 
 static int check_url(const char *key, const char *url, struct err *e)
 {
-    if (url && strncmp(url, "http://", 7) != 0 && strncmp(url, "https://", 8) != 0)
-        return err_set(e, ERR_INVALID, "%s: '%.100s' is not an http:// or https:// URL", key, url);
+    struct err why = {0};
+
+    if (url && notify_check_url(url, &why) != 0)
+        return err_set(e, ERR_INVALID, "%s: %s", key, why.msg);
     return 0;
 }
 

@@ -308,11 +308,99 @@ static void attempt_refuse(struct notifier *n, struct notify_delivery *d, const 
     notify_delivery_free(d);
 }
 
-/* Why `d` cannot be sent at all, or NULL. */
-static const char *unsendable(const struct notify_delivery *d)
+/* ---- which hosts callbacks may reach ---- */
+
+#define MAX_ALLOWED_HOSTS 32
+static char allowed_hosts[MAX_ALLOWED_HOSTS][256];
+static int n_allowed_hosts;
+static char allowed_hosts_option[1024];
+
+int notify_set_allowed_hosts(const char *list, struct err *e)
+{
+    const char *p = list, *end;
+
+    n_allowed_hosts = 0;
+    allowed_hosts_option[0] = '\0';
+    if (!list || !list[0])
+        return 0;
+    if (strlen(list) >= sizeof(allowed_hosts_option))
+        return err_set(e, ERR_INVALID, "--webhook-hosts: longer than %zu bytes",
+                       sizeof(allowed_hosts_option) - 1);
+    snprintf(allowed_hosts_option, sizeof(allowed_hosts_option), "%s", list);
+    for (; *p; p = *end ? end + 1 : end) {
+        end = strchr(p, ',');
+        if (!end)
+            end = p + strlen(p);
+        while (p < end && *p == ' ')
+            p++;
+        size_t len = (size_t)(end - p);
+        while (len > 0 && p[len - 1] == ' ')
+            len--;
+        if (len == 0)
+            continue;
+        if (n_allowed_hosts == MAX_ALLOWED_HOSTS)
+            return err_set(e, ERR_INVALID, "--webhook-hosts: more than %d hosts",
+                           MAX_ALLOWED_HOSTS);
+        if (len >= sizeof(allowed_hosts[0]) || memchr(p, '/', len) || memchr(p, ':', len) ||
+            (len == 1 && p[0] == '.'))
+            return err_set(e, ERR_INVALID,
+                           "--webhook-hosts: '%.*s' is not a host name, IPv4 address or "
+                           ".domain",
+                           (int)(len < 100 ? len : 100), p);
+        snprintf(allowed_hosts[n_allowed_hosts++], sizeof(allowed_hosts[0]), "%.*s", (int)len, p);
+    }
+    return 0;
+}
+
+static int host_allowed(const char *host)
+{
+    size_t hl = strlen(host);
+
+    if (n_allowed_hosts == 0)
+        return 1;
+    for (int i = 0; i < n_allowed_hosts; i++) {
+        const char *a = allowed_hosts[i];
+        size_t al = strlen(a);
+        if (strcasecmp(host, a) == 0)
+            return 1;
+        if (a[0] == '.' && hl > al && strcasecmp(host + hl - al, a) == 0)
+            return 1;
+    }
+    return 0;
+}
+
+int notify_check_url(const char *url, struct err *e)
+{
+    CURLU *u;
+    char *host = NULL;
+    int rc = 0;
+
+    if (!url || !scheme_ok(url))
+        return err_set(e, ERR_INVALID, "'%.100s' is not an http:// or https:// URL",
+                       url ? url : "");
+    if (n_allowed_hosts == 0)
+        return 0;
+    u = curl_url();
+    if (!u)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    if (curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
+        curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK || !host)
+        rc = err_set(e, ERR_INVALID, "'%.100s' is not a URL with a host", url);
+    else if (!host_allowed(host))
+        rc = err_set(e, ERR_INVALID, "host '%.100s' is not in --webhook-hosts (%.200s)", host,
+                     allowed_hosts_option);
+    curl_free(host);
+    curl_url_cleanup(u);
+    return rc;
+}
+
+/* Why `d` cannot be sent at all, or NULL (`why` holds the text). */
+static const char *unsendable(const struct notify_delivery *d, struct err *why)
 {
     if (!d->url || !scheme_ok(d->url))
         return "callback url must start with http:// or https://";
+    if (notify_check_url(d->url, why) != 0)
+        return why->msg;
     if (!d->event_id || !d->event_id[0] || strpbrk(d->event_id, "\r\n"))
         return "event id is empty or holds a line break";
     return NULL;
@@ -383,7 +471,8 @@ static void start_all(struct notifier *n, struct notify_delivery **got, size_t n
 
     for (size_t i = 0; i < n_got; i++) {
         struct notify_delivery *d = got[i];
-        const char *why = unsendable(d);
+        struct err refused = {0};
+        const char *why = unsendable(d, &refused);
 
         while (slot < (size_t)n->cfg.max_in_flight && n->slots[slot])
             slot++;

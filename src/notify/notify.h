@@ -53,6 +53,18 @@ struct notify_delivery {
 void notify_delivery_free(struct notify_delivery *d);
 
 /*
+ * Which hosts callback URLs may name (--webhook-hosts), for the whole process: a ','-separated
+ * list of host names or IP addresses, matched without case; ".example.com" also matches every
+ * name under example.com. NULL or "": any host. Call before the first notify_check_url() or
+ * delivery, from one thread. ERR_INVALID names a bad entry.
+ */
+int notify_set_allowed_hosts(const char *list, struct err *e);
+
+/* 0 if `url` is an http:// or https:// URL whose host is allowed; else ERR_INVALID saying why.
+ * Submissions check this; the notifier checks it again before every POST. */
+int notify_check_url(const char *url, struct err *e);
+
+/*
  * Where deliveries come from and where outcomes go: implemented by the job queue. Every callback
  * is called only from the notifier's thread, never concurrently with another, and returns 0 or a
  * negative err_code (then the notifier logs `e`, pauses a second and carries on).

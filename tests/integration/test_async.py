@@ -593,6 +593,21 @@ def test_file_roots_confine_locations(one_worker, tmp_path, trained):
     assert not (outside / "result.json").exists()
 
 
+def test_webhook_hosts_limit_callback_urls(one_worker):
+    s = one_worker("--webhook-hosts", "hooks.example.com,.corp.example")
+    c = s.client()
+    body = {"model": "rowsum", "input": infer_body(rows4(1, 141))}
+    for url in ("http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:6379/",
+                "http://hooks.example.com.evil.net/x"):
+        r = c.post("/v1/jobs", json=dict(body, callback_url=url))
+        assert r.status_code == 400, f"{url}: HTTP {r.status_code}: {r.text[:300]}"
+        msg = error_message(r)
+        assert "callback_url" in msg and "--webhook-hosts" in msg, msg
+    jid = check_accepted(c.post("/v1/jobs", json=dict(
+        body, callback_url="https://build.corp.example/hooks/inferd")))
+    assert c.wait_final(jid)["status"] == "succeeded"
+
+
 # ---------------------------------------------------------------------------
 # listing, metrics
 # ---------------------------------------------------------------------------

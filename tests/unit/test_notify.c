@@ -683,6 +683,47 @@ static void test_bad_scheme_given_up_at_once(void **state)
     assert_int_equal(stats.delivered, 1);
 }
 
+/* --webhook-hosts: what a URL may name, and a delivery to another host given up unsent. */
+static void test_allowed_hosts(void **state)
+{
+    struct notify_config cfg = {.initial_backoff_ms = 10};
+    struct notifier *n;
+    struct err e = {0};
+    char url[128];
+
+    (void)state;
+    assert_int_equal(notify_set_allowed_hosts("hooks.example.com, .corp.example ,127.0.0.1", &e),
+                     0);
+    assert_int_equal(notify_check_url("https://hooks.example.com/x", &e), 0);
+    assert_int_equal(notify_check_url("https://HOOKS.Example.com:8443/x?y=1", &e), 0);
+    assert_int_equal(notify_check_url("http://a.b.corp.example/x", &e), 0);
+    assert_int_equal(notify_check_url("http://127.0.0.1:9/x", &e), 0);
+    assert_int_equal(notify_check_url("http://169.254.169.254/latest/meta-data", &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "169.254.169.254"));
+    assert_non_null(strstr(e.msg, "--webhook-hosts"));
+    assert_int_equal(notify_check_url("http://corp.example.evil.com/", &e), ERR_INVALID);
+    assert_int_equal(notify_check_url("http://evilhooks.example.com/", &e), ERR_INVALID);
+    assert_int_equal(notify_check_url("http://hooks.example.com@10.0.0.1/", &e), ERR_INVALID);
+    assert_int_equal(notify_check_url("ftp://hooks.example.com/", &e), ERR_INVALID);
+    assert_int_equal(notify_set_allowed_hosts("http://x/", &e), ERR_INVALID);
+    assert_int_equal(notify_set_allowed_hosts("localhost", &e), 0);
+
+    store_reset(1);
+    receiver_reset(NULL, 0, 200);
+    url_for(url, sizeof(url), rx.port, "/hook"); /* 127.0.0.1: not "localhost" */
+    store_add(url, "{}", 2);
+    n = start(&cfg);
+    wait_for(all_done, "the delivery to a host not allowed to be given up");
+    notify_destroy(n);
+    assert_int_equal(st.n_recs, 1);
+    assert_true(st.recs[0].done && !st.recs[0].delivered);
+    assert_non_null(strstr(st.recs[0].error, "--webhook-hosts"));
+    assert_int_equal(receiver_count(), 0);
+
+    assert_int_equal(notify_set_allowed_hosts(NULL, &e), 0); /* any host again */
+    assert_int_equal(notify_check_url("http://169.254.169.254/", &e), 0);
+}
+
 #define N_MANY 50
 
 /* 50 at once through 8 slots, without next_due (the 200 ms look): each arrives exactly once. */
@@ -843,6 +884,7 @@ int main(void)
         cmocka_unit_test(test_redirect_is_not_followed),
         cmocka_unit_test(test_refused_connection_fails_with_error),
         cmocka_unit_test(test_bad_scheme_given_up_at_once),
+        cmocka_unit_test(test_allowed_hosts),
         cmocka_unit_test(test_fifty_arrive_exactly_once),
         cmocka_unit_test(test_store_failures_delay_only),
         cmocka_unit_test(test_destroy_abandons_in_flight),
