@@ -167,6 +167,8 @@ struct queue_outcome {
     const char *error;
     int retryable;
     int64_t retry_after_ms; /* > 0: the next attempt no sooner than this (after a backoff) */
+    int released; /* with ok 0: stopped by the worker's shutdown, not by the job: queued again
+                   * at once, and this attempt does not count against max_attempts */
     int rc; /* filled: 0, or ERR_CONFLICT when fenced out (the outcome is discarded) */
 };
 

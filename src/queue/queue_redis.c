@@ -640,11 +640,12 @@ static void outcome_args(struct redis_queue *q, struct args *a, const struct que
         arg(a, o->id);
         arg_int(a, (int64_t)o->token);
         arg(a, o->error ? o->error : "failed");
-        arg(a, o->retryable ? "1" : "0");
+        arg(a, o->retryable || o->released ? "1" : "0");
         arg_int(a, q->cfg.retry_backoff_ms);
         arg_int(a, MAX_BACKOFF_MS);
         arg_int(a, q->cfg.result_ttl_s);
         arg_int(a, o->retry_after_ms);
+        arg(a, o->released ? "1" : "0");
     }
 }
 

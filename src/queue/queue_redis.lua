@@ -202,16 +202,24 @@ local function complete()
 end
 
 -- ARGV: id, token, error, retryable, first backoff ms, max backoff ms, result_ttl_s,
--- retry_after_ms (the model's own "not before"; 0: none)
+-- retry_after_ms (the model's own "not before"; 0: none), released ('1': stopped by the
+-- worker's shutdown: queued again at once, with one more attempt to make up for this one)
 local function fail()
     local id, token, err = ARGV[4], tonumber(ARGV[5]), ARGV[6]
     local retryable, backoff, max_backoff = ARGV[7] == '1', tonumber(ARGV[8]), tonumber(ARGV[9])
     local ttl_s, retry_after = tonumber(ARGV[10]), tonumber(ARGV[11] or '0')
+    local released = ARGV[12] == '1'
     if not holder(id, token) then return 0 end
     drop_entry(id)
     local attempts = num(id, 'attempts')
     if num(id, 'cancel_requested') == 1 then
         finish(id, 1, 4, err, ttl_s)
+    elseif released then
+        redis.call('HINCRBY', jkey(id), 'max_attempts', 1)
+        redis.call('HSET', jkey(id), 'state', 0, 'error', err)
+        push(id)
+        count(1, -1)
+        count(0, 1)
     elseif not retryable or attempts >= num(id, 'max_attempts') then
         finish(id, 1, 3, err, ttl_s)
     else

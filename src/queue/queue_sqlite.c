@@ -561,7 +561,9 @@ static int op_fail(struct sqlite_queue *q, struct op *o)
         return err_set(&o->err, ERR_CONFLICT, "job %s: attempt %llu no longer holds the lease",
                        o->id, (unsigned long long)o->token);
     }
-    final = !o->retryable || j->attempts >= j->max_attempts || j->cancel_requested;
+    /* released by a worker's shutdown: again at once, with one more attempt to make up */
+    final = j->cancel_requested ||
+            (!o->released && (!o->retryable || j->attempts >= j->max_attempts));
     int end_state = j->cancel_requested ? JOB_CANCELLED : final ? JOB_FAILED : JOB_QUEUED;
     for (int i = 1; i < j->attempts && backoff < MAX_BACKOFF_MS; i++)
         backoff *= 2;
@@ -569,11 +571,13 @@ static int op_fail(struct sqlite_queue *q, struct op *o)
         backoff = MAX_BACKOFF_MS;
     if (o->retry_after_ms > backoff) /* the model said when (an upstream's Retry-After) */
         backoff = o->retry_after_ms;
+    if (o->released)
+        backoff = 0;
     job_free(j);
     /* a failed job keeps its input: POST /v1/jobs/{id}/retry sends it back */
     st = sq_prepare(q->wdb, "UPDATE jobs SET state = ?1, error = ?2, finished_ms = ?3, "
-                         "available_ms = ?4 WHERE id = ?6 AND state = 1 AND attempts = ?7 "
-                         "AND ?5 IS NOT NULL");
+                         "available_ms = ?4, max_attempts = max_attempts + ?8 WHERE id = ?6 "
+                         "AND state = 1 AND attempts = ?7 AND ?5 IS NOT NULL");
     if (st) {
         sqlite3_bind_int(st, 1, end_state);
         sqlite3_bind_text(st, 2, o->data, -1, SQLITE_STATIC);
@@ -585,6 +589,7 @@ static int op_fail(struct sqlite_queue *q, struct op *o)
         sqlite3_bind_int(st, 5, final);
         sqlite3_bind_text(st, 6, o->id, -1, SQLITE_STATIC);
         sqlite3_bind_int64(st, 7, (int64_t)o->token);
+        sqlite3_bind_int(st, 8, o->released && !final ? 1 : 0);
     }
     rc = fenced_update(q, o, st);
     if (rc != 0)
@@ -1123,8 +1128,9 @@ static int s_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n,
                              .data = oc->ok ? oc->result : oc->error,
                              .data_len = oc->result_len,
                              .json_len = oc->result_json_len,
-                             .retryable = oc->retryable,
-                             .retry_after_ms = oc->retry_after_ms};
+                             .retryable = oc->retryable || oc->released,
+                             .retry_after_ms = oc->retry_after_ms,
+                             .released = oc->released};
     }
     submit_many(sq(qb), ops, n);
     for (size_t i = 0; i < n; i++) {

@@ -43,6 +43,7 @@ struct op {
     int64_t json_len;
     int retryable;
     int64_t retry_after_ms; /* OP_FAIL: no sooner than this */
+    int released;           /* OP_FAIL: see queue_outcome.released */
     const struct queue_outbox_attempt *attempt;
     const struct batch_job_spec *batch; /* batch create */
     struct buf *out;                    /* batch cancel: the batch job's JSON */

@@ -117,7 +117,7 @@ struct slot {
     struct err err;
     int submitted;
     int done;      /* guarded by w->lock: the model answered, or the job never reached it */
-    int abandoned; /* stopped at shutdown: not recorded, the lease lapses and it runs again */
+    int abandoned; /* stopped at shutdown: released, so it runs again at once elsewhere */
 };
 
 static void item_done(struct batch_item *item, int rc, const struct err *e)
@@ -262,6 +262,15 @@ static void start_jobs(struct worker *w, struct job **jobs, size_t n)
     }
 }
 
+static size_t n_released(const struct queue_outcome *outs, size_t n)
+{
+    size_t k = 0;
+
+    for (size_t i = 0; i < n; i++)
+        k += outs[i].released != 0;
+    return k;
+}
+
 /* Records the outcomes of every answered slot in one commit and frees those slots. */
 static void record_done(struct worker *w)
 {
@@ -281,8 +290,15 @@ static void record_done(struct worker *w)
     size_t n_out = 0;
     for (size_t i = 0; i < n; i++) {
         struct slot *sl = done[i];
-        if (sl->abandoned)
+        if (sl->abandoned) {
+            outs[n_out++] = (struct queue_outcome){
+                .id = sl->job->id,
+                .token = sl->job->token,
+                .error = "stopped by a worker's shutdown; it runs again",
+                .released = 1,
+            };
             continue;
+        }
         if (sl->submitted)
             metrics_job_run(sl->model->metrics, (double)(queue_now_ms() - sl->started_ms) / 1e3);
         encode_slot(sl);
@@ -301,14 +317,15 @@ static void record_done(struct worker *w)
     if (n_out > 0 && queue_finish_many(p->q, outs, n_out, &e) != 0)
         log_error("worker", "could not record jobs' outcomes", "jobs=%zu reason=\"%s\"", n_out,
                   e.msg);
-    for (size_t i = 0, o = 0; i < n; i++) {
+    for (size_t i = 0; i < n; i++) {
         struct slot *sl = done[i];
-        if (!sl->abandoned && outs[o++].rc == ERR_CONFLICT)
+        int rc = outs[i].rc;
+        if (!sl->abandoned && rc == ERR_CONFLICT)
             log_warn("worker", "attempt fenced out; its outcome is discarded",
                      "job=%s attempt=%llu", sl->job->id, (unsigned long long)sl->job->token);
         if (sl->abandoned)
-            log_warn("worker", "stopped by shutdown; it runs again after its lease",
-                     "job=%s", sl->job->id);
+            log_warn("worker", "stopped by shutdown; queued again",
+                     "job=%s released=%s", sl->job->id, rc == 0 ? "yes" : "no (after its lease)");
         infer_request_destroy(sl->req);
         model_release(sl->model);
         buf_release(&sl->body);
@@ -319,7 +336,7 @@ static void record_done(struct worker *w)
     }
     w->n_used -= n_freed;
     atomic_fetch_sub(&p->busy, (int)n_freed);
-    count_completions(p, n_out);
+    count_completions(p, n_out - n_released(outs, n_out));
 }
 
 /* Asks the model to stop the running jobs that were cancelled since `*gen`. */
@@ -385,6 +402,8 @@ static void run_task(struct worker *w, struct job *job)
         .result_json_len = -1,
         .error = rc == 0 ? NULL : e.msg,
         .retryable = retryable,
+        /* cut short by the worker's shutdown: queued again at once, the attempt not counted */
+        .released = rc != 0 && atomic_load(&p->stopping),
     };
 
     if (rc == 0 && job->kind == JOB_KIND_BATCH_TASK)
@@ -397,7 +416,7 @@ static void run_task(struct worker *w, struct job *job)
         log_error("worker", "could not record a batch task's outcome", "job=%s reason=\"%s\"",
                   job->id, fe.msg);
     buf_release(&result);
-    count_completions(p, 1);
+    count_completions(p, out.released ? 0 : 1);
 }
 
 /* The worker's task thread: one batch task, beside the worker's inference jobs. */

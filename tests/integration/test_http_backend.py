@@ -662,6 +662,32 @@ def test_kill9_during_upstream_call(serve, upstream, repo_dir, tmp_path, fresh_q
     assert counts["succeeded"] == 1 and not counts["queued"] and not counts["running"], counts
 
 
+def test_sigterm_releases_the_running_job(serve, upstream, repo_dir, tmp_path, fresh_queue):
+    """SIGTERM with a job still running past --drain-timeout-s: the worker hands the job back
+    (queued again at once, that attempt not counted), so the next process runs it without
+    waiting out its 60 s lease, even though it may make only one attempt."""
+    up = upstream(Script(default=[Reply(delay_s=60), Reply()]), name="hang-then-answer")
+    http_model(repo_dir, "long", up.url + "/long", "json", timeout_s=120, lease_timeout_s=60)
+    args = async_args(tmp_path / "data", "--workers", "1", "--drain-timeout-s", "1",
+                      queue=fresh_queue())
+    first = serve(repo_dir, *args, tag="sigterm-1")
+    c = first.client()
+    jid = c.submit_ok("long", input={"n": 8}, max_attempts=1)
+    up.wait(lambda u: u.in_flight == 1, 30, "the job's upstream call")
+    c.wait_status(jid, "running", 10, "the job to show running")
+    t0 = time.monotonic()
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(timeout=30) == 0, "inferd did not exit 0 on SIGTERM"
+    assert time.monotonic() - t0 < 15, "SIGTERM took longer than the drain timeout allows"
+
+    second = serve(repo_dir, *args, tag="sigterm-2")
+    c2 = second.client()
+    job = c2.wait_final(jid, deadline_s=30, what="the released job after the restart")
+    assert job["status"] == "succeeded", job
+    assert (job["attempts"], job["max_attempts"]) == (2, 2), job
+    assert job_result(c2, jid) == {"echo": {"n": 8}, "call": 2}
+
+
 def test_cancel_during_upstream_call(serve, upstream, repo_dir, tmp_path, fresh_queue):
     up = upstream(Script(default=[Reply(delay_s=60)]), name="60s")
     http_model(repo_dir, "long", up.url + "/long", "json", timeout_s=120, lease_timeout_s=2)

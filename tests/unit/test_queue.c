@@ -298,6 +298,41 @@ static void test_retention(void **state)
     queue_close(q);
 }
 
+/* A worker shutting down releases its job: queued again at once, the attempt not counted. */
+static void test_release_on_shutdown(void **state)
+{
+    struct queue *q = open_queue(100);
+    struct job_spec spec = {.model = "m", .input = "{}", .input_len = 2, .input_json_len = -1,
+                            .max_attempts = 1, .lease_timeout_ms = 600000};
+    struct job *j = NULL, *again = NULL;
+    struct err e = {0};
+    char id[40];
+    int existed = 0;
+
+    (void)state;
+    assert_int_equal(queue_enqueue(q, &spec, id, &existed, &e), 0);
+    j = lease(q);
+    assert_non_null(j);
+    struct queue_outcome o = {.id = j->id, .token = j->token, .error = "stopped", .released = 1};
+    assert_int_equal(queue_finish_many(q, &o, 1, &e), 0);
+    assert_int_equal(o.rc, 0);
+    /* a stale second release of the same attempt is fenced out */
+    assert_int_equal(queue_finish_many(q, &o, 1, &e), 0);
+    assert_int_equal(o.rc, ERR_CONFLICT);
+    again = lease(q); /* at once: no lease to wait out, no backoff */
+    assert_non_null(again);
+    assert_string_equal(again->id, id);
+    assert_int_equal(again->attempts, 2);
+    assert_int_equal(again->max_attempts, 2);
+    assert_int_equal(queue_complete(q, id, again->token, "{}", 2, -1, &e), 0);
+    job_free(j);
+    job_free(again);
+    assert_int_equal(queue_get(q, id, 0, &j, &e), 0);
+    assert_int_equal(j->state, JOB_SUCCEEDED);
+    job_free(j);
+    queue_close(q);
+}
+
 /* Redis: an attempt whose lease runs out (its worker died) is reclaimed and runs again. */
 static void test_expired_lease_is_reclaimed(void **state)
 {
@@ -369,6 +404,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_idempotency_and_admission, setup, teardown),
         cmocka_unit_test_setup_teardown(test_ttl_expiry, setup, teardown),
         cmocka_unit_test_setup_teardown(test_retention, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_release_on_shutdown, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen_requeues_running_jobs, setup, teardown),
         cmocka_unit_test_setup_teardown(test_expired_lease_is_reclaimed, setup, teardown),
     };
