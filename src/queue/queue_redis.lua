@@ -9,7 +9,8 @@
 -- job, newest last (zset, score = created ms); P..'idem:'..key an idempotency key's job;
 -- P..'counts' jobs per state (hash); P..'outbox' pending webhooks (zset, score = next
 -- attempt); P..'out:'..n one webhook (hash); P..'deliv:'..id a job's webhook attempts (list
--- of JSON). Channel P..'final' carries "id state" when a job ends.
+-- of JSON); P..'retire' finished jobs whose retention runs (zset, member "id state",
+-- score = when the retention ends). Channel P..'final' carries "id state" when a job ends.
 
 local op, P, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local STATES = {[0] = 'queued', 'running', 'succeeded', 'failed', 'cancelled', 'expired'}
@@ -55,6 +56,7 @@ local function ended(id, state, ttl_s)
     end
     if ttl_s > 0 then
         redis.call('EXPIRE', jkey(id), ttl_s)
+        redis.call('ZADD', P .. 'retire', now + ttl_s * 1000, id .. ' ' .. state)
         redis.call('EXPIRE', P .. 'deliv:' .. id, ttl_s + 86400)
         local idem = field(id, 'idem_key')
         if idem and idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. idem, ttl_s) end
@@ -87,6 +89,17 @@ local function housekeeping(ttl_s)
     for _, id in ipairs(due) do
         redis.call('ZREM', P .. 'delayed', id)
         if num(id, 'state') == 0 then push(id) end
+    end
+    -- finished jobs past their retention: out of the counts and the listing index too
+    due = redis.call('ZRANGEBYSCORE', P .. 'retire', '-inf', now, 'LIMIT', 0, 200)
+    for _, member in ipairs(due) do
+        redis.call('ZREM', P .. 'retire', member)
+        local id, state = string.match(member, '^(%S+) (%d+)$')
+        if id then
+            count(tonumber(state), -1)
+            redis.call('ZREM', P .. 'jobs', id)
+            redis.call('DEL', jkey(id))
+        end
     end
 end
 
@@ -265,6 +278,7 @@ local function retry()
                   (field(id, 'input_location') or '') ~= ''
     if not input then return -2 end
     redis.call('PERSIST', jkey(id))
+    redis.call('ZREM', P .. 'retire', id .. ' ' .. state)
     redis.call('HSET', jkey(id), 'state', 0, 'max_attempts',
                num(id, 'attempts') + num(id, 'max_attempts'), 'finished_ms', 0, 'error', '')
     count(state, -1)
@@ -380,6 +394,10 @@ local function end_run(batch, state, err, ttl_s)
             redis.call('HDEL', jkey(t), 'input')
             count(0, -1)
             count(4, 1)
+            if ttl_s > 0 then
+                redis.call('EXPIRE', jkey(t), ttl_s)
+                redis.call('ZADD', P .. 'retire', now + ttl_s * 1000, t .. ' 4')
+            end
         elseif st == 1 then
             redis.call('HSET', jkey(t), 'cancel_requested', 1)
         end
@@ -391,7 +409,10 @@ local function end_run(batch, state, err, ttl_s)
                    url, 'attempts', 0, 'batch', 1)
         redis.call('ZADD', P .. 'outbox', now, n)
     end
-    if ttl_s > 0 then redis.call('EXPIRE', b, ttl_s) end
+    if ttl_s > 0 then
+        redis.call('EXPIRE', b, ttl_s)
+        redis.call('EXPIRE', P .. 'btasks:' .. batch, ttl_s)
+    end
 end
 
 batch_task_final = function(id, state, ttl_s)
