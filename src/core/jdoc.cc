@@ -244,33 +244,32 @@ extern "C" int jdoc_get(const struct jdoc_val *v, const char *key, struct jdoc_v
     return 1;
 }
 
+/* Members counted one by one: the tape's count saturates at 0xFFFFFF. */
+template <class Container> static size_t count_all(const Container &c)
+{
+    size_t n = 0;
+
+    for (auto item : c) {
+        (void)item;
+        n++;
+    }
+    return n;
+}
+
 extern "C" size_t jdoc_size(const struct jdoc_val *v)
 {
     element el = get(v);
-    size_t n = 0;
+    size_t n;
 
     if (el.type() == element_type::ARRAY) {
         n = as_array(el).size();
-        if (n < 0xFFFFFF) /* the tape's count saturates there: count past it */
-            return n;
-        n = 0;
-        for (element item : as_array(el)) {
-            (void)item;
-            n++;
-        }
-        return n;
+        return n < 0xFFFFFF ? n : count_all(as_array(el));
     }
     if (el.type() == element_type::OBJECT) {
         n = as_object(el).size();
-        if (n < 0xFFFFFF)
-            return n;
-        n = 0;
-        for (auto field : as_object(el)) {
-            (void)field;
-            n++;
-        }
+        return n < 0xFFFFFF ? n : count_all(as_object(el));
     }
-    return n;
+    return 0;
 }
 
 extern "C" void jdoc_iter_init(const struct jdoc_val *v, struct jdoc_iter *it)

@@ -268,7 +268,7 @@ static int decode_input(const struct jdoc_val *in, int idx, struct binary_sectio
     const char *name_s, *dt_s;
     int64_t count;
     size_t elem, nbytes;
-    int rc, has_data, has_bsize;
+    int rc, has_bsize;
 
     if (jdoc_type(in) != JDOC_OBJECT)
         return err_set(e, ERR_INVALID, "inputs[%d]: expected an object", idx);
@@ -327,8 +327,7 @@ static int decode_input(const struct jdoc_val *in, int idx, struct binary_sectio
         bin->used += nbytes;
         return check_binary(t, idx, (size_t)count, e);
     }
-    has_data = jdoc_get(in, "data", &data);
-    if (!has_data)
+    if (!jdoc_get(in, "data", &data))
         return err_set(e, ERR_INVALID, "inputs[%d].data: missing", idx);
     if (jdoc_type(&data) != JDOC_ARRAY)
         return err_set(e, ERR_INVALID, "inputs[%d].data: expected a list", idx);

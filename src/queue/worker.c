@@ -262,15 +262,6 @@ static void start_jobs(struct worker *w, struct job **jobs, size_t n)
     }
 }
 
-static size_t n_released(const struct queue_outcome *outs, size_t n)
-{
-    size_t k = 0;
-
-    for (size_t i = 0; i < n; i++)
-        k += outs[i].released != 0;
-    return k;
-}
-
 /* Records the outcomes of every answered slot in one commit and frees those slots. */
 static void record_done(struct worker *w)
 {
@@ -287,11 +278,11 @@ static void record_done(struct worker *w)
     pthread_mutex_unlock(&w->lock);
     if (n == 0)
         return;
-    size_t n_out = 0;
+    size_t n_ran = 0; /* outcomes of the jobs themselves; the rest were released */
     for (size_t i = 0; i < n; i++) {
         struct slot *sl = done[i];
         if (sl->abandoned) {
-            outs[n_out++] = (struct queue_outcome){
+            outs[i] = (struct queue_outcome){
                 .id = sl->job->id,
                 .token = sl->job->token,
                 .error = "stopped by a worker's shutdown; it runs again",
@@ -302,7 +293,8 @@ static void record_done(struct worker *w)
         if (sl->submitted)
             metrics_job_run(sl->model->metrics, (double)(queue_now_ms() - sl->started_ms) / 1e3);
         encode_slot(sl);
-        outs[n_out++] = (struct queue_outcome){
+        n_ran++;
+        outs[i] = (struct queue_outcome){
             .id = sl->job->id,
             .token = sl->job->token,
             .ok = sl->rc == 0,
@@ -314,9 +306,8 @@ static void record_done(struct worker *w)
             .retry_after_ms = sl->retry_after_ms,
         };
     }
-    if (n_out > 0 && queue_finish_many(p->q, outs, n_out, &e) != 0)
-        log_error("worker", "could not record jobs' outcomes", "jobs=%zu reason=\"%s\"", n_out,
-                  e.msg);
+    if (queue_finish_many(p->q, outs, n, &e) != 0)
+        log_error("worker", "could not record jobs' outcomes", "jobs=%zu reason=\"%s\"", n, e.msg);
     for (size_t i = 0; i < n; i++) {
         struct slot *sl = done[i];
         int rc = outs[i].rc;
@@ -336,7 +327,7 @@ static void record_done(struct worker *w)
     }
     w->n_used -= n_freed;
     atomic_fetch_sub(&p->busy, (int)n_freed);
-    count_completions(p, n_out - n_released(outs, n_out));
+    count_completions(p, n_ran);
 }
 
 /* Asks the model to stop the running jobs that were cancelled since `*gen`. */
