@@ -103,7 +103,9 @@ static const struct option_def serve_options[] = {
     {"s3-part-size-mb", OPT_INT, "8", 5, 5120,
      "S3 writes past this size become multipart uploads in parts this big", BOTH},
     {"webhook-hosts", OPT_STR, "", 0, 0,
-     "hosts (HOST[,.DOMAIN...]) that callback URLs may name; empty: any", BOTH},
+     "hosts (HOST[,.DOMAIN...]) that callback URLs may name; empty: any. Beyond loopback, the "
+     "only ones that may reach loopback or private addresses",
+     BOTH},
     {"file-roots", OPT_STR, "", 0, 0,
      "folders (DIR[:DIR...]) that jobs' file:// and path locations must stay inside; empty: any "
      "file this process can reach",
@@ -343,7 +345,8 @@ static int cmd_serve(int argc, char **argv, int worker)
         p.num[opt_index(&p, "port")] = 8001;
     if (configure_storage(&p, cmd, OPT_S(&p, "file-roots")) != 0)
         return 2;
-    if (notify_set_allowed_hosts(OPT_S(&p, "webhook-hosts"), &e) != 0) {
+    if (notify_set_allowed_hosts(OPT_S(&p, "webhook-hosts"), &e) != 0 ||
+        notify_set_listen(OPT_S(&p, "host"), (int)OPT_N(&p, "port"), &e) != 0) {
         fprintf(stderr, "inferd %s: %s\n", cmd, e.msg);
         return 2;
     }
@@ -433,6 +436,10 @@ static int cmd_serve(int argc, char **argv, int worker)
     if (http_server_start(&hc, reg, queue, pool, notifier, &srv, &e) != 0) {
         log_error("main", "cannot start the HTTP server", "reason=\"%s\"", e.msg);
         goto cleanup;
+    }
+    if (hc.port == 0) { /* webhooks wait for the port they must never reach: now bound */
+        notify_set_listen(hc.host, http_server_port(srv), NULL);
+        notify_kick(notifier);
     }
     bjc = (struct batch_jobs_config){
         .q = queue, .reg = reg, .max_attempts = (int)OPT_N(&p, "max-attempts")};

@@ -9,6 +9,7 @@
 #include "backend/backend.h"
 #include "core/log.h"
 #include "metrics/metrics.h"
+#include "notify/notify.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -116,6 +117,7 @@ static int parse_config(json_t *root, const char *model_dir, const char *path,
     int64_t instances;
     const char *key;
     json_t *v, *p;
+    struct err why = {0};
     int rc;
 
     json_object_foreach (root, key, v) {
@@ -152,6 +154,8 @@ static int parse_config(json_t *root, const char *model_dir, const char *path,
     v = json_object_get(root, "callback_url");
     if (v && !json_is_string(v))
         return err_set(e, ERR_INVALID, "%s: callback_url: expected a string", path);
+    if (v && notify_check_url(json_string_value(v), &why) != 0) /* the rules of submissions */
+        return err_set(e, ERR_INVALID, "%s: callback_url: %s", path, why.msg);
     c->callback_url = v ? json_string_value(v) : NULL;
     c->batch.instances = (int)instances;
     return 0;

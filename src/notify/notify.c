@@ -14,8 +14,12 @@
  *
  * An attempt's slot holds its delivery, easy handle and headers until it finishes; its id is
  * what take_due() is told to leave out, so a delivery is never in flight twice.
+ *
+ * Where a POST may connect is checked twice (notify_addr.c): the URL's text before the attempt
+ * starts, and each address libcurl resolved, in open_socket(), before the socket exists.
  */
 #include "notify/notify.h"
+#include "notify/notify_internal.h"
 #include "core/log.h"
 
 #include <curl/curl.h>
@@ -28,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #define POLL_MS 200         /* how often to look when the store has no next_due */
@@ -46,6 +51,8 @@ struct attempt {
     size_t slot; /* index in notifier.slots */
     int64_t started_ms;
     char errbuf[CURL_ERROR_SIZE];
+    char *host;        /* the URL's host, for the connect-time check; curl_free(); may be NULL */
+    char refused[256]; /* why an address was refused at connect time; "" if none was */
 };
 
 struct notifier {
@@ -118,11 +125,6 @@ int notify_sign(const char *secret, const char *body, size_t len, char out[NOTIF
 
 /* ---- one attempt ---- */
 
-static int scheme_ok(const char *url)
-{
-    return strncasecmp(url, "http://", 7) == 0 || strncasecmp(url, "https://", 8) == 0;
-}
-
 /* "scheme://host:port" of `url` for logs: a callback URL's path, query or userinfo may hold a
  * token, and those are never logged. */
 static void url_origin(const char *url, char *out, size_t size)
@@ -166,6 +168,7 @@ static void attempt_free(struct attempt *a)
     if (a->easy)
         curl_easy_cleanup(a->easy);
     curl_slist_free_all(a->headers);
+    curl_free(a->host);
     notify_delivery_free(a->d);
     free(a);
 }
@@ -202,6 +205,45 @@ static int build_headers(struct notifier *n, struct attempt *a)
     return a->headers ? 0 : -1;
 }
 
+/* The host of `url` as libcurl reads it (new string: curl_free()), or NULL. */
+static char *url_host(const char *url)
+{
+    CURLU *u = url ? curl_url() : NULL;
+    char *host = NULL;
+
+    if (u && curl_url_set(u, CURLUPART_URL, url, 0) == CURLUE_OK &&
+        curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK)
+        host = NULL;
+    curl_url_cleanup(u);
+    return host;
+}
+
+/*
+ * libcurl calls this for every address it is about to connect to, after resolving the name and
+ * before any byte is sent: where the address rules are applied, since a name can resolve (or
+ * rebind, between a check and the connect) anywhere. A refused address makes libcurl try the
+ * name's next one, if any; the attempt fails only when none was allowed.
+ */
+static curl_socket_t open_socket(void *ctx, curlsocktype purpose, struct curl_sockaddr *addr)
+{
+    struct attempt *a = ctx;
+    struct sockaddr_storage ss;
+    struct err why = {0};
+    size_t len = addr->addrlen < sizeof(ss) ? addr->addrlen : sizeof(ss);
+
+    memset(&ss, 0, sizeof(ss));
+    memcpy(&ss, &addr->addr, len);
+    if (purpose != CURLSOCKTYPE_IPCXN)
+        err_set(&why, ERR_INVALID, "refused: not an outgoing TCP connection");
+    else
+        notify_check_connect((const struct sockaddr *)&ss, a->host, &why);
+    if (why.code != 0) {
+        snprintf(a->refused, sizeof(a->refused), "%s", why.msg);
+        return CURL_SOCKET_BAD;
+    }
+    return socket(addr->family, addr->socktype | SOCK_CLOEXEC, addr->protocol);
+}
+
 /* Sets up `a->easy` for one POST of a->d. Returns 0 or -1 (out of memory). */
 static int setup_easy(struct notifier *n, struct attempt *a)
 {
@@ -226,6 +268,11 @@ static int setup_easy(struct notifier *n, struct attempt *a)
 #else
     SETOPT(CURLOPT_PROTOCOLS, (long)(CURLPROTO_HTTP | CURLPROTO_HTTPS));
 #endif
+    /* every address is checked where libcurl connects (after DNS: no rebinding around it), so
+     * the connection must go to the receiver itself, never through a proxy from the env */
+    SETOPT(CURLOPT_PROXY, "");
+    SETOPT(CURLOPT_OPENSOCKETFUNCTION, open_socket);
+    SETOPT(CURLOPT_OPENSOCKETDATA, (void *)a);
     SETOPT(CURLOPT_TIMEOUT_MS, (long)n->cfg.timeout_ms);
     SETOPT(CURLOPT_WRITEFUNCTION, discard_body);
     SETOPT(CURLOPT_ERRORBUFFER, a->errbuf);
@@ -247,6 +294,7 @@ static int attempt_start(struct notifier *n, struct notify_delivery *d, size_t s
     a->d = d;
     a->slot = slot;
     a->started_ms = now_ms();
+    a->host = url_host(d->url);
     a->easy = curl_easy_init();
     if (!a->easy || build_headers(n, a) != 0 || setup_easy(n, a) != 0 ||
         curl_multi_add_handle(n->multi, a->easy) != CURLM_OK) {
@@ -308,98 +356,10 @@ static void attempt_refuse(struct notifier *n, struct notify_delivery *d, const 
     notify_delivery_free(d);
 }
 
-/* ---- which hosts callbacks may reach ---- */
-
-#define MAX_ALLOWED_HOSTS 32
-static char allowed_hosts[MAX_ALLOWED_HOSTS][256];
-static int n_allowed_hosts;
-static char allowed_hosts_option[1024];
-
-int notify_set_allowed_hosts(const char *list, struct err *e)
-{
-    const char *p = list, *end;
-
-    n_allowed_hosts = 0;
-    allowed_hosts_option[0] = '\0';
-    if (!list || !list[0])
-        return 0;
-    if (strlen(list) >= sizeof(allowed_hosts_option))
-        return err_set(e, ERR_INVALID, "--webhook-hosts: longer than %zu bytes",
-                       sizeof(allowed_hosts_option) - 1);
-    snprintf(allowed_hosts_option, sizeof(allowed_hosts_option), "%s", list);
-    for (; *p; p = *end ? end + 1 : end) {
-        end = strchr(p, ',');
-        if (!end)
-            end = p + strlen(p);
-        while (p < end && *p == ' ')
-            p++;
-        size_t len = (size_t)(end - p);
-        while (len > 0 && p[len - 1] == ' ')
-            len--;
-        if (len == 0)
-            continue;
-        if (n_allowed_hosts == MAX_ALLOWED_HOSTS)
-            return err_set(e, ERR_INVALID, "--webhook-hosts: more than %d hosts",
-                           MAX_ALLOWED_HOSTS);
-        if (len >= sizeof(allowed_hosts[0]) || memchr(p, '/', len) || memchr(p, ':', len) ||
-            (len == 1 && p[0] == '.'))
-            return err_set(e, ERR_INVALID,
-                           "--webhook-hosts: '%.*s' is not a host name, IPv4 address or "
-                           ".domain",
-                           (int)(len < 100 ? len : 100), p);
-        snprintf(allowed_hosts[n_allowed_hosts++], sizeof(allowed_hosts[0]), "%.*s", (int)len, p);
-    }
-    return 0;
-}
-
-static int host_allowed(const char *host)
-{
-    size_t hl = strlen(host);
-
-    if (n_allowed_hosts == 0)
-        return 1;
-    for (int i = 0; i < n_allowed_hosts; i++) {
-        const char *a = allowed_hosts[i];
-        size_t al = strlen(a);
-        if (strcasecmp(host, a) == 0)
-            return 1;
-        if (a[0] == '.' && hl > al && strcasecmp(host + hl - al, a) == 0)
-            return 1;
-    }
-    return 0;
-}
-
-int notify_check_url(const char *url, struct err *e)
-{
-    CURLU *u;
-    char *host = NULL;
-    int rc = 0;
-
-    if (!url || !scheme_ok(url))
-        return err_set(e, ERR_INVALID, "'%.100s' is not an http:// or https:// URL",
-                       url ? url : "");
-    if (n_allowed_hosts == 0)
-        return 0;
-    u = curl_url();
-    if (!u)
-        return err_set(e, ERR_NOMEM, "out of memory");
-    if (curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
-        curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK || !host)
-        rc = err_set(e, ERR_INVALID, "'%.100s' is not a URL with a host", url);
-    else if (!host_allowed(host))
-        rc = err_set(e, ERR_INVALID, "host '%.100s' is not in --webhook-hosts (%.200s)", host,
-                     allowed_hosts_option);
-    curl_free(host);
-    curl_url_cleanup(u);
-    return rc;
-}
-
 /* Why `d` cannot be sent at all, or NULL (`why` holds the text). */
 static const char *unsendable(const struct notify_delivery *d, struct err *why)
 {
-    if (!d->url || !scheme_ok(d->url))
-        return "callback url must start with http:// or https://";
-    if (notify_check_url(d->url, why) != 0)
+    if (notify_check_url(d->url, why) != 0) /* the scheme, --webhook-hosts, the address rules */
         return why->msg;
     if (!d->event_id || !d->event_id[0] || strpbrk(d->event_id, "\r\n"))
         return "event id is empty or holds a line break";
@@ -428,7 +388,10 @@ static void reap(struct notifier *n)
         a = (struct attempt *)(void *)priv;
         curl_multi_remove_handle(n->multi, easy); /* msg is invalid from here */
         if (res != CURLE_OK) {
-            snprintf(text, sizeof(text), "%s", a->errbuf[0] ? a->errbuf : curl_easy_strerror(res));
+            snprintf(text, sizeof(text), "%s",
+                     a->refused[0]  ? a->refused
+                     : a->errbuf[0] ? a->errbuf
+                                    : curl_easy_strerror(res));
             error = text;
         } else if (status < 200 || status > 299) {
             snprintf(text, sizeof(text), "receiver answered HTTP %ld%s", status,
@@ -436,7 +399,8 @@ static void reap(struct notifier *n)
             error = text;
         }
         attempt_finish(n, a->d, a->started_ms, (int)status, error,
-                       res == CURLE_UNSUPPORTED_PROTOCOL || res == CURLE_URL_MALFORMAT);
+                       res == CURLE_UNSUPPORTED_PROTOCOL || res == CURLE_URL_MALFORMAT ||
+                           (res != CURLE_OK && a->refused[0]));
         n->slots[a->slot] = NULL;
         n->n_in_flight--;
         attempt_free(a);
@@ -533,6 +497,8 @@ static void look(struct notifier *n, int64_t now)
 
 static int should_look(struct notifier *n, int64_t now)
 {
+    if (notify_listen_pending())
+        return 0; /* inferd's own port is not known yet: notify_set_listen() */
     if (n->n_in_flight >= (size_t)n->cfg.max_in_flight || now < n->pause_until_ms)
         return 0; /* a kick stays pending until we can act on it */
     return atomic_exchange(&n->kicked, 0) || n->look_now || now >= n->next_look_ms;
@@ -541,6 +507,8 @@ static int should_look(struct notifier *n, int64_t now)
 /* How long curl_multi_poll() may wait; curl shortens it for its own timers. */
 static int poll_timeout_ms(struct notifier *n, int64_t now)
 {
+    if (notify_listen_pending())
+        return BUSY_SLEEP_MS; /* notify_kick() wakes it once the port is known */
     if (n->n_in_flight >= (size_t)n->cfg.max_in_flight)
         return BUSY_SLEEP_MS;
     if (now < n->pause_until_ms)

@@ -60,9 +60,41 @@ void notify_delivery_free(struct notify_delivery *d);
  */
 int notify_set_allowed_hosts(const char *list, struct err *e);
 
-/* 0 if `url` is an http:// or https:// URL whose host is allowed; else ERR_INVALID saying why.
- * Submissions check this; the notifier checks it again before every POST. */
+/*
+ * Where this process's own HTTP server listens (--host, --port), for the whole process. The rules
+ * for the addresses a callback may reach follow from it:
+ *   - a callback to this machine at `port` (a loopback, unspecified or local interface address,
+ *     in any spelling) is refused, always: it would reach inferd's own API;
+ *   - when `host` is not a loopback address (inferd listens beyond loopback), a callback to a
+ *     loopback, private (RFC 1918, RFC 6598, fc00::/7), link-local or unspecified address, or
+ *     to any address of this machine, is refused unless --webhook-hosts names the URL's host.
+ * notify_check_url() applies them to what a URL's text shows; the notifier applies them again
+ * to every address libcurl is about to connect to (after DNS resolution, so a name that
+ * resolves, or rebinds, to a refused address is refused too) before any byte is sent.
+ *   host  the IPv4 address --host takes; NULL forgets the listener (the default: then no
+ *         address is refused for being local, as for a process that serves nothing)
+ *   port  the listening port; 0 while it is not bound yet (--port 0): the notifier then starts
+ *         no delivery until this is called again with the bound port (then notify_kick())
+ * Any thread. ERR_INVALID names a bad host or port.
+ */
+int notify_set_listen(const char *host, int port, struct err *e);
+
+/* 0 if `url` is an http:// or https:// URL whose host is allowed and whose text does not show a
+ * refused address (notify_set_listen()); else ERR_INVALID saying why (the URL's credentials
+ * masked). Submissions and model configs check this; the notifier checks it again before every
+ * POST. Never resolves a name: that happens, and is checked, when the notifier connects. */
 int notify_check_url(const char *url, struct err *e);
+
+/* The connect-time rule on its own: 0 if a callback to a URL whose host is `url_host` (as the
+ * URL spells it; borrowed) may connect to `addr` (IPv4 or IPv6, borrowed); else ERR_INVALID
+ * with a message that starts "refused: ". */
+struct sockaddr;
+int notify_check_connect(const struct sockaddr *addr, const char *url_host, struct err *e);
+
+/* A copy of `url` fit to show back (job and batch-job JSON, webhook events, errors): its
+ * userinfo ("user:password@") replaced by "***@", since it may hold credentials. Anything after
+ * the host is kept. New string, freed with free(); NULL if `url` is NULL or out of memory. */
+char *notify_url_redacted(const char *url);
 
 /*
  * Where deliveries come from and where outcomes go: implemented by the job queue. Every callback

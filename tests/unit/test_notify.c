@@ -19,11 +19,13 @@
 
 #include <arpa/inet.h>
 #include <microhttpd.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -724,6 +726,247 @@ static void test_allowed_hosts(void **state)
     assert_int_equal(notify_check_url("http://169.254.169.254/", &e), 0);
 }
 
+/* ---- where callbacks may go (notify_set_listen()) ---- */
+
+static void expect_refused(const char *url, const char *words)
+{
+    struct err e = {0};
+
+    if (notify_check_url(url, &e) != ERR_INVALID)
+        fail_msg("%s: accepted, expected refused (%s)", url, words);
+    if (!strstr(e.msg, "refused") || !strstr(e.msg, words))
+        fail_msg("%s: '%s' does not say 'refused' and '%s'", url, e.msg, words);
+}
+
+static void expect_accepted(const char *url)
+{
+    struct err e = {0};
+
+    if (notify_check_url(url, &e) != 0)
+        fail_msg("%s: refused: %s", url, e.msg);
+}
+
+/* inferd's own address:port in every spelling the text shows, on loopback and beyond it. */
+static void test_own_port_refused_by_text(void **state)
+{
+    static const char *const own[] = {
+        "http://127.0.0.1:8000/v2/repository/models/m/unload",
+        "http://localhost:8000/",
+        "http://LocalHost.:8000/",
+        "http://a.b.localhost:8000/",
+        "http://0.0.0.0:8000/",
+        "http://0:8000/",
+        "http://127.1:8000/",
+        "http://2130706433:8000/",
+        "http://0x7f.0.0.1:8000/",
+        "http://017700000001:8000/",
+        "http://[::ffff:127.0.0.1]:8000/",
+        "http://[::ffff:7f00:1]:8000/",
+        "http://[::1]:8000/",
+        "http://[::]:8000/",
+        "https://user:pw@127.0.0.1:8000/",
+        "http://127.0.0.2:8000/",
+    };
+    struct err e = {0};
+
+    (void)state;
+    assert_int_equal(notify_set_listen("127.0.0.1", 8000, &e), 0);
+    for (size_t i = 0; i < sizeof(own) / sizeof(own[0]); i++)
+        expect_refused(own[i], "where this inferd listens");
+    /* on loopback, other loopback ports and private receivers are fine */
+    expect_accepted("http://127.0.0.1:8001/hook");
+    expect_accepted("http://localhost/hook");
+    expect_accepted("http://10.0.0.1:8000/hook");
+    expect_accepted("http://hooks.example.com:8000/hook"); /* a name: checked when connecting */
+    /* beyond loopback, and --webhook-hosts naming the address: still refused */
+    assert_int_equal(notify_set_listen("0.0.0.0", 8000, &e), 0);
+    assert_int_equal(notify_set_allowed_hosts("127.0.0.1,localhost", &e), 0);
+    expect_refused("http://127.0.0.1:8000/", "where this inferd listens");
+    expect_refused("http://localhost:8000/", "where this inferd listens");
+    expect_accepted("http://127.0.0.1:8001/");
+    assert_int_equal(notify_set_allowed_hosts(NULL, &e), 0);
+    assert_int_equal(notify_set_listen("not-an-ip", 8000, &e), ERR_INVALID);
+    assert_int_equal(notify_set_listen(NULL, 0, &e), 0);
+    expect_accepted("http://127.0.0.1:8000/"); /* no listener known: nothing is its own */
+}
+
+/* Beyond loopback: loopback, private, link-local and unspecified addresses need
+ * --webhook-hosts; public ones do not. */
+static void test_beyond_loopback_by_text(void **state)
+{
+    static const char *const local[] = {
+        "http://127.0.0.1:9/", "http://127.255.0.1/",       "http://localhost:9/",
+        "http://10.1.2.3/",    "http://172.16.0.1/",        "http://172.31.255.255/",
+        "http://192.168.0.1/", "http://169.254.169.254/",   "http://100.64.0.1/",
+        "http://100.127.0.1/", "http://0.0.0.0:9/",         "http://[::1]:9/",
+        "http://[fe80::1]/",   "http://[fe80::1%25eth0]/",  "http://[fd00::1]/",
+        "http://[fc00::1]/",   "http://[::ffff:10.0.0.1]/", "http://[::]/",
+    };
+    static const char *const public[] = {
+        "http://8.8.8.8/",       "http://172.32.0.1/",         "http://172.15.255.255/",
+        "http://100.128.0.1/",   "http://192.169.0.1/",        "http://169.255.0.1/",
+        "http://[2001:db8::1]/", "https://hooks.example.com/",
+    };
+    struct err e = {0};
+
+    (void)state;
+    assert_int_equal(notify_set_listen("0.0.0.0", 8000, &e), 0);
+    for (size_t i = 0; i < sizeof(local) / sizeof(local[0]); i++)
+        expect_refused(local[i], "--webhook-hosts");
+    for (size_t i = 0; i < sizeof(public) / sizeof(public[0]); i++)
+        expect_accepted(public[i]);
+    expect_refused("http://10.1.2.3/", "a private address");
+    expect_refused("http://169.254.169.254/", "a link-local address");
+    expect_refused("http://127.0.0.1:9/", "a loopback address");
+    /* named by --webhook-hosts: allowed */
+    assert_int_equal(notify_set_allowed_hosts("127.0.0.1,10.1.2.3,localhost", &e), 0);
+    expect_accepted("http://127.0.0.1:9/");
+    expect_accepted("http://10.1.2.3/");
+    expect_accepted("http://localhost:9/");
+    assert_int_equal(notify_check_url("http://192.168.0.1/", &e), ERR_INVALID); /* not named */
+    assert_int_equal(notify_set_allowed_hosts(NULL, &e), 0);
+    /* a specific non-loopback address is beyond loopback too */
+    assert_int_equal(notify_set_listen("192.0.2.10", 8000, &e), 0);
+    expect_refused("http://10.1.2.3/", "--host 192.0.2.10");
+    expect_refused("http://192.0.2.10:8000/", "where this inferd listens");
+    assert_int_equal(notify_set_listen(NULL, 0, &e), 0);
+}
+
+/* The connect-time rule, on the address libcurl resolved. */
+static void test_connect_rule_on_resolved_addresses(void **state)
+{
+    struct sockaddr_in in4 = {.sin_family = AF_INET, .sin_port = htons(8000)};
+    struct sockaddr_in6 in6 = {.sin6_family = AF_INET6, .sin6_port = htons(8000)};
+    struct err e = {0};
+
+    (void)state;
+    assert_int_equal(notify_set_listen("127.0.0.1", 8000, &e), 0);
+    inet_pton(AF_INET, "127.0.0.1", &in4.sin_addr);
+    assert_int_equal(notify_check_connect((struct sockaddr *)&in4, "hooks.example.com", &e),
+                     ERR_INVALID);
+    assert_non_null(strstr(e.msg, "refused: 127.0.0.1 port 8000"));
+    inet_pton(AF_INET6, "::ffff:127.0.0.1", &in6.sin6_addr);
+    assert_int_equal(notify_check_connect((struct sockaddr *)&in6, "x", &e), ERR_INVALID);
+    inet_pton(AF_INET6, "::1", &in6.sin6_addr);
+    assert_int_equal(notify_check_connect((struct sockaddr *)&in6, "x", &e), ERR_INVALID);
+    in4.sin_port = htons(8001);
+    assert_int_equal(notify_check_connect((struct sockaddr *)&in4, "x", &e), 0);
+
+    assert_int_equal(notify_set_listen("0.0.0.0", 8000, &e), 0);
+    assert_int_equal(notify_check_connect((struct sockaddr *)&in4, "rebound.example.com", &e),
+                     ERR_INVALID);
+    assert_non_null(strstr(e.msg, "loopback"));
+    inet_pton(AF_INET, "10.0.0.7", &in4.sin_addr);
+    assert_int_equal(notify_check_connect((struct sockaddr *)&in4, "x", &e), ERR_INVALID);
+    assert_int_equal(notify_set_allowed_hosts("hooks.corp", &e), 0);
+    assert_int_equal(notify_check_connect((struct sockaddr *)&in4, "hooks.corp", &e), 0);
+    assert_int_equal(notify_check_connect((struct sockaddr *)&in4, "other.corp", &e), ERR_INVALID);
+    inet_pton(AF_INET, "93.184.216.34", &in4.sin_addr);
+    assert_int_equal(notify_check_connect((struct sockaddr *)&in4, "x", &e), 0);
+    assert_int_equal(notify_set_allowed_hosts(NULL, &e), 0);
+    assert_int_equal(notify_set_listen(NULL, 0, &e), 0);
+}
+
+/* This machine's name, if it resolves to loopback only (as Debian's /etc/hosts makes it). */
+static int loopback_hostname(char *name, size_t size)
+{
+    struct addrinfo hints = {.ai_family = AF_INET, .ai_socktype = SOCK_STREAM}, *res = NULL;
+    int ok = 1;
+
+    if (gethostname(name, size) != 0 || !name[0] || strcasecmp(name, "localhost") == 0 ||
+        getaddrinfo(name, NULL, &hints, &res) != 0)
+        return 0;
+    for (struct addrinfo *a = res; a; a = a->ai_next)
+        ok = ok &&
+             ((const unsigned char *)&((struct sockaddr_in *)(void *)a->ai_addr)->sin_addr)[0] ==
+                 127;
+    freeaddrinfo(res);
+    return ok;
+}
+
+/* A name the text cannot judge resolves to inferd's own port: refused where libcurl connects,
+ * before anything reaches the receiver, recorded once and given up. */
+static void test_own_port_refused_at_connect(void **state)
+{
+    struct notify_config cfg = {.initial_backoff_ms = 10};
+    struct notifier *n;
+    struct err e = {0};
+    char name[200], url[300];
+
+    (void)state;
+    if (!loopback_hostname(name, sizeof(name)))
+        skip();
+    store_reset(1);
+    receiver_reset(NULL, 0, 200);
+    /* the receiver's port plays inferd's own; not known yet when the notifier starts */
+    assert_int_equal(notify_set_listen("127.0.0.1", 0, &e), 0);
+    snprintf(url, sizeof(url), "http://%s:%d/v2/repository/models/m/unload", name, rx.port);
+    store_add(url, "{}", 2);
+    n = start(&cfg);
+    assert_int_equal(notify_set_listen("127.0.0.1", rx.port, &e), 0);
+    notify_kick(n);
+    wait_for(all_done, "the delivery to inferd's own port to be refused");
+    notify_destroy(n);
+    assert_int_equal(st.n_recs, 1);
+    assert_true(st.recs[0].done && !st.recs[0].delivered);
+    assert_int_equal(st.recs[0].status, 0);
+    assert_non_null(strstr(st.recs[0].error, "refused"));
+    assert_non_null(strstr(st.recs[0].error, "where this inferd listens"));
+    assert_int_equal(receiver_count(), 0);
+
+    /* beyond loopback, the same name to another port: loopback, not named: refused */
+    store_reset(1);
+    assert_int_equal(notify_set_listen("0.0.0.0", rx.port + 1, &e), 0);
+    store_add(url, "{}", 2);
+    n = start(&cfg);
+    wait_for(all_done, "the delivery to loopback to be refused");
+    notify_destroy(n);
+    assert_non_null(strstr(st.recs[0].error, "loopback"));
+    assert_int_equal(receiver_count(), 0);
+    /* and delivered once --webhook-hosts names it */
+    store_reset(1);
+    assert_int_equal(notify_set_allowed_hosts(name, &e), 0);
+    store_add(url, "{}", 2);
+    n = start(&cfg);
+    wait_for(all_done, "the delivery to a named host");
+    notify_destroy(n);
+    assert_true(st.recs[0].delivered);
+    assert_int_equal(receiver_count(), 1);
+    assert_int_equal(notify_set_allowed_hosts(NULL, &e), 0);
+    assert_int_equal(notify_set_listen(NULL, 0, &e), 0);
+}
+
+static void expect_redacted(const char *url, const char *shown)
+{
+    char *got = notify_url_redacted(url);
+
+    assert_non_null(got);
+    assert_string_equal(got, shown);
+    free(got);
+}
+
+/* Credentials in a callback URL are shown as ***, in what it returns and in errors. */
+static void test_url_redacted(void **state)
+{
+    struct err e = {0};
+
+    (void)state;
+    expect_redacted("http://user:pw@h/x", "http://***@h/x");
+    expect_redacted("https://token@h:8443/p?q=a@b#c@d", "https://***@h:8443/p?q=a@b#c@d");
+    expect_redacted("http://a@b@h/", "http://***@h/");
+    expect_redacted("http://u:p@", "http://***@");
+    expect_redacted("u:p@h/x", "***@h/x");
+    expect_redacted("http://h/x@y", "http://h/x@y");
+    expect_redacted("http://h", "http://h");
+    expect_redacted("", "");
+    assert_null(notify_url_redacted(NULL));
+    assert_int_equal(notify_check_url("ftp://user:s3cret@h/", &e), ERR_INVALID);
+    assert_null(strstr(e.msg, "s3cret"));
+    assert_non_null(strstr(e.msg, "***@h"));
+    assert_int_equal(notify_check_url("http://user:s3cret@", &e), ERR_INVALID);
+    assert_null(strstr(e.msg, "s3cret"));
+}
+
 #define N_MANY 50
 
 /* 50 at once through 8 slots, without next_due (the 200 ms look): each arrives exactly once. */
@@ -885,6 +1128,11 @@ int main(void)
         cmocka_unit_test(test_refused_connection_fails_with_error),
         cmocka_unit_test(test_bad_scheme_given_up_at_once),
         cmocka_unit_test(test_allowed_hosts),
+        cmocka_unit_test(test_own_port_refused_by_text),
+        cmocka_unit_test(test_beyond_loopback_by_text),
+        cmocka_unit_test(test_connect_rule_on_resolved_addresses),
+        cmocka_unit_test(test_own_port_refused_at_connect),
+        cmocka_unit_test(test_url_redacted),
         cmocka_unit_test(test_fifty_arrive_exactly_once),
         cmocka_unit_test(test_store_failures_delay_only),
         cmocka_unit_test(test_destroy_abandons_in_flight),
