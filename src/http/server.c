@@ -442,6 +442,12 @@ static enum MHD_Result route(struct req *r, const char *method, const char *url)
     int is_delete = strcmp(method, "DELETE") == 0;
     int n;
 
+    /* a callback_url pointed at an inferd API (this one from another inferd process on this
+     * host, or any other): inferd never acts on a webhook delivery, whatever its path */
+    if (MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "X-Inferd-Event-Id"))
+        return http_reply_error(r, ERR_INVALID,
+                                "this is an inferd webhook delivery (X-Inferd-Event-Id); the "
+                                "inferd API does not act on webhooks");
     if (strlen(url) >= sizeof(store))
         return http_reply_error(r, ERR_NOT_FOUND, "path too long");
     n = split_path(url, store, sizeof(store), seg, 7);
