@@ -4,7 +4,9 @@
  */
 #include "queue/queue_internal.h"
 #include "queue/queue_redis.h"
+#include "notify/notify.h"
 
+#include <jansson.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -269,6 +271,34 @@ static int json_str_or_null(struct buf *out, const char *s)
     return s ? buf_json_string(out, s) : buf_puts(out, "null");
 }
 
+/* A callback URL as it may be shown back: its credentials masked (notify_url_redacted()). */
+static int json_url_or_null(struct buf *out, const char *url)
+{
+    char *shown;
+    int rc;
+
+    if (!url)
+        return buf_puts(out, "null");
+    shown = notify_url_redacted(url);
+    rc = shown ? buf_json_string(out, shown) : ERR_NOMEM;
+    free(shown);
+    return rc;
+}
+
+int queue_json_redact_url(json_t *o, const char *key)
+{
+    const char *url = json_string_value(json_object_get(o, key));
+    char *shown;
+    int rc;
+
+    if (!url)
+        return 0;
+    shown = notify_url_redacted(url);
+    rc = shown && json_object_set_new(o, key, json_string(shown)) == 0 ? 0 : ERR_NOMEM;
+    free(shown);
+    return rc;
+}
+
 int queue_job_json(const struct job *j, struct buf *out)
 {
     int rc = buf_puts(out, "{\"id\":");
@@ -312,7 +342,7 @@ int queue_job_json(const struct job *j, struct buf *out)
     if (rc == 0)
         rc = buf_puts(out, ",\"callback_url\":");
     if (rc == 0)
-        rc = json_str_or_null(out, j->callback_url);
+        rc = json_url_or_null(out, j->callback_url);
     if (rc == 0)
         rc = buf_puts(out, ",\"notifications\":");
     if (rc == 0)

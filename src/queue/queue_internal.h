@@ -6,6 +6,7 @@
 
 #include "queue/queue.h"
 
+#include <jansson.h>
 #include <stdatomic.h>
 
 struct queue_ops {
@@ -67,5 +68,10 @@ int queue_sqlite_open(const struct queue_config *cfg, struct queue **out, struct
  * `j->result` holds the inline result when there is one. */
 int queue_event_json(const struct job *j, const char *event_id, int64_t inline_max_bytes,
                      struct buf *out);
+
+/* Replaces the string at o[key], a callback URL, with what may be shown back: its credentials
+ * masked (notify_url_redacted()). Every batch job's public JSON, and so its webhook event, goes
+ * through this; the store keeps the URL itself for delivery. 0 or ERR_NOMEM. */
+int queue_json_redact_url(json_t *o, const char *key);
 
 #endif

@@ -1103,8 +1103,10 @@ static json_t *batch_from_hash(const char *id, const redisReply *h)
         json_decref(o);
         o = json_object();
     }
-    if (!o)
+    if (!o || queue_json_redact_url(o, "callback_url") != 0) {
+        json_decref(o);
         return NULL;
+    }
     json_object_set_new(o, "id", json_string(id));
     json_object_set_new(o, "status", json_string(is_schedule ? (state == JOB_CANCELLED
                                                                     ? "cancelled"

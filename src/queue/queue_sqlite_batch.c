@@ -110,8 +110,10 @@ static json_t *row_json(sqlite3_stmt *st)
         json_decref(o);
         o = json_object();
     }
-    if (!o)
+    if (!o || queue_json_redact_url(o, "callback_url") != 0) {
+        json_decref(o);
         return NULL;
+    }
     json_object_set_new(o, "id", json_string((const char *)sqlite3_column_text(st, 0)));
     json_object_set_new(o, "status", json_string(status_name(is_schedule, state)));
     json_object_set_new(o, "created_at", json_time(sqlite3_column_int64(st, 6)));
@@ -243,7 +245,7 @@ static int end_run(struct sqlite_queue *q, const char *id, enum job_state state,
     rc = batch_json(q->wdb, id, &bj, e);
     if (rc != 0)
         return rc;
-    url = json_string_value(json_object_get(bj, "callback_url"));
+    url = json_string_value(json_object_get(bj, "callback_url")); /* masked: shown, not sent */
     if (url && url[0]) {
         snprintf(event_id, sizeof(event_id), "evt_%s", id);
         event = json_pack("{s:s, s:s, s:O}", "id", event_id, "type",
@@ -252,16 +254,18 @@ static int end_run(struct sqlite_queue *q, const char *id, enum job_state state,
                                                    : "batch.failed",
                           "batch_job", bj);
         body = event ? json_dumps(event, JSON_COMPACT) : NULL;
+        /* the URL to send to is the stored one, credentials and all */
         st = sq_prepare(q->wdb, "INSERT OR IGNORE INTO outbox (event_id, job_id, url, body, "
-                                "next_ms) VALUES (?, ?, ?, ?, ?)");
+                                "next_ms) SELECT ?, ?, callback_url, ?, ? FROM batch_jobs "
+                                "WHERE id = ? AND callback_url != ''");
         if (!body || !st) {
             rc = body ? sq_db_err(q->wdb, e, "prepare") : err_set(e, ERR_NOMEM, "out of memory");
         } else {
             sqlite3_bind_text(st, 1, event_id, -1, SQLITE_STATIC);
             sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
-            sqlite3_bind_text(st, 3, url, -1, SQLITE_STATIC);
-            sqlite3_bind_blob(st, 4, body, (int)strlen(body), SQLITE_STATIC);
-            sqlite3_bind_int64(st, 5, now);
+            sqlite3_bind_blob(st, 3, body, (int)strlen(body), SQLITE_STATIC);
+            sqlite3_bind_int64(st, 4, now);
+            sqlite3_bind_text(st, 5, id, -1, SQLITE_STATIC);
             if (sqlite3_step(st) != SQLITE_DONE)
                 rc = sq_db_err(q->wdb, e, "store webhook");
         }
