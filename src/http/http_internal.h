@@ -19,6 +19,8 @@ struct iopool;
 struct notifier;
 struct worker_pool;
 struct req;
+struct conn;
+struct conn_guard;
 
 /* Requests waiting for jobs to end (long-polls and `Prefer: wait`), by job id. */
 #define WAITER_BUCKETS 1024
@@ -38,6 +40,7 @@ struct http_server {
     struct notifier *notifier; /* kicked when a job ends; may be NULL */
     struct iopool *io;         /* runs blocking queue calls off the HTTP threads */
     struct waiters waiters;
+    struct conn_guard *guard; /* deadlines and limits per connection (conns.c) */
     struct MHD_Daemon *daemon;
     int port;
     _Atomic int draining;
@@ -60,6 +63,10 @@ enum wait_mode { WAIT_STATUS, WAIT_INFER };
 struct req {
     struct http_server *srv;
     struct MHD_Connection *conn;
+    struct conn *track; /* the connection guard's entry; NULL: untracked */
+    int close_after;    /* answer with Connection: close (the framing was refused) */
+    int http11;         /* an HTTP/1.1 request (it may be sent a 1xx before its answer) */
+    int settled;        /* the request is whole and libmicrohttpd no longer reads the socket */
     _Atomic int state;
     int too_large;
     struct buf body;
@@ -130,6 +137,39 @@ int jobs_metrics(struct http_server *s, struct buf *out);
 /* ---- batch_api.c ---- */
 enum MHD_Result batch_api_route(struct req *r, int is_get, int is_post, int is_delete,
                                 char **seg, int n);
+
+/* ---- conns.c ---- */
+enum conn_phase { CONN_WAITING = 0, CONN_HEADERS, CONN_BODY, CONN_BUSY };
+enum conn_close_reason {
+    CONN_CLOSE_IDLE = 0, /* no request begun within --idle-timeout-s */
+    CONN_CLOSE_HEADERS,  /* headers not whole within --header-timeout-s */
+    CONN_CLOSE_BODY,     /* body slower than --body-min-bytes-per-s */
+    CONN_CLOSE_EVICTED,  /* closed to make room at --max-connections */
+    CONN_N_CLOSE_REASONS
+};
+enum conn_refuse_reason { CONN_REFUSE_LIMIT = 0, CONN_REFUSE_CLIENT_LIMIT, CONN_N_REFUSE_REASONS };
+
+/* Starts the guard's sweeper thread; -1 if it cannot. */
+int conns_create(const struct http_config *cfg, struct conn_guard **out);
+/* Stops the sweeper and frees; call after the daemon has stopped. NULL does nothing. */
+void conns_destroy(struct conn_guard *g);
+/* libmicrohttpd's accept policy (cls: the guard): refuses a client at its cap, and at the
+ * connection limit closes the oldest idle connection to make room (refuses if none is idle). */
+enum MHD_Result conns_accept(void *cls, const struct sockaddr *addr, socklen_t len);
+/* libmicrohttpd's connection start/close notification (cls: the guard). */
+void conns_notify(void *cls, struct MHD_Connection *connection, void **socket_context,
+                  enum MHD_ConnectionNotificationCode toe);
+/* The guard's entry of a connection (borrowed until the connection closes), or NULL. */
+struct conn *conns_of(struct MHD_Connection *connection);
+/* Moves a connection to `phase`, which starts that phase's deadline (connection's thread). */
+void conns_phase(struct conn_guard *g, struct conn *c, enum conn_phase phase);
+/* Counts body bytes received, which extend the body's deadline (connection's thread). */
+void conns_body_bytes(struct conn *c, size_t n);
+/* The current request's line held a %00 (a NUL once decoded); reset when the next begins. */
+void conns_mark_bad_uri(struct conn *c);
+int conns_bad_uri(const struct conn *c);
+/* Appends the connection metrics. Returns 0 or ERR_NOMEM. */
+int conns_metrics(struct conn_guard *g, struct buf *out);
 
 /* ---- iopool.c ---- */
 int iopool_create(int threads, struct iopool **out);

@@ -26,7 +26,10 @@
 #include <string.h>
 #include <time.h>
 
-#define WAIT_MAX_MS (3600 * 1000)
+/* the longest long-poll (?wait=, Prefer: wait): a request held longer holds its connection
+ * for nothing a poll loop cannot do */
+#define WAIT_MAX_S 300
+#define WAIT_MAX_MS (WAIT_MAX_S * 1000)
 #define TIMER_MS 50
 
 /* ---- small helpers ---- */
@@ -711,7 +714,10 @@ static int parse_wait(struct req *r, struct err *e)
     secs = strtod(w, &end);
     if (errno || *end || end == w || secs < 0 || isnan(secs))
         return err_set(e, ERR_INVALID, "wait: expected seconds >= 0, got '%.32s'", w);
-    r->wait_ms = secs * 1000 > WAIT_MAX_MS ? WAIT_MAX_MS : (int64_t)(secs * 1000);
+    if (secs > WAIT_MAX_S)
+        return err_set(e, ERR_INVALID, "wait: %.32s seconds is above the limit of %d", w,
+                       WAIT_MAX_S);
+    r->wait_ms = (int64_t)(secs * 1000);
     return 0;
 }
 

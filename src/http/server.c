@@ -4,13 +4,21 @@
  * Thread map:
  *   HTTP threads (libmicrohttpd's pool, epoll each)  read the body, route, decode and validate,
  *       suspend the connection and hand the request to the model's batcher. They never run a
- *       model, so no thread is held per in-flight request.
+ *       model, so no thread is held per in-flight request. They also run the connection
+ *       guard's accept and notify callbacks (conns.c).
  *   batcher threads (model/batcher.c)  run the backend, encode the response into the request's
  *       context and resume the connection; the HTTP thread then sends it.
+ *   the guard's sweeper (conns.c)  closes connections past their deadlines (shutdown(2) only).
  *   main thread  waits for signals (main.c) and calls http_server_stop().
  *
  * A suspended connection never times out in libmicrohttpd, so deadlines belong to the batcher
- * (its sweeper answers 504 on time and notices clients that hang up).
+ * (its sweeper answers 504 on time and notices clients that hang up). The client's own pace
+ * (idle, headers, body) is bounded by the connection guard, which no trickle can extend.
+ *
+ * Framing: libmicrohttpd 0.9.75 tolerates messages that a proxy in front may read another way
+ * (two Content-Lengths, Content-Length with chunked, whitespace before a colon, folded lines,
+ * bare CRs). Such a request is answered 400 and its connection closed (RFC 9112 section 6.3),
+ * so no second request can hide in a body (check_framing()).
  */
 #define _GNU_SOURCE
 #include "http/http_internal.h"
@@ -30,6 +38,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -93,6 +102,8 @@ static enum MHD_Result send_reply(struct req *r)
         snprintf(num, sizeof(num), "%d", r->retry_after_s);
         MHD_add_response_header(resp, MHD_HTTP_HEADER_RETRY_AFTER, num);
     }
+    if (r->close_after)
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
     ret = MHD_queue_response(r->conn, (unsigned)r->status, resp);
     MHD_destroy_response(resp);
     count_request(r);
@@ -260,6 +271,13 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
     ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
     if (ci)
         r->item.client_fd = ci->connect_fd;
+    /* an HTTP/1.1 client must read a 1xx before its answer (RFC 9110 section 15.2), so one
+     * tells a half-closed client (which reads it) from one that closed (which resets) */
+    if (r->http11) {
+        static const char probe[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        r->item.eof_probe = probe;
+        r->item.eof_probe_len = sizeof(probe) - 1;
+    }
     /* suspend before handing over: the batch may finish before this function returns */
     atomic_store(&r->state, REQ_WAITING);
     metrics_inflight_add(r->model->metrics, 1);
@@ -377,7 +395,8 @@ static enum MHD_Result handle_repository(struct req *r, const char *name, const 
 static void render_metrics(struct req *r)
 {
     buf_release(&r->out);
-    if (metrics_render(&r->out) != 0 || jobs_metrics(r->srv, &r->out) != 0) {
+    if (metrics_render(&r->out) != 0 || jobs_metrics(r->srv, &r->out) != 0 ||
+        conns_metrics(r->srv->guard, &r->out) != 0) {
         http_set_error(r, ERR_NOMEM, "out of memory");
     } else {
         r->status = 200;
@@ -501,7 +520,159 @@ static enum MHD_Result route(struct req *r, const char *method, const char *url)
     return http_reply_error(r, ERR_NOT_FOUND, "no route for %s %s", method, url);
 }
 
+/* ---- framing ---- */
+
+/* RFC 9110 section 5.6.2: the characters of a token (a header name). */
+static int is_tchar(unsigned char c)
+{
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+           (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
+/* Copies at most 40 bytes of a client's header name for a message, '?' for anything not
+ * printable, so an error never carries control bytes back. */
+static void printable(char *dst, size_t cap, const char *src, size_t len)
+{
+    size_t n = len < 40 ? len : 40;
+
+    if (n >= cap)
+        n = cap - 1;
+    for (size_t i = 0; i < n; i++)
+        dst[i] = src[i] > 0x20 && src[i] < 0x7f ? src[i] : '?';
+    dst[n] = '\0';
+}
+
+struct framing {
+    int n_length, n_coding;
+    const char *coding; /* the Transfer-Encoding value */
+    size_t coding_len;
+    struct err *e;
+    int rc;
+};
+
+static int has_prefix_ci(const char *key, size_t len, const char *prefix)
+{
+    size_t n = strlen(prefix);
+
+    return len >= n && strncasecmp(key, prefix, n) == 0;
+}
+
+static enum MHD_Result framing_header(void *cls, enum MHD_ValueKind kind, const char *key,
+                                      size_t key_len, const char *value, size_t value_len)
+{
+    struct framing *f = cls;
+    char name[48];
+
+    (void)kind;
+    printable(name, sizeof(name), key, key_len);
+    for (size_t i = 0; i < key_len; i++) {
+        if (!is_tchar((unsigned char)key[i])) {
+            f->rc = err_set(f->e, ERR_INVALID,
+                            "header name '%s' is not a token (whitespace before the colon, or a "
+                            "folded line?)",
+                            name);
+            return MHD_NO;
+        }
+    }
+    if (key_len == 0) {
+        f->rc = err_set(f->e, ERR_INVALID, "a header line has an empty name");
+        return MHD_NO;
+    }
+    for (size_t i = 0; value && i < value_len; i++) {
+        if (value[i] == '\r' || value[i] == '\n' || value[i] == '\0') {
+            f->rc =
+                err_set(f->e, ERR_INVALID, "header '%s': a bare CR, LF or NUL in its value", name);
+            return MHD_NO;
+        }
+    }
+    if (has_prefix_ci(key, key_len, "content-length")) {
+        if (key_len != 14) {
+            f->rc = err_set(f->e, ERR_INVALID,
+                            "header '%s': a folded or malformed Content-Length line", name);
+            return MHD_NO;
+        }
+        f->n_length++;
+    } else if (has_prefix_ci(key, key_len, "transfer-encoding")) {
+        if (key_len != 17) {
+            f->rc = err_set(f->e, ERR_INVALID,
+                            "header '%s': a folded or malformed Transfer-Encoding line", name);
+            return MHD_NO;
+        }
+        f->n_coding++;
+        f->coding = value ? value : "";
+        f->coding_len = value ? value_len : 0;
+    }
+    return MHD_YES;
+}
+
+/*
+ * Refuses a request whose body's length two parsers could read differently (RFC 9112 section
+ * 6.3): ERR_INVALID, with `*status` 400, or 501 for a transfer coding inferd does not decode.
+ * Either way the connection is closed after the answer.
+ */
+static int check_framing(struct MHD_Connection *conn, const char *version, int *status,
+                         struct err *e)
+{
+    struct framing f = {.e = e};
+    const char *v;
+    size_t n;
+
+    *status = 400;
+    MHD_get_connection_values_n(conn, MHD_HEADER_KIND, framing_header, &f);
+    if (f.rc != 0)
+        return f.rc;
+    if (f.n_length > 1)
+        return err_set(e, ERR_INVALID, "Content-Length: sent more than once");
+    if (f.n_coding == 0)
+        return 0;
+    if (f.n_coding > 1)
+        return err_set(e, ERR_INVALID, "Transfer-Encoding: sent more than once");
+    if (f.n_length)
+        return err_set(e, ERR_INVALID,
+                       "Content-Length and Transfer-Encoding together: the body's "
+                       "length is ambiguous");
+    if (strcmp(version, MHD_HTTP_VERSION_1_1) != 0)
+        return err_set(e, ERR_INVALID, "Transfer-Encoding in an %s request", version);
+    /* the last coding must be chunked, and inferd decodes no other */
+    v = f.coding;
+    n = f.coding_len;
+    while (n && (v[n - 1] == ' ' || v[n - 1] == '\t'))
+        n--;
+    while (n && (*v == ' ' || *v == '\t')) {
+        v++;
+        n--;
+    }
+    if (n == 7 && strncasecmp(v, "chunked", 7) == 0)
+        return 0;
+    if (n >= 7 && strncasecmp(v + n - 7, "chunked", 7) == 0 &&
+        (n == 7 || v[n - 8] == ',' || v[n - 8] == ' ' || v[n - 8] == '\t')) {
+        *status = 501;
+        return err_set(e, ERR_INVALID, "Transfer-Encoding: only chunked is supported");
+    }
+    return err_set(e, ERR_INVALID, "Transfer-Encoding: chunked must be the last coding");
+}
+
 /* ---- libmicrohttpd callbacks ---- */
+
+/* Called once a request line is in, before its headers: starts the header deadline and notes
+ * a %00 (libmicrohttpd decodes it to a NUL, which would cut the path short). */
+static void *on_request_line(void *cls, const char *uri, struct MHD_Connection *conn)
+{
+    struct http_server *srv = cls;
+    struct conn *c = conns_of(conn);
+
+    conns_phase(srv->guard, c, CONN_HEADERS);
+    if (uri && strstr(uri, "%00"))
+        conns_mark_bad_uri(c);
+    return NULL;
+}
+
+/* Answers at the first call, before any body is read; the phase turns busy. */
+static enum MHD_Result reply_early(struct req *r, int code, const char *msg)
+{
+    conns_phase(r->srv->guard, r->track, CONN_BUSY);
+    return http_reply_error(r, code, "%s", msg);
+}
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version, const char *upload_data,
@@ -509,15 +680,17 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 {
     struct http_server *srv = cls;
     struct req *r = *con_cls;
-    int bad;
+    struct err e = {0};
+    int bad, status;
 
-    (void)version;
     if (!r) {
         r = calloc(1, sizeof(*r));
         if (!r)
             return MHD_NO;
         r->srv = srv;
         r->conn = conn;
+        r->track = conns_of(conn);
+        r->http11 = strcmp(version, MHD_HTTP_VERSION_1_1) == 0;
         r->start_ns = batcher_now_ns();
         r->json_len = -1;
         atomic_fetch_add(&srv->in_flight, 1);
@@ -528,10 +701,23 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         srv->live = r;
         pthread_mutex_unlock(&srv->live_lock);
         *con_cls = r;
+        conns_phase(srv->guard, r->track, CONN_BODY);
+        if (check_framing(conn, version, &status, &e) != 0) {
+            r->close_after = 1;
+            conns_phase(srv->guard, r->track, CONN_BUSY);
+            http_set_error(r, e.code, e.msg);
+            r->status = status;
+            return send_reply(r);
+        }
+        if (conns_bad_uri(r->track))
+            return reply_early(r, ERR_INVALID, "the path holds a NUL byte (%00)");
         int64_t declared = header_int(conn, MHD_HTTP_HEADER_CONTENT_LENGTH, &bad);
-        if (declared > srv->cfg.max_body_bytes)
-            return http_reply_error(r, ERR_TOO_LARGE, "request body of %lld bytes, limit is %lld",
-                                    (long long)declared, (long long)srv->cfg.max_body_bytes);
+        if (declared > srv->cfg.max_body_bytes) {
+            char msg[128];
+            snprintf(msg, sizeof(msg), "request body of %lld bytes, limit is %lld",
+                     (long long)declared, (long long)srv->cfg.max_body_bytes);
+            return reply_early(r, ERR_TOO_LARGE, msg);
+        }
         return MHD_YES;
     }
     if (atomic_load(&r->state) == REQ_READY)
@@ -543,7 +729,18 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
             r->too_large = 1;
         if (!r->too_large && buf_append(&r->body, upload_data, *upload_data_size) != 0)
             r->too_large = 1;
+        conns_body_bytes(r->track, *upload_data_size);
         *upload_data_size = 0;
+        return MHD_YES;
+    }
+    conns_phase(srv->guard, r->track, CONN_BUSY);
+    if (!r->settled) {
+        /* The request is whole. libmicrohttpd 0.9.75 still watches the socket for reading until
+         * this call returns without a response; had the connection been suspended now, its
+         * resume would read first, and a client that half-closed its side after its request
+         * (shutdown(SHUT_WR), as nc -N does) would lose its answer to that end of stream. So
+         * the request is routed on the next call, which libmicrohttpd makes at once. */
+        r->settled = 1;
         return MHD_YES;
     }
     if (r->too_large) {
@@ -561,8 +758,9 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     struct http_server *srv = cls;
     struct req *r = *con_cls;
 
-    (void)conn;
-
+    /* the next request on a kept-alive connection begins with an idle deadline; a request
+     * libmicrohttpd refused itself (r NULL) ends here too */
+    conns_phase(srv->guard, r ? r->track : conns_of(conn), CONN_WAITING);
     if (!r)
         return;
     if (atomic_load(&r->state) == REQ_WAITING)
@@ -625,6 +823,28 @@ void http_watchdog(struct http_server *s)
 
 /* ---- life cycle ---- */
 
+/* Warns when the file-descriptor limit cannot hold --max-connections (each takes one). */
+static void check_fd_limit(const struct http_config *cfg)
+{
+    struct rlimit rl;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        rl.rlim_cur < (rlim_t)cfg->max_connections + 64)
+        log_warn("http",
+                 "--max-connections is above what the file descriptor limit allows: connections "
+                 "past it are refused by the kernel",
+                 "max_connections=%d file_descriptor_limit=%llu", cfg->max_connections,
+                 (unsigned long long)rl.rlim_cur);
+}
+
+static void free_server(struct http_server *s)
+{
+    jobs_waiters_stop(s);
+    iopool_destroy(s->io);
+    conns_destroy(s->guard);
+    free(s);
+}
+
 int http_server_start(const struct http_config *cfg, struct registry *reg, struct queue *q,
                       struct worker_pool *pool, struct notifier *notifier, struct http_server **out,
                       struct err *e)
@@ -633,7 +853,7 @@ int http_server_start(const struct http_config *cfg, struct registry *reg, struc
     struct sockaddr_in addr = {0};
     const union MHD_DaemonInfo *di;
     long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
-    unsigned threads;
+    unsigned threads, mhd_limit;
 
     *out = NULL;
     if (!s)
@@ -645,9 +865,8 @@ int http_server_start(const struct http_config *cfg, struct registry *reg, struc
     s->pool = pool;
     s->notifier = notifier;
     if (iopool_create(cfg->io_threads > 0 ? cfg->io_threads : 8, &s->io) != 0 ||
-        jobs_waiters_start(s) != 0) {
-        iopool_destroy(s->io);
-        free(s);
+        jobs_waiters_start(s) != 0 || conns_create(cfg, &s->guard) != 0) {
+        free_server(s);
         return err_set(e, ERR_NOMEM, "cannot start the I/O threads");
     }
     if (q)
@@ -655,26 +874,27 @@ int http_server_start(const struct http_config *cfg, struct registry *reg, struc
     addr.sin_family = AF_INET;
     addr.sin_port = htons((uint16_t)cfg->port);
     if (inet_pton(AF_INET, cfg->host, &addr.sin_addr) != 1) {
-        jobs_waiters_stop(s);
-        iopool_destroy(s->io);
-        free(s);
+        free_server(s);
         return err_set(e, ERR_INVALID, "--host: '%s' is not an IPv4 address", cfg->host);
     }
+    check_fd_limit(cfg);
     threads = cfg->threads > 0 ? (unsigned)cfg->threads : (unsigned)(n_cpu > 0 ? n_cpu : 1);
+    /* the guard enforces max_connections; libmicrohttpd's own limit (split between its
+     * threads) leaves room for connections being closed to make room */
+    mhd_limit = (unsigned)cfg->max_connections + (unsigned)cfg->max_connections / 2 + 64 * threads;
     s->daemon = MHD_start_daemon(
         MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_TURBO,
-        0, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
-        MHD_OPTION_THREAD_POOL_SIZE, threads, MHD_OPTION_CONNECTION_LIMIT,
-        (unsigned)cfg->max_connections, MHD_OPTION_CONNECTION_TIMEOUT,
-        (unsigned)cfg->idle_timeout_s, MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
-        MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024u, MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u,
-        MHD_OPTION_END);
+        0, conns_accept, s->guard, on_request, s, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
+        MHD_OPTION_THREAD_POOL_SIZE, threads, MHD_OPTION_CONNECTION_LIMIT, mhd_limit,
+        MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->idle_timeout_s, MHD_OPTION_NOTIFY_COMPLETED,
+        on_completed, s, MHD_OPTION_NOTIFY_CONNECTION, conns_notify, s->guard,
+        MHD_OPTION_URI_LOG_CALLBACK, on_request_line, s, MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024u,
+        MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u, MHD_OPTION_END);
     if (!s->daemon) {
-        jobs_waiters_stop(s);
-        iopool_destroy(s->io);
-        free(s);
+        int saved = errno;
+        free_server(s);
         return err_set(e, ERR_IO, "cannot listen on %s:%d: %s", cfg->host, cfg->port,
-                       strerror(errno));
+                       strerror(saved));
     }
     di = MHD_get_daemon_info(s->daemon, MHD_DAEMON_INFO_BIND_PORT);
     s->port = di ? di->port : cfg->port;
@@ -709,6 +929,7 @@ void http_server_stop(struct http_server *s)
                  (long long)atomic_load(&s->in_flight));
     MHD_stop_daemon(s->daemon);
     iopool_destroy(s->io);
+    conns_destroy(s->guard);
     if (s->queue)
         queue_on_final(s->queue, NULL, NULL);
     free(s);

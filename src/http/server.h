@@ -15,18 +15,21 @@ struct worker_pool;
 struct notifier;
 
 struct http_config {
-    const char *host;       /* address to bind; "127.0.0.1" by default */
-    int port;               /* 8000 by default; 0 picks a free port */
-    int threads;            /* HTTP threads (epoll each); 0 means one per CPU */
-    int64_t max_body_bytes; /* larger bodies get 413 */
-    int max_connections;
-    int idle_timeout_s;           /* keep-alive connections idle this long are closed */
-    int drain_timeout_s;          /* how long shutdown waits for in-flight requests */
-    int io_threads;               /* threads for blocking job-store calls; 0 means 8 */
-    int64_t default_max_attempts; /* async jobs that do not say */
-    int64_t default_ttl_s;        /* 0: jobs never expire while queued */
-    int workers;                  /* the async worker pool's size, for metrics */
-    int worker_only;              /* inferd worker: only metrics and health */
+    const char *host;               /* address to bind; "127.0.0.1" by default */
+    int port;                       /* 8000 by default; 0 picks a free port */
+    int threads;                    /* HTTP threads (epoll each); 0 means one per CPU */
+    int64_t max_body_bytes;         /* larger bodies get 413 */
+    int max_connections;            /* past it, the oldest idle connection is closed for room */
+    int max_connections_per_client; /* connections from one address; 0: no cap */
+    int idle_timeout_s;             /* a connection with no request begun this long is closed */
+    int header_timeout_s;           /* a request's headers must be whole this long after its line */
+    int64_t body_min_bytes_per_s;   /* after header_timeout_s of grace, the body's slowest rate */
+    int drain_timeout_s;            /* how long shutdown waits for in-flight requests */
+    int io_threads;                 /* threads for blocking job-store calls; 0 means 8 */
+    int64_t default_max_attempts;   /* async jobs that do not say */
+    int64_t default_ttl_s;          /* 0: jobs never expire while queued */
+    int workers;                    /* the async worker pool's size, for metrics */
+    int worker_only;                /* inferd worker: only metrics and health */
 };
 
 struct http_server;

@@ -18,12 +18,14 @@
 #include "core/log.h"
 #include "metrics/metrics.h"
 
+#include <errno.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 
 #define SWEEP_MS 20
@@ -207,13 +209,13 @@ void batch_item_cancel(struct batch_item *item)
     atomic_store(&item->cancelled, 1);
 }
 
-static int client_gone(int fd);
+static int client_gone(struct batch_item *it);
 
 int batcher_request_cancelled(const struct inferd_request *request)
 {
-    const struct batch_item *it = infer_request_of(request)->batch_item;
+    struct batch_item *it = infer_request_of(request)->batch_item;
 
-    return !it || atomic_load(&it->cancelled) || client_gone(it->client_fd);
+    return !it || atomic_load(&it->cancelled) || client_gone(it);
 }
 
 void batcher_request_done(struct inferd_request *request)
@@ -351,13 +353,26 @@ static void *instance_main(void *arg)
 
 /* ---- sweeper ---- */
 
-static int client_gone(int fd)
+/* 1 once the item's client is gone. An end of its side of the connection alone (POLLRDHUP)
+ * may be a half-close: the item's eof_probe is written once to tell (a peer that closed its
+ * socket answers it with a reset, so the next check sees POLLERR or POLLHUP). */
+static int client_gone(struct batch_item *it)
 {
-    struct pollfd p = {.fd = fd, .events = POLLRDHUP};
+    struct pollfd p = {.fd = it->client_fd, .events = POLLRDHUP};
 
-    if (fd < 0)
+    if (it->client_fd < 0 || poll(&p, 1, 0) <= 0)
         return 0;
-    return poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL));
+    if (p.revents & (POLLHUP | POLLERR | POLLNVAL))
+        return 1;
+    if (!(p.revents & POLLRDHUP))
+        return 0;
+    if (!it->eof_probe)
+        return 1;
+    if (!atomic_exchange(&it->probed, 1) &&
+        send(it->client_fd, it->eof_probe, it->eof_probe_len, MSG_DONTWAIT | MSG_NOSIGNAL) < 0 &&
+        errno != EAGAIN && errno != EWOULDBLOCK)
+        return 1;
+    return 0;
 }
 
 static void *sweeper_main(void *arg)
@@ -376,7 +391,7 @@ static void *sweeper_main(void *arg)
                 unlink_item(b, prev, it);
                 it->next = expired;
                 expired = it;
-            } else if (atomic_load(&it->cancelled) || client_gone(it->client_fd)) {
+            } else if (atomic_load(&it->cancelled) || client_gone(it)) {
                 unlink_item(b, prev, it);
                 it->next = gone;
                 gone = it;

@@ -38,6 +38,12 @@ struct batch_item {
     struct infer_request *req; /* borrowed; outputs are filled in place */
     uint64_t deadline_ns;      /* CLOCK_MONOTONIC; 0 means none */
     int client_fd;             /* checked for hang-up while queued; -1 means don't */
+    /* Written once to client_fd when the client's side of the connection ends while the item
+     * is pending: that may be a half-close (shutdown(SHUT_WR) after a whole request, as nc -N
+     * does), which is not a hang-up. A peer that closed answers the write with a reset, seen
+     * at the next check. NULL: the end of the client's side counts as a hang-up. */
+    const char *eof_probe;
+    size_t eof_probe_len;
     batcher_done_fn done;
     void *ctx; /* the producer's */
     /* filled by the batcher */
@@ -46,6 +52,7 @@ struct batch_item {
     size_t batch_rows;   /* rows in the batch this item ran in */
     struct batcher *batcher;
     _Atomic int cancelled; /* set by batch_item_cancel() */
+    _Atomic int probed;    /* eof_probe was written */
     struct batch_item *next;
 };
 
