@@ -292,7 +292,7 @@ static void chunk_parse(struct runner *run, struct chunk *c)
             size_t len = strlen(line);
             if (len == 0) {
                 c->bad[i] = batch_reason("empty line");
-            } else if (codec_decode_document(line, len, &c->docs[i], &e) != 0) {
+            } else if (codec_decode_document(line, len, CODEC_FROM_STORE, &c->docs[i], &e) != 0) {
                 c->bad[i] = batch_reason("%s", e.msg);
             } else {
                 c->n_good++;

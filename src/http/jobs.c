@@ -566,7 +566,8 @@ static enum MHD_Result submit_job(struct req *r)
         if (!input_text)
             return http_reply_error(r, ERR_NOMEM, "out of memory");
         /* check it now: a bad input is the client's 4xx, not a failed job later */
-        rc = codec_decode_for_model(&m->info, input_text, strlen(input_text), -1, &req, &e);
+        rc = codec_decode_for_model(&m->info, input_text, strlen(input_text), -1, CODEC_FROM_CLIENT,
+                                    &req, &e);
         if (rc == 0)
             rc = tensor_check_inputs(req, &m->info, &e);
         infer_request_destroy(req);
