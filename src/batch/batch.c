@@ -9,6 +9,9 @@
  * (atomically) with its record count and output checksum; a re-run skips objects whose output
  * still matches, and `_SUCCESS` marks the end.
  *
+ * Records are read with their length: a NUL byte inside one makes it a bad record (no text
+ * format has one) instead of ending it. Bad records' reasons quote nothing of them.
+ *
  * A model that takes JSON documents (json_io: an upstream LLM or JSON service behind the http
  * backend) gets each JSON Lines record as its own request: any JSON value, answered by one
  * JSON value per output line. Records the model refuses (a 4xx) are bad records like
@@ -46,6 +49,7 @@ struct chunk {
     size_t n_good;
     int64_t *line_no; /* per record */
     size_t *off;      /* per record: where its text starts in `raw` (NUL-terminated) */
+    size_t *len;      /* per record: its length (a NUL byte inside makes it a bad record) */
     struct buf raw;   /* the records' text, as read */
     char **bad;       /* per record: why it is bad, or NULL */
     float *data;      /* n_good x width; owned by `req` once submitted */
@@ -125,6 +129,7 @@ static int chunk_init(struct chunk *c, struct runner *run, size_t cap)
     c->run = run;
     c->line_no = calloc(cap, sizeof(*c->line_no));
     c->off = calloc(cap, sizeof(*c->off));
+    c->len = calloc(cap, sizeof(*c->len));
     c->bad = calloc(cap, sizeof(*c->bad));
     if (run->documents) {
         c->docs = calloc(cap, sizeof(*c->docs));
@@ -134,7 +139,7 @@ static int chunk_init(struct chunk *c, struct runner *run, size_t cap)
         if (!c->docs || !c->doc_items || !c->tries || !c->retry)
             return -1;
     }
-    return c->line_no && c->off && c->bad ? 0 : -1;
+    return c->line_no && c->off && c->len && c->bad ? 0 : -1;
 }
 
 static void chunk_release(struct chunk *c)
@@ -143,6 +148,7 @@ static void chunk_release(struct chunk *c)
     buf_release(&c->raw);
     free(c->line_no);
     free(c->off);
+    free(c->len);
     free(c->bad);
     free(c->docs);
     free(c->doc_items);
@@ -289,9 +295,11 @@ static void chunk_parse(struct runner *run, struct chunk *c)
     if (run->documents) {
         for (size_t i = 0; i < c->n; i++) {
             const char *line = c->raw.data + c->off[i];
-            size_t len = strlen(line);
+            size_t len = c->len[i];
             if (len == 0) {
                 c->bad[i] = batch_reason("empty line");
+            } else if ((c->bad[i] = batch_parse_nul(line, len)) != NULL) {
+                continue;
             } else if (codec_decode_document(line, len, CODEC_FROM_STORE, &c->docs[i], &e) != 0) {
                 c->bad[i] = batch_reason("%s", e.msg);
             } else {
@@ -307,7 +315,7 @@ static void chunk_parse(struct runner *run, struct chunk *c)
     } else {
         for (size_t i = 0; i < c->n; i++) {
             const char *line = c->raw.data + c->off[i];
-            size_t len = strlen(line);
+            size_t len = c->len[i];
             float *row = c->data + c->n_good * (size_t)run->width;
             char *why = len == 0   ? batch_reason("empty line")
                         : run->csv ? batch_parse_csv(line, len, run->width, row)
@@ -692,6 +700,7 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
                 continue;
             c->line_no[c->n] = line_no;
             c->off[c->n] = c->raw.len;
+            c->len[c->n] = len;
             if (buf_append(&c->raw, line, len) != 0 || buf_append(&c->raw, "", 1) != 0) {
                 rc = err_set(e, ERR_NOMEM, "out of memory");
                 break;

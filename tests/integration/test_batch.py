@@ -743,3 +743,67 @@ def test_kill9_midway_then_resume_is_byte_identical(inferd, repo, trained, tmp_p
         f"after resume: {files_under(out2)}\nuninterrupted: {files_under(out1)}\n"
         f"at kill: {files_at_kill}")
     print(f"killed after {finished_at_kill}; resume stderr:\n{res.stderr[-1500:]}")
+
+
+# ---------------------------------------------------------------------------
+# issue 13: what a file holds stays out of messages; NUL bytes; changed inputs
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt_ext", ["csv", "jsonl"])
+def test_errors_quote_nothing_of_the_file(batch, repo, tmp_path, fmt_ext):
+    """A batch over a text file that is no data (a copy of /etc/passwd): every bad record's
+    line in .errors, and the failure on stderr, name the line and the problem but hold none of
+    the file's words."""
+    from conftest import assert_quotes_nothing_of, passwd_copy
+    src = tmp_path / "in" / f"stolen.{fmt_ext}"
+    text = passwd_copy(src)
+    n_lines = len(text.splitlines())
+
+    res = batch(repo, "binary", src, tmp_path / "out", "--max-errors", "100000")
+    assert res.summary() == (n_lines, n_lines), res
+    errs = (tmp_path / "out" / f"stolen.{fmt_ext}.errors").read_text()
+    lines = errs.splitlines()
+    assert len(lines) == n_lines, errs[:500]
+    for i, line in enumerate(lines, 1):
+        assert line.startswith(f"line {i}: "), line
+        assert_quotes_nothing_of(text, line, f"stolen.{fmt_ext}.errors line {i}")
+    assert_quotes_nothing_of(text, res.stderr, "stderr")
+
+    res = batch(repo, "binary", src, tmp_path / "strict", check=False)
+    assert res.rc != 0 and res.line_naming(f"stolen.{fmt_ext}", "line 1:"), res
+    assert_quotes_nothing_of(text, res.stderr, "stderr of the failed run")
+
+
+def nul_records(X, bad, fmt_ext):
+    """X as CSV or JSON Lines, with a NUL byte inside the records at 1-based lines ``bad``;
+    each is followed by five more columns, which a reader that stops at the NUL misses."""
+    text = csv_text(X) if fmt_ext == "csv" else jsonl_text(X)
+    lines = text.splitlines()
+    for ln in bad:
+        if fmt_ext == "csv":
+            lines[ln - 1] = lines[ln - 1] + "\0" + ",1,2,3,4,5"
+        else:
+            lines[ln - 1] = lines[ln - 1][:-1] + "\0" + ",1,2,3,4,5]"
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("fmt_ext", ["csv", "jsonl"])
+def test_nul_byte_makes_a_bad_record(batch, repo, trained, tmp_path, fmt_ext):
+    """A NUL byte does not end a record: the record is bad (counted, named by its line in
+    .errors); the others still score as python-xgboost does."""
+    m = trained["binary"]
+    X = m.rows(N_ROWS, seed=60)
+    bad = [7, 57]
+    src = write(tmp_path / "in" / f"nul.{fmt_ext}", nul_records(X, bad, fmt_ext))
+    res = batch(repo, "binary", src, tmp_path / "out", "--max-errors", "5")
+    assert res.summary() == (N_ROWS, 2), res
+    check_tolerated(tmp_path / "out", f"nul.{fmt_ext}", m, X, [b - 1 for b in bad], bad,
+                    mode=fmt_ext)
+    for line in (tmp_path / "out" / f"nul.{fmt_ext}.errors").read_text().splitlines():
+        assert "NUL byte" in line, line
+
+    res = batch(repo, "binary", src, tmp_path / "strict", check=False)
+    assert res.rc != 0, f"a record with a NUL byte was accepted\n{res}"
+    assert res.line_naming(f"nul.{fmt_ext}", "line 7:", "NUL"), res
+
