@@ -6,8 +6,11 @@
  * parsing and writing overlap the model instead of adding to it. Results are written in input
  * order, one line per record (an empty line for a tolerated bad record), to a temporary object
  * that becomes `<name>.out` only when complete. After each object the manifest is rewritten
- * (atomically) with its record count and output checksum; a re-run skips objects whose output
- * still matches, and `_SUCCESS` marks the end.
+ * (atomically) with its record count, output checksum and the input's identity (size and
+ * modification time, or S3's ETag, taken before reading it); a re-run skips an object only
+ * when its input still has that identity and its output still has that checksum, and
+ * `_SUCCESS` marks the end. An entry without an input identity (an older inferd wrote it)
+ * counts as changed: the object is run again once.
  *
  * Records are read with their length: a NUL byte inside one makes it a bad record (no text
  * format has one) instead of ending it. Bad records' reasons quote nothing of them.
@@ -732,6 +735,8 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
         rc = err_set(e, ERR_IO, "checksum failed");
     if (rc == 0 && o.errors)
         rc = storage_commit(o.errors, e), o.errors = NULL;
+    else if (rc == 0) /* none now: an earlier run's (of a changed input) would mislead */
+        rc = storage_delete(errors_uri, e);
     if (rc == 0)
         rc = storage_commit(o.out, e), o.out = NULL;
     storage_abort(o.out);
@@ -762,14 +767,31 @@ static int sha256_of(const char *uri, char hex[65])
     return rc;
 }
 
-/* 1 if the manifest lists `name` and its output still has the recorded checksum. */
-static int already_done(json_t *objects, const char *name, const char *out_uri)
+json_t *batch_input_json(const struct storage_identity *id)
+{
+    if (id->etag[0])
+        return json_pack("{s:I, s:s}", "size", (json_int_t)id->size_bytes, "etag", id->etag);
+    return json_pack("{s:I, s:I}", "size", (json_int_t)id->size_bytes, "mtime_ns",
+                     (json_int_t)id->mtime_ns);
+}
+
+/* 1 if the manifest lists `name` with the input identity it has now, and its output still has
+ * the recorded checksum. An entry without "input" (an older manifest) is not done: the input
+ * may have changed since, and running the object again is always right. */
+static int already_done(json_t *objects, const char *name, const struct storage_identity *input,
+                        const char *out_uri)
 {
     json_t *entry = json_object_get(objects, name);
     const char *want = json_string_value(json_object_get(entry, "sha256"));
+    json_t *now = batch_input_json(input);
     char got[65] = "";
+    int same_input = now && json_equal(json_object_get(entry, "input"), now);
 
-    return want && sha256_of(out_uri, got) == 0 && strcmp(want, got) == 0;
+    json_decref(now);
+    if (entry && !same_input)
+        log_info("batch", "input changed since the last run: running it again", "object=%s%s", name,
+                 json_object_get(entry, "input") ? "" : " recorded=none");
+    return want && same_input && sha256_of(out_uri, got) == 0 && strcmp(want, got) == 0;
 }
 
 static int save_manifest(const char *uri, json_t *manifest, struct err *e)
@@ -856,6 +878,10 @@ int batch_run_object(const struct batch_config *cfg, struct model *m, const char
     run.started = now_s();
     run.width = run.documents ? 0 : m->info.inputs[0].shape[1];
     run.n_instances = cfg->instances > 0 ? cfg->instances : 2;
+    /* before reading: a change after this is seen by the next run */
+    rc = storage_identify(in_uri, &res->input, e);
+    if (rc != 0)
+        return rc;
     pthread_mutex_init(&run.lock, NULL);
     pthread_cond_init(&run.cond, NULL);
     rc = parsers_start(&run, (int)(n_cpu > 0 ? n_cpu : 1), e);
@@ -954,6 +980,7 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
     for (size_t i = 0; rc == 0 && i < n_names; i++) {
         const char *name = names[i];
         char *in_uri, *out_uri, *err_uri, out_name[4200], err_name[4200], sha[65] = "";
+        struct storage_identity input;
         int64_t records = 0;
         int csv = 0;
         if (batch_is_reserved(name))
@@ -965,15 +992,17 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
         err_uri = storage_join(cfg->output, err_name);
         if (!in_uri || !out_uri || !err_uri) {
             rc = err_set(e, ERR_NOMEM, "out of memory");
-        } else if (already_done(objects, name, out_uri)) {
+        } else if ((rc = storage_identify(in_uri, &input, e)) != 0) {
+            /* before reading: a change after this is seen by the next run */
+        } else if (already_done(objects, name, &input, out_uri)) {
             stats->objects_skipped++;
             log_info("batch", "skipped: already done", "object=%s", name);
         } else if ((rc = batch_format_of(cfg, name, &csv, e)) == 0) {
             rc = process_object(&run, in_uri, name, out_uri, err_uri, csv, &records, sha, e);
             if (rc == 0) {
-                json_object_set_new(
-                    objects, name,
-                    json_pack("{s:I, s:s}", "records", (json_int_t)records, "sha256", sha));
+                json_object_set_new(objects, name,
+                                    json_pack("{s:I, s:s, s:o}", "records", (json_int_t)records,
+                                              "sha256", sha, "input", batch_input_json(&input)));
                 /* at most once a second (and at the end): with thousands of small objects,
                  * rewriting it after each would cost more than the objects; a crash then
                  * re-runs at most a second's worth of finished objects */

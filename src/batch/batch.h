@@ -6,6 +6,7 @@
 #define INFERD_BATCH_H
 
 #include "core/err.h"
+#include "storage/storage.h"
 
 #include <stdint.h>
 
@@ -43,14 +44,21 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
 /* What one object gave. */
 struct batch_object_result {
     int64_t records, errors;
-    char sha256[65]; /* of the output written */
+    char sha256[65];               /* of the output written */
+    struct storage_identity input; /* the input's, taken before it was read */
 };
+
+struct json_t;
+/* The "input" member of a manifest entry for `id`: {"size": N, "mtime_ns": N} for a file,
+ * {"size": N, "etag": "..."} for S3. A new JSON object (json_decref), NULL without memory. */
+struct json_t *batch_input_json(const struct storage_identity *id);
 
 struct model;
 /*
  * Runs one input object through `m` (acquired by the caller): `in_uri` to `out_uri`, bad
- * records (up to cfg->max_errors) to `errors_uri`. Workers run batch tasks with it; only
- * cfg's format, records_per_batch, concurrency, instances, join_input, csv_header,
+ * records (up to cfg->max_errors) to `errors_uri` (deleted when there are none, so a redone
+ * object keeps no stale one); res->input is the input's identity. Workers run batch tasks with
+ * it; only cfg's format, records_per_batch, concurrency, instances, join_input, csv_header,
  * max_errors, quiet and tick are used.
  *   name  the object's name relative to the job's input, for messages and the format
  */

@@ -558,8 +558,9 @@ static int run_object(struct queue *q, struct registry *reg, const struct job *j
                      rc == ERR_UNAVAILABLE;
         return rc;
     }
-    out = json_pack("{s:s, s:I, s:I, s:s}", "object", object, "records", (json_int_t)res.records,
-                    "errors", (json_int_t)res.errors, "sha256", res.sha256);
+    out = json_pack("{s:s, s:I, s:I, s:s, s:o}", "object", object, "records",
+                    (json_int_t)res.records, "errors", (json_int_t)res.errors, "sha256", res.sha256,
+                    "input", batch_input_json(&res.input));
     text = out ? json_dumps(out, JSON_COMPACT) : NULL;
     rc = text ? buf_puts(result, text) : err_set(e, ERR_NOMEM, "out of memory");
     free(text);

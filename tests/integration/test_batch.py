@@ -807,3 +807,91 @@ def test_nul_byte_makes_a_bad_record(batch, repo, trained, tmp_path, fmt_ext):
     assert res.rc != 0, f"a record with a NUL byte was accepted\n{res}"
     assert res.line_naming(f"nul.{fmt_ext}", "line 7:", "NUL"), res
 
+
+def input_identity(path):
+    st = Path(path).stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def out_stat(path):
+    st = Path(path).stat()
+    return st.st_mtime_ns, st.st_ino
+
+
+@pytest.mark.parametrize("change", ["same-size-new-mtime", "new-size"])
+def test_rerun_redoes_an_object_whose_input_changed(batch, repo, trained, tmp_path, change):
+    """The manifest records each input's size and modification time; a re-run redoes an object
+    whose input changed (and only it), and writes its new identity."""
+    m = trained["binary"]
+    inp, out = tmp_path / "in", tmp_path / "out"
+    Xa, Xb = m.rows(200, seed=61), m.rows(50, seed=62)
+    write(inp / "a.csv", csv_text(Xa))
+    write(inp / "b.csv", csv_text(Xb))
+    batch(repo, "binary", inp, out)
+    objs = manifest(out)["objects"]
+    for name in ("a.csv", "b.csv"):
+        assert objs[name]["input"] == input_identity(inp / name), objs[name]
+    b_before = out_stat(out / "b.csv.out")
+
+    old = (inp / "a.csv").stat()
+    if change == "new-size":
+        Xa = m.rows(201, seed=63)
+        write(inp / "a.csv", csv_text(Xa))
+    else:
+        # new values, the same number of bytes: each row's first value gets its sign flipped
+        # where that keeps the text's length
+        lines = (inp / "a.csv").read_text().splitlines()
+        flipped = []
+        for i, line in enumerate(lines):
+            first, rest = line.split(",", 1)
+            if first.startswith("-"):
+                first = "+" + first[1:]
+                Xa[i, 0] = -Xa[i, 0]
+            flipped.append(first + "," + rest)
+        write(inp / "a.csv", "\n".join(flipped) + "\n")
+        assert (inp / "a.csv").stat().st_size == old.st_size
+        os.utime(inp / "a.csv", ns=(old.st_atime_ns, old.st_mtime_ns + 1_000_000_000))
+    res = batch(repo, "binary", inp, out)
+    assert "objects=1 skipped=1" in res.stderr, f"expected a.csv redone, b.csv skipped\n{res}"
+    check_predictions(out / "a.csv.out", m, Xa, "csv")
+    assert out_stat(out / "b.csv.out") == b_before, "an unchanged input's .out was rewritten"
+    objs = manifest(out)["objects"]
+    assert objs["a.csv"]["input"] == input_identity(inp / "a.csv"), objs["a.csv"]
+    check_manifest(out, {"a.csv": len(Xa), "b.csv": 50})
+
+
+def test_rerun_with_a_manifest_without_input_identity_redoes_it(batch, repo, trained,
+                                                                  tmp_path):
+    """A manifest written before inputs were recorded cannot tell a changed input from an
+    unchanged one: its objects run again (once), and the manifest then records them."""
+    m = trained["binary"]
+    inp, out = tmp_path / "in", tmp_path / "out"
+    X = m.rows(30, seed=64)
+    write(inp / "a.jsonl", jsonl_text(X))
+    batch(repo, "binary", inp, out)
+    old = manifest(out)
+    for entry in old["objects"].values():
+        del entry["input"]
+    (out / "_manifest.json").write_text(json.dumps(old))
+    before = out_stat(out / "a.jsonl.out")
+
+    res = batch(repo, "binary", inp, out)
+    assert "objects=1 skipped=0" in res.stderr, res
+    assert out_stat(out / "a.jsonl.out") != before, "the object was not run again"
+    assert manifest(out)["objects"]["a.jsonl"]["input"] == input_identity(inp / "a.jsonl")
+    res = batch(repo, "binary", inp, out)
+    assert "objects=0 skipped=1" in res.stderr, f"a second re-run did not skip\n{res}"
+
+
+def test_redone_object_drops_its_stale_errors(batch, repo, trained, tmp_path):
+    """A changed input whose bad records are gone leaves no .errors from the earlier run."""
+    m = trained["binary"]
+    inp, out = tmp_path / "in", tmp_path / "out"
+    X = m.rows(N_ROWS, seed=65)
+    write(inp / "a.jsonl", bad_jsonl(X, [5], "string"))
+    batch(repo, "binary", inp, out, "--max-errors", "5")
+    assert (out / "a.jsonl.errors").exists()
+    write(inp / "a.jsonl", jsonl_text(X))
+    batch(repo, "binary", inp, out, "--max-errors", "5")
+    assert not (out / "a.jsonl.errors").exists(), "a stale .errors outlived its input"
+    check_predictions(out / "a.jsonl.out", m, X, "jsonl")
