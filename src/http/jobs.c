@@ -487,6 +487,8 @@ static int get_str(json_t *root, const char *key, const char **out, struct err *
         return 0;
     if (!json_is_string(v) || json_string_length(v) == 0)
         return err_set(e, ERR_INVALID, "%s: expected a non-empty string", key);
+    if (strlen(json_string_value(v)) != json_string_length(v)) /* the body may hold \u0000 */
+        return err_set(e, ERR_INVALID, "%s: holds a NUL character (\\u0000)", key);
     *out = json_string_value(v);
     return 0;
 }
@@ -529,7 +531,9 @@ static enum MHD_Result submit_job(struct req *r)
     if (async_unavailable(r, &ret))
         return ret;
     r->kind = KIND_JOB;
-    root = json_loadb(r->body.data ? r->body.data : "", r->body.len, JSON_REJECT_DUPLICATES, &jerr);
+    /* \u0000 is valid JSON: an inline input's "id" may hold it; get_str refuses it elsewhere */
+    root = json_loadb(r->body.data ? r->body.data : "", r->body.len,
+                      JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
     if (!root)
         return http_reply_error(r, ERR_INVALID, "malformed JSON at line %d column %d: %s",
                                 jerr.line, jerr.column, jerr.text);
