@@ -633,9 +633,10 @@ static void progress(struct runner *run, int final)
 
 /* ---- one object ---- */
 
+/* `stale_errors`: an earlier run left `errors_uri`; it goes if this run finds no bad record */
 static int process_object(struct runner *run, const char *in_uri, const char *name,
-                          const char *out_uri, const char *errors_uri, int csv, int64_t *records,
-                          char sha_hex[65], struct err *e)
+                          const char *out_uri, const char *errors_uri, int csv, int stale_errors,
+                          int64_t *records, char sha_hex[65], struct err *e)
 {
     const struct batch_config *cfg = run->cfg;
     /* enough chunks in flight to keep every instance busy while the next one is parsed */
@@ -735,7 +736,7 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
         rc = err_set(e, ERR_IO, "checksum failed");
     if (rc == 0 && o.errors)
         rc = storage_commit(o.errors, e), o.errors = NULL;
-    else if (rc == 0) /* none now: an earlier run's (of a changed input) would mislead */
+    else if (rc == 0 && stale_errors) /* none now: an earlier run's would mislead */
         rc = storage_delete(errors_uri, e);
     if (rc == 0)
         rc = storage_commit(o.out, e), o.out = NULL;
@@ -804,6 +805,28 @@ static int save_manifest(const char *uri, json_t *manifest, struct err *e)
     rc = storage_put(uri, text, strlen(text), e);
     free(text);
     return rc;
+}
+
+int batch_list_output(const char *output, char ***names, size_t *n, struct err *e)
+{
+    int is_object = 0, rc = storage_list(output, names, n, &is_object, e);
+
+    if (rc == ERR_NOT_FOUND) { /* a first run: nothing there yet */
+        *names = NULL;
+        *n = 0;
+        rc = 0;
+    }
+    return rc;
+}
+
+static int compare_names(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+int batch_has_name(char *const *names, size_t n, const char *name)
+{
+    return n > 0 && bsearch(&name, names, n, sizeof(*names), compare_names) != NULL;
 }
 
 int batch_is_reserved(const char *name)
@@ -886,8 +909,8 @@ int batch_run_object(const struct batch_config *cfg, struct model *m, const char
     pthread_cond_init(&run.cond, NULL);
     rc = parsers_start(&run, (int)(n_cpu > 0 ? n_cpu : 1), e);
     if (rc == 0)
-        rc = process_object(&run, in_uri, name, out_uri, errors_uri, csv, &res->records,
-                            res->sha256, e);
+        rc = process_object(&run, in_uri, name, out_uri, errors_uri, csv, cfg->stale_errors,
+                            &res->records, res->sha256, e);
     res->errors = stats.errors;
     if (run.parsers)
         parsers_stop(&run);
@@ -929,9 +952,9 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
 {
     struct registry *reg = NULL;
     struct runner run = {.cfg = cfg, .stats = stats};
-    char **names = NULL, *manifest_uri = NULL, *success_uri = NULL;
+    char **names = NULL, *manifest_uri = NULL, *success_uri = NULL, **outs = NULL;
     json_t *manifest = NULL, *objects;
-    size_t n_names = 0;
+    size_t n_names = 0, n_outs = 0;
     int is_object = 0, unsaved = 0, rc;
     double last_save = 0;
     struct err save_err;
@@ -954,6 +977,8 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
         run.n_instances = cfg->instances > 0 ? cfg->instances : (int)(n_cpu > 0 ? n_cpu : 1);
     }
     rc = storage_list(cfg->input, &names, &n_names, &is_object, e);
+    if (rc == 0)
+        rc = batch_list_output(cfg->output, &outs, &n_outs, e);
     if (rc != 0)
         goto cleanup;
     manifest_uri = storage_join(cfg->output, "_manifest.json");
@@ -998,7 +1023,8 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
             stats->objects_skipped++;
             log_info("batch", "skipped: already done", "object=%s", name);
         } else if ((rc = batch_format_of(cfg, name, &csv, e)) == 0) {
-            rc = process_object(&run, in_uri, name, out_uri, err_uri, csv, &records, sha, e);
+            rc = process_object(&run, in_uri, name, out_uri, err_uri, csv,
+                                batch_has_name(outs, n_outs, err_name), &records, sha, e);
             if (rc == 0) {
                 json_object_set_new(objects, name,
                                     json_pack("{s:I, s:s, s:o}", "records", (json_int_t)records,
@@ -1040,6 +1066,7 @@ cleanup:
     registry_destroy(reg);
     json_decref(manifest);
     storage_names_free(names, n_names);
+    storage_names_free(outs, n_outs);
     free(manifest_uri);
     free(success_uri);
     pthread_mutex_destroy(&run.lock);

@@ -26,6 +26,8 @@ struct batch_config {
     int64_t max_errors; /* bad records tolerated in the whole job */
     int progress_tty;   /* a live progress line instead of log lines */
     int quiet;          /* no progress lines at all (a worker's task) */
+    int stale_errors;   /* batch_run_object: an earlier run left errors_uri; it is deleted if
+                         * this run has no bad record (batch_run finds out for itself) */
     /* called between chunks; a non-zero return (with `e` filled) stops the object */
     int (*tick)(void *ctx, struct err *e);
     void *tick_ctx;
@@ -56,10 +58,9 @@ struct json_t *batch_input_json(const struct storage_identity *id);
 struct model;
 /*
  * Runs one input object through `m` (acquired by the caller): `in_uri` to `out_uri`, bad
- * records (up to cfg->max_errors) to `errors_uri` (deleted when there are none, so a redone
- * object keeps no stale one); res->input is the input's identity. Workers run batch tasks with
- * it; only cfg's format, records_per_batch, concurrency, instances, join_input, csv_header,
- * max_errors, quiet and tick are used.
+ * records (up to cfg->max_errors) to `errors_uri`; res->input is the input's identity.
+ * Workers run batch tasks with it; only cfg's format, records_per_batch, concurrency,
+ * instances, join_input, csv_header, max_errors, quiet, stale_errors and tick are used.
  *   name  the object's name relative to the job's input, for messages and the format
  */
 int batch_run_object(const struct batch_config *cfg, struct model *m, const char *in_uri,
@@ -73,6 +74,11 @@ int batch_model_ok(const struct model *m);
 /* 1 for the names a batch job writes itself (outputs, errors, manifest, markers): never
  * inputs. */
 int batch_is_reserved(const char *name);
+/* What is under `output` now, sorted (none for an output not written yet): where an earlier
+ * run may have left `<name>.errors`. New array: storage_names_free(). */
+int batch_list_output(const char *output, char ***names, size_t *n, struct err *e);
+/* 1 if the sorted `names` hold `name`. */
+int batch_has_name(char *const *names, size_t n, const char *name);
 /* Deletes the temporary objects killed runs left under `output`. */
 int batch_remove_leftovers(const char *output, struct err *e);
 /* The format of object `name`: cfg->format, else from its extension. */

@@ -455,3 +455,13 @@ def test_nul_bytes_make_bad_records(tmp_path, trained, server_factory, fresh_que
     failed = wait_status(server, r.json()["id"], ("succeeded", "failed"))
     assert failed["status"] == "failed" and "line 3:" in failed["error"], failed
     assert "NUL byte" in failed["error"], failed
+
+    # the inputs repaired and run again into the same output: no stale .errors stays
+    write_csv(tmp_path / "in" / "nul.csv", X)
+    write_jsonl(tmp_path / "in" / "nul.jsonl", X)
+    r = submit(server, model=m.name, input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    done = wait_status(server, r.json()["id"], ("succeeded", "failed"))
+    assert done["status"] == "succeeded" and done["progress"]["records_failed"] == 0, done
+    for ext in ("csv", "jsonl"):
+        assert not (tmp_path / "out" / f"nul.{ext}.errors").exists(), f"a stale nul.{ext}.errors"
+        assert_close(read_predictions(tmp_path / "out" / f"nul.{ext}.out"), m.expected(X), ext)
