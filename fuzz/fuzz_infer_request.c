@@ -11,10 +11,17 @@
  * would), and codec_decode_response_v2 (the http backend reading an upstream). Whenever a v2
  * decode succeeds, codec_encode_request_v2 must give JSON that codec_decode_v2 turns back into
  * the same tensors. Any broken promise aborts, so libFuzzer reports it.
+ *
+ * The document and for_model doors also take the body as text read from a location
+ * (CODEC_FROM_STORE): then no error may quote it, so anything an error puts in quotes must be
+ * one of our own words (a model's input name, JSON's punctuation). A decoded "id" (any JSON
+ * string, \u0000 included) must come back byte for byte from the encoded response.
  */
 #include "model/codec.h"
 #include "model/tensor.h"
 
+#include <ctype.h>
+#include <jansson.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -67,6 +74,51 @@ static void check_failure(int rc, const struct err *e)
 {
     if (rc >= 0 || rc < ERR_UPSTREAM || e->msg[0] == '\0')
         broken("a failure without a code or a message", e->msg);
+}
+
+/* An error about stored text quotes none of it: every '...' in it is one of these (JSON's
+ * punctuation, the model's input names, and the letters of simdjson's fixed "an atom starting
+ * with the letter 't'"). An apostrophe inside a word ("model's") opens no quote. */
+static void check_stored_failure(int rc, const struct err *e)
+{
+    static const char *const ours[] = {"[", "{", "}",        "]",        ":", "t",
+                                       "f", "n", "input__0", "input__1", NULL};
+    const char *p = e->msg;
+
+    check_failure(rc, e);
+    while ((p = strchr(p, '\'')) != NULL) {
+        const char *close;
+        size_t n, k;
+        if (p > e->msg && (isalnum((unsigned char)p[-1]) || p[-1] == '_')) {
+            p++;
+            continue;
+        }
+        close = strchr(p + 1, '\'');
+        if (!close)
+            broken("an error about stored text opens a quote", e->msg);
+        n = (size_t)(close - p - 1);
+        for (k = 0; ours[k]; k++)
+            if (strlen(ours[k]) == n && memcmp(ours[k], p + 1, n) == 0)
+                break;
+        if (!ours[k])
+            broken("an error about stored text quotes it", e->msg);
+        p = close + 1;
+    }
+}
+
+/* The response's "id" is the request's, byte for byte (\u0000 included). */
+static void check_id_echo(const struct infer_request *r, const struct buf *response)
+{
+    json_t *root, *id;
+
+    if (!r->id)
+        return;
+    root = json_loadb(response->data, response->len, JSON_ALLOW_NUL, NULL);
+    id = json_object_get(root, "id");
+    if (!json_is_string(id) || json_string_length(id) != r->id_len ||
+        memcmp(json_string_value(id), r->id, r->id_len) != 0)
+        broken("the response's id is not the request's", NULL);
+    json_decref(root);
 }
 
 /* ---- the round trip through codec_encode_request_v2 ---- */
@@ -240,15 +292,18 @@ static void answer(struct infer_request *r, const struct inferd_model_info *m)
     buf_release(&out);
 }
 
-static void fuzz_document(const char *body, size_t body_len)
+static void fuzz_document(const char *body, size_t body_len, enum codec_origin origin)
 {
     struct infer_request *r = NULL;
     struct err e = {0};
-    int rc = codec_decode_document(body, body_len, &r, &e);
+    int rc = codec_decode_document(body, body_len, origin, &r, &e);
     uint32_t n;
 
     if (rc != 0) {
-        check_failure(rc, &e);
+        if (origin == CODEC_FROM_STORE)
+            check_stored_failure(rc, &e);
+        else
+            check_failure(rc, &e);
         return;
     }
     memcpy(&n, r->inputs[0].data, 4);
@@ -259,15 +314,28 @@ static void fuzz_document(const char *body, size_t body_len)
     infer_request_destroy(r);
 }
 
-static void fuzz_for_model(int json_io, const char *body, size_t body_len, int64_t json_len)
+static void fuzz_for_model(int json_io, const char *body, size_t body_len, int64_t json_len,
+                           enum codec_origin origin)
 {
     const struct inferd_model_info *m = &json_io_info[json_io];
     struct infer_request *r = NULL;
     struct err e = {0};
-    int rc = codec_decode_for_model(m, body, body_len, json_len, &r, &e);
+    int rc = codec_decode_for_model(m, body, body_len, json_len, origin, &r, &e);
 
     if (rc != 0) {
-        check_failure(rc, &e);
+        if (origin == CODEC_FROM_STORE)
+            check_stored_failure(rc, &e);
+        else
+            check_failure(rc, &e);
+        return;
+    }
+    if (origin == CODEC_FROM_STORE) {
+        /* what the worker does next: the model check must not quote the text either */
+        struct err ce = {0};
+        int crc = tensor_check_inputs(r, m, &ce);
+        if (crc != 0)
+            check_stored_failure(crc, &ce);
+        infer_request_destroy(r);
         return;
     }
     if ((json_io == INFERD_JSON_IO_NONE && r->is_document) ||
@@ -337,7 +405,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                                            (size_t)rows * sizeof(float));
             if (y)
                 memset(y, 0, (size_t)rows * sizeof(float));
-            codec_encode_v2(r, "m", "1", &out, &out_json_len);
+            if (codec_encode_v2(r, "m", "1", &out, &out_json_len) == 0)
+                check_id_echo(r, &out);
             buf_release(&out);
             codec_encode_v1(r, &out);
             buf_release(&out);
@@ -347,9 +416,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         infer_request_destroy(r);
     }
 
-    fuzz_document(body, body_len);
-    for (int io = INFERD_JSON_IO_NONE; io <= INFERD_JSON_IO_ONLY; io++)
-        fuzz_for_model(io, body, body_len, json_len);
+    fuzz_document(body, body_len, CODEC_FROM_CLIENT);
+    fuzz_document(body, body_len, CODEC_FROM_STORE);
+    for (int io = INFERD_JSON_IO_NONE; io <= INFERD_JSON_IO_ONLY; io++) {
+        fuzz_for_model(io, body, body_len, json_len, CODEC_FROM_CLIENT);
+        fuzz_for_model(io, body, body_len, -1, CODEC_FROM_STORE); /* stored text is JSON only */
+    }
     fuzz_response(body, body_len);
     return 0;
 }

@@ -6,8 +6,14 @@
  * parsing and writing overlap the model instead of adding to it. Results are written in input
  * order, one line per record (an empty line for a tolerated bad record), to a temporary object
  * that becomes `<name>.out` only when complete. After each object the manifest is rewritten
- * (atomically) with its record count and output checksum; a re-run skips objects whose output
- * still matches, and `_SUCCESS` marks the end.
+ * (atomically) with its record count, output checksum and the input's identity (size and
+ * modification time, or S3's ETag, taken before reading it); a re-run skips an object only
+ * when its input still has that identity and its output still has that checksum, and
+ * `_SUCCESS` marks the end. An entry without an input identity (an older inferd wrote it)
+ * counts as changed: the object is run again once.
+ *
+ * Records are read with their length: a NUL byte inside one makes it a bad record (no text
+ * format has one) instead of ending it. Bad records' reasons quote nothing of them.
  *
  * A model that takes JSON documents (json_io: an upstream LLM or JSON service behind the http
  * backend) gets each JSON Lines record as its own request: any JSON value, answered by one
@@ -46,6 +52,7 @@ struct chunk {
     size_t n_good;
     int64_t *line_no; /* per record */
     size_t *off;      /* per record: where its text starts in `raw` (NUL-terminated) */
+    size_t *len;      /* per record: its length (a NUL byte inside makes it a bad record) */
     struct buf raw;   /* the records' text, as read */
     char **bad;       /* per record: why it is bad, or NULL */
     float *data;      /* n_good x width; owned by `req` once submitted */
@@ -125,6 +132,7 @@ static int chunk_init(struct chunk *c, struct runner *run, size_t cap)
     c->run = run;
     c->line_no = calloc(cap, sizeof(*c->line_no));
     c->off = calloc(cap, sizeof(*c->off));
+    c->len = calloc(cap, sizeof(*c->len));
     c->bad = calloc(cap, sizeof(*c->bad));
     if (run->documents) {
         c->docs = calloc(cap, sizeof(*c->docs));
@@ -134,7 +142,7 @@ static int chunk_init(struct chunk *c, struct runner *run, size_t cap)
         if (!c->docs || !c->doc_items || !c->tries || !c->retry)
             return -1;
     }
-    return c->line_no && c->off && c->bad ? 0 : -1;
+    return c->line_no && c->off && c->len && c->bad ? 0 : -1;
 }
 
 static void chunk_release(struct chunk *c)
@@ -143,6 +151,7 @@ static void chunk_release(struct chunk *c)
     buf_release(&c->raw);
     free(c->line_no);
     free(c->off);
+    free(c->len);
     free(c->bad);
     free(c->docs);
     free(c->doc_items);
@@ -289,10 +298,12 @@ static void chunk_parse(struct runner *run, struct chunk *c)
     if (run->documents) {
         for (size_t i = 0; i < c->n; i++) {
             const char *line = c->raw.data + c->off[i];
-            size_t len = strlen(line);
+            size_t len = c->len[i];
             if (len == 0) {
                 c->bad[i] = batch_reason("empty line");
-            } else if (codec_decode_document(line, len, &c->docs[i], &e) != 0) {
+            } else if ((c->bad[i] = batch_parse_nul(line, len)) != NULL) {
+                continue;
+            } else if (codec_decode_document(line, len, CODEC_FROM_STORE, &c->docs[i], &e) != 0) {
                 c->bad[i] = batch_reason("%s", e.msg);
             } else {
                 c->n_good++;
@@ -307,7 +318,7 @@ static void chunk_parse(struct runner *run, struct chunk *c)
     } else {
         for (size_t i = 0; i < c->n; i++) {
             const char *line = c->raw.data + c->off[i];
-            size_t len = strlen(line);
+            size_t len = c->len[i];
             float *row = c->data + c->n_good * (size_t)run->width;
             char *why = len == 0   ? batch_reason("empty line")
                         : run->csv ? batch_parse_csv(line, len, run->width, row)
@@ -622,9 +633,10 @@ static void progress(struct runner *run, int final)
 
 /* ---- one object ---- */
 
+/* `stale_errors`: an earlier run left `errors_uri`; it goes if this run finds no bad record */
 static int process_object(struct runner *run, const char *in_uri, const char *name,
-                          const char *out_uri, const char *errors_uri, int csv, int64_t *records,
-                          char sha_hex[65], struct err *e)
+                          const char *out_uri, const char *errors_uri, int csv, int stale_errors,
+                          int64_t *records, char sha_hex[65], struct err *e)
 {
     const struct batch_config *cfg = run->cfg;
     /* enough chunks in flight to keep every instance busy while the next one is parsed */
@@ -692,6 +704,7 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
                 continue;
             c->line_no[c->n] = line_no;
             c->off[c->n] = c->raw.len;
+            c->len[c->n] = len;
             if (buf_append(&c->raw, line, len) != 0 || buf_append(&c->raw, "", 1) != 0) {
                 rc = err_set(e, ERR_NOMEM, "out of memory");
                 break;
@@ -723,6 +736,8 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
         rc = err_set(e, ERR_IO, "checksum failed");
     if (rc == 0 && o.errors)
         rc = storage_commit(o.errors, e), o.errors = NULL;
+    else if (rc == 0 && stale_errors) /* none now: an earlier run's would mislead */
+        rc = storage_delete(errors_uri, e);
     if (rc == 0)
         rc = storage_commit(o.out, e), o.out = NULL;
     storage_abort(o.out);
@@ -753,14 +768,31 @@ static int sha256_of(const char *uri, char hex[65])
     return rc;
 }
 
-/* 1 if the manifest lists `name` and its output still has the recorded checksum. */
-static int already_done(json_t *objects, const char *name, const char *out_uri)
+json_t *batch_input_json(const struct storage_identity *id)
+{
+    if (id->etag[0])
+        return json_pack("{s:I, s:s}", "size", (json_int_t)id->size_bytes, "etag", id->etag);
+    return json_pack("{s:I, s:I}", "size", (json_int_t)id->size_bytes, "mtime_ns",
+                     (json_int_t)id->mtime_ns);
+}
+
+/* 1 if the manifest lists `name` with the input identity it has now, and its output still has
+ * the recorded checksum. An entry without "input" (an older manifest) is not done: the input
+ * may have changed since, and running the object again is always right. */
+static int already_done(json_t *objects, const char *name, const struct storage_identity *input,
+                        const char *out_uri)
 {
     json_t *entry = json_object_get(objects, name);
     const char *want = json_string_value(json_object_get(entry, "sha256"));
+    json_t *now = batch_input_json(input);
     char got[65] = "";
+    int same_input = now && json_equal(json_object_get(entry, "input"), now);
 
-    return want && sha256_of(out_uri, got) == 0 && strcmp(want, got) == 0;
+    json_decref(now);
+    if (entry && !same_input)
+        log_info("batch", "input changed since the last run: running it again", "object=%s%s", name,
+                 json_object_get(entry, "input") ? "" : " recorded=none");
+    return want && same_input && sha256_of(out_uri, got) == 0 && strcmp(want, got) == 0;
 }
 
 static int save_manifest(const char *uri, json_t *manifest, struct err *e)
@@ -773,6 +805,28 @@ static int save_manifest(const char *uri, json_t *manifest, struct err *e)
     rc = storage_put(uri, text, strlen(text), e);
     free(text);
     return rc;
+}
+
+int batch_list_output(const char *output, char ***names, size_t *n, struct err *e)
+{
+    int is_object = 0, rc = storage_list(output, names, n, &is_object, e);
+
+    if (rc == ERR_NOT_FOUND) { /* a first run: nothing there yet */
+        *names = NULL;
+        *n = 0;
+        rc = 0;
+    }
+    return rc;
+}
+
+static int compare_names(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+int batch_has_name(char *const *names, size_t n, const char *name)
+{
+    return n > 0 && bsearch(&name, names, n, sizeof(*names), compare_names) != NULL;
 }
 
 int batch_is_reserved(const char *name)
@@ -847,12 +901,16 @@ int batch_run_object(const struct batch_config *cfg, struct model *m, const char
     run.started = now_s();
     run.width = run.documents ? 0 : m->info.inputs[0].shape[1];
     run.n_instances = cfg->instances > 0 ? cfg->instances : 2;
+    /* before reading: a change after this is seen by the next run */
+    rc = storage_identify(in_uri, &res->input, e);
+    if (rc != 0)
+        return rc;
     pthread_mutex_init(&run.lock, NULL);
     pthread_cond_init(&run.cond, NULL);
     rc = parsers_start(&run, (int)(n_cpu > 0 ? n_cpu : 1), e);
     if (rc == 0)
-        rc = process_object(&run, in_uri, name, out_uri, errors_uri, csv, &res->records,
-                            res->sha256, e);
+        rc = process_object(&run, in_uri, name, out_uri, errors_uri, csv, cfg->stale_errors,
+                            &res->records, res->sha256, e);
     res->errors = stats.errors;
     if (run.parsers)
         parsers_stop(&run);
@@ -894,9 +952,9 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
 {
     struct registry *reg = NULL;
     struct runner run = {.cfg = cfg, .stats = stats};
-    char **names = NULL, *manifest_uri = NULL, *success_uri = NULL;
+    char **names = NULL, *manifest_uri = NULL, *success_uri = NULL, **outs = NULL;
     json_t *manifest = NULL, *objects;
-    size_t n_names = 0;
+    size_t n_names = 0, n_outs = 0;
     int is_object = 0, unsaved = 0, rc;
     double last_save = 0;
     struct err save_err;
@@ -919,6 +977,8 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
         run.n_instances = cfg->instances > 0 ? cfg->instances : (int)(n_cpu > 0 ? n_cpu : 1);
     }
     rc = storage_list(cfg->input, &names, &n_names, &is_object, e);
+    if (rc == 0)
+        rc = batch_list_output(cfg->output, &outs, &n_outs, e);
     if (rc != 0)
         goto cleanup;
     manifest_uri = storage_join(cfg->output, "_manifest.json");
@@ -945,6 +1005,7 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
     for (size_t i = 0; rc == 0 && i < n_names; i++) {
         const char *name = names[i];
         char *in_uri, *out_uri, *err_uri, out_name[4200], err_name[4200], sha[65] = "";
+        struct storage_identity input;
         int64_t records = 0;
         int csv = 0;
         if (batch_is_reserved(name))
@@ -956,15 +1017,18 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
         err_uri = storage_join(cfg->output, err_name);
         if (!in_uri || !out_uri || !err_uri) {
             rc = err_set(e, ERR_NOMEM, "out of memory");
-        } else if (already_done(objects, name, out_uri)) {
+        } else if ((rc = storage_identify(in_uri, &input, e)) != 0) {
+            /* before reading: a change after this is seen by the next run */
+        } else if (already_done(objects, name, &input, out_uri)) {
             stats->objects_skipped++;
             log_info("batch", "skipped: already done", "object=%s", name);
         } else if ((rc = batch_format_of(cfg, name, &csv, e)) == 0) {
-            rc = process_object(&run, in_uri, name, out_uri, err_uri, csv, &records, sha, e);
+            rc = process_object(&run, in_uri, name, out_uri, err_uri, csv,
+                                batch_has_name(outs, n_outs, err_name), &records, sha, e);
             if (rc == 0) {
-                json_object_set_new(
-                    objects, name,
-                    json_pack("{s:I, s:s}", "records", (json_int_t)records, "sha256", sha));
+                json_object_set_new(objects, name,
+                                    json_pack("{s:I, s:s, s:o}", "records", (json_int_t)records,
+                                              "sha256", sha, "input", batch_input_json(&input)));
                 /* at most once a second (and at the end): with thousands of small objects,
                  * rewriting it after each would cost more than the objects; a crash then
                  * re-runs at most a second's worth of finished objects */
@@ -1002,6 +1066,7 @@ cleanup:
     registry_destroy(reg);
     json_decref(manifest);
     storage_names_free(names, n_names);
+    storage_names_free(outs, n_outs);
     free(manifest_uri);
     free(success_uri);
     pthread_mutex_destroy(&run.lock);

@@ -6,6 +6,7 @@
 #define INFERD_BATCH_H
 
 #include "core/err.h"
+#include "storage/storage.h"
 
 #include <stdint.h>
 
@@ -25,6 +26,8 @@ struct batch_config {
     int64_t max_errors; /* bad records tolerated in the whole job */
     int progress_tty;   /* a live progress line instead of log lines */
     int quiet;          /* no progress lines at all (a worker's task) */
+    int stale_errors;   /* batch_run_object: an earlier run left errors_uri; it is deleted if
+                         * this run has no bad record (batch_run finds out for itself) */
     /* called between chunks; a non-zero return (with `e` filled) stops the object */
     int (*tick)(void *ctx, struct err *e);
     void *tick_ctx;
@@ -43,15 +46,21 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
 /* What one object gave. */
 struct batch_object_result {
     int64_t records, errors;
-    char sha256[65]; /* of the output written */
+    char sha256[65];               /* of the output written */
+    struct storage_identity input; /* the input's, taken before it was read */
 };
+
+struct json_t;
+/* The "input" member of a manifest entry for `id`: {"size": N, "mtime_ns": N} for a file,
+ * {"size": N, "etag": "..."} for S3. A new JSON object (json_decref), NULL without memory. */
+struct json_t *batch_input_json(const struct storage_identity *id);
 
 struct model;
 /*
  * Runs one input object through `m` (acquired by the caller): `in_uri` to `out_uri`, bad
- * records (up to cfg->max_errors) to `errors_uri`. Workers run batch tasks with it; only
- * cfg's format, records_per_batch, concurrency, instances, join_input, csv_header,
- * max_errors, quiet and tick are used.
+ * records (up to cfg->max_errors) to `errors_uri`; res->input is the input's identity.
+ * Workers run batch tasks with it; only cfg's format, records_per_batch, concurrency,
+ * instances, join_input, csv_header, max_errors, quiet, stale_errors and tick are used.
  *   name  the object's name relative to the job's input, for messages and the format
  */
 int batch_run_object(const struct batch_config *cfg, struct model *m, const char *in_uri,
@@ -65,6 +74,11 @@ int batch_model_ok(const struct model *m);
 /* 1 for the names a batch job writes itself (outputs, errors, manifest, markers): never
  * inputs. */
 int batch_is_reserved(const char *name);
+/* What is under `output` now, sorted (none for an output not written yet): where an earlier
+ * run may have left `<name>.errors`. New array: storage_names_free(). */
+int batch_list_output(const char *output, char ***names, size_t *n, struct err *e);
+/* 1 if the sorted `names` hold `name`. */
+int batch_has_name(char *const *names, size_t n, const char *name);
 /* Deletes the temporary objects killed runs left under `output`. */
 int batch_remove_leftovers(const char *output, struct err *e);
 /* The format of object `name`: cfg->format, else from its extension. */

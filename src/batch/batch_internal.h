@@ -9,11 +9,16 @@
 
 /*
  * Parse one record of `width` values into `row` (missing values become NaN). Return NULL for
- * a good record, or a new string (free() it) saying what is wrong with it.
+ * a good record, or a new string (free() it) saying what is wrong with it and where, quoting
+ * none of the record.
  *   line  borrowed; not NUL-terminated necessarily: `len` bytes
  */
 char *batch_parse_jsonl(const char *line, size_t len, int64_t width, float *row);
 char *batch_parse_csv(const char *line, size_t len, int64_t width, float *row);
+
+/* A reason (a new string) when the record holds a NUL byte, which no text record may (the
+ * file is binary or broken); else NULL. Both parsers refuse such a record with it. */
+char *batch_parse_nul(const char *line, size_t len);
 
 /* batch_parse_jsonl is these two: a fast path for flat arrays of exactly `width` numbers and
  * nulls (1 if it parsed the record; 0 leaves it to jansson), then jansson, which also gives

@@ -183,6 +183,8 @@ int batch_job_check(const char *body, size_t len, struct registry *reg, char **n
 struct run_plan {
     char **names;
     size_t n_names;
+    char **outs; /* what the output holds already */
+    size_t n_outs;
     char **inputs; /* per task: its input JSON */
     char **objects;
     size_t n_tasks;
@@ -193,6 +195,7 @@ struct run_plan {
 static void plan_free(struct run_plan *p)
 {
     storage_names_free(p->names, p->n_names);
+    storage_names_free(p->outs, p->n_outs);
     for (size_t i = 0; i < p->n_tasks; i++) {
         free(p->inputs[i]);
         free(p->objects[i]);
@@ -203,16 +206,17 @@ static void plan_free(struct run_plan *p)
     free(p->finish_input);
 }
 
+/* `stale_errors`: the output holds an earlier run's `<name>.errors` */
 static char *task_input(json_t *def, const char *name, const char *in_uri, const char *out_uri,
-                        const char *err_uri, int csv)
+                        const char *err_uri, int csv, int stale_errors)
 {
     json_t *t = json_pack(
-        "{s:s, s:s, s:s, s:s, s:s, s:O, s:O, s:O, s:O, s:O}", "object", name, "in", in_uri, "out",
-        out_uri, "errors", err_uri, "format", csv ? "csv" : "jsonl", "records_per_batch",
+        "{s:s, s:s, s:s, s:s, s:s, s:O, s:O, s:O, s:O, s:O, s:b}", "object", name, "in", in_uri,
+        "out", out_uri, "errors", err_uri, "format", csv ? "csv" : "jsonl", "records_per_batch",
         json_object_get(def, "records_per_batch"), "concurrency",
         json_object_get(def, "concurrency"), "join_input", json_object_get(def, "join_input"),
         "csv_header", json_object_get(def, "csv_header"), "max_errors",
-        json_object_get(def, "max_errors"));
+        json_object_get(def, "max_errors"), "stale_errors", stale_errors);
     char *s = t ? json_dumps(t, JSON_COMPACT) : NULL;
 
     json_decref(t);
@@ -250,6 +254,12 @@ static int plan_run(json_t *def, int64_t run_at_ms, struct run_plan *p, struct e
         snprintf(msg, sizeof(msg), "%s", e->msg);
         return err_set(e, rc, "input: %s", msg);
     }
+    rc = batch_list_output(p->output, &p->outs, &p->n_outs, e);
+    if (rc != 0) {
+        char msg[sizeof(e->msg)];
+        snprintf(msg, sizeof(msg), "%s", e->msg);
+        return err_set(e, rc, "output: %s", msg);
+    }
     p->inputs = calloc(p->n_names ? p->n_names : 1, sizeof(*p->inputs));
     p->objects = calloc(p->n_names ? p->n_names : 1, sizeof(*p->objects));
     if (!p->inputs || !p->objects)
@@ -271,7 +281,8 @@ static int plan_run(json_t *def, int64_t run_at_ms, struct run_plan *p, struct e
         out_uri = storage_join(p->output, out_name);
         err_uri = storage_join(p->output, err_name);
         if (in_uri && out_uri && err_uri) {
-            p->inputs[p->n_tasks] = task_input(def, name, in_uri, out_uri, err_uri, csv);
+            p->inputs[p->n_tasks] = task_input(def, name, in_uri, out_uri, err_uri, csv,
+                                               batch_has_name(p->outs, p->n_outs, err_name));
             p->objects[p->n_tasks] = strdup(name);
         }
         free(in_uri);
@@ -531,6 +542,7 @@ static int run_object(struct queue *q, struct registry *reg, const struct job *j
         .csv_header = json_is_true(json_object_get(in, "csv_header")),
         .max_errors = json_integer_value(json_object_get(in, "max_errors")),
         .quiet = 1,
+        .stale_errors = json_is_true(json_object_get(in, "stale_errors")),
         .tick = task_tick,
         .tick_ctx = &tick,
     };
@@ -558,8 +570,9 @@ static int run_object(struct queue *q, struct registry *reg, const struct job *j
                      rc == ERR_UNAVAILABLE;
         return rc;
     }
-    out = json_pack("{s:s, s:I, s:I, s:s}", "object", object, "records", (json_int_t)res.records,
-                    "errors", (json_int_t)res.errors, "sha256", res.sha256);
+    out = json_pack("{s:s, s:I, s:I, s:s, s:o}", "object", object, "records",
+                    (json_int_t)res.records, "errors", (json_int_t)res.errors, "sha256", res.sha256,
+                    "input", batch_input_json(&res.input));
     text = out ? json_dumps(out, JSON_COMPACT) : NULL;
     rc = text ? buf_puts(result, text) : err_set(e, ERR_NOMEM, "out of memory");
     free(text);

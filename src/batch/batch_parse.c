@@ -1,10 +1,13 @@
 /*
  * batch_parse.c: one batch-transform record (a JSON Lines array or a CSV line) into a row of
- * floats. Untrusted input: every failure is a reason naming the value or column, never a
- * crash (fuzz/fuzz_batch_record.c drives these).
+ * floats. Untrusted input: every failure is a reason naming the column or position and the
+ * problem, never a crash (fuzz/fuzz_batch_record.c drives these). Records are read from
+ * storage, so a reason quotes none of the record: it goes into `.errors` objects and job
+ * errors that people other than the file's owner may read.
  */
 #define _GNU_SOURCE
 #include "batch/batch_internal.h"
+#include "core/jdoc.h"
 
 #include <errno.h>
 #include <float.h>
@@ -218,11 +221,21 @@ int batch_parse_jsonl_fast(const char *line, size_t len, int64_t width, float *r
     return i == width && skip_ws(p + 1, end) == end;
 }
 
+char *batch_parse_nul(const char *line, size_t len)
+{
+    const char *nul = memchr(line, '\0', len);
+
+    return nul ? batch_reason("NUL byte at position %zu", (size_t)(nul - line) + 1) : NULL;
+}
+
 char *batch_parse_jsonl(const char *line, size_t len, int64_t width, float *row)
 {
-    if (batch_parse_jsonl_fast(line, len, width, row))
+    char *why;
+
+    if (batch_parse_jsonl_fast(line, len, width, row)) /* it takes no NUL byte */
         return NULL;
-    return batch_parse_jsonl_json(line, len, width, row);
+    why = batch_parse_nul(line, len);
+    return why ? why : batch_parse_jsonl_json(line, len, width, row);
 }
 
 char *batch_parse_jsonl_json(const char *line, size_t len, int64_t width, float *row)
@@ -234,7 +247,8 @@ char *batch_parse_jsonl_json(const char *line, size_t len, int64_t width, float 
 
     a = json_loadb(line, len, JSON_DECODE_ANY, &jerr);
     if (!a)
-        return batch_reason("malformed JSON at column %d: %s", jerr.column, jerr.text);
+        return batch_reason("malformed JSON at column %d: %s", jerr.column,
+                            jdoc_jansson_reason(&jerr));
     if (!json_is_array(a)) {
         why = batch_reason("expected a JSON array of %lld numbers", (long long)width);
     } else if ((int64_t)json_array_size(a) != width) {
@@ -255,7 +269,7 @@ char *batch_parse_jsonl_json(const char *line, size_t len, int64_t width, float 
     return why;
 }
 
-char *batch_parse_csv(const char *line, size_t len, int64_t width, float *row)
+static char *csv_fields(const char *line, size_t len, int64_t width, float *row)
 {
     const char *p = line, *end = line + len;
     int64_t col = 0;
@@ -280,8 +294,8 @@ char *batch_parse_csv(const char *line, size_t len, int64_t width, float *row)
             field[flen] = '\0';
             errno = 0;
             row[col] = strtof(field, &stop);
-            if (*stop || stop == field)
-                return batch_reason("column %lld: '%s' is not a number", (long long)col + 1, field);
+            if (stop != field + flen) /* a NUL byte stops strtof too */
+                return batch_reason("column %lld: not a number", (long long)col + 1);
         }
         col++;
         if (!q)
@@ -293,4 +307,17 @@ char *batch_parse_csv(const char *line, size_t len, int64_t width, float *row)
     if (col < width)
         return batch_reason("expected %lld columns, got %lld", (long long)width, (long long)col);
     return NULL;
+}
+
+char *batch_parse_csv(const char *line, size_t len, int64_t width, float *row)
+{
+    char *why = csv_fields(line, len, width, row), *nul;
+
+    /* no number takes a NUL byte, so a good record has none: look for one only in a bad
+     * record, where it is the reason to give */
+    if (why && (nul = batch_parse_nul(line, len)) != NULL) {
+        free(why);
+        why = nul;
+    }
+    return why;
 }

@@ -119,9 +119,65 @@ static bool find_duplicate(const element &el, std::string_view *dup)
     return true;
 }
 
+/* jansson's messages (2.14), by how they start; each phrase quotes nothing of the text.
+ * Those that print input bytes ("invalid Unicode escape '\\u12'", "control character 0x1")
+ * are cut before them, and jansson adds "near '...'" to most: both stay out. */
+static const struct {
+    const char *starts;
+    const char *phrase;
+} jansson_reasons[] = {
+    {"unable to decode byte", "invalid UTF-8"},
+    {"premature end of input", "premature end of input"},
+    {"unexpected newline", "unexpected newline in a string"},
+    {"control character", "control character in a string"},
+    {"invalid escape", "invalid escape"},
+    {"invalid Unicode", "invalid Unicode escape"},
+    {"too big negative integer", "integer too big"},
+    {"too big integer", "integer too big"},
+    {"real number overflow", "real number overflow"},
+    {"maximum parsing depth reached", "nested too deeply"},
+    {"string or '}' expected", "string or '}' expected"},
+    {"':' expected", "':' expected"},
+    {"invalid token", "invalid token"},
+    {"unexpected token", "unexpected token"},
+    {"']' expected", "']' expected"},
+    {"'[' or '{' expected", "'[' or '{' expected"},
+    {"end of file expected", "text after the JSON value"},
+    {"\\u0000 is not allowed", "\\u0000 in a string"},
+    {"NUL byte in object key", "\\u0000 in an object key"},
+};
+
+extern "C" const char *jdoc_jansson_reason(const struct json_error_t *jerr)
+{
+    for (const auto &r : jansson_reasons)
+        if (std::strncmp(jerr->text, r.starts, std::strlen(r.starts)) == 0)
+            return r.phrase;
+    switch (json_error_code(jerr)) {
+    case json_error_invalid_utf8:
+        return "invalid UTF-8";
+    case json_error_premature_end_of_input:
+        return "premature end of input";
+    case json_error_end_of_input_expected:
+        return "text after the JSON value";
+    case json_error_null_character:
+    case json_error_null_byte_in_key:
+        return "\\u0000 in a string";
+    case json_error_numeric_overflow:
+        return "number too big";
+    case json_error_stack_overflow:
+        return "nested too deeply";
+    case json_error_out_of_memory:
+        return "out of memory";
+    default:
+        return "invalid syntax";
+    }
+}
+
 /* simdjson says only what is wrong; jansson also says where (text that simdjson refuses for
- * its own limits, jansson may accept: then simdjson's reason stands alone). */
-static int malformed(const char *text, size_t len, simdjson::error_code code, struct err *e)
+ * its own limits, jansson may accept: then simdjson's reason stands alone). simdjson's
+ * reasons are fixed phrases; jansson's may quote the text (see jdoc_jansson_reason). */
+static int malformed(const char *text, size_t len, unsigned flags, simdjson::error_code code,
+                     struct err *e)
 {
     json_error_t jerr;
     json_t *root = json_loadb(text, len, JSON_DECODE_ANY, &jerr);
@@ -131,10 +187,11 @@ static int malformed(const char *text, size_t len, simdjson::error_code code, st
         return err_set(e, ERR_INVALID, "malformed JSON: %s", simdjson::error_message(code));
     }
     return err_set(e, ERR_INVALID, "malformed JSON at line %d column %d: %s", jerr.line,
-                   jerr.column, jerr.text);
+                   jerr.column, flags & JDOC_STORED ? jdoc_jansson_reason(&jerr) : jerr.text);
 }
 
-extern "C" int jdoc_parse(const char *text, size_t len, struct jdoc_val *root, struct err *e)
+extern "C" int jdoc_parse(const char *text, size_t len, unsigned flags, struct jdoc_val *root,
+                          struct err *e)
 {
     element el;
     std::string_view dup;
@@ -145,15 +202,19 @@ extern "C" int jdoc_parse(const char *text, size_t len, struct jdoc_val *root, s
             return err_set(e, ERR_NOMEM, "out of memory");
     }
     if (len == 0)
-        return err_set(e, ERR_INVALID, "malformed JSON: the body is empty");
+        return err_set(e, ERR_INVALID, "malformed JSON: %s",
+                       flags & JDOC_STORED ? "no text" : "the body is empty");
     simdjson::error_code code = tls_parser->parse(text, len, true).get(el);
     if (code == simdjson::MEMALLOC)
         return err_set(e, ERR_NOMEM, "out of memory parsing %zu bytes of JSON", len);
     if (code != simdjson::SUCCESS)
-        return malformed(text, len, code, e);
-    if (find_duplicate(el, &dup))
+        return malformed(text, len, flags, code, e);
+    if (find_duplicate(el, &dup)) {
+        if (flags & JDOC_STORED)
+            return err_set(e, ERR_INVALID, "malformed JSON: an object has the same key twice");
         return err_set(e, ERR_INVALID, "malformed JSON: duplicate key '%.*s'",
                        (int)std::min<size_t>(dup.size(), 64), dup.data());
+    }
     put(root, el);
     return 0;
 }

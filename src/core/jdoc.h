@@ -44,10 +44,22 @@ struct jdoc_iter {
     uint64_t opaque[4];
 };
 
+/* jdoc_parse() flag: the text was read from a location (a file, an object), not sent by the
+ * client, so its errors name the place and the problem but quote none of it. */
+#define JDOC_STORED 0x1u
+
 /* Parses `len` bytes of `text` (which need not be NUL-terminated) into the thread's document
  * and sets *root. Fails with ERR_INVALID, "malformed JSON at line L column C: why" (or
- * "duplicate key 'k'"), or ERR_NOMEM. */
-int jdoc_parse(const char *text, size_t len, struct jdoc_val *root, struct err *e);
+ * "duplicate key 'k'"), or ERR_NOMEM. Without JDOC_STORED `why` may quote a little of the
+ * text (jansson's "invalid token near 'x'"); with it, `why` is a fixed phrase and a
+ * duplicate key is not named. */
+int jdoc_parse(const char *text, size_t len, unsigned flags, struct jdoc_val *root, struct err *e);
+
+struct json_error_t; /* jansson's */
+/* What jansson found wrong in a text, as a fixed phrase ("invalid token", "premature end of
+ * input") that quotes none of it, unlike jerr->text ("invalid token near 'root'"): for
+ * messages about text read from a location. Never NULL; borrowed for ever. */
+const char *jdoc_jansson_reason(const struct json_error_t *jerr);
 
 /* The caller is done with the thread's document: a large one's memory is given back. */
 void jdoc_done(void);

@@ -490,6 +490,8 @@ static int get_str(json_t *root, const char *key, const char **out, struct err *
         return 0;
     if (!json_is_string(v) || json_string_length(v) == 0)
         return err_set(e, ERR_INVALID, "%s: expected a non-empty string", key);
+    if (strlen(json_string_value(v)) != json_string_length(v)) /* the body may hold \u0000 */
+        return err_set(e, ERR_INVALID, "%s: holds a NUL character (\\u0000)", key);
     *out = json_string_value(v);
     return 0;
 }
@@ -532,7 +534,9 @@ static enum MHD_Result submit_job(struct req *r)
     if (async_unavailable(r, &ret))
         return ret;
     r->kind = KIND_JOB;
-    root = json_loadb(r->body.data ? r->body.data : "", r->body.len, JSON_REJECT_DUPLICATES, &jerr);
+    /* \u0000 is valid JSON: an inline input's "id" may hold it; get_str refuses it elsewhere */
+    root = json_loadb(r->body.data ? r->body.data : "", r->body.len,
+                      JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
     if (!root)
         return http_reply_error(r, ERR_INVALID, "malformed JSON at line %d column %d: %s",
                                 jerr.line, jerr.column, jerr.text);
@@ -569,7 +573,8 @@ static enum MHD_Result submit_job(struct req *r)
         if (!input_text)
             return http_reply_error(r, ERR_NOMEM, "out of memory");
         /* check it now: a bad input is the client's 4xx, not a failed job later */
-        rc = codec_decode_for_model(&m->info, input_text, strlen(input_text), -1, &req, &e);
+        rc = codec_decode_for_model(&m->info, input_text, strlen(input_text), -1, CODEC_FROM_CLIENT,
+                                    &req, &e);
         if (rc == 0)
             rc = tensor_check_inputs(req, &m->info, &e);
         infer_request_destroy(req);

@@ -245,7 +245,7 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
             return http_reply_error(r, ERR_INVALID,
                                     "Inference-Header-Content-Length: expected a byte count");
         rc = codec_decode_for_model(&r->model->info, r->body.data ? r->body.data : "", r->body.len,
-                                    json_len, &r->infer, &e);
+                                    json_len, CODEC_FROM_CLIENT, &r->infer, &e);
     }
     if (rc == 0)
         rc = tensor_check_inputs(r->infer, &r->model->info, &e);

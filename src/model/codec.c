@@ -4,7 +4,9 @@
  *
  * Requests are parsed with simdjson (core/jdoc.h: a single-row request in well under a
  * microsecond); responses are written by hand into a struct buf because they are flat and large
- * arrays of numbers are the hot path. Every error names the field.
+ * arrays of numbers are the hot path. Every error names the field; an error about text read
+ * from a location (CODEC_FROM_STORE: a job's input_location) quotes none of it, neither a value
+ * nor a name, so a job cannot be used to read a file it has no business reading.
  */
 #include "model/codec.h"
 
@@ -36,11 +38,22 @@ struct data_walk {
     size_t bytes_len; /* BYTES: bytes used in t->data */
     size_t bytes_cap;
     int field_index; /* inputs[i] */
+    int quote;       /* an error may show the value (the client sent it) */
 };
+
+/* `d` as an error message shows it: its value if the client sent it, else "the value" */
+static const char *shown(const struct data_walk *w, double d, char *buf, size_t size)
+{
+    if (!w->quote)
+        return "the value";
+    snprintf(buf, size, "%g", d);
+    return buf;
+}
 
 static int store_number(struct data_walk *w, const struct jdoc_val *v, struct err *e)
 {
     struct inferd_tensor *t = w->t;
+    char num[32];
     double d;
     int64_t n;
 
@@ -65,9 +78,11 @@ static int store_number(struct data_walk *w, const struct jdoc_val *v, struct er
             ((int64_t *)t->data)[w->idx] = n;
             return 0;
         }
-        if (t->datatype == INFERD_TYPE_INT32 && (n < INT32_MIN || n > INT32_MAX))
-            return err_set(e, ERR_SHAPE, "inputs[%d].data[%zu]: %lld does not fit in INT32",
-                           w->field_index, w->idx, (long long)n);
+        if (t->datatype == INFERD_TYPE_INT32 && (n < INT32_MIN || n > INT32_MAX)) {
+            snprintf(num, sizeof(num), "%lld", (long long)n);
+            return err_set(e, ERR_SHAPE, "inputs[%d].data[%zu]: %s does not fit in INT32",
+                           w->field_index, w->idx, w->quote ? num : "the value");
+        }
         if (t->datatype == INFERD_TYPE_BOOL && n != 0 && n != 1)
             return err_set(e, ERR_SHAPE,
                            "inputs[%d].data[%zu]: BOOL values are 0, 1, true or false",
@@ -77,8 +92,8 @@ static int store_number(struct data_walk *w, const struct jdoc_val *v, struct er
     case JDOC_REAL:
         d = jdoc_number(v);
         if (t->datatype != INFERD_TYPE_FP32 && t->datatype != INFERD_TYPE_FP64)
-            return err_set(e, ERR_SHAPE, "inputs[%d].data[%zu]: %g is not an integer (%s)",
-                           w->field_index, w->idx, d,
+            return err_set(e, ERR_SHAPE, "inputs[%d].data[%zu]: %s is not an integer (%s)",
+                           w->field_index, w->idx, shown(w, d, num, sizeof(num)),
                            t->datatype == INFERD_TYPE_BOOL    ? "BOOL"
                            : t->datatype == INFERD_TYPE_INT32 ? "INT32"
                                                               : "INT64 or out of its range");
@@ -100,8 +115,8 @@ static int store_number(struct data_walk *w, const struct jdoc_val *v, struct er
         break;
     case INFERD_TYPE_FP32:
         if (isfinite(d) && isinf((float)d))
-            return err_set(e, ERR_SHAPE, "inputs[%d].data[%zu]: %g does not fit in FP32",
-                           w->field_index, w->idx, d);
+            return err_set(e, ERR_SHAPE, "inputs[%d].data[%zu]: %s does not fit in FP32",
+                           w->field_index, w->idx, shown(w, d, num, sizeof(num)));
         ((float *)t->data)[w->idx] = (float)d;
         break;
     default:
@@ -261,7 +276,7 @@ static int check_binary(const struct inferd_tensor *t, int idx, size_t count, st
     return 0;
 }
 
-static int decode_input(const struct jdoc_val *in, int idx, struct binary_section *bin,
+static int decode_input(const struct jdoc_val *in, int idx, struct binary_section *bin, int quote,
                         struct inferd_tensor *t, struct err *e)
 {
     struct jdoc_val name, dt, shape, data, params, bsize;
@@ -284,6 +299,11 @@ static int decode_input(const struct jdoc_val *in, int idx, struct binary_sectio
     if (!t->name)
         return err_set(e, ERR_NOMEM, "out of memory");
     t->datatype = tensor_datatype_parse(dt_s);
+    if (t->datatype == INFERD_TYPE_INVALID && !quote)
+        return err_set(e, ERR_SHAPE,
+                       "inputs[%d].datatype: unknown datatype (BOOL, INT32, INT64, FP32, FP64 or "
+                       "BYTES)",
+                       idx);
     if (t->datatype == INFERD_TYPE_INVALID)
         return err_set(e, ERR_SHAPE,
                        "inputs[%d].datatype: unknown datatype '%.32s' (BOOL, INT32, INT64, FP32, "
@@ -344,7 +364,7 @@ static int decode_input(const struct jdoc_val *in, int idx, struct binary_sectio
         if (!t->data)
             return err_set(e, ERR_TOO_LARGE, "inputs[%d].shape: too many elements", idx);
     }
-    struct data_walk w = {.t = t, .n_expect = (size_t)count, .field_index = idx};
+    struct data_walk w = {.t = t, .n_expect = (size_t)count, .field_index = idx, .quote = quote};
     rc = walk_data(&w, &data, 0, e);
     if (rc != 0)
         return rc;
@@ -412,23 +432,44 @@ static int decode_parameters(const struct jdoc_val *root, struct infer_request *
 }
 
 /* Parses a request body that must be a JSON object (jdoc_done() when finished with it). */
-static int load_json(const char *body, size_t len, struct jdoc_val *root, struct err *e)
+static int load_json(const char *body, size_t len, enum codec_origin origin, struct jdoc_val *root,
+                     struct err *e)
 {
-    int rc = jdoc_parse(body, len, root, e);
+    int rc = jdoc_parse(body, len, origin == CODEC_FROM_STORE ? JDOC_STORED : 0, root, e);
 
     if (rc == 0 && jdoc_type(root) != JDOC_OBJECT)
-        rc = err_set(e, ERR_INVALID, "the request body must be a JSON object");
+        rc = err_set(e, ERR_INVALID, "the request %smust be a JSON object",
+                     origin == CODEC_FROM_CLIENT ? "body " : "");
     return rc;
 }
 
-int codec_decode_v2(const char *body, size_t body_len, int64_t json_len, struct infer_request **out,
-                    struct err *e)
+/* The request's "id": any JSON string, \u0000 included (it is echoed back escaped). */
+static int decode_id(const struct jdoc_val *root, struct infer_request *r, struct err *e)
+{
+    struct jdoc_val id;
+    const char *s;
+    size_t len = 0;
+
+    if (!jdoc_get(root, "id", &id))
+        return 0;
+    s = jdoc_string(&id, &len);
+    if (!s)
+        return err_set(e, ERR_INVALID, "id: expected a string");
+    r->id = malloc(len + 1);
+    if (!r->id)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    memcpy(r->id, s, len + 1);
+    r->id_len = len;
+    return 0;
+}
+
+static int decode_v2(const char *body, size_t body_len, int64_t json_len, enum codec_origin origin,
+                     struct infer_request **out, struct err *e)
 {
     struct infer_request *r = NULL;
     struct binary_section bin = {0};
-    struct jdoc_val root, inputs, id, item;
+    struct jdoc_val root, inputs, item;
     struct jdoc_iter it;
-    const char *id_s;
     size_t i = 0, n_inputs;
     int rc;
 
@@ -442,7 +483,7 @@ int codec_decode_v2(const char *body, size_t body_len, int64_t json_len, struct 
         bin.len = body_len - (size_t)json_len;
         body_len = (size_t)json_len;
     }
-    rc = load_json(body, body_len, &root, e);
+    rc = load_json(body, body_len, origin, &root, e);
     if (rc != 0)
         goto cleanup;
     r = calloc(1, sizeof(*r));
@@ -450,18 +491,10 @@ int codec_decode_v2(const char *body, size_t body_len, int64_t json_len, struct 
         rc = err_set(e, ERR_NOMEM, "out of memory");
         goto cleanup;
     }
-    if (jdoc_get(&root, "id", &id)) {
-        id_s = plain_string(&id);
-        if (!id_s) {
-            rc = err_set(e, ERR_INVALID, "id: expected a string");
-            goto cleanup;
-        }
-        if (!(r->id = strdup(id_s))) {
-            rc = err_set(e, ERR_NOMEM, "out of memory");
-            goto cleanup;
-        }
-    }
-    rc = decode_parameters(&root, r, e);
+    r->is_stored = origin == CODEC_FROM_STORE;
+    rc = decode_id(&root, r, e);
+    if (rc == 0)
+        rc = decode_parameters(&root, r, e);
     if (rc == 0)
         rc = decode_outputs(&root, r, e);
     if (rc != 0)
@@ -477,7 +510,7 @@ int codec_decode_v2(const char *body, size_t body_len, int64_t json_len, struct 
     }
     for (jdoc_iter_init(&inputs, &it); jdoc_iter_next(&it, &item); i++) {
         r->n_inputs = i + 1; /* so that cleanup frees a half-decoded tensor */
-        rc = decode_input(&item, (int)i, &bin, &r->inputs[i], e);
+        rc = decode_input(&item, (int)i, &bin, !r->is_stored, &r->inputs[i], e);
         if (rc != 0)
             goto cleanup;
     }
@@ -498,6 +531,12 @@ cleanup:
     return rc;
 }
 
+int codec_decode_v2(const char *body, size_t body_len, int64_t json_len, struct infer_request **out,
+                    struct err *e)
+{
+    return decode_v2(body, body_len, json_len, CODEC_FROM_CLIENT, out, e);
+}
+
 int codec_decode_v1(const char *body, size_t body_len, const char *input_name,
                     struct infer_request **out, struct err *e)
 {
@@ -509,7 +548,7 @@ int codec_decode_v1(const char *body, size_t body_len, const char *input_name,
     int rc;
 
     *out = NULL;
-    rc = load_json(body, body_len, &root, e);
+    rc = load_json(body, body_len, CODEC_FROM_CLIENT, &root, e);
     if (rc != 0)
         goto cleanup;
     if (!jdoc_get(&root, "instances", &instances) || jdoc_type(&instances) != JDOC_ARRAY ||
@@ -698,7 +737,7 @@ int codec_encode_v2(const struct infer_request *r, const char *model_name, const
     if (rc == 0 && r->id) {
         rc = buf_puts(out, ",\"id\":");
         if (rc == 0)
-            rc = buf_json_string(out, r->id);
+            rc = buf_json_stringn(out, r->id, r->id_len);
     }
     if (rc == 0)
         rc = buf_puts(out, ",\"outputs\":[");
@@ -766,8 +805,8 @@ int codec_encode_error(const char *msg, struct buf *out)
 
 /* ---- JSON documents and upstream servers ---- */
 
-int codec_decode_document(const char *body, size_t body_len, struct infer_request **out,
-                          struct err *e)
+int codec_decode_document(const char *body, size_t body_len, enum codec_origin origin,
+                          struct infer_request **out, struct err *e)
 {
     struct infer_request *r = NULL;
     json_error_t jerr;
@@ -780,7 +819,8 @@ int codec_decode_document(const char *body, size_t body_len, struct infer_reques
     root = json_loadb(body, body_len, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
     if (!root)
         return err_set(e, ERR_INVALID, "malformed JSON at line %d column %d: %s", jerr.line,
-                       jerr.column, jerr.text);
+                       jerr.column,
+                       origin == CODEC_FROM_STORE ? jdoc_jansson_reason(&jerr) : jerr.text);
     json_decref(root);
     r = calloc(1, sizeof(*r));
     if (!r || !(r->inputs[0].name = strdup(INFERD_JSON_NAME)) ||
@@ -790,6 +830,7 @@ int codec_decode_document(const char *body, size_t body_len, struct infer_reques
     }
     r->n_inputs = 1;
     r->is_document = 1;
+    r->is_stored = origin == CODEC_FROM_STORE;
     r->inputs[0].datatype = INFERD_TYPE_BYTES;
     r->inputs[0].n_dims = 1;
     r->inputs[0].shape[0] = 1;
@@ -807,21 +848,21 @@ int codec_decode_document(const char *body, size_t body_len, struct infer_reques
 static int looks_like_v2(const char *body, size_t body_len)
 {
     struct jdoc_val root, inputs;
-    int yes = jdoc_parse(body, body_len, &root, NULL) == 0 && jdoc_get(&root, "inputs", &inputs) &&
-              jdoc_type(&inputs) == JDOC_ARRAY;
+    int yes = jdoc_parse(body, body_len, 0, &root, NULL) == 0 &&
+              jdoc_get(&root, "inputs", &inputs) && jdoc_type(&inputs) == JDOC_ARRAY;
 
     jdoc_done();
     return yes;
 }
 
-int codec_decode_for_model(const struct inferd_model_info *info, const char *body,
-                           size_t body_len, int64_t json_len, struct infer_request **out,
+int codec_decode_for_model(const struct inferd_model_info *info, const char *body, size_t body_len,
+                           int64_t json_len, enum codec_origin origin, struct infer_request **out,
                            struct err *e)
 {
     if (info->json_io == INFERD_JSON_IO_ONLY ||
         (info->json_io == INFERD_JSON_IO_ALSO && json_len < 0 && !looks_like_v2(body, body_len)))
-        return codec_decode_document(body, body_len, out, e);
-    return codec_decode_v2(body, body_len, json_len, out, e);
+        return codec_decode_document(body, body_len, origin, out, e);
+    return decode_v2(body, body_len, json_len, origin, out, e);
 }
 
 int codec_encode_result(const struct infer_request *r, const char *model_name,
@@ -863,7 +904,8 @@ int codec_decode_response_v2(const char *body, size_t body_len, struct infer_req
     int rc;
 
     *out = NULL;
-    rc = load_json(body, body_len, &root, e);
+    /* an upstream's answer: its errors may quote it, as a client's may */
+    rc = load_json(body, body_len, CODEC_FROM_CLIENT, &root, e);
     if (rc != 0)
         goto cleanup;
     if (!jdoc_get(&root, "outputs", &outputs) || jdoc_type(&outputs) != JDOC_ARRAY ||
@@ -879,7 +921,7 @@ int codec_decode_response_v2(const char *body, size_t body_len, struct infer_req
     }
     for (jdoc_iter_init(&outputs, &it); jdoc_iter_next(&it, &item); i++) {
         r->n_inputs = i + 1;
-        rc = decode_input(&item, (int)i, &bin, &r->inputs[i], e);
+        rc = decode_input(&item, (int)i, &bin, 1, &r->inputs[i], e);
         if (rc != 0) {
             /* the decoder names request fields; these are the response's outputs */
             char msg[sizeof(e->msg)] = "";

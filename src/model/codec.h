@@ -16,8 +16,18 @@
 #include <stdint.h>
 
 /*
- * Decodes a v2 infer request. `json_len` is the value of Inference-Header-Content-Length (the
- * JSON part; the binary tensor data follows it) or -1 when the body is JSON only.
+ * Where a request's text came from, which decides what its errors may show of it.
+ */
+enum codec_origin {
+    CODEC_FROM_CLIENT, /* the request body: an error may quote it back to whoever sent it */
+    CODEC_FROM_STORE,  /* read from a location (a job's input_location, batch records): errors
+                        * name the field, line or column and the problem, never the text */
+};
+
+/*
+ * Decodes a v2 infer request sent by a client (CODEC_FROM_CLIENT). `json_len` is the value of
+ * Inference-Header-Content-Length (the JSON part; the binary tensor data follows it) or -1 when
+ * the body is JSON only.
  *   body  borrowed for the call
  *   out   new request; the caller frees it with infer_request_destroy()
  * Returns 0, ERR_INVALID (malformed), ERR_SHAPE (data does not fit its declaration) or
@@ -27,8 +37,8 @@ int codec_decode_v2(const char *body, size_t body_len, int64_t json_len, struct 
                     struct err *e);
 
 /*
- * Decodes a v1 predict request `{"instances": [[...], ...]}` into one input named `input_name`
- * of shape [n, width], as FP64 (tensor_check_inputs converts it).
+ * Decodes a v1 predict request (sent by a client) `{"instances": [[...], ...]}` into one input
+ * named `input_name` of shape [n, width], as FP64 (tensor_check_inputs converts it).
  */
 int codec_decode_v1(const char *body, size_t body_len, const char *input_name,
                     struct infer_request **out, struct err *e);
@@ -51,10 +61,10 @@ int codec_encode_v1(const struct infer_request *r, struct buf *out);
  * codec_encode_result writes a document request's "json" output as it is, and a v2 request's
  * outputs as codec_encode_v2 does.
  */
-int codec_decode_document(const char *body, size_t body_len, struct infer_request **out,
-                          struct err *e);
-int codec_decode_for_model(const struct inferd_model_info *info, const char *body,
-                           size_t body_len, int64_t json_len, struct infer_request **out,
+int codec_decode_document(const char *body, size_t body_len, enum codec_origin origin,
+                          struct infer_request **out, struct err *e);
+int codec_decode_for_model(const struct inferd_model_info *info, const char *body, size_t body_len,
+                           int64_t json_len, enum codec_origin origin, struct infer_request **out,
                            struct err *e);
 int codec_encode_result(const struct infer_request *r, const char *model_name,
                         const char *version, struct buf *out, int64_t *json_len);

@@ -152,7 +152,8 @@ static void store_value(void *data, enum inferd_datatype t, size_t i, double v)
     }
 }
 
-static int convert(struct inferd_tensor *t, enum inferd_datatype to, struct err *e)
+/* `quote`: an error may show a value (the client sent it) */
+static int convert(struct inferd_tensor *t, enum inferd_datatype to, int quote, struct err *e)
 {
     size_t from_size = inferd_datatype_size(t->datatype), to_size = inferd_datatype_size(to);
     size_t n;
@@ -173,6 +174,9 @@ static int convert(struct inferd_tensor *t, enum inferd_datatype to, struct err 
     if (to == INFERD_TYPE_INT32 && t->datatype == INFERD_TYPE_INT64) {
         for (size_t i = 0; i < n; i++) {
             int64_t v = ((const int64_t *)t->data)[i];
+            if ((v < INT32_MIN || v > INT32_MAX) && !quote)
+                return err_set(e, ERR_SHAPE, "input '%s': value %zu does not fit in INT32", t->name,
+                               i);
             if (v < INT32_MIN || v > INT32_MAX)
                 return err_set(e, ERR_SHAPE, "input '%s': value %zu (%lld) does not fit in INT32",
                                t->name, i, (long long)v);
@@ -181,6 +185,9 @@ static int convert(struct inferd_tensor *t, enum inferd_datatype to, struct err 
     if (to == INFERD_TYPE_BOOL && t->datatype != INFERD_TYPE_BOOL) {
         for (size_t i = 0; i < n; i++) {
             double v = load_value(t->data, t->datatype, i);
+            if (v != 0.0 && v != 1.0 && !quote)
+                return err_set(e, ERR_SHAPE, "input '%s': value %zu is not 0 or 1 (BOOL)", t->name,
+                               i);
             if (v != 0.0 && v != 1.0)
                 return err_set(e, ERR_SHAPE, "input '%s': value %zu is %g; BOOL values are 0 or 1",
                                t->name, i, v);
@@ -243,6 +250,10 @@ int tensor_check_inputs(struct infer_request *r, const struct inferd_model_info 
         for (j = 0; j < info->n_inputs; j++)
             if (strcmp(r->inputs[i].name, info->inputs[j].name) == 0)
                 break;
+        if (j == info->n_inputs && r->is_stored) /* its name is the stored text's: not shown */
+            return err_set(e, ERR_SHAPE,
+                           "inputs[%zu]: unknown input name: the model's first input is '%s'", i,
+                           info->n_inputs ? info->inputs[0].name : "");
         if (j == info->n_inputs)
             return err_set(e, ERR_SHAPE, "unknown input '%s': the model's first input is '%s'",
                            r->inputs[i].name, info->n_inputs ? info->inputs[0].name : "");
@@ -251,7 +262,7 @@ int tensor_check_inputs(struct infer_request *r, const struct inferd_model_info 
                 return err_set(e, ERR_INVALID, "input '%s' appears twice", r->inputs[i].name);
         rc = check_shape(&r->inputs[i], &info->inputs[j], e);
         if (rc == 0)
-            rc = convert(&r->inputs[i], info->inputs[j].datatype, e);
+            rc = convert(&r->inputs[i], info->inputs[j].datatype, !r->is_stored, e);
         if (rc != 0)
             return rc;
     }
@@ -274,6 +285,8 @@ int tensor_check_inputs(struct infer_request *r, const struct inferd_model_info 
         for (j = 0; j < info->n_outputs; j++)
             if (strcmp(r->requested_outputs[i], info->outputs[j].name) == 0)
                 break;
+        if (j == info->n_outputs && r->is_stored)
+            return err_set(e, ERR_SHAPE, "outputs[%zu]: unknown output name", i);
         if (j == info->n_outputs)
             return err_set(e, ERR_SHAPE, "unknown output '%s'", r->requested_outputs[i]);
     }

@@ -18,6 +18,7 @@
 
 struct infer_request {
     char *id;                            /* the client's "id", echoed back; NULL when absent */
+    size_t id_len;                       /* its bytes: a JSON string may hold \u0000 */
     uint64_t timeout_us;                 /* the "timeout" parameter; 0 means the model's default */
     int binary_output_all;               /* "binary_data_output": true */
     char *binary_outputs[TENSOR_MAX_IO]; /* outputs asked for as binary; owned */
@@ -29,6 +30,8 @@ struct infer_request {
     struct inferd_tensor outputs[TENSOR_MAX_IO]; /* filled by the backend; owned */
     size_t n_outputs;
     int is_document;  /* one JSON document (input "json"), for models with json_io */
+    int is_stored;    /* decoded from a location's text (CODEC_FROM_STORE): errors about it
+                       * name inputs by position and quote none of its names or values */
     void *batch_item; /* the batcher's, while the request runs */
     struct inferd_request abi; /* what the backend sees; points into inputs */
 };

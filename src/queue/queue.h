@@ -275,7 +275,8 @@ int queue_batch_list(struct queue *q, int limit, struct buf *out, struct err *e)
 /* Cancels a run (its tasks stop) or a schedule (no more runs). Appends its JSON to `out`.
  * ERR_CONFLICT if it already ended. */
 int queue_batch_cancel(struct queue *q, const char *id, struct buf *out, struct err *e);
-/* Appends the run's manifest: {"model", "objects": {name: {"records", "sha256"}}}. */
+/* Appends the run's manifest: {"model", "objects": {name: {"records", "sha256", "input"}}}
+ * ("input" when the task's result has it: the input object's identity). */
 int queue_batch_manifest(struct queue *q, const char *id, struct buf *out, struct err *e);
 
 /* A schedule that is due. Strings owned by the array. */

@@ -1393,9 +1393,10 @@ static int r_batch_manifest(struct queue *qb, const char *id, struct buf *out, s
             const char *name = json_string_value(json_object_get(res, "object"));
             if (name)
                 json_object_set_new(objects, name,
-                                    json_pack("{s:O, s:O}", "records",
+                                    json_pack("{s:O, s:O, s:O*}", "records",
                                               json_object_get(res, "records"), "sha256",
-                                              json_object_get(res, "sha256")));
+                                              json_object_get(res, "sha256"), "input",
+                                              json_object_get(res, "input")));
             json_decref(res);
         }
         freeReplyObject(t);

@@ -651,9 +651,10 @@ int sq_batch_manifest(struct queue *qb, const char *id, struct buf *out, struct 
             const char *name = json_string_value(json_object_get(r, "object"));
             if (name)
                 json_object_set_new(objects, name,
-                                    json_pack("{s:O, s:O}", "records",
+                                    json_pack("{s:O, s:O, s:O*}", "records",
                                               json_object_get(r, "records"), "sha256",
-                                              json_object_get(r, "sha256")));
+                                              json_object_get(r, "sha256"), "input",
+                                              json_object_get(r, "input")));
             json_decref(r);
         }
     }

@@ -179,8 +179,9 @@ static int prepare_slot(struct worker_pool *p, struct slot *sl)
         sl->retryable = 1; /* the model may be reloading */
         return rc;
     }
-    rc = codec_decode_for_model(&sl->model->info, input->data ? input->data : "", input->len,
-                                json_len, &sl->req, e);
+    rc = codec_decode_for_model(
+        &sl->model->info, input->data ? input->data : "", input->len, json_len,
+        job->input_location ? CODEC_FROM_STORE : CODEC_FROM_CLIENT, &sl->req, e);
     if (rc == 0)
         rc = tensor_check_inputs(sl->req, &sl->model->info, e);
     if (rc != 0) {

@@ -425,3 +425,11 @@ char *storage_join(const char *base, const char *name)
     snprintf(s, len, "%.*s/%s", (int)bl, base, name);
     return s;
 }
+
+int storage_identify(const char *uri, struct storage_identity *out, struct err *e)
+{
+    memset(out, 0, sizeof(*out));
+    if (ops_for(uri) == &storage_s3_ops)
+        return storage_s3_identify(uri, out, e);
+    return storage_file_identify(uri, out, e);
+}

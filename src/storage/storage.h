@@ -62,6 +62,20 @@ int storage_put(const char *uri, const void *data, size_t len, struct err *e);
 int storage_delete(const char *uri, struct err *e);
 /* 1 if the object exists, 0 if not. */
 int storage_exists(const char *uri);
+/*
+ * What tells one version of an object from another without reading it (a batch re-run
+ * compares it with the one its manifest recorded): files by size and modification time, as
+ * make and rsync do; S3 objects by size and ETag.
+ */
+struct storage_identity {
+    int64_t size_bytes;
+    int64_t mtime_ns; /* files: modification time, ns since the epoch; 0 for S3 */
+    char etag[160];   /* S3: the ETag, quotes included; "" for files */
+};
+/* Fills `*out` for the object `uri` (a stat, or a HEAD): 0, ERR_NOT_FOUND naming it, or
+ * ERR_IO. */
+int storage_identify(const char *uri, struct storage_identity *out, struct err *e);
+
 /* 1 if `uri` has a backend: a plain path, file:// or s3://. */
 int storage_supports(const char *uri);
 

@@ -253,3 +253,19 @@ const struct storage_ops storage_file_ops = {
     .exists = file_exists,
     .list = file_list,
 };
+
+/* ---- identity ---- */
+
+int storage_file_identify(const char *uri, struct storage_identity *out, struct err *e)
+{
+    const char *path = path_of(uri, e);
+    struct stat st;
+
+    if (!path)
+        return e->code;
+    if (stat(path, &st) != 0)
+        return err_set(e, errno == ENOENT ? ERR_NOT_FOUND : ERR_IO, "%s: %s", uri, strerror(errno));
+    out->size_bytes = (int64_t)st.st_size;
+    out->mtime_ns = (int64_t)st.st_mtim.tv_sec * 1000000000 + st.st_mtim.tv_nsec;
+    return 0;
+}

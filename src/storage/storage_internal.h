@@ -43,6 +43,10 @@ struct storage_ops {
 extern const struct storage_ops storage_file_ops;
 extern const struct storage_ops storage_s3_ops;
 
+/* storage_identify() for each backend (kept out of the ops table: one call, two backends) */
+int storage_file_identify(const char *uri, struct storage_identity *out, struct err *e);
+int storage_s3_identify(const char *uri, struct storage_identity *out, struct err *e);
+
 /* ---- S3: settings (storage.c) ---- */
 
 /* What storage_configure() set: "" means "from the environment"; the part size in bytes. */

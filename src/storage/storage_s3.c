@@ -528,3 +528,24 @@ const struct storage_ops storage_s3_ops = {
     .exists = s3_exists,
     .list = s3_list,
 };
+
+/* ---- identity ---- */
+
+int storage_s3_identify(const char *uri, struct storage_identity *out, struct err *e)
+{
+    struct s3_loc loc;
+    struct storage_s3_request rq;
+    int rc = loc_parse(uri, &loc, e);
+
+    if (rc != 0)
+        return rc;
+    rc = head_object(&loc, &rq, e);
+    if (rc == 0 && !rq.etag[0])
+        rc = err_set(e, ERR_IO, "%.200s: the server sent no ETag", uri);
+    if (rc == 0) {
+        out->size_bytes = rq.length;
+        snprintf(out->etag, sizeof(out->etag), "%s", rq.etag);
+    }
+    loc_release(&loc);
+    return rc;
+}

@@ -1243,3 +1243,41 @@ def fresh_queue(queue_kind, request):
     if queue_kind == "sqlite":
         return lambda: "sqlite"
     return request.getfixturevalue("shared_redis").fresh_url
+
+
+# ---------------------------------------------------------------------------
+# stored text in error messages (issue 13: errors do not quote what they read)
+# ---------------------------------------------------------------------------
+
+SECRET_WORD = "hunter2secret"   # on a line of its own in every passwd copy
+
+
+def passwd_copy(path):
+    """A copy of /etc/passwd at ``path`` (a file anyone could name as an input location), with
+    one more line holding SECRET_WORD. Returns the text written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        text = Path("/etc/passwd").read_text()
+    except OSError:
+        text = "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n"
+    text = text if text.endswith("\n") else text + "\n"
+    text += f"{SECRET_WORD}:x:4242:4242:{SECRET_WORD}:/home/{SECRET_WORD}:/bin/sh\n"
+    path.write_text(text)
+    return text
+
+
+def assert_quotes_nothing_of(text, message, what):
+    """``message`` (an error, a .errors object) shows none of ``text``'s words: not its first
+    word, and no word of 4 letters or more that is not also one of the message's own words
+    of a message about nothing (``line``, ``column``, ``number``, ...)."""
+    import re
+    first = re.findall(r"[A-Za-z0-9_]+", text)[0]
+    assert not re.search(rf"(?<![A-Za-z0-9_]){re.escape(first)}(?![A-Za-z0-9_])", message), \
+        f"{what} quotes the file's first word {first!r}: {message[:500]!r}"
+    ours = {"line", "column", "columns", "number", "malformed", "JSON", "invalid", "token",
+            "expected", "model", "input", "inputs", "name", "position", "byte"}
+    file_words = {w for w in re.findall(r"[A-Za-z_]{4,}", text)} - ours
+    leaked = sorted(w for w in set(re.findall(r"[A-Za-z_]{4,}", message)) if w in file_words)
+    assert not leaked, f"{what} quotes the file's words {leaked}: {message[:500]!r}"
+    assert SECRET_WORD not in message, f"{what} quotes {SECRET_WORD!r}: {message[:500]!r}"

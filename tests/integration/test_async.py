@@ -888,3 +888,65 @@ def test_webhook_again_after_redrive(hooks):
                 job="redrive")
     for b in bodies():
         assert b["type"] == "job.failed" and b["job"]["id"] == jid, b
+
+
+# ---------------------------------------------------------------------------
+# issue 13: a job's error quotes nothing of the file it read
+# ---------------------------------------------------------------------------
+
+
+def test_input_location_errors_quote_nothing_of_the_file(client, tmp_path):
+    """A job whose input_location names a text file that is no request (a copy of
+    /etc/passwd) fails with an error naming the line, column and problem but none of the
+    file's words; so do files that are requests but name unknown things. The same request
+    sent in the body may be quoted back: the client sent it."""
+    from conftest import SECRET_WORD, assert_quotes_nothing_of, passwd_copy
+    passwd = tmp_path / "passwd"
+    text = passwd_copy(passwd)
+    jid = client.submit_ok("rowsum", input_location=f"file://{passwd}")
+    job = client.wait_final(jid, what="a job reading a copy of /etc/passwd")
+    assert job["status"] == "failed" and job["attempts"] == 1, job
+    assert "line 1 column" in job["error"], job["error"]
+    assert_quotes_nothing_of(text, job["error"], "the job's error")
+
+    X = rows4(2, seed=140)
+    requests_ = {
+        "unknown input name": infer_body(X, name=SECRET_WORD),
+        "unknown datatype": {"inputs": [dict(infer_body(X)["inputs"][0],
+                                             datatype=SECRET_WORD.upper())]},
+        "unknown output name": infer_body(X, outputs=[{"name": SECRET_WORD}]),
+        "duplicate key": None,
+    }
+    for what, body in requests_.items():
+        path = tmp_path / f"{what.replace(' ', '-')}.json"
+        if body is None:
+            path.write_text('{"inputs": [], "%s": 1, "%s": 2}' % (SECRET_WORD, SECRET_WORD))
+        else:
+            path.write_text(json.dumps(body))
+        jid = client.submit_ok("rowsum", input_location=f"file://{path}")
+        job = client.wait_final(jid, what=what)
+        assert job["status"] == "failed" and job["error"], f"{what}: {job!r}"
+        assert SECRET_WORD.lower() not in job["error"].lower(), f"{what}: {job['error']!r}"
+        if body is not None:   # the same request inline: the client's own words come back
+            r = client.submit("rowsum", input=body)
+            assert r.status_code in (400, 422), f"{what} inline: {r.status_code} {r.text[:300]}"
+            assert SECRET_WORD.lower() in error_message(r).lower(), f"{what}: {r.text[:300]}"
+
+
+def test_id_with_nul_character_through_the_queue(client):
+    """An "id" holding \\u0000, sent with Prefer: respond-async or inline in POST /v1/jobs, is
+    kept through the queue and echoed back escaped in the result."""
+    X = rows4(2, seed=141)
+    body = infer_body(X, id="a\u0000b")
+    r = client.post("/v2/models/rowsum/infer", json=body, headers={"Prefer": "respond-async"})
+    jids = [check_accepted(r, "Prefer: respond-async")]
+    jids.append(client.submit_ok("rowsum", input=body))
+    for jid in jids:
+        job = client.wait_final(jid)
+        assert job["status"] == "succeeded", job
+        r = client.get(f"/v1/jobs/{jid}/result")
+        assert r.status_code == 200 and b'"id":"a\\u0000b"' in r.content, r.content[:300]
+        assert r.json()["id"] == "a\x00b"
+        assert_close(output_array(r.json(), 2), rowsum(X), "result of a job with a NUL in its id")
+    r = client.submit("rowsum", input=body, callback_url="http://127.0.0.1:9/a\u0000b")
+    assert r.status_code == 400 and "callback_url" in error_message(r), r.text

@@ -743,3 +743,155 @@ def test_kill9_midway_then_resume_is_byte_identical(inferd, repo, trained, tmp_p
         f"after resume: {files_under(out2)}\nuninterrupted: {files_under(out1)}\n"
         f"at kill: {files_at_kill}")
     print(f"killed after {finished_at_kill}; resume stderr:\n{res.stderr[-1500:]}")
+
+
+# ---------------------------------------------------------------------------
+# issue 13: what a file holds stays out of messages; NUL bytes; changed inputs
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt_ext", ["csv", "jsonl"])
+def test_errors_quote_nothing_of_the_file(batch, repo, tmp_path, fmt_ext):
+    """A batch over a text file that is no data (a copy of /etc/passwd): every bad record's
+    line in .errors, and the failure on stderr, name the line and the problem but hold none of
+    the file's words."""
+    from conftest import assert_quotes_nothing_of, passwd_copy
+    src = tmp_path / "in" / f"stolen.{fmt_ext}"
+    text = passwd_copy(src)
+    n_lines = len(text.splitlines())
+
+    res = batch(repo, "binary", src, tmp_path / "out", "--max-errors", "100000")
+    assert res.summary() == (n_lines, n_lines), res
+    errs = (tmp_path / "out" / f"stolen.{fmt_ext}.errors").read_text()
+    lines = errs.splitlines()
+    assert len(lines) == n_lines, errs[:500]
+    for i, line in enumerate(lines, 1):
+        assert line.startswith(f"line {i}: "), line
+        assert_quotes_nothing_of(text, line, f"stolen.{fmt_ext}.errors line {i}")
+    assert_quotes_nothing_of(text, res.stderr, "stderr")
+
+    res = batch(repo, "binary", src, tmp_path / "strict", check=False)
+    assert res.rc != 0 and res.line_naming(f"stolen.{fmt_ext}", "line 1:"), res
+    assert_quotes_nothing_of(text, res.stderr, "stderr of the failed run")
+
+
+def nul_records(X, bad, fmt_ext):
+    """X as CSV or JSON Lines, with a NUL byte inside the records at 1-based lines ``bad``;
+    each is followed by five more columns, which a reader that stops at the NUL misses."""
+    text = csv_text(X) if fmt_ext == "csv" else jsonl_text(X)
+    lines = text.splitlines()
+    for ln in bad:
+        if fmt_ext == "csv":
+            lines[ln - 1] = lines[ln - 1] + "\0" + ",1,2,3,4,5"
+        else:
+            lines[ln - 1] = lines[ln - 1][:-1] + "\0" + ",1,2,3,4,5]"
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("fmt_ext", ["csv", "jsonl"])
+def test_nul_byte_makes_a_bad_record(batch, repo, trained, tmp_path, fmt_ext):
+    """A NUL byte does not end a record: the record is bad (counted, named by its line in
+    .errors); the others still score as python-xgboost does."""
+    m = trained["binary"]
+    X = m.rows(N_ROWS, seed=60)
+    bad = [7, 57]
+    src = write(tmp_path / "in" / f"nul.{fmt_ext}", nul_records(X, bad, fmt_ext))
+    res = batch(repo, "binary", src, tmp_path / "out", "--max-errors", "5")
+    assert res.summary() == (N_ROWS, 2), res
+    check_tolerated(tmp_path / "out", f"nul.{fmt_ext}", m, X, [b - 1 for b in bad], bad,
+                    mode=fmt_ext)
+    for line in (tmp_path / "out" / f"nul.{fmt_ext}.errors").read_text().splitlines():
+        assert "NUL byte" in line, line
+
+    res = batch(repo, "binary", src, tmp_path / "strict", check=False)
+    assert res.rc != 0, f"a record with a NUL byte was accepted\n{res}"
+    assert res.line_naming(f"nul.{fmt_ext}", "line 7:", "NUL"), res
+
+
+def input_identity(path):
+    st = Path(path).stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def out_stat(path):
+    st = Path(path).stat()
+    return st.st_mtime_ns, st.st_ino
+
+
+@pytest.mark.parametrize("change", ["same-size-new-mtime", "new-size"])
+def test_rerun_redoes_an_object_whose_input_changed(batch, repo, trained, tmp_path, change):
+    """The manifest records each input's size and modification time; a re-run redoes an object
+    whose input changed (and only it), and writes its new identity."""
+    m = trained["binary"]
+    inp, out = tmp_path / "in", tmp_path / "out"
+    Xa, Xb = m.rows(200, seed=61), m.rows(50, seed=62)
+    write(inp / "a.csv", csv_text(Xa))
+    write(inp / "b.csv", csv_text(Xb))
+    batch(repo, "binary", inp, out)
+    objs = manifest(out)["objects"]
+    for name in ("a.csv", "b.csv"):
+        assert objs[name]["input"] == input_identity(inp / name), objs[name]
+    b_before = out_stat(out / "b.csv.out")
+
+    old = (inp / "a.csv").stat()
+    if change == "new-size":
+        Xa = m.rows(201, seed=63)
+        write(inp / "a.csv", csv_text(Xa))
+    else:
+        # new values, the same number of bytes: each row's first value gets its sign flipped
+        # where that keeps the text's length
+        lines = (inp / "a.csv").read_text().splitlines()
+        flipped = []
+        for i, line in enumerate(lines):
+            first, rest = line.split(",", 1)
+            if first.startswith("-"):
+                first = "+" + first[1:]
+                Xa[i, 0] = -Xa[i, 0]
+            flipped.append(first + "," + rest)
+        write(inp / "a.csv", "\n".join(flipped) + "\n")
+        assert (inp / "a.csv").stat().st_size == old.st_size
+        os.utime(inp / "a.csv", ns=(old.st_atime_ns, old.st_mtime_ns + 1_000_000_000))
+    res = batch(repo, "binary", inp, out)
+    assert "objects=1 skipped=1" in res.stderr, f"expected a.csv redone, b.csv skipped\n{res}"
+    check_predictions(out / "a.csv.out", m, Xa, "csv")
+    assert out_stat(out / "b.csv.out") == b_before, "an unchanged input's .out was rewritten"
+    objs = manifest(out)["objects"]
+    assert objs["a.csv"]["input"] == input_identity(inp / "a.csv"), objs["a.csv"]
+    check_manifest(out, {"a.csv": len(Xa), "b.csv": 50})
+
+
+def test_rerun_with_a_manifest_without_input_identity_redoes_it(batch, repo, trained,
+                                                                  tmp_path):
+    """A manifest written before inputs were recorded cannot tell a changed input from an
+    unchanged one: its objects run again (once), and the manifest then records them."""
+    m = trained["binary"]
+    inp, out = tmp_path / "in", tmp_path / "out"
+    X = m.rows(30, seed=64)
+    write(inp / "a.jsonl", jsonl_text(X))
+    batch(repo, "binary", inp, out)
+    old = manifest(out)
+    for entry in old["objects"].values():
+        del entry["input"]
+    (out / "_manifest.json").write_text(json.dumps(old))
+    before = out_stat(out / "a.jsonl.out")
+
+    res = batch(repo, "binary", inp, out)
+    assert "objects=1 skipped=0" in res.stderr, res
+    assert out_stat(out / "a.jsonl.out") != before, "the object was not run again"
+    assert manifest(out)["objects"]["a.jsonl"]["input"] == input_identity(inp / "a.jsonl")
+    res = batch(repo, "binary", inp, out)
+    assert "objects=0 skipped=1" in res.stderr, f"a second re-run did not skip\n{res}"
+
+
+def test_redone_object_drops_its_stale_errors(batch, repo, trained, tmp_path):
+    """A changed input whose bad records are gone leaves no .errors from the earlier run."""
+    m = trained["binary"]
+    inp, out = tmp_path / "in", tmp_path / "out"
+    X = m.rows(N_ROWS, seed=65)
+    write(inp / "a.jsonl", bad_jsonl(X, [5], "string"))
+    batch(repo, "binary", inp, out, "--max-errors", "5")
+    assert (out / "a.jsonl.errors").exists()
+    write(inp / "a.jsonl", jsonl_text(X))
+    batch(repo, "binary", inp, out, "--max-errors", "5")
+    assert not (out / "a.jsonl.errors").exists(), "a stale .errors outlived its input"
+    check_predictions(out / "a.jsonl.out", m, X, "jsonl")

@@ -126,7 +126,10 @@ def test_batch_job_end_to_end(tmp_path, inputs, server_factory, webhook_receiver
     assert sorted(manifest["objects"]) == sorted(data)
     for name in data:
         sha = hashlib.sha256((out / (name + ".out")).read_bytes()).hexdigest()
-        assert manifest["objects"][name] == {"records": len(data[name]), "sha256": sha}
+        st = (inp / name).stat()   # the input's identity: a CLI re-run redoes changed inputs
+        assert manifest["objects"][name] == {
+            "records": len(data[name]), "sha256": sha,
+            "input": {"size": st.st_size, "mtime_ns": st.st_mtime_ns}}, manifest["objects"][name]
     # byte for byte what `inferd batch` writes for the same input
     cli_out = tmp_path / "cli-out"
     cli_batch(inp, cli_out, m.name, repo, "--records-per-batch", "128")
@@ -384,3 +387,81 @@ def test_workers_share_one_batch_job(tmp_path, trained, server_factory, worker_f
         json.loads((tmp_path / "cli" / "_manifest.json").read_text())
     ran = [w.log().count('msg="batch task done"') for w in workers]
     assert sum(ran) == 30 and all(n > 0 for n in ran), f"tasks per worker: {ran}"
+
+
+# ---------------------------------------------------------------------------
+# issue 13: what a file holds stays out of messages; NUL bytes
+# ---------------------------------------------------------------------------
+
+
+def test_errors_quote_nothing_of_the_file(tmp_path, trained, server_factory, fresh_queue):
+    """A batch job over a copy of /etc/passwd: .errors and the job's error name the line and
+    the problem, and hold none of the file's words."""
+    from conftest import assert_quotes_nothing_of, passwd_copy
+    q = fresh_queue()
+    repo = tmp_path / "models"
+    trained["binary"].install(repo)
+    texts = {name: passwd_copy(tmp_path / "in" / name) for name in ("stolen.csv", "stolen.jsonl")}
+    server = server_factory(repo, *qa(q, tmp_path / "data"))
+    r = submit(server, model="binary", input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+               max_errors=100000)
+    assert r.status_code == 202, r.text
+    done = wait_status(server, r.json()["id"], ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done
+    for name, text in texts.items():
+        errs = (tmp_path / "out" / f"{name}.errors").read_text()
+        assert errs.startswith("line 1: ") and len(errs.splitlines()) == len(text.splitlines())
+        assert_quotes_nothing_of(text, errs, f"{name}.errors")
+
+    r = submit(server, model="binary", input=str(tmp_path / "in"), output=str(tmp_path / "strict"))
+    failed = wait_status(server, r.json()["id"], ("succeeded", "failed"))
+    assert failed["status"] == "failed" and "line 1:" in failed["error"], failed
+    assert_quotes_nothing_of(texts["stolen.csv"], failed["error"], "the job's error")
+
+
+def test_nul_bytes_make_bad_records(tmp_path, trained, server_factory, fresh_queue):
+    """A NUL byte inside a record (CSV and JSON Lines) makes it a bad record, counted and named
+    by its line; the other records score as python-xgboost does."""
+    q = fresh_queue()
+    m = trained["binary"]
+    repo = tmp_path / "models"
+    m.install(repo)
+    X = m.rows(60, seed=170)
+    bad = [3, 41]
+    for ext, writer in (("csv", write_csv), ("jsonl", write_jsonl)):
+        path = tmp_path / "in" / f"nul.{ext}"
+        writer(path, X)
+        lines = path.read_bytes().split(b"\n")
+        for ln in bad:   # five more columns after the NUL: a reader stopping there sees none
+            tail = b",1,2,3,4,5" if ext == "csv" else b",1,2,3,4,5]"
+            lines[ln - 1] = (lines[ln - 1] if ext == "csv" else lines[ln - 1][:-1]) + b"\0" + tail
+        path.write_bytes(b"\n".join(lines))
+    server = server_factory(repo, *qa(q, tmp_path / "data"))
+    r = submit(server, model=m.name, input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+               max_errors=4)
+    done = wait_status(server, r.json()["id"], ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done
+    assert done["progress"]["records_failed"] == 4, done
+    good = [i for i in range(len(X)) if i + 1 not in bad]
+    for ext in ("csv", "jsonl"):
+        out = (tmp_path / "out" / f"nul.{ext}.out").read_text().split("\n")[:-1]
+        assert len(out) == len(X) and all(out[ln - 1] == "" for ln in bad), out[:5]
+        assert_close(np.array([float(out[i]) for i in good]), m.expected(X[good]), ext)
+        errs = (tmp_path / "out" / f"nul.{ext}.errors").read_text().splitlines()
+        assert [e.split(":")[0] for e in errs] == [f"line {ln}" for ln in bad], errs
+        assert all("NUL byte" in e for e in errs), errs
+
+    r = submit(server, model=m.name, input=str(tmp_path / "in"), output=str(tmp_path / "strict"))
+    failed = wait_status(server, r.json()["id"], ("succeeded", "failed"))
+    assert failed["status"] == "failed" and "line 3:" in failed["error"], failed
+    assert "NUL byte" in failed["error"], failed
+
+    # the inputs repaired and run again into the same output: no stale .errors stays
+    write_csv(tmp_path / "in" / "nul.csv", X)
+    write_jsonl(tmp_path / "in" / "nul.jsonl", X)
+    r = submit(server, model=m.name, input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    done = wait_status(server, r.json()["id"], ("succeeded", "failed"))
+    assert done["status"] == "succeeded" and done["progress"]["records_failed"] == 0, done
+    for ext in ("csv", "jsonl"):
+        assert not (tmp_path / "out" / f"nul.{ext}.errors").exists(), f"a stale nul.{ext}.errors"
+        assert_close(read_predictions(tmp_path / "out" / f"nul.{ext}.out"), m.expected(X), ext)

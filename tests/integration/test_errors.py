@@ -274,3 +274,17 @@ def test_binary_header_covering_whole_body(client, trained):
                              "Content-Type": "application/octet-stream"})
     assert r.status_code == 200, r.text[:300]
     assert_close(output_array(r.json(), len(X)), trained["binary"].expected(X), "header == whole body")
+
+
+def test_id_with_nul_character_is_echoed_escaped(client, trained):
+    """A v2 "id" is any JSON string: one holding \\u0000 is accepted and echoed back, escaped
+    (issue 13: it was refused)."""
+    X = good_rows(trained)
+    body = json.dumps(infer_body(X, id="a\u0000b")).encode()
+    assert b"a\\u0000b" in body
+    r = client.post("/v2/models/binary/infer", data=body,
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert b'"id":"a\\u0000b"' in r.content, r.content[:300]
+    assert r.json()["id"] == "a\x00b"
+    assert_close(output_array(r.json(), len(X)), trained["binary"].expected(X), "id with NUL")

@@ -119,8 +119,12 @@ def check_outputs(s3rver, out_uri, tmp_path, expect):
         data = (local / f"{name}.out").read_bytes()
         lines = lines_of(data, name)
         assert len(lines) == len(X), f"{name}.out: {len(lines)} lines for {len(X)} records"
-        assert objects[name] == {"records": len(X), "sha256": hashlib.sha256(data).hexdigest()}, \
+        entry = dict(objects[name])
+        ident = entry.pop("input", None)
+        assert entry == {"records": len(X), "sha256": hashlib.sha256(data).hexdigest()}, \
             f"manifest entry of {name}: {objects[name]!r}"
+        assert isinstance(ident, dict) and set(ident) == {"size", "etag"}, \
+            f"manifest entry of {name} has no S3 input identity: {objects[name]!r}"
         if join and mode == "jsonl":
             rows = [json.loads(l) for l in lines]
             assert all(set(r) == {"input", "prediction"} for r in rows), lines[0]
@@ -608,3 +612,57 @@ def test_async_job_with_s3_locations(server_factory, s3rver, monkeypatch, repo, 
     job = c.wait_final(jid)
     assert job["status"] == "failed" and "no such key" in job["error"] and \
         missing in job["error"], job
+
+
+# ---------------------------------------------------------------------------
+# issue 13: a re-run redoes objects whose input changed (ETag)
+# ---------------------------------------------------------------------------
+
+
+def head(s3rver, uri):
+    """{"size", "etag"} of an object, as another S3 client (awscli) sees it."""
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    p = s3rver.aws("s3api", "head-object", "--bucket", bucket, "--key", key, "--output", "json")
+    h = json.loads(p.stdout)
+    return {"size": h["ContentLength"], "etag": h["ETag"]}
+
+
+def test_rerun_redoes_an_object_whose_etag_changed(batch, s3rver, prefix, trained, tmp_path):
+    """The manifest records each input's size and ETag; an object replaced by one of the same
+    size but other bytes (a new ETag) is redone on re-run, and only it."""
+    m = trained["binary"]
+    Xa, Xb = m.rows(120, seed=320), m.rows(40, seed=321)
+    local = write_tree(tmp_path / "in", {"a.csv": csv_text(Xa), "b.csv": csv_text(Xb)})
+    s3rver.upload(local, f"{prefix}/in")
+    out = f"{prefix}/out"
+    batch("binary", f"{prefix}/in", out)
+    objs = json.loads(s3rver.get_bytes(f"{out}/_manifest.json", tmp_path))["objects"]
+    for name in ("a.csv", "b.csv"):
+        assert objs[name]["input"] == head(s3rver, f"{prefix}/in/{name}"), objs[name]
+    b_out = head(s3rver, f"{out}/b.csv.out")
+    b_modified = s3rver.aws("s3api", "head-object", "--bucket", S3_BUCKET, "--key",
+                            out[len(f"s3://{S3_BUCKET}/"):] + "/b.csv.out").stdout
+
+    # the same number of bytes, other values: flip the sign of negative first values
+    lines = csv_text(Xa).splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("-"):
+            lines[i] = "+" + line[1:]
+            Xa[i, 0] = -Xa[i, 0]
+    (local / "a.csv").write_text("\n".join(lines) + "\n")
+    s3rver.aws("s3", "cp", "--only-show-errors", local / "a.csv", f"{prefix}/in/a.csv")
+    now = head(s3rver, f"{prefix}/in/a.csv")
+    assert now["size"] == objs["a.csv"]["input"]["size"] and now != objs["a.csv"]["input"]
+
+    res = batch("binary", f"{prefix}/in", out)
+    assert "objects=1 skipped=1" in res.stderr, f"expected a.csv redone, b.csv skipped\n{res}"
+    got = s3rver.download(out, tmp_path / "dl")
+    preds = parse_numbers(lines_of((got / "a.csv.out").read_bytes(), "a.csv.out"), 1, "csv",
+                          "a.csv.out")
+    assert_close(preds, m.expected(Xa), "a.csv.out after the re-run")
+    assert head(s3rver, f"{out}/b.csv.out") == b_out
+    assert s3rver.aws("s3api", "head-object", "--bucket", S3_BUCKET, "--key",
+                      out[len(f"s3://{S3_BUCKET}/"):] + "/b.csv.out").stdout == b_modified, \
+        "an unchanged input's .out was written again"
+    objs = json.loads((got / "_manifest.json").read_text())["objects"]
+    assert objs["a.csv"]["input"] == now, objs["a.csv"]

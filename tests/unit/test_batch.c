@@ -54,11 +54,78 @@ static void test_csv_records(void **state)
     assert_string_equal(why, "expected 3 columns, got more");
     free(why);
     why = batch_parse_csv("1,x2,3", 6, 3, row);
-    assert_string_equal(why, "column 2: 'x2' is not a number");
+    assert_string_equal(why, "column 2: not a number");
     free(why);
     /* not NUL-terminated: only `len` bytes count */
     assert_null(batch_parse_csv("1,2,3,garbage", 5, 3, row));
     assert_true(row[2] == 3.0f);
+}
+
+/* A NUL byte does not end a record: the record is bad, whatever follows the NUL (issue 13:
+ * "35 columns count as 30" came from reading records as C strings). */
+static void test_nul_records(void **state)
+{
+    static const struct {
+        int csv;
+        const char *text;
+        size_t len;
+        const char *why;
+    } bad[] = {
+        {1, "1,2\0,3", 6, "NUL byte at position 4"},
+        {1, "1,2,3\0,4,5", 10, "NUL byte at position 6"}, /* more columns hide behind it */
+        {1, "1,2,3\0", 6, "NUL byte at position 6"},      /* strtof stops at it */
+        {1, "\0,2,3", 5, "NUL byte at position 1"},
+        {0, "[1,2,3]\0", 8, "NUL byte at position 8"},
+        {0, "[1,\0 2,3]", 9, "NUL byte at position 4"},
+        {0, "[1,2,3\0,4]", 10, "NUL byte at position 7"},
+    };
+    float row[3];
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        char *why = bad[i].csv ? batch_parse_csv(bad[i].text, bad[i].len, 3, row)
+                               : batch_parse_jsonl(bad[i].text, bad[i].len, 3, row);
+        assert_non_null(why);
+        assert_string_equal(why, bad[i].why);
+        free(why);
+    }
+    /* the same records without the NUL are good */
+    assert_null(batch_parse_csv("1,2,3", 5, 3, row));
+    assert_null(batch_parse_jsonl("[1,2,3]", 7, 3, row));
+}
+
+/* Records come from storage: a reason names the column or position and the problem, and quotes
+ * nothing of the record (a job over /etc/passwd must not copy it into .errors). */
+static void test_reasons_quote_nothing(void **state)
+{
+    static const char *const lines[] = {
+        "root:x:0:0:root:/root:/bin/bash",
+        "secretword",
+        "secretword,2,3",
+        "[secretword, 2, 3]",
+        "[\"secretword\", 2, 3]",
+        "{\"secretword\": 1}",
+        "[1, 2, \"\\uD8secretword\"]",
+        "[1, 2, \"\\u12\"]",
+        "[1, 2, 3] secretword",
+        "[1, 2, 1e999999]",
+        "[1, 2, \"a\tsecretword\"]",
+    };
+    float row[3];
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(lines) / sizeof(lines[0]); i++) {
+        for (int csv = 0; csv < 2; csv++) {
+            size_t len = strlen(lines[i]);
+            char *why = csv ? batch_parse_csv(lines[i], len, 3, row)
+                            : batch_parse_jsonl(lines[i], len, 3, row);
+            assert_non_null(why);
+            if (strstr(why, "root") || strstr(why, "secret") || strstr(why, "D8") ||
+                strstr(why, "u12") || strstr(why, "999"))
+                fail_msg("reason '%s' for record '%s' quotes it", why, lines[i]);
+            free(why);
+        }
+    }
 }
 
 static void test_file_storage(void **state)
@@ -120,8 +187,8 @@ static void test_file_storage(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_jsonl_records),
-        cmocka_unit_test(test_csv_records),
+        cmocka_unit_test(test_jsonl_records), cmocka_unit_test(test_csv_records),
+        cmocka_unit_test(test_nul_records),   cmocka_unit_test(test_reasons_quote_nothing),
         cmocka_unit_test(test_file_storage),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -6,6 +6,7 @@
  * codec_encode_result) and the upstream side of the http backend (codec_encode_request_v2,
  * which must round-trip through codec_decode_v2 bit for bit, and codec_decode_response_v2).
  */
+#define _GNU_SOURCE /* memmem */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -229,12 +230,13 @@ static void test_document_takes_any_json_value(void **state)
 
     (void)state;
     for (size_t i = 0; i < sizeof(docs) / sizeof(docs[0]); i++) {
-        assert_int_equal(codec_decode_document(docs[i], strlen(docs[i]), &r, &e), 0);
+        assert_int_equal(codec_decode_document(docs[i], strlen(docs[i]), CODEC_FROM_CLIENT, &r, &e),
+                         0);
         assert_document(r, docs[i], strlen(docs[i]));
         infer_request_destroy(r);
     }
     /* only body_len bytes count: the body need not end in a NUL */
-    assert_int_equal(codec_decode_document("[1]garbage", 3, &r, &e), 0);
+    assert_int_equal(codec_decode_document("[1]garbage", 3, CODEC_FROM_CLIENT, &r, &e), 0);
     assert_document(r, "[1]", 3);
     infer_request_destroy(r);
 }
@@ -255,17 +257,136 @@ static void test_document_rejects_malformed_json(void **state)
     (void)state;
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         r = (struct infer_request *)&e; /* must be reset to NULL */
-        assert_int_equal(codec_decode_document(bad[i].body, strlen(bad[i].body), &r, &e),
-                         ERR_INVALID);
+        assert_int_equal(
+            codec_decode_document(bad[i].body, strlen(bad[i].body), CODEC_FROM_CLIENT, &r, &e),
+            ERR_INVALID);
         assert_null(r);
         assert_non_null(strstr(e.msg, "malformed JSON"));
         assert_non_null(strstr(e.msg, bad[i].where));
     }
     /* a NUL inside the body is not JSON either */
-    assert_int_equal(codec_decode_document("[1]\0", 4, &r, &e), ERR_INVALID);
+    assert_int_equal(codec_decode_document("[1]\0", 4, CODEC_FROM_CLIENT, &r, &e), ERR_INVALID);
     /* and a good document still works afterwards */
-    assert_int_equal(codec_decode_document("{}", 2, &r, &e), 0);
+    assert_int_equal(codec_decode_document("{}", 2, CODEC_FROM_CLIENT, &r, &e), 0);
     assert_document(r, "{}", 2);
+    infer_request_destroy(r);
+}
+
+/* ---- text read from a location (CODEC_FROM_STORE) ---- */
+
+#define V2_ONE(datatype, shape, data)                                                              \
+    "{\"inputs\":[{\"name\":\"input__0\",\"datatype\":\"" datatype "\",\"shape\":" shape           \
+    ",\"data\":" data "}]}"
+
+/* Decodes `text` as read from a location and checks it against a one-input model of
+ * `datatype` [-1, 2] (json_io as given); returns the message of whichever step refused it. */
+static int stored_error(const char *text, enum inferd_datatype datatype, int json_io, struct err *e)
+{
+    struct inferd_tensor in = {
+        .name = "input__0", .datatype = datatype, .n_dims = 2, .shape = {-1, 2}};
+    struct inferd_tensor out = {
+        .name = "output__0", .datatype = INFERD_TYPE_FP32, .n_dims = 1, .shape = {-1}};
+    struct inferd_model_info info = {.inputs = &in,
+                                     .n_inputs = 1,
+                                     .outputs = &out,
+                                     .n_outputs = 1,
+                                     .is_batched = 1,
+                                     .json_io = json_io};
+    struct infer_request *r = NULL;
+    int rc = codec_decode_for_model(&info, text, strlen(text), -1, CODEC_FROM_STORE, &r, e);
+
+    if (rc == 0)
+        rc = tensor_check_inputs(r, &info, e);
+    infer_request_destroy(r);
+    return rc;
+}
+
+/* A job's input_location may name any file the server can read: whatever is wrong with it, the
+ * job's error names the field or position and the problem, and quotes nothing of the file
+ * (issue 13: "near 'root'" for /etc/passwd). */
+static void test_stored_errors_quote_nothing(void **state)
+{
+    static const struct {
+        const char *text;
+        enum inferd_datatype model_type;
+        int json_io;
+        const char *msg; /* exactly */
+    } cases[] = {
+        {"root:x:0:0:root:/root:/bin/bash\n", INFERD_TYPE_FP32, INFERD_JSON_IO_NONE,
+         "malformed JSON at line 1 column 4: invalid token"},
+        {"root:x:0:0:root:/root:/bin/bash\n", INFERD_TYPE_FP32, INFERD_JSON_IO_ONLY,
+         "malformed JSON at line 1 column 4: invalid token"},
+        {"{\"secret\":1,\"secret\":2}", INFERD_TYPE_FP32, INFERD_JSON_IO_NONE,
+         "malformed JSON: an object has the same key twice"},
+        {V2_ONE("SECRET", "[1,2]", "[1,2]"), INFERD_TYPE_FP32, INFERD_JSON_IO_NONE,
+         "inputs[0].datatype: unknown datatype (BOOL, INT32, INT64, FP32, FP64 or BYTES)"},
+        {V2_ONE("INT32", "[1,2]", "[1,31415926535]"), INFERD_TYPE_INT32, INFERD_JSON_IO_NONE,
+         "inputs[0].data[1]: the value does not fit in INT32"},
+        {V2_ONE("INT64", "[1,2]", "[1,3.14159]"), INFERD_TYPE_INT64, INFERD_JSON_IO_NONE,
+         "inputs[0].data[1]: the value is not an integer (INT64 or out of its range)"},
+        {V2_ONE("FP32", "[1,2]", "[1,3.14159e300]"), INFERD_TYPE_FP32, INFERD_JSON_IO_NONE,
+         "inputs[0].data[1]: the value does not fit in FP32"},
+        {V2_ONE("INT64", "[1,2]", "[1,31415926535]"), INFERD_TYPE_INT32, INFERD_JSON_IO_NONE,
+         "input 'input__0': value 1 does not fit in INT32"},
+        {V2_ONE("FP32", "[1,2]", "[1,314159]"), INFERD_TYPE_BOOL, INFERD_JSON_IO_NONE,
+         "input 'input__0': datatype FP32, model expects BOOL"},
+        {V2_ONE("INT64", "[1,2]", "[1,314159]"), INFERD_TYPE_BOOL, INFERD_JSON_IO_NONE,
+         "input 'input__0': value 1 is not 0 or 1 (BOOL)"},
+        {"{\"inputs\":[{\"name\":\"secret\",\"datatype\":\"FP32\",\"shape\":[1,2],"
+         "\"data\":[1,2]}]}",
+         INFERD_TYPE_FP32, INFERD_JSON_IO_NONE,
+         "inputs[0]: unknown input name: the model's first input is 'input__0'"},
+        {"{\"inputs\":[{\"name\":\"input__0\",\"datatype\":\"FP32\",\"shape\":[1,2],"
+         "\"data\":[1,2]}],\"outputs\":[{\"name\":\"secret\"}]}",
+         INFERD_TYPE_FP32, INFERD_JSON_IO_NONE, "outputs[0]: unknown output name"},
+    };
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct err e = {0};
+        assert_int_not_equal(stored_error(cases[i].text, cases[i].model_type, cases[i].json_io, &e),
+                             0);
+        if (strcmp(e.msg, cases[i].msg) != 0)
+            fail_msg("case %zu: got '%s', expected '%s'", i, e.msg, cases[i].msg);
+    }
+}
+
+/* The same texts sent by a client are still quoted back to it: it knows what it sent. */
+static void test_client_errors_still_quote(void **state)
+{
+    struct err e = {0};
+    struct infer_request *r = NULL;
+    const char *passwd = "root:x:0:0";
+    const char *dt = V2_ONE("SECRET", "[1,2]", "[1,2]");
+    const char *i32 = V2_ONE("INT32", "[1,2]", "[1,31415926535]");
+
+    (void)state;
+    assert_int_equal(codec_decode_v2(passwd, strlen(passwd), -1, &r, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "near 'root'"));
+    assert_int_equal(codec_decode_v2(dt, strlen(dt), -1, &r, &e), ERR_SHAPE);
+    assert_non_null(strstr(e.msg, "unknown datatype 'SECRET'"));
+    assert_int_equal(codec_decode_v2(i32, strlen(i32), -1, &r, &e), ERR_SHAPE);
+    assert_non_null(strstr(e.msg, "31415926535 does not fit in INT32"));
+    assert_null(r);
+}
+
+/* An "id" is any JSON string: \u0000 in it is kept and echoed back escaped (issue 13). */
+static void test_id_may_hold_nul(void **state)
+{
+    static const char body[] = "{\"id\":\"a\\u0000b\",\"inputs\":[{\"name\":\"x\","
+                               "\"datatype\":\"FP32\",\"shape\":[1,1],\"data\":[1]}]}";
+    struct infer_request *r = NULL;
+    struct err e = {0};
+    struct buf out = {0};
+    int64_t json_len;
+
+    (void)state;
+    assert_int_equal(codec_decode_v2(body, strlen(body), -1, &r, &e), 0);
+    assert_int_equal(r->id_len, 3);
+    assert_memory_equal(r->id, "a\0b", 4);
+    assert_int_equal(codec_encode_v2(r, "m", "1", &out, &json_len), 0);
+    assert_non_null(memmem(out.data, out.len, "\"id\":\"a\\u0000b\"", 14));
+    buf_release(&out);
     infer_request_destroy(r);
 }
 
@@ -311,8 +432,9 @@ static void test_decode_for_model_by_json_io(void **state)
         size_t len = strlen(cases[i].body);
         info.json_io = cases[i].json_io;
         e.msg[0] = '\0';
-        assert_int_equal(codec_decode_for_model(&info, cases[i].body, len, -1, &r, &e),
-                         cases[i].rc);
+        assert_int_equal(
+            codec_decode_for_model(&info, cases[i].body, len, -1, CODEC_FROM_CLIENT, &r, &e),
+            cases[i].rc);
         if (cases[i].rc != 0) {
             assert_null(r);
             assert_true(e.msg[0] != '\0');
@@ -344,12 +466,14 @@ static void test_decode_for_model_binary_is_v2(void **state)
     memcpy(body, hdr, hl);
     memcpy(body + hl, vals, 8);
     /* a binary body (Inference-Header-Content-Length) can only be a v2 request */
-    assert_int_equal(codec_decode_for_model(&info, body, hl + 8, (int64_t)hl, &r, &e), 0);
+    assert_int_equal(
+        codec_decode_for_model(&info, body, hl + 8, (int64_t)hl, CODEC_FROM_CLIENT, &r, &e), 0);
     assert_int_equal(r->is_document, 0);
     assert_memory_equal(r->inputs[0].data, vals, 8);
     infer_request_destroy(r);
     info.json_io = INFERD_JSON_IO_NONE;
-    assert_int_equal(codec_decode_for_model(&info, body, hl + 8, (int64_t)hl, &r, &e), 0);
+    assert_int_equal(
+        codec_decode_for_model(&info, body, hl + 8, (int64_t)hl, CODEC_FROM_CLIENT, &r, &e), 0);
     assert_int_equal(r->is_document, 0);
     infer_request_destroy(r);
 }
@@ -379,7 +503,8 @@ static void test_encode_result(void **state)
 
     (void)state;
     /* a document request with no "json" output (yet) answers null */
-    assert_int_equal(codec_decode_document("{\"prompt\":\"hi\"}", 15, &doc, &e), 0);
+    assert_int_equal(codec_decode_document("{\"prompt\":\"hi\"}", 15, CODEC_FROM_CLIENT, &doc, &e),
+                     0);
     assert_int_equal(codec_encode_result(doc, "m", "1", &out, &json_len), 0);
     assert_int_equal(json_len, -1);
     assert_string_equal(out.data, "null");
@@ -643,6 +768,9 @@ int main(void)
         cmocka_unit_test(test_encode_request_v2_fp32_is_exact),
         cmocka_unit_test(test_decode_response_v2),
         cmocka_unit_test(test_decode_response_v2_rejections),
+        cmocka_unit_test(test_stored_errors_quote_nothing),
+        cmocka_unit_test(test_client_errors_still_quote),
+        cmocka_unit_test(test_id_may_hold_nul),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

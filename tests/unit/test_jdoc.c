@@ -34,7 +34,7 @@ static int parse_len(const char *text, size_t len, struct jdoc_val *root, struct
     held = malloc(len ? len : 1);
     assert_non_null(held);
     memcpy(held, text, len);
-    return jdoc_parse(held, len, root, e);
+    return jdoc_parse(held, len, 0, root, e);
 }
 
 static void parse_ok(const char *text, struct jdoc_val *root)
@@ -714,6 +714,45 @@ static char *many_members(int n, const char *extra)
     return text;
 }
 
+/* Text read from a location (JDOC_STORED): the error names the line, column and problem and
+ * quotes none of the text; the same text from a client may still be quoted back to it. */
+static void test_stored_text_is_not_quoted(void **state)
+{
+    static const struct {
+        const char *text;
+        const char *msg; /* with JDOC_STORED, exactly */
+    } cases[] = {
+        {"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1", "malformed JSON at line 1 column 4: "
+                                                          "invalid token"},
+        {"{\"secretword\": 1, \"secretword\": 2}",
+         "malformed JSON: an object has the same key twice"},
+        {"[\"\\uD8secretword\"]", "malformed JSON at line 1 column 7: invalid escape"},
+        {"[\"\\uDC00\"]", "malformed JSON at line 1 column 9: invalid Unicode escape"},
+        {"{\"secretword\" 1}", "malformed JSON at line 1 column 15: ':' expected"},
+        {"[1] secretword", "malformed JSON at line 1 column 14: text after the JSON value"},
+        {"[\"secret\tword\"]", "malformed JSON at line 1 column 8: control character in a string"},
+        {"[1, 2", "malformed JSON at line 1 column 5: ']' expected"},
+        {"", "malformed JSON: no text"},
+    };
+    struct jdoc_val root;
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        struct err e = {0};
+        size_t len = strlen(cases[i].text);
+        assert_int_equal(jdoc_parse(cases[i].text, len, JDOC_STORED, &root, &e), ERR_INVALID);
+        if (strcmp(e.msg, cases[i].msg) != 0)
+            fail_msg("%s: got '%s', expected '%s'", cases[i].text, e.msg, cases[i].msg);
+    }
+    /* a client's own body may be quoted back to it, as before */
+    struct err e = {0};
+    assert_int_equal(jdoc_parse("root:x:0", 8, 0, &root, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "near 'root'"));
+    assert_int_equal(jdoc_parse("{\"k\":1,\"k\":2}", 13, 0, &root, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "duplicate key 'k'"));
+    jdoc_done();
+}
+
 static void test_duplicate_keys_many_members(void **state)
 {
     struct jdoc_val v, m;
@@ -773,7 +812,7 @@ static void test_not_nul_terminated(void **state)
 
     (void)state;
     /* straight from the caller's buffer, which goes on past `len` */
-    assert_int_equal(jdoc_parse(text, 7, &v, &e), 0);
+    assert_int_equal(jdoc_parse(text, 7, 0, &v, &e), 0);
     assert_int_equal(jdoc_type(&v), JDOC_ARRAY);
     assert_int_equal(jdoc_size(&v), 3);
     for (jdoc_iter_init(&v, &it); jdoc_iter_next(&it, &item); want++)
@@ -795,13 +834,13 @@ static void test_not_nul_terminated(void **state)
     assert_string_equal(jdoc_string(&v, NULL), "end");
 
     /* the same bytes cut shorter are another document */
-    assert_int_equal(jdoc_parse("12345", 3, &v, &e), 0);
+    assert_int_equal(jdoc_parse("12345", 3, 0, &v, &e), 0);
     assert_true(jdoc_int(&v) == 123);
-    assert_int_equal(jdoc_parse("truex", 4, &v, &e), 0);
+    assert_int_equal(jdoc_parse("truex", 4, 0, &v, &e), 0);
     assert_int_equal(jdoc_is_true(&v), 1);
-    assert_int_equal(jdoc_parse("\"ab\"cd", 4, &v, &e), 0);
+    assert_int_equal(jdoc_parse("\"ab\"cd", 4, 0, &v, &e), 0);
     assert_string_equal(jdoc_string(&v, NULL), "ab");
-    assert_int_equal(jdoc_parse("[1,2,3]", 5, &v, &e), ERR_INVALID);
+    assert_int_equal(jdoc_parse("[1,2,3]", 5, 0, &v, &e), ERR_INVALID);
     assert_int_equal(strncmp(e.msg, "malformed JSON", 14), 0);
 }
 
@@ -813,7 +852,7 @@ static int parse_at_page_end(char *page, size_t page_size, const char *text, str
     char *at = page + page_size - len;
 
     memcpy(at, text, len);
-    return jdoc_parse(at, len, v, e);
+    return jdoc_parse(at, len, 0, v, e);
 }
 
 static void test_document_before_unmapped_page(void **state)
@@ -877,7 +916,7 @@ static void test_large_document(void **state)
     assert_true(off > (1u << 20)); /* past the size whose parser memory is kept */
     assert_true(off <= cap);
 
-    assert_int_equal(jdoc_parse(text, off, &v, &e), 0);
+    assert_int_equal(jdoc_parse(text, off, 0, &v, &e), 0);
     assert_int_equal(jdoc_size(&v), (size_t)n);
     for (jdoc_iter_init(&v, &it); jdoc_iter_next(&it, &item); count++) {
         assert_int_equal(jdoc_type(&item), JDOC_INT);
@@ -897,9 +936,9 @@ static void test_large_document(void **state)
     assert_true(walk_sum(&v, &count) == 9);
 
     /* and a large one again, twice in a row without jdoc_done() between */
-    assert_int_equal(jdoc_parse(text, off, &v, &e), 0);
+    assert_int_equal(jdoc_parse(text, off, 0, &v, &e), 0);
     assert_int_equal(jdoc_size(&v), (size_t)n);
-    assert_int_equal(jdoc_parse(text, off, &v, &e), 0);
+    assert_int_equal(jdoc_parse(text, off, 0, &v, &e), 0);
     count = 0;
     assert_true(walk_sum(&v, &count) == want);
     assert_int_equal(count, n);
@@ -946,7 +985,7 @@ static void *worker_main(void *arg)
     struct err e;
 
     for (int i = 0; i < w->rounds; i++) {
-        if (jdoc_parse(w->doc, strlen(w->doc), &root, &e) != 0) {
+        if (jdoc_parse(w->doc, strlen(w->doc), 0, &root, &e) != 0) {
             w->failures++;
             continue;
         }
@@ -1008,6 +1047,7 @@ int main(void)
         cmocka_unit_test(test_too_deep),
         cmocka_unit_test(test_duplicate_keys),
         cmocka_unit_test(test_duplicate_keys_many_members),
+        cmocka_unit_test(test_stored_text_is_not_quoted),
         cmocka_unit_test(test_not_nul_terminated),
         cmocka_unit_test(test_document_before_unmapped_page),
         cmocka_unit_test(test_large_document),

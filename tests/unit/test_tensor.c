@@ -139,7 +139,7 @@ static void test_check_document_needs_json_io(void **state)
     struct err e = {0};
 
     (void)state;
-    assert_int_equal(codec_decode_document("{\"q\":1}", 7, &doc, &e), 0);
+    assert_int_equal(codec_decode_document("{\"q\":1}", 7, CODEC_FROM_CLIENT, &doc, &e), 0);
     m.json_io = INFERD_JSON_IO_NONE;
     assert_int_equal(tensor_check_inputs(doc, &m, &e), ERR_INVALID);
     assert_non_null(strstr(e.msg, "not a JSON document"));
@@ -258,7 +258,7 @@ static void test_request_document_output(void **state)
     size_t len = 99;
 
     (void)state;
-    assert_int_equal(codec_decode_document("[]", 2, &r, &e), 0);
+    assert_int_equal(codec_decode_document("[]", 2, CODEC_FROM_CLIENT, &r, &e), 0);
     assert_null(infer_request_document(r, &len)); /* no outputs */
     /* near misses: another name, another datatype, shorter than a length, a length too long */
     p = tensor_output_alloc(&r->abi, "text", INFERD_TYPE_BYTES, one, 1, 6);
