@@ -381,7 +381,15 @@ def test_per_client_connection_cap(breast, repo_dir, server_factory):
     held = []
     try:
         for _ in range(20):
-            held.append(connect(srv.port))
+            s = connect(srv.port)
+            # an answer on each proves inferd holds it (accepts race each other otherwise)
+            s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = b""
+            while not got.endswith(b"}"):
+                chunk = s.recv(4096)
+                assert chunk, f"held connection {len(held)} closed: {got!r}"
+                got += chunk
+            held.append(s)
         # the 21st from the same address is closed without an answer
         extra = connect(srv.port)
         assert closed_by_server(extra, 10), "a 21st connection from one address was kept"
