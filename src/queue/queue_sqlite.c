@@ -423,12 +423,14 @@ int sq_insert_job(struct sqlite_queue *q, const struct job_spec *s, const char *
     return rc;
 }
 
-static int lease_one(struct sqlite_queue *q, struct op *o, const char *id, int64_t now,
-                     struct job **out)
+/* Leases job `id`, the `index`-th of this lease, into `*out` (NULL on failure). */
+static int lease_one(struct sqlite_queue *q, struct op *o, const char *id, size_t index,
+                     int64_t now, struct job **out)
 {
     sqlite3_stmt *st;
     int rc = 0;
 
+    *out = NULL;
     st = sq_prepare(q->wdb, "UPDATE jobs SET state = 1, attempts = attempts + 1, "
                          "started_ms = COALESCE(started_ms, ?), lease_until_ms = ? + "
                          "lease_timeout_ms, worker = ? WHERE id = ?");
@@ -445,21 +447,26 @@ static int lease_one(struct sqlite_queue *q, struct op *o, const char *id, int64
         return rc;
     q->n_queued--;
     rc = sq_load_job(q->wdb, id, out, &o->err);
-    if (rc != 0)
-        return rc;
-    if ((*out)->batch_id[0] && (rc = sq_batch_task_started(q, (*out)->batch_id, now, &o->err)))
-        return rc;
-    st = sq_prepare(q->wdb, "SELECT input, input_json_len FROM jobs WHERE id = ?");
-    if (!st)
-        return sq_db_err(q->wdb, &o->err, "prepare");
-    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
-    if (sqlite3_step(st) == SQLITE_ROW) {
-        if (buf_append(&(*out)->input, sqlite3_column_blob(st, 0),
-                       (size_t)sqlite3_column_bytes(st, 0)) != 0)
-            rc = err_set(&o->err, ERR_NOMEM, "out of memory");
-        (*out)->input_json_len = sqlite3_column_int64(st, 1);
+    if (rc == 0 && (*out)->batch_id[0])
+        rc = sq_batch_task_started(q, (*out)->batch_id, now, &o->err);
+    if (rc == 0 && !(st = sq_prepare(q->wdb, "SELECT input, input_json_len FROM jobs WHERE id = ?")))
+        rc = sq_db_err(q->wdb, &o->err, "prepare");
+    if (rc == 0) {
+        sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        if (sqlite3_step(st) == SQLITE_ROW) {
+            if (buf_append(&(*out)->input, sqlite3_column_blob(st, 0),
+                           (size_t)sqlite3_column_bytes(st, 0)) != 0)
+                rc = err_set(&o->err, ERR_NOMEM, "out of memory");
+            (*out)->input_json_len = sqlite3_column_int64(st, 1);
+        }
+        sq_finish(st);
     }
-    sq_finish(st);
+    if (rc == 0 && queue_fault("lease", index))
+        rc = err_set(&o->err, ERR_IO, "job store: lease of job %s: injected fault", id);
+    if (rc != 0) { /* the op is rolled back: this job was not leased */
+        job_free(*out);
+        *out = NULL;
+    }
     return rc;
 }
 
@@ -495,7 +502,7 @@ static int op_lease(struct sqlite_queue *q, struct op *o)
     }
     sq_finish(st);
     for (size_t i = 0; rc == 0 && i < n; i++) {
-        rc = lease_one(q, o, ids[i], now, &o->jobs[o->n_jobs]);
+        rc = lease_one(q, o, ids[i], i, now, &o->jobs[o->n_jobs]);
         if (rc == 0)
             o->n_jobs++;
     }
@@ -1462,18 +1469,25 @@ static int s_outbox_due(struct queue *qb, int64_t now_ms, size_t max,
         sqlite3_bind_int64(st, 1, now_ms);
         sqlite3_bind_int64(st, 2, (int64_t)max);
     }
-    while (st && count < cap && sqlite3_step(st) == SQLITE_ROW) {
-        struct queue_outbox_item *it = &items[count++];
+    /* a row that cannot be copied is left out (`count` counts the others): it stays due and
+     * is taken at the next look, never handed out without its url or body */
+    for (size_t row = 0; st && count < cap && sqlite3_step(st) == SQLITE_ROW; row++) {
+        struct queue_outbox_item *it = &items[count];
         it->id = sqlite3_column_int64(st, 0);
         it->event_id = sq_col_strdup(st, 1);
         it->url = sq_col_strdup(st, 2);
         it->body_len = (size_t)sqlite3_column_bytes(st, 3);
         it->body = malloc(it->body_len + 1);
         if (it->body) {
-            memcpy(it->body, sqlite3_column_blob(st, 3), it->body_len);
+            if (it->body_len)
+                memcpy(it->body, sqlite3_column_blob(st, 3), it->body_len);
             it->body[it->body_len] = '\0';
         }
         it->attempts = sqlite3_column_int(st, 4);
+        if (it->event_id && it->url && it->body && !queue_fault("outbox_due", row))
+            count++;
+        else
+            queue_outbox_item_release(it);
     }
     sq_finish(st);
     pthread_mutex_unlock(&q->read_lock);
