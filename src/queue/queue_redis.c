@@ -43,8 +43,8 @@
 #define OUTBOX_HOLD_MS 60000 /* a taken webhook is someone's for this long */
 #define CONNECT_TIMEOUT_MS 3000
 #define COMMAND_TIMEOUT_MS 10000
-#define LOST_LEASES 64           /* workers whose last lease answer was lost, remembered */
-#define LEASE_NOTE_MS 3600000    /* how long Redis keeps what a worker's last lease handed out */
+#define LOST_LEASES 64        /* workers whose last lease answer was lost, remembered */
+#define LEASE_NOTE_MS 3600000 /* how long Redis keeps what a worker's last lease handed out */
 #define WORKER_NAME_MAX 95
 
 extern const char queue_redis_lua[];
@@ -56,6 +56,12 @@ struct async_op {
     queue_enqueue_fn fn;
     void *ctx;
     struct async_op *next;
+};
+
+/* A worker's lease call whose answer never came: its ticket goes with the worker's next call. */
+struct lost_lease {
+    char worker[WORKER_NAME_MAX + 1]; /* "": a free entry */
+    char ticket[40];
 };
 
 struct redis_queue {
@@ -78,10 +84,8 @@ struct redis_queue {
     struct async_op *async_head, *async_tail; /* guarded by lock */
     pthread_t async_thread, sweeper, subscriber;
     int threads_started;
-    struct {
-        char worker[WORKER_NAME_MAX + 1]; /* "": a free entry */
-        char ticket[40];
-    } lost[LOST_LEASES]; /* guarded by lock: lease calls sent whose answer never came */
+    /* guarded by lock: workers whose lease call was sent and never answered */
+    struct lost_lease lost[LOST_LEASES];
     _Atomic int64_t down_since_ms; /* 0 while Redis answers */
 };
 
@@ -1045,8 +1049,8 @@ static int outbox_body(struct redis_queue *q, redisContext *c, struct queue_outb
 
 /* One taken webhook from its {id, hash} pair, its body built if it has none yet. On failure
  * `it` is left empty (it waits out its hold in the outbox and is taken again). */
-static int outbox_item(struct redis_queue *q, redisContext *c, const redisReply *pair,
-                       size_t index, struct queue_outbox_item *it, struct err *e)
+static int outbox_item(struct redis_queue *q, redisContext *c, const redisReply *pair, size_t index,
+                       struct queue_outbox_item *it, struct err *e)
 {
     const redisReply *h;
     const char *job, *body;

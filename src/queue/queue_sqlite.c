@@ -449,7 +449,8 @@ static int lease_one(struct sqlite_queue *q, struct op *o, const char *id, size_
     rc = sq_load_job(q->wdb, id, out, &o->err);
     if (rc == 0 && (*out)->batch_id[0])
         rc = sq_batch_task_started(q, (*out)->batch_id, now, &o->err);
-    if (rc == 0 && !(st = sq_prepare(q->wdb, "SELECT input, input_json_len FROM jobs WHERE id = ?")))
+    if (rc == 0 &&
+        !(st = sq_prepare(q->wdb, "SELECT input, input_json_len FROM jobs WHERE id = ?")))
         rc = sq_db_err(q->wdb, &o->err, "prepare");
     if (rc == 0) {
         sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
@@ -908,6 +909,7 @@ static void run_group(struct sqlite_queue *q, struct op *ops)
 {
     struct err e = {0};
     int64_t queued_before = q->n_queued, now = queue_now_ms();
+    int64_t changes_before = sqlite3_total_changes64(q->wdb);
     int ok;
 
     int n_ops = 0;
@@ -954,7 +956,9 @@ static void run_group(struct sqlite_queue *q, struct op *ops)
         /* every submission waits on this: a slow disk shows here first */
         log_warn("queue", "slow commit", "ms=%lld operations=%d", (long long)commit_ms, n_ops);
     if (ok) {
-        note_group_committed(q, commit_start);
+        /* (a group that changed nothing writes nothing: it proves no disk has room again) */
+        if (sqlite3_total_changes64(q->wdb) != changes_before)
+            note_group_committed(q, commit_start);
         return;
     }
     /* nothing of this group is durable: every caller hears so, with SQLite's reason */

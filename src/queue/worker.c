@@ -46,9 +46,9 @@ struct worker {
     size_t n_used;                      /* slots holding a job */
     struct slot **scratch_slots;        /* cfg.batch: record_done's */
     struct queue_outcome *scratch_outs; /* cfg.batch: record_done's */
-    int64_t record_retry_ms;   /* record_done's: outcomes the store refused wait until then */
-    int64_t record_backoff_ms; /* record_done's: 0 while the store takes them */
-    int64_t record_failing_since_ms; /* record_done's */
+    /* record_done's: outcomes the store refused wait until record_retry_ms */
+    int64_t record_retry_ms, record_backoff_ms; /* backoff 0: the store takes them */
+    int64_t record_failing_since_ms;
     /* the batch task, on its own thread */
     struct job *task_job;
     pthread_t task_thread;
@@ -121,7 +121,7 @@ struct slot {
     int submitted;
     int done;      /* guarded by w->lock: the model answered, or the job never reached it */
     int abandoned; /* stopped at shutdown: released, so it runs again at once elsewhere */
-    int unrecorded; /* record_done's: the outcome is built, and the store refused it so far */
+    int kept;      /* record_done's: its outcome is built, and the store refused it so far */
 };
 
 static void item_done(struct batch_item *item, int rc, const struct err *e)
@@ -273,7 +273,7 @@ static void start_jobs(struct worker *w, struct job **jobs, size_t n)
  * and counts the run: an outcome the store refused is sent again as it was. */
 static void slot_outcome(struct slot *sl, struct queue_outcome *out)
 {
-    if (sl->abandoned && !sl->unrecorded) { /* (a result already made is kept) */
+    if (sl->abandoned && !sl->kept) { /* (a result already made is kept) */
         *out = (struct queue_outcome){
             .id = sl->job->id,
             .token = sl->job->token,
@@ -282,7 +282,7 @@ static void slot_outcome(struct slot *sl, struct queue_outcome *out)
         };
         return;
     }
-    if (!sl->unrecorded) {
+    if (!sl->kept) {
         if (sl->submitted)
             metrics_job_run(sl->model->metrics, (double)(queue_now_ms() - sl->started_ms) / 1e3);
         encode_slot(sl);
@@ -320,7 +320,7 @@ static int keep_unrecorded(struct worker *w, struct slot *sl, int rc, int64_t no
                  "job=%s attempt=%llu", sl->job->id, (unsigned long long)sl->job->token);
         return 0;
     }
-    sl->unrecorded = 1;
+    sl->kept = 1;
     return 1;
 }
 
@@ -336,9 +336,9 @@ static void record_done(struct worker *w)
 
     if (w->record_retry_ms > now) {
         /* the store refused outcomes: wait a little here (unless a job answers), not spin */
-        struct timespec ts = clock_realtime_after_ms(
-            w->record_retry_ms - now < CANCEL_CHECK_MS ? w->record_retry_ms - now
-                                                       : CANCEL_CHECK_MS);
+        int64_t wait_ms = w->record_retry_ms - now;
+        struct timespec ts =
+            clock_realtime_after_ms(wait_ms < CANCEL_CHECK_MS ? wait_ms : CANCEL_CHECK_MS);
         pthread_mutex_lock(&w->lock);
         if (w->pending == 0)
             pthread_cond_timedwait(&w->cond, &w->lock, &ts);
@@ -359,8 +359,8 @@ static void record_done(struct worker *w)
     }
     if (queue_finish_many(p->q, outs, n, &e) != 0 && w->record_backoff_ms == 0) {
         w->record_failing_since_ms = now;
-        log_error("worker", "could not record jobs' outcomes; kept and sent again until the "
-                  "store takes them", "jobs=%zu reason=\"%s\"", n, e.msg);
+        log_error("worker", "could not record jobs' outcomes; kept until the store takes them",
+                  "jobs=%zu reason=\"%s\"", n, e.msg);
     }
     for (size_t i = 0; i < n; i++) {
         struct slot *sl = done[i];
@@ -373,8 +373,8 @@ static void record_done(struct worker *w)
             log_warn("worker", "attempt fenced out; its outcome is discarded",
                      "job=%s attempt=%llu", sl->job->id, (unsigned long long)sl->job->token);
         if (outs[i].released)
-            log_warn("worker", "stopped by shutdown; queued again",
-                     "job=%s released=%s", sl->job->id, rc == 0 ? "yes" : "no (after its lease)");
+            log_warn("worker", "stopped by shutdown; queued again", "job=%s released=%s",
+                     sl->job->id, rc == 0 ? "yes" : "no (after its lease)");
         else
             n_ran++;
         infer_request_destroy(sl->req);

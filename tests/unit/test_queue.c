@@ -437,8 +437,12 @@ static void inject(const char *where, long at)
 /* Jobs that end succeeded with a callback_url: one pending webhook each. */
 static void finish_with_webhooks(struct queue *q, int n)
 {
-    struct job_spec spec = {.model = "m", .input = "{}", .input_len = 2, .input_json_len = -1,
-                            .max_attempts = 1, .lease_timeout_ms = 60000,
+    struct job_spec spec = {.model = "m",
+                            .input = "{}",
+                            .input_len = 2,
+                            .input_json_len = -1,
+                            .max_attempts = 1,
+                            .lease_timeout_ms = 60000,
                             .callback_url = "http://127.0.0.1:9/hook"};
     struct err e = {0};
 
