@@ -44,6 +44,8 @@ int err_http_status(enum err_code code)
         return 503;
     case ERR_TIMEOUT:
         return 504;
+    case ERR_FULL:
+        return 507;
     case ERR_BACKEND:
     case ERR_NOMEM:
     case ERR_IO:

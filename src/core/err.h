@@ -22,6 +22,7 @@ enum err_code {
     ERR_CONFLICT = -11,   /* 409 */
     ERR_CANCELLED = -12,  /* the client went away: 499 */
     ERR_UPSTREAM = -13,   /* an upstream model server failed or cannot be reached: 502 */
+    ERR_FULL = -14,       /* a store is out of space (disk full): 507, nothing was stored */
 };
 
 struct err {

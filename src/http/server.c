@@ -72,6 +72,8 @@ void http_set_error(struct req *r, int code, const char *msg)
     r->json_len = -1;
     if (code == ERR_BUSY || code == ERR_UNAVAILABLE)
         r->retry_after_s = 1;
+    if (code == ERR_FULL) /* space comes back when someone frees it: not within a second */
+        r->retry_after_s = 10;
 }
 
 static enum MHD_Result send_reply(struct req *r)

@@ -12,8 +12,10 @@
  * the multi handle only through curl_multi_wakeup(), which libcurl makes thread-safe. The
  * wakeup is remembered until the next curl_multi_poll(), so a kick is never lost.
  *
- * An attempt's slot holds its delivery, easy handle and headers until it finishes; its id is
- * what take_due() is told to leave out, so a delivery is never in flight twice.
+ * An attempt's slot holds its delivery, easy handle and headers until it finishes and its
+ * outcome is recorded (while the store refuses the record, the slot keeps the outcome and
+ * record_kept() tries again after each pause); its id is what take_due() is told to leave
+ * out, so a delivery is never in flight twice, nor sent again before its last attempt counts.
  *
  * Where a POST may connect is checked twice (notify_addr.c): the URL's text before the attempt
  * starts, and each address libcurl resolved, in open_socket(), before the socket exists.
@@ -43,7 +45,7 @@
 #define MAX_IN_FLIGHT 4096
 #define MAX_BACKOFF_MS (7 * 24 * 3600 * 1000LL) /* also keeps the doubling from overflowing */
 
-/* One POST in flight. */
+/* One POST in flight, or one made whose outcome the store has not taken yet. */
 struct attempt {
     struct notify_delivery *d; /* owned */
     CURL *easy;                /* owned; CURLOPT_PRIVATE points back here */
@@ -53,6 +55,12 @@ struct attempt {
     char errbuf[CURL_ERROR_SIZE];
     char *host;        /* the URL's host, for the connect-time check; curl_free(); may be NULL */
     char refused[256]; /* why an address was refused at connect time; "" if none was */
+    /* after the POST, while the store refuses its record (a full disk, Redis away): kept,
+     * with its id still in flight, so it is recorded later and never sent again meanwhile */
+    int unrecorded;
+    int status, done, delivered;
+    int64_t next_ms;
+    char error[CURL_ERROR_SIZE + 64]; /* "" when delivered */
 };
 
 struct notifier {
@@ -306,21 +314,48 @@ static int attempt_start(struct notifier *n, struct notify_delivery *d, size_t s
     return 0;
 }
 
+/* Records an attempt's outcome (kept in `a`). 0, or -1 when the store refused it: then the
+ * store is paused for, and `a` stays to be recorded again (record_kept()). */
+static int attempt_record(struct notifier *n, struct attempt *a)
+{
+    const struct notify_delivery *d = a->d;
+    struct err e = {0};
+
+    if (n->store.record(n->store.ctx, d->id, a->started_ms, a->status,
+                        a->delivered ? NULL : a->error, a->done, a->delivered, a->next_ms,
+                        &e) == 0) {
+        if (a->unrecorded)
+            log_info("notify", "webhook attempt recorded after the store came back",
+                     "delivery=%lld", (long long)d->id);
+        a->unrecorded = 0;
+        return 0;
+    }
+    /* kept, not sent again: a receiver sees at most max_attempts POSTs of a delivery (only a
+     * process that stops before the store comes back leaves it to be sent again) */
+    if (!a->unrecorded)
+        log_error("notify", "cannot record a webhook attempt; kept until the store takes it",
+                  "delivery=%lld error=\"%s\"", (long long)d->id, e.msg);
+    a->unrecorded = 1;
+    n->pause_until_ms = now_ms() + STORE_PAUSE_MS;
+    return -1;
+}
+
 /*
- * Counts, logs and records the outcome of one attempt of `d`, which began at started_ms.
+ * Counts, logs and keeps in `a` the outcome of its attempt, then records it.
  *   error      NULL if delivered; otherwise what went wrong
  *   permanent  retrying cannot help: give up now
+ * Returns attempt_record()'s answer.
  */
-static void attempt_finish(struct notifier *n, const struct notify_delivery *d, int64_t started_ms,
-                           int status, const char *error, int permanent)
+static int attempt_finish(struct notifier *n, struct attempt *a, int status, const char *error,
+                          int permanent)
 {
+    const struct notify_delivery *d = a->d;
     int made = d->attempts + 1, delivered = error == NULL;
     int done = delivered || permanent || made >= n->cfg.max_attempts;
     int64_t now = now_ms(), next = done ? 0 : now + backoff_ms(&n->cfg, made);
     const char *outcome = delivered ? "delivered" : done ? "given_up" : "retry";
     const char *event = d->event_id ? d->event_id : "-"; /* NULL when refused for it */
     char origin[256];
-    struct err e = {0};
 
     url_origin(d->url, origin, sizeof(origin));
     if (delivered) {
@@ -339,20 +374,22 @@ static void attempt_finish(struct notifier *n, const struct notify_delivery *d, 
                  "delivery=%lld event=%s origin=%s attempts=%d "
                  "status=%d error=\"%s\"",
                  (long long)d->id, event, origin, made, status, error);
-    if (n->store.record(n->store.ctx, d->id, started_ms, status, error, done, delivered, next,
-                        &e) != 0) {
-        /* unrecorded, it is still due in the store and will be sent again: at least once */
-        log_error("notify", "cannot record a webhook attempt", "delivery=%lld error=\"%s\"",
-                  (long long)d->id, e.msg);
-        n->pause_until_ms = now_ms() + STORE_PAUSE_MS;
-    }
+    a->status = status;
+    a->done = done;
+    a->delivered = delivered;
+    a->next_ms = next;
+    snprintf(a->error, sizeof(a->error), "%s", error ? error : "");
+    return attempt_record(n, a);
 }
 
 /* A delivery that cannot be sent (a URL that is not http or https, an unusable event id):
- * recorded as a failed attempt and given up at once. Takes `d`. */
+ * recorded as a failed attempt and given up at once. Takes `d`. (Nothing was sent: if the
+ * store refuses the record, the delivery stays due and is refused again later.) */
 static void attempt_refuse(struct notifier *n, struct notify_delivery *d, const char *why)
 {
-    attempt_finish(n, d, now_ms(), 0, why, 1);
+    struct attempt a = {.d = d, .started_ms = now_ms()};
+
+    attempt_finish(n, &a, 0, why, 1);
     notify_delivery_free(d);
 }
 
@@ -366,7 +403,15 @@ static const char *unsendable(const struct notify_delivery *d, struct err *why)
     return NULL;
 }
 
-/* Records every POST that finished and frees its slot. */
+static void slot_free(struct notifier *n, struct attempt *a)
+{
+    n->slots[a->slot] = NULL;
+    n->n_in_flight--;
+    attempt_free(a);
+    n->look_now = 1; /* a slot is free, and next_due may have changed */
+}
+
+/* Records every POST that finished and frees its slot (keeps it while unrecorded). */
 static void reap(struct notifier *n)
 {
     CURLMsg *msg;
@@ -398,13 +443,22 @@ static void reap(struct notifier *n)
                      status >= 300 && status <= 399 ? " (redirects are not followed)" : "");
             error = text;
         }
-        attempt_finish(n, a->d, a->started_ms, (int)status, error,
-                       res == CURLE_UNSUPPORTED_PROTOCOL || res == CURLE_URL_MALFORMAT ||
-                           (res != CURLE_OK && a->refused[0]));
-        n->slots[a->slot] = NULL;
-        n->n_in_flight--;
-        attempt_free(a);
-        n->look_now = 1; /* a slot is free, and next_due may have changed */
+        curl_easy_cleanup(easy); /* the POST is over; the slot may stay, holding its outcome */
+        a->easy = NULL;
+        if (attempt_finish(n, a, (int)status, error,
+                           res == CURLE_UNSUPPORTED_PROTOCOL || res == CURLE_URL_MALFORMAT ||
+                               (res != CURLE_OK && a->refused[0])) == 0)
+            slot_free(n, a);
+    }
+}
+
+/* Records the outcomes the store refused before, once its pause is over. */
+static void record_kept(struct notifier *n, int64_t now)
+{
+    for (size_t i = 0; i < (size_t)n->cfg.max_in_flight && now >= n->pause_until_ms; i++) {
+        struct attempt *a = n->slots[i];
+        if (a && a->unrecorded && attempt_record(n, a) == 0)
+            slot_free(n, a);
     }
 }
 
@@ -526,6 +580,7 @@ static void *notify_main(void *arg)
     while (!atomic_load(&n->stopping)) {
         CURLMcode mc;
 
+        record_kept(n, now_ms());
         if (should_look(n, now_ms()))
             look(n, now_ms());
         mc = curl_multi_poll(n->multi, NULL, 0, poll_timeout_ms(n, now_ms()), NULL);
@@ -650,7 +705,8 @@ void notify_destroy(struct notifier *n)
     /* abandoned attempts stay pending in the store: nothing is recorded for them */
     for (size_t i = 0; n->slots && i < (size_t)n->cfg.max_in_flight; i++) {
         if (n->slots[i]) {
-            curl_multi_remove_handle(n->multi, n->slots[i]->easy);
+            if (n->slots[i]->easy)
+                curl_multi_remove_handle(n->multi, n->slots[i]->easy);
             attempt_free(n->slots[i]);
         }
     }

@@ -7,6 +7,9 @@
  * takes due deliveries from the store, POSTs them, and records every attempt back. Delivery is
  * at least once: a crash or notify_destroy() between a receiver's 2xx and record() means the
  * event is sent again after restart, with the same X-Inferd-Event-Id, so receivers dedupe on it.
+ * An attempt the store cannot record now (a full disk, Redis away) is kept and recorded once
+ * the store takes it, and its delivery is not sent again meanwhile: while the process lives, a
+ * receiver sees at most max_attempts POSTs of one delivery.
  *
  * Each POST carries
  *   Content-Type: application/json

@@ -45,13 +45,20 @@ void job_free(struct job *j)
     free(j);
 }
 
+int (*queue_fault_hook)(const char *where, size_t index);
+
+void queue_outbox_item_release(struct queue_outbox_item *it)
+{
+    free(it->event_id);
+    free(it->url);
+    free(it->body);
+    memset(it, 0, sizeof(*it));
+}
+
 void queue_outbox_items_free(struct queue_outbox_item *items, size_t n)
 {
-    for (size_t i = 0; items && i < n; i++) {
-        free(items[i].event_id);
-        free(items[i].url);
-        free(items[i].body);
-    }
+    for (size_t i = 0; items && i < n; i++)
+        queue_outbox_item_release(&items[i]);
     free(items);
 }
 

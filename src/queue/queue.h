@@ -169,11 +169,13 @@ struct queue_outcome {
     int64_t retry_after_ms; /* > 0: the next attempt no sooner than this (after a backoff) */
     int released; /* with ok 0: stopped by the worker's shutdown, not by the job: queued again
                    * at once, and this attempt does not count against max_attempts */
-    int rc; /* filled: 0, or ERR_CONFLICT when fenced out (the outcome is discarded) */
+    int rc; /* filled: 0 (recorded), ERR_CONFLICT when fenced out (the outcome is discarded),
+             * or another error: not recorded (the store failed; the same outcome may be sent
+             * again, its token still fencing it) */
 };
 
 /* Records many outcomes (as queue_complete / queue_fail) in one commit. Returns the first
- * error other than a fencing conflict. */
+ * error other than a fencing conflict; ERR_FULL when the store is out of space. */
 int queue_finish_many(struct queue *q, struct queue_outcome *outs, size_t n, struct err *e);
 
 /* Keeps a running attempt's lease. ERR_CONFLICT when the token no longer holds it. */

@@ -59,6 +59,22 @@ struct queue {
     _Atomic uint64_t cancel_gen;
 };
 
+/*
+ * Test-only fault injection (tests/unit/test_queue.c): when set, a store asks it before
+ * finishing element `index` of an array it hands out (`where`: "outbox_due", "lease",
+ * "schedules_due"), and a nonzero answer makes that element fail as a failed allocation or
+ * read would; on Redis, "lease_answer" drops a lease's answer as if Redis had died before
+ * sending it. NULL in production, where it costs one pointer test per element.
+ */
+extern int (*queue_fault_hook)(const char *where, size_t index);
+static inline int queue_fault(const char *where, size_t index)
+{
+    return queue_fault_hook && queue_fault_hook(where, index);
+}
+
+/* Frees an outbox item's strings and empties it; the item itself is the caller's. */
+void queue_outbox_item_release(struct queue_outbox_item *it);
+
 /* Records that running job `id` was asked to cancel (here, or in another process). */
 void queue_note_cancel(struct queue *q, const char *id);
 

@@ -12,6 +12,11 @@
  * one more connection subscribes to the final-state channel (long-polls) and one pipelines
  * the asynchronous enqueues of HTTP threads. A lost connection is reconnected on next use;
  * meanwhile calls fail with ERR_UNAVAILABLE (the API answers 503 with Retry-After).
+ *
+ * Redis dying mid-call: a call's change may have happened though its answer never came. The
+ * jobs of a lease whose answer was lost go back to the queue on the worker's next lease
+ * (lease tickets, below); an outcome or webhook attempt that was not answered is sent again
+ * by its caller, and fencing makes the repeat harmless.
  */
 #define _GNU_SOURCE
 #include "queue/queue_redis.h"
@@ -38,6 +43,9 @@
 #define OUTBOX_HOLD_MS 60000 /* a taken webhook is someone's for this long */
 #define CONNECT_TIMEOUT_MS 3000
 #define COMMAND_TIMEOUT_MS 10000
+#define LOST_LEASES 64        /* workers whose last lease answer was lost, remembered */
+#define LEASE_NOTE_MS 3600000 /* how long Redis keeps what a worker's last lease handed out */
+#define WORKER_NAME_MAX 95
 
 extern const char queue_redis_lua[];
 
@@ -48,6 +56,12 @@ struct async_op {
     queue_enqueue_fn fn;
     void *ctx;
     struct async_op *next;
+};
+
+/* A worker's lease call whose answer never came: its ticket goes with the worker's next call. */
+struct lost_lease {
+    char worker[WORKER_NAME_MAX + 1]; /* "": a free entry */
+    char ticket[40];
 };
 
 struct redis_queue {
@@ -70,6 +84,8 @@ struct redis_queue {
     struct async_op *async_head, *async_tail; /* guarded by lock */
     pthread_t async_thread, sweeper, subscriber;
     int threads_started;
+    /* guarded by lock: workers whose lease call was sent and never answered */
+    struct lost_lease lost[LOST_LEASES];
     _Atomic int64_t down_since_ms; /* 0 while Redis answers */
 };
 
@@ -275,18 +291,31 @@ static char *hget_dup(const redisReply *h, const char *name)
     return s && s[0] ? strdup(s) : NULL;
 }
 
-/* A job from its HGETALL reply; `with_input` / `with_result` also copy those. */
+/* hget_dup() that clears `*ok` when a field present could not be copied. */
+static char *hget_dup_ok(const redisReply *h, const char *name, int *ok)
+{
+    char *s = hget_dup(h, name);
+
+    if (!s && hget(h, name, NULL) && hget(h, name, NULL)[0])
+        *ok = 0;
+    return s;
+}
+
+/* A job from its HGETALL reply; `with_input` / `with_result` also copy those. NULL when out of
+ * memory: never a job missing a field it has (no output_location would store the result
+ * inline; no input would fail the job for good). */
 static struct job *job_from_hash(const char *id, const redisReply *h, int with_input,
                                  int with_result)
 {
     struct job *j = calloc(1, sizeof(*j));
     const char *s;
     size_t len = 0;
+    int ok = 1;
 
     if (!j)
         return NULL;
     snprintf(j->id, sizeof(j->id), "%s", id);
-    j->model = hget_dup(h, "model");
+    j->model = hget_dup_ok(h, "model", &ok);
     j->state = (enum job_state)hget_int(h, "state");
     j->priority = (int)hget_int(h, "priority");
     j->attempts = (int)hget_int(h, "attempts");
@@ -296,10 +325,10 @@ static struct job *job_from_hash(const char *id, const redisReply *h, int with_i
     j->finished_ms = hget_int(h, "finished_ms");
     j->lease_timeout_ms = hget_int(h, "lease_timeout_ms");
     j->ttl_s = hget_int(h, "ttl_s");
-    j->error = hget_dup(h, "error");
-    j->input_location = hget_dup(h, "input_location");
-    j->output_location = hget_dup(h, "output_location");
-    j->callback_url = hget_dup(h, "callback_url");
+    j->error = hget_dup_ok(h, "error", &ok);
+    j->input_location = hget_dup_ok(h, "input_location", &ok);
+    j->output_location = hget_dup_ok(h, "output_location", &ok);
+    j->callback_url = hget_dup_ok(h, "callback_url", &ok);
     j->cancel_requested = (int)hget_int(h, "cancel_requested");
     j->kind = (enum job_kind)hget_int(h, "kind");
     if ((s = hget(h, "batch_id", NULL)))
@@ -308,12 +337,18 @@ static struct job *job_from_hash(const char *id, const redisReply *h, int with_i
     j->input_json_len = -1;
     j->result_json_len = -1;
     if (with_input && (s = hget(h, "input", &len))) {
-        buf_append(&j->input, s, len);
+        if (buf_append(&j->input, s, len) != 0)
+            ok = 0;
         j->input_json_len = hget_int(h, "input_json_len");
     }
     if (with_result && (s = hget(h, "result", &len))) {
-        buf_append(&j->result, s, len);
+        if (buf_append(&j->result, s, len) != 0)
+            ok = 0;
         j->result_json_len = hget(h, "result_json_len", NULL) ? hget_int(h, "result_json_len") : -1;
+    }
+    if (!ok) {
+        job_free(j);
+        return NULL;
     }
     return j;
 }
@@ -521,6 +556,47 @@ static void wait_for_work(struct redis_queue *q, redisContext *c, int64_t ms)
     freeReplyObject(redisCommandArgv(c, n, argv, NULL));
 }
 
+/* The ticket of `worker`'s next lease call: the one whose answer it lost, if any (`*lost` 1:
+ * the call hands those jobs back to the queue; see lease() in the script), else a new one. */
+static void lease_ticket(struct redis_queue *q, const char *worker, char ticket[40], int *lost)
+{
+    *lost = 0;
+    pthread_mutex_lock(&q->lock);
+    for (int i = 0; i < LOST_LEASES && !*lost; i++) {
+        if (q->lost[i].worker[0] && strncmp(q->lost[i].worker, worker, WORKER_NAME_MAX) == 0) {
+            snprintf(ticket, 40, "%s", q->lost[i].ticket);
+            *lost = 1;
+        }
+    }
+    pthread_mutex_unlock(&q->lock);
+    if (!*lost)
+        new_id(ticket);
+}
+
+/* After a lease call: an answer that arrived settles the worker's lost ticket; one that did
+ * not (the call was sent, then the connection failed) keeps its ticket for the next call.
+ * Past LOST_LEASES workers at once, the jobs of a lost answer wait out their lease. */
+static void lease_answered(struct redis_queue *q, const char *worker, const char *ticket,
+                           int answered)
+{
+    int slot = -1;
+
+    pthread_mutex_lock(&q->lock);
+    for (int i = 0; i < LOST_LEASES; i++) {
+        if (q->lost[i].worker[0] && strncmp(q->lost[i].worker, worker, WORKER_NAME_MAX) == 0)
+            slot = i;
+        else if (!q->lost[i].worker[0] && slot < 0 && !answered)
+            slot = i;
+    }
+    if (slot >= 0 && answered) {
+        q->lost[slot].worker[0] = '\0';
+    } else if (slot >= 0) {
+        snprintf(q->lost[slot].worker, sizeof(q->lost[slot].worker), "%s", worker);
+        snprintf(q->lost[slot].ticket, sizeof(q->lost[slot].ticket), "%s", ticket);
+    }
+    pthread_mutex_unlock(&q->lock);
+}
+
 static int r_lease_many(struct queue *qb, const char *worker, size_t max, int max_tasks,
                         int64_t wait_ms, struct job **out, size_t *n, struct err *e)
 {
@@ -528,18 +604,34 @@ static int r_lease_many(struct queue *qb, const char *worker, size_t max, int ma
     redisContext *c = take_conn(q, e);
     redisReply *r = NULL;
     struct args a;
-    int rc = 0;
+    char ticket[40];
+    int rc = 0, lost;
 
     *n = 0;
     if (!c)
         return e->code;
     for (int round = 0; round < 2; round++) {
+        lease_ticket(q, worker, ticket, &lost);
         script_args(q, &a, "lease");
         arg(&a, worker);
         arg_int(&a, (int64_t)max);
         arg_int(&a, q->cfg.result_ttl_s);
         arg_int(&a, max_tasks);
+        arg(&a, ticket);
+        arg(&a, lost ? ticket : "");
+        arg_int(&a, LEASE_NOTE_MS);
         r = call(q, c, &a, e);
+        if (r && queue_fault("lease_answer", (size_t)round)) { /* as if Redis died here */
+            freeReplyObject(r);
+            r = NULL;
+            err_set(e, ERR_UNAVAILABLE, "Redis: injected fault: the lease's answer was lost");
+            lease_answered(q, worker, ticket, 0);
+        } else {
+            lease_answered(q, worker, ticket, r != NULL || !c->err);
+            if (lost && (r != NULL || !c->err))
+                log_info("queue", "a lease answer was lost; its jobs, if any, are queued again",
+                         "worker=%s", worker);
+        }
         if (!r) {
             rc = e->code;
             break;
@@ -555,29 +647,22 @@ static int r_lease_many(struct queue *qb, const char *worker, size_t max, int ma
         if (c->err)
             break;
     }
-    /* one round trip for every leased job's hash (a job that cannot be read stays leased
-     * and runs again when its lease ends, as after a crash) */
+    /* {id, job hash} pairs, read by the script with the lease (a job that cannot be copied
+     * here stays leased and runs again when its lease ends, as after a crash) */
     size_t n_leased = r ? (r->elements < max ? r->elements : max) : 0;
-    size_t n_sent = 0;
-    for (; n_sent < n_leased; n_sent++)
-        if (redisAppendCommand(c, "HGETALL %s%s%s", q->prefix, "job:",
-                               r->element[n_sent]->str) != REDIS_OK)
-            break;
-    for (size_t i = 0; i < n_sent; i++) {
-        redisReply *h = NULL;
-        if (redisGetReply(c, (void **)&h) != REDIS_OK || !h) {
-            rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
-            break;
+    for (size_t i = 0; i < n_leased; i++) {
+        const redisReply *pair = r->element[i];
+        if (pair->type != REDIS_REPLY_ARRAY || pair->elements != 2 || !pair->element[0]->str ||
+            pair->element[1]->type != REDIS_REPLY_ARRAY)
+            continue;
+        out[*n] = job_from_hash(pair->element[0]->str, pair->element[1], 1, 0);
+        if (out[*n] && queue_fault("lease", i)) {
+            job_free(out[*n]);
+            out[*n] = NULL;
         }
-        if (h->type == REDIS_REPLY_ARRAY && h->elements > 0) {
-            out[*n] = job_from_hash(r->element[i]->str, h, 1, 0);
-            if (out[*n])
-                (*n)++;
-        }
-        freeReplyObject(h);
+        if (out[*n])
+            (*n)++;
     }
-    if (rc != 0 && *n > 0)
-        rc = 0; /* what was read runs; the rest waits for its lease to end */
     freeReplyObject(r);
     give_conn(q, c);
     return rc;
@@ -655,8 +740,11 @@ static int r_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n,
     redisContext *c = take_conn(q, e);
     int rc = 0;
 
-    if (!c)
+    if (!c) {
+        for (size_t i = 0; i < n; i++)
+            outs[i].rc = e->code; /* none recorded */
         return e->code;
+    }
     for (size_t i = 0; i < n; i++) {
         struct args a;
         outcome_args(q, &a, &outs[i]);
@@ -929,13 +1017,14 @@ static int outbox_body(struct redis_queue *q, redisContext *c, struct queue_outb
         rc = batch_event_json(q, c, job_id, it->event_id, &body, e);
     } else {
         rc = load_job(q, c, job_id, 0, 1, &j, e);
-        if (rc != 0)
-            return rc;
-        rc = queue_event_json(j, it->event_id, q->cfg.result_inline_max_bytes, &body);
+        if (rc == 0 && queue_event_json(j, it->event_id, q->cfg.result_inline_max_bytes, &body))
+            rc = err_set(e, ERR_NOMEM, "out of memory");
         job_free(j);
     }
-    if (rc != 0)
-        return err_set(e, ERR_NOMEM, "out of memory");
+    if (rc != 0) {
+        buf_release(&body);
+        return rc;
+    }
     snprintf(oid, sizeof(oid), "%lld", (long long)it->id);
     script_args(q, &a, "outbox_body");
     arg(&a, oid);
@@ -958,6 +1047,50 @@ static int outbox_body(struct redis_queue *q, redisContext *c, struct queue_outb
     return it->body ? 0 : err_set(e, ERR_IO, "webhook %s: no body", oid);
 }
 
+/* One taken webhook from its {id, hash} pair, its body built if it has none yet. On failure
+ * `it` is left empty (it waits out its hold in the outbox and is taken again). */
+static int outbox_item(struct redis_queue *q, redisContext *c, const redisReply *pair, size_t index,
+                       struct queue_outbox_item *it, struct err *e)
+{
+    const redisReply *h;
+    const char *job, *body;
+    size_t len = 0;
+    int rc = 0;
+
+    memset(it, 0, sizeof(*it));
+    if (pair->type != REDIS_REPLY_ARRAY || pair->elements != 2 || !pair->element[0]->str)
+        return err_set(e, ERR_IO, "Redis: unexpected answer to outbox_take");
+    h = pair->element[1];
+    job = hget(h, "job_id", NULL);
+    body = hget(h, "body", &len);
+    it->id = strtoll(pair->element[0]->str, NULL, 10);
+    it->event_id = hget_dup(h, "event_id");
+    it->url = hget_dup(h, "url");
+    it->attempts = (int)hget_int(h, "attempts");
+    if (!it->event_id || !it->url) {
+        rc = err_set(e, ERR_NOMEM, "webhook %lld: no event id or url (or out of memory)",
+                     (long long)it->id);
+    } else if (queue_fault("outbox_due", index)) {
+        rc = err_set(e, ERR_IO, "webhook %lld: injected fault", (long long)it->id);
+    } else if (body) {
+        it->body = malloc(len + 1);
+        if (!it->body) {
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+        } else {
+            memcpy(it->body, body, len);
+            it->body[len] = '\0';
+            it->body_len = len;
+        }
+    } else if (job) {
+        rc = outbox_body(q, c, it, job, hget_int(h, "batch") == 1, e);
+    } else {
+        rc = err_set(e, ERR_IO, "webhook %lld: neither a body nor a job", (long long)it->id);
+    }
+    if (rc != 0)
+        queue_outbox_item_release(it);
+    return rc;
+}
+
 static int r_outbox_due(struct queue *qb, int64_t now_ms, size_t max,
                         struct queue_outbox_item **out, size_t *n, struct err *e)
 {
@@ -966,6 +1099,7 @@ static int r_outbox_due(struct queue *qb, int64_t now_ms, size_t max,
     struct queue_outbox_item *items = NULL;
     struct args a;
     redisReply *r;
+    int rc = 0;
 
     (void)now_ms;
     *out = NULL;
@@ -976,42 +1110,30 @@ static int r_outbox_due(struct queue *qb, int64_t now_ms, size_t max,
     arg_int(&a, (int64_t)max);
     arg_int(&a, OUTBOX_HOLD_MS);
     r = call(q, c, &a, e);
-    if (r && r->type == REDIS_REPLY_ARRAY && r->elements > 0)
+    if (!r) {
+        rc = e->code;
+    } else if (r->type == REDIS_REPLY_ARRAY && r->elements > 0) {
         items = calloc(r->elements, sizeof(*items));
+        if (!items)
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+    }
+    /* an item that cannot be built is left out; `*n` counts the ones that were */
     for (size_t i = 0; items && i < r->elements; i++) {
-        redisReply *pair = r->element[i];
-        const redisReply *h = pair->element[1];
-        struct queue_outbox_item *it = &items[*n];
-        const char *job = hget(h, "job_id", NULL);
-        size_t len = 0;
-        const char *body = hget(h, "body", &len);
-        it->id = strtoll(pair->element[0]->str, NULL, 10);
-        it->event_id = hget_dup(h, "event_id");
-        it->url = hget_dup(h, "url");
-        it->attempts = (int)hget_int(h, "attempts");
-        if (body) {
-            it->body = malloc(len + 1);
-            if (it->body) {
-                memcpy(it->body, body, len);
-                it->body[len] = '\0';
-                it->body_len = len;
-            }
-        } else if (job && it->event_id) {
-            struct err be;
-            if (outbox_body(q, c, it, job, hget_int(h, "batch") == 1, &be) != 0)
-                log_warn("queue", "webhook body not built", "event=%s reason=\"%s\"", it->event_id,
-                         be.msg);
-        }
-        if (it->body && it->url && it->event_id)
+        struct err be;
+        if (outbox_item(q, c, r->element[i], i, &items[*n], &be) == 0)
             (*n)++;
         else
-            queue_outbox_items_free(it, 0), free(it->event_id), free(it->url), free(it->body),
-                memset(it, 0, sizeof(*it));
+            log_warn("queue", "webhook not taken; it is tried again after its hold",
+                     "hold_ms=%d reason=\"%s\"", OUTBOX_HOLD_MS, be.msg);
     }
     freeReplyObject(r);
     give_conn(q, c);
+    if (*n == 0) {
+        free(items);
+        items = NULL;
+    }
     *out = items;
-    return r ? 0 : e->code;
+    return rc;
 }
 
 static int64_t r_outbox_next_due(struct queue *qb)
@@ -1419,6 +1541,7 @@ static int r_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedu
     redisContext *c = take_conn(q, e);
     redisReply *ids;
     struct queue_schedule *v = NULL;
+    int rc = 0;
 
     *out = NULL;
     *n = 0;
@@ -1426,25 +1549,41 @@ static int r_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedu
         return e->code;
     ids = redisCommand(c, "ZRANGEBYSCORE %sschedules -inf %lld LIMIT 0 100", q->prefix,
                        (long long)now_ms);
-    if (ids && ids->type == REDIS_REPLY_ARRAY && ids->elements > 0)
-        v = calloc(ids->elements, sizeof(*v));
+    if (!ids)
+        rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
+    else if (ids->type == REDIS_REPLY_ARRAY && ids->elements > 0 &&
+             !(v = calloc(ids->elements, sizeof(*v))))
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    /* a schedule that cannot be read is left out (`*n` counts the others): it is due again at
+     * the next look */
     for (size_t i = 0; v && i < ids->elements; i++) {
         redisReply *h = redisCommand(c, "HMGET %sbatch:%s definition schedule next_run_ms",
                                      q->prefix, ids->element[i]->str);
+        struct queue_schedule *s = &v[*n];
         if (h && h->type == REDIS_REPLY_ARRAY && h->elements == 3 && h->element[0]->str &&
             h->element[1]->str && h->element[2]->str) {
-            struct queue_schedule *s = &v[(*n)++];
             snprintf(s->id, sizeof(s->id), "%s", ids->element[i]->str);
             s->definition = strdup(h->element[0]->str);
             s->schedule = strdup(h->element[1]->str);
             s->next_run_ms = strtoll(h->element[2]->str, NULL, 10);
+            if (s->definition && s->schedule && !queue_fault("schedules_due", i)) {
+                (*n)++;
+            } else {
+                free(s->definition);
+                free(s->schedule);
+                memset(s, 0, sizeof(*s));
+            }
         }
         freeReplyObject(h);
     }
     freeReplyObject(ids);
     give_conn(q, c);
+    if (*n == 0) {
+        free(v);
+        v = NULL;
+    }
     *out = v;
-    return 0;
+    return rc;
 }
 
 /* ---- background threads: the sweeper and the final-state subscriber ---- */

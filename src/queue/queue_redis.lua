@@ -10,7 +10,9 @@
 -- P..'counts' jobs per state (hash); P..'outbox' pending webhooks (zset, score = next
 -- attempt); P..'out:'..n one webhook (hash); P..'deliv:'..id a job's webhook attempts (list
 -- of JSON); P..'retire' finished jobs whose retention runs (zset, member "id state",
--- score = when the retention ends). Channel P..'final' carries "id state" when a job ends.
+-- score = when the retention ends); P..'leased:'..worker what that worker's last lease handed
+-- out, with the call's ticket (hash, expires). Channel P..'final' carries "id state" when a
+-- job ends.
 
 local op, P, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local STATES = {[0] = 'queued', 'running', 'succeeded', 'failed', 'cancelled', 'expired'}
@@ -129,13 +131,43 @@ local function enqueue()
     return {'ok', id}
 end
 
--- ARGV: worker, max, result_ttl_s, max_tasks. Leases up to max jobs, highest priority first,
--- of which at most max_tasks batch tasks.
+-- The attempt holding the lease, or nil.
+local function holder(id, token)
+    if redis.call('EXISTS', jkey(id)) == 0 then return nil end
+    if num(id, 'state') ~= 1 or num(id, 'attempts') ~= token then return nil end
+    return true
+end
+
+-- Hands back the jobs noted under a worker's lease whose answer never reached it (Redis went
+-- away first): queued again at once, the attempt not counted, as a release.
+local function release_noted(note)
+    local jobs = redis.call('HGET', note, 'jobs') or ''
+    for id, token in string.gmatch(jobs, '(%S+) (%d+)') do
+        if holder(id, tonumber(token)) then
+            drop_entry(id)
+            redis.call('HINCRBY', jkey(id), 'max_attempts', 1)
+            redis.call('HSET', jkey(id), 'state', 0)
+            push(id)
+            count(1, -1)
+            count(0, 1)
+        end
+    end
+    redis.call('DEL', note)
+end
+
+-- ARGV: worker, max, result_ttl_s, max_tasks, ticket, lost ticket, note ms. Leases up to max
+-- jobs, highest priority first, of which at most max_tasks batch tasks; returns {id, job hash}
+-- pairs. What a call leased is noted under its worker (P..'leased:'..worker) with the call's
+-- ticket: a worker that got no answer passes that ticket as `lost` on its next call, and the
+-- jobs of the lost answer go back to the queue then, instead of waiting out their lease.
 local function lease()
     local worker, max, ttl_s = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
     local max_tasks = tonumber(ARGV[7] or '1')
+    local ticket, lost, note_ms = ARGV[8] or '', ARGV[9] or '', tonumber(ARGV[10] or '0')
+    local note = P .. 'leased:' .. worker
+    if lost ~= '' and redis.call('HGET', note, 'ticket') == lost then release_noted(note) end
     housekeeping(ttl_s)
-    local out, tasks = {}, 0
+    local out, noted, tasks = {}, {}, 0
     for p = 9, 0, -1 do
         if #out >= max then break end
         local ok, res = pcall(redis.call, 'XREADGROUP', 'GROUP', GROUP, worker, 'COUNT',
@@ -168,6 +200,7 @@ local function lease()
                     count(0, -1)
                     count(1, 1)
                     out[#out + 1] = id
+                    noted[#noted + 1] = id .. ' ' .. attempts
                 else
                     -- cancelled, expired or superseded while it waited: not work any more
                     redis.call('XACK', qkey(p), GROUP, entry)
@@ -176,14 +209,14 @@ local function lease()
             end
         end
     end
-    return out
-end
-
--- The attempt holding the lease, or nil.
-local function holder(id, token)
-    if redis.call('EXISTS', jkey(id)) == 0 then return nil end
-    if num(id, 'state') ~= 1 or num(id, 'attempts') ~= token then return nil end
-    return true
+    if #out > 0 and ticket ~= '' then
+        redis.call('DEL', note)
+        redis.call('HSET', note, 'ticket', ticket, 'jobs', table.concat(noted, ' '))
+        redis.call('PEXPIRE', note, note_ms)
+    end
+    local res = {}
+    for i, id in ipairs(out) do res[i] = {id, redis.call('HGETALL', jkey(id))} end
+    return res
 end
 
 -- ARGV: id, token, lease_ms

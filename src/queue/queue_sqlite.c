@@ -55,21 +55,31 @@ void sq_new_id(char out[40])
              rnd[2], rnd[3], rnd[4], rnd[5]);
 }
 
+/* ERR_FULL when the last failure on `db` was a full disk (or quota), ERR_IO otherwise. */
+static int db_err_code(sqlite3 *db)
+{
+    int code = sqlite3_extended_errcode(db) & 0xff, sys = sqlite3_system_errno(db);
+
+    if (code == SQLITE_FULL || (code == SQLITE_IOERR && (sys == ENOSPC || sys == EDQUOT)))
+        return ERR_FULL;
+    return ERR_IO;
+}
+
 int sq_db_err(sqlite3 *db, struct err *e, const char *what)
 {
-    return err_set(e, ERR_IO, "job store: %s: %s", what, sqlite3_errmsg(db));
+    return err_set(e, db_err_code(db), "job store: %s: %s", what, sqlite3_errmsg(db));
 }
 
 int sq_exec(sqlite3 *db, const char *sql, struct err *e)
 {
     char *msg = NULL;
+    int rc = 0;
 
     if (sqlite3_exec(db, sql, NULL, NULL, &msg) != SQLITE_OK) {
-        err_set(e, ERR_IO, "job store: %s", msg ? msg : "error");
+        rc = err_set(e, db_err_code(db), "job store: %s", msg ? msg : sqlite3_errmsg(db));
         sqlite3_free(msg);
-        return ERR_IO;
     }
-    return 0;
+    return rc;
 }
 
 struct sqlite_queue *cache_owner; /* set at open: there is one queue per process */
@@ -413,12 +423,14 @@ int sq_insert_job(struct sqlite_queue *q, const struct job_spec *s, const char *
     return rc;
 }
 
-static int lease_one(struct sqlite_queue *q, struct op *o, const char *id, int64_t now,
-                     struct job **out)
+/* Leases job `id`, the `index`-th of this lease, into `*out` (NULL on failure). */
+static int lease_one(struct sqlite_queue *q, struct op *o, const char *id, size_t index,
+                     int64_t now, struct job **out)
 {
     sqlite3_stmt *st;
     int rc = 0;
 
+    *out = NULL;
     st = sq_prepare(q->wdb, "UPDATE jobs SET state = 1, attempts = attempts + 1, "
                          "started_ms = COALESCE(started_ms, ?), lease_until_ms = ? + "
                          "lease_timeout_ms, worker = ? WHERE id = ?");
@@ -435,21 +447,27 @@ static int lease_one(struct sqlite_queue *q, struct op *o, const char *id, int64
         return rc;
     q->n_queued--;
     rc = sq_load_job(q->wdb, id, out, &o->err);
-    if (rc != 0)
-        return rc;
-    if ((*out)->batch_id[0] && (rc = sq_batch_task_started(q, (*out)->batch_id, now, &o->err)))
-        return rc;
-    st = sq_prepare(q->wdb, "SELECT input, input_json_len FROM jobs WHERE id = ?");
-    if (!st)
-        return sq_db_err(q->wdb, &o->err, "prepare");
-    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
-    if (sqlite3_step(st) == SQLITE_ROW) {
-        if (buf_append(&(*out)->input, sqlite3_column_blob(st, 0),
-                       (size_t)sqlite3_column_bytes(st, 0)) != 0)
-            rc = err_set(&o->err, ERR_NOMEM, "out of memory");
-        (*out)->input_json_len = sqlite3_column_int64(st, 1);
+    if (rc == 0 && (*out)->batch_id[0])
+        rc = sq_batch_task_started(q, (*out)->batch_id, now, &o->err);
+    if (rc == 0 &&
+        !(st = sq_prepare(q->wdb, "SELECT input, input_json_len FROM jobs WHERE id = ?")))
+        rc = sq_db_err(q->wdb, &o->err, "prepare");
+    if (rc == 0) {
+        sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        if (sqlite3_step(st) == SQLITE_ROW) {
+            if (buf_append(&(*out)->input, sqlite3_column_blob(st, 0),
+                           (size_t)sqlite3_column_bytes(st, 0)) != 0)
+                rc = err_set(&o->err, ERR_NOMEM, "out of memory");
+            (*out)->input_json_len = sqlite3_column_int64(st, 1);
+        }
+        sq_finish(st);
     }
-    sq_finish(st);
+    if (rc == 0 && queue_fault("lease", index))
+        rc = err_set(&o->err, ERR_IO, "job store: lease of job %s: injected fault", id);
+    if (rc != 0) { /* the op is rolled back: this job was not leased */
+        job_free(*out);
+        *out = NULL;
+    }
     return rc;
 }
 
@@ -485,7 +503,7 @@ static int op_lease(struct sqlite_queue *q, struct op *o)
     }
     sq_finish(st);
     for (size_t i = 0; rc == 0 && i < n; i++) {
-        rc = lease_one(q, o, ids[i], now, &o->jobs[o->n_jobs]);
+        rc = lease_one(q, o, ids[i], i, now, &o->jobs[o->n_jobs]);
         if (rc == 0)
             o->n_jobs++;
     }
@@ -725,7 +743,9 @@ static void sweep(struct sqlite_queue *q, int64_t now)
             snprintf(ids[n++], 40, "%s", sqlite3_column_text(st, 0));
         sq_finish(st);
     }
-    for (int i = 0; i < n; i++) {
+    /* each step checks the transaction still stands: after SQLite rolled it back (a full
+     * disk), a statement would commit on its own, without the rest of its change */
+    for (int i = 0; i < n && !sqlite3_get_autocommit(q->wdb); i++) {
         st = sq_prepare(q->wdb, "UPDATE jobs SET state = 5, finished_ms = ?, error = "
                              "'its ttl passed before a worker started it' WHERE id = ?");
         if (!st)
@@ -745,7 +765,7 @@ static void sweep(struct sqlite_queue *q, int64_t now)
         "SELECT id, attempts >= max_attempts FROM jobs INDEXED BY jobs_leased WHERE state = 1 AND "
         "lease_until_ms <= ? LIMIT 64");
     int exhausted[64];
-    if (st) {
+    if (st && !sqlite3_get_autocommit(q->wdb)) {
         sqlite3_bind_int64(st, 1, now);
         while (n < 64 && sqlite3_step(st) == SQLITE_ROW) {
             snprintf(ids[n], 40, "%s", sqlite3_column_text(st, 0));
@@ -753,7 +773,7 @@ static void sweep(struct sqlite_queue *q, int64_t now)
         }
         sq_finish(st);
     }
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < n && !sqlite3_get_autocommit(q->wdb); i++) {
         st = sq_prepare(q->wdb, exhausted[i]
                                  ? "UPDATE jobs SET state = 3, finished_ms = ?, error = 'its lease "
                                    "expired on the last attempt' WHERE id = ?"
@@ -838,55 +858,132 @@ static int run_op(struct sqlite_queue *q, struct op *o)
 
 /* ---- the writer thread ---- */
 
+/*
+ * A group could not be made durable: log SQLite's own reason once per run of failures (a full
+ * disk fails every commit until space is freed, and each would otherwise log a line), then a
+ * reminder every STORE_FAILING_LOG_MS while it lasts.
+ */
+static void note_group_failed(struct sqlite_queue *q, const struct err *why, int64_t now)
+{
+    q->n_failed_groups++;
+    if (q->failing_since_ms == 0) {
+        q->failing_since_ms = now;
+        q->next_failing_log_ms = now + STORE_FAILING_LOG_MS;
+        log_error("queue", "job store cannot commit; writes fail until it can",
+                  "data_dir=%s full=%s reason=\"%s\"", q->cfg.data_dir,
+                  why->code == ERR_FULL ? "yes" : "no", why->msg);
+    } else if (now >= q->next_failing_log_ms) {
+        q->next_failing_log_ms = now + STORE_FAILING_LOG_MS;
+        log_error("queue", "job store still cannot commit",
+                  "data_dir=%s failed_commits=%lld for_s=%lld reason=\"%s\"", q->cfg.data_dir,
+                  (long long)q->n_failed_groups, (long long)(now - q->failing_since_ms) / 1000,
+                  why->msg);
+    }
+}
+
+static void note_group_committed(struct sqlite_queue *q, int64_t now)
+{
+    if (q->failing_since_ms == 0)
+        return;
+    log_info("queue", "job store commits again", "failed_commits=%lld after_s=%lld",
+             (long long)q->n_failed_groups, (long long)(now - q->failing_since_ms) / 1000);
+    q->failing_since_ms = 0;
+    q->n_failed_groups = 0;
+}
+
+/* SQLite ended the transaction itself (it may, on a full disk, an I/O error or out of
+ * memory): nothing of the group stands, and nothing more may run, for it would commit on its
+ * own. `e` gets the reason unless `why` (the failed operation's error) gives it. */
+static int txn_lost(struct sqlite_queue *q, const struct op *why, struct err *e)
+{
+    if (!sqlite3_get_autocommit(q->wdb))
+        return 0;
+    if (why && why->rc != 0)
+        *e = why->err;
+    else
+        sq_db_err(q->wdb, e, "transaction rolled back");
+    return 1;
+}
+
 static void run_group(struct sqlite_queue *q, struct op *ops)
 {
     struct err e = {0};
     int64_t queued_before = q->n_queued, now = queue_now_ms();
-    int commit_ok, rc;
+    int64_t changes_before = sqlite3_total_changes64(q->wdb);
+    int ok;
 
     int n_ops = 0;
     for (struct op *o = ops; o; o = o->next)
         n_ops++;
-    rc = sq_exec(q->wdb, "BEGIN IMMEDIATE", &e);
-    for (struct op *o = ops; o; o = o->next) {
-        if (rc != 0) {
-            o->rc = err_set(&o->err, ERR_IO, "%s", e.msg);
-            continue;
+    ok = sq_exec(q->wdb, "BEGIN IMMEDIATE", &e) == 0;
+    for (struct op *o = ops; ok && o; o = o->next) {
+        int64_t op_queued = q->n_queued;
+        if (sq_exec(q->wdb, "SAVEPOINT op", &e) != 0) {
+            ok = 0;
+            break;
         }
-        sq_exec(q->wdb, "SAVEPOINT op", &e);
         o->rc = run_op(q, o);
+        if (txn_lost(q, o, &e)) {
+            ok = 0;
+            break;
+        }
         if (o->rc != 0 && o->rc != ERR_CONFLICT) {
-            sq_exec(q->wdb, "ROLLBACK TO op", &e);
+            if (sq_exec(q->wdb, "ROLLBACK TO op", &e) != 0) {
+                ok = 0;
+                break;
+            }
+            q->n_queued = op_queued; /* what the op counted was undone with it */
             if (o->kind == OP_ENQUEUE && o->rc != ERR_BUSY)
                 o->existed = 0;
         }
-        sq_exec(q->wdb, "RELEASE op", &e);
-        if (o->rc == ERR_CONFLICT && o->kind == OP_ENQUEUE)
-            o->rc = ERR_CONFLICT;
+        if (sq_exec(q->wdb, "RELEASE op", &e) != 0) {
+            ok = 0;
+            break;
+        }
     }
-    if (rc == 0 && now - q->last_sweep_ms >= SWEEP_INTERVAL_MS) {
+    if (ok && now - q->last_sweep_ms >= SWEEP_INTERVAL_MS) {
         q->last_sweep_ms = now;
         sweep(q, now);
-        if (q->cfg.result_ttl_s > 0 && now >= q->next_retain_ms)
+        if (q->cfg.result_ttl_s > 0 && now >= q->next_retain_ms && !txn_lost(q, NULL, &e))
             q->next_retain_ms = now + (retain(q, now) == RETAIN_MAX ? 0 : RETAIN_INTERVAL_MS);
+        ok = !txn_lost(q, NULL, &e);
     }
     int64_t commit_start = queue_now_ms();
-    commit_ok = rc == 0 && sq_exec(q->wdb, "COMMIT", &e) == 0;
+    if (ok)
+        ok = sq_exec(q->wdb, "COMMIT", &e) == 0;
     int64_t commit_ms = queue_now_ms() - commit_start;
     if (commit_ms >= SLOW_COMMIT_MS)
         /* every submission waits on this: a slow disk shows here first */
         log_warn("queue", "slow commit", "ms=%lld operations=%d", (long long)commit_ms, n_ops);
-    if (!commit_ok) {
-        /* nothing of this group is durable: every caller hears so */
-        sq_exec(q->wdb, "ROLLBACK", &e);
-        log_error("queue", "commit failed", "reason=\"%s\"", e.msg);
-        for (struct op *o = ops; o; o = o->next) {
-            o->rc = err_set(&o->err, ERR_IO, "job store: commit failed");
-            job_free(o->job);
-            o->job = NULL;
-        }
-        q->n_queued = queued_before;
+    if (ok) {
+        /* (a group that changed nothing writes nothing: it proves no disk has room again) */
+        if (sqlite3_total_changes64(q->wdb) != changes_before)
+            note_group_committed(q, commit_start);
+        return;
     }
+    /* nothing of this group is durable: every caller hears so, with SQLite's reason */
+    if (!sqlite3_get_autocommit(q->wdb)) {
+        struct err rb;
+        sq_exec(q->wdb, "ROLLBACK", &rb);
+    }
+    note_group_failed(q, &e, commit_start);
+    for (struct op *o = ops; o; o = o->next) {
+        o->rc = e.code == ERR_FULL
+                    ? err_set(&o->err, ERR_FULL,
+                              "job store: the disk under --data-dir is full (%s); nothing was "
+                              "stored, try again later",
+                              sqlite3_errstr(SQLITE_FULL))
+                    : err_set(&o->err, ERR_IO, "%s; nothing was stored", e.msg);
+        job_free(o->job);
+        o->job = NULL;
+    }
+    q->n_queued = queued_before;
+    /* no job became final: nobody is to be woken */
+    for (struct final_note *f = q->finals, *next; f; f = next) {
+        next = f->next;
+        free(f);
+    }
+    q->finals = NULL;
 }
 
 static void *writer_main(void *arg)
@@ -1118,8 +1215,11 @@ static int s_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n,
     struct op *ops = calloc(n ? n : 1, sizeof(*ops));
     int rc = 0;
 
-    if (!ops)
+    if (!ops) {
+        for (size_t i = 0; i < n; i++)
+            outs[i].rc = ERR_NOMEM; /* none recorded */
         return err_set(e, ERR_NOMEM, "out of memory");
+    }
     for (size_t i = 0; i < n; i++) {
         struct queue_outcome *oc = &outs[i];
         ops[i] = (struct op){.kind = oc->ok ? OP_COMPLETE : OP_FAIL,
@@ -1373,18 +1473,25 @@ static int s_outbox_due(struct queue *qb, int64_t now_ms, size_t max,
         sqlite3_bind_int64(st, 1, now_ms);
         sqlite3_bind_int64(st, 2, (int64_t)max);
     }
-    while (st && count < cap && sqlite3_step(st) == SQLITE_ROW) {
-        struct queue_outbox_item *it = &items[count++];
+    /* a row that cannot be copied is left out (`count` counts the others): it stays due and
+     * is taken at the next look, never handed out without its url or body */
+    for (size_t row = 0; st && count < cap && sqlite3_step(st) == SQLITE_ROW; row++) {
+        struct queue_outbox_item *it = &items[count];
         it->id = sqlite3_column_int64(st, 0);
         it->event_id = sq_col_strdup(st, 1);
         it->url = sq_col_strdup(st, 2);
         it->body_len = (size_t)sqlite3_column_bytes(st, 3);
         it->body = malloc(it->body_len + 1);
         if (it->body) {
-            memcpy(it->body, sqlite3_column_blob(st, 3), it->body_len);
+            if (it->body_len)
+                memcpy(it->body, sqlite3_column_blob(st, 3), it->body_len);
             it->body[it->body_len] = '\0';
         }
         it->attempts = sqlite3_column_int(st, 4);
+        if (it->event_id && it->url && it->body && !queue_fault("outbox_due", row))
+            count++;
+        else
+            queue_outbox_item_release(it);
     }
     sq_finish(st);
     pthread_mutex_unlock(&q->read_lock);

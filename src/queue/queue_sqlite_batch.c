@@ -675,7 +675,7 @@ int sq_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **o
 {
     struct sqlite_queue *q = sq_of(qb);
     struct queue_schedule *v = NULL;
-    size_t cap = 0;
+    size_t cap = 0, row = 0;
     sqlite3_stmt *st;
     int rc = 0;
 
@@ -700,11 +700,19 @@ int sq_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **o
                 v = p;
                 cap = ncap;
             }
-            struct queue_schedule *s = &v[(*n)++];
+            /* a schedule that cannot be copied is left out: it is due again at the next look */
+            struct queue_schedule *s = &v[*n];
             snprintf(s->id, sizeof(s->id), "%s", sqlite3_column_text(st, 0));
             s->definition = sq_col_strdup(st, 1);
             s->schedule = sq_col_strdup(st, 2);
             s->next_run_ms = sqlite3_column_int64(st, 3);
+            if (s->definition && s->schedule && !queue_fault("schedules_due", row++)) {
+                (*n)++;
+            } else {
+                free(s->definition);
+                free(s->schedule);
+                memset(s, 0, sizeof(*s));
+            }
         }
     }
     sq_finish(st);

@@ -16,6 +16,7 @@
 #define RETAIN_MAX 1000         /* at most this many per pass (more come at the next sweep) */
 #define MAX_BACKOFF_MS 60000
 #define SLOW_COMMIT_MS 500 /* commits slower than this are logged */
+#define STORE_FAILING_LOG_MS 60000 /* while commits keep failing, a reminder this often */
 
 enum op_kind {
     OP_ENQUEUE,
@@ -99,6 +100,9 @@ struct sqlite_queue {
     int64_t last_sweep_ms;     /* writer thread only */
     int64_t next_retain_ms;    /* writer thread only */
     struct final_note *finals; /* writer thread only: notes of this group, sent after commit */
+    int64_t failing_since_ms;    /* writer thread only: commits fail since; 0 while they work */
+    int64_t next_failing_log_ms; /* writer thread only */
+    int64_t n_failed_groups;     /* writer thread only: in this run of failures */
 };
 
 

@@ -46,6 +46,9 @@ struct worker {
     size_t n_used;                      /* slots holding a job */
     struct slot **scratch_slots;        /* cfg.batch: record_done's */
     struct queue_outcome *scratch_outs; /* cfg.batch: record_done's */
+    /* record_done's: outcomes the store refused wait until record_retry_ms */
+    int64_t record_retry_ms, record_backoff_ms; /* backoff 0: the store takes them */
+    int64_t record_failing_since_ms;
     /* the batch task, on its own thread */
     struct job *task_job;
     pthread_t task_thread;
@@ -118,6 +121,7 @@ struct slot {
     int submitted;
     int done;      /* guarded by w->lock: the model answered, or the job never reached it */
     int abandoned; /* stopped at shutdown: released, so it runs again at once elsewhere */
+    int kept;      /* record_done's: its outcome is built, and the store refused it so far */
 };
 
 static void item_done(struct batch_item *item, int rc, const struct err *e)
@@ -263,15 +267,85 @@ static void start_jobs(struct worker *w, struct job **jobs, size_t n)
     }
 }
 
+#define RECORD_RETRY_MIN_MS 100  /* first wait after the store refused outcomes */
+#define RECORD_RETRY_MAX_MS 1000 /* the longest: how soon outcomes go in once it takes them */
+
+/* Builds a finished slot's outcome. The first time only, it encodes (or writes) the result
+ * and counts the run: an outcome the store refused is sent again as it was. */
+static void slot_outcome(struct slot *sl, struct queue_outcome *out)
+{
+    if (sl->abandoned && !sl->kept) { /* (a result already made is kept) */
+        *out = (struct queue_outcome){
+            .id = sl->job->id,
+            .token = sl->job->token,
+            .error = "stopped by a worker's shutdown; it runs again",
+            .released = 1,
+        };
+        return;
+    }
+    if (!sl->kept) {
+        if (sl->submitted)
+            metrics_job_run(sl->model->metrics, (double)(queue_now_ms() - sl->started_ms) / 1e3);
+        encode_slot(sl);
+    }
+    *out = (struct queue_outcome){
+        .id = sl->job->id,
+        .token = sl->job->token,
+        .ok = sl->rc == 0,
+        .result = sl->rc == 0 ? sl->out.data : NULL,
+        .result_len = sl->rc == 0 ? sl->out.len : 0,
+        .result_json_len = sl->out_json_len,
+        .error = sl->rc == 0 ? NULL : sl->err.msg,
+        .retryable = sl->retryable,
+        .retry_after_ms = sl->retry_after_ms,
+    };
+}
+
+/*
+ * Outcomes the store did not take (a full disk, Redis away) stay in their slots and go in
+ * again, with the same fencing token, after a backoff of up to RECORD_RETRY_MAX_MS: recorded
+ * as soon as the store takes them, instead of each job waiting out its lease to run again (a
+ * lease that ran out meanwhile fences the old outcome out, and the job's next attempt
+ * stands). While stopping, ones refused for longer than the drain timeout are given up to
+ * their lease, as before. Returns 1 if `sl` is to be kept.
+ */
+static int keep_unrecorded(struct worker *w, struct slot *sl, int rc, int64_t now)
+{
+    const struct worker_pool_config *c = &w->pool->cfg;
+
+    if (rc == 0 || rc == ERR_CONFLICT)
+        return 0;
+    if (atomic_load(&w->pool->stopping) && c->drain_timeout_ms > 0 &&
+        now - w->record_failing_since_ms >= c->drain_timeout_ms) {
+        log_warn("worker", "outcome not recorded at shutdown; the job runs again after its lease",
+                 "job=%s attempt=%llu", sl->job->id, (unsigned long long)sl->job->token);
+        return 0;
+    }
+    sl->kept = 1;
+    return 1;
+}
+
 /* Records the outcomes of every answered slot in one commit and frees those slots. */
 static void record_done(struct worker *w)
 {
     struct worker_pool *p = w->pool;
-    size_t cap = (size_t)p->cfg.batch, n = 0, n_freed = 0;
+    size_t cap = (size_t)p->cfg.batch, n = 0, n_freed = 0, n_kept = 0;
     struct slot **done = w->scratch_slots;
     struct queue_outcome *outs = w->scratch_outs;
+    int64_t now = queue_now_ms();
     struct err e;
 
+    if (w->record_retry_ms > now) {
+        /* the store refused outcomes: wait a little here (unless a job answers), not spin */
+        int64_t wait_ms = w->record_retry_ms - now;
+        struct timespec ts =
+            clock_realtime_after_ms(wait_ms < CANCEL_CHECK_MS ? wait_ms : CANCEL_CHECK_MS);
+        pthread_mutex_lock(&w->lock);
+        if (w->pending == 0)
+            pthread_cond_timedwait(&w->cond, &w->lock, &ts);
+        pthread_mutex_unlock(&w->lock);
+        return;
+    }
     pthread_mutex_lock(&w->lock);
     for (size_t i = 0; i < cap; i++)
         if (w->slots[i].job && w->slots[i].done)
@@ -281,43 +355,29 @@ static void record_done(struct worker *w)
         return;
     size_t n_ran = 0; /* outcomes of the jobs themselves; the rest were released */
     for (size_t i = 0; i < n; i++) {
-        struct slot *sl = done[i];
-        if (sl->abandoned) {
-            outs[i] = (struct queue_outcome){
-                .id = sl->job->id,
-                .token = sl->job->token,
-                .error = "stopped by a worker's shutdown; it runs again",
-                .released = 1,
-            };
-            continue;
-        }
-        if (sl->submitted)
-            metrics_job_run(sl->model->metrics, (double)(queue_now_ms() - sl->started_ms) / 1e3);
-        encode_slot(sl);
-        n_ran++;
-        outs[i] = (struct queue_outcome){
-            .id = sl->job->id,
-            .token = sl->job->token,
-            .ok = sl->rc == 0,
-            .result = sl->rc == 0 ? sl->out.data : NULL,
-            .result_len = sl->rc == 0 ? sl->out.len : 0,
-            .result_json_len = sl->out_json_len,
-            .error = sl->rc == 0 ? NULL : sl->err.msg,
-            .retryable = sl->retryable,
-            .retry_after_ms = sl->retry_after_ms,
-        };
+        slot_outcome(done[i], &outs[i]);
+        outs[i].rc = ERR_IO; /* not recorded, unless the store says otherwise */
     }
-    if (queue_finish_many(p->q, outs, n, &e) != 0)
-        log_error("worker", "could not record jobs' outcomes", "jobs=%zu reason=\"%s\"", n, e.msg);
+    if (queue_finish_many(p->q, outs, n, &e) != 0 && w->record_backoff_ms == 0) {
+        w->record_failing_since_ms = now;
+        log_error("worker", "could not record jobs' outcomes; kept until the store takes them",
+                  "jobs=%zu reason=\"%s\"", n, e.msg);
+    }
     for (size_t i = 0; i < n; i++) {
         struct slot *sl = done[i];
         int rc = outs[i].rc;
-        if (!sl->abandoned && rc == ERR_CONFLICT)
+        if (keep_unrecorded(w, sl, rc, now)) {
+            n_kept++;
+            continue;
+        }
+        if (!outs[i].released && rc == ERR_CONFLICT)
             log_warn("worker", "attempt fenced out; its outcome is discarded",
                      "job=%s attempt=%llu", sl->job->id, (unsigned long long)sl->job->token);
-        if (sl->abandoned)
-            log_warn("worker", "stopped by shutdown; queued again",
-                     "job=%s released=%s", sl->job->id, rc == 0 ? "yes" : "no (after its lease)");
+        if (outs[i].released)
+            log_warn("worker", "stopped by shutdown; queued again", "job=%s released=%s",
+                     sl->job->id, rc == 0 ? "yes" : "no (after its lease)");
+        else
+            n_ran++;
         infer_request_destroy(sl->req);
         model_release(sl->model);
         buf_release(&sl->body);
@@ -325,6 +385,18 @@ static void record_done(struct worker *w)
         job_free(sl->job);
         *sl = (struct slot){.w = w};
         n_freed++;
+    }
+    if (n_kept > 0) {
+        w->record_backoff_ms = w->record_backoff_ms == 0 ? RECORD_RETRY_MIN_MS
+                               : w->record_backoff_ms * 2 < RECORD_RETRY_MAX_MS
+                                   ? w->record_backoff_ms * 2
+                                   : RECORD_RETRY_MAX_MS;
+        w->record_retry_ms = now + w->record_backoff_ms;
+    } else if (w->record_backoff_ms != 0) {
+        log_info("worker", "jobs' outcomes recorded after the store came back", "after_ms=%lld",
+                 (long long)(now - w->record_failing_since_ms));
+        w->record_backoff_ms = 0;
+        w->record_retry_ms = 0;
     }
     w->n_used -= n_freed;
     atomic_fetch_sub(&p->busy, (int)n_freed);

@@ -313,6 +313,109 @@ def test_redis_killed_and_restarted_mid_run(split, redis_server, trained):
     print(f"\n{len(accepted)} accepted, {len(unavailable)} answered 503 during the outage")
 
 
+WEBHOOK_JOBS = 600   # submitted at most, by WEBHOOK_CLIENTS threads
+WEBHOOK_CLIENTS = 8
+
+
+def test_redis_killed_with_webhooks_pending(split, redis_server, webhook_receiver):
+    """kill -9 of redis-server while jobs with a callback_url are submitted, run and their
+    webhooks sent (issue 13 item 1: the API process and both workers used to abort with
+    ``free(): invalid pointer`` taking webhooks whose body could not be built). Every
+    process stays up, the outage answers 503 + Retry-After, and after the restart on the
+    same AOF every accepted job ends succeeded once, with one webhook event."""
+    recv = webhook_receiver
+    serve, workers, url = split(2, "--workers", "2", "--worker-batch", "8",
+                                "--webhook-secret", SECRET,
+                                serve_args=("--webhook-secret", SECRET))
+    procs = [serve, *workers]
+    pids = [p.proc.pid for p in procs]
+    X = np.arange(WEBHOOK_JOBS * 4, dtype=np.float32).reshape(WEBHOOK_JOBS, 4)
+    accepted, unavailable, bad = {}, [], []
+    counter = itertools.count()
+    stop = threading.Event()
+    lock = threading.Lock()
+
+    def submitter():
+        s = requests.Session()
+        while not stop.is_set():
+            i = next(counter)
+            if i >= WEBHOOK_JOBS:
+                return
+            body = {"model": "rowsum", "input": infer_body(X[i:i + 1]),
+                    "callback_url": f"{recv.url}/ok/{i}"}
+            try:
+                r = s.post(serve.url + "/v1/jobs", json=body, timeout=HTTP_TIMEOUT_S)
+            except requests.RequestException as exc:
+                bad.append(f"row {i}: {exc!r}")
+                s = requests.Session()
+                continue
+            with lock:
+                if r.status_code == 202:
+                    accepted[i] = check_accepted(r, f"row {i}")
+                elif r.status_code == 503:
+                    unavailable.append(r)
+                else:
+                    bad.append(f"row {i}: HTTP {r.status_code}: {r.text[:200]}")
+            if r.status_code == 503:
+                stop.wait(0.05)
+    threads = [threading.Thread(target=submitter, daemon=True) for _ in range(WEBHOOK_CLIENTS)]
+    for t in threads:
+        t.start()
+    try:
+        # mid-burst: jobs queued, running and finished, their webhooks in the outbox
+        wait_for(lambda: len(accepted) >= 60 and len(recv.received("/ok/")) >= 5, 60,
+                 "60 jobs accepted and 5 webhooks delivered before the kill")
+        redis_server.kill9()
+        wait_for(lambda: len(unavailable) >= 5, 60, "submissions to get 503 while Redis is down")
+        assert all(p.alive() for p in procs), "a process died while Redis was down"
+        redis_server.restart()
+        n_back = len(accepted)
+        wait_for(lambda: len(accepted) >= n_back + 60 or not any(t.is_alive() for t in threads),
+                 60, "60 more jobs accepted after Redis came back (or every row submitted)")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert not bad, f"{len(bad)} submissions neither 202 nor 503: {bad[:5]}"
+    for r in unavailable:
+        ra = r.headers.get("Retry-After")
+        assert ra is not None and ra.strip().isdigit() and int(ra) >= 1, \
+            f"503 with Retry-After {ra!r}: {r.text[:200]}"
+        error_message(r)
+    c = serve.client()
+    want = {jid: i for i, jid in accepted.items()}
+    # (a lease whose answer Redis never sent is handed back on the worker's next lease, so
+    # no job waits out its 300 s lease)
+    wait_for(lambda: set(want) <= {j["id"] for j in c.list_all(status="succeeded")[0]}, 120,
+             f"all {len(want)} accepted jobs to succeed")
+
+    def events():
+        """{row: {event ids}} of the job.succeeded webhooks received."""
+        got = {}
+        for req in recv.received("/ok/"):
+            body = check_signed(req)
+            assert body["type"] == "job.succeeded", body
+            got.setdefault(int(req["path"].rsplit("/", 1)[1]), set()).add(
+                (body["job"]["id"], body["id"]))
+        return got
+    wait_for(lambda: set(accepted) <= set(events()), 120,
+             f"a webhook for each of the {len(accepted)} accepted jobs")
+    for i, evs in events().items():
+        if i in accepted:
+            assert len(evs) == 1 and next(iter(evs))[0] == accepted[i], \
+                f"row {i}: job {accepted[i]} ended more than once or under another id: {evs}"
+    assert [p.proc.pid for p in procs] == pids and all(p.alive() for p in procs), \
+        "a process died or was restarted"
+    logs = "".join(p.log() for p in procs)
+    assert "free(): invalid pointer" not in logs and "AddressSanitizer" not in logs
+    # and the same processes carry on
+    jid = c.submit_ok("rowsum", X[:1], callback_url=f"{recv.url}/after/0")
+    assert c.wait_final(jid)["status"] == "succeeded"
+    wait_for(lambda: recv.received("/after/0"), 30, "the webhook of a job after the restart")
+    print(f"\n{len(accepted)} accepted, {len(unavailable)} answered 503 during the outage, "
+          f"{len(recv.received('/ok/'))} webhooks received")
+
+
 def test_unreachable_redis_at_start_up(repo, tmp_path):
     closed = free_port()
     for command in ("serve", "worker"):

@@ -1010,7 +1010,9 @@ static void test_fifty_arrive_exactly_once(void **state)
     assert_int_equal(st.bad_calls, 0);
 }
 
-/* A failed take only delays; a failed record means the attempt is made again (at least once). */
+/* A failed take only delays; a failed record keeps the attempt's outcome until the store takes
+ * it, and the delivery is not sent again meanwhile (issue 13: a full disk made each webhook
+ * be sent once a second). */
 static void test_store_failures_delay_only(void **state)
 {
     struct notify_config cfg = {.initial_backoff_ms = 10};
@@ -1021,17 +1023,47 @@ static void test_store_failures_delay_only(void **state)
     store_reset(1);
     receiver_reset(NULL, 0, 200);
     st.fail_takes = 1;
-    st.fail_records = 1;
+    st.fail_records = 2;
     url_for(url, sizeof(url), rx.port, "/hook");
     store_add(url, "{}", 2);
     n = start(&cfg);
     wait_for(all_done, "the delivery after the store recovered");
     notify_destroy(n);
 
-    assert_int_equal(receiver_count(), 2);
-    assert_string_equal(rx.seen[0].event_id, rx.seen[1].event_id);
+    assert_int_equal(receiver_count(), 1);
     assert_int_equal(st.n_recs, 1);
     assert_true(st.recs[0].delivered);
+    assert_int_equal(st.recs[0].status, 200);
+    assert_int_equal(st.bad_calls, 0);
+}
+
+/* Attempts that fail and cannot be recorded either: the receiver still sees max_attempts POSTs,
+ * each recorded once, in order, the last one giving up. */
+static void test_unrecorded_attempts_keep_the_budget(void **state)
+{
+    struct notify_config cfg = {.initial_backoff_ms = 10, .max_attempts = 3};
+    struct notifier *n;
+    char url[128];
+
+    (void)state;
+    store_reset(1);
+    receiver_reset(NULL, 0, 500);
+    st.fail_records = 2; /* the first attempt's record fails twice (a second apart) */
+    url_for(url, sizeof(url), rx.port, "/hook");
+    store_add(url, "{}", 2);
+    n = start(&cfg);
+    wait_for(all_done, "the delivery to be given up");
+    notify_destroy(n);
+
+    assert_int_equal(receiver_count(), 3);
+    assert_int_equal(st.n_recs, 3);
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(st.recs[i].status, 500);
+        assert_false(st.recs[i].delivered);
+        assert_int_equal(st.recs[i].done, i == 2);
+    }
+    assert_int_equal(st.rows[0].attempts, 3);
+    assert_int_equal(st.bad_calls, 0);
 }
 
 /* A receiver that accepts the connection but never answers: destroy returns without waiting for
@@ -1135,6 +1167,7 @@ int main(void)
         cmocka_unit_test(test_url_redacted),
         cmocka_unit_test(test_fifty_arrive_exactly_once),
         cmocka_unit_test(test_store_failures_delay_only),
+        cmocka_unit_test(test_unrecorded_attempts_keep_the_budget),
         cmocka_unit_test(test_destroy_abandons_in_flight),
         cmocka_unit_test(test_bad_config_is_rejected),
     };

@@ -3,7 +3,8 @@
  * order, fencing tokens, retries up to max_attempts, cancel, ttl expiry, idempotency,
  * admission, and recovery of running jobs when the store is reopened (SQLite) or their lease
  * runs out (Redis). With $INFERD_TEST_REDIS set (tests/unit/with_redis runs a redis-server),
- * the same tests run against the Redis queue.
+ * the same tests run against the Redis queue. Fault injection (queue_fault_hook) fails one
+ * element of each array a store hands out, first and mid-array, so ASan sees the error paths.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -12,6 +13,7 @@
 #include <cmocka.h>
 
 #include "queue/queue.h"
+#include "queue/queue_internal.h" /* queue_fault_hook */
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -65,6 +67,7 @@ static int teardown(void **state)
     char cmd[300];
 
     (void)state;
+    queue_fault_hook = NULL;
     snprintf(cmd, sizeof(cmd), "rm -rf '%s'", dir);
     assert_int_equal(system(cmd), 0);
     return 0;
@@ -406,6 +409,233 @@ static void test_reopen_requeues_running_jobs(void **state)
     queue_close(q);
 }
 
+/* ---- fault injection: an element of an array handed out fails to be built ---- */
+
+static const char *fault_where; /* which array; NULL: none */
+static long fault_at;           /* which element; -1: every one */
+static int n_faults;
+
+static int fault_hook(const char *where, size_t index)
+{
+    if (!fault_where || strcmp(where, fault_where) != 0 ||
+        (fault_at >= 0 && index != (size_t)fault_at))
+        return 0;
+    n_faults++;
+    return 1;
+}
+
+/* Fails element `at` (-1: every one) of `where` from now on; NULL stops. n_faults counts. */
+static void inject(const char *where, long at)
+{
+    fault_where = where;
+    fault_at = at;
+    if (where)
+        n_faults = 0;
+    queue_fault_hook = where ? fault_hook : NULL;
+}
+
+/* Jobs that end succeeded with a callback_url: one pending webhook each. */
+static void finish_with_webhooks(struct queue *q, int n)
+{
+    struct job_spec spec = {.model = "m",
+                            .input = "{}",
+                            .input_len = 2,
+                            .input_json_len = -1,
+                            .max_attempts = 1,
+                            .lease_timeout_ms = 60000,
+                            .callback_url = "http://127.0.0.1:9/hook"};
+    struct err e = {0};
+
+    for (int i = 0; i < n; i++) {
+        char id[40];
+        int existed = 0;
+        struct job *j;
+        assert_int_equal(queue_enqueue(q, &spec, id, &existed, &e), 0);
+        j = lease(q);
+        assert_non_null(j);
+        assert_string_equal(j->id, id);
+        assert_int_equal(queue_complete(q, j->id, j->token, "{\"r\":1}", 7, -1, &e), 0);
+        job_free(j);
+    }
+}
+
+/* Takes up to `max` due webhooks with element `at` failing: all but that one come back, each
+ * whole (ASan: nothing freed twice or from the middle of the array, nothing leaked). */
+static void take_webhooks_failing_at(struct queue *q, size_t max, long at)
+{
+    struct queue_outbox_item *items = NULL;
+    struct err e = {0};
+    size_t n = 99;
+
+    inject("outbox_due", at);
+    assert_int_equal(queue_outbox_due(q, queue_now_ms() + 1000, max, &items, &n, &e), 0);
+    inject(NULL, 0);
+    assert_int_equal(n_faults, at < 0 ? (int)max : 1);
+    assert_int_equal(n, at < 0 ? 0 : max - 1);
+    for (size_t i = 0; i < n; i++) {
+        assert_non_null(items[i].event_id);
+        assert_non_null(items[i].url);
+        assert_non_null(items[i].body);
+        assert_true(items[i].body_len > 0);
+        assert_non_null(strstr(items[i].body, "job.succeeded"));
+        for (size_t k = 0; k < i; k++)
+            assert_true(items[k].id != items[i].id);
+    }
+    queue_outbox_items_free(items, n);
+}
+
+/* Issue 13 item 1: a webhook whose body could not be built freed &items[n] (Redis): an
+ * interior pointer mid-array, a use-after-free and double free at index 0. */
+static void test_outbox_due_element_fails(void **state)
+{
+    struct queue *q = open_queue(100);
+    struct queue_outbox_item *items = NULL;
+    struct err e = {0};
+    size_t n = 0;
+
+    (void)state;
+    finish_with_webhooks(q, 15);
+    /* Redis hands each out once (held for its sender), SQLite whatever is due */
+    take_webhooks_failing_at(q, 5, 0);
+    take_webhooks_failing_at(q, 5, 2);
+    take_webhooks_failing_at(q, 5, -1);
+    if (!redis_url()) { /* nothing was lost: every one is still due */
+        assert_int_equal(queue_outbox_due(q, queue_now_ms() + 1000, 100, &items, &n, &e), 0);
+        assert_int_equal(n, 15);
+        queue_outbox_items_free(items, n);
+    }
+    queue_close(q);
+}
+
+/* A leased job that cannot be read: SQLite undoes the whole lease (every job stays queued, and
+ * the count of queued jobs with them); Redis hands out the others (that one waits out its
+ * lease, as after a crash). */
+static void test_lease_element_fails(void **state)
+{
+    struct queue *q = open_queue(100);
+    struct job *jobs[4] = {0};
+    struct err e = {0};
+    size_t n = 0;
+    char id[40];
+    long at[] = {0, 2};
+
+    (void)state;
+    for (int i = 0; i < 8; i++)
+        enqueue(q, 0, "{}", id);
+    for (size_t t = 0; t < 2; t++) {
+        inject("lease", at[t]);
+        int rc = queue_lease_many(q, "w", 4, 0, 0, jobs, &n, &e);
+        inject(NULL, 0);
+        assert_int_equal(n_faults, 1);
+        if (redis_url()) {
+            assert_int_equal(rc, 0);
+            assert_int_equal(n, 3);
+        } else {
+            assert_int_not_equal(rc, 0);
+            assert_int_equal(n, 0);
+            assert_int_equal(queue_queued(q), 8);
+        }
+        for (size_t i = 0; i < n; i++) {
+            assert_non_null(jobs[i]->model);
+            assert_int_equal(jobs[i]->attempts, 1);
+            assert_int_equal(queue_complete(q, jobs[i]->id, jobs[i]->token, "{}", 2, -1, &e), 0);
+            job_free(jobs[i]);
+            jobs[i] = NULL;
+        }
+    }
+    if (!redis_url()) { /* all there, none started */
+        assert_int_equal(queue_lease_many(q, "w", 4, 0, 0, jobs, &n, &e), 0);
+        assert_int_equal(n, 4);
+        for (size_t i = 0; i < n; i++) {
+            assert_int_equal(jobs[i]->attempts, 1);
+            job_free(jobs[i]);
+        }
+        assert_int_equal(queue_queued(q), 4);
+    }
+    queue_close(q);
+}
+
+/* Redis: a lease whose answer was lost (Redis died after leasing): the worker's next lease
+ * hands those jobs back and gets them again at once, not after their 60 s lease. */
+static void test_lost_lease_answer_is_handed_back(void **state)
+{
+    struct queue *q;
+    struct job *jobs[4] = {0};
+    struct err e = {0};
+    size_t n = 0;
+    char a[40], b[40];
+
+    (void)state;
+    if (!redis_url())
+        skip(); /* one process: a lease either commits and returns or does neither */
+    q = open_queue(100);
+    enqueue(q, 0, "{}", a);
+    enqueue(q, 0, "{}", b);
+    inject("lease_answer", 0);
+    assert_int_equal(queue_lease_many(q, "w", 4, 0, 0, jobs, &n, &e), ERR_UNAVAILABLE);
+    inject(NULL, 0);
+    assert_int_equal(n_faults, 1);
+    assert_int_equal(n, 0);
+    /* another worker does not get them (they are leased) ... */
+    assert_int_equal(queue_lease_many(q, "other", 4, 0, 0, jobs, &n, &e), 0);
+    assert_int_equal(n, 0);
+    /* ... but the same worker's next lease hands them back and leases them again */
+    assert_int_equal(queue_lease_many(q, "w", 4, 0, 0, jobs, &n, &e), 0);
+    assert_int_equal(n, 2);
+    for (size_t i = 0; i < n; i++) {
+        assert_true(strcmp(jobs[i]->id, a) == 0 || strcmp(jobs[i]->id, b) == 0);
+        assert_int_equal(jobs[i]->attempts, 2);
+        assert_int_equal(jobs[i]->max_attempts, 3); /* the lost attempt is not counted */
+        assert_int_equal(queue_complete(q, jobs[i]->id, jobs[i]->token, "{}", 2, -1, &e), 0);
+        assert_int_equal(queue_complete(q, jobs[i]->id, 1, "{}", 2, -1, &e), ERR_CONFLICT);
+        job_free(jobs[i]);
+    }
+    /* a later lease answered normally hands nothing back */
+    enqueue(q, 0, "{}", a);
+    assert_int_equal(queue_lease_many(q, "w", 4, 0, 0, jobs, &n, &e), 0);
+    assert_int_equal(n, 1);
+    assert_int_equal(jobs[0]->attempts, 1);
+    job_free(jobs[0]);
+    assert_int_equal(queue_lease_many(q, "w", 4, 0, 0, jobs, &n, &e), 0);
+    assert_int_equal(n, 0);
+    queue_close(q);
+}
+
+static void test_schedules_due_element_fails(void **state)
+{
+    struct queue *q = open_queue(100);
+    struct batch_job_spec spec = {.definition = "{\"model\":\"m\"}",
+                                  .model = "m",
+                                  .max_attempts = 1,
+                                  .lease_timeout_ms = 1000,
+                                  .schedule = "* * * * *",
+                                  .next_run_ms = queue_now_ms() - 60000};
+    struct queue_schedule *due = NULL;
+    struct err e = {0};
+    size_t n = 0;
+    char id[40];
+    long at[] = {0, 1, -1};
+
+    (void)state;
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(queue_batch_create(q, &spec, id, &e), 0);
+    for (size_t t = 0; t < 3; t++) {
+        inject("schedules_due", at[t]);
+        assert_int_equal(queue_schedules_due(q, queue_now_ms(), &due, &n, &e), 0);
+        inject(NULL, 0);
+        assert_int_equal(n, at[t] < 0 ? 0 : 2);
+        for (size_t i = 0; i < n; i++) {
+            assert_non_null(due[i].definition);
+            assert_string_equal(due[i].schedule, "* * * * *");
+        }
+        queue_schedules_free(due, n);
+    }
+    assert_int_equal(queue_schedules_due(q, queue_now_ms(), &due, &n, &e), 0);
+    assert_int_equal(n, 3);
+    queue_schedules_free(due, n);
+    queue_close(q);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -418,6 +648,10 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_release_on_shutdown, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen_requeues_running_jobs, setup, teardown),
         cmocka_unit_test_setup_teardown(test_expired_lease_is_reclaimed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_outbox_due_element_fails, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_lease_element_fails, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_schedules_due_element_fails, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_lost_lease_answer_is_handed_back, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
