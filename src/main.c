@@ -108,7 +108,12 @@ static const struct option_def serve_options[] = {
      "folders (DIR[:DIR...]) that jobs' file:// and path locations must stay inside; empty: any "
      "file this process can reach",
      BOTH},
+    {"max-input-bytes", OPT_INT, "0", 0, 4294967296LL,
+     "largest input_location a job may read (a larger one is refused unread); 0: "
+     "--max-body-bytes",
+     BOTH},
 };
+
 #define N_SERVE (sizeof(serve_options) / sizeof(serve_options[0]))
 
 /* `inferd batch` */
@@ -389,6 +394,9 @@ static int cmd_serve(int argc, char **argv, int worker)
         /* running jobs get the drain timeout too; past it they run again later */
         .drain_timeout_ms = OPT_N(&p, "drain-timeout-s") > 0 ? OPT_N(&p, "drain-timeout-s") * 1000
                                                             : 1,
+        /* inferd worker has no --max-body-bytes: its default holds */
+        .max_input_bytes = OPT_N(&p, "max-input-bytes") > 0 ? OPT_N(&p, "max-input-bytes")
+                                                            : OPT_N(&p, "max-body-bytes"),
     };
     if (wc.max_workers > 0 && wc.min_workers > wc.max_workers) {
         fprintf(stderr, "inferd %s: --min-workers %d is above --max-workers %d\n", cmd,
@@ -429,6 +437,7 @@ static int cmd_serve(int argc, char **argv, int worker)
         .default_ttl_s = OPT_N(&p, "job-ttl-s"),
         .workers = (int)OPT_N(&p, "workers"),
         .worker_only = worker,
+        .max_input_bytes = wc.max_input_bytes,
     };
     if (http_server_start(&hc, reg, queue, pool, notifier, &srv, &e) != 0) {
         log_error("main", "cannot start the HTTP server", "reason=\"%s\"", e.msg);

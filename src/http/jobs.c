@@ -500,14 +500,25 @@ static int check_url(const char *key, const char *url, struct err *e)
     return 0;
 }
 
-static int check_location(const char *key, const char *uri, struct err *e)
+/* A location's scheme and --file-roots, and what a stat can tell now: a file location that
+ * exists must be a regular file and, for an input, at most `max_bytes` (0: any size). S3 objects
+ * and files that appear later are checked when the job runs. */
+static int check_location(const char *key, const char *uri, int64_t max_bytes, struct err *e)
 {
-    if (uri && strstr(uri, "://") && strncmp(uri, "file://", 7) != 0 &&
-        strncmp(uri, "s3://", 5) != 0)
+    struct err why = {0};
+    int rc;
+
+    if (!uri)
+        return 0;
+    if (strstr(uri, "://") && strncmp(uri, "file://", 7) != 0 && strncmp(uri, "s3://", 5) != 0)
         return err_set(e, ERR_INVALID, "%s: '%.100s': only paths, file:// and s3:// are supported",
                        key, uri);
-    struct err why = {0};
-    if (uri && storage_check_allowed(uri, &why) != 0)
+    if (storage_check_allowed(uri, &why) != 0)
+        return err_set(e, ERR_INVALID, "%s: %s", key, why.msg);
+    rc = storage_check_object(uri, max_bytes, &why);
+    if (rc == ERR_TOO_LARGE)
+        return err_set(e, ERR_INVALID, "%s: %s (--max-input-bytes)", key, why.msg);
+    if (rc != 0)
         return err_set(e, ERR_INVALID, "%s: %s", key, why.msg);
     return 0;
 }
@@ -543,8 +554,9 @@ static enum MHD_Result submit_job(struct req *r)
         (rc = get_str(root, "output_location", &r->spec.output_location, &e)) ||
         (rc = get_str(root, "callback_url", &r->spec.callback_url, &e)) ||
         (rc = check_url("callback_url", r->spec.callback_url, &e)) ||
-        (rc = check_location("input_location", r->spec.input_location, &e)) ||
-        (rc = check_location("output_location", r->spec.output_location, &e)) ||
+        (rc = check_location("input_location", r->spec.input_location, r->srv->cfg.max_input_bytes,
+                             &e)) ||
+        (rc = check_location("output_location", r->spec.output_location, 0, &e)) ||
         (rc = get_int(root, "priority", 0, 9, &priority, &e)) ||
         (rc = get_int(root, "ttl_s", 1, 365LL * 86400, &ttl, &e)) ||
         (rc = get_int(root, "max_attempts", 1, 100, &attempts, &e)))
@@ -629,12 +641,13 @@ static void do_result(struct req *r)
     } else if (j->output_location) {
         /* written to storage: hand it back from there */
         buf_release(&r->out);
-        if (storage_get(j->output_location, &r->out, &e) != 0) {
+        int rc_get = storage_get(j->output_location, r->srv->cfg.max_input_bytes, &r->out, &e);
+        if (rc_get != 0) {
             char msg[512];
-            snprintf(msg, sizeof(msg), "the result at %s cannot be read: %s", j->output_location,
-                     e.msg);
+            snprintf(msg, sizeof(msg), "the result at %s cannot be read: %s%s", j->output_location,
+                     e.msg, rc_get == ERR_TOO_LARGE ? " (--max-input-bytes); read it there" : "");
             buf_release(&r->out);
-            http_set_error(r, ERR_NOT_FOUND, msg);
+            http_set_error(r, rc_get == ERR_TOO_LARGE ? ERR_TOO_LARGE : ERR_NOT_FOUND, msg);
         } else {
             r->status = 200;
             r->json_len = -1;

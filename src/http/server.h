@@ -27,7 +27,10 @@ struct http_config {
     int64_t default_ttl_s;        /* 0: jobs never expire while queued */
     int workers;                  /* the async worker pool's size, for metrics */
     int worker_only;              /* inferd worker: only metrics and health */
+    int64_t max_input_bytes;      /* a job's input_location (and a result read back from its
+                                   * output_location) past this is refused, > 0 */
 };
+
 
 struct http_server;
 

@@ -71,17 +71,20 @@ struct worker_pool {
     double rate;                  /* guarded by rate_lock: jobs/s of the last full window */
 };
 
-/* ---- reading inputs and writing outputs (file:// and plain paths) ---- */
+/* ---- reading inputs and writing outputs ---- */
 
-/* The job's input and output go through storage, so they are atomic and name the location. */
-static int read_location(const char *uri, struct buf *out, struct err *e)
+/* The job's input and output go through storage, so they are atomic and name the location; an
+ * input is read whole, so it is bounded (a device or a growing file stops at the limit). */
+static int read_location(const struct worker_pool *p, const char *uri, struct buf *out,
+                         struct err *e)
 {
-    int rc = storage_get(uri, out, e);
+    int rc = storage_get(uri, p->cfg.max_input_bytes, out, e);
 
     if (rc != 0) {
         char msg[sizeof(e->msg)];
         snprintf(msg, sizeof(msg), "%s", e->msg);
-        err_set(e, rc, "input_location: %s", msg);
+        err_set(e, rc, "input_location: %s%s", msg,
+                rc == ERR_TOO_LARGE ? " (--max-input-bytes)" : "");
     }
     return rc;
 }
@@ -166,7 +169,7 @@ static int prepare_slot(struct worker_pool *p, struct slot *sl)
     int rc;
 
     if (job->input_location) {
-        rc = read_location(job->input_location, &sl->body, e);
+        rc = read_location(p, job->input_location, &sl->body, e);
         if (rc != 0) {
             sl->retryable = rc == ERR_IO;
             return rc;
@@ -232,7 +235,7 @@ static void encode_slot(struct slot *sl)
     }
     if (sl->job->output_location) {
         sl->rc = write_location(sl->job->output_location, sl->out.data, sl->out.len, &sl->err);
-        sl->retryable = 1;
+        sl->retryable = sl->rc != ERR_INVALID; /* not a regular file, or outside the roots */
         if (sl->rc == 0)
             buf_release(&sl->out); /* stored there, not inline */
     }

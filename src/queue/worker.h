@@ -26,6 +26,7 @@ struct worker_pool_config {
     int64_t lease_poll_ms; /* how long a lease call waits for a job before looking again */
     int64_t drain_timeout_ms; /* on stop, running jobs get this long; then they are stopped
                                * and run again later (0: wait for them however long) */
+    int64_t max_input_bytes;  /* largest input_location a job may read (whole), > 0 */
 };
 
 /* `q` and `reg` are borrowed and must outlive the pool. */
