@@ -113,7 +113,6 @@ static const struct option_def serve_options[] = {
      "--max-body-bytes",
      BOTH},
 };
-
 #define N_SERVE (sizeof(serve_options) / sizeof(serve_options[0]))
 
 /* `inferd batch` */
@@ -325,7 +324,7 @@ static int cmd_serve(int argc, char **argv, int worker)
     struct http_config hc;
     struct err e = {0};
     sigset_t sigs;
-    int sig, failed, rc = 1;
+    int sig, failed, blocked = 0, rc = 1;
 
     const char *cmd = worker ? "worker" : "serve";
 
@@ -464,14 +463,23 @@ static int cmd_serve(int argc, char **argv, int worker)
         log_info("main", "draining", "signal=%s", sig == SIGTERM ? "SIGTERM" : "SIGINT");
         break;
     }
-    http_server_stop(srv);
+    worker_pool_drain(pool); /* the workers' drain runs alongside the HTTP server's */
+    blocked = http_server_stop(srv);
     srv = NULL;
     rc = 0;
 cleanup:
-    http_server_stop(srv);
+    blocked += http_server_stop(srv);
     batch_scheduler_stop(scheduler);
-    worker_pool_stop(pool);   /* running jobs finish and record their results */
+    /* running jobs finish and record their results; blocked ones are handed back */
+    blocked += worker_pool_stop(pool);
     notify_destroy(notifier); /* undelivered webhooks stay stored for the next start */
+    if (blocked > 0) {
+        /* threads blocked in a read or in a model that does not stop still use the queue and
+         * the models (their jobs were handed back): exit without freeing them under those
+         * threads, and without the exit handlers */
+        log_warn("main", "stopped; some threads were still blocked", "blocked=%d", blocked);
+        _exit(rc == 0 ? 0 : 1);
+    }
     queue_close(queue);
     registry_destroy(reg);
     if (rc == 0)

@@ -9,7 +9,8 @@
  * succeeds; one whose first value is -998 makes the instance sleep for its second value in
  * milliseconds first (a slow model, for tests); one whose first value is -997 holds the
  * instance until the file "<hold_dir>/release-<second value>" exists or the request is
- * cancelled (a model held by a test until it lets it go; "hold_dir" is a parameter too).
+ * cancelled (a model held by a test until it lets it go; "hold_dir" is a parameter too), and
+ * -996 does the same but ignores cancellation (a model that cannot be stopped).
  *
  * Build: cc -shared -fPIC -I include examples/plugin/rowsum.c -o librowsum.so
  * Use:   {"backend": "plugin", "path": "/abs/path/librowsum.so", "parameters": {"width": 4}}
@@ -63,7 +64,8 @@ static void read_hold_dir(const char *config, char *out, size_t len)
     snprintf(out, len, "%.*s", (int)(end - p - 1), p + 1);
 }
 
-/* Holds until the release file appears; 0 then, -1 if the request was cancelled first. */
+/* Holds until the release file appears; 0 then, -1 if the request was cancelled first (when
+ * `req` is not NULL). */
 static int hold(const struct rowsum_model *m, long n, const struct inferd_request *req)
 {
     char path[PATH_MAX + 32];
@@ -73,7 +75,8 @@ static int hold(const struct rowsum_model *m, long n, const struct inferd_reques
     for (int waited = 0; m->hold_dir[0] && waited < HOLD_MAX_MS; waited += 10) {
         if (access(path, F_OK) == 0)
             return 0;
-        if (host->api_version >= 2 && host->request_cancelled && host->request_cancelled(req))
+        if (req && host->api_version >= 2 && host->request_cancelled &&
+            host->request_cancelled(req))
             return -1;
         nanosleep(&tick, NULL);
     }
@@ -147,6 +150,8 @@ static int rs_execute(void *instance_state, struct inferd_request *const *reqs, 
             struct timespec ts = {(time_t)(x[1] / 1000), (long)((long)x[1] % 1000) * 1000000L};
             nanosleep(&ts, NULL);
         }
+        if (rows > 0 && m->width >= 2 && x[0] == -996.0f)
+            hold(m, (long)x[1], NULL);
         if (rows > 0 && m->width >= 2 && x[0] == -997.0f && hold(m, (long)x[1], reqs[i]) != 0) {
             snprintf(reqs[i]->error, sizeof(reqs[i]->error), "cancelled while held");
             reqs[i]->status = 499;

@@ -28,12 +28,24 @@
 
 #define WAIT_MAX_MS (3600 * 1000)
 #define TIMER_MS 50
+/* DELETE of a running job waits this long for its worker to stop it before answering 202:
+ * a worker notices within 100 ms, a model that honours cancellation stops as fast */
+#define CANCEL_WAIT_MS 3000
 
 /* ---- small helpers ---- */
 
 static void set_location(struct req *r)
 {
     snprintf(r->location, sizeof(r->location), "/v1/jobs/%s", r->job_id);
+}
+
+static int reply_job(struct req *r, int status, const struct job *j);
+
+/* DELETE's answer: 200 once the job is final (cancelled, or it ended first); 202 while it still
+ * runs, its JSON saying "cancel_requested": it ends cancelled when its worker can stop it. */
+static int reply_cancel(struct req *r, const struct job *j)
+{
+    return reply_job(r, job_state_is_final(j->state) ? 200 : 202, j);
 }
 
 static int reply_job(struct req *r, int status, const struct job *j)
@@ -305,6 +317,8 @@ static void answer_waiter(struct req *r)
         http_set_error(r, rc, e.msg);
     else if (r->wait_mode == WAIT_INFER)
         answer_with_result(r, j);
+    else if (r->wait_mode == WAIT_CANCEL)
+        reply_cancel(r, j);
     else
         reply_job(r, 200, j);
     job_free(j);
@@ -329,6 +343,8 @@ static void wait_or_answer(struct req *r, struct job *j)
     }
     if (j && r->wait_mode == WAIT_INFER)
         answer_with_result(r, j);
+    else if (j && r->wait_mode == WAIT_CANCEL)
+        reply_cancel(r, j);
     else if (j)
         reply_job(r, 200, j);
     http_finish_async(r);
@@ -659,18 +675,24 @@ static void do_result(struct req *r)
     http_finish_async(r);
 }
 
+/* A queued job ends cancelled at once. A running one is marked, and ends cancelled when its
+ * worker stops it: wait a little for that, and answer 202 if it is still running (blocked
+ * before it reached its model, or in a model that cannot stop). Never 200 for a job that runs. */
 static void do_cancel(struct req *r)
 {
     struct job *j = NULL;
     struct err e;
     int rc = queue_cancel(r->srv->queue, r->job_id, &j, &e);
 
-    if (rc != 0)
+    if (rc != 0) {
         http_set_error(r, rc, e.msg);
-    else
-        reply_job(r, 200, j);
+        http_finish_async(r);
+    } else {
+        r->wait_mode = WAIT_CANCEL;
+        r->wait_ms = CANCEL_WAIT_MS;
+        wait_or_answer(r, j);
+    }
     job_free(j);
-    http_finish_async(r);
 }
 
 static void do_retry(struct req *r)
