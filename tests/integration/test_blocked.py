@@ -16,7 +16,6 @@ And an online request to an upstream that never answers (the ``http`` backend, a
 ``timeout_s``) does not stop SIGTERM either: the request is stopped and answered 503.
 The only time bound asserted is the one the issue states, with slack.
 """
-import http.server
 import json
 import signal
 import threading
@@ -28,90 +27,11 @@ import requests
 
 from conftest import (GATE_DIR, HTTP_TIMEOUT_S, async_args, error_message, infer_body,
                       metric_value, output_array, write_plugin_model)
-from upstreams import Reply, Script, Upstream
+from upstreams import Reply, Script, StallingS3, Upstream
 
 DRAIN_S = 1
 EXIT_BOUND_S = DRAIN_S + 10     # "--drain-timeout-s plus a few seconds", with slack
-BUCKET, KEY = "inputs", "request.json"
-
-
-class StallingS3:
-    """A path-style S3 endpoint for one object that, while ``stalled``, takes every request
-    and never answers it (until :meth:`release` or the client hangs up); then it serves the
-    object (HEAD, ranged GET) as S3 does."""
-
-    def __init__(self, body):
-        self.body = body
-        self.released = threading.Event()
-        self.stopping = threading.Event()
-        self.lock = threading.Condition()
-        self.requests = []
-        s3 = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_HEAD(self):  # noqa: N802 - http.server API
-                s3._serve(self, head=True)
-
-            def do_GET(self):  # noqa: N802
-                s3._serve(self, head=False)
-
-            def log_message(self, *args):
-                pass
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address):
-                pass
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def _serve(self, h, head):
-        with self.lock:
-            self.requests.append((h.command, h.path))
-            self.lock.notify_all()
-        while not self.released.wait(0.05):
-            if self.stopping.is_set():
-                return
-        if h.path.split("?")[0] != f"/{BUCKET}/{KEY}":
-            h.send_response(404)
-            h.send_header("Content-Length", "0")
-            h.end_headers()
-            return
-        data, status, extra = self.body, 200, {}
-        rng = h.headers.get("Range")
-        if rng and not head:
-            a, b = (int(x) for x in rng.split("=")[1].split("-"))
-            data, status = self.body[a:b + 1], 206
-            extra["Content-Range"] = f"bytes {a}-{b}/{len(self.body)}"
-        h.send_response(status)
-        h.send_header("ETag", '"v1"')
-        h.send_header("Content-Length", str(len(self.body) if head else len(data)))
-        for k, v in extra.items():
-            h.send_header(k, v)
-        h.end_headers()
-        if not head:
-            h.wfile.write(data)
-
-    def wait_requests(self, n, deadline_s, what):
-        end = time.monotonic() + deadline_s
-        with self.lock:
-            while len(self.requests) < n:
-                left = end - time.monotonic()
-                assert left > 0, f"timed out after {deadline_s} s waiting for {what}"
-                self.lock.wait(left)
-
-    def release(self):
-        self.released.set()
-
-    def stop(self):
-        self.stopping.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+BUCKET, KEY = StallingS3.BUCKET, StallingS3.KEY
 
 
 @pytest.fixture
@@ -124,7 +44,7 @@ def repo(tmp_path):
 @pytest.fixture
 def s3():
     X = np.array([[1, 2, 3, 4]], dtype=np.float32)
-    endpoint = StallingS3(json.dumps(infer_body(X)).encode())
+    endpoint = StallingS3(json.dumps(infer_body(X)).encode(), stalled=True)
     yield endpoint
     endpoint.stop()
 

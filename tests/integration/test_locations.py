@@ -25,6 +25,7 @@ import requests
 
 from conftest import (HTTP_TIMEOUT_S, INFERD_BIN, async_args, error_message, infer_body,
                       output_array, write_plugin_model)
+from upstreams import StallingS3
 
 BATCH_DEADLINE_S = 60.0
 MIB = 1 << 20
@@ -123,6 +124,25 @@ def test_max_input_bytes(server_factory, repo, tmp_path):
     assert c.wait_final(jid)["status"] == "succeeded"
 
 
+def test_s3_input_over_the_limit_is_refused_from_its_size(server_factory, repo, tmp_path):
+    """An S3 input cannot be checked at submission; when the job runs, its HEAD says it is too
+    big and it is never fetched."""
+    body = json.dumps(infer_body(rows4(1, 4))).encode().ljust(5000)
+    s3 = StallingS3(body)
+    try:
+        s = server_factory(repo, *async_args(tmp_path / "data", "--workers", "1",
+                                             "--max-input-bytes", "4096", "--s3-endpoint", s3.url))
+        c = s.client()
+        jid = c.submit_ok("rowsum", input_location=f"s3://{s3.BUCKET}/{s3.KEY}")
+        job = c.wait_final(jid, what="the job with an S3 input over the limit")
+        assert job["status"] == "failed" and job["attempts"] == 1, job
+        assert job["error"] == (f"input_location: s3://{s3.BUCKET}/{s3.KEY}: 5000 bytes, over "
+                                f"the limit of 4096 (--max-input-bytes)"), job
+        assert [m for m, _ in s3.requests] == ["HEAD"], s3.requests
+    finally:
+        s3.stop()
+
+
 def test_checked_again_when_the_job_runs(server_factory, repo, tmp_path, kinds, gates):
     """Locations missing at submission are accepted; what is there when the job runs is
     checked then: each job fails at once (one attempt, not retried), naming the field and the
@@ -136,7 +156,7 @@ def test_checked_again_when_the_job_runs(server_factory, repo, tmp_path, kinds, 
     gate = gates()
     gate.hold(c)
     inputs = {k: later / f"in-{i}" for i, k in enumerate(
-        ("FIFO", "folder", "character device", "big", "grown"))}
+        ("FIFO", "folder", "character device", "big", "link to big"))}
     outputs = {k: later / f"out-{i}" for i, k in enumerate(("FIFO", "folder"))}
     ids = {("input_location", k): c.submit_ok("rowsum", input_location=str(p))
            for k, p in inputs.items()}
@@ -147,14 +167,14 @@ def test_checked_again_when_the_job_runs(server_factory, repo, tmp_path, kinds, 
     inputs["folder"].mkdir()
     inputs["character device"].symlink_to("/dev/zero")
     os.rename(kinds["big"], inputs["big"])
-    inputs["grown"].symlink_to(inputs["big"])
+    inputs["link to big"].symlink_to(inputs["big"])
     os.mkfifo(outputs["FIFO"])
     outputs["folder"].mkdir()
     reasons = {"FIFO": "is a FIFO, not a regular file",
                "folder": "is a folder, not a regular file",
                "character device": "is a character device, not a regular file",
                "big": f"{BIG_BYTES} bytes, over the limit of {MIB} (--max-input-bytes)",
-               "grown": f"{BIG_BYTES} bytes, over the limit of {MIB} (--max-input-bytes)"}
+               "link to big": f"{BIG_BYTES} bytes, over the limit of {MIB} (--max-input-bytes)"}
     assert gate.release()
     for (field, kind), jid in ids.items():
         job = c.wait_final(jid, deadline_s=60, what=f"{field} {kind}")
