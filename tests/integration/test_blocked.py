@@ -13,7 +13,8 @@ model that ignores cancellation (the example plugin's ``-996`` row). Then:
   without its result.
 
 And an online request to an upstream that never answers (the ``http`` backend, a long
-``timeout_s``) does not stop SIGTERM either: the request is stopped and answered 503.
+``timeout_s``) does not stop SIGTERM either: the request is stopped and answered 503; nor
+does one inside a model that cannot stop (it is left to the process's exit).
 The only time bound asserted is the one the issue states, with slack.
 """
 import json
@@ -26,7 +27,7 @@ import pytest
 import requests
 
 from conftest import (GATE_DIR, HTTP_TIMEOUT_S, async_args, error_message, infer_body,
-                      metric_value, output_array, write_plugin_model)
+                      metric_value, output_array, wait_for, write_plugin_model)
 from upstreams import Reply, Script, StallingS3, Upstream
 
 DRAIN_S = 1
@@ -168,3 +169,36 @@ def test_sigterm_with_an_online_request_to_a_stuck_upstream(server_factory, tmp_
                 "the upstream to see the stopped call's connection close")
     finally:
         up.stop()
+
+
+def test_sigterm_with_an_online_request_in_a_model_that_cannot_stop(server_factory, repo,
+                                                                    tmp_path):
+    """The request cannot be answered before the model returns: inferd still exits 0 on time
+    (the connection closes with the process), and no job work is lost meanwhile."""
+    s = server_factory(repo, *async_args(tmp_path / "data", "--workers", "1",
+                                         "--drain-timeout-s", str(DRAIN_S)))
+    n = 2_000_000 + next(_held)
+    got = {}
+
+    def call():
+        try:
+            got["r"] = requests.post(f"{s.url}/v2/models/rowsum/infer", timeout=120,
+                                     json=infer_body(np.array([[-996, n, 0, 0]], np.float32)))
+        except requests.RequestException as exc:
+            got["r"] = exc
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    wait_for(lambda: metric_value(s.client().metrics_text(), "inferd_inflight_requests",
+                                  {"model": "rowsum"}) == 1, 30,
+             "the online request to reach the model")
+    t0 = time.monotonic()
+    s.signal(signal.SIGTERM)
+    rc = s.wait_exit(deadline_s=60)
+    took = time.monotonic() - t0
+    (GATE_DIR / f"release-{n}").touch()
+    assert rc == 0, f"exit status {rc} after SIGTERM\n{s.log_tail()}"
+    assert took < EXIT_BOUND_S, f"SIGTERM took {took:.1f} s with a request in a stuck model"
+    assert "requests still waiting on a model that does not stop" in s.log(), s.log_tail()
+    t.join(30)
+    assert not isinstance(got.get("r"), requests.Response) or got["r"].status_code == 503, \
+        f"the online request at shutdown: {got.get('r')!r}"
