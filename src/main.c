@@ -117,6 +117,10 @@ static const struct option_def serve_options[] = {
      "folders (DIR[:DIR...]) that jobs' file:// and path locations must stay inside; empty: any "
      "file this process can reach",
      BOTH},
+    {"max-input-bytes", OPT_INT, "0", 0, 4294967296LL,
+     "largest input_location a job may read (a larger one is refused unread); 0: "
+     "--max-body-bytes",
+     BOTH},
 };
 #define N_SERVE (sizeof(serve_options) / sizeof(serve_options[0]))
 
@@ -329,7 +333,7 @@ static int cmd_serve(int argc, char **argv, int worker)
     struct http_config hc;
     struct err e = {0};
     sigset_t sigs;
-    int sig, failed, rc = 1;
+    int sig, failed, blocked = 0, rc = 1;
 
     const char *cmd = worker ? "worker" : "serve";
 
@@ -399,6 +403,9 @@ static int cmd_serve(int argc, char **argv, int worker)
         /* running jobs get the drain timeout too; past it they run again later */
         .drain_timeout_ms = OPT_N(&p, "drain-timeout-s") > 0 ? OPT_N(&p, "drain-timeout-s") * 1000
                                                             : 1,
+        /* inferd worker has no --max-body-bytes: its default holds */
+        .max_input_bytes = OPT_N(&p, "max-input-bytes") > 0 ? OPT_N(&p, "max-input-bytes")
+                                                            : OPT_N(&p, "max-body-bytes"),
     };
     if (wc.max_workers > 0 && wc.min_workers > wc.max_workers) {
         fprintf(stderr, "inferd %s: --min-workers %d is above --max-workers %d\n", cmd,
@@ -442,6 +449,7 @@ static int cmd_serve(int argc, char **argv, int worker)
         .default_ttl_s = OPT_N(&p, "job-ttl-s"),
         .workers = (int)OPT_N(&p, "workers"),
         .worker_only = worker,
+        .max_input_bytes = wc.max_input_bytes,
     };
     if (http_server_start(&hc, reg, queue, pool, notifier, &srv, &e) != 0) {
         log_error("main", "cannot start the HTTP server", "reason=\"%s\"", e.msg);
@@ -472,14 +480,23 @@ static int cmd_serve(int argc, char **argv, int worker)
         log_info("main", "draining", "signal=%s", sig == SIGTERM ? "SIGTERM" : "SIGINT");
         break;
     }
-    http_server_stop(srv);
+    worker_pool_drain(pool); /* the workers' drain runs alongside the HTTP server's */
+    blocked = http_server_stop(srv);
     srv = NULL;
     rc = 0;
 cleanup:
-    http_server_stop(srv);
+    blocked += http_server_stop(srv);
     batch_scheduler_stop(scheduler);
-    worker_pool_stop(pool);   /* running jobs finish and record their results */
+    /* running jobs finish and record their results; blocked ones are handed back */
+    blocked += worker_pool_stop(pool);
     notify_destroy(notifier); /* undelivered webhooks stay stored for the next start */
+    if (blocked > 0) {
+        /* threads blocked in a read or in a model that does not stop still use the queue and
+         * the models (their jobs were handed back): exit without freeing them under those
+         * threads, and without the exit handlers */
+        log_warn("main", "stopped; some threads were still blocked", "blocked=%d", blocked);
+        _exit(rc == 0 ? 0 : 1);
+    }
     queue_close(queue);
     registry_destroy(reg);
     if (rc == 0)

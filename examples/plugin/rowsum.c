@@ -7,21 +7,29 @@
  * writes each request's outputs through the host's allocator, and errors as messages: a
  * request whose first value is -999 fails alone ("poison value"), the rest of its batch
  * succeeds; one whose first value is -998 makes the instance sleep for its second value in
- * milliseconds first (a slow model, for tests).
+ * milliseconds first (a slow model, for tests); one whose first value is -997 holds the
+ * instance until the file "<hold_dir>/release-<second value>" exists or the request is
+ * cancelled (a model held by a test until it lets it go; "hold_dir" is a parameter too), and
+ * -996 does the same but ignores cancellation (a model that cannot be stopped).
  *
  * Build: cc -shared -fPIC -I include examples/plugin/rowsum.c -o librowsum.so
  * Use:   {"backend": "plugin", "path": "/abs/path/librowsum.so", "parameters": {"width": 4}}
  */
 #include "inferd/backend.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
+
+#define HOLD_MAX_MS (600 * 1000) /* a forgotten hold ends anyway */
 
 struct rowsum_model {
     struct inferd_tensor input, output;
     int64_t width;
+    char hold_dir[PATH_MAX]; /* "" when the parameter is absent: -997 holds nothing */
 };
 
 static const struct inferd_host *host;
@@ -45,6 +53,36 @@ static int64_t read_width(const char *config)
     return strtoll(p + 1, NULL, 10);
 }
 
+/* Finds "hold_dir": "PATH" (no escapes) in the config text; "" when absent. */
+static void read_hold_dir(const char *config, char *out, size_t len)
+{
+    const char *p = config ? strstr(config, "\"hold_dir\"") : NULL, *end;
+
+    out[0] = '\0';
+    if (!p || !(p = strchr(p + 10, '"')) || !(end = strchr(p + 1, '"')))
+        return;
+    snprintf(out, len, "%.*s", (int)(end - p - 1), p + 1);
+}
+
+/* Holds until the release file appears; 0 then, -1 if the request was cancelled first (when
+ * `req` is not NULL). */
+static int hold(const struct rowsum_model *m, long n, const struct inferd_request *req)
+{
+    char path[PATH_MAX + 32];
+    struct timespec tick = {0, 10 * 1000000L};
+
+    snprintf(path, sizeof(path), "%s/release-%ld", m->hold_dir, n);
+    for (int waited = 0; m->hold_dir[0] && waited < HOLD_MAX_MS; waited += 10) {
+        if (access(path, F_OK) == 0)
+            return 0;
+        if (req && host->api_version >= 2 && host->request_cancelled &&
+            host->request_cancelled(req))
+            return -1;
+        nanosleep(&tick, NULL);
+    }
+    return 0;
+}
+
 static int rs_model_create(void *backend_state, const char *dir, const char *config,
                            void **model_state, struct inferd_model_info *info, char *err,
                            size_t err_len)
@@ -65,6 +103,7 @@ static int rs_model_create(void *backend_state, const char *dir, const char *con
         return -1;
     }
     m->width = width;
+    read_hold_dir(config, m->hold_dir, sizeof(m->hold_dir));
     m->input = (struct inferd_tensor){
         .name = "input__0", .datatype = INFERD_TYPE_FP32, .n_dims = 2, .shape = {-1, width}};
     m->output = (struct inferd_tensor){
@@ -110,6 +149,14 @@ static int rs_execute(void *instance_state, struct inferd_request *const *reqs, 
             /* a slow model, for tests: sleep x[1] milliseconds, then answer as usual */
             struct timespec ts = {(time_t)(x[1] / 1000), (long)((long)x[1] % 1000) * 1000000L};
             nanosleep(&ts, NULL);
+        }
+        if (rows > 0 && m->width >= 2 && x[0] == -996.0f)
+            hold(m, (long)x[1], NULL);
+        if (rows > 0 && m->width >= 2 && x[0] == -997.0f && hold(m, (long)x[1], reqs[i]) != 0) {
+            snprintf(reqs[i]->error, sizeof(reqs[i]->error), "cancelled while held");
+            reqs[i]->status = 499;
+            reqs[i]->failed = 1;
+            continue;
         }
         if (rows > 0 && x[0] == -999.0f) {
             /* a way for tests to make one request of a batch fail: the poison value */

@@ -43,6 +43,7 @@
 
 /* ---- one chunk of records ---- */
 
+#define MANIFEST_MAX_BYTES ((int64_t)256 << 20) /* read whole; ~200 bytes per object */
 #define DOC_ATTEMPTS 3    /* a document record that fails for a passing reason: tries in all */
 #define DOC_RETRY_MS 1000 /* its first backoff; doubles per attempt */
 
@@ -752,19 +753,32 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
 
 /* ---- the manifest ---- */
 
+/* Hashes an output as a stream: it may be far larger than memory. */
 static int sha256_of(const char *uri, char hex[65])
 {
-    struct buf b = {0};
-    struct err e;
+    struct storage_reader *r = NULL;
+    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned md_len = 0;
-    int rc = storage_get(uri, &b, &e);
+    struct err e;
+    char *chunk = malloc(1u << 16);
+    size_t n = 1;
+    int rc = ctx && chunk && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1 ? 0 : -1;
 
-    if (rc == 0 && EVP_Digest(b.data ? b.data : "", b.len, md, &md_len, EVP_sha256(), NULL) != 1)
+    if (rc == 0)
+        rc = storage_open_read(uri, &r, &e);
+    while (rc == 0 && n > 0) {
+        rc = storage_read(r, chunk, 1u << 16, &n, &e);
+        if (rc == 0 && n > 0 && EVP_DigestUpdate(ctx, chunk, n) != 1)
+            rc = -1;
+    }
+    if (rc == 0 && EVP_DigestFinal_ex(ctx, md, &md_len) != 1)
         rc = -1;
     for (unsigned i = 0; rc == 0 && i < md_len && i < 32; i++)
         snprintf(hex + 2 * i, 3, "%02x", md[i]);
-    buf_release(&b);
+    storage_close_read(r);
+    EVP_MD_CTX_free(ctx);
+    free(chunk);
     return rc;
 }
 
@@ -990,7 +1004,7 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
     if (storage_exists(manifest_uri)) {
         json_error_t jerr;
         struct buf text = {0};
-        if (storage_get(manifest_uri, &text, e) == 0)
+        if (storage_get(manifest_uri, MANIFEST_MAX_BYTES, &text, e) == 0)
             manifest = json_loadb(text.data ? text.data : "", text.len, 0, &jerr);
         buf_release(&text);
     }

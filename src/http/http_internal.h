@@ -57,7 +57,9 @@ enum req_state {
 
 enum req_kind { KIND_V2, KIND_V1, KIND_JOB };
 
-enum wait_mode { WAIT_STATUS, WAIT_INFER };
+/* what a waiter answers: the job (200), its result, or DELETE's answer (200 once the job is
+ * final, 202 while its cancellation is still pending) */
+enum wait_mode { WAIT_STATUS, WAIT_INFER, WAIT_CANCEL };
 
 /* One HTTP request. Lives from the first access-handler call to MHD's completion callback. */
 struct req {

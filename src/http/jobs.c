@@ -31,12 +31,24 @@
 #define WAIT_MAX_S 300
 #define WAIT_MAX_MS (WAIT_MAX_S * 1000)
 #define TIMER_MS 50
+/* DELETE of a running job waits this long for its worker to stop it before answering 202:
+ * a worker notices within 100 ms, a model that honours cancellation stops as fast */
+#define CANCEL_WAIT_MS 3000
 
 /* ---- small helpers ---- */
 
 static void set_location(struct req *r)
 {
     snprintf(r->location, sizeof(r->location), "/v1/jobs/%s", r->job_id);
+}
+
+static int reply_job(struct req *r, int status, const struct job *j);
+
+/* DELETE's answer: 200 once the job is final (cancelled, or it ended first); 202 while it still
+ * runs, its JSON saying "cancel_requested": it ends cancelled when its worker can stop it. */
+static int reply_cancel(struct req *r, const struct job *j)
+{
+    return reply_job(r, job_state_is_final(j->state) ? 200 : 202, j);
 }
 
 static int reply_job(struct req *r, int status, const struct job *j)
@@ -308,6 +320,8 @@ static void answer_waiter(struct req *r)
         http_set_error(r, rc, e.msg);
     else if (r->wait_mode == WAIT_INFER)
         answer_with_result(r, j);
+    else if (r->wait_mode == WAIT_CANCEL)
+        reply_cancel(r, j);
     else
         reply_job(r, 200, j);
     job_free(j);
@@ -332,6 +346,8 @@ static void wait_or_answer(struct req *r, struct job *j)
     }
     if (j && r->wait_mode == WAIT_INFER)
         answer_with_result(r, j);
+    else if (j && r->wait_mode == WAIT_CANCEL)
+        reply_cancel(r, j);
     else if (j)
         reply_job(r, 200, j);
     http_finish_async(r);
@@ -505,14 +521,25 @@ static int check_url(const char *key, const char *url, struct err *e)
     return 0;
 }
 
-static int check_location(const char *key, const char *uri, struct err *e)
+/* A location's scheme and --file-roots, and what a stat can tell now: a file location that
+ * exists must be a regular file and, for an input, at most `max_bytes` (0: any size). S3 objects
+ * and files that appear later are checked when the job runs. */
+static int check_location(const char *key, const char *uri, int64_t max_bytes, struct err *e)
 {
-    if (uri && strstr(uri, "://") && strncmp(uri, "file://", 7) != 0 &&
-        strncmp(uri, "s3://", 5) != 0)
+    struct err why = {0};
+    int rc;
+
+    if (!uri)
+        return 0;
+    if (strstr(uri, "://") && strncmp(uri, "file://", 7) != 0 && strncmp(uri, "s3://", 5) != 0)
         return err_set(e, ERR_INVALID, "%s: '%.100s': only paths, file:// and s3:// are supported",
                        key, uri);
-    struct err why = {0};
-    if (uri && storage_check_allowed(uri, &why) != 0)
+    if (storage_check_allowed(uri, &why) != 0)
+        return err_set(e, ERR_INVALID, "%s: %s", key, why.msg);
+    rc = storage_check_object(uri, max_bytes, &why);
+    if (rc == ERR_TOO_LARGE)
+        return err_set(e, ERR_INVALID, "%s: %s (--max-input-bytes)", key, why.msg);
+    if (rc != 0)
         return err_set(e, ERR_INVALID, "%s: %s", key, why.msg);
     return 0;
 }
@@ -550,8 +577,9 @@ static enum MHD_Result submit_job(struct req *r)
         (rc = get_str(root, "output_location", &r->spec.output_location, &e)) ||
         (rc = get_str(root, "callback_url", &r->spec.callback_url, &e)) ||
         (rc = check_url("callback_url", r->spec.callback_url, &e)) ||
-        (rc = check_location("input_location", r->spec.input_location, &e)) ||
-        (rc = check_location("output_location", r->spec.output_location, &e)) ||
+        (rc = check_location("input_location", r->spec.input_location, r->srv->cfg.max_input_bytes,
+                             &e)) ||
+        (rc = check_location("output_location", r->spec.output_location, 0, &e)) ||
         (rc = get_int(root, "priority", 0, 9, &priority, &e)) ||
         (rc = get_int(root, "ttl_s", 1, 365LL * 86400, &ttl, &e)) ||
         (rc = get_int(root, "max_attempts", 1, 100, &attempts, &e)))
@@ -637,12 +665,13 @@ static void do_result(struct req *r)
     } else if (j->output_location) {
         /* written to storage: hand it back from there */
         buf_release(&r->out);
-        if (storage_get(j->output_location, &r->out, &e) != 0) {
+        int rc_get = storage_get(j->output_location, r->srv->cfg.max_input_bytes, &r->out, &e);
+        if (rc_get != 0) {
             char msg[512];
-            snprintf(msg, sizeof(msg), "the result at %s cannot be read: %s", j->output_location,
-                     e.msg);
+            snprintf(msg, sizeof(msg), "the result at %s cannot be read: %s%s", j->output_location,
+                     e.msg, rc_get == ERR_TOO_LARGE ? " (--max-input-bytes); read it there" : "");
             buf_release(&r->out);
-            http_set_error(r, ERR_NOT_FOUND, msg);
+            http_set_error(r, rc_get == ERR_TOO_LARGE ? ERR_TOO_LARGE : ERR_NOT_FOUND, msg);
         } else {
             r->status = 200;
             r->json_len = -1;
@@ -654,18 +683,24 @@ static void do_result(struct req *r)
     http_finish_async(r);
 }
 
+/* A queued job ends cancelled at once. A running one is marked, and ends cancelled when its
+ * worker stops it: wait a little for that, and answer 202 if it is still running (blocked
+ * before it reached its model, or in a model that cannot stop). Never 200 for a job that runs. */
 static void do_cancel(struct req *r)
 {
     struct job *j = NULL;
     struct err e;
     int rc = queue_cancel(r->srv->queue, r->job_id, &j, &e);
 
-    if (rc != 0)
+    if (rc != 0) {
         http_set_error(r, rc, e.msg);
-    else
-        reply_job(r, 200, j);
+        http_finish_async(r);
+    } else {
+        r->wait_mode = WAIT_CANCEL;
+        r->wait_ms = CANCEL_WAIT_MS;
+        wait_or_answer(r, j);
+    }
     job_free(j);
-    http_finish_async(r);
 }
 
 static void do_retry(struct req *r)

@@ -45,6 +45,8 @@
 
 /* requests slower than this from first byte to completion are logged */
 #define SLOW_REQUEST_NS (5ull * 1000000000ull)
+/* on stop, after the drain timeout: for the inferences then cancelled to be answered */
+#define STOP_GRACE_NS (2ull * 1000000000ull)
 
 #ifndef INFERD_VERSION
 #define INFERD_VERSION "0.0.0"
@@ -163,7 +165,11 @@ static void infer_done(struct batch_item *item, int rc, const struct err *e)
 {
     struct req *r = item->ctx;
 
-    if (rc != 0) {
+    if (rc == ERR_CANCELLED && atomic_load(&r->srv->draining)) {
+        /* stopped by http_server_stop(), not by the client */
+        http_set_error(r, ERR_UNAVAILABLE, "inferd is shutting down: the request was stopped");
+        r->retry_after_s = 5;
+    } else if (rc != 0) {
         http_set_error(r, rc, e->msg);
     } else {
         int enc;
@@ -909,30 +915,77 @@ int http_server_port(const struct http_server *s)
     return s->port;
 }
 
-void http_server_stop(struct http_server *s)
+/* Requests still suspended: in a batcher, on the I/O pool or waiting for a commit. */
+static int64_t n_waiting(struct http_server *s)
+{
+    int64_t n = 0;
+
+    pthread_mutex_lock(&s->live_lock);
+    for (struct req *r = s->live; r; r = r->live_next)
+        n += atomic_load(&r->state) == REQ_WAITING;
+    pthread_mutex_unlock(&s->live_lock);
+    return n;
+}
+
+/* Asks the models to stop every inference still in flight (a request to a stuck upstream ends
+ * as soon as its call is aborted); each is answered and resumed as usual. */
+static void cancel_inferences(struct http_server *s)
+{
+    pthread_mutex_lock(&s->live_lock);
+    for (struct req *r = s->live; r; r = r->live_next)
+        if (atomic_load(&r->state) == REQ_WAITING && r->kind != KIND_JOB && r->infer)
+            batch_item_cancel(&r->item);
+    pthread_mutex_unlock(&s->live_lock);
+}
+
+/* Waits until `until` (batcher_now_ns) for `left(s)` to be 0. */
+static void wait_until(struct http_server *s, int64_t (*left)(struct http_server *), uint64_t until)
+{
+    while (left(s) > 0 && batcher_now_ns() < until) {
+        struct timespec ts = {0, 10 * 1000000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+static int64_t n_in_flight(struct http_server *s)
+{
+    return atomic_load(&s->in_flight);
+}
+
+int http_server_stop(struct http_server *s)
 {
     uint64_t until;
     MHD_socket fd;
+    int64_t stuck;
 
     if (!s)
-        return;
+        return 0;
     atomic_store(&s->draining, 1);
     jobs_waiters_stop(s); /* long-polls answer now with the job's current state */
     fd = MHD_quiesce_daemon(s->daemon);
     if (fd != MHD_INVALID_SOCKET)
         close(fd);
     until = batcher_now_ns() + (uint64_t)s->cfg.drain_timeout_s * 1000000000ull;
-    while (atomic_load(&s->in_flight) > 0 && batcher_now_ns() < until) {
-        struct timespec ts = {0, 10 * 1000000};
-        nanosleep(&ts, NULL);
-    }
+    wait_until(s, n_in_flight, until);
     if (atomic_load(&s->in_flight) > 0)
         log_warn("http", "drain timeout passed with requests still open", "open=%lld",
                  (long long)atomic_load(&s->in_flight));
+    /* libmicrohttpd cannot stop with a connection suspended, and would free a request that a
+     * model still answers later: stop them, and give them a moment to be answered */
+    cancel_inferences(s);
+    wait_until(s, n_waiting, batcher_now_ns() + STOP_GRACE_NS);
+    stuck = n_waiting(s);
+    if (stuck > 0) {
+        /* a model that ignores cancellation: leave the server (and what it uses) allocated */
+        log_warn("http", "requests still waiting on a model that does not stop; leaving them",
+                 "open=%lld", (long long)stuck);
+        return (int)stuck;
+    }
     MHD_stop_daemon(s->daemon);
     iopool_destroy(s->io);
     conns_destroy(s->guard);
     if (s->queue)
         queue_on_final(s->queue, NULL, NULL);
     free(s);
+    return 0;
 }

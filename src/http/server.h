@@ -30,6 +30,8 @@ struct http_config {
     int64_t default_ttl_s;          /* 0: jobs never expire while queued */
     int workers;                    /* the async worker pool's size, for metrics */
     int worker_only;                /* inferd worker: only metrics and health */
+    int64_t max_input_bytes;        /* a job's input_location (and a result read back from its
+                                     * output_location) past this is refused, > 0 */
 };
 
 struct http_server;
@@ -45,8 +47,12 @@ int http_server_port(const struct http_server *s);
 
 /*
  * Graceful stop: readiness turns 503, new work gets 503 with Retry-After, the listening socket
- * closes, in-flight requests finish (up to drain_timeout_s), then the server is freed.
+ * closes, in-flight requests finish (up to drain_timeout_s); inferences still running then are
+ * cancelled (a stuck upstream call is aborted) and answered, then the server is freed.
+ * Returns 0, or how many requests were still waiting a short grace later (on a model that
+ * ignores cancellation): then the server, and the registry and queue it uses, stay allocated
+ * (the process is on its way out). NULL is fine.
  */
-void http_server_stop(struct http_server *s);
+int http_server_stop(struct http_server *s);
 
 #endif

@@ -338,6 +338,8 @@ int queue_job_json(const struct job *j, struct buf *out)
         else
             rc = buf_puts(out, ",\"elapsed_s\":null");
     }
+    if (rc == 0) /* DELETE while it ran: it ends cancelled once its worker stops it */
+        rc = buf_printf(out, ",\"cancel_requested\":%s", j->cancel_requested ? "true" : "false");
     if (rc == 0)
         rc = buf_puts(out, ",\"error\":");
     if (rc == 0)

@@ -6,6 +6,11 @@
  * answered or every CANCEL_CHECK_MS, extends their leases every third of the lease with each
  * attempt's fencing token (if that fails, another attempt owns the job now and this result
  * will be discarded by queue_complete()), and stops the ones that were cancelled.
+ *
+ * Stopping never waits on what a worker is blocked in (a stalled S3 read, a model that ignores
+ * cancellation): worker_pool_stop() waits out the drain timeout and a short grace, then hands
+ * back the jobs of every worker still busy (released, as for jobs cut short) from the list
+ * each worker keeps of what it holds, and leaves that worker's thread behind.
  */
 #define _GNU_SOURCE
 #include "queue/worker.h"
@@ -29,6 +34,13 @@
 enum worker_state { WORKER_OFF = 0, WORKER_RUNNING, WORKER_RETIRING };
 
 #define CANCEL_CHECK_MS 100 /* how soon a running job notices DELETE /v1/jobs/{id} */
+#define STOP_GRACE_MS 2000  /* after the drain timeout, for stopped jobs to be handed back */
+
+/* A job a worker holds the lease of, as the pool would hand it back. */
+struct held {
+    char id[40]; /* "" when the entry is free */
+    uint64_t token;
+};
 
 struct worker {
     struct worker_pool *pool;
@@ -49,6 +61,10 @@ struct worker {
     /* record_done's: outcomes the store refused wait until record_retry_ms */
     int64_t record_retry_ms, record_backoff_ms; /* backoff 0: the store takes them */
     int64_t record_failing_since_ms;
+    /* what the pool hands back if the worker is still blocked when the drain ends: one entry
+     * per slot (the slot's job), and the last one for the batch task */
+    struct held *held; /* cfg.batch + 1, guarded by lock */
+    int given_up;      /* guarded by lock: the pool stopped waiting; record nothing more */
     /* the batch task, on its own thread */
     struct job *task_job;
     pthread_t task_thread;
@@ -64,6 +80,7 @@ struct worker_pool {
     int n_slots;          /* workers allocated: max_workers */
     _Atomic int n_active; /* running and not retiring */
     _Atomic int stopping;
+    int64_t stop_ms; /* when stopping was set; written before it */
     pthread_t controller;
     int controller_started;
     int64_t idle_since_ms; /* controller's: when the queue was last seen empty and idle */
@@ -74,17 +91,20 @@ struct worker_pool {
     double rate;                  /* guarded by rate_lock: jobs/s of the last full window */
 };
 
-/* ---- reading inputs and writing outputs (file:// and plain paths) ---- */
+/* ---- reading inputs and writing outputs ---- */
 
-/* The job's input and output go through storage, so they are atomic and name the location. */
-static int read_location(const char *uri, struct buf *out, struct err *e)
+/* The job's input and output go through storage, so they are atomic and name the location; an
+ * input is read whole, so it is bounded (a device or a growing file stops at the limit). */
+static int read_location(const struct worker_pool *p, const char *uri, struct buf *out,
+                         struct err *e)
 {
-    int rc = storage_get(uri, out, e);
+    int rc = storage_get(uri, p->cfg.max_input_bytes, out, e);
 
     if (rc != 0) {
         char msg[sizeof(e->msg)];
         snprintf(msg, sizeof(msg), "%s", e->msg);
-        err_set(e, rc, "input_location: %s", msg);
+        err_set(e, rc, "input_location: %s%s", msg,
+                rc == ERR_TOO_LARGE ? " (--max-input-bytes)" : "");
     }
     return rc;
 }
@@ -118,6 +138,7 @@ struct slot {
     int retryable;
     int64_t retry_after_ms;
     struct err err;
+    int fresh; /* placed by start_jobs(), its input not read yet */
     int submitted;
     int done;      /* guarded by w->lock: the model answered, or the job never reached it */
     int abandoned; /* stopped at shutdown: released, so it runs again at once elsewhere */
@@ -170,7 +191,7 @@ static int prepare_slot(struct worker_pool *p, struct slot *sl)
     int rc;
 
     if (job->input_location) {
-        rc = read_location(job->input_location, &sl->body, e);
+        rc = read_location(p, job->input_location, &sl->body, e);
         if (rc != 0) {
             sl->retryable = rc == ERR_IO;
             return rc;
@@ -237,33 +258,83 @@ static void encode_slot(struct slot *sl)
     }
     if (sl->job->output_location) {
         sl->rc = write_location(sl->job->output_location, sl->out.data, sl->out.len, &sl->err);
-        sl->retryable = 1;
+        sl->retryable = sl->rc != ERR_INVALID; /* not a regular file, or outside the roots */
         if (sl->rc == 0)
             buf_release(&sl->out); /* stored there, not inline */
     }
 }
 
-/* Puts freshly leased inference jobs into free slots and hands them to their models. */
+/* Notes (under the lock) that the worker holds `job`'s lease in entry `k`, or no longer (NULL). */
+static void set_held(struct worker *w, size_t k, const struct job *job)
+{
+    if (job) {
+        snprintf(w->held[k].id, sizeof(w->held[k].id), "%s", job->id);
+        w->held[k].token = job->token;
+    } else {
+        w->held[k].id[0] = '\0';
+    }
+}
+
+/* Forgets the held jobs whose slots record_done() freed. */
+static void forget_freed(struct worker *w)
+{
+    pthread_mutex_lock(&w->lock);
+    for (size_t i = 0; i < (size_t)w->pool->cfg.batch; i++)
+        if (!w->slots[i].job && w->held[i].id[0])
+            set_held(w, i, NULL);
+    pthread_mutex_unlock(&w->lock);
+}
+
+/* 1 once worker_pool_stop() gave up waiting for this worker: its jobs were handed back. */
+static int given_up(struct worker *w)
+{
+    int gone;
+
+    pthread_mutex_lock(&w->lock);
+    gone = w->given_up;
+    pthread_mutex_unlock(&w->lock);
+    return gone;
+}
+
+/*
+ * Puts freshly leased inference jobs into free slots and hands them to their models. Every job
+ * is placed (and noted as held) before the first input is read, since a read may block: what
+ * this worker holds must be known to worker_pool_stop() whatever it is blocked in.
+ */
 static void start_jobs(struct worker *w, struct job **jobs, size_t n)
 {
     struct worker_pool *p = w->pool;
     size_t k = 0;
 
+    pthread_mutex_lock(&w->lock);
     for (size_t i = 0; i < n; i++) {
         while (w->slots[k].job)
             k++;
-        struct slot *sl = &w->slots[k];
-        sl->job = jobs[i];
-        sl->started_ms = queue_now_ms();
+        w->slots[k].job = jobs[i];
+        w->slots[k].started_ms = queue_now_ms();
+        w->slots[k].fresh = 1;
+        set_held(w, k, jobs[i]);
         w->n_used++;
-        if (prepare_slot(p, sl) == 0) {
+    }
+    pthread_mutex_unlock(&w->lock);
+    for (size_t i = 0; n > 0 && i < (size_t)p->cfg.batch; i++) {
+        struct slot *sl = &w->slots[i];
+        int rc;
+        if (!sl->fresh || given_up(w))
+            continue;
+        sl->fresh = 0;
+        n--;
+        rc = prepare_slot(p, sl);
+        if (rc == 0 && queue_cancel_noted(p->q, sl->job->id)) /* while its input was read */
+            rc = err_set(&sl->err, ERR_CANCELLED, "cancelled before it reached the model");
+        if (rc == 0) {
             submit_slot(w, sl);
-        } else {
-            sl->rc = sl->err.code ? sl->err.code : ERR_INVALID;
-            pthread_mutex_lock(&w->lock);
-            sl->done = 1;
-            pthread_mutex_unlock(&w->lock);
+            continue;
         }
+        sl->rc = rc;
+        pthread_mutex_lock(&w->lock);
+        sl->done = 1;
+        pthread_mutex_unlock(&w->lock);
     }
 }
 
@@ -493,6 +564,7 @@ static void *task_main(void *arg)
     w->task_job = NULL;
     atomic_fetch_sub(&w->pool->busy, 1);
     pthread_mutex_lock(&w->lock);
+    set_held(w, (size_t)w->pool->cfg.batch, NULL);
     w->task_running = 0;
     pthread_cond_signal(&w->cond);
     pthread_mutex_unlock(&w->lock);
@@ -502,7 +574,10 @@ static void *task_main(void *arg)
 static void start_task(struct worker *w, struct job *job)
 {
     w->task_job = job;
+    pthread_mutex_lock(&w->lock);
+    set_held(w, (size_t)w->pool->cfg.batch, job);
     w->task_running = 1;
+    pthread_mutex_unlock(&w->lock);
     if (pthread_create(&w->task_thread, NULL, task_main, w) == 0) {
         w->task_started = 1;
         return;
@@ -542,7 +617,7 @@ static void *worker_main(void *arg)
     int64_t last_extend = queue_now_ms(), stop_seen_ms = 0;
     uint64_t gen = 0;
 
-    while (jobs) {
+    while (jobs && !given_up(w)) {
         int leaving = atomic_load(&p->stopping) || atomic_load(&w->retire);
         reap_task(w);
         if (leaving && w->n_used == 0 && !w->task_started)
@@ -576,8 +651,8 @@ static void *worker_main(void *arg)
         }
         pthread_mutex_unlock(&w->lock);
         stop_cancelled(w, &gen);
-        if (leaving && !stop_seen_ms)
-            stop_seen_ms = queue_now_ms();
+        if (leaving && !stop_seen_ms) /* the pool's drain started when it was told to */
+            stop_seen_ms = atomic_load(&p->stopping) ? p->stop_ms : queue_now_ms();
         if (leaving && p->cfg.drain_timeout_ms > 0 &&
             queue_now_ms() - stop_seen_ms >= p->cfg.drain_timeout_ms) {
             /* shutting down and out of patience: stop what still runs; not recorded, so each
@@ -591,7 +666,10 @@ static void *worker_main(void *arg)
             }
         }
         extend_leases(w, &last_extend);
+        if (given_up(w))
+            break; /* its jobs were handed back: record nothing */
         record_done(w);
+        forget_freed(w);
     }
     free(jobs);
     return NULL;
@@ -605,13 +683,19 @@ static int start_worker(struct worker_pool *p, struct worker *w)
 
     if (!w->slots) {
         w->slots = calloc(cap, sizeof(*w->slots));
-        w->scratch_slots = calloc(cap, sizeof(*w->scratch_slots));
-        w->scratch_outs = calloc(cap, sizeof(*w->scratch_outs));
-        if (!w->slots || !w->scratch_slots || !w->scratch_outs)
+        if (!w->slots)
             return -1;
         for (size_t i = 0; i < cap; i++)
             w->slots[i].w = w;
     }
+    if (!w->scratch_slots)
+        w->scratch_slots = calloc(cap, sizeof(*w->scratch_slots));
+    if (!w->scratch_outs)
+        w->scratch_outs = calloc(cap, sizeof(*w->scratch_outs));
+    if (!w->held)
+        w->held = calloc(cap + 1, sizeof(*w->held));
+    if (!w->scratch_slots || !w->scratch_outs || !w->held)
+        return -1;
     atomic_store(&w->retire, 0);
     if (pthread_create(&w->thread, NULL, worker_main, w) != 0)
         return -1;
@@ -764,24 +848,97 @@ double worker_pool_drain_rate(struct worker_pool *p)
     return r;
 }
 
-void worker_pool_stop(struct worker_pool *p)
+void worker_pool_drain(struct worker_pool *p)
 {
-    if (!p)
+    if (!p || atomic_load(&p->stopping))
         return;
+    p->stop_ms = queue_now_ms();
     atomic_store(&p->stopping, 1);
+}
+
+/* Hands back the jobs of a worker the pool stops waiting for: released, so they are queued
+ * again at once (the attempt not counted) rather than after their leases. From then on the
+ * worker records nothing (given_up); an outcome it had in flight is fenced out anyway. */
+static void hand_back(struct worker_pool *p, struct worker *w)
+{
+    size_t cap = (size_t)p->cfg.batch + 1, n = 0;
+    struct held *jobs = calloc(cap, sizeof(*jobs));
+    struct queue_outcome *outs = calloc(cap, sizeof(*outs));
+    struct err e;
+
+    pthread_mutex_lock(&w->lock);
+    w->given_up = 1;
+    for (size_t i = 0; jobs && outs && i < cap; i++)
+        if (w->held[i].id[0])
+            jobs[n++] = w->held[i];
+    pthread_mutex_unlock(&w->lock);
+    if (!jobs || !outs)
+        log_error("worker", "out of memory: a blocked worker's jobs wait out their leases",
+                  "worker=%s", w->name);
+    for (size_t i = 0; i < n; i++)
+        outs[i] = (struct queue_outcome){
+            .id = jobs[i].id,
+            .token = jobs[i].token,
+            .error = "stopped by a worker's shutdown while it was blocked; it runs again",
+            .released = 1,
+        };
+    if (n > 0 && queue_finish_many(p->q, outs, n, &e) != 0) {
+        log_error("worker", "could not hand back a blocked worker's jobs",
+                  "worker=%s jobs=%zu reason=\"%s\"", w->name, n, e.msg);
+        n = 0;
+    }
+    for (size_t i = 0; i < n; i++)
+        log_warn("worker", "still blocked when the drain ended; its job is queued again",
+                 "job=%s worker=%s released=%s", jobs[i].id, w->name,
+                 outs[i].rc == 0 ? "yes" : "no (it had ended)");
+    free(jobs);
+    free(outs);
+}
+
+int worker_pool_stop(struct worker_pool *p)
+{
+    struct timespec until = {0};
+    int left = 0;
+
+    if (!p)
+        return 0;
+    worker_pool_drain(p);
     if (p->controller_started)
         pthread_join(p->controller, NULL);
-    for (int i = 0; i < p->n_slots; i++)
-        if (p->workers[i].state != WORKER_OFF)
-            pthread_join(p->workers[i].thread, NULL);
+    if (p->cfg.drain_timeout_ms > 0) {
+        int64_t left_ms = p->stop_ms + p->cfg.drain_timeout_ms + STOP_GRACE_MS - queue_now_ms();
+        until = clock_realtime_after_ms(left_ms > 0 ? left_ms : 0);
+    }
+    for (int i = 0; i < p->n_slots; i++) {
+        struct worker *w = &p->workers[i];
+        if (w->state == WORKER_OFF)
+            continue;
+        if (p->cfg.drain_timeout_ms <= 0) {
+            pthread_join(w->thread, NULL); /* told to wait however long */
+            continue;
+        }
+        if (pthread_timedjoin_np(w->thread, NULL, &until) == 0)
+            continue;
+        hand_back(p, w);
+        pthread_detach(w->thread);
+        left++;
+    }
+    if (left > 0) {
+        /* the blocked threads still use the pool (and the queue and models): all stay */
+        log_warn("worker", "stopped with workers still blocked; their jobs were handed back",
+                 "blocked=%d", left);
+        return left;
+    }
     for (int i = 0; i < p->n_slots; i++) {
         pthread_mutex_destroy(&p->workers[i].lock);
         pthread_cond_destroy(&p->workers[i].cond);
         free(p->workers[i].slots);
         free(p->workers[i].scratch_slots);
         free(p->workers[i].scratch_outs);
+        free(p->workers[i].held);
     }
     pthread_mutex_destroy(&p->rate_lock);
     free(p->workers);
     free(p);
+    return 0;
 }

@@ -26,6 +26,7 @@ struct worker_pool_config {
     int64_t lease_poll_ms; /* how long a lease call waits for a job before looking again */
     int64_t drain_timeout_ms; /* on stop, running jobs get this long; then they are stopped
                                * and run again later (0: wait for them however long) */
+    int64_t max_input_bytes;  /* largest input_location a job may read (whole), > 0 */
 };
 
 /* `q` and `reg` are borrowed and must outlive the pool. */
@@ -38,9 +39,19 @@ int worker_pool_busy(struct worker_pool *p);
 /* Workers running now (autoscaling changes it). 0 for NULL. */
 int worker_pool_size(struct worker_pool *p);
 
-/* Stops leasing, lets running jobs finish and record their results (for up to
- * drain_timeout_ms), joins. NULL is fine. */
-void worker_pool_stop(struct worker_pool *p);
+/* Stops leasing; running jobs get drain_timeout_ms from now (worker_pool_stop() waits for
+ * them). For a drain that overlaps the HTTP server's. NULL is fine. */
+void worker_pool_drain(struct worker_pool *p);
+
+/*
+ * Stops leasing and lets running jobs finish and record their results, for up to
+ * drain_timeout_ms from the drain's start; then the ones still running are stopped and handed
+ * back (queued again at once). A worker still blocked a short grace after that (in a read, a
+ * model that ignores cancellation) has its jobs handed back too and is left behind: returns
+ * how many were, and then the pool, the queue and the registry must stay allocated (the
+ * process is on its way out). 0: everything was joined and freed. NULL is fine.
+ */
+int worker_pool_stop(struct worker_pool *p);
 
 /* Completed jobs per second over the last few seconds (for Retry-After). */
 double worker_pool_drain_rate(struct worker_pool *p);

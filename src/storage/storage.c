@@ -179,6 +179,7 @@ static const struct storage_ops *ops_for(const char *uri)
 int storage_open_read(const char *uri, struct storage_reader **out, struct err *e)
 {
     struct storage_reader *r = calloc(1, sizeof(*r));
+    int64_t size;
     int rc;
 
     *out = NULL;
@@ -188,7 +189,7 @@ int storage_open_read(const char *uri, struct storage_reader **out, struct err *
     }
     r->cap = READ_BUF_BYTES;
     r->ops = ops_for(uri);
-    rc = r->ops->open_read(uri, &r->impl, e);
+    rc = r->ops->open_read(uri, &r->impl, &size, e);
     if (rc != 0) {
         free(r->buf);
         free(r);
@@ -253,6 +254,26 @@ int storage_read_line(struct storage_reader *r, const char **line, size_t *len, 
     }
 }
 
+int storage_read(struct storage_reader *r, void *dst, size_t cap, size_t *n, struct err *e)
+{
+    size_t k = r->end - r->start;
+
+    if (k == 0) {
+        if (r->at_end) {
+            *n = 0;
+            return 0;
+        }
+        return r->ops->read(r->impl, dst, cap, n, e);
+    }
+    /* bytes storage_read_line() buffered come first */
+    if (k > cap)
+        k = cap;
+    memcpy(dst, r->buf + r->start, k);
+    r->start += k;
+    *n = k;
+    return 0;
+}
+
 void storage_close_read(struct storage_reader *r)
 {
     if (!r)
@@ -305,27 +326,47 @@ void storage_abort(struct storage_writer *w)
 
 /* ---- whole objects ---- */
 
-int storage_get(const char *uri, struct buf *out, struct err *e)
+int storage_get(const char *uri, int64_t max_bytes, struct buf *out, struct err *e)
 {
     const struct storage_ops *ops = ops_for(uri);
     void *impl = NULL;
+    int64_t size = -1;
     size_t n = 1;
-    int rc = ops->open_read(uri, &impl, e);
+    int rc = ops->open_read(uri, &impl, &size, e);
 
+    /* refused from its size, unread; a size that grows while it is read is caught below */
+    if (rc == 0 && size > max_bytes)
+        rc = err_set(e, ERR_TOO_LARGE, "%.200s: %lld bytes, over the limit of %lld", uri,
+                     (long long)size, (long long)max_bytes);
     while (rc == 0 && n > 0) {
+        size_t room;
         if (buf_reserve(out, 1u << 16) != 0) {
-            rc = err_set(e, ERR_NOMEM, "out of memory reading %s", uri);
+            rc = err_set(e, ERR_NOMEM, "out of memory reading %.200s", uri);
             break;
         }
-        rc = ops->read(impl, out->data + out->len, out->cap - out->len - 1, &n, e);
+        /* never more than one byte past the limit: enough to tell that it is over */
+        room = out->cap - out->len - 1;
+        if ((int64_t)(out->len + room) > max_bytes + 1)
+            room = (size_t)(max_bytes + 1 - (int64_t)out->len);
+        rc = ops->read(impl, out->data + out->len, room, &n, e);
         if (rc == 0) {
             out->len += n;
             out->data[out->len] = '\0';
         }
+        if (rc == 0 && (int64_t)out->len > max_bytes)
+            rc = err_set(e, ERR_TOO_LARGE, "%.200s: over the limit of %lld bytes", uri,
+                         (long long)max_bytes);
     }
     if (impl)
         ops->close_read(impl);
     return rc;
+}
+
+int storage_check_object(const char *uri, int64_t max_bytes, struct err *e)
+{
+    const struct storage_ops *ops = ops_for(uri);
+
+    return ops->check ? ops->check(uri, max_bytes, e) : 0;
 }
 
 int storage_put(const char *uri, const void *data, size_t len, struct err *e)

@@ -1,9 +1,15 @@
 /*
  * storage_file.c: file:// and plain-path objects (the backend behind storage.c).
  *
- * Writes go to "<path>.tmp-<pid>" and are renamed over the final name after fflush and fsync,
- * so a crash leaves either the old object, the new one, or a stray temporary file, never a
- * partial object under the final name. Missing parent folders are created.
+ * Writes go to "<path>.tmp-<pid>-<n>" and are renamed over the final name after fflush and
+ * fsync, so a crash leaves either the old object, the new one, or a stray temporary file, never
+ * a partial object under the final name. Missing parent folders are created.
+ *
+ * Only regular files are objects. A FIFO, socket, device or folder is refused by its stat,
+ * before it is opened (opening a device may do something; opening a FIFO waits for a writer),
+ * and every open is O_NONBLOCK and checked again with fstat, so nothing swapped in meanwhile
+ * can make a read or an open wait for ever. The temporary file is created new (O_EXCL,
+ * O_NOFOLLOW), so a FIFO or link planted under its name is never written through.
  */
 #define _GNU_SOURCE
 #include "storage/storage_internal.h"
@@ -15,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdatomic.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -22,6 +29,54 @@ struct file_reader {
     int fd;
     char uri[PATH_MAX];
 };
+
+/* Names a non-regular file for a person. */
+static const char *kind_of(mode_t mode)
+{
+    return S_ISDIR(mode)    ? "a folder"
+           : S_ISFIFO(mode) ? "a FIFO"
+           : S_ISSOCK(mode) ? "a socket"
+           : S_ISCHR(mode)  ? "a character device"
+           : S_ISBLK(mode)  ? "a block device"
+                            : "not a regular file";
+}
+
+static int not_regular(const char *uri, mode_t mode, struct err *e)
+{
+    return err_set(e, ERR_INVALID, "'%.200s' is %s, not a regular file", uri, kind_of(mode));
+}
+
+/* Opens `path` for reading or writing without waiting and without side effects on anything but
+ * a regular file: the stat refuses the others before any open, the fstat after it refuses what
+ * was swapped in meanwhile. Returns the fd (blocking again), or -1 with `e` set. */
+static int open_regular(const char *uri, const char *path, int flags, mode_t mode, struct err *e)
+{
+    struct stat st;
+    int fd, saved;
+
+    if (!(flags & O_EXCL) && stat(path, &st) == 0 && !S_ISREG(st.st_mode)) {
+        not_regular(uri, st.st_mode, e);
+        return -1;
+    }
+    fd = open(path, flags | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, mode);
+    if (fd < 0) {
+        saved = errno;
+        err_set(e, saved == ENOENT ? ERR_NOT_FOUND : ERR_IO, "%.200s: %s", uri, strerror(saved));
+        return -1;
+    }
+    if (fstat(fd, &st) == 0 && !S_ISREG(st.st_mode)) {
+        close(fd);
+        not_regular(uri, st.st_mode, e);
+        return -1;
+    }
+    if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0) {
+        saved = errno;
+        close(fd);
+        err_set(e, ERR_IO, "%.200s: %s", uri, strerror(saved));
+        return -1;
+    }
+    return fd;
+}
 
 struct file_writer {
     FILE *f;
@@ -43,24 +98,26 @@ static const char *path_of(const char *uri, struct err *e)
 
 /* ---- reading ---- */
 
-static int file_open_read(const char *uri, void **impl, struct err *e)
+static int file_open_read(const char *uri, void **impl, int64_t *size, struct err *e)
 {
     const char *path = path_of(uri, e);
     struct file_reader *r;
+    struct stat st;
 
     *impl = NULL;
+    *size = -1;
     if (!path)
         return e->code;
     r = calloc(1, sizeof(*r));
     if (!r)
         return err_set(e, ERR_NOMEM, "out of memory");
-    /* blocks on a FIFO until a writer opens it, as fopen() did */
-    r->fd = open(path, O_RDONLY | O_CLOEXEC);
+    r->fd = open_regular(uri, path, O_RDONLY, 0, e);
     if (r->fd < 0) {
-        int saved = errno;
         free(r);
-        return err_set(e, saved == ENOENT ? ERR_NOT_FOUND : ERR_IO, "%s: %s", uri, strerror(saved));
+        return e->code;
     }
+    if (fstat(r->fd, &st) == 0)
+        *size = (int64_t)st.st_size;
     snprintf(r->uri, sizeof(r->uri), "%s", uri);
     *impl = r;
     return 0;
@@ -112,21 +169,39 @@ static int make_parents(const char *path)
 
 static int file_open_write(const char *uri, void **impl, struct err *e)
 {
+    static _Atomic unsigned n_writers;
     const char *path = path_of(uri, e);
     struct file_writer *w;
+    struct stat st;
+    int fd;
 
     *impl = NULL;
     if (!path)
         return e->code;
+    /* a folder, FIFO or device under the name is refused, not replaced by the rename */
+    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode))
+        return not_regular(uri, st.st_mode, e);
     w = calloc(1, sizeof(*w));
     if (!w)
         return err_set(e, ERR_NOMEM, "out of memory");
     snprintf(w->path, sizeof(w->path), "%s", path);
-    snprintf(w->tmp, sizeof(w->tmp), "%s.tmp-%d", path, (int)getpid());
-    if (make_parents(w->path) != 0 || !(w->f = fopen(w->tmp, "wb"))) {
+    /* unique per writer: two jobs writing one location never share a temporary file */
+    snprintf(w->tmp, sizeof(w->tmp), "%s.tmp-%d-%u", path, (int)getpid(),
+             atomic_fetch_add(&n_writers, 1));
+    if (make_parents(w->path) != 0) {
         int saved = errno;
         free(w);
-        return err_set(e, ERR_IO, "%s: %s", uri, strerror(saved));
+        return err_set(e, ERR_IO, "%.200s: %s", uri, strerror(saved));
+    }
+    fd = open_regular(uri, w->tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, 0666, e);
+    if (fd < 0 || !(w->f = fdopen(fd, "wb"))) {
+        if (fd >= 0) {
+            err_set(e, ERR_NOMEM, "out of memory");
+            close(fd);
+            unlink(w->tmp);
+        }
+        free(w);
+        return e->code;
     }
     *impl = w;
     return 0;
@@ -188,7 +263,35 @@ static int file_exists(const char *uri)
     return path && access(path, F_OK) == 0;
 }
 
-static int walk(const char *root, const char *rel, struct storage_names *ns, struct err *e)
+static int file_check(const char *uri, int64_t max_bytes, struct err *e)
+{
+    const char *path = path_of(uri, e);
+    struct stat st;
+
+    if (!path)
+        return e->code;
+    if (stat(path, &st) != 0)
+        return 0; /* missing now: whoever reads or writes it says so then */
+    if (!S_ISREG(st.st_mode))
+        return not_regular(uri, st.st_mode, e);
+    if (max_bytes > 0 && (int64_t)st.st_size > max_bytes)
+        return err_set(e, ERR_TOO_LARGE, "'%.200s' is %lld bytes, over the limit of %lld", uri,
+                       (long long)st.st_size, (long long)max_bytes);
+    return 0;
+}
+
+/* A folder being walked, and the ones it is inside: a link back to one of them is a loop. */
+struct walk_dir {
+    dev_t dev;
+    ino_t ino;
+    const struct walk_dir *up;
+};
+
+/* Adds every regular file below `root`/`rel`. Anything else that is not a folder (a FIFO,
+ * socket or device) is an error naming it: an object must be read to its end, and those never
+ * end or never start. */
+static int walk(const char *uri, const char *root, const char *rel, const struct walk_dir *here,
+                struct storage_names *ns, struct err *e)
 {
     char dir[PATH_MAX];
     DIR *d;
@@ -208,10 +311,22 @@ static int walk(const char *root, const char *rel, struct storage_names *ns, str
         snprintf(full, sizeof(full), "%s/%s", root, sub);
         if (stat(full, &st) != 0)
             continue;
-        if (S_ISDIR(st.st_mode))
-            rc = walk(root, sub, ns, e);
-        else if (S_ISREG(st.st_mode) && storage_names_add(ns, sub, strlen(sub)) != 0)
+        if (S_ISDIR(st.st_mode)) {
+            struct walk_dir below = {.dev = st.st_dev, .ino = st.st_ino, .up = here};
+            for (const struct walk_dir *a = here; a && rc == 0; a = a->up)
+                if (a->dev == st.st_dev && a->ino == st.st_ino)
+                    rc = err_set(e, ERR_INVALID,
+                                 "'%.150s/%.150s' leads back to a folder it is inside (a link "
+                                 "loop)",
+                                 uri, sub);
+            if (rc == 0)
+                rc = walk(uri, root, sub, &below, ns, e);
+        } else if (!S_ISREG(st.st_mode)) {
+            rc = err_set(e, ERR_INVALID, "'%.150s/%.150s' is %s, not a regular file", uri, sub,
+                         kind_of(st.st_mode));
+        } else if (storage_names_add(ns, sub, strlen(sub)) != 0) {
             rc = err_set(e, ERR_NOMEM, "out of memory");
+        }
     }
     closedir(d);
     return rc;
@@ -221,6 +336,7 @@ static int file_list(const char *uri, struct storage_names *ns, int *is_object, 
 {
     const char *path = path_of(uri, e);
     struct stat st;
+    struct walk_dir top;
     char root[PATH_MAX];
 
     if (!path)
@@ -235,10 +351,14 @@ static int file_list(const char *uri, struct storage_names *ns, int *is_object, 
             return err_set(e, ERR_NOMEM, "out of memory");
         return 0;
     }
+    if (!S_ISDIR(st.st_mode))
+        return err_set(e, ERR_INVALID, "'%.200s' is %s, not a regular file or a folder", uri,
+                       kind_of(st.st_mode));
     snprintf(root, sizeof(root), "%s", path);
     while (strlen(root) > 1 && root[strlen(root) - 1] == '/')
         root[strlen(root) - 1] = '\0';
-    return walk(root, "", ns, e);
+    top = (struct walk_dir){.dev = st.st_dev, .ino = st.st_ino};
+    return walk(uri, root, "", &top, ns, e);
 }
 
 const struct storage_ops storage_file_ops = {
@@ -251,6 +371,7 @@ const struct storage_ops storage_file_ops = {
     .abort = file_abort,
     .remove = file_remove,
     .exists = file_exists,
+    .check = file_check,
     .list = file_list,
 };
 

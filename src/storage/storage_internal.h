@@ -23,11 +23,14 @@ struct storage_names {
 int storage_names_add(struct storage_names *ns, const char *name, size_t len);
 
 struct storage_ops {
-    /* `*impl` receives the backend's reader; ERR_NOT_FOUND names the object. */
-    int (*open_read)(const char *uri, void **impl, struct err *e);
+    /* `*impl` receives the backend's reader and `*size` the object's size in bytes (-1 if it
+     * cannot be known before reading); ERR_NOT_FOUND names the object. Never waits for a
+     * writer or a device: what is not a regular file (or an object) is ERR_INVALID. */
+    int (*open_read)(const char *uri, void **impl, int64_t *size, struct err *e);
     /* Up to `cap` bytes into `dst`; `*n` is 0 at the end. */
     int (*read)(void *impl, char *dst, size_t cap, size_t *n, struct err *e);
     void (*close_read)(void *impl);
+    /* ERR_INVALID when the name holds something other than a regular file (or an object). */
     int (*open_write)(const char *uri, void **impl, struct err *e);
     int (*write)(void *impl, const void *data, size_t len, struct err *e);
     /* Makes the object visible under its name; frees `impl` either way. */
@@ -36,6 +39,9 @@ struct storage_ops {
     void (*abort)(void *impl);
     int (*remove)(const char *uri, struct err *e);
     int (*exists)(const char *uri);
+    /* What a stat can tell without waiting (storage_check_object); NULL: nothing, the object
+     * is checked when it is read or written. */
+    int (*check)(const char *uri, int64_t max_bytes, struct err *e);
     /* Names in any order (storage.c sorts them); `out` is empty on entry. */
     int (*list)(const char *uri, struct storage_names *out, int *is_object, struct err *e);
 };

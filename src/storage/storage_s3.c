@@ -115,13 +115,14 @@ static void s3_close_read(void *impl)
     free(r);
 }
 
-static int s3_open_read(const char *uri, void **impl, struct err *e)
+static int s3_open_read(const char *uri, void **impl, int64_t *size, struct err *e)
 {
     struct s3_reader *r = calloc(1, sizeof(*r));
     struct storage_s3_request rq;
     int rc;
 
     *impl = NULL;
+    *size = -1;
     if (!r)
         return err_set(e, ERR_NOMEM, "out of memory");
     rc = loc_parse(uri, &r->loc, e);
@@ -134,6 +135,7 @@ static int s3_open_read(const char *uri, void **impl, struct err *e)
         return rc;
     }
     r->size = rq.length;
+    *size = r->size;
     snprintf(r->etag, sizeof(r->etag), "%s", rq.etag);
     *impl = r;
     return 0;

@@ -12,13 +12,14 @@ Debian's ``/usr/bin/redis-server`` (``scripts/install-deps`` installs it).
 Everything here waits by polling against a deadline; nothing asserts on
 elapsed time (the machines running this are small and shared).
 """
-import errno
+import atexit
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,6 +34,10 @@ INFERD_BIN = Path(os.environ.get("INFERD_BIN", REPO_ROOT / "build" / "inferd"))
 PLUGIN_SO = Path(os.environ.get(
     "INFERD_PLUGIN",
     REPO_ROOT / "build" / "examples" / "plugin" / "libinferd_example_plugin.so"))
+
+# where gates' release files appear: every plugin model's "hold_dir" (write_plugin_model)
+GATE_DIR = Path(tempfile.mkdtemp(prefix="inferd-gates-"))
+atexit.register(shutil.rmtree, GATE_DIR, True)
 
 READY_DEADLINE_S = 30.0      # start-up: spec says ready within ~20 s
 STOP_DEADLINE_S = 30.0       # SIGTERM -> exit
@@ -508,7 +513,8 @@ def repo_dir(tmp_path):
 def write_plugin_model(repo_dir, name="rowsum", width=4, path=None, extra=None):
     mdir = Path(repo_dir) / name
     (mdir / "1").mkdir(parents=True, exist_ok=True)
-    cfg = {"backend": "plugin", "path": str(path or PLUGIN_SO), "parameters": {"width": width}}
+    cfg = {"backend": "plugin", "path": str(path or PLUGIN_SO),
+           "parameters": {"width": width, "hold_dir": str(GATE_DIR)}}
     cfg.update(extra or {})
     (mdir / "config.json").write_text(json.dumps(cfg))
     return mdir
@@ -718,30 +724,27 @@ Client.job_counts = _jobs_counts
 class Gate:
     """A job that holds an async worker until the test releases it.
 
-    Its ``input_location`` is a FIFO: the worker that runs it blocks reading the
-    file until :meth:`release` writes a valid request body into it. With
-    ``--workers 1`` this keeps every other job queued for as long as the test
-    needs, with no timing assumptions.
+    Its input is one row whose first values are ``-997, n``: the example plugin holds that
+    request in the model until the file ``GATE_DIR/release-<n>`` exists, or the job is
+    cancelled (then it ends cancelled at once). With ``--workers 1 --worker-batch 1`` this
+    keeps every other job queued for as long as the test needs, with no timing assumptions.
+    The gate job's result is the row sums of :attr:`X` (its first row holds the marker).
     """
     _n = 0
 
-    def __init__(self, tmp_dir, model, X):
+    def __init__(self, model="rowsum", X=None):
         Gate._n += 1
-        self.path = Path(tmp_dir) / f"gate-{Gate._n}.fifo"
-        os.mkfifo(self.path)
+        self.n = Gate._n
+        X = np.ones((1, 4), dtype=np.float32) if X is None else np.array(X, dtype=np.float32)
+        X[0, 0], X[0, 1] = -997, self.n
+        self.X = X
         self.model = model
-        self.payload = json.dumps(infer_body(X)).encode()
-        assert len(self.payload) < 60000, "gate body must fit in a pipe buffer"
         self.released = False
         self.id = None
 
-    @property
-    def uri(self):
-        return f"file://{self.path}"
-
     def submit(self, client, **fields):
         self.id = check_accepted(client.post("/v1/jobs", json=dict(
-            {"model": self.model, "input_location": self.uri}, **fields)), "gate job")
+            {"model": self.model, "input": infer_body(self.X)}, **fields)), "gate job")
         return self.id
 
     def hold(self, client, deadline_s=30):
@@ -750,51 +753,24 @@ class Gate:
         client.wait_status(self.id, "running", deadline_s, "gate job to occupy the worker")
         return self.id
 
-    def release(self, deadline_s=30):
-        """Write the body once the worker has opened the FIFO; True when written."""
-        if self.released:
-            return True
-        end = time.monotonic() + deadline_s
-        while True:
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
-                break
-            except OSError as exc:
-                if exc.errno != errno.ENXIO:  # ENXIO: no reader yet
-                    raise
-            if time.monotonic() > end:
-                return False
-            time.sleep(0.02)
-        try:
-            os.set_blocking(fd, True)
-            view = memoryview(self.payload)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
+    def release(self):
+        """Lets the held request (and any later attempt of it) go; True."""
+        (GATE_DIR / f"release-{self.n}").touch()
         self.released = True
         return True
 
     def defuse(self):
-        """At teardown: release, or swap the FIFO for a plain file if nobody reads it."""
-        if self.released or not self.path.exists():
-            return
-        if not self.release(deadline_s=2):
-            tmp = self.path.with_suffix(".plain")
-            tmp.write_bytes(self.payload)
-            os.replace(tmp, self.path)   # a worker opening it later reads the body at once
-            self.released = True
+        """At teardown: release."""
+        self.release()
 
 
 @pytest.fixture
-def gates(tmp_path, server_factory):
+def gates(server_factory):
     """``gates(model, X)`` -> a new :class:`Gate`; all are released before the servers stop."""
     made = []
 
     def make(model="rowsum", X=None):
-        if X is None:
-            X = np.ones((1, 4), dtype=np.float32)
-        g = Gate(tmp_path, model, X)
+        g = Gate(model, X)
         made.append(g)
         return g
 

@@ -20,6 +20,9 @@ Behaviours:
 - :func:`openai` is an OpenAI-compatible completions server (``/v1/chat/completions`` and
   ``/v1/completions``) whose completion is the prompt (or the last user message), upper-cased.
 
+:class:`StallingS3` is an S3 endpoint for one object that can hold every request unanswered
+(a stalled read) until the test releases it.
+
 Nothing here sleeps on a fixed schedule except a reply's own ``delay_s``; ``stop()`` ends
 every wait.
 """
@@ -30,7 +33,8 @@ import socket
 import threading
 import time
 
-__all__ = ["Call", "Reply", "Script", "Upstream", "echo", "openai", "upper_completion"]
+__all__ = ["Call", "Reply", "Script", "StallingS3", "Upstream", "echo", "openai",
+           "upper_completion"]
 
 
 class Reply:
@@ -325,3 +329,81 @@ class Upstream:
                     return False
             except (OSError, ValueError):
                 return False
+
+
+class StallingS3:
+    """A path-style S3 endpoint for one object, ``s3://inputs/request.json``, on 127.0.0.1
+    (for ``--s3-endpoint``). While stalled it takes every request and never answers it
+    (until :meth:`release`, or :meth:`stop`); otherwise it serves the object as S3 does
+    (HEAD with its size and ETag, ranged GET). ``requests`` lists (method, path) as they
+    came."""
+    BUCKET, KEY = "inputs", "request.json"
+
+    def __init__(self, body, stalled=False):
+        self.body = body
+        self.released = threading.Event()
+        if not stalled:
+            self.released.set()
+        self.stopping = threading.Event()
+        self.lock = threading.Condition()
+        self.requests = []
+        s3 = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_HEAD(self):  # noqa: N802 - http.server API
+                s3._serve(self, head=True)
+
+            def do_GET(self):  # noqa: N802
+                s3._serve(self, head=False)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = _HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def _serve(self, h, head):
+        with self.lock:
+            self.requests.append((h.command, h.path))
+            self.lock.notify_all()
+        while not self.released.wait(0.05):
+            if self.stopping.is_set():
+                return
+        if h.path.split("?")[0] != f"/{self.BUCKET}/{self.KEY}":
+            h.send_response(404)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        data, status, extra = self.body, 200, {}
+        rng = h.headers.get("Range")
+        if rng and not head:
+            a, b = (int(x) for x in rng.split("=")[1].split("-"))
+            data, status = self.body[a:b + 1], 206
+            extra["Content-Range"] = f"bytes {a}-{b}/{len(self.body)}"
+        h.send_response(status)
+        h.send_header("ETag", '"v1"')
+        h.send_header("Content-Length", str(len(self.body) if head else len(data)))
+        for k, v in extra.items():
+            h.send_header(k, v)
+        h.end_headers()
+        if not head:
+            h.wfile.write(data)
+
+    def wait_requests(self, n, deadline_s, what):
+        end = time.monotonic() + deadline_s
+        with self.lock:
+            while len(self.requests) < n:
+                left = end - time.monotonic()
+                assert left > 0, f"timed out after {deadline_s} s waiting for {what}"
+                self.lock.wait(left)
+
+    def release(self):
+        self.released.set()
+
+    def stop(self):
+        self.stopping.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()

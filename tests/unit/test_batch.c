@@ -163,7 +163,7 @@ static void test_file_storage(void **state)
     storage_abort(w);
     assert_false(storage_exists(uri));
     assert_int_equal(storage_put(uri, "x", 1, &e), 0);
-    assert_int_equal(storage_get(uri, &b, &e), 0);
+    assert_int_equal(storage_get(uri, 1 << 20, &b, &e), 0);
     assert_int_equal(b.len, 1);
     buf_release(&b);
     assert_int_equal(storage_list(dir, &names, &n, &is_object, &e), 0);

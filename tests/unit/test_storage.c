@@ -2,7 +2,9 @@
  * test_storage.c: the storage layer without a network: the generic line reader over the file
  * backend (buffer boundaries, long lines, CRLF, no final newline), whole-object calls, dispatch
  * by scheme, configuration bounds, and the S3 pieces that are pure functions (URI encoding,
- * canonical query strings, ListObjectsV2 and error XML).
+ * canonical query strings, ListObjectsV2 and error XML). Only regular files are objects: a FIFO,
+ * a device or a folder is refused without blocking, whole reads stop at their limit, and a
+ * listing names what it cannot read and stops at a link loop.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -15,7 +17,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 static char dir[64];
@@ -137,7 +141,7 @@ static void test_whole_objects_and_listing(void **state)
     assert_int_equal(storage_put(a, "hello", 5, &e), 0);
     assert_int_equal(storage_put(b, "", 0, &e), 0);
     snprintf(file_uri, sizeof(file_uri), "file://%s", a);
-    assert_int_equal(storage_get(file_uri, &got, &e), 0);
+    assert_int_equal(storage_get(file_uri, 1 << 20, &got, &e), 0);
     assert_int_equal(got.len, 5);
     assert_string_equal(got.data, "hello");
     buf_release(&got);
@@ -156,7 +160,7 @@ static void test_whole_objects_and_listing(void **state)
     assert_int_equal(storage_delete(a, &e), 0);
     assert_int_equal(storage_delete(a, &e), 0); /* missing: fine */
     assert_false(storage_exists(a));
-    assert_int_equal(storage_get(a, &got, &e), ERR_NOT_FOUND);
+    assert_int_equal(storage_get(a, 1 << 20, &got, &e), ERR_NOT_FOUND);
     assert_non_null(strstr(e.msg, "a.txt"));
     buf_release(&got);
     free(a);
@@ -179,6 +183,149 @@ static void test_abort_leaves_nothing(void **state)
     free(uri);
 }
 
+/* Every call on a FIFO, a device, a socket or a folder returns at once with ERR_INVALID naming
+ * what it is (a FIFO without a writer would block open() for ever on an unguarded path). */
+static void test_only_regular_files(void **state)
+{
+    struct {
+        const char *name, *kind;
+    } odd[] = {
+        {"fifo", "is a FIFO, not a regular file"},
+        {"folder", "is a folder, not a regular file"},
+        {"socket", "is a socket, not a regular file"},
+        {"zero", "is a character device, not a regular file"},
+    };
+    struct sockaddr_un sa = {.sun_family = AF_UNIX};
+    struct storage_reader *r = NULL;
+    struct storage_writer *w = NULL;
+    struct err e = {0};
+    struct buf b = {0};
+    char **names = NULL;
+    size_t n = 0;
+    int is_object = 0, fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    char *p = path_in_dir("odd");
+
+    (void)state;
+    assert_int_equal(mkdir(p, 0755), 0);
+    free(p);
+    p = path_in_dir("odd/fifo");
+    assert_int_equal(mkfifo(p, 0600), 0);
+    free(p);
+    p = path_in_dir("odd/folder");
+    assert_int_equal(mkdir(p, 0755), 0);
+    free(p);
+    p = path_in_dir("odd/socket");
+    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", p);
+    assert_true(fd >= 0);
+    assert_int_equal(bind(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    free(p);
+    p = path_in_dir("odd/zero");
+    assert_int_equal(symlink("/dev/zero", p), 0);
+    free(p);
+    for (size_t i = 0; i < sizeof(odd) / sizeof(odd[0]); i++) {
+        char name[64];
+        snprintf(name, sizeof(name), "odd/%s", odd[i].name);
+        p = path_in_dir(name);
+        assert_int_equal(storage_get(p, 1 << 20, &b, &e), ERR_INVALID);
+        assert_non_null(strstr(e.msg, odd[i].kind));
+        assert_int_equal(storage_open_read(p, &r, &e), ERR_INVALID);
+        assert_null(r);
+        assert_int_equal(storage_check_object(p, 0, &e), ERR_INVALID);
+        assert_non_null(strstr(e.msg, odd[i].kind));
+        /* never written through, never replaced by the rename */
+        assert_int_equal(storage_open_write(p, &w, &e), ERR_INVALID);
+        assert_non_null(strstr(e.msg, odd[i].kind));
+        assert_null(w);
+        assert_int_equal(storage_put(p, "x", 1, &e), ERR_INVALID);
+        free(p);
+    }
+    /* a listing names the entry it cannot read, rather than skipping it */
+    p = path_in_dir("odd");
+    assert_int_equal(storage_list(p, &names, &n, &is_object, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "not a regular file"));
+    assert_null(names);
+    free(p);
+    p = path_in_dir("odd/fifo");
+    assert_int_equal(storage_list(p, &names, &n, &is_object, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "is a FIFO, not a regular file or a folder"));
+    free(p);
+    /* a missing file passes the check: it is checked when it is read */
+    p = path_in_dir("odd/missing");
+    assert_int_equal(storage_check_object(p, 10, &e), 0);
+    free(p);
+    close(fd);
+    buf_release(&b);
+}
+
+/* storage_get() stops at its limit: refused from the size when it is known, and after one byte
+ * more than the limit when it is not (a device, a file that grows). */
+static void test_bounded_get(void **state)
+{
+    char *p = path_in_dir("ten.txt");
+    struct err e = {0};
+    struct buf b = {0};
+
+    (void)state;
+    assert_int_equal(storage_put(p, "0123456789", 10, &e), 0);
+    assert_int_equal(storage_get(p, 10, &b, &e), 0);
+    assert_int_equal(b.len, 10);
+    buf_release(&b);
+    assert_int_equal(storage_get(p, 9, &b, &e), ERR_TOO_LARGE);
+    assert_non_null(strstr(e.msg, "10 bytes, over the limit of 9"));
+    assert_int_equal(b.len, 0); /* not read */
+    assert_int_equal(storage_check_object(p, 9, &e), ERR_TOO_LARGE);
+    assert_non_null(strstr(e.msg, "is 10 bytes, over the limit of 9"));
+    assert_int_equal(storage_check_object(p, 10, &e), 0);
+    assert_int_equal(storage_check_object(p, 0, &e), 0);
+    buf_release(&b);
+    free(p);
+}
+
+/* storage_read() hands over raw bytes, after what storage_read_line() buffered. */
+static void test_raw_read(void **state)
+{
+    char *p = path_in_dir("raw.txt");
+    struct storage_reader *r = NULL;
+    struct err e = {0};
+    const char *line;
+    char got[64];
+    size_t len, n, total = 0;
+
+    (void)state;
+    assert_int_equal(storage_put(p, "one\r\ntwo\nthree", 14, &e), 0);
+    assert_int_equal(storage_open_read(p, &r, &e), 0);
+    assert_int_equal(storage_read_line(r, &line, &len, &e), 1);
+    assert_int_equal(len, 3);
+    do {
+        assert_int_equal(storage_read(r, got + total, 4, &n, &e), 0);
+        total += n;
+    } while (n > 0);
+    assert_int_equal(total, 9);
+    assert_memory_equal(got, "two\nthree", 9);
+    storage_close_read(r);
+    free(p);
+}
+
+/* A listing that meets a link back to a folder it is inside stops with an error. */
+static void test_list_loop(void **state)
+{
+    char *top = path_in_dir("loop"), *sub = path_in_dir("loop/a"), *link = path_in_dir("loop/a/up");
+    char **names = NULL;
+    size_t n = 0;
+    int is_object = 0;
+    struct err e = {0};
+
+    (void)state;
+    assert_int_equal(mkdir(top, 0755), 0);
+    assert_int_equal(mkdir(sub, 0755), 0);
+    assert_int_equal(symlink(top, link), 0);
+    assert_int_equal(storage_list(top, &names, &n, &is_object, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "a link loop"));
+    free(top);
+    free(sub);
+    free(link);
+}
+
 static void test_schemes_and_configuration(void **state)
 {
     struct err e = {0};
@@ -190,7 +337,7 @@ static void test_schemes_and_configuration(void **state)
     assert_true(storage_supports("file:///a"));
     assert_true(storage_supports("s3://bucket/key"));
     assert_false(storage_supports("gs://bucket/key"));
-    assert_int_equal(storage_get("gs://bucket/key", &b, &e), ERR_INVALID);
+    assert_int_equal(storage_get("gs://bucket/key", 1 << 20, &b, &e), ERR_INVALID);
     assert_non_null(strstr(e.msg, "gs://bucket/key"));
     assert_int_equal(storage_open_read("s3:///key", &r, &e), ERR_INVALID);
     assert_non_null(strstr(e.msg, "no bucket name"));
@@ -245,7 +392,7 @@ static void test_file_roots(void **state)
     assert_int_equal(storage_check_allowed(p, &e), 0);
     assert_int_equal(storage_put(p, "x\n", 2, &e), 0);
     snprintf(p, sizeof(p), "file://%s/a/b/new.jsonl", root);
-    assert_int_equal(storage_get(p, &b, &e), 0);
+    assert_int_equal(storage_get(p, 1 << 20, &b, &e), 0);
     assert_int_equal(storage_check_allowed(root, &e), 0);
     assert_int_equal(storage_check_allowed("s3://bucket/anything", &e), 0);
 
@@ -253,7 +400,7 @@ static void test_file_roots(void **state)
     snprintf(p, sizeof(p), "%s/secret", other);
     assert_int_equal(storage_check_allowed(p, &e), ERR_INVALID);
     assert_non_null(strstr(e.msg, "outside --file-roots"));
-    assert_int_equal(storage_get(p, &b, &e), ERR_INVALID);
+    assert_int_equal(storage_get(p, 1 << 20, &b, &e), ERR_INVALID);
     assert_int_equal(storage_put(p, "y\n", 2, &e), ERR_INVALID);
     snprintf(p, sizeof(p), "%s2/x", root);
     assert_int_equal(storage_check_allowed(p, &e), ERR_INVALID);
@@ -261,7 +408,7 @@ static void test_file_roots(void **state)
     assert_int_equal(storage_check_allowed(p, &e), ERR_INVALID);
     assert_non_null(strstr(e.msg, ".."));
     snprintf(p, sizeof(p), "file://%s/escape/secret", root);
-    assert_int_equal(storage_get(p, &b, &e), ERR_INVALID);
+    assert_int_equal(storage_get(p, 1 << 20, &b, &e), ERR_INVALID);
     snprintf(p, sizeof(p), "%s/escape/new-file", root);
     assert_int_equal(storage_put(p, "z\n", 2, &e), ERR_INVALID);
     assert_int_equal(storage_check_allowed("/etc/passwd", &e), ERR_INVALID);
@@ -360,6 +507,10 @@ int main(void)
         cmocka_unit_test(test_long_lines_cross_the_buffer),
         cmocka_unit_test(test_whole_objects_and_listing),
         cmocka_unit_test(test_abort_leaves_nothing),
+        cmocka_unit_test(test_only_regular_files),
+        cmocka_unit_test(test_bounded_get),
+        cmocka_unit_test(test_raw_read),
+        cmocka_unit_test(test_list_loop),
         cmocka_unit_test(test_schemes_and_configuration),
         cmocka_unit_test(test_file_roots),
         cmocka_unit_test(test_join),
