@@ -66,6 +66,9 @@ def test_full_data_dir_answers_507_and_loses_nothing(small_disk, server_factory,
     recv = webhook_receiver
     repo = tmp_path / "models"
     write_plugin_model(repo, "rowsum", width=4)
+    # a gate holds its job inside the model: the gates get a model of their own, one instance
+    # each, so the other jobs still run on rowsum
+    write_plugin_model(repo, "gated", width=4, extra={"instances": 2})
     # two workers held by gate jobs (they finish while the disk is full), a third for the rest
     s = server_factory(repo, *async_args(small_disk, "--workers", "3", "--worker-batch", "1",
                                          "--webhook-secret", SECRET,
@@ -75,7 +78,7 @@ def test_full_data_dir_answers_507_and_loses_nothing(small_disk, server_factory,
     X = np.array([[1.0, 2.0, 3.0, 4.5]], dtype=np.float32)
     held = []
     for i in range(2):
-        g = gates("rowsum", X)
+        g = gates("gated", X)
         g.submit(c, callback_url=f"{recv.url}/ok/gate{i}")
         held.append(g)
     for g in held:
@@ -131,7 +134,7 @@ def test_full_data_dir_answers_507_and_loses_nothing(small_disk, server_factory,
         assert job["status"] == "succeeded" and job["attempts"] == 1, job
         r = c.get(f"/v1/jobs/{g.id}/result")
         assert r.status_code == 200, r.text[:300]
-        assert_close(output_array(r.json(), 1), X.astype(np.float64).sum(axis=1), f"job {g.id}")
+        assert_close(output_array(r.json(), 1), g.X.astype(np.float64).sum(axis=1), f"job {g.id}")
     jid = c.submit_ok("rowsum", X, callback_url=f"{recv.url}/ok/after")
     assert c.wait_final(jid)["status"] == "succeeded"
     for name, jid in hooks.items():
