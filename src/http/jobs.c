@@ -435,8 +435,8 @@ static int async_unavailable(struct req *r, enum MHD_Result *ret)
         return 1;
     }
     if (atomic_load(&r->srv->draining)) {
-        *ret = http_reply_error(r, ERR_UNAVAILABLE, "inferd is shutting down");
         r->retry_after_s = 5;
+        *ret = http_reply_error(r, ERR_UNAVAILABLE, "inferd is shutting down");
         return 1;
     }
     return 0;

@@ -72,6 +72,8 @@ void http_set_error(struct req *r, int code, const char *msg)
     if (codec_encode_error(msg, &r->out) != 0)
         r->status = 500;
     r->json_len = -1;
+    if (r->retry_after_s > 0)
+        return; /* the caller knows better than the default below */
     if (code == ERR_BUSY || code == ERR_UNAVAILABLE)
         r->retry_after_s = 1;
     if (code == ERR_FULL) /* space comes back when someone frees it: not within a second */

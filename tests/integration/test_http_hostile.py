@@ -449,3 +449,33 @@ def test_long_poll_wait_is_bounded(breast, repo_dir, server_factory, tmp_path):
     assert "300" in error_message(r)
     r = c.get("/v1/jobs/abc?wait=300")
     assert r.status_code == 404, r.text
+
+
+# ---- draining: the answers say when to come back ----
+
+def test_draining_answers_say_when_to_retry(breast, repo_dir, server_factory, tmp_path):
+    """While a drain waits for a request in a model, a kept-alive connection still gets
+    answers: 503s whose Retry-After is the drain's 5 s, for jobs and batch jobs alike."""
+    write_plugin_model(repo_dir, name="held", width=4, extra={"instances": 1, "max_batch_size": 1})
+    srv = server_factory(repo_dir, "--data-dir", str(tmp_path / "data"), "--drain-timeout-s", "30")
+    c = srv.client()
+    assert c.get("/v2/health/live").status_code == 200  # the kept-alive connection
+    blocker = connect(srv.port, timeout=60)
+    payload = json.dumps({"inputs": [{"name": "input__0", "datatype": "FP32", "shape": [1, 4],
+                                      "data": [-998, 4000, 0, 0]}]}).encode()
+    blocker.sendall(b"POST /v2/models/held/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                    % len(payload) + payload)
+    wait_for(lambda: (metric_value(c.metrics_text(), "inferd_inflight_requests",
+                                   {"model": "held"}) or 0) >= 1, 30, "the held request to run")
+    srv.signal(15)
+    wait_for(lambda: c.get("/v2/health/ready").status_code == 503, 10, "readiness to turn 503")
+    for path, body in (("/v1/jobs", {"model": "binary", "input": infer_body(breast.rows(1, seed=2))}),
+                       ("/v1/batch-jobs", {"model": "binary", "input": str(tmp_path / "in"),
+                                           "output": str(tmp_path / "out")})):
+        r = c.post(path, json=body)
+        assert r.status_code == 503, (path, r.status_code, r.text)
+        assert r.headers.get("Retry-After") == "5", (path, dict(r.headers))
+    got, _ = read_all(blocker, 30)
+    blocker.close()
+    assert [x for x in responses(got) if x[0] == 200], got
+    assert srv.wait_exit() == 0
