@@ -61,6 +61,8 @@ struct worker {
     /* record_done's: outcomes the store refused wait until record_retry_ms */
     int64_t record_retry_ms, record_backoff_ms; /* backoff 0: the store takes them */
     int64_t record_failing_since_ms;
+    /* leases the store refused in a row (it is away), and when that was last logged */
+    int64_t lease_failures, lease_logged_ms;
     /* what the pool hands back if the worker is still blocked when the drain ends: one entry
      * per slot (the slot's job), and the last one for the batch task */
     struct held *held; /* cfg.batch + 1, guarded by lock */
@@ -601,6 +603,20 @@ static void reap_task(struct worker *w)
     }
 }
 
+/* A lease the store refused (it is away, or its disk is full): logged when the failures
+ * start and once a minute while they last, not every 200 ms per worker. */
+static void lease_failed(struct worker *w, const struct err *e)
+{
+    int64_t now = queue_now_ms();
+
+    if (w->lease_failures++ == 0 || now - w->lease_logged_ms >= 60000) {
+        log_error("worker", "lease failed; retrying every 200 ms",
+                  "worker=%s failed_leases=%lld reason=\"%s\"", w->name,
+                  (long long)w->lease_failures, e->msg);
+        w->lease_logged_ms = now;
+    }
+}
+
 /*
  * The worker's loop. Jobs run side by side, up to cfg.batch of them: a job's slot is refilled
  * as soon as its outcome is recorded, so one job of ten minutes does not hold back the others.
@@ -628,9 +644,13 @@ static void *worker_main(void *arg)
             struct err e;
             if (queue_lease_many(p->q, w->name, cap - w->n_used, w->task_started ? 0 : 1,
                                  idle ? p->cfg.lease_poll_ms : 0, jobs, &n, &e) != 0) {
-                log_error("worker", "lease failed", "worker=%s reason=\"%s\"", w->name, e.msg);
+                lease_failed(w, &e);
                 struct timespec ts = {0, 200 * 1000000};
                 nanosleep(&ts, NULL);
+            } else if (w->lease_failures > 0) {
+                log_info("worker", "leasing works again", "worker=%s failed_leases=%lld",
+                         w->name, (long long)w->lease_failures);
+                w->lease_failures = 0;
             }
             atomic_fetch_add(&p->busy, (int)n);
             size_t n_infer = 0;
