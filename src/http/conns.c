@@ -22,6 +22,12 @@
  * libmicrohttpd reports MHD_CONNECTION_NOTIFY_CLOSED before it closes the descriptor, and the
  * entry leaves the lists under `lock` there, so a shutdown() never reaches a reused descriptor.
  *
+ * A client's connections are counted when libmicrohttpd reports them started, after the accept
+ * callback passed them, so two accepted at the same instant on two HTTP threads may both pass:
+ * --max-connections-per-client holds to within one per HTTP thread, which is all a cap against
+ * one client holding thousands needs (libmicrohttpd's own exact per-address limit refuses
+ * without a word, and a refusal here is logged and counted).
+ *
  * Threads: libmicrohttpd's threads call the accept, notify and phase functions; the sweeper
  * thread walks the lists. Everything below is guarded by `guard->lock` unless it says
  * otherwise; the lock is a leaf (nothing else is taken while it is held) and is never held
