@@ -140,6 +140,12 @@ int jobs_metrics(struct http_server *s, struct buf *out);
 enum MHD_Result batch_api_route(struct req *r, int is_get, int is_post, int is_delete,
                                 char **seg, int n);
 
+/* ---- framing.c ---- */
+/* 0, or ERR_INVALID when the request's framing is ambiguous, with `*status` 400 (or 501 for a
+ * transfer coding inferd does not decode); the connection is to be closed after the answer. */
+int http_check_framing(struct MHD_Connection *conn, const char *version, int *status,
+                       struct err *e);
+
 /* ---- conns.c ---- */
 enum conn_phase { CONN_WAITING = 0, CONN_HEADERS, CONN_BODY, CONN_BUSY };
 enum conn_close_reason {

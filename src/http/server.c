@@ -18,7 +18,7 @@
  * Framing: libmicrohttpd 0.9.75 tolerates messages that a proxy in front may read another way
  * (two Content-Lengths, Content-Length with chunked, whitespace before a colon, folded lines,
  * bare CRs). Such a request is answered 400 and its connection closed (RFC 9112 section 6.3),
- * so no second request can hide in a body (check_framing()).
+ * so no second request can hide in a body (framing.c).
  */
 #define _GNU_SOURCE
 #include "http/http_internal.h"
@@ -530,138 +530,6 @@ static enum MHD_Result route(struct req *r, const char *method, const char *url)
     return http_reply_error(r, ERR_NOT_FOUND, "no route for %s %s", method, url);
 }
 
-/* ---- framing ---- */
-
-/* RFC 9110 section 5.6.2: the characters of a token (a header name). */
-static int is_tchar(unsigned char c)
-{
-    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-           (c && strchr("!#$%&'*+-.^_`|~", c));
-}
-
-/* Copies at most 40 bytes of a client's header name for a message, '?' for anything not
- * printable, so an error never carries control bytes back. */
-static void printable(char *dst, size_t cap, const char *src, size_t len)
-{
-    size_t n = len < 40 ? len : 40;
-
-    if (n >= cap)
-        n = cap - 1;
-    for (size_t i = 0; i < n; i++)
-        dst[i] = src[i] > 0x20 && src[i] < 0x7f ? src[i] : '?';
-    dst[n] = '\0';
-}
-
-struct framing {
-    int n_length, n_coding;
-    const char *coding; /* the Transfer-Encoding value */
-    size_t coding_len;
-    struct err *e;
-    int rc;
-};
-
-static int has_prefix_ci(const char *key, size_t len, const char *prefix)
-{
-    size_t n = strlen(prefix);
-
-    return len >= n && strncasecmp(key, prefix, n) == 0;
-}
-
-static enum MHD_Result framing_header(void *cls, enum MHD_ValueKind kind, const char *key,
-                                      size_t key_len, const char *value, size_t value_len)
-{
-    struct framing *f = cls;
-    char name[48];
-
-    (void)kind;
-    printable(name, sizeof(name), key, key_len);
-    for (size_t i = 0; i < key_len; i++) {
-        if (!is_tchar((unsigned char)key[i])) {
-            f->rc = err_set(f->e, ERR_INVALID,
-                            "header name '%s' is not a token (whitespace before the colon, or a "
-                            "folded line?)",
-                            name);
-            return MHD_NO;
-        }
-    }
-    if (key_len == 0) {
-        f->rc = err_set(f->e, ERR_INVALID, "a header line has an empty name");
-        return MHD_NO;
-    }
-    for (size_t i = 0; value && i < value_len; i++) {
-        if (value[i] == '\r' || value[i] == '\n' || value[i] == '\0') {
-            f->rc =
-                err_set(f->e, ERR_INVALID, "header '%s': a bare CR, LF or NUL in its value", name);
-            return MHD_NO;
-        }
-    }
-    if (has_prefix_ci(key, key_len, "content-length")) {
-        if (key_len != 14) {
-            f->rc = err_set(f->e, ERR_INVALID,
-                            "header '%s': a folded or malformed Content-Length line", name);
-            return MHD_NO;
-        }
-        f->n_length++;
-    } else if (has_prefix_ci(key, key_len, "transfer-encoding")) {
-        if (key_len != 17) {
-            f->rc = err_set(f->e, ERR_INVALID,
-                            "header '%s': a folded or malformed Transfer-Encoding line", name);
-            return MHD_NO;
-        }
-        f->n_coding++;
-        f->coding = value ? value : "";
-        f->coding_len = value ? value_len : 0;
-    }
-    return MHD_YES;
-}
-
-/*
- * Refuses a request whose body's length two parsers could read differently (RFC 9112 section
- * 6.3): ERR_INVALID, with `*status` 400, or 501 for a transfer coding inferd does not decode.
- * Either way the connection is closed after the answer.
- */
-static int check_framing(struct MHD_Connection *conn, const char *version, int *status,
-                         struct err *e)
-{
-    struct framing f = {.e = e};
-    const char *v;
-    size_t n;
-
-    *status = 400;
-    MHD_get_connection_values_n(conn, MHD_HEADER_KIND, framing_header, &f);
-    if (f.rc != 0)
-        return f.rc;
-    if (f.n_length > 1)
-        return err_set(e, ERR_INVALID, "Content-Length: sent more than once");
-    if (f.n_coding == 0)
-        return 0;
-    if (f.n_coding > 1)
-        return err_set(e, ERR_INVALID, "Transfer-Encoding: sent more than once");
-    if (f.n_length)
-        return err_set(e, ERR_INVALID,
-                       "Content-Length and Transfer-Encoding together: the body's "
-                       "length is ambiguous");
-    if (strcmp(version, MHD_HTTP_VERSION_1_1) != 0)
-        return err_set(e, ERR_INVALID, "Transfer-Encoding in an %s request", version);
-    /* the last coding must be chunked, and inferd decodes no other */
-    v = f.coding;
-    n = f.coding_len;
-    while (n && (v[n - 1] == ' ' || v[n - 1] == '\t'))
-        n--;
-    while (n && (*v == ' ' || *v == '\t')) {
-        v++;
-        n--;
-    }
-    if (n == 7 && strncasecmp(v, "chunked", 7) == 0)
-        return 0;
-    if (n >= 7 && strncasecmp(v + n - 7, "chunked", 7) == 0 &&
-        (n == 7 || v[n - 8] == ',' || v[n - 8] == ' ' || v[n - 8] == '\t')) {
-        *status = 501;
-        return err_set(e, ERR_INVALID, "Transfer-Encoding: only chunked is supported");
-    }
-    return err_set(e, ERR_INVALID, "Transfer-Encoding: chunked must be the last coding");
-}
-
 /* ---- libmicrohttpd callbacks ---- */
 
 /* Called once a request line is in, before its headers: starts the header deadline and notes
@@ -712,7 +580,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         pthread_mutex_unlock(&srv->live_lock);
         *con_cls = r;
         conns_phase(srv->guard, r->track, CONN_BODY);
-        if (check_framing(conn, version, &status, &e) != 0) {
+        if (http_check_framing(conn, version, &status, &e) != 0) {
             r->close_after = 1;
             conns_phase(srv->guard, r->track, CONN_BUSY);
             http_set_error(r, e.code, e.msg);
