@@ -843,7 +843,9 @@ int http_server_stop(struct http_server *s)
     /* libmicrohttpd cannot stop with a connection suspended, and would free a request that a
      * model still answers later: stop them, and give them a moment to be answered */
     cancel_inferences(s);
-    wait_until(s, n_waiting, batcher_now_ns() + STOP_GRACE_NS);
+    /* until they are sent, not only answered: a connection resumed with its answer is written
+     * on libmicrohttpd's next pass, and stopping the daemon before that closed it unanswered */
+    wait_until(s, n_in_flight, batcher_now_ns() + STOP_GRACE_NS);
     stuck = n_waiting(s);
     if (stuck > 0) {
         /* a model that ignores cancellation: leave the server (and what it uses) allocated */
