@@ -239,28 +239,21 @@ def test_sigterm_worker_finishes_its_running_jobs(split, worker_factory, repo):
 # ---------------------------------------------------------------------------
 
 
-def test_redis_killed_and_restarted_mid_run(split, redis_server, trained):
-    """kill -9 of redis-server (AOF, fsync always) while jobs are submitted and run:
-    every 202 ends succeeded, the outage answers 503 + Retry-After, nobody restarts."""
-    m = trained["binary"]
-    serve, workers, url = split(2, "--workers", "2", "--worker-batch", "8")
-    pids = [p.proc.pid for p in [serve, *workers]]
-    X = m.rows(20000, seed=902)
-    expected = m.expected(X)
+def outage_submitter(url, n, body_of, stop):
+    """A body for jobs 0..n-1 submitted by however many threads run the returned function,
+    until `stop`: (accepted {row: id}, the 503 answers, anything else, the function)."""
     accepted, unavailable, bad = {}, [], []
     counter = itertools.count()
-    stop = threading.Event()
     lock = threading.Lock()
 
     def submitter():
         s = requests.Session()
         while not stop.is_set():
             i = next(counter)
-            if i >= len(X):
+            if i >= n:
                 return
-            body = {"model": "binary_short", "input": infer_body(X[i:i + 1])}
             try:
-                r = s.post(serve.url + "/v1/jobs", json=body, timeout=HTTP_TIMEOUT_S)
+                r = s.post(url + "/v1/jobs", json=body_of(i), timeout=HTTP_TIMEOUT_S)
             except requests.RequestException as exc:
                 bad.append(f"row {i}: {exc!r}")
                 s = requests.Session()
@@ -274,6 +267,21 @@ def test_redis_killed_and_restarted_mid_run(split, redis_server, trained):
                     bad.append(f"row {i}: HTTP {r.status_code}: {r.text[:200]}")
             if r.status_code == 503:
                 stop.wait(0.05)
+    return accepted, unavailable, bad, submitter
+
+
+def test_redis_killed_and_restarted_mid_run(split, redis_server, trained):
+    """kill -9 of redis-server (AOF, fsync always) while jobs are submitted and run:
+    every 202 ends succeeded, the outage answers 503 + Retry-After, nobody restarts."""
+    m = trained["binary"]
+    serve, workers, url = split(2, "--workers", "2", "--worker-batch", "8")
+    pids = [p.proc.pid for p in [serve, *workers]]
+    X = m.rows(20000, seed=902)
+    expected = m.expected(X)
+    stop = threading.Event()
+    accepted, unavailable, bad, submitter = outage_submitter(
+        serve.url, len(X), lambda i: {"model": "binary_short", "input": infer_body(X[i:i + 1])},
+        stop)
     threads = [threading.Thread(target=submitter, daemon=True) for _ in range(4)]
     for t in threads:
         t.start()
@@ -330,34 +338,12 @@ def test_redis_killed_with_webhooks_pending(split, redis_server, webhook_receive
     procs = [serve, *workers]
     pids = [p.proc.pid for p in procs]
     X = np.arange(WEBHOOK_JOBS * 4, dtype=np.float32).reshape(WEBHOOK_JOBS, 4)
-    accepted, unavailable, bad = {}, [], []
-    counter = itertools.count()
     stop = threading.Event()
-    lock = threading.Lock()
-
-    def submitter():
-        s = requests.Session()
-        while not stop.is_set():
-            i = next(counter)
-            if i >= WEBHOOK_JOBS:
-                return
-            body = {"model": "rowsum", "input": infer_body(X[i:i + 1]),
-                    "callback_url": f"{recv.url}/ok/{i}"}
-            try:
-                r = s.post(serve.url + "/v1/jobs", json=body, timeout=HTTP_TIMEOUT_S)
-            except requests.RequestException as exc:
-                bad.append(f"row {i}: {exc!r}")
-                s = requests.Session()
-                continue
-            with lock:
-                if r.status_code == 202:
-                    accepted[i] = check_accepted(r, f"row {i}")
-                elif r.status_code == 503:
-                    unavailable.append(r)
-                else:
-                    bad.append(f"row {i}: HTTP {r.status_code}: {r.text[:200]}")
-            if r.status_code == 503:
-                stop.wait(0.05)
+    accepted, unavailable, bad, submitter = outage_submitter(
+        serve.url, WEBHOOK_JOBS,
+        lambda i: {"model": "rowsum", "input": infer_body(X[i:i + 1]),
+                   "callback_url": f"{recv.url}/ok/{i}"},
+        stop)
     threads = [threading.Thread(target=submitter, daemon=True) for _ in range(WEBHOOK_CLIENTS)]
     for t in threads:
         t.start()
