@@ -270,6 +270,16 @@ def outage_submitter(url, n, body_of, stop):
     return accepted, unavailable, bad, submitter
 
 
+def check_outage_answers(bad, unavailable):
+    """Every answer was a 202 or a 503, and each 503 said when to retry, in JSON."""
+    assert not bad, f"{len(bad)} submissions neither 202 nor 503: {bad[:5]}"
+    for r in unavailable:
+        ra = r.headers.get("Retry-After")
+        assert ra is not None and ra.strip().isdigit() and int(ra) >= 1, \
+            f"503 with Retry-After {ra!r}: {r.text[:200]}"
+        error_message(r)
+
+
 def test_redis_killed_and_restarted_mid_run(split, redis_server, trained):
     """kill -9 of redis-server (AOF, fsync always) while jobs are submitted and run:
     every 202 ends succeeded, the outage answers 503 + Retry-After, nobody restarts."""
@@ -297,13 +307,9 @@ def test_redis_killed_and_restarted_mid_run(split, redis_server, trained):
         stop.set()
         for t in threads:
             t.join(timeout=120)
-    assert not bad, f"{len(bad)} submissions neither 202 nor 503: {bad[:5]}"
+    check_outage_answers(bad, unavailable)
     for r in unavailable:
-        ra = r.headers.get("Retry-After")
-        assert ra is not None and ra.strip().isdigit() and int(ra) >= 1, \
-            f"503 with Retry-After {ra!r}: {r.text[:200]}"
         assert "Location" not in r.headers, f"a 503 with a Location: {dict(r.headers)}"
-        error_message(r)
     # every accepted job ends succeeded, with its row's prediction
     c = serve.client()
     want = {jid: i for i, jid in accepted.items()}
@@ -362,12 +368,7 @@ def test_redis_killed_with_webhooks_pending(split, redis_server, webhook_receive
         stop.set()
         for t in threads:
             t.join(timeout=120)
-    assert not bad, f"{len(bad)} submissions neither 202 nor 503: {bad[:5]}"
-    for r in unavailable:
-        ra = r.headers.get("Retry-After")
-        assert ra is not None and ra.strip().isdigit() and int(ra) >= 1, \
-            f"503 with Retry-After {ra!r}: {r.text[:200]}"
-        error_message(r)
+    check_outage_answers(bad, unavailable)
     c = serve.client()
     want = {jid: i for i, jid in accepted.items()}
     # (a lease whose answer Redis never sent is handed back on the worker's next lease, so
