@@ -54,6 +54,10 @@ static const struct option_def serve_options[] = {
      BOTH},
     {"host", OPT_STR, "127.0.0.1", 0, 0, "IPv4 address to listen on (0.0.0.0 for all)", BOTH},
     {"port", OPT_INT, "8000", 0, 65535, "TCP port (0 picks a free one and logs it)", BOTH},
+    {"reuse-port", OPT_FLAG, "0", 0, 1,
+     "share --port with other processes that pass it too (SO_REUSEPORT); without it a port in "
+     "use is an error at start",
+     BOTH},
     {"threads", OPT_INT, "0", 0, 256, "HTTP threads; 0 means one per CPU", BOTH},
     {"max-body-bytes", OPT_INT, "67108864", 1024, 4294967296LL,
      "largest request body; past it, 413", SERVE},
@@ -333,7 +337,7 @@ static int cmd_serve(int argc, char **argv, int worker)
     struct http_config hc;
     struct err e = {0};
     sigset_t sigs;
-    int sig, failed, blocked = 0, rc = 1;
+    int sig, failed, blocked = 0, rc = 1, listen_fd = -1, port;
 
     const char *cmd = worker ? "worker" : "serve";
 
@@ -356,9 +360,19 @@ static int cmd_serve(int argc, char **argv, int worker)
         p.num[opt_index(&p, "port")] = 8001;
     if (configure_storage(&p, cmd, OPT_S(&p, "file-roots")) != 0)
         return 2;
-    if (notify_set_allowed_hosts(OPT_S(&p, "webhook-hosts"), &e) != 0 ||
-        notify_set_listen(OPT_S(&p, "host"), (int)OPT_N(&p, "port"), &e) != 0) {
+    if (notify_set_allowed_hosts(OPT_S(&p, "webhook-hosts"), &e) != 0) {
         fprintf(stderr, "inferd %s: %s\n", cmd, e.msg);
+        return 2;
+    }
+    /* the port first: a process that cannot have it stops before it touches the queue */
+    if (http_listen(OPT_S(&p, "host"), (int)OPT_N(&p, "port"), (int)OPT_N(&p, "reuse-port"),
+                    &listen_fd, &port, &e) != 0) {
+        fprintf(stderr, "inferd %s: %s\n", cmd, e.msg);
+        return 1;
+    }
+    if (notify_set_listen(OPT_S(&p, "host"), port, &e) != 0) {
+        fprintf(stderr, "inferd %s: %s\n", cmd, e.msg);
+        close(listen_fd);
         return 2;
     }
     if (!OPT_S(&p, "file-roots")[0] && strncmp(OPT_S(&p, "host"), "127.", 4) != 0)
@@ -435,7 +449,7 @@ static int cmd_serve(int argc, char **argv, int worker)
     }
     hc = (struct http_config){
         .host = OPT_S(&p, "host"),
-        .port = (int)OPT_N(&p, "port"),
+        .listen_fd = listen_fd,
         .threads = (int)OPT_N(&p, "threads"),
         .max_body_bytes = OPT_N(&p, "max-body-bytes"),
         .max_connections = (int)OPT_N(&p, "max-connections"),
@@ -451,13 +465,10 @@ static int cmd_serve(int argc, char **argv, int worker)
         .worker_only = worker,
         .max_input_bytes = wc.max_input_bytes,
     };
+    listen_fd = -1; /* the server's now, started or not */
     if (http_server_start(&hc, reg, queue, pool, notifier, &srv, &e) != 0) {
         log_error("main", "cannot start the HTTP server", "reason=\"%s\"", e.msg);
         goto cleanup;
-    }
-    if (hc.port == 0) { /* webhooks wait for the port they must never reach: now bound */
-        notify_set_listen(hc.host, http_server_port(srv), NULL);
-        notify_kick(notifier);
     }
     bjc = (struct batch_jobs_config){
         .q = queue, .reg = reg, .max_attempts = (int)OPT_N(&p, "max-attempts")};
@@ -485,6 +496,8 @@ static int cmd_serve(int argc, char **argv, int worker)
     srv = NULL;
     rc = 0;
 cleanup:
+    if (listen_fd >= 0)
+        close(listen_fd);
     blocked += http_server_stop(srv);
     batch_scheduler_stop(scheduler);
     /* running jobs finish and record their results; blocked ones are handed back */

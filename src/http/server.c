@@ -723,19 +723,56 @@ static void free_server(struct http_server *s)
     free(s);
 }
 
+int http_listen(const char *host, int port, int reuse_port, int *out, int *bound_port,
+                struct err *e)
+{
+    struct sockaddr_in addr = {0};
+    socklen_t len = sizeof(addr);
+    int fd, on = 1, saved;
+
+    *out = -1;
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons((uint16_t)port);
+    if (inet_pton(AF_INET, host, &addr.sin_addr) != 1)
+        return err_set(e, ERR_INVALID, "--host: '%s' is not an IPv4 address", host);
+    fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return err_set(e, ERR_IO, "cannot create a socket: %s", strerror(errno));
+    /* SO_REUSEADDR only lets a restart bind past connections in TIME_WAIT; on Linux it never
+     * lets two processes listen on one port. SO_REUSEPORT does, so only when asked. */
+    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) != 0 ||
+        (reuse_port && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, sizeof(on)) != 0) ||
+        bind(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0 || listen(fd, 1024) != 0) {
+        saved = errno;
+        close(fd);
+        if (saved == EADDRINUSE)
+            return err_set(e, ERR_IO,
+                           "cannot listen on %s:%d: address already in use (another process "
+                           "listens on port %d: give this one its own --port, or pass "
+                           "--reuse-port to both to share it on purpose)",
+                           host, port, port);
+        return err_set(e, ERR_IO, "cannot listen on %s:%d: %s", host, port, strerror(saved));
+    }
+    *bound_port = getsockname(fd, (struct sockaddr *)&addr, &len) == 0 ? ntohs(addr.sin_port)
+                                                                       : port;
+    *out = fd;
+    return 0;
+}
+
 int http_server_start(const struct http_config *cfg, struct registry *reg, struct queue *q,
                       struct worker_pool *pool, struct notifier *notifier, struct http_server **out,
                       struct err *e)
 {
     struct http_server *s = calloc(1, sizeof(*s));
-    struct sockaddr_in addr = {0};
     const union MHD_DaemonInfo *di;
     long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
     unsigned threads, mhd_limit;
 
     *out = NULL;
-    if (!s)
+    if (!s) {
+        close(cfg->listen_fd);
         return err_set(e, ERR_NOMEM, "out of memory");
+    }
     s->cfg = *cfg;
     s->reg = reg;
     pthread_mutex_init(&s->live_lock, NULL);
@@ -744,17 +781,12 @@ int http_server_start(const struct http_config *cfg, struct registry *reg, struc
     s->notifier = notifier;
     if (iopool_create(cfg->io_threads > 0 ? cfg->io_threads : 8, &s->io) != 0 ||
         jobs_waiters_start(s) != 0 || conns_create(cfg, &s->guard) != 0) {
+        close(cfg->listen_fd);
         free_server(s);
         return err_set(e, ERR_NOMEM, "cannot start the I/O threads");
     }
     if (q)
         queue_on_final(q, jobs_on_final, s);
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons((uint16_t)cfg->port);
-    if (inet_pton(AF_INET, cfg->host, &addr.sin_addr) != 1) {
-        free_server(s);
-        return err_set(e, ERR_INVALID, "--host: '%s' is not an IPv4 address", cfg->host);
-    }
     check_fd_limit(cfg);
     threads = cfg->threads > 0 ? (unsigned)cfg->threads : (unsigned)(n_cpu > 0 ? n_cpu : 1);
     /* the guard enforces max_connections; libmicrohttpd's own limit (split between its
@@ -762,20 +794,18 @@ int http_server_start(const struct http_config *cfg, struct registry *reg, struc
     mhd_limit = (unsigned)cfg->max_connections + (unsigned)cfg->max_connections / 2 + 64 * threads;
     s->daemon = MHD_start_daemon(
         MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_TURBO,
-        0, conns_accept, s->guard, on_request, s, MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
+        0, conns_accept, s->guard, on_request, s, MHD_OPTION_LISTEN_SOCKET, cfg->listen_fd,
         MHD_OPTION_THREAD_POOL_SIZE, threads, MHD_OPTION_CONNECTION_LIMIT, mhd_limit,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->idle_timeout_s, MHD_OPTION_NOTIFY_COMPLETED,
         on_completed, s, MHD_OPTION_NOTIFY_CONNECTION, conns_notify, s->guard,
-        MHD_OPTION_URI_LOG_CALLBACK, on_request_line, s, MHD_OPTION_LISTEN_BACKLOG_SIZE, 1024u,
-        MHD_OPTION_LISTENING_ADDRESS_REUSE, 1u, MHD_OPTION_END);
+        MHD_OPTION_URI_LOG_CALLBACK, on_request_line, s, MHD_OPTION_END);
     if (!s->daemon) {
-        int saved = errno;
+        close(cfg->listen_fd);
         free_server(s);
-        return err_set(e, ERR_IO, "cannot listen on %s:%d: %s", cfg->host, cfg->port,
-                       strerror(saved));
+        return err_set(e, ERR_IO, "cannot start the HTTP server on %s", cfg->host);
     }
     di = MHD_get_daemon_info(s->daemon, MHD_DAEMON_INFO_BIND_PORT);
-    s->port = di ? di->port : cfg->port;
+    s->port = di ? di->port : 0;
     *out = s;
     return 0;
 }

@@ -15,8 +15,8 @@ struct worker_pool;
 struct notifier;
 
 struct http_config {
-    const char *host;               /* address to bind; "127.0.0.1" by default */
-    int port;                       /* 8000 by default; 0 picks a free port */
+    const char *host;               /* the address listened on, for logs and metrics */
+    int listen_fd;                  /* from http_listen(); the server owns it once started */
     int threads;                    /* HTTP threads (epoll each); 0 means one per CPU */
     int64_t max_body_bytes;         /* larger bodies get 413 */
     int max_connections;            /* past it, the oldest idle connection is closed for room */
@@ -36,8 +36,16 @@ struct http_config {
 
 struct http_server;
 
-/* Starts listening and serving. `reg`, `q` and `pool` are borrowed and must outlive the
- * server; `q` NULL disables the async API (503), `pool` may be NULL. */
+/* Binds and listens on host:port (IPv4; port 0 picks a free port), so the port is known to be
+ * this process's before anything else starts. A port in use is an error naming it unless
+ * `reuse_port` asks to share it with other processes (SO_REUSEPORT: the kernel spreads new
+ * connections between them). *bound_port is the port bound. */
+int http_listen(const char *host, int port, int reuse_port, int *fd, int *bound_port,
+                struct err *e);
+
+/* Starts serving on cfg->listen_fd (closed here on failure). `reg`, `q` and `pool` are
+ * borrowed and must outlive the server; `q` NULL disables the async API (503), `pool` may be
+ * NULL. */
 int http_server_start(const struct http_config *cfg, struct registry *reg, struct queue *q,
                       struct worker_pool *pool, struct notifier *notifier, struct http_server **out,
                       struct err *e);
