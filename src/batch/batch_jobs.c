@@ -532,6 +532,16 @@ int batch_job_schedule(const struct batch_jobs_config *cfg, const char *definiti
     return rc;
 }
 
+/* The time a run started by hand runs for: now, but never on a whole minute, the times the
+ * scheduler's runs take, so it never takes a scheduled run's place ((schedule, time) is
+ * unique in the store). */
+static int64_t by_hand_time(void)
+{
+    int64_t now = batch_clock_now_ms();
+
+    return now % 60000 == 0 ? now + 1 : now;
+}
+
 int batch_job_run_now(const struct batch_jobs_config *cfg, const char *id, char id_out[40],
                       struct err *e)
 {
@@ -543,7 +553,7 @@ int batch_job_run_now(const struct batch_jobs_config *cfg, const char *id, char 
     if (s->schedule && s->state == JOB_CANCELLED)
         rc = err_set(e, ERR_CONFLICT, "schedule %s is cancelled", id);
     else if (s->schedule) /* a run of the schedule, for now; its next run stays */
-        rc = start_run(cfg, s->definition, id, batch_clock_now_ms(), 0, 1, id_out, e);
+        rc = start_run(cfg, s->definition, id, by_hand_time(), 0, 1, id_out, e);
     else /* a run again: the same definition and locations */
         rc = start_run(cfg, s->definition, NULL, 0, 0, 0, id_out, e);
     if (rc == 0)

@@ -626,9 +626,13 @@ def test_run_now_pause_and_resume(tmp_path, inputs, server_factory, monkeypatch,
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "scheduled"
     assert r.json()["next_run_at"] == "2030-01-03T00:00:00.000Z"
-    clock.write_text(str(utc_ms(2030, 1, 3, 0, 0, 5)))
-    s = runs_of(server, sid, 2)
-    assert s["runs"][0]["run_at"] == "2030-01-03T00:00:00.000Z"
+    # run by hand on the very minute the schedule is due: both runs happen
+    clock.write_text(str(utc_ms(2030, 1, 3, 0, 0, 0)))
+    assert post(server, sid, "run").status_code == 202
+    s = runs_of(server, sid, 3)
+    assert sorted(x["run_at"] for x in s["runs"][:2]) == [
+        "2030-01-03T00:00:00.000Z", "2030-01-03T00:00:00.001Z"], s["runs"]
+    assert s["next_run_at"] == "2030-01-04T00:00:00.000Z"
 
     # what cannot pause or run
     r = post(server, run["id"], "pause")
