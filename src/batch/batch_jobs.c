@@ -42,7 +42,7 @@ static const char *const known_fields[] = {
     "model",      "input",      "output",     "format",       "records_per_batch", "concurrency",
     "join_input", "csv_header", "max_errors", "callback_url", "schedule",          NULL};
 
-/* fields of schedules and templates (the others' list stays as it was) */
+/* fields that shape when a job runs and where it reads and writes, beside known_fields */
 static const char *const schedule_fields[] = {"timezone", NULL};
 
 static int check_location(const char *key, const char *s, struct err *e);
@@ -415,6 +415,7 @@ static int resolve_locations(json_t *def, int64_t at_ms, int stamp, struct err *
     if ((rc = expand_location(def, "input", &at, e)) ||
         (rc = expand_location(def, "output", &at, e)))
         return rc;
+    output = json_string_value(json_object_get(def, "output")); /* replaced if templated */
     if (stamp && !templated && output) {
         char text[32];
         time_t t = (time_t)(at_ms / 1000);

@@ -3,8 +3,9 @@
  * its progress, cancel it; run one now (POST .../run), pause and resume a schedule (POST
  * .../pause, .../resume); list them, by status (?status=).
  *
- * The definition is checked on the HTTP thread (no I/O); listing the input, which may take
- * long on S3, and storing the run run on the I/O pool.
+ * The definition is checked on the HTTP thread (no I/O but its time zone's tzdata file, a
+ * small local file); listing the input, which may take long on S3, and storing the run run on
+ * the I/O pool.
  */
 #define _GNU_SOURCE
 #include "batch/batch_jobs.h"
