@@ -682,6 +682,8 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
                 rc = chunk_write(run, c, &o, e);
             chunk_reset(c);
             progress(run, 0);
+            if (cfg->records_written)
+                *cfg->records_written = run->stats->records - start_records;
             if (rc == 0 && cfg->tick)
                 rc = cfg->tick(cfg->tick_ctx, e);
             if (rc != 0)

@@ -31,6 +31,8 @@ struct batch_config {
     /* called between chunks; a non-zero return (with `e` filled) stops the object */
     int (*tick)(void *ctx, struct err *e);
     void *tick_ctx;
+    int64_t *records_written; /* batch_run_object: when set, the object's records written so
+                               * far, updated (on the calling thread) before each tick */
 };
 
 /* Summary of a finished (or failed) run. */

@@ -7,6 +7,11 @@
  * share one run. The queue counts finished tasks in the run and queues a finishing job after
  * the last one; that job writes _manifest.json (the same format `inferd batch` writes) and
  * _SUCCESS.
+ *
+ * A schedule's times are wall-clock times in its "timezone" (cron.h gives the rule where
+ * daylight saving time skips or repeats one). Each run expands the fields of its input and
+ * output templates ({date}, {hour}, ...) with its scheduled time in that zone, a run started
+ * by hand with the time it was asked for, and stores the locations it used.
  */
 #define _GNU_SOURCE
 #include "batch/batch_jobs.h"
@@ -29,6 +34,7 @@
 
 #define SCHEDULER_TICK_MS 1000
 #define CANCEL_CHECK_MS 1000 /* how often a running task looks for a cancellation */
+#define PROGRESS_MS 1000     /* how often a running task reports the records it wrote */
 
 /* ---- definitions ---- */
 
@@ -36,13 +42,36 @@ static const char *const known_fields[] = {
     "model",      "input",      "output",     "format",       "records_per_batch", "concurrency",
     "join_input", "csv_header", "max_errors", "callback_url", "schedule",          NULL};
 
-static int check_uri(json_t *def, const char *key, struct err *e)
+/* fields that shape when a job runs and where it reads and writes, beside known_fields */
+static const char *const schedule_fields[] = {"timezone", NULL};
+
+static int check_location(const char *key, const char *s, struct err *e);
+
+/* `at`: a time to expand a template with, so that what is checked is a real location */
+static int check_uri(json_t *def, const char *key, const struct tm *at, struct err *e)
 {
     json_t *v = json_object_get(def, key);
     const char *s = json_string_value(v);
+    char *expanded = NULL;
+    int rc;
 
+    if (s && strchr(s, '{')) {
+        if ((rc = cron_template_expand(s, at, &expanded, e)) != 0) {
+            char msg[sizeof(e->msg)];
+            snprintf(msg, sizeof(msg), "%s", e->msg);
+            return err_set(e, rc, "%s: %s", key, msg);
+        }
+        rc = check_location(key, expanded, e);
+        free(expanded);
+        return rc;
+    }
     if (!v)
         return err_set(e, ERR_INVALID, "%s: missing", key);
+    return check_location(key, s, e);
+}
+
+static int check_location(const char *key, const char *s, struct err *e)
+{
     if (!s || !s[0])
         return err_set(e, ERR_INVALID,
                        "%s: expected a non-empty string (a path, file:// or s3:// "
@@ -85,18 +114,48 @@ static int check_bool(json_t *def, const char *key, struct err *e)
     return json_is_boolean(v) ? 0 : err_set(e, ERR_INVALID, "%s: expected true or false", key);
 }
 
+/* "timezone": an IANA name, "UTC" when not given; `now_there` is the time there now */
+static int check_timezone(json_t *def, struct tm *now_there, struct err *e)
+{
+    json_t *v = json_object_get(def, "timezone");
+    struct cron_zone *z = NULL;
+    int rc;
+
+    if (!v || json_is_null(v)) {
+        if (json_object_set_new(def, "timezone", json_string("UTC")) != 0)
+            return err_set(e, ERR_NOMEM, "out of memory");
+        v = json_object_get(def, "timezone");
+    }
+    if (!json_is_string(v))
+        return err_set(e, ERR_INVALID,
+                       "timezone: expected an IANA time zone name such as "
+                       "\"Europe/Paris\"");
+    rc = cron_zone_open(json_string_value(v), &z, e);
+    if (rc != 0) {
+        char msg[sizeof(e->msg)];
+        snprintf(msg, sizeof(msg), "%s", e->msg);
+        return err_set(e, rc, "timezone: %s", msg);
+    }
+    cron_zone_time(z, batch_clock_now_ms(), now_there);
+    cron_zone_close(z);
+    return 0;
+}
+
 static int check_fields(json_t *def, struct registry *reg, struct err *e)
 {
     const char *key, *s;
     json_t *v;
     struct model *m = NULL;
     struct cron c;
+    struct tm now_there;
     int rc;
 
     json_object_foreach (def, key, v) {
         int known = 0;
         for (int i = 0; known_fields[i]; i++)
             known |= strcmp(known_fields[i], key) == 0;
+        for (int i = 0; schedule_fields[i]; i++)
+            known |= strcmp(schedule_fields[i], key) == 0;
         if (!known)
             return err_set(e, ERR_INVALID, "unknown field '%.64s'", key);
     }
@@ -110,7 +169,9 @@ static int check_fields(json_t *def, struct registry *reg, struct err *e)
     if (!batch_model_ok(m))
         rc = err_set(e, ERR_INVALID, "model: '%s' does not take rows of numbers", s);
     model_release(m);
-    if (rc != 0 || (rc = check_uri(def, "input", e)) || (rc = check_uri(def, "output", e)))
+    if (rc != 0 || (rc = check_timezone(def, &now_there, e)) != 0 ||
+        (rc = check_uri(def, "input", &now_there, e)) ||
+        (rc = check_uri(def, "output", &now_there, e)))
         return rc;
     v = json_object_get(def, "format");
     if (v && !json_is_null(v) &&
@@ -136,7 +197,9 @@ static int check_fields(json_t *def, struct registry *reg, struct err *e)
     v = json_object_get(def, "schedule");
     if (v && !json_is_null(v)) {
         if (!json_is_string(v))
-            return err_set(e, ERR_INVALID, "schedule: expected a 5-field cron expression");
+            return err_set(e, ERR_INVALID,
+                           "schedule: expected a 5-field cron expression or @hourly, @daily, "
+                           "@weekly, @monthly, @yearly");
         if ((rc = cron_parse(json_string_value(v), &c, e)) != 0) {
             char msg[sizeof(e->msg)];
             snprintf(msg, sizeof(msg), "%s", e->msg);
@@ -224,7 +287,7 @@ static char *task_input(json_t *def, const char *name, const char *in_uri, const
 }
 
 /* Lists the input and prepares one task per object. */
-static int plan_run(json_t *def, int64_t run_at_ms, struct run_plan *p, struct err *e)
+static int plan_run(json_t *def, struct run_plan *p, struct err *e)
 {
     const char *input = json_string_value(json_object_get(def, "input"));
     const char *output = json_string_value(json_object_get(def, "output"));
@@ -236,16 +299,7 @@ static int plan_run(json_t *def, int64_t run_at_ms, struct run_plan *p, struct e
     };
     int is_object = 0, rc;
 
-    if (run_at_ms > 0) {
-        char stamp[32];
-        time_t t = (time_t)(run_at_ms / 1000);
-        struct tm tm;
-        gmtime_r(&t, &tm);
-        strftime(stamp, sizeof(stamp), "%Y%m%dT%H%MZ", &tm);
-        p->output = storage_join(output, stamp);
-    } else {
-        p->output = strdup(output);
-    }
+    p->output = strdup(output);
     if (!p->output)
         return err_set(e, ERR_NOMEM, "out of memory");
     rc = storage_list(input, &p->names, &p->n_names, &is_object, e);
@@ -317,8 +371,69 @@ static int64_t lease_of(struct registry *reg, const char *model)
     return ms;
 }
 
-int batch_job_start(const struct batch_jobs_config *cfg, const char *definition, const char *parent,
-                    int64_t run_at_ms, int64_t parent_next_ms, char id_out[40], struct err *e)
+/* Opens the definition's "timezone" (UTC when it has none). */
+static int zone_of(json_t *def, struct cron_zone **z, struct err *e)
+{
+    const char *name = json_string_value(json_object_get(def, "timezone"));
+
+    return cron_zone_open(name ? name : "UTC", z, e);
+}
+
+/* Expands def[key]'s template fields with `at`, in place. */
+static int expand_location(json_t *def, const char *key, const struct tm *at, struct err *e)
+{
+    const char *s = json_string_value(json_object_get(def, key));
+    char *expanded = NULL;
+    int rc;
+
+    if (!s || !strchr(s, '{'))
+        return 0;
+    rc = cron_template_expand(s, at, &expanded, e);
+    if (rc == 0 && json_object_set_new(def, key, json_string(expanded)) != 0)
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    free(expanded);
+    return rc;
+}
+
+/*
+ * A run's locations: the templates expanded with the time it runs for (`at_ms`) in its zone;
+ * a run of a schedule whose output has no template writes under <output>/<YYYYmmddTHHMMZ>/
+ * (to the second, <YYYYmmddTHHMMSSZ>, for a run started by hand).
+ */
+static int resolve_locations(json_t *def, int64_t at_ms, int stamp, struct err *e)
+{
+    const char *output = json_string_value(json_object_get(def, "output"));
+    int templated = output && strchr(output, '{');
+    struct cron_zone *z = NULL;
+    struct tm at;
+    int rc = zone_of(def, &z, e);
+
+    if (rc != 0)
+        return rc;
+    cron_zone_time(z, at_ms, &at);
+    cron_zone_close(z);
+    if ((rc = expand_location(def, "input", &at, e)) ||
+        (rc = expand_location(def, "output", &at, e)))
+        return rc;
+    output = json_string_value(json_object_get(def, "output")); /* replaced if templated */
+    if (stamp && !templated && output) {
+        char text[32];
+        time_t t = (time_t)(at_ms / 1000);
+        struct tm tm;
+        gmtime_r(&t, &tm);
+        strftime(text, sizeof(text), at_ms % 60000 == 0 ? "%Y%m%dT%H%MZ" : "%Y%m%dT%H%M%SZ", &tm);
+        char *stamped = storage_join(output, text);
+        rc = stamped && json_object_set_new(def, "output", json_string(stamped)) == 0
+                 ? 0
+                 : err_set(e, ERR_NOMEM, "out of memory");
+        free(stamped);
+    }
+    return rc;
+}
+
+static int start_run(const struct batch_jobs_config *cfg, const char *definition,
+                     const char *parent, int64_t run_at_ms, int64_t parent_next_ms, int by_hand,
+                     char id_out[40], struct err *e)
 {
     json_t *def = json_loads(definition, 0, NULL);
     struct run_plan p = {0};
@@ -332,8 +447,11 @@ int batch_job_start(const struct batch_jobs_config *cfg, const char *definition,
         return err_set(e, ERR_INVALID, "batch job definition is not a JSON object");
     }
     json_object_del(def, "schedule"); /* a run's definition: what it ran with */
+    rc = resolve_locations(def, parent ? run_at_ms : batch_clock_now_ms(), parent != NULL,
+                           &plan_err);
     run_def = json_dumps(def, JSON_COMPACT | JSON_SORT_KEYS);
-    rc = plan_run(def, parent ? run_at_ms : 0, &p, &plan_err);
+    if (rc == 0)
+        rc = plan_run(def, &p, &plan_err);
     if (rc != 0 && !parent) {
         *e = plan_err;
         goto cleanup;
@@ -353,6 +471,7 @@ int batch_job_start(const struct batch_jobs_config *cfg, const char *definition,
     spec.parent = parent;
     spec.run_at_ms = run_at_ms;
     spec.parent_next_run_ms = parent_next_ms;
+    spec.by_hand = by_hand;
     rc = queue_batch_create(cfg->q, &spec, id_out, e);
     if (rc == 0)
         log_info("batch", "batch job started", "batch_job=%s objects=%zu output=%s", id_out,
@@ -364,19 +483,42 @@ cleanup:
     return rc;
 }
 
+int batch_job_start(const struct batch_jobs_config *cfg, const char *definition, const char *parent,
+                    int64_t run_at_ms, int64_t parent_next_ms, char id_out[40], struct err *e)
+{
+    return start_run(cfg, definition, parent, run_at_ms, parent_next_ms, 0, id_out, e);
+}
+
+/* The first run of `def`'s schedule, in its time zone, after `after_ms`; -1 if none. */
+static int next_run(json_t *def, int64_t after_ms, int64_t *next, struct err *e)
+{
+    const char *schedule = json_string_value(json_object_get(def, "schedule"));
+    struct cron_zone *z = NULL;
+    struct cron c;
+    int rc;
+
+    *next = -1;
+    if (!schedule)
+        return err_set(e, ERR_INVALID, "batch job definition has no schedule");
+    if ((rc = cron_parse(schedule, &c, e)) != 0 || (rc = zone_of(def, &z, e)) != 0)
+        return rc;
+    *next = cron_next_in(&c, z, after_ms);
+    cron_zone_close(z);
+    return 0;
+}
+
 int batch_job_schedule(const struct batch_jobs_config *cfg, const char *definition, char id_out[40],
                        struct err *e)
 {
     json_t *def = json_loads(definition, 0, NULL);
     struct batch_job_spec spec = {0};
-    struct cron c;
     int rc;
 
     if (!json_is_object(def)) {
         json_decref(def);
         return err_set(e, ERR_INVALID, "batch job definition is not a JSON object");
     }
-    rc = cron_parse(json_string_value(json_object_get(def, "schedule")), &c, e);
+    rc = next_run(def, batch_clock_now_ms(), &spec.next_run_ms, e);
     if (rc == 0) {
         spec.definition = definition;
         spec.model = json_string_value(json_object_get(def, "model"));
@@ -385,11 +527,60 @@ int batch_job_schedule(const struct batch_jobs_config *cfg, const char *definiti
         spec.max_attempts = cfg->max_attempts > 0 ? cfg->max_attempts : 3;
         spec.lease_timeout_ms = lease_of(cfg->reg, spec.model);
         spec.schedule = json_string_value(json_object_get(def, "schedule"));
-        spec.next_run_ms = cron_next(&c, batch_clock_now_ms());
         rc = queue_batch_create(cfg->q, &spec, id_out, e);
     }
     json_decref(def);
     return rc;
+}
+
+/* The time a run started by hand runs for: now, but never on a whole minute, the times the
+ * scheduler's runs take, so it never takes a scheduled run's place ((schedule, time) is
+ * unique in the store). */
+static int64_t by_hand_time(void)
+{
+    int64_t now = batch_clock_now_ms();
+
+    return now % 60000 == 0 ? now + 1 : now;
+}
+
+int batch_job_run_now(const struct batch_jobs_config *cfg, const char *id, char id_out[40],
+                      struct err *e)
+{
+    struct queue_schedule *s = NULL;
+    int rc = queue_batch_definition(cfg->q, id, &s, e);
+
+    if (rc != 0)
+        return rc;
+    if (s->schedule && s->state == JOB_CANCELLED)
+        rc = err_set(e, ERR_CONFLICT, "schedule %s is cancelled", id);
+    else if (s->schedule) /* a run of the schedule, for now; its next run stays */
+        rc = start_run(cfg, s->definition, id, by_hand_time(), 0, 1, id_out, e);
+    else /* a run again: the same definition and locations */
+        rc = start_run(cfg, s->definition, NULL, 0, 0, 0, id_out, e);
+    if (rc == 0)
+        log_info("batch", "batch job run by hand", "batch_job=%s run=%s", id, id_out);
+    queue_schedules_free(s, 1);
+    return rc;
+}
+
+int batch_job_pause(const struct batch_jobs_config *cfg, const char *id, int paused,
+                    struct buf *out, struct err *e)
+{
+    struct queue_schedule *s = NULL;
+    int64_t next = 0;
+    int rc = 0;
+
+    if (!paused) { /* resumed: the next time after now; what it missed does not run */
+        json_t *def = NULL;
+        rc = queue_batch_definition(cfg->q, id, &s, e);
+        if (rc == 0 && s->schedule && (def = json_loads(s->definition, 0, NULL)) != NULL)
+            rc = next_run(def, batch_clock_now_ms(), &next, e);
+        json_decref(def);
+        queue_schedules_free(s, 1);
+        if (rc != 0)
+            return rc;
+    }
+    return queue_batch_pause(cfg->q, id, paused, next, out, e);
 }
 
 /* ---- the scheduler ---- */
@@ -428,11 +619,12 @@ static void run_due(struct batch_scheduler *s)
         return;
     }
     for (size_t i = 0; i < n; i++) {
-        struct cron c;
+        json_t *def = json_loads(due[i].definition, 0, NULL);
         char id[40];
         int64_t next = -1;
-        if (cron_parse(due[i].schedule, &c, &e) == 0)
-            next = cron_next(&c, now); /* minutes missed while down are not run twice */
+        if (def && next_run(def, now, &next, &e) != 0) /* missed minutes do not run twice */
+            next = -1;
+        json_decref(def);
         int rc = batch_job_start(&s->cfg, due[i].definition, due[i].id, due[i].next_run_ms, next,
                                  id, &e);
         if (rc == 0)
@@ -501,6 +693,9 @@ struct task_tick {
     const _Atomic int *stop;
     const struct job *job;
     int64_t last_extend_ms, last_check_ms;
+    int64_t records;  /* written so far (batch_run_object updates it before each tick) */
+    int64_t reported; /* the last count sent to the queue */
+    int64_t last_progress_ms;
 };
 
 /* Between chunks: keep the lease, and stop if the task was cancelled or lost its lease. */
@@ -517,6 +712,16 @@ static int task_tick(void *ctx, struct err *e)
         t->last_extend_ms = now;
         if (queue_extend(t->q, t->job->id, t->job->token, t->job->lease_timeout_ms, e) != 0)
             return err_set(e, ERR_CONFLICT, "task %s lost its lease", t->job->id);
+    }
+    if (t->records != t->reported && now - t->last_progress_ms >= PROGRESS_MS) {
+        struct err pe;
+        t->last_progress_ms = now;
+        t->reported = t->records;
+        /* progress is for people watching: a failure to store it stops nothing */
+        if (queue_batch_progress(t->q, t->job->batch_id, t->job->id, t->job->token, t->records,
+                                 &pe) != 0)
+            log_debug("batch", "progress not recorded", "task=%s reason=\"%s\"", t->job->id,
+                      pe.msg);
     }
     if (now - t->last_check_ms >= CANCEL_CHECK_MS) {
         t->last_check_ms = now;
@@ -545,6 +750,7 @@ static int run_object(struct queue *q, struct registry *reg, const struct job *j
         .stale_errors = json_is_true(json_object_get(in, "stale_errors")),
         .tick = task_tick,
         .tick_ctx = &tick,
+        .records_written = &tick.records,
     };
     struct batch_object_result res;
     struct model *m = NULL;

@@ -23,8 +23,9 @@ struct batch_jobs_config {
 
 /*
  * Checks a batch-job definition (a JSON object: model, input, output, format,
- * records_per_batch, concurrency, join_input, csv_header, max_errors, callback_url, schedule)
- * without touching storage. ERR_INVALID / ERR_NOT_FOUND name the field.
+ * records_per_batch, concurrency, join_input, csv_header, max_errors, callback_url, schedule,
+ * timezone) without touching storage; input and output may be templates (cron.h).
+ * ERR_INVALID / ERR_NOT_FOUND name the field.
  *   normalized  a new string (free()): the definition with its defaults filled in
  */
 int batch_job_check(const char *body, size_t len, struct registry *reg, char **normalized,
@@ -42,9 +43,23 @@ int batch_job_start(const struct batch_jobs_config *cfg, const char *definition,
                     char id_out[40], struct err *e);
 
 /* Stores a checked definition that has a schedule; its first run is the next matching
- * minute. */
+ * minute in its time zone. */
 int batch_job_schedule(const struct batch_jobs_config *cfg, const char *definition,
                        char id_out[40], struct err *e);
+
+/*
+ * Runs batch job `id` now. A schedule (active or paused) gets a run of its own for the time
+ * now (its templates expanded with it), listed with its runs; its next run does not move. A
+ * run is started again as a new run with the same definition and locations. ERR_NOT_FOUND;
+ * ERR_CONFLICT for a cancelled schedule; else as batch_job_start.
+ */
+int batch_job_run_now(const struct batch_jobs_config *cfg, const char *id, char id_out[40],
+                      struct err *e);
+
+/* Pauses (`paused` 1) or resumes schedule `id`; a resumed schedule runs next at its first
+ * time after now (the times it missed do not run). Appends its JSON to `out`. */
+int batch_job_pause(const struct batch_jobs_config *cfg, const char *id, int paused,
+                    struct buf *out, struct err *e);
 
 /*
  * The scheduler's clock: now, unless $INFERD_CLOCK_FILE names a file holding milliseconds

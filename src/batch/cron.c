@@ -1,7 +1,14 @@
 /*
- * cron.c: parsing 5-field cron expressions and finding their next matching minute (UTC).
+ * cron.c: parsing 5-field cron expressions and finding their next matching minute, in UTC or
+ * in a time zone; the location templates that carry a run's scheduled time.
+ *
+ * Time zones come from GLib's GTimeZone, which reads the system's tzdata files (transitions
+ * and their POSIX TZ rule for later years) and is thread-safe, unlike glibc's localtime(),
+ * which reads one process-wide TZ.
  */
 #include "batch/cron.h"
+
+#include <glib.h>
 
 #include <ctype.h>
 #include <stdio.h>
@@ -110,6 +117,28 @@ static int parse_field(const struct field *f, const char *s, size_t len, uint64_
     return 0;
 }
 
+static const struct {
+    const char *name, *expr;
+} macros[] = {
+    {"@hourly", "0 * * * *"},   {"@daily", "0 0 * * *"},   {"@midnight", "0 0 * * *"},
+    {"@weekly", "0 0 * * 0"},   {"@monthly", "0 0 1 * *"}, {"@yearly", "0 0 1 1 *"},
+    {"@annually", "0 0 1 1 *"},
+};
+
+/* `expr` without surrounding blanks is the macro `name` */
+static int is_macro(const char *expr, const char *name)
+{
+    size_t len = strlen(name);
+
+    while (*expr == ' ' || *expr == '\t')
+        expr++;
+    if (strncasecmp(expr, name, len) != 0)
+        return 0;
+    for (expr += len; *expr == ' ' || *expr == '\t';)
+        expr++;
+    return *expr == '\0';
+}
+
 int cron_parse(const char *expr, struct cron *out, struct err *e)
 {
     uint64_t bits[5];
@@ -117,6 +146,16 @@ int cron_parse(const char *expr, struct cron *out, struct err *e)
     const char *p = expr;
 
     memset(out, 0, sizeof(*out));
+    for (size_t i = 0; i < sizeof(macros) / sizeof(*macros); i++)
+        if (is_macro(expr, macros[i].name))
+            return cron_parse(macros[i].expr, out, e);
+    while (*p == ' ' || *p == '\t')
+        p++;
+    if (*p == '@')
+        return err_set(e, ERR_INVALID,
+                       "unknown cron macro '%.32s': expected @hourly, @daily, @weekly, "
+                       "@monthly or @yearly",
+                       p);
     while (n < 5) {
         const char *start;
         while (*p == ' ' || *p == '\t')
@@ -161,13 +200,12 @@ static int day_matches(const struct cron *c, const struct tm *t)
     return dom || dow;
 }
 
-int64_t cron_next(const struct cron *c, int64_t after_ms)
+/* The first matching minute at or after `t` (a whole minute, seconds since the epoch of a
+ * clock without time zones), no later than `limit`; -1 if none. */
+static int64_t match_from(const struct cron *c, time_t t, time_t limit)
 {
-    time_t t = (time_t)(after_ms / 1000);
-    time_t limit = t + (time_t)5 * 366 * 86400;
     struct tm tm;
 
-    t = t - t % 60 + 60; /* the next whole minute */
     while (t <= limit) {
         gmtime_r(&t, &tm);
         if (!((c->months >> (tm.tm_mon + 1)) & 1) || !day_matches(c, &tm)) {
@@ -179,8 +217,223 @@ int64_t cron_next(const struct cron *c, int64_t after_ms)
             continue;
         }
         if ((c->minutes >> tm.tm_min) & 1)
-            return (int64_t)t * 1000;
+            return (int64_t)t;
         t += 60;
     }
     return -1;
+}
+
+int64_t cron_next(const struct cron *c, int64_t after_ms)
+{
+    time_t t = (time_t)(after_ms / 1000);
+    int64_t next;
+
+    t = t - t % 60 + 60; /* the next whole minute */
+    next = match_from(c, t, t + (time_t)5 * 366 * 86400);
+    return next < 0 ? -1 : next * 1000;
+}
+
+/* ---- time zones ---- */
+
+struct cron_zone {
+    GTimeZone *tz;
+};
+
+/* An IANA name: letters, digits, '_', '+', '-' and '/' between parts, no "..": what GLib
+ * would otherwise read as a POSIX TZ rule or a file path never reaches it. */
+static int zone_name_ok(const char *name)
+{
+    size_t len = strlen(name);
+
+    if (len == 0 || len > 64 || name[0] == '/' || name[len - 1] == '/' || strstr(name, "..") ||
+        strstr(name, "//"))
+        return 0;
+    for (const char *p = name; *p; p++)
+        if (!isalnum((unsigned char)*p) && !strchr("_+-/", *p))
+            return 0;
+    return 1;
+}
+
+int cron_zone_open(const char *name, struct cron_zone **out, struct err *e)
+{
+    const char *dir = getenv("TZDIR");
+    char path[512];
+    FILE *f;
+    char magic[4] = {0};
+    int is_tzif = 0;
+
+    *out = NULL;
+    if (!zone_name_ok(name))
+        return err_set(e, ERR_INVALID,
+                       "unknown time zone '%.64s': expected an IANA name such as "
+                       "Europe/Paris",
+                       name);
+    snprintf(path, sizeof(path), "%s/%s", dir && dir[0] ? dir : "/usr/share/zoneinfo", name);
+    if ((f = fopen(path, "rb")) != NULL) {
+        is_tzif = fread(magic, 1, 4, f) == 4 && memcmp(magic, "TZif", 4) == 0;
+        fclose(f);
+    }
+    if (!is_tzif)
+        return err_set(e, ERR_INVALID,
+                       "unknown time zone '%.64s': not in the system's tzdata "
+                       "(%.200s)",
+                       name, dir && dir[0] ? dir : "/usr/share/zoneinfo");
+    struct cron_zone *z = calloc(1, sizeof(*z));
+    if (!z)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    z->tz = g_time_zone_new_identifier(name);
+    if (!z->tz) {
+        free(z);
+        return err_set(e, ERR_INVALID, "unknown time zone '%.64s'", name);
+    }
+    *out = z;
+    return 0;
+}
+
+void cron_zone_close(struct cron_zone *z)
+{
+    if (!z)
+        return;
+    g_time_zone_unref(z->tz);
+    free(z);
+}
+
+/* The zone's offset from UTC (seconds) at `utc_s`. */
+static int64_t offset_at(const struct cron_zone *z, int64_t utc_s)
+{
+    int interval;
+
+    if (!z)
+        return 0;
+    interval = g_time_zone_find_interval(z->tz, G_TIME_TYPE_UNIVERSAL, (gint64)utc_s);
+    return interval < 0 ? 0 : (int64_t)g_time_zone_get_offset(z->tz, interval);
+}
+
+void cron_zone_time(const struct cron_zone *z, int64_t ms, struct tm *out)
+{
+    time_t t = (time_t)((ms - ((ms % 1000) + 1000) % 1000) / 1000 + offset_at(z, ms / 1000));
+
+    gmtime_r(&t, out);
+}
+
+/*
+ * The instant the wall-clock time `wall` (seconds, read as if UTC) happens: its first
+ * occurrence when the clock repeats it, and for a time skipped by a jump forward, the
+ * instant it has with the offset in force before the jump (so as much later as the jump).
+ * Assumes at most one change of offset within a day of it, as every zone has.
+ */
+static int64_t instant_of(const struct cron_zone *z, int64_t wall)
+{
+    int64_t before = offset_at(z, wall - 86400), after = offset_at(z, wall + 86400);
+    int64_t u1 = wall - before, u2 = wall - after, best = -1;
+
+    if (offset_at(z, u1) == before)
+        best = u1;
+    if (offset_at(z, u2) == after && (best < 0 || u2 < best))
+        best = u2;
+    return best >= 0 ? best : wall - before;
+}
+
+int64_t cron_next_in(const struct cron *c, const struct cron_zone *z, int64_t after_ms)
+{
+    int64_t after_s = after_ms >= 0 ? after_ms / 1000 : -((-after_ms + 999) / 1000);
+    /* start three hours of wall clock early: a time skipped by a jump forward runs later
+     * than the wall-clock times after it */
+    int64_t wall = after_s + offset_at(z, after_s) - 3 * 3600;
+    int64_t limit = wall + (int64_t)5 * 366 * 86400, best = -1, stop = limit;
+
+    if (!z)
+        return cron_next(c, after_ms);
+    wall -= ((wall % 60) + 60) % 60;
+    for (;;) {
+        int64_t m = match_from(c, (time_t)wall, (time_t)(stop < limit ? stop : limit));
+        if (m < 0)
+            break;
+        int64_t u = instant_of(z, m);
+        if (u > after_s && (best < 0 || u < best)) {
+            if (best < 0)
+                stop = m + 4 * 3600; /* a later wall-clock time may still happen earlier */
+            best = u;
+        }
+        wall = m + 60;
+    }
+    return best < 0 ? -1 : best * 1000;
+}
+
+/* ---- location templates ---- */
+
+static const struct {
+    const char *name, *format;
+} named_fields[] = {
+    {"date", "%Y-%m-%d"}, {"year", "%Y"}, {"month", "%m"},
+    {"day", "%d"},        {"hour", "%H"}, {"minute", "%M"},
+};
+
+/* Appends `format` (checked) expanded with `at` to out[*len] (capacity cap). */
+static int put_time(char *out, size_t cap, size_t *len, const char *format, const struct tm *at,
+                    struct err *e)
+{
+    for (const char *p = format; *p; p++) {
+        if (*p == '%' && (!p[1] || !strchr("YymdHMjuVGF%", p[1])))
+            return err_set(e, ERR_INVALID,
+                           "template field '{%.40s}': unknown conversion '%%%c' (known: %%Y %%y "
+                           "%%m %%d %%H %%M %%j %%u %%V %%G %%F %%%%)",
+                           format, p[1] ? p[1] : ' ');
+        if (*p == '%')
+            p++;
+    }
+    /* the format holds only the conversions checked above */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wformat-nonliteral"
+    size_t n = strftime(out + *len, cap - *len, format, at);
+#pragma GCC diagnostic pop
+    if (n == 0 && format[0])
+        return err_set(e, ERR_TOO_LARGE, "template: the location is too long");
+    *len += n;
+    return 0;
+}
+
+int cron_template_expand(const char *tmpl, const struct tm *at, char **out, struct err *e)
+{
+    size_t cap = strlen(tmpl) * 6 + 64, len = 0; /* a field grows at most 5 times */
+    char *s = malloc(cap), field[64];
+    int rc = 0;
+
+    *out = NULL;
+    if (!s)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    for (const char *p = tmpl; *p && rc == 0;) {
+        const char *close;
+        if (*p != '{') {
+            s[len++] = *p++;
+            continue;
+        }
+        close = strchr(p, '}');
+        if (!close || (size_t)(close - p - 1) >= sizeof(field)) {
+            rc = err_set(e, ERR_INVALID, "template: '{' at offset %zu is not closed by '}'",
+                         (size_t)(p - tmpl));
+            break;
+        }
+        memcpy(field, p + 1, (size_t)(close - p - 1));
+        field[close - p - 1] = '\0';
+        const char *format = field[0] == '%' ? field : NULL;
+        for (size_t i = 0; !format && i < sizeof(named_fields) / sizeof(*named_fields); i++)
+            if (strcmp(field, named_fields[i].name) == 0)
+                format = named_fields[i].format;
+        if (!format || strchr(field, '{'))
+            rc = err_set(e, ERR_INVALID,
+                         "unknown template field '{%s}' (known: {date} {year} {month} {day} "
+                         "{hour} {minute} and {%%...} with strftime conversions)",
+                         field);
+        else
+            rc = put_time(s, cap, &len, format, at, e);
+        p = close + 1;
+    }
+    if (rc != 0) {
+        free(s);
+        return rc;
+    }
+    s[len] = '\0';
+    *out = s;
+    return 0;
 }

@@ -1,9 +1,11 @@
 /*
  * batch_api.c: /v1/batch-jobs: start a batch transform through the queue, schedule one, follow
- * its progress, cancel it.
+ * its progress, cancel it; run one now (POST .../run), pause and resume a schedule (POST
+ * .../pause, .../resume); list them, by status (?status=).
  *
- * The definition is checked on the HTTP thread (no I/O); listing the input, which may take
- * long on S3, and storing the run run on the I/O pool.
+ * The definition is checked on the HTTP thread (no I/O but its time zone's tzdata file, a
+ * small local file); listing the input, which may take long on S3, and storing the run run on
+ * the I/O pool.
  */
 #define _GNU_SOURCE
 #include "batch/batch_jobs.h"
@@ -78,18 +80,78 @@ static void do_cancel(struct req *r)
     http_finish_async(r);
 }
 
+/* every status a batch job shows: a run's, then a schedule's */
+static const char *const statuses[] = {"queued",    "running",   "succeeded", "failed",
+                                       "cancelled", "scheduled", "paused",    NULL};
+
 static void do_list(struct req *r)
 {
     struct err e;
 
     buf_release(&r->out);
-    if (queue_batch_list(r->srv->queue, r->list_limit, &r->out, &e) != 0) {
+    if (queue_batch_list(r->srv->queue, r->list_limit,
+                         r->list_state >= 0 ? statuses[r->list_state] : NULL, &r->out, &e) != 0) {
         http_set_error(r, e.code, e.msg);
     } else {
         r->status = 200;
         r->json_len = -1;
     }
     http_finish_async(r);
+}
+
+static void do_run(struct req *r)
+{
+    struct batch_jobs_config cfg = jobs_config(r);
+    char id[40];
+    struct err e = {0};
+    int rc = batch_job_run_now(&cfg, r->job_id, id, &e);
+
+    if (rc == ERR_BUSY)
+        r->retry_after_s = 5;
+    if (rc != 0)
+        http_set_error(r, rc, e.msg);
+    else
+        reply_batch(r, 202, id);
+    http_finish_async(r);
+}
+
+static void pause_or_resume(struct req *r, int paused)
+{
+    struct batch_jobs_config cfg = jobs_config(r);
+    struct err e = {0};
+
+    buf_release(&r->out);
+    if (batch_job_pause(&cfg, r->job_id, paused, &r->out, &e) != 0) {
+        http_set_error(r, e.code, e.msg);
+    } else {
+        r->status = 200;
+        r->json_len = -1;
+    }
+    http_finish_async(r);
+}
+
+static void do_pause(struct req *r)
+{
+    pause_or_resume(r, 1);
+}
+
+static void do_resume(struct req *r)
+{
+    pause_or_resume(r, 0);
+}
+
+/* ?status=: an index into statuses, -1 without one; 400 names the values */
+static int list_status(struct req *r)
+{
+    const char *v = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "status");
+
+    r->list_state = -1;
+    if (!v)
+        return 0;
+    for (int i = 0; statuses[i]; i++)
+        if (strcmp(statuses[i], v) == 0)
+            r->list_state = i;
+    return r->list_state >= 0 ? 0 : -1;
 }
 
 static enum MHD_Result create(struct req *r)
@@ -132,7 +194,27 @@ enum MHD_Result batch_api_route(struct req *r, int is_get, int is_post, int is_d
         if (limit && (!*limit || *end || v < 1 || v > 1000))
             return http_reply_error(r, ERR_INVALID, "limit: expected 1..1000, got '%.32s'", limit);
         r->list_limit = (int)v;
+        if (list_status(r) != 0)
+            return http_reply_error(
+                r, ERR_INVALID,
+                "status: unknown value '%.32s' (one of queued, running, "
+                "succeeded, failed, cancelled, scheduled, paused)",
+                MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "status"));
         return http_defer(r, do_list);
+    }
+    if (n == 4 && is_post && http_valid_id(seg[2])) {
+        void (*fn)(struct req *) = strcmp(seg[3], "run") == 0      ? do_run
+                                   : strcmp(seg[3], "pause") == 0  ? do_pause
+                                   : strcmp(seg[3], "resume") == 0 ? do_resume
+                                                                   : NULL;
+        if (!fn)
+            return http_reply_error(r, ERR_NOT_FOUND, "no route for this path");
+        if (fn == do_run && atomic_load(&r->srv->draining)) {
+            r->retry_after_s = 5;
+            return http_reply_error(r, ERR_UNAVAILABLE, "inferd is shutting down");
+        }
+        snprintf(r->job_id, sizeof(r->job_id), "%s", seg[2]);
+        return http_defer(r, fn);
     }
     if (n != 3)
         return http_reply_error(r, ERR_NOT_FOUND, "no route for this path");

@@ -192,9 +192,27 @@ int queue_batch_get(struct queue *q, const char *id, struct buf *out, struct err
     return q->ops->batch_get(q, id, out, e);
 }
 
-int queue_batch_list(struct queue *q, int limit, struct buf *out, struct err *e)
+int queue_batch_list(struct queue *q, int limit, const char *status, struct buf *out, struct err *e)
 {
-    return q->ops->batch_list(q, limit, out, e);
+    return q->ops->batch_list(q, limit, status, out, e);
+}
+
+int queue_batch_definition(struct queue *q, const char *id, struct queue_schedule **out,
+                           struct err *e)
+{
+    return q->ops->batch_definition(q, id, out, e);
+}
+
+int queue_batch_pause(struct queue *q, const char *id, int paused, int64_t next_run_ms,
+                      struct buf *out, struct err *e)
+{
+    return q->ops->batch_pause(q, id, paused, next_run_ms, out, e);
+}
+
+int queue_batch_progress(struct queue *q, const char *batch_id, const char *task_id, uint64_t token,
+                         int64_t records, struct err *e)
+{
+    return q->ops->batch_progress(q, batch_id, task_id, token, records, e);
 }
 
 int queue_batch_cancel(struct queue *q, const char *id, struct buf *out, struct err *e)

@@ -264,6 +264,8 @@ struct batch_job_spec {
     const char *parent;
     int64_t run_at_ms;
     int64_t parent_next_run_ms;
+    int by_hand; /* a run of `parent` started by hand (run now): the schedule is not claimed
+                  * and its next run stays where it is */
 };
 
 /* Stores a batch job. ERR_BUSY when its tasks would pass max_queued; ERR_CONFLICT when a
@@ -272,8 +274,11 @@ int queue_batch_create(struct queue *q, const struct batch_job_spec *spec, char 
                        struct err *e);
 /* Appends a batch job's public JSON (a schedule's lists its latest runs). ERR_NOT_FOUND. */
 int queue_batch_get(struct queue *q, const char *id, struct buf *out, struct err *e);
-/* Appends {"batch_jobs": [...]}: runs started by hand and schedules, newest first. */
-int queue_batch_list(struct queue *q, int limit, struct buf *out, struct err *e);
+/* Appends {"batch_jobs": [...]}: runs started by hand and schedules, newest first; with
+ * `status` (NULL: any) only those whose status is that (queued ... cancelled, scheduled,
+ * paused). */
+int queue_batch_list(struct queue *q, int limit, const char *status, struct buf *out,
+                     struct err *e);
 /* Cancels a run (its tasks stop) or a schedule (no more runs). Appends its JSON to `out`.
  * ERR_CONFLICT if it already ended. */
 int queue_batch_cancel(struct queue *q, const char *id, struct buf *out, struct err *e);
@@ -281,13 +286,36 @@ int queue_batch_cancel(struct queue *q, const char *id, struct buf *out, struct 
  * ("input" when the task's result has it: the input object's identity). */
 int queue_batch_manifest(struct queue *q, const char *id, struct buf *out, struct err *e);
 
-/* A schedule that is due. Strings owned by the array. */
+/* A schedule's state in the store: active (due at next_run_ms), paused (never due), or
+ * cancelled (JOB_CANCELLED). */
+#define QUEUE_SCHEDULE_ACTIVE 0
+#define QUEUE_SCHEDULE_PAUSED 1
+
+/* A schedule that is due (or, from queue_batch_definition, any batch job). Strings owned by
+ * the array. */
 struct queue_schedule {
     char id[40];
-    char *definition;
-    char *schedule;
+    char *definition; /* as stored: callback credentials included */
+    char *schedule;   /* NULL for a run (queue_batch_definition) */
     int64_t next_run_ms;
+    int state; /* queue_batch_definition: a schedule's QUEUE_SCHEDULE_* or a run's job_state */
 };
+
+/* One batch job's stored definition; `*out` is a new array of one: queue_schedules_free(). */
+int queue_batch_definition(struct queue *q, const char *id, struct queue_schedule **out,
+                           struct err *e);
+
+/* Pauses (`paused` 1) or resumes a schedule; a resumed one runs next at `next_run_ms`.
+ * Appends its JSON to `out`. ERR_NOT_FOUND; ERR_CONFLICT for a run or a cancelled schedule.
+ * Pausing a paused schedule (or resuming an active one) changes nothing. */
+int queue_batch_pause(struct queue *q, const char *id, int paused, int64_t next_run_ms,
+                      struct buf *out, struct err *e);
+
+/* Records that the attempt `token` of batch task `task_id` has written `records` records of
+ * its object so far: the run's records_done counts them while the object runs. Ignored once
+ * the attempt no longer holds the task. */
+int queue_batch_progress(struct queue *q, const char *batch_id, const char *task_id, uint64_t token,
+                         int64_t records, struct err *e);
 /* Schedules due by `now_ms`; free with queue_schedules_free(). */
 int queue_schedules_due(struct queue *q, int64_t now_ms, struct queue_schedule **out, size_t *n,
                         struct err *e);

@@ -37,11 +37,18 @@ struct queue_ops {
     int (*batch_create)(struct queue *q, const struct batch_job_spec *spec, char id_out[40],
                         struct err *e);
     int (*batch_get)(struct queue *q, const char *id, struct buf *out, struct err *e);
-    int (*batch_list)(struct queue *q, int limit, struct buf *out, struct err *e);
+    int (*batch_list)(struct queue *q, int limit, const char *status, struct buf *out,
+                      struct err *e);
     int (*batch_cancel)(struct queue *q, const char *id, struct buf *out, struct err *e);
     int (*batch_manifest)(struct queue *q, const char *id, struct buf *out, struct err *e);
     int (*schedules_due)(struct queue *q, int64_t now_ms, struct queue_schedule **out, size_t *n,
                          struct err *e);
+    int (*batch_definition)(struct queue *q, const char *id, struct queue_schedule **out,
+                            struct err *e);
+    int (*batch_pause)(struct queue *q, const char *id, int paused, int64_t next_run_ms,
+                       struct buf *out, struct err *e);
+    int (*batch_progress)(struct queue *q, const char *batch_id, const char *task_id,
+                          uint64_t token, int64_t records, struct err *e);
     void (*close)(struct queue *q);
     int outbox_exclusive; /* outbox_due hides what it handed out (held for one sender) */
 };

@@ -1211,8 +1211,9 @@ static json_t *json_field(const redisReply *h, const char *name)
     return s && s[0] ? json_string(s) : json_null();
 }
 
-/* A batch job's public JSON from its hash (as the SQLite queue shows it). */
-static json_t *batch_from_hash(const char *id, const redisReply *h)
+/* A batch job's public JSON from its hash (as the SQLite queue shows it); `running_records`:
+ * what its running tasks have written so far. */
+static json_t *batch_from_hash(const char *id, const redisReply *h, int64_t running_records)
 {
     const char *def = hget(h, "definition", NULL);
     const char *sched = hget(h, "schedule", NULL);
@@ -1230,15 +1231,16 @@ static json_t *batch_from_hash(const char *id, const redisReply *h)
         return NULL;
     }
     json_object_set_new(o, "id", json_string(id));
-    json_object_set_new(o, "status", json_string(is_schedule ? (state == JOB_CANCELLED
-                                                                    ? "cancelled"
-                                                                    : "scheduled")
-                                                              : job_state_name(state)));
+    json_object_set_new(o, "status",
+                        json_string(is_schedule ? (state == JOB_CANCELLED           ? "cancelled"
+                                                   : state == QUEUE_SCHEDULE_PAUSED ? "paused"
+                                                                                    : "scheduled")
+                                                : job_state_name(state)));
     json_object_set_new(o, "created_at", json_time(hget_int(h, "created_ms")));
     if (is_schedule) {
-        json_object_set_new(o, "next_run_at", json_time(state == JOB_CANCELLED
-                                                            ? 0
-                                                            : hget_int(h, "next_run_ms")));
+        json_object_set_new(
+            o, "next_run_at",
+            json_time(state != QUEUE_SCHEDULE_ACTIVE ? 0 : hget_int(h, "next_run_ms")));
         return o;
     }
     if (parent && parent[0]) {
@@ -1249,12 +1251,12 @@ static json_t *batch_from_hash(const char *id, const redisReply *h)
     json_object_set_new(o, "output", json_field(h, "output"));
     json_object_set_new(o, "started_at", json_time(hget_int(h, "started_ms")));
     json_object_set_new(o, "finished_at", json_time(hget_int(h, "finished_ms")));
-    json_object_set_new(
-        o, "progress",
-        json_pack("{s:I, s:I, s:I, s:I}", "objects_total", (json_int_t)hget_int(h, "objects_total"),
-                  "objects_done", (json_int_t)hget_int(h, "objects_done"), "records_done",
-                  (json_int_t)hget_int(h, "records_done"), "records_failed",
-                  (json_int_t)hget_int(h, "records_failed")));
+    json_object_set_new(o, "progress",
+                        json_pack("{s:I, s:I, s:I, s:I}", "objects_total",
+                                  (json_int_t)hget_int(h, "objects_total"), "objects_done",
+                                  (json_int_t)hget_int(h, "objects_done"), "records_done",
+                                  (json_int_t)(hget_int(h, "records_done") + running_records),
+                                  "records_failed", (json_int_t)hget_int(h, "records_failed")));
     json_object_set_new(o, "error", json_field(h, "error"));
     return o;
 }
@@ -1272,8 +1274,16 @@ static int load_batch(struct redis_queue *q, redisContext *c, const char *id, in
         freeReplyObject(h);
         return err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
     }
-    *out = batch_from_hash(id, h);
     sched = hget(h, "schedule", NULL);
+    int64_t running = 0;
+    if (!sched || !sched[0]) {
+        redisReply *p = redisCommand(c, "HVALS %sbprog:%s", q->prefix, id);
+        for (size_t i = 0; p && p->type == REDIS_REPLY_ARRAY && i < p->elements; i++)
+            if (p->element[i]->type == REDIS_REPLY_STRING)
+                running += strtoll(p->element[i]->str, NULL, 10);
+        freeReplyObject(p);
+    }
+    *out = batch_from_hash(id, h, running);
     if (*out && with_runs && sched && sched[0]) {
         json_t *runs = json_array();
         redisReply *ids = redisCommand(c, "ZREVRANGE %sruns:%s 0 49", q->prefix, id);
@@ -1356,7 +1366,7 @@ static int r_batch_create(struct queue *qb, const struct batch_job_spec *s, char
     ADD(id_out);
     ADD(s->parent);
     ADD_INT(1, s->run_at_ms);
-    ADD_INT(2, s->parent_next_run_ms);
+    ADD_INT(2, s->by_hand ? -1 : s->parent_next_run_ms);
     ADD_INT(3, q->cfg.max_queued);
     ADD_INT(4, q->cfg.result_ttl_s);
     ADD(s->definition);
@@ -1425,27 +1435,50 @@ static int r_batch_get(struct queue *qb, const char *id, struct buf *out, struct
     return rc;
 }
 
-static int r_batch_list(struct queue *qb, int limit, struct buf *out, struct err *e)
+#define LIST_PAGE 200        /* batch jobs read per round trip when filtering by status */
+#define LIST_SCAN_MAX 100000 /* a status filter looks this far back at most */
+
+static int r_batch_list(struct queue *qb, int limit, const char *status, struct buf *out,
+                        struct err *e)
 {
     struct redis_queue *q = rq(qb);
     redisContext *c = take_conn(q, e);
     json_t *list = json_array(), *root;
-    redisReply *ids;
+    redisReply *ids = NULL;
     int rc = 0;
+    long start = 0, page = status ? LIST_PAGE : limit;
 
     if (!c) {
         json_decref(list);
         return e->code;
     }
-    ids = redisCommand(c, "ZREVRANGE %sbatches 0 %d", q->prefix, limit - 1);
-    for (size_t i = 0; list && ids && ids->type == REDIS_REPLY_ARRAY && i < ids->elements; i++) {
-        json_t *bj = NULL;
-        struct err be;
-        if (load_batch(q, c, ids->element[i]->str, 1, &bj, &be) == 0)
-            json_array_append_new(list, bj);
+    /* the status is the public one (a schedule's or a run's), so the filter reads each */
+    while (list && (int)json_array_size(list) < limit && start < LIST_SCAN_MAX) {
+        ids = redisCommand(c, "ZREVRANGE %sbatches %ld %ld", q->prefix, start, start + page - 1);
+        if (!ids) {
+            rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
+            break;
+        }
+        if (ids->type != REDIS_REPLY_ARRAY)
+            break;
+        for (size_t i = 0; (int)json_array_size(list) < limit && i < ids->elements; i++) {
+            json_t *bj = NULL;
+            struct err be;
+            const char *st;
+            if (load_batch(q, c, ids->element[i]->str, 1, &bj, &be) != 0)
+                continue;
+            st = json_string_value(json_object_get(bj, "status"));
+            if (!status || (st && strcmp(st, status) == 0))
+                json_array_append_new(list, bj);
+            else
+                json_decref(bj);
+        }
+        if (ids->elements < (size_t)page || !status)
+            break;
+        start += page;
+        freeReplyObject(ids);
+        ids = NULL;
     }
-    if (!ids)
-        rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
     freeReplyObject(ids);
     give_conn(q, c);
     root = json_pack("{s:o}", "batch_jobs", list ? list : json_array());
@@ -1532,6 +1565,92 @@ cleanup:
     json_decref(root);
     json_decref(objects);
     return rc;
+}
+
+static int r_batch_definition(struct queue *qb, const char *id, struct queue_schedule **out,
+                              struct err *e)
+{
+    struct redis_queue *q = rq(qb);
+    redisContext *c = take_conn(q, e);
+    struct queue_schedule *s = calloc(1, sizeof(*s));
+    redisReply *h = NULL;
+    int rc = 0;
+
+    *out = NULL;
+    if (!c || !s) {
+        rc = c ? err_set(e, ERR_NOMEM, "out of memory") : e->code;
+        goto cleanup;
+    }
+    h = redisCommand(c, "HMGET %sbatch:%s definition schedule next_run_ms state", q->prefix, id);
+    if (!h) {
+        rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
+    } else if (h->type != REDIS_REPLY_ARRAY || h->elements != 4 || !h->element[0]->str) {
+        rc = err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
+    } else {
+        snprintf(s->id, sizeof(s->id), "%s", id);
+        s->definition = strdup(h->element[0]->str);
+        if (h->element[1]->str && h->element[1]->str[0])
+            s->schedule = strdup(h->element[1]->str);
+        s->next_run_ms = h->element[2]->str ? strtoll(h->element[2]->str, NULL, 10) : 0;
+        s->state = h->element[3]->str ? (int)strtol(h->element[3]->str, NULL, 10) : 0;
+        if (!s->definition || (h->element[1]->str && h->element[1]->str[0] && !s->schedule))
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+    }
+cleanup:
+    freeReplyObject(h);
+    give_conn(q, c);
+    if (rc != 0)
+        queue_schedules_free(s, 1);
+    else
+        *out = s;
+    return rc;
+}
+
+static int r_batch_pause(struct queue *qb, const char *id, int paused, int64_t next_run_ms,
+                         struct buf *out, struct err *e)
+{
+    struct redis_queue *q = rq(qb);
+    struct args a;
+    redisReply *r;
+    int64_t v = -1;
+
+    script_args(q, &a, "batch_pause");
+    arg(&a, id);
+    arg_int(&a, paused);
+    arg_int(&a, next_run_ms);
+    r = run(q, &a, e);
+    if (!r)
+        return e->code;
+    int_reply(r, &v);
+    freeReplyObject(r);
+    if (v == -1)
+        return err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
+    if (v == -2)
+        return err_set(e, ERR_CONFLICT,
+                       "batch job %s is a run, not a schedule: only schedules pause and resume",
+                       id);
+    if (v == -3)
+        return err_set(e, ERR_CONFLICT, "schedule %s is cancelled", id);
+    return r_batch_get(qb, id, out, e);
+}
+
+static int r_batch_progress(struct queue *qb, const char *batch_id, const char *task_id,
+                            uint64_t token, int64_t records, struct err *e)
+{
+    struct redis_queue *q = rq(qb);
+    struct args a;
+    redisReply *r;
+
+    script_args(q, &a, "batch_progress");
+    arg(&a, task_id);
+    arg_int(&a, (int64_t)token);
+    arg(&a, batch_id);
+    arg_int(&a, records);
+    r = run(q, &a, e);
+    if (!r)
+        return e->code;
+    freeReplyObject(r);
+    return 0;
 }
 
 static int r_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **out,
@@ -1729,6 +1848,9 @@ static const struct queue_ops redis_ops = {
     .batch_cancel = r_batch_cancel,
     .batch_manifest = r_batch_manifest,
     .schedules_due = r_schedules_due,
+    .batch_definition = r_batch_definition,
+    .batch_pause = r_batch_pause,
+    .batch_progress = r_batch_progress,
     .close = r_close,
     .outbox_exclusive = 1,
 };

@@ -395,6 +395,9 @@ local function outbox_body()
 end
 
 -- ---- batch jobs: a run is a hash plus one task job (kind 1) per input object ----
+-- P..'bprog:'..batch: per running task, the records its object has written so far (hash);
+-- a task's field goes when its records are counted in records_done. A schedule's state is
+-- 0 (active, in P..'schedules'), 1 (paused, not in it) or 4 (cancelled).
 
 local function bkey(id) return P .. 'batch:' .. id end
 local function bnum(id, name) return tonumber(redis.call('HGET', bkey(id), name) or '0') end
@@ -442,6 +445,7 @@ local function end_run(batch, state, err, ttl_s)
                    url, 'attempts', 0, 'batch', 1)
         redis.call('ZADD', P .. 'outbox', now, n)
     end
+    redis.call('DEL', P .. 'bprog:' .. batch)
     if ttl_s > 0 then
         redis.call('EXPIRE', b, ttl_s)
         redis.call('EXPIRE', P .. 'btasks:' .. batch, ttl_s)
@@ -458,6 +462,7 @@ batch_task_final = function(id, state, ttl_s)
         local ok, res = pcall(cjson.decode, field(id, 'result') or '{}')
         if not ok or type(res) ~= 'table' then res = {} end
         local b = bkey(batch)
+        redis.call('HDEL', P .. 'bprog:' .. batch, id)
         redis.call('HINCRBY', b, 'objects_done', 1)
         redis.call('HINCRBY', b, 'records_done', tonumber(res.records) or 0)
         local failed = redis.call('HINCRBY', b, 'records_failed', tonumber(res.errors) or 0)
@@ -475,7 +480,8 @@ batch_task_final = function(id, state, ttl_s)
     end
 end
 
--- ARGV: id, parent, run_at, parent_next, max_queued, result_ttl_s, then 11 field values
+-- ARGV: id, parent, run_at, parent_next (-1: a run started by hand, the schedule not
+-- claimed), max_queued, result_ttl_s, then 11 field values
 -- (definition model schedule output callback_url max_errors max_attempts lease_timeout_ms
 -- next_run_ms finish_input error), then task id / input pairs.
 local function batch_create()
@@ -487,7 +493,7 @@ local function batch_create()
     for i, name in ipairs(names) do f[name] = ARGV[9 + i] end
     local first_task = 10 + #names
     local n_tasks = (#ARGV - first_task + 1) / 2
-    if parent ~= '' then
+    if parent ~= '' and parent_next >= 0 then
         local pb = bkey(parent)
         if redis.call('HGET', pb, 'state') ~= '0' or
            tonumber(redis.call('HGET', pb, 'next_run_ms') or '-1') ~= run_at then
@@ -543,8 +549,37 @@ local function batch_cancel()
     return 4
 end
 
+-- ARGV: id, paused (1/0), next_run_ms. -1: none; -2: a run; -3: cancelled; else the state.
+local function batch_pause()
+    local id, paused, next_ms = ARGV[4], ARGV[5] == '1', tonumber(ARGV[6])
+    if redis.call('EXISTS', bkey(id)) == 0 then return -1 end
+    if (redis.call('HGET', bkey(id), 'schedule') or '') == '' then return -2 end
+    local state = bnum(id, 'state')
+    if state == 4 then return -3 end
+    if paused and state == 0 then
+        redis.call('HSET', bkey(id), 'state', 1)
+        redis.call('ZREM', P .. 'schedules', id)
+    elseif not paused and state == 1 then
+        redis.call('HSET', bkey(id), 'state', 0, 'next_run_ms', next_ms)
+        redis.call('ZADD', P .. 'schedules', next_ms, id)
+    end
+    return bnum(id, 'state')
+end
+
+-- ARGV: task id, token, batch id, records. Only while that attempt holds the task.
+local function batch_progress()
+    local id, token, batch = ARGV[4], tonumber(ARGV[5]), ARGV[6]
+    if not holder(id, token) or redis.call('EXISTS', bkey(batch)) == 0 or
+       bnum(batch, 'state') >= 2 then
+        return 0
+    end
+    redis.call('HSET', P .. 'bprog:' .. batch, id, ARGV[7])
+    return 1
+end
+
 local ops = {batch_create = batch_create, batch_cancel = batch_cancel, enqueue = enqueue, lease = lease, extend = extend, complete = complete,
              fail = fail, cancel = cancel, retry = retry, reclaim = reclaim,
              outbox_take = outbox_take, outbox_record = outbox_record,
              outbox_body = outbox_body}
+ops.batch_pause, ops.batch_progress = batch_pause, batch_progress
 return ops[op]()

@@ -852,6 +852,10 @@ static int run_op(struct sqlite_queue *q, struct op *o)
         return sq_op_batch_create(q, o);
     case OP_BATCH_CANCEL:
         return sq_op_batch_cancel(q, o);
+    case OP_BATCH_PAUSE:
+        return sq_op_batch_pause(q, o);
+    case OP_BATCH_PROGRESS:
+        return sq_op_batch_progress(q, o);
     }
     return ERR_INVALID;
 }
@@ -1576,6 +1580,9 @@ static const struct queue_ops sqlite_ops = {
     .batch_cancel = sq_batch_cancel,
     .batch_manifest = sq_batch_manifest,
     .schedules_due = sq_schedules_due,
+    .batch_definition = sq_batch_definition,
+    .batch_pause = sq_batch_pause,
+    .batch_progress = sq_batch_progress,
     .close = s_close,
 };
 

@@ -8,7 +8,10 @@
  * finishing job is queued in that same commit, and when a task fails for good the run fails
  * and its other tasks are cancelled in that commit too. A schedule is a row with a cron
  * expression and the time of its next run; creating a run moves that time in the same commit,
- * and (parent, run_at_ms) is unique, so each scheduled minute runs once.
+ * and (parent, run_at_ms) is unique, so each scheduled minute runs once. A schedule's state is
+ * 0 (active), 1 (paused: never due) or 4 (cancelled). batch_progress holds, per running task,
+ * the records its object has written so far; the task's row goes in the commit that counts
+ * its object's records in records_done, so the sum of both never counts a record twice.
  */
 #define _GNU_SOURCE
 #include "core/log.h"
@@ -38,7 +41,10 @@ const char sq_batch_schema[] =
     " WHERE parent IS NOT NULL;"
     "CREATE INDEX IF NOT EXISTS batch_due ON batch_jobs(next_run_ms) "
     " WHERE schedule IS NOT NULL AND state = 0;"
-    "CREATE INDEX IF NOT EXISTS jobs_batch ON jobs(batch_id, state) WHERE batch_id IS NOT NULL;";
+    "CREATE INDEX IF NOT EXISTS jobs_batch ON jobs(batch_id, state) WHERE batch_id IS NOT NULL;"
+    "CREATE TABLE IF NOT EXISTS batch_progress (task_id TEXT PRIMARY KEY,"
+    " batch_id TEXT NOT NULL, records INTEGER NOT NULL);"
+    "CREATE INDEX IF NOT EXISTS batch_progress_run ON batch_progress(batch_id);";
 
 int sq_batch_migrate(sqlite3 *db, struct err *e)
 {
@@ -89,14 +95,17 @@ static json_t *json_text_or_null(sqlite3_stmt *st, int col)
 static const char *status_name(int is_schedule, int state)
 {
     if (is_schedule)
-        return state == JOB_CANCELLED ? "cancelled" : "scheduled";
+        return state == JOB_CANCELLED           ? "cancelled"
+               : state == QUEUE_SCHEDULE_PAUSED ? "paused"
+                                                : "scheduled";
     return job_state_name((enum job_state)state);
 }
 
 #define BATCH_COLUMNS                                                                              \
     "id, parent, definition, schedule, state, output, created_ms, COALESCE(started_ms, 0), "       \
     "COALESCE(finished_ms, 0), COALESCE(run_at_ms, 0), COALESCE(next_run_ms, 0), "                 \
-    "objects_total, objects_done, records_done, records_failed, error"
+    "objects_total, objects_done, records_done + (SELECT COALESCE(SUM(records), 0) FROM "          \
+    "batch_progress p WHERE p.batch_id = batch_jobs.id), records_failed, error"
 
 /* One row of BATCH_COLUMNS as JSON: the definition's options, then its state. */
 static json_t *row_json(sqlite3_stmt *st)
@@ -118,8 +127,9 @@ static json_t *row_json(sqlite3_stmt *st)
     json_object_set_new(o, "status", json_string(status_name(is_schedule, state)));
     json_object_set_new(o, "created_at", json_time(sqlite3_column_int64(st, 6)));
     if (is_schedule) {
-        json_object_set_new(o, "next_run_at",
-                            json_time(state == JOB_CANCELLED ? 0 : sqlite3_column_int64(st, 10)));
+        json_object_set_new(
+            o, "next_run_at",
+            json_time(state != QUEUE_SCHEDULE_ACTIVE ? 0 : sqlite3_column_int64(st, 10)));
         return o;
     }
     if (sqlite3_column_type(st, 1) != SQLITE_NULL) {
@@ -226,6 +236,15 @@ static int end_run(struct sqlite_queue *q, const char *id, enum job_state state,
         rc = sq_db_err(q->wdb, e, "cancel tasks");
     else
         q->n_queued -= sqlite3_changes(q->wdb);
+    sq_finish(st);
+    if (rc != 0)
+        return rc;
+    st = sq_prepare(q->wdb, "DELETE FROM batch_progress WHERE batch_id = ?");
+    if (!st)
+        return sq_db_err(q->wdb, e, "prepare");
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = sq_db_err(q->wdb, e, "forget progress");
     sq_finish(st);
     if (rc != 0)
         return rc;
@@ -348,6 +367,18 @@ static int count_task(struct sqlite_queue *q, const struct job *j, struct err *e
     bad = json_integer_value(json_object_get(res, "errors"));
     if (json_is_string(json_object_get(res, "object")))
         object = json_string_value(json_object_get(res, "object"));
+    /* its object's records move from batch_progress to records_done in this commit */
+    st = sq_prepare(q->wdb, "DELETE FROM batch_progress WHERE task_id = ?");
+    if (st) {
+        sqlite3_bind_text(st, 1, j->id, -1, SQLITE_STATIC);
+        if (sqlite3_step(st) != SQLITE_DONE)
+            rc = sq_db_err(q->wdb, e, "forget progress");
+        sq_finish(st);
+    }
+    if (!st || rc != 0) {
+        json_decref(res);
+        return st ? rc : sq_db_err(q->wdb, e, "prepare");
+    }
     st = sq_prepare(q->wdb, "UPDATE batch_jobs SET objects_done = objects_done + 1, "
                             "records_done = records_done + ?, records_failed = records_failed + ? "
                             "WHERE id = ? RETURNING objects_total, objects_done, records_failed, "
@@ -440,7 +471,7 @@ int sq_op_batch_create(struct sqlite_queue *q, struct op *o)
     sqlite3_stmt *st;
     int rc = 0;
 
-    if (s->parent && (rc = claim_schedule(q, s, &o->err)) != 0)
+    if (s->parent && !s->by_hand && (rc = claim_schedule(q, s, &o->err)) != 0)
         return rc;
     if (!s->schedule && !s->error && q->n_queued + (int64_t)s->n_tasks > q->cfg.max_queued)
         return err_set(&o->err, ERR_BUSY,
@@ -583,8 +614,36 @@ int sq_batch_get(struct queue *qb, const char *id, struct buf *out, struct err *
     return rc;
 }
 
-int sq_batch_list(struct queue *qb, int limit, struct buf *out, struct err *e)
+/* A status as the store keeps it: a schedule's (is_schedule 1) or a run's (0) state; -1
+ * is_schedule for both ("cancelled"). 0 if `status` is no status of a batch job. */
+static int status_filter(const char *status, int *is_schedule, int *state)
 {
+    static const struct {
+        const char *name;
+        int is_schedule, state;
+    } map[] = {
+        {"queued", 0, JOB_QUEUED},
+        {"running", 0, JOB_RUNNING},
+        {"succeeded", 0, JOB_SUCCEEDED},
+        {"failed", 0, JOB_FAILED},
+        {"cancelled", -1, JOB_CANCELLED},
+        {"scheduled", 1, QUEUE_SCHEDULE_ACTIVE},
+        {"paused", 1, QUEUE_SCHEDULE_PAUSED},
+    };
+
+    for (size_t i = 0; i < sizeof(map) / sizeof(*map); i++) {
+        if (strcmp(map[i].name, status) == 0) {
+            *is_schedule = map[i].is_schedule;
+            *state = map[i].state;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+int sq_batch_list(struct queue *qb, int limit, const char *status, struct buf *out, struct err *e)
+{
+    int want_schedule = -1, want_state = -1;
     struct sqlite_queue *q = sq_of(qb);
     json_t *list = json_array(), *root;
     sqlite3_stmt *st;
@@ -593,12 +652,18 @@ int sq_batch_list(struct queue *qb, int limit, struct buf *out, struct err *e)
     if (!list)
         return err_set(e, ERR_NOMEM, "out of memory");
     pthread_mutex_lock(&q->read_lock);
-    st = sq_prepare(q->rdb, "SELECT id FROM batch_jobs WHERE parent IS NULL ORDER BY seq DESC "
-                            "LIMIT ?");
-    if (!st)
+    if (status && !status_filter(status, &want_schedule, &want_state))
+        want_state = -2; /* matches nothing */
+    st = sq_prepare(q->rdb, "SELECT id FROM batch_jobs WHERE parent IS NULL AND (?1 = -1 OR "
+                            "state = ?1) AND (?2 = -1 OR (schedule IS NOT NULL) = ?2) "
+                            "ORDER BY seq DESC LIMIT ?3");
+    if (!st) {
         rc = sq_db_err(q->rdb, e, "prepare");
-    else
-        sqlite3_bind_int(st, 1, limit);
+    } else {
+        sqlite3_bind_int(st, 1, want_state);
+        sqlite3_bind_int(st, 2, want_schedule);
+        sqlite3_bind_int(st, 3, limit);
+    }
     /* ids first: batch_json() uses other statements on the same connection */
     char(*ids)[40] = calloc((size_t)limit, 40);
     int n = 0;
@@ -723,5 +788,143 @@ int sq_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **o
         return rc;
     }
     *out = v;
+    return 0;
+}
+
+/* ---- pausing schedules, progress of running tasks, definitions ---- */
+
+int sq_op_batch_pause(struct sqlite_queue *q, struct op *o)
+{
+    sqlite3_stmt *st = sq_prepare(q->wdb, "SELECT state, schedule IS NOT NULL FROM batch_jobs "
+                                          "WHERE id = ?");
+    int state = -1, is_schedule = 0, rc = 0;
+    json_t *bj = NULL;
+
+    if (!st)
+        return sq_db_err(q->wdb, &o->err, "prepare");
+    sqlite3_bind_text(st, 1, o->id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) == SQLITE_ROW) {
+        state = sqlite3_column_int(st, 0);
+        is_schedule = sqlite3_column_int(st, 1);
+    }
+    sq_finish(st);
+    if (state < 0)
+        return err_set(&o->err, ERR_NOT_FOUND, "no batch job '%.40s'", o->id);
+    if (!is_schedule)
+        return err_set(&o->err, ERR_CONFLICT,
+                       "batch job %s is a run, not a schedule: only schedules pause and resume",
+                       o->id);
+    if (state == JOB_CANCELLED)
+        return err_set(&o->err, ERR_CONFLICT, "schedule %s is cancelled", o->id);
+    if (state != (o->paused ? QUEUE_SCHEDULE_PAUSED : QUEUE_SCHEDULE_ACTIVE)) {
+        st = sq_prepare(q->wdb, "UPDATE batch_jobs SET state = ?, next_run_ms = CASE WHEN ? > 0 "
+                                "THEN ? ELSE next_run_ms END WHERE id = ?");
+        if (!st)
+            return sq_db_err(q->wdb, &o->err, "prepare");
+        sqlite3_bind_int(st, 1, o->paused ? QUEUE_SCHEDULE_PAUSED : QUEUE_SCHEDULE_ACTIVE);
+        sqlite3_bind_int64(st, 2, o->paused ? 0 : o->next_run_ms);
+        sqlite3_bind_int64(st, 3, o->next_run_ms);
+        sqlite3_bind_text(st, 4, o->id, -1, SQLITE_STATIC);
+        if (sqlite3_step(st) != SQLITE_DONE)
+            rc = sq_db_err(q->wdb, &o->err, "pause schedule");
+        sq_finish(st);
+        if (rc == 0)
+            log_info("batch", o->paused ? "schedule paused" : "schedule resumed", "schedule=%s",
+                     o->id);
+    }
+    if (rc == 0)
+        rc = batch_json(q->wdb, o->id, &bj, &o->err);
+    if (rc == 0)
+        rc = append_json(o->out, bj, &o->err);
+    json_decref(bj);
+    return rc;
+}
+
+int sq_op_batch_progress(struct sqlite_queue *q, struct op *o)
+{
+    /* only while this attempt holds the task: a stale attempt cannot add to a finished run */
+    sqlite3_stmt *st =
+        sq_prepare(q->wdb, "INSERT INTO batch_progress (task_id, batch_id, records) "
+                           "SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM jobs WHERE "
+                           "id = ?1 AND state = 1 AND attempts = ?4) "
+                           "ON CONFLICT(task_id) DO UPDATE SET records = ?3");
+    int rc = 0;
+
+    if (!st)
+        return sq_db_err(q->wdb, &o->err, "prepare");
+    sqlite3_bind_text(st, 1, o->id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, o->batch_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 3, o->records);
+    sqlite3_bind_int64(st, 4, (int64_t)o->token);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = sq_db_err(q->wdb, &o->err, "record progress");
+    sq_finish(st);
+    return rc;
+}
+
+int sq_batch_pause(struct queue *qb, const char *id, int paused, int64_t next_run_ms,
+                   struct buf *out, struct err *e)
+{
+    struct op o = {
+        .kind = OP_BATCH_PAUSE, .id = id, .paused = paused, .next_run_ms = next_run_ms, .out = out};
+    int rc = sq_submit(sq_of(qb), &o);
+
+    if (rc != 0)
+        *e = o.err;
+    return rc;
+}
+
+int sq_batch_progress(struct queue *qb, const char *batch_id, const char *task_id, uint64_t token,
+                      int64_t records, struct err *e)
+{
+    struct op o = {.kind = OP_BATCH_PROGRESS,
+                   .id = task_id,
+                   .batch_id = batch_id,
+                   .token = token,
+                   .records = records};
+    int rc = sq_submit(sq_of(qb), &o);
+
+    if (rc != 0)
+        *e = o.err;
+    return rc;
+}
+
+int sq_batch_definition(struct queue *qb, const char *id, struct queue_schedule **out,
+                        struct err *e)
+{
+    struct sqlite_queue *q = sq_of(qb);
+    struct queue_schedule *s = calloc(1, sizeof(*s));
+    sqlite3_stmt *st;
+    int rc = 0;
+
+    *out = NULL;
+    if (!s)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    pthread_mutex_lock(&q->read_lock);
+    st = sq_prepare(q->rdb, "SELECT definition, schedule, COALESCE(next_run_ms, 0), state "
+                            "FROM batch_jobs WHERE id = ?");
+    if (!st) {
+        rc = sq_db_err(q->rdb, e, "prepare");
+    } else {
+        sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        if (sqlite3_step(st) == SQLITE_ROW) {
+            snprintf(s->id, sizeof(s->id), "%s", id);
+            s->definition = sq_col_strdup(st, 0);
+            s->schedule = sqlite3_column_type(st, 1) == SQLITE_NULL ? NULL : sq_col_strdup(st, 1);
+            s->next_run_ms = sqlite3_column_int64(st, 2);
+            s->state = sqlite3_column_int(st, 3);
+            if (!s->definition || (sqlite3_column_type(st, 1) != SQLITE_NULL && !s->schedule))
+                rc = err_set(e, ERR_NOMEM, "out of memory");
+        } else {
+            rc = err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
+        }
+    }
+    sq_finish(st);
+    pthread_mutex_unlock(&q->read_lock);
+    if (rc != 0) {
+        queue_schedules_free(s, 1);
+        return rc;
+    }
+    *out = s;
     return 0;
 }

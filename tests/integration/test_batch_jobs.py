@@ -465,3 +465,238 @@ def test_nul_bytes_make_bad_records(tmp_path, trained, server_factory, fresh_que
     for ext in ("csv", "jsonl"):
         assert not (tmp_path / "out" / f"nul.{ext}.errors").exists(), f"a stale nul.{ext}.errors"
         assert_close(read_predictions(tmp_path / "out" / f"nul.{ext}.out"), m.expected(X), ext)
+
+
+# ---------------------------------------------------------------------------
+# issue 14 item 6: schedules a pipeline can use
+# ---------------------------------------------------------------------------
+
+
+def post(server, bid, action):
+    return requests.post(f"{server.url}/v1/batch-jobs/{bid}/{action}", timeout=60)
+
+
+def runs_of(server, sid, n):
+    """The schedule's record once it lists n runs."""
+    return wait_for(lambda: (lambda j: j if len(j["runs"]) >= n else None)(get(server, sid)),
+                    30, f"{n} runs of {sid}")
+
+
+def test_schedule_macros_and_time_zones(tmp_path, inputs, server_factory, monkeypatch,
+                                        fresh_queue):
+    """@hourly, @daily, @weekly, @monthly and @yearly, read in the schedule's time zone (UTC
+    when it names none); an unknown zone is refused naming the field."""
+    q = fresh_queue()
+    m, repo, inp, data = inputs
+    clock = tmp_path / "clock"
+    clock.write_text(str(utc_ms(2030, 1, 1, 10, 7)))    # a Tuesday, winter
+    monkeypatch.setenv("INFERD_CLOCK_FILE", str(clock))
+    server = server_factory(repo, *qa(q, tmp_path / "data"))
+    cases = [
+        ("@hourly", None, "2030-01-01T11:00:00.000Z"),
+        ("@hourly", "Asia/Kolkata", "2030-01-01T10:30:00.000Z"),   # UTC+05:30
+        ("@daily", None, "2030-01-02T00:00:00.000Z"),
+        ("@daily", "Europe/Paris", "2030-01-01T23:00:00.000Z"),    # midnight at UTC+1
+        ("@daily", "America/New_York", "2030-01-02T05:00:00.000Z"),
+        ("@weekly", None, "2030-01-06T00:00:00.000Z"),
+        ("@monthly", "Europe/Paris", "2030-01-31T23:00:00.000Z"),
+        ("@yearly", None, "2031-01-01T00:00:00.000Z"),
+        ("0 9 * * *", "Europe/Paris", "2030-01-02T08:00:00.000Z"),
+    ]
+    for schedule, zone, want in cases:
+        body = dict(model=m.name, input=str(inp), output=str(tmp_path / "o"), schedule=schedule)
+        if zone:
+            body["timezone"] = zone
+        r = submit(server, **body)
+        assert r.status_code == 201, r.text
+        j = r.json()
+        assert j["next_run_at"] == want, (schedule, zone, j)
+        assert j["timezone"] == (zone or "UTC") and j["schedule"] == schedule
+    # the first @hourly run in Kolkata fires at 10:30 UTC, 16:00 there
+    clock.write_text(str(utc_ms(2030, 1, 1, 10, 30, 5)))
+    kolkata = [b for b in requests.get(f"{server.url}/v1/batch-jobs?limit=100",
+                                       timeout=30).json()["batch_jobs"]
+               if b.get("timezone") == "Asia/Kolkata"][0]
+    s = runs_of(server, kolkata["id"], 1)
+    assert s["runs"][0]["run_at"] == "2030-01-01T10:30:00.000Z"
+    assert s["next_run_at"] == "2030-01-01T11:30:00.000Z"
+    for zone, words in (("Mars/Olympus", "Mars/Olympus"), ("/etc/passwd", "time zone"),
+                        ("../../etc/passwd", "time zone"), (5, "IANA")):
+        r = submit(server, model=m.name, input=str(inp), output=str(tmp_path / "o"),
+                   schedule="@daily", timezone=zone)
+        assert r.status_code == 400, r.text
+        msg = error_message(r)
+        assert "timezone" in msg and words in msg, msg
+    r = submit(server, model=m.name, input=str(inp), output=str(tmp_path / "o"),
+               schedule="@fortnightly")
+    assert r.status_code == 400 and "schedule" in error_message(r), r.text
+    assert "@fortnightly" in error_message(r)
+
+
+def test_templated_locations_follow_the_scheduled_hour(tmp_path, inputs, server_factory,
+                                                       monkeypatch, fresh_queue):
+    """An hourly schedule in Paris reads that hour's input and writes that hour's output:
+    {date}, {hour} and {%...} fields expand with the run's scheduled time in its zone."""
+    q = fresh_queue()
+    m, repo, inp, data = inputs
+    hours = {}
+    for i, (day, hour) in enumerate((("2030-07-01", "02"), ("2030-07-01", "03"))):
+        X = m.rows(40 + 10 * i, seed=300 + i)
+        write_csv(tmp_path / "events" / day / hour / "part.csv", X)
+        hours[hour] = X
+    clock = tmp_path / "clock"
+    clock.write_text(str(utc_ms(2030, 6, 30, 23, 30)))   # 01:30 in Paris (UTC+2)
+    monkeypatch.setenv("INFERD_CLOCK_FILE", str(clock))
+    server = server_factory(repo, *qa(q, tmp_path / "data"))
+    r = submit(server, model=m.name, input=str(tmp_path / "events" / "{date}" / "{hour}"),
+               output=f"file://{tmp_path}/scores/{{%Y/%m/%d}}/h{{hour}}", schedule="@hourly",
+               timezone="Europe/Paris")
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    assert r.json()["input"].endswith("/events/{date}/{hour}")
+    assert r.json()["next_run_at"] == "2030-07-01T00:00:00.000Z"     # 02:00 in Paris
+    for n, (utc_hour, hour) in enumerate(((0, "02"), (1, "03")), start=1):
+        clock.write_text(str(utc_ms(2030, 7, 1, utc_hour, 0, 5)))
+        run = runs_of(server, sid, n)["runs"][0]
+        done = wait_status(server, run["id"], ("succeeded", "failed"))
+        assert done["status"] == "succeeded", done
+        assert done["input"] == str(tmp_path / "events" / "2030-07-01" / hour)
+        out = tmp_path / "scores" / "2030" / "07" / "01" / f"h{hour}"
+        assert done["output"] == f"file://{out}"
+        assert_close(read_predictions(out / "part.csv.out"), m.expected(hours[hour]), hour)
+        assert done["progress"]["records_done"] == len(hours[hour])
+    # a template field inferd does not know is refused when the job is created
+    for field, value, words in (("input", "/x/{dat}", "{dat}"), ("output", "/y/{%Q}", "%Q"),
+                                ("output", "/y/{date", "not closed")):
+        body = dict(model=m.name, input="/x", output="/y", schedule="@hourly")
+        body[field] = value
+        r = submit(server, **body)
+        assert r.status_code == 400, r.text
+        msg = error_message(r)
+        assert msg.startswith(field + ":") and words in msg, msg
+
+
+def test_run_now_pause_and_resume(tmp_path, inputs, server_factory, monkeypatch, fresh_queue):
+    """POST .../run runs a schedule now without moving its next run (and runs a run again);
+    a paused schedule is passed over by the scheduler until it is resumed."""
+    q = fresh_queue()
+    m, repo, inp, data = inputs
+    clock = tmp_path / "clock"
+    clock.write_text(str(utc_ms(2030, 1, 1, 10, 7, 30)))
+    monkeypatch.setenv("INFERD_CLOCK_FILE", str(clock))
+    server = server_factory(repo, *qa(q, tmp_path / "data"))
+    sid = submit(server, model=m.name, input=str(inp), output=str(tmp_path / "daily"),
+                 schedule="@daily").json()["id"]
+    r = post(server, sid, "run")
+    assert r.status_code == 202, r.text
+    run = r.json()
+    assert run["schedule_id"] == sid and run["run_at"] == "2030-01-01T10:07:30.000Z"
+    done = wait_status(server, run["id"], ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done
+    assert done["output"] == str(tmp_path / "daily" / "20300101T100730Z")
+    for name, X in data.items():
+        assert_close(read_predictions(tmp_path / "daily" / "20300101T100730Z" / (name + ".out")),
+                     m.expected(X), name)
+    s = get(server, sid)
+    assert [x["id"] for x in s["runs"]] == [run["id"]]
+    assert s["next_run_at"] == "2030-01-02T00:00:00.000Z" and s["status"] == "scheduled"
+
+    # run again: a run (not a schedule) starts anew with the same definition and locations
+    r = post(server, run["id"], "run")
+    assert r.status_code == 202, r.text
+    again = wait_status(server, r.json()["id"], ("succeeded", "failed"))
+    assert again["status"] == "succeeded" and again["output"] == done["output"], again
+    assert "schedule_id" not in again
+
+    # paused: no run while the clock passes its time; the control schedule proves the
+    # scheduler looked
+    r = post(server, sid, "pause")
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "paused" and r.json()["next_run_at"] is None
+    assert post(server, sid, "pause").json()["status"] == "paused"     # idempotent
+    control = submit(server, model=m.name, input=str(inp), output=str(tmp_path / "control"),
+                     schedule="@daily").json()["id"]
+    clock.write_text(str(utc_ms(2030, 1, 2, 0, 0, 5)))
+    wait_status(server, runs_of(server, control, 1)["runs"][0]["id"], ("succeeded",))
+    assert len(get(server, sid)["runs"]) == 1 and get(server, sid)["status"] == "paused"
+
+    # resumed: the next time after now; the missed midnight does not run
+    clock.write_text(str(utc_ms(2030, 1, 2, 9, 0)))
+    r = post(server, sid, "resume")
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "scheduled"
+    assert r.json()["next_run_at"] == "2030-01-03T00:00:00.000Z"
+    # run by hand on the very minute the schedule is due: both runs happen
+    clock.write_text(str(utc_ms(2030, 1, 3, 0, 0, 0)))
+    assert post(server, sid, "run").status_code == 202
+    s = runs_of(server, sid, 3)
+    assert sorted(x["run_at"] for x in s["runs"][:2]) == [
+        "2030-01-03T00:00:00.000Z", "2030-01-03T00:00:00.001Z"], s["runs"]
+    assert s["next_run_at"] == "2030-01-04T00:00:00.000Z"
+
+    # what cannot pause or run
+    r = post(server, run["id"], "pause")
+    assert r.status_code == 409 and "not a schedule" in error_message(r), r.text
+    r = post(server, "batch-nope", "run")
+    assert r.status_code == 404 and "batch-nope" in error_message(r), r.text
+    r = post(server, sid, "explode")
+    assert r.status_code == 404, r.text
+    assert requests.delete(f"{server.url}/v1/batch-jobs/{sid}", timeout=30).status_code == 200
+    for action in ("run", "resume"):
+        r = post(server, sid, action)
+        assert r.status_code == 409 and "cancelled" in error_message(r), r.text
+
+
+def test_progress_counts_records_inside_an_object(tmp_path, trained, server_factory,
+                                                  fresh_queue):
+    """One big object: records_done grows while the object runs, and ends equal to its
+    records (never counted twice)."""
+    q = fresh_queue()
+    m = trained["slow"]
+    repo = tmp_path / "models"
+    m.install(repo, config={"backend": "xgboost", "instances": 1})
+    X = m.rows(6000, seed=7)
+    write_csv(tmp_path / "in" / "big.csv", X)
+    server = server_factory(repo, *qa(q, tmp_path / "data", "--workers", "1"))
+    r = submit(server, model=m.name, input=str(tmp_path / "in"), output=str(tmp_path / "out"),
+               records_per_batch=32, concurrency=1)
+    assert r.status_code == 202, r.text
+    bid = r.json()["id"]
+    seen = wait_for(lambda: (lambda j: j if j["progress"]["records_done"] > 0 else None)(
+        get(server, bid)), DEADLINE_S, "records counted inside the running object")
+    assert seen["progress"]["objects_done"] == 0 and seen["status"] == "running", seen
+    assert 0 < seen["progress"]["records_done"] < len(X), seen
+    done = wait_status(server, bid, ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done
+    assert done["progress"] == {"objects_total": 1, "objects_done": 1, "records_done": len(X),
+                                "records_failed": 0}
+
+
+def test_list_filters_by_status(tmp_path, inputs, server_factory, monkeypatch, fresh_queue):
+    q = fresh_queue()
+    m, repo, inp, data = inputs
+    monkeypatch.setenv("INFERD_CLOCK_FILE", str(tmp_path / "clock"))
+    (tmp_path / "clock").write_text(str(utc_ms(2030, 1, 1, 10, 7)))
+    server = server_factory(repo, *qa(q, tmp_path / "data"))
+    ran = submit(server, model=m.name, input=str(inp), output=str(tmp_path / "o1")).json()["id"]
+    wait_status(server, ran, ("succeeded",))
+    active = submit(server, model=m.name, input=str(inp), output=str(tmp_path / "o2"),
+                    schedule="@daily").json()["id"]
+    paused = submit(server, model=m.name, input=str(inp), output=str(tmp_path / "o3"),
+                    schedule="@daily").json()["id"]
+    assert post(server, paused, "pause").status_code == 200
+
+    def listed(status):
+        r = requests.get(f"{server.url}/v1/batch-jobs", params={"status": status}, timeout=30)
+        assert r.status_code == 200, r.text
+        return [b["id"] for b in r.json()["batch_jobs"]]
+    assert listed("succeeded") == [ran]
+    assert listed("scheduled") == [active]
+    assert listed("paused") == [paused]
+    assert listed("failed") == [] and listed("running") == []
+    all_ids = requests.get(f"{server.url}/v1/batch-jobs", timeout=30).json()["batch_jobs"]
+    assert [b["id"] for b in all_ids] == [paused, active, ran]
+    r = requests.get(f"{server.url}/v1/batch-jobs?status=done", timeout=30)
+    assert r.status_code == 400, r.text
+    msg = error_message(r)
+    assert "status" in msg and "'done'" in msg and "succeeded" in msg, msg

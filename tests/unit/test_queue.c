@@ -636,6 +636,148 @@ static void test_schedules_due_element_fails(void **state)
     queue_close(q);
 }
 
+/* The JSON of batch job `id`, parsed. */
+static json_t *batch_json(struct queue *q, const char *id)
+{
+    struct buf b = {0};
+    struct err e = {0};
+    json_t *o;
+
+    assert_int_equal(queue_batch_get(q, id, &b, &e), 0);
+    o = json_loadb(b.data, b.len, 0, NULL);
+    buf_release(&b);
+    assert_non_null(o);
+    return o;
+}
+
+static int64_t records_done(struct queue *q, const char *id)
+{
+    json_t *o = batch_json(q, id);
+    int64_t v = json_integer_value(json_object_get(json_object_get(o, "progress"), "records_done"));
+    json_decref(o);
+    return v;
+}
+
+static size_t n_due(struct queue *q)
+{
+    struct queue_schedule *due = NULL;
+    struct err e = {0};
+    size_t n = 0;
+
+    assert_int_equal(queue_schedules_due(q, queue_now_ms(), &due, &n, &e), 0);
+    queue_schedules_free(due, n);
+    return n;
+}
+
+static size_t n_listed(struct queue *q, const char *status)
+{
+    struct buf b = {0};
+    struct err e = {0};
+    json_t *o;
+    size_t n;
+
+    assert_int_equal(queue_batch_list(q, 10, status, &b, &e), 0);
+    o = json_loadb(b.data, b.len, 0, NULL);
+    n = json_array_size(json_object_get(o, "batch_jobs"));
+    json_decref(o);
+    buf_release(&b);
+    return n;
+}
+
+/* Pause and resume, a run started by hand, progress inside a running task, the status filter:
+ * the same on every store. */
+static void test_schedule_pause_and_progress(void **state)
+{
+    struct queue *q = open_queue(100);
+    int64_t now = queue_now_ms();
+    struct batch_job_spec sched = {.definition = "{\"model\":\"m\",\"schedule\":\"@daily\"}",
+                                   .model = "m",
+                                   .max_attempts = 1,
+                                   .lease_timeout_ms = 60000,
+                                   .schedule = "@daily",
+                                   .next_run_ms = now - 60000};
+    const char *inputs[] = {"{\"object\":\"a\"}"}, *objects[] = {"a"};
+    struct batch_job_spec run = {.definition = "{\"model\":\"m\"}",
+                                 .model = "m",
+                                 .max_attempts = 1,
+                                 .lease_timeout_ms = 60000,
+                                 .output = "/tmp/out",
+                                 .task_inputs = inputs,
+                                 .task_objects = objects,
+                                 .n_tasks = 1,
+                                 .finish_input = "{\"output\":\"/tmp/out\"}"};
+    struct queue_schedule *def = NULL;
+    struct buf b = {0};
+    struct err e = {0};
+    struct job *jobs[2];
+    char sid[40], rid[40], hand[40];
+    size_t n = 0;
+    json_t *o;
+
+    (void)state;
+    assert_int_equal(queue_batch_create(q, &sched, sid, &e), 0);
+    assert_int_equal(n_due(q), 1);
+    assert_int_equal(queue_batch_pause(q, sid, 1, 0, &b, &e), 0);
+    assert_non_null(strstr(b.data, "\"paused\""));
+    buf_release(&b);
+    assert_int_equal(queue_batch_pause(q, sid, 1, 0, &b, &e), 0); /* already: no change */
+    buf_release(&b);
+    assert_int_equal(n_due(q), 0);
+    assert_int_equal(queue_batch_definition(q, sid, &def, &e), 0);
+    assert_int_equal(def->state, QUEUE_SCHEDULE_PAUSED);
+    assert_string_equal(def->schedule, "@daily");
+    assert_string_equal(def->definition, sched.definition);
+    queue_schedules_free(def, 1);
+    assert_int_equal(n_listed(q, "paused"), 1);
+    assert_int_equal(n_listed(q, "scheduled"), 0);
+
+    /* a run by hand while paused: stored though the schedule is not due, nothing claimed */
+    run.parent = sid;
+    run.run_at_ms = now;
+    run.by_hand = 1;
+    assert_int_equal(queue_batch_create(q, &run, hand, &e), 0);
+    o = batch_json(q, sid);
+    assert_int_equal(json_array_size(json_object_get(o, "runs")), 1);
+    json_decref(o);
+    run.parent = NULL;
+    run.by_hand = 0;
+    assert_int_equal(queue_batch_cancel(q, hand, &b, &e), 0);
+    buf_release(&b);
+
+    assert_int_equal(queue_batch_pause(q, sid, 0, now - 1000, &b, &e), 0);
+    assert_non_null(strstr(b.data, "\"scheduled\""));
+    buf_release(&b);
+    assert_int_equal(n_due(q), 1);
+    assert_int_equal(n_listed(q, "scheduled"), 1);
+
+    /* a run: it does not pause; its running task's progress counts until it is done */
+    assert_int_equal(queue_batch_create(q, &run, rid, &e), 0);
+    assert_int_equal(queue_batch_pause(q, rid, 1, 0, &b, &e), ERR_CONFLICT);
+    assert_int_equal(queue_batch_pause(q, "batch-nope", 1, 0, &b, &e), ERR_NOT_FOUND);
+    assert_int_equal(queue_batch_definition(q, "batch-nope", &def, &e), ERR_NOT_FOUND);
+    assert_int_equal(queue_lease_many(q, "w", 2, 1, 0, jobs, &n, &e), 0);
+    assert_int_equal(n, 1);
+    assert_int_equal(queue_batch_progress(q, rid, jobs[0]->id, jobs[0]->token, 5, &e), 0);
+    assert_int_equal(records_done(q, rid), 5);
+    /* an attempt that no longer holds the task changes nothing */
+    assert_int_equal(queue_batch_progress(q, rid, jobs[0]->id, jobs[0]->token + 1, 900, &e), 0);
+    assert_int_equal(records_done(q, rid), 5);
+    assert_int_equal(n_listed(q, "running"), 1);
+    const char *result = "{\"object\":\"a\",\"records\":7,\"errors\":0}";
+    assert_int_equal(queue_complete(q, jobs[0]->id, jobs[0]->token, result, strlen(result), -1, &e),
+                     0);
+    assert_int_equal(records_done(q, rid), 7); /* the object's records, counted once */
+    job_free(jobs[0]);
+    assert_int_equal(n_listed(q, NULL), 2); /* runs of a schedule are listed with it */
+    assert_int_equal(n_listed(q, "cancelled"), 0);
+    assert_int_equal(queue_batch_cancel(q, sid, &b, &e), 0);
+    buf_release(&b);
+    assert_int_equal(n_listed(q, "cancelled"), 1);
+    assert_int_equal(queue_batch_pause(q, sid, 0, now, &b, &e), ERR_CONFLICT);
+    assert_non_null(strstr(e.msg, "cancelled"));
+    queue_close(q);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -651,6 +793,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_outbox_due_element_fails, setup, teardown),
         cmocka_unit_test_setup_teardown(test_lease_element_fails, setup, teardown),
         cmocka_unit_test_setup_teardown(test_schedules_due_element_fails, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_schedule_pause_and_progress, setup, teardown),
         cmocka_unit_test_setup_teardown(test_lost_lease_answer_is_handed_back, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
