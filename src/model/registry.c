@@ -256,6 +256,14 @@ static int read_file(const char *path, char **out, struct err *e)
     return 0;
 }
 
+static int has_file(const char *dir, const char *name)
+{
+    char path[PATH_MAX];
+
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    return access(path, F_OK) == 0;
+}
+
 static int model_build(const char *repo, const char *name, int instances, struct model **out,
                        struct err *e)
 {
@@ -272,6 +280,9 @@ static int model_build(const char *repo, const char *name, int instances, struct
     snprintf(model_dir, sizeof(model_dir), "%s/%s", repo, name);
     snprintf(path, sizeof(path), "%s/config.json", model_dir);
     rc = read_file(path, &text, e);
+    if (rc == ERR_NOT_FOUND && has_file(model_dir, "config.pbtxt"))
+        err_set(e, rc, "%s: no config.json (inferd reads config.json, not Triton's config.pbtxt: "
+                "e.g. {\"backend\": \"xgboost\"})", model_dir);
     if (rc != 0)
         goto cleanup;
     root = json_loads(text, JSON_REJECT_DUPLICATES, &jerr);
