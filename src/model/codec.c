@@ -820,7 +820,8 @@ int codec_decode_document(const char *body, size_t body_len, enum codec_origin o
     if (!root)
         return err_set(e, ERR_INVALID, "malformed JSON at line %d column %d: %s", jerr.line,
                        jerr.column,
-                       origin == CODEC_FROM_STORE ? jdoc_jansson_reason(&jerr) : jerr.text);
+                       jdoc_jansson_why(body, body_len, &jerr,
+                                        origin == CODEC_FROM_STORE ? JDOC_STORED : 0));
     json_decref(root);
     r = calloc(1, sizeof(*r));
     if (!r || !(r->inputs[0].name = strdup(INFERD_JSON_NAME)) ||
