@@ -112,7 +112,8 @@ static int parse_config(json_t *root, const char *model_dir, const char *path,
                                   "headers",
                                   "inputs",
                                   "outputs",
-                                  "upstream_model"};
+                                  "upstream_model",
+                                  "forward_keys"};
     long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
     int64_t instances;
     const char *key;
