@@ -101,6 +101,10 @@ static int check_format(const char *path, const char *name, char *err, size_t er
     }
     n = fread(head, 1, sizeof(head), f);
     fclose(f);
+    if (n == 0) {
+        snprintf(err, err_len, "%s is empty", name);
+        return -1;
+    }
     if (is_json) {
         while (i < n && strchr(" \t\r\n", head[i]) && head[i])
             i++;

@@ -318,7 +318,6 @@ static int model_build(const char *repo, const char *name, int instances, struct
         goto cleanup;
     }
     m->metrics = metrics_model_get(name);
-    m->stats = metrics_version_get(name, m->version);
     atomic_init(&m->refs, 1);
     rc = backend_open(cfg.backend, cfg.plugin_path[0] ? cfg.plugin_path : NULL, &m->api,
                       &backend_state, e);
@@ -335,6 +334,7 @@ static int model_build(const char *repo, const char *name, int instances, struct
         goto cleanup;
     }
     cfg.batch.metrics = m->metrics;
+    m->stats = metrics_version_get(name, m->version); /* a version that loaded, not one that failed */
     cfg.batch.stats = m->stats;
     cfg.batch.max_in_flight = m->info.max_in_flight;
     if (instances > 0)

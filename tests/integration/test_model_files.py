@@ -90,6 +90,7 @@ def test_wrong_format_and_missing_file_errors(server_factory, repo_dir, trained)
     write_model(repo_dir, "ubj_text", "model.ubj", json_text)
     write_model(repo_dir, "ubj_bin", "model.ubj", binary_bytes(trained["binary"]))
     write_model(repo_dir, "broken", "model.json", b'{"learner": {"this is": not json')
+    write_model(repo_dir, "empty", "model.json", b"")
     (repo_dir / "nofile" / "1").mkdir(parents=True)
     (repo_dir / "nofile" / "config.json").write_text('{"backend": "xgboost"}')
     trained["regression"].install(repo_dir)
@@ -101,6 +102,7 @@ def test_wrong_format_and_missing_file_errors(server_factory, repo_dir, trained)
     msg = reason_of(c, "broken")
     assert "model.json" in msg, msg
     assert_one_clean_line(msg, "broken model.json")
+    assert "model.json is empty" in reason_of(c, "empty")
     msg = reason_of(c, "nofile")
     for name in MODEL_NAMES:
         assert name in msg, f"the no-model-file error should list {name}: {msg!r}"

@@ -24,6 +24,8 @@ def stats(client, path):
 def test_statistics_extension(server_factory, repo_dir, trained):
     trained["binary"].install(repo_dir)
     trained["regression"].install(repo_dir)
+    (repo_dir / "broken" / "1").mkdir(parents=True)      # never loads: no statistics
+    (repo_dir / "broken" / "config.json").write_text('{"backend": "xgboost"}')
     c = server_factory(repo_dir).client()
     assert "statistics" in c.get("/v2").json()["extensions"]
 
@@ -67,7 +69,8 @@ def test_statistics_extension(server_factory, repo_dir, trained):
     every = stats(c, "/v2/models/stats")
     assert [(m["name"], m["version"]) for m in every] == [("binary", "1"), ("regression", "1")]
     assert every[1]["inference_count"] == 0, every[1]
-    for path, word in [("/v2/models/nope/stats", "nope"), ("/v2/models/binary/versions/2/stats", "2")]:
+    for path, word in [("/v2/models/nope/stats", "nope"), ("/v2/models/broken/stats", "broken"),
+                       ("/v2/models/binary/versions/2/stats", "2")]:
         r = c.get(path)
         assert r.status_code == 404, f"{path}: {r.status_code} {r.text[:200]}"
         assert word in error_message(r)
