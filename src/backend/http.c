@@ -569,22 +569,58 @@ static const char *first_bytes(const struct inferd_tensor *t, size_t *len)
 
 /* The request keys of OpenAI's completions and chat completions APIs: OpenAI refuses any
  * other ("Unrecognized request argument supplied"). */
-static const char *const completions_keys[] = {
-    "model",     "prompt", "best_of",          "echo",  "frequency_penalty", "logit_bias",
-    "logprobs",  "max_tokens", "n",            "presence_penalty", "seed",   "stop",
-    "stream",    "stream_options", "suffix",   "temperature", "top_p",       "user",
-};
-static const char *const chat_keys[] = {
-    "model",           "messages",         "audio",          "frequency_penalty",
-    "function_call",   "functions",        "logit_bias",     "logprobs",
-    "max_completion_tokens", "max_tokens", "metadata",       "modalities",
-    "n",               "parallel_tool_calls", "prediction",  "presence_penalty",
-    "prompt_cache_key", "reasoning_effort", "response_format", "safety_identifier",
-    "seed",            "service_tier",     "stop",           "store",
-    "stream",          "stream_options",   "temperature",    "tool_choice",
-    "tools",           "top_logprobs",     "top_p",          "user",
-    "verbosity",       "web_search_options",
-};
+static const char *const completions_keys[] = {"model",
+                                               "prompt",
+                                               "best_of",
+                                               "echo",
+                                               "frequency_penalty",
+                                               "logit_bias",
+                                               "logprobs",
+                                               "max_tokens",
+                                               "n",
+                                               "presence_penalty",
+                                               "seed",
+                                               "stop",
+                                               "stream",
+                                               "stream_options",
+                                               "suffix",
+                                               "temperature",
+                                               "top_p",
+                                               "user"};
+static const char *const chat_keys[] = {"model",
+                                        "messages",
+                                        "audio",
+                                        "frequency_penalty",
+                                        "function_call",
+                                        "functions",
+                                        "logit_bias",
+                                        "logprobs",
+                                        "max_completion_tokens",
+                                        "max_tokens",
+                                        "metadata",
+                                        "modalities",
+                                        "n",
+                                        "parallel_tool_calls",
+                                        "prediction",
+                                        "presence_penalty",
+                                        "prompt_cache_key",
+                                        "reasoning_effort",
+                                        "response_format",
+                                        "safety_identifier",
+                                        "seed",
+                                        "service_tier",
+                                        "stop",
+                                        "store",
+                                        "stream",
+                                        "stream_options",
+                                        "temperature",
+                                        "tool_choice",
+                                        "tools",
+                                        "top_logprobs",
+                                        "top_p",
+                                        "user",
+                                        "verbosity",
+                                        "web_search_options"};
 
 static int openai_key_forwarded(const struct http_model *m, const char *key)
 {
@@ -702,12 +738,12 @@ static int openai_body(struct http_model *m, struct inferd_request *req, struct 
                    "completion (leave \"stream\" out, or send false)");
         goto cleanup;
     }
-    const char *key;
-    json_t *val;
-    void *tmp;
-    json_object_foreach_safe (body, tmp, key, val)
+    for (void *it = json_object_iter(body), *next; it; it = next) {
+        const char *key = json_object_iter_key(it);
+        next = json_object_iter_next(body, it); /* before the key may go */
         if (!openai_key_forwarded(m, key))
             json_object_del(body, key);
+    }
     text = json_dumps(body, JSON_COMPACT);
     if (!text || buf_puts(out, text) != 0)
         goto nomem;

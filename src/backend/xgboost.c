@@ -74,9 +74,9 @@ static int xgb_init(const struct inferd_host *h, void **state, char *err, size_t
  * either, or as the old binary format (booster.save_model("x.model") before 2.0). The last
  * three are Triton FIL's names for the same three formats.
  */
-static const char *const model_names[] = {"model.json",   "model.ubj",   "model.bst",
-                                          "model.bin",    "model.model", "xgboost.json",
-                                          "xgboost.ubj",  "xgboost.model"};
+static const char *const model_names[] = {"model.json",  "model.ubj",    "model.bst",
+                                          "model.bin",   "model.model",  "xgboost.json",
+                                          "xgboost.ubj", "xgboost.model"};
 
 /*
  * Checks that a ".json" or ".ubj" file holds what its name says, so that a file saved in another

@@ -127,8 +127,7 @@ void metrics_inferences(struct metrics_version *v, int64_t rows)
                           memory_order_relaxed);
 }
 
-static int duration_json(struct buf *out, const char *key, uint64_t count, uint64_t ns,
-                         int first)
+static int duration_json(struct buf *out, const char *key, uint64_t count, uint64_t ns, int first)
 {
     return buf_printf(out, "%s\"%s\":{\"count\":%llu,\"ns\":%llu}", first ? "" : ",", key,
                       (unsigned long long)count, (unsigned long long)ns);
@@ -141,13 +140,13 @@ static int render_one(struct metrics_version *v, struct buf *out)
     if (rc == 0)
         rc = buf_json_string(out, v->name);
     if (rc == 0)
-        rc = buf_printf(
-            out,
-            ",\"version\":\"%lld\",\"last_inference\":%llu,\"inference_count\":%llu,"
-            "\"execution_count\":%llu,\"inference_stats\":{",
-            (long long)v->version, (unsigned long long)atomic_load(&v->last_inference_ms),
-            (unsigned long long)atomic_load(&v->inference_count),
-            (unsigned long long)atomic_load(&v->execution_count));
+        rc = buf_printf(out,
+                        ",\"version\":\"%lld\",\"last_inference\":%llu,\"inference_count\":%llu,"
+                        "\"execution_count\":%llu,\"inference_stats\":{",
+                        (long long)v->version,
+                        (unsigned long long)atomic_load(&v->last_inference_ms),
+                        (unsigned long long)atomic_load(&v->inference_count),
+                        (unsigned long long)atomic_load(&v->execution_count));
     for (int s = 0; rc == 0 && s < METRICS_N_STATS; s++)
         rc = duration_json(out, stat_names[s], atomic_load(&v->stats[s].count),
                            atomic_load(&v->stats[s].ns), s == 0);
@@ -155,8 +154,8 @@ static int render_one(struct metrics_version *v, struct buf *out)
         rc = buf_puts(out, "},\"batch_stats\":[");
     pthread_mutex_lock(&v->batch_lock);
     for (size_t i = 0; rc == 0 && i < v->n_batches; i++) {
-        rc = buf_printf(out, "%s{\"batch_size\":%lld,", i ? "," : "",
-                        (long long)v->batches[i].rows);
+        rc =
+            buf_printf(out, "%s{\"batch_size\":%lld,", i ? "," : "", (long long)v->batches[i].rows);
         if (rc == 0)
             rc = duration_json(out, "compute_infer", v->batches[i].count, v->batches[i].ns, 1);
         if (rc == 0)

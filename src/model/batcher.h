@@ -47,7 +47,8 @@ struct batch_item {
     size_t eof_probe_len;
     batcher_done_fn done;
     void *ctx; /* the producer's */
-    uint64_t received_ns; /* when the producer got the request, for statistics; 0: submit */
+    /* when the producer got the request, for statistics; 0: when it was submitted */
+    uint64_t received_ns;
     /* filled by the batcher */
     uint64_t enqueued_ns;
     uint64_t started_ns; /* when the backend call began; 0 if it never did */

@@ -282,8 +282,10 @@ static int model_build(const char *repo, const char *name, int instances, struct
     snprintf(path, sizeof(path), "%s/config.json", model_dir);
     rc = read_file(path, &text, e);
     if (rc == ERR_NOT_FOUND && has_file(model_dir, "config.pbtxt"))
-        err_set(e, rc, "%s: no config.json (inferd reads config.json, not Triton's config.pbtxt: "
-                "e.g. {\"backend\": \"xgboost\"})", model_dir);
+        err_set(e, rc,
+                "%s: no config.json (inferd reads config.json, not Triton's config.pbtxt: "
+                "e.g. {\"backend\": \"xgboost\"})",
+                model_dir);
     if (rc != 0)
         goto cleanup;
     root = json_loads(text, JSON_REJECT_DUPLICATES, &jerr);
@@ -334,7 +336,8 @@ static int model_build(const char *repo, const char *name, int instances, struct
         goto cleanup;
     }
     cfg.batch.metrics = m->metrics;
-    m->stats = metrics_version_get(name, m->version); /* a version that loaded, not one that failed */
+    /* only a version that loaded has statistics */
+    m->stats = metrics_version_get(name, m->version);
     cfg.batch.stats = m->stats;
     cfg.batch.max_in_flight = m->info.max_in_flight;
     if (instances > 0)

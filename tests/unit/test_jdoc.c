@@ -764,7 +764,7 @@ static void test_nan_and_infinity_named(void **state)
         {"[NaN]", "malformed JSON at line 1 column 4: JSON has no NaN: send null for a missing "
                   "value"},
         {"{\"data\": [1.5, nan, 2]}", "malformed JSON at line 1 column 18: JSON has no NaN: "
-                                     "send null for a missing value"},
+                                      "send null for a missing value"},
         {"[1, Infinity]", "malformed JSON at line 1 column 12: JSON has no Infinity: send a "
                           "finite number, or null for a missing value"},
         {"[-Infinity, 1]", "malformed JSON at line 1 column 2: JSON has no Infinity: send a "
