@@ -389,6 +389,8 @@ static int read_forward_keys(struct http_model *m, json_t *list, char *err, size
 
     if (!list)
         return 0;
+    if (m->protocol != PROTO_OPENAI)
+        return fail(err, err_len, "forward_keys: only for protocol \"openai\"");
     if (!json_is_array(list))
         return fail(err, err_len, "forward_keys: expected a list of key names");
     if (!(m->forward_keys = json_object()))
@@ -651,8 +653,9 @@ static json_t *batch_line_body(struct http_model *m, struct inferd_request *req,
     }
     if (url && (!u || ul < wl || strcmp(u + ul - wl, want) != 0 ||
                 (!m->chat && ul >= 17 && strcmp(u + ul - 17, "/chat/completions") == 0))) {
-        set_failed(req, 400, 0, "url '%.100s': this model's upstream takes %s requests",
-                   u ? u : "(not a string)", m->chat ? "/v1/chat/completions" : "/v1/completions");
+        /* the line may come from a stored object: its own text stays out of the message */
+        set_failed(req, 400, 0, "url: this model's upstream takes %s requests, no other",
+                   m->chat ? "/v1/chat/completions" : "/v1/completions");
         return NULL;
     }
     return json_incref(json_object_get(line, "body"));

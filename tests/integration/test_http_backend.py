@@ -879,7 +879,8 @@ def test_openai_batch_api_lines(openai_setup, inferd_bin, tmp_path):
         rec = json.loads(line)
         assert rec["custom_id"] == f"task-{i}" and rec["text"] == f"QUESTION {i}", rec
     errors = (out / "requests.jsonl.errors").read_text()
-    assert errors.startswith("line 3:") and "/v1/embeddings" in errors, errors
+    assert errors.startswith("line 3:") and "url" in errors and "/v1/chat/completions" in errors, \
+        errors
     calls = up.snapshot()[before:]
     assert len(calls) == 3, calls
     assert all(set(x.json) == {"model", "max_tokens", "messages"} for x in calls), \
