@@ -46,6 +46,7 @@ struct call {
     CURL *easy;
     struct buf body;
     struct buf resp;
+    json_t *custom_id; /* openai: the document's "custom_id", written with its answer */
     int64_t retry_after_ms;
     int too_large;
     char curl_err[CURL_ERROR_SIZE];
@@ -57,6 +58,8 @@ struct http_model {
     char *url;
     char *upstream_model; /* openai: the "model" field, when the request has none */
     int chat;             /* openai: the url is a chat completions endpoint */
+    json_t *forward_keys; /* openai: keys sent although OpenAI's schema lacks them (a set) */
+    int forward_all;      /* openai: forward_keys is ["*"] */
     long timeout_ms;
     struct curl_slist *headers;
     struct inferd_tensor inputs[TENSOR_MAX_IO], outputs[TENSOR_MAX_IO]; /* names owned */
@@ -372,9 +375,35 @@ static void http_model_destroy(void *state)
     for (size_t i = 0; i < m->n_outputs; i++)
         free((char *)m->outputs[i].name);
     curl_slist_free_all(m->headers);
+    json_decref(m->forward_keys);
     free(m->url);
     free(m->upstream_model);
     free(m);
+}
+
+/* "forward_keys": ["top_k", ...] or ["*"], for the extras of vLLM, llama.cpp and the like. */
+static int read_forward_keys(struct http_model *m, json_t *list, char *err, size_t err_len)
+{
+    size_t i;
+    json_t *k;
+
+    if (!list)
+        return 0;
+    if (m->protocol != PROTO_OPENAI)
+        return fail(err, err_len, "forward_keys: only for protocol \"openai\"");
+    if (!json_is_array(list))
+        return fail(err, err_len, "forward_keys: expected a list of key names");
+    if (!(m->forward_keys = json_object()))
+        return fail(err, err_len, "out of memory");
+    json_array_foreach (list, i, k) {
+        if (!json_is_string(k) || json_string_length(k) == 0)
+            return fail(err, err_len, "forward_keys[%zu]: expected a key name", i);
+        if (strcmp(json_string_value(k), "*") == 0)
+            m->forward_all = 1;
+        else if (json_object_set(m->forward_keys, json_string_value(k), json_true()) != 0)
+            return fail(err, err_len, "out of memory");
+    }
+    return 0;
 }
 
 static int int_field(json_t *root, const char *key, long long def, long long min, long long max,
@@ -441,7 +470,8 @@ static int http_model_create(void *backend_state, const char *dir, const char *c
         fail(err, err_len, "upstream_model: expected a string");
         goto cleanup;
     }
-    if (read_headers(m, json_object_get(root, "headers"), err, err_len) != 0)
+    if (read_headers(m, json_object_get(root, "headers"), err, err_len) != 0 ||
+        read_forward_keys(m, json_object_get(root, "forward_keys"), err, err_len) != 0)
         goto cleanup;
     if (m->protocol == PROTO_V2) {
         json_t *ins = json_object_get(root, "inputs"), *outs = json_object_get(root, "outputs");
@@ -539,8 +569,102 @@ static const char *first_bytes(const struct inferd_tensor *t, size_t *len)
     return (const char *)t->data + 4;
 }
 
-/* The body of an OpenAI-style request, from a document or from prompt/messages tensors. */
-static int openai_body(struct http_model *m, struct inferd_request *req, struct buf *out)
+/* The request keys of OpenAI's completions and chat completions APIs: OpenAI refuses any
+ * other ("Unrecognized request argument supplied"). */
+static const char *const completions_keys[] = {"model",
+                                               "prompt",
+                                               "best_of",
+                                               "echo",
+                                               "frequency_penalty",
+                                               "logit_bias",
+                                               "logprobs",
+                                               "max_tokens",
+                                               "n",
+                                               "presence_penalty",
+                                               "seed",
+                                               "stop",
+                                               "stream",
+                                               "stream_options",
+                                               "suffix",
+                                               "temperature",
+                                               "top_p",
+                                               "user"};
+static const char *const chat_keys[] = {"model",
+                                        "messages",
+                                        "audio",
+                                        "frequency_penalty",
+                                        "function_call",
+                                        "functions",
+                                        "logit_bias",
+                                        "logprobs",
+                                        "max_completion_tokens",
+                                        "max_tokens",
+                                        "metadata",
+                                        "modalities",
+                                        "n",
+                                        "parallel_tool_calls",
+                                        "prediction",
+                                        "presence_penalty",
+                                        "prompt_cache_key",
+                                        "reasoning_effort",
+                                        "response_format",
+                                        "safety_identifier",
+                                        "seed",
+                                        "service_tier",
+                                        "stop",
+                                        "store",
+                                        "stream",
+                                        "stream_options",
+                                        "temperature",
+                                        "tool_choice",
+                                        "tools",
+                                        "top_logprobs",
+                                        "top_p",
+                                        "user",
+                                        "verbosity",
+                                        "web_search_options"};
+
+static int openai_key_forwarded(const struct http_model *m, const char *key)
+{
+    const char *const *keys = m->chat ? chat_keys : completions_keys;
+    size_t n = m->chat ? sizeof(chat_keys) / sizeof(chat_keys[0])
+                       : sizeof(completions_keys) / sizeof(completions_keys[0]);
+
+    if (strcmp(key, "custom_id") == 0 || strcmp(key, "stream_options") == 0)
+        return 0; /* inferd's bookkeeping; and only valid with "stream": true, refused here */
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(keys[i], key) == 0)
+            return 1;
+    return m->forward_all || (m->forward_keys && json_object_get(m->forward_keys, key));
+}
+
+/* An OpenAI Batch API line, {"custom_id", "method", "url", "body"}: its body, once its method
+ * and url fit this model. NULL (and `req` failed) when they do not. */
+static json_t *batch_line_body(struct http_model *m, struct inferd_request *req, json_t *line)
+{
+    json_t *method = json_object_get(line, "method"), *url = json_object_get(line, "url");
+    const char *want = m->chat ? "/chat/completions" : "/completions";
+    const char *u = json_string_value(url);
+    size_t ul = u ? strlen(u) : 0, wl = strlen(want);
+
+    if (method && (!json_is_string(method) || strcasecmp(json_string_value(method), "POST"))) {
+        set_failed(req, 400, 0, "method: an OpenAI batch line for this model is a POST");
+        return NULL;
+    }
+    if (url && (!u || ul < wl || strcmp(u + ul - wl, want) != 0 ||
+                (!m->chat && ul >= 17 && strcmp(u + ul - 17, "/chat/completions") == 0))) {
+        /* the line may come from a stored object: its own text stays out of the message */
+        set_failed(req, 400, 0, "url: this model's upstream takes %s requests, no other",
+                   m->chat ? "/v1/chat/completions" : "/v1/completions");
+        return NULL;
+    }
+    return json_incref(json_object_get(line, "body"));
+}
+
+/* The body of an OpenAI-style request, from a document or from prompt/messages tensors.
+ * *custom_id receives the document's "custom_id" (a new reference), if it has one. */
+static int openai_body(struct http_model *m, struct inferd_request *req, struct buf *out,
+                       json_t **custom_id)
 {
     const struct inferd_tensor *doc = find_input(req, INFERD_JSON_NAME);
     const struct inferd_tensor *prompt = find_input(req, "prompt");
@@ -560,10 +684,20 @@ static int openai_body(struct http_model *m, struct inferd_request *req, struct 
         } else if (json_is_object(v) &&
                    (json_object_get(v, "prompt") || json_object_get(v, "messages"))) {
             body = json_incref(v);
+            *custom_id = json_incref(json_object_get(v, "custom_id"));
+        } else if (json_is_object(v) && json_is_object(json_object_get(v, "body"))) {
+            if (!(body = batch_line_body(m, req, v)))
+                goto cleanup;
+            *custom_id = json_incref(json_object_get(v, "custom_id"));
+            if (!json_object_get(body, "prompt") && !json_object_get(body, "messages")) {
+                set_failed(req, 400, 0, "body: an OpenAI request with \"prompt\" or \"messages\"");
+                goto cleanup;
+            }
         } else {
             set_failed(req, 400, 0,
-                       "a document for an openai model is a prompt string, a messages list or an "
-                       "object with \"prompt\" or \"messages\"");
+                       "a document for an openai model is a prompt string, a messages list, an "
+                       "object with \"prompt\" or \"messages\", or an OpenAI batch line "
+                       "({\"custom_id\", \"method\", \"url\", \"body\"})");
             goto cleanup;
         }
     } else if (prompt && (s = first_bytes(prompt, &len))) {
@@ -601,6 +735,18 @@ static int openai_body(struct http_model *m, struct inferd_request *req, struct 
     if (m->upstream_model && !json_object_get(body, "model") &&
         json_object_set_new(body, "model", json_string(m->upstream_model)) != 0)
         goto nomem;
+    if (json_is_true(json_object_get(body, "stream"))) {
+        set_failed(req, 400, 0,
+                   "stream: streaming is not supported: inferd answers with the whole "
+                   "completion (leave \"stream\" out, or send false)");
+        goto cleanup;
+    }
+    for (void *it = json_object_iter(body), *next; it; it = next) {
+        const char *key = json_object_iter_key(it);
+        next = json_object_iter_next(body, it); /* before the key may go */
+        if (!openai_key_forwarded(m, key))
+            json_object_del(body, key);
+    }
     text = json_dumps(body, JSON_COMPACT);
     if (!text || buf_puts(out, text) != 0)
         goto nomem;
@@ -615,7 +761,8 @@ cleanup:
     return rc;
 }
 
-static int build_body(struct http_model *m, struct inferd_request *req, struct buf *out)
+static int build_body(struct http_model *m, struct inferd_request *req, struct buf *out,
+                      json_t **custom_id)
 {
     const char *s;
     size_t len;
@@ -628,7 +775,7 @@ static int build_body(struct http_model *m, struct inferd_request *req, struct b
         }
         return 0;
     case PROTO_OPENAI:
-        return openai_body(m, req, out);
+        return openai_body(m, req, out, custom_id);
     case PROTO_JSON:
         s = first_bytes(find_input(req, INFERD_JSON_NAME), &len);
         if (!s) {
@@ -685,7 +832,8 @@ static void upstream_message(const struct buf *resp, char *out, size_t out_len)
 }
 
 /* A 2xx answer becomes the request's outputs. */
-static void take_answer(struct http_model *m, struct inferd_request *req, const struct buf *resp)
+static void take_answer(struct http_model *m, struct inferd_request *req, const struct buf *resp,
+                        json_t *custom_id)
 {
     const char *body = resp->data ? resp->data : "";
     struct infer_request *got = NULL;
@@ -733,7 +881,9 @@ static void take_answer(struct http_model *m, struct inferd_request *req, const 
         goto cleanup;
     }
     if (find_input(req, INFERD_JSON_NAME)) {
-        json_t *d = json_pack("{s:O,s:O}", "text", text, "response", root);
+        json_t *d = custom_id ? json_pack("{s:O,s:O,s:O}", "custom_id", custom_id, "text", text,
+                                          "response", root)
+                              : json_pack("{s:O,s:O}", "text", text, "response", root);
         doc = d ? json_dumps(d, JSON_COMPACT) : NULL;
         json_decref(d);
         if (!doc || output_bytes(req, INFERD_JSON_NAME, doc, strlen(doc)) != 0)
@@ -768,7 +918,7 @@ static void finish_call(struct call *c, CURLcode res)
         char msg[160];
         curl_easy_getinfo(c->easy, CURLINFO_RESPONSE_CODE, &status);
         if (status >= 200 && status < 300) {
-            take_answer(m, req, &c->resp);
+            take_answer(m, req, &c->resp, c->custom_id);
         } else {
             upstream_message(&c->resp, msg, sizeof(msg));
             if (status == 429 || status >= 500) {
@@ -784,6 +934,7 @@ static void finish_call(struct call *c, CURLcode res)
         curl_easy_cleanup(c->easy);
     buf_release(&c->body);
     buf_release(&c->resp);
+    json_decref(c->custom_id);
     free(c);
     host->request_done(req);
 }
@@ -795,6 +946,7 @@ static void ended_before_start(struct call *c)
     if (c->easy)
         curl_easy_cleanup(c->easy);
     buf_release(&c->body);
+    json_decref(c->custom_id);
     free(c);
     host->request_done(req);
 }
@@ -885,7 +1037,7 @@ static int http_execute_async(void *instance_state, struct inferd_request *const
         }
         c->m = m;
         c->req = reqs[i];
-        if (build_body(m, reqs[i], &c->body) != 0) {
+        if (build_body(m, reqs[i], &c->body, &c->custom_id) != 0) {
             ended_before_start(c);
             continue;
         }

@@ -12,6 +12,7 @@
  */
 #include "backend/backend.h"
 
+#include <errno.h>
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -43,9 +44,18 @@ struct xgb_instance {
 
 static const struct inferd_host *host;
 
+/*
+ * XGBoost's message without its "[16:43:00] ./src/common/json.cc:407: " prefix and first line
+ * only: what follows is a C++ stack trace, of no use to a user.
+ */
 static int fail(char *err, size_t err_len, const char *what)
 {
-    snprintf(err, err_len, "%s: %s", what, XGBGetLastError());
+    const char *msg = XGBGetLastError(), *p, *q;
+
+    if (msg[0] == '[' && (p = strstr(msg, "] ")) && (q = strstr(p + 2, ": ")) &&
+        memchr(p + 2, ':', (size_t)(q - p - 2)) && !memchr(msg, '\n', (size_t)(q - msg)))
+        msg = q + 2;
+    snprintf(err, err_len, "%s: %.*s", what, (int)strcspn(msg, "\n"), msg);
     return -1;
 }
 
@@ -58,16 +68,77 @@ static int xgb_init(const struct inferd_host *h, void **state, char *err, size_t
     return 0;
 }
 
+/*
+ * The file names a model may have, in the order they are looked for. libxgboost picks the
+ * parser from the extension: ".json" is JSON text, ".ubj" is UBJSON, any other name is read as
+ * either, or as the old binary format (booster.save_model("x.model") before 2.0). The last
+ * three are Triton FIL's names for the same three formats.
+ */
+static const char *const model_names[] = {"model.json",  "model.ubj",    "model.bst",
+                                          "model.bin",   "model.model",  "xgboost.json",
+                                          "xgboost.ubj", "xgboost.model"};
+
+/*
+ * Checks that a ".json" or ".ubj" file holds what its name says, so that a file saved in another
+ * format gets one line saying so instead of a parser's error from deep inside libxgboost.
+ * JSON text starts with '{' (after blanks); UBJSON with '{' and then a length or type marker,
+ * never a quote or a blank; the old binary format with neither.
+ */
+static int check_format(const char *path, const char *name, char *err, size_t err_len)
+{
+    const char *ext = strrchr(name, '.');
+    int is_json = strcmp(ext, ".json") == 0, is_ubj = strcmp(ext, ".ubj") == 0;
+    unsigned char head[64];
+    size_t n, i = 0;
+    FILE *f;
+
+    if (!is_json && !is_ubj)
+        return 0;
+    f = fopen(path, "rb");
+    if (!f) {
+        snprintf(err, err_len, "%s: %s", name, strerror(errno));
+        return -1;
+    }
+    n = fread(head, 1, sizeof(head), f);
+    fclose(f);
+    if (n == 0) {
+        snprintf(err, err_len, "%s is empty", name);
+        return -1;
+    }
+    if (is_json) {
+        while (i < n && strchr(" \t\r\n", head[i]) && head[i])
+            i++;
+        if (i < n && head[i] == '{')
+            return 0;
+        snprintf(err, err_len, "%s is not JSON: was it saved in the binary format? name it %s",
+                 name, strncmp(name, "xgboost.", 8) == 0 ? "xgboost.model" : "model.bin");
+        return -1;
+    }
+    if (n >= 2 && head[0] == '{' && !(head[1] && strchr("\" \t\r\n", head[1])))
+        return 0;
+    if (n >= 2 && head[0] == '{')
+        snprintf(err, err_len, "%s is JSON text, not UBJSON: name it %s", name,
+                 strncmp(name, "xgboost.", 8) == 0 ? "xgboost.json" : "model.json");
+    else
+        snprintf(err, err_len, "%s is not UBJSON: was it saved in the binary format? name it %s",
+                 name, strncmp(name, "xgboost.", 8) == 0 ? "xgboost.model" : "model.bin");
+    return -1;
+}
+
 static int find_model_file(const char *dir, char *path, size_t path_len, char *err, size_t err_len)
 {
-    static const char *names[] = {"model.json", "model.ubj", "model.bst", "model.bin"};
+    size_t n_names = sizeof(model_names) / sizeof(model_names[0]), off;
 
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-        snprintf(path, path_len, "%s/%s", dir, names[i]);
+    for (size_t i = 0; i < n_names; i++) {
+        snprintf(path, path_len, "%s/%s", dir, model_names[i]);
         if (access(path, R_OK) == 0)
-            return 0;
+            return check_format(path, model_names[i], err, err_len);
     }
-    snprintf(err, err_len, "no model.json or model.ubj in the version folder");
+    off = (size_t)snprintf(err, err_len, "no model file in the version folder (looked for");
+    for (size_t i = 0; i < n_names && off < err_len; i++)
+        off += (size_t)snprintf(err + off, err_len - off, "%s%s", i ? ", " : " ", model_names[i]);
+    if (off < err_len)
+        snprintf(err + off, err_len - off, ")");
     return -1;
 }
 

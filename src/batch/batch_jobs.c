@@ -18,6 +18,7 @@
 #include "batch/batch.h"
 #include "batch/cron.h"
 #include "core/clock.h"
+#include "core/jdoc.h"
 #include "core/log.h"
 #include "notify/notify.h"
 #include "model/registry.h"
@@ -222,7 +223,7 @@ int batch_job_check(const char *body, size_t len, struct registry *reg, char **n
     *is_schedule = 0;
     if (!def)
         return err_set(e, ERR_INVALID, "malformed JSON at line %d column %d: %s", jerr.line,
-                       jerr.column, jerr.text);
+                       jerr.column, jdoc_jansson_why(body, len, &jerr, 0));
     if (!json_is_object(def)) {
         json_decref(def);
         return err_set(e, ERR_INVALID, "the request body must be a JSON object");

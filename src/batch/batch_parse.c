@@ -248,7 +248,7 @@ char *batch_parse_jsonl_json(const char *line, size_t len, int64_t width, float 
     a = json_loadb(line, len, JSON_DECODE_ANY, &jerr);
     if (!a)
         return batch_reason("malformed JSON at column %d: %s", jerr.column,
-                            jdoc_jansson_reason(&jerr));
+                            jdoc_jansson_why(line, len, &jerr, JDOC_STORED));
     if (!json_is_array(a)) {
         why = batch_reason("expected a JSON array of %lld numbers", (long long)width);
     } else if ((int64_t)json_array_size(a) != width) {

@@ -6,7 +6,9 @@
 #include <simdjson.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstring>
+#include <strings.h>
 #include <memory>
 #include <new>
 #include <string_view>
@@ -173,6 +175,39 @@ extern "C" const char *jdoc_jansson_reason(const struct json_error_t *jerr)
     }
 }
 
+/* Python's json.dumps writes NaN, Infinity and -Infinity, which JSON does not have; jansson
+ * calls them an invalid token. jerr->position is the byte after the token, or after the '-'. */
+static const char *non_finite_hint(const char *text, size_t len, const json_error_t *jerr)
+{
+    static const char *const tokens[] = {"nan", "infinity", "inf"};
+    size_t end = (size_t)jerr->position, start = end;
+
+    if (std::strncmp(jerr->text, "invalid token", 13) != 0 || end > len)
+        return NULL;
+    if (end > 0 && text[end - 1] == '-') /* "-Infinity": the token is what follows */
+        while (end < len && std::isalpha((unsigned char)text[end]))
+            end++;
+    else
+        while (start > 0 && std::isalpha((unsigned char)text[start - 1]))
+            start--;
+    for (const char *t : tokens)
+        if (end - start == std::strlen(t) && strncasecmp(text + start, t, end - start) == 0)
+            return t[0] == 'n' ? "JSON has no NaN: send null for a missing value"
+                               : "JSON has no Infinity: send a finite number, or null for a "
+                                 "missing value";
+    return NULL;
+}
+
+extern "C" const char *jdoc_jansson_why(const char *text, size_t len,
+                                        const struct json_error_t *jerr, unsigned flags)
+{
+    const char *hint = non_finite_hint(text, len, jerr);
+
+    if (hint)
+        return hint;
+    return flags & JDOC_STORED ? jdoc_jansson_reason(jerr) : jerr->text;
+}
+
 /* simdjson says only what is wrong; jansson also says where (text that simdjson refuses for
  * its own limits, jansson may accept: then simdjson's reason stands alone). simdjson's
  * reasons are fixed phrases; jansson's may quote the text (see jdoc_jansson_reason). */
@@ -187,7 +222,7 @@ static int malformed(const char *text, size_t len, unsigned flags, simdjson::err
         return err_set(e, ERR_INVALID, "malformed JSON: %s", simdjson::error_message(code));
     }
     return err_set(e, ERR_INVALID, "malformed JSON at line %d column %d: %s", jerr.line,
-                   jerr.column, flags & JDOC_STORED ? jdoc_jansson_reason(&jerr) : jerr.text);
+                   jerr.column, jdoc_jansson_why(text, len, &jerr, flags));
 }
 
 extern "C" int jdoc_parse(const char *text, size_t len, unsigned flags, struct jdoc_val *root,

@@ -61,6 +61,13 @@ struct json_error_t; /* jansson's */
  * messages about text read from a location. Never NULL; borrowed for ever. */
 const char *jdoc_jansson_reason(const struct json_error_t *jerr);
 
+/* Why jansson refused `len` bytes of `text` (jerr from parsing them), as jdoc_parse() words
+ * it: "JSON has no NaN: send null for a missing value" (or Infinity) where the text has
+ * Python's NaN, Infinity or -Infinity; else jerr->text, or with JDOC_STORED the fixed phrase
+ * of jdoc_jansson_reason(). Never NULL; borrowed until `jerr` changes. */
+const char *jdoc_jansson_why(const char *text, size_t len, const struct json_error_t *jerr,
+                             unsigned flags);
+
 /* The caller is done with the thread's document: a large one's memory is given back. */
 void jdoc_done(void);
 

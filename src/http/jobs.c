@@ -9,6 +9,7 @@
  * exactly once, and the answer is built on the I/O pool.
  */
 #define _GNU_SOURCE
+#include "core/jdoc.h"
 #include "core/log.h"
 #include "http/http_internal.h"
 #include "model/codec.h"
@@ -566,7 +567,8 @@ static enum MHD_Result submit_job(struct req *r)
                       JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
     if (!root)
         return http_reply_error(r, ERR_INVALID, "malformed JSON at line %d column %d: %s",
-                                jerr.line, jerr.column, jerr.text);
+                                jerr.line, jerr.column,
+                                jdoc_jansson_why(r->body.data, r->body.len, &jerr, 0));
     r->json = root;
     if (!json_is_object(root))
         return http_reply_error(r, ERR_INVALID, "the request body must be a JSON object");

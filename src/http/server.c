@@ -174,6 +174,7 @@ static void infer_done(struct batch_item *item, int rc, const struct err *e)
     } else if (rc != 0) {
         http_set_error(r, rc, e->msg);
     } else {
+        uint64_t t0 = batcher_now_ns();
         int enc;
         buf_release(&r->out);
         r->json_len = -1;
@@ -182,6 +183,7 @@ static void infer_done(struct batch_item *item, int rc, const struct err *e)
         else
             enc = codec_encode_result(r->infer, r->model->name, r->model->version_str, &r->out,
                                       &r->json_len);
+        metrics_stat(r->model->stats, METRICS_STAT_COMPUTE_OUTPUT, batcher_now_ns() - t0);
         if (enc != 0)
             http_set_error(r, ERR_NOMEM, "out of memory encoding the response");
         else
@@ -234,7 +236,7 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
     const union MHD_ConnectionInfo *ci;
     struct err e = {0};
     int64_t v = 0, json_len;
-    uint64_t timeout_us;
+    uint64_t timeout_us, decode_ns;
     int bad, rc;
 
     r->kind = kind;
@@ -245,6 +247,7 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
     rc = registry_acquire(srv->reg, name, v, &r->model, &e);
     if (rc != 0)
         return http_reply_error(r, rc, "%s", e.msg);
+    decode_ns = batcher_now_ns();
     if (kind == KIND_V1) {
         rc = codec_decode_v1(r->body.data ? r->body.data : "", r->body.len,
                              r->model->info.n_inputs ? r->model->info.inputs[0].name : "input__0",
@@ -259,8 +262,10 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
     }
     if (rc == 0)
         rc = tensor_check_inputs(r->infer, &r->model->info, &e);
-    if (rc != 0)
+    if (rc != 0) {
+        metrics_stat(r->model->stats, METRICS_STAT_FAIL, batcher_now_ns() - decode_ns);
         return http_reply_error(r, rc, "model '%s': %s", name, e.msg);
+    }
     if (kind == KIND_V2) {
         jobs_parse_prefer(MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Prefer"),
                           &r->prefer_async, &r->wait_ms);
@@ -268,12 +273,14 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
             return jobs_submit_infer(r); /* checked: now it becomes a job */
     }
     buf_release(&r->body); /* decoded: the raw bytes are no longer needed */
+    metrics_stat(r->model->stats, METRICS_STAT_COMPUTE_INPUT, batcher_now_ns() - decode_ns);
 
     timeout_us =
         r->infer->timeout_us ? r->infer->timeout_us : (uint64_t)r->model->default_timeout_us;
     r->item = (struct batch_item){
         .req = r->infer,
         .deadline_ns = timeout_us ? r->start_ns + timeout_us * 1000 : 0,
+        .received_ns = decode_ns, /* the body is in: from here on the time is inferd's */
         .client_fd = -1,
         .done = infer_done,
         .ctx = r,
@@ -293,8 +300,10 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
     metrics_inflight_add(r->model->metrics, 1);
     MHD_suspend_connection(r->conn);
     rc = batcher_submit(r->model->batcher, &r->item, &e);
-    if (rc != 0)
+    if (rc != 0) {
+        metrics_stat(r->model->stats, METRICS_STAT_FAIL, batcher_now_ns() - decode_ns);
         infer_done(&r->item, rc, &e);
+    }
     return MHD_YES;
 }
 
@@ -421,6 +430,27 @@ static enum MHD_Result handle_metrics(struct req *r)
     return http_defer(r, render_metrics);
 }
 
+/* Triton's statistics extension: every version loaded since start (name NULL: every model). */
+static enum MHD_Result handle_stats(struct req *r, const char *name, const char *version)
+{
+    struct buf b = {0};
+    int64_t v = 0;
+    int rc;
+
+    if (version && parse_version(version, &v) != 0)
+        return http_reply_error(r, ERR_NOT_FOUND, "model '%s' has no version '%s'", name, version);
+    rc = metrics_stats_render(name, v, &b);
+    if (rc == 0)
+        return reply_json(r, 200, &b);
+    buf_release(&b);
+    if (rc == ERR_NOT_FOUND && v)
+        return http_reply_error(r, rc, "model '%s' has no version %lld loaded since start", name,
+                                (long long)v);
+    if (rc == ERR_NOT_FOUND)
+        return http_reply_error(r, rc, "unknown model '%s': no version loaded since start", name);
+    return http_reply_error(r, ERR_NOMEM, "out of memory");
+}
+
 /* ---- routing ---- */
 
 /* Splits "/a/b/c" into at most `max` segments (copied into `store`). Returns the count. */
@@ -459,6 +489,8 @@ static enum MHD_Result route_models(struct req *r, int is_get, char **seg, int n
         return handle_model_meta(r, name, version, 0);
     if (tail && strcmp(tail, "ready") == 0 && is_get)
         return handle_model_meta(r, name, version, 1);
+    if (tail && strcmp(tail, "stats") == 0 && is_get)
+        return handle_stats(r, name, version);
     if (tail && strcmp(tail, "infer") == 0 && !is_get)
         return handle_infer(r, name, version, KIND_V2);
     return http_reply_error(r, ERR_NOT_FOUND, "no route for this method and path");
@@ -506,6 +538,9 @@ static enum MHD_Result route(struct req *r, const char *method, const char *url)
                           "\"statistics\"]}");
     if (n == 1 && is_get && strcmp(seg[0], "metrics") == 0)
         return handle_metrics(r);
+    if (n == 3 && is_get && strcmp(seg[0], "v2") == 0 && strcmp(seg[1], "models") == 0 &&
+        strcmp(seg[2], "stats") == 0)
+        return handle_stats(r, NULL, NULL);
     if (n >= 3 && strcmp(seg[0], "v2") == 0 && strcmp(seg[1], "models") == 0 && n <= 6)
         return route_models(r, is_get, seg, n);
     if (n == 3 && is_post && strcmp(seg[0], "v2") == 0 && strcmp(seg[1], "repository") == 0 &&

@@ -127,6 +127,18 @@ static struct batch_item *take_batch(struct batcher *b, int64_t max_items, size_
     return first;
 }
 
+/* Every item ends here: counts it for the statistics extension, then calls its done(). */
+static void finish(struct batcher *b, struct batch_item *it, int rc, const struct err *e)
+{
+    uint64_t since = it->received_ns ? it->received_ns : it->enqueued_ns;
+
+    metrics_stat(b->cfg.stats, rc == 0 ? METRICS_STAT_SUCCESS : METRICS_STAT_FAIL,
+                 batcher_now_ns() - since);
+    if (rc == 0)
+        metrics_inferences(b->cfg.stats, item_rows(it));
+    it->done(it, rc, e);
+}
+
 static void answer_timeout(struct batcher *b, struct batch_item *it)
 {
     struct err e;
@@ -134,7 +146,7 @@ static void answer_timeout(struct batcher *b, struct batch_item *it)
     it->next = NULL;
     err_set(&e, ERR_TIMEOUT,
             "model '%s': the request's timeout passed while it waited in the queue", b->name);
-    it->done(it, ERR_TIMEOUT, &e);
+    finish(b, it, ERR_TIMEOUT, &e);
 }
 
 /* Answers the items whose deadline has passed (they never reach the backend); returns the
@@ -198,9 +210,9 @@ static void answer_item(struct batcher *b, struct batch_item *it)
             err_set(&e, code, "model '%s': cancelled", b->name);
         else
             err_set(&e, code, "model '%s': %s", b->name, abi->error[0] ? abi->error : "failed");
-        it->done(it, code, &e);
+        finish(b, it, code, &e);
     } else {
-        it->done(it, 0, NULL);
+        finish(b, it, 0, NULL);
     }
 }
 
@@ -225,6 +237,10 @@ void batcher_request_done(struct inferd_request *request)
     struct batcher *b = it->batcher;
 
     r->batch_item = NULL;
+    /* an upstream call per request: each is one execution */
+    metrics_stat(b->cfg.stats, METRICS_STAT_COMPUTE_INFER, batcher_now_ns() - it->started_ns);
+    if (!request->failed)
+        metrics_execution(b->cfg.stats, item_rows(it), batcher_now_ns() - it->started_ns);
     answer_item(b, it);
     /* `b` lives until in_flight is 0: batcher_destroy waits for that */
     pthread_mutex_lock(&b->lock);
@@ -260,6 +276,7 @@ static void run_batch(struct instance *in, struct batch_item *items, size_t n, i
         it->started_ns = now;
         it->batch_rows = (size_t)rows;
         metrics_queue_wait(b->cfg.metrics, (double)(now - it->enqueued_ns) / 1e9);
+        metrics_stat(b->cfg.stats, METRICS_STAT_QUEUE, now - it->enqueued_ns);
         if (reqs) {
             infer_request_reset_outputs(it->req);
             infer_request_bind(it->req);
@@ -280,6 +297,11 @@ static void run_batch(struct instance *in, struct batch_item *items, size_t n, i
         }
     } else {
         rc = b->api->execute(in->state, reqs, n, errbuf, sizeof(errbuf));
+        uint64_t infer_ns = batcher_now_ns() - now;
+        for (it = items; it; it = it->next)
+            metrics_stat(b->cfg.stats, METRICS_STAT_COMPUTE_INFER, infer_ns);
+        if (rc == 0)
+            metrics_execution(b->cfg.stats, rows, infer_ns);
     }
     if (rc != 0 && reqs)
         rc = err_set(&e, ERR_BACKEND, "model '%s': %s", b->name,
@@ -291,7 +313,7 @@ static void run_batch(struct instance *in, struct batch_item *items, size_t n, i
         it->req->batch_item = NULL;
         if (rc != 0) {
             it->next = NULL;
-            it->done(it, rc, &e);
+            finish(b, it, rc, &e);
         } else {
             answer_item(b, it);
         }
@@ -414,7 +436,7 @@ static void *sweeper_main(void *arg)
                 it->next = NULL;
                 err_set(&e, ERR_CANCELLED, atomic_load(&it->cancelled) ? "cancelled"
                                                                        : "the client closed the connection");
-                it->done(it, ERR_CANCELLED, &e);
+                finish(b, it, ERR_CANCELLED, &e);
             }
             pthread_mutex_lock(&b->lock);
             continue;

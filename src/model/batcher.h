@@ -29,6 +29,7 @@
 struct batcher;
 struct batch_item;
 struct metrics_model;
+struct metrics_version;
 
 /* rc is 0 or a negative err_code; `e` is borrowed for the call. */
 typedef void (*batcher_done_fn)(struct batch_item *item, int rc, const struct err *e);
@@ -46,6 +47,8 @@ struct batch_item {
     size_t eof_probe_len;
     batcher_done_fn done;
     void *ctx; /* the producer's */
+    /* when the producer got the request, for statistics; 0: when it was submitted */
+    uint64_t received_ns;
     /* filled by the batcher */
     uint64_t enqueued_ns;
     uint64_t started_ns; /* when the backend call began; 0 if it never did */
@@ -68,6 +71,7 @@ struct batcher_config {
     int instances;
     int64_t max_in_flight;         /* execute_async: requests started and not done (0: 64) */
     struct metrics_model *metrics; /* batch sizes and queue waits go here; NULL means none */
+    struct metrics_version *stats; /* the statistics extension's counts; NULL means none */
 };
 
 /*

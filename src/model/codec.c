@@ -818,9 +818,9 @@ int codec_decode_document(const char *body, size_t body_len, enum codec_origin o
         return err_set(e, ERR_TOO_LARGE, "a JSON document of %zu bytes, limit is 4 GiB", body_len);
     root = json_loadb(body, body_len, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
     if (!root)
-        return err_set(e, ERR_INVALID, "malformed JSON at line %d column %d: %s", jerr.line,
-                       jerr.column,
-                       origin == CODEC_FROM_STORE ? jdoc_jansson_reason(&jerr) : jerr.text);
+        return err_set(
+            e, ERR_INVALID, "malformed JSON at line %d column %d: %s", jerr.line, jerr.column,
+            jdoc_jansson_why(body, body_len, &jerr, origin == CODEC_FROM_STORE ? JDOC_STORED : 0));
     json_decref(root);
     r = calloc(1, sizeof(*r));
     if (!r || !(r->inputs[0].name = strdup(INFERD_JSON_NAME)) ||

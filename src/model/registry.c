@@ -112,7 +112,8 @@ static int parse_config(json_t *root, const char *model_dir, const char *path,
                                   "headers",
                                   "inputs",
                                   "outputs",
-                                  "upstream_model"};
+                                  "upstream_model",
+                                  "forward_keys"};
     long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
     int64_t instances;
     const char *key;
@@ -256,6 +257,14 @@ static int read_file(const char *path, char **out, struct err *e)
     return 0;
 }
 
+static int has_file(const char *dir, const char *name)
+{
+    char path[PATH_MAX];
+
+    snprintf(path, sizeof(path), "%s/%s", dir, name);
+    return access(path, F_OK) == 0;
+}
+
 static int model_build(const char *repo, const char *name, int instances, struct model **out,
                        struct err *e)
 {
@@ -272,6 +281,11 @@ static int model_build(const char *repo, const char *name, int instances, struct
     snprintf(model_dir, sizeof(model_dir), "%s/%s", repo, name);
     snprintf(path, sizeof(path), "%s/config.json", model_dir);
     rc = read_file(path, &text, e);
+    if (rc == ERR_NOT_FOUND && has_file(model_dir, "config.pbtxt"))
+        err_set(e, rc,
+                "%s: no config.json (inferd reads config.json, not Triton's config.pbtxt: "
+                "e.g. {\"backend\": \"xgboost\"})",
+                model_dir);
     if (rc != 0)
         goto cleanup;
     root = json_loads(text, JSON_REJECT_DUPLICATES, &jerr);
@@ -322,6 +336,9 @@ static int model_build(const char *repo, const char *name, int instances, struct
         goto cleanup;
     }
     cfg.batch.metrics = m->metrics;
+    /* only a version that loaded has statistics */
+    m->stats = metrics_version_get(name, m->version);
+    cfg.batch.stats = m->stats;
     cfg.batch.max_in_flight = m->info.max_in_flight;
     if (instances > 0)
         cfg.batch.instances = instances;

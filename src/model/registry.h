@@ -29,6 +29,7 @@ struct model {
     int64_t job_lease_timeout_ms;  /* async jobs' visibility timeout */
     char *callback_url;            /* async jobs' default webhook; NULL means none */
     struct metrics_model *metrics; /* lives for the whole process */
+    struct metrics_version *stats; /* this version's statistics; lives for the whole process */
     _Atomic int refs;
 };
 

@@ -895,3 +895,16 @@ def test_redone_object_drops_its_stale_errors(batch, repo, trained, tmp_path):
     batch(repo, "binary", inp, out, "--max-errors", "5")
     assert not (out / "a.jsonl.errors").exists(), "a stale .errors outlived its input"
     check_predictions(out / "a.jsonl.out", m, X, "jsonl")
+
+
+def test_jsonl_nan_record_says_send_null(batch, repo, trained, tmp_path):
+    """A record written by Python's json.dumps with a NaN names its line and what to send."""
+    m = trained["binary"]
+    X = m.rows(5, seed=41)
+    lines = [json.dumps([float(v) for v in r]) for r in X]
+    lines[2] = json.dumps([float("nan")] + [float(v) for v in X[2][1:]])
+    src = write(tmp_path / "in" / "nan.jsonl", "\n".join(lines) + "\n")
+    res = batch(repo, "binary", src, tmp_path / "out", check=False)
+    assert res.rc != 0, f"a NaN record was accepted\n{res}"
+    assert res.line_naming("nan.jsonl", "line 3", "JSON has no NaN: send null for a missing value"), \
+        f"no stderr line names nan.jsonl, line 3 and the NaN hint\n{res}"

@@ -288,3 +288,31 @@ def test_id_with_nul_character_is_echoed_escaped(client, trained):
     assert b'"id":"a\\u0000b"' in r.content, r.content[:300]
     assert r.json()["id"] == "a\x00b"
     assert_close(output_array(r.json(), len(X)), trained["binary"].expected(X), "id with NUL")
+
+
+def test_nan_in_body_says_send_null(client, trained):
+    """Python's json.dumps writes NaN and Infinity, which JSON has not: the error says what to
+    send instead, on every route that reads a JSON body (issue 14)."""
+    X = good_rows(trained)
+    row = [float(v) for v in X[0]]
+    nan_row, inf_row = row[:1] + [float("nan")] + row[2:], row[:1] + [float("-inf")] + row[2:]
+    v2 = {"inputs": [{"name": "input__0", "datatype": "FP32", "shape": [1, WIDTH], "data": nan_row}]}
+    cases = [
+        ("/v2/models/binary/infer", v2, "JSON has no NaN: send null for a missing value"),
+        ("/v1/models/binary:predict", {"instances": [nan_row]}, "JSON has no NaN"),
+        ("/v1/models/binary:predict", {"instances": [inf_row]}, "JSON has no Infinity"),
+        ("/v1/jobs", {"model": "binary", "input": v2}, "JSON has no NaN"),
+    ]
+    for path, body, want in cases:
+        data = json.dumps(body).encode()      # allow_nan=True: NaN / -Infinity, as Python does
+        assert b"NaN" in data or b"Infinity" in data, data
+        r = client.post(path, data=data, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, f"{path}: {r.status_code} {r.text[:300]}"
+        msg = error_message(r)
+        assert want in msg, f"{path}: {msg!r} lacks {want!r}"
+        assert "line 1 column" in msg, f"{path}: {msg!r} should say where"
+    # null is the missing value the message asks for, and it is served
+    ok = dict(v2, inputs=[dict(v2["inputs"][0], data=row[:1] + [None] + row[2:])])
+    r = client.post("/v2/models/binary/infer", json=ok)
+    assert r.status_code == 200, r.text[:300]
+    assert_still_serves(client, trained)

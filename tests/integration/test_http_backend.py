@@ -507,12 +507,14 @@ def openai_setup(serve, upstream, repo_dir, tmp_path, monkeypatch):
     and ``nokey`` (a header naming an unset variable: it must not load)."""
     monkeypatch.setenv("UPSTREAM_TOKEN", TOKEN)
     monkeypatch.delenv(UNSET_VAR, raising=False)
-    up = upstream(openai(), name="fake-openai")
+    up = upstream(openai(extra_keys=("top_k",)), name="fake-openai")
     auth = {"Authorization": "Bearer ${UPSTREAM_TOKEN}"}
     http_model(repo_dir, "chat", up.url + "/v1/chat/completions", "openai",
                upstream_model="fake-chat", headers=auth, timeout_s=30)
     http_model(repo_dir, "complete", up.url + "/v1/completions", "openai",
                upstream_model="fake-complete", headers=auth, timeout_s=30)
+    http_model(repo_dir, "extras", up.url + "/v1/chat/completions", "openai",
+               upstream_model="fake-chat", headers=auth, forward_keys=["top_k"])
     http_model(repo_dir, "nokey", up.url + "/v1/completions", "openai",
                headers={"Authorization": "Bearer ${" + UNSET_VAR + "}"})
     srv = serve(repo_dir, *async_args(tmp_path / "data", "--workers", "2"), tag="openai")
@@ -796,3 +798,90 @@ def test_online_errors(serve, upstream, repo_dir, tmp_path):
     res = parallel(8, lambda i: requests.post(f"{srv.url}/v2/models/ok/infer", json={"after": i},
                                               timeout=HTTP_TIMEOUT_S))
     assert [r.status_code for r in res] == [200] * 8, [r.text[:200] for r in res]
+
+
+# ---------------------------------------------------------------------------
+# 6. what OpenAI would refuse: streaming, keys outside its schema; its Batch API lines
+# ---------------------------------------------------------------------------
+
+
+def test_openai_stream_true_is_refused(openai_setup):
+    """inferd answers with the whole completion: "stream": true is a 400 online and a job
+    failed at once, not an upstream stream read as a broken answer and retried as a 502."""
+    up, srv = openai_setup
+    c = srv.client()
+    before = up.count()
+    r = c.post("/v2/models/chat/infer", json={"prompt": "hi", "stream": True})
+    assert r.status_code == 400, f"stream: true: HTTP {r.status_code}: {r.text[:300]}"
+    assert "streaming is not supported" in error_message(r), error_message(r)
+    jid = check_accepted(c.post("/v1/jobs", json={
+        "model": "complete", "input": {"prompt": "hi", "stream": True}, "max_attempts": 3}))
+    job = c.wait_final(jid, what="a job asking for a stream")
+    assert (job["status"], job["attempts"]) == ("failed", 1), job
+    assert "streaming is not supported" in (job["error"] or ""), job
+    assert up.count() == before, f"nothing should reach the upstream: {up.snapshot()[before:]}"
+    # "stream": false is what inferd does anyway
+    r = c.post("/v2/models/chat/infer", json={"prompt": "no stream", "stream": False})
+    assert r.status_code == 200 and r.json()["text"] == "NO STREAM", r.text[:300]
+
+
+def test_openai_forwards_only_its_request_schema(openai_setup):
+    up, srv = openai_setup
+    c = srv.client()
+    doc = {"custom_id": "req-7", "prompt": "keep it", "max_tokens": 5, "top_k": 3,
+           "my_trace": {"a": 1}, "stream_options": {"include_usage": True}}
+    for model, path in [("chat", "/v1/chat/completions"), ("complete", "/v1/completions")]:
+        r = c.post(f"/v2/models/{model}/infer", json=doc)
+        assert r.status_code == 200, f"{model}: HTTP {r.status_code}: {r.text[:300]}"
+        got = r.json()
+        assert got["custom_id"] == "req-7" and got["text"] == "KEEP IT", got
+        call = up.snapshot()[-1]
+        assert call.path == path, call
+        want = {"model": f"fake-{model}", "max_tokens": 5}
+        want.update({"messages": [{"role": "user", "content": "keep it"}]} if model == "chat"
+                    else {"prompt": "keep it"})
+        assert call.json == want, f"{model}: only OpenAI's keys should be sent: {call.json}"
+    # forward_keys lets a server's own extras through (vLLM's top_k); custom_id never goes
+    r = c.post("/v2/models/extras/infer", json=doc)
+    assert r.status_code == 200, r.text[:300]
+    assert up.snapshot()[-1].json == {"model": "fake-chat", "max_tokens": 5, "top_k": 3,
+                                      "messages": [{"role": "user", "content": "keep it"}]}
+    # a job's document too
+    jid = check_accepted(c.post("/v1/jobs", json={"model": "complete", "input": doc}))
+    assert c.wait_final(jid)["status"] == "succeeded"
+    res = job_result(c, jid)
+    assert res["custom_id"] == "req-7" and res["text"] == "KEEP IT", res
+    assert "custom_id" not in up.snapshot()[-1].json
+
+
+def test_openai_batch_api_lines(openai_setup, inferd_bin, tmp_path):
+    """A file in the OpenAI Batch API's input format runs as it is, and each result carries
+    its custom_id."""
+    up, srv = openai_setup
+    lines = [{"custom_id": f"task-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "fake-chat", "max_tokens": 10,
+                       "messages": [{"role": "user", "content": f"question {i}"}]}}
+             for i in range(4)]
+    lines[2] = dict(lines[2], url="/v1/embeddings")          # another endpoint: a bad record
+    inp = tmp_path / "batch-in"
+    inp.mkdir()
+    (inp / "requests.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "batch-out"
+    before = up.count()
+    run_batch(inferd_bin, srv.models_dir, "chat", inp, out, "--max-errors", "1",
+              env=dict(os.environ, UPSTREAM_TOKEN=TOKEN))
+    got = out_lines(out / "requests.jsonl.out")
+    assert len(got) == 4, got
+    for i, line in enumerate(got):
+        if i == 2:
+            assert line == "", f"the refused line's output should be empty: {line!r}"
+            continue
+        rec = json.loads(line)
+        assert rec["custom_id"] == f"task-{i}" and rec["text"] == f"QUESTION {i}", rec
+    errors = (out / "requests.jsonl.errors").read_text()
+    assert errors.startswith("line 3:") and "url" in errors and "/v1/chat/completions" in errors, \
+        errors
+    calls = up.snapshot()[before:]
+    assert len(calls) == 3, calls
+    assert all(set(x.json) == {"model", "max_tokens", "messages"} for x in calls), \
+        [x.json for x in calls]

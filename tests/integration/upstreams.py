@@ -114,12 +114,28 @@ def upper_completion(text):
     return text.upper()
 
 
-def openai(delay_s=0.0):
+# The request keys OpenAI's APIs accept; any other is a 400, as OpenAI answers it.
+OPENAI_COMPLETIONS_KEYS = {
+    "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs",
+    "max_tokens", "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix",
+    "temperature", "top_p", "user"}
+OPENAI_CHAT_KEYS = {
+    "model", "messages", "audio", "frequency_penalty", "function_call", "functions",
+    "logit_bias", "logprobs", "max_completion_tokens", "max_tokens", "metadata", "modalities",
+    "n", "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key",
+    "reasoning_effort", "response_format", "safety_identifier", "seed", "service_tier", "stop",
+    "store", "stream", "stream_options", "temperature", "tool_choice", "tools", "top_logprobs",
+    "top_p", "user", "verbosity", "web_search_options"}
+
+
+def openai(delay_s=0.0, extra_keys=()):
     """An OpenAI-compatible server: POST …/chat/completions answers
     ``{"choices": [{"message": {"role": "assistant", "content": C}}], ...}`` and POST
     …/completions answers ``{"choices": [{"text": C}], ...}``, where C is the prompt (or
-    the last user message's content) upper-cased. A body without them is a 400
-    ``{"error": {"message": ...}}``, like OpenAI's; any other path is a 404.
+    the last user message's content) upper-cased. A body without them, or with a key outside
+    OpenAI's request schema (and ``extra_keys``, a server's own extras), is a 400
+    ``{"error": {"message": ...}}``, like OpenAI's; ``"stream": true`` is answered as a stream
+    of server-sent events; any other path is a 404.
     """
     counter = [0]
     lock = threading.Lock()
@@ -130,6 +146,17 @@ def openai(delay_s=0.0):
             n = counter[0]
         body = call.json if isinstance(call.json, dict) else {}
         usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        known = OPENAI_CHAT_KEYS if call.path.endswith("/chat/completions") \
+            else OPENAI_COMPLETIONS_KEYS
+        unknown = sorted(set(body) - known - set(extra_keys))
+        if unknown and call.path.endswith("/completions"):
+            return Reply(400, {"error": {"message": "Unrecognized request argument supplied: "
+                                                    + unknown[0],
+                                         "type": "invalid_request_error"}})
+        if body.get("stream") is True:
+            return Reply(200, b'data: {"choices": [{"delta": {"content": "X"}}]}\n\n'
+                              b"data: [DONE]\n\n",
+                         headers={"Content-Type": "text/event-stream"})
         if call.path.endswith("/chat/completions"):
             msgs = body.get("messages")
             users = [m for m in msgs or [] if isinstance(m, dict) and m.get("role") == "user"]

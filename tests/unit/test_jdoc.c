@@ -753,6 +753,46 @@ static void test_stored_text_is_not_quoted(void **state)
     jdoc_done();
 }
 
+/* Python's json.dumps writes NaN, Infinity and -Infinity: say what to send instead, for a
+ * client's body and for stored text alike; other words stay "invalid token". */
+static void test_nan_and_infinity_named(void **state)
+{
+    static const struct {
+        const char *text;
+        const char *msg; /* exactly, with and without JDOC_STORED */
+    } cases[] = {
+        {"[NaN]", "malformed JSON at line 1 column 4: JSON has no NaN: send null for a missing "
+                  "value"},
+        {"{\"data\": [1.5, nan, 2]}", "malformed JSON at line 1 column 18: JSON has no NaN: "
+                                      "send null for a missing value"},
+        {"[1, Infinity]", "malformed JSON at line 1 column 12: JSON has no Infinity: send a "
+                          "finite number, or null for a missing value"},
+        {"[-Infinity, 1]", "malformed JSON at line 1 column 2: JSON has no Infinity: send a "
+                           "finite number, or null for a missing value"},
+        {"NaN", "malformed JSON at line 1 column 3: JSON has no NaN: send null for a missing "
+                "value"},
+    };
+    struct jdoc_val root;
+    struct err e = {0};
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        for (unsigned flags = 0; flags <= JDOC_STORED; flags += JDOC_STORED) {
+            size_t len = strlen(cases[i].text);
+            assert_int_equal(jdoc_parse(cases[i].text, len, flags, &root, &e), ERR_INVALID);
+            if (strcmp(e.msg, cases[i].msg) != 0)
+                fail_msg("%s: got '%s', expected '%s'", cases[i].text, e.msg, cases[i].msg);
+        }
+    }
+    assert_int_equal(jdoc_parse("[NaNa]", 6, 0, &root, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "invalid token near 'NaNa'"));
+    assert_int_equal(jdoc_parse("[-Inf1]", 7, JDOC_STORED, &root, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "JSON has no Infinity"));
+    assert_int_equal(jdoc_parse("[-x]", 4, JDOC_STORED, &root, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, ": invalid token"));
+    jdoc_done();
+}
+
 static void test_duplicate_keys_many_members(void **state)
 {
     struct jdoc_val v, m;
@@ -1048,6 +1088,7 @@ int main(void)
         cmocka_unit_test(test_duplicate_keys),
         cmocka_unit_test(test_duplicate_keys_many_members),
         cmocka_unit_test(test_stored_text_is_not_quoted),
+        cmocka_unit_test(test_nan_and_infinity_named),
         cmocka_unit_test(test_not_nul_terminated),
         cmocka_unit_test(test_document_before_unmapped_page),
         cmocka_unit_test(test_large_document),
