@@ -29,6 +29,8 @@ enum op_kind {
     OP_OUTBOX_RECORD,
     OP_BATCH_CREATE,
     OP_BATCH_CANCEL,
+    OP_WORKER_BEAT,
+    OP_WORKER_LEAVE,
 };
 
 struct op {
@@ -48,6 +50,7 @@ struct op {
     const struct queue_outbox_attempt *attempt;
     const struct batch_job_spec *batch; /* batch create */
     struct buf *out;                    /* batch cancel: the batch job's JSON */
+    const struct queue_worker *wk;      /* worker beat */
     size_t max;        /* lease: jobs wanted */
     int max_tasks;     /* lease: batch tasks wanted, at most */
     struct job **jobs; /* lease: the caller's array of `max` */
@@ -57,6 +60,7 @@ struct op {
     struct err err;
     char id_out[40];
     int existed;
+    int failed_final; /* OP_FAIL: it ended the job failed */
     struct job *job;
     int done;
     queue_enqueue_fn callback; /* async enqueue: called after the commit, then the op is freed */
