@@ -1027,6 +1027,8 @@ static int64_t r_queued(struct queue *qb)
 
 /* ---- webhooks ---- */
 
+static int load_history(struct redis_queue *q, redisContext *c, struct job *j);
+
 /* Fixes an outbox item's body the first time it is sent; gives back the stored one. */
 static int batch_event_json(struct redis_queue *q, redisContext *c, const char *id,
                             const char *event_id, struct buf *out, struct err *e);
@@ -1045,6 +1047,8 @@ static int outbox_body(struct redis_queue *q, redisContext *c, struct queue_outb
         rc = batch_event_json(q, c, job_id, it->event_id, &body, e);
     } else {
         rc = load_job(q, c, job_id, 0, 1, &j, e);
+        if (rc == 0 && load_history(q, c, j) != 0) /* the event's job shows its attempts too */
+            rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
         if (rc == 0 && queue_event_json(j, it->event_id, q->cfg.result_inline_max_bytes, &body))
             rc = err_set(e, ERR_NOMEM, "out of memory");
         job_free(j);

@@ -326,6 +326,8 @@ static void sq_note_final(struct sqlite_queue *q, const char *id, enum job_state
     q->finals = n;
 }
 
+static int load_history(sqlite3 *db, struct job *j);
+
 /* A job just became final: note it, and store its webhook in the same transaction. */
 int sq_job_became_final(struct sqlite_queue *q, const char *id, struct err *e)
 {
@@ -360,6 +362,8 @@ int sq_job_became_final(struct sqlite_queue *q, const char *id, struct err *e)
             sq_finish(rs);
         }
     }
+    if (load_history(q->wdb, j) != 0) /* the event's job shows its attempts too */
+        log_warn("queue", "a webhook's job lacks its attempts", "job=%s", id);
     rc = queue_event_json(j, event_id, q->cfg.result_inline_max_bytes, &body);
     if (rc != 0) {
         rc = err_set(e, ERR_NOMEM, "out of memory building a webhook");
