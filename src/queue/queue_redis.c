@@ -87,6 +87,7 @@ struct redis_queue {
     /* guarded by lock: workers whose lease call was sent and never answered */
     struct lost_lease lost[LOST_LEASES];
     _Atomic int64_t down_since_ms; /* 0 while Redis answers */
+    _Atomic int64_t up_since_ms;   /* when Redis last became reachable (or the queue opened) */
 };
 
 static struct redis_queue *rq(struct queue *q)
@@ -150,8 +151,10 @@ static void note_down(struct redis_queue *q, const char *why)
 
 static void note_up(struct redis_queue *q)
 {
-    if (atomic_exchange(&q->down_since_ms, 0) != 0)
+    if (atomic_exchange(&q->down_since_ms, 0) != 0) {
+        atomic_store(&q->up_since_ms, queue_now_ms());
         log_info("queue", "Redis reachable again", "redis=%s:%d", q->host, q->port);
+    }
 }
 
 static redisContext *take_conn(struct redis_queue *q, struct err *e)
@@ -1729,6 +1732,9 @@ static void *sweeper_main(void *self)
         arg(&a, sweeper);
         arg_int(&a, RECLAIM_MIN_IDLE_MS);
         arg_int(&a, q->cfg.result_ttl_s);
+        /* workers are presumed dead only after a whole timeout of Redis answering: one cut off
+         * with us had no way to beat */
+        arg_int(&a, atomic_load(&q->down_since_ms) ? queue_now_ms() : atomic_load(&q->up_since_ms));
         r = run(q, &a, &e);
         /* {jobs of workers presumed dead, jobs whose lease expired, jobs failed for good} */
         if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
@@ -1946,6 +1952,7 @@ int queue_redis_open(const struct queue_config *cfg, struct queue **out, struct 
     gethostname(host, sizeof(host) - 1);
     snprintf(q->name, sizeof(q->name), "%.60s/%d", host, (int)getpid());
     script_sha(q->sha);
+    atomic_store(&q->up_since_ms, queue_now_ms());
     pthread_mutex_init(&q->pool_lock, NULL);
     pthread_mutex_init(&q->lock, NULL);
     pthread_cond_init(&q->cond, NULL);

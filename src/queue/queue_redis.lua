@@ -79,7 +79,7 @@ local function ended(id, state, ttl_s)
         redis.call('EXPIRE', jkey(id), ttl_s)
         redis.call('ZADD', P .. 'retire', now + ttl_s * 1000, id .. ' ' .. state)
         redis.call('EXPIRE', P .. 'deliv:' .. id, ttl_s + 86400)
-        redis.call('EXPIRE', P .. 'att:' .. id, ttl_s + 86400)
+        redis.call('EXPIRE', P .. 'att:' .. id, ttl_s) -- goes with the job
         local idem = field(id, 'idem_key')
         if idem and idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. idem, ttl_s) end
     end
@@ -390,20 +390,25 @@ local function reap_worker(wid, why, ttl_s)
     return n
 end
 
--- ARGV: sweeper consumer, min idle ms, result_ttl_s. Workers silent past their timeout are
--- presumed dead: their jobs run again at once. Attempts whose lease ran out (their worker
+-- ARGV: sweeper consumer, min idle ms, result_ttl_s, since when the caller has reached Redis
+-- (ms). Workers silent past their timeout, with Redis reachable all that time, are presumed
+-- dead: their jobs run again at once. Attempts whose lease ran out (their worker
 -- stalled, or died before it ever beat): XAUTOCLAIM finds the stream entries idle past the
 -- shortest lease; the job's own lease decides. Expired ones run again, or fail on their last
 -- attempt. Returns {jobs of dead workers, expired leases, {{id, model, attempts, error} of
 -- the jobs that failed for good}}.
 local function reclaim()
     local sweeper, min_idle, ttl_s = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+    local up_since = tonumber(ARGV[7] or '0')
     local dead_jobs, n = 0, 0
     for _, wid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'workers', '-inf', now, 'LIMIT', 0, 10)) do
+        local timeout = tonumber(redis.call('HGET', P .. 'worker:' .. wid, 'timeout_ms') or '0')
         local last = tonumber(redis.call('HGET', P .. 'worker:' .. wid, 'heartbeat_ms') or '0')
-        dead_jobs = dead_jobs + reap_worker(wid, 'its worker ' .. wid ..
-                                            ' sent no heartbeat for ' ..
-                                            math.floor((now - last) / 1000) .. ' s', ttl_s)
+        if up_since + timeout <= now then -- else Redis was away lately: time to beat again
+            dead_jobs = dead_jobs + reap_worker(wid, 'its worker ' .. wid ..
+                                                ' sent no heartbeat for ' ..
+                                                math.floor((now - last) / 1000) .. ' s', ttl_s)
+        end
     end
     for p = 0, 9 do
         local res = redis.call('XAUTOCLAIM', qkey(p), GROUP, sweeper, min_idle, '0-0', 'COUNT', 100)

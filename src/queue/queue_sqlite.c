@@ -881,11 +881,14 @@ static void reap_worker(struct sqlite_queue *q, const char *wid, const char *why
                  wid, n, why);
 }
 
-/* Workers silent past their timeout are presumed dead: their running jobs run again now. */
+/* Workers silent past their timeout are presumed dead: their running jobs run again now. Not
+ * while the store could not take their beats: each gets a whole timeout of commits that work
+ * (a full disk stops every beat, and their kept outcomes must not be fenced out for it). */
 static void reap_dead_workers(struct sqlite_queue *q, int64_t now)
 {
-    sqlite3_stmt *st = sq_prepare(q->wdb, "SELECT id, (? - heartbeat_ms) / 1000 FROM workers "
-                                          "WHERE heartbeat_ms + timeout_ms <= ?1 LIMIT 8");
+    sqlite3_stmt *st = sq_prepare(q->wdb, "SELECT id, (?1 - heartbeat_ms) / 1000 FROM workers "
+                                          "WHERE heartbeat_ms + timeout_ms <= ?1 AND "
+                                          "?2 + timeout_ms <= ?1 LIMIT 8");
     char wids[8][96], why[8][128];
     int n = 0;
 
@@ -894,6 +897,7 @@ static void reap_dead_workers(struct sqlite_queue *q, int64_t now)
         return;
     }
     sqlite3_bind_int64(st, 1, now);
+    sqlite3_bind_int64(st, 2, q->last_failed_ms);
     while (n < 8 && sqlite3_step(st) == SQLITE_ROW) {
         snprintf(wids[n], sizeof(wids[n]), "%s", sqlite3_column_text(st, 0));
         snprintf(why[n], sizeof(why[n]), "its worker %.95s sent no heartbeat for %lld s", wids[n],
@@ -1056,6 +1060,7 @@ static int run_op(struct sqlite_queue *q, struct op *o)
 static void note_group_failed(struct sqlite_queue *q, const struct err *why, int64_t now)
 {
     q->n_failed_groups++;
+    q->last_failed_ms = now;
     if (q->failing_since_ms == 0) {
         q->failing_since_ms = now;
         q->next_failing_log_ms = now + STORE_FAILING_LOG_MS;

@@ -105,6 +105,7 @@ struct sqlite_queue {
     int64_t next_retain_ms;    /* writer thread only */
     struct final_note *finals; /* writer thread only: notes of this group, sent after commit */
     int64_t failing_since_ms;    /* writer thread only: commits fail since; 0 while they work */
+    int64_t last_failed_ms;      /* writer thread only: when a commit last failed; 0: never */
     int64_t next_failing_log_ms; /* writer thread only */
     int64_t n_failed_groups;     /* writer thread only: in this run of failures */
 };

@@ -90,7 +90,9 @@ def test_sigterm_with_a_blocked_worker(server_factory, repo, tmp_path, s3, fresh
     c2 = second.client()
     job = c2.wait_final(jid, deadline_s=30, what="the handed-back job on the next server")
     assert job["status"] == "succeeded", job
-    assert (job["attempts"], job["max_attempts"]) == (2, 2), job
+    # the handed-back attempt is not counted: the job keeps its own max_attempts (1)
+    assert (job["attempts"], job["max_attempts"]) == (2, 1), job
+    assert "shutdown" in job["attempts_history"][0]["error"], job
     r = c2.get(f"/v1/jobs/{jid}/result")
     assert r.status_code == 200, r.text[:300]
     np.testing.assert_allclose(output_array(r.json(), 1), expected, rtol=1e-6)
