@@ -72,7 +72,8 @@ static const struct option_def serve_options[] = {
     {"max-connections-per-client", OPT_INT, "1000", 0, 1000000,
      "connections from one client address; past it, refused (0: no cap)", BOTH},
     {"drain-timeout-s", OPT_INT, "30", 0, 3600,
-     "on SIGTERM, how long to wait for in-flight requests", BOTH},
+     "on SIGTERM, how long in-flight requests and running jobs get (then jobs are handed back)",
+     BOTH},
     {"log-level", OPT_STR, "info", 0, 0, "error, warn, info or debug", BOTH},
     {"data-dir", OPT_STR, "./data", 0, 0, "where the async job queue keeps its database", SERVE},
     {"queue", OPT_STR, "sqlite", 0, 0,
@@ -125,8 +126,30 @@ static const struct option_def serve_options[] = {
      "largest input_location a job may read (a larger one is refused unread); 0: "
      "--max-body-bytes",
      BOTH},
+    {"worker-timeout-s", OPT_INT, "30", 1, 3600,
+     "the workers heartbeat to the queue; silent this long, they are presumed dead and their "
+     "jobs run again at once",
+     BOTH},
 };
 #define N_SERVE (sizeof(serve_options) / sizeof(serve_options[0]))
+
+/* `inferd worker`'s defaults where they differ from serve's ("": required, no default) */
+static const struct {
+    const char *name, *def;
+} worker_defaults[] = {
+    {"port", "8001"},
+    {"queue", ""},
+};
+
+/* The default of option `o` for command `cmd` (WORKER may differ from the table's). */
+static const char *option_default(const struct option_def *o, unsigned cmd)
+{
+    for (size_t i = 0; cmd == WORKER && i < sizeof(worker_defaults) / sizeof(worker_defaults[0]);
+         i++)
+        if (strcmp(worker_defaults[i].name, o->name) == 0)
+            return worker_defaults[i].def;
+    return o->def;
+}
 
 /* `inferd batch` */
 static const struct option_def batch_options[] = {
@@ -178,12 +201,16 @@ static void usage(FILE *f)
 
 static void usage_options(FILE *f, const struct option_def *defs, size_t n, unsigned cmd)
 {
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
+        const char *def = option_default(&defs[i], cmd);
+        int shown = defs[i].kind != OPT_FLAG && def[0];
         if (!defs[i].cmds || (defs[i].cmds & cmd))
             fprintf(f, "  --%-18s %s%s%s%s\n", defs[i].name, defs[i].help,
-                    defs[i].kind == OPT_FLAG || !defs[i].def[0] ? "" : " (default ",
-                    defs[i].kind == OPT_FLAG || !defs[i].def[0] ? "" : defs[i].def,
-                    defs[i].kind == OPT_FLAG || !defs[i].def[0] ? "" : ")");
+                    shown                       ? " (default "
+                    : !def[0] && defs[i].def[0] ? " (required)"
+                                                : "",
+                    shown ? def : "", shown ? ")" : "");
+    }
 }
 
 static void usage_serve(FILE *f)
@@ -200,7 +227,7 @@ static void usage_worker(FILE *f)
     fprintf(f,
             "usage: inferd worker --queue redis://HOST:PORT/DB [options]\n\n"
             "Runs async jobs from the shared queue that inferd serve --queue redis://... fills,\n"
-            "with --workers threads; serves only /metrics and /v2/health/* (default port 8001).\n"
+            "with --workers threads; serves only /metrics and /v2/health/* on --port.\n"
             "SIGTERM finishes the running jobs and exits 0.\n"
             "\noptions:\n");
     usage_options(f, serve_options, N_SERVE, WORKER);
@@ -249,7 +276,7 @@ static int parse_options(const struct option_def *defs, size_t n_defs, const cha
     p->defs = defs;
     p->n = n_defs;
     for (size_t i = 0; i < n_defs; i++)
-        if ((rc = parse_value(&defs[i], defs[i].def, p, i, e)) != 0)
+        if ((rc = parse_value(&defs[i], option_default(&defs[i], cmd), p, i, e)) != 0)
             return rc;
     for (int a = 0; a < argc; a++) {
         const char *arg = argv[a], *val = NULL, *eq;
@@ -356,8 +383,6 @@ static int cmd_serve(int argc, char **argv, int worker)
                         "queue belongs to one inferd serve, which runs its own workers)\n");
         return 2;
     }
-    if (worker && !p.given[opt_index(&p, "port")])
-        p.num[opt_index(&p, "port")] = 8001;
     if (configure_storage(&p, cmd, OPT_S(&p, "file-roots")) != 0)
         return 2;
     if (notify_set_allowed_hosts(OPT_S(&p, "webhook-hosts"), &e) != 0) {
@@ -415,11 +440,12 @@ static int cmd_serve(int argc, char **argv, int worker)
         .batch = (int)OPT_N(&p, "worker-batch"),
         .lease_poll_ms = 500,
         /* running jobs get the drain timeout too; past it they run again later */
-        .drain_timeout_ms = OPT_N(&p, "drain-timeout-s") > 0 ? OPT_N(&p, "drain-timeout-s") * 1000
-                                                            : 1,
+        .drain_timeout_ms =
+            OPT_N(&p, "drain-timeout-s") > 0 ? OPT_N(&p, "drain-timeout-s") * 1000 : 1,
         /* inferd worker has no --max-body-bytes: its default holds */
         .max_input_bytes = OPT_N(&p, "max-input-bytes") > 0 ? OPT_N(&p, "max-input-bytes")
                                                             : OPT_N(&p, "max-body-bytes"),
+        .worker_timeout_ms = OPT_N(&p, "worker-timeout-s") * 1000,
     };
     if (wc.max_workers > 0 && wc.min_workers > wc.max_workers) {
         fprintf(stderr, "inferd %s: --min-workers %d is above --max-workers %d\n", cmd,

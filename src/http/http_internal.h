@@ -88,7 +88,8 @@ struct req {
     enum wait_mode wait_mode;
     int64_t wait_deadline_ms;
     struct req *wait_next; /* in the waiters' bucket; guarded by waiters.lock */
-    int list_state;        /* GET /v1/jobs filters */
+    int list_state;        /* GET /v1/jobs filters (and POST /v1/jobs/retry's) */
+    int list_cancelling;   /* -1, 0, 1: see queue_list_filter.cancelling */
     char list_model[128];
     char list_cursor[40];
     int list_limit;

@@ -725,6 +725,7 @@ static void do_list(struct req *r)
 {
     struct queue_list_filter f = {
         .state = r->list_state,
+        .cancelling = r->list_cancelling,
         .model = r->list_model[0] ? r->list_model : NULL,
         .cursor = r->list_cursor[0] ? r->list_cursor : NULL,
         .limit = r->list_limit,
@@ -740,6 +741,98 @@ static void do_list(struct req *r)
         r->status = 200;
         r->json_len = -1;
     }
+    http_finish_async(r);
+}
+
+/* POST /v1/jobs/retry: the bulk redrive, on the I/O pool. */
+static void do_retry_matching(struct req *r)
+{
+    struct queue_list_filter f = {
+        .state = r->list_state,
+        .cancelling = -1,
+        .model = r->list_model[0] ? r->list_model : NULL,
+        .limit = r->list_limit,
+    };
+    int64_t n = 0;
+    struct err e;
+    int rc = queue_retry_matching(r->srv->queue, &f, &n, &e);
+
+    buf_release(&r->out);
+    if (rc != 0) {
+        char msg[sizeof(e.msg) + 64];
+        snprintf(msg, sizeof(msg), "%s (%lld jobs were sent back before it)", e.msg, (long long)n);
+        http_set_error(r, rc, msg);
+    } else {
+        buf_printf(&r->out, "{\"retried\":%lld}", (long long)n);
+        r->status = 200;
+        r->json_len = -1;
+    }
+    http_finish_async(r);
+}
+
+#define RETRY_MAX 100000 /* jobs one bulk redrive sends back at most */
+
+/* {"status": "failed"|"expired" (default both), "model": M, "limit": N}: checked here. */
+static enum MHD_Result retry_matching(struct req *r)
+{
+    json_error_t jerr;
+    json_t *root, *v;
+    const char *key, *status = NULL, *model = NULL;
+    int64_t limit = 10000;
+    struct err e;
+    int rc;
+
+    if (atomic_load(&r->srv->draining)) {
+        r->retry_after_s = 5;
+        return http_reply_error(r, ERR_UNAVAILABLE, "inferd is shutting down");
+    }
+    root = json_loadb(r->body.data ? r->body.data : "{}", r->body.data ? r->body.len : 2,
+                      JSON_REJECT_DUPLICATES, &jerr);
+    if (!root)
+        return http_reply_error(r, ERR_INVALID, "malformed JSON at line %d column %d: %s",
+                                jerr.line, jerr.column, jerr.text);
+    r->json = root;
+    if (!json_is_object(root))
+        return http_reply_error(r, ERR_INVALID, "the request body must be a JSON object");
+    json_object_foreach (root, key, v) {
+        if (strcmp(key, "status") != 0 && strcmp(key, "model") != 0 && strcmp(key, "limit") != 0)
+            return http_reply_error(
+                r, ERR_INVALID, "unknown field '%.64s' (a filter has status, model, limit)", key);
+    }
+    if ((rc = get_str(root, "status", &status, &e)) || (rc = get_str(root, "model", &model, &e)) ||
+        (rc = get_int(root, "limit", 1, RETRY_MAX, &limit, &e)))
+        return http_reply_error(r, rc, "%s", e.msg);
+    r->list_state = -1;
+    if (status && (r->list_state = job_state_parse(status)) != JOB_FAILED &&
+        r->list_state != JOB_EXPIRED)
+        return http_reply_error(
+            r, ERR_INVALID, "status: '%.32s': only failed or expired jobs are sent back", status);
+    if (model && strlen(model) >= sizeof(r->list_model))
+        return http_reply_error(r, ERR_INVALID, "model: longer than %zu bytes",
+                                sizeof(r->list_model) - 1);
+    snprintf(r->list_model, sizeof(r->list_model), "%s", model ? model : "");
+    r->list_limit = (int)limit;
+    return http_defer(r, do_retry_matching);
+}
+
+/* GET /v1/workers: the worker processes whose heartbeat is current, from the queue. */
+static void do_workers(struct req *r)
+{
+    struct queue_worker *w = NULL;
+    size_t n = 0;
+    struct err e;
+    int rc = queue_workers_list(r->srv->queue, &w, &n, &e);
+
+    buf_release(&r->out);
+    if (rc != 0) {
+        http_set_error(r, rc, e.msg);
+    } else if (queue_workers_json(w, n, &r->out) != 0) {
+        http_set_error(r, ERR_NOMEM, "out of memory");
+    } else {
+        r->status = 200;
+        r->json_len = -1;
+    }
+    free(w);
     http_finish_async(r);
 }
 
@@ -771,12 +864,19 @@ static enum MHD_Result list_jobs(struct req *r)
     const char *limit = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "limit");
 
     r->list_state = -1;
+    r->list_cancelling = -1;
     r->list_limit = 100;
-    if (status && *status && (r->list_state = job_state_parse(status)) < 0)
+    if (status && strcmp(status, "cancelling") == 0) { /* running, asked to cancel */
+        r->list_state = JOB_RUNNING;
+        r->list_cancelling = 1;
+    } else if (status && *status && (r->list_state = job_state_parse(status)) < 0) {
         return http_reply_error(r, ERR_INVALID,
-                                "status: '%.32s' is not queued, running, succeeded, failed, "
-                                "cancelled or expired",
+                                "status: '%.32s' is not queued, running, cancelling, succeeded, "
+                                "failed, cancelled or expired",
                                 status);
+    } else if (r->list_state == JOB_RUNNING) {
+        r->list_cancelling = 0;
+    }
     if (limit) {
         char *end;
         long long n = strtoll(limit, &end, 10);
@@ -801,7 +901,7 @@ int http_valid_id(const char *id)
     return 1;
 }
 
-/* seg: v1 jobs [id [result|retry]] */
+/* seg: v1 jobs [id [result|retry]], v1 batch-jobs ..., v1 workers */
 enum MHD_Result jobs_route(struct req *r, int is_get, int is_post, int is_delete, char **seg, int n)
 {
     struct err e;
@@ -811,10 +911,17 @@ enum MHD_Result jobs_route(struct req *r, int is_get, int is_post, int is_delete
         return batch_api_route(r, is_get, is_post, is_delete, seg, n);
     if (!r->srv->queue)
         return http_reply_error(r, ERR_UNAVAILABLE, "the async queue is not enabled");
+    if (strcmp(seg[1], "workers") == 0) {
+        if (n == 2 && is_get)
+            return http_defer(r, do_workers);
+        return http_reply_error(r, ERR_NOT_FOUND, "no route for this method and path");
+    }
     if (n == 2 && is_post)
         return submit_job(r);
     if (n == 2 && is_get)
         return list_jobs(r);
+    if (n == 3 && is_post && strcmp(seg[2], "retry") == 0)
+        return retry_matching(r);
     if (n < 3 || n > 4)
         return http_reply_error(r, ERR_NOT_FOUND, "no route for this path");
     if (!http_valid_id(seg[2]))

@@ -518,7 +518,8 @@ static enum MHD_Result route(struct req *r, const char *method, const char *url)
                                 "inferd worker serves only /metrics and /v2/health/*; the API "
                                 "is on inferd serve");
     if (n >= 2 && strcmp(seg[0], "v1") == 0 &&
-        (strcmp(seg[1], "jobs") == 0 || strcmp(seg[1], "batch-jobs") == 0))
+        (strcmp(seg[1], "jobs") == 0 || strcmp(seg[1], "batch-jobs") == 0 ||
+         strcmp(seg[1], "workers") == 0))
         return jobs_route(r, is_get, is_post, is_delete, seg, n);
     if (!is_get && !is_post)
         return http_reply_error(r, ERR_NOT_FOUND, "no route for %s %s", method, url);

@@ -40,6 +40,7 @@ struct metrics_model {
     char *name;
     _Atomic uint64_t by_status[N_STATUS + 1]; /* last: any other status */
     struct histogram latency, queue_wait, batch, job_wait, job_run;
+    _Atomic uint64_t job_outcomes[METRICS_N_JOB_OUTCOMES];
     _Atomic int64_t inflight;
     struct metrics_model *_Atomic next;
 };
@@ -128,6 +129,12 @@ void metrics_job_run(struct metrics_model *m, double seconds)
         observe(&m->job_run, seconds);
 }
 
+void metrics_job_outcome(struct metrics_model *m, enum metrics_job_outcome outcome)
+{
+    if (m && (unsigned)outcome < METRICS_N_JOB_OUTCOMES)
+        atomic_fetch_add_explicit(&m->job_outcomes[outcome], 1, memory_order_relaxed);
+}
+
 void metrics_inflight_add(struct metrics_model *m, int delta)
 {
     if (m)
@@ -201,6 +208,18 @@ int metrics_render(struct buf *out)
                            "# TYPE inferd_job_run_seconds histogram\n");
     for (m = head; rc == 0 && m; m = atomic_load(&m->next))
         rc = render_histogram(out, "inferd_job_run_seconds", m->name, &m->job_run);
+    if (rc == 0)
+        rc = buf_puts(out, "# HELP inferd_job_attempts_total Async job attempts this process "
+                           "recorded, by model and outcome.\n"
+                           "# TYPE inferd_job_attempts_total counter\n");
+    for (m = head; rc == 0 && m; m = atomic_load(&m->next)) {
+        static const char *const names[METRICS_N_JOB_OUTCOMES] = {"succeeded", "retried", "failed"};
+        for (int i = 0; rc == 0 && i < METRICS_N_JOB_OUTCOMES; i++)
+            rc = buf_printf(out, "inferd_job_attempts_total{model=\"%s\",outcome=\"%s\"} %llu\n",
+                            m->name, names[i],
+                            (unsigned long long)atomic_load_explicit(&m->job_outcomes[i],
+                                                                     memory_order_relaxed));
+    }
     if (rc == 0)
         rc = buf_puts(out, "# HELP inferd_inflight_requests Requests admitted and not yet "
                            "answered.\n# TYPE inferd_inflight_requests gauge\n");

@@ -27,6 +27,14 @@ void metrics_batch(struct metrics_model *m, size_t rows);
 /* An async job: time from submission to its start, and its run time. */
 void metrics_job_wait(struct metrics_model *m, double seconds);
 void metrics_job_run(struct metrics_model *m, double seconds);
+/* An async job's attempt recorded by this process: how it went. */
+enum metrics_job_outcome {
+    METRICS_JOB_SUCCEEDED = 0, /* the job succeeded */
+    METRICS_JOB_RETRIED,       /* the attempt failed; the job runs again */
+    METRICS_JOB_FAILED,        /* the job failed for good */
+};
+#define METRICS_N_JOB_OUTCOMES 3
+void metrics_job_outcome(struct metrics_model *m, enum metrics_job_outcome outcome);
 /* Requests admitted and not yet answered. */
 void metrics_inflight_add(struct metrics_model *m, int delta);
 

@@ -40,12 +40,40 @@ void job_free(struct job *j)
     free(j->output_location);
     free(j->callback_url);
     free(j->notifications_json);
+    free(j->worker);
+    for (size_t i = 0; i < j->n_history; i++) {
+        free(j->history[i].worker);
+        free(j->history[i].error);
+    }
+    free(j->history);
     buf_release(&j->input);
     buf_release(&j->result);
     free(j);
 }
 
 int (*queue_fault_hook)(const char *where, size_t index);
+
+int queue_job_add_attempt(struct job *j, int attempt, int64_t started_ms, int64_t ended_ms,
+                          const char *worker, const char *error)
+{
+    struct job_attempt *h = realloc(j->history, (j->n_history + 1) * sizeof(*h));
+    struct job_attempt *a;
+
+    if (!h)
+        return ERR_NOMEM;
+    j->history = h;
+    a = &h[j->n_history];
+    *a = (struct job_attempt){.attempt = attempt, .started_ms = started_ms, .ended_ms = ended_ms};
+    a->worker = worker && worker[0] ? strdup(worker) : NULL;
+    a->error = error && error[0] ? strdup(error) : NULL;
+    if ((worker && worker[0] && !a->worker) || (error && error[0] && !a->error)) {
+        free(a->worker);
+        free(a->error);
+        return ERR_NOMEM;
+    }
+    j->n_history++;
+    return 0;
+}
 
 void queue_outbox_item_release(struct queue_outbox_item *it)
 {
@@ -176,6 +204,74 @@ int queue_retry(struct queue *q, const char *id, struct job **out, struct err *e
     return q->ops->retry(q, id, out, e);
 }
 
+/* Appends to `ids` (a JSON array) the ids of up to `max` jobs in state `state` matching `f`. */
+static int matching_ids(struct queue *q, const struct queue_list_filter *f, int state, size_t max,
+                        json_t *ids, struct err *e)
+{
+    char cursor[40] = "";
+    int rc = 0;
+
+    while (rc == 0 && json_array_size(ids) < max) {
+        struct queue_list_filter page = {.state = state,
+                                         .cancelling = -1,
+                                         .model = f->model,
+                                         .cursor = cursor[0] ? cursor : NULL,
+                                         .limit = 1000};
+        struct buf out = {0};
+        json_t *root = NULL, *jobs, *job;
+        const char *next;
+        size_t i;
+        rc = queue_list(q, &page, &out, e);
+        if (rc == 0 && !(root = json_loadb(out.data ? out.data : "", out.len, 0, NULL)))
+            rc = err_set(e, ERR_NOMEM, "out of memory reading a page of jobs");
+        buf_release(&out);
+        if (rc != 0)
+            break;
+        jobs = json_object_get(root, "jobs");
+        json_array_foreach (jobs, i, job) {
+            if (json_array_size(ids) < max &&
+                json_array_append(ids, json_object_get(job, "id")) != 0)
+                rc = err_set(e, ERR_NOMEM, "out of memory");
+        }
+        next = json_string_value(json_object_get(root, "next_cursor"));
+        if (next)
+            snprintf(cursor, sizeof(cursor), "%s", next);
+        json_decref(root);
+        if (!next)
+            break;
+    }
+    return rc;
+}
+
+int queue_retry_matching(struct queue *q, const struct queue_list_filter *f, int64_t *n_retried,
+                         struct err *e)
+{
+    json_t *ids = json_array(), *id;
+    size_t max = f->limit > 0 ? (size_t)f->limit : 1, i;
+    int rc = ids ? 0 : err_set(e, ERR_NOMEM, "out of memory");
+
+    *n_retried = 0;
+    /* the ids first: a job sent back leaves the listing under the cursor */
+    if (rc == 0 && (f->state < 0 || f->state == JOB_FAILED))
+        rc = matching_ids(q, f, JOB_FAILED, max, ids, e);
+    if (rc == 0 && (f->state < 0 || f->state == JOB_EXPIRED))
+        rc = matching_ids(q, f, JOB_EXPIRED, max, ids, e);
+    json_array_foreach (ids, i, id) {
+        struct job *j = NULL;
+        int one;
+        if (rc != 0)
+            break;
+        one = queue_retry(q, json_string_value(id), &j, e);
+        job_free(j);
+        if (one == 0)
+            (*n_retried)++;
+        else if (one != ERR_CONFLICT && one != ERR_NOT_FOUND)
+            rc = one; /* the store failed: those before are back in the queue, say how many */
+    }
+    json_decref(ids);
+    return rc;
+}
+
 int queue_get(struct queue *q, const char *id, int want_result, struct job **out, struct err *e)
 {
     return q->ops->get(q, id, want_result, out, e);
@@ -229,6 +325,61 @@ int queue_schedules_due(struct queue *q, int64_t now_ms, struct queue_schedule *
                         struct err *e)
 {
     return q->ops->schedules_due(q, now_ms, out, n, e);
+}
+
+/* ---- workers ---- */
+
+int queue_worker_beat(struct queue *q, const struct queue_worker *w, struct err *e)
+{
+    return q->ops->worker_beat(q, w, e);
+}
+
+int queue_worker_leave(struct queue *q, const char *id, struct err *e)
+{
+    return q->ops->worker_leave(q, id, e);
+}
+
+int queue_workers_list(struct queue *q, struct queue_worker **out, size_t *n, struct err *e)
+{
+    return q->ops->workers_list(q, out, n, e);
+}
+
+void queue_worker_id_of(const char *name, char out[96])
+{
+    const char *slash = strrchr(name, '/');
+    size_t len = slash ? (size_t)(slash - name) : strlen(name);
+
+    if (len > 95)
+        len = 95;
+    memcpy(out, name, len);
+    out[len] = '\0';
+}
+
+int queue_workers_json(const struct queue_worker *w, size_t n, struct buf *out)
+{
+    int rc = buf_puts(out, "{\"workers\":[");
+
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        rc = buf_puts(out, i ? ",{\"id\":" : "{\"id\":");
+        if (rc == 0)
+            rc = buf_json_string(out, w[i].id);
+        if (rc == 0)
+            rc = buf_puts(out, ",\"host\":");
+        if (rc == 0)
+            rc = buf_json_string(out, w[i].host);
+        if (rc == 0)
+            rc = buf_printf(out, ",\"pid\":%d,\"started_at\":", w[i].pid);
+        if (rc == 0)
+            rc = queue_json_time(out, w[i].started_ms);
+        if (rc == 0)
+            rc = buf_puts(out, ",\"last_heartbeat\":");
+        if (rc == 0)
+            rc = queue_json_time(out, w[i].heartbeat_ms);
+        if (rc == 0)
+            rc = buf_printf(out, ",\"timeout_s\":%.3f,\"jobs_running\":%d}",
+                            (double)w[i].timeout_ms / 1e3, w[i].jobs_running);
+    }
+    return rc ? rc : buf_puts(out, "]}");
 }
 
 int queue_outbox_exclusive(struct queue *q)
@@ -324,6 +475,34 @@ int queue_json_redact_url(json_t *o, const char *key)
     return rc;
 }
 
+/* ,"attempts_history":[{"attempt","started_at","ended_at","worker","error"}...] */
+static int attempts_json(const struct job *j, struct buf *out)
+{
+    int rc = buf_puts(out, ",\"attempts_history\":[");
+
+    for (size_t i = 0; rc == 0 && i < j->n_history; i++) {
+        const struct job_attempt *a = &j->history[i];
+        rc = buf_printf(out, "%s{\"attempt\":%d,\"started_at\":", i ? "," : "", a->attempt);
+        if (rc == 0)
+            rc = queue_json_time(out, a->started_ms);
+        if (rc == 0)
+            rc = buf_puts(out, ",\"ended_at\":");
+        if (rc == 0)
+            rc = queue_json_time(out, a->ended_ms);
+        if (rc == 0)
+            rc = buf_puts(out, ",\"worker\":");
+        if (rc == 0)
+            rc = json_str_or_null(out, a->worker);
+        if (rc == 0)
+            rc = buf_puts(out, ",\"error\":");
+        if (rc == 0)
+            rc = json_str_or_null(out, a->error);
+        if (rc == 0)
+            rc = buf_puts(out, "}");
+    }
+    return rc ? rc : buf_puts(out, "]");
+}
+
 int queue_job_json(const struct job *j, struct buf *out)
 {
     int rc = buf_puts(out, "{\"id\":");
@@ -338,7 +517,9 @@ int queue_job_json(const struct job *j, struct buf *out)
         rc = buf_printf(out,
                         ",\"status\":\"%s\",\"priority\":%d,\"attempts\":%d,"
                         "\"max_attempts\":%d,\"created_at\":",
-                        job_state_name(j->state), j->priority, j->attempts, j->max_attempts);
+                        j->state == JOB_RUNNING && j->cancel_requested ? "cancelling"
+                                                                       : job_state_name(j->state),
+                        j->priority, j->attempts, j->max_attempts);
     if (rc == 0)
         rc = queue_json_time(out, j->created_ms);
     if (rc == 0)
@@ -370,6 +551,12 @@ int queue_job_json(const struct job *j, struct buf *out)
         rc = buf_puts(out, ",\"callback_url\":");
     if (rc == 0)
         rc = json_url_or_null(out, j->callback_url);
+    if (rc == 0) /* who holds it: only while it runs */
+        rc = buf_puts(out, ",\"worker\":");
+    if (rc == 0)
+        rc = json_str_or_null(out, j->state == JOB_RUNNING ? j->worker : NULL);
+    if (rc == 0)
+        rc = attempts_json(j, out);
     if (rc == 0)
         rc = buf_puts(out, ",\"notifications\":");
     if (rc == 0)

@@ -10,10 +10,11 @@
  * event thread. Implementations batch concurrent calls into one commit (group commit).
  *
  * A job moves queued -> running -> succeeded | failed | cancelled, or queued -> expired (its
- * ttl passed before it started), or queued -> cancelled. Each lease hands out a fencing token
- * (the attempt number): complete, fail and extend succeed only while that attempt still holds
- * the lease, so a worker that stalled past its lease cannot overwrite the attempt that
- * replaced it.
+ * ttl passed before it started), or queued -> cancelled. A running job asked to cancel shows
+ * as "cancelling" (still JOB_RUNNING, cancel_requested) until its worker stops it. Each lease hands
+ * out a fencing token (the attempt number): complete, fail and extend succeed only while that
+ * attempt still holds the lease, so a worker that stalled past its lease cannot overwrite the
+ * attempt that replaced it.
  */
 #ifndef INFERD_QUEUE_H
 #define INFERD_QUEUE_H
@@ -68,6 +69,15 @@ struct job_spec {
     const char *request_hash;    /* hash of the request, compared for the idempotency key */
 };
 
+/* One attempt of a job, as its record keeps it (attempts_history). Strings owned by the job. */
+struct job_attempt {
+    int attempt;        /* 1, 2, ...: the attempt's fencing token */
+    int64_t started_ms; /* when it was leased */
+    int64_t ended_ms;   /* 0 while it runs */
+    char *worker;       /* the worker id that ran it (queue_worker_beat); NULL if unknown */
+    char *error;        /* why it did not succeed; NULL when it did, or while it runs */
+};
+
 /* A snapshot of a job. Owned by whoever received it; free with job_free(). */
 struct job {
     char id[40];
@@ -76,6 +86,8 @@ struct job {
     int priority;
     int attempts; /* attempts started, the running one included */
     int max_attempts;
+    int attempts_uncounted; /* of `attempts`, those not counted against max_attempts: handed
+                             * back by a worker's shutdown, or made before a redrive */
     int64_t created_ms, started_ms, finished_ms; /* 0 when not yet */
     int64_t lease_timeout_ms;
     int64_t ttl_s;
@@ -94,12 +106,18 @@ struct job {
     char *notifications_json; /* a JSON array of webhook attempts; NULL if none */
     enum job_kind kind;
     char batch_id[40]; /* batch tasks: the batch job they belong to; "" otherwise */
+    char *worker;      /* the worker id that holds it (or last held it); NULL if none */
+    /* filled by queue_get() and queue_list(): every attempt, oldest first, across redrives */
+    struct job_attempt *history;
+    size_t n_history;
 };
 
 void job_free(struct job *j);
 
 struct queue_list_filter {
     int state;          /* -1 means any */
+    int cancelling;     /* with state JOB_RUNNING: 1 only those asked to cancel ("cancelling"),
+                         * 0 only the others; -1 both */
     const char *model;  /* NULL means any */
     const char *cursor; /* the last id of the previous page; NULL starts at the newest */
     int limit;          /* 1..1000 */
@@ -146,6 +164,9 @@ int queue_enqueue_async(struct queue *q, const struct job_spec *spec, queue_enqu
  * attempt before it runs (so a crash mid-run still moves the job towards max_attempts).
  * Waits up to `wait_ms` for one to become runnable. `*out` is NULL when none did.
  * Jobs whose ttl passed are expired on the way.
+ *   worker  "<worker id>/<thread>": the job records the worker id (everything before the
+ *           last '/'; the whole name when there is none), which queue_worker_beat() keeps
+ *           alive; a worker presumed dead has its running jobs queued again.
  */
 int queue_lease(struct queue *q, const char *worker, int64_t wait_ms, struct job **out,
                 struct err *e);
@@ -172,6 +193,8 @@ struct queue_outcome {
     int rc; /* filled: 0 (recorded), ERR_CONFLICT when fenced out (the outcome is discarded),
              * or another error: not recorded (the store failed; the same outcome may be sent
              * again, its token still fencing it) */
+    int failed_final; /* filled with rc 0: this failure ended the job failed (no attempt left,
+                       * or not retryable); 0: it runs again, or it was not a failure */
 };
 
 /* Records many outcomes (as queue_complete / queue_fail) in one commit. Returns the first
@@ -206,6 +229,15 @@ int queue_cancel_noted(struct queue *q, const char *id);
 /* Sends a failed (or expired) job back to the queue with a fresh attempt budget. */
 int queue_retry(struct queue *q, const char *id, struct job **out, struct err *e);
 
+/*
+ * Bulk redrive: sends back to the queue, as queue_retry() does one, every job that matches `f`
+ * (state JOB_FAILED, JOB_EXPIRED, or -1 for both; model or NULL; at most f->limit jobs, newest
+ * first; cursor unused). `*n_retried` counts them; a job that changed meanwhile, or has no
+ * input to run again, is passed over. Works on every store (through queue_list/queue_retry).
+ */
+int queue_retry_matching(struct queue *q, const struct queue_list_filter *f, int64_t *n_retried,
+                         struct err *e);
+
 /* A snapshot of one job; `want_result` also loads the stored result. ERR_NOT_FOUND. */
 int queue_get(struct queue *q, const char *id, int want_result, struct job **out, struct err *e);
 
@@ -230,6 +262,35 @@ int queue_job_json(const struct job *j, struct buf *out);
 /* Appends an ISO-8601 UTC time for milliseconds since the epoch, or null for 0. */
 int queue_json_time(struct buf *out, int64_t ms);
 int64_t queue_now_ms(void);
+
+/* ---- workers: the processes that run jobs, and their heartbeats ---- */
+
+/* A worker process (the pool of `inferd serve` or an `inferd worker`) as the queue knows it. */
+struct queue_worker {
+    char id[96]; /* "host/pid/random": what its jobs' `worker` shows */
+    char host[64];
+    int pid;
+    int64_t started_ms;
+    int64_t heartbeat_ms; /* the last beat (queue_workers_list fills it; beat uses now) */
+    int64_t timeout_ms;   /* silent this long after a beat: presumed dead */
+    int jobs_running;
+};
+
+/*
+ * Registers `w` or refreshes its heartbeat. A worker silent for its timeout_ms is presumed
+ * dead by any process's sweep: its running jobs are queued again at once (the attempt counts;
+ * a late outcome of it is fenced out) or fail on their last attempt, and it leaves the list.
+ * Returns 0 or ERR_UNAVAILABLE / ERR_IO.
+ */
+int queue_worker_beat(struct queue *q, const struct queue_worker *w, struct err *e);
+/* A clean stop: the worker leaves the list; jobs it still held are queued again at once. */
+int queue_worker_leave(struct queue *q, const char *id, struct err *e);
+/* The live workers, oldest first; `*out` is a new array (free()). */
+int queue_workers_list(struct queue *q, struct queue_worker **out, size_t *n, struct err *e);
+/* Appends {"workers": [...]}: id, host, pid, started_at, last_heartbeat, jobs_running. */
+int queue_workers_json(const struct queue_worker *w, size_t n, struct buf *out);
+/* The worker id inside a lease's worker name (see queue_lease): `name` up to its last '/'. */
+void queue_worker_id_of(const char *name, char out[96]);
 
 /* ---- batch jobs: a run of batch transform, one task (a job) per input object ---- */
 

@@ -49,6 +49,9 @@ struct queue_ops {
                        struct buf *out, struct err *e);
     int (*batch_progress)(struct queue *q, const char *batch_id, const char *task_id,
                           uint64_t token, int64_t records, struct err *e);
+    int (*worker_beat)(struct queue *q, const struct queue_worker *w, struct err *e);
+    int (*worker_leave)(struct queue *q, const char *id, struct err *e);
+    int (*workers_list)(struct queue *q, struct queue_worker **out, size_t *n, struct err *e);
     void (*close)(struct queue *q);
     int outbox_exclusive; /* outbox_due hides what it handed out (held for one sender) */
 };
@@ -84,6 +87,10 @@ void queue_outbox_item_release(struct queue_outbox_item *it);
 
 /* Records that running job `id` was asked to cancel (here, or in another process). */
 void queue_note_cancel(struct queue *q, const char *id);
+
+/* Appends a job_attempt to j->history (strings copied). 0 or ERR_NOMEM. */
+int queue_job_add_attempt(struct job *j, int attempt, int64_t started_ms, int64_t ended_ms,
+                          const char *worker, const char *error);
 
 int queue_sqlite_open(const struct queue_config *cfg, struct queue **out, struct err *e);
 

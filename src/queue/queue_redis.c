@@ -87,6 +87,7 @@ struct redis_queue {
     /* guarded by lock: workers whose lease call was sent and never answered */
     struct lost_lease lost[LOST_LEASES];
     _Atomic int64_t down_since_ms; /* 0 while Redis answers */
+    _Atomic int64_t up_since_ms;   /* when Redis last became reachable (or the queue opened) */
 };
 
 static struct redis_queue *rq(struct queue *q)
@@ -150,8 +151,10 @@ static void note_down(struct redis_queue *q, const char *why)
 
 static void note_up(struct redis_queue *q)
 {
-    if (atomic_exchange(&q->down_since_ms, 0) != 0)
+    if (atomic_exchange(&q->down_since_ms, 0) != 0) {
+        atomic_store(&q->up_since_ms, queue_now_ms());
         log_info("queue", "Redis reachable again", "redis=%s:%d", q->host, q->port);
+    }
 }
 
 static redisContext *take_conn(struct redis_queue *q, struct err *e)
@@ -330,6 +333,8 @@ static struct job *job_from_hash(const char *id, const redisReply *h, int with_i
     j->output_location = hget_dup_ok(h, "output_location", &ok);
     j->callback_url = hget_dup_ok(h, "callback_url", &ok);
     j->cancel_requested = (int)hget_int(h, "cancel_requested");
+    j->worker = hget_dup_ok(h, "wid", &ok);
+    j->attempts_uncounted = (int)hget_int(h, "extra_attempts");
     j->kind = (enum job_kind)hget_int(h, "kind");
     if ((s = hget(h, "batch_id", NULL)))
         snprintf(j->batch_id, sizeof(j->batch_id), "%s", s);
@@ -766,7 +771,8 @@ static int r_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n,
                 rc = outs[i].rc;
         } else {
             int_reply(r, &v);
-            outs[i].rc = v == 1 ? 0 : ERR_CONFLICT;
+            outs[i].rc = v == 1 || v == 2 ? 0 : ERR_CONFLICT;
+            outs[i].failed_final = v == 2;
         }
         freeReplyObject(r);
     }
@@ -881,6 +887,28 @@ static int load_notifications(struct redis_queue *q, redisContext *c, struct job
     return 0;
 }
 
+/* A job's attempts (attempts_history), from its list of JSON objects. */
+static int load_history(struct redis_queue *q, redisContext *c, struct job *j)
+{
+    redisReply *r = redisCommand(c, "LRANGE %satt:%s 0 -1", q->prefix, j->id);
+    int rc = 0;
+
+    if (!r)
+        return ERR_UNAVAILABLE;
+    for (size_t i = 0; rc == 0 && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++) {
+        json_t *a = json_loadb(r->element[i]->str, r->element[i]->len, 0, NULL);
+        if (json_is_object(a))
+            rc = queue_job_add_attempt(j, (int)json_integer_value(json_object_get(a, "a")),
+                                       json_integer_value(json_object_get(a, "s")),
+                                       json_integer_value(json_object_get(a, "e")),
+                                       json_string_value(json_object_get(a, "w")),
+                                       json_string_value(json_object_get(a, "err")));
+        json_decref(a);
+    }
+    freeReplyObject(r);
+    return rc;
+}
+
 static int r_get(struct queue *qb, const char *id, int want_result, struct job **out, struct err *e)
 {
     struct redis_queue *q = rq(qb);
@@ -891,7 +919,7 @@ static int r_get(struct queue *qb, const char *id, int want_result, struct job *
     if (!c)
         return e->code;
     rc = load_job(q, c, id, 0, want_result, out, e);
-    if (rc == 0 && load_notifications(q, c, *out) != 0)
+    if (rc == 0 && (load_notifications(q, c, *out) != 0 || load_history(q, c, *out) != 0))
         rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
     if (rc != 0) {
         job_free(*out);
@@ -943,10 +971,13 @@ static int r_list(struct queue *qb, const struct queue_list_filter *f, struct bu
                 continue;
             }
             if (j->kind == JOB_KIND_INFER && (f->state < 0 || (int)j->state == f->state) &&
+                (f->state != JOB_RUNNING || f->cancelling < 0 ||
+                 j->cancel_requested == f->cancelling) &&
                 (!f->model || (j->model && strcmp(j->model, f->model) == 0))) {
                 if (n++)
                     rc = buf_puts(out, ",");
-                if (rc == 0 && load_notifications(q, c, j) == 0)
+                /* each job as GET /v1/jobs/{id} shows it */
+                if (rc == 0 && load_notifications(q, c, j) == 0 && load_history(q, c, j) == 0)
                     rc = queue_job_json(j, out);
                 snprintf(last, sizeof(last), "%s", j->id);
             }
@@ -999,6 +1030,8 @@ static int64_t r_queued(struct queue *qb)
 
 /* ---- webhooks ---- */
 
+static int load_history(struct redis_queue *q, redisContext *c, struct job *j);
+
 /* Fixes an outbox item's body the first time it is sent; gives back the stored one. */
 static int batch_event_json(struct redis_queue *q, redisContext *c, const char *id,
                             const char *event_id, struct buf *out, struct err *e);
@@ -1017,6 +1050,8 @@ static int outbox_body(struct redis_queue *q, redisContext *c, struct queue_outb
         rc = batch_event_json(q, c, job_id, it->event_id, &body, e);
     } else {
         rc = load_job(q, c, job_id, 0, 1, &j, e);
+        if (rc == 0 && load_history(q, c, j) != 0) /* the event's job shows its attempts too */
+            rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
         if (rc == 0 && queue_event_json(j, it->event_id, q->cfg.result_inline_max_bytes, &body))
             rc = err_set(e, ERR_NOMEM, "out of memory");
         job_free(j);
@@ -1705,6 +1740,88 @@ static int r_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedu
     return rc;
 }
 
+/* ---- workers and their heartbeats ---- */
+
+static int r_worker_beat(struct queue *qb, const struct queue_worker *w, struct err *e)
+{
+    struct redis_queue *q = rq(qb);
+    struct args a;
+    redisReply *r;
+
+    script_args(q, &a, "worker_beat");
+    arg(&a, w->id);
+    arg(&a, w->host);
+    arg_int(&a, w->pid);
+    arg_int(&a, w->started_ms);
+    arg_int(&a, w->timeout_ms);
+    arg_int(&a, w->jobs_running);
+    r = run(q, &a, e);
+    freeReplyObject(r);
+    return r ? 0 : e->code;
+}
+
+static int r_worker_leave(struct queue *qb, const char *id, struct err *e)
+{
+    struct redis_queue *q = rq(qb);
+    struct args a;
+    redisReply *r;
+
+    script_args(q, &a, "worker_leave");
+    arg(&a, id);
+    arg_int(&a, q->cfg.result_ttl_s);
+    r = run(q, &a, e);
+    freeReplyObject(r);
+    return r ? 0 : e->code;
+}
+
+/* The live workers: those whose time to be presumed dead is still ahead. */
+static int r_workers_list(struct queue *qb, struct queue_worker **out, size_t *n, struct err *e)
+{
+    struct redis_queue *q = rq(qb);
+    redisContext *c = take_conn(q, e);
+    redisReply *ids;
+    struct queue_worker *v = NULL;
+    int rc = 0;
+
+    *out = NULL;
+    *n = 0;
+    if (!c)
+        return e->code;
+    ids = redisCommand(c, "ZRANGEBYSCORE %sworkers (%lld +inf LIMIT 0 10000", q->prefix,
+                       (long long)queue_now_ms());
+    if (!ids || ids->type != REDIS_REPLY_ARRAY)
+        rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
+    else if (ids->elements > 0 && !(v = calloc(ids->elements, sizeof(*v))))
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    for (size_t i = 0; rc == 0 && v && i < ids->elements; i++) {
+        redisReply *h = redisCommand(c, "HGETALL %sworker:%s", q->prefix, ids->element[i]->str);
+        struct queue_worker *w = &v[*n];
+        const char *host;
+        if (h && h->type == REDIS_REPLY_ARRAY && h->elements > 0 &&
+            (host = hget(h, "host", NULL))) {
+            snprintf(w->id, sizeof(w->id), "%s", ids->element[i]->str);
+            snprintf(w->host, sizeof(w->host), "%s", host);
+            w->pid = (int)hget_int(h, "pid");
+            w->started_ms = hget_int(h, "started_ms");
+            w->heartbeat_ms = hget_int(h, "heartbeat_ms");
+            w->timeout_ms = hget_int(h, "timeout_ms");
+            w->jobs_running = (int)hget_int(h, "jobs_running");
+            (*n)++;
+        }
+        freeReplyObject(h);
+    }
+    freeReplyObject(ids);
+    give_conn(q, c);
+    if (rc != 0 || *n == 0) {
+        free(v);
+        v = NULL;
+        if (rc != 0)
+            *n = 0;
+    }
+    *out = v;
+    return rc;
+}
+
 /* ---- background threads: the sweeper and the final-state subscriber ---- */
 
 static int wait_stop(struct redis_queue *q, int64_t ms)
@@ -1734,9 +1851,29 @@ static void *sweeper_main(void *self)
         arg(&a, sweeper);
         arg_int(&a, RECLAIM_MIN_IDLE_MS);
         arg_int(&a, q->cfg.result_ttl_s);
+        /* workers are presumed dead only after a whole timeout of Redis answering: one cut off
+         * with us had no way to beat */
+        arg_int(&a, atomic_load(&q->down_since_ms) ? queue_now_ms() : atomic_load(&q->up_since_ms));
         r = run(q, &a, &e);
-        if (r && r->type == REDIS_REPLY_INTEGER && r->integer > 0)
-            log_warn("queue", "leases expired; jobs reclaimed", "jobs=%lld", (long long)r->integer);
+        /* {jobs of workers presumed dead, jobs whose lease expired, jobs failed for good} */
+        if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
+            r->element[0]->type == REDIS_REPLY_INTEGER && r->element[0]->integer > 0)
+            log_warn("queue", "workers presumed dead (no heartbeat); their jobs reclaimed",
+                     "jobs=%lld", (long long)r->element[0]->integer);
+        if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
+            r->element[1]->type == REDIS_REPLY_INTEGER && r->element[1]->integer > 0)
+            log_warn("queue", "leases expired; jobs reclaimed", "jobs=%lld",
+                     (long long)r->element[1]->integer);
+        for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
+                           r->element[2]->type == REDIS_REPLY_ARRAY && i < r->element[2]->elements;
+             i++) {
+            const redisReply *f = r->element[2]->element[i];
+            if (f->type == REDIS_REPLY_ARRAY && f->elements == 4 && f->element[0]->str &&
+                f->element[1]->str && f->element[3]->str)
+                log_warn("queue", "job failed", "job=%s model=%s attempts=%lld error=\"%s\"",
+                         f->element[0]->str, f->element[1]->str, (long long)f->element[2]->integer,
+                         f->element[3]->str);
+        }
         freeReplyObject(r);
     }
     return NULL;
@@ -1851,6 +1988,9 @@ static const struct queue_ops redis_ops = {
     .batch_definition = r_batch_definition,
     .batch_pause = r_batch_pause,
     .batch_progress = r_batch_progress,
+    .worker_beat = r_worker_beat,
+    .worker_leave = r_worker_leave,
+    .workers_list = r_workers_list,
     .close = r_close,
     .outbox_exclusive = 1,
 };
@@ -1934,6 +2074,7 @@ int queue_redis_open(const struct queue_config *cfg, struct queue **out, struct 
     gethostname(host, sizeof(host) - 1);
     snprintf(q->name, sizeof(q->name), "%.60s/%d", host, (int)getpid());
     script_sha(q->sha);
+    atomic_store(&q->up_since_ms, queue_now_ms());
     pthread_mutex_init(&q->pool_lock, NULL);
     pthread_mutex_init(&q->lock, NULL);
     pthread_cond_init(&q->cond, NULL);

@@ -11,8 +11,11 @@
 -- attempt); P..'out:'..n one webhook (hash); P..'deliv:'..id a job's webhook attempts (list
 -- of JSON); P..'retire' finished jobs whose retention runs (zset, member "id state",
 -- score = when the retention ends); P..'leased:'..worker what that worker's last lease handed
--- out, with the call's ticket (hash, expires). Channel P..'final' carries "id state" when a
--- job ends.
+-- out, with the call's ticket (hash, expires); P..'att:'..id a job's attempts (list of JSON:
+-- a attempt, s start ms, e end ms, w worker, err); P..'worker:'..wid a worker process (hash:
+-- host pid started_ms heartbeat_ms timeout_ms jobs_running); P..'workers' the workers (zset,
+-- score = when one is presumed dead); P..'wjobs:'..wid the jobs a worker leased (set; an entry
+-- counts only while the job runs there). Channel P..'final' carries "id state" when a job ends.
 
 local op, P, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local STATES = {[0] = 'queued', 'running', 'succeeded', 'failed', 'cancelled', 'expired'}
@@ -35,8 +38,24 @@ local function push(id)
     redis.call('HSET', jkey(id), 'entry', entry)
 end
 
+-- The worker id in a lease's worker name "<worker id>/<thread>".
+local function worker_id(name) return string.match(name, '^(.*)/[^/]*$') or name end
+
+-- Ends the running attempt in the job's history, with `err` (nil: it succeeded).
+local function attempt_ended(id, err)
+    local k = P .. 'att:' .. id
+    local ok, last = pcall(cjson.decode, redis.call('LINDEX', k, -1) or '')
+    if ok and type(last) == 'table' and not last.e then
+        last.e = now
+        last.err = err
+        redis.call('LSET', k, -1, cjson.encode(last))
+    end
+end
+
 -- Forgets a job's stream entry (acknowledged if it was delivered).
 local function drop_entry(id)
+    local wid = field(id, 'wid')
+    if wid and wid ~= '' then redis.call('SREM', P .. 'wjobs:' .. wid, id) end
     local entry, p = field(id, 'entry'), field(id, 'priority') or '0'
     if entry and entry ~= '' then
         redis.call('XACK', qkey(p), GROUP, entry)
@@ -60,6 +79,7 @@ local function ended(id, state, ttl_s)
         redis.call('EXPIRE', jkey(id), ttl_s)
         redis.call('ZADD', P .. 'retire', now + ttl_s * 1000, id .. ' ' .. state)
         redis.call('EXPIRE', P .. 'deliv:' .. id, ttl_s + 86400)
+        redis.call('EXPIRE', P .. 'att:' .. id, ttl_s) -- goes with the job
         local idem = field(id, 'idem_key')
         if idem and idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. idem, ttl_s) end
     end
@@ -100,7 +120,7 @@ local function housekeeping(ttl_s)
         if id then
             count(tonumber(state), -1)
             redis.call('ZREM', P .. 'jobs', id)
-            redis.call('DEL', jkey(id))
+            redis.call('DEL', jkey(id), P .. 'att:' .. id)
         end
     end
 end
@@ -145,7 +165,8 @@ local function release_noted(note)
     for id, token in string.gmatch(jobs, '(%S+) (%d+)') do
         if holder(id, tonumber(token)) then
             drop_entry(id)
-            redis.call('HINCRBY', jkey(id), 'max_attempts', 1)
+            attempt_ended(id, 'the answer of its lease was lost; queued again')
+            redis.call('HINCRBY', jkey(id), 'extra_attempts', 1)
             redis.call('HSET', jkey(id), 'state', 0)
             push(id)
             count(1, -1)
@@ -191,8 +212,13 @@ local function lease()
                         end
                     end
                     local attempts = num(id, 'attempts') + 1
+                    local wid = worker_id(worker)
                     redis.call('HSET', jkey(id), 'state', 1, 'attempts', attempts, 'worker',
-                               worker, 'lease_until', now + num(id, 'lease_timeout_ms'))
+                               worker, 'wid', wid, 'lease_until',
+                               now + num(id, 'lease_timeout_ms'))
+                    redis.call('SADD', P .. 'wjobs:' .. wid, id)
+                    redis.call('RPUSH', P .. 'att:' .. id,
+                               cjson.encode({a = attempts, s = now, w = wid}))
                     if num(id, 'started_ms') == 0 then
                         redis.call('HSET', jkey(id), 'started_ms', now)
                     end
@@ -238,9 +264,12 @@ local function complete()
     if not holder(id, token) then return 0 end
     drop_entry(id)
     if num(id, 'cancel_requested') == 1 then
+        attempt_ended(id, 'cancelled while running; result discarded')
         finish(id, 1, 4, 'cancelled while running; result discarded', ttl_s)
     else
-        redis.call('HSET', jkey(id), 'result', ARGV[6], 'result_json_len', ARGV[7])
+        attempt_ended(id, nil)
+        -- the errors of earlier attempts stay in their history, not as the job's error
+        redis.call('HSET', jkey(id), 'result', ARGV[6], 'result_json_len', ARGV[7], 'error', '')
         redis.call('HDEL', jkey(id), 'input')
         finish(id, 1, 2, nil, ttl_s)
     end
@@ -249,7 +278,8 @@ end
 
 -- ARGV: id, token, error, retryable, first backoff ms, max backoff ms, result_ttl_s,
 -- retry_after_ms (the model's own "not before"; 0: none), released ('1': stopped by the
--- worker's shutdown: queued again at once, with one more attempt to make up for this one)
+-- worker's shutdown: queued again at once, with one more attempt to make up for this one).
+-- Returns 0 (fenced out), 1 (recorded) or 2 (recorded; the job failed for good).
 local function fail()
     local id, token, err = ARGV[4], tonumber(ARGV[5]), ARGV[6]
     local retryable, backoff, max_backoff = ARGV[7] == '1', tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -257,17 +287,19 @@ local function fail()
     local released = ARGV[12] == '1'
     if not holder(id, token) then return 0 end
     drop_entry(id)
-    local attempts = num(id, 'attempts')
+    attempt_ended(id, err)
+    local attempts = num(id, 'attempts') - num(id, 'extra_attempts')
     if num(id, 'cancel_requested') == 1 then
         finish(id, 1, 4, err, ttl_s)
     elseif released then
-        redis.call('HINCRBY', jkey(id), 'max_attempts', 1)
+        redis.call('HINCRBY', jkey(id), 'extra_attempts', 1)
         redis.call('HSET', jkey(id), 'state', 0, 'error', err)
         push(id)
         count(1, -1)
         count(0, 1)
     elseif not retryable or attempts >= num(id, 'max_attempts') then
         finish(id, 1, 3, err, ttl_s)
+        return 2 -- recorded, and the job failed for good
     else
         for _ = 2, attempts do
             if backoff < max_backoff then backoff = backoff * 2 end
@@ -310,22 +342,74 @@ local function retry()
     local input = redis.call('HEXISTS', jkey(id), 'input') == 1 or
                   (field(id, 'input_location') or '') ~= ''
     if not input then return -2 end
+    -- the job, its attempts and its webhooks' record stay while it runs again
     redis.call('PERSIST', jkey(id))
+    redis.call('PERSIST', P .. 'att:' .. id)
+    redis.call('PERSIST', P .. 'deliv:' .. id)
     redis.call('ZREM', P .. 'retire', id .. ' ' .. state)
-    redis.call('HSET', jkey(id), 'state', 0, 'max_attempts',
-               num(id, 'attempts') + num(id, 'max_attempts'), 'finished_ms', 0, 'error', '')
+    -- its own max_attempts again, for the attempts from now on
+    redis.call('HSET', jkey(id), 'state', 0, 'extra_attempts', num(id, 'attempts'),
+               'finished_ms', 0, 'error', '')
     count(state, -1)
     count(0, 1)
     push(id)
     return 0
 end
 
--- ARGV: sweeper consumer, min idle ms, result_ttl_s. Attempts whose lease ran out (their
--- worker died or stalled): XAUTOCLAIM finds the stream entries idle past the shortest lease;
--- the job's own lease decides. Expired ones run again, or fail on their last attempt.
+-- A running attempt is lost (its lease ran out, or its worker is presumed dead): it counts,
+-- and the job runs again at once, or fails on its last attempt. A late outcome of it is fenced
+-- out (the next lease makes another attempt number).
+local failed_now = {} -- jobs attempt_lost failed for good in this call: "id model attempts"
+local function attempt_lost(id, why, ttl_s)
+    drop_entry(id)
+    attempt_ended(id, why)
+    if num(id, 'attempts') - num(id, 'extra_attempts') >= num(id, 'max_attempts') then
+        finish(id, 1, 3, why .. ' on the last attempt', ttl_s)
+        failed_now[#failed_now + 1] = {id, field(id, 'model') or '', num(id, 'attempts'),
+                                       why .. ' on the last attempt'}
+    else
+        redis.call('HSET', jkey(id), 'state', 0, 'error', why)
+        count(1, -1)
+        count(0, 1)
+        push(id)
+    end
+end
+
+-- The jobs worker `wid` runs are lost (`why`), and it leaves the list. Returns how many.
+local function reap_worker(wid, why, ttl_s)
+    local n = 0
+    for _, id in ipairs(redis.call('SMEMBERS', P .. 'wjobs:' .. wid)) do
+        if redis.call('EXISTS', jkey(id)) == 1 and num(id, 'state') == 1 and
+           field(id, 'wid') == wid then
+            attempt_lost(id, why, ttl_s)
+            n = n + 1
+        end
+    end
+    redis.call('DEL', P .. 'wjobs:' .. wid, P .. 'worker:' .. wid)
+    redis.call('ZREM', P .. 'workers', wid)
+    return n
+end
+
+-- ARGV: sweeper consumer, min idle ms, result_ttl_s, since when the caller has reached Redis
+-- (ms). Workers silent past their timeout, with Redis reachable all that time, are presumed
+-- dead: their jobs run again at once. Attempts whose lease ran out (their worker
+-- stalled, or died before it ever beat): XAUTOCLAIM finds the stream entries idle past the
+-- shortest lease; the job's own lease decides. Expired ones run again, or fail on their last
+-- attempt. Returns {jobs of dead workers, expired leases, {{id, model, attempts, error} of
+-- the jobs that failed for good}}.
 local function reclaim()
     local sweeper, min_idle, ttl_s = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
-    local n = 0
+    local up_since = tonumber(ARGV[7] or '0')
+    local dead_jobs, n = 0, 0
+    for _, wid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'workers', '-inf', now, 'LIMIT', 0, 10)) do
+        local timeout = tonumber(redis.call('HGET', P .. 'worker:' .. wid, 'timeout_ms') or '0')
+        local last = tonumber(redis.call('HGET', P .. 'worker:' .. wid, 'heartbeat_ms') or '0')
+        if up_since + timeout <= now then -- else Redis was away lately: time to beat again
+            dead_jobs = dead_jobs + reap_worker(wid, 'its worker ' .. wid ..
+                                                ' sent no heartbeat for ' ..
+                                                math.floor((now - last) / 1000) .. ' s', ttl_s)
+        end
+    end
     for p = 0, 9 do
         local res = redis.call('XAUTOCLAIM', qkey(p), GROUP, sweeper, min_idle, '0-0', 'COUNT', 100)
         for _, e in ipairs(res[2]) do
@@ -339,23 +423,29 @@ local function reclaim()
                            math.max(0, now - (num(id, 'lease_until') - num(id, 'lease_timeout_ms'))),
                            'JUSTID')
             elseif live then
-                drop_entry(id)
                 n = n + 1
-                if num(id, 'attempts') >= num(id, 'max_attempts') then
-                    finish(id, 1, 3, 'its lease expired on the last attempt', ttl_s)
-                else
-                    redis.call('HSET', jkey(id), 'state', 0)
-                    count(1, -1)
-                    count(0, 1)
-                    push(id)
-                end
+                attempt_lost(id, 'its lease expired', ttl_s)
             else
                 redis.call('XACK', qkey(p), GROUP, entry)
                 redis.call('XDEL', qkey(p), entry)
             end
         end
     end
-    return n
+    return {dead_jobs, n, failed_now}
+end
+
+-- ARGV: id, host, pid, started_ms, timeout_ms, jobs_running. A worker's heartbeat.
+local function worker_beat()
+    local wid, timeout = ARGV[4], tonumber(ARGV[8])
+    redis.call('HSET', P .. 'worker:' .. wid, 'host', ARGV[5], 'pid', ARGV[6], 'started_ms',
+               ARGV[7], 'heartbeat_ms', now, 'timeout_ms', timeout, 'jobs_running', ARGV[9])
+    redis.call('ZADD', P .. 'workers', now + timeout, wid)
+    return 1
+end
+
+-- ARGV: id, result_ttl_s. A worker's clean stop: jobs it still holds run again at once.
+local function worker_leave()
+    return reap_worker(ARGV[4], 'its worker ' .. ARGV[4] .. ' stopped', tonumber(ARGV[5]))
 end
 
 -- ARGV: max, redelivery ms. Due webhooks, each held for `redelivery` so that only one
@@ -580,6 +670,7 @@ end
 local ops = {batch_create = batch_create, batch_cancel = batch_cancel, enqueue = enqueue, lease = lease, extend = extend, complete = complete,
              fail = fail, cancel = cancel, retry = retry, reclaim = reclaim,
              outbox_take = outbox_take, outbox_record = outbox_record,
-             outbox_body = outbox_body}
+             outbox_body = outbox_body, worker_beat = worker_beat,
+             worker_leave = worker_leave}
 ops.batch_pause, ops.batch_progress = batch_pause, batch_progress
 return ops[op]()

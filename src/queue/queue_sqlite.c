@@ -150,7 +150,8 @@ char *sq_col_strdup(sqlite3_stmt *st, int i)
 #define JOB_COLUMNS                                                                                \
     "id, model, state, priority, attempts, max_attempts, created_ms, "                             \
     "COALESCE(started_ms, 0), COALESCE(finished_ms, 0), lease_timeout_ms, ttl_s, error, "          \
-    "input_location, output_location, callback_url, cancel_requested, kind, batch_id"
+    "input_location, output_location, callback_url, cancel_requested, kind, batch_id, worker, "    \
+    "extra_attempts"
 
 static struct job *job_from_row(sqlite3_stmt *st)
 {
@@ -177,6 +178,8 @@ static struct job *job_from_row(sqlite3_stmt *st)
     j->kind = (enum job_kind)sqlite3_column_int(st, 16);
     if (sqlite3_column_text(st, 17))
         snprintf(j->batch_id, sizeof(j->batch_id), "%s", sqlite3_column_text(st, 17));
+    j->worker = sq_col_strdup(st, 18);
+    j->attempts_uncounted = sqlite3_column_int(st, 19);
     j->token = (uint64_t)j->attempts;
     j->input_json_len = -1;
     j->result_json_len = -1;
@@ -231,7 +234,8 @@ static const char schema[] =
     " result BLOB, result_json_len INTEGER NOT NULL DEFAULT -1,"
     " error TEXT,"
     " idem_key TEXT UNIQUE, request_hash TEXT,"
-    " kind INTEGER NOT NULL DEFAULT 0, batch_id TEXT, object TEXT);"
+    " kind INTEGER NOT NULL DEFAULT 0, batch_id TEXT, object TEXT,"
+    " extra_attempts INTEGER NOT NULL DEFAULT 0);"
     "CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(priority DESC, seq) WHERE state = 0;"
     "CREATE INDEX IF NOT EXISTS jobs_expiring ON jobs(expires_ms) WHERE state = 0 AND "
     " expires_ms > 0;"
@@ -253,7 +257,38 @@ static const char schema[] =
     "CREATE TABLE IF NOT EXISTS deliveries ("
     " outbox_id INTEGER NOT NULL, job_id TEXT NOT NULL, event_id TEXT NOT NULL,"
     " at_ms INTEGER NOT NULL, http_status INTEGER NOT NULL, error TEXT);"
-    "CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries(job_id);";
+    "CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries(job_id);"
+    /* every attempt of a job, kept across attempts and redrives (attempts_history) */
+    "CREATE TABLE IF NOT EXISTS attempts ("
+    " job_id TEXT NOT NULL, attempt INTEGER NOT NULL, started_ms INTEGER NOT NULL,"
+    " ended_ms INTEGER, worker TEXT, error TEXT, PRIMARY KEY (job_id, attempt));"
+    "CREATE TRIGGER IF NOT EXISTS attempts_go_with_job AFTER DELETE ON jobs BEGIN"
+    " DELETE FROM attempts WHERE job_id = old.id; END;"
+    /* the worker processes and their heartbeats (queue_worker_beat) */
+    "CREATE TABLE IF NOT EXISTS workers ("
+    " id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL,"
+    " started_ms INTEGER NOT NULL, heartbeat_ms INTEGER NOT NULL, timeout_ms INTEGER NOT NULL,"
+    " jobs_running INTEGER NOT NULL DEFAULT 0);";
+
+/* Adds the job columns that databases made by earlier versions lack. */
+static int migrate_jobs(sqlite3 *db, struct err *e)
+{
+    sqlite3_stmt *st = NULL;
+    int has = 0;
+
+    /* not cached: it runs once */
+    if (sqlite3_prepare_v2(db,
+                           "SELECT 1 FROM pragma_table_info('jobs') WHERE name = "
+                           "'extra_attempts'",
+                           -1, &st, NULL) != SQLITE_OK)
+        return sq_db_err(db, e, "read schema");
+    has = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_finalize(st);
+    if (has)
+        return 0;
+    log_info("queue", "adding attempt-budget columns to an older job store", "table=%s", "jobs");
+    return sq_exec(db, "ALTER TABLE jobs ADD COLUMN extra_attempts INTEGER NOT NULL DEFAULT 0;", e);
+}
 
 static int open_db(const char *path, sqlite3 **out, struct err *e)
 {
@@ -291,6 +326,8 @@ static void sq_note_final(struct sqlite_queue *q, const char *id, enum job_state
     q->finals = n;
 }
 
+static int load_history(sqlite3 *db, struct job *j);
+
 /* A job just became final: note it, and store its webhook in the same transaction. */
 int sq_job_became_final(struct sqlite_queue *q, const char *id, struct err *e)
 {
@@ -325,6 +362,8 @@ int sq_job_became_final(struct sqlite_queue *q, const char *id, struct err *e)
             sq_finish(rs);
         }
     }
+    if (load_history(q->wdb, j) != 0) /* the event's job shows its attempts too */
+        log_warn("queue", "a webhook's job lacks its attempts", "job=%s", id);
     rc = queue_event_json(j, event_id, q->cfg.result_inline_max_bytes, &body);
     if (rc != 0) {
         rc = err_set(e, ERR_NOMEM, "out of memory building a webhook");
@@ -351,6 +390,28 @@ cleanup:
 }
 
 /* ---- operations (writer thread, inside the group's transaction) ---- */
+
+/* Ends attempt `attempt` of job `id` in its history, with `error` (NULL: it succeeded). */
+static int attempt_ended(struct sqlite_queue *q, const char *id, uint64_t attempt,
+                         const char *error, struct err *e)
+{
+    /* no error given: the job's own (set when a cancel ended it; NULL when it succeeded) */
+    sqlite3_stmt *st = sq_prepare(q->wdb, "UPDATE attempts SET ended_ms = ?1, error = COALESCE("
+                                          "?2, (SELECT error FROM jobs WHERE id = ?3)) WHERE "
+                                          "job_id = ?3 AND attempt = ?4 AND ended_ms IS NULL");
+    int rc = 0;
+
+    if (!st)
+        return sq_db_err(q->wdb, e, "prepare");
+    sqlite3_bind_int64(st, 1, queue_now_ms());
+    sqlite3_bind_text(st, 2, error, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 4, (int64_t)attempt);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = sq_db_err(q->wdb, e, "record attempt");
+    sq_finish(st);
+    return rc;
+}
 
 static int op_enqueue(struct sqlite_queue *q, struct op *o)
 {
@@ -428,9 +489,11 @@ static int lease_one(struct sqlite_queue *q, struct op *o, const char *id, size_
                      int64_t now, struct job **out)
 {
     sqlite3_stmt *st;
+    char wid[96];
     int rc = 0;
 
     *out = NULL;
+    queue_worker_id_of(o->worker, wid);
     st = sq_prepare(q->wdb, "UPDATE jobs SET state = 1, attempts = attempts + 1, "
                          "started_ms = COALESCE(started_ms, ?), lease_until_ms = ? + "
                          "lease_timeout_ms, worker = ? WHERE id = ?");
@@ -438,11 +501,22 @@ static int lease_one(struct sqlite_queue *q, struct op *o, const char *id, size_
         return sq_db_err(q->wdb, &o->err, "prepare");
     sqlite3_bind_int64(st, 1, now);
     sqlite3_bind_int64(st, 2, now);
-    sqlite3_bind_text(st, 3, o->worker, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, wid, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 4, id, -1, SQLITE_STATIC);
     if (sqlite3_step(st) != SQLITE_DONE)
         rc = sq_db_err(q->wdb, &o->err, "lease");
     sq_finish(st);
+    if (rc == 0) {
+        st = sq_prepare(q->wdb, "INSERT OR REPLACE INTO attempts (job_id, attempt, started_ms, "
+                                "worker) SELECT id, attempts, ?, worker FROM jobs WHERE id = ?");
+        if (!st)
+            return sq_db_err(q->wdb, &o->err, "prepare");
+        sqlite3_bind_int64(st, 1, now);
+        sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+        if (sqlite3_step(st) != SQLITE_DONE)
+            rc = sq_db_err(q->wdb, &o->err, "record attempt");
+        sq_finish(st);
+    }
     if (rc != 0)
         return rc;
     q->n_queued--;
@@ -561,6 +635,8 @@ static int op_complete(struct sqlite_queue *q, struct op *o)
         sqlite3_bind_int64(st, 5, (int64_t)o->token);
     }
     rc = fenced_update(q, o, st);
+    if (rc == 0)
+        rc = attempt_ended(q, o->id, o->token, NULL, &o->err);
     return rc ? rc : sq_job_became_final(q, o->id, &o->err);
 }
 
@@ -580,10 +656,11 @@ static int op_fail(struct sqlite_queue *q, struct op *o)
                        o->id, (unsigned long long)o->token);
     }
     /* released by a worker's shutdown: again at once, with one more attempt to make up */
-    final = j->cancel_requested ||
-            (!o->released && (!o->retryable || j->attempts >= j->max_attempts));
+    final =
+        j->cancel_requested ||
+        (!o->released && (!o->retryable || j->attempts - j->attempts_uncounted >= j->max_attempts));
     int end_state = j->cancel_requested ? JOB_CANCELLED : final ? JOB_FAILED : JOB_QUEUED;
-    for (int i = 1; i < j->attempts && backoff < MAX_BACKOFF_MS; i++)
+    for (int i = 1; i < j->attempts - j->attempts_uncounted && backoff < MAX_BACKOFF_MS; i++)
         backoff *= 2;
     if (backoff > MAX_BACKOFF_MS)
         backoff = MAX_BACKOFF_MS;
@@ -594,8 +671,8 @@ static int op_fail(struct sqlite_queue *q, struct op *o)
     job_free(j);
     /* a failed job keeps its input: POST /v1/jobs/{id}/retry sends it back */
     st = sq_prepare(q->wdb, "UPDATE jobs SET state = ?1, error = ?2, finished_ms = ?3, "
-                         "available_ms = ?4, max_attempts = max_attempts + ?8 WHERE id = ?6 "
-                         "AND state = 1 AND attempts = ?7 AND ?5 IS NOT NULL");
+                            "available_ms = ?4, extra_attempts = extra_attempts + ?8 WHERE id = ?6 "
+                            "AND state = 1 AND attempts = ?7 AND ?5 IS NOT NULL");
     if (st) {
         sqlite3_bind_int(st, 1, end_state);
         sqlite3_bind_text(st, 2, o->data, -1, SQLITE_STATIC);
@@ -610,8 +687,11 @@ static int op_fail(struct sqlite_queue *q, struct op *o)
         sqlite3_bind_int(st, 8, o->released && !final ? 1 : 0);
     }
     rc = fenced_update(q, o, st);
+    if (rc == 0)
+        rc = attempt_ended(q, o->id, o->token, o->data ? o->data : "failed", &o->err);
     if (rc != 0)
         return rc;
+    o->failed_final = end_state == JOB_FAILED;
     if (!final) {
         q->n_queued++;
         return 0;
@@ -660,7 +740,7 @@ static int op_cancel(struct sqlite_queue *q, struct op *o)
 static int op_retry(struct sqlite_queue *q, struct op *o)
 {
     sqlite3_stmt *st = sq_prepare(
-        q->wdb, "UPDATE jobs SET state = 0, max_attempts = attempts + max_attempts, "
+        q->wdb, "UPDATE jobs SET state = 0, extra_attempts = attempts, "
                 "available_ms = 0, finished_ms = NULL, expires_ms = 0, error = NULL "
                 "WHERE id = ? AND state IN (3, 5) AND (input IS NOT NULL OR input_location IS "
                 "NOT NULL)");
@@ -725,6 +805,110 @@ static int op_outbox_record(struct sqlite_queue *q, struct op *o)
     return rc;
 }
 
+/*
+ * A running attempt is lost (its lease ran out, or its worker is presumed dead): it counts,
+ * and the job runs again at once, or fails when that was its last attempt. The attempt's late
+ * outcome is fenced out: the next lease makes another attempt number. Writer thread.
+ */
+static int attempt_lost(struct sqlite_queue *q, const char *id, const char *why, int64_t now)
+{
+    struct job *j = NULL;
+    struct err e;
+    sqlite3_stmt *st;
+    int exhausted, rc;
+
+    if (sq_load_job(q->wdb, id, &j, &e) != 0)
+        return -1;
+    if (j->state != JOB_RUNNING) {
+        job_free(j);
+        return -1;
+    }
+    exhausted = j->attempts - j->attempts_uncounted >= j->max_attempts;
+    st = sq_prepare(q->wdb, exhausted ? "UPDATE jobs SET state = 3, finished_ms = ?1, error = ?3 "
+                                        "|| ' on the last attempt' WHERE id = ?2 AND state = 1"
+                                      : "UPDATE jobs SET state = 0, available_ms = ?1, error = "
+                                        "?3 WHERE id = ?2 AND state = 1");
+    rc = st ? 0 : -1;
+    if (st) {
+        sqlite3_bind_int64(st, 1, now);
+        sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 3, why, -1, SQLITE_STATIC);
+        rc = sqlite3_step(st) == SQLITE_DONE ? 0 : -1;
+        sq_finish(st);
+    }
+    if (rc == 0)
+        attempt_ended(q, id, (uint64_t)j->attempts, why, &e);
+    if (rc == 0 && exhausted) {
+        log_warn("queue", "job failed",
+                 "job=%s model=%s attempts=%d error=\"%s on the last "
+                 "attempt\"",
+                 id, j->model, j->attempts, why);
+        sq_job_became_final(q, id, &e);
+    } else if (rc == 0)
+        q->n_queued++;
+    job_free(j);
+    return rc;
+}
+
+/* The running jobs of worker `wid` are lost (`why`), and it leaves the workers table. */
+static void reap_worker(struct sqlite_queue *q, const char *wid, const char *why, int64_t now)
+{
+    sqlite3_stmt *st;
+    char ids[64][40];
+    int n = 0;
+
+    st = sq_prepare(q->wdb, "SELECT id FROM jobs WHERE state = 1 AND worker = ? LIMIT 64");
+    if (st) {
+        sqlite3_bind_text(st, 1, wid, -1, SQLITE_STATIC);
+        while (n < 64 && sqlite3_step(st) == SQLITE_ROW)
+            snprintf(ids[n++], 40, "%s", sqlite3_column_text(st, 0));
+        sq_finish(st);
+    }
+    for (int i = 0; i < n && !sqlite3_get_autocommit(q->wdb); i++)
+        attempt_lost(q, ids[i], why, now);
+    if (n == 64)
+        return; /* more: the next sweep goes on before the worker leaves */
+    st = sq_prepare(q->wdb, "DELETE FROM workers WHERE id = ?");
+    if (st) {
+        sqlite3_bind_text(st, 1, wid, -1, SQLITE_STATIC);
+        sqlite3_step(st);
+        sq_finish(st);
+    }
+    if (n > 0)
+        log_warn("queue", "worker gone; its running jobs are queued again",
+                 "worker=%s jobs=%d "
+                 "reason=\"%s\"",
+                 wid, n, why);
+}
+
+/* Workers silent past their timeout are presumed dead: their running jobs run again now. Not
+ * while the store could not take their beats: each gets a whole timeout of commits that work
+ * (a full disk stops every beat, and their kept outcomes must not be fenced out for it). */
+static void reap_dead_workers(struct sqlite_queue *q, int64_t now)
+{
+    sqlite3_stmt *st = sq_prepare(q->wdb, "SELECT id, (?1 - heartbeat_ms) / 1000 FROM workers "
+                                          "WHERE heartbeat_ms + timeout_ms <= ?1 AND "
+                                          "?2 + timeout_ms <= ?1 LIMIT 8");
+    char wids[8][96], why[8][128];
+    int n = 0;
+
+    if (!st || sqlite3_get_autocommit(q->wdb)) {
+        sq_finish(st);
+        return;
+    }
+    sqlite3_bind_int64(st, 1, now);
+    sqlite3_bind_int64(st, 2, q->last_failed_ms);
+    while (n < 8 && sqlite3_step(st) == SQLITE_ROW) {
+        snprintf(wids[n], sizeof(wids[n]), "%s", sqlite3_column_text(st, 0));
+        snprintf(why[n], sizeof(why[n]), "its worker %.95s sent no heartbeat for %lld s", wids[n],
+                 (long long)sqlite3_column_int64(st, 1));
+        n++;
+    }
+    sq_finish(st);
+    for (int i = 0; i < n && !sqlite3_get_autocommit(q->wdb); i++)
+        reap_worker(q, wids[i], why[i], now);
+}
+
 /* Expires queued jobs past their ttl and requeues (or fails) running jobs past their lease. */
 static void sweep(struct sqlite_queue *q, int64_t now)
 {
@@ -760,37 +944,18 @@ static void sweep(struct sqlite_queue *q, int64_t now)
     }
     /* a lease that ran out: the attempt is lost; count it and go again (or give up) */
     n = 0;
-    st = sq_prepare(
-        q->wdb,
-        "SELECT id, attempts >= max_attempts FROM jobs INDEXED BY jobs_leased WHERE state = 1 AND "
-        "lease_until_ms <= ? LIMIT 64");
-    int exhausted[64];
+    st = sq_prepare(q->wdb, "SELECT id FROM jobs INDEXED BY jobs_leased WHERE state = 1 AND "
+                            "lease_until_ms <= ? LIMIT 64");
     if (st && !sqlite3_get_autocommit(q->wdb)) {
         sqlite3_bind_int64(st, 1, now);
-        while (n < 64 && sqlite3_step(st) == SQLITE_ROW) {
-            snprintf(ids[n], 40, "%s", sqlite3_column_text(st, 0));
-            exhausted[n++] = sqlite3_column_int(st, 1);
-        }
+        while (n < 64 && sqlite3_step(st) == SQLITE_ROW)
+            snprintf(ids[n++], 40, "%s", sqlite3_column_text(st, 0));
         sq_finish(st);
     }
-    for (int i = 0; i < n && !sqlite3_get_autocommit(q->wdb); i++) {
-        st = sq_prepare(q->wdb, exhausted[i]
-                                 ? "UPDATE jobs SET state = 3, finished_ms = ?, error = 'its lease "
-                                   "expired on the last attempt' WHERE id = ?"
-                                 : "UPDATE jobs SET state = 0, available_ms = ? WHERE id = ?");
-        if (!st)
-            break;
-        sqlite3_bind_int64(st, 1, now);
-        sqlite3_bind_text(st, 2, ids[i], -1, SQLITE_STATIC);
-        if (sqlite3_step(st) == SQLITE_DONE) {
+    for (int i = 0; i < n && !sqlite3_get_autocommit(q->wdb); i++)
+        if (attempt_lost(q, ids[i], "its lease expired", now) == 0)
             log_warn("queue", "lease expired", "job=%s", ids[i]);
-            if (exhausted[i])
-                sq_job_became_final(q, ids[i], &e);
-            else
-                q->n_queued++;
-        }
-        sq_finish(st);
-    }
+    reap_dead_workers(q, now);
 }
 
 /* Removes inference jobs that finished more than --result-ttl-s ago, with their webhook
@@ -829,9 +994,38 @@ static int retain(struct sqlite_queue *q, int64_t now)
     return n;
 }
 
+static int op_worker_beat(struct sqlite_queue *q, struct op *o)
+{
+    const struct queue_worker *w = o->wk;
+    sqlite3_stmt *st = sq_prepare(q->wdb, "INSERT INTO workers (id, host, pid, started_ms, "
+                                          "heartbeat_ms, timeout_ms, jobs_running) VALUES (?1, ?2, "
+                                          "?3, ?4, ?5, ?6, ?7) ON CONFLICT(id) DO UPDATE SET "
+                                          "heartbeat_ms = ?5, timeout_ms = ?6, jobs_running = ?7");
+    int rc = 0;
+
+    if (!st)
+        return sq_db_err(q->wdb, &o->err, "prepare");
+    sqlite3_bind_text(st, 1, w->id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, w->host, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 3, w->pid);
+    sqlite3_bind_int64(st, 4, w->started_ms);
+    sqlite3_bind_int64(st, 5, queue_now_ms());
+    sqlite3_bind_int64(st, 6, w->timeout_ms);
+    sqlite3_bind_int(st, 7, w->jobs_running);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = sq_db_err(q->wdb, &o->err, "worker heartbeat");
+    sq_finish(st);
+    return rc;
+}
+
 static int run_op(struct sqlite_queue *q, struct op *o)
 {
     switch (o->kind) {
+    case OP_WORKER_BEAT:
+        return op_worker_beat(q, o);
+    case OP_WORKER_LEAVE:
+        reap_worker(q, o->id, "its worker stopped", queue_now_ms());
+        return 0;
     case OP_ENQUEUE:
         return op_enqueue(q, o);
     case OP_LEASE:
@@ -870,6 +1064,7 @@ static int run_op(struct sqlite_queue *q, struct op *o)
 static void note_group_failed(struct sqlite_queue *q, const struct err *why, int64_t now)
 {
     q->n_failed_groups++;
+    q->last_failed_ms = now;
     if (q->failing_since_ms == 0) {
         q->failing_since_ms = now;
         q->next_failing_log_ms = now + STORE_FAILING_LOG_MS;
@@ -1239,6 +1434,7 @@ static int s_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n,
     submit_many(sq(qb), ops, n);
     for (size_t i = 0; i < n; i++) {
         outs[i].rc = ops[i].rc;
+        outs[i].failed_final = ops[i].rc == 0 && ops[i].failed_final;
         if (ops[i].rc != 0 && ops[i].rc != ERR_CONFLICT && rc == 0) {
             rc = ops[i].rc;
             copy_err(e, &ops[i]);
@@ -1353,6 +1549,24 @@ static int load_notifications(sqlite3 *db, struct job *j)
     return 0;
 }
 
+/* Fills j->history from the attempts table. */
+static int load_history(sqlite3 *db, struct job *j)
+{
+    sqlite3_stmt *st = sq_prepare(db, "SELECT attempt, started_ms, COALESCE(ended_ms, 0), worker, "
+                                      "error FROM attempts WHERE job_id = ? ORDER BY attempt");
+    int rc = 0;
+
+    if (!st)
+        return ERR_IO;
+    sqlite3_bind_text(st, 1, j->id, -1, SQLITE_STATIC);
+    while (rc == 0 && sqlite3_step(st) == SQLITE_ROW)
+        rc = queue_job_add_attempt(
+            j, sqlite3_column_int(st, 0), sqlite3_column_int64(st, 1), sqlite3_column_int64(st, 2),
+            (const char *)sqlite3_column_text(st, 3), (const char *)sqlite3_column_text(st, 4));
+    sq_finish(st);
+    return rc;
+}
+
 static int s_get(struct queue *qb, const char *id, int want_result, struct job **out, struct err *e)
 {
     struct sqlite_queue *q = sq(qb);
@@ -1377,6 +1591,8 @@ static int s_get(struct queue *qb, const char *id, int want_result, struct job *
     }
     if (rc == 0 && load_notifications(q->rdb, *out) != 0)
         rc = sq_db_err(q->rdb, e, "read notifications");
+    if (rc == 0 && load_history(q->rdb, *out) != 0)
+        rc = sq_db_err(q->rdb, e, "read attempts");
     pthread_mutex_unlock(&q->read_lock);
     if (rc != 0) {
         job_free(*out);
@@ -1394,9 +1610,11 @@ static int s_list(struct queue *qb, const struct queue_list_filter *f, struct bu
     int n = 0, rc = 0;
 
     pthread_mutex_lock(&q->read_lock);
-    st = sq_prepare(q->rdb, "SELECT " JOB_COLUMNS " FROM jobs WHERE kind = 0 AND (?1 < 0 OR state = ?1) AND "
-                         "(?2 IS NULL OR model = ?2) AND (?3 IS NULL OR seq < (SELECT seq FROM "
-                         "jobs WHERE id = ?3)) ORDER BY seq DESC LIMIT ?4");
+    st = sq_prepare(q->rdb, "SELECT " JOB_COLUMNS
+                            " FROM jobs WHERE kind = 0 AND (?1 < 0 OR state = ?1) AND "
+                            "(?2 IS NULL OR model = ?2) AND (?3 IS NULL OR seq < (SELECT seq FROM "
+                            "jobs WHERE id = ?3)) AND (?5 < 0 OR cancel_requested = ?5) "
+                            "ORDER BY seq DESC LIMIT ?4");
     if (!st) {
         rc = sq_db_err(q->rdb, e, "prepare");
         goto cleanup;
@@ -1405,6 +1623,7 @@ static int s_list(struct queue *qb, const struct queue_list_filter *f, struct bu
     sqlite3_bind_text(st, 2, f->model, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 3, f->cursor, -1, SQLITE_STATIC);
     sqlite3_bind_int(st, 4, f->limit);
+    sqlite3_bind_int(st, 5, f->state == JOB_RUNNING ? f->cancelling : -1);
     rc = buf_puts(out, "{\"jobs\":[");
     while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
         struct job *j = job_from_row(st);
@@ -1414,6 +1633,9 @@ static int s_list(struct queue *qb, const struct queue_list_filter *f, struct bu
         }
         if (n++)
             rc = buf_puts(out, ",");
+        /* each job as GET /v1/jobs/{id} shows it */
+        if (rc == 0 && (load_notifications(q->rdb, j) != 0 || load_history(q->rdb, j) != 0))
+            rc = sq_db_err(q->rdb, e, "read notifications and attempts");
         if (rc == 0)
             rc = queue_job_json(j, out);
         snprintf(last, sizeof(last), "%s", j->id);
@@ -1530,6 +1752,75 @@ static int64_t s_queued(struct queue *qb)
     return n;
 }
 
+/* ---- workers ---- */
+
+static int s_worker_beat(struct queue *qb, const struct queue_worker *w, struct err *e)
+{
+    struct op o = {.kind = OP_WORKER_BEAT, .wk = w};
+    int rc = sq_submit(sq(qb), &o);
+
+    copy_err(e, &o);
+    return rc;
+}
+
+static int s_worker_leave(struct queue *qb, const char *id, struct err *e)
+{
+    struct op o = {.kind = OP_WORKER_LEAVE, .id = id};
+    int rc = sq_submit(sq(qb), &o);
+
+    copy_err(e, &o);
+    return rc;
+}
+
+static int s_workers_list(struct queue *qb, struct queue_worker **out, size_t *n, struct err *e)
+{
+    struct sqlite_queue *q = sq(qb);
+    struct queue_worker *v = NULL;
+    size_t cap = 0;
+    sqlite3_stmt *st;
+    int rc = 0;
+
+    *out = NULL;
+    *n = 0;
+    pthread_mutex_lock(&q->read_lock);
+    st = sq_prepare(q->rdb, "SELECT id, host, pid, started_ms, heartbeat_ms, timeout_ms, "
+                            "jobs_running FROM workers WHERE heartbeat_ms + timeout_ms > ? "
+                            "ORDER BY started_ms, id");
+    if (!st)
+        rc = sq_db_err(q->rdb, e, "prepare");
+    if (st)
+        sqlite3_bind_int64(st, 1, queue_now_ms());
+    while (rc == 0 && st && sqlite3_step(st) == SQLITE_ROW) {
+        if (*n == cap) {
+            struct queue_worker *bigger = realloc(v, (cap ? cap * 2 : 8) * sizeof(*v));
+            if (!bigger) {
+                rc = err_set(e, ERR_NOMEM, "out of memory");
+                break;
+            }
+            v = bigger;
+            cap = cap ? cap * 2 : 8;
+        }
+        struct queue_worker *w = &v[(*n)++];
+        memset(w, 0, sizeof(*w));
+        snprintf(w->id, sizeof(w->id), "%s", sqlite3_column_text(st, 0));
+        snprintf(w->host, sizeof(w->host), "%s", sqlite3_column_text(st, 1));
+        w->pid = sqlite3_column_int(st, 2);
+        w->started_ms = sqlite3_column_int64(st, 3);
+        w->heartbeat_ms = sqlite3_column_int64(st, 4);
+        w->timeout_ms = sqlite3_column_int64(st, 5);
+        w->jobs_running = sqlite3_column_int(st, 6);
+    }
+    sq_finish(st);
+    pthread_mutex_unlock(&q->read_lock);
+    if (rc != 0) {
+        free(v);
+        *n = 0;
+        return rc;
+    }
+    *out = v;
+    return 0;
+}
+
 /* ---- open and close ---- */
 
 static void s_close(struct queue *qb)
@@ -1583,6 +1874,9 @@ static const struct queue_ops sqlite_ops = {
     .batch_definition = sq_batch_definition,
     .batch_pause = sq_batch_pause,
     .batch_progress = sq_batch_progress,
+    .worker_beat = s_worker_beat,
+    .worker_leave = s_worker_leave,
+    .workers_list = s_workers_list,
     .close = s_close,
 };
 
@@ -1592,10 +1886,18 @@ static int recover(struct sqlite_queue *q, struct err *e)
     sqlite3_stmt *st;
     int rc;
 
+    /* its workers are gone with it; their attempts ended with it */
     rc = sq_exec(q->wdb,
-              "UPDATE jobs SET state = 0, available_ms = 0 WHERE state = 1 AND "
-              "attempts < max_attempts",
-              e);
+                 "DELETE FROM workers;"
+                 "UPDATE attempts SET ended_ms = CAST(strftime('%s', 'now') AS INTEGER) * 1000, "
+                 "error = 'the process running it died' WHERE ended_ms IS NULL AND job_id IN "
+                 "(SELECT id FROM jobs WHERE state = 1)",
+                 e);
+    if (rc == 0)
+        rc = sq_exec(q->wdb,
+                     "UPDATE jobs SET state = 0, available_ms = 0 WHERE state = 1 AND "
+                     "attempts - extra_attempts < max_attempts",
+                     e);
     if (rc == 0 && sqlite3_changes(q->wdb) > 0)
         log_warn("queue", "requeued jobs a previous process left running", "jobs=%d",
                  sqlite3_changes(q->wdb));
@@ -1658,6 +1960,8 @@ int queue_sqlite_open(const struct queue_config *cfg, struct queue **out, struct
     rc = open_db(path, &q->wdb, e);
     if (rc == 0)
         rc = sq_exec(q->wdb, schema, e);
+    if (rc == 0)
+        rc = migrate_jobs(q->wdb, e);
     if (rc == 0)
         rc = sq_batch_migrate(q->wdb, e);
     if (rc == 0) /* the writer's scratch list of jobs past their retention (retain()) */

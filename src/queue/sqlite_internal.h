@@ -31,6 +31,8 @@ enum op_kind {
     OP_BATCH_CANCEL,
     OP_BATCH_PAUSE,
     OP_BATCH_PROGRESS,
+    OP_WORKER_BEAT,
+    OP_WORKER_LEAVE,
 };
 
 struct op {
@@ -54,6 +56,7 @@ struct op {
     int64_t next_run_ms;                /* batch pause: a resumed schedule's next run */
     const char *batch_id;               /* batch progress: the task's run */
     int64_t records;                    /* batch progress: written so far */
+    const struct queue_worker *wk;      /* worker beat */
     size_t max;        /* lease: jobs wanted */
     int max_tasks;     /* lease: batch tasks wanted, at most */
     struct job **jobs; /* lease: the caller's array of `max` */
@@ -63,6 +66,7 @@ struct op {
     struct err err;
     char id_out[40];
     int existed;
+    int failed_final; /* OP_FAIL: it ended the job failed */
     struct job *job;
     int done;
     queue_enqueue_fn callback; /* async enqueue: called after the commit, then the op is freed */
@@ -107,6 +111,7 @@ struct sqlite_queue {
     int64_t next_retain_ms;    /* writer thread only */
     struct final_note *finals; /* writer thread only: notes of this group, sent after commit */
     int64_t failing_since_ms;    /* writer thread only: commits fail since; 0 while they work */
+    int64_t last_failed_ms;      /* writer thread only: when a commit last failed; 0: never */
     int64_t next_failing_log_ms; /* writer thread only */
     int64_t n_failed_groups;     /* writer thread only: in this run of failures */
 };

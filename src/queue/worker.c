@@ -28,6 +28,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -91,6 +92,14 @@ struct worker_pool {
     int64_t rate_window_start_ms; /* guarded by rate_lock */
     int64_t rate_count;           /* guarded by rate_lock */
     double rate;                  /* guarded by rate_lock: jobs/s of the last full window */
+    /* the heartbeat: this process as a worker of the queue */
+    struct queue_worker self; /* immutable after start, but jobs_running: heartbeat thread's */
+    pthread_t heartbeat;
+    int heartbeat_started;
+    pthread_mutex_t beat_lock;
+    pthread_cond_t beat_cond;
+    int beat_stop;         /* guarded by beat_lock */
+    int64_t beat_failures; /* heartbeat thread's: beats the store refused in a row */
 };
 
 /* ---- reading inputs and writing outputs ---- */
@@ -398,6 +407,21 @@ static int keep_unrecorded(struct worker *w, struct slot *sl, int rc, int64_t no
     return 1;
 }
 
+/* A recorded outcome: counted per model, and a job that failed for good logged (one line). */
+static void note_outcome(struct slot *sl, const struct queue_outcome *o)
+{
+    struct metrics_model *m = sl->model ? sl->model->metrics : metrics_model_get(sl->job->model);
+
+    if (o->ok) {
+        metrics_job_outcome(m, METRICS_JOB_SUCCEEDED);
+        return;
+    }
+    metrics_job_outcome(m, o->failed_final ? METRICS_JOB_FAILED : METRICS_JOB_RETRIED);
+    if (o->failed_final)
+        log_warn("worker", "job failed", "job=%s model=%s attempts=%d error=\"%s\"", sl->job->id,
+                 sl->job->model, sl->job->attempts, o->error ? o->error : "");
+}
+
 /* Records the outcomes of every answered slot in one commit and frees those slots. */
 static void record_done(struct worker *w)
 {
@@ -451,6 +475,8 @@ static void record_done(struct worker *w)
                      sl->job->id, rc == 0 ? "yes" : "no (after its lease)");
         else
             n_ran++;
+        if (rc == 0 && !outs[i].released)
+            note_outcome(sl, &outs[i]);
         infer_request_destroy(sl->req);
         model_release(sl->model);
         buf_release(&sl->body);
@@ -695,6 +721,98 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
+/* ---- the heartbeat ---- */
+
+/* One heartbeat; failures are logged when they start and when they end, not every beat. */
+static void beat(struct worker_pool *p)
+{
+    struct err e;
+
+    p->self.jobs_running = atomic_load(&p->busy);
+    if (queue_worker_beat(p->q, &p->self, &e) != 0) {
+        if (p->beat_failures++ == 0)
+            log_warn("worker",
+                     "heartbeat failed; other processes may presume this worker dead "
+                     "after --worker-timeout-s",
+                     "worker=%s reason=\"%s\"", p->self.id, e.msg);
+    } else if (p->beat_failures > 0) {
+        log_info("worker", "heartbeat works again", "worker=%s failed_beats=%lld", p->self.id,
+                 (long long)p->beat_failures);
+        p->beat_failures = 0;
+    }
+}
+
+/* Beats every third of the worker timeout until worker_pool_stop() has handed back every job. */
+static void *heartbeat_main(void *arg)
+{
+    struct worker_pool *p = arg;
+    int64_t every = p->self.timeout_ms / 3;
+
+    if (every < 100)
+        every = 100;
+    pthread_mutex_lock(&p->beat_lock);
+    while (!p->beat_stop) {
+        struct timespec ts = clock_realtime_after_ms(every);
+        pthread_cond_timedwait(&p->beat_cond, &p->beat_lock, &ts);
+        if (p->beat_stop)
+            break;
+        pthread_mutex_unlock(&p->beat_lock);
+        beat(p);
+        pthread_mutex_lock(&p->beat_lock);
+    }
+    pthread_mutex_unlock(&p->beat_lock);
+    return NULL;
+}
+
+/* Registers the pool (a first beat before any lease, so no job is held by an unknown worker)
+ * and starts beating. */
+static int heartbeat_start(struct worker_pool *p, const char *host)
+{
+    unsigned char rnd[2] = {0};
+
+    if (getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd))
+        rnd[0] = (unsigned char)rand(), rnd[1] = (unsigned char)rand();
+    /* the random part tells a restarted process from the dead one (a container's pid 1) */
+    snprintf(p->self.id, sizeof(p->self.id), "%.40s/%d/%02x%02x", host, (int)getpid(), rnd[0],
+             rnd[1]);
+    snprintf(p->self.host, sizeof(p->self.host), "%s", host);
+    p->self.pid = (int)getpid();
+    p->self.started_ms = queue_now_ms();
+    p->self.timeout_ms = p->cfg.worker_timeout_ms > 0 ? p->cfg.worker_timeout_ms : 30000;
+    pthread_mutex_init(&p->beat_lock, NULL);
+    pthread_cond_init(&p->beat_cond, NULL);
+    beat(p);
+    if (pthread_create(&p->heartbeat, NULL, heartbeat_main, p) != 0)
+        return -1;
+    p->heartbeat_started = 1;
+    return 0;
+}
+
+/* After every job was recorded or handed back: stop beating, and leave the list. */
+static void heartbeat_stop(struct worker_pool *p)
+{
+    struct err e;
+
+    if (!p->heartbeat_started)
+        return;
+    pthread_mutex_lock(&p->beat_lock);
+    p->beat_stop = 1;
+    pthread_cond_signal(&p->beat_cond);
+    pthread_mutex_unlock(&p->beat_lock);
+    pthread_join(p->heartbeat, NULL);
+    p->heartbeat_started = 0;
+    if (queue_worker_leave(p->q, p->self.id, &e) != 0)
+        log_warn("worker",
+                 "could not leave the workers list; it drops out after "
+                 "--worker-timeout-s",
+                 "worker=%s reason=\"%s\"", p->self.id, e.msg);
+}
+
+const char *worker_pool_id(const struct worker_pool *p)
+{
+    return p ? p->self.id : "";
+}
+
 /* ---- the pool ---- */
 
 static int start_worker(struct worker_pool *p, struct worker *w)
@@ -820,11 +938,22 @@ int worker_pool_start(const struct worker_pool_config *cfg, struct queue *q, str
         return err_set(e, ERR_NOMEM, "out of memory");
     }
     gethostname(host, sizeof(host) - 1);
+    if (heartbeat_start(p, host) != 0) {
+        struct err le;
+        queue_worker_leave(q, p->self.id, &le);
+        pthread_mutex_destroy(&p->beat_lock);
+        pthread_cond_destroy(&p->beat_cond);
+        pthread_mutex_destroy(&p->rate_lock);
+        free(p->workers);
+        free(p);
+        return err_set(e, ERR_NOMEM, "cannot start the workers' heartbeat");
+    }
     for (int i = 0; i < p->n_slots; i++) {
         struct worker *w = &p->workers[i];
         w->pool = p;
         w->index = i;
-        snprintf(w->name, sizeof(w->name), "%.40s/%d/%d", host, (int)getpid(), i);
+        /* "<worker id>/<thread>": the queue records the worker id with each job it leases */
+        snprintf(w->name, sizeof(w->name), "%s/%d", p->self.id, i);
         pthread_mutex_init(&w->lock, NULL);
         pthread_cond_init(&w->cond, NULL);
     }
@@ -943,6 +1072,7 @@ int worker_pool_stop(struct worker_pool *p)
         pthread_detach(w->thread);
         left++;
     }
+    heartbeat_stop(p); /* every job was recorded or handed back */
     if (left > 0) {
         /* the blocked threads still use the pool (and the queue and models): all stay */
         log_warn("worker", "stopped with workers still blocked; their jobs were handed back",
@@ -958,6 +1088,8 @@ int worker_pool_stop(struct worker_pool *p)
         free(p->workers[i].held);
     }
     pthread_mutex_destroy(&p->rate_lock);
+    pthread_mutex_destroy(&p->beat_lock);
+    pthread_cond_destroy(&p->beat_cond);
     free(p->workers);
     free(p);
     return 0;

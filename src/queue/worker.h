@@ -5,7 +5,8 @@
  * model batchers as online requests (so queued jobs are dynamically batched too), and records
  * their outcomes in one commit. At most workers x batch jobs run at once, however many are
  * queued. A running job's lease is extended while it runs, so a long job is never run twice
- * while its worker lives.
+ * while its worker lives. The pool registers with the queue as one worker process and
+ * heartbeats while it runs (queue_worker_beat); it leaves the list when it stops.
  */
 #ifndef INFERD_WORKER_H
 #define INFERD_WORKER_H
@@ -27,6 +28,8 @@ struct worker_pool_config {
     int64_t drain_timeout_ms; /* on stop, running jobs get this long; then they are stopped
                                * and run again later (0: wait for them however long) */
     int64_t max_input_bytes;  /* largest input_location a job may read (whole), > 0 */
+    int64_t worker_timeout_ms; /* heartbeat every third of this; silent this long, the pool is
+                                * presumed dead and its jobs run again (0: 30 s) */
 };
 
 /* `q` and `reg` are borrowed and must outlive the pool. */
@@ -52,6 +55,9 @@ void worker_pool_drain(struct worker_pool *p);
  * process is on its way out). 0: everything was joined and freed. NULL is fine.
  */
 int worker_pool_stop(struct worker_pool *p);
+
+/* This process's worker id ("host/pid/random"), as GET /v1/workers and jobs show it. */
+const char *worker_pool_id(const struct worker_pool *p);
 
 /* Completed jobs per second over the last few seconds (for Retry-After). */
 double worker_pool_drain_rate(struct worker_pool *p);

@@ -551,6 +551,7 @@ def parallel(n, fn):
 
 JOB_FINAL_STATES = ("succeeded", "failed", "cancelled", "expired")
 JOB_STATES = ("queued", "running") + JOB_FINAL_STATES
+JOB_SHOWN_STATES = JOB_STATES + ("cancelling",)  # running, asked to cancel (job JSON only)
 JOB_KEYS = ("id", "model", "status", "priority", "attempts", "max_attempts", "created_at",
             "started_at", "finished_at", "error", "output_location", "callback_url",
             "notifications")
@@ -605,7 +606,7 @@ def check_job_json(job, jid=None):
     assert not missing, f"job JSON lacks {missing}: {job!r}"
     if jid is not None:
         assert job["id"] == jid, job
-    assert job["status"] in JOB_STATES, job
+    assert job["status"] in JOB_SHOWN_STATES, job
     for k in ("created_at", "started_at", "finished_at"):
         parse_time(job[k])
     assert job["created_at"] is not None, job

@@ -8,7 +8,7 @@ model that ignores cancellation (the example plugin's ``-996`` row). Then:
   handed back as for jobs cut short: queued again at once, that attempt not counted, so the
   next server finishes it without waiting out its lease (300 s) even with ``max_attempts`` 1;
   on both queues (``queue_kind``).
-- ``DELETE`` of such a running job answers honestly: 202 with the job still ``running`` and
+- ``DELETE`` of such a running job answers honestly: 202 with the job ``cancelling`` and
   ``"cancel_requested": true``, never 200; the job ends ``cancelled`` once it can be stopped,
   without its result.
 
@@ -90,7 +90,9 @@ def test_sigterm_with_a_blocked_worker(server_factory, repo, tmp_path, s3, fresh
     c2 = second.client()
     job = c2.wait_final(jid, deadline_s=30, what="the handed-back job on the next server")
     assert job["status"] == "succeeded", job
-    assert (job["attempts"], job["max_attempts"]) == (2, 2), job
+    # the handed-back attempt is not counted: the job keeps its own max_attempts (1)
+    assert (job["attempts"], job["max_attempts"]) == (2, 1), job
+    assert "shutdown" in job["attempts_history"][0]["error"], job
     r = c2.get(f"/v1/jobs/{jid}/result")
     assert r.status_code == 200, r.text[:300]
     np.testing.assert_allclose(output_array(r.json(), 1), expected, rtol=1e-6)
@@ -109,13 +111,13 @@ def test_cancel_of_a_blocked_job_is_honest(server_factory, repo, tmp_path, s3, f
     assert r.status_code == 202, \
         f"DELETE of a job that cannot be stopped yet: HTTP {r.status_code}: {r.text[:300]}"
     body = r.json()
-    assert body["id"] == jid and body["status"] == "running" and \
+    assert body["id"] == jid and body["status"] == "cancelling" and \
         body["cancel_requested"] is True, body
     job = c.job(jid)
-    assert job["status"] == "running" and job["cancel_requested"] is True, job
+    assert job["status"] == "cancelling" and job["cancel_requested"] is True, job
     # a second DELETE says the same
     r = c.session.delete(f"{s.url}/v1/jobs/{jid}", timeout=HTTP_TIMEOUT_S)
-    assert r.status_code == 202 and r.json()["status"] == "running", r.text[:300]
+    assert r.status_code == 202 and r.json()["status"] == "cancelling", r.text[:300]
 
     unblock()
     job = c.wait_final(jid, deadline_s=30, what="the cancelled job once unblocked")

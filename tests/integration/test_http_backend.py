@@ -686,7 +686,9 @@ def test_sigterm_releases_the_running_job(serve, upstream, repo_dir, tmp_path, f
     c2 = second.client()
     job = c2.wait_final(jid, deadline_s=30, what="the released job after the restart")
     assert job["status"] == "succeeded", job
-    assert (job["attempts"], job["max_attempts"]) == (2, 2), job
+    # the handed-back attempt is not counted: the job keeps its own max_attempts (1)
+    assert (job["attempts"], job["max_attempts"]) == (2, 1), job
+    assert "shutdown" in job["attempts_history"][0]["error"], job
     assert job_result(c2, jid) == {"echo": {"n": 8}, "call": 2}
 
 

@@ -337,7 +337,8 @@ static void test_release_on_shutdown(void **state)
     assert_non_null(again);
     assert_string_equal(again->id, id);
     assert_int_equal(again->attempts, 2);
-    assert_int_equal(again->max_attempts, 2);
+    assert_int_equal(again->max_attempts, 1); /* its own; the released attempt is not counted */
+    assert_int_equal(again->attempts_uncounted, 1);
     assert_int_equal(queue_complete(q, id, again->token, "{}", 2, -1, &e), 0);
     job_free(j);
     job_free(again);
@@ -379,6 +380,98 @@ static void test_expired_lease_is_reclaimed(void **state)
     assert_int_equal(j->attempts, 2);
     assert_int_equal(queue_complete(q, id, stale, "{}", 2, -1, &e), ERR_CONFLICT);
     assert_int_equal(queue_complete(q, id, j->token, "{}", 2, -1, &e), 0);
+    job_free(j);
+    queue_close(q);
+}
+
+/* Leases with worker name `name` ("<worker id>/<thread>"); NULL when nothing is runnable. */
+static struct job *lease_as(struct queue *q, const char *name)
+{
+    struct job *j = NULL;
+    struct err e = {0};
+
+    assert_int_equal(queue_lease(q, name, 0, &j, &e), 0);
+    return j;
+}
+
+static int worker_listed(struct queue *q, const char *id)
+{
+    struct queue_worker *w = NULL;
+    struct err e = {0};
+    size_t n = 0;
+    int found = 0;
+
+    assert_int_equal(queue_workers_list(q, &w, &n, &e), 0);
+    for (size_t i = 0; i < n; i++)
+        found |= strcmp(w[i].id, id) == 0;
+    free(w);
+    return found;
+}
+
+/* A worker silent past its timeout is presumed dead: its running job is queued again at once
+ * (its lease is 10 minutes), its late outcome fenced out, its attempt's history says why, and
+ * it leaves the list. A worker that leaves cleanly hands back what it still holds. */
+static void test_dead_worker_jobs_are_requeued(void **state)
+{
+    struct queue *q = open_queue(100);
+    struct job_spec spec = {.model = "m",
+                            .input = "{}",
+                            .input_len = 2,
+                            .input_json_len = -1,
+                            .max_attempts = 3,
+                            .lease_timeout_ms = 600000};
+    struct queue_worker dead = {.id = "h/1/aaaa", .host = "h", .pid = 1, .timeout_ms = 300};
+    struct queue_worker live = {.id = "h/2/bbbb", .host = "h", .pid = 2, .timeout_ms = 60000};
+    struct job *j = NULL, *again = NULL;
+    struct err e = {0};
+    char id[40];
+    int existed = 0;
+
+    (void)state;
+    dead.started_ms = live.started_ms = queue_now_ms();
+    assert_int_equal(queue_worker_beat(q, &dead, &e), 0);
+    assert_int_equal(queue_worker_beat(q, &live, &e), 0);
+    assert_true(worker_listed(q, "h/1/aaaa"));
+    assert_int_equal(queue_enqueue(q, &spec, id, &existed, &e), 0);
+    j = lease_as(q, "h/1/aaaa/0");
+    assert_non_null(j);
+    assert_int_equal(queue_get(q, id, 0, &again, &e), 0);
+    assert_string_equal(again->worker, "h/1/aaaa");
+    assert_int_equal(again->n_history, 1);
+    assert_string_equal(again->history[0].worker, "h/1/aaaa");
+    assert_int_equal(again->history[0].ended_ms, 0);
+    job_free(again);
+    again = NULL;
+    for (int i = 0; i < 100 && !again; i++) { /* sweeps: every 0.1 s (SQLite), 1 s (Redis) */
+        struct timespec ts = {0, 100000000};
+        nanosleep(&ts, NULL);
+        assert_int_equal(queue_worker_beat(q, &live, &e), 0);
+        again = lease_as(q, "h/2/bbbb/0");
+    }
+    assert_non_null(again);
+    assert_string_equal(again->id, id);
+    assert_int_equal(again->attempts, 2);
+    assert_false(worker_listed(q, "h/1/aaaa"));
+    assert_true(worker_listed(q, "h/2/bbbb"));
+    assert_int_equal(queue_complete(q, id, j->token, "{}", 2, -1, &e), ERR_CONFLICT);
+    job_free(j);
+    /* the live worker leaves with the job: it is queued again at once */
+    assert_int_equal(queue_worker_leave(q, "h/2/bbbb", &e), 0);
+    assert_false(worker_listed(q, "h/2/bbbb"));
+    job_free(again);
+    again = lease_as(q, "w");
+    assert_non_null(again);
+    assert_int_equal(again->attempts, 3);
+    assert_int_equal(queue_complete(q, id, again->token, "{}", 2, -1, &e), 0);
+    job_free(again);
+    assert_int_equal(queue_get(q, id, 0, &j, &e), 0);
+    assert_int_equal(j->state, JOB_SUCCEEDED);
+    assert_int_equal(j->n_history, 3);
+    assert_non_null(strstr(j->history[0].error, "heartbeat"));
+    assert_non_null(strstr(j->history[1].error, "stopped"));
+    assert_string_equal(j->history[1].worker, "h/2/bbbb");
+    assert_null(j->history[2].error);
+    assert_true(j->history[2].ended_ms > 0);
     job_free(j);
     queue_close(q);
 }
@@ -585,7 +678,8 @@ static void test_lost_lease_answer_is_handed_back(void **state)
     for (size_t i = 0; i < n; i++) {
         assert_true(strcmp(jobs[i]->id, a) == 0 || strcmp(jobs[i]->id, b) == 0);
         assert_int_equal(jobs[i]->attempts, 2);
-        assert_int_equal(jobs[i]->max_attempts, 3); /* the lost attempt is not counted */
+        assert_int_equal(jobs[i]->max_attempts, 2);       /* its own: the lost attempt ... */
+        assert_int_equal(jobs[i]->attempts_uncounted, 1); /* ... is not counted */
         assert_int_equal(queue_complete(q, jobs[i]->id, jobs[i]->token, "{}", 2, -1, &e), 0);
         assert_int_equal(queue_complete(q, jobs[i]->id, 1, "{}", 2, -1, &e), ERR_CONFLICT);
         job_free(jobs[i]);
@@ -790,6 +884,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_release_on_shutdown, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reopen_requeues_running_jobs, setup, teardown),
         cmocka_unit_test_setup_teardown(test_expired_lease_is_reclaimed, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_dead_worker_jobs_are_requeued, setup, teardown),
         cmocka_unit_test_setup_teardown(test_outbox_due_element_fails, setup, teardown),
         cmocka_unit_test_setup_teardown(test_lease_element_fails, setup, teardown),
         cmocka_unit_test_setup_teardown(test_schedules_due_element_fails, setup, teardown),
