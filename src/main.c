@@ -214,8 +214,8 @@ static void usage_batch(FILE *f)
     fprintf(f, "usage: inferd batch --model NAME --input URI --output URI [options]\n\n"
                "Runs every record under --input through the model in big batches and writes\n"
                "<output>/<name>.out per input object, one line per record, in order (after a\n"
-               "header line when the input has one). Re-running\n"
-               "skips objects already done (see _manifest.json); _SUCCESS marks the end.\n"
+               "header line when the input has one). Re-running skips objects already done\n"
+               "(see _manifest.json); _SUCCESS marks the end.\n"
                "\noptions:\n");
     usage_options(f, batch_options, N_BATCH, 0);
 }

@@ -326,6 +326,15 @@ def test_server_batch_job_keys_and_suffix(tmp_path, repo, named, server_factory,
               "--key-columns", "id", "--output-suffix", "", "--records-per-batch", "64")
     for name in ("customers.csv", "more.jsonl"):
         assert (out / name).read_bytes() == (tmp_path / "cli" / name).read_bytes(), name
+    # a header that does not fit the model fails the job, naming the object and the column
+    r = requests.post(f"{server.url}/v1/batch-jobs", timeout=60, json={
+        "model": "named", "input": str(tmp_path / "in" / "customers.csv"),
+        "output": str(tmp_path / "out-bad"), "csv_header": True})
+    assert r.status_code == 202, r.text
+    bid = r.json()["id"]
+    job = wait_for(final, RUN_DEADLINE_S, f"batch job {bid} to finish")
+    assert job["status"] == "failed" and "customers.csv" in job["error"] \
+        and "column 'id'" in job["error"], job
     # bad definitions name the field
     for body, words in (({"key_columns": "id,,x"}, "empty name"),
                         ({"key_columns": 3}, "key_columns"),
