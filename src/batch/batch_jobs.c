@@ -33,9 +33,9 @@
 /* ---- definitions ---- */
 
 static const char *const known_fields[] = {
-    "model",       "input",       "output",        "format",     "records_per_batch",
-    "concurrency", "join_input",  "csv_header",    "max_errors", "callback_url",
-    "schedule",    "key_columns", "output_suffix", NULL};
+    "model",      "input",      "output",     "format",       "records_per_batch", "concurrency",
+    "join_input", "csv_header", "max_errors", "callback_url", "schedule",
+    "key_columns", "output_suffix", NULL};
 
 static int check_uri(json_t *def, const char *key, struct err *e)
 {
