@@ -27,6 +27,24 @@ static void shown(char out[65], const char *s, size_t len)
     out[n] = '\0';
 }
 
+/*
+ * A name read from a file, for a message: `what 'name'` when it looks like a column name
+ * (at most 64 bytes of letters, digits, '_', '-', '.' and spaces), else `what N` by its
+ * 1-based position. A first line that is no header (a text file given with --csv-header)
+ * is then not copied into an error: issue 13's rule that errors quote nothing of a file.
+ */
+static void from_file(char out[96], const char *what, const char *s, size_t pos)
+{
+    size_t n = strlen(s);
+    int plain = n > 0 && n <= 64 && s[0] != ' ' &&
+                strspn(s, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-. ") == n;
+
+    if (plain)
+        snprintf(out, 96, "%s '%s'", what, s);
+    else
+        snprintf(out, 96, "%s %zu", what, pos);
+}
+
 /* ---- --key-columns ---- */
 
 void batch_keys_release(struct batch_keys *k)
@@ -206,7 +224,7 @@ int batch_columns_named(struct batch_columns *c, char *const *names, size_t n, s
     size_t n_keys = c->keys ? c->keys->n : 0;
     unsigned char *seen = NULL;
     int64_t next_feature = 0;
-    char name[65];
+    char name[96];
     int rc;
 
     rc = bind_alloc(c, n, e);
@@ -218,10 +236,10 @@ int batch_columns_named(struct batch_columns *c, char *const *names, size_t n, s
         int64_t feature = k >= 0           ? -1
                           : c->by_position ? next_feature++
                                            : features_find(f, names[col], strlen(names[col]));
-        shown(name, names[col], strlen(names[col]));
+        from_file(name, "column", names[col], col + 1);
         if (k >= 0) {
             if (seen[c->width + k]++)
-                rc = err_set(e, ERR_INVALID, "column '%s' appears twice", name);
+                rc = err_set(e, ERR_INVALID, "%s appears twice", name);
             else if (!(c->key_names[k] = strdup(names[col])))
                 rc = err_set(e, ERR_NOMEM, "out of memory");
             c->role[col] = -1 - k;
@@ -231,10 +249,10 @@ int batch_columns_named(struct batch_columns *c, char *const *names, size_t n, s
                          "(it has no feature names, so columns are taken in order)",
                          n - n_keys, (long long)c->width);
         } else if (feature < 0) {
-            rc = err_set(e, ERR_INVALID,
-                         "column '%s' is neither a feature of the model nor a key column", name);
+            rc = err_set(e, ERR_INVALID, "%s is neither a feature of the model nor a key column",
+                         name);
         } else if (seen[feature]++) {
-            rc = err_set(e, ERR_INVALID, "column '%s' appears twice", name);
+            rc = err_set(e, ERR_INVALID, "%s appears twice", name);
         } else {
             c->role[col] = feature;
         }
@@ -367,7 +385,7 @@ static char *number_into(json_t *v, float *out, const char *what, size_t i, cons
     else if (json_is_null(v))
         *out = NAN;
     else if (name)
-        return batch_reason("field '%s' is not a number", name);
+        return batch_reason("%s is not a number", name);
     else
         return batch_reason("%s %zu is not a number", what, i + 1);
     return NULL;
@@ -403,7 +421,8 @@ static char *parse_object(const struct batch_columns *c, json_t *o, float *row, 
     size_t n_keys = c->keys ? c->keys->n : 0;
     unsigned char *seen = NULL;
     const char *name;
-    char shown_name[65], *why = NULL;
+    char shown_name[96], *why = NULL;
+    size_t pos = 0;
 
     if (!f || f->n == 0)
         return batch_reason("a JSON object, but the model has no feature names: give JSON "
@@ -413,14 +432,14 @@ static char *parse_object(const struct batch_columns *c, json_t *o, float *row, 
         return batch_reason("out of memory");
     json_object_foreach (o, name, v) {
         int64_t k = key_index(c->keys, name, strlen(name)), col;
-        shown(shown_name, name, strlen(name));
+        from_file(shown_name, "field", name, ++pos);
         if (k >= 0) {
             key[k] = v;
             continue;
         }
         col = features_find(f, name, strlen(name));
         if (col < 0) {
-            why = batch_reason("field '%s' is neither a feature of the model nor a key column",
+            why = batch_reason("%s is neither a feature of the model nor a key column",
                                shown_name);
             break;
         }

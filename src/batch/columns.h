@@ -9,8 +9,10 @@
  * another order than the training frame's still gets each value into its feature.
  *
  * Reasons for bad records follow batch_parse.c: they name the line, column or field and the
- * problem. Column and field names are quoted (at most 64 bytes, unprintable bytes as '?'):
- * they are the file's schema, not its values; no value is ever quoted.
+ * problem, and quote no value. A column or field name read from the file is quoted only when
+ * it looks like one (at most 64 bytes of letters, digits, '_', '-', '.' and spaces), else it
+ * is named by its position: a text file given as a CSV with a header is not copied into an
+ * error. Names the user or the model gave (key columns, features) are always quoted.
  */
 #ifndef INFERD_BATCH_COLUMNS_H
 #define INFERD_BATCH_COLUMNS_H

@@ -142,6 +142,23 @@ def test_csv_header_errors_name_the_column(repo, named, tmp_path):
     assert "key column" in err, err
 
 
+def test_header_errors_quote_nothing_of_a_file_that_is_no_data(repo, tmp_path):
+    """--csv-header on a text file: its first line is no header, and the error names the
+    column by position instead of copying the line (issue 13's rule)."""
+    from conftest import assert_quotes_nothing_of, passwd_copy
+    src = tmp_path / "in" / "stolen.csv"
+    text = passwd_copy(src)
+    rc, err = run_batch(repo, "named", src, tmp_path / "out", "--csv-header", check=False)
+    assert rc != 0 and "stolen.csv: line 1 (header): column 1 is neither" in err, err
+    assert_quotes_nothing_of(text, err, "stderr")
+    src = tmp_path / "in2" / "stolen.jsonl"
+    src.parent.mkdir(parents=True)
+    src.write_text(json.dumps({line: 1 for line in text.splitlines()[:3]}) + "\n")
+    rc, err = run_batch(repo, "named", src, tmp_path / "out2", check=False)
+    assert rc != 0 and "line 1: field 1 is neither" in err, err
+    assert_quotes_nothing_of(text, err, "stderr")
+
+
 def test_header_line_without_csv_header_gets_a_hint(repo, named, tmp_path):
     src = reversed_csv(tmp_path / "h.csv", named.frame(5, seed=3).drop(columns="id"))
     rc, err = run_batch(repo, "named", src, tmp_path / "out", "--max-errors", "10", check=False)
