@@ -362,3 +362,22 @@ def test_server_batch_job_keys_and_suffix(tmp_path, repo, named, server_factory,
              **body}
         r = requests.post(f"{server.url}/v1/batch-jobs", json=d, timeout=60)
         assert r.status_code == 400 and words in error_message(r), (body, r.text)
+
+
+def test_join_input_keeps_the_header_and_keys(repo, named, tmp_path):
+    df = named.frame(40, seed=12)
+    cols = list(reversed(list(df.columns)))
+    src = reversed_csv(tmp_path / "in" / "j.csv", df)
+    run_batch(repo, "named", src, tmp_path / "out", "--csv-header", "--key-columns", "id",
+              "--join-input")
+    back = pd.read_csv(tmp_path / "out" / "j.csv.out")
+    assert list(back.columns) == cols + ["p0", "p1", "p2"], list(back.columns)
+    assert list(back["id"]) == list(df["id"])
+    assert_close(back[["p0", "p1", "p2"]].to_numpy(), named.expected(df), "joined CSV")
+
+    src = records_jsonl(tmp_path / "in2" / "j.jsonl", df)
+    run_batch(repo, "named", src, tmp_path / "out2", "--key-columns", "id", "--join-input")
+    objs = [json.loads(l) for l in (tmp_path / "out2" / "j.jsonl.out").read_text().splitlines()]
+    assert all(list(o) == ["id", "input", "prediction"] for o in objs), objs[0]
+    assert [o["id"] for o in objs] == [o["input"]["id"] for o in objs] == list(df["id"])
+    assert_close(np.array([o["prediction"] for o in objs]), named.expected(df), "joined JSONL")
