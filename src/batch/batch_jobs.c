@@ -75,17 +75,6 @@ static int check_int(json_t *def, const char *key, int64_t min, int64_t max, int
     return 0;
 }
 
-static int check_bool(json_t *def, const char *key, struct err *e)
-{
-    json_t *v = json_object_get(def, key);
-
-    if (!v || json_is_null(v))
-        return json_object_set_new(def, key, json_false()) == 0
-                   ? 0
-                   : err_set(e, ERR_NOMEM, "out of memory");
-    return json_is_boolean(v) ? 0 : err_set(e, ERR_INVALID, "%s: expected true or false", key);
-}
-
 /* "key_columns" ("id,region" or ["id", "region"]: kept as the string) and "output_suffix"
  * (".out" unless given), checked as inferd batch checks --key-columns and --output-suffix */
 static int check_names(json_t *def, struct err *e)
@@ -133,6 +122,17 @@ static int check_names(json_t *def, struct err *e)
                                    json_string_value(json_object_get(def, "output")),
                                    json_string_value(v), e);
     return rc;
+}
+
+static int check_bool(json_t *def, const char *key, struct err *e)
+{
+    json_t *v = json_object_get(def, key);
+
+    if (!v || json_is_null(v))
+        return json_object_set_new(def, key, json_false()) == 0
+                   ? 0
+                   : err_set(e, ERR_NOMEM, "out of memory");
+    return json_is_boolean(v) ? 0 : err_set(e, ERR_INVALID, "%s: expected true or false", key);
 }
 
 static int check_fields(json_t *def, struct registry *reg, struct err *e)
