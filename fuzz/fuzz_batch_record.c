@@ -4,8 +4,11 @@
  * rejection must carry a reason; whatever the JSON Lines fast path accepts, jansson must
  * accept with the same values; every CSV value must be strtof's; a record holding a NUL byte
  * is refused (no text record has one) and the reason says so; no reason quotes the record.
+ * Byte 0's bit 1 sends the record through a columns layout (columns.h) instead: a CSV header
+ * (the first line) bound by name with a key column, then the rest as CSV or JSON Lines.
  */
 #include "batch/batch_internal.h"
+#include "batch/columns.h"
 
 #include <math.h>
 #include <stdint.h>
@@ -47,6 +50,43 @@ static void check_csv(const char *line, size_t len, int64_t width, const float *
     free(copy);
 }
 
+/* Header and record through the columns of a model with features a, b, c and key "id". */
+static void fuzz_columns(int csv, const char *text, size_t len)
+{
+    static const char *const names[] = {"a", "b", "c"};
+    static struct feature_entry sorted[] = {{"a", 0}, {"b", 1}, {"c", 2}};
+    static const struct features f = {.names = names, .n = 3, .sorted = sorted};
+    static char *const id[] = {"id"};
+    const struct batch_keys k = {.names = (char **)id, .n = 1};
+    const char *nl = memchr(text, '\n', len);
+    struct batch_columns c;
+    struct buf keys = {0};
+    struct err e = {0};
+    char **cols = NULL, *why = NULL;
+    size_t n = 0;
+    float row[3];
+
+    batch_columns_init(&c, &k, &f, 3);
+    if (!nl || batch_columns_split_header(text, (size_t)(nl - text), &cols, &n, &e) != 0)
+        return;
+    if (batch_columns_named(&c, cols, n, &e) != 0) {
+        if (!e.msg[0])
+            abort(); /* a refused header without a reason */
+    } else if (csv) {
+        why = batch_columns_parse_csv(&c, nl + 1, len - (size_t)(nl + 1 - text), row, &keys);
+    } else {
+        why = batch_columns_parse_json(&c, nl + 1, len - (size_t)(nl + 1 - text), row, &keys);
+    }
+    if (why && !why[0])
+        abort();
+    free(why);
+    buf_release(&keys);
+    batch_columns_release(&c);
+    for (size_t i = 0; i < n; i++)
+        free(cols[i]);
+    free(cols);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     float row[64], ref[64];
@@ -57,6 +97,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (size < 2)
         return 0;
     width = 1 + data[1] % 64;
+    if (data[0] & 2) {
+        fuzz_columns(data[0] & 1, line, size - 2);
+        return 0;
+    }
     if (data[0] & 1) {
         why = batch_parse_csv(line, size - 2, width, row);
         if (!why)

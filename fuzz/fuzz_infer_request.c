@@ -37,6 +37,11 @@ static const struct inferd_tensor model_out = {
 static const struct inferd_model_info info = {
     .inputs = &model_in, .n_inputs = 1, .outputs = &model_out, .n_outputs = 1, .is_batched = 1};
 
+/* v1 instances that are objects map by these names (already in strcmp order) */
+static const char *const feature_names[] = {"a", "b", "c", "d"};
+static struct feature_entry feature_sorted[] = {{"a", 0}, {"b", 1}, {"c", 2}, {"d", 3}};
+static const struct features names = {.names = feature_names, .n = 4, .sorted = feature_sorted};
+
 /* for the json_io models: two inputs, either of which may come alone */
 static const struct inferd_tensor two_in[] = {
     {.name = "input__0", .datatype = INFERD_TYPE_FP32, .n_dims = 2, .shape = {-1, 4}},
@@ -390,7 +395,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         body_len -= 2;
     }
     if (mode == 2)
-        rc = codec_decode_v1(body, body_len, "input__0", &r, &e);
+        rc = codec_decode_v1(body, body_len, "input__0", &names, &r, &e);
     else
         rc = codec_decode_v2(body, body_len, json_len, &r, &e);
     if (rc != 0) {

@@ -164,7 +164,8 @@ static const struct option_def batch_options[] = {
      "batches in flight while the next one is parsed (0: instances + 1)", 0},
     {"instances", OPT_INT, "0", 0, 256, "model instances, each a thread (0: one per CPU)", 0},
     {"join-input", OPT_FLAG, "0", 0, 1, "write each input beside its prediction", 0},
-    {"csv-header", OPT_FLAG, "0", 0, 1, "skip the first line of each CSV object", 0},
+    {"csv-header", OPT_FLAG, "0", 0, 1,
+     "each CSV object's first line names its columns: mapped to the model's features by name", 0},
     {"max-errors", OPT_INT, "0", 0, INT64_MAX, "bad records tolerated (each: an empty line)", 0},
     {"log-level", OPT_STR, "info", 0, 0, "error, warn, info or debug", 0},
     {"s3-endpoint", OPT_STR, "", 0, 0,
@@ -173,6 +174,12 @@ static const struct option_def batch_options[] = {
      0},
     {"s3-part-size-mb", OPT_INT, "8", 5, 5120,
      "S3 outputs past this size become multipart uploads in parts this big", 0},
+    {"key-columns", OPT_STR, "", 0, 0,
+     "COL[,COL...]: columns copied to the output before the prediction, not features (names, "
+     "or 0-based positions without a header)",
+     0},
+    {"output-suffix", OPT_STR, ".out", 0, 0,
+     "appended to an input's name for its output ('' keeps the name; output outside the input)", 0},
 };
 #define N_BATCH (sizeof(batch_options) / sizeof(batch_options[0]))
 
@@ -237,8 +244,9 @@ static void usage_batch(FILE *f)
 {
     fprintf(f, "usage: inferd batch --model NAME --input URI --output URI [options]\n\n"
                "Runs every record under --input through the model in big batches and writes\n"
-               "<output>/<name>.out per input object, one line per record, in order. Re-running\n"
-               "skips objects already done (see _manifest.json); _SUCCESS marks the end.\n"
+               "<output>/<name>.out per input object, one line per record, in order (after a\n"
+               "header line when the input has one). Re-running skips objects already done\n"
+               "(see _manifest.json); _SUCCESS marks the end.\n"
                "\noptions:\n");
     usage_options(f, batch_options, N_BATCH, 0);
 }
@@ -588,6 +596,8 @@ static int cmd_batch(int argc, char **argv)
         .instances = (int)OPT_N(&p, "instances"),
         .join_input = (int)OPT_N(&p, "join-input"),
         .csv_header = (int)OPT_N(&p, "csv-header"),
+        .key_columns = OPT_S(&p, "key-columns"),
+        .output_suffix = OPT_S(&p, "output-suffix"),
         .max_errors = OPT_N(&p, "max-errors"),
         .progress_tty = isatty(STDERR_FILENO),
     };

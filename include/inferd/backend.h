@@ -87,6 +87,13 @@ struct inferd_model_info {
     int inputs_optional; /* 1: a request carries any non-empty subset of the inputs */
     int json_io;         /* INFERD_JSON_IO_*: whether requests may be whole JSON documents */
     int max_in_flight;   /* execute_async: requests started and not done, at most (0: 64) */
+    /* API 2, optional: the names of the first input's columns as the model was trained with
+     * them (inputs[0].shape[1] strings, unique, each non-empty), and their types ("float",
+     * "int", "i", "q", "c": XGBoost's words); NULL when the model has none. inferd then maps
+     * named records (CSV headers, JSON objects) to columns by name and lists both in the
+     * model's metadata. */
+    const char *const *feature_names;
+    const char *const *feature_types;
 };
 
 /*

@@ -8,7 +8,8 @@
  * files) on every call, which costs about 1.4x at batch 1.
  *
  * Input width and output shape come from the model itself: the width from
- * XGBoosterGetNumFeature, the output shape from a warm-up prediction at load time.
+ * XGBoosterGetNumFeature, the output shape from a warm-up prediction at load time, and the
+ * feature names and types (a DataFrame's columns at training) from XGBoosterGetStrFeatureInfo.
  */
 #include "backend/backend.h"
 
@@ -33,6 +34,8 @@ struct xgb_model {
     struct inferd_tensor input;
     struct inferd_tensor output;
     struct inferd_model_info info;
+    char **feature_names; /* n_features strings, or NULL: the model has none */
+    char **feature_types; /* n_features strings, or NULL */
 };
 
 struct xgb_instance {
@@ -189,12 +192,58 @@ cleanup:
     return rc;
 }
 
+static void free_strings(char **v, int64_t n)
+{
+    for (int64_t i = 0; v && i < n; i++)
+        free(v[i]);
+    free(v);
+}
+
+/*
+ * Copies the booster's "feature_name" or "feature_type" strings (set from a pandas
+ * DataFrame's columns when it was trained); `*out` stays NULL when the model has none. The
+ * booster's array is thread-local and lives only until the next XGBoost call: copy at once.
+ */
+static int feature_info(struct xgb_model *m, const char *field, char ***out, char *err,
+                        size_t err_len)
+{
+    const char **v = NULL;
+    bst_ulong n = 0;
+    char **copy;
+
+    *out = NULL;
+    if (XGBoosterGetStrFeatureInfo(m->booster, field, &n, &v) != 0)
+        return fail(err, err_len, field);
+    if (n == 0)
+        return 0;
+    if ((int64_t)n != m->n_features) {
+        snprintf(err, err_len, "the model has %llu %ss for %lld features", (unsigned long long)n,
+                 field, (long long)m->n_features);
+        return -1;
+    }
+    copy = calloc((size_t)n, sizeof(*copy));
+    for (bst_ulong i = 0; copy && i < n; i++) {
+        if (!(copy[i] = strdup(v[i] ? v[i] : ""))) {
+            free_strings(copy, (int64_t)n);
+            copy = NULL;
+        }
+    }
+    if (!copy) {
+        snprintf(err, err_len, "out of memory");
+        return -1;
+    }
+    *out = copy;
+    return 0;
+}
+
 static void xgb_model_destroy(void *state)
 {
     struct xgb_model *m = state;
 
     if (!m)
         return;
+    free_strings(m->feature_names, m->n_features);
+    free_strings(m->feature_types, m->n_features);
     if (m->booster)
         XGBoosterFree(m->booster);
     free(m);
@@ -260,7 +309,9 @@ static int xgb_model_create(void *backend_state, const char *dir, const char *co
         goto fail;
     }
     m->n_features = (int64_t)n_features;
-    if (warm_up(m, err, err_len) != 0)
+    if (warm_up(m, err, err_len) != 0 ||
+        feature_info(m, "feature_name", &m->feature_names, err, err_len) != 0 ||
+        feature_info(m, "feature_type", &m->feature_types, err, err_len) != 0)
         goto fail;
     m->input = (struct inferd_tensor){.name = "input__0",
                                       .datatype = INFERD_TYPE_FP32,
@@ -275,7 +326,9 @@ static int xgb_model_create(void *backend_state, const char *dir, const char *co
                                          .outputs = &m->output,
                                          .n_outputs = 1,
                                          .platform = "xgboost",
-                                         .is_batched = 1};
+                                         .is_batched = 1,
+                                         .feature_names = (const char *const *)m->feature_names,
+                                         .feature_types = (const char *const *)m->feature_types};
     *info = m->info;
     *model_state = m;
     return 0;

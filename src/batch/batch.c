@@ -23,6 +23,7 @@
 #define _GNU_SOURCE
 #include "batch/batch.h"
 #include "batch/batch_internal.h"
+#include "batch/columns.h"
 #include "core/buf.h"
 #include "core/log.h"
 #include "model/codec.h"
@@ -55,6 +56,9 @@ struct chunk {
     size_t *off;      /* per record: where its text starts in `raw` (NUL-terminated) */
     size_t *len;      /* per record: its length (a NUL byte inside makes it a bad record) */
     struct buf raw;   /* the records' text, as read */
+    struct buf keys;  /* the records' key columns, ready to write (columns.h) */
+    size_t *key_off;  /* per record: where its keys start in `keys` */
+    size_t *key_len;  /* per record: their length (0 for a bad record or no keys) */
     char **bad;       /* per record: why it is bad, or NULL */
     float *data;      /* n_good x width; owned by `req` once submitted */
     struct infer_request *req;
@@ -87,6 +91,10 @@ struct runner {
     struct chunk *ring; /* process_object's chunks, for cancelling */
     int n_ring;
     int64_t width;
+    struct batch_keys keys;    /* cfg->key_columns, parsed */
+    struct batch_columns cols; /* the current object's layout: bound before its records are
+                                * parsed, read-only while they are */
+    int said_positional;       /* the "no feature names" line was logged */
     int n_instances;
     pthread_mutex_t lock;
     pthread_cond_t cond;
@@ -121,6 +129,7 @@ static void chunk_reset(struct chunk *c)
     c->req = NULL;
     c->data = NULL;
     c->raw.len = 0;
+    c->keys.len = 0;
     c->n = c->n_good = 0;
     c->n_retry = 0;
     c->retry_after_ms = 0;
@@ -135,6 +144,10 @@ static int chunk_init(struct chunk *c, struct runner *run, size_t cap)
     c->off = calloc(cap, sizeof(*c->off));
     c->len = calloc(cap, sizeof(*c->len));
     c->bad = calloc(cap, sizeof(*c->bad));
+    c->key_off = calloc(cap, sizeof(*c->key_off));
+    c->key_len = calloc(cap, sizeof(*c->key_len));
+    if (!c->key_off || !c->key_len)
+        return -1;
     if (run->documents) {
         c->docs = calloc(cap, sizeof(*c->docs));
         c->doc_items = calloc(cap, sizeof(*c->doc_items));
@@ -150,6 +163,9 @@ static void chunk_release(struct chunk *c)
 {
     chunk_reset(c);
     buf_release(&c->raw);
+    buf_release(&c->keys);
+    free(c->key_off);
+    free(c->key_len);
     free(c->line_no);
     free(c->off);
     free(c->len);
@@ -290,6 +306,38 @@ static void chunk_submit_docs(struct runner *run, struct chunk *c, int again)
 
 /* ---- parsing, on the parser threads ---- */
 
+/* 1 when a JSON Lines record is an object (the plain parser takes arrays only) */
+static int is_object(const char *line, size_t len)
+{
+    while (len > 0 && (*line == ' ' || *line == '\t'))
+        line++, len--;
+    return len > 0 && *line == '{';
+}
+
+/* Record `i` of `c` into `row` and its keys into c->keys: the plain parsers when the columns
+ * are the features in order, the layout (columns.h) otherwise. NULL, or why it is bad. */
+static char *parse_record(struct runner *run, struct chunk *c, size_t i, float *row)
+{
+    const char *line = c->raw.data + c->off[i];
+    size_t len = c->len[i];
+    char *why;
+
+    if (len == 0)
+        return batch_reason("empty line");
+    if (!run->csv)
+        return run->cols.identity && !is_object(line, len)
+                   ? batch_parse_jsonl(line, len, run->width, row)
+                   : batch_columns_parse_json(&run->cols, line, len, row, &c->keys);
+    why = run->cols.identity ? batch_parse_csv(line, len, run->width, row)
+                             : batch_columns_parse_csv(&run->cols, line, len, row, &c->keys);
+    if (why && c->line_no[i] == 1 && !run->cfg->csv_header && strstr(why, "not a number")) {
+        char *hinted = batch_reason("%s (a header line? did you mean --csv-header?)", why);
+        free(why);
+        why = hinted;
+    }
+    return why;
+}
+
 /* Parses every record of `c`, then hands the good ones to the model. */
 static void chunk_parse(struct runner *run, struct chunk *c)
 {
@@ -318,16 +366,17 @@ static void chunk_parse(struct runner *run, struct chunk *c)
         rc = err_set(&e, ERR_NOMEM, "out of memory");
     } else {
         for (size_t i = 0; i < c->n; i++) {
-            const char *line = c->raw.data + c->off[i];
-            size_t len = c->len[i];
             float *row = c->data + c->n_good * (size_t)run->width;
-            char *why = len == 0   ? batch_reason("empty line")
-                        : run->csv ? batch_parse_csv(line, len, run->width, row)
-                                   : batch_parse_jsonl(line, len, run->width, row);
-            if (why)
+            size_t key_start = c->keys.len;
+            char *why = parse_record(run, c, i, row);
+            c->key_off[i] = key_start;
+            if (why) {
                 c->bad[i] = why;
-            else
+                c->keys.len = key_start;
+            } else {
                 c->n_good++;
+            }
+            c->key_len[i] = c->keys.len - key_start;
         }
         /* decide before submitting: once in the model, the chunk may be written and reused
          * by the reader before chunk_submit() even returns */
@@ -503,6 +552,9 @@ struct object_out {
     EVP_MD_CTX *sha;
     struct buf line;
     int csv;
+    const char *header; /* the input's header line (--csv-header): the output gets one too,
+                         * written before the first record; NULL: none, or written */
+    size_t header_len;
 };
 
 static int emit(struct object_out *o, struct err *e)
@@ -538,6 +590,80 @@ static int write_document(struct runner *run, struct chunk *c, size_t i, struct 
     return rc ? rc : emit(o, e);
 }
 
+/*
+ * The output's header line, for a CSV input with one: the key columns (or, with --join-input,
+ * the input's header) then `prediction`, or `p0,p1,...` for several values per record.
+ */
+static int write_header(struct runner *run, struct object_out *o, size_t per_row, struct err *e)
+{
+    size_t n_keys = run->keys.n;
+    int rc = 0;
+
+    o->line.len = 0;
+    if (run->cfg->join_input) {
+        rc = buf_append(&o->line, o->header, o->header_len);
+        if (rc == 0)
+            rc = buf_puts(&o->line, ",");
+    }
+    for (size_t k = 0; rc == 0 && !run->cfg->join_input && k < n_keys; k++)
+        rc = buf_printf(&o->line, "%s,", run->cols.key_names[k]);
+    if (rc == 0 && per_row == 1)
+        rc = buf_puts(&o->line, "prediction");
+    for (size_t k = 0; rc == 0 && per_row > 1 && k < per_row; k++)
+        rc = buf_printf(&o->line, "%sp%zu", k ? "," : "", k);
+    if (rc == 0)
+        rc = buf_puts(&o->line, "\n");
+    o->header = NULL;
+    return rc ? err_set(e, ERR_NOMEM, "out of memory") : emit(o, e);
+}
+
+/* Values per record the model answers, before any answer: from its output's declared shape. */
+static size_t declared_per_row(const struct model *m)
+{
+    const struct inferd_tensor *t = m->info.n_outputs ? &m->info.outputs[0] : NULL;
+    size_t n = 1;
+
+    for (int d = 1; t && d < t->n_dims; d++)
+        n *= t->shape[d] > 0 ? (size_t)t->shape[d] : 1;
+    return n;
+}
+
+/* A numeric record's output line: keys (or the input, --join-input), then its prediction. */
+static int write_row(struct runner *run, struct chunk *c, size_t i, const float *y, size_t per_row,
+                     struct object_out *o)
+{
+    const char *keys = c->keys.data ? c->keys.data + c->key_off[i] : "";
+    size_t keys_len = c->key_len[i];
+    int wrap = !o->csv && (run->cfg->join_input || run->keys.n > 0); /* a JSON object */
+    int rc = 0;
+
+    if (wrap)
+        rc = buf_puts(&o->line, "{");
+    if (rc == 0 && (o->csv ? !run->cfg->join_input : wrap))
+        rc = buf_append(&o->line, keys, keys_len); /* each ends in ',' */
+    if (rc == 0 && run->cfg->join_input && !o->csv)
+        rc = buf_printf(&o->line, "\"input\":%s,", c->raw.data + c->off[i]);
+    else if (rc == 0 && run->cfg->join_input)
+        rc = buf_printf(&o->line, "%s,", c->raw.data + c->off[i]);
+    if (rc == 0 && wrap)
+        rc = buf_puts(&o->line, "\"prediction\":");
+    if (rc == 0 && per_row > 1 && !o->csv)
+        rc = buf_puts(&o->line, "[");
+    for (size_t k = 0; rc == 0 && k < per_row; k++) {
+        if (k)
+            rc = buf_puts(&o->line, ",");
+        if (rc == 0)
+            rc = append_value(&o->line, y[k], o->csv);
+    }
+    if (rc == 0 && per_row > 1 && !o->csv)
+        rc = buf_puts(&o->line, "]");
+    if (rc == 0 && wrap)
+        rc = buf_puts(&o->line, "}");
+    if (rc == 0)
+        rc = buf_puts(&o->line, "\n");
+    return rc;
+}
+
 static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o, struct err *e)
 {
     const struct inferd_tensor *t = c->n_good && c->req ? &c->req->outputs[0] : NULL;
@@ -554,6 +680,11 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
         if (t->datatype != INFERD_TYPE_FP32 || t->data_bytes < c->n_good * per_row * 4)
             return err_set(e, ERR_BACKEND, "model '%s' returned an unexpected output",
                            run->model->name);
+    }
+    if (o->header) {
+        rc = write_header(run, o, t ? per_row : declared_per_row(run->model), e);
+        if (rc != 0)
+            return rc;
     }
     for (size_t i = 0; rc == 0 && i < c->n; i++) {
         o->line.len = 0;
@@ -583,24 +714,7 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
         }
         const float *y = (const float *)t->data + g * per_row;
         g++;
-        if (run->cfg->join_input && !o->csv)
-            rc = buf_printf(&o->line, "{\"input\":%s,\"prediction\":", c->raw.data + c->off[i]);
-        else if (run->cfg->join_input)
-            rc = buf_printf(&o->line, "%s,", c->raw.data + c->off[i]);
-        if (rc == 0 && per_row > 1 && !o->csv)
-            rc = buf_puts(&o->line, "[");
-        for (size_t k = 0; rc == 0 && k < per_row; k++) {
-            if (k)
-                rc = buf_puts(&o->line, ",");
-            if (rc == 0)
-                rc = append_value(&o->line, y[k], o->csv);
-        }
-        if (rc == 0 && per_row > 1 && !o->csv)
-            rc = buf_puts(&o->line, "]");
-        if (rc == 0 && run->cfg->join_input && !o->csv)
-            rc = buf_puts(&o->line, "}");
-        if (rc == 0)
-            rc = buf_puts(&o->line, "\n");
+        rc = write_row(run, c, i, y, per_row, o);
         if (rc == 0)
             rc = emit(o, e);
     }
@@ -634,6 +748,81 @@ static void progress(struct runner *run, int final)
 
 /* ---- one object ---- */
 
+/*
+ * 1 when a CSV line is a header of the model's: every field non-empty, none a number, and one
+ * of them a feature name. Read in order, its columns would go to the wrong features without a
+ * word, so that fails the object whatever --max-errors allows; any other line 1 that is not
+ * numbers is a bad record whose reason asks the same question.
+ */
+static int looks_like_header(const struct features *f, const char *line, size_t len)
+{
+    const char *p = line, *end = line + len;
+    int named = 0;
+
+    if (f->n == 0)
+        return 0;
+
+    for (;;) {
+        const char *q = memchr(p, ',', (size_t)(end - p)), *fend = q ? q : end;
+        float v;
+        const char *a = p, *b = fend;
+        while (a < b && (*a == ' ' || *a == '\t'))
+            a++;
+        if (a == b || batch_parse_field(p, (size_t)(fend - p), &v) == 0)
+            return 0;
+        while (b > a && (b[-1] == ' ' || b[-1] == '\t'))
+            b--;
+        if (b - a >= 2 && *a == '"' && b[-1] == '"')
+            a++, b--;
+        named |= features_find(f, a, (size_t)(b - a)) >= 0;
+        if (!q)
+            return named;
+        p = q + 1;
+    }
+}
+
+/* Binds the object's layout to its CSV header (line 1), keeping the line for the output's. */
+static int bind_header(struct runner *run, const char *name, const char *line, size_t len,
+                       struct buf *header, struct err *e)
+{
+    char **names = NULL;
+    size_t n = 0;
+    int rc = batch_columns_split_header(line, len, &names, &n, e);
+
+    if (rc == 0 && (rc = batch_columns_named(&run->cols, names, n, e)) != 0) {
+        char msg[sizeof(e->msg)];
+        snprintf(msg, sizeof(msg), "%s", e->msg);
+        rc = err_set(e, rc, "%s: line 1 (header): %s (model '%s')", name, msg, run->model->name);
+    }
+    if (rc == 0 && run->cols.by_position && !run->said_positional) {
+        run->said_positional = 1;
+        log_warn("batch", "the model has no feature names: CSV header columns are taken in order",
+                 "model=%s object=%s", run->model->name, name);
+    }
+    if (rc == 0 && (buf_append(header, line, len) != 0 || buf_append(header, "", 1) != 0))
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++)
+        free(names[i]);
+    free(names);
+    return rc;
+}
+
+/* Binds the positional layout of an object without a header (CSV lines, JSON arrays). JSON
+ * Lines with named key columns stay unbound: their records must be objects. */
+static int bind_object(struct runner *run, const char *name, int csv, struct err *e)
+{
+    struct err why = {0};
+    int rc;
+
+    batch_columns_init(&run->cols, &run->keys, &run->model->features, run->width);
+    if (run->documents || (csv && run->cfg->csv_header))
+        return 0;
+    rc = batch_columns_positional(&run->cols, &why);
+    if (rc == ERR_INVALID && !csv)
+        return 0;
+    return rc ? err_set(e, rc, "%s: %s", name, why.msg) : 0;
+}
+
 /* `stale_errors`: an earlier run left `errors_uri`; it goes if this run finds no bad record */
 static int process_object(struct runner *run, const char *in_uri, const char *name,
                           const char *out_uri, const char *errors_uri, int csv, int stale_errors,
@@ -645,6 +834,7 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
     struct chunk *chunks = calloc((size_t)n_chunks, sizeof(*chunks));
     struct storage_reader *in = NULL;
     struct object_out o = {.name = name, .errors_uri = errors_uri, .csv = csv};
+    struct buf header = {0};
     int64_t line_no = 0, start_records = run->stats->records;
     size_t cap = (size_t)cfg->records_per_batch;
     int next = 0, rc = 0, eof = 0;
@@ -660,11 +850,12 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
                        run->model->name);
     }
     run->csv = csv;
+    rc = bind_object(run, name, csv, e);
     run->ring = chunks;
     run->n_ring = n_chunks;
     atomic_store(&run->stopping, 0);
     for (int i = 0; i < n_chunks; i++)
-        if (chunk_init(&chunks[i], run, cap) != 0)
+        if (chunk_init(&chunks[i], run, cap) != 0 && rc == 0)
             rc = err_set(e, ERR_NOMEM, "out of memory");
     o.sha = EVP_MD_CTX_new();
     if (rc == 0 && (!o.sha || EVP_DigestInit_ex(o.sha, EVP_sha256(), NULL) != 1))
@@ -703,8 +894,21 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
                 break;
             }
             line_no++;
-            if (line_no == 1 && csv && cfg->csv_header)
+            if (line_no == 1 && csv && cfg->csv_header) {
+                rc = bind_header(run, name, line, len, &header, e);
+                o.header = header.data;
+                o.header_len = header.len ? header.len - 1 : 0;
+                if (rc != 0)
+                    break;
                 continue;
+            }
+            if (line_no == 1 && csv && !cfg->csv_header &&
+                looks_like_header(&run->model->features, line, len)) {
+                rc = err_set(e, ERR_INVALID,
+                             "%s: line 1 names the model's features: did you mean --csv-header?",
+                             name);
+                break;
+            }
             c->line_no[c->n] = line_no;
             c->off[c->n] = c->raw.len;
             c->len[c->n] = len;
@@ -734,6 +938,10 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
     free(chunks);
     run->ring = NULL;
     run->n_ring = 0;
+    if (rc == 0 && o.header) /* a header and no record: the output has the header alone */
+        rc = write_header(run, &o, declared_per_row(run->model), e);
+    batch_columns_release(&run->cols);
+    buf_release(&header);
     storage_close_read(in);
     if (rc == 0 && EVP_DigestFinal_ex(o.sha, md, &md_len) != 1)
         rc = err_set(e, ERR_IO, "checksum failed");
@@ -896,6 +1104,72 @@ int batch_remove_leftovers(const char *output, struct err *e)
     return rc;
 }
 
+/* ---- checks ---- */
+
+int batch_check_suffix(const char *suffix, struct err *e)
+{
+    if (strlen(suffix) > 32)
+        return err_set(e, ERR_INVALID, "output suffix: longer than 32 bytes");
+    for (const char *p = suffix; *p; p++)
+        if (*p == '/' || (unsigned char)*p < 0x20 || *p == 0x7f)
+            return err_set(e, ERR_INVALID,
+                           "output suffix: '/' and control characters are not "
+                           "allowed");
+    return 0;
+}
+
+/* `uri` without a file:// scheme and trailing slashes, into `out` */
+static void plain_location(const char *uri, char *out, size_t size)
+{
+    size_t n;
+
+    snprintf(out, size, "%s", strncmp(uri, "file://", 7) == 0 ? uri + 7 : uri);
+    n = strlen(out);
+    while (n > 1 && out[n - 1] == '/')
+        out[--n] = '\0';
+}
+
+int batch_check_locations(const char *input, const char *output, const char *suffix, struct err *e)
+{
+    char in[4096], out[4096];
+    size_t n;
+
+    if (!suffix || strcmp(suffix, ".out") == 0)
+        return 0; /* inputs named *.out are never read (batch_is_reserved) */
+    plain_location(input, in, sizeof(in));
+    plain_location(output, out, sizeof(out));
+    n = strlen(in);
+    if ((strncmp(out, in, n) == 0 && (out[n] == '\0' || out[n] == '/')) ||
+        (strncmp(in, out, strlen(out)) == 0 && in[strlen(out)] == '/'))
+        return err_set(e, ERR_INVALID,
+                       "output suffix '%s': input and output must not be inside one another, or "
+                       "outputs could replace inputs or be read as inputs by the next run",
+                       suffix);
+    return 0;
+}
+
+int batch_check_keys(const char *spec, struct err *e)
+{
+    struct batch_keys k;
+    int rc = batch_keys_parse(spec, &k, e);
+
+    batch_keys_release(&k);
+    return rc;
+}
+
+/* Parses cfg->key_columns for a run of run->model. */
+static int start_keys(struct runner *run, struct err *e)
+{
+    int rc = batch_keys_parse(run->cfg->key_columns, &run->keys, e);
+
+    if (rc == 0 && run->keys.n > 0 && run->documents)
+        rc = err_set(e, ERR_INVALID,
+                     "key columns: model '%s' takes JSON documents, not rows of numbers: it gets "
+                     "each record whole",
+                     run->model->name);
+    return rc;
+}
+
 /* ---- one object, for a worker ---- */
 
 int batch_run_object(const struct batch_config *cfg, struct model *m, const char *in_uri,
@@ -917,6 +1191,9 @@ int batch_run_object(const struct batch_config *cfg, struct model *m, const char
     run.started = now_s();
     run.width = run.documents ? 0 : m->info.inputs[0].shape[1];
     run.n_instances = cfg->instances > 0 ? cfg->instances : 2;
+    rc = start_keys(&run, e);
+    if (rc != 0)
+        return rc;
     /* before reading: a change after this is seen by the next run */
     rc = storage_identify(in_uri, &res->input, e);
     if (rc != 0)
@@ -930,6 +1207,7 @@ int batch_run_object(const struct batch_config *cfg, struct model *m, const char
     res->errors = stats.errors;
     if (run.parsers)
         parsers_stop(&run);
+    batch_keys_release(&run.keys);
     pthread_mutex_destroy(&run.lock);
     pthread_cond_destroy(&run.cond);
     return rc;
@@ -974,6 +1252,7 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
     int is_object = 0, unsaved = 0, rc;
     double last_save = 0;
     struct err save_err;
+    const char *suffix = cfg->output_suffix ? cfg->output_suffix : ".out";
 
     memset(stats, 0, sizeof(*stats));
     run.started = now_s();
@@ -984,6 +1263,13 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
         goto cleanup;
     run.documents = run.model->info.json_io != INFERD_JSON_IO_NONE;
     run.width = run.documents ? 0 : run.model->info.inputs[0].shape[1];
+    rc = start_keys(&run, e);
+    if (rc == 0)
+        rc = batch_check_suffix(suffix, e);
+    if (rc == 0)
+        rc = batch_check_locations(cfg->input, cfg->output, suffix, e);
+    if (rc != 0)
+        goto cleanup;
     rc = parsers_start(
         &run, (int)(sysconf(_SC_NPROCESSORS_ONLN) > 0 ? sysconf(_SC_NPROCESSORS_ONLN) : 1), e);
     if (rc != 0)
@@ -1026,7 +1312,7 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
         int csv = 0;
         if (batch_is_reserved(name))
             continue;
-        snprintf(out_name, sizeof(out_name), "%s.out", name);
+        snprintf(out_name, sizeof(out_name), "%s%s", name, suffix);
         snprintf(err_name, sizeof(err_name), "%s.errors", name);
         in_uri = is_object ? strdup(cfg->input) : storage_join(cfg->input, name);
         out_uri = storage_join(cfg->output, out_name);
@@ -1078,6 +1364,7 @@ cleanup:
     stats->seconds = now_s() - run.started;
     if (cfg->progress_tty)
         fprintf(stderr, "\n");
+    batch_keys_release(&run.keys);
     model_release(run.model);
     registry_destroy(reg);
     json_decref(manifest);

@@ -23,6 +23,9 @@ struct batch_config {
     int instances;   /* model instances (threads); 0 means one per CPU */
     int join_input;
     int csv_header;
+    const char *key_columns;   /* "id,region": copied to the output, not features (columns.h);
+                                * NULL or "": none */
+    const char *output_suffix; /* appended to an input's name for its output; NULL: ".out" */
     int64_t max_errors; /* bad records tolerated in the whole job */
     int progress_tty;   /* a live progress line instead of log lines */
     int quiet;          /* no progress lines at all (a worker's task) */
@@ -62,7 +65,8 @@ struct model;
  * Runs one input object through `m` (acquired by the caller): `in_uri` to `out_uri`, bad
  * records (up to cfg->max_errors) to `errors_uri`; res->input is the input's identity.
  * Workers run batch tasks with it; only cfg's format, records_per_batch, concurrency,
- * instances, join_input, csv_header, max_errors, quiet, stale_errors and tick are used.
+ * instances, join_input, csv_header, key_columns, max_errors, quiet, stale_errors and tick are
+ * used.
  *   name  the object's name relative to the job's input, for messages and the format
  */
 int batch_run_object(const struct batch_config *cfg, struct model *m, const char *in_uri,
@@ -72,6 +76,15 @@ int batch_run_object(const struct batch_config *cfg, struct model *m, const char
 /* 1 when `m` can run a batch transform: rows of numbers (one input [-1, width]) or JSON
  * documents (json_io). */
 int batch_model_ok(const struct model *m);
+
+/* Checks an output suffix (--output-suffix, "output_suffix"): at most 32 bytes, no '/' and
+ * no control character; "" is allowed. */
+int batch_check_suffix(const char *suffix, struct err *e);
+/* Checks that outputs named with `suffix` can never be read back as inputs or replace one:
+ * any suffix but ".out" needs an output location outside the input's. */
+int batch_check_locations(const char *input, const char *output, const char *suffix, struct err *e);
+/* Checks --key-columns / "key_columns" (columns.h's rules); "" and NULL are fine. */
+int batch_check_keys(const char *spec, struct err *e);
 
 /* 1 for the names a batch job writes itself (outputs, errors, manifest, markers): never
  * inputs. */

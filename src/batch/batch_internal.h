@@ -16,6 +16,10 @@
 char *batch_parse_jsonl(const char *line, size_t len, int64_t width, float *row);
 char *batch_parse_csv(const char *line, size_t len, int64_t width, float *row);
 
+/* One CSV field (`flen` bytes, blanks around it ignored) as a number: 0 and *out (NaN for an
+ * empty field), -1 when it is not a number, -2 when it is too long to be one. */
+int batch_parse_field(const char *p, size_t flen, float *out);
+
 /* A reason (a new string) when the record holds a NUL byte, which no text record may (the
  * file is binary or broken); else NULL. Both parsers refuse such a record with it. */
 char *batch_parse_nul(const char *line, size_t len);

@@ -41,7 +41,8 @@
 
 static const char *const known_fields[] = {
     "model",      "input",      "output",     "format",       "records_per_batch", "concurrency",
-    "join_input", "csv_header", "max_errors", "callback_url", "schedule",          NULL};
+    "join_input", "csv_header", "max_errors", "callback_url", "schedule",
+    "key_columns", "output_suffix", NULL};
 
 /* fields that shape when a job runs and where it reads and writes, beside known_fields */
 static const char *const schedule_fields[] = {"timezone", NULL};
@@ -102,6 +103,55 @@ static int check_int(json_t *def, const char *key, int64_t min, int64_t max, int
         return err_set(e, ERR_INVALID, "%s: %lld is outside %lld..%lld", key,
                        (long long)json_integer_value(v), (long long)min, (long long)max);
     return 0;
+}
+
+/* "key_columns" ("id,region" or ["id", "region"]: kept as the string) and "output_suffix"
+ * (".out" unless given), checked as inferd batch checks --key-columns and --output-suffix */
+static int check_names(json_t *def, struct err *e)
+{
+    json_t *v = json_object_get(def, "key_columns"), *item;
+    struct buf spec = {0};
+    size_t i;
+    int rc = 0;
+
+    if (json_is_array(v)) {
+        json_array_foreach (v, i, item) {
+            if (!json_is_string(item) || strchr(json_string_value(item), ','))
+                rc = err_set(e, ERR_INVALID,
+                             "key_columns[%zu]: expected a name or position "
+                             "without ','",
+                             i);
+            else if ((i && buf_puts(&spec, ",") != 0) ||
+                     buf_puts(&spec, json_string_value(item)) != 0)
+                rc = err_set(e, ERR_NOMEM, "out of memory");
+            if (rc != 0)
+                break;
+        }
+        if (rc == 0 &&
+            json_object_set_new(def, "key_columns", json_string(spec.data ? spec.data : "")) != 0)
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+        buf_release(&spec);
+        v = json_object_get(def, "key_columns");
+    }
+    if (rc == 0 && v && !json_is_null(v) && !json_is_string(v))
+        rc = err_set(e, ERR_INVALID, "key_columns: expected \"id,region\" or [\"id\", \"region\"]");
+    if (rc == 0 && json_is_string(v))
+        rc = batch_check_keys(json_string_value(v), e);
+    if (rc != 0)
+        return rc;
+    v = json_object_get(def, "output_suffix");
+    if (!v || json_is_null(v))
+        return json_object_set_new(def, "output_suffix", json_string(".out")) == 0
+                   ? 0
+                   : err_set(e, ERR_NOMEM, "out of memory");
+    if (!json_is_string(v))
+        return err_set(e, ERR_INVALID, "output_suffix: expected a string (\"\" allowed)");
+    rc = batch_check_suffix(json_string_value(v), e);
+    if (rc == 0)
+        rc = batch_check_locations(json_string_value(json_object_get(def, "input")),
+                                   json_string_value(json_object_get(def, "output")),
+                                   json_string_value(v), e);
+    return rc;
 }
 
 static int check_bool(json_t *def, const char *key, struct err *e)
@@ -186,6 +236,8 @@ static int check_fields(json_t *def, struct registry *reg, struct err *e)
         (rc = check_int(def, "concurrency", 0, 1024, 0, e)) ||
         (rc = check_int(def, "max_errors", 0, INT64_MAX / 2, 0, e)) ||
         (rc = check_bool(def, "join_input", e)) || (rc = check_bool(def, "csv_header", e)))
+        return rc;
+    if ((rc = check_names(def, e)) != 0)
         return rc;
     v = json_object_get(def, "callback_url");
     if (v && !json_is_null(v)) {
@@ -281,7 +333,14 @@ static char *task_input(json_t *def, const char *name, const char *in_uri, const
         json_object_get(def, "concurrency"), "join_input", json_object_get(def, "join_input"),
         "csv_header", json_object_get(def, "csv_header"), "max_errors",
         json_object_get(def, "max_errors"), "stale_errors", stale_errors);
-    char *s = t ? json_dumps(t, JSON_COMPACT) : NULL;
+    json_t *keys = json_object_get(def, "key_columns");
+    char *s;
+
+    if (t && json_is_string(keys) && json_object_set(t, "key_columns", keys) != 0) {
+        json_decref(t);
+        t = NULL;
+    }
+    s = t ? json_dumps(t, JSON_COMPACT) : NULL;
 
     json_decref(t);
     return s;
@@ -293,6 +352,7 @@ static int plan_run(json_t *def, struct run_plan *p, struct err *e)
     const char *input = json_string_value(json_object_get(def, "input"));
     const char *output = json_string_value(json_object_get(def, "output"));
     const char *format = json_string_value(json_object_get(def, "format"));
+    const char *suffix = json_string_value(json_object_get(def, "output_suffix"));
     struct batch_config bc = {
         .format = !format                      ? BATCH_FORMAT_AUTO
                   : strcmp(format, "csv") == 0 ? BATCH_FORMAT_CSV
@@ -330,7 +390,7 @@ static int plan_run(json_t *def, struct run_plan *p, struct err *e)
             snprintf(msg, sizeof(msg), "%s", e->msg);
             return err_set(e, rc, "input: %s (or give \"format\")", msg);
         }
-        snprintf(out_name, sizeof(out_name), "%s.out", name);
+        snprintf(out_name, sizeof(out_name), "%s%s", name, suffix ? suffix : ".out");
         snprintf(err_name, sizeof(err_name), "%s.errors", name);
         in_uri = is_object ? strdup(input) : storage_join(input, name);
         out_uri = storage_join(p->output, out_name);
@@ -746,6 +806,7 @@ static int run_object(struct queue *q, struct registry *reg, const struct job *j
         .concurrency = (int)json_integer_value(json_object_get(in, "concurrency")),
         .join_input = json_is_true(json_object_get(in, "join_input")),
         .csv_header = json_is_true(json_object_get(in, "csv_header")),
+        .key_columns = json_string_value(json_object_get(in, "key_columns")),
         .max_errors = json_integer_value(json_object_get(in, "max_errors")),
         .quiet = 1,
         .stale_errors = json_is_true(json_object_get(in, "stale_errors")),

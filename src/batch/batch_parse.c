@@ -269,6 +269,29 @@ char *batch_parse_jsonl_json(const char *line, size_t len, int64_t width, float 
     return why;
 }
 
+int batch_parse_field(const char *p, size_t flen, float *out)
+{
+    char field[64], *stop;
+
+    while (flen > 0 && (*p == ' ' || *p == '\t'))
+        p++, flen--;
+    while (flen > 0 && (p[flen - 1] == ' ' || p[flen - 1] == '\t'))
+        flen--;
+    if (flen == 0) {
+        *out = NAN; /* an empty field is a missing value */
+        return 0;
+    }
+    if (fast_float(p, p + flen, out))
+        return 0;
+    if (flen >= sizeof(field))
+        return -2;
+    memcpy(field, p, flen);
+    field[flen] = '\0';
+    errno = 0;
+    *out = strtof(field, &stop);
+    return stop == field + flen ? 0 : -1; /* a NUL byte stops strtof too */
+}
+
 static char *csv_fields(const char *line, size_t len, int64_t width, float *row)
 {
     const char *p = line, *end = line + len;
@@ -277,26 +300,11 @@ static char *csv_fields(const char *line, size_t len, int64_t width, float *row)
     while (col < width) {
         const char *q = memchr(p, ',', (size_t)(end - p));
         const char *fend = q ? q : end;
-        char field[64];
-        size_t flen;
-        while (p < fend && (*p == ' ' || *p == '\t'))
-            p++;
-        flen = (size_t)(fend - p);
-        while (flen > 0 && (p[flen - 1] == ' ' || p[flen - 1] == '\t'))
-            flen--;
-        if (flen == 0) {
-            row[col] = NAN; /* an empty field is a missing value */
-        } else if (!fast_float(p, p + flen, &row[col])) {
-            char *stop;
-            if (flen >= sizeof(field))
-                return batch_reason("column %lld: value too long", (long long)col + 1);
-            memcpy(field, p, flen);
-            field[flen] = '\0';
-            errno = 0;
-            row[col] = strtof(field, &stop);
-            if (stop != field + flen) /* a NUL byte stops strtof too */
-                return batch_reason("column %lld: not a number", (long long)col + 1);
-        }
+        int rc = batch_parse_field(p, (size_t)(fend - p), &row[col]);
+        if (rc == -2)
+            return batch_reason("column %lld: value too long", (long long)col + 1);
+        if (rc != 0)
+            return batch_reason("column %lld: not a number", (long long)col + 1);
         col++;
         if (!q)
             break;

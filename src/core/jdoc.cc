@@ -32,6 +32,10 @@ static_assert(2 * sizeof(array::iterator) <= sizeof(jdoc_iter::opaque),
               "jdoc_iter too small for two array iterators");
 static_assert(std::is_trivially_copyable<array::iterator>::value,
               "array::iterator must be copyable as bytes");
+static_assert(2 * sizeof(object::iterator) <= sizeof(jdoc_iter::opaque),
+              "jdoc_iter too small for two object iterators");
+static_assert(std::is_trivially_copyable<object::iterator>::value,
+              "object::iterator must be copyable as bytes");
 
 /* A document up to this size keeps the thread's parser memory (about 15 bytes per byte of
  * capacity) for the next one. */
@@ -391,6 +395,37 @@ extern "C" int jdoc_iter_next(struct jdoc_iter *it, struct jdoc_val *out)
     if (!(pos != end))
         return 0;
     put(out, *pos);
+    ++pos;
+    std::memcpy(it->opaque, static_cast<const void *>(&pos), sizeof(pos));
+    return 1;
+}
+
+extern "C" void jdoc_members_init(const struct jdoc_val *v, struct jdoc_iter *it)
+{
+    element el = get(v);
+    object::iterator pos, end;
+
+    std::memset(it->opaque, 0, sizeof(it->opaque)); /* equal positions: an empty iteration */
+    if (el.type() != element_type::OBJECT)
+        return;
+    pos = as_object(el).begin();
+    end = as_object(el).end();
+    std::memcpy(it->opaque, static_cast<const void *>(&pos), sizeof(pos));
+    std::memcpy(it->opaque + 2, static_cast<const void *>(&end), sizeof(end));
+}
+
+extern "C" int jdoc_members_next(struct jdoc_iter *it, const char **key, size_t *key_len,
+                                 struct jdoc_val *out)
+{
+    object::iterator pos, end;
+
+    std::memcpy(static_cast<void *>(&pos), it->opaque, sizeof(pos));
+    std::memcpy(static_cast<void *>(&end), it->opaque + 2, sizeof(end));
+    if (!(pos != end))
+        return 0;
+    *key = pos.key_c_str();
+    *key_len = pos.key_length();
+    put(out, pos.value());
     ++pos;
     std::memcpy(it->opaque, static_cast<const void *>(&pos), sizeof(pos));
     return 1;

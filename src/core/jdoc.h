@@ -97,4 +97,11 @@ size_t jdoc_size(const struct jdoc_val *v);
 void jdoc_iter_init(const struct jdoc_val *v, struct jdoc_iter *it);
 int jdoc_iter_next(struct jdoc_iter *it, struct jdoc_val *out);
 
+/* Iterates the members of the object `v` in document order (an empty iteration when `v` is
+ * not an object); `*key` is the member's name, NUL-terminated, `*key_len` bytes long:
+ *     for (jdoc_members_init(&obj, &it); jdoc_members_next(&it, &k, &k_len, &val);) ... */
+void jdoc_members_init(const struct jdoc_val *v, struct jdoc_iter *it);
+int jdoc_members_next(struct jdoc_iter *it, const char **key, size_t *key_len,
+                      struct jdoc_val *out);
+
 #endif

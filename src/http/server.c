@@ -251,7 +251,7 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
     if (kind == KIND_V1) {
         rc = codec_decode_v1(r->body.data ? r->body.data : "", r->body.len,
                              r->model->info.n_inputs ? r->model->info.inputs[0].name : "input__0",
-                             &r->infer, &e);
+                             &r->model->features, &r->infer, &e);
     } else {
         json_len = header_int(r->conn, "Inference-Header-Content-Length", &bad);
         if (bad)
@@ -309,7 +309,25 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
 
 /* ---- metadata, health, repository ---- */
 
-static int append_io(struct buf *b, const struct inferd_tensor *t, size_t n)
+/* ,"parameters":{"feature_names":[...],"feature_types":[...]} of a model's first input */
+static int append_features(struct buf *b, const struct features *f)
+{
+    int rc = buf_puts(b, ",\"parameters\":{\"feature_names\":[");
+
+    for (size_t i = 0; rc == 0 && i < f->n; i++)
+        if ((rc = i ? buf_puts(b, ",") : 0) == 0)
+            rc = buf_json_string(b, f->names[i]);
+    if (rc == 0 && f->types)
+        rc = buf_puts(b, "],\"feature_types\":[");
+    for (size_t i = 0; rc == 0 && f->types && i < f->n; i++)
+        if ((rc = i ? buf_puts(b, ",") : 0) == 0)
+            rc = buf_json_string(b, f->types[i]);
+    return rc ? rc : buf_puts(b, "]}");
+}
+
+/* `f`: the model's feature names, shown with the first tensor (NULL for outputs) */
+static int append_io(struct buf *b, const struct inferd_tensor *t, size_t n,
+                     const struct features *f)
 {
     int rc = buf_puts(b, "[");
 
@@ -323,7 +341,11 @@ static int append_io(struct buf *b, const struct inferd_tensor *t, size_t n)
         for (int d = 0; rc == 0 && d < t[i].n_dims; d++)
             rc = buf_printf(b, "%s%lld", d ? "," : "", (long long)t[i].shape[d]);
         if (rc == 0)
-            rc = buf_puts(b, "]}");
+            rc = buf_puts(b, "]");
+        if (rc == 0 && i == 0 && f && f->n > 0)
+            rc = append_features(b, f);
+        if (rc == 0)
+            rc = buf_puts(b, "}");
     }
     return rc ? rc : buf_puts(b, "]");
 }
@@ -354,11 +376,11 @@ static enum MHD_Result handle_model_meta(struct req *r, const char *name, const 
         if (rc == 0)
             rc = buf_puts(&b, ",\"inputs\":");
         if (rc == 0)
-            rc = append_io(&b, m->info.inputs, m->info.n_inputs);
+            rc = append_io(&b, m->info.inputs, m->info.n_inputs, &m->features);
         if (rc == 0)
             rc = buf_puts(&b, ",\"outputs\":");
         if (rc == 0)
-            rc = append_io(&b, m->info.outputs, m->info.n_outputs);
+            rc = append_io(&b, m->info.outputs, m->info.n_outputs, NULL);
         if (rc == 0)
             rc = buf_puts(&b, "}");
     }

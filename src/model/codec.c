@@ -537,13 +537,47 @@ int codec_decode_v2(const char *body, size_t body_len, int64_t json_len, struct 
     return decode_v2(body, body_len, json_len, CODEC_FROM_CLIENT, out, e);
 }
 
+/* One v1 instance that is a JSON object: its members mapped to columns by feature name. */
+static int v1_object_row(const struct jdoc_val *row, size_t i, const struct features *f,
+                         double *out, unsigned char *seen, struct err *e)
+{
+    struct jdoc_iter it;
+    struct jdoc_val v;
+    const char *key;
+    size_t key_len;
+
+    memset(seen, 0, f->n);
+    for (jdoc_members_init(row, &it); jdoc_members_next(&it, &key, &key_len, &v);) {
+        int64_t col = features_find(f, key, key_len);
+        enum jdoc_type type = jdoc_type(&v);
+        if (col < 0)
+            return err_set(e, ERR_SHAPE,
+                           "instances[%zu]: '%.64s' is not one of the model's %zu "
+                           "feature names",
+                           i, key, f->n);
+        if (type == JDOC_INT || type == JDOC_REAL)
+            out[col] = jdoc_number(&v);
+        else if (type == JDOC_NULL)
+            out[col] = NAN;
+        else
+            return err_set(e, ERR_SHAPE, "instances[%zu].%.64s: expected a number", i, key);
+        seen[col] = 1;
+    }
+    for (size_t j = 0; j < f->n; j++)
+        if (!seen[j])
+            return err_set(e, ERR_SHAPE, "instances[%zu]: missing feature '%.64s'", i, f->names[j]);
+    return 0;
+}
+
 int codec_decode_v1(const char *body, size_t body_len, const char *input_name,
-                    struct infer_request **out, struct err *e)
+                    const struct features *f, struct infer_request **out, struct err *e)
 {
     struct infer_request *r = NULL;
     struct jdoc_val root, instances, row, v;
     struct jdoc_iter rows, cols;
     size_t n_rows, width = 0, i = 0, j;
+    unsigned char *seen = NULL;
+    int objects;
     double *data;
     int rc;
 
@@ -558,17 +592,25 @@ int codec_decode_v1(const char *body, size_t body_len, const char *input_name,
     }
     jdoc_iter_init(&instances, &rows);
     jdoc_iter_next(&rows, &row);
-    if (jdoc_type(&row) != JDOC_ARRAY) {
-        rc = err_set(e, ERR_INVALID, "instances[0]: expected a list of numbers");
+    objects = jdoc_type(&row) == JDOC_OBJECT;
+    if (!objects && jdoc_type(&row) != JDOC_ARRAY) {
+        rc = err_set(e, ERR_INVALID,
+                     "instances[0]: expected a list of numbers or an object of features");
         goto cleanup;
     }
-    width = jdoc_size(&row);
+    if (objects && (!f || f->n == 0)) {
+        rc = err_set(e, ERR_INVALID,
+                     "instances[0]: an object, but the model has no feature "
+                     "names: send each instance as a list of numbers");
+        goto cleanup;
+    }
+    width = objects ? f->n : jdoc_size(&row);
     if (width && n_rows > SIZE_MAX / sizeof(double) / width) {
         rc = err_set(e, ERR_TOO_LARGE, "instances: too many values");
         goto cleanup;
     }
     r = calloc(1, sizeof(*r));
-    if (!r || !(r->inputs[0].name = strdup(input_name))) {
+    if (!r || !(r->inputs[0].name = strdup(input_name)) || (objects && !(seen = malloc(width)))) {
         rc = err_set(e, ERR_NOMEM, "out of memory");
         goto cleanup;
     }
@@ -585,6 +627,17 @@ int codec_decode_v1(const char *body, size_t body_len, const char *input_name,
     r->inputs[0].data = data;
     r->inputs[0].data_bytes = n_rows * width * sizeof(double);
     for (jdoc_iter_init(&instances, &rows); jdoc_iter_next(&rows, &row); i++) {
+        if (objects) {
+            if (jdoc_type(&row) != JDOC_OBJECT) {
+                rc = err_set(e, ERR_SHAPE, "instances[%zu]: expected an object like instances[0]",
+                             i);
+                goto cleanup;
+            }
+            rc = v1_object_row(&row, i, f, data + i * width, seen, e);
+            if (rc != 0)
+                goto cleanup;
+            continue;
+        }
         if (jdoc_type(&row) != JDOC_ARRAY || jdoc_size(&row) != width) {
             rc = err_set(e, ERR_SHAPE,
                          "instances[%zu]: expected a list of %zu numbers like "
@@ -611,6 +664,7 @@ int codec_decode_v1(const char *body, size_t body_len, const char *input_name,
     rc = 0;
 cleanup:
     infer_request_destroy(r);
+    free(seen);
     jdoc_done();
     return rc;
 }

@@ -10,6 +10,7 @@
 
 #include "core/buf.h"
 #include "core/err.h"
+#include "model/features.h"
 #include "model/tensor.h"
 
 #include <stddef.h>
@@ -38,10 +39,13 @@ int codec_decode_v2(const char *body, size_t body_len, int64_t json_len, struct 
 
 /*
  * Decodes a v1 predict request (sent by a client) `{"instances": [[...], ...]}` into one input
- * named `input_name` of shape [n, width], as FP64 (tensor_check_inputs converts it).
+ * named `input_name` of shape [n, width], as FP64 (tensor_check_inputs converts it). Instances
+ * that are objects (`[{"f_age": 41, ...}, ...]`, pandas' to_dict('records')) are mapped to
+ * columns by the model's feature names `f` (borrowed; NULL or none: objects are refused); a
+ * missing feature or a key that is none is an error naming it.
  */
 int codec_decode_v1(const char *body, size_t body_len, const char *input_name,
-                    struct infer_request **out, struct err *e);
+                    const struct features *f, struct infer_request **out, struct err *e);
 
 /*
  * Encodes the v2 response of a finished request into `out` (appended). When any output goes

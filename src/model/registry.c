@@ -218,6 +218,7 @@ static void model_destroy(struct model *m)
     if (!m)
         return;
     batcher_destroy(m->batcher);
+    features_release(&m->features);
     if (m->model_state && m->api->model_destroy)
         m->api->model_destroy(m->model_state);
     free(m->name);
@@ -334,6 +335,17 @@ static int model_build(const char *repo, const char *name, int instances, struct
         rc = err_set(e, ERR_INVALID, "%s: %s", version_dir, errbuf[0] ? errbuf : "load failed");
         m->model_state = NULL;
         goto cleanup;
+    }
+    if (m->info.feature_names && m->info.n_inputs >= 1 && m->info.inputs[0].n_dims == 2 &&
+        m->info.inputs[0].shape[1] > 0) {
+        rc = features_init(&m->features, m->info.feature_names, m->info.feature_types,
+                           (size_t)m->info.inputs[0].shape[1], e);
+        if (rc != 0) {
+            char reason[sizeof(e->msg)];
+            snprintf(reason, sizeof(reason), "%s", e->msg);
+            err_set(e, rc, "%s: %s", version_dir, reason);
+            goto cleanup;
+        }
     }
     cfg.batch.metrics = m->metrics;
     /* only a version that loaded has statistics */

@@ -13,6 +13,7 @@
 #include "core/err.h"
 #include "inferd/backend.h"
 #include "model/batcher.h"
+#include "model/features.h"
 
 #include <stdatomic.h>
 #include <stdint.h>
@@ -24,6 +25,7 @@ struct model {
     const struct inferd_backend_api *api;
     void *model_state;
     struct inferd_model_info info; /* the backend's memory, valid while the model lives */
+    struct features features;      /* info's feature names, by name; n 0 when it has none */
     struct batcher *batcher;
     int64_t default_timeout_us;    /* 0 means none */
     int64_t job_lease_timeout_ms;  /* async jobs' visibility timeout */

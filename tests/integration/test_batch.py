@@ -153,8 +153,12 @@ def parse_numbers(lines, n_outputs, mode, what):
     return np.asarray(vals, dtype=np.float64)
 
 
-def check_predictions(path, model, X, mode):
+def check_predictions(path, model, X, mode, header=None):
+    """``header``: the output's first line, for a CSV input with a header line."""
     lines = out_lines(path)
+    if header is not None:
+        assert lines and lines[0] == header, f"{path}: first line {lines[:1]!r}, not {header!r}"
+        lines = lines[1:]
     assert len(lines) == len(X), f"{path}: {len(lines)} lines for {len(X)} records"
     got = parse_numbers(lines, model.n_outputs, mode, str(path))
     assert_close(got, model.expected(X), str(path))
@@ -300,8 +304,9 @@ def test_csv_regression(batch, repo, trained, tmp_path, header):
     write(inp / "q" / "r.csv", csv_text(X2, header))
     args = ["--csv-header"] if header else []
     res = batch(repo, "regression", inp, out, *args)
-    check_predictions(out / "p.csv.out", m, X1, "csv")
-    check_predictions(out / "q" / "r.csv.out", m, X2, "csv")
+    # with a header in, a header out: the output stays line-aligned with its input
+    check_predictions(out / "p.csv.out", m, X1, "csv", "prediction" if header else None)
+    check_predictions(out / "q" / "r.csv.out", m, X2, "csv", "prediction" if header else None)
     check_manifest(out, {"p.csv": 300, "q/r.csv": 41})
     assert res.summary() == (341, 0), res
 
@@ -484,9 +489,13 @@ def test_bad_csv_record_default_fails(batch, repo, trained, tmp_path, kind):
     assert not (out / "_SUCCESS").exists()
 
 
-def check_tolerated(out_dir, name, m, X, bad_record_idx, bad_file_lines, mode="jsonl"):
+def check_tolerated(out_dir, name, m, X, bad_record_idx, bad_file_lines, mode="jsonl",
+                    header=None):
     """.out: empty lines at bad records, right predictions elsewhere; .errors names them."""
     lines = out_lines(Path(out_dir) / f"{name}.out")
+    if header is not None:
+        assert lines and lines[0] == header, f"{name}.out: first line {lines[:1]!r}"
+        lines = lines[1:]
     assert len(lines) == len(X), f"{name}.out: {len(lines)} lines for {len(X)} records"
     for i in bad_record_idx:
         assert lines[i] == "", f"{name}.out line {i + 1} (a bad record) is {lines[i]!r}, not empty"
@@ -523,7 +532,7 @@ def test_max_errors_csv_with_header_counts_header_line(batch, repo, trained, tmp
     src = write(tmp_path / "in" / "bad.csv", bad_csv(X, [57], "short", header=True))
     out = tmp_path / "out"
     batch(repo, "binary", src, out, "--csv-header", "--max-errors", "5")
-    check_tolerated(out, "bad.csv", m, X, [55], [57], mode="csv")
+    check_tolerated(out, "bad.csv", m, X, [55], [57], mode="csv", header="prediction")
 
     res = batch(repo, "binary", src, tmp_path / "out-strict", "--csv-header", check=False)
     assert res.rc != 0, f"bad record accepted by default\n{res}"

@@ -177,13 +177,53 @@ static void test_v1_decode(void **state)
     struct err e = {0};
 
     (void)state;
-    assert_int_equal(codec_decode_v1(ok, strlen(ok), "in", &r, &e), 0);
+    assert_int_equal(codec_decode_v1(ok, strlen(ok), "in", NULL, &r, &e), 0);
     assert_int_equal(r->inputs[0].shape[0], 2);
     assert_int_equal(r->inputs[0].shape[1], 2);
     assert_true(isnan(((double *)r->inputs[0].data)[3]));
     infer_request_destroy(r);
-    assert_int_equal(codec_decode_v1(ragged, strlen(ragged), "in", &r, &e), ERR_SHAPE);
+    assert_int_equal(codec_decode_v1(ragged, strlen(ragged), "in", NULL, &r, &e), ERR_SHAPE);
     assert_non_null(strstr(e.msg, "instances[1]"));
+}
+
+/* Instances that are objects map by feature name, in any order; unknown and missing names
+ * are errors naming them; a model without names refuses objects. */
+static void test_v1_objects_by_name(void **state)
+{
+    static const char *const names[] = {"f_age", "f_income", "b"};
+    const char *ok = "{\"instances\":[{\"f_income\":5.2e4,\"b\":null,\"f_age\":41},"
+                     "{\"b\":1,\"f_age\":2,\"f_income\":3}]}";
+    const char *unknown = "{\"instances\":[{\"f_income\":1,\"b\":1,\"f_age\":1,\"zip\":1}]}";
+    const char *missing = "{\"instances\":[{\"f_income\":1,\"b\":1}]}";
+    const char *mixed = "{\"instances\":[{\"f_income\":1,\"b\":1,\"f_age\":1},[1,2,3]]}";
+    struct features f;
+    struct infer_request *r = NULL;
+    struct err e = {0};
+    const double *d;
+
+    (void)state;
+    assert_int_equal(features_init(&f, names, NULL, 3, &e), 0);
+    assert_int_equal(features_find(&f, "f_income", 8), 1);
+    assert_int_equal(features_find(&f, "f_inc", 5), -1);
+    assert_int_equal(codec_decode_v1(ok, strlen(ok), "in", &f, &r, &e), 0);
+    assert_int_equal(r->inputs[0].shape[0], 2);
+    assert_int_equal(r->inputs[0].shape[1], 3);
+    d = r->inputs[0].data;
+    assert_true(d[0] == 41 && d[1] == 5.2e4 && isnan(d[2]));
+    assert_true(d[3] == 2 && d[4] == 3 && d[5] == 1);
+    infer_request_destroy(r);
+    assert_int_equal(codec_decode_v1(unknown, strlen(unknown), "in", &f, &r, &e), ERR_SHAPE);
+    assert_non_null(strstr(e.msg, "'zip'"));
+    assert_int_equal(codec_decode_v1(missing, strlen(missing), "in", &f, &r, &e), ERR_SHAPE);
+    assert_non_null(strstr(e.msg, "missing feature 'f_age'"));
+    assert_int_equal(codec_decode_v1(mixed, strlen(mixed), "in", &f, &r, &e), ERR_SHAPE);
+    assert_non_null(strstr(e.msg, "instances[1]"));
+    assert_int_equal(codec_decode_v1(ok, strlen(ok), "in", NULL, &r, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "no feature names"));
+    features_release(&f);
+    static const char *const twice[] = {"a", "b", "a"};
+    assert_int_equal(features_init(&f, twice, NULL, 3, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "'a' appears twice"));
 }
 
 /* ---- JSON documents ---- */
@@ -757,6 +797,7 @@ int main(void)
         cmocka_unit_test(test_rejections_name_the_field),
         cmocka_unit_test(test_binary_extension),
         cmocka_unit_test(test_encode_json_and_v1),
+        cmocka_unit_test(test_v1_objects_by_name),
         cmocka_unit_test(test_v1_decode),
         cmocka_unit_test(test_document_takes_any_json_value),
         cmocka_unit_test(test_document_rejects_malformed_json),
