@@ -21,6 +21,7 @@
 #include "batch/batch_jobs.h"
 
 #include <errno.h>
+#include <execinfo.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -634,8 +635,42 @@ static const struct {
     {"batch", usage_batch, cmd_batch},
 };
 
+/* A crash says where, on stderr (where the logs go): the signal and the stack as
+ * "inferd(+0xOFFSET)" frames that `addr2line -f -e inferd 0xOFFSET` names. Then the default
+ * action runs (a core dump where enabled). */
+static void on_fatal_signal(int sig)
+{
+    static const char head[] = "inferd: fatal signal ";
+    static const char tail[] = "; stack (addr2line -f -e inferd OFFSET):\n";
+    void *frames[64];
+    char num[4] = {(char)('0' + sig / 10 % 10), (char)('0' + sig % 10), 0, 0};
+    int n = backtrace(frames, 64);
+
+    (void)!write(2, head, sizeof(head) - 1);
+    (void)!write(2, num, 2);
+    (void)!write(2, tail, sizeof(tail) - 1);
+    backtrace_symbols_fd(frames, n, 2);
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static void report_crashes(void)
+{
+    static const int sigs[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT};
+    struct sigaction sa = {0};
+    void *warm[1];
+
+    backtrace(warm, 1); /* loads libgcc's unwinder now, never inside the handler */
+    sa.sa_handler = on_fatal_signal;
+    sa.sa_flags = SA_RESETHAND;
+    sigemptyset(&sa.sa_mask);
+    for (size_t i = 0; i < sizeof(sigs) / sizeof(sigs[0]); i++)
+        sigaction(sigs[i], &sa, NULL);
+}
+
 int main(int argc, char **argv)
 {
+    report_crashes();
     if (argc < 2) {
         usage(stderr);
         return 2;
