@@ -72,3 +72,20 @@ def test_without_reuse_port_the_sharer_is_refused(trained, repo_dir, server_fact
                            "--data-dir", str(tmp_path / "second")], tmp_path)
     assert rc != 0 and "address already in use" in err, err
     assert first.client().get("/v2/health/ready").status_code == 200
+
+
+def test_a_crash_writes_its_stack_to_the_log(trained, repo_dir, server_factory, tmp_path):
+    """A process killed by a fatal signal says so in its log, with frames addr2line can name."""
+    import re
+    import signal
+    trained["binary"].install(repo_dir)
+    s = server_factory(repo_dir, "--data-dir", tmp_path / "data")
+    s.signal(signal.SIGSEGV)
+    assert s.wait_exit() == -signal.SIGSEGV
+    log = s.log()
+    assert "fatal signal 11" in log, s.log_tail()
+    frames = re.findall(r"inferd\(\+(0x[0-9a-f]+)\)", log)
+    assert frames, f"no inferd(+0x...) frame in the crash report:\n{s.log_tail()}"
+    names = subprocess.run(["addr2line", "-f", "-e", str(INFERD_BIN), *frames],
+                           capture_output=True, text=True, timeout=60).stdout
+    assert "on_fatal_signal" in names, names
