@@ -534,23 +534,33 @@ int sq_op_batch_create(struct sqlite_queue *q, struct op *o)
     return rc;
 }
 
-int sq_op_batch_cancel(struct sqlite_queue *q, struct op *o)
+/* A batch job's state and whether it is a schedule (writer thread); ERR_NOT_FOUND names it. */
+static int batch_state(struct sqlite_queue *q, struct op *o, int *state, int *is_schedule)
 {
     sqlite3_stmt *st = sq_prepare(q->wdb, "SELECT state, schedule IS NOT NULL FROM batch_jobs "
                                           "WHERE id = ?");
-    int state = -1, is_schedule = 0, rc = 0;
-    json_t *bj = NULL;
 
+    *state = -1;
+    *is_schedule = 0;
     if (!st)
         return sq_db_err(q->wdb, &o->err, "prepare");
     sqlite3_bind_text(st, 1, o->id, -1, SQLITE_STATIC);
     if (sqlite3_step(st) == SQLITE_ROW) {
-        state = sqlite3_column_int(st, 0);
-        is_schedule = sqlite3_column_int(st, 1);
+        *state = sqlite3_column_int(st, 0);
+        *is_schedule = sqlite3_column_int(st, 1);
     }
     sq_finish(st);
-    if (state < 0)
-        return err_set(&o->err, ERR_NOT_FOUND, "no batch job '%.40s'", o->id);
+    return *state < 0 ? err_set(&o->err, ERR_NOT_FOUND, "no batch job '%.40s'", o->id) : 0;
+}
+
+int sq_op_batch_cancel(struct sqlite_queue *q, struct op *o)
+{
+    sqlite3_stmt *st;
+    int state, is_schedule, rc;
+    json_t *bj = NULL;
+
+    if ((rc = batch_state(q, o, &state, &is_schedule)) != 0)
+        return rc;
     if (is_schedule ? state == JOB_CANCELLED : job_state_is_final((enum job_state)state))
         return err_set(&o->err, ERR_CONFLICT, "batch job %s is already %s", o->id,
                        status_name(is_schedule, state));
@@ -795,21 +805,12 @@ int sq_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **o
 
 int sq_op_batch_pause(struct sqlite_queue *q, struct op *o)
 {
-    sqlite3_stmt *st = sq_prepare(q->wdb, "SELECT state, schedule IS NOT NULL FROM batch_jobs "
-                                          "WHERE id = ?");
-    int state = -1, is_schedule = 0, rc = 0;
+    sqlite3_stmt *st;
+    int state, is_schedule, rc;
     json_t *bj = NULL;
 
-    if (!st)
-        return sq_db_err(q->wdb, &o->err, "prepare");
-    sqlite3_bind_text(st, 1, o->id, -1, SQLITE_STATIC);
-    if (sqlite3_step(st) == SQLITE_ROW) {
-        state = sqlite3_column_int(st, 0);
-        is_schedule = sqlite3_column_int(st, 1);
-    }
-    sq_finish(st);
-    if (state < 0)
-        return err_set(&o->err, ERR_NOT_FOUND, "no batch job '%.40s'", o->id);
+    if ((rc = batch_state(q, o, &state, &is_schedule)) != 0)
+        return rc;
     if (!is_schedule)
         return err_set(&o->err, ERR_CONFLICT,
                        "batch job %s is a run, not a schedule: only schedules pause and resume",
