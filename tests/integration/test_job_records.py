@@ -9,7 +9,7 @@ Every wait polls against a deadline that names what it waits for.
 import numpy as np
 import pytest
 
-from conftest import Gate, async_args, check_accepted, infer_body, metric_value, wait_for
+from conftest import async_args, metric_value, wait_for
 from upstreams import Reply, Script, Upstream
 
 POISON = np.array([[-999, 1, 1, 1]], dtype=np.float32)  # the plugin fails this row, always
@@ -36,19 +36,6 @@ def repo(tmp_path):
     for name in ("rowsum", "other"):
         write_plugin_model(repo, name, width=4, extra={"max_batch_size": 1, "instances": 2})
     return repo
-
-
-@pytest.fixture
-def gates():
-    made = []
-
-    def make():
-        g = Gate("rowsum")
-        made.append(g)
-        return g
-    yield make
-    for g in made:
-        g.defuse()
 
 
 def http_model(repo, name, url):

@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import (INFERD_BIN, REPO_ROOT, Gate, async_args, check_accepted, infer_body,
+from conftest import (INFERD_BIN, REPO_ROOT, async_args, check_accepted, infer_body,
                       wait_for, write_plugin_model)
 
 WORKER_TIMEOUT_S = 3     # --worker-timeout-s of the workers these tests kill
@@ -28,19 +28,6 @@ def repo(tmp_path):
     write_plugin_model(repo, "rowsum", width=4,
                        extra={"max_batch_size": 1, "instances": 4, "lease_timeout_s": LEASE_S})
     return repo
-
-
-@pytest.fixture
-def gates():
-    made = []
-
-    def make():
-        g = Gate("rowsum")
-        made.append(g)
-        return g
-    yield make
-    for g in made:
-        g.defuse()
 
 
 def workers_of(client):
