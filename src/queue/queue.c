@@ -283,14 +283,37 @@ int queue_batch_create(struct queue *q, const struct batch_job_spec *spec, char 
     return q->ops->batch_create(q, spec, id_out, e);
 }
 
+/* Appends `b`'s JSON (when `rc` is 0) and frees it (an array of one). */
+static int answer_batch_job(int rc, struct batch_job *b, struct buf *out, struct err *e)
+{
+    if (rc == 0 && queue_batch_job_json(b, out) != 0)
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    batch_jobs_free(b, b ? 1 : 0);
+    return rc;
+}
+
 int queue_batch_get(struct queue *q, const char *id, struct buf *out, struct err *e)
 {
-    return q->ops->batch_get(q, id, out, e);
+    struct batch_job *b = NULL;
+
+    int rc = q->ops->batch_get(q, id, &b, e);
+
+    return answer_batch_job(rc, b, out, e);
 }
 
 int queue_batch_list(struct queue *q, int limit, const char *status, struct buf *out, struct err *e)
 {
-    return q->ops->batch_list(q, limit, status, out, e);
+    struct queue_batch_filter f = {.limit = limit};
+    struct batch_job *b = NULL;
+    size_t n = 0;
+    int rc = 0;
+
+    if (queue_batch_filter_parse(status, &f))
+        rc = q->ops->batch_list(q, &f, &b, &n, e);
+    if (rc == 0 && queue_batch_list_json(b, n, out) != 0)
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    batch_jobs_free(b, n);
+    return rc;
 }
 
 int queue_batch_definition(struct queue *q, const char *id, struct queue_schedule **out,
@@ -302,7 +325,11 @@ int queue_batch_definition(struct queue *q, const char *id, struct queue_schedul
 int queue_batch_pause(struct queue *q, const char *id, int paused, int64_t next_run_ms,
                       struct buf *out, struct err *e)
 {
-    return q->ops->batch_pause(q, id, paused, next_run_ms, out, e);
+    struct batch_job *b = NULL;
+
+    int rc = q->ops->batch_pause(q, id, paused, next_run_ms, &b, e);
+
+    return answer_batch_job(rc, b, out, e);
 }
 
 int queue_batch_progress(struct queue *q, const char *batch_id, const char *task_id, uint64_t token,
@@ -313,12 +340,26 @@ int queue_batch_progress(struct queue *q, const char *batch_id, const char *task
 
 int queue_batch_cancel(struct queue *q, const char *id, struct buf *out, struct err *e)
 {
-    return q->ops->batch_cancel(q, id, out, e);
+    struct batch_job *b = NULL;
+
+    int rc = q->ops->batch_cancel(q, id, &b, e);
+
+    return answer_batch_job(rc, b, out, e);
 }
 
 int queue_batch_manifest(struct queue *q, const char *id, struct buf *out, struct err *e)
 {
-    return q->ops->batch_manifest(q, id, out, e);
+    char *model = NULL, **results = NULL;
+    size_t n = 0;
+    int rc = q->ops->batch_results(q, id, &model, &results, &n, e);
+
+    if (rc == 0 && queue_batch_manifest_json(model, results, n, out) != 0)
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++)
+        free(results[i]);
+    free(results);
+    free(model);
+    return rc;
 }
 
 int queue_schedules_due(struct queue *q, int64_t now_ms, struct queue_schedule **out, size_t *n,
