@@ -34,7 +34,10 @@ struct queue_ops {
     int (*cancel)(struct queue *q, const char *id, struct job **out, struct err *e);
     int (*retry)(struct queue *q, const char *id, struct job **out, struct err *e);
     int (*get)(struct queue *q, const char *id, int want_result, struct job **out, struct err *e);
-    int (*list)(struct queue *q, const struct queue_list_filter *f, struct buf *out, struct err *e);
+    /* up to f->limit jobs matching `f`, newest first, with their notifications and history, into
+     * the caller's array of f->limit; `*n` (0 on entry) counts them */
+    int (*list)(struct queue *q, const struct queue_list_filter *f, struct job **out, size_t *n,
+                struct err *e);
     int (*counts)(struct queue *q, int64_t counts[JOB_N_STATES], struct err *e);
     int64_t (*queued)(struct queue *q);
     int (*outbox_due)(struct queue *q, int64_t now_ms, size_t max, struct queue_outbox_item **out,

@@ -930,14 +930,13 @@ static int r_get(struct queue *qb, const char *id, int want_result, struct job *
 }
 
 /* Newest first, from the index; jobs past their retention leave the index here. */
-static int r_list(struct queue *qb, const struct queue_list_filter *f, struct buf *out,
-                  struct err *e)
+static int r_list(struct queue *qb, const struct queue_list_filter *f, struct job **out,
+                  size_t *n, struct err *e)
 {
     struct redis_queue *q = rq(qb);
     redisContext *c = take_conn(q, e);
     long long start = 0;
-    int n = 0, rc = 0, scanned = 0;
-    char last[40] = "";
+    int rc = 0, scanned = 0;
 
     if (!c)
         return e->code;
@@ -947,8 +946,7 @@ static int r_list(struct queue *qb, const struct queue_list_filter *f, struct bu
             start = r->integer + 1;
         freeReplyObject(r);
     }
-    rc = buf_puts(out, "{\"jobs\":[");
-    while (rc == 0 && n < f->limit && scanned < 100000) {
+    while (rc == 0 && (int)*n < f->limit && scanned < 100000) {
         redisReply *ids =
             redisCommand(c, "ZREVRANGE %sjobs %lld %lld", q->prefix, start, start + 199);
         if (!ids || ids->type != REDIS_REPLY_ARRAY) {
@@ -960,7 +958,7 @@ static int r_list(struct queue *qb, const struct queue_list_filter *f, struct bu
             freeReplyObject(ids);
             break;
         }
-        for (size_t i = 0; rc == 0 && i < ids->elements && n < f->limit; i++) {
+        for (size_t i = 0; rc == 0 && i < ids->elements && (int)*n < f->limit; i++) {
             struct job *j = NULL;
             const char *id = ids->element[i]->str;
             scanned++;
@@ -974,27 +972,22 @@ static int r_list(struct queue *qb, const struct queue_list_filter *f, struct bu
                 (f->state != JOB_RUNNING || f->cancelling < 0 ||
                  j->cancel_requested == f->cancelling) &&
                 (!f->model || (j->model && strcmp(j->model, f->model) == 0))) {
-                if (n++)
-                    rc = buf_puts(out, ",");
-                /* each job as GET /v1/jobs/{id} shows it */
-                if (rc == 0 && load_notifications(q, c, j) == 0 && load_history(q, c, j) == 0)
-                    rc = queue_job_json(j, out);
-                snprintf(last, sizeof(last), "%s", j->id);
+                if (load_notifications(q, c, j) != 0 || load_history(q, c, j) != 0)
+                    rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port,
+                                 c->errstr);
+                out[(*n)++] = j;
+            } else {
+                job_free(j);
             }
-            job_free(j);
         }
         freeReplyObject(ids);
     }
-    if (rc == 0 && n == f->limit) {
-        rc = buf_puts(out, "],\"next_cursor\":");
-        if (rc == 0)
-            rc = buf_json_string(out, last);
-        if (rc == 0)
-            rc = buf_puts(out, "}");
-    } else if (rc == 0) {
-        rc = buf_puts(out, "],\"next_cursor\":null}");
-    }
     give_conn(q, c);
+    if (rc != 0) {
+        for (size_t i = 0; i < *n; i++)
+            job_free(out[i]);
+        *n = 0;
+    }
     return rc;
 }
 
