@@ -5,70 +5,19 @@
 #define INFERD_QUEUE_INTERNAL_H
 
 #include "queue/queue.h"
+#include "queue/store_batch.h"
+#include "queue/store_jobs.h"
+#include "queue/store_outbox.h"
 
 #include <jansson.h>
 #include <stdatomic.h>
 
-/* Which batch jobs a listing wants (from its ?status=). */
-struct queue_batch_filter {
-    int schedules; /* 1: schedules only; 0: runs only; -1: both */
-    int state;     /* a schedule's QUEUE_SCHEDULE_* or a run's job_state; -1 any */
-    int limit;     /* at most this many */
-};
-
+/* A store: three tables of durable primitives, by concern, and its close. */
 struct queue_ops {
-    int (*enqueue)(struct queue *q, const struct job_spec *spec, char id_out[40], int *existed,
-                   struct err *e);
-    int (*lease)(struct queue *q, const char *worker, int64_t wait_ms, struct job **out,
-                 struct err *e);
-    int (*enqueue_async)(struct queue *q, const struct job_spec *spec, queue_enqueue_fn fn,
-                         void *ctx, struct err *e);
-    int (*lease_many)(struct queue *q, const char *worker, size_t max, int max_tasks,
-                      int64_t wait_ms, struct job **out, size_t *n, struct err *e);
-    int (*finish_many)(struct queue *q, struct queue_outcome *outs, size_t n, struct err *e);
-    int (*extend)(struct queue *q, const char *id, uint64_t token, int64_t lease_ms, struct err *e);
-    int (*complete)(struct queue *q, const char *id, uint64_t token, const char *result, size_t len,
-                    int64_t json_len, struct err *e);
-    int (*fail)(struct queue *q, const char *id, uint64_t token, const char *error, int retryable,
-                struct err *e);
-    int (*cancel)(struct queue *q, const char *id, struct job **out, struct err *e);
-    int (*retry)(struct queue *q, const char *id, struct job **out, struct err *e);
-    int (*get)(struct queue *q, const char *id, int want_result, struct job **out, struct err *e);
-    /* up to f->limit jobs matching `f`, newest first, with their notifications and history, into
-     * the caller's array of f->limit; `*n` (0 on entry) counts them */
-    int (*list)(struct queue *q, const struct queue_list_filter *f, struct job **out, size_t *n,
-                struct err *e);
-    int (*counts)(struct queue *q, int64_t counts[JOB_N_STATES], struct err *e);
-    int64_t (*queued)(struct queue *q);
-    int (*outbox_due)(struct queue *q, int64_t now_ms, size_t max, struct queue_outbox_item **out,
-                      size_t *n, struct err *e);
-    int64_t (*outbox_next_due)(struct queue *q);
-    int (*outbox_record)(struct queue *q, const struct queue_outbox_attempt *a, struct err *e);
-    int (*batch_create)(struct queue *q, const struct batch_job_spec *spec, char id_out[40],
-                        struct err *e);
-    /* a batch job, with a schedule's latest runs: a new array of one */
-    int (*batch_get)(struct queue *q, const char *id, struct batch_job **out, struct err *e);
-    /* runs started by hand and schedules matching `f`, newest first: a new array */
-    int (*batch_list)(struct queue *q, const struct queue_batch_filter *f,
-                      struct batch_job **out, size_t *n, struct err *e);
-    int (*batch_cancel)(struct queue *q, const char *id, struct batch_job **out, struct err *e);
-    /* the run's model, and the stored result (JSON text) of each of its succeeded tasks;
-     * `*model` and `*results` (and each result) are the caller's to free() */
-    int (*batch_results)(struct queue *q, const char *id, char **model, char ***results,
-                         size_t *n, struct err *e);
-    int (*schedules_due)(struct queue *q, int64_t now_ms, struct queue_schedule **out, size_t *n,
-                         struct err *e);
-    int (*batch_definition)(struct queue *q, const char *id, struct queue_schedule **out,
-                            struct err *e);
-    int (*batch_pause)(struct queue *q, const char *id, int paused, int64_t next_run_ms,
-                       struct batch_job **out, struct err *e);
-    int (*batch_progress)(struct queue *q, const char *batch_id, const char *task_id,
-                          uint64_t token, int64_t records, struct err *e);
-    int (*worker_beat)(struct queue *q, const struct queue_worker *w, struct err *e);
-    int (*worker_leave)(struct queue *q, const char *id, struct err *e);
-    int (*workers_list)(struct queue *q, struct queue_worker **out, size_t *n, struct err *e);
-    void (*close)(struct queue *q);
-    int outbox_exclusive; /* outbox_due hides what it handed out (held for one sender) */
+    const struct queue_job_ops *jobs;
+    const struct queue_batch_ops *batch;
+    const struct queue_outbox_ops *outbox;
+    void (*close)(struct queue *q); /* once, when no other call runs */
 };
 
 /* Frees what `b` holds (its runs too) and zeroes it; `b` itself is the caller's. */

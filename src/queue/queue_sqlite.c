@@ -1400,14 +1400,6 @@ static int s_lease_many(struct queue *qb, const char *worker, size_t max, int ma
     }
 }
 
-static int s_lease(struct queue *qb, const char *worker, int64_t wait_ms, struct job **out,
-                   struct err *e)
-{
-    size_t n = 0;
-
-    *out = NULL;
-    return s_lease_many(qb, worker, 1, 1, wait_ms, out, &n, e);
-}
 
 static int s_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n, struct err *e)
 {
@@ -1454,31 +1446,7 @@ static int s_extend(struct queue *qb, const char *id, uint64_t token, int64_t le
     return rc;
 }
 
-static int s_complete(struct queue *qb, const char *id, uint64_t token, const char *result,
-                      size_t len, int64_t json_len, struct err *e)
-{
-    struct op o = {.kind = OP_COMPLETE,
-                   .id = id,
-                   .token = token,
-                   .data = result,
-                   .data_len = len,
-                   .json_len = json_len};
-    int rc = sq_submit(sq(qb), &o);
 
-    copy_err(e, &o);
-    return rc;
-}
-
-static int s_fail(struct queue *qb, const char *id, uint64_t token, const char *error,
-                  int retryable, struct err *e)
-{
-    struct op o = {
-        .kind = OP_FAIL, .id = id, .token = token, .data = error, .retryable = retryable};
-    int rc = sq_submit(sq(qb), &o);
-
-    copy_err(e, &o);
-    return rc;
-}
 
 static int s_cancel(struct queue *qb, const char *id, struct job **out, struct err *e)
 {
@@ -1835,36 +1803,46 @@ static void s_close(struct queue *qb)
     free(q);
 }
 
-static const struct queue_ops sqlite_ops = {
+static const struct queue_job_ops sqlite_job_ops = {
     .enqueue = s_enqueue,
-    .lease = s_lease,
-    .lease_many = s_lease_many,
     .enqueue_async = s_enqueue_async,
+    .lease_many = s_lease_many,
     .finish_many = s_finish_many,
     .extend = s_extend,
-    .complete = s_complete,
-    .fail = s_fail,
     .cancel = s_cancel,
     .retry = s_retry,
     .get = s_get,
     .list = s_list,
     .counts = s_counts,
     .queued = s_queued,
-    .outbox_due = s_outbox_due,
-    .outbox_next_due = s_outbox_next_due,
-    .outbox_record = s_outbox_record,
-    .batch_create = sq_batch_create,
-    .batch_get = sq_batch_get,
-    .batch_list = sq_batch_list,
-    .batch_cancel = sq_batch_cancel,
-    .batch_results = sq_batch_results,
-    .schedules_due = sq_schedules_due,
-    .batch_definition = sq_batch_definition,
-    .batch_pause = sq_batch_pause,
-    .batch_progress = sq_batch_progress,
     .worker_beat = s_worker_beat,
     .worker_leave = s_worker_leave,
     .workers_list = s_workers_list,
+};
+
+static const struct queue_batch_ops sqlite_batch_ops = {
+    .create = sq_batch_create,
+    .get = sq_batch_get,
+    .list = sq_batch_list,
+    .cancel = sq_batch_cancel,
+    .pause = sq_batch_pause,
+    .results = sq_batch_results,
+    .definition = sq_batch_definition,
+    .progress = sq_batch_progress,
+    .schedules_due = sq_schedules_due,
+};
+
+static const struct queue_outbox_ops sqlite_outbox_ops = {
+    .due = s_outbox_due,
+    .next_due = s_outbox_next_due,
+    .record = s_outbox_record,
+    .exclusive = 0,
+};
+
+static const struct queue_ops sqlite_ops = {
+    .jobs = &sqlite_job_ops,
+    .batch = &sqlite_batch_ops,
+    .outbox = &sqlite_outbox_ops,
     .close = s_close,
 };
 
