@@ -28,8 +28,7 @@ int queue_batch_filter_parse(const char *status, struct queue_batch_filter *f);
 /* {"batch_jobs": [...]} */
 int queue_batch_list_json(const struct batch_job *b, size_t n, struct buf *out);
 /* A run's manifest from its tasks' results (see queue_batch_manifest). */
-int queue_batch_manifest_json(const char *model, char *const *results, size_t n,
-                              struct buf *out);
+int queue_batch_manifest_json(const char *model, char *const *results, size_t n, struct buf *out);
 
 #define QUEUE_CANCEL_RING 256
 

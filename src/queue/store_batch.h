@@ -36,8 +36,7 @@ struct queue_batch_ops {
      * `*model` and `*results` (and each result) are the caller's to free() */
     int (*results)(struct queue *q, const char *id, char **model, char ***results, size_t *n,
                    struct err *e);
-    int (*definition)(struct queue *q, const char *id, struct queue_schedule **out,
-                      struct err *e);
+    int (*definition)(struct queue *q, const char *id, struct queue_schedule **out, struct err *e);
     int (*progress)(struct queue *q, const char *batch_id, const char *task_id, uint64_t token,
                     int64_t records, struct err *e);
     int (*schedules_due)(struct queue *q, int64_t now_ms, struct queue_schedule **out, size_t *n,
