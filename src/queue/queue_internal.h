@@ -20,6 +20,17 @@ struct queue_ops {
     void (*close)(struct queue *q); /* once, when no other call runs */
 };
 
+/* The longest wait before a retry, however many attempts failed. */
+#define QUEUE_MAX_BACKOFF_MS 60000
+
+/*
+ * How long a job waits before its next attempt after its `counted`-th counted attempt failed:
+ * `first_ms` doubled per attempt after the first, at most QUEUE_MAX_BACKOFF_MS, and never
+ * sooner than `retry_after_ms` (what the model or its upstream asked for). Every store uses
+ * this rule (the Redis script gets the same two numbers and applies it in Lua).
+ */
+int64_t queue_retry_backoff_ms(int64_t first_ms, int counted, int64_t retry_after_ms);
+
 /* Frees what `b` holds (its runs too) and zeroes it; `b` itself is the caller's. */
 void batch_job_release(struct batch_job *b);
 

@@ -270,7 +270,7 @@ int sq_op_complete(struct sqlite_queue *q, struct op *o)
 
 int sq_op_fail(struct sqlite_queue *q, struct op *o)
 {
-    int64_t now = queue_now_ms(), backoff = q->cfg.retry_backoff_ms;
+    int64_t now = queue_now_ms(), backoff;
     struct job *j = NULL;
     sqlite3_stmt *st;
     int final, rc;
@@ -288,14 +288,10 @@ int sq_op_fail(struct sqlite_queue *q, struct op *o)
         j->cancel_requested ||
         (!o->released && (!o->retryable || j->attempts - j->attempts_uncounted >= j->max_attempts));
     int end_state = j->cancel_requested ? JOB_CANCELLED : final ? JOB_FAILED : JOB_QUEUED;
-    for (int i = 1; i < j->attempts - j->attempts_uncounted && backoff < MAX_BACKOFF_MS; i++)
-        backoff *= 2;
-    if (backoff > MAX_BACKOFF_MS)
-        backoff = MAX_BACKOFF_MS;
-    if (o->retry_after_ms > backoff) /* the model said when (an upstream's Retry-After) */
-        backoff = o->retry_after_ms;
-    if (o->released)
-        backoff = 0;
+    backoff = o->released ? 0
+                          : queue_retry_backoff_ms(q->cfg.retry_backoff_ms,
+                                                   j->attempts - j->attempts_uncounted,
+                                                   o->retry_after_ms);
     job_free(j);
     /* a failed job keeps its input: POST /v1/jobs/{id}/retry sends it back */
     st = sq_prepare(q->wdb, "UPDATE jobs SET state = ?1, error = ?2, finished_ms = ?3, "
