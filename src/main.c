@@ -14,7 +14,7 @@
 #include "http/server.h"
 #include "model/registry.h"
 #include "queue/queue.h"
-#include "queue/worker.h"
+#include "worker/worker.h"
 #include "notify/notify.h"
 #include "batch/batch.h"
 #include "storage/storage.h"

@@ -14,7 +14,7 @@
 #include "http/http_internal.h"
 #include "model/codec.h"
 #include "notify/notify.h"
-#include "queue/worker.h"
+#include "worker/worker.h"
 #include "storage/storage.h"
 
 #include <ctype.h>

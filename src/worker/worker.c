@@ -13,7 +13,7 @@
  * each worker keeps of what it holds, and leaves that worker's thread behind.
  */
 #define _GNU_SOURCE
-#include "queue/worker.h"
+#include "worker/worker.h"
 #include "batch/batch_jobs.h"
 #include "core/clock.h"
 #include "core/log.h"
