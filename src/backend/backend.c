@@ -4,7 +4,7 @@
 #include "backend/backend.h"
 #include "core/log.h"
 #include "model/batcher.h"
-#include "model/tensor.h"
+#include "kserve/tensor.h"
 
 #include <dlfcn.h>
 #include <pthread.h>

@@ -18,8 +18,8 @@
 #define _GNU_SOURCE
 #include "backend/backend.h"
 #include "core/buf.h"
-#include "model/codec.h"
-#include "model/tensor.h"
+#include "kserve/codec.h"
+#include "kserve/tensor.h"
 
 #include <curl/curl.h>
 #include <jansson.h>

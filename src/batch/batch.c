@@ -26,7 +26,7 @@
 #include "batch/columns.h"
 #include "core/buf.h"
 #include "core/log.h"
-#include "model/codec.h"
+#include "kserve/codec.h"
 #include "model/registry.h"
 #include "storage/storage.h"
 

@@ -12,7 +12,7 @@
 #include "core/jdoc.h"
 #include "core/log.h"
 #include "http/http_internal.h"
-#include "model/codec.h"
+#include "kserve/codec.h"
 #include "notify/notify.h"
 #include "worker/worker.h"
 #include "storage/storage.h"

@@ -26,7 +26,7 @@
 #include "core/log.h"
 #include "metrics/metrics.h"
 #include "model/batcher.h"
-#include "model/codec.h"
+#include "kserve/codec.h"
 #include "model/registry.h"
 
 #include <arpa/inet.h>

@@ -21,7 +21,7 @@
 
 #include "core/err.h"
 #include "inferd/backend.h"
-#include "model/tensor.h"
+#include "kserve/tensor.h"
 
 #include <stdatomic.h>
 #include <stdint.h>

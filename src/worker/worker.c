@@ -18,7 +18,7 @@
 #include "core/clock.h"
 #include "core/log.h"
 #include "metrics/metrics.h"
-#include "model/codec.h"
+#include "kserve/codec.h"
 #include "model/registry.h"
 #include "storage/storage.h"
 

@@ -16,7 +16,7 @@
 #include <cmocka.h>
 
 #include "model/batcher.h"
-#include "model/codec.h"
+#include "kserve/codec.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
