@@ -249,6 +249,28 @@ void batcher_request_done(struct inferd_request *request)
     pthread_mutex_unlock(&b->lock);
 }
 
+static void host_log(int level, const char *backend, const char *msg)
+{
+    if (level < 0)
+        level = 0;
+    if (level > 3)
+        level = 3;
+    LOG_AT((enum log_level)level, "backend", msg, "backend=%s", backend);
+}
+
+static const struct inferd_host host = {
+    .api_version = INFERD_BACKEND_API_VERSION,
+    .output_alloc = tensor_output_alloc,
+    .log = host_log,
+    .request_done = batcher_request_done,
+    .request_cancelled = batcher_request_cancelled,
+};
+
+const struct inferd_host *batcher_host(void)
+{
+    return &host;
+}
+
 /* Gives back the places of execute_async requests that never started. */
 static void release_in_flight(struct batcher *b, int64_t n)
 {

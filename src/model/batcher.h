@@ -95,6 +95,11 @@ void batcher_destroy(struct batcher *b);
 void batcher_request_done(struct inferd_request *request);
 int batcher_request_cancelled(const struct inferd_request *request);
 
+/* The host services given to every backend (backend_open() passes them to its init): outputs
+ * allocated into the request (tensor_output_alloc), log lines, and the two above. Static:
+ * valid for the whole process. */
+const struct inferd_host *batcher_host(void);
+
 /* The monotonic clock the deadlines use. */
 uint64_t batcher_now_ns(void);
 

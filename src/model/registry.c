@@ -322,8 +322,8 @@ static int model_build(const char *repo, const char *name, int instances, struct
     }
     m->metrics = metrics_model_get(name);
     atomic_init(&m->refs, 1);
-    rc = backend_open(cfg.backend, cfg.plugin_path[0] ? cfg.plugin_path : NULL, &m->api,
-                      &backend_state, e);
+    rc = backend_open(cfg.backend, cfg.plugin_path[0] ? cfg.plugin_path : NULL, batcher_host(),
+                      &m->api, &backend_state, e);
     if (rc != 0) {
         char reason[sizeof(e->msg)];
         snprintf(reason, sizeof(reason), "%s", e->msg);
