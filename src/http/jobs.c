@@ -14,7 +14,6 @@
 #include "http/http_internal.h"
 #include "kserve/codec.h"
 #include "notify/notify.h"
-#include "worker/worker.h"
 #include "storage/storage.h"
 
 #include <ctype.h>
@@ -64,10 +63,26 @@ static int reply_job(struct req *r, int status, const struct job *j)
     return 0;
 }
 
+/* The worker pool's figures (server.h, struct http_pool); 0 without a pool. */
+static int pool_busy(const struct http_server *s)
+{
+    return s->pool.pool && s->pool.busy ? s->pool.busy(s->pool.pool) : 0;
+}
+
+static int pool_size(const struct http_server *s)
+{
+    return s->pool.pool && s->pool.size ? s->pool.size(s->pool.pool) : 0;
+}
+
+static double pool_drain_rate(const struct http_server *s)
+{
+    return s->pool.pool && s->pool.drain_rate ? s->pool.drain_rate(s->pool.pool) : 0;
+}
+
 static void set_busy(struct req *r, const char *msg)
 {
     struct http_server *s = r->srv;
-    double rate = worker_pool_drain_rate(s->pool);
+    double rate = pool_drain_rate(s);
     int64_t queued = s->queue ? queue_queued(s->queue) : 0;
     double secs = rate > 0 ? ceil((double)queued * 0.01 / rate) : 5;
 
@@ -947,7 +962,7 @@ int jobs_metrics(struct http_server *s, struct buf *out)
 {
     int64_t counts[JOB_N_STATES];
     struct err e;
-    int rc, workers = worker_pool_size(s->pool);
+    int rc, workers = pool_size(s);
     int64_t queued;
 
     if (!s->queue)
@@ -971,7 +986,7 @@ int jobs_metrics(struct http_server *s, struct buf *out)
                         "# HELP inferd_workers Workers in this process's pool (autoscaling "
                         "changes it).\n# TYPE inferd_workers gauge\ninferd_workers %d\n",
                         (long long)queued, workers > 0 ? (double)queued / workers : (double)queued,
-                        worker_pool_busy(s->pool), workers);
+                        pool_busy(s), workers);
     if (rc == 0 && s->notifier) {
         struct notify_stats ns;
         notify_get_stats(s->notifier, &ns);

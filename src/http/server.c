@@ -818,8 +818,8 @@ int http_listen(const char *host, int port, int reuse_port, int *out, int *bound
 }
 
 int http_server_start(const struct http_config *cfg, struct registry *reg, struct queue *q,
-                      struct worker_pool *pool, struct notifier *notifier, struct http_server **out,
-                      struct err *e)
+                      const struct http_pool *pool, struct notifier *notifier,
+                      struct http_server **out, struct err *e)
 {
     struct http_server *s = calloc(1, sizeof(*s));
     const union MHD_DaemonInfo *di;
@@ -835,7 +835,8 @@ int http_server_start(const struct http_config *cfg, struct registry *reg, struc
     s->reg = reg;
     pthread_mutex_init(&s->live_lock, NULL);
     s->queue = q;
-    s->pool = pool;
+    if (pool)
+        s->pool = *pool;
     s->notifier = notifier;
     if (iopool_create(cfg->io_threads > 0 ? cfg->io_threads : 8, &s->io) != 0 ||
         jobs_waiters_start(s) != 0 || conns_create(cfg, &s->guard) != 0) {
