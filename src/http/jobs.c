@@ -10,6 +10,7 @@
  */
 #define _GNU_SOURCE
 #include "core/jdoc.h"
+#include "core/clock.h"
 #include "core/log.h"
 #include "http/http_internal.h"
 #include "kserve/codec.h"
@@ -264,7 +265,7 @@ static void *timer_main(void *arg)
         pthread_mutex_unlock(&s->waiters.lock);
         if (stopping)
             break;
-        answer_claimed(s, claim_expired(s, queue_now_ms(), 0));
+        answer_claimed(s, claim_expired(s, clock_now_ms(), 0));
         http_watchdog(s);
     }
     return NULL;
@@ -348,7 +349,7 @@ static void answer_waiter(struct req *r)
 static void wait_or_answer(struct req *r, struct job *j)
 {
     if (j && !job_state_is_final(j->state) && r->wait_ms > 0) {
-        r->wait_deadline_ms = queue_now_ms() + r->wait_ms;
+        r->wait_deadline_ms = clock_now_ms() + r->wait_ms;
         if (waiter_add(r->srv, r) == 0) {
             /* it may have ended between the read and the registration: look once more */
             struct job *again = NULL;
