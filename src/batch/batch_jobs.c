@@ -19,6 +19,7 @@
 #include "batch/cron.h"
 #include "core/clock.h"
 #include "core/jdoc.h"
+#include "core/jfield.h"
 #include "core/log.h"
 #include "notify/notify.h"
 #include "model/registry.h"
@@ -91,18 +92,14 @@ static int check_location(const char *key, const char *s, struct err *e)
 static int check_int(json_t *def, const char *key, int64_t min, int64_t max, int64_t dflt,
                      struct err *e)
 {
-    json_t *v = json_object_get(def, key);
+    int64_t v;
+    int present, rc = jfield_int(def, key, min, max, JFIELD_NULL_ABSENT, &v, &present, e);
 
-    if (!v || json_is_null(v))
-        return json_object_set_new(def, key, json_integer(dflt)) == 0
-                   ? 0
-                   : err_set(e, ERR_NOMEM, "out of memory");
-    if (!json_is_integer(v))
-        return err_set(e, ERR_INVALID, "%s: expected an integer", key);
-    if (json_integer_value(v) < min || json_integer_value(v) > max)
-        return err_set(e, ERR_INVALID, "%s: %lld is outside %lld..%lld", key,
-                       (long long)json_integer_value(v), (long long)min, (long long)max);
-    return 0;
+    if (rc != 0 || present)
+        return rc;
+    return json_object_set_new(def, key, json_integer(dflt)) == 0
+               ? 0
+               : err_set(e, ERR_NOMEM, "out of memory");
 }
 
 /* "key_columns" ("id,region" or ["id", "region"]: kept as the string) and "output_suffix"

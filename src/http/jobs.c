@@ -11,6 +11,7 @@
 #define _GNU_SOURCE
 #include "core/jdoc.h"
 #include "core/clock.h"
+#include "core/jfield.h"
 #include "core/log.h"
 #include "http/http_internal.h"
 #include "kserve/codec.h"
@@ -499,20 +500,11 @@ enum MHD_Result jobs_submit_infer(struct req *r)
     return enqueue(r);
 }
 
+/* An absent field leaves *out alone; null is "expected an integer", as any other non-integer. */
 static int get_int(json_t *root, const char *key, int64_t min, int64_t max, int64_t *out,
                    struct err *e)
 {
-    json_t *v = json_object_get(root, key);
-
-    if (!v)
-        return 0;
-    if (!json_is_integer(v))
-        return err_set(e, ERR_INVALID, "%s: expected an integer", key);
-    if (json_integer_value(v) < min || json_integer_value(v) > max)
-        return err_set(e, ERR_INVALID, "%s: %lld is outside %lld..%lld", key,
-                       (long long)json_integer_value(v), (long long)min, (long long)max);
-    *out = json_integer_value(v);
-    return 0;
+    return jfield_int(root, key, min, max, 0, out, NULL, e);
 }
 
 static int get_str(json_t *root, const char *key, const char **out, struct err *e)

@@ -16,6 +16,7 @@
 #include "worker/worker.h"
 #include "batch/batch_jobs.h"
 #include "core/clock.h"
+#include "core/id.h"
 #include "core/log.h"
 #include "metrics/metrics.h"
 #include "kserve/codec.h"
@@ -28,7 +29,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -770,8 +770,7 @@ static int heartbeat_start(struct worker_pool *p, const char *host)
 {
     unsigned char rnd[2] = {0};
 
-    if (getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd))
-        rnd[0] = (unsigned char)rand(), rnd[1] = (unsigned char)rand();
+    id_random(rnd, sizeof(rnd));
     /* the random part tells a restarted process from the dead one (a container's pid 1) */
     snprintf(p->self.id, sizeof(p->self.id), "%.40s/%d/%02x%02x", host, (int)getpid(), rnd[0],
              rnd[1]);
