@@ -3,6 +3,7 @@
  * shapes of a job and of a webhook event, shared by every implementation.
  */
 #include "queue/queue_internal.h"
+#include "core/clock.h"
 #include "queue/queue_redis.h"
 #include "notify/notify.h"
 
@@ -156,6 +157,11 @@ int queue_finish_many(struct queue *q, struct queue_outcome *outs, size_t n, str
 int queue_extend(struct queue *q, const char *id, uint64_t token, int64_t lease_ms, struct err *e)
 {
     return q->ops->jobs->extend(q, id, token, lease_ms, e);
+}
+
+int64_t queue_now_ms(void)
+{
+    return clock_now_ms();
 }
 
 int64_t queue_retry_backoff_ms(int64_t first_ms, int counted, int64_t retry_after_ms)
@@ -642,7 +648,7 @@ int queue_job_json(const struct job *j, struct buf *out)
     if (rc == 0)
         rc = queue_json_time(out, j->finished_ms);
     if (rc == 0) { /* since it first started, until it finished */
-        int64_t end = j->state == JOB_RUNNING ? queue_now_ms() : j->finished_ms;
+        int64_t end = j->state == JOB_RUNNING ? clock_now_ms() : j->finished_ms;
         if (j->started_ms > 0 && end >= j->started_ms)
             rc = buf_printf(out, ",\"elapsed_s\":%.3f", (double)(end - j->started_ms) / 1e3);
         else

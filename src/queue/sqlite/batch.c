@@ -14,6 +14,8 @@
  * its object's records in records_done, so the sum of both never counts a record twice.
  */
 #define _GNU_SOURCE
+#include "core/clock.h"
+#include "core/id.h"
 #include "core/log.h"
 #include "queue/sqlite/internal.h"
 
@@ -171,7 +173,7 @@ int sq_load_batch(sqlite3 *db, const char *id, struct batch_job **out, struct er
 static int end_run(struct sqlite_queue *q, const char *id, enum job_state state, const char *error,
                    struct err *e)
 {
-    int64_t now = queue_now_ms();
+    int64_t now = clock_now_ms();
     sqlite3_stmt *st;
     struct batch_job *b = NULL;
     struct buf body = {0};
@@ -279,7 +281,7 @@ static int queue_finish_job(struct sqlite_queue *q, const char *batch_id, struct
         spec.model = model;
         spec.input = input;
         spec.input_len = strlen(input);
-        sq_new_id(id);
+        id_new(id);
         rc = sq_insert_job(q, &spec, id, e);
         if (rc == 0)
             q->n_queued++;
@@ -425,7 +427,7 @@ static int claim_schedule(struct sqlite_queue *q, const struct batch_job_spec *s
 int sq_op_batch_create(struct sqlite_queue *q, struct op *o)
 {
     const struct batch_job_spec *s = o->batch;
-    int64_t now = queue_now_ms();
+    int64_t now = clock_now_ms();
     sqlite3_stmt *st;
     int rc = 0;
 
@@ -437,7 +439,7 @@ int sq_op_batch_create(struct sqlite_queue *q, struct op *o)
                        "%lld are waiting",
                        s->n_tasks, (long long)q->cfg.max_queued, (long long)q->n_queued);
     char raw[40];
-    sq_new_id(raw);
+    id_new(raw);
     snprintf(o->id_out, sizeof(o->id_out), "batch-%s", raw);
     st = sq_prepare(q->wdb,
                     "INSERT INTO batch_jobs (id, parent, definition, model, schedule, state, "
@@ -482,7 +484,7 @@ int sq_op_batch_create(struct sqlite_queue *q, struct op *o)
             .lease_timeout_ms = s->lease_timeout_ms,
         };
         char id[40];
-        sq_new_id(id);
+        id_new(id);
         rc = sq_insert_job(q, &task, id, &o->err);
         if (rc == 0)
             q->n_queued++;
@@ -525,7 +527,7 @@ int sq_op_batch_cancel(struct sqlite_queue *q, struct op *o)
         st = sq_prepare(q->wdb, "UPDATE batch_jobs SET state = 4, finished_ms = ? WHERE id = ?");
         if (!st)
             return sq_db_err(q->wdb, &o->err, "prepare");
-        sqlite3_bind_int64(st, 1, queue_now_ms());
+        sqlite3_bind_int64(st, 1, clock_now_ms());
         sqlite3_bind_text(st, 2, o->id, -1, SQLITE_STATIC);
         if (sqlite3_step(st) != SQLITE_DONE)
             rc = sq_db_err(q->wdb, &o->err, "cancel schedule");

@@ -26,28 +26,6 @@
 
 /* ---- small helpers ---- */
 
-int64_t queue_now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-/* Time-ordered ids: 12 hex digits of milliseconds, then 12 random hex digits. */
-void sq_new_id(char out[40])
-{
-    unsigned char rnd[6] = {0};
-    int64_t now = queue_now_ms();
-
-    if (getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd)) {
-        for (size_t i = 0; i < sizeof(rnd); i++)
-            rnd[i] = (unsigned char)rand();
-    }
-    snprintf(out, 40, "%012llx%02x%02x%02x%02x%02x%02x", (unsigned long long)now, rnd[0], rnd[1],
-             rnd[2], rnd[3], rnd[4], rnd[5]);
-}
-
 /* ERR_FULL when the last failure on `db` was a full disk (or quota), ERR_IO otherwise. */
 static int db_err_code(sqlite3 *db)
 {
@@ -370,7 +348,7 @@ static int recover(struct sqlite_queue *q, struct err *e)
                                 "running its last attempt died' WHERE id = ?");
         if (!st)
             return sq_db_err(q->wdb, e, "recover");
-        sqlite3_bind_int64(st, 1, queue_now_ms());
+        sqlite3_bind_int64(st, 1, clock_now_ms());
         sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
         rc = sqlite3_step(st) == SQLITE_DONE ? 0 : sq_db_err(q->wdb, e, "recover");
         sq_finish(st);

@@ -130,7 +130,6 @@ sqlite3_stmt *sq_prepare(sqlite3 *db, const char *sql);
 void sq_finish(sqlite3_stmt *st);
 int sq_exec(sqlite3 *db, const char *sql, struct err *e);
 int sq_db_err(sqlite3 *db, struct err *e, const char *what);
-void sq_new_id(char out[40]);
 char *sq_col_strdup(sqlite3_stmt *st, int i);
 int sq_load_job(sqlite3 *db, const char *id, struct job **out, struct err *e);
 /* Inserts a queued job (writer thread); counts it in n_queued. */

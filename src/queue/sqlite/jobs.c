@@ -5,6 +5,7 @@
 #define _GNU_SOURCE
 #include "queue/sqlite/internal.h"
 #include "core/clock.h"
+#include "core/id.h"
 #include "core/log.h"
 
 #include <errno.h>
@@ -31,7 +32,7 @@ int sq_attempt_ended(struct sqlite_queue *q, const char *id, uint64_t attempt, c
 
     if (!st)
         return sq_db_err(q->wdb, e, "prepare");
-    sqlite3_bind_int64(st, 1, queue_now_ms());
+    sqlite3_bind_int64(st, 1, clock_now_ms());
     sqlite3_bind_text(st, 2, error, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 3, id, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 4, (int64_t)attempt);
@@ -69,13 +70,13 @@ int sq_op_enqueue(struct sqlite_queue *q, struct op *o)
     if (q->n_queued >= q->cfg.max_queued)
         return err_set(&o->err, ERR_BUSY, "the queue holds %lld jobs, the limit (--max-queue)",
                        (long long)q->n_queued);
-    sq_new_id(o->id_out);
+    id_new(o->id_out);
     return sq_insert_job(q, s, o->id_out, &o->err);
 }
 
 int sq_insert_job(struct sqlite_queue *q, const struct job_spec *s, const char *id, struct err *e)
 {
-    int64_t now = queue_now_ms();
+    int64_t now = clock_now_ms();
     sqlite3_stmt *st;
     int rc = 0;
 
@@ -176,7 +177,7 @@ static int lease_one(struct sqlite_queue *q, struct op *o, const char *id, size_
 /* Leases up to o->max runnable jobs, highest priority first, FIFO within a priority. */
 int sq_op_lease(struct sqlite_queue *q, struct op *o)
 {
-    int64_t now = queue_now_ms();
+    int64_t now = clock_now_ms();
     sqlite3_stmt *st;
     char(*ids)[40] = calloc(o->max, 40);
     size_t n = 0;
@@ -236,7 +237,7 @@ int sq_op_extend(struct sqlite_queue *q, struct op *o)
                                           "state = 1 AND attempts = ?");
 
     if (st) {
-        sqlite3_bind_int64(st, 1, queue_now_ms() + o->lease_ms);
+        sqlite3_bind_int64(st, 1, clock_now_ms() + o->lease_ms);
         sqlite3_bind_text(st, 2, o->id, -1, SQLITE_STATIC);
         sqlite3_bind_int64(st, 3, (int64_t)o->token);
     }
@@ -258,7 +259,7 @@ int sq_op_complete(struct sqlite_queue *q, struct op *o)
         if (o->data)
             sqlite3_bind_blob(st, 1, o->data, (int)o->data_len, SQLITE_STATIC);
         sqlite3_bind_int64(st, 2, o->json_len);
-        sqlite3_bind_int64(st, 3, queue_now_ms());
+        sqlite3_bind_int64(st, 3, clock_now_ms());
         sqlite3_bind_text(st, 4, o->id, -1, SQLITE_STATIC);
         sqlite3_bind_int64(st, 5, (int64_t)o->token);
     }
@@ -270,7 +271,7 @@ int sq_op_complete(struct sqlite_queue *q, struct op *o)
 
 int sq_op_fail(struct sqlite_queue *q, struct op *o)
 {
-    int64_t now = queue_now_ms(), backoff;
+    int64_t now = clock_now_ms(), backoff;
     struct job *j = NULL;
     sqlite3_stmt *st;
     int final, rc;
@@ -288,10 +289,10 @@ int sq_op_fail(struct sqlite_queue *q, struct op *o)
         j->cancel_requested ||
         (!o->released && (!o->retryable || j->attempts - j->attempts_uncounted >= j->max_attempts));
     int end_state = j->cancel_requested ? JOB_CANCELLED : final ? JOB_FAILED : JOB_QUEUED;
-    backoff = o->released ? 0
-                          : queue_retry_backoff_ms(q->cfg.retry_backoff_ms,
-                                                   j->attempts - j->attempts_uncounted,
-                                                   o->retry_after_ms);
+    backoff = o->released
+                  ? 0
+                  : queue_retry_backoff_ms(q->cfg.retry_backoff_ms,
+                                           j->attempts - j->attempts_uncounted, o->retry_after_ms);
     job_free(j);
     /* a failed job keeps its input: POST /v1/jobs/{id}/retry sends it back */
     st = sq_prepare(q->wdb, "UPDATE jobs SET state = ?1, error = ?2, finished_ms = ?3, "
@@ -349,7 +350,7 @@ int sq_op_cancel(struct sqlite_queue *q, struct op *o)
     job_free(j);
     if (!st)
         return sq_db_err(q->wdb, &o->err, "prepare");
-    sqlite3_bind_int64(st, 1, queue_now_ms());
+    sqlite3_bind_int64(st, 1, clock_now_ms());
     sqlite3_bind_text(st, 2, o->id, -1, SQLITE_STATIC);
     if (sqlite3_step(st) != SQLITE_DONE)
         rc = sq_db_err(q->wdb, &o->err, "cancel");
@@ -442,7 +443,7 @@ static int sq_lease_many(struct queue *qb, const char *worker, size_t max, int m
                          int64_t wait_ms, struct job **out, size_t *n, struct err *e)
 {
     struct sqlite_queue *q = sq_of(qb);
-    int64_t until = queue_now_ms() + wait_ms;
+    int64_t until = clock_now_ms() + wait_ms;
     int rc;
 
     *n = 0;
@@ -467,7 +468,7 @@ static int sq_lease_many(struct queue *qb, const char *worker, size_t max, int m
             *n = o.n_jobs;
             return rc;
         }
-        int64_t now = queue_now_ms();
+        int64_t now = clock_now_ms();
         if (now >= until)
             return 0;
         /* nothing runnable: sleep until something is enqueued or requeued, or a backoff or

@@ -83,7 +83,7 @@ int sq_job_became_final(struct sqlite_queue *q, const char *id, struct err *e)
     sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 3, j->callback_url, -1, SQLITE_STATIC);
     sqlite3_bind_blob(st, 4, body.data, (int)body.len, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 5, queue_now_ms());
+    sqlite3_bind_int64(st, 5, clock_now_ms());
     if (sqlite3_step(st) != SQLITE_DONE)
         rc = sq_db_err(q->wdb, e, "store webhook");
 cleanup:

@@ -136,7 +136,7 @@ int sq_op_worker_beat(struct sqlite_queue *q, struct op *o)
     sqlite3_bind_text(st, 2, w->host, -1, SQLITE_STATIC);
     sqlite3_bind_int(st, 3, w->pid);
     sqlite3_bind_int64(st, 4, w->started_ms);
-    sqlite3_bind_int64(st, 5, queue_now_ms());
+    sqlite3_bind_int64(st, 5, clock_now_ms());
     sqlite3_bind_int64(st, 6, w->timeout_ms);
     sqlite3_bind_int(st, 7, w->jobs_running);
     if (sqlite3_step(st) != SQLITE_DONE)
@@ -182,7 +182,7 @@ int sq_workers_list(struct queue *qb, struct queue_worker **out, size_t *n, stru
     if (!st)
         rc = sq_db_err(q->rdb, e, "prepare");
     if (st)
-        sqlite3_bind_int64(st, 1, queue_now_ms());
+        sqlite3_bind_int64(st, 1, clock_now_ms());
     while (rc == 0 && st && sqlite3_step(st) == SQLITE_ROW) {
         if (*n == cap) {
             struct queue_worker *bigger = realloc(v, (cap ? cap * 2 : 8) * sizeof(*v));

@@ -113,7 +113,7 @@ static int run_op(struct sqlite_queue *q, struct op *o)
     case OP_WORKER_BEAT:
         return sq_op_worker_beat(q, o);
     case OP_WORKER_LEAVE:
-        sq_reap_worker(q, o->id, "its worker stopped", queue_now_ms());
+        sq_reap_worker(q, o->id, "its worker stopped", clock_now_ms());
         return 0;
     case OP_ENQUEUE:
         return sq_op_enqueue(q, o);
@@ -196,7 +196,7 @@ static int txn_lost(struct sqlite_queue *q, const struct op *why, struct err *e)
 static void run_group(struct sqlite_queue *q, struct op *ops)
 {
     struct err e = {0};
-    int64_t queued_before = q->n_queued, now = queue_now_ms();
+    int64_t queued_before = q->n_queued, now = clock_now_ms();
     int64_t changes_before = sqlite3_total_changes64(q->wdb);
     int ok;
 
@@ -236,10 +236,10 @@ static void run_group(struct sqlite_queue *q, struct op *ops)
             q->next_retain_ms = now + (retain(q, now) == RETAIN_MAX ? 0 : RETAIN_INTERVAL_MS);
         ok = !txn_lost(q, NULL, &e);
     }
-    int64_t commit_start = queue_now_ms();
+    int64_t commit_start = clock_now_ms();
     if (ok)
         ok = sq_exec(q->wdb, "COMMIT", &e) == 0;
-    int64_t commit_ms = queue_now_ms() - commit_start;
+    int64_t commit_ms = clock_now_ms() - commit_start;
     if (commit_ms >= SLOW_COMMIT_MS)
         /* every submission waits on this: a slow disk shows here first */
         log_warn("queue", "slow commit", "ms=%lld operations=%d", (long long)commit_ms, n_ops);
