@@ -3,7 +3,7 @@
  * shapes of a job and of a webhook event, shared by every implementation.
  */
 #include "queue/queue_internal.h"
-#include "queue/queue_redis.h"
+#include "queue/redis/redis.h"
 #include "notify/notify.h"
 
 #include <jansson.h>

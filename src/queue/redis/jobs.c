@@ -1,7 +1,7 @@
 /*
- * queue_redis.c: the job queue on Redis Streams, shared by any number of processes.
+ * jobs.c: the job queue on Redis Streams, shared by any number of processes.
  *
- * Every change is one call of queue_redis.lua (atomic: Redis runs a script alone), so the
+ * Every change is one call of queue.lua (atomic: Redis runs a script alone), so the
  * guarantees are the SQLite queue's: a job is stored (and on its priority's stream) before
  * enqueue returns, a lease counts the attempt first, complete/fail/extend are fenced by the
  * attempt number, and a final state, its webhook and its wake-up are one step. Workers read
@@ -19,7 +19,7 @@
  * by its caller, and fencing makes the repeat harmless.
  */
 #define _GNU_SOURCE
-#include "queue/queue_redis.h"
+#include "queue/redis/redis.h"
 #include "core/clock.h"
 #include "core/log.h"
 
