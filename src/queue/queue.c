@@ -4,7 +4,7 @@
  */
 #include "queue/queue_internal.h"
 #include "core/clock.h"
-#include "queue/queue_redis.h"
+#include "queue/redis/redis.h"
 #include "notify/notify.h"
 
 #include <jansson.h>

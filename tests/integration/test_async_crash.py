@@ -171,7 +171,7 @@ def test_kill9_midway_all_jobs_succeed_once(server_factory, trained, tmp_path, i
         for req in recv.received("/hook/"):
             ev.setdefault(req["path"], set()).add(req["headers"].get("X-Inferd-Event-Id"))
         return ev if len(ev) == N_JOBS else None
-    # On Redis a webhook the killed process had taken is held for queue_redis.c's
+    # On Redis a webhook the killed process had taken is held for the Redis store's
     # OUTBOX_HOLD_MS (60 s) before anyone sends it again (and
     # test_redis.py::test_webhook_burst_is_not_held_back shows a burst held that long too):
     # there every job's webhook must be delivered or waiting in the outbox, none lost.
@@ -226,7 +226,7 @@ def check_sqlite_store(data):
 
 
 def check_redis_store(url, ids):
-    """The Redis queue's keys (queue_redis.lua) after every job succeeded once: N job
+    """The Redis queue's keys (src/queue/redis/queue.lua) after every job succeeded once: N job
     hashes, all succeeded, nothing left on the streams or pending, and one webhook each."""
     with RedisClient.from_url(url) as r:
         keys = {k.decode() for k in r.scan_keys("inferd:job:*")}

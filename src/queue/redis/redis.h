@@ -1,5 +1,5 @@
 /*
- * queue_redis.h: the job queue on Redis Streams (queue_redis.c), opened by queue_open() for a
+ * redis.h: the job queue on Redis Streams (src/queue/redis/), opened by queue_open() for a
  * `redis://host:port/db` URL. Shared by every process pointed at the same Redis.
  */
 #ifndef INFERD_QUEUE_REDIS_H

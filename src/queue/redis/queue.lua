@@ -1,6 +1,6 @@
--- queue_redis.lua: every change to the Redis queue, as one script, so each operation is
+-- queue.lua: every change to the Redis queue, as one script, so each operation is
 -- atomic (Redis runs a script alone) and needs one round trip. CMakeLists.txt embeds
--- this file; queue_redis.c calls it with EVALSHA: ARGV[1] the operation, ARGV[2] the key
+-- this file; the C files beside it call it with EVALSHA: ARGV[1] the operation, ARGV[2] the key
 -- prefix, ARGV[3] the time (ms), the rest per operation.
 --
 -- Keys (P = prefix): P..'job:'..id a job (hash); P..'q:'..p one stream per priority 0-9, read

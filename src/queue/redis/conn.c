@@ -1,0 +1,382 @@
+/*
+ * conn.c: the Redis queue's connections and life: connecting (the database selected, the script
+ * loaded), the pool of idle connections, noting Redis down and up, the URL, opening and closing,
+ * and the two threads every process runs: the sweeper (reclaims expired leases, presumes silent
+ * workers dead) and the subscriber (final states and cancels published by any process).
+ */
+#define _GNU_SOURCE
+#include "queue/redis/internal.h"
+#include "core/clock.h"
+#include "core/log.h"
+
+#include <errno.h>
+#include <openssl/sha.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- connections ---- */
+
+static int load_script(redisContext *c, struct err *e)
+{
+    redisReply *r = redisCommand(c, "SCRIPT LOAD %s", queue_redis_lua);
+    int rc = 0;
+
+    if (!r || r->type != REDIS_REPLY_STRING)
+        rc = err_set(e, ERR_UNAVAILABLE, "Redis: cannot load the queue script: %s",
+                     r && r->type == REDIS_REPLY_ERROR ? r->str : c->errstr);
+    freeReplyObject(r);
+    return rc;
+}
+
+redisContext *rq_connect_redis(struct redis_queue *q, struct err *e)
+{
+    struct timeval tv = {CONNECT_TIMEOUT_MS / 1000, (CONNECT_TIMEOUT_MS % 1000) * 1000};
+    struct timeval cmd = {COMMAND_TIMEOUT_MS / 1000, 0};
+    redisContext *c = redisConnectWithTimeout(q->host, q->port, tv);
+    redisReply *r;
+
+    if (!c || c->err) {
+        err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port,
+                c ? c->errstr : "cannot connect");
+        redisFree(c);
+        return NULL;
+    }
+    redisSetTimeout(c, cmd);
+    if (q->db != 0) {
+        r = redisCommand(c, "SELECT %d", q->db);
+        if (!r || r->type == REDIS_REPLY_ERROR) {
+            err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: SELECT %d failed", q->host, q->port,
+                    q->db);
+            freeReplyObject(r);
+            redisFree(c);
+            return NULL;
+        }
+        freeReplyObject(r);
+    }
+    if (load_script(c, e) != 0) {
+        redisFree(c);
+        return NULL;
+    }
+    return c;
+}
+
+void rq_note_down(struct redis_queue *q, const char *why)
+{
+    int64_t expected = 0;
+
+    if (atomic_compare_exchange_strong(&q->down_since_ms, &expected, queue_now_ms()))
+        log_error("queue", "Redis unreachable", "redis=%s:%d reason=\"%s\"", q->host, q->port, why);
+}
+
+void rq_note_up(struct redis_queue *q)
+{
+    if (atomic_exchange(&q->down_since_ms, 0) != 0) {
+        atomic_store(&q->up_since_ms, queue_now_ms());
+        log_info("queue", "Redis reachable again", "redis=%s:%d", q->host, q->port);
+    }
+}
+
+redisContext *rq_take_conn(struct redis_queue *q, struct err *e)
+{
+    redisContext *c = NULL;
+
+    pthread_mutex_lock(&q->pool_lock);
+    if (q->n_idle > 0)
+        c = q->pool[--q->n_idle];
+    pthread_mutex_unlock(&q->pool_lock);
+    if (!c) {
+        c = rq_connect_redis(q, e);
+        if (!c)
+            rq_note_down(q, e->msg);
+    }
+    return c;
+}
+
+/* Gives a connection back; a broken one is closed instead. */
+void rq_give_conn(struct redis_queue *q, redisContext *c)
+{
+    if (!c)
+        return;
+    if (c->err) {
+        rq_note_down(q, c->errstr);
+        redisFree(c);
+        /* the idle ones most likely broke with it (Redis restarted): reconnect afresh */
+        pthread_mutex_lock(&q->pool_lock);
+        while (q->n_idle > 0)
+            redisFree(q->pool[--q->n_idle]);
+        pthread_mutex_unlock(&q->pool_lock);
+        return;
+    }
+    rq_note_up(q);
+    pthread_mutex_lock(&q->pool_lock);
+    if (q->n_idle < POOL_SIZE) {
+        q->pool[q->n_idle++] = c;
+        c = NULL;
+    }
+    pthread_mutex_unlock(&q->pool_lock);
+    redisFree(c);
+}
+
+/* ---- background threads: the sweeper and the final-state subscriber ---- */
+
+static int wait_stop(struct redis_queue *q, int64_t ms)
+{
+    struct timespec ts = clock_realtime_after_ms(ms);
+    int stop;
+
+    pthread_mutex_lock(&q->lock);
+    if (!q->stopping)
+        pthread_cond_timedwait(&q->cond, &q->lock, &ts);
+    stop = q->stopping;
+    pthread_mutex_unlock(&q->lock);
+    return stop;
+}
+
+static void *sweeper_main(void *self)
+{
+    struct redis_queue *q = self;
+    char sweeper[128];
+
+    snprintf(sweeper, sizeof(sweeper), "%s/sweeper", q->name);
+    while (!wait_stop(q, SWEEP_MS)) {
+        struct args a;
+        struct err e;
+        redisReply *r;
+        rq_script_args(q, &a, "reclaim");
+        rq_arg(&a, sweeper);
+        rq_arg_int(&a, RECLAIM_MIN_IDLE_MS);
+        rq_arg_int(&a, q->cfg.result_ttl_s);
+        /* workers are presumed dead only after a whole timeout of Redis answering: one cut off
+         * with us had no way to beat */
+        rq_arg_int(&a,
+                   atomic_load(&q->down_since_ms) ? queue_now_ms() : atomic_load(&q->up_since_ms));
+        r = rq_run(q, &a, &e);
+        /* {jobs of workers presumed dead, jobs whose lease expired, jobs failed for good} */
+        if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
+            r->element[0]->type == REDIS_REPLY_INTEGER && r->element[0]->integer > 0)
+            log_warn("queue", "workers presumed dead (no heartbeat); their jobs reclaimed",
+                     "jobs=%lld", (long long)r->element[0]->integer);
+        if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
+            r->element[1]->type == REDIS_REPLY_INTEGER && r->element[1]->integer > 0)
+            log_warn("queue", "leases expired; jobs reclaimed", "jobs=%lld",
+                     (long long)r->element[1]->integer);
+        for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
+                           r->element[2]->type == REDIS_REPLY_ARRAY && i < r->element[2]->elements;
+             i++) {
+            const redisReply *f = r->element[2]->element[i];
+            if (f->type == REDIS_REPLY_ARRAY && f->elements == 4 && f->element[0]->str &&
+                f->element[1]->str && f->element[3]->str)
+                log_warn("queue", "job failed", "job=%s model=%s attempts=%lld error=\"%s\"",
+                         f->element[0]->str, f->element[1]->str, (long long)f->element[2]->integer,
+                         f->element[3]->str);
+        }
+        freeReplyObject(r);
+    }
+    return NULL;
+}
+
+static void *subscriber_main(void *self)
+{
+    struct redis_queue *q = self;
+    int64_t backoff = 100;
+
+    while (!wait_stop(q, 0)) {
+        struct err e;
+        redisContext *c = rq_connect_redis(q, &e);
+        redisReply *r;
+        if (!c) {
+            if (wait_stop(q, backoff))
+                break;
+            backoff = backoff < 5000 ? backoff * 2 : 5000;
+            continue;
+        }
+        backoff = 100;
+        /* a short read timeout, so stopping is noticed */
+        struct timeval tv = {0, 500 * 1000};
+        redisSetTimeout(c, tv);
+        r = redisCommand(c, "SUBSCRIBE %sfinal %scancel", q->prefix, q->prefix);
+        freeReplyObject(r);
+        r = NULL;
+        redisGetReply(c, (void **)&r); /* the second channel's confirmation */
+        freeReplyObject(r);
+        while (!c->err) {
+            r = NULL;
+            if (redisGetReply(c, (void **)&r) != REDIS_OK) {
+                if (c->err == REDIS_ERR_IO && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                    c->err = 0; /* a read timeout: look at `stopping`, then read on */
+                    if (wait_stop(q, 0))
+                        break;
+                    continue;
+                }
+                break;
+            }
+            if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
+                strcmp(r->element[0]->str, "message") == 0 && r->element[1]->str &&
+                r->element[2]->str && strlen(r->element[1]->str) > 6 &&
+                strcmp(r->element[1]->str + strlen(r->element[1]->str) - 6, "cancel") == 0) {
+                queue_note_cancel(&q->base, r->element[2]->str);
+            } else if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
+                       strcmp(r->element[0]->str, "message") == 0 && q->base.on_final) {
+                char id[48] = "";
+                const char *msg = r->element[2]->str, *sp = strchr(msg, ' ');
+                if (sp && (size_t)(sp - msg) < sizeof(id)) {
+                    memcpy(id, msg, (size_t)(sp - msg));
+                    int st = job_state_parse(sp + 1);
+                    q->base.on_final(q->base.on_final_ctx, id, (enum job_state)(st < 0 ? 0 : st));
+                }
+            }
+            freeReplyObject(r);
+        }
+        redisFree(c);
+    }
+    return NULL;
+}
+
+/* ---- opening and closing ---- */
+
+static void r_close(struct queue *qb)
+{
+    struct redis_queue *q = rq(qb);
+
+    pthread_mutex_lock(&q->lock);
+    q->stopping = 1;
+    pthread_cond_broadcast(&q->cond);
+    pthread_cond_broadcast(&q->async_cond);
+    pthread_mutex_unlock(&q->lock);
+    if (q->threads_started) {
+        pthread_join(q->async_thread, NULL);
+        pthread_join(q->sweeper, NULL);
+        pthread_join(q->subscriber, NULL);
+    }
+    for (int i = 0; i < q->n_idle; i++)
+        redisFree(q->pool[i]);
+    pthread_mutex_destroy(&q->pool_lock);
+    pthread_mutex_destroy(&q->lock);
+    pthread_cond_destroy(&q->cond);
+    pthread_cond_destroy(&q->async_cond);
+    free(q);
+}
+
+static const struct queue_ops redis_ops = {
+    .jobs = &rq_job_ops,
+    .batch = &rq_batch_ops,
+    .outbox = &rq_outbox_ops,
+    .close = r_close,
+};
+
+/* redis://[host][:port][/db] */
+static int parse_url(struct redis_queue *q, const char *url, struct err *e)
+{
+    const char *p = url + strlen("redis://"), *colon, *slash;
+    size_t hlen;
+
+    q->port = 6379;
+    q->db = 0;
+    slash = strchr(p, '/');
+    colon = strchr(p, ':');
+    if (colon && slash && colon > slash)
+        colon = NULL;
+    hlen = (size_t)((colon ? colon : slash ? slash : p + strlen(p)) - p);
+    if (strchr(p, '@'))
+        return err_set(e, ERR_INVALID, "--queue %s: passwords are not supported yet", url);
+    if (hlen >= sizeof(q->host))
+        return err_set(e, ERR_INVALID, "--queue %s: host name too long", url);
+    memcpy(q->host, p, hlen);
+    q->host[hlen] = '\0';
+    if (!q->host[0])
+        snprintf(q->host, sizeof(q->host), "127.0.0.1");
+    if (colon) {
+        char *end;
+        long v = strtol(colon + 1, &end, 10);
+        if (end == colon + 1 || v < 1 || v > 65535 || (*end && *end != '/'))
+            return err_set(e, ERR_INVALID, "--queue %s: bad port", url);
+        q->port = (int)v;
+    }
+    if (slash && slash[1]) {
+        char *end;
+        long v = strtol(slash + 1, &end, 10);
+        if (*end || v < 0 || v > 1000)
+            return err_set(e, ERR_INVALID, "--queue %s: bad database number", url);
+        q->db = (int)v;
+    }
+    return 0;
+}
+
+static void script_sha(char out[41])
+{
+    unsigned char md[SHA_DIGEST_LENGTH];
+
+    SHA1((const unsigned char *)queue_redis_lua, strlen(queue_redis_lua), md);
+    for (int i = 0; i < SHA_DIGEST_LENGTH; i++)
+        snprintf(out + 2 * i, 3, "%02x", md[i]);
+}
+
+/* The consumer group on every priority stream (created with the streams). */
+static int create_groups(struct redis_queue *q, redisContext *c, struct err *e)
+{
+    for (int p = 0; p < 10; p++) {
+        redisReply *r = redisCommand(c, "XGROUP CREATE %sq:%d workers 0 MKSTREAM", q->prefix, p);
+        int bad = !r || (r->type == REDIS_REPLY_ERROR && !strstr(r->str, "BUSYGROUP"));
+        if (bad)
+            err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: cannot create the consumer group: %s",
+                    q->host, q->port, r ? r->str : c->errstr);
+        freeReplyObject(r);
+        if (bad)
+            return ERR_UNAVAILABLE;
+    }
+    return 0;
+}
+
+int queue_redis_open(const struct queue_config *cfg, struct queue **out, struct err *e)
+{
+    struct redis_queue *q = calloc(1, sizeof(*q));
+    redisContext *c;
+    char host[64] = "host";
+    int rc;
+
+    *out = NULL;
+    if (!q)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    q->base.ops = &redis_ops;
+    q->cfg = *cfg;
+    snprintf(q->prefix, sizeof(q->prefix), "inferd:");
+    gethostname(host, sizeof(host) - 1);
+    snprintf(q->name, sizeof(q->name), "%.60s/%d", host, (int)getpid());
+    script_sha(q->sha);
+    atomic_store(&q->up_since_ms, queue_now_ms());
+    pthread_mutex_init(&q->pool_lock, NULL);
+    pthread_mutex_init(&q->lock, NULL);
+    pthread_cond_init(&q->cond, NULL);
+    pthread_cond_init(&q->async_cond, NULL);
+    rc = parse_url(q, cfg->url, e);
+    if (rc != 0) {
+        r_close(&q->base);
+        return rc;
+    }
+    c = rq_connect_redis(q, e);
+    if (!c) {
+        r_close(&q->base);
+        return ERR_UNAVAILABLE;
+    }
+    rc = create_groups(q, c, e);
+    rq_give_conn(q, c);
+    if (rc != 0) {
+        r_close(&q->base);
+        return rc;
+    }
+    if (pthread_create(&q->async_thread, NULL, rq_async_main, q) != 0 ||
+        pthread_create(&q->sweeper, NULL, sweeper_main, q) != 0 ||
+        pthread_create(&q->subscriber, NULL, subscriber_main, q) != 0) {
+        /* a half-started set of threads cannot be joined safely: give up now */
+        log_error("queue", "cannot start the Redis queue's threads", "%s", "");
+        abort();
+    }
+    q->threads_started = 1;
+    log_info("queue", "job queue on Redis", "redis=%s:%d db=%d result_ttl_s=%lld", q->host, q->port,
+             q->db, (long long)cfg->result_ttl_s);
+    *out = &q->base;
+    return 0;
+}
