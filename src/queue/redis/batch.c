@@ -4,6 +4,8 @@
  * results, and the schedules due.
  */
 #define _GNU_SOURCE
+#include "core/clock.h"
+#include "core/id.h"
 #include "queue/redis/internal.h"
 #include <stdio.h>
 #include <stdlib.h>
@@ -147,7 +149,7 @@ static int r_batch_create(struct queue *qb, const struct batch_job_spec *s, char
         rc = err_set(e, ERR_NOMEM, "out of memory");
         goto cleanup;
     }
-    rq_new_id(raw);
+    id_new(raw);
     snprintf(id_out, 40, "batch-%s", raw);
 #define ADD(str) add_arg(v, len, &argc, (str))
 #define ADD_INT(i, val) (snprintf(nums[i], sizeof(nums[i]), "%lld", (long long)(val)), ADD(nums[i]))
@@ -156,7 +158,7 @@ static int r_batch_create(struct queue *qb, const struct batch_job_spec *s, char
     ADD("0");
     ADD("batch_create");
     ADD(q->prefix);
-    ADD_INT(0, queue_now_ms());
+    ADD_INT(0, clock_now_ms());
     ADD(id_out);
     ADD(s->parent);
     ADD_INT(1, s->run_at_ms);
@@ -177,7 +179,7 @@ static int r_batch_create(struct queue *qb, const struct batch_job_spec *s, char
     ADD(s->finish_input);
     ADD(s->error);
     for (size_t i = 0; !s->schedule && !s->error && i < s->n_tasks; i++) {
-        rq_new_id(ids[i]);
+        id_new(ids[i]);
         ADD(ids[i]);
         ADD(s->task_inputs[i]);
     }

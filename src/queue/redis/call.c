@@ -3,6 +3,7 @@
  * time first), on a given connection or a pooled one, and reading the fields of its replies.
  */
 #define _GNU_SOURCE
+#include "core/clock.h"
 #include "queue/redis/internal.h"
 
 #include <stdio.h>
@@ -40,7 +41,7 @@ void rq_script_args(struct redis_queue *q, struct args *a, const char *op)
     rq_arg(a, "0");
     rq_arg(a, op);
     rq_arg(a, q->prefix);
-    rq_arg_int(a, queue_now_ms());
+    rq_arg_int(a, clock_now_ms());
 }
 
 redisReply *rq_call(struct redis_queue *q, redisContext *c, struct args *a, struct err *e)

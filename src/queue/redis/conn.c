@@ -67,14 +67,14 @@ void rq_note_down(struct redis_queue *q, const char *why)
 {
     int64_t expected = 0;
 
-    if (atomic_compare_exchange_strong(&q->down_since_ms, &expected, queue_now_ms()))
+    if (atomic_compare_exchange_strong(&q->down_since_ms, &expected, clock_now_ms()))
         log_error("queue", "Redis unreachable", "redis=%s:%d reason=\"%s\"", q->host, q->port, why);
 }
 
 void rq_note_up(struct redis_queue *q)
 {
     if (atomic_exchange(&q->down_since_ms, 0) != 0) {
-        atomic_store(&q->up_since_ms, queue_now_ms());
+        atomic_store(&q->up_since_ms, clock_now_ms());
         log_info("queue", "Redis reachable again", "redis=%s:%d", q->host, q->port);
     }
 }
@@ -152,7 +152,7 @@ static void *sweeper_main(void *self)
         /* workers are presumed dead only after a whole timeout of Redis answering: one cut off
          * with us had no way to beat */
         rq_arg_int(&a,
-                   atomic_load(&q->down_since_ms) ? queue_now_ms() : atomic_load(&q->up_since_ms));
+                   atomic_load(&q->down_since_ms) ? clock_now_ms() : atomic_load(&q->up_since_ms));
         r = rq_run(q, &a, &e);
         /* {jobs of workers presumed dead, jobs whose lease expired, jobs failed for good} */
         if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
@@ -346,7 +346,7 @@ int queue_redis_open(const struct queue_config *cfg, struct queue **out, struct 
     gethostname(host, sizeof(host) - 1);
     snprintf(q->name, sizeof(q->name), "%.60s/%d", host, (int)getpid());
     script_sha(q->sha);
-    atomic_store(&q->up_since_ms, queue_now_ms());
+    atomic_store(&q->up_since_ms, clock_now_ms());
     pthread_mutex_init(&q->pool_lock, NULL);
     pthread_mutex_init(&q->lock, NULL);
     pthread_cond_init(&q->cond, NULL);

@@ -50,7 +50,6 @@
 #define POOL_SIZE 32
 #define SWEEP_MS 1000
 #define RECLAIM_MIN_IDLE_MS 1000
-#define MAX_BACKOFF_MS 60000
 #define OUTBOX_HOLD_MS 60000 /* a taken webhook is someone's for this long */
 #define CONNECT_TIMEOUT_MS 3000
 #define COMMAND_TIMEOUT_MS 10000
@@ -154,7 +153,6 @@ char *rq_hget_dup(const redisReply *h, const char *name);
 
 extern const struct queue_job_ops rq_job_ops;
 /* A new id: the time in ms, then random bits. */
-void rq_new_id(char out[40]);
 /* Job `id` into `*out` (freed with job_free), with its input / result if asked. */
 int rq_load_job(struct redis_queue *q, redisContext *c, const char *id, int with_input,
                 int with_result, struct job **out, struct err *e);

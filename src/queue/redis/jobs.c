@@ -4,6 +4,7 @@
  * retry, and reading them back (get, list, counts). Each change is one call of queue.lua.
  */
 #define _GNU_SOURCE
+#include "core/id.h"
 #include "queue/redis/internal.h"
 #include "core/log.h"
 
@@ -102,17 +103,6 @@ int rq_load_job(struct redis_queue *q, redisContext *c, const char *id, int with
 
 /* ---- operations ---- */
 
-void rq_new_id(char out[40])
-{
-    unsigned char rnd[6] = {0};
-
-    if (getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd))
-        for (size_t i = 0; i < sizeof(rnd); i++)
-            rnd[i] = (unsigned char)rand();
-    snprintf(out, 40, "%012llx%02x%02x%02x%02x%02x%02x", (unsigned long long)queue_now_ms(), rnd[0],
-             rnd[1], rnd[2], rnd[3], rnd[4], rnd[5]);
-}
-
 static void enqueue_args(struct redis_queue *q, struct args *a, const struct job_spec *s,
                          const char *id)
 {
@@ -165,7 +155,7 @@ static int r_enqueue(struct queue *qb, const struct job_spec *spec, char id_out[
     redisReply *r;
     int rc;
 
-    rq_new_id(id);
+    id_new(id);
     enqueue_args(q, &a, spec, id);
     r = rq_run(q, &a, e);
     if (!r)
@@ -201,7 +191,7 @@ void *rq_async_main(void *self)
         }
         for (struct async_op *o = ops; c && o; o = o->next) {
             struct args a;
-            rq_new_id(o->id);
+            id_new(o->id);
             enqueue_args(q, &a, &o->spec, o->id);
             redisAppendCommandArgv(c, a.n, a.v, a.len);
         }
@@ -297,7 +287,7 @@ static void lease_ticket(struct redis_queue *q, const char *worker, char ticket[
     }
     pthread_mutex_unlock(&q->lock);
     if (!*lost)
-        rq_new_id(ticket);
+        id_new(ticket);
 }
 
 /* After a lease call: an answer that arrived settles the worker's lost ticket; one that did
@@ -435,7 +425,7 @@ static void outcome_args(struct redis_queue *q, struct args *a, const struct que
         rq_arg(a, o->error ? o->error : "failed");
         rq_arg(a, o->retryable || o->released ? "1" : "0");
         rq_arg_int(a, q->cfg.retry_backoff_ms);
-        rq_arg_int(a, MAX_BACKOFF_MS);
+        rq_arg_int(a, QUEUE_MAX_BACKOFF_MS);
         rq_arg_int(a, q->cfg.result_ttl_s);
         rq_arg_int(a, o->retry_after_ms);
         rq_arg(a, o->released ? "1" : "0");

@@ -3,6 +3,7 @@
  * OUTBOX_HOLD_MS; a body is built once, on its first sending, and stored) and recording attempts.
  */
 #define _GNU_SOURCE
+#include "core/clock.h"
 #include "queue/redis/internal.h"
 #include "core/log.h"
 
@@ -157,7 +158,7 @@ static int64_t r_outbox_next_due(struct queue *qb)
     int64_t next = -1;
 
     if (!c)
-        return queue_now_ms() + 1000;
+        return clock_now_ms() + 1000;
     r = redisCommand(c, "ZRANGE %soutbox 0 0 WITHSCORES", q->prefix);
     if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 2)
         next = strtoll(r->element[1]->str, NULL, 10);

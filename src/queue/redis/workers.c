@@ -3,6 +3,7 @@
  * (a sorted set by when each is presumed dead, and a hash per worker).
  */
 #define _GNU_SOURCE
+#include "core/clock.h"
 #include "queue/redis/internal.h"
 
 #include <stdio.h>
@@ -56,7 +57,7 @@ int rq_workers_list(struct queue *qb, struct queue_worker **out, size_t *n, stru
     if (!c)
         return e->code;
     ids = redisCommand(c, "ZRANGEBYSCORE %sworkers (%lld +inf LIMIT 0 10000", q->prefix,
-                       (long long)queue_now_ms());
+                       (long long)clock_now_ms());
     if (!ids || ids->type != REDIS_REPLY_ARRAY)
         rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
     else if (ids->elements > 0 && !(v = calloc(ids->elements, sizeof(*v))))
