@@ -282,9 +282,7 @@ static int queue_finish_job(struct sqlite_queue *q, const char *batch_id, struct
         spec.input = input;
         spec.input_len = strlen(input);
         id_new(id);
-        rc = sq_insert_job(q, &spec, id, e);
-        if (rc == 0)
-            q->n_queued++;
+        rc = sq_insert_job(q, &spec, id, e); /* counts it in n_queued */
     }
     free(model);
     free(input);
@@ -485,9 +483,7 @@ int sq_op_batch_create(struct sqlite_queue *q, struct op *o)
         };
         char id[40];
         id_new(id);
-        rc = sq_insert_job(q, &task, id, &o->err);
-        if (rc == 0)
-            q->n_queued++;
+        rc = sq_insert_job(q, &task, id, &o->err); /* counts it in n_queued */
     }
     if (rc == 0 && s->n_tasks == 0)
         rc = queue_finish_job(q, o->id_out, &o->err);
