@@ -4,6 +4,7 @@
 #include "core/id.h"
 #include "core/clock.h"
 
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,11 +20,28 @@ void id_random(void *buf, size_t n)
             p[i] = (unsigned char)rand();
 }
 
+/* Within a millisecond (or when the clock steps back) the random part counts up from the last
+ * id's, so this process's ids sort in the order they were made. */
 void id_new(char out[ID_SIZE])
 {
+    static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+    static uint64_t last_ms, last_rnd;
     unsigned char rnd[6] = {0};
+    uint64_t ms = (uint64_t)clock_now_ms(), r = 0;
 
     id_random(rnd, sizeof(rnd));
-    snprintf(out, ID_SIZE, "%012llx%02x%02x%02x%02x%02x%02x", (unsigned long long)clock_now_ms(),
-             rnd[0], rnd[1], rnd[2], rnd[3], rnd[4], rnd[5]);
+    for (size_t i = 0; i < sizeof(rnd); i++)
+        r = r << 8 | rnd[i];
+    pthread_mutex_lock(&lock);
+    if (ms <= last_ms && last_rnd + 0x10000 <= 0xffffffffffffULL) {
+        ms = last_ms;
+        r = last_rnd + 1 + (r & 0xffff);
+    } else if (ms <= last_ms) {
+        ms = last_ms + 1; /* counted out: the next millisecond */
+    }
+    last_ms = ms;
+    last_rnd = r & 0xffffffffffffULL;
+    r = last_rnd;
+    pthread_mutex_unlock(&lock);
+    snprintf(out, ID_SIZE, "%012llx%012llx", (unsigned long long)ms, (unsigned long long)r);
 }
