@@ -202,6 +202,10 @@ static void *subscriber_main(void *self)
         r = NULL;
         redisGetReply(c, (void **)&r); /* the second channel's confirmation */
         freeReplyObject(r);
+        pthread_mutex_lock(&q->lock);
+        q->subscribed = 1;
+        pthread_cond_broadcast(&q->cond);
+        pthread_mutex_unlock(&q->lock);
         while (!c->err) {
             r = NULL;
             if (redisGetReply(c, (void **)&r) != REDIS_OK) {
@@ -375,6 +379,12 @@ int queue_redis_open(const struct queue_config *cfg, struct queue **out, struct 
         abort();
     }
     q->threads_started = 1;
+    /* final states from now on reach on_final: wait (2 s at most) for the subscription */
+    struct timespec until = clock_realtime_after_ms(2000);
+    pthread_mutex_lock(&q->lock);
+    while (!q->subscribed && pthread_cond_timedwait(&q->cond, &q->lock, &until) == 0)
+        ;
+    pthread_mutex_unlock(&q->lock);
     log_info("queue", "job queue on Redis", "redis=%s:%d db=%d result_ttl_s=%lld", q->host, q->port,
              q->db, (long long)cfg->result_ttl_s);
     *out = &q->base;

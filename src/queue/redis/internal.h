@@ -91,6 +91,7 @@ struct redis_queue {
     pthread_cond_t cond;       /* stopping (the sweeper and subscriber wait on it) */
     pthread_cond_t async_cond; /* enqueues arrived, or stopping */
     int stopping;              /* guarded by lock; set once, by r_close() */
+    int subscribed;            /* guarded by lock: the subscriber listens (signalled on cond) */
     /* guarded by lock: pushed by HTTP threads (r_enqueue_async), taken by rq_async_main */
     struct async_op *async_head, *async_tail;
     /* started by queue_redis_open(), joined by r_close(): those two only, no lock */

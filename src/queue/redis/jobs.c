@@ -4,6 +4,7 @@
  * retry, and reading them back (get, list, counts). Each change is one call of queue.lua.
  */
 #define _GNU_SOURCE
+#include "core/clock.h"
 #include "core/id.h"
 #include "queue/redis/internal.h"
 #include "core/log.h"
@@ -327,7 +328,8 @@ static int r_lease_many(struct queue *qb, const char *worker, size_t max, int ma
     *n = 0;
     if (!c)
         return e->code;
-    for (int round = 0; round < 2; round++) {
+    int64_t deadline = clock_now_ms() + (wait_ms > 0 ? wait_ms : 0);
+    for (int round = 0;; round++) {
         lease_ticket(q, worker, ticket, &lost);
         rq_script_args(q, &a, "lease");
         rq_arg(&a, worker);
@@ -357,8 +359,9 @@ static int r_lease_many(struct queue *qb, const char *worker, size_t max, int ma
             break;
         freeReplyObject(r);
         r = NULL;
-        if (round == 0 && wait_ms > 0)
-            wait_for_work(q, c, wait_ms < 250 ? wait_ms : 250); /* delayed retries come by time */
+        int64_t left = deadline - clock_now_ms();
+        if (left > 0) /* up to wait_ms, looking again every 250 ms: delayed retries come by time */
+            wait_for_work(q, c, left < 250 ? left : 250);
         else
             break;
         if (c->err)

@@ -43,7 +43,14 @@ int rq_worker_leave(struct queue *qb, const char *id, struct err *e)
     return r ? 0 : e->code;
 }
 
-/* The live workers: those whose time to be presumed dead is still ahead. */
+static int by_start(const void *a, const void *b)
+{
+    const struct queue_worker *x = a, *y = b;
+
+    return x->started_ms < y->started_ms ? -1 : x->started_ms > y->started_ms;
+}
+
+/* The live workers, oldest first: those whose time to be presumed dead is still ahead. */
 int rq_workers_list(struct queue *qb, struct queue_worker **out, size_t *n, struct err *e)
 {
     struct redis_queue *q = rq(qb);
@@ -81,6 +88,8 @@ int rq_workers_list(struct queue *qb, struct queue_worker **out, size_t *n, stru
     }
     freeReplyObject(ids);
     rq_give_conn(q, c);
+    if (rc == 0 && *n > 1)
+        qsort(v, *n, sizeof(*v), by_start); /* the set is ordered by presumed-dead time */
     if (rc != 0 || *n == 0) {
         free(v);
         v = NULL;
