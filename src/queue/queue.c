@@ -95,9 +95,13 @@ int queue_open(const struct queue_config *cfg, struct queue **out, struct err *e
 {
     if (cfg->url && strncmp(cfg->url, "redis://", 8) == 0)
         return queue_redis_open(cfg, out, e);
-    if (cfg->url && cfg->url[0] && strcmp(cfg->url, "sqlite") != 0)
-        return err_set(e, ERR_INVALID, "--queue %s: expected sqlite or redis://host:port/db",
-                       cfg->url);
+    if (cfg->url && cfg->url[0] && strcmp(cfg->url, "sqlite") != 0) {
+        char *shown = notify_url_redacted(cfg->url); /* a password stays out of the message */
+        int rc = err_set(e, ERR_INVALID, "--queue %s: expected sqlite or redis://host:port/db",
+                         shown ? shown : "(the URL given)");
+        free(shown);
+        return rc;
+    }
     return queue_sqlite_open(cfg, out, e);
 }
 
