@@ -47,6 +47,10 @@ int qc_teardown(void **state);
 /* Closes the test's queue and opens the same store again with `cfg` (nothing is wiped). */
 struct queue *qc_reopen(void **state, struct qc_config cfg);
 
+/* A second queue on the same store, as another process would open it (default options);
+ * NULL for a single-owner store (SQLite). Close it with queue_close() before the test ends. */
+struct queue *qc_open_another(void);
+
 /* Skips the current test on store `store` because of `bug`, saying so. */
 void qc_skip_on(const char *store, const char *bug);
 
@@ -102,6 +106,8 @@ extern const struct CMUnitTest qc_outbox_tests[];
 extern const size_t qc_outbox_n;
 extern const struct CMUnitTest qc_batch_tests[];
 extern const size_t qc_batch_n;
+extern const struct CMUnitTest qc_concurrency_tests[];
+extern const size_t qc_concurrency_n;
 extern const struct CMUnitTest qc_faults_tests[];
 extern const size_t qc_faults_n;
 

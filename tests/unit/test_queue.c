@@ -2,7 +2,8 @@
  * test_queue.c: the queue contract suite's runner and fixtures.
  *
  * Every store of src/queue must pass the same tables of tests (test_queue_jobs.c,
- * test_queue_workers.c, test_queue_outbox.c, test_queue_batch.c, test_queue_faults.c): this
+ * test_queue_workers.c, test_queue_outbox.c, test_queue_batch.c, test_queue_concurrency.c,
+ * test_queue_faults.c): this
  * file runs them all once per store it can reach, each test on an empty store:
  *   - SQLite, always: a fresh temporary --data-dir per test;
  *   - Redis, with $INFERD_TEST_REDIS (tests/unit/with_redis starts a private redis-server):
@@ -111,6 +112,19 @@ struct queue *qc_reopen(void **state, struct qc_config cfg)
     if (!q)
         fail_msg("%s: queue_open: %s", qc_store->name, e.msg);
     *state = q;
+    return q;
+}
+
+struct queue *qc_open_another(void)
+{
+    struct err e = {0};
+    struct queue *q;
+
+    if (!qc_store->shared)
+        return NULL;
+    q = open_store(QC_CONFIG_DEFAULT, &e);
+    if (!q)
+        fail_msg("%s: a second queue_open: %s", qc_store->name, e.msg);
     return q;
 }
 
@@ -322,8 +336,11 @@ int main(void)
         const struct CMUnitTest *tests;
         const size_t *n;
     } tables[] = {
-        {"jobs", qc_jobs_tests, &qc_jobs_n},       {"workers", qc_workers_tests, &qc_workers_n},
-        {"outbox", qc_outbox_tests, &qc_outbox_n}, {"batch", qc_batch_tests, &qc_batch_n},
+        {"jobs", qc_jobs_tests, &qc_jobs_n},
+        {"workers", qc_workers_tests, &qc_workers_n},
+        {"outbox", qc_outbox_tests, &qc_outbox_n},
+        {"batch", qc_batch_tests, &qc_batch_n},
+        {"concurrency", qc_concurrency_tests, &qc_concurrency_n},
         {"faults", qc_faults_tests, &qc_faults_n},
     };
     const char *redis = getenv("INFERD_TEST_REDIS"), *pg = getenv("INFERD_TEST_POSTGRES");
@@ -349,6 +366,8 @@ int main(void)
             snprintf(name, sizeof(name), "queue contract (%s): %s", stores[s].name,
                      tables[t].concern);
             qc_store = &stores[s];
+            printf("[----------] %s\n", name);
+            fflush(stdout);
             failed += _cmocka_run_group_tests(name, tables[t].tests, *tables[t].n, NULL, NULL);
         }
     }
