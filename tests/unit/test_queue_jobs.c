@@ -1116,7 +1116,29 @@ static void test_expired_lease_is_reclaimed(void **state)
     job_free(j);
 }
 
+/* The names users see, and the time format of every JSON shape. */
+static void test_state_names_and_time(void **state)
+{
+    static const char *names[] = {"queued", "running",   "succeeded",
+                                  "failed", "cancelled", "expired"};
+    struct buf b = {0};
+
+    (void)state;
+    for (int s = 0; s < JOB_N_STATES; s++) {
+        assert_string_equal(job_state_name((enum job_state)s), names[s]);
+        assert_int_equal(job_state_parse(names[s]), s);
+    }
+    assert_int_equal(job_state_parse("cancelling"), -1); /* shown, never stored */
+    assert_int_equal(queue_json_time(&b, 0), 0);
+    assert_int_equal(queue_json_time(&b, 1700000000123), 0);
+    assert_int_equal(b.len, strlen("null\"2023-11-14T22:13:20.123Z\""));
+    assert_memory_equal(b.data, "null\"2023-11-14T22:13:20.123Z\"", b.len);
+    buf_release(&b);
+    assert_true(queue_now_ms() > 1700000000000);
+}
+
 const struct CMUnitTest qc_jobs_tests[] = {
+    QC_TEST(test_state_names_and_time),
     QC_TEST(test_enqueue_get_and_job_json),
     QC_TEST(test_idempotency_and_admission),
     QC_TEST(test_enqueue_async),

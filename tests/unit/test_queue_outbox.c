@@ -4,6 +4,7 @@
  * notifications), the exclusive hand-out of shared stores, and the event body users receive.
  */
 #include "queue_contract.h"
+#include "notify/notify.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -240,9 +241,52 @@ static void test_outbox_record_and_exclusive(void **state)
     queue_outbox_items_free(items, n);
 }
 
+/* The outbox as the notifier sees it (queue_notify_store): in-flight webhooks are not handed
+ * out again, and attempts are recorded through it. */
+static void test_notify_store_view(void **state)
+{
+    struct queue *q = *state;
+    struct notify_store store;
+    struct notify_delivery **ds = NULL, **more = NULL;
+    struct err e = {0};
+    size_t n = 0, m = 0;
+    char id[40];
+
+    for (int i = 0; i < 3; i++) {
+        struct job *j = leased_with_hook(q, id);
+        assert_int_equal(queue_complete(q, id, j->token, "{}", 2, -1, &e), 0);
+        job_free(j);
+    }
+    queue_notify_store(q, &store);
+    assert_ptr_equal(store.ctx, q);
+    assert_int_equal(store.take_due(store.ctx, queue_now_ms() + 1000, NULL, 0, 10, &ds, &n, &e), 0);
+    assert_int_equal(n, 3);
+    int64_t in_flight[1] = {ds[0]->id};
+    assert_int_equal(
+        store.take_due(store.ctx, queue_now_ms() + 1000, in_flight, 1, 10, &more, &m, &e), 0);
+    /* never the one in flight; an exclusive store holds the others too */
+    assert_int_equal(m, queue_outbox_exclusive(q) ? 0 : 2);
+    for (size_t i = 0; i < m; i++) {
+        assert_true(more[i]->id != ds[0]->id);
+        notify_delivery_free(more[i]);
+    }
+    free(more);
+    for (size_t i = 0; i < n; i++) {
+        assert_string_equal(ds[i]->url, HOOK);
+        assert_true(ds[i]->body_len > 0);
+        assert_int_equal(ds[i]->attempts, 0);
+        assert_int_equal(store.record(store.ctx, ds[i]->id, queue_now_ms(), 200, NULL, 1, 1, 0, &e),
+                         0);
+        notify_delivery_free(ds[i]);
+    }
+    free(ds);
+    assert_int_equal(queue_outbox_next_due(q), -1);
+}
+
 const struct CMUnitTest qc_outbox_tests[] = {
     QC_TEST(test_outbox_events),
     QC_TEST(test_outbox_cancelled_event),
     QC_TEST(test_outbox_record_and_exclusive),
+    QC_TEST(test_notify_store_view),
 };
 const size_t qc_outbox_n = sizeof(qc_outbox_tests) / sizeof(qc_outbox_tests[0]);
