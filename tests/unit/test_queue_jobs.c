@@ -1055,7 +1055,8 @@ static int succeeded_counted(struct queue *q)
     return (int)counts[JOB_SUCCEEDED];
 }
 
-/* A finished job goes --result-ttl-s after it finished; queued and running ones stay. */
+/* A finished job goes --result-ttl-s after it finished, and its Idempotency-Key is free again;
+ * queued and running ones stay. */
 static void test_retention(void **state)
 {
     struct queue *q = qc_reopen(state, (struct qc_config){1000, 1, 0, 1024});
@@ -1073,13 +1074,42 @@ static void test_retention(void **state)
     assert_string_equal(j->id, running);
     job_free(j);
     qc_enqueue(q, 0, "{\"c\":1}", waiting);
+    struct job_spec keyed = {.model = "m",
+                             .input = "{}",
+                             .input_len = 2,
+                             .input_json_len = -1,
+                             .max_attempts = 1,
+                             .lease_timeout_ms = 60000,
+                             .idempotency_key = "retained-key",
+                             .request_hash = "h1"};
+    char keyed_id[40], again[40];
+    int existed = 0;
+    qc_enqueue_spec(q, &keyed, keyed_id);
+    assert_int_equal(queue_cancel(q, keyed_id, &j, &e), 0);
+    job_free(j);
     qc_poll(is_gone(q, done), 10, "the finished job to go after its 1 s of retention");
+    qc_poll(is_gone(q, keyed_id), 10, "the cancelled job to go after its 1 s of retention");
+    /* its Idempotency-Key may be used again, for another request */
+    keyed.request_hash = "h2";
+    assert_int_equal(queue_enqueue(q, &keyed, again, &existed, &e), 0);
+    assert_int_equal(existed, 0);
+    assert_string_not_equal(again, keyed_id);
+    assert_int_equal(queue_cancel(q, again, &j, &e), 0);
+    job_free(j);
     assert_int_equal(qc_state(q, running), JOB_RUNNING);
     assert_int_equal(qc_state(q, waiting), JOB_QUEUED);
     qc_poll(succeeded_counted(q) == 0, 10, "the counts to forget the retired job");
+    /* and the listing: the running and the waiting job stay, the retired ones are gone */
     struct queue_list_filter f = {.state = -1, .cancelling = -1, .limit = 100};
-    json_t *o = qc_list(q, &f);
-    assert_int_equal(json_array_size(json_object_get(o, "jobs")), 2);
+    json_t *o = qc_list(q, &f), *job;
+    int found = 0;
+    size_t i;
+    json_array_foreach (json_object_get(o, "jobs"), i, job) {
+        assert_string_not_equal(qc_str(job, "id"), done);
+        assert_string_not_equal(qc_str(job, "id"), keyed_id);
+        found += strcmp(qc_str(job, "id"), running) == 0 || strcmp(qc_str(job, "id"), waiting) == 0;
+    }
+    assert_int_equal(found, 2);
     json_decref(o);
 }
 
@@ -1097,9 +1127,19 @@ static void test_expired_lease_is_reclaimed(void **state)
     struct err e = {0};
     char id[40];
 
+    char kept[40];
+    struct job *k;
+
+    spec.priority = 5;
+    qc_enqueue_spec(q, &spec, kept);
+    spec.priority = 0;
     qc_enqueue_spec(q, &spec, id);
+    k = qc_lease(q); /* extended past the test: never reclaimed */
+    assert_string_equal(k->id, kept);
+    assert_int_equal(queue_extend(q, kept, k->token, 120000, &e), 0);
     j = qc_lease(q);
     assert_non_null(j);
+    assert_string_equal(j->id, id);
     uint64_t stale = j->token;
     job_free(j);
     j = NULL;
@@ -1113,6 +1153,42 @@ static void test_expired_lease_is_reclaimed(void **state)
     assert_int_equal(j->n_history, 2);
     assert_non_null(j->history[0].error); /* says why the attempt ended */
     assert_true(j->history[0].ended_ms > 0);
+    job_free(j);
+    /* the extended lease still holds, its attempt unchanged */
+    j = qc_get(q, kept);
+    assert_int_equal(j->state, JOB_RUNNING);
+    assert_int_equal(j->attempts, 1);
+    job_free(j);
+    assert_int_equal(queue_complete(q, kept, k->token, "{}", 2, -1, &e), 0);
+    job_free(k);
+}
+
+/* A job whose input is a file: the store keeps the location, not a body. */
+static void test_input_location(void **state)
+{
+    struct queue *q = *state;
+    struct job_spec spec = {.model = "m",
+                            .input_json_len = -1,
+                            .input_location = "s3://bucket/in/req.json",
+                            .max_attempts = 1,
+                            .lease_timeout_ms = 60000};
+    struct job *j;
+    struct err e = {0};
+    char id[40];
+
+    qc_enqueue_spec(q, &spec, id);
+    j = qc_lease(q);
+    assert_non_null(j);
+    assert_string_equal(j->input_location, "s3://bucket/in/req.json");
+    assert_int_equal(j->input.len, 0);
+    assert_int_equal(queue_fail(q, id, j->token, "no such key", 0, &e), 0);
+    job_free(j);
+    /* it can run again: its input is still where it was */
+    assert_int_equal(queue_retry(q, id, &j, &e), 0);
+    job_free(j);
+    j = qc_lease(q);
+    assert_non_null(j);
+    assert_string_equal(j->input_location, "s3://bucket/in/req.json");
     job_free(j);
 }
 
@@ -1158,5 +1234,6 @@ const struct CMUnitTest qc_jobs_tests[] = {
     QC_TEST(test_ttl_expiry),
     QC_TEST(test_retention),
     QC_TEST(test_expired_lease_is_reclaimed),
+    QC_TEST(test_input_location),
 };
 const size_t qc_jobs_n = sizeof(qc_jobs_tests) / sizeof(qc_jobs_tests[0]);
