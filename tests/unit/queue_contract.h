@@ -100,6 +100,8 @@ extern int qc_n_faults;
 /* The tables of the suite, one per concern, each run on every store. */
 extern const struct CMUnitTest qc_jobs_tests[];
 extern const size_t qc_jobs_n;
+extern const struct CMUnitTest qc_lifetimes_tests[];
+extern const size_t qc_lifetimes_n;
 extern const struct CMUnitTest qc_workers_tests[];
 extern const size_t qc_workers_n;
 extern const struct CMUnitTest qc_outbox_tests[];

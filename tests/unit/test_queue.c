@@ -1,10 +1,9 @@
 /*
  * test_queue.c: the queue contract suite's runner and fixtures.
  *
- * Every store of src/queue must pass the same tables of tests (test_queue_jobs.c,
- * test_queue_workers.c, test_queue_outbox.c, test_queue_batch.c, test_queue_concurrency.c,
- * test_queue_faults.c): this
- * file runs them all once per store it can reach, each test on an empty store:
+ * Every store of src/queue must pass the same tables of tests, one file per concern
+ * (test_queue_jobs.c, _lifetimes.c, _workers.c, _outbox.c, _batch.c, _concurrency.c,
+ * _faults.c). This file runs them all once per store it can reach, each test on an empty store:
  *   - SQLite, always: a fresh temporary --data-dir per test;
  *   - Redis, with $INFERD_TEST_REDIS (tests/unit/with_redis starts a private redis-server):
  *     FLUSHDB before each test;
@@ -337,6 +336,7 @@ int main(void)
         const size_t *n;
     } tables[] = {
         {"jobs", qc_jobs_tests, &qc_jobs_n},
+        {"lifetimes", qc_lifetimes_tests, &qc_lifetimes_n},
         {"workers", qc_workers_tests, &qc_workers_n},
         {"outbox", qc_outbox_tests, &qc_outbox_n},
         {"batch", qc_batch_tests, &qc_batch_n},
