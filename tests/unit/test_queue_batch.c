@@ -245,6 +245,32 @@ static void test_failed_task_fails_run(void **state)
     assert_int_equal(n_listed(q, "queued"), 0);
 }
 
+/* A task cancelled on its own fails its run: the run cannot be whole without it. */
+static void test_cancelled_task_fails_run(void **state)
+{
+    struct queue *q = *state;
+    struct batch_job_spec spec = run_spec(2);
+    struct job *t, *c;
+    struct err e = {0};
+    char id[40];
+    json_t *o;
+
+    create(q, &spec, id);
+    t = lease_task(q);
+    assert_non_null(t);
+    assert_int_equal(queue_cancel(q, t->id, &c, &e), 0);
+    job_free(c);
+    assert_int_equal(queue_complete(q, t->id, t->token, "{}", 2, -1, &e), 0);
+    assert_int_equal(qc_state(q, t->id), JOB_CANCELLED);
+    o = qc_batch_json(q, id);
+    assert_string_equal(qc_str(o, "status"), "failed");
+    assert_non_null(strstr(qc_str(o, "error"), t->id));
+    json_decref(o);
+    job_free(t);
+    assert_int_equal(queue_queued(q), 0);
+    assert_null(lease_task(q));
+}
+
 /* Bad records past max_errors fail the run. */
 static void test_max_errors_fails_run(void **state)
 {
@@ -526,6 +552,7 @@ static void test_schedule_pause_and_progress(void **state)
 const struct CMUnitTest qc_batch_tests[] = {
     QC_TEST(test_run_lifecycle),
     QC_TEST(test_failed_task_fails_run),
+    QC_TEST(test_cancelled_task_fails_run),
     QC_TEST(test_max_errors_fails_run),
     QC_TEST(test_run_failed_before_start),
     QC_TEST(test_cancel_run),

@@ -20,12 +20,17 @@ static void test_ttl_expiry(void **state)
                             .input_len = 2,
                             .input_json_len = -1,
                             .max_attempts = 1,
-                            .lease_timeout_ms = 1000,
+                            .lease_timeout_ms = 60000,
                             .ttl_s = 1};
-    struct job *j;
+    struct job *j, *started;
     struct err e = {0};
-    char id[40], kept[40];
+    char id[40], kept[40], early[40];
 
+    spec.priority = 9; /* started before its ttl: it runs to the end */
+    qc_enqueue_spec(q, &spec, early);
+    started = qc_lease(q);
+    assert_string_equal(started->id, early);
+    spec.priority = 0;
     qc_enqueue_spec(q, &spec, id);
     spec.ttl_s = 0;
     qc_enqueue_spec(q, &spec, kept);
@@ -45,10 +50,15 @@ static void test_ttl_expiry(void **state)
     assert_int_equal(queue_counts(q, counts, &e), 0);
     assert_int_equal(counts[JOB_EXPIRED], 1);
     assert_int_equal(counts[JOB_QUEUED], 0);
-    /* an expired job can be sent back, and no longer expires */
-    assert_int_equal(queue_retry(q, id, &j, &e), 0);
-    assert_int_equal(j->state, JOB_QUEUED);
-    job_free(j);
+    assert_int_equal(queue_complete(q, early, started->token, "{}", 2, -1, &e), 0);
+    job_free(started);
+    assert_int_equal(qc_state(q, early), JOB_SUCCEEDED);
+    /* expired jobs can be sent back (here in bulk), and no longer expire */
+    struct queue_list_filter f = {.state = JOB_EXPIRED, .cancelling = -1, .limit = 10};
+    int64_t n = 0;
+    assert_int_equal(queue_retry_matching(q, &f, &n, &e), 0);
+    assert_int_equal(n, 1);
+    assert_int_equal(qc_state(q, id), JOB_QUEUED);
     j = qc_lease(q);
     assert_non_null(j);
     assert_string_equal(j->id, id);
