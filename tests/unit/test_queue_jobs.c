@@ -305,6 +305,24 @@ static void test_get_want_result(void **state)
     assert_int_equal(j->result.len, 0);
     assert_string_equal(j->error, "bad input");
     job_free(j);
+    /* a result written to output_location is not stored: the job shows where it is */
+    struct job_spec spec = {.model = "m",
+                            .input = "{}",
+                            .input_len = 2,
+                            .input_json_len = -1,
+                            .output_location = "file:///tmp/result.json",
+                            .max_attempts = 1,
+                            .lease_timeout_ms = 60000};
+    char out[40];
+    qc_enqueue_spec(q, &spec, out);
+    j = qc_lease(q);
+    assert_int_equal(queue_complete(q, out, j->token, NULL, 0, -1, &e), 0);
+    job_free(j);
+    assert_int_equal(queue_get(q, out, 1, &j, &e), 0);
+    assert_int_equal(j->state, JOB_SUCCEEDED);
+    assert_int_equal(j->result.len, 0);
+    assert_string_equal(j->output_location, "file:///tmp/result.json");
+    job_free(j);
 }
 
 /* What a waiting lease got, from its own thread. */

@@ -31,7 +31,9 @@ static void test_ttl_expiry(void **state)
     started = qc_lease(q);
     assert_string_equal(started->id, early);
     spec.priority = 0;
+    spec.callback_url = "http://127.0.0.1:9/expired";
     qc_enqueue_spec(q, &spec, id);
+    spec.callback_url = NULL;
     spec.ttl_s = 0;
     qc_enqueue_spec(q, &spec, kept);
     qc_sleep_ms(1100); /* the ttl itself: nothing to poll for before it ends */
@@ -46,6 +48,17 @@ static void test_ttl_expiry(void **state)
     assert_int_equal(j->attempts, 0);
     assert_true(j->finished_ms > 0);
     job_free(j);
+    /* its webhook says so */
+    struct queue_outbox_item *items = NULL;
+    size_t n_items = 0;
+    assert_int_equal(queue_outbox_due(q, queue_now_ms() + 1000, 10, &items, &n_items, &e), 0);
+    assert_int_equal(n_items, 1);
+    json_t *event = json_loadb(items[0].body, items[0].body_len, 0, NULL);
+    assert_string_equal(qc_str(event, "type"), "job.expired");
+    assert_string_equal(qc_str(json_object_get(event, "job"), "id"), id);
+    assert_string_equal(qc_str(json_object_get(event, "job"), "status"), "expired");
+    json_decref(event);
+    queue_outbox_items_free(items, n_items);
     int64_t counts[JOB_N_STATES];
     assert_int_equal(queue_counts(q, counts, &e), 0);
     assert_int_equal(counts[JOB_EXPIRED], 1);
