@@ -295,6 +295,30 @@ static void test_max_errors_fails_run(void **state)
     assert_int_equal(queue_queued(q), 0);
 }
 
+/* A run with no input objects goes straight to its finishing job. */
+static void test_empty_run_finishes(void **state)
+{
+    struct queue *q = *state;
+    struct batch_job_spec spec = run_spec(0);
+    struct err e = {0};
+    struct job *fin;
+    char id[40];
+    json_t *o;
+
+    create(q, &spec, id);
+    assert_int_equal(queue_queued(q), 1);
+    fin = lease_task(q);
+    assert_non_null(fin);
+    assert_int_equal(fin->kind, JOB_KIND_BATCH_FINISH);
+    assert_string_equal(fin->batch_id, id);
+    assert_int_equal(queue_complete(q, fin->id, fin->token, "{}", 2, -1, &e), 0);
+    job_free(fin);
+    o = qc_batch_json(q, id);
+    assert_string_equal(qc_str(o, "status"), "succeeded");
+    assert_int_equal(progress(o, "objects_total"), 0);
+    json_decref(o);
+}
+
 /* A run that failed before it started is stored failed, with no tasks. */
 static void test_run_failed_before_start(void **state)
 {
@@ -554,6 +578,7 @@ const struct CMUnitTest qc_batch_tests[] = {
     QC_TEST(test_failed_task_fails_run),
     QC_TEST(test_cancelled_task_fails_run),
     QC_TEST(test_max_errors_fails_run),
+    QC_TEST(test_empty_run_finishes),
     QC_TEST(test_run_failed_before_start),
     QC_TEST(test_cancel_run),
     QC_TEST(test_run_admission),
