@@ -41,6 +41,7 @@ static struct queue *open_store(struct qc_config c, struct err *e)
  * empty however it lays out its schema. */
 static const char pg_wipe_sql[] =
     "SET client_min_messages = warning;\n"
+    "SET lock_timeout = '10s';\n" /* a queue left open by a failed test fails this, not hangs */
     "DO $$DECLARE s name; BEGIN\n"
     "  FOR s IN SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%'\n"
     "      AND nspname <> 'information_schema' AND pg_get_userbyid(nspowner) IN\n"
