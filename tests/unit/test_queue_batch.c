@@ -195,6 +195,7 @@ static void test_run_lifecycle(void **state)
     assert_int_equal(progress(o, "records_done"), 7);
     json_decref(o);
     assert_int_equal(n_listed(q, "succeeded"), 1);
+    assert_int_equal(queue_queued(q), 0); /* nothing left waiting: admission is whole again */
     assert_int_equal(queue_batch_cancel(q, id, &b, &e), ERR_CONFLICT);
     buf_release(&b);
     assert_int_equal(queue_batch_manifest(q, "batch-nope", &b, &e), ERR_NOT_FOUND);
