@@ -254,9 +254,14 @@ static void test_lost_lease_answer_is_handed_back(void **state)
     assert_int_equal(n, 0);
 }
 
+/* clang-format off */
 const struct CMUnitTest qc_faults_tests[] = {
-    QC_TEST(test_outbox_due_element_fails),    QC_TEST(test_lease_element_fails),
-    QC_TEST(test_schedules_due_element_fails), QC_TEST(test_reopen_requeues_running_jobs),
-    QC_TEST(test_reopen_keeps_everything),     QC_TEST(test_lost_lease_answer_is_handed_back),
+    QC_TEST(test_outbox_due_element_fails),
+    QC_TEST(test_lease_element_fails),
+    QC_TEST(test_schedules_due_element_fails),
+    QC_TEST(test_reopen_requeues_running_jobs),
+    QC_TEST(test_reopen_keeps_everything),
+    QC_TEST(test_lost_lease_answer_is_handed_back),
 };
+/* clang-format on */
 const size_t qc_faults_n = sizeof(qc_faults_tests) / sizeof(qc_faults_tests[0]);

@@ -1047,6 +1047,9 @@ static void test_state_names_and_time(void **state)
         assert_int_equal(job_state_parse(names[s]), s);
     }
     assert_int_equal(job_state_parse("cancelling"), -1); /* shown, never stored */
+    assert_false(job_state_is_final(JOB_QUEUED) || job_state_is_final(JOB_RUNNING));
+    assert_true(job_state_is_final(JOB_SUCCEEDED) && job_state_is_final(JOB_FAILED) &&
+                job_state_is_final(JOB_CANCELLED) && job_state_is_final(JOB_EXPIRED));
     assert_int_equal(queue_json_time(&b, 0), 0);
     assert_int_equal(queue_json_time(&b, 1700000000123), 0);
     assert_int_equal(b.len, strlen("null\"2023-11-14T22:13:20.123Z\""));
