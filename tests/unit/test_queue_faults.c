@@ -100,7 +100,7 @@ static void test_lease_element_fails(void **state)
         qc_inject("lease", at[t]);
         int rc = queue_lease_many(q, "w", 4, 0, 0, jobs, &n, &e);
         qc_inject(NULL, 0);
-        assert_int_equal(qc_n_faults, 1);
+        assert_true(qc_n_faults >= 1); /* a store that runs a failed group again asks again */
         if (rc != 0) { /* undone whole */
             undone++;
             assert_int_equal(n, 0);
