@@ -163,11 +163,6 @@ int queue_extend(struct queue *q, const char *id, uint64_t token, int64_t lease_
     return q->ops->jobs->extend(q, id, token, lease_ms, e);
 }
 
-int64_t queue_now_ms(void)
-{
-    return clock_now_ms();
-}
-
 int64_t queue_retry_backoff_ms(int64_t first_ms, int counted, int64_t retry_after_ms)
 {
     int64_t backoff = first_ms;

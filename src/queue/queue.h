@@ -261,7 +261,6 @@ int64_t queue_queued(struct queue *q);
 int queue_job_json(const struct job *j, struct buf *out);
 /* Appends an ISO-8601 UTC time for milliseconds since the epoch, or null for 0. */
 int queue_json_time(struct buf *out, int64_t ms);
-int64_t queue_now_ms(void); /* the wall clock, as clock_now_ms() (core/clock.h) is */
 
 /* ---- workers: the processes that run jobs, and their heartbeats ---- */
 

@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "core/clock.h"
 #include "queue/queue.h"
 
 #include <jansson.h>
@@ -82,9 +83,9 @@ void qc_sleep_ms(int ms);
 /* Polls `cond` every 20 ms until it holds; fails after `seconds` naming what it waited for. */
 #define qc_poll(cond, seconds, what)                                                               \
     do {                                                                                           \
-        int64_t qc_deadline_ = queue_now_ms() + (int64_t)(seconds)*1000;                           \
+        int64_t qc_deadline_ = clock_now_ms() + (int64_t)(seconds)*1000;                           \
         while (!(cond)) {                                                                          \
-            if (queue_now_ms() > qc_deadline_)                                                     \
+            if (clock_now_ms() > qc_deadline_)                                                     \
                 fail_msg("%s: waited %d s for %s", qc_store->name, (int)(seconds), what);          \
             qc_sleep_ms(20);                                                                       \
         }                                                                                          \

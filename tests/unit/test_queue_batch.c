@@ -205,7 +205,7 @@ static void test_run_lifecycle(void **state)
     job_free(fin);
 
     /* its webhook: batch.succeeded, stored with the end of the run */
-    assert_int_equal(queue_outbox_due(q, queue_now_ms() + 1000, 10, &items, &n, &e), 0);
+    assert_int_equal(queue_outbox_due(q, clock_now_ms() + 1000, 10, &items, &n, &e), 0);
     assert_int_equal(n, 1);
     assert_string_equal(items[0].url, HOOK);
     o = json_loadb(items[0].body, items[0].body_len, 0, NULL);
@@ -421,7 +421,7 @@ static void test_list(void **state)
 static void test_scheduled_run_fires_once(void **state)
 {
     struct queue *q = *state;
-    int64_t now = queue_now_ms(), due_at = now - 1000, next = now + 86400000;
+    int64_t now = clock_now_ms(), due_at = now - 1000, next = now + 86400000;
     struct batch_job_spec sched = {.definition = "{\"model\":\"m\",\"schedule\":\"@daily\"}",
                                    .model = "m",
                                    .max_attempts = 1,
@@ -479,7 +479,7 @@ static void test_scheduled_run_fires_once(void **state)
 static void test_schedule_pause_and_progress(void **state)
 {
     struct queue *q = *state;
-    int64_t now = queue_now_ms();
+    int64_t now = clock_now_ms();
     struct batch_job_spec sched = {.definition = "{\"model\":\"m\",\"schedule\":\"@daily\"}",
                                    .model = "m",
                                    .max_attempts = 1,
@@ -496,7 +496,7 @@ static void test_schedule_pause_and_progress(void **state)
     json_t *o;
 
     create(q, &sched, sid);
-    assert_int_equal(n_due(q, queue_now_ms()), 1);
+    assert_int_equal(n_due(q, clock_now_ms()), 1);
     assert_int_equal(queue_batch_pause(q, sid, 1, 0, &b, &e), 0);
     o = qc_parse(&b);
     assert_string_equal(qc_str(o, "status"), "paused");
@@ -504,7 +504,7 @@ static void test_schedule_pause_and_progress(void **state)
     json_decref(o);
     assert_int_equal(queue_batch_pause(q, sid, 1, 0, &b, &e), 0); /* already: no change */
     buf_release(&b);
-    assert_int_equal(n_due(q, queue_now_ms()), 0);
+    assert_int_equal(n_due(q, clock_now_ms()), 0);
     assert_int_equal(queue_batch_definition(q, sid, &def, &e), 0);
     assert_int_equal(def->state, QUEUE_SCHEDULE_PAUSED);
     assert_string_equal(def->schedule, "@daily");
@@ -530,7 +530,7 @@ static void test_schedule_pause_and_progress(void **state)
     o = qc_parse(&b);
     assert_string_equal(qc_str(o, "status"), "scheduled");
     json_decref(o);
-    assert_int_equal(n_due(q, queue_now_ms()), 1);
+    assert_int_equal(n_due(q, clock_now_ms()), 1);
     assert_int_equal(n_listed(q, "scheduled"), 1);
     assert_int_equal(queue_batch_definition(q, sid, &def, &e), 0);
     assert_int_equal(def->state, QUEUE_SCHEDULE_ACTIVE);
@@ -566,7 +566,7 @@ static void test_schedule_pause_and_progress(void **state)
     assert_int_equal(queue_batch_cancel(q, sid, &b, &e), 0);
     buf_release(&b);
     assert_int_equal(n_listed(q, "cancelled"), 1);
-    assert_int_equal(n_due(q, queue_now_ms()), 0);
+    assert_int_equal(n_due(q, clock_now_ms()), 0);
     assert_int_equal(queue_batch_pause(q, sid, 0, now, &b, &e), ERR_CONFLICT);
     assert_non_null(strstr(e.msg, "cancelled"));
     assert_int_equal(queue_batch_definition(q, sid, &def, &e), 0);

@@ -68,7 +68,7 @@ static void *work(void *arg)
 
     snprintf(name, sizeof(name), "h/%d/w/0", k);
     while (atomic_load(&r->done) + atomic_load(&r->conflicts) < N_JOBS &&
-           queue_now_ms() < r->deadline_ms) {
+           clock_now_ms() < r->deadline_ms) {
         struct job *jobs[8] = {0};
         struct err e = {0};
         size_t n = 0;
@@ -111,7 +111,7 @@ static void test_each_job_is_leased_once(void **state)
     if (!r->q[1])
         r->q[1] = r->q[0];
     pthread_mutex_init(&r->lock, NULL);
-    r->deadline_ms = queue_now_ms() + 30000;
+    r->deadline_ms = clock_now_ms() + 30000;
     for (int i = 0; i < N_WORKERS; i++)
         assert_int_equal(pthread_create(&workers[i], NULL, work, r), 0);
     for (int i = 0; i < N_PRODUCERS; i++)
@@ -167,7 +167,7 @@ static void *schedule_run(void *arg)
 static void test_scheduled_run_is_made_once(void **state)
 {
     struct queue *q = *state;
-    int64_t due_at = queue_now_ms() - 1000;
+    int64_t due_at = clock_now_ms() - 1000;
     struct batch_job_spec sched = {.definition = "{\"model\":\"m\",\"schedule\":\"@hourly\"}",
                                    .model = "m",
                                    .max_attempts = 1,

@@ -44,7 +44,7 @@ static void take_webhooks_failing_at(struct queue *q, size_t max, long at)
     size_t n = 99;
 
     qc_inject("outbox_due", at);
-    assert_int_equal(queue_outbox_due(q, queue_now_ms() + 1000, max, &items, &n, &e), 0);
+    assert_int_equal(queue_outbox_due(q, clock_now_ms() + 1000, max, &items, &n, &e), 0);
     qc_inject(NULL, 0);
     assert_int_equal(qc_n_faults, at < 0 ? (int)max : 1);
     assert_int_equal(n, at < 0 ? 0 : max - 1);
@@ -74,7 +74,7 @@ static void test_outbox_due_element_fails(void **state)
     take_webhooks_failing_at(q, 5, 2);
     take_webhooks_failing_at(q, 5, -1);
     if (!queue_outbox_exclusive(q)) { /* nothing was lost: every one is still due */
-        assert_int_equal(queue_outbox_due(q, queue_now_ms() + 1000, 100, &items, &n, &e), 0);
+        assert_int_equal(queue_outbox_due(q, clock_now_ms() + 1000, 100, &items, &n, &e), 0);
         assert_int_equal(n, 15);
         queue_outbox_items_free(items, n);
     }
@@ -137,7 +137,7 @@ static void test_schedules_due_element_fails(void **state)
                                   .max_attempts = 1,
                                   .lease_timeout_ms = 1000,
                                   .schedule = "* * * * *",
-                                  .next_run_ms = queue_now_ms() - 60000};
+                                  .next_run_ms = clock_now_ms() - 60000};
     struct queue_schedule *due = NULL;
     struct err e = {0};
     size_t n = 0;
@@ -148,7 +148,7 @@ static void test_schedules_due_element_fails(void **state)
         assert_int_equal(queue_batch_create(q, &spec, id, &e), 0);
     for (size_t t = 0; t < 3; t++) {
         qc_inject("schedules_due", at[t]);
-        assert_int_equal(queue_schedules_due(q, queue_now_ms(), &due, &n, &e), 0);
+        assert_int_equal(queue_schedules_due(q, clock_now_ms(), &due, &n, &e), 0);
         qc_inject(NULL, 0);
         assert_int_equal(n, at[t] < 0 ? 0 : 2);
         for (size_t i = 0; i < n; i++) {
@@ -157,7 +157,7 @@ static void test_schedules_due_element_fails(void **state)
         }
         queue_schedules_free(due, n);
     }
-    assert_int_equal(queue_schedules_due(q, queue_now_ms(), &due, &n, &e), 0);
+    assert_int_equal(queue_schedules_due(q, clock_now_ms(), &due, &n, &e), 0);
     assert_int_equal(n, 3);
     queue_schedules_free(due, n);
 }

@@ -51,7 +51,7 @@ static void test_ttl_expiry(void **state)
     /* its webhook says so */
     struct queue_outbox_item *items = NULL;
     size_t n_items = 0;
-    assert_int_equal(queue_outbox_due(q, queue_now_ms() + 1000, 10, &items, &n_items, &e), 0);
+    assert_int_equal(queue_outbox_due(q, clock_now_ms() + 1000, 10, &items, &n_items, &e), 0);
     assert_int_equal(n_items, 1);
     json_t *event = json_loadb(items[0].body, items[0].body_len, 0, NULL);
     assert_string_equal(qc_str(event, "type"), "job.expired");

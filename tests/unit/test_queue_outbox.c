@@ -35,7 +35,7 @@ static size_t take_due(struct queue *q, size_t max, struct queue_outbox_item **i
 {
     struct err e = {0};
     size_t n = 99;
-    int rc = queue_outbox_due(q, queue_now_ms() + 1000, max, items, &n, &e);
+    int rc = queue_outbox_due(q, clock_now_ms() + 1000, max, items, &n, &e);
 
     if (rc != 0)
         fail_msg("%s: queue_outbox_due: %d %s", qc_store->name, rc, e.msg);
@@ -94,7 +94,7 @@ static void test_outbox_events(void **state)
     assert_int_equal(queue_complete(q, plain, j->token, "{}", 2, -1, &e), 0);
     job_free(j);
     assert_true(queue_outbox_next_due(q) >= 0);
-    assert_true(queue_outbox_next_due(q) <= queue_now_ms() + 1000);
+    assert_true(queue_outbox_next_due(q) <= clock_now_ms() + 1000);
 
     n = take_due(q, 10, &items);
     assert_int_equal(n, 3); /* the cancelled one's comes when its attempt reports */
@@ -198,7 +198,7 @@ static void test_outbox_record_and_exclusive(void **state)
         if (again[i].id != items[0].id && again[i].id != items[1].id)
             third = &again[i];
     assert_non_null(third);
-    int64_t now = queue_now_ms();
+    int64_t now = clock_now_ms();
     /* delivered: done */
     struct queue_outbox_attempt a0 = {
         .outbox_id = items[0].id, .at_ms = now, .http_status = 200, .done = 1, .delivered = 1};
@@ -259,11 +259,11 @@ static void test_notify_store_view(void **state)
     }
     queue_notify_store(q, &store);
     assert_ptr_equal(store.ctx, q);
-    assert_int_equal(store.take_due(store.ctx, queue_now_ms() + 1000, NULL, 0, 10, &ds, &n, &e), 0);
+    assert_int_equal(store.take_due(store.ctx, clock_now_ms() + 1000, NULL, 0, 10, &ds, &n, &e), 0);
     assert_int_equal(n, 3);
     int64_t in_flight[1] = {ds[0]->id};
     assert_int_equal(
-        store.take_due(store.ctx, queue_now_ms() + 1000, in_flight, 1, 10, &more, &m, &e), 0);
+        store.take_due(store.ctx, clock_now_ms() + 1000, in_flight, 1, 10, &more, &m, &e), 0);
     /* never the one in flight; an exclusive store holds the others too */
     assert_int_equal(m, queue_outbox_exclusive(q) ? 0 : 2);
     for (size_t i = 0; i < m; i++) {
@@ -275,7 +275,7 @@ static void test_notify_store_view(void **state)
         assert_string_equal(ds[i]->url, HOOK);
         assert_true(ds[i]->body_len > 0);
         assert_int_equal(ds[i]->attempts, 0);
-        assert_int_equal(store.record(store.ctx, ds[i]->id, queue_now_ms(), 200, NULL, 1, 1, 0, &e),
+        assert_int_equal(store.record(store.ctx, ds[i]->id, clock_now_ms(), 200, NULL, 1, 1, 0, &e),
                          0);
         notify_delivery_free(ds[i]);
     }

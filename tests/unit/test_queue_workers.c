@@ -41,7 +41,7 @@ static void test_worker_id_of(void **state)
 static void test_beat_list_and_json(void **state)
 {
     struct queue *q = *state;
-    int64_t started = queue_now_ms() - 5000;
+    int64_t started = clock_now_ms() - 5000;
     struct queue_worker a = {.id = "h1/10/aaaa",
                              .host = "h1",
                              .pid = 10,
@@ -69,7 +69,7 @@ static void test_beat_list_and_json(void **state)
     assert_int_equal(got.started_ms, started);
     assert_int_equal(got.timeout_ms, 60000);
     assert_int_equal(got.jobs_running, 2);
-    assert_true(got.heartbeat_ms >= started && got.heartbeat_ms <= queue_now_ms() + 1000);
+    assert_true(got.heartbeat_ms >= started && got.heartbeat_ms <= clock_now_ms() + 1000);
     /* a beat refreshes what changed */
     a.jobs_running = 5;
     assert_int_equal(queue_worker_beat(q, &a, &e), 0);
@@ -122,7 +122,7 @@ static void test_dead_worker_jobs_are_requeued(void **state)
     struct err e = {0};
     char id[40];
 
-    dead.started_ms = live.started_ms = queue_now_ms();
+    dead.started_ms = live.started_ms = clock_now_ms();
     assert_int_equal(queue_worker_beat(q, &dead, &e), 0);
     assert_int_equal(queue_worker_beat(q, &live, &e), 0);
     assert_true(worker_listed(q, "h/1/aaaa", NULL));
@@ -180,7 +180,7 @@ static void test_dead_worker_last_attempt_fails(void **state)
     struct err e = {0};
     char id[40];
 
-    dead.started_ms = queue_now_ms();
+    dead.started_ms = clock_now_ms();
     assert_int_equal(queue_worker_beat(q, &dead, &e), 0);
     qc_enqueue_spec(q, &spec, id);
     j = qc_lease_as(q, "h/3/cccc/1");
