@@ -169,6 +169,13 @@ void pg_note_up(struct pg_queue *q)
     }
 }
 
+/* The server's notices ("relation already exists, skipping") are not inferd's log lines. */
+static void ignore_notice(void *arg, const char *message)
+{
+    (void)arg;
+    (void)message;
+}
+
 PGconn *pg_connect(struct pg_queue *q, struct err *e)
 {
     /* defaults first: what the URL says wins (expand_dbname reads it in place of dbname) */
@@ -187,17 +194,28 @@ PGconn *pg_connect(struct pg_queue *q, struct err *e)
         PQfinish(c);
         return NULL;
     }
+    PQsetNoticeProcessor(c, ignore_notice, NULL);
     return c;
+}
+
+int pg_alive(PGconn *c)
+{
+    return PQstatus(c) == CONNECTION_OK && PQconsumeInput(c) && PQstatus(c) == CONNECTION_OK;
 }
 
 PGconn *pg_take(struct pg_queue *q, struct err *e)
 {
     PGconn *c = NULL;
 
-    pthread_mutex_lock(&q->pool_lock);
-    if (q->n_idle > 0)
-        c = q->pool[--q->n_idle];
-    pthread_mutex_unlock(&q->pool_lock);
+    for (;;) {
+        pthread_mutex_lock(&q->pool_lock);
+        c = q->n_idle > 0 ? q->pool[--q->n_idle] : NULL;
+        pthread_mutex_unlock(&q->pool_lock);
+        /* an idle connection the server closed (a restart) shows it on a read: skip it */
+        if (!c || pg_alive(c))
+            break;
+        PQfinish(c);
+    }
     if (!c) {
         c = pg_connect(q, e);
         if (!c)

@@ -165,6 +165,9 @@ static inline struct pg_queue *pgq(struct queue *q)
 
 /* A new connection (or NULL with `e` set: ERR_UNAVAILABLE). */
 PGconn *pg_connect(struct pg_queue *q, struct err *e);
+/* 1 while `c` is usable as far as a read without waiting can tell (a server that closed it
+ * has said so by now). */
+int pg_alive(PGconn *c);
 /* A connection from the pool, or a new one; give it back with pg_give(). NULL: `e` set. */
 PGconn *pg_take(struct pg_queue *q, struct err *e);
 /* Back to the pool; a broken one is closed (and the idle ones with it). */

@@ -175,7 +175,7 @@ static int writer_connection(struct pg_queue *q, struct err *e)
 {
     int64_t now = queue_now_ms();
 
-    if (q->wconn && PQstatus(q->wconn) == CONNECTION_OK)
+    if (q->wconn && pg_alive(q->wconn))
         return 0;
     PQfinish(q->wconn);
     q->wconn = NULL;
