@@ -4,8 +4,9 @@
  * queue handles (two processes, as far as PostgreSQL can tell) never take the same job (FOR
  * UPDATE SKIP LOCKED); a cancel in one handle reaches the other (NOTIFY); an expired lease is
  * reclaimed by another handle's sweeper and the stale attempt is fenced out; lost connections
- * come back; an unreachable server is ERR_UNAVAILABLE and its password is never shown; and a
- * scheduled run fires once however many handles try.
+ * come back; an unreachable server is ERR_UNAVAILABLE and its password is never shown; a
+ * scheduled run fires once however many handles try; and tasks of one run ending in two
+ * handles at once queue its finishing job once.
  *
  * Needs $INFERD_TEST_POSTGRES (tests/unit/with_postgres runs a private cluster); without it
  * every test is skipped (exit 77).
@@ -44,6 +45,12 @@ static void sleep_ms(long ms)
     nanosleep(&ts, NULL);
 }
 
+static void quiet(void *arg, const char *message)
+{
+    (void)arg;
+    (void)message;
+}
+
 /* Runs SQL on a connection of its own; returns the first value of the first row, or "". */
 static void sql(const char *text, char *out, size_t size)
 {
@@ -51,6 +58,7 @@ static void sql(const char *text, char *out, size_t size)
     PGresult *r;
 
     assert_int_equal(PQstatus(c), CONNECTION_OK);
+    PQsetNoticeProcessor(c, quiet, NULL); /* "table ... does not exist, skipping" */
     r = PQexec(c, text);
     if (PQresultStatus(r) != PGRES_TUPLES_OK && PQresultStatus(r) != PGRES_COMMAND_OK)
         fail_msg("%s: %s", text, PQresultErrorMessage(r));
@@ -322,6 +330,145 @@ static void test_unreachable_server_is_unavailable_and_its_password_hidden(void 
     free(shown);
 }
 
+/* ---- batch jobs across handles ---- */
+
+struct firing {
+    struct queue *q;
+    const char *parent;
+    int64_t run_at_ms;
+    int rc;
+    char id[40];
+};
+
+static void *fire(void *arg)
+{
+    struct firing *f = arg;
+    const char *inputs[] = {"{}"}, *objects[] = {"o"};
+    struct batch_job_spec run = {.definition = "{\"model\":\"m\"}",
+                                 .model = "m",
+                                 .max_attempts = 1,
+                                 .lease_timeout_ms = 60000,
+                                 .output = "file:///tmp/out",
+                                 .task_inputs = inputs,
+                                 .task_objects = objects,
+                                 .n_tasks = 1,
+                                 .finish_input = "{}",
+                                 .parent = f->parent,
+                                 .run_at_ms = f->run_at_ms,
+                                 .parent_next_run_ms = f->run_at_ms + 60000};
+    struct err e = {0};
+
+    f->rc = queue_batch_create(f->q, &run, f->id, &e);
+    return NULL;
+}
+
+static void test_a_scheduled_run_fires_once_across_handles(void **state)
+{
+    struct queue *a = open_pg(), *b = open_pg();
+    int64_t t0 = 1700000040000; /* a whole minute */
+    struct batch_job_spec sched = {.definition = "{\"model\":\"m\"}",
+                                   .model = "m",
+                                   .max_attempts = 1,
+                                   .lease_timeout_ms = 60000,
+                                   .schedule = "* * * * *",
+                                   .next_run_ms = t0};
+    struct err e = {0};
+    char sid[40], n[32];
+
+    (void)state;
+    assert_int_equal(queue_batch_create(a, &sched, sid, &e), 0);
+    for (int minute = 0; minute < 5; minute++) {
+        struct firing fa = {.q = a, .parent = sid, .run_at_ms = t0 + minute * 60000};
+        struct firing fb = fa;
+        pthread_t ta, tb;
+        fb.q = b;
+        /* both schedulers find the minute due and try to start its run at once */
+        pthread_create(&ta, NULL, fire, &fa);
+        pthread_create(&tb, NULL, fire, &fb);
+        pthread_join(ta, NULL);
+        pthread_join(tb, NULL);
+        assert_true((fa.rc == 0 && fb.rc == ERR_CONFLICT) || (fa.rc == ERR_CONFLICT && fb.rc == 0));
+    }
+    sql("SELECT COUNT(*) FROM inferd_batch_jobs WHERE parent IS NOT NULL", n, sizeof(n));
+    assert_string_equal(n, "5");
+    sql("SELECT COUNT(*) FROM inferd_jobs WHERE kind = 1", n, sizeof(n));
+    assert_string_equal(n, "5"); /* one task per run, none twice */
+    queue_close(a);
+    queue_close(b);
+}
+
+#define N_TASKS 12
+
+struct task_runner {
+    struct queue *q;
+    const char *name;
+};
+
+/* Leases and completes tasks (and the finishing job) until none is left. */
+static void *run_tasks(void *arg)
+{
+    struct task_runner *r = arg;
+    struct err e = {0};
+
+    for (;;) {
+        struct job *j = NULL;
+        char result[128];
+        if (queue_lease(r->q, r->name, 500, &j, &e) != 0)
+            fail_msg("lease: %s", e.msg);
+        if (!j)
+            break;
+        snprintf(result, sizeof(result), "{\"object\":\"%s\",\"records\":3,\"sha256\":\"x\"}",
+                 j->id);
+        if (queue_complete(r->q, j->id, j->token, result, strlen(result), -1, &e) != 0)
+            fail_msg("complete: %s", e.msg);
+        job_free(j);
+    }
+    return NULL;
+}
+
+static void test_tasks_ending_in_two_handles_finish_the_run_once(void **state)
+{
+    struct queue *a = open_pg(), *b = open_pg();
+    const char *inputs[N_TASKS], *objects[N_TASKS];
+    struct task_runner ra = {.q = a, .name = "a/1"}, rb = {.q = b, .name = "b/1"};
+    struct err e = {0};
+    struct buf out = {0};
+    pthread_t ta, tb;
+    char id[40], n[32];
+
+    (void)state;
+    for (int i = 0; i < N_TASKS; i++) {
+        inputs[i] = "{}";
+        objects[i] = "o";
+    }
+    struct batch_job_spec run = {.definition = "{\"model\":\"m\"}",
+                                 .model = "m",
+                                 .max_attempts = 1,
+                                 .lease_timeout_ms = 60000,
+                                 .output = "file:///tmp/out",
+                                 .task_inputs = inputs,
+                                 .task_objects = objects,
+                                 .n_tasks = N_TASKS,
+                                 .finish_input = "{}"};
+    assert_int_equal(queue_batch_create(a, &run, id, &e), 0);
+    pthread_create(&ta, NULL, run_tasks, &ra);
+    pthread_create(&tb, NULL, run_tasks, &rb);
+    pthread_join(ta, NULL);
+    pthread_join(tb, NULL);
+    sql("SELECT COUNT(*) FROM inferd_jobs WHERE kind = 2", n, sizeof(n));
+    assert_string_equal(n, "1"); /* one finishing job, however the last tasks raced */
+    assert_int_equal(queue_batch_get(b, id, &out, &e), 0);
+    assert_non_null(strstr(out.data, "\"status\":\"succeeded\""));
+    assert_non_null(strstr(out.data, "\"objects_done\":12"));
+    assert_non_null(strstr(out.data, "\"records_done\":36"));
+    buf_release(&out);
+    assert_int_equal(queue_batch_manifest(a, id, &out, &e), 0);
+    assert_non_null(strstr(out.data, "\"model\":\"m\""));
+    buf_release(&out);
+    queue_close(a);
+    queue_close(b);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -332,6 +479,8 @@ int main(void)
         cmocka_unit_test_setup(test_lost_connections_come_back, setup),
         cmocka_unit_test_setup(test_unreachable_server_is_unavailable_and_its_password_hidden,
                                setup),
+        cmocka_unit_test_setup(test_a_scheduled_run_fires_once_across_handles, setup),
+        cmocka_unit_test_setup(test_tasks_ending_in_two_handles_finish_the_run_once, setup),
     };
 
     if (!pg_url() || !pg_url()[0]) {
