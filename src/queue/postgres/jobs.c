@@ -1,0 +1,985 @@
+/*
+ * jobs.c: the jobs of the PostgreSQL queue: their SQL, the sweeps, the workers' heartbeats.
+ *
+ * A job moves queued -> running -> final as in the SQLite queue (same columns, same
+ * meanings). Leases take rows with SELECT ... FOR UPDATE SKIP LOCKED, highest priority first,
+ * FIFO within a priority (seq), so leases in many processes never wait on each other or take
+ * the same job. An outcome changes a row only while state = running and attempts = its
+ * token (the fence), and PostgreSQL re-checks that condition after any row lock it waited
+ * for, so a sweep and a late outcome cannot both win. Sweeps take their rows with SKIP
+ * LOCKED too: sweepers of several processes share the work and never block a writer.
+ *
+ * The op_* functions run inside a transaction of the writer (writer.c), the sweep inside one
+ * of the sweeper (pg.c); reads (get, list, counts, workers) use a pooled connection.
+ */
+#define _GNU_SOURCE
+#include "queue/postgres/pg_internal.h"
+#include "core/log.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define JOB_COLUMNS                                                                                \
+    "id, model, state, priority, attempts, max_attempts, created_ms, "                             \
+    "COALESCE(started_ms, 0), COALESCE(finished_ms, 0), lease_timeout_ms, ttl_s, error, "          \
+    "input_location, output_location, callback_url, cancel_requested, kind, batch_id, worker, "    \
+    "extra_attempts"
+#define N_JOB_COLUMNS 20
+
+/* The job in row `row` of `r`, its columns JOB_COLUMNS from column `c0`. NULL: no memory. */
+static struct job *job_from_row(const PGresult *r, int row, int c0)
+{
+    struct job *j = calloc(1, sizeof(*j));
+
+    if (!j)
+        return NULL;
+    snprintf(j->id, sizeof(j->id), "%s", PQgetvalue(r, row, c0));
+    j->model = pg_strdup(r, row, c0 + 1);
+    j->state = (enum job_state)pg_int(r, row, c0 + 2);
+    j->priority = (int)pg_int(r, row, c0 + 3);
+    j->attempts = (int)pg_int(r, row, c0 + 4);
+    j->max_attempts = (int)pg_int(r, row, c0 + 5);
+    j->created_ms = pg_int(r, row, c0 + 6);
+    j->started_ms = pg_int(r, row, c0 + 7);
+    j->finished_ms = pg_int(r, row, c0 + 8);
+    j->lease_timeout_ms = pg_int(r, row, c0 + 9);
+    j->ttl_s = pg_int(r, row, c0 + 10);
+    j->error = pg_strdup(r, row, c0 + 11);
+    j->input_location = pg_strdup(r, row, c0 + 12);
+    j->output_location = pg_strdup(r, row, c0 + 13);
+    j->callback_url = pg_strdup(r, row, c0 + 14);
+    j->cancel_requested = (int)pg_int(r, row, c0 + 15);
+    j->kind = (enum job_kind)pg_int(r, row, c0 + 16);
+    if (!PQgetisnull(r, row, c0 + 17))
+        snprintf(j->batch_id, sizeof(j->batch_id), "%s", PQgetvalue(r, row, c0 + 17));
+    j->worker = pg_strdup(r, row, c0 + 18);
+    j->attempts_uncounted = (int)pg_int(r, row, c0 + 19);
+    j->token = (uint64_t)j->attempts;
+    j->input_json_len = -1;
+    j->result_json_len = -1;
+    return j;
+}
+
+int pg_load_job(struct pg_queue *q, PGconn *c, const char *id, int lock, struct job **out,
+                struct err *e)
+{
+    struct pg_params p = {0};
+    PGresult *r;
+    int rc = 0;
+
+    *out = NULL;
+    pg_p_str(&p, id);
+    r = pg_exec(q, c,
+                lock ? "SELECT " JOB_COLUMNS " FROM inferd_jobs WHERE id = $1 FOR UPDATE"
+                     : "SELECT " JOB_COLUMNS " FROM inferd_jobs WHERE id = $1",
+                &p, "read job", e);
+    if (!r)
+        return e->code;
+    if (PQntuples(r) == 0)
+        rc = err_set(e, ERR_NOT_FOUND, "no job '%.40s'", id);
+    else if (!(*out = job_from_row(r, 0, 0)))
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    PQclear(r);
+    return rc;
+}
+
+int pg_load_history(struct pg_queue *q, PGconn *c, struct job *j)
+{
+    struct pg_params p = {0};
+    struct err e;
+    PGresult *r;
+    int rc = 0;
+
+    pg_p_str(&p, j->id);
+    r = pg_exec(q, c,
+                "SELECT attempt, started_ms, COALESCE(ended_ms, 0), worker, error FROM "
+                "inferd_attempts WHERE job_id = $1 ORDER BY attempt",
+                &p, "read attempts", &e);
+    if (!r)
+        return e.code;
+    for (int i = 0; rc == 0 && i < PQntuples(r); i++)
+        rc = queue_job_add_attempt(j, (int)pg_int(r, i, 0), pg_int(r, i, 1), pg_int(r, i, 2),
+                                   PQgetisnull(r, i, 3) ? NULL : PQgetvalue(r, i, 3),
+                                   PQgetisnull(r, i, 4) ? NULL : PQgetvalue(r, i, 4));
+    PQclear(r);
+    return rc;
+}
+
+static void note_final(struct pg_txn *t, const char *id, enum job_state state)
+{
+    struct pg_final *f = calloc(1, sizeof(*f));
+
+    if (!f)
+        return; /* long-polls then wait for their deadline: no correctness depends on this */
+    snprintf(f->id, sizeof(f->id), "%s", id);
+    f->state = state;
+    f->next = t->finals;
+    t->finals = f;
+}
+
+int pg_job_became_final(struct pg_txn *t, const char *id, struct err *e)
+{
+    struct pg_queue *q = t->q;
+    struct job *j = NULL;
+    struct buf body = {0};
+    char event_id[48];
+    int rc;
+
+    rc = pg_load_job(q, t->c, id, 0, &j, e);
+    if (rc != 0)
+        goto cleanup;
+    note_final(t, id, j->state);
+    if (j->kind != JOB_KIND_INFER) {
+        rc = pg_batch_task_final(t, j, e); /* the batch job, not the task, has a webhook */
+        goto cleanup;
+    }
+    if (!j->callback_url || !j->callback_url[0])
+        goto cleanup;
+    /* fixed here, so every repeat of this webhook carries the same event id; a job sent back
+     * to the queue ends again with more attempts, and that is a new event */
+    snprintf(event_id, sizeof(event_id), "evt_%s_%d", j->id, j->attempts);
+    if (j->state == JOB_SUCCEEDED && !j->output_location) {
+        struct pg_params p = {0};
+        PGresult *r;
+        pg_p_str(&p, id);
+        r = pg_exec(q, t->c, "SELECT result, result_json_len FROM inferd_jobs WHERE id = $1", &p,
+                    "read result", e);
+        if (!r) {
+            rc = e->code;
+            goto cleanup;
+        }
+        if (PQntuples(r) == 1) {
+            rc = pg_bytea(r, 0, 0, &j->result);
+            j->result_json_len = pg_int(r, 0, 1);
+        }
+        PQclear(r);
+        if (rc != 0) {
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+            goto cleanup;
+        }
+    }
+    if (pg_load_history(q, t->c, j) != 0) /* the event's job shows its attempts too */
+        log_warn("queue", "a webhook's job lacks its attempts", "job=%s", id);
+    if (queue_event_json(j, event_id, q->cfg.result_inline_max_bytes, &body) != 0) {
+        rc = err_set(e, ERR_NOMEM, "out of memory building a webhook");
+        goto cleanup;
+    }
+    rc = pg_outbox_add(t, id, event_id, j->callback_url, body.data, body.len, e);
+cleanup:
+    buf_release(&body);
+    job_free(j);
+    return rc;
+}
+
+/* Ends attempt `attempt` of job `id` in its history, with `error` (NULL: the job's own). */
+static int attempt_ended(struct pg_txn *t, const char *id, uint64_t attempt, const char *error,
+                         struct err *e)
+{
+    struct pg_params p = {0};
+
+    pg_p_int(&p, queue_now_ms());
+    pg_p_str(&p, error);
+    pg_p_str(&p, id);
+    pg_p_int(&p, (int64_t)attempt);
+    return pg_run(t->q, t->c,
+                  "UPDATE inferd_attempts SET ended_ms = $1, error = COALESCE($2::text, (SELECT "
+                  "error FROM inferd_jobs WHERE id = $3)) WHERE job_id = $3 AND attempt = $4 AND "
+                  "ended_ms IS NULL",
+                  &p, "record attempt", e);
+}
+
+/* Rows changed by the command of `r`. */
+static long changed(const PGresult *r)
+{
+    return strtol(PQcmdTuples((PGresult *)r), NULL, 10);
+}
+
+/* Runs a fenced update: ERR_CONFLICT when the attempt no longer holds the lease. */
+static int fenced(struct pg_txn *t, struct pg_op *o, const char *sql, const struct pg_params *p)
+{
+    PGresult *r = pg_exec(t->q, t->c, sql, p, "update job", &o->err);
+    int rc = 0;
+
+    if (!r)
+        return o->err.code;
+    if (changed(r) == 0)
+        rc = err_set(&o->err, ERR_CONFLICT,
+                     "job %s: attempt %llu no longer holds the lease; its result is discarded",
+                     o->id, (unsigned long long)o->token);
+    PQclear(r);
+    return rc;
+}
+
+/* ---- operations (inside the writer's transaction) ---- */
+
+/* The job that holds idempotency key `key`: *found 1 and its id in o->id_out; ERR_CONFLICT
+ * when its request differs. */
+static int idem_lookup(struct pg_txn *t, struct pg_op *o, int *found)
+{
+    const struct job_spec *s = o->spec;
+    struct pg_params p = {0};
+    PGresult *r;
+    int rc = 0;
+
+    *found = 0;
+    pg_p_str(&p, s->idempotency_key);
+    r = pg_exec(t->q, t->c, "SELECT id, request_hash FROM inferd_jobs WHERE idem_key = $1", &p,
+                "read idempotency key", &o->err);
+    if (!r)
+        return o->err.code;
+    if (PQntuples(r) == 1) {
+        const char *hash = PQgetisnull(r, 0, 1) ? NULL : PQgetvalue(r, 0, 1);
+        snprintf(o->id_out, sizeof(o->id_out), "%s", PQgetvalue(r, 0, 0));
+        if (!hash || !s->request_hash || strcmp(hash, s->request_hash) != 0)
+            rc = err_set(&o->err, ERR_CONFLICT,
+                         "Idempotency-Key '%.64s' was used for another request (job %s)",
+                         s->idempotency_key, o->id_out);
+        o->existed = 1;
+        *found = 1;
+    }
+    PQclear(r);
+    return rc;
+}
+
+int pg_op_enqueue(struct pg_txn *t, struct pg_op *o)
+{
+    const struct job_spec *s = o->spec;
+    int found = 0, rc;
+
+    if (s->idempotency_key) {
+        rc = idem_lookup(t, o, &found);
+        if (rc != 0 || found)
+            return rc;
+    }
+    if (t->queued < 0) {
+        /* once per group: the group's own enqueues are counted as they go */
+        PGresult *r = pg_exec(t->q, t->c, "SELECT COUNT(*) FROM inferd_jobs WHERE state = 0",
+                              NULL, "count queued jobs", &o->err);
+        if (!r)
+            return o->err.code;
+        t->queued = pg_int(r, 0, 0);
+        PQclear(r);
+    }
+    if (t->queued >= t->q->cfg.max_queued)
+        return err_set(&o->err, ERR_BUSY, "the queue holds %lld jobs, the limit (--max-queue)",
+                       (long long)t->queued);
+    pg_new_id(o->id_out);
+    rc = pg_insert_job(t, s, o->id_out, &o->err);
+    if (rc == 1) {
+        /* another process stored the key meanwhile (the unique index waited for it) */
+        rc = idem_lookup(t, o, &found);
+        if (rc == 0 && !found)
+            rc = err_set(&o->err, ERR_CONFLICT, "Idempotency-Key '%.64s' is being used",
+                         s->idempotency_key);
+    }
+    return rc;
+}
+
+int pg_insert_job(struct pg_txn *t, const struct job_spec *s, const char *id, struct err *e)
+{
+    int64_t now = queue_now_ms();
+    struct pg_params p = {0};
+    PGresult *r;
+    int rc = 0;
+
+    pg_p_str(&p, id);
+    pg_p_str(&p, s->model);
+    pg_p_int(&p, s->priority);
+    pg_p_int(&p, s->max_attempts);
+    pg_p_int(&p, now);
+    pg_p_int(&p, s->ttl_s > 0 ? now + s->ttl_s * 1000 : 0);
+    pg_p_int(&p, s->lease_timeout_ms);
+    pg_p_int(&p, s->ttl_s);
+    pg_p_bin(&p, s->input, s->input ? s->input_len : 0);
+    pg_p_int(&p, s->input_json_len);
+    pg_p_str(&p, s->input_location);
+    pg_p_str(&p, s->output_location);
+    pg_p_str(&p, s->callback_url);
+    pg_p_str(&p, s->idempotency_key);
+    pg_p_str(&p, s->request_hash);
+    pg_p_int(&p, (int)s->kind);
+    pg_p_str(&p, s->batch_id);
+    r = pg_exec(t->q, t->c,
+                "INSERT INTO inferd_jobs (id, model, state, priority, max_attempts, created_ms, "
+                "expires_ms, lease_timeout_ms, ttl_s, input, input_json_len, input_location, "
+                "output_location, callback_url, idem_key, request_hash, kind, batch_id) VALUES "
+                "($1, $2, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) "
+                "ON CONFLICT (idem_key) DO NOTHING",
+                &p, "insert job", e);
+    if (!r)
+        return e->code;
+    if (changed(r) == 0)
+        rc = 1;
+    PQclear(r);
+    if (rc == 0) {
+        if (t->queued >= 0)
+            t->queued++;
+        t->runnable = 1;
+    }
+    return rc;
+}
+
+/* Appends "{a,b,c}" of the seqs to `out`, a bigint[] literal. */
+static int seq_array(const int64_t *seqs, size_t n, struct buf *out)
+{
+    int rc = buf_puts(out, "{");
+
+    for (size_t i = 0; rc == 0 && i < n; i++)
+        rc = buf_printf(out, "%s%lld", i ? "," : "", (long long)seqs[i]);
+    return rc ? rc : buf_puts(out, "}");
+}
+
+/* Fills the leased jobs of `r` (seq, JOB_COLUMNS, input, input_json_len) into o->jobs in the
+ * order of `seqs`. */
+static int leased_jobs(struct pg_txn *t, struct pg_op *o, const PGresult *r, const int64_t *seqs,
+                       size_t n, int64_t now)
+{
+    int rc = 0;
+
+    for (size_t k = 0; rc == 0 && k < n; k++) {
+        for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
+            struct job *j;
+            if (pg_int(r, i, 0) != seqs[k])
+                continue;
+            j = job_from_row(r, i, 1);
+            if (!j)
+                return err_set(&o->err, ERR_NOMEM, "out of memory");
+            o->jobs[o->n_jobs++] = j;
+            if (pg_bytea(r, i, 1 + N_JOB_COLUMNS, &j->input) != 0)
+                rc = err_set(&o->err, ERR_NOMEM, "out of memory");
+            j->input_json_len = pg_int(r, i, 2 + N_JOB_COLUMNS);
+            if (rc == 0 && j->batch_id[0])
+                rc = pg_batch_task_started(t, j->batch_id, now, &o->err);
+            if (rc == 0 && queue_fault("lease", k))
+                rc = err_set(&o->err, ERR_IO, "job store: lease of job %s: injected fault",
+                             j->id);
+        }
+    }
+    return rc;
+}
+
+int pg_op_lease(struct pg_txn *t, struct pg_op *o)
+{
+    int64_t now = queue_now_ms(), *seqs = calloc(o->max ? o->max : 1, sizeof(int64_t));
+    struct pg_params p = {0};
+    struct buf arr = {0};
+    char wid[96];
+    PGresult *r = NULL;
+    size_t n = 0;
+    int tasks = 0, rc = 0;
+
+    if (!seqs)
+        return err_set(&o->err, ERR_NOMEM, "out of memory");
+    pg_p_int(&p, now);
+    pg_p_int(&p, (int64_t)o->max);
+    r = pg_exec(t->q, t->c,
+                "SELECT seq, kind FROM inferd_jobs WHERE state = 0 AND available_ms <= $1 AND "
+                "(expires_ms = 0 OR expires_ms > $1) ORDER BY priority DESC, seq LIMIT $2 "
+                "FOR UPDATE SKIP LOCKED",
+                &p, "lease", &o->err);
+    if (!r) {
+        rc = o->err.code;
+        goto cleanup;
+    }
+    /* a batch task runs for long: at most max_tasks per lease, so the others wait for a free
+     * worker (rows passed over stay locked until the commit, untouched) */
+    for (int i = 0; i < PQntuples(r) && n < o->max; i++) {
+        if (pg_int(r, i, 1) != JOB_KIND_INFER && tasks++ >= o->max_tasks)
+            continue;
+        seqs[n++] = pg_int(r, i, 0);
+    }
+    PQclear(r);
+    r = NULL;
+    if (n == 0) {
+        /* when a job waiting out a retry's backoff becomes runnable: the lease waits that long */
+        p = (struct pg_params){0};
+        pg_p_int(&p, now);
+        r = pg_exec(t->q, t->c,
+                    "SELECT COALESCE(MIN(available_ms), 0) FROM inferd_jobs WHERE state = 0 AND "
+                    "available_ms > $1",
+                    &p, "lease", &o->err);
+        if (!r)
+            rc = o->err.code;
+        else
+            o->next_available_ms = pg_int(r, 0, 0);
+        goto cleanup;
+    }
+    if (seq_array(seqs, n, &arr) != 0) {
+        rc = err_set(&o->err, ERR_NOMEM, "out of memory");
+        goto cleanup;
+    }
+    queue_worker_id_of(o->worker, wid);
+    p = (struct pg_params){0};
+    pg_p_int(&p, now);
+    pg_p_str(&p, wid);
+    pg_p_str(&p, arr.data);
+    r = pg_exec(t->q, t->c,
+                "UPDATE inferd_jobs SET state = 1, attempts = attempts + 1, started_ms = "
+                "COALESCE(started_ms, $1), lease_until_ms = $1 + lease_timeout_ms, worker = $2 "
+                "WHERE seq = ANY($3::bigint[]) RETURNING seq, " JOB_COLUMNS
+                ", input, input_json_len",
+                &p, "lease", &o->err);
+    if (!r) {
+        rc = o->err.code;
+        goto cleanup;
+    }
+    p = (struct pg_params){0};
+    pg_p_int(&p, now);
+    pg_p_str(&p, arr.data);
+    rc = pg_run(t->q, t->c,
+                "INSERT INTO inferd_attempts (job_id, attempt, started_ms, worker) SELECT id, "
+                "attempts, $1, worker FROM inferd_jobs WHERE seq = ANY($2::bigint[]) ON CONFLICT "
+                "(job_id, attempt) DO UPDATE SET started_ms = EXCLUDED.started_ms, ended_ms = "
+                "NULL, worker = EXCLUDED.worker, error = NULL",
+                &p, "record attempt", &o->err);
+    if (rc == 0)
+        rc = leased_jobs(t, o, r, seqs, n, now);
+    if (rc == 0 && t->queued >= 0)
+        t->queued -= (int64_t)o->n_jobs;
+cleanup:
+    PQclear(r);
+    buf_release(&arr);
+    free(seqs);
+    return rc;
+}
+
+int pg_op_extend(struct pg_txn *t, struct pg_op *o)
+{
+    struct pg_params p = {0};
+
+    pg_p_int(&p, queue_now_ms() + o->lease_ms);
+    pg_p_str(&p, o->id);
+    pg_p_int(&p, (int64_t)o->token);
+    return fenced(t, o,
+                  "UPDATE inferd_jobs SET lease_until_ms = $1 WHERE id = $2 AND state = 1 AND "
+                  "attempts = $3",
+                  &p);
+}
+
+int pg_op_complete(struct pg_txn *t, struct pg_op *o)
+{
+    struct pg_params p = {0};
+    int rc;
+
+    pg_p_bin(&p, o->data, o->data ? o->data_len : 0);
+    pg_p_int(&p, o->json_len);
+    pg_p_int(&p, queue_now_ms());
+    pg_p_str(&p, o->id);
+    pg_p_int(&p, (int64_t)o->token);
+    /* a job cancelled while it ran ends cancelled and its result is discarded */
+    rc = fenced(t, o,
+                "UPDATE inferd_jobs SET state = CASE WHEN cancel_requested = 1 THEN 4 ELSE 2 END, "
+                "result = CASE WHEN cancel_requested = 1 THEN NULL ELSE $1::bytea END, "
+                "result_json_len = $2, finished_ms = $3, error = CASE WHEN cancel_requested = 1 "
+                "THEN 'cancelled while running; result discarded' ELSE NULL END, input = NULL "
+                "WHERE id = $4 AND state = 1 AND attempts = $5",
+                &p);
+    if (rc == 0)
+        rc = attempt_ended(t, o->id, o->token, NULL, &o->err);
+    return rc ? rc : pg_job_became_final(t, o->id, &o->err);
+}
+
+int pg_op_fail(struct pg_txn *t, struct pg_op *o)
+{
+    int64_t now = queue_now_ms(), backoff = t->q->cfg.retry_backoff_ms;
+    struct pg_params p = {0};
+    struct job *j = NULL;
+    int final, end_state, rc;
+
+    rc = pg_load_job(t->q, t->c, o->id, 1, &j, &o->err);
+    if (rc != 0)
+        return rc;
+    if (j->state != JOB_RUNNING || (uint64_t)j->attempts != o->token) {
+        job_free(j);
+        return err_set(&o->err, ERR_CONFLICT, "job %s: attempt %llu no longer holds the lease",
+                       o->id, (unsigned long long)o->token);
+    }
+    /* released by a worker's shutdown: again at once, with one more attempt to make up */
+    final =
+        j->cancel_requested ||
+        (!o->released && (!o->retryable || j->attempts - j->attempts_uncounted >= j->max_attempts));
+    end_state = j->cancel_requested ? JOB_CANCELLED : final ? JOB_FAILED : JOB_QUEUED;
+    for (int i = 1; i < j->attempts - j->attempts_uncounted && backoff < PG_MAX_BACKOFF_MS; i++)
+        backoff *= 2;
+    if (backoff > PG_MAX_BACKOFF_MS)
+        backoff = PG_MAX_BACKOFF_MS;
+    if (o->retry_after_ms > backoff) /* the model said when (an upstream's Retry-After) */
+        backoff = o->retry_after_ms;
+    if (o->released)
+        backoff = 0;
+    job_free(j);
+    /* a failed job keeps its input: POST /v1/jobs/{id}/retry sends it back */
+    pg_p_int(&p, end_state);
+    pg_p_str(&p, o->data);
+    if (final)
+        pg_p_int(&p, now);
+    else
+        pg_p_str(&p, NULL);
+    pg_p_int(&p, now + backoff);
+    pg_p_int(&p, o->released && !final ? 1 : 0);
+    pg_p_str(&p, o->id);
+    pg_p_int(&p, (int64_t)o->token);
+    rc = fenced(t, o,
+                "UPDATE inferd_jobs SET state = $1, error = $2, finished_ms = $3, available_ms = "
+                "$4, extra_attempts = extra_attempts + $5 WHERE id = $6 AND state = 1 AND "
+                "attempts = $7",
+                &p);
+    if (rc == 0)
+        rc = attempt_ended(t, o->id, o->token, o->data ? o->data : "failed", &o->err);
+    if (rc != 0)
+        return rc;
+    o->failed_final = end_state == JOB_FAILED;
+    if (!final) {
+        if (t->queued >= 0)
+            t->queued++;
+        t->runnable = 1;
+        return 0;
+    }
+    return pg_job_became_final(t, o->id, &o->err);
+}
+
+int pg_op_cancel(struct pg_txn *t, struct pg_op *o)
+{
+    struct pg_params p = {0};
+    struct job *j = NULL;
+    int rc;
+
+    rc = pg_load_job(t->q, t->c, o->id, 1, &j, &o->err);
+    if (rc != 0)
+        return rc;
+    if (job_state_is_final(j->state)) {
+        rc =
+            err_set(&o->err, ERR_CONFLICT, "job %s is already %s", o->id, job_state_name(j->state));
+        job_free(j);
+        return rc;
+    }
+    pg_p_int(&p, queue_now_ms());
+    pg_p_str(&p, o->id);
+    if (j->state == JOB_QUEUED) {
+        rc = pg_run(t->q, t->c,
+                    "UPDATE inferd_jobs SET state = 4, finished_ms = $1, input = NULL, error = "
+                    "'cancelled' WHERE id = $2 AND state = 0",
+                    &p, "cancel", &o->err);
+        if (rc == 0 && t->queued >= 0)
+            t->queued--;
+    } else {
+        rc = pg_run(t->q, t->c,
+                    "UPDATE inferd_jobs SET cancel_requested = 1 WHERE id = $2 AND state = 1 AND "
+                    "$1::bigint IS NOT NULL",
+                    &p, "cancel", &o->err);
+        /* its worker, in whichever process, hears of it at the commit */
+        p = (struct pg_params){0};
+        pg_p_str(&p, o->id);
+        if (rc == 0)
+            rc = pg_run(t->q, t->c, "SELECT pg_notify('inferd_cancel', $1)", &p, "cancel",
+                        &o->err);
+    }
+    job_free(j);
+    if (rc == 0)
+        rc = pg_load_job(t->q, t->c, o->id, 0, &o->job, &o->err);
+    if (rc == 0 && o->job->state == JOB_CANCELLED)
+        rc = pg_job_became_final(t, o->id, &o->err);
+    return rc;
+}
+
+int pg_op_retry(struct pg_txn *t, struct pg_op *o)
+{
+    struct pg_params p = {0};
+    PGresult *r;
+    int rc = 0;
+
+    pg_p_str(&p, o->id);
+    r = pg_exec(t->q, t->c,
+                "UPDATE inferd_jobs SET state = 0, extra_attempts = attempts, available_ms = 0, "
+                "finished_ms = NULL, expires_ms = 0, error = NULL WHERE id = $1 AND state IN "
+                "(3, 5) AND (input IS NOT NULL OR input_location IS NOT NULL)",
+                &p, "retry", &o->err);
+    if (!r)
+        return o->err.code;
+    if (changed(r) == 0) {
+        struct job *j = NULL;
+        rc = pg_load_job(t->q, t->c, o->id, 0, &j, &o->err);
+        if (rc == 0)
+            rc = err_set(&o->err, ERR_CONFLICT,
+                         "job %s is %s; only failed or expired jobs are sent back to the queue",
+                         o->id, job_state_name(j->state));
+        job_free(j);
+        PQclear(r);
+        return rc;
+    }
+    PQclear(r);
+    if (t->queued >= 0)
+        t->queued++;
+    t->runnable = 1;
+    return pg_load_job(t->q, t->c, o->id, 0, &o->job, &o->err);
+}
+
+/* ---- lost attempts, workers, sweeps ---- */
+
+/*
+ * A running attempt is lost (its lease ran out, or its worker is presumed dead): it counts,
+ * and the job runs again at once, or fails when that was its last attempt. Its late outcome is
+ * fenced out: the next lease makes another attempt number. The row is locked by the caller.
+ */
+static int attempt_lost(struct pg_txn *t, const char *id, const char *why, int64_t now,
+                        struct err *e)
+{
+    struct pg_params p = {0};
+    struct job *j = NULL;
+    int exhausted, rc;
+
+    rc = pg_load_job(t->q, t->c, id, 1, &j, e);
+    if (rc != 0)
+        return rc == ERR_NOT_FOUND ? 0 : rc;
+    if (j->state != JOB_RUNNING) {
+        job_free(j);
+        return 0;
+    }
+    exhausted = j->attempts - j->attempts_uncounted >= j->max_attempts;
+    pg_p_int(&p, now);
+    pg_p_str(&p, id);
+    pg_p_str(&p, why);
+    rc = pg_run(t->q, t->c,
+                exhausted ? "UPDATE inferd_jobs SET state = 3, finished_ms = $1, error = $3 || ' "
+                            "on the last attempt' WHERE id = $2 AND state = 1"
+                          : "UPDATE inferd_jobs SET state = 0, available_ms = $1, error = $3 "
+                            "WHERE id = $2 AND state = 1",
+                &p, "requeue job", e);
+    if (rc == 0)
+        rc = attempt_ended(t, id, (uint64_t)j->attempts, why, e);
+    if (rc == 0 && exhausted) {
+        log_warn("queue", "job failed", "job=%s model=%s attempts=%d error=\"%s on the last attempt\"",
+                 id, j->model, j->attempts, why);
+        rc = pg_job_became_final(t, id, e);
+    } else if (rc == 0) {
+        if (t->queued >= 0)
+            t->queued++;
+        t->runnable = 1;
+    }
+    job_free(j);
+    return rc;
+}
+
+/* The running jobs of worker `wid` are lost (`why`); when none is left, it leaves the list.
+ * Sets *n to how many were lost. */
+static int reap_worker(struct pg_txn *t, const char *wid, const char *why, int64_t now, int *n,
+                       struct err *e)
+{
+    struct pg_params p = {0};
+    PGresult *r;
+    int rows, rc = 0;
+
+    *n = 0;
+    pg_p_str(&p, wid);
+    r = pg_exec(t->q, t->c,
+                "SELECT id FROM inferd_jobs WHERE state = 1 AND worker = $1 LIMIT 64 FOR UPDATE "
+                "SKIP LOCKED",
+                &p, "read a worker's jobs", e);
+    if (!r)
+        return e->code;
+    rows = PQntuples(r);
+    for (int i = 0; rc == 0 && i < rows; i++)
+        rc = attempt_lost(t, PQgetvalue(r, i, 0), why, now, e);
+    PQclear(r);
+    if (rc != 0)
+        return rc;
+    *n = rows;
+    if (rows == 64)
+        return 0; /* more: the next sweep goes on before the worker leaves */
+    if (rows > 0)
+        log_warn("queue", "worker gone; its running jobs are queued again",
+                 "worker=%s jobs=%d reason=\"%s\"", wid, rows, why);
+    return pg_run(t->q, t->c, "DELETE FROM inferd_workers WHERE id = $1", &p, "worker leaves", e);
+}
+
+int pg_op_worker_leave(struct pg_txn *t, struct pg_op *o)
+{
+    int n;
+
+    return reap_worker(t, o->id, "its worker stopped", queue_now_ms(), &n, &o->err);
+}
+
+int pg_op_worker_beat(struct pg_txn *t, struct pg_op *o)
+{
+    const struct queue_worker *w = o->wk;
+    struct pg_params p = {0};
+
+    pg_p_str(&p, w->id);
+    pg_p_str(&p, w->host);
+    pg_p_int(&p, w->pid);
+    pg_p_int(&p, w->started_ms);
+    pg_p_int(&p, queue_now_ms());
+    pg_p_int(&p, w->timeout_ms);
+    pg_p_int(&p, w->jobs_running);
+    return pg_run(t->q, t->c,
+                  "INSERT INTO inferd_workers (id, host, pid, started_ms, heartbeat_ms, "
+                  "timeout_ms, jobs_running) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) "
+                  "DO UPDATE SET heartbeat_ms = $5, timeout_ms = $6, jobs_running = $7",
+                  &p, "worker heartbeat", &o->err);
+}
+
+/* Workers silent past their timeout are presumed dead: their running jobs run again now. Only
+ * after a whole timeout of this process reaching PostgreSQL: a worker cut off with us had no
+ * way to beat. */
+static int reap_dead_workers(struct pg_txn *t, int64_t now, struct err *e)
+{
+    struct pg_params p = {0};
+    PGresult *r;
+    int rc = 0;
+
+    pg_p_int(&p, now);
+    pg_p_int(&p, atomic_load(&t->q->up_since_ms));
+    r = pg_exec(t->q, t->c,
+                "SELECT id, ($1::bigint - heartbeat_ms) / 1000 FROM inferd_workers WHERE "
+                "heartbeat_ms + timeout_ms <= $1::bigint AND $2::bigint + timeout_ms <= "
+                "$1::bigint LIMIT 8 FOR UPDATE SKIP LOCKED",
+                &p, "read workers", e);
+    if (!r)
+        return e->code;
+    for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
+        char why[160];
+        int n;
+        snprintf(why, sizeof(why), "its worker %.95s sent no heartbeat for %lld s",
+                 PQgetvalue(r, i, 0), (long long)pg_int(r, i, 1));
+        rc = reap_worker(t, PQgetvalue(r, i, 0), why, now, &n, e);
+    }
+    PQclear(r);
+    return rc;
+}
+
+/* Removes inference jobs that finished more than --result-ttl-s ago, with their webhook
+ * records and attempts, at most PG_RETAIN_MAX; a job whose webhook is still pending stays.
+ * (Batch jobs' tasks stay with their batch job.) */
+static int retain(struct pg_txn *t, int64_t now, struct err *e)
+{
+    struct pg_params p = {0};
+    PGresult *r;
+
+    pg_p_int(&p, now - t->q->cfg.result_ttl_s * 1000);
+    pg_p_int(&p, PG_RETAIN_MAX);
+    r = pg_exec(t->q, t->c,
+                "WITH gone AS (SELECT id FROM inferd_jobs j WHERE state >= 2 AND finished_ms <= "
+                "$1 AND kind = 0 AND batch_id IS NULL AND NOT EXISTS (SELECT 1 FROM "
+                "inferd_outbox o WHERE o.job_id = j.id AND o.done = 0) ORDER BY finished_ms "
+                "LIMIT $2 FOR UPDATE SKIP LOCKED), "
+                "d1 AS (DELETE FROM inferd_deliveries WHERE job_id IN (SELECT id FROM gone)), "
+                "d2 AS (DELETE FROM inferd_outbox WHERE job_id IN (SELECT id FROM gone)), "
+                "d3 AS (DELETE FROM inferd_attempts WHERE job_id IN (SELECT id FROM gone)) "
+                "DELETE FROM inferd_jobs WHERE id IN (SELECT id FROM gone)",
+                &p, "retention", e);
+    if (!r)
+        return e->code;
+    if (changed(r) > 0)
+        log_debug("queue", "finished jobs past their retention removed", "jobs=%ld", changed(r));
+    PQclear(r);
+    return 0;
+}
+
+int pg_sweep(struct pg_txn *t, int64_t now, int retain_now, struct err *e)
+{
+    struct pg_params p = {0};
+    PGresult *r;
+    int rc = 0;
+
+    /* queued jobs past their ttl: expired */
+    pg_p_int(&p, now);
+    r = pg_exec(t->q, t->c,
+                "UPDATE inferd_jobs SET state = 5, finished_ms = $1, input = NULL, error = 'its "
+                "ttl passed before a worker started it' WHERE seq IN (SELECT seq FROM inferd_jobs "
+                "WHERE state = 0 AND expires_ms > 0 AND expires_ms <= $1 LIMIT 64 FOR UPDATE SKIP "
+                "LOCKED) RETURNING id",
+                &p, "expire jobs", e);
+    if (!r)
+        return e->code;
+    for (int i = 0; rc == 0 && i < PQntuples(r); i++)
+        rc = pg_job_became_final(t, PQgetvalue(r, i, 0), e);
+    PQclear(r);
+    if (rc != 0)
+        return rc;
+    /* a lease that ran out: the attempt is lost; count it and go again (or give up) */
+    r = pg_exec(t->q, t->c,
+                "SELECT id FROM inferd_jobs WHERE state = 1 AND lease_until_ms <= $1 LIMIT 64 "
+                "FOR UPDATE SKIP LOCKED",
+                &p, "read expired leases", e);
+    if (!r)
+        return e->code;
+    for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
+        rc = attempt_lost(t, PQgetvalue(r, i, 0), "its lease expired", now, e);
+        if (rc == 0)
+            log_warn("queue", "lease expired", "job=%s", PQgetvalue(r, i, 0));
+    }
+    PQclear(r);
+    if (rc == 0)
+        rc = reap_dead_workers(t, now, e);
+    if (rc == 0 && retain_now)
+        rc = retain(t, now, e);
+    return rc;
+}
+
+/* ---- reads (a pooled connection) ---- */
+
+int pg_get(struct queue *qb, const char *id, int want_result, struct job **out, struct err *e)
+{
+    struct pg_queue *q = pgq(qb);
+    PGconn *c = pg_take(q, e);
+    int rc;
+
+    *out = NULL;
+    if (!c)
+        return e->code;
+    rc = pg_load_job(q, c, id, 0, out, e);
+    if (rc == 0 && want_result && (*out)->state == JOB_SUCCEEDED) {
+        struct pg_params p = {0};
+        PGresult *r;
+        pg_p_str(&p, id);
+        r = pg_exec(q, c, "SELECT result, result_json_len FROM inferd_jobs WHERE id = $1", &p,
+                    "read result", e);
+        if (!r) {
+            rc = e->code;
+        } else if (PQntuples(r) == 1) {
+            if (pg_bytea(r, 0, 0, &(*out)->result) != 0)
+                rc = err_set(e, ERR_NOMEM, "out of memory");
+            (*out)->result_json_len = pg_int(r, 0, 1);
+        }
+        PQclear(r);
+    }
+    if (rc == 0 && (pg_load_notifications(q, c, *out) != 0 || pg_load_history(q, c, *out) != 0))
+        rc = err_set(e, PQstatus(c) == CONNECTION_OK ? ERR_IO : ERR_UNAVAILABLE,
+                     "job store: cannot read job %s's webhooks and attempts", id);
+    pg_give(q, c);
+    if (rc != 0) {
+        job_free(*out);
+        *out = NULL;
+    }
+    return rc;
+}
+
+int pg_list(struct queue *qb, const struct queue_list_filter *f, struct buf *out, struct err *e)
+{
+    struct pg_queue *q = pgq(qb);
+    struct pg_params p = {0};
+    PGconn *c = pg_take(q, e);
+    PGresult *r = NULL;
+    char last[40] = "";
+    int n = 0, rc = 0;
+
+    if (!c)
+        return e->code;
+    pg_p_int(&p, f->state);
+    pg_p_str(&p, f->model);
+    pg_p_str(&p, f->cursor);
+    pg_p_int(&p, f->limit);
+    pg_p_int(&p, f->state == JOB_RUNNING ? f->cancelling : -1);
+    r = pg_exec(q, c,
+                "SELECT " JOB_COLUMNS " FROM inferd_jobs WHERE kind = 0 AND ($1::int < 0 OR "
+                "state = $1::int) AND ($2::text IS NULL OR model = $2::text) AND ($3::text IS "
+                "NULL OR seq < (SELECT seq FROM inferd_jobs WHERE id = $3::text)) AND ($5::int < "
+                "0 OR cancel_requested = $5::int) ORDER BY seq DESC LIMIT $4",
+                &p, "list jobs", e);
+    if (!r) {
+        rc = e->code;
+        goto cleanup;
+    }
+    rc = buf_puts(out, "{\"jobs\":[");
+    for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
+        struct job *j = job_from_row(r, i, 0);
+        if (!j) {
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+            break;
+        }
+        if (n++)
+            rc = buf_puts(out, ",");
+        /* each job as GET /v1/jobs/{id} shows it */
+        if (rc == 0 && (pg_load_notifications(q, c, j) != 0 || pg_load_history(q, c, j) != 0))
+            rc = err_set(e, PQstatus(c) == CONNECTION_OK ? ERR_IO : ERR_UNAVAILABLE,
+                         "job store: cannot read webhooks and attempts");
+        if (rc == 0)
+            rc = queue_job_json(j, out);
+        snprintf(last, sizeof(last), "%s", j->id);
+        job_free(j);
+    }
+    if (rc == 0 && n == f->limit) {
+        rc = buf_puts(out, "],\"next_cursor\":");
+        if (rc == 0)
+            rc = buf_json_string(out, last);
+        if (rc == 0)
+            rc = buf_puts(out, "}");
+    } else if (rc == 0) {
+        rc = buf_puts(out, "],\"next_cursor\":null}");
+    }
+cleanup:
+    PQclear(r);
+    pg_give(q, c);
+    return rc;
+}
+
+int pg_counts(struct queue *qb, int64_t counts[JOB_N_STATES], struct err *e)
+{
+    struct pg_queue *q = pgq(qb);
+    PGconn *c = pg_take(q, e);
+    PGresult *r;
+
+    memset(counts, 0, sizeof(int64_t) * JOB_N_STATES);
+    if (!c)
+        return e->code;
+    r = pg_exec(q, c, "SELECT state, COUNT(*) FROM inferd_jobs GROUP BY state", NULL,
+                "count jobs", e);
+    for (int i = 0; r && i < PQntuples(r); i++) {
+        int64_t s = pg_int(r, i, 0);
+        if (s >= 0 && s < JOB_N_STATES)
+            counts[s] = pg_int(r, i, 1);
+    }
+    if (r)
+        atomic_store(&q->n_queued, counts[JOB_QUEUED]);
+    PQclear(r);
+    pg_give(q, c);
+    return r ? 0 : e->code;
+}
+
+int64_t pg_queued(struct queue *qb)
+{
+    return atomic_load(&pgq(qb)->n_queued);
+}
+
+int pg_workers_list(struct queue *qb, struct queue_worker **out, size_t *n, struct err *e)
+{
+    struct pg_queue *q = pgq(qb);
+    struct pg_params p = {0};
+    struct queue_worker *v = NULL;
+    PGconn *c = pg_take(q, e);
+    PGresult *r;
+    int rows;
+
+    *out = NULL;
+    *n = 0;
+    if (!c)
+        return e->code;
+    pg_p_int(&p, queue_now_ms());
+    r = pg_exec(q, c,
+                "SELECT id, host, pid, started_ms, heartbeat_ms, timeout_ms, jobs_running FROM "
+                "inferd_workers WHERE heartbeat_ms + timeout_ms > $1 ORDER BY started_ms, id",
+                &p, "list workers", e);
+    pg_give(q, c);
+    if (!r)
+        return e->code;
+    rows = PQntuples(r);
+    if (rows > 0 && !(v = calloc((size_t)rows, sizeof(*v)))) {
+        PQclear(r);
+        return err_set(e, ERR_NOMEM, "out of memory");
+    }
+    for (int i = 0; i < rows; i++) {
+        struct queue_worker *w = &v[i];
+        snprintf(w->id, sizeof(w->id), "%s", PQgetvalue(r, i, 0));
+        snprintf(w->host, sizeof(w->host), "%s", PQgetvalue(r, i, 1));
+        w->pid = (int)pg_int(r, i, 2);
+        w->started_ms = pg_int(r, i, 3);
+        w->heartbeat_ms = pg_int(r, i, 4);
+        w->timeout_ms = pg_int(r, i, 5);
+        w->jobs_running = (int)pg_int(r, i, 6);
+    }
+    PQclear(r);
+    *out = v;
+    *n = (size_t)rows;
+    return 0;
+}

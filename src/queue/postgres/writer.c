@@ -1,0 +1,527 @@
+/*
+ * writer.c: group commit for the PostgreSQL queue.
+ *
+ * Every change goes through one writer thread per process, as in the SQLite queue: callers
+ * queue an operation and wait (an asynchronous enqueue is called back instead); the writer
+ * takes everything queued, runs it in one transaction (a SAVEPOINT per operation, so one that
+ * fails does not undo the others; one that hits a deadlock with another process is retried
+ * alone), sends the transaction's NOTIFYs and commits once. Under load, hundreds of enqueues
+ * and outcomes share one commit (one WAL flush with synchronous_commit on).
+ *
+ * A lost connection fails the whole group with ERR_UNAVAILABLE ("nothing was stored"); the
+ * writer reconnects at the next group, no sooner than a backoff (100 ms doubling to 2 s), so
+ * while PostgreSQL is away every call answers at once instead of waiting on a connect.
+ */
+#define _GNU_SOURCE
+#include "queue/postgres/pg_internal.h"
+#include "core/clock.h"
+#include "core/log.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define OP_RETRIES 3 /* a deadlocked operation runs again this many times */
+
+/* ---- one transaction ---- */
+
+int pg_txn_commit(struct pg_txn *t, struct err *e)
+{
+    struct buf arr = {0};
+    int rc = 0;
+
+    /* NOTIFYs are delivered at COMMIT, and only if it happens */
+    if (t->finals) {
+        rc = buf_puts(&arr, "{");
+        for (struct pg_final *f = t->finals; rc == 0 && f; f = f->next)
+            rc = buf_printf(&arr, "%s\"%s %s\"", f == t->finals ? "" : ",", f->id,
+                            job_state_name(f->state));
+        if (rc == 0)
+            rc = buf_puts(&arr, "}");
+        if (rc != 0) {
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+        } else {
+            struct pg_params p = {0};
+            pg_p_str(&p, arr.data);
+            rc = pg_run(t->q, t->c,
+                        "SELECT pg_notify('inferd_final', x) FROM unnest($1::text[]) x", &p,
+                        "notify", e);
+        }
+        buf_release(&arr);
+    }
+    if (rc == 0 && t->runnable)
+        rc = pg_run(t->q, t->c, "SELECT pg_notify('inferd_jobs', '')", NULL, "notify", e);
+    return rc ? rc : pg_run(t->q, t->c, "COMMIT", NULL, "commit", e);
+}
+
+void pg_txn_done(struct pg_txn *t, int committed)
+{
+    struct pg_queue *q = t->q;
+
+    if (committed && t->runnable) {
+        pthread_mutex_lock(&q->lock);
+        q->generation++;
+        pthread_cond_broadcast(&q->runnable);
+        pthread_mutex_unlock(&q->lock);
+    }
+    for (struct pg_final *f = t->finals, *next; f; f = next) {
+        next = f->next;
+        if (committed && q->base.on_final)
+            q->base.on_final(q->base.on_final_ctx, f->id, f->state);
+        free(f);
+    }
+    t->finals = NULL;
+    if (committed && t->queued >= 0)
+        atomic_store(&q->n_queued, t->queued);
+}
+
+static int run_op(struct pg_txn *t, struct pg_op *o)
+{
+    switch (o->kind) {
+    case PG_OP_ENQUEUE:
+        return pg_op_enqueue(t, o);
+    case PG_OP_LEASE:
+        return pg_op_lease(t, o);
+    case PG_OP_EXTEND:
+        return pg_op_extend(t, o);
+    case PG_OP_COMPLETE:
+        return pg_op_complete(t, o);
+    case PG_OP_FAIL:
+        return pg_op_fail(t, o);
+    case PG_OP_CANCEL:
+        return pg_op_cancel(t, o);
+    case PG_OP_RETRY:
+        return pg_op_retry(t, o);
+    case PG_OP_OUTBOX_RECORD:
+        return pg_op_outbox_record(t, o);
+    case PG_OP_BATCH_CREATE:
+        return pg_op_batch_create(t, o);
+    case PG_OP_BATCH_CANCEL:
+        return pg_op_batch_cancel(t, o);
+    case PG_OP_BATCH_PAUSE:
+        return pg_op_batch_pause(t, o);
+    case PG_OP_BATCH_PROGRESS:
+        return pg_op_batch_progress(t, o);
+    case PG_OP_WORKER_BEAT:
+        return pg_op_worker_beat(t, o);
+    case PG_OP_WORKER_LEAVE:
+        return pg_op_worker_leave(t, o);
+    }
+    return err_set(&o->err, ERR_INVALID, "unknown queue operation");
+}
+
+/* Forgets what an operation produced before it was undone. */
+static void op_undone(struct pg_op *o)
+{
+    for (size_t i = 0; o->jobs && i < o->n_jobs; i++) {
+        job_free(o->jobs[i]);
+        o->jobs[i] = NULL;
+    }
+    o->n_jobs = 0;
+    job_free(o->job);
+    o->job = NULL;
+}
+
+/* Runs `o` inside its savepoint; returns 0 when the transaction still stands. */
+static int run_in_savepoint(struct pg_txn *t, struct pg_op *o, struct err *e)
+{
+    struct pg_queue *q = t->q;
+    int64_t queued = t->queued;
+    size_t out_len = o->out ? o->out->len : 0;
+
+    if (pg_run(q, t->c, "SAVEPOINT op", NULL, "savepoint", e) != 0)
+        return e->code;
+    for (int tries = 0;; tries++) {
+        o->rc = run_op(t, o);
+        if (PQstatus(t->c) != CONNECTION_OK) {
+            *e = o->err;
+            return ERR_UNAVAILABLE;
+        }
+        int in_error = PQtransactionStatus(t->c) == PQTRANS_INERROR;
+        if (o->rc == 0 || (o->rc == ERR_CONFLICT && !in_error))
+            break;
+        /* undone: what it counted, what it made */
+        if (pg_run(q, t->c, "ROLLBACK TO SAVEPOINT op", NULL, "rollback", e) != 0)
+            return e->code;
+        t->queued = queued;
+        op_undone(o);
+        if (o->out)
+            o->out->len = out_len;
+        if (o->kind == PG_OP_ENQUEUE && o->rc != ERR_BUSY && o->rc != ERR_CONFLICT)
+            o->existed = 0;
+        if (!pg_retryable(&o->err) || tries >= OP_RETRIES)
+            break;
+        o->err = (struct err){0};
+    }
+    return pg_run(q, t->c, "RELEASE SAVEPOINT op", NULL, "release", e);
+}
+
+/* A group could not be made durable: every caller hears why, and nothing of it stands. */
+static void group_failed(struct pg_queue *q, struct pg_op *ops, const struct err *why)
+{
+    for (struct pg_op *o = ops; o; o = o->next) {
+        if (why->code == ERR_UNAVAILABLE)
+            o->rc = err_set(&o->err, ERR_UNAVAILABLE, "%s; nothing was stored", why->msg);
+        else if (why->code == ERR_FULL)
+            o->rc = err_set(&o->err, ERR_FULL, "%s; nothing was stored", why->msg);
+        else
+            o->rc = err_set(&o->err, ERR_IO, "%s; nothing was stored", why->msg);
+        op_undone(o);
+    }
+    (void)q;
+}
+
+static int writer_connection(struct pg_queue *q, struct err *e)
+{
+    int64_t now = queue_now_ms();
+
+    if (q->wconn && PQstatus(q->wconn) == CONNECTION_OK)
+        return 0;
+    PQfinish(q->wconn);
+    q->wconn = NULL;
+    if (now < q->next_connect_ms)
+        return err_set(e, ERR_UNAVAILABLE, "PostgreSQL at %s is unreachable (retrying)",
+                       q->shown);
+    q->wconn = pg_connect(q, e);
+    if (!q->wconn) {
+        pg_note_down(q, e->msg);
+        q->connect_backoff_ms = q->connect_backoff_ms
+                                    ? (q->connect_backoff_ms * 2 < PG_RECONNECT_MAX_MS
+                                           ? q->connect_backoff_ms * 2
+                                           : PG_RECONNECT_MAX_MS)
+                                    : PG_RECONNECT_MIN_MS;
+        q->next_connect_ms = now + q->connect_backoff_ms;
+        return e->code;
+    }
+    q->connect_backoff_ms = 0;
+    atomic_store(&q->own_pid[0], PQbackendPID(q->wconn));
+    return 0;
+}
+
+static void run_group(struct pg_queue *q, struct pg_op *ops)
+{
+    struct pg_txn t = {.q = q, .queued = -1};
+    struct err e = {0};
+    int rc;
+
+    rc = writer_connection(q, &e);
+    if (rc == 0) {
+        t.c = q->wconn;
+        rc = pg_run(q, t.c, "BEGIN", NULL, "begin", &e);
+    }
+    for (struct pg_op *o = ops; rc == 0 && o; o = o->next)
+        rc = run_in_savepoint(&t, o, &e);
+    if (rc == 0)
+        rc = pg_txn_commit(&t, &e);
+    if (rc == 0) {
+        pg_note_up(q);
+    } else {
+        if (t.c && PQstatus(t.c) == CONNECTION_OK) {
+            struct err ignored;
+            pg_run(q, t.c, "ROLLBACK", NULL, "rollback", &ignored);
+        } else if (t.c) {
+            char why[200];
+            snprintf(why, sizeof(why), "%s", e.msg);
+            pg_note_down(q, why);
+        }
+        group_failed(q, ops, &e);
+    }
+    pg_txn_done(&t, rc == 0);
+}
+
+void *pg_writer_main(void *arg)
+{
+    struct pg_queue *q = arg;
+
+    pthread_mutex_lock(&q->lock);
+    for (;;) {
+        struct pg_op *ops, *last = NULL;
+        int n = 0;
+        while (!q->head && !q->stopping)
+            pthread_cond_wait(&q->work, &q->lock);
+        if (!q->head && q->stopping)
+            break;
+        ops = q->head;
+        for (struct pg_op *o = ops; o && n < PG_MAX_GROUP; o = o->next, n++)
+            last = o;
+        q->head = last->next;
+        if (!q->head)
+            q->tail = NULL;
+        last->next = NULL;
+        pthread_mutex_unlock(&q->lock);
+
+        run_group(q, ops);
+
+        struct pg_op *async_ops = NULL, **async_tail = &async_ops;
+        pthread_mutex_lock(&q->lock);
+        for (struct pg_op *o = ops, *o_next; o; o = o_next) {
+            o_next = o->next;
+            if (o->callback) {
+                *async_tail = o;
+                async_tail = &o->next;
+                o->next = NULL;
+            } else {
+                o->done = 1; /* its caller may free it as soon as the lock is released */
+            }
+        }
+        pthread_cond_broadcast(&q->finished);
+        pthread_mutex_unlock(&q->lock);
+        for (struct pg_op *o = async_ops, *o_next; o; o = o_next) {
+            o_next = o->next;
+            o->callback(o->callback_ctx, o->rc, &o->err, o->id_out, o->existed);
+            free(o);
+        }
+        pthread_mutex_lock(&q->lock);
+    }
+    pthread_mutex_unlock(&q->lock);
+    return NULL;
+}
+
+/* Queues `n` operations at once, so they share a commit, and waits for all of them. */
+static void submit_many(struct pg_queue *q, struct pg_op *ops, size_t n)
+{
+    pthread_mutex_lock(&q->lock);
+    if (q->stopping) {
+        pthread_mutex_unlock(&q->lock);
+        for (size_t i = 0; i < n; i++)
+            ops[i].rc = err_set(&ops[i].err, ERR_UNAVAILABLE, "the job store is closing");
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        ops[i].next = NULL;
+        if (q->tail)
+            q->tail->next = &ops[i];
+        else
+            q->head = &ops[i];
+        q->tail = &ops[i];
+    }
+    pthread_cond_signal(&q->work);
+    for (size_t i = 0; i < n; i++)
+        while (!ops[i].done)
+            pthread_cond_wait(&q->finished, &q->lock);
+    pthread_mutex_unlock(&q->lock);
+}
+
+int pg_submit(struct pg_queue *q, struct pg_op *o)
+{
+    submit_many(q, o, 1);
+    return o->rc;
+}
+
+static void copy_err(struct err *dst, const struct pg_op *o)
+{
+    if (dst && o->rc != 0)
+        *dst = o->err;
+}
+
+/* ---- the ops table's changes ---- */
+
+int pg_enqueue(struct queue *qb, const struct job_spec *spec, char id_out[40], int *existed,
+               struct err *e)
+{
+    struct pg_op o = {.kind = PG_OP_ENQUEUE, .spec = spec};
+    int rc = pg_submit(pgq(qb), &o);
+
+    copy_err(e, &o);
+    snprintf(id_out, 40, "%s", o.id_out);
+    *existed = o.existed;
+    return rc;
+}
+
+int pg_enqueue_async(struct queue *qb, const struct job_spec *spec, queue_enqueue_fn fn,
+                     void *ctx, struct err *e)
+{
+    struct pg_queue *q = pgq(qb);
+    struct pg_op *o = calloc(1, sizeof(*o));
+
+    if (!o)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    o->kind = PG_OP_ENQUEUE;
+    o->spec = spec;
+    o->callback = fn;
+    o->callback_ctx = ctx;
+    pthread_mutex_lock(&q->lock);
+    if (q->stopping) {
+        pthread_mutex_unlock(&q->lock);
+        free(o);
+        return err_set(e, ERR_UNAVAILABLE, "the job store is closing");
+    }
+    if (q->tail)
+        q->tail->next = o;
+    else
+        q->head = o;
+    q->tail = o;
+    pthread_cond_signal(&q->work);
+    pthread_mutex_unlock(&q->lock);
+    return 0;
+}
+
+int pg_lease_many(struct queue *qb, const char *worker, size_t max, int max_tasks,
+                  int64_t wait_ms, struct job **out, size_t *n, struct err *e)
+{
+    struct pg_queue *q = pgq(qb);
+    int64_t until = queue_now_ms() + wait_ms;
+
+    *n = 0;
+    for (;;) {
+        struct pg_op o = {.kind = PG_OP_LEASE,
+                          .worker = worker,
+                          .max = max,
+                          .max_tasks = max_tasks,
+                          .jobs = out};
+        uint64_t gen;
+        int rc;
+        pthread_mutex_lock(&q->lock);
+        gen = q->generation;
+        pthread_mutex_unlock(&q->lock);
+        rc = pg_submit(q, &o);
+        if (rc != 0 || o.n_jobs) {
+            copy_err(e, &o);
+            *n = rc == 0 ? o.n_jobs : 0;
+            return rc;
+        }
+        int64_t now = queue_now_ms();
+        if (now >= until)
+            return 0;
+        /* nothing runnable: wait for a NOTIFY (a job queued here or in another process), a
+         * backoff that ends, or a look now and then (a sweep elsewhere requeued one) */
+        int64_t nap = until - now < PG_IDLE_POLL_MS ? until - now : PG_IDLE_POLL_MS;
+        if (o.next_available_ms > now && o.next_available_ms - now < nap)
+            nap = o.next_available_ms - now;
+        struct timespec ts = clock_realtime_after_ms(nap);
+        pthread_mutex_lock(&q->lock);
+        while (q->generation == gen && !q->stopping &&
+               pthread_cond_timedwait(&q->runnable, &q->lock, &ts) == 0)
+            ;
+        int stopping = q->stopping;
+        pthread_mutex_unlock(&q->lock);
+        if (stopping)
+            return 0;
+    }
+}
+
+int pg_lease(struct queue *qb, const char *worker, int64_t wait_ms, struct job **out,
+             struct err *e)
+{
+    size_t n = 0;
+
+    *out = NULL;
+    return pg_lease_many(qb, worker, 1, 1, wait_ms, out, &n, e);
+}
+
+int pg_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n, struct err *e)
+{
+    struct pg_op *ops = calloc(n ? n : 1, sizeof(*ops));
+    int rc = 0;
+
+    if (!ops) {
+        for (size_t i = 0; i < n; i++)
+            outs[i].rc = ERR_NOMEM; /* none recorded */
+        return err_set(e, ERR_NOMEM, "out of memory");
+    }
+    for (size_t i = 0; i < n; i++) {
+        struct queue_outcome *oc = &outs[i];
+        ops[i] = (struct pg_op){.kind = oc->ok ? PG_OP_COMPLETE : PG_OP_FAIL,
+                                .id = oc->id,
+                                .token = oc->token,
+                                .data = oc->ok ? oc->result : oc->error,
+                                .data_len = oc->result_len,
+                                .json_len = oc->result_json_len,
+                                .retryable = oc->retryable || oc->released,
+                                .retry_after_ms = oc->retry_after_ms,
+                                .released = oc->released};
+    }
+    submit_many(pgq(qb), ops, n);
+    for (size_t i = 0; i < n; i++) {
+        outs[i].rc = ops[i].rc;
+        outs[i].failed_final = ops[i].rc == 0 && ops[i].failed_final;
+        if (ops[i].rc != 0 && ops[i].rc != ERR_CONFLICT && rc == 0) {
+            rc = ops[i].rc;
+            copy_err(e, &ops[i]);
+        }
+    }
+    free(ops);
+    return rc;
+}
+
+int pg_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms, struct err *e)
+{
+    struct pg_op o = {.kind = PG_OP_EXTEND, .id = id, .token = token, .lease_ms = lease_ms};
+    int rc = pg_submit(pgq(qb), &o);
+
+    copy_err(e, &o);
+    return rc;
+}
+
+int pg_complete(struct queue *qb, const char *id, uint64_t token, const char *result, size_t len,
+                int64_t json_len, struct err *e)
+{
+    struct pg_op o = {.kind = PG_OP_COMPLETE,
+                      .id = id,
+                      .token = token,
+                      .data = result,
+                      .data_len = len,
+                      .json_len = json_len};
+    int rc = pg_submit(pgq(qb), &o);
+
+    copy_err(e, &o);
+    return rc;
+}
+
+int pg_fail(struct queue *qb, const char *id, uint64_t token, const char *error, int retryable,
+            struct err *e)
+{
+    struct pg_op o = {
+        .kind = PG_OP_FAIL, .id = id, .token = token, .data = error, .retryable = retryable};
+    int rc = pg_submit(pgq(qb), &o);
+
+    copy_err(e, &o);
+    return rc;
+}
+
+int pg_cancel(struct queue *qb, const char *id, struct job **out, struct err *e)
+{
+    struct pg_op o = {.kind = PG_OP_CANCEL, .id = id};
+    int rc = pg_submit(pgq(qb), &o);
+
+    copy_err(e, &o);
+    *out = o.job;
+    return rc;
+}
+
+int pg_retry(struct queue *qb, const char *id, struct job **out, struct err *e)
+{
+    struct pg_op o = {.kind = PG_OP_RETRY, .id = id};
+    int rc = pg_submit(pgq(qb), &o);
+
+    copy_err(e, &o);
+    *out = o.job;
+    return rc;
+}
+
+int pg_outbox_record(struct queue *qb, const struct queue_outbox_attempt *a, struct err *e)
+{
+    struct pg_op o = {.kind = PG_OP_OUTBOX_RECORD, .attempt = a};
+    int rc = pg_submit(pgq(qb), &o);
+
+    copy_err(e, &o);
+    return rc;
+}
+
+int pg_worker_beat(struct queue *qb, const struct queue_worker *w, struct err *e)
+{
+    struct pg_op o = {.kind = PG_OP_WORKER_BEAT, .wk = w};
+    int rc = pg_submit(pgq(qb), &o);
+
+    copy_err(e, &o);
+    return rc;
+}
+
+int pg_worker_leave(struct queue *qb, const char *id, struct err *e)
+{
+    struct pg_op o = {.kind = PG_OP_WORKER_LEAVE, .id = id};
+    int rc = pg_submit(pgq(qb), &o);
+
+    copy_err(e, &o);
+    return rc;
+}
