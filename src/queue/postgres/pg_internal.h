@@ -1,7 +1,8 @@
 /*
  * pg_internal.h: what the PostgreSQL queue's files share (pg.c: connections, schema, threads,
- * the ops table; writer.c: group commit; jobs.c: the jobs' SQL, sweeps, workers; outbox.c:
- * webhooks; batch.c: batch jobs and schedules). Included by those files only.
+ * the ops table; writer.c: group commit; jobs.c: the jobs' changes; sweep.c: lost attempts,
+ * workers, expiry and retention; reads.c: reads; outbox.c: webhooks; batch.c: batch jobs and
+ * schedules). Included by those files only.
  *
  * Threads and their connections (a PGconn is used by one thread at a time):
  *   writer    every change (enqueue, lease, outcomes, cancel, ...), grouped into one
@@ -229,6 +230,22 @@ int pg_worker_leave(struct queue *qb, const char *id, struct err *e);
 
 /* ---- jobs.c: operations (inside a transaction of `t`) ---- */
 
+#define JOB_COLUMNS                                                                                \
+    "id, model, state, priority, attempts, max_attempts, created_ms, "                             \
+    "COALESCE(started_ms, 0), COALESCE(finished_ms, 0), lease_timeout_ms, ttl_s, error, "          \
+    "input_location, output_location, callback_url, cancel_requested, kind, batch_id, worker, "    \
+    "extra_attempts"
+#define N_JOB_COLUMNS 20
+/* The job in row `row` of `r`, its columns JOB_COLUMNS from column `c0`. NULL: no memory. */
+struct job *pg_job_from_row(const PGresult *r, int row, int c0);
+/* Rows changed by the command of `r`. */
+long pg_changed(const PGresult *r);
+/* Notes that job `id` became `state` (NOTIFY inferd_final, on_final after the commit). */
+void pg_note_final(struct pg_txn *t, const char *id, enum job_state state);
+/* Ends attempt `attempt` of job `id` in its history, with `error` (NULL: the job's own). */
+int pg_attempt_ended(struct pg_txn *t, const char *id, uint64_t attempt, const char *error,
+                     struct err *e);
+
 int pg_op_enqueue(struct pg_txn *t, struct pg_op *o);
 /* Enqueues `n` operations without idempotency keys in one statement; as pg_op_enqueue each. */
 int pg_ops_enqueue(struct pg_txn *t, struct pg_op **ops, size_t n, struct err *e);
@@ -250,14 +267,20 @@ int pg_load_job(struct pg_queue *q, PGconn *c, const char *id, int lock, struct 
 int pg_load_history(struct pg_queue *q, PGconn *c, struct job *j);
 /* A job just became final: its note, its webhook, its batch job; in the transaction. */
 int pg_job_became_final(struct pg_txn *t, const char *id, struct err *e);
+
+/* ---- sweep.c ---- */
+
 /* The sweeper's round: ttls, leases, dead workers, retention. In the transaction of `t`. */
 int pg_sweep(struct pg_txn *t, int64_t now, int retain, struct err *e);
+int pg_workers_list(struct queue *qb, struct queue_worker **out, size_t *n, struct err *e);
+
+/* ---- reads.c ---- */
+
 int pg_get(struct queue *qb, const char *id, int want_result, struct job **out, struct err *e);
 int pg_list(struct queue *qb, const struct queue_list_filter *f, struct job **out, size_t *n,
             struct err *e);
 int pg_counts(struct queue *qb, int64_t counts[JOB_N_STATES], struct err *e);
 int64_t pg_queued(struct queue *qb);
-int pg_workers_list(struct queue *qb, struct queue_worker **out, size_t *n, struct err *e);
 
 /* ---- outbox.c ---- */
 
