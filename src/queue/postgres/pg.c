@@ -594,6 +594,7 @@ static void pg_close(struct queue *qb)
     pthread_cond_destroy(&q->finished);
     pthread_cond_destroy(&q->runnable);
     pthread_cond_destroy(&q->stop);
+    free(q->lost);
     free(q->conninfo);
     free(q->shown);
     free(q);

@@ -152,6 +152,13 @@ struct pg_queue {
     PGconn *wconn;           /* writer thread only */
     int64_t next_connect_ms; /* writer thread only: no reconnect before (backoff) */
     int64_t connect_backoff_ms; /* writer thread only */
+    /* writer thread only: attempts a lease handed out in a group whose COMMIT got no answer
+     * (the connection broke): committed or not, nobody runs them; released at the next group */
+    struct pg_lost_lease {
+        char id[40];
+        uint64_t token;
+    } *lost;
+    size_t n_lost;
 
     _Atomic int64_t n_queued;      /* jobs queued, as last counted (queue_queued) */
     _Atomic int64_t down_since_ms; /* 0 while PostgreSQL answers */

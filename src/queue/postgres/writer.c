@@ -283,9 +283,57 @@ static void group_reset(struct pg_txn *t, struct pg_op *ops)
     }
 }
 
+/* The group's leases when its COMMIT got no answer: they may have happened, and their jobs
+ * reached nobody. Kept for release_lost(). */
+static void note_lost_leases(struct pg_queue *q, const struct pg_op *ops)
+{
+    for (const struct pg_op *o = ops; o; o = o->next) {
+        for (size_t i = 0; o->kind == PG_OP_LEASE && i < o->n_jobs; i++) {
+            struct pg_lost_lease *more = realloc(q->lost, (q->n_lost + 1) * sizeof(*more));
+            if (!more)
+                return; /* those jobs run again after their lease, as a crashed worker's do */
+            q->lost = more;
+            snprintf(q->lost[q->n_lost].id, sizeof(q->lost[0].id), "%s", o->jobs[i]->id);
+            q->lost[q->n_lost++].token = o->jobs[i]->token;
+        }
+    }
+}
+
+/* Queues again, at once and without counting the attempt, the jobs of leases whose answer was
+ * lost, if those leases happened (the fence: still that attempt, still running). */
+static int release_lost(struct pg_txn *t, struct err *e)
+{
+    struct pg_queue *q = t->q;
+    int rc = 0;
+
+    for (size_t i = 0; rc == 0 && i < q->n_lost; i++) {
+        struct pg_params p = {0};
+        PGresult *r;
+        pg_p_str(&p, q->lost[i].id);
+        pg_p_int(&p, (int64_t)q->lost[i].token);
+        r = pg_exec(q, t->c,
+                    "UPDATE inferd_jobs SET state = 0, available_ms = 0, extra_attempts = "
+                    "extra_attempts + 1 WHERE id = $1 AND state = 1 AND attempts = $2",
+                    &p, "release a lost lease", e);
+        if (!r)
+            return e->code;
+        if (pg_changed(r) > 0) {
+            rc = pg_attempt_ended(t, q->lost[i].id, q->lost[i].token,
+                                  "the answer of its lease was lost; queued again", e);
+            t->runnable = 1;
+            log_warn("queue", "a lease's answer was lost; its job is queued again", "job=%s",
+                     q->lost[i].id);
+        }
+        PQclear(r);
+    }
+    return rc;
+}
+
 static void run_group(struct pg_queue *q, struct pg_op *ops)
 {
     struct pg_txn t = {.q = q, .queued = -1};
+    size_t n_lost = q->n_lost;
+    int committing = 0;
     struct err e = {0};
     int rc;
 
@@ -294,6 +342,8 @@ static void run_group(struct pg_queue *q, struct pg_op *ops)
         t.c = q->wconn;
         rc = pg_run(q, t.c, "BEGIN", NULL, "begin", &e);
     }
+    if (rc == 0 && n_lost > 0)
+        rc = release_lost(&t, &e);
     if (rc == 0)
         rc = run_ops(&t, ops, 0, &e);
     if (rc == REDO) {
@@ -301,14 +351,23 @@ static void run_group(struct pg_queue *q, struct pg_op *ops)
         group_reset(&t, ops);
         if (rc == 0)
             rc = pg_run(q, t.c, "BEGIN", NULL, "begin", &e);
+        if (rc == 0 && n_lost > 0)
+            rc = release_lost(&t, &e);
         if (rc == 0)
             rc = run_ops(&t, ops, 1, &e);
     }
+    committing = rc == 0;
     if (rc == 0)
         rc = pg_txn_commit(&t, &e);
     if (rc == 0) {
         pg_note_up(q);
+        if (n_lost > 0) { /* released (those noted since stay for the next group) */
+            memmove(q->lost, q->lost + n_lost, (q->n_lost - n_lost) * sizeof(*q->lost));
+            q->n_lost -= n_lost;
+        }
     } else {
+        if (committing && rc == ERR_UNAVAILABLE)
+            note_lost_leases(q, ops);
         if (t.c && PQstatus(t.c) == CONNECTION_OK) {
             struct err ignored;
             pg_run(q, t.c, "ROLLBACK", NULL, "rollback", &ignored);
