@@ -14,6 +14,7 @@
  */
 #define _GNU_SOURCE
 #include "queue/postgres/pg_internal.h"
+#include "core/id.h"
 #include "core/log.h"
 
 #include <stdio.h>
@@ -257,7 +258,7 @@ int pg_op_enqueue(struct pg_txn *t, struct pg_op *o)
     if (t->queued >= t->q->cfg.max_queued)
         return err_set(&o->err, ERR_BUSY, "the queue holds %lld jobs, the limit (--max-queue)",
                        (long long)t->queued);
-    pg_new_id(o->id_out);
+    id_new(o->id_out);
     rc = pg_insert_job(t, s, o->id_out, &o->err);
     if (rc == 1) {
         /* another process stored the key meanwhile (the unique index waited for it) */
@@ -345,7 +346,7 @@ int pg_ops_enqueue(struct pg_txn *t, struct pg_op **ops, size_t n, struct err *e
             continue;
         }
         admitted++;
-        pg_new_id(ops[i]->id_out);
+        id_new(ops[i]->id_out);
         snprintf(num[PRIO], 24, "%d", sp->priority);
         snprintf(num[MAXATT], 24, "%d", sp->max_attempts);
         snprintf(num[EXPIRES], 24, "%lld", (long long)(sp->ttl_s > 0 ? now + sp->ttl_s * 1000 : 0));
@@ -663,7 +664,7 @@ cleanup:
 
 int pg_op_fail(struct pg_txn *t, struct pg_op *o)
 {
-    int64_t now = queue_now_ms(), backoff = t->q->cfg.retry_backoff_ms;
+    int64_t now = queue_now_ms(), backoff;
     struct pg_params p = {0};
     struct job *j = NULL;
     int final, end_state, rc;
@@ -681,14 +682,10 @@ int pg_op_fail(struct pg_txn *t, struct pg_op *o)
         j->cancel_requested ||
         (!o->released && (!o->retryable || j->attempts - j->attempts_uncounted >= j->max_attempts));
     end_state = j->cancel_requested ? JOB_CANCELLED : final ? JOB_FAILED : JOB_QUEUED;
-    for (int i = 1; i < j->attempts - j->attempts_uncounted && backoff < PG_MAX_BACKOFF_MS; i++)
-        backoff *= 2;
-    if (backoff > PG_MAX_BACKOFF_MS)
-        backoff = PG_MAX_BACKOFF_MS;
-    if (o->retry_after_ms > backoff) /* the model said when (an upstream's Retry-After) */
-        backoff = o->retry_after_ms;
-    if (o->released)
-        backoff = 0;
+    backoff = o->released ? 0
+                          : queue_retry_backoff_ms(t->q->cfg.retry_backoff_ms,
+                                                   j->attempts - j->attempts_uncounted,
+                                                   o->retry_after_ms);
     job_free(j);
     /* a failed job keeps its input: POST /v1/jobs/{id}/retry sends it back */
     pg_p_int(&p, end_state);

@@ -33,7 +33,6 @@
 #define PG_RETAIN_MS 1000       /* how often finished jobs past --result-ttl-s are removed */
 #define PG_RETAIN_MAX 1000      /* at most this many per pass */
 #define PG_IDLE_POLL_MS 1000    /* an idle lease looks again this often without a NOTIFY */
-#define PG_MAX_BACKOFF_MS 60000 /* retries of failed attempts: the backoff's cap */
 #define PG_OUTBOX_HOLD_MS 60000 /* a webhook handed to a sender is its own for this long */
 #define PG_RECONNECT_MIN_MS 100
 #define PG_RECONNECT_MAX_MS 2000
@@ -201,7 +200,6 @@ int64_t pg_int(const PGresult *r, int row, int col);
 char *pg_strdup(const PGresult *r, int row, int col);
 /* Appends a bytea value (text form) to `out`. 0 or ERR_NOMEM. */
 int pg_bytea(const PGresult *r, int row, int col, struct buf *out);
-void pg_new_id(char out[40]);
 /* Appends one element to an array literal being built in `b` (started with "{"; "}" ends
  * it): a text (NULL: SQL NULL), or a bytea. 0 or ERR_NOMEM. */
 int pg_array_add(struct buf *b, const char *s);
@@ -221,14 +219,8 @@ int pg_enqueue_async(struct queue *qb, const struct job_spec *spec, queue_enqueu
                      void *ctx, struct err *e);
 int pg_lease_many(struct queue *qb, const char *worker, size_t max, int max_tasks,
                   int64_t wait_ms, struct job **out, size_t *n, struct err *e);
-int pg_lease(struct queue *qb, const char *worker, int64_t wait_ms, struct job **out,
-             struct err *e);
 int pg_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n, struct err *e);
 int pg_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms, struct err *e);
-int pg_complete(struct queue *qb, const char *id, uint64_t token, const char *result, size_t len,
-                int64_t json_len, struct err *e);
-int pg_fail(struct queue *qb, const char *id, uint64_t token, const char *error, int retryable,
-            struct err *e);
 int pg_cancel(struct queue *qb, const char *id, struct job **out, struct err *e);
 int pg_retry(struct queue *qb, const char *id, struct job **out, struct err *e);
 int pg_outbox_record(struct queue *qb, const struct queue_outbox_attempt *a, struct err *e);

@@ -552,15 +552,6 @@ int pg_lease_many(struct queue *qb, const char *worker, size_t max, int max_task
     }
 }
 
-int pg_lease(struct queue *qb, const char *worker, int64_t wait_ms, struct job **out,
-             struct err *e)
-{
-    size_t n = 0;
-
-    *out = NULL;
-    return pg_lease_many(qb, worker, 1, 1, wait_ms, out, &n, e);
-}
-
 int pg_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n, struct err *e)
 {
     struct pg_op *ops = calloc(n ? n : 1, sizeof(*ops));
@@ -607,32 +598,6 @@ int pg_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms
         pthread_mutex_lock(&pgq(qb)->final_lock);
         pthread_mutex_unlock(&pgq(qb)->final_lock);
     }
-    copy_err(e, &o);
-    return rc;
-}
-
-int pg_complete(struct queue *qb, const char *id, uint64_t token, const char *result, size_t len,
-                int64_t json_len, struct err *e)
-{
-    struct pg_op o = {.kind = PG_OP_COMPLETE,
-                      .id = id,
-                      .token = token,
-                      .data = result,
-                      .data_len = len,
-                      .json_len = json_len};
-    int rc = pg_submit(pgq(qb), &o);
-
-    copy_err(e, &o);
-    return rc;
-}
-
-int pg_fail(struct queue *qb, const char *id, uint64_t token, const char *error, int retryable,
-            struct err *e)
-{
-    struct pg_op o = {
-        .kind = PG_OP_FAIL, .id = id, .token = token, .data = error, .retryable = retryable};
-    int rc = pg_submit(pgq(qb), &o);
-
     copy_err(e, &o);
     return rc;
 }
