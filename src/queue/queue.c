@@ -238,42 +238,48 @@ int queue_retry(struct queue *q, const char *id, struct job **out, struct err *e
     return q->ops->retry(q, id, out, e);
 }
 
+/* A page of up to f->limit jobs matching `f`, newest first, into the caller's array `jobs` of
+ * f->limit (job_free each of the `*n`). */
+static int list_page(struct queue *q, const struct queue_list_filter *f, struct job **jobs,
+                     size_t *n, struct err *e)
+{
+    *n = 0;
+    return q->ops->list(q, f, jobs, n, e);
+}
+
+static void jobs_free(struct job **jobs, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        job_free(jobs[i]);
+}
+
 /* Appends to `ids` (a JSON array) the ids of up to `max` jobs in state `state` matching `f`. */
 static int matching_ids(struct queue *q, const struct queue_list_filter *f, int state, size_t max,
                         json_t *ids, struct err *e)
 {
+    enum { PAGE = 1000 };
+    struct job **jobs = calloc(PAGE, sizeof(*jobs));
     char cursor[40] = "";
-    int rc = 0;
+    int rc = jobs ? 0 : err_set(e, ERR_NOMEM, "out of memory");
 
     while (rc == 0 && json_array_size(ids) < max) {
         struct queue_list_filter page = {.state = state,
                                          .cancelling = -1,
                                          .model = f->model,
                                          .cursor = cursor[0] ? cursor : NULL,
-                                         .limit = 1000};
-        struct buf out = {0};
-        json_t *root = NULL, *jobs, *job;
-        const char *next;
-        size_t i;
-        rc = queue_list(q, &page, &out, e);
-        if (rc == 0 && !(root = json_loadb(out.data ? out.data : "", out.len, 0, NULL)))
-            rc = err_set(e, ERR_NOMEM, "out of memory reading a page of jobs");
-        buf_release(&out);
-        if (rc != 0)
-            break;
-        jobs = json_object_get(root, "jobs");
-        json_array_foreach (jobs, i, job) {
-            if (json_array_size(ids) < max &&
-                json_array_append(ids, json_object_get(job, "id")) != 0)
+                                         .limit = PAGE};
+        size_t n = 0;
+        rc = list_page(q, &page, jobs, &n, e);
+        for (size_t i = 0; rc == 0 && i < n && json_array_size(ids) < max; i++)
+            if (json_array_append_new(ids, json_string(jobs[i]->id)) != 0)
                 rc = err_set(e, ERR_NOMEM, "out of memory");
-        }
-        next = json_string_value(json_object_get(root, "next_cursor"));
-        if (next)
-            snprintf(cursor, sizeof(cursor), "%s", next);
-        json_decref(root);
-        if (!next)
+        if (n > 0)
+            snprintf(cursor, sizeof(cursor), "%s", jobs[n - 1]->id);
+        jobs_free(jobs, n);
+        if (n < PAGE)
             break;
     }
+    free(jobs);
     return rc;
 }
 
@@ -317,14 +323,37 @@ int queue_batch_create(struct queue *q, const struct batch_job_spec *spec, char 
     return q->ops->batch_create(q, spec, id_out, e);
 }
 
+/* Appends `b`'s JSON (when `rc` is 0) and frees it (an array of one). */
+static int answer_batch_job(int rc, struct batch_job *b, struct buf *out, struct err *e)
+{
+    if (rc == 0 && queue_batch_job_json(b, out) != 0)
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    batch_jobs_free(b, b ? 1 : 0);
+    return rc;
+}
+
 int queue_batch_get(struct queue *q, const char *id, struct buf *out, struct err *e)
 {
-    return q->ops->batch_get(q, id, out, e);
+    struct batch_job *b = NULL;
+
+    int rc = q->ops->batch_get(q, id, &b, e);
+
+    return answer_batch_job(rc, b, out, e);
 }
 
 int queue_batch_list(struct queue *q, int limit, const char *status, struct buf *out, struct err *e)
 {
-    return q->ops->batch_list(q, limit, status, out, e);
+    struct queue_batch_filter f = {.limit = limit};
+    struct batch_job *b = NULL;
+    size_t n = 0;
+    int rc = 0;
+
+    if (queue_batch_filter_parse(status, &f))
+        rc = q->ops->batch_list(q, &f, &b, &n, e);
+    if (rc == 0 && queue_batch_list_json(b, n, out) != 0)
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    batch_jobs_free(b, n);
+    return rc;
 }
 
 int queue_batch_definition(struct queue *q, const char *id, struct queue_schedule **out,
@@ -336,7 +365,11 @@ int queue_batch_definition(struct queue *q, const char *id, struct queue_schedul
 int queue_batch_pause(struct queue *q, const char *id, int paused, int64_t next_run_ms,
                       struct buf *out, struct err *e)
 {
-    return q->ops->batch_pause(q, id, paused, next_run_ms, out, e);
+    struct batch_job *b = NULL;
+
+    int rc = q->ops->batch_pause(q, id, paused, next_run_ms, &b, e);
+
+    return answer_batch_job(rc, b, out, e);
 }
 
 int queue_batch_progress(struct queue *q, const char *batch_id, const char *task_id, uint64_t token,
@@ -347,12 +380,26 @@ int queue_batch_progress(struct queue *q, const char *batch_id, const char *task
 
 int queue_batch_cancel(struct queue *q, const char *id, struct buf *out, struct err *e)
 {
-    return q->ops->batch_cancel(q, id, out, e);
+    struct batch_job *b = NULL;
+
+    int rc = q->ops->batch_cancel(q, id, &b, e);
+
+    return answer_batch_job(rc, b, out, e);
 }
 
 int queue_batch_manifest(struct queue *q, const char *id, struct buf *out, struct err *e)
 {
-    return q->ops->batch_manifest(q, id, out, e);
+    char *model = NULL, **results = NULL;
+    size_t n = 0;
+    int rc = q->ops->batch_results(q, id, &model, &results, &n, e);
+
+    if (rc == 0 && queue_batch_manifest_json(model, results, n, out) != 0)
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++)
+        free(results[i]);
+    free(results);
+    free(model);
+    return rc;
 }
 
 int queue_schedules_due(struct queue *q, int64_t now_ms, struct queue_schedule **out, size_t *n,
@@ -432,7 +479,32 @@ void queue_schedules_free(struct queue_schedule *s, size_t n)
 
 int queue_list(struct queue *q, const struct queue_list_filter *f, struct buf *out, struct err *e)
 {
-    return q->ops->list(q, f, out, e);
+    struct job **jobs = calloc((size_t)(f->limit > 0 ? f->limit : 1), sizeof(*jobs));
+    size_t n = 0;
+    int rc = jobs ? list_page(q, f, jobs, &n, e) : err_set(e, ERR_NOMEM, "out of memory");
+    int w = 0;
+
+    if (rc == 0) {
+        w = buf_puts(out, "{\"jobs\":[");
+        for (size_t i = 0; w == 0 && i < n; i++) { /* each job as GET /v1/jobs/{id} shows it */
+            if (i > 0)
+                w = buf_puts(out, ",");
+            if (w == 0)
+                w = queue_job_json(jobs[i], out);
+        }
+        if (w == 0)
+            w = buf_puts(out, "],\"next_cursor\":");
+        if (w == 0) /* a full page may have more after it */
+            w = (int)n == f->limit ? buf_json_string(out, jobs[n - 1]->id) : buf_puts(out, "null");
+        if (w == 0)
+            w = buf_puts(out, "}");
+        if (w != 0)
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+    }
+    if (jobs)
+        jobs_free(jobs, n);
+    free(jobs);
+    return rc;
 }
 
 int queue_counts(struct queue *q, int64_t counts[JOB_N_STATES], struct err *e)

@@ -336,6 +336,41 @@ struct batch_job_spec {
                   * and its next run stays where it is */
 };
 
+/*
+ * A snapshot of a batch job, a run or a schedule, as a store keeps it; the public JSON is
+ * written from it once (queue_batch_job_json), whichever store filled it. Owned by whoever
+ * received it; free with batch_jobs_free().
+ */
+struct batch_job {
+    char id[40];
+    char parent[40];  /* a run of a schedule: the schedule's id; "" otherwise */
+    char *definition; /* the options as accepted (a JSON object), callback credentials included */
+    char *schedule;   /* a schedule's cron expression; NULL for a run */
+    int state;        /* a run: its job_state; a schedule: QUEUE_SCHEDULE_* or JOB_CANCELLED */
+    char *output;     /* where the run writes; NULL if not known */
+    char *error;      /* why it failed or was cancelled; NULL if none */
+    int64_t created_ms, started_ms, finished_ms; /* 0 when not yet */
+    int64_t run_at_ms;   /* a run of a schedule: when it was due */
+    int64_t next_run_ms; /* a schedule: its next run */
+    int64_t objects_total, objects_done;
+    int64_t records_done; /* of finished objects, plus what running tasks reported so far */
+    int64_t records_failed;
+    struct batch_job *runs; /* a schedule's latest runs (at most 50), newest first */
+    size_t n_runs;
+};
+
+/* Frees `n` batch jobs of an array (their runs too) and the array. */
+void batch_jobs_free(struct batch_job *b, size_t n);
+/* "queued" ... "cancelled" for a run; "scheduled", "paused", "cancelled" for a schedule. */
+const char *batch_job_status(const struct batch_job *b);
+/* Appends a batch job's public JSON: its definition's options (callback credentials masked),
+ * then id, status, created_at, and a run's output, times, progress and error, or a schedule's
+ * next_run_at and latest runs. */
+int queue_batch_job_json(const struct batch_job *b, struct buf *out);
+/* The webhook body for a run that ended: {"id": event_id, "type": "batch.<status>",
+ * "batch_job": {...}}. */
+int queue_batch_event_json(const struct batch_job *b, const char *event_id, struct buf *out);
+
 /* Stores a batch job. ERR_BUSY when its tasks would pass max_queued; ERR_CONFLICT when a
  * scheduled run is no longer due (another scheduler made it). */
 int queue_batch_create(struct queue *q, const struct batch_job_spec *spec, char id_out[40],

@@ -9,6 +9,13 @@
 #include <jansson.h>
 #include <stdatomic.h>
 
+/* Which batch jobs a listing wants (from its ?status=). */
+struct queue_batch_filter {
+    int schedules; /* 1: schedules only; 0: runs only; -1: both */
+    int state;     /* a schedule's QUEUE_SCHEDULE_* or a run's job_state; -1 any */
+    int limit;     /* at most this many */
+};
+
 struct queue_ops {
     int (*enqueue)(struct queue *q, const struct job_spec *spec, char id_out[40], int *existed,
                    struct err *e);
@@ -27,7 +34,10 @@ struct queue_ops {
     int (*cancel)(struct queue *q, const char *id, struct job **out, struct err *e);
     int (*retry)(struct queue *q, const char *id, struct job **out, struct err *e);
     int (*get)(struct queue *q, const char *id, int want_result, struct job **out, struct err *e);
-    int (*list)(struct queue *q, const struct queue_list_filter *f, struct buf *out, struct err *e);
+    /* up to f->limit jobs matching `f`, newest first, with their notifications and history, into
+     * the caller's array of f->limit; `*n` (0 on entry) counts them */
+    int (*list)(struct queue *q, const struct queue_list_filter *f, struct job **out, size_t *n,
+                struct err *e);
     int (*counts)(struct queue *q, int64_t counts[JOB_N_STATES], struct err *e);
     int64_t (*queued)(struct queue *q);
     int (*outbox_due)(struct queue *q, int64_t now_ms, size_t max, struct queue_outbox_item **out,
@@ -36,17 +46,22 @@ struct queue_ops {
     int (*outbox_record)(struct queue *q, const struct queue_outbox_attempt *a, struct err *e);
     int (*batch_create)(struct queue *q, const struct batch_job_spec *spec, char id_out[40],
                         struct err *e);
-    int (*batch_get)(struct queue *q, const char *id, struct buf *out, struct err *e);
-    int (*batch_list)(struct queue *q, int limit, const char *status, struct buf *out,
-                      struct err *e);
-    int (*batch_cancel)(struct queue *q, const char *id, struct buf *out, struct err *e);
-    int (*batch_manifest)(struct queue *q, const char *id, struct buf *out, struct err *e);
+    /* a batch job, with a schedule's latest runs: a new array of one */
+    int (*batch_get)(struct queue *q, const char *id, struct batch_job **out, struct err *e);
+    /* runs started by hand and schedules matching `f`, newest first: a new array */
+    int (*batch_list)(struct queue *q, const struct queue_batch_filter *f,
+                      struct batch_job **out, size_t *n, struct err *e);
+    int (*batch_cancel)(struct queue *q, const char *id, struct batch_job **out, struct err *e);
+    /* the run's model, and the stored result (JSON text) of each of its succeeded tasks;
+     * `*model` and `*results` (and each result) are the caller's to free() */
+    int (*batch_results)(struct queue *q, const char *id, char **model, char ***results,
+                         size_t *n, struct err *e);
     int (*schedules_due)(struct queue *q, int64_t now_ms, struct queue_schedule **out, size_t *n,
                          struct err *e);
     int (*batch_definition)(struct queue *q, const char *id, struct queue_schedule **out,
                             struct err *e);
     int (*batch_pause)(struct queue *q, const char *id, int paused, int64_t next_run_ms,
-                       struct buf *out, struct err *e);
+                       struct batch_job **out, struct err *e);
     int (*batch_progress)(struct queue *q, const char *batch_id, const char *task_id,
                           uint64_t token, int64_t records, struct err *e);
     int (*worker_beat)(struct queue *q, const struct queue_worker *w, struct err *e);
@@ -55,6 +70,17 @@ struct queue_ops {
     void (*close)(struct queue *q);
     int outbox_exclusive; /* outbox_due hides what it handed out (held for one sender) */
 };
+
+/* Frees what `b` holds (its runs too) and zeroes it; `b` itself is the caller's. */
+void batch_job_release(struct batch_job *b);
+
+/* The filter for a listing's status (NULL: any). 0 when `status` is no batch job status. */
+int queue_batch_filter_parse(const char *status, struct queue_batch_filter *f);
+/* {"batch_jobs": [...]} */
+int queue_batch_list_json(const struct batch_job *b, size_t n, struct buf *out);
+/* A run's manifest from its tasks' results (see queue_batch_manifest). */
+int queue_batch_manifest_json(const char *model, char *const *results, size_t n,
+                              struct buf *out);
 
 #define QUEUE_CANCEL_RING 256
 

@@ -930,14 +930,13 @@ static int r_get(struct queue *qb, const char *id, int want_result, struct job *
 }
 
 /* Newest first, from the index; jobs past their retention leave the index here. */
-static int r_list(struct queue *qb, const struct queue_list_filter *f, struct buf *out,
-                  struct err *e)
+static int r_list(struct queue *qb, const struct queue_list_filter *f, struct job **out,
+                  size_t *n, struct err *e)
 {
     struct redis_queue *q = rq(qb);
     redisContext *c = take_conn(q, e);
     long long start = 0;
-    int n = 0, rc = 0, scanned = 0;
-    char last[40] = "";
+    int rc = 0, scanned = 0;
 
     if (!c)
         return e->code;
@@ -947,8 +946,7 @@ static int r_list(struct queue *qb, const struct queue_list_filter *f, struct bu
             start = r->integer + 1;
         freeReplyObject(r);
     }
-    rc = buf_puts(out, "{\"jobs\":[");
-    while (rc == 0 && n < f->limit && scanned < 100000) {
+    while (rc == 0 && (int)*n < f->limit && scanned < 100000) {
         redisReply *ids =
             redisCommand(c, "ZREVRANGE %sjobs %lld %lld", q->prefix, start, start + 199);
         if (!ids || ids->type != REDIS_REPLY_ARRAY) {
@@ -960,7 +958,7 @@ static int r_list(struct queue *qb, const struct queue_list_filter *f, struct bu
             freeReplyObject(ids);
             break;
         }
-        for (size_t i = 0; rc == 0 && i < ids->elements && n < f->limit; i++) {
+        for (size_t i = 0; rc == 0 && i < ids->elements && (int)*n < f->limit; i++) {
             struct job *j = NULL;
             const char *id = ids->element[i]->str;
             scanned++;
@@ -974,27 +972,22 @@ static int r_list(struct queue *qb, const struct queue_list_filter *f, struct bu
                 (f->state != JOB_RUNNING || f->cancelling < 0 ||
                  j->cancel_requested == f->cancelling) &&
                 (!f->model || (j->model && strcmp(j->model, f->model) == 0))) {
-                if (n++)
-                    rc = buf_puts(out, ",");
-                /* each job as GET /v1/jobs/{id} shows it */
-                if (rc == 0 && load_notifications(q, c, j) == 0 && load_history(q, c, j) == 0)
-                    rc = queue_job_json(j, out);
-                snprintf(last, sizeof(last), "%s", j->id);
+                if (load_notifications(q, c, j) != 0 || load_history(q, c, j) != 0)
+                    rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port,
+                                 c->errstr);
+                out[(*n)++] = j;
+            } else {
+                job_free(j);
             }
-            job_free(j);
         }
         freeReplyObject(ids);
     }
-    if (rc == 0 && n == f->limit) {
-        rc = buf_puts(out, "],\"next_cursor\":");
-        if (rc == 0)
-            rc = buf_json_string(out, last);
-        if (rc == 0)
-            rc = buf_puts(out, "}");
-    } else if (rc == 0) {
-        rc = buf_puts(out, "],\"next_cursor\":null}");
-    }
     give_conn(q, c);
+    if (rc != 0) {
+        for (size_t i = 0; i < *n; i++)
+            job_free(out[i]);
+        *n = 0;
+    }
     return rc;
 }
 
@@ -1226,83 +1219,56 @@ static int r_outbox_record(struct queue *qb, const struct queue_outbox_attempt *
 
 /* ---- batch jobs: a run is a hash plus one task job per input object (see the script) ---- */
 
-static json_t *json_time(int64_t ms)
-{
-    struct buf b = {0};
-    json_t *v;
-
-    if (ms <= 0 || queue_json_time(&b, ms) != 0 || b.len < 2) {
-        buf_release(&b);
-        return json_null();
-    }
-    v = json_stringn(b.data + 1, b.len - 2); /* without the quotes */
-    buf_release(&b);
-    return v;
-}
-
-static json_t *json_field(const redisReply *h, const char *name)
+static char *hget_dup_or_null(const redisReply *h, const char *name, int *ok)
 {
     const char *s = hget(h, name, NULL);
-    return s && s[0] ? json_string(s) : json_null();
-}
+    char *d;
 
-/* A batch job's public JSON from its hash (as the SQLite queue shows it); `running_records`:
- * what its running tasks have written so far. */
-static json_t *batch_from_hash(const char *id, const redisReply *h, int64_t running_records)
-{
-    const char *def = hget(h, "definition", NULL);
-    const char *sched = hget(h, "schedule", NULL);
-    const char *parent = hget(h, "parent", NULL);
-    int is_schedule = sched && sched[0];
-    int state = (int)hget_int(h, "state");
-    json_t *o = def ? json_loads(def, 0, NULL) : NULL;
-
-    if (!json_is_object(o)) {
-        json_decref(o);
-        o = json_object();
-    }
-    if (!o || queue_json_redact_url(o, "callback_url") != 0) {
-        json_decref(o);
+    if (!s || !s[0])
         return NULL;
-    }
-    json_object_set_new(o, "id", json_string(id));
-    json_object_set_new(o, "status",
-                        json_string(is_schedule ? (state == JOB_CANCELLED           ? "cancelled"
-                                                   : state == QUEUE_SCHEDULE_PAUSED ? "paused"
-                                                                                    : "scheduled")
-                                                : job_state_name(state)));
-    json_object_set_new(o, "created_at", json_time(hget_int(h, "created_ms")));
-    if (is_schedule) {
-        json_object_set_new(
-            o, "next_run_at",
-            json_time(state != QUEUE_SCHEDULE_ACTIVE ? 0 : hget_int(h, "next_run_ms")));
-        return o;
-    }
-    if (parent && parent[0]) {
-        json_object_set_new(o, "schedule_id", json_string(parent));
-        json_object_set_new(o, "run_at", json_time(hget_int(h, "run_at_ms")));
-        json_object_del(o, "schedule");
-    }
-    json_object_set_new(o, "output", json_field(h, "output"));
-    json_object_set_new(o, "started_at", json_time(hget_int(h, "started_ms")));
-    json_object_set_new(o, "finished_at", json_time(hget_int(h, "finished_ms")));
-    json_object_set_new(o, "progress",
-                        json_pack("{s:I, s:I, s:I, s:I}", "objects_total",
-                                  (json_int_t)hget_int(h, "objects_total"), "objects_done",
-                                  (json_int_t)hget_int(h, "objects_done"), "records_done",
-                                  (json_int_t)(hget_int(h, "records_done") + running_records),
-                                  "records_failed", (json_int_t)hget_int(h, "records_failed")));
-    json_object_set_new(o, "error", json_field(h, "error"));
-    return o;
+    d = strdup(s);
+    if (!d)
+        *ok = 0;
+    return d;
 }
 
-static int load_batch(struct redis_queue *q, redisContext *c, const char *id, int with_runs,
-                      json_t **out, struct err *e)
+/* Fills `b` from a batch job's hash; `running_records`: what its running tasks have written so
+ * far. 0 or ERR_NOMEM. */
+static int batch_from_hash(const char *id, const redisReply *h, int64_t running_records,
+                           struct batch_job *b)
+{
+    const char *parent = hget(h, "parent", NULL);
+    int ok = 1;
+
+    snprintf(b->id, sizeof(b->id), "%s", id);
+    if (parent)
+        snprintf(b->parent, sizeof(b->parent), "%s", parent);
+    b->definition = hget_dup_or_null(h, "definition", &ok);
+    b->schedule = hget_dup_or_null(h, "schedule", &ok);
+    b->state = (int)hget_int(h, "state");
+    b->output = hget_dup_or_null(h, "output", &ok);
+    b->error = hget_dup_or_null(h, "error", &ok);
+    b->created_ms = hget_int(h, "created_ms");
+    b->started_ms = hget_int(h, "started_ms");
+    b->finished_ms = hget_int(h, "finished_ms");
+    b->run_at_ms = hget_int(h, "run_at_ms");
+    b->next_run_ms = hget_int(h, "next_run_ms");
+    b->objects_total = hget_int(h, "objects_total");
+    b->objects_done = hget_int(h, "objects_done");
+    b->records_done = hget_int(h, "records_done") + running_records;
+    b->records_failed = hget_int(h, "records_failed");
+    return ok ? 0 : ERR_NOMEM;
+}
+
+/* Reads batch job `id` into `b` (zeroed by the caller), with a schedule's latest runs. */
+static int read_batch(struct redis_queue *q, redisContext *c, const char *id, int with_runs,
+                      struct batch_job *b, struct err *e)
 {
     redisReply *h = redisCommand(c, "HGETALL %sbatch:%s", q->prefix, id);
     const char *sched;
+    int64_t running = 0;
+    int rc = 0;
 
-    *out = NULL;
     if (!h)
         return err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
     if (h->type != REDIS_REPLY_ARRAY || h->elements == 0) {
@@ -1310,7 +1276,6 @@ static int load_batch(struct redis_queue *q, redisContext *c, const char *id, in
         return err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
     }
     sched = hget(h, "schedule", NULL);
-    int64_t running = 0;
     if (!sched || !sched[0]) {
         redisReply *p = redisCommand(c, "HVALS %sbprog:%s", q->prefix, id);
         for (size_t i = 0; p && p->type == REDIS_REPLY_ARRAY && i < p->elements; i++)
@@ -1318,49 +1283,51 @@ static int load_batch(struct redis_queue *q, redisContext *c, const char *id, in
                 running += strtoll(p->element[i]->str, NULL, 10);
         freeReplyObject(p);
     }
-    *out = batch_from_hash(id, h, running);
-    if (*out && with_runs && sched && sched[0]) {
-        json_t *runs = json_array();
-        redisReply *ids = redisCommand(c, "ZREVRANGE %sruns:%s 0 49", q->prefix, id);
-        for (size_t i = 0; runs && ids && ids->type == REDIS_REPLY_ARRAY && i < ids->elements;
-             i++) {
-            json_t *run = NULL;
-            struct err re;
-            if (load_batch(q, c, ids->element[i]->str, 0, &run, &re) == 0)
-                json_array_append_new(runs, run);
-        }
-        freeReplyObject(ids);
-        json_object_set_new(*out, "runs", runs ? runs : json_array());
+    if (batch_from_hash(id, h, running, b) != 0) {
+        batch_job_release(b);
+        rc = err_set(e, ERR_NOMEM, "out of memory");
     }
     freeReplyObject(h);
-    return *out ? 0 : err_set(e, ERR_NOMEM, "out of memory");
+    if (rc == 0 && with_runs && b->schedule) {
+        redisReply *ids = redisCommand(c, "ZREVRANGE %sruns:%s 0 49", q->prefix, id);
+        size_t n = ids && ids->type == REDIS_REPLY_ARRAY ? ids->elements : 0;
+        b->runs = n ? calloc(n, sizeof(*b->runs)) : NULL;
+        for (size_t i = 0; b->runs && i < n; i++) {
+            struct err re;
+            if (read_batch(q, c, ids->element[i]->str, 0, &b->runs[b->n_runs], &re) == 0)
+                b->n_runs++;
+        }
+        freeReplyObject(ids);
+        if (n && !b->runs)
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+    }
+    return rc;
 }
 
-static int append_json(struct buf *out, json_t *o, struct err *e)
+/* Batch job `id` as a new array of one. */
+static int load_batch(struct redis_queue *q, redisContext *c, const char *id, int with_runs,
+                      struct batch_job **out, struct err *e)
 {
-    char *text = json_dumps(o, JSON_COMPACT);
-    int rc = text ? buf_puts(out, text) : -1;
+    struct batch_job *b = calloc(1, sizeof(*b));
+    int rc = b ? read_batch(q, c, id, with_runs, b, e) : err_set(e, ERR_NOMEM, "out of memory");
 
-    free(text);
-    return rc == 0 ? 0 : err_set(e, ERR_NOMEM, "out of memory");
+    if (rc != 0) {
+        batch_jobs_free(b, b ? 1 : 0);
+        b = NULL;
+    }
+    *out = b;
+    return rc;
 }
 
 static int batch_event_json(struct redis_queue *q, redisContext *c, const char *id,
                             const char *event_id, struct buf *out, struct err *e)
 {
-    json_t *bj = NULL, *event;
-    const char *status;
-    char type[40];
-    int rc = load_batch(q, c, id, 0, &bj, e);
+    struct batch_job *b = NULL;
+    int rc = load_batch(q, c, id, 0, &b, e);
 
-    if (rc != 0)
-        return rc;
-    status = json_string_value(json_object_get(bj, "status"));
-    snprintf(type, sizeof(type), "batch.%s", status ? status : "failed");
-    event = json_pack("{s:s, s:s, s:O}", "id", event_id, "type", type, "batch_job", bj);
-    rc = event ? append_json(out, event, e) : err_set(e, ERR_NOMEM, "out of memory");
-    json_decref(event);
-    json_decref(bj);
+    if (rc == 0 && queue_batch_event_json(b, event_id, out) != 0)
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    batch_jobs_free(b, b ? 1 : 0);
     return rc;
 }
 
@@ -1453,42 +1420,50 @@ cleanup:
     return rc;
 }
 
-static int r_batch_get(struct queue *qb, const char *id, struct buf *out, struct err *e)
+static int r_batch_get(struct queue *qb, const char *id, struct batch_job **out, struct err *e)
 {
     struct redis_queue *q = rq(qb);
     redisContext *c = take_conn(q, e);
-    json_t *bj = NULL;
     int rc;
 
+    *out = NULL;
     if (!c)
         return e->code;
-    rc = load_batch(q, c, id, 1, &bj, e);
+    rc = load_batch(q, c, id, 1, out, e);
     give_conn(q, c);
-    if (rc == 0)
-        rc = append_json(out, bj, e);
-    json_decref(bj);
     return rc;
 }
 
 #define LIST_PAGE 200        /* batch jobs read per round trip when filtering by status */
 #define LIST_SCAN_MAX 100000 /* a status filter looks this far back at most */
 
-static int r_batch_list(struct queue *qb, int limit, const char *status, struct buf *out,
-                        struct err *e)
+/* Whether `b` passes the listing's filter. */
+static int batch_matches(const struct batch_job *b, const struct queue_batch_filter *f)
+{
+    return (f->schedules < 0 || f->schedules == (b->schedule != NULL)) &&
+           (f->state < 0 || f->state == b->state);
+}
+
+static int r_batch_list(struct queue *qb, const struct queue_batch_filter *f,
+                        struct batch_job **out, size_t *n, struct err *e)
 {
     struct redis_queue *q = rq(qb);
     redisContext *c = take_conn(q, e);
-    json_t *list = json_array(), *root;
+    int filtered = f->schedules >= 0 || f->state >= 0;
+    struct batch_job *v = calloc((size_t)(f->limit > 0 ? f->limit : 1), sizeof(*v));
     redisReply *ids = NULL;
     int rc = 0;
-    long start = 0, page = status ? LIST_PAGE : limit;
+    long start = 0, page = filtered ? LIST_PAGE : f->limit;
 
-    if (!c) {
-        json_decref(list);
-        return e->code;
+    *out = NULL;
+    *n = 0;
+    if (!c || !v) {
+        free(v);
+        give_conn(q, c);
+        return c ? err_set(e, ERR_NOMEM, "out of memory") : e->code;
     }
-    /* the status is the public one (a schedule's or a run's), so the filter reads each */
-    while (list && (int)json_array_size(list) < limit && start < LIST_SCAN_MAX) {
+    /* the filter is on each one's state, so it reads each */
+    while ((int)*n < f->limit && start < LIST_SCAN_MAX) {
         ids = redisCommand(c, "ZREVRANGE %sbatches %ld %ld", q->prefix, start, start + page - 1);
         if (!ids) {
             rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
@@ -1496,19 +1471,16 @@ static int r_batch_list(struct queue *qb, int limit, const char *status, struct 
         }
         if (ids->type != REDIS_REPLY_ARRAY)
             break;
-        for (size_t i = 0; (int)json_array_size(list) < limit && i < ids->elements; i++) {
-            json_t *bj = NULL;
+        for (size_t i = 0; (int)*n < f->limit && i < ids->elements; i++) {
             struct err be;
-            const char *st;
-            if (load_batch(q, c, ids->element[i]->str, 1, &bj, &be) != 0)
+            if (read_batch(q, c, ids->element[i]->str, 1, &v[*n], &be) != 0)
                 continue;
-            st = json_string_value(json_object_get(bj, "status"));
-            if (!status || (st && strcmp(st, status) == 0))
-                json_array_append_new(list, bj);
+            if (batch_matches(&v[*n], f))
+                (*n)++;
             else
-                json_decref(bj);
+                batch_job_release(&v[*n]);
         }
-        if (ids->elements < (size_t)page || !status)
+        if (ids->elements < (size_t)page || !filtered)
             break;
         start += page;
         freeReplyObject(ids);
@@ -1516,20 +1488,23 @@ static int r_batch_list(struct queue *qb, int limit, const char *status, struct 
     }
     freeReplyObject(ids);
     give_conn(q, c);
-    root = json_pack("{s:o}", "batch_jobs", list ? list : json_array());
-    if (rc == 0)
-        rc = root ? append_json(out, root, e) : err_set(e, ERR_NOMEM, "out of memory");
-    json_decref(root);
-    return rc;
+    if (rc != 0) {
+        batch_jobs_free(v, *n);
+        *n = 0;
+        return rc;
+    }
+    *out = v;
+    return 0;
 }
 
-static int r_batch_cancel(struct queue *qb, const char *id, struct buf *out, struct err *e)
+static int r_batch_cancel(struct queue *qb, const char *id, struct batch_job **out, struct err *e)
 {
     struct redis_queue *q = rq(qb);
     struct args a;
     redisReply *r;
     int64_t v = -1;
 
+    *out = NULL;
     script_args(q, &a, "batch_cancel");
     arg(&a, id);
     arg_int(&a, q->cfg.result_ttl_s);
@@ -1541,65 +1516,74 @@ static int r_batch_cancel(struct queue *qb, const char *id, struct buf *out, str
     if (v == -1)
         return err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
     if (v == -2) {
-        struct buf tmp = {0};
-        json_error_t jerr;
-        json_t *bj;
-        int rc = r_batch_get(qb, id, &tmp, e);
-        bj = rc == 0 ? json_loadb(tmp.data, tmp.len, 0, &jerr) : NULL;
+        struct batch_job *b = NULL;
+        int rc = r_batch_get(qb, id, &b, e);
         rc = err_set(e, ERR_CONFLICT, "batch job %s is already %s", id,
-                     bj ? json_string_value(json_object_get(bj, "status")) : "over");
-        json_decref(bj);
-        buf_release(&tmp);
+                     rc == 0 ? batch_job_status(b) : "over");
+        batch_jobs_free(b, b ? 1 : 0);
         return rc;
     }
     return r_batch_get(qb, id, out, e);
 }
 
-static int r_batch_manifest(struct queue *qb, const char *id, struct buf *out, struct err *e)
+static int r_batch_results(struct queue *qb, const char *id, char **model, char ***results,
+                           size_t *n, struct err *e)
 {
     struct redis_queue *q = rq(qb);
     redisContext *c = take_conn(q, e);
-    json_t *objects = json_object(), *root = NULL;
-    redisReply *model = NULL, *tasks = NULL;
+    redisReply *m = NULL, *tasks = NULL;
+    char **v = NULL;
     int rc = 0;
 
-    if (!c) {
-        json_decref(objects);
+    *model = NULL;
+    *results = NULL;
+    *n = 0;
+    if (!c)
         return e->code;
-    }
-    model = redisCommand(c, "HGET %sbatch:%s model", q->prefix, id);
+    m = redisCommand(c, "HGET %sbatch:%s model", q->prefix, id);
     tasks = redisCommand(c, "SMEMBERS %sbtasks:%s", q->prefix, id);
-    if (!model || model->type != REDIS_REPLY_STRING || !tasks || !objects) {
+    if (!m || !tasks) {
+        rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
+        goto cleanup;
+    }
+    if (m->type != REDIS_REPLY_STRING) {
         rc = err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
         goto cleanup;
     }
-    for (size_t i = 0; tasks->type == REDIS_REPLY_ARRAY && i < tasks->elements; i++) {
+    *model = strdup(m->str);
+    if (tasks->type == REDIS_REPLY_ARRAY && tasks->elements > 0)
+        v = calloc(tasks->elements, sizeof(*v));
+    if (!*model || (tasks->type == REDIS_REPLY_ARRAY && tasks->elements > 0 && !v)) {
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+        goto cleanup;
+    }
+    for (size_t i = 0; v && i < tasks->elements; i++) {
         redisReply *t = redisCommand(c, "HMGET %sjob:%s kind state result", q->prefix,
                                      tasks->element[i]->str);
         if (t && t->type == REDIS_REPLY_ARRAY && t->elements == 3 && t->element[0]->str &&
             strcmp(t->element[0]->str, "1") == 0 && t->element[1]->str &&
             strcmp(t->element[1]->str, "2") == 0 && t->element[2]->str) {
-            json_t *res = json_loadb(t->element[2]->str, t->element[2]->len, 0, NULL);
-            const char *name = json_string_value(json_object_get(res, "object"));
-            if (name)
-                json_object_set_new(objects, name,
-                                    json_pack("{s:O, s:O, s:O*}", "records",
-                                              json_object_get(res, "records"), "sha256",
-                                              json_object_get(res, "sha256"), "input",
-                                              json_object_get(res, "input")));
-            json_decref(res);
+            v[*n] = strndup(t->element[2]->str, t->element[2]->len);
+            if (!v[(*n)++])
+                rc = err_set(e, ERR_NOMEM, "out of memory");
         }
         freeReplyObject(t);
     }
-    root = json_pack("{s:s, s:O}", "model", model->str, "objects", objects);
-    rc = root ? append_json(out, root, e) : err_set(e, ERR_NOMEM, "out of memory");
 cleanup:
-    freeReplyObject(model);
+    freeReplyObject(m);
     freeReplyObject(tasks);
     give_conn(q, c);
-    json_decref(root);
-    json_decref(objects);
-    return rc;
+    if (rc != 0) {
+        for (size_t i = 0; i < *n; i++)
+            free(v[i]);
+        free(v);
+        free(*model);
+        *model = NULL;
+        *n = 0;
+        return rc;
+    }
+    *results = v;
+    return 0;
 }
 
 static int r_batch_definition(struct queue *qb, const char *id, struct queue_schedule **out,
@@ -1642,7 +1626,7 @@ cleanup:
 }
 
 static int r_batch_pause(struct queue *qb, const char *id, int paused, int64_t next_run_ms,
-                         struct buf *out, struct err *e)
+                         struct batch_job **out, struct err *e)
 {
     struct redis_queue *q = rq(qb);
     struct args a;
@@ -1983,7 +1967,7 @@ static const struct queue_ops redis_ops = {
     .batch_get = r_batch_get,
     .batch_list = r_batch_list,
     .batch_cancel = r_batch_cancel,
-    .batch_manifest = r_batch_manifest,
+    .batch_results = r_batch_results,
     .schedules_due = r_schedules_due,
     .batch_definition = r_batch_definition,
     .batch_pause = r_batch_pause,

@@ -1601,13 +1601,12 @@ static int s_get(struct queue *qb, const char *id, int want_result, struct job *
     return rc;
 }
 
-static int s_list(struct queue *qb, const struct queue_list_filter *f, struct buf *out,
-                  struct err *e)
+static int s_list(struct queue *qb, const struct queue_list_filter *f, struct job **out,
+                  size_t *n, struct err *e)
 {
     struct sqlite_queue *q = sq(qb);
     sqlite3_stmt *st;
-    char last[40] = "";
-    int n = 0, rc = 0;
+    int rc = 0;
 
     pthread_mutex_lock(&q->read_lock);
     st = sq_prepare(q->rdb, "SELECT " JOB_COLUMNS
@@ -1624,35 +1623,24 @@ static int s_list(struct queue *qb, const struct queue_list_filter *f, struct bu
     sqlite3_bind_text(st, 3, f->cursor, -1, SQLITE_STATIC);
     sqlite3_bind_int(st, 4, f->limit);
     sqlite3_bind_int(st, 5, f->state == JOB_RUNNING ? f->cancelling : -1);
-    rc = buf_puts(out, "{\"jobs\":[");
-    while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
+    while (rc == 0 && (int)*n < f->limit && sqlite3_step(st) == SQLITE_ROW) {
         struct job *j = job_from_row(st);
         if (!j) {
             rc = err_set(e, ERR_NOMEM, "out of memory");
             break;
         }
-        if (n++)
-            rc = buf_puts(out, ",");
-        /* each job as GET /v1/jobs/{id} shows it */
-        if (rc == 0 && (load_notifications(q->rdb, j) != 0 || load_history(q->rdb, j) != 0))
+        out[(*n)++] = j;
+        if (load_notifications(q->rdb, j) != 0 || load_history(q->rdb, j) != 0)
             rc = sq_db_err(q->rdb, e, "read notifications and attempts");
-        if (rc == 0)
-            rc = queue_job_json(j, out);
-        snprintf(last, sizeof(last), "%s", j->id);
-        job_free(j);
-    }
-    if (rc == 0 && n == f->limit) {
-        rc = buf_puts(out, "],\"next_cursor\":");
-        if (rc == 0)
-            rc = buf_json_string(out, last);
-        if (rc == 0)
-            rc = buf_puts(out, "}");
-    } else if (rc == 0) {
-        rc = buf_puts(out, "],\"next_cursor\":null}");
     }
 cleanup:
     sq_finish(st);
     pthread_mutex_unlock(&q->read_lock);
+    if (rc != 0) {
+        for (size_t i = 0; i < *n; i++)
+            job_free(out[i]);
+        *n = 0;
+    }
     return rc;
 }
 
@@ -1869,7 +1857,7 @@ static const struct queue_ops sqlite_ops = {
     .batch_get = sq_batch_get,
     .batch_list = sq_batch_list,
     .batch_cancel = sq_batch_cancel,
-    .batch_manifest = sq_batch_manifest,
+    .batch_results = sq_batch_results,
     .schedules_due = sq_schedules_due,
     .batch_definition = sq_batch_definition,
     .batch_pause = sq_batch_pause,

@@ -23,7 +23,7 @@
 #include <string.h>
 #include <time.h>
 
-#define RUNS_LISTED 50 /* a schedule's latest runs shown with it */
+#define RUNS_LISTED_TEXT "50" /* a schedule's latest runs shown with it */
 
 const char sq_batch_schema[] =
     "CREATE TABLE IF NOT EXISTS batch_jobs ("
@@ -69,36 +69,13 @@ int sq_batch_migrate(sqlite3 *db, struct err *e)
     return rc ? rc : sq_exec(db, sq_batch_schema, e);
 }
 
-/* ---- the public JSON of a batch job ---- */
-
-static json_t *json_time(int64_t ms)
-{
-    char ts[48], full[64];
-    struct tm tm;
-    time_t secs = (time_t)(ms / 1000);
-
-    if (ms <= 0)
-        return json_null();
-    gmtime_r(&secs, &tm);
-    strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
-    snprintf(full, sizeof(full), "%s.%03dZ", ts, (int)(ms % 1000));
-    return json_string(full);
-}
-
-static json_t *json_text_or_null(sqlite3_stmt *st, int col)
-{
-    const unsigned char *s = sqlite3_column_text(st, col);
-
-    return s ? json_string((const char *)s) : json_null();
-}
+/* ---- a batch job as a struct (the core writes its JSON) ---- */
 
 static const char *status_name(int is_schedule, int state)
 {
-    if (is_schedule)
-        return state == JOB_CANCELLED           ? "cancelled"
-               : state == QUEUE_SCHEDULE_PAUSED ? "paused"
-                                                : "scheduled";
-    return job_state_name((enum job_state)state);
+    struct batch_job b = {.state = state, .schedule = is_schedule ? (char[]){""} : NULL};
+
+    return batch_job_status(&b);
 }
 
 #define BATCH_COLUMNS                                                                              \
@@ -107,97 +84,85 @@ static const char *status_name(int is_schedule, int state)
     "objects_total, objects_done, records_done + (SELECT COALESCE(SUM(records), 0) FROM "          \
     "batch_progress p WHERE p.batch_id = batch_jobs.id), records_failed, error"
 
-/* One row of BATCH_COLUMNS as JSON: the definition's options, then its state. */
-static json_t *row_json(sqlite3_stmt *st)
+/* Fills `b` from one row of BATCH_COLUMNS. 0 or ERR_NOMEM (`b` then holds what it got). */
+static int row_batch_job(sqlite3_stmt *st, struct batch_job *b)
 {
-    const char *def = (const char *)sqlite3_column_text(st, 2);
-    json_t *o = def ? json_loads(def, 0, NULL) : NULL;
-    int is_schedule = sqlite3_column_type(st, 3) != SQLITE_NULL;
-    int state = sqlite3_column_int(st, 4);
-
-    if (!json_is_object(o)) {
-        json_decref(o);
-        o = json_object();
-    }
-    if (!o || queue_json_redact_url(o, "callback_url") != 0) {
-        json_decref(o);
-        return NULL;
-    }
-    json_object_set_new(o, "id", json_string((const char *)sqlite3_column_text(st, 0)));
-    json_object_set_new(o, "status", json_string(status_name(is_schedule, state)));
-    json_object_set_new(o, "created_at", json_time(sqlite3_column_int64(st, 6)));
-    if (is_schedule) {
-        json_object_set_new(
-            o, "next_run_at",
-            json_time(state != QUEUE_SCHEDULE_ACTIVE ? 0 : sqlite3_column_int64(st, 10)));
-        return o;
-    }
-    if (sqlite3_column_type(st, 1) != SQLITE_NULL) {
-        json_object_set_new(o, "schedule_id", json_text_or_null(st, 1));
-        json_object_set_new(o, "run_at", json_time(sqlite3_column_int64(st, 9)));
-        json_object_del(o, "schedule");
-    }
-    json_object_set_new(o, "output", json_text_or_null(st, 5));
-    json_object_set_new(o, "started_at", json_time(sqlite3_column_int64(st, 7)));
-    json_object_set_new(o, "finished_at", json_time(sqlite3_column_int64(st, 8)));
-    json_object_set_new(o, "progress",
-                        json_pack("{s:I, s:I, s:I, s:I}", "objects_total",
-                                  (json_int_t)sqlite3_column_int64(st, 11), "objects_done",
-                                  (json_int_t)sqlite3_column_int64(st, 12), "records_done",
-                                  (json_int_t)sqlite3_column_int64(st, 13), "records_failed",
-                                  (json_int_t)sqlite3_column_int64(st, 14)));
-    json_object_set_new(o, "error", json_text_or_null(st, 15));
-    return o;
+    snprintf(b->id, sizeof(b->id), "%s", (const char *)sqlite3_column_text(st, 0));
+    if (sqlite3_column_type(st, 1) != SQLITE_NULL)
+        snprintf(b->parent, sizeof(b->parent), "%s", (const char *)sqlite3_column_text(st, 1));
+    b->definition = sq_col_strdup(st, 2);
+    b->schedule = sqlite3_column_type(st, 3) != SQLITE_NULL ? sq_col_strdup(st, 3) : NULL;
+    b->state = sqlite3_column_int(st, 4);
+    b->output = sqlite3_column_type(st, 5) != SQLITE_NULL ? sq_col_strdup(st, 5) : NULL;
+    b->created_ms = sqlite3_column_int64(st, 6);
+    b->started_ms = sqlite3_column_int64(st, 7);
+    b->finished_ms = sqlite3_column_int64(st, 8);
+    b->run_at_ms = sqlite3_column_int64(st, 9);
+    b->next_run_ms = sqlite3_column_int64(st, 10);
+    b->objects_total = sqlite3_column_int64(st, 11);
+    b->objects_done = sqlite3_column_int64(st, 12);
+    b->records_done = sqlite3_column_int64(st, 13);
+    b->records_failed = sqlite3_column_int64(st, 14);
+    b->error = sqlite3_column_type(st, 15) != SQLITE_NULL ? sq_col_strdup(st, 15) : NULL;
+    if (!b->definition || (sqlite3_column_type(st, 3) != SQLITE_NULL && !b->schedule) ||
+        (sqlite3_column_type(st, 5) != SQLITE_NULL && !b->output) ||
+        (sqlite3_column_type(st, 15) != SQLITE_NULL && !b->error))
+        return ERR_NOMEM;
+    return 0;
 }
 
-/* A batch job's JSON, with a schedule's latest runs, read with `db`. */
-static int batch_json(sqlite3 *db, const char *id, json_t **out, struct err *e)
+/* A batch job, with a schedule's latest runs, read with `db`: a new array of one. */
+static int load_batch(sqlite3 *db, const char *id, struct batch_job **out, struct err *e)
 {
     sqlite3_stmt *st = sq_prepare(db, "SELECT " BATCH_COLUMNS " FROM batch_jobs WHERE id = ?");
-    json_t *o = NULL;
-    int rc = 0, is_schedule = 0;
+    struct batch_job *b = calloc(1, sizeof(*b));
+    size_t cap = 0;
+    int rc = 0;
 
     *out = NULL;
-    if (!st)
-        return sq_db_err(db, e, "prepare");
+    if (!st || !b) {
+        sq_finish(st);
+        free(b);
+        return !b ? err_set(e, ERR_NOMEM, "out of memory") : sq_db_err(db, e, "prepare");
+    }
     sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
     if (sqlite3_step(st) == SQLITE_ROW) {
-        o = row_json(st);
-        is_schedule = sqlite3_column_type(st, 3) != SQLITE_NULL;
-        if (!o)
+        if (row_batch_job(st, b) != 0)
             rc = err_set(e, ERR_NOMEM, "out of memory");
     } else {
         rc = err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
     }
     sq_finish(st);
-    if (rc != 0 || !is_schedule) {
-        *out = o;
+    if (rc == 0 && b->schedule) {
+        st = sq_prepare(db, "SELECT " BATCH_COLUMNS " FROM batch_jobs WHERE parent = ? "
+                            "ORDER BY seq DESC LIMIT " RUNS_LISTED_TEXT);
+        if (!st)
+            rc = sq_db_err(db, e, "prepare");
+        else
+            sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
+            if (b->n_runs == cap) {
+                size_t ncap = cap ? cap * 2 : 8;
+                struct batch_job *runs = realloc(b->runs, ncap * sizeof(*runs));
+                if (!runs) {
+                    rc = err_set(e, ERR_NOMEM, "out of memory");
+                    break;
+                }
+                memset(runs + cap, 0, (ncap - cap) * sizeof(*runs));
+                b->runs = runs;
+                cap = ncap;
+            }
+            if (row_batch_job(st, &b->runs[b->n_runs++]) != 0)
+                rc = err_set(e, ERR_NOMEM, "out of memory");
+        }
+        sq_finish(st);
+    }
+    if (rc != 0) {
+        batch_jobs_free(b, 1);
         return rc;
     }
-    st = sq_prepare(db, "SELECT " BATCH_COLUMNS " FROM batch_jobs WHERE parent = ? "
-                        "ORDER BY seq DESC LIMIT "
-                        "50");
-    if (!st) {
-        json_decref(o);
-        return sq_db_err(db, e, "prepare");
-    }
-    json_t *runs = json_array();
-    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
-    while (runs && sqlite3_step(st) == SQLITE_ROW)
-        json_array_append_new(runs, row_json(st));
-    sq_finish(st);
-    json_object_set_new(o, "runs", runs ? runs : json_array());
-    *out = o;
+    *out = b;
     return 0;
-}
-
-static int append_json(struct buf *out, json_t *o, struct err *e)
-{
-    char *text = json_dumps(o, JSON_COMPACT);
-    int rc = text ? buf_puts(out, text) : -1;
-
-    free(text);
-    return rc == 0 ? 0 : err_set(e, ERR_NOMEM, "out of memory");
 }
 
 /* ---- the end of a run (writer thread) ---- */
@@ -208,9 +173,9 @@ static int end_run(struct sqlite_queue *q, const char *id, enum job_state state,
 {
     int64_t now = queue_now_ms();
     sqlite3_stmt *st;
-    json_t *bj = NULL, *event = NULL;
-    char *body = NULL, event_id[64];
-    const char *url;
+    struct batch_job *b = NULL;
+    struct buf body = {0};
+    char event_id[64];
     int rc = 0;
 
     st = sq_prepare(q->wdb, "UPDATE batch_jobs SET state = ?, finished_ms = ?, error = ? "
@@ -261,38 +226,31 @@ static int end_run(struct sqlite_queue *q, const char *id, enum job_state state,
         return rc;
     log_info("batch", "batch job ended", "batch_job=%s status=%s%s%s%s", id, job_state_name(state),
              error ? " reason=\"" : "", error ? error : "", error ? "\"" : "");
-    rc = batch_json(q->wdb, id, &bj, e);
+    rc = load_batch(q->wdb, id, &b, e);
     if (rc != 0)
         return rc;
-    url = json_string_value(json_object_get(bj, "callback_url")); /* masked: shown, not sent */
-    if (url && url[0]) {
-        snprintf(event_id, sizeof(event_id), "evt_%s", id);
-        event = json_pack("{s:s, s:s, s:O}", "id", event_id, "type",
-                          state == JOB_SUCCEEDED   ? "batch.succeeded"
-                          : state == JOB_CANCELLED ? "batch.cancelled"
-                                                   : "batch.failed",
-                          "batch_job", bj);
-        body = event ? json_dumps(event, JSON_COMPACT) : NULL;
-        /* the URL to send to is the stored one, credentials and all */
-        st = sq_prepare(q->wdb, "INSERT OR IGNORE INTO outbox (event_id, job_id, url, body, "
-                                "next_ms) SELECT ?, ?, callback_url, ?, ? FROM batch_jobs "
-                                "WHERE id = ? AND callback_url != ''");
-        if (!body || !st) {
-            rc = body ? sq_db_err(q->wdb, e, "prepare") : err_set(e, ERR_NOMEM, "out of memory");
-        } else {
-            sqlite3_bind_text(st, 1, event_id, -1, SQLITE_STATIC);
-            sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
-            sqlite3_bind_blob(st, 3, body, (int)strlen(body), SQLITE_STATIC);
-            sqlite3_bind_int64(st, 4, now);
-            sqlite3_bind_text(st, 5, id, -1, SQLITE_STATIC);
-            if (sqlite3_step(st) != SQLITE_DONE)
-                rc = sq_db_err(q->wdb, e, "store webhook");
-        }
-        sq_finish(st);
+    snprintf(event_id, sizeof(event_id), "evt_%s", id);
+    if (queue_batch_event_json(b, event_id, &body) != 0)
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    batch_jobs_free(b, 1);
+    /* when it has a callback; the URL to send to is the stored one, credentials and all */
+    st = rc == 0 ? sq_prepare(q->wdb, "INSERT OR IGNORE INTO outbox (event_id, job_id, url, "
+                                      "body, next_ms) SELECT ?, ?, callback_url, ?, ? FROM "
+                                      "batch_jobs WHERE id = ? AND callback_url != ''")
+                 : NULL;
+    if (rc == 0 && !st) {
+        rc = sq_db_err(q->wdb, e, "prepare");
+    } else if (rc == 0) {
+        sqlite3_bind_text(st, 1, event_id, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+        sqlite3_bind_blob(st, 3, body.data, (int)body.len, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 4, now);
+        sqlite3_bind_text(st, 5, id, -1, SQLITE_STATIC);
+        if (sqlite3_step(st) != SQLITE_DONE)
+            rc = sq_db_err(q->wdb, e, "store webhook");
     }
-    free(body);
-    json_decref(event);
-    json_decref(bj);
+    sq_finish(st);
+    buf_release(&body);
     return rc;
 }
 
@@ -557,7 +515,6 @@ int sq_op_batch_cancel(struct sqlite_queue *q, struct op *o)
 {
     sqlite3_stmt *st;
     int state, is_schedule, rc;
-    json_t *bj = NULL;
 
     if ((rc = batch_state(q, o, &state, &is_schedule)) != 0)
         return rc;
@@ -577,10 +534,7 @@ int sq_op_batch_cancel(struct sqlite_queue *q, struct op *o)
         rc = end_run(q, o->id, JOB_CANCELLED, "cancelled", &o->err);
     }
     if (rc == 0)
-        rc = batch_json(q->wdb, o->id, &bj, &o->err);
-    if (rc == 0)
-        rc = append_json(o->out, bj, &o->err);
-    json_decref(bj);
+        rc = load_batch(q->wdb, o->id, o->batch_out, &o->err);
     return rc;
 }
 
@@ -597,9 +551,9 @@ int sq_batch_create(struct queue *qb, const struct batch_job_spec *spec, char id
     return rc;
 }
 
-int sq_batch_cancel(struct queue *qb, const char *id, struct buf *out, struct err *e)
+int sq_batch_cancel(struct queue *qb, const char *id, struct batch_job **out, struct err *e)
 {
-    struct op o = {.kind = OP_BATCH_CANCEL, .id = id, .out = out};
+    struct op o = {.kind = OP_BATCH_CANCEL, .id = id, .batch_out = out};
     int rc = sq_submit(sq_of(qb), &o);
 
     if (rc != 0)
@@ -609,140 +563,122 @@ int sq_batch_cancel(struct queue *qb, const char *id, struct buf *out, struct er
 
 /* ---- reading (the read connection) ---- */
 
-int sq_batch_get(struct queue *qb, const char *id, struct buf *out, struct err *e)
+int sq_batch_get(struct queue *qb, const char *id, struct batch_job **out, struct err *e)
 {
     struct sqlite_queue *q = sq_of(qb);
-    json_t *bj = NULL;
     int rc;
 
     pthread_mutex_lock(&q->read_lock);
-    rc = batch_json(q->rdb, id, &bj, e);
+    rc = load_batch(q->rdb, id, out, e);
     pthread_mutex_unlock(&q->read_lock);
-    if (rc == 0)
-        rc = append_json(out, bj, e);
-    json_decref(bj);
     return rc;
 }
 
-/* A status as the store keeps it: a schedule's (is_schedule 1) or a run's (0) state; -1
- * is_schedule for both ("cancelled"). 0 if `status` is no status of a batch job. */
-static int status_filter(const char *status, int *is_schedule, int *state)
+int sq_batch_list(struct queue *qb, const struct queue_batch_filter *f, struct batch_job **out,
+                  size_t *n, struct err *e)
 {
-    static const struct {
-        const char *name;
-        int is_schedule, state;
-    } map[] = {
-        {"queued", 0, JOB_QUEUED},
-        {"running", 0, JOB_RUNNING},
-        {"succeeded", 0, JOB_SUCCEEDED},
-        {"failed", 0, JOB_FAILED},
-        {"cancelled", -1, JOB_CANCELLED},
-        {"scheduled", 1, QUEUE_SCHEDULE_ACTIVE},
-        {"paused", 1, QUEUE_SCHEDULE_PAUSED},
-    };
-
-    for (size_t i = 0; i < sizeof(map) / sizeof(*map); i++) {
-        if (strcmp(map[i].name, status) == 0) {
-            *is_schedule = map[i].is_schedule;
-            *state = map[i].state;
-            return 1;
-        }
-    }
-    return 0;
-}
-
-int sq_batch_list(struct queue *qb, int limit, const char *status, struct buf *out, struct err *e)
-{
-    int want_schedule = -1, want_state = -1;
     struct sqlite_queue *q = sq_of(qb);
-    json_t *list = json_array(), *root;
+    struct batch_job *v = calloc((size_t)(f->limit > 0 ? f->limit : 1), sizeof(*v));
+    char(*ids)[40] = calloc((size_t)(f->limit > 0 ? f->limit : 1), 40);
     sqlite3_stmt *st;
-    int rc = 0;
+    int rc = 0, n_ids = 0;
 
-    if (!list)
+    *out = NULL;
+    *n = 0;
+    if (!v || !ids) {
+        free(v);
+        free(ids);
         return err_set(e, ERR_NOMEM, "out of memory");
+    }
     pthread_mutex_lock(&q->read_lock);
-    if (status && !status_filter(status, &want_schedule, &want_state))
-        want_state = -2; /* matches nothing */
     st = sq_prepare(q->rdb, "SELECT id FROM batch_jobs WHERE parent IS NULL AND (?1 = -1 OR "
                             "state = ?1) AND (?2 = -1 OR (schedule IS NOT NULL) = ?2) "
                             "ORDER BY seq DESC LIMIT ?3");
     if (!st) {
         rc = sq_db_err(q->rdb, e, "prepare");
     } else {
-        sqlite3_bind_int(st, 1, want_state);
-        sqlite3_bind_int(st, 2, want_schedule);
-        sqlite3_bind_int(st, 3, limit);
+        sqlite3_bind_int(st, 1, f->state);
+        sqlite3_bind_int(st, 2, f->schedules);
+        sqlite3_bind_int(st, 3, f->limit);
     }
-    /* ids first: batch_json() uses other statements on the same connection */
-    char(*ids)[40] = calloc((size_t)limit, 40);
-    int n = 0;
-    while (rc == 0 && ids && n < limit && sqlite3_step(st) == SQLITE_ROW)
-        snprintf(ids[n++], 40, "%s", sqlite3_column_text(st, 0));
+    /* ids first: load_batch() uses other statements on the same connection */
+    while (rc == 0 && n_ids < f->limit && sqlite3_step(st) == SQLITE_ROW)
+        snprintf(ids[n_ids++], 40, "%s", sqlite3_column_text(st, 0));
     sq_finish(st);
-    for (int i = 0; rc == 0 && ids && i < n; i++) {
-        json_t *bj = NULL;
-        rc = batch_json(q->rdb, ids[i], &bj, e);
-        if (rc == 0)
-            json_array_append_new(list, bj);
+    for (int i = 0; rc == 0 && i < n_ids; i++) {
+        struct batch_job *b = NULL;
+        rc = load_batch(q->rdb, ids[i], &b, e);
+        if (rc == 0) {
+            v[(*n)++] = *b; /* its strings move into the array */
+            free(b);
+        }
     }
     pthread_mutex_unlock(&q->read_lock);
-    if (!ids && rc == 0)
-        rc = err_set(e, ERR_NOMEM, "out of memory");
     free(ids);
-    root = json_pack("{s:o}", "batch_jobs", list);
-    if (rc == 0)
-        rc = append_json(out, root, e);
-    json_decref(root);
-    return rc;
+    if (rc != 0) {
+        batch_jobs_free(v, *n);
+        *n = 0;
+        return rc;
+    }
+    *out = v;
+    return 0;
 }
 
-int sq_batch_manifest(struct queue *qb, const char *id, struct buf *out, struct err *e)
+int sq_batch_results(struct queue *qb, const char *id, char **model, char ***results, size_t *n,
+                     struct err *e)
 {
     struct sqlite_queue *q = sq_of(qb);
-    json_t *objects = json_object(), *root = NULL;
     sqlite3_stmt *st;
-    char *model = NULL;
+    char **v = NULL;
+    size_t cap = 0;
     int rc = 0;
 
+    *model = NULL;
+    *results = NULL;
+    *n = 0;
     pthread_mutex_lock(&q->read_lock);
     st = sq_prepare(q->rdb, "SELECT model FROM batch_jobs WHERE id = ?");
     if (st) {
         sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
         if (sqlite3_step(st) == SQLITE_ROW)
-            model = sq_col_strdup(st, 0);
+            *model = sq_col_strdup(st, 0);
         sq_finish(st);
     }
     st = sq_prepare(q->rdb, "SELECT result FROM jobs WHERE batch_id = ? AND kind = 1 AND "
                             "state = 2");
-    if (!st || !model || !objects) {
-        rc = !model ? err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id)
-                    : sq_db_err(q->rdb, e, "prepare");
+    if (!st || !*model) {
+        rc = !*model ? err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id)
+                     : sq_db_err(q->rdb, e, "prepare");
     } else {
         sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
-        while (sqlite3_step(st) == SQLITE_ROW) {
-            json_t *r = json_loadb(sqlite3_column_blob(st, 0), (size_t)sqlite3_column_bytes(st, 0),
-                                   0, NULL);
-            const char *name = json_string_value(json_object_get(r, "object"));
-            if (name)
-                json_object_set_new(objects, name,
-                                    json_pack("{s:O, s:O, s:O*}", "records",
-                                              json_object_get(r, "records"), "sha256",
-                                              json_object_get(r, "sha256"), "input",
-                                              json_object_get(r, "input")));
-            json_decref(r);
+        while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
+            if (*n == cap) {
+                char **nv = realloc(v, (cap ? cap * 2 : 16) * sizeof(*v));
+                if (!nv) {
+                    rc = err_set(e, ERR_NOMEM, "out of memory");
+                    break;
+                }
+                v = nv;
+                cap = cap ? cap * 2 : 16;
+            }
+            v[*n] = strndup(sqlite3_column_blob(st, 0), (size_t)sqlite3_column_bytes(st, 0));
+            if (!v[(*n)++])
+                rc = err_set(e, ERR_NOMEM, "out of memory");
         }
     }
     sq_finish(st);
     pthread_mutex_unlock(&q->read_lock);
-    if (rc == 0) {
-        root = json_pack("{s:s, s:O}", "model", model, "objects", objects);
-        rc = root ? append_json(out, root, e) : err_set(e, ERR_NOMEM, "out of memory");
+    if (rc != 0) {
+        for (size_t i = 0; i < *n; i++)
+            free(v[i]);
+        free(v);
+        free(*model);
+        *model = NULL;
+        *n = 0;
+        return rc;
     }
-    json_decref(root);
-    json_decref(objects);
-    free(model);
-    return rc;
+    *results = v;
+    return 0;
 }
 
 int sq_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **out, size_t *n,
@@ -807,7 +743,6 @@ int sq_op_batch_pause(struct sqlite_queue *q, struct op *o)
 {
     sqlite3_stmt *st;
     int state, is_schedule, rc;
-    json_t *bj = NULL;
 
     if ((rc = batch_state(q, o, &state, &is_schedule)) != 0)
         return rc;
@@ -834,10 +769,7 @@ int sq_op_batch_pause(struct sqlite_queue *q, struct op *o)
                      o->id);
     }
     if (rc == 0)
-        rc = batch_json(q->wdb, o->id, &bj, &o->err);
-    if (rc == 0)
-        rc = append_json(o->out, bj, &o->err);
-    json_decref(bj);
+        rc = load_batch(q->wdb, o->id, o->batch_out, &o->err);
     return rc;
 }
 
@@ -864,10 +796,13 @@ int sq_op_batch_progress(struct sqlite_queue *q, struct op *o)
 }
 
 int sq_batch_pause(struct queue *qb, const char *id, int paused, int64_t next_run_ms,
-                   struct buf *out, struct err *e)
+                   struct batch_job **out, struct err *e)
 {
-    struct op o = {
-        .kind = OP_BATCH_PAUSE, .id = id, .paused = paused, .next_run_ms = next_run_ms, .out = out};
+    struct op o = {.kind = OP_BATCH_PAUSE,
+                   .id = id,
+                   .paused = paused,
+                   .next_run_ms = next_run_ms,
+                   .batch_out = out};
     int rc = sq_submit(sq_of(qb), &o);
 
     if (rc != 0)

@@ -51,7 +51,7 @@ struct op {
     int released;           /* OP_FAIL: see queue_outcome.released */
     const struct queue_outbox_attempt *attempt;
     const struct batch_job_spec *batch; /* batch create */
-    struct buf *out;                    /* batch cancel and pause: the batch job's JSON */
+    struct batch_job **batch_out;       /* batch cancel and pause: the batch job after it */
     int paused;                         /* batch pause: 1 pause, 0 resume */
     int64_t next_run_ms;                /* batch pause: a resumed schedule's next run */
     const char *batch_id;               /* batch progress: the task's run */
@@ -156,20 +156,22 @@ int sq_batch_task_final(struct sqlite_queue *q, const struct job *j, struct err 
 /* A task was leased: its run is running. */
 int sq_batch_task_started(struct sqlite_queue *q, const char *batch_id, int64_t now,
                           struct err *e);
-int sq_batch_get(struct queue *qb, const char *id, struct buf *out, struct err *e);
-int sq_batch_list(struct queue *qb, int limit, const char *status, struct buf *out, struct err *e);
-int sq_batch_manifest(struct queue *qb, const char *id, struct buf *out, struct err *e);
+int sq_batch_get(struct queue *qb, const char *id, struct batch_job **out, struct err *e);
+int sq_batch_list(struct queue *qb, const struct queue_batch_filter *f, struct batch_job **out,
+                  size_t *n, struct err *e);
+int sq_batch_results(struct queue *qb, const char *id, char **model, char ***results, size_t *n,
+                     struct err *e);
 int sq_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **out, size_t *n,
                      struct err *e);
 int sq_batch_create(struct queue *qb, const struct batch_job_spec *spec, char id_out[40],
                     struct err *e);
-int sq_batch_cancel(struct queue *qb, const char *id, struct buf *out, struct err *e);
+int sq_batch_cancel(struct queue *qb, const char *id, struct batch_job **out, struct err *e);
 int sq_op_batch_pause(struct sqlite_queue *q, struct op *o);
 int sq_op_batch_progress(struct sqlite_queue *q, struct op *o);
 int sq_batch_definition(struct queue *qb, const char *id, struct queue_schedule **out,
                         struct err *e);
 int sq_batch_pause(struct queue *qb, const char *id, int paused, int64_t next_run_ms,
-                   struct buf *out, struct err *e);
+                   struct batch_job **out, struct err *e);
 int sq_batch_progress(struct queue *qb, const char *batch_id, const char *task_id, uint64_t token,
                       int64_t records, struct err *e);
 

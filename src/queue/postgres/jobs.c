@@ -855,14 +855,14 @@ int pg_get(struct queue *qb, const char *id, int want_result, struct job **out, 
     return rc;
 }
 
-int pg_list(struct queue *qb, const struct queue_list_filter *f, struct buf *out, struct err *e)
+int pg_list(struct queue *qb, const struct queue_list_filter *f, struct job **out, size_t *n,
+            struct err *e)
 {
     struct pg_queue *q = pgq(qb);
     struct pg_params p = {0};
     PGconn *c = pg_take(q, e);
     PGresult *r = NULL;
-    char last[40] = "";
-    int n = 0, rc = 0;
+    int rc = 0;
 
     if (!c)
         return e->code;
@@ -877,40 +877,29 @@ int pg_list(struct queue *qb, const struct queue_list_filter *f, struct buf *out
                 "NULL OR seq < (SELECT seq FROM inferd_jobs WHERE id = $3::text)) AND ($5::int < "
                 "0 OR cancel_requested = $5::int) ORDER BY seq DESC LIMIT $4",
                 &p, "list jobs", e);
-    if (!r) {
+    if (!r)
         rc = e->code;
-        goto cleanup;
-    }
-    rc = buf_puts(out, "{\"jobs\":[");
-    for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
+    for (int i = 0; rc == 0 && i < PQntuples(r) && i < f->limit; i++) {
         struct job *j = job_from_row(r, i, 0);
         if (!j) {
             rc = err_set(e, ERR_NOMEM, "out of memory");
             break;
         }
-        if (n++)
-            rc = buf_puts(out, ",");
+        out[(*n)++] = j;
         /* each job as GET /v1/jobs/{id} shows it */
-        if (rc == 0 && (pg_load_notifications(q, c, j) != 0 || pg_load_history(q, c, j) != 0))
+        if (pg_load_notifications(q, c, j) != 0 || pg_load_history(q, c, j) != 0)
             rc = err_set(e, PQstatus(c) == CONNECTION_OK ? ERR_IO : ERR_UNAVAILABLE,
                          "job store: cannot read webhooks and attempts");
-        if (rc == 0)
-            rc = queue_job_json(j, out);
-        snprintf(last, sizeof(last), "%s", j->id);
-        job_free(j);
     }
-    if (rc == 0 && n == f->limit) {
-        rc = buf_puts(out, "],\"next_cursor\":");
-        if (rc == 0)
-            rc = buf_json_string(out, last);
-        if (rc == 0)
-            rc = buf_puts(out, "}");
-    } else if (rc == 0) {
-        rc = buf_puts(out, "],\"next_cursor\":null}");
-    }
-cleanup:
     PQclear(r);
     pg_give(q, c);
+    if (rc != 0) {
+        for (size_t i = 0; i < *n; i++) {
+            job_free(out[i]);
+            out[i] = NULL;
+        }
+        *n = 0;
+    }
     return rc;
 }
 

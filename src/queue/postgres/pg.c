@@ -169,6 +169,13 @@ void pg_note_up(struct pg_queue *q)
     }
 }
 
+/* The server's notices ("relation already exists, skipping") are not inferd's log lines. */
+static void ignore_notice(void *arg, const char *message)
+{
+    (void)arg;
+    (void)message;
+}
+
 PGconn *pg_connect(struct pg_queue *q, struct err *e)
 {
     /* defaults first: what the URL says wins (expand_dbname reads it in place of dbname) */
@@ -187,17 +194,28 @@ PGconn *pg_connect(struct pg_queue *q, struct err *e)
         PQfinish(c);
         return NULL;
     }
+    PQsetNoticeProcessor(c, ignore_notice, NULL);
     return c;
+}
+
+int pg_alive(PGconn *c)
+{
+    return PQstatus(c) == CONNECTION_OK && PQconsumeInput(c) && PQstatus(c) == CONNECTION_OK;
 }
 
 PGconn *pg_take(struct pg_queue *q, struct err *e)
 {
     PGconn *c = NULL;
 
-    pthread_mutex_lock(&q->pool_lock);
-    if (q->n_idle > 0)
-        c = q->pool[--q->n_idle];
-    pthread_mutex_unlock(&q->pool_lock);
+    for (;;) {
+        pthread_mutex_lock(&q->pool_lock);
+        c = q->n_idle > 0 ? q->pool[--q->n_idle] : NULL;
+        pthread_mutex_unlock(&q->pool_lock);
+        /* an idle connection the server closed (a restart) shows it on a read: skip it */
+        if (!c || pg_alive(c))
+            break;
+        PQfinish(c);
+    }
     if (!c) {
         c = pg_connect(q, e);
         if (!c)
@@ -301,10 +319,11 @@ static const char migration_1[] =
     " run_at_ms bigint, next_run_ms bigint,"
     " objects_total bigint NOT NULL DEFAULT 0, objects_done bigint NOT NULL DEFAULT 0,"
     " records_done bigint NOT NULL DEFAULT 0, records_failed bigint NOT NULL DEFAULT 0,"
-    " error text, finish_input bytea, by_hand smallint NOT NULL DEFAULT 0);"
-    /* a scheduled run exists once, however many schedulers made it */
+    " error text, finish_input text);"
+    /* a scheduled run exists once, however many schedulers made it (runs by hand are never
+     * on a whole minute: src/batch) */
     "CREATE UNIQUE INDEX inferd_batch_runs ON inferd_batch_jobs (parent, run_at_ms)"
-    " WHERE parent IS NOT NULL AND by_hand = 0;"
+    " WHERE parent IS NOT NULL;"
     "CREATE INDEX inferd_batch_due ON inferd_batch_jobs (next_run_ms)"
     " WHERE schedule IS NOT NULL AND state = 0;"
     "CREATE TABLE inferd_batch_progress (task_id text PRIMARY KEY,"
@@ -566,7 +585,7 @@ static const struct queue_ops postgres_ops = {
     .batch_get = pg_batch_get,
     .batch_list = pg_batch_list,
     .batch_cancel = pg_batch_cancel,
-    .batch_manifest = pg_batch_manifest,
+    .batch_results = pg_batch_results,
     .schedules_due = pg_schedules_due,
     .batch_definition = pg_batch_definition,
     .batch_pause = pg_batch_pause,

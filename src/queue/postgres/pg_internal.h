@@ -101,7 +101,7 @@ struct pg_op {
     int released;
     const struct queue_outbox_attempt *attempt;
     const struct batch_job_spec *batch;
-    struct buf *out;
+    struct batch_job **batch_out; /* batch cancel and pause: the batch job after */
     int paused;
     int64_t next_run_ms;
     const char *batch_id;
@@ -165,6 +165,9 @@ static inline struct pg_queue *pgq(struct queue *q)
 
 /* A new connection (or NULL with `e` set: ERR_UNAVAILABLE). */
 PGconn *pg_connect(struct pg_queue *q, struct err *e);
+/* 1 while `c` is usable as far as a read without waiting can tell (a server that closed it
+ * has said so by now). */
+int pg_alive(PGconn *c);
 /* A connection from the pool, or a new one; give it back with pg_give(). NULL: `e` set. */
 PGconn *pg_take(struct pg_queue *q, struct err *e);
 /* Back to the pool; a broken one is closed (and the idle ones with it). */
@@ -239,7 +242,7 @@ int pg_job_became_final(struct pg_txn *t, const char *id, struct err *e);
 /* The sweeper's round: ttls, leases, dead workers, retention. In the transaction of `t`. */
 int pg_sweep(struct pg_txn *t, int64_t now, int retain, struct err *e);
 int pg_get(struct queue *qb, const char *id, int want_result, struct job **out, struct err *e);
-int pg_list(struct queue *qb, const struct queue_list_filter *f, struct buf *out,
+int pg_list(struct queue *qb, const struct queue_list_filter *f, struct job **out, size_t *n,
             struct err *e);
 int pg_counts(struct queue *qb, int64_t counts[JOB_N_STATES], struct err *e);
 int64_t pg_queued(struct queue *qb);
@@ -269,17 +272,18 @@ int pg_batch_task_final(struct pg_txn *t, const struct job *j, struct err *e);
 int pg_batch_task_started(struct pg_txn *t, const char *batch_id, int64_t now, struct err *e);
 int pg_batch_create(struct queue *qb, const struct batch_job_spec *spec, char id_out[40],
                     struct err *e);
-int pg_batch_get(struct queue *qb, const char *id, struct buf *out, struct err *e);
-int pg_batch_list(struct queue *qb, int limit, const char *status, struct buf *out,
-                  struct err *e);
-int pg_batch_cancel(struct queue *qb, const char *id, struct buf *out, struct err *e);
-int pg_batch_manifest(struct queue *qb, const char *id, struct buf *out, struct err *e);
+int pg_batch_get(struct queue *qb, const char *id, struct batch_job **out, struct err *e);
+int pg_batch_list(struct queue *qb, const struct queue_batch_filter *f, struct batch_job **out,
+                  size_t *n, struct err *e);
+int pg_batch_cancel(struct queue *qb, const char *id, struct batch_job **out, struct err *e);
+int pg_batch_results(struct queue *qb, const char *id, char **model, char ***results, size_t *n,
+                     struct err *e);
 int pg_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **out, size_t *n,
                      struct err *e);
 int pg_batch_definition(struct queue *qb, const char *id, struct queue_schedule **out,
                         struct err *e);
 int pg_batch_pause(struct queue *qb, const char *id, int paused, int64_t next_run_ms,
-                   struct buf *out, struct err *e);
+                   struct batch_job **out, struct err *e);
 int pg_batch_progress(struct queue *qb, const char *batch_id, const char *task_id,
                       uint64_t token, int64_t records, struct err *e);
 

@@ -120,6 +120,10 @@ static void op_undone(struct pg_op *o)
     o->n_jobs = 0;
     job_free(o->job);
     o->job = NULL;
+    if (o->batch_out) {
+        batch_jobs_free(*o->batch_out, *o->batch_out ? 1 : 0);
+        *o->batch_out = NULL;
+    }
 }
 
 /* Runs `o` inside its savepoint; returns 0 when the transaction still stands. */
@@ -127,7 +131,6 @@ static int run_in_savepoint(struct pg_txn *t, struct pg_op *o, struct err *e)
 {
     struct pg_queue *q = t->q;
     int64_t queued = t->queued;
-    size_t out_len = o->out ? o->out->len : 0;
 
     if (pg_run(q, t->c, "SAVEPOINT op", NULL, "savepoint", e) != 0)
         return e->code;
@@ -145,8 +148,6 @@ static int run_in_savepoint(struct pg_txn *t, struct pg_op *o, struct err *e)
             return e->code;
         t->queued = queued;
         op_undone(o);
-        if (o->out)
-            o->out->len = out_len;
         if (o->kind == PG_OP_ENQUEUE && o->rc != ERR_BUSY && o->rc != ERR_CONFLICT)
             o->existed = 0;
         if (!pg_retryable(&o->err) || tries >= OP_RETRIES)
@@ -175,7 +176,7 @@ static int writer_connection(struct pg_queue *q, struct err *e)
 {
     int64_t now = queue_now_ms();
 
-    if (q->wconn && PQstatus(q->wconn) == CONNECTION_OK)
+    if (q->wconn && pg_alive(q->wconn))
         return 0;
     PQfinish(q->wconn);
     q->wconn = NULL;
