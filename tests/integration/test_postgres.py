@@ -1,7 +1,8 @@
 """The job queue on PostgreSQL (``--queue postgresql://...``), shared by separate processes:
 crash safety with ``kill -9`` of a worker and of the API, a worker stopped past its lease whose
 stale result must not count, PostgreSQL restarted and stopped mid-run (503 + Retry-After, no
-hang, workers reconnect), passwords kept out of every output, and the versioned schema.
+hang, workers reconnect), two ``serve`` processes firing each scheduled run once, passwords
+kept out of every output, and the versioned schema.
 
 Each test has its own throw-away cluster (``postgres_server``: initdb as the ``postgres``
 user, a free loopback port, fsync and synchronous_commit on). test_async.py,
@@ -349,6 +350,56 @@ def test_unreachable_postgres_at_start_up(repo, tmp_path):
         assert p.returncode != 0, f"{command}: exit 0 with PostgreSQL unreachable\n{p.stderr}"
         assert len(errors) == 1 and f"127.0.0.1:{closed}" in errors[0], \
             f"{command}: expected one error line naming 127.0.0.1:{closed}:\n{p.stderr}"
+
+
+# ---------------------------------------------------------------------------
+# schedules: two serve processes on one database
+# ---------------------------------------------------------------------------
+
+
+def test_two_serves_fire_each_scheduled_run_once(postgres_server, server_factory, trained,
+                                                 tmp_path, monkeypatch):
+    """A schedule due every minute and two ``serve`` processes on one database, their
+    clock (INFERD_CLOCK_FILE) moved a minute at a time: each minute's run exists once (one
+    row, one "scheduled run started" line over both logs) and succeeds."""
+    from test_batch_jobs import get, utc_ms, wait_status, write_csv
+    pg = postgres_server
+    m = trained["binary"]
+    repo = tmp_path / "models"
+    m.install(repo)
+    write_csv(tmp_path / "in" / "a.csv", m.rows(50, seed=31))
+    q = pg.fresh_url()
+    clock = tmp_path / "clock"
+    clock.write_text(str(utc_ms(2030, 1, 1, 0, 0, 30)))
+    monkeypatch.setenv("INFERD_CLOCK_FILE", str(clock))
+    serves = [server_factory(repo, *async_args(tmp_path / f"data-{i}", "--workers", "1",
+                                               queue=q), tag=f"serve{i}")
+              for i in range(2)]
+    r = requests.post(f"{serves[0].url}/v1/batch-jobs", timeout=60, json={
+        "model": m.name, "input": str(tmp_path / "in"), "output": str(tmp_path / "out"),
+        "schedule": "* * * * *"})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    assert get(serves[1], sid)["next_run_at"] == "2030-01-01T00:01:00.000Z"
+    minutes = 4
+    for k in range(1, minutes + 1):
+        clock.write_text(str(utc_ms(2030, 1, 1, 0, k, 5)))
+        s = wait_for(lambda: (lambda j: j if len(j["runs"]) >= k else None)(
+            get(serves[k % 2], sid)), 60, f"the run of minute {k}")
+        run_ats = sorted(run["run_at"] for run in s["runs"])
+        assert run_ats == [f"2030-01-01T00:{i:02d}:00.000Z" for i in range(1, k + 1)], run_ats
+        for run in s["runs"]:
+            assert wait_status(serves[0], run["id"], ("succeeded", "failed"))["status"] == \
+                "succeeded"
+    for s in serves:
+        s.stop()
+    rows = pg.psql(f"SELECT run_at_ms, COUNT(*) FROM inferd_batch_jobs WHERE parent = '{sid}' "
+                   "GROUP BY run_at_ms ORDER BY run_at_ms", db_name(q))
+    assert [(int(t), int(n)) for t, n in rows] == \
+        [(utc_ms(2030, 1, 1, 0, k), 1) for k in range(1, minutes + 1)], rows
+    fired = [s.log().count(f'msg="scheduled run started" schedule={sid}') for s in serves]
+    assert sum(fired) == minutes, f"scheduled runs started per serve process: {fired}"
+    print(f"\nscheduled runs started per serve process: {fired}")
 
 
 # ---------------------------------------------------------------------------
