@@ -22,11 +22,11 @@ Redis result backend polled (MGET) until every result is there. End-to-end jobs/
 reimplemented here only to record CPU use over exactly the burst.
 
 --cpu LABEL:PGID (repeatable; one label may name several groups): the CPU time of every
-process in that process group (bench/scale_run starts each one with setsid; pg_ctl starts
-PostgreSQL's postmaster as a group leader too) is sampled from /proc every 10 ms by a thread,
-and the groups' members are looked up again every 100 ms, so PostgreSQL's backends, forked
-per connection, count too (a process that exits keeps the CPU last seen of it); "loadgen"
-is this process. The JSON records the cores used per
+process in that process group (bench/scale_run starts each one with setsid) is sampled from
+/proc every 10 ms by a thread; --cpu LABEL:+PID counts PID and its children instead
+(PostgreSQL's postmaster and its backends, each of which leads a process group of its own).
+Members are looked up again every 100 ms, so backends forked per connection count too (a
+process that exits keeps the CPU last seen of it); "loadgen" is this process. The JSON records the cores used per
 label from the first submission to the last job's finish (to within a sample and a clock tick,
 so a burst of a few hundred jobs is too short for them to mean much).
 
@@ -62,15 +62,19 @@ class GroupCpu:
     (first submission, last job finished)."""
 
     def __init__(self, specs):
-        self.groups = {}
+        self.groups = {}   # pgid -> label
+        self.parents = {}  # pid -> label: that process and its children
         for s in specs or []:
             label, _, pgid = s.partition(":")
-            self.groups.setdefault(int(pgid), label)
+            if pgid.startswith("+"):
+                self.parents.setdefault(int(pgid[1:]), label)
+            else:
+                self.groups.setdefault(int(pgid), label)
         self.pids = {}  # pid -> label: the groups' members, looked up again every 100 ms
         self.seen = {}  # pid -> ticks last read: a member that exits keeps what it used
         self._rescan()
         self.n_snaps = 0
-        self.labels = set(self.groups.values()) | {"loadgen"}
+        self.labels = set(self.groups.values()) | set(self.parents.values()) | {"loadgen"}
         self.tick = os.sysconf("SC_CLK_TCK")
         self.samples = []
         self.stopping = threading.Event()
@@ -78,11 +82,11 @@ class GroupCpu:
 
     @staticmethod
     def _stat(pid):
-        """(pgrp, utime + stime ticks), or None if it is gone."""
+        """(pgrp, utime + stime ticks, ppid), or None if it is gone."""
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            return int(fields[2]), int(fields[11]) + int(fields[12])
+            return int(fields[2]), int(fields[11]) + int(fields[12]), int(fields[1])
         except (OSError, ValueError, IndexError):
             return None
 
@@ -90,8 +94,14 @@ class GroupCpu:
         for d in os.listdir("/proc"):
             if d.isdigit() and d not in self.pids:
                 st = self._stat(d)
-                if st and st[0] in self.groups:
+                if not st:
+                    continue
+                if st[0] in self.groups:
                     self.pids[d] = self.groups[st[0]]
+                elif int(d) in self.parents:
+                    self.pids[d] = self.parents[int(d)]
+                elif st[2] in self.parents:
+                    self.pids[d] = self.parents[st[2]]
 
     def snap(self):
         self.n_snaps += 1
