@@ -1403,8 +1403,18 @@ def shared_postgres():
             _SERVERS.remove(pg)
 
 
-QUEUE_KINDS = ("sqlite", "redis")   # "postgres" joins once the PostgreSQL store is in
+QUEUE_KINDS = ("sqlite", "redis", "postgres")
 SHARED_QUEUE_KINDS = ("redis", "postgres")   # stores that several inferd processes share
+
+
+@pytest.fixture(params=SHARED_QUEUE_KINDS)
+def shared_queue(request):
+    """``shared_queue()`` -> the URL of a new, empty queue that several processes share, once
+    per store: a database of the test's own redis-server, or of its own PostgreSQL cluster.
+    Request it before ``server_factory`` / ``worker_factory`` (the store outlives them)."""
+    store = request.getfixturevalue({"redis": "redis_server",
+                                     "postgres": "postgres_server"}[request.param])
+    return store.fresh_url
 
 
 @pytest.fixture(scope="module", params=QUEUE_KINDS)
