@@ -200,7 +200,8 @@ static void usage(FILE *f)
             "usage: inferd COMMAND [options]\n\n"
             "commands:\n"
             "  serve    serve a model repository: online (KServe v2), async and batch jobs\n"
-            "  worker   run async jobs from a shared queue (--queue redis://...), no API\n"
+            "  worker   run async jobs from a shared queue (--queue redis://... or postgresql://...),\n"
+            "           no API\n"
             "  batch    run a batch transform over files or S3 and exit\n\n"
             "  inferd --version        print the version\n"
             "  inferd COMMAND --help   options of a command\n",
@@ -233,8 +234,8 @@ static void usage_serve(FILE *f)
 static void usage_worker(FILE *f)
 {
     fprintf(f,
-            "usage: inferd worker --queue redis://HOST:PORT/DB [options]\n\n"
-            "Runs async jobs from the shared queue that inferd serve --queue redis://... fills,\n"
+            "usage: inferd worker --queue redis://HOST:PORT/DB|postgresql://... [options]\n\n"
+            "Runs async jobs from the shared queue that inferd serve --queue URL fills,\n"
             "with --workers threads; serves only /metrics and /v2/health/* on --port.\n"
             "SIGTERM finishes the running jobs and exits 0.\n"
             "\noptions:\n");

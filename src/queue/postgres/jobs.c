@@ -785,7 +785,7 @@ int pg_sweep(struct pg_txn *t, int64_t now, int retain_now, struct err *e)
     /* queued jobs past their ttl: expired */
     pg_p_int(&p, now);
     r = pg_exec(t->q, t->c,
-                "UPDATE inferd_jobs SET state = 5, finished_ms = $1, input = NULL, error = 'its "
+                "UPDATE inferd_jobs SET state = 5, finished_ms = $1, error = 'its "
                 "ttl passed before a worker started it' WHERE seq IN (SELECT seq FROM inferd_jobs "
                 "WHERE state = 0 AND expires_ms > 0 AND expires_ms <= $1 LIMIT 64 FOR UPDATE SKIP "
                 "LOCKED) RETURNING id",

@@ -486,12 +486,14 @@ static void on_notify(struct pg_queue *q, const PGnotify *n)
     } else if (strcmp(n->relname, "inferd_final") == 0 && !own_pid(q, n->be_pid)) {
         const char *sp = n->extra ? strchr(n->extra, ' ') : NULL;
         char id[40];
+        pthread_mutex_lock(&q->final_lock);
         if (q->base.on_final && sp && (size_t)(sp - n->extra) < sizeof(id)) {
             int st = job_state_parse(sp + 1);
             memcpy(id, n->extra, (size_t)(sp - n->extra));
             id[sp - n->extra] = '\0';
             q->base.on_final(q->base.on_final_ctx, id, (enum job_state)(st < 0 ? 0 : st));
         }
+        pthread_mutex_unlock(&q->final_lock);
     }
 }
 
@@ -554,6 +556,7 @@ static void pg_close(struct queue *qb)
         PQfinish(q->pool[i]);
     pthread_mutex_destroy(&q->pool_lock);
     pthread_mutex_destroy(&q->lock);
+    pthread_mutex_destroy(&q->final_lock);
     pthread_cond_destroy(&q->work);
     pthread_cond_destroy(&q->finished);
     pthread_cond_destroy(&q->runnable);
@@ -613,6 +616,7 @@ int queue_postgres_open(const struct queue_config *cfg, struct queue **out, stru
     atomic_store(&q->up_since_ms, queue_now_ms());
     pthread_mutex_init(&q->pool_lock, NULL);
     pthread_mutex_init(&q->lock, NULL);
+    pthread_mutex_init(&q->final_lock, NULL);
     pthread_cond_init(&q->work, NULL);
     pthread_cond_init(&q->finished, NULL);
     pthread_cond_init(&q->runnable, NULL);

@@ -13,7 +13,8 @@
  *   callers   reads (get, list, counts, outbox, batch reads) on connections of the pool
  *
  * Locks: `lock` guards the operation list, `stopping`, `generation` and the wake-ups;
- * `pool_lock` guards the idle connections. Never both.
+ * `pool_lock` guards the idle connections; `final_lock` is held by the listener around an
+ * on_final call (queue_on_final(NULL) waits it out). Never two at once.
  */
 #ifndef INFERD_PG_INTERNAL_H
 #define INFERD_PG_INTERNAL_H
@@ -65,6 +66,7 @@ struct pg_txn {
     int runnable;            /* jobs became runnable: NOTIFY inferd_jobs */
     int cancels;             /* running jobs asked to cancel: notified as they happen */
     int64_t queued;          /* jobs in state queued as this transaction sees them; -1 unknown */
+    int savepoint;           /* writer: an operation's savepoint is taken */
 };
 
 enum pg_op_kind {
@@ -140,6 +142,7 @@ struct pg_queue {
     pthread_cond_t finished; /* a group committed (or failed) */
     pthread_cond_t runnable; /* jobs may have become runnable (here or, by NOTIFY, elsewhere) */
     pthread_cond_t stop;     /* stopping: the sweeper and listener wait on it */
+    pthread_mutex_t final_lock; /* held by the listener while it calls on_final */
     struct pg_op *head, *tail; /* guarded by lock */
     int stopping;              /* guarded by lock */
     uint64_t generation;       /* guarded by lock: bumped when jobs may have become runnable */

@@ -132,8 +132,12 @@ static int run_in_savepoint(struct pg_txn *t, struct pg_op *o, struct err *e)
     struct pg_queue *q = t->q;
     int64_t queued = t->queued;
 
-    if (pg_run(q, t->c, "SAVEPOINT op", NULL, "savepoint", e) != 0)
+    /* one round trip: the previous operation's savepoint released, this one's taken (COMMIT
+     * releases the last) */
+    if (pg_run(q, t->c, t->savepoint ? "RELEASE SAVEPOINT op; SAVEPOINT op" : "SAVEPOINT op",
+               NULL, "savepoint", e) != 0)
         return e->code;
+    t->savepoint = 1;
     for (int tries = 0;; tries++) {
         o->rc = run_op(t, o);
         if (PQstatus(t->c) != CONNECTION_OK) {
@@ -142,8 +146,8 @@ static int run_in_savepoint(struct pg_txn *t, struct pg_op *o, struct err *e)
         }
         int in_error = PQtransactionStatus(t->c) == PQTRANS_INERROR;
         if (o->rc == 0 || (o->rc == ERR_CONFLICT && !in_error))
-            break;
-        /* undone: what it counted, what it made */
+            return 0;
+        /* undone: what it counted, what it made (the savepoint stays, for a retry) */
         if (pg_run(q, t->c, "ROLLBACK TO SAVEPOINT op", NULL, "rollback", e) != 0)
             return e->code;
         t->queued = queued;
@@ -151,10 +155,9 @@ static int run_in_savepoint(struct pg_txn *t, struct pg_op *o, struct err *e)
         if (o->kind == PG_OP_ENQUEUE && o->rc != ERR_BUSY && o->rc != ERR_CONFLICT)
             o->existed = 0;
         if (!pg_retryable(&o->err) || tries >= OP_RETRIES)
-            break;
+            return 0;
         o->err = (struct err){0};
     }
-    return pg_run(q, t->c, "RELEASE SAVEPOINT op", NULL, "release", e);
 }
 
 /* A group could not be made durable: every caller hears why, and nothing of it stands. */
@@ -450,6 +453,12 @@ int pg_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms
     struct pg_op o = {.kind = PG_OP_EXTEND, .id = id, .token = token, .lease_ms = lease_ms};
     int rc = pg_submit(pgq(qb), &o);
 
+    if (!id[0]) {
+        /* queue_on_final(NULL)'s barrier: the writer's groups are past; so is any on_final
+         * call of the listener (a NOTIFY of another process) */
+        pthread_mutex_lock(&pgq(qb)->final_lock);
+        pthread_mutex_unlock(&pgq(qb)->final_lock);
+    }
     copy_err(e, &o);
     return rc;
 }
