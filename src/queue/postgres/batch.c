@@ -345,8 +345,6 @@ int pg_op_batch_create(struct pg_txn *t, struct pg_op *o)
     char raw[40];
     int rc = 0;
 
-    if (s->parent && !s->by_hand && (rc = claim_schedule(t, s, &o->err)) != 0)
-        return rc;
     if (!s->schedule && !s->error && t->queued < 0) {
         PGresult *r = pg_exec(t->q, t->c, "SELECT COUNT(*) FROM inferd_jobs WHERE state = 0",
                               NULL, "count queued jobs", &o->err);
@@ -360,6 +358,9 @@ int pg_op_batch_create(struct pg_txn *t, struct pg_op *o)
                        "%zu tasks would pass the queue's limit of %lld jobs (--max-queue); "
                        "%lld are waiting",
                        s->n_tasks, (long long)t->q->cfg.max_queued, (long long)t->queued);
+    /* after the admission: an operation that fails cleanly has changed nothing (writer.c) */
+    if (s->parent && !s->by_hand && (rc = claim_schedule(t, s, &o->err)) != 0)
+        return rc;
     pg_new_id(raw);
     snprintf(o->id_out, sizeof(o->id_out), "batch-%s", raw);
     pg_p_str(&p, o->id_out);

@@ -320,6 +320,92 @@ int pg_insert_job(struct pg_txn *t, const struct job_spec *s, const char *id, st
     return rc;
 }
 
+/* Enqueues `n` operations without idempotency keys in one statement (admission as
+ * pg_op_enqueue: the ones past --max-queue answer ERR_BUSY, the others are stored in order). */
+int pg_ops_enqueue(struct pg_txn *t, struct pg_op **ops, size_t n, struct err *e)
+{
+    enum { ID, MODEL, PRIO, MAXATT, EXPIRES, LEASE, TTL, INPUT, JSONLEN, INLOC, OUTLOC, URL, HASH,
+           KIND, BATCH, N_COLS };
+    int64_t now = queue_now_ms();
+    struct buf cols[N_COLS] = {{0}};
+    struct pg_params p = {0};
+    size_t admitted = 0;
+    int rc = 0;
+
+    if (t->queued < 0) {
+        PGresult *r = pg_exec(t->q, t->c, "SELECT COUNT(*) FROM inferd_jobs WHERE state = 0",
+                              NULL, "count queued jobs", e);
+        if (!r)
+            return e->code;
+        t->queued = pg_int(r, 0, 0);
+        PQclear(r);
+    }
+    for (int c = 0; rc == 0 && c < N_COLS; c++)
+        rc = buf_puts(&cols[c], "{");
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        const struct job_spec *sp = ops[i]->spec;
+        char num[N_COLS][24];
+        if (t->queued + (int64_t)admitted >= t->q->cfg.max_queued) {
+            ops[i]->rc = err_set(&ops[i]->err, ERR_BUSY,
+                                 "the queue holds %lld jobs, the limit (--max-queue)",
+                                 (long long)(t->queued + (int64_t)admitted));
+            continue;
+        }
+        admitted++;
+        pg_new_id(ops[i]->id_out);
+        snprintf(num[PRIO], 24, "%d", sp->priority);
+        snprintf(num[MAXATT], 24, "%d", sp->max_attempts);
+        snprintf(num[EXPIRES], 24, "%lld", (long long)(sp->ttl_s > 0 ? now + sp->ttl_s * 1000 : 0));
+        snprintf(num[LEASE], 24, "%lld", (long long)sp->lease_timeout_ms);
+        snprintf(num[TTL], 24, "%lld", (long long)sp->ttl_s);
+        snprintf(num[JSONLEN], 24, "%lld", (long long)sp->input_json_len);
+        snprintf(num[KIND], 24, "%d", (int)sp->kind);
+        rc = pg_array_add(&cols[ID], ops[i]->id_out) | pg_array_add(&cols[MODEL], sp->model) |
+             pg_array_add(&cols[PRIO], num[PRIO]) | pg_array_add(&cols[MAXATT], num[MAXATT]) |
+             pg_array_add(&cols[EXPIRES], num[EXPIRES]) | pg_array_add(&cols[LEASE], num[LEASE]) |
+             pg_array_add(&cols[TTL], num[TTL]) |
+             pg_array_add_bytea(&cols[INPUT], sp->input, sp->input ? sp->input_len : 0) |
+             pg_array_add(&cols[JSONLEN], num[JSONLEN]) |
+             pg_array_add(&cols[INLOC], sp->input_location) |
+             pg_array_add(&cols[OUTLOC], sp->output_location) |
+             pg_array_add(&cols[URL], sp->callback_url) |
+             pg_array_add(&cols[HASH], sp->request_hash) | pg_array_add(&cols[KIND], num[KIND]) |
+             pg_array_add(&cols[BATCH], sp->batch_id);
+    }
+    for (int c = 0; rc == 0 && c < N_COLS; c++)
+        rc = buf_puts(&cols[c], "}");
+    if (rc != 0) {
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+        goto cleanup;
+    }
+    if (admitted == 0)
+        goto cleanup;
+    for (int c = 0; c < N_COLS; c++)
+        pg_p_str(&p, cols[c].data);
+    pg_p_int(&p, now);
+    rc = pg_run(t->q, t->c,
+                "INSERT INTO inferd_jobs (id, model, state, priority, max_attempts, created_ms, "
+                "expires_ms, lease_timeout_ms, ttl_s, input, input_json_len, input_location, "
+                "output_location, callback_url, request_hash, kind, batch_id) SELECT id, model, "
+                "0, priority, max_attempts, $16, expires_ms, lease_timeout_ms, ttl_s, input, "
+                "input_json_len, input_location, output_location, callback_url, request_hash, "
+                "kind, batch_id FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], "
+                "$5::bigint[], $6::bigint[], $7::bigint[], $8::bytea[], $9::bigint[], "
+                "$10::text[], $11::text[], $12::text[], $13::text[], $14::int[], $15::text[]) AS "
+                "v(id, model, priority, max_attempts, expires_ms, lease_timeout_ms, ttl_s, input, "
+                "input_json_len, input_location, output_location, callback_url, request_hash, "
+                "kind, batch_id)",
+                &p, "insert jobs", e);
+    if (rc == 0) {
+        t->queued += (int64_t)admitted;
+        t->runnable = 1;
+    }
+cleanup:
+    for (int c = 0; c < N_COLS; c++)
+        buf_release(&cols[c]);
+    return rc;
+}
+
 /* Appends "{a,b,c}" of the seqs to `out`, a bigint[] literal. */
 static int seq_array(const int64_t *seqs, size_t n, struct buf *out)
 {
@@ -367,28 +453,32 @@ int pg_op_lease(struct pg_txn *t, struct pg_op *o)
     char wid[96];
     PGresult *r = NULL;
     size_t n = 0;
-    int tasks = 0, rc = 0;
+    int rc = 0;
 
     if (!seqs)
         return err_set(&o->err, ERR_NOMEM, "out of memory");
     pg_p_int(&p, now);
     pg_p_int(&p, (int64_t)o->max);
+    pg_p_int(&p, o->max_tasks);
+    /* only the rows it takes are locked (SKIP LOCKED): a row locked and passed over would
+     * hide from other workers' leases until this commit. A batch task runs for long: at
+     * most max_tasks per lease, so the others wait for a free worker. */
     r = pg_exec(t->q, t->c,
-                "SELECT seq, kind FROM inferd_jobs WHERE state = 0 AND available_ms <= $1 AND "
-                "(expires_ms = 0 OR expires_ms > $1) ORDER BY priority DESC, seq LIMIT $2 "
-                "FOR UPDATE SKIP LOCKED",
+                "WITH i AS (SELECT seq, priority FROM inferd_jobs WHERE state = 0 AND kind = 0 "
+                "AND available_ms <= $1 AND (expires_ms = 0 OR expires_ms > $1) ORDER BY "
+                "priority DESC, seq LIMIT $2 FOR UPDATE SKIP LOCKED), "
+                "k AS (SELECT seq, priority FROM inferd_jobs WHERE state = 0 AND kind <> 0 AND "
+                "available_ms <= $1 AND (expires_ms = 0 OR expires_ms > $1) ORDER BY priority "
+                "DESC, seq LIMIT $3 FOR UPDATE SKIP LOCKED) "
+                "SELECT seq, priority FROM i UNION ALL SELECT seq, priority FROM k ORDER BY "
+                "priority DESC, seq",
                 &p, "lease", &o->err);
     if (!r) {
         rc = o->err.code;
         goto cleanup;
     }
-    /* a batch task runs for long: at most max_tasks per lease, so the others wait for a free
-     * worker (rows passed over stay locked until the commit, untouched) */
-    for (int i = 0; i < PQntuples(r) && n < o->max; i++) {
-        if (pg_int(r, i, 1) != JOB_KIND_INFER && tasks++ >= o->max_tasks)
-            continue;
+    for (int i = 0; i < PQntuples(r) && n < o->max; i++)
         seqs[n++] = pg_int(r, i, 0);
-    }
     PQclear(r);
     r = NULL;
     if (n == 0) {
@@ -460,24 +550,122 @@ int pg_op_extend(struct pg_txn *t, struct pg_op *o)
 int pg_op_complete(struct pg_txn *t, struct pg_op *o)
 {
     struct pg_params p = {0};
-    int rc;
+    PGresult *r;
+    int rc = 0;
 
     pg_p_bin(&p, o->data, o->data ? o->data_len : 0);
     pg_p_int(&p, o->json_len);
     pg_p_int(&p, queue_now_ms());
     pg_p_str(&p, o->id);
     pg_p_int(&p, (int64_t)o->token);
-    /* a job cancelled while it ran ends cancelled and its result is discarded */
-    rc = fenced(t, o,
-                "UPDATE inferd_jobs SET state = CASE WHEN cancel_requested = 1 THEN 4 ELSE 2 END, "
-                "result = CASE WHEN cancel_requested = 1 THEN NULL ELSE $1::bytea END, "
-                "result_json_len = $2, finished_ms = $3, error = CASE WHEN cancel_requested = 1 "
-                "THEN 'cancelled while running; result discarded' ELSE NULL END, input = NULL "
-                "WHERE id = $4 AND state = 1 AND attempts = $5",
-                &p);
-    if (rc == 0)
-        rc = attempt_ended(t, o->id, o->token, NULL, &o->err);
-    return rc ? rc : pg_job_became_final(t, o->id, &o->err);
+    /* one statement (one round trip): the fenced outcome and the end of its attempt. A job
+     * cancelled while it ran ends cancelled and its result is discarded. */
+    r = pg_exec(t->q, t->c,
+                "WITH j AS (UPDATE inferd_jobs SET state = CASE WHEN cancel_requested = 1 THEN 4 "
+                "ELSE 2 END, result = CASE WHEN cancel_requested = 1 THEN NULL ELSE $1::bytea "
+                "END, result_json_len = $2, finished_ms = $3, error = CASE WHEN cancel_requested "
+                "= 1 THEN 'cancelled while running; result discarded' ELSE NULL END, input = NULL "
+                "WHERE id = $4 AND state = 1 AND attempts = $5 RETURNING state, kind, error, "
+                "callback_url), "
+                "a AS (UPDATE inferd_attempts SET ended_ms = $3, error = (SELECT error FROM j) "
+                "WHERE job_id = $4 AND attempt = $5 AND ended_ms IS NULL AND EXISTS (SELECT 1 "
+                "FROM j)) "
+                "SELECT state, kind, COALESCE(callback_url, '') <> '' FROM j",
+                &p, "complete job", &o->err);
+    if (!r)
+        return o->err.code;
+    if (PQntuples(r) == 0) {
+        rc = err_set(&o->err, ERR_CONFLICT,
+                     "job %s: attempt %llu no longer holds the lease; its result is discarded",
+                     o->id, (unsigned long long)o->token);
+    } else if (pg_int(r, 0, 1) == JOB_KIND_INFER && strcmp(PQgetvalue(r, 0, 2), "t") != 0) {
+        note_final(t, o->id, (enum job_state)pg_int(r, 0, 0)); /* no webhook, no batch job */
+    } else {
+        rc = pg_job_became_final(t, o->id, &o->err);
+    }
+    PQclear(r);
+    return rc;
+}
+
+int pg_ops_complete(struct pg_txn *t, struct pg_op **ops, size_t n, struct err *e)
+{
+    struct buf ids = {0}, tokens = {0}, results = {0}, lens = {0};
+    struct pg_params p = {0};
+    PGresult *r = NULL;
+    int rc = 0;
+
+    rc = buf_puts(&ids, "{") | buf_puts(&tokens, "{") | buf_puts(&results, "{") |
+         buf_puts(&lens, "{");
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        char num[24];
+        rc = pg_array_add(&ids, ops[i]->id);
+        snprintf(num, sizeof(num), "%llu", (unsigned long long)ops[i]->token);
+        rc = rc ? rc : pg_array_add(&tokens, num);
+        rc = rc ? rc : pg_array_add_bytea(&results, ops[i]->data, ops[i]->data ? ops[i]->data_len : 0);
+        snprintf(num, sizeof(num), "%lld", (long long)ops[i]->json_len);
+        rc = rc ? rc : pg_array_add(&lens, num);
+    }
+    rc = rc ? rc : buf_puts(&ids, "}") | buf_puts(&tokens, "}") | buf_puts(&results, "}") |
+                       buf_puts(&lens, "}");
+    if (rc != 0) {
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+        goto cleanup;
+    }
+    pg_p_str(&p, ids.data);
+    pg_p_str(&p, tokens.data);
+    pg_p_str(&p, results.data);
+    pg_p_str(&p, lens.data);
+    pg_p_int(&p, queue_now_ms());
+    /* as pg_op_complete, for every outcome of the group in one round trip */
+    r = pg_exec(t->q, t->c,
+                "WITH v AS (SELECT * FROM unnest($1::text[], $2::int[], $3::bytea[], "
+                "$4::bigint[]) AS v(id, token, result, json_len)), "
+                "j AS (UPDATE inferd_jobs SET state = CASE WHEN cancel_requested = 1 THEN 4 ELSE "
+                "2 END, result = CASE WHEN cancel_requested = 1 THEN NULL ELSE v.result END, "
+                "result_json_len = v.json_len, finished_ms = $5, error = CASE WHEN "
+                "cancel_requested = 1 THEN 'cancelled while running; result discarded' ELSE "
+                "NULL END, input = NULL FROM v WHERE inferd_jobs.id = v.id AND "
+                "inferd_jobs.state = 1 AND inferd_jobs.attempts = v.token RETURNING "
+                "inferd_jobs.id, inferd_jobs.attempts, inferd_jobs.state, inferd_jobs.kind, "
+                "inferd_jobs.error, inferd_jobs.callback_url), "
+                "a AS (UPDATE inferd_attempts SET ended_ms = $5, error = j.error FROM j WHERE "
+                "inferd_attempts.job_id = j.id AND inferd_attempts.attempt = j.attempts AND "
+                "inferd_attempts.ended_ms IS NULL) "
+                "SELECT id, state, kind, COALESCE(callback_url, '') <> '' FROM j",
+                &p, "complete jobs", e);
+    if (!r) {
+        rc = e->code;
+        goto cleanup;
+    }
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        struct pg_op *o = ops[i];
+        int row = -1;
+        for (int k = 0; row < 0 && k < PQntuples(r); k++)
+            if (strcmp(PQgetvalue(r, k, 0), o->id) == 0)
+                row = k;
+        if (row < 0) {
+            o->rc = err_set(&o->err, ERR_CONFLICT,
+                            "job %s: attempt %llu no longer holds the lease; its result is "
+                            "discarded",
+                            o->id, (unsigned long long)o->token);
+        } else if (pg_int(r, row, 2) == JOB_KIND_INFER && strcmp(PQgetvalue(r, row, 3), "t")) {
+            note_final(t, o->id, (enum job_state)pg_int(r, row, 1));
+            o->rc = 0;
+        } else {
+            o->rc = pg_job_became_final(t, o->id, &o->err);
+            if (o->rc != 0) { /* the statement's changes stand: the group runs again */
+                *e = o->err;
+                rc = o->rc;
+            }
+        }
+    }
+cleanup:
+    PQclear(r);
+    buf_release(&ids);
+    buf_release(&tokens);
+    buf_release(&results);
+    buf_release(&lens);
+    return rc;
 }
 
 int pg_op_fail(struct pg_txn *t, struct pg_op *o)

@@ -137,6 +137,35 @@ int pg_bytea(const PGresult *r, int row, int col, struct buf *out)
     return rc;
 }
 
+int pg_array_add(struct buf *b, const char *s)
+{
+    int rc = buf_puts(b, b->len > 1 ? "," : "");
+
+    if (rc == 0 && !s)
+        return buf_puts(b, "NULL");
+    rc = rc ? rc : buf_puts(b, "\"");
+    for (const char *c = s; rc == 0 && *c; c++)
+        rc = (*c == '"' || *c == '\\') ? buf_printf(b, "\\%c", *c) : buf_append(b, c, 1);
+    return rc ? rc : buf_puts(b, "\"");
+}
+
+int pg_array_add_bytea(struct buf *b, const void *data, size_t len)
+{
+    static const char hex[] = "0123456789abcdef";
+    const unsigned char *d = data;
+    int rc = buf_puts(b, b->len > 1 ? "," : "");
+
+    if (rc == 0 && !data)
+        return buf_puts(b, "NULL");
+    rc = rc ? rc : buf_reserve(b, 2 * len + 8);
+    rc = rc ? rc : buf_puts(b, "\"\\\\x"); /* "\\x: a backslash, escaped in the array */
+    for (size_t i = 0; rc == 0 && i < len; i++) {
+        char two[2] = {hex[d[i] >> 4], hex[d[i] & 15]};
+        rc = buf_append(b, two, 2);
+    }
+    return rc ? rc : buf_puts(b, "\"");
+}
+
 /* Time-ordered ids, as the other stores make them: 12 hex digits of ms, 12 random ones. */
 void pg_new_id(char out[40])
 {
@@ -279,7 +308,11 @@ static const char migration_1[] =
     " error text,"
     " idem_key text UNIQUE, request_hash text,"
     " kind smallint NOT NULL DEFAULT 0, batch_id text, object text);"
-    "CREATE INDEX inferd_jobs_ready ON inferd_jobs (priority DESC, seq) WHERE state = 0;"
+    "CREATE INDEX inferd_jobs_ready ON inferd_jobs (priority DESC, seq) WHERE state = 0 AND "
+    " kind = 0;"
+    "CREATE INDEX inferd_jobs_ready_tasks ON inferd_jobs (priority DESC, seq) WHERE state = 0 "
+    " AND kind <> 0;"
+    "CREATE INDEX inferd_jobs_queued ON inferd_jobs (available_ms) WHERE state = 0;"
     "CREATE INDEX inferd_jobs_expiring ON inferd_jobs (expires_ms) WHERE state = 0 AND "
     " expires_ms > 0;"
     "CREATE INDEX inferd_jobs_leased ON inferd_jobs (lease_until_ms) WHERE state = 1;"

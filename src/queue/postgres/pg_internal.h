@@ -194,6 +194,10 @@ char *pg_strdup(const PGresult *r, int row, int col);
 /* Appends a bytea value (text form) to `out`. 0 or ERR_NOMEM. */
 int pg_bytea(const PGresult *r, int row, int col, struct buf *out);
 void pg_new_id(char out[40]);
+/* Appends one element to an array literal being built in `b` (started with "{"; "}" ends
+ * it): a text (NULL: SQL NULL), or a bytea. 0 or ERR_NOMEM. */
+int pg_array_add(struct buf *b, const char *s);
+int pg_array_add_bytea(struct buf *b, const void *data, size_t len);
 
 /* ---- writer.c ---- */
 
@@ -226,9 +230,13 @@ int pg_worker_leave(struct queue *qb, const char *id, struct err *e);
 /* ---- jobs.c: operations (inside a transaction of `t`) ---- */
 
 int pg_op_enqueue(struct pg_txn *t, struct pg_op *o);
+/* Enqueues `n` operations without idempotency keys in one statement; as pg_op_enqueue each. */
+int pg_ops_enqueue(struct pg_txn *t, struct pg_op **ops, size_t n, struct err *e);
 int pg_op_lease(struct pg_txn *t, struct pg_op *o);
 int pg_op_extend(struct pg_txn *t, struct pg_op *o);
 int pg_op_complete(struct pg_txn *t, struct pg_op *o);
+/* Completes `n` operations (distinct jobs) in one statement; as pg_op_complete each. */
+int pg_ops_complete(struct pg_txn *t, struct pg_op **ops, size_t n, struct err *e);
 int pg_op_fail(struct pg_txn *t, struct pg_op *o);
 int pg_op_cancel(struct pg_txn *t, struct pg_op *o);
 int pg_op_retry(struct pg_txn *t, struct pg_op *o);

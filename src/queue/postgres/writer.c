@@ -3,9 +3,11 @@
  *
  * Every change goes through one writer thread per process, as in the SQLite queue: callers
  * queue an operation and wait (an asynchronous enqueue is called back instead); the writer
- * takes everything queued, runs it in one transaction (a SAVEPOINT per operation, so one that
- * fails does not undo the others; one that hits a deadlock with another process is retried
- * alone), sends the transaction's NOTIFYs and commits once. Under load, hundreds of enqueues
+ * takes everything queued, runs it in one transaction, sends the transaction's NOTIFYs and
+ * commits once. Operations run without savepoints first; when one fails in a way that may
+ * have left changes (a statement failed, a deadlock with another process), the group runs
+ * again with a SAVEPOINT per operation, so the failing one undoes only itself (a deadlocked
+ * one is retried alone). Under load, hundreds of enqueues
  * and outcomes share one commit (one WAL flush with synchronous_commit on).
  *
  * A lost connection fails the whole group with ERR_UNAVAILABLE ("nothing was stored"); the
@@ -202,6 +204,85 @@ static int writer_connection(struct pg_queue *q, struct err *e)
     return 0;
 }
 
+#define REDO 1 /* run_ops: an operation failed after it may have changed rows */
+
+/* Runs the group's operations. Without savepoints first (a round trip less per operation):
+ * an operation that fails cleanly (fenced out, busy, not found) changed nothing; any other
+ * failure answers REDO, and the group runs again from its start, each operation in a
+ * savepoint of its own, so that one failing undoes only itself. */
+static int run_ops(struct pg_txn *t, struct pg_op *ops, int savepoints, struct err *e)
+{
+    int rc = 0;
+
+    for (struct pg_op *o = ops; rc == 0 && o; o = o->next) {
+        if (savepoints) {
+            rc = run_in_savepoint(t, o, e);
+            continue;
+        }
+        if (o->kind == PG_OP_COMPLETE && o->next && o->next->kind == PG_OP_COMPLETE) {
+            /* outcomes of distinct jobs in a row: one statement for all */
+            struct pg_op *run[PG_MAX_GROUP];
+            size_t n = 0;
+            for (struct pg_op *c = o; c && c->kind == PG_OP_COMPLETE && n < PG_MAX_GROUP;
+                 c = c->next) {
+                int twice = 0;
+                for (size_t k = 0; k < n && !twice; k++)
+                    twice = strcmp(run[k]->id, c->id) == 0;
+                if (twice)
+                    break;
+                run[n++] = c;
+            }
+            if (n > 1) {
+                if (pg_ops_complete(t, run, n, e) != 0)
+                    return PQstatus(t->c) == CONNECTION_OK ? REDO : ERR_UNAVAILABLE;
+                o = run[n - 1];
+                continue;
+            }
+        }
+        if (o->kind == PG_OP_ENQUEUE && !o->spec->idempotency_key && o->next &&
+            o->next->kind == PG_OP_ENQUEUE && !o->next->spec->idempotency_key) {
+            /* new jobs in a row: one statement for all */
+            struct pg_op *run[PG_MAX_GROUP];
+            size_t n = 0;
+            for (struct pg_op *c = o; c && c->kind == PG_OP_ENQUEUE &&
+                                      !c->spec->idempotency_key && n < PG_MAX_GROUP;
+                 c = c->next)
+                run[n++] = c;
+            if (pg_ops_enqueue(t, run, n, e) != 0)
+                return PQstatus(t->c) == CONNECTION_OK ? REDO : ERR_UNAVAILABLE;
+            o = run[n - 1];
+            continue;
+        }
+        o->rc = run_op(t, o);
+        if (PQstatus(t->c) != CONNECTION_OK) {
+            *e = o->err;
+            return ERR_UNAVAILABLE;
+        }
+        if (o->rc != 0 && (PQtransactionStatus(t->c) == PQTRANS_INERROR ||
+                           (o->rc != ERR_CONFLICT && o->rc != ERR_BUSY && o->rc != ERR_NOT_FOUND)))
+            return REDO;
+    }
+    return rc;
+}
+
+/* Forgets everything a first run of the group did, before it runs again. */
+static void group_reset(struct pg_txn *t, struct pg_op *ops)
+{
+    pg_txn_done(t, 0);
+    t->runnable = 0;
+    t->queued = -1;
+    t->savepoint = 0;
+    for (struct pg_op *o = ops; o; o = o->next) {
+        op_undone(o);
+        o->rc = 0;
+        o->err = (struct err){0};
+        o->existed = 0;
+        o->failed_final = 0;
+        o->next_available_ms = 0;
+        o->id_out[0] = '\0';
+    }
+}
+
 static void run_group(struct pg_queue *q, struct pg_op *ops)
 {
     struct pg_txn t = {.q = q, .queued = -1};
@@ -213,8 +294,16 @@ static void run_group(struct pg_queue *q, struct pg_op *ops)
         t.c = q->wconn;
         rc = pg_run(q, t.c, "BEGIN", NULL, "begin", &e);
     }
-    for (struct pg_op *o = ops; rc == 0 && o; o = o->next)
-        rc = run_in_savepoint(&t, o, &e);
+    if (rc == 0)
+        rc = run_ops(&t, ops, 0, &e);
+    if (rc == REDO) {
+        rc = pg_run(q, t.c, "ROLLBACK", NULL, "rollback", &e);
+        group_reset(&t, ops);
+        if (rc == 0)
+            rc = pg_run(q, t.c, "BEGIN", NULL, "begin", &e);
+        if (rc == 0)
+            rc = run_ops(&t, ops, 1, &e);
+    }
     if (rc == 0)
         rc = pg_txn_commit(&t, &e);
     if (rc == 0) {
