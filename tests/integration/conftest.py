@@ -1244,11 +1244,12 @@ class PostgresServer:
         self._db_lock = threading.Lock()
         self._next_db = 0
 
-    def _run(self, *cmd, check=True, timeout=PG_DEADLINE_S):
+    def _run(self, *cmd, check=True, timeout=PG_DEADLINE_S, input=None):
         """Runs a PostgreSQL program as the cluster's owner; returns the CompletedProcess."""
         full = (["runuser", "-u", "postgres", "--"] if self.as_root else []) + [str(c) for c in cmd]
         p = subprocess.run(full, capture_output=True, text=True, timeout=timeout,
-                           cwd=str(self.dir), stdin=subprocess.DEVNULL)
+                           cwd=str(self.dir), input=input,
+                           stdin=None if input is not None else subprocess.DEVNULL)
         if check and p.returncode != 0:
             raise PostgresError(f"{' '.join(full)}: exit {p.returncode}\n{p.stdout}{p.stderr}"
                                 f"\n--- log ---\n{self.log_tail(40)}")
@@ -1262,16 +1263,19 @@ class PostgresServer:
             self._run("mkdir", "-p", self.sock)
             self._run(PG_BIN / "initdb", "-D", self.data, "-U", "postgres", "-A", "trust",
                       "-E", "UTF8", "--no-locale")
+            # in the file, not on the command line, so a reload (require_password) keeps them
+            self._run("sh", "-c", f"cat >> {self.data}/postgresql.conf", input=(
+                "listen_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{self.sock}'\n"
+                "max_connections = 300\nfsync = on\nsynchronous_commit = on\n"))
         fixed = self.port is not None
         for attempt in range(40 if fixed else 3):
             if not fixed:
                 self.port = free_port()
             self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-            opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port} "
-                    f"-c unix_socket_directories={self.sock} -c max_connections=300 "
-                    f"-c fsync=on -c synchronous_commit=on")
             p = self._run(PG_BIN / "pg_ctl", "-D", self.data, "-l", self.log_path, "-w",
-                          "-t", str(int(PG_DEADLINE_S)), "-o", opts, "start", check=False)
+                          "-t", str(int(PG_DEADLINE_S)), "-o", f"-c port={self.port}", "start",
+                          check=False)
             if p.returncode == 0:
                 return self
             if attempt < 39 and "address already in use" in self.log().lower():
@@ -1399,8 +1403,18 @@ def shared_postgres():
             _SERVERS.remove(pg)
 
 
-QUEUE_KINDS = ("sqlite", "redis")   # "postgres" joins once the PostgreSQL store is in
+QUEUE_KINDS = ("sqlite", "redis", "postgres")
 SHARED_QUEUE_KINDS = ("redis", "postgres")   # stores that several inferd processes share
+
+
+@pytest.fixture(params=SHARED_QUEUE_KINDS)
+def shared_queue(request):
+    """``shared_queue()`` -> the URL of a new, empty queue that several processes share, once
+    per store: a database of the test's own redis-server, or of its own PostgreSQL cluster.
+    Request it before ``server_factory`` / ``worker_factory`` (the store outlives them)."""
+    store = request.getfixturevalue({"redis": "redis_server",
+                                     "postgres": "postgres_server"}[request.param])
+    return store.fresh_url
 
 
 @pytest.fixture(scope="module", params=QUEUE_KINDS)
