@@ -143,6 +143,45 @@ static void test_newer_schema_is_refused(void **state)
     queue_close(q);
 }
 
+/* An idempotency key longer than a btree entry may be (about 2.7 kB): stored by its hash. */
+static void test_a_long_idempotency_key_works(void **state)
+{
+    struct queue *q = open_pg();
+    size_t len = 10000;
+    char *key = malloc(len + 1), a[40], b[40];
+    struct job_spec spec = {.model = "m",
+                            .input = "{}",
+                            .input_len = 2,
+                            .input_json_len = -1,
+                            .max_attempts = 3,
+                            .lease_timeout_ms = 60000,
+                            .request_hash = "h1"};
+    struct err e = {0};
+    int existed = 0;
+
+    (void)state;
+    assert_non_null(key);
+    /* letters in no order a compressor could shorten (the index would take a short one) */
+    for (size_t i = 0, x = 12345; i < len; i++) {
+        x = x * 1103515245 + 12345;
+        key[i] = (char)('a' + (x >> 16) % 26);
+    }
+    key[len] = '\0';
+    spec.idempotency_key = key;
+    assert_int_equal(queue_enqueue(q, &spec, a, &existed, &e), 0);
+    assert_int_equal(existed, 0);
+    /* the same request again: the same job */
+    assert_int_equal(queue_enqueue(q, &spec, b, &existed, &e), 0);
+    assert_int_equal(existed, 1);
+    assert_string_equal(a, b);
+    /* another request with the key: refused, naming the job */
+    spec.request_hash = "h2";
+    assert_int_equal(queue_enqueue(q, &spec, b, &existed, &e), ERR_CONFLICT);
+    assert_non_null(strstr(e.msg, a));
+    free(key);
+    queue_close(q);
+}
+
 /* ---- leases across handles ---- */
 
 #define N_JOBS 60
@@ -473,6 +512,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup(test_newer_schema_is_refused, setup),
+        cmocka_unit_test_setup(test_a_long_idempotency_key_works, setup),
         cmocka_unit_test_setup(test_two_handles_never_lease_the_same_job, setup),
         cmocka_unit_test_setup(test_cancel_reaches_the_other_handle, setup),
         cmocka_unit_test_setup(test_expired_lease_is_reclaimed_by_another_handle, setup),

@@ -218,7 +218,10 @@ static int idem_lookup(struct pg_txn *t, struct pg_op *o, int *found)
 
     *found = 0;
     pg_p_str(&p, s->idempotency_key);
-    r = pg_exec(t->q, t->c, "SELECT id, request_hash FROM inferd_jobs WHERE idem_key = $1", &p,
+    r = pg_exec(t->q, t->c,
+                "SELECT id, request_hash FROM inferd_jobs WHERE md5(idem_key) = md5($1::text) AND "
+                "idem_key = $1",
+                &p,
                 "read idempotency key", &o->err);
     if (!r)
         return o->err.code;
@@ -299,7 +302,7 @@ int pg_insert_job(struct pg_txn *t, const struct job_spec *s, const char *id, st
                 "expires_ms, lease_timeout_ms, ttl_s, input, input_json_len, input_location, "
                 "output_location, callback_url, idem_key, request_hash, kind, batch_id) VALUES "
                 "($1, $2, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) "
-                "ON CONFLICT (idem_key) DO NOTHING",
+                "ON CONFLICT ((md5(idem_key))) WHERE idem_key IS NOT NULL DO NOTHING",
                 &p, "insert job", e);
     if (!r)
         return e->code;
