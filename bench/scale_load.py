@@ -13,7 +13,7 @@
 wait until nothing is queued or running (/metrics), every job record read back through the
 listing pages, and a sample of --verify results compared with python3-xgboost (1e-5).
 End-to-end jobs/s = jobs / (last finished_at - first submission). It works the same against
-`inferd serve` on SQLite and on Redis (the API reads the shared queue).
+`inferd serve` on SQLite, Redis and PostgreSQL (the API reads the shared queue).
 
 `celery` is bench/celery_load.py's measurement, with its helpers: a ping and 8 checked
 warm-up tasks, then --jobs `predict.delay(row)` as fast as one client thread can, then the
@@ -23,13 +23,16 @@ reimplemented here only to record CPU use over exactly the burst.
 
 --cpu LABEL:PGID (repeatable; one label may name several groups): the CPU time of every
 process in that process group (bench/scale_run starts each one with setsid) is sampled from
-/proc every 10 ms by a thread; "loadgen" is this process. The JSON records the cores used per
+/proc every 10 ms by a thread; --cpu LABEL:+PID counts PID and its children instead
+(PostgreSQL's postmaster and its backends, each of which leads a process group of its own).
+Members are looked up again every 100 ms, so backends forked per connection count too (a
+process that exits keeps the CPU last seen of it); "loadgen" is this process. The JSON records the cores used per
 label from the first submission to the last job's finish (to within a sample and a clock tick,
 so a burst of a few hundred jobs is too short for them to mean much).
 
 Both exit non-zero after writing OUT.json if a job was refused, lost, failed or wrong, or the
 burst did not finish within --deadline-s. `report` prints the markdown table of the
-{sqlite,redis,celery}-N.json files in DIR and the paragraph on where the curve flattens.
+{sqlite,redis,postgres,celery}-N.json files in DIR and the paragraph on where the curve flattens.
 """
 import argparse
 import json
@@ -44,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from async_load import (Http, build_requests, expected_predictions, make_rows,  # noqa: E402
                         parse_ts, pct, phase_summary, run_async, submit_phase, verify_sample)
 
-SYSTEMS = ("sqlite", "redis", "celery")
+SYSTEMS = ("sqlite", "redis", "postgres", "celery")
 
 
 def log(msg):
@@ -59,17 +62,19 @@ class GroupCpu:
     (first submission, last job finished)."""
 
     def __init__(self, specs):
-        groups = {}
+        self.groups = {}   # pgid -> label
+        self.parents = {}  # pid -> label: that process and its children
         for s in specs or []:
             label, _, pgid = s.partition(":")
-            groups.setdefault(int(pgid), label)
-        self.pids = []  # (label, pid): the groups' members now; they do not fork during a run
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                st = self._stat(d)
-                if st and st[0] in groups:
-                    self.pids.append((groups[st[0]], d))
-        self.labels = set(groups.values()) | {"loadgen"}
+            if pgid.startswith("+"):
+                self.parents.setdefault(int(pgid[1:]), label)
+            else:
+                self.groups.setdefault(int(pgid), label)
+        self.pids = {}  # pid -> label: the groups' members, looked up again every 100 ms
+        self.seen = {}  # pid -> ticks last read: a member that exits keeps what it used
+        self._rescan()
+        self.n_snaps = 0
+        self.labels = set(self.groups.values()) | set(self.parents.values()) | {"loadgen"}
         self.tick = os.sysconf("SC_CLK_TCK")
         self.samples = []
         self.stopping = threading.Event()
@@ -77,20 +82,37 @@ class GroupCpu:
 
     @staticmethod
     def _stat(pid):
-        """(pgrp, utime + stime ticks), or None if it is gone."""
+        """(pgrp, utime + stime ticks, ppid), or None if it is gone."""
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            return int(fields[2]), int(fields[11]) + int(fields[12])
+            return int(fields[2]), int(fields[11]) + int(fields[12]), int(fields[1])
         except (OSError, ValueError, IndexError):
             return None
 
+    def _rescan(self):
+        for d in os.listdir("/proc"):
+            if d.isdigit() and d not in self.pids:
+                st = self._stat(d)
+                if not st:
+                    continue
+                if st[0] in self.groups:
+                    self.pids[d] = self.groups[st[0]]
+                elif int(d) in self.parents:
+                    self.pids[d] = self.parents[int(d)]
+                elif st[2] in self.parents:
+                    self.pids[d] = self.parents[st[2]]
+
     def snap(self):
+        self.n_snaps += 1
+        if self.n_snaps % 10 == 0:
+            self._rescan()
         out = dict.fromkeys(self.labels, 0.0)
-        for label, pid in self.pids:
+        for pid, label in self.pids.items():
             st = self._stat(pid)
             if st:
-                out[label] += st[1] / self.tick
+                self.seen[pid] = st[1]
+            out[label] += self.seen.get(pid, 0) / self.tick
         t = os.times()
         out["loadgen"] = t.user + t.system
         return time.time(), out
@@ -278,9 +300,10 @@ def cpu_text(r, cores):
     if not c:
         return "n/a"
     names = {"loadgen": "load generator", "api": "API", "workers": "workers",
-             "inferd": "inferd (API + worker threads)", "redis": "Redis"}
+             "inferd": "inferd (API + worker threads)", "redis": "Redis",
+             "postgres": "PostgreSQL"}
     parts = [f"{names.get(k, k)} {c[k]:.2f}" for k in
-             ("loadgen", "inferd", "api", "workers", "redis") if k in c]
+             ("loadgen", "inferd", "api", "workers", "redis", "postgres") if k in c]
     total = sum(c.values())
     per_job = total * r["cpu_window_s"] / r["jobs"] * 1e3
     return (f"{total:.2f} of {cores} cores over {r['cpu_window_s']:.2f} s ({', '.join(parts)}; "
@@ -298,10 +321,13 @@ def gains_of(ns, vals):
 SERIAL = {
     "sqlite": "the queue's one SQLite writer thread (group commits, one fsync each)",
     "redis": "the one API process and Redis's one thread, which every job passes through",
+    "postgres": "the one API process and each process's one writer connection, whose group "
+                "commits wait for PostgreSQL's WAL flush (synchronous_commit on)",
     "celery": "the one client thread calling task.delay and the prefork parent that "
               "hands every task to a child",
 }
-NAMES = {"sqlite": "inferd SQLite", "redis": "inferd Redis", "celery": "Celery"}
+NAMES = {"sqlite": "inferd SQLite", "redis": "inferd Redis", "postgres": "inferd PostgreSQL",
+         "celery": "Celery"}
 
 
 def why_flat(s, n, r, cores):
@@ -330,28 +356,37 @@ def why_flat(s, n, r, cores):
 def cmd_report(a):
     ns = [int(x) for x in a.ns.split()]
     cores = a.cores or os.cpu_count()
+    ran = [s for s in SYSTEMS if s in a.systems.split()]
     runs = {(s, n): load(os.path.join(a.dir, f"{s}-{n}.json")) for s in SYSTEMS for n in ns}
 
-    def cell(r):
-        v = rate(r)
+    def cell(s, n):
+        if s not in ran:
+            return "not run"
+        v = rate(runs[(s, n)])
         return f"{v:.0f}" if v is not None else "failed"  # no JSON: it failed to start
+
+    def ratio(x, y):
+        return f"{x / y:.2f}" if x and y else "n/a"
 
     lines = [
         "| N | inferd SQLite jobs/s (1 process, N worker threads) "
         "| inferd Redis jobs/s (API + N `inferd worker` processes) "
-        "| Celery jobs/s (1 worker, prefork, N processes) | inferd Redis / Celery |",
-        "| ---: | ---: | ---: | ---: | ---: |",
+        "| inferd PostgreSQL jobs/s (API + N `inferd worker` processes) "
+        "| Celery jobs/s (1 worker, prefork, N processes) | inferd Redis / Celery "
+        "| inferd PostgreSQL / Celery | inferd PostgreSQL / Redis |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for n in ns:
-        rs, rr, rc = (runs[(s, n)] for s in SYSTEMS)
-        vr, vc = rate(rr), rate(rc)
-        ratio = f"{vr / vc:.2f}" if vr and vc else "n/a"
-        lines.append(f"| {n} | {cell(rs)} | {cell(rr)} | {cell(rc)} | {ratio} |")
+        rs, rr, rp, rc = (runs[(s, n)] for s in SYSTEMS)
+        vr, vp, vc = rate(rr), rate(rp), rate(rc)
+        lines.append(f"| {n} | {cell('sqlite', n)} | {cell('redis', n)} "
+                     f"| {cell('postgres', n)} | {cell('celery', n)} "
+                     f"| {ratio(vr, vc)} | {ratio(vp, vc)} | {ratio(vp, vr)} |")
     print("\n".join(lines))
     print()
 
     flat_txt, why_txt = [], []
-    for s in SYSTEMS:
+    for s in ran:
         gains = gains_of(ns, [rate(runs[(s, n)]) for n in ns])
         if gains is None:
             flat_txt.append(f"{NAMES[s]}: a run failed, no curve")
@@ -370,7 +405,8 @@ def cmd_report(a):
     para = [f"**Where the curve flattens** (the first N whose jobs/s gain over the previous N "
             f"is under {a.flat_pct:.0f}%): " + "; ".join(flat_txt) + "."]
     para.append(
-        f"**Why, on {cores} cores:** the load generator, Redis, the API process and every worker "
+        f"**Why, on {cores} cores:** the load generator, Redis or PostgreSQL, the API process "
+        f"and every worker "
         f"share this machine's {cores} cores, and the model is CPU-bound (500 trees of depth 8 "
         f"per row: a worker computes, it does not wait), so once {cores} cores are busy a "
         f"further worker adds no CPU, only switching." +
@@ -382,9 +418,9 @@ def cmd_report(a):
                     f"{NAMES[s]} " + "/".join(
                         f"{runs[(s, n)]['accepted_per_s']:.0f}"
                         if runs[(s, n)] and runs[(s, n)].get("accepted_per_s") else "n/a"
-                        for n in ns) for s in SYSTEMS) + ".")
+                        for n in ns) for s in ran) + ".")
     para.append(f"CPU during the N={top} bursts: " +
-                "; ".join(f"{NAMES[s]} {cpu_text(runs[(s, top)], cores)}" for s in SYSTEMS) +
+                "; ".join(f"{NAMES[s]} {cpu_text(runs[(s, top)], cores)}" for s in ran) +
                 ".")
     short = [r["cpu_window_s"] for r in runs.values() if r and r.get("cpu_window_s")]
     if short and min(short) < 1.0:
@@ -408,7 +444,7 @@ def main():
                        help="from the first submission until every job is done")
         p.add_argument("--cpu", action="append", metavar="LABEL:PGID")
         if name == "inferd":
-            p.add_argument("--system", choices=("sqlite", "redis"), required=True)
+            p.add_argument("--system", choices=("sqlite", "redis", "postgres"), required=True)
             p.add_argument("--port", type=int, required=True)
             p.add_argument("--model", default="bench_large")
             p.add_argument("--connections", type=int, default=128)
@@ -419,6 +455,7 @@ def main():
     r.add_argument("dir")
     r.add_argument("--ns", default="1 2 4")
     r.add_argument("--flat-pct", type=float, default=15)
+    r.add_argument("--systems", default=" ".join(SYSTEMS), help="the systems that were run")
     r.add_argument("--cores", type=int, default=0)
     a = ap.parse_args()
     {"inferd": cmd_inferd, "celery": cmd_celery, "report": cmd_report}[a.cmd](a)

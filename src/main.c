@@ -78,8 +78,8 @@ static const struct option_def serve_options[] = {
     {"log-level", OPT_STR, "info", 0, 0, "error, warn, info or debug", BOTH},
     {"data-dir", OPT_STR, "./data", 0, 0, "where the async job queue keeps its database", SERVE},
     {"queue", OPT_STR, "sqlite", 0, 0,
-     "the job queue: sqlite (under --data-dir) or redis://HOST:PORT/DB (shared with inferd "
-     "worker processes)",
+     "the job queue: sqlite (under --data-dir), redis://HOST:PORT/DB or "
+     "postgresql://USER[:PASSWORD]@HOST[:PORT]/DB (shared with inferd worker processes)",
      BOTH},
     {"workers", OPT_INT, "2", 0, 4096,
      "async workers (each runs up to --worker-batch jobs); 0: accept and answer only", BOTH},
@@ -200,7 +200,8 @@ static void usage(FILE *f)
             "usage: inferd COMMAND [options]\n\n"
             "commands:\n"
             "  serve    serve a model repository: online (KServe v2), async and batch jobs\n"
-            "  worker   run async jobs from a shared queue (--queue redis://...), no API\n"
+            "  worker   run async jobs from a shared queue (--queue redis://... or postgresql://...),\n"
+            "           no API\n"
             "  batch    run a batch transform over files or S3 and exit\n\n"
             "  inferd --version        print the version\n"
             "  inferd COMMAND --help   options of a command\n",
@@ -233,8 +234,8 @@ static void usage_serve(FILE *f)
 static void usage_worker(FILE *f)
 {
     fprintf(f,
-            "usage: inferd worker --queue redis://HOST:PORT/DB [options]\n\n"
-            "Runs async jobs from the shared queue that inferd serve --queue redis://... fills,\n"
+            "usage: inferd worker --queue redis://HOST:PORT/DB|postgresql://... [options]\n\n"
+            "Runs async jobs from the shared queue that inferd serve --queue URL fills,\n"
             "with --workers threads; serves only /metrics and /v2/health/* on --port.\n"
             "SIGTERM finishes the running jobs and exits 0.\n"
             "\noptions:\n");
@@ -378,6 +379,7 @@ static int cmd_serve(int argc, char **argv, int worker)
     struct registry *reg = NULL;
     struct http_server *srv = NULL;
     struct queue *queue = NULL;
+    char *queue_shown = NULL;
     struct worker_pool *pool = NULL;
     struct http_pool hp;
     struct queue_config qc;
@@ -405,9 +407,11 @@ static int cmd_serve(int argc, char **argv, int worker)
                 OPT_S(&p, "log-level"));
         return 2;
     }
-    if (worker && strncmp(OPT_S(&p, "queue"), "redis://", 8) != 0) {
-        fprintf(stderr, "inferd worker: --queue redis://HOST:PORT/DB is required (the SQLite "
-                        "queue belongs to one inferd serve, which runs its own workers)\n");
+    if (worker && strncmp(OPT_S(&p, "queue"), "redis://", 8) != 0 &&
+        !queue_url_is_postgres(OPT_S(&p, "queue"))) {
+        fprintf(stderr, "inferd worker: --queue redis://HOST:PORT/DB or postgresql://... is "
+                        "required (the SQLite queue belongs to one inferd serve, which runs its "
+                        "own workers)\n");
         return 2;
     }
     if (configure_storage(&p, cmd, OPT_S(&p, "file-roots")) != 0)
@@ -531,10 +535,12 @@ static int cmd_serve(int argc, char **argv, int worker)
         log_error("main", "cannot start the batch scheduler", "reason=\"%s\"", e.msg);
         goto cleanup;
     }
+    queue_shown = queue_url_redacted(OPT_S(&p, "queue")); /* a URL may hold a password */
     log_info("main", worker ? "worker running" : "listening",
              "url=http://%s:%d models=%s queue=%s workers=%d version=%s", hc.host,
-             http_server_port(srv), OPT_S(&p, "models"), OPT_S(&p, "queue"), wc.workers,
-             INFERD_VERSION);
+             http_server_port(srv), OPT_S(&p, "models"), queue_shown ? queue_shown : "(hidden)",
+             wc.workers, INFERD_VERSION);
+    free(queue_shown);
     for (;;) {
         if (sigwait(&sigs, &sig) != 0)
             continue;

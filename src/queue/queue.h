@@ -126,7 +126,8 @@ struct queue_list_filter {
 struct queue;
 
 struct queue_config {
-    const char *url;                 /* NULL or "sqlite": SQLite; "redis://host:port/db": Redis */
+    const char *url; /* NULL or "sqlite": SQLite; "redis://host:port/db": Redis;
+                      * "postgresql://[user[:password]@]host[:port]/db[?...]": PostgreSQL */
     const char *data_dir;            /* SQLite: the database lives at DIR/inferd.db */
     int64_t result_ttl_s;            /* how long a finished job is kept; 0 forever */
     int64_t max_queued;              /* past it, enqueue says ERR_BUSY */
@@ -138,6 +139,12 @@ struct queue_config {
  * requeued at once: the embedded queue has a single owner. */
 int queue_open(const struct queue_config *cfg, struct queue **out, struct err *e);
 void queue_close(struct queue *q);
+
+/* 1 when `url` names a PostgreSQL queue (postgresql://... or postgres://...). */
+int queue_url_is_postgres(const char *url);
+/* A copy of a --queue URL fit for logs and errors: userinfo and ?password= masked. New
+ * string (free()); NULL when out of memory. */
+char *queue_url_redacted(const char *url);
 
 /*
  * Stores a new job, durably. With an idempotency key already used: the same request hash

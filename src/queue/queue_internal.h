@@ -78,6 +78,7 @@ int queue_job_add_attempt(struct job *j, int attempt, int64_t started_ms, int64_
                           const char *worker, const char *error);
 
 int queue_sqlite_open(const struct queue_config *cfg, struct queue **out, struct err *e);
+int queue_postgres_open(const struct queue_config *cfg, struct queue **out, struct err *e);
 
 /* The webhook body for a finished job: {"id": event_id, "type", "job", "result" | "result_url"}.
  * `j->result` holds the inline result when there is one. */

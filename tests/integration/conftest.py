@@ -7,7 +7,8 @@ Run from the repository root with Debian's interpreter:
 The suite needs ``build/inferd`` and
 ``build/examples/plugin/libinferd_example_plugin.so`` (``make`` builds both).
 ``INFERD_BIN`` / ``INFERD_PLUGIN`` override those paths. The Redis queue's tests run
-Debian's ``/usr/bin/redis-server`` (``scripts/install-deps`` installs it).
+Debian's ``/usr/bin/redis-server`` and the PostgreSQL queue's start throw-away PostgreSQL 15
+clusters (``postgresql-15``; ``scripts/install-deps`` installs both).
 
 Everything here waits by polling against a deadline; nothing asserts on
 elapsed time (the machines running this are small and shared).
@@ -559,7 +560,8 @@ JOB_KEYS = ("id", "model", "status", "priority", "attempts", "max_attempts", "cr
 
 def async_args(data_dir, *extra, backoff_ms=50, queue="sqlite"):
     """``serve`` options for the job API: a private --data-dir, a short retry backoff and,
-    when ``queue`` is a ``redis://`` URL (see the ``fresh_queue`` fixture), ``--queue URL``.
+    when ``queue`` is a ``redis://`` or ``postgresql://`` URL (see the ``fresh_queue``
+    fixture), ``--queue URL``.
 
     With the default ``queue="sqlite"`` no --queue is given: the default stays tested.
     """
@@ -1203,12 +1205,222 @@ def shared_redis(tmp_path_factory):
         _SERVERS.remove(r)
 
 
-QUEUE_KINDS = ("sqlite", "redis")
+# ---------------------------------------------------------------------------
+# PostgreSQL (the postgresql:// queue): throw-away clusters started by the tests
+# ---------------------------------------------------------------------------
+
+PG_BIN = Path(os.environ.get("INFERD_PG_BIN", "/usr/lib/postgresql/15/bin"))
+PG_DEADLINE_S = 60.0
+
+
+class PostgresError(Exception):
+    """psql failed; the message holds its stderr."""
+
+
+class PostgresServer:
+    """A PostgreSQL 15 cluster of its own: ``initdb`` in a temporary folder (owned by the
+    ``postgres`` user when the tests run as root, because PostgreSQL refuses to run as root),
+    on a free 127.0.0.1 port with a unix socket folder of its own, ``trust`` authentication
+    (roles with a password can be made to need it: :meth:`require_password`), fsync and
+    synchronous_commit on, so what inferd acknowledged survives :meth:`restart`. Started and stopped with ``pg_ctl``; its log is attached to a failing
+    test's report, like inferd's. :meth:`destroy` stops it and deletes the folder.
+    """
+
+    def __init__(self, tag="postgres", scope="function"):
+        if not (PG_BIN / "pg_ctl").exists():
+            pytest.fail(f"{PG_BIN}/pg_ctl is missing: run scripts/install-deps (postgresql-15)")
+        self.dir = Path(tempfile.mkdtemp(prefix="inferd-pg-"))
+        self.as_root = os.geteuid() == 0
+        if self.as_root:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self.data = self.dir / "data"
+        self.sock = self.dir / "sock"
+        self.tag = tag
+        self.scope = scope
+        self.port = None
+        self.url = None
+        self.proc = None          # pg_ctl runs the postmaster in the background: see pid()
+        self.log_path = self.dir / "postgres.log"
+        self._db_lock = threading.Lock()
+        self._next_db = 0
+
+    def _run(self, *cmd, check=True, timeout=PG_DEADLINE_S, input=None):
+        """Runs a PostgreSQL program as the cluster's owner; returns the CompletedProcess."""
+        full = (["runuser", "-u", "postgres", "--"] if self.as_root else []) + [str(c) for c in cmd]
+        p = subprocess.run(full, capture_output=True, text=True, timeout=timeout,
+                           cwd=str(self.dir), input=input,
+                           stdin=None if input is not None else subprocess.DEVNULL)
+        if check and p.returncode != 0:
+            raise PostgresError(f"{' '.join(full)}: exit {p.returncode}\n{p.stdout}{p.stderr}"
+                                f"\n--- log ---\n{self.log_tail(40)}")
+        return p
+
+    # -- lifecycle --------------------------------------------------------
+    def start(self):
+        """initdb (first time), then ``pg_ctl start -w`` on the same port after the first
+        start; returns once the server accepts connections."""
+        if not self.data.exists():
+            self._run("mkdir", "-p", self.sock)
+            self._run(PG_BIN / "initdb", "-D", self.data, "-U", "postgres", "-A", "trust",
+                      "-E", "UTF8", "--no-locale")
+            # in the file, not on the command line, so a reload (require_password) keeps them
+            self._run("sh", "-c", f"cat >> {self.data}/postgresql.conf", input=(
+                "listen_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{self.sock}'\n"
+                "max_connections = 300\nfsync = on\nsynchronous_commit = on\n"))
+        fixed = self.port is not None
+        for attempt in range(40 if fixed else 3):
+            if not fixed:
+                self.port = free_port()
+            self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+            p = self._run(PG_BIN / "pg_ctl", "-D", self.data, "-l", self.log_path, "-w",
+                          "-t", str(int(PG_DEADLINE_S)), "-o", f"-c port={self.port}", "start",
+                          check=False)
+            if p.returncode == 0:
+                return self
+            if attempt < 39 and "address already in use" in self.log().lower():
+                time.sleep(0.25 if fixed else 0)
+                continue
+            pytest.fail(f"PostgreSQL did not start on port {self.port}: {p.stdout}{p.stderr}"
+                        f"\n--- log ---\n{self.log_tail()}")
+        return self
+
+    def stop(self, mode="fast"):
+        """``pg_ctl stop -m mode`` (fast: sessions are ended, nothing acknowledged is lost)."""
+        if self.alive():
+            self._run(PG_BIN / "pg_ctl", "-D", self.data, "-m", mode, "-w", "stop", check=False)
+
+    def restart(self, mode="fast"):
+        """``pg_ctl restart -m mode`` on the same port (a start after :meth:`stop`)."""
+        if not self.alive():
+            return self.start()
+        self._run(PG_BIN / "pg_ctl", "-D", self.data, "-l", self.log_path, "-m", mode, "-w",
+                  "-t", str(int(PG_DEADLINE_S)), "restart")
+        return self
+
+    def destroy(self):
+        self.stop(mode="immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def pid(self):
+        """The postmaster's pid while it runs (from postmaster.pid), else None."""
+        try:
+            pid = int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def alive(self):
+        return self.pid() is not None
+
+    # -- databases / roles --------------------------------------------------
+    def db_url(self, db="postgres", user="postgres", password=None):
+        auth = user if password is None else f"{user}:{password}"
+        return f"postgresql://{auth}@127.0.0.1:{self.port}/{db}"
+
+    def psql(self, sql, db="postgres"):
+        """Runs ``sql`` with psql (unaligned, tuples only) as postgres; returns the rows as
+        lists of strings."""
+        p = subprocess.run([str(PG_BIN / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-At",
+                            "-F", "\t", "-h", "127.0.0.1", "-p", str(self.port), "-U",
+                            "postgres", "-d", db, "-c", sql],
+                           capture_output=True, text=True, timeout=PG_DEADLINE_S,
+                           stdin=subprocess.DEVNULL)
+        if p.returncode != 0:
+            raise PostgresError(f"psql -d {db} -c {sql!r}: exit {p.returncode}: {p.stderr}")
+        return [line.split("\t") for line in p.stdout.splitlines()]
+
+    def create_db(self, name):
+        self.psql(f'CREATE DATABASE "{name}"')
+        return self.db_url(name)
+
+    def fresh_url(self):
+        """The URL of a new, empty database (``q_1``, ``q_2``, ...) no other queue uses."""
+        with self._db_lock:
+            self._next_db += 1
+            n = self._next_db
+        return self.create_db(f"q_{n}")
+
+    def require_password(self, role, method="scram-sha-256"):
+        """``role`` must now log in over 127.0.0.1 with its password (``method``: md5 or
+        scram-sha-256), ahead of the trust lines initdb wrote; the configuration is reloaded."""
+        hba = self.data / "pg_hba.conf"
+        text = hba.read_text()
+        line = f"host all {role} 127.0.0.1/32 {method}\n"
+        if line not in text:
+            hba.write_text(line + text)
+        self.psql("SELECT pg_reload_conf()")
+
+    def create_role(self, role, password, db=None, encryption="scram-sha-256"):
+        """A login role with ``password`` stored as ``encryption`` (md5 or scram-sha-256)
+        and, with ``db``, a database it owns."""
+        self.psql(f"SET password_encryption = '{encryption}'; "
+                  f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        if db is not None:
+            self.psql(f'CREATE DATABASE "{db}" OWNER {role}')
+
+    # -- logs ----------------------------------------------------------------
+    def log(self):
+        try:
+            return self.log_path.read_bytes().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines=150):
+        return "\n".join(self.log().splitlines()[-lines:])
+
+
+@pytest.fixture
+def postgres_server():
+    """A test's own PostgreSQL cluster (:class:`PostgresServer`: ``stop()``, ``restart()``,
+    ``psql()``, ``fresh_url()``), destroyed at teardown.
+
+    Request it before ``server_factory`` / ``worker_factory``, so that it is stopped after
+    them (inferd then shuts down against a living database).
+    """
+    pg = PostgresServer(tag="postgres")
+    _SERVERS.append(pg)
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.destroy()
+
+
+@pytest.fixture(scope="session")
+def shared_postgres():
+    """One PostgreSQL cluster for the whole session; each queue gets a database of its own
+    (``fresh_url()``: CREATE DATABASE q_N), so no two queues share tables."""
+    pg = PostgresServer(tag="postgres-shared", scope="session")
+    _SERVERS.append(pg)
+    try:
+        pg.start()
+        yield pg
+    finally:
+        pg.destroy()
+        if pg in _SERVERS:
+            _SERVERS.remove(pg)
+
+
+QUEUE_KINDS = ("sqlite", "redis", "postgres")
+SHARED_QUEUE_KINDS = ("redis", "postgres")   # stores that several inferd processes share
+
+
+@pytest.fixture(params=SHARED_QUEUE_KINDS)
+def shared_queue(request):
+    """``shared_queue()`` -> the URL of a new, empty queue that several processes share, once
+    per store: a database of the test's own redis-server, or of its own PostgreSQL cluster.
+    Request it before ``server_factory`` / ``worker_factory`` (the store outlives them)."""
+    store = request.getfixturevalue({"redis": "redis_server",
+                                     "postgres": "postgres_server"}[request.param])
+    return store.fresh_url
 
 
 @pytest.fixture(scope="module", params=QUEUE_KINDS)
 def queue_kind(request):
-    """Runs every test that (indirectly) uses it once per queue: ``sqlite``, ``redis``."""
+    """Runs every test that (indirectly) uses it once per queue: ``sqlite``, ``redis``,
+    ``postgres``."""
     return request.param
 
 
@@ -1216,9 +1428,12 @@ def queue_kind(request):
 def fresh_queue(queue_kind, request):
     """``fresh_queue()`` -> the ``queue=`` of :func:`async_args` for a new, empty queue:
     ``"sqlite"`` (the queue lives under the server's --data-dir), or the URL of an emptied
-    database of the session's redis-server."""
+    database of the session's redis-server, or the URL of a new database of the session's
+    PostgreSQL cluster."""
     if queue_kind == "sqlite":
         return lambda: "sqlite"
+    if queue_kind == "postgres":
+        return request.getfixturevalue("shared_postgres").fresh_url
     return request.getfixturevalue("shared_redis").fresh_url
 
 

@@ -1,9 +1,9 @@
 """Crash safety of the async job queue: ``kill -9`` mid-run, restart on the same
 --data-dir (or Redis database) and port, every accepted job ends succeeded exactly once.
 
-The mid-run test runs on both queues (``[sqlite]``, ``[redis]``: inferd serve with its
-own workers on ``--queue redis://``); test_redis.py kills separate worker processes and
-Redis itself.
+The mid-run test runs on every queue (``[sqlite]``, ``[redis]``, ``[postgres]``: inferd serve
+with its own workers on ``--queue redis://`` or ``postgresql://``); test_redis.py and
+test_postgres.py kill separate worker processes, and Redis or PostgreSQL itself.
 """
 import hashlib
 import hmac
@@ -19,15 +19,17 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import (INFERD_BIN, JOB_FINAL_STATES, RedisClient, assert_close, async_args,
-                      infer_body, metric_value, output_array, wait_for, write_plugin_model)
+from conftest import (INFERD_BIN, JOB_FINAL_STATES, SHARED_QUEUE_KINDS, RedisClient,
+                      assert_close, async_args, infer_body, metric_value, output_array, wait_for,
+                      write_plugin_model)
 
 N_JOBS = 2000
 CLIENTS = 16
 KILL_AT = 0.4           # kill when this fraction has succeeded (any point in 20-80% is fine)
 SECRET = "s3cret"
-# Redis: the jobs a killed process held run again once their lease ends (a restarted serve
-# cannot tell a dead holder from a live one on another machine), so the model's lease is short.
+# Redis, PostgreSQL: the jobs a killed process held run again once their lease ends (a
+# restarted serve cannot tell a dead holder from a live one on another machine), so the
+# model's lease is short.
 REDIS_LEASE_S = 3
 
 
@@ -41,12 +43,12 @@ def inferd_copy(tmp_path):
 
 
 def test_kill9_midway_all_jobs_succeed_once(server_factory, trained, tmp_path, inferd_copy,
-                                            webhook_receiver, queue_kind, fresh_queue):
+                                            webhook_receiver, queue_kind, fresh_queue, request):
     m = trained["binary"]
     repo = tmp_path / "models"
-    on_redis = queue_kind == "redis"
+    shared = queue_kind in SHARED_QUEUE_KINDS
     m.install(repo, config={"backend": "xgboost", "lease_timeout_s": REDIS_LEASE_S}
-              if on_redis else None)
+              if shared else None)
     data = tmp_path / "data"
     X = m.rows(N_JOBS, seed=777)
     expected = m.expected(X)
@@ -173,17 +175,24 @@ def test_kill9_midway_all_jobs_succeed_once(server_factory, trained, tmp_path, i
         return ev if len(ev) == N_JOBS else None
     # On Redis a webhook the killed process had taken is held for the Redis store's
     # OUTBOX_HOLD_MS (60 s) before anyone sends it again (and
-    # test_redis.py::test_webhook_burst_is_not_held_back shows a burst held that long too):
+    # test_redis.py::test_webhook_burst_is_not_held_back shows a burst held that long too),
+    # on PostgreSQL for PG_OUTBOX_HOLD_MS (60 s):
     # there every job's webhook must be delivered or waiting in the outbox, none lost.
     def delivered_or_waiting():
         ev = {}
         for req in recv.received("/hook/"):
             ev.setdefault(req["path"], set()).add(req["headers"].get("X-Inferd-Event-Id"))
         sent = {ids[int(p.rsplit("/", 1)[1])] for p in ev}
-        return ev if sent | redis_outbox_jobs(queue) == set(ids) else None
-    events = wait_for(delivered_or_waiting if on_redis else delivered, 60,
+        return ev if sent | outbox_jobs() == set(ids) else None
+
+    def outbox_jobs():
+        if queue_kind == "redis":
+            return redis_outbox_jobs(queue)
+        return {j for (j,) in request.getfixturevalue("shared_postgres").psql(
+            "SELECT job_id FROM inferd_outbox WHERE done = 0", db_name(queue))}
+    events = wait_for(delivered_or_waiting if shared else delivered, 60,
                       f"webhooks for all {N_JOBS} jobs"
-                      + (" delivered or waiting in the Redis outbox" if on_redis else ""))
+                      + (f" delivered or waiting in the {queue_kind} outbox" if shared else ""))
     multi = {p: e for p, e in events.items() if len(e) != 1}
     assert not multi, f"jobs with several event ids: {list(multi.items())[:5]}"
     for req in recv.received("/hook/"):
@@ -197,8 +206,10 @@ def test_kill9_midway_all_jobs_succeed_once(server_factory, trained, tmp_path, i
 
     # the store itself, after a clean shutdown
     second.stop()
-    if on_redis:
+    if queue_kind == "redis":
         check_redis_store(queue, ids)
+    elif queue_kind == "postgres":
+        check_postgres_store(request.getfixturevalue("shared_postgres"), queue, ids)
     else:
         check_sqlite_store(data)
     print(f"\nkilled at {at_kill:.0f}/{N_JOBS} succeeded; {len(acked_by_first)} acked before the "
@@ -248,6 +259,21 @@ def check_redis_store(url, ids):
         # one final state each, so one webhook each
         created = int(r.execute("GET", "inferd:outbox:seq") or 0)
         assert created == N_JOBS, f"{created} webhooks were created for {N_JOBS} jobs"
+
+
+def check_postgres_store(pg, url, ids):
+    """The PostgreSQL queue's tables after every job succeeded once: N job rows, all
+    succeeded, attempts matching inferd_attempts, and one webhook event each."""
+    from test_postgres import check_jobs_table, outbox_per_job
+    rows = check_jobs_table(pg, url, ids)
+    assert min(att for _, att in rows.values()) >= 1
+    created = outbox_per_job(pg, url)
+    assert set(created) == set(ids) and set(created.values()) == {1}, \
+        f"webhook events: {len(created)} jobs, counts {sorted(set(created.values()))}"
+
+
+def db_name(url):
+    return url.rsplit("/", 1)[1].split("?", 1)[0]
 
 
 def redis_outbox_jobs(url):

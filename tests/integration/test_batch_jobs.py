@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import INFERD_BIN, async_args, assert_close, error_message, wait_for
+from conftest import (INFERD_BIN, SHARED_QUEUE_KINDS, async_args, assert_close, error_message,
+                      wait_for)
 
 SECRET = "batch-secret"
 
@@ -361,10 +362,11 @@ def test_schedule_fires_on_the_clock(tmp_path, inputs, server_factory, monkeypat
 
 def test_workers_share_one_batch_job(tmp_path, trained, server_factory, worker_factory,
                                      queue_kind, fresh_queue):
-    """Redis: an API that runs nothing and three worker processes; 30 input objects are
-    shared among the workers and the outputs equal a single-process `inferd batch` run's."""
-    if queue_kind != "redis":
-        pytest.skip("worker processes share a Redis queue only")
+    """Redis, PostgreSQL: an API that runs nothing and three worker processes; 30 input
+    objects are shared among the workers and the outputs equal a single-process `inferd batch`
+    run's."""
+    if queue_kind not in SHARED_QUEUE_KINDS:
+        pytest.skip("worker processes share a Redis or PostgreSQL queue only")
     q = fresh_queue()
     m = trained["regression"]
     repo = tmp_path / "models"
