@@ -55,7 +55,7 @@ void pg_p_bin(struct pg_params *p, const void *data, size_t len)
     p->n++;
 }
 
-/* The first line of libpq's message, without its trailing newline. */
+/* The first line of libpq's message, without its trailing newline, its double quotes single. */
 static void first_line(const char *msg, char *out, size_t size)
 {
     size_t n = msg ? strcspn(msg, "\n") : 0;
@@ -64,6 +64,9 @@ static void first_line(const char *msg, char *out, size_t size)
         n = size - 1;
     memcpy(out, msg ? msg : "", n);
     out[n] = '\0';
+    for (size_t i = 0; i < n; i++) /* libpq quotes names with '"'; our log values are "..." */
+        if (out[i] == '"')
+            out[i] = '\'';
 }
 
 PGresult *pg_exec(struct pg_queue *q, PGconn *c, const char *sql, const struct pg_params *p,
