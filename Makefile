@@ -5,7 +5,7 @@ PORT       ?= 8000
 PYTHON     := /usr/bin/python3
 JOBS       := $(shell nproc)
 
-.PHONY: all build run test unit integration fuzz-build fuzz-replay fuzz bench deps format clean
+.PHONY: all build run test layers unit integration fuzz-build fuzz-replay fuzz bench deps format clean
 
 all: build
 
@@ -25,7 +25,11 @@ run: deps build
 	@echo
 	@exec $(BUILD)/inferd serve --models ./models --port $(PORT)
 
-test: deps build unit fuzz-replay integration
+test: layers deps build unit fuzz-replay integration
+
+# fails fast, before the build, when an #include breaks the source layout (README)
+layers:
+	@scripts/check-layers
 
 unit: build
 	@cd $(BUILD) && ctest --output-on-failure

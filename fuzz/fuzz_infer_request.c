@@ -17,8 +17,8 @@
  * one of our own words (a model's input name, JSON's punctuation). A decoded "id" (any JSON
  * string, \u0000 included) must come back byte for byte from the encoded response.
  */
-#include "model/codec.h"
-#include "model/tensor.h"
+#include "kserve/codec.h"
+#include "kserve/tensor.h"
 
 #include <ctype.h>
 #include <jansson.h>

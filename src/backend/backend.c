@@ -1,10 +1,10 @@
 /*
  * backend.c: the table of loaded backends (built-in and plugins), each initialised once.
+ *
+ * The host table a backend receives in init comes from the caller (model/batcher.c builds
+ * it), so backends, built-in or not, know nothing of the model runtime above them.
  */
 #include "backend/backend.h"
-#include "core/log.h"
-#include "model/batcher.h"
-#include "model/tensor.h"
 
 #include <dlfcn.h>
 #include <pthread.h>
@@ -21,28 +21,6 @@ struct loaded {
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct loaded *loaded; /* guarded by lock; never shrinks */
-
-static void host_log(int level, const char *backend, const char *msg)
-{
-    if (level < 0)
-        level = 0;
-    if (level > 3)
-        level = 3;
-    LOG_AT((enum log_level)level, "backend", msg, "backend=%s", backend);
-}
-
-static const struct inferd_host host = {
-    .api_version = INFERD_BACKEND_API_VERSION,
-    .output_alloc = tensor_output_alloc,
-    .log = host_log,
-    .request_done = batcher_request_done,
-    .request_cancelled = batcher_request_cancelled,
-};
-
-const struct inferd_host *backend_host(void)
-{
-    return &host;
-}
 
 static int load_plugin(const char *path, const struct inferd_backend_api **api, struct err *e)
 {
@@ -72,8 +50,8 @@ static int load_plugin(const char *path, const struct inferd_backend_api **api, 
     return 0;
 }
 
-int backend_open(const char *name, const char *plugin_path, const struct inferd_backend_api **api,
-                 void **backend_state, struct err *e)
+int backend_open(const char *name, const char *plugin_path, const struct inferd_host *host,
+                 const struct inferd_backend_api **api, void **backend_state, struct err *e)
 {
     const char *key;
     const struct inferd_backend_api *found = NULL;
@@ -107,7 +85,7 @@ int backend_open(const char *name, const char *plugin_path, const struct inferd_
             l = NULL;
             rc = err_set(e, ERR_NOMEM, "out of memory");
         }
-        if (rc == 0 && found->init && found->init(&host, &l->state, errbuf, sizeof(errbuf))) {
+        if (rc == 0 && found->init && found->init(host, &l->state, errbuf, sizeof(errbuf))) {
             rc = err_set(e, ERR_BACKEND, "backend '%s' failed to start: %s", key, errbuf);
             free(l->key);
             free(l);

@@ -13,15 +13,14 @@
 
 /*
  * Resolves `name` ("xgboost", "http" or "plugin"; for "plugin", `plugin_path` is the .so to load).
+ *   host                 borrowed until process exit; given to the backend's init on first use
+ *                        (one table per process: later calls' `host` is not looked at)
  *   api, backend_state  lent until process exit
  * Returns 0, ERR_NOT_FOUND (unknown backend or no such file) or ERR_INVALID (wrong ABI).
  * Thread-safe.
  */
-int backend_open(const char *name, const char *plugin_path, const struct inferd_backend_api **api,
-                 void **backend_state, struct err *e);
-
-/* The host services given to every backend. */
-const struct inferd_host *backend_host(void);
+int backend_open(const char *name, const char *plugin_path, const struct inferd_host *host,
+                 const struct inferd_backend_api **api, void **backend_state, struct err *e);
 
 /* Built-ins. */
 const struct inferd_backend_api *backend_xgboost(void);

@@ -18,8 +18,9 @@
 #define _GNU_SOURCE
 #include "backend/backend.h"
 #include "core/buf.h"
-#include "model/codec.h"
-#include "model/tensor.h"
+#include "core/clock.h"
+#include "kserve/codec.h"
+#include "kserve/tensor.h"
 
 #include <curl/curl.h>
 #include <jansson.h>
@@ -86,14 +87,6 @@ static int fail(char *err, size_t err_len, const char *fmt, ...)
     vsnprintf(err, err_len, fmt, ap);
     va_end(ap);
     return -1;
-}
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 static int http_init(const struct inferd_host *h, void **state, char *err, size_t err_len)
@@ -258,9 +251,9 @@ static size_t header_line(char *data, size_t size, size_t n, void *ctx)
         if (end != v && s >= 0) {
             c->retry_after_ms = s * 1000;
         } else {
-            time_t at = curl_getdate(v, NULL);
-            if (at > 0 && at > time(NULL))
-                c->retry_after_ms = (int64_t)(at - time(NULL)) * 1000;
+            time_t at = curl_getdate(v, NULL), now = (time_t)(clock_now_ms() / 1000);
+            if (at > 0 && at > now)
+                c->retry_after_ms = (int64_t)(at - now) * 1000;
         }
     }
     return len;
@@ -965,7 +958,7 @@ static void unlink_active(struct http_model *m, struct call *c)
 static void *loop_main(void *arg)
 {
     struct http_model *m = arg;
-    int64_t last_check = now_ms();
+    int64_t last_check = clock_mono_ms();
 
     for (;;) {
         struct call *in, *next;
@@ -1003,8 +996,8 @@ static void *loop_main(void *arg)
             unlink_active(m, c);
             finish_call(c, res);
         }
-        if (now_ms() - last_check >= CANCEL_CHECK_MS) {
-            last_check = now_ms();
+        if (clock_mono_ms() - last_check >= CANCEL_CHECK_MS) {
+            last_check = clock_mono_ms();
             for (struct call *c = m->active, *cn; c; c = cn) {
                 cn = c->next;
                 if (!host->request_cancelled(c->req))

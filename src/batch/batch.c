@@ -25,8 +25,9 @@
 #include "batch/batch_internal.h"
 #include "batch/columns.h"
 #include "core/buf.h"
+#include "core/clock.h"
 #include "core/log.h"
-#include "model/codec.h"
+#include "kserve/codec.h"
 #include "model/registry.h"
 #include "storage/storage.h"
 
@@ -105,10 +106,7 @@ struct runner {
 
 static double now_s(void)
 {
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+    return (double)clock_mono_ns() / 1e9;
 }
 
 static void chunk_reset(struct chunk *c)
@@ -483,9 +481,7 @@ static int chunk_wait(struct runner *run, struct chunk *c, struct err *e)
     pthread_mutex_lock(&run->lock);
     for (;;) {
         while (c->in_flight) {
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_sec += 1;
+            struct timespec ts = clock_realtime_after_ms(1000);
             if (pthread_cond_timedwait(&run->cond, &run->lock, &ts) != ETIMEDOUT ||
                 !c->in_flight || !run->cfg->tick || rc != 0)
                 continue;

@@ -19,6 +19,7 @@
 #include "batch/cron.h"
 #include "core/clock.h"
 #include "core/jdoc.h"
+#include "core/jfield.h"
 #include "core/log.h"
 #include "notify/notify.h"
 #include "model/registry.h"
@@ -91,18 +92,14 @@ static int check_location(const char *key, const char *s, struct err *e)
 static int check_int(json_t *def, const char *key, int64_t min, int64_t max, int64_t dflt,
                      struct err *e)
 {
-    json_t *v = json_object_get(def, key);
+    int64_t v;
+    int present, rc = jfield_int(def, key, min, max, JFIELD_NULL_ABSENT, &v, &present, e);
 
-    if (!v || json_is_null(v))
-        return json_object_set_new(def, key, json_integer(dflt)) == 0
-                   ? 0
-                   : err_set(e, ERR_NOMEM, "out of memory");
-    if (!json_is_integer(v))
-        return err_set(e, ERR_INVALID, "%s: expected an integer", key);
-    if (json_integer_value(v) < min || json_integer_value(v) > max)
-        return err_set(e, ERR_INVALID, "%s: %lld is outside %lld..%lld", key,
-                       (long long)json_integer_value(v), (long long)min, (long long)max);
-    return 0;
+    if (rc != 0 || present)
+        return rc;
+    return json_object_set_new(def, key, json_integer(dflt)) == 0
+               ? 0
+               : err_set(e, ERR_NOMEM, "out of memory");
 }
 
 /* "key_columns" ("id,region" or ["id", "region"]: kept as the string) and "output_suffix"
@@ -187,7 +184,7 @@ static int check_timezone(json_t *def, struct tm *now_there, struct err *e)
         snprintf(msg, sizeof(msg), "%s", e->msg);
         return err_set(e, rc, "timezone: %s", msg);
     }
-    cron_zone_time(z, batch_clock_now_ms(), now_there);
+    cron_zone_time(z, clock_sched_now_ms(), now_there);
     cron_zone_close(z);
     return 0;
 }
@@ -258,7 +255,7 @@ static int check_fields(json_t *def, struct registry *reg, struct err *e)
             snprintf(msg, sizeof(msg), "%s", e->msg);
             return err_set(e, rc, "schedule: %s", msg);
         }
-        if (cron_next(&c, batch_clock_now_ms()) < 0)
+        if (cron_next(&c, clock_sched_now_ms()) < 0)
             return err_set(e, ERR_INVALID, "schedule: '%.64s' never matches", json_string_value(v));
     }
     return 0;
@@ -508,7 +505,7 @@ static int start_run(const struct batch_jobs_config *cfg, const char *definition
         return err_set(e, ERR_INVALID, "batch job definition is not a JSON object");
     }
     json_object_del(def, "schedule"); /* a run's definition: what it ran with */
-    rc = resolve_locations(def, parent ? run_at_ms : batch_clock_now_ms(), parent != NULL,
+    rc = resolve_locations(def, parent ? run_at_ms : clock_sched_now_ms(), parent != NULL,
                            &plan_err);
     run_def = json_dumps(def, JSON_COMPACT | JSON_SORT_KEYS);
     if (rc == 0)
@@ -579,7 +576,7 @@ int batch_job_schedule(const struct batch_jobs_config *cfg, const char *definiti
         json_decref(def);
         return err_set(e, ERR_INVALID, "batch job definition is not a JSON object");
     }
-    rc = next_run(def, batch_clock_now_ms(), &spec.next_run_ms, e);
+    rc = next_run(def, clock_sched_now_ms(), &spec.next_run_ms, e);
     if (rc == 0) {
         spec.definition = definition;
         spec.model = json_string_value(json_object_get(def, "model"));
@@ -599,7 +596,7 @@ int batch_job_schedule(const struct batch_jobs_config *cfg, const char *definiti
  * unique in the store). */
 static int64_t by_hand_time(void)
 {
-    int64_t now = batch_clock_now_ms();
+    int64_t now = clock_sched_now_ms();
 
     return now % 60000 == 0 ? now + 1 : now;
 }
@@ -635,7 +632,7 @@ int batch_job_pause(const struct batch_jobs_config *cfg, const char *id, int pau
         json_t *def = NULL;
         rc = queue_batch_definition(cfg->q, id, &s, e);
         if (rc == 0 && s->schedule && (def = json_loads(s->definition, 0, NULL)) != NULL)
-            rc = next_run(def, batch_clock_now_ms(), &next, e);
+            rc = next_run(def, clock_sched_now_ms(), &next, e);
         json_decref(def);
         queue_schedules_free(s, 1);
         if (rc != 0)
@@ -645,20 +642,6 @@ int batch_job_pause(const struct batch_jobs_config *cfg, const char *id, int pau
 }
 
 /* ---- the scheduler ---- */
-
-int64_t batch_clock_now_ms(void)
-{
-    const char *path = getenv("INFERD_CLOCK_FILE");
-    FILE *f;
-    long long ms = 0;
-
-    if (!path || !path[0] || !(f = fopen(path, "r")))
-        return queue_now_ms();
-    if (fscanf(f, "%lld", &ms) != 1)
-        ms = 0;
-    fclose(f);
-    return ms > 0 ? (int64_t)ms : queue_now_ms();
-}
 
 struct batch_scheduler {
     struct batch_jobs_config cfg;
@@ -672,7 +655,7 @@ static void run_due(struct batch_scheduler *s)
 {
     struct queue_schedule *due = NULL;
     size_t n = 0;
-    int64_t now = batch_clock_now_ms();
+    int64_t now = clock_sched_now_ms();
     struct err e;
 
     if (queue_schedules_due(s->cfg.q, now, &due, &n, &e) != 0) {
@@ -763,7 +746,7 @@ struct task_tick {
 static int task_tick(void *ctx, struct err *e)
 {
     struct task_tick *t = ctx;
-    int64_t now = queue_now_ms();
+    int64_t now = clock_now_ms();
     struct job *j = NULL;
     int rc = 0;
 
@@ -820,7 +803,7 @@ static int run_object(struct queue *q, struct registry *reg, const struct job *j
     char *text;
     int rc;
 
-    tick.last_extend_ms = tick.last_check_ms = queue_now_ms();
+    tick.last_extend_ms = tick.last_check_ms = clock_now_ms();
     if (!object || bc.records_per_batch < 1)
         return err_set(e, ERR_INVALID, "batch task %s: malformed task input", job->id);
     rc = registry_acquire(reg, job->model, 0, &m, e);

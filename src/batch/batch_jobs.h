@@ -61,12 +61,6 @@ int batch_job_run_now(const struct batch_jobs_config *cfg, const char *id, char 
 int batch_job_pause(const struct batch_jobs_config *cfg, const char *id, int paused,
                     struct buf *out, struct err *e);
 
-/*
- * The scheduler's clock: now, unless $INFERD_CLOCK_FILE names a file holding milliseconds
- * since the epoch (how tests move time forward without waiting minutes).
- */
-int64_t batch_clock_now_ms(void);
-
 /* A thread that starts the runs of due schedules, checking every second. */
 struct batch_scheduler;
 int batch_scheduler_start(const struct batch_jobs_config *cfg, struct batch_scheduler **out,

@@ -5,7 +5,7 @@
  * One place for that decision, whatever the source: a CSV header (by name), a header-less
  * CSV line or a JSON array (by 0-based position), a JSON object (by field name), and any
  * other source of named columns (a warehouse table) through batch_columns_named(). Names are
- * matched to the model's feature names (model/features.h), so a file whose columns are in
+ * matched to the model's feature names (kserve/features.h), so a file whose columns are in
  * another order than the training frame's still gets each value into its feature.
  *
  * Reasons for bad records follow batch_parse.c: they name the line, column or field and the
@@ -19,7 +19,7 @@
 
 #include "core/buf.h"
 #include "core/err.h"
-#include "model/features.h"
+#include "kserve/features.h"
 
 #include <stddef.h>
 #include <stdint.h>

@@ -2,6 +2,7 @@
  * log.c: the single writer of log lines (stderr, line-buffered by one fprintf per event).
  */
 #include "core/log.h"
+#include "core/clock.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -27,16 +28,16 @@ void log_write(enum log_level level, const char *module, const char *msg, const 
 {
     static const char *names[] = {"error", "warn", "info", "debug"};
     char ts[32], tail[768];
-    struct timespec now;
+    int64_t now_ms = clock_now_ms();
+    time_t now_s = (time_t)(now_ms / 1000);
     struct tm tm;
     va_list ap;
 
-    clock_gettime(CLOCK_REALTIME, &now);
-    gmtime_r(&now.tv_sec, &tm);
+    gmtime_r(&now_s, &tm);
     strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S", &tm);
     va_start(ap, fmt);
     vsnprintf(tail, sizeof(tail), fmt, ap);
     va_end(ap);
-    fprintf(stderr, "ts=%s.%03ldZ level=%s module=%s msg=\"%s\"%s%s\n", ts, now.tv_nsec / 1000000L,
+    fprintf(stderr, "ts=%s.%03ldZ level=%s module=%s msg=\"%s\"%s%s\n", ts, (long)(now_ms % 1000),
             names[level], module, msg, tail[0] ? " " : "", tail);
 }

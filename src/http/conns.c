@@ -204,7 +204,7 @@ enum MHD_Result conns_accept(void *cls, const struct sockaddr *addr, socklen_t l
     struct conn_guard *g = cls;
     uint32_t ip = 0;
     enum MHD_Result ok = MHD_YES;
-    uint64_t now = batcher_now_ns(), quiet;
+    uint64_t now = clock_mono_ns(), quiet;
     char text[INET_ADDRSTRLEN] = "?";
 
     if (addr && addr->sa_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in))
@@ -264,7 +264,7 @@ void conns_notify(void *cls, struct MHD_Connection *connection, void **socket_co
         inet_ntop(AF_INET, &c->addr, c->addr_text, sizeof(c->addr_text));
         pthread_mutex_lock(&g->lock);
         c->phase = CONN_WAITING;
-        c->since_ns = batcher_now_ns();
+        c->since_ns = clock_mono_ns();
         list_append(g, c);
         g->n_open++;
         client_add(g, c->addr, 1);
@@ -303,7 +303,7 @@ void conns_phase(struct conn_guard *g, struct conn *c, enum conn_phase phase)
     pthread_mutex_lock(&g->lock);
     list_unlink(g, c);
     c->phase = phase;
-    c->since_ns = batcher_now_ns();
+    c->since_ns = clock_mono_ns();
     if (phase == CONN_WAITING) {
         atomic_store(&c->body_bytes, 0);
         c->bad_uri = 0;
@@ -370,7 +370,7 @@ static void *sweeper_main(void *arg)
         struct timespec ts = clock_realtime_after_ms(SWEEP_MS);
         pthread_cond_timedwait(&g->wake, &g->lock, &ts);
         if (!g->stopping)
-            sweep(g, batcher_now_ns());
+            sweep(g, clock_mono_ns());
     }
     pthread_mutex_unlock(&g->lock);
     return NULL;

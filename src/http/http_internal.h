@@ -17,7 +17,6 @@
 
 struct iopool;
 struct notifier;
-struct worker_pool;
 struct req;
 struct conn;
 struct conn_guard;
@@ -36,7 +35,7 @@ struct http_server {
     struct http_config cfg; /* immutable after start */
     struct registry *reg;
     struct queue *queue;       /* NULL: the async API answers 503 */
-    struct worker_pool *pool;  /* for Retry-After and metrics; may be NULL */
+    struct http_pool pool;     /* for Retry-After and metrics; immutable after start */
     struct notifier *notifier; /* kicked when a job ends; may be NULL */
     struct iopool *io;         /* runs blocking queue calls off the HTTP threads */
     struct waiters waiters;

@@ -10,11 +10,12 @@
  */
 #define _GNU_SOURCE
 #include "core/jdoc.h"
+#include "core/clock.h"
+#include "core/jfield.h"
 #include "core/log.h"
 #include "http/http_internal.h"
-#include "model/codec.h"
+#include "kserve/codec.h"
 #include "notify/notify.h"
-#include "queue/worker.h"
 #include "storage/storage.h"
 
 #include <ctype.h>
@@ -64,10 +65,26 @@ static int reply_job(struct req *r, int status, const struct job *j)
     return 0;
 }
 
+/* The worker pool's figures (server.h, struct http_pool); 0 without a pool. */
+static int pool_busy(const struct http_server *s)
+{
+    return s->pool.pool && s->pool.busy ? s->pool.busy(s->pool.pool) : 0;
+}
+
+static int pool_size(const struct http_server *s)
+{
+    return s->pool.pool && s->pool.size ? s->pool.size(s->pool.pool) : 0;
+}
+
+static double pool_drain_rate(const struct http_server *s)
+{
+    return s->pool.pool && s->pool.drain_rate ? s->pool.drain_rate(s->pool.pool) : 0;
+}
+
 static void set_busy(struct req *r, const char *msg)
 {
     struct http_server *s = r->srv;
-    double rate = worker_pool_drain_rate(s->pool);
+    double rate = pool_drain_rate(s);
     int64_t queued = s->queue ? queue_queued(s->queue) : 0;
     double secs = rate > 0 ? ceil((double)queued * 0.01 / rate) : 5;
 
@@ -249,7 +266,7 @@ static void *timer_main(void *arg)
         pthread_mutex_unlock(&s->waiters.lock);
         if (stopping)
             break;
-        answer_claimed(s, claim_expired(s, queue_now_ms(), 0));
+        answer_claimed(s, claim_expired(s, clock_now_ms(), 0));
         http_watchdog(s);
     }
     return NULL;
@@ -333,7 +350,7 @@ static void answer_waiter(struct req *r)
 static void wait_or_answer(struct req *r, struct job *j)
 {
     if (j && !job_state_is_final(j->state) && r->wait_ms > 0) {
-        r->wait_deadline_ms = queue_now_ms() + r->wait_ms;
+        r->wait_deadline_ms = clock_now_ms() + r->wait_ms;
         if (waiter_add(r->srv, r) == 0) {
             /* it may have ended between the read and the registration: look once more */
             struct job *again = NULL;
@@ -483,20 +500,11 @@ enum MHD_Result jobs_submit_infer(struct req *r)
     return enqueue(r);
 }
 
+/* An absent field leaves *out alone; null is "expected an integer", as any other non-integer. */
 static int get_int(json_t *root, const char *key, int64_t min, int64_t max, int64_t *out,
                    struct err *e)
 {
-    json_t *v = json_object_get(root, key);
-
-    if (!v)
-        return 0;
-    if (!json_is_integer(v))
-        return err_set(e, ERR_INVALID, "%s: expected an integer", key);
-    if (json_integer_value(v) < min || json_integer_value(v) > max)
-        return err_set(e, ERR_INVALID, "%s: %lld is outside %lld..%lld", key,
-                       (long long)json_integer_value(v), (long long)min, (long long)max);
-    *out = json_integer_value(v);
-    return 0;
+    return jfield_int(root, key, min, max, 0, out, NULL, e);
 }
 
 static int get_str(json_t *root, const char *key, const char **out, struct err *e)
@@ -947,7 +955,7 @@ int jobs_metrics(struct http_server *s, struct buf *out)
 {
     int64_t counts[JOB_N_STATES];
     struct err e;
-    int rc, workers = worker_pool_size(s->pool);
+    int rc, workers = pool_size(s);
     int64_t queued;
 
     if (!s->queue)
@@ -971,7 +979,7 @@ int jobs_metrics(struct http_server *s, struct buf *out)
                         "# HELP inferd_workers Workers in this process's pool (autoscaling "
                         "changes it).\n# TYPE inferd_workers gauge\ninferd_workers %d\n",
                         (long long)queued, workers > 0 ? (double)queued / workers : (double)queued,
-                        worker_pool_busy(s->pool), workers);
+                        pool_busy(s), workers);
     if (rc == 0 && s->notifier) {
         struct notify_stats ns;
         notify_get_stats(s->notifier, &ns);

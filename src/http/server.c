@@ -23,10 +23,11 @@
 #define _GNU_SOURCE
 #include "http/http_internal.h"
 #include "core/buf.h"
+#include "core/clock.h"
 #include "core/log.h"
 #include "metrics/metrics.h"
 #include "model/batcher.h"
-#include "model/codec.h"
+#include "kserve/codec.h"
 #include "model/registry.h"
 
 #include <arpa/inet.h>
@@ -61,7 +62,7 @@ static void count_request(struct req *r)
     if (r->model && !r->counted) {
         r->counted = 1;
         metrics_request(r->model->metrics, r->status,
-                        (double)(batcher_now_ns() - r->start_ns) / 1e9);
+                        (double)(clock_mono_ns() - r->start_ns) / 1e9);
     }
 }
 
@@ -140,7 +141,7 @@ static enum MHD_Result reply_json(struct req *r, int status, struct buf *json)
 
 void http_finish_async(struct req *r)
 {
-    r->ready_ns = batcher_now_ns();
+    r->ready_ns = clock_mono_ns();
     atomic_store(&r->state, REQ_READY);
     MHD_resume_connection(r->conn);
 }
@@ -174,7 +175,7 @@ static void infer_done(struct batch_item *item, int rc, const struct err *e)
     } else if (rc != 0) {
         http_set_error(r, rc, e->msg);
     } else {
-        uint64_t t0 = batcher_now_ns();
+        uint64_t t0 = clock_mono_ns();
         int enc;
         buf_release(&r->out);
         r->json_len = -1;
@@ -183,7 +184,7 @@ static void infer_done(struct batch_item *item, int rc, const struct err *e)
         else
             enc = codec_encode_result(r->infer, r->model->name, r->model->version_str, &r->out,
                                       &r->json_len);
-        metrics_stat(r->model->stats, METRICS_STAT_COMPUTE_OUTPUT, batcher_now_ns() - t0);
+        metrics_stat(r->model->stats, METRICS_STAT_COMPUTE_OUTPUT, clock_mono_ns() - t0);
         if (enc != 0)
             http_set_error(r, ERR_NOMEM, "out of memory encoding the response");
         else
@@ -193,7 +194,7 @@ static void infer_done(struct batch_item *item, int rc, const struct err *e)
     count_request(r);
     /* the watchdog measures from here: without it, every answer looked overdue and got a
      * second resume, which under load made MHD answer a kept-alive request twice */
-    r->ready_ns = batcher_now_ns();
+    r->ready_ns = clock_mono_ns();
     atomic_store(&r->state, REQ_READY);
     MHD_resume_connection(r->conn);
 }
@@ -247,7 +248,7 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
     rc = registry_acquire(srv->reg, name, v, &r->model, &e);
     if (rc != 0)
         return http_reply_error(r, rc, "%s", e.msg);
-    decode_ns = batcher_now_ns();
+    decode_ns = clock_mono_ns();
     if (kind == KIND_V1) {
         rc = codec_decode_v1(r->body.data ? r->body.data : "", r->body.len,
                              r->model->info.n_inputs ? r->model->info.inputs[0].name : "input__0",
@@ -263,7 +264,7 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
     if (rc == 0)
         rc = tensor_check_inputs(r->infer, &r->model->info, &e);
     if (rc != 0) {
-        metrics_stat(r->model->stats, METRICS_STAT_FAIL, batcher_now_ns() - decode_ns);
+        metrics_stat(r->model->stats, METRICS_STAT_FAIL, clock_mono_ns() - decode_ns);
         return http_reply_error(r, rc, "model '%s': %s", name, e.msg);
     }
     if (kind == KIND_V2) {
@@ -273,7 +274,7 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
             return jobs_submit_infer(r); /* checked: now it becomes a job */
     }
     buf_release(&r->body); /* decoded: the raw bytes are no longer needed */
-    metrics_stat(r->model->stats, METRICS_STAT_COMPUTE_INPUT, batcher_now_ns() - decode_ns);
+    metrics_stat(r->model->stats, METRICS_STAT_COMPUTE_INPUT, clock_mono_ns() - decode_ns);
 
     timeout_us =
         r->infer->timeout_us ? r->infer->timeout_us : (uint64_t)r->model->default_timeout_us;
@@ -301,7 +302,7 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
     MHD_suspend_connection(r->conn);
     rc = batcher_submit(r->model->batcher, &r->item, &e);
     if (rc != 0) {
-        metrics_stat(r->model->stats, METRICS_STAT_FAIL, batcher_now_ns() - decode_ns);
+        metrics_stat(r->model->stats, METRICS_STAT_FAIL, clock_mono_ns() - decode_ns);
         infer_done(&r->item, rc, &e);
     }
     return MHD_YES;
@@ -627,7 +628,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         r->conn = conn;
         r->track = conns_of(conn);
         r->http11 = strcmp(version, MHD_HTTP_VERSION_1_1) == 0;
-        r->start_ns = batcher_now_ns();
+        r->start_ns = clock_mono_ns();
         r->json_len = -1;
         atomic_fetch_add(&srv->in_flight, 1);
         pthread_mutex_lock(&srv->live_lock);
@@ -701,9 +702,9 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         return;
     if (atomic_load(&r->state) == REQ_WAITING)
         log_warn("http", "connection closed while its request was queued", "%s", "");
-    else if (batcher_now_ns() - r->start_ns > SLOW_REQUEST_NS)
+    else if (clock_mono_ns() - r->start_ns > SLOW_REQUEST_NS)
         log_warn("http", "slow request", "ms=%llu status=%d job=%s termination=%d",
-                 (unsigned long long)((batcher_now_ns() - r->start_ns) / 1000000), r->status,
+                 (unsigned long long)((clock_mono_ns() - r->start_ns) / 1000000), r->status,
                  r->job_id[0] ? r->job_id : "-", (int)toe);
     pthread_mutex_lock(&srv->live_lock);
     if (r->live_prev)
@@ -736,7 +737,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 
 void http_watchdog(struct http_server *s)
 {
-    uint64_t now = batcher_now_ns();
+    uint64_t now = clock_mono_ns();
 
     pthread_mutex_lock(&s->live_lock);
     for (struct req *r = s->live; r; r = r->live_next) {
@@ -818,8 +819,8 @@ int http_listen(const char *host, int port, int reuse_port, int *out, int *bound
 }
 
 int http_server_start(const struct http_config *cfg, struct registry *reg, struct queue *q,
-                      struct worker_pool *pool, struct notifier *notifier, struct http_server **out,
-                      struct err *e)
+                      const struct http_pool *pool, struct notifier *notifier,
+                      struct http_server **out, struct err *e)
 {
     struct http_server *s = calloc(1, sizeof(*s));
     const union MHD_DaemonInfo *di;
@@ -835,7 +836,8 @@ int http_server_start(const struct http_config *cfg, struct registry *reg, struc
     s->reg = reg;
     pthread_mutex_init(&s->live_lock, NULL);
     s->queue = q;
-    s->pool = pool;
+    if (pool)
+        s->pool = *pool;
     s->notifier = notifier;
     if (iopool_create(cfg->io_threads > 0 ? cfg->io_threads : 8, &s->io) != 0 ||
         jobs_waiters_start(s) != 0 || conns_create(cfg, &s->guard) != 0) {
@@ -896,10 +898,10 @@ static void cancel_inferences(struct http_server *s)
     pthread_mutex_unlock(&s->live_lock);
 }
 
-/* Waits until `until` (batcher_now_ns) for `left(s)` to be 0. */
+/* Waits until `until` (clock_mono_ns) for `left(s)` to be 0. */
 static void wait_until(struct http_server *s, int64_t (*left)(struct http_server *), uint64_t until)
 {
-    while (left(s) > 0 && batcher_now_ns() < until) {
+    while (left(s) > 0 && clock_mono_ns() < until) {
         struct timespec ts = {0, 10 * 1000000};
         nanosleep(&ts, NULL);
     }
@@ -923,7 +925,7 @@ int http_server_stop(struct http_server *s)
     fd = MHD_quiesce_daemon(s->daemon);
     if (fd != MHD_INVALID_SOCKET)
         close(fd);
-    until = batcher_now_ns() + (uint64_t)s->cfg.drain_timeout_s * 1000000000ull;
+    until = clock_mono_ns() + (uint64_t)s->cfg.drain_timeout_s * 1000000000ull;
     wait_until(s, n_in_flight, until);
     if (atomic_load(&s->in_flight) > 0)
         log_warn("http", "drain timeout passed with requests still open", "open=%lld",
@@ -933,7 +935,7 @@ int http_server_stop(struct http_server *s)
     cancel_inferences(s);
     /* until they are sent, not only answered: a connection resumed with its answer is written
      * on libmicrohttpd's next pass, and stopping the daemon before that closed it unanswered */
-    wait_until(s, n_in_flight, batcher_now_ns() + STOP_GRACE_NS);
+    wait_until(s, n_in_flight, clock_mono_ns() + STOP_GRACE_NS);
     stuck = n_waiting(s);
     if (stuck > 0) {
         /* a model that ignores cancellation: leave the server (and what it uses) allocated */

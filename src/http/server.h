@@ -11,7 +11,6 @@
 
 struct registry;
 struct queue;
-struct worker_pool;
 struct notifier;
 
 struct http_config {
@@ -34,6 +33,20 @@ struct http_config {
                                      * output_location) past this is refused, > 0 */
 };
 
+/*
+ * What the server reads of this process's async worker pool, for Retry-After and /metrics.
+ * The pool lives in src/worker/, a front door beside this one that http/ does not include:
+ * main.c fills this with worker_pool_busy(), worker_pool_size() and
+ * worker_pool_drain_rate(). `pool` NULL (or a NULL function): no pool, each reads as 0.
+ * The functions are called from any HTTP or I/O thread.
+ */
+struct http_pool {
+    void *pool;
+    int (*busy)(void *pool);          /* jobs running now */
+    int (*size)(void *pool);          /* workers running now */
+    double (*drain_rate)(void *pool); /* completed jobs per second lately */
+};
+
 struct http_server;
 
 /* Binds and listens on host:port (IPv4; port 0 picks a free port), so the port is known to be
@@ -43,12 +56,12 @@ struct http_server;
 int http_listen(const char *host, int port, int reuse_port, int *fd, int *bound_port,
                 struct err *e);
 
-/* Starts serving on cfg->listen_fd (closed here on failure). `reg`, `q` and `pool` are
- * borrowed and must outlive the server; `q` NULL disables the async API (503), `pool` may be
- * NULL. */
+/* Starts serving on cfg->listen_fd (closed here on failure). `reg`, `q` and `pool->pool` are
+ * borrowed and must outlive the server (`pool` itself is copied); `q` NULL disables the async
+ * API (503), `pool` may be NULL. */
 int http_server_start(const struct http_config *cfg, struct registry *reg, struct queue *q,
-                      struct worker_pool *pool, struct notifier *notifier, struct http_server **out,
-                      struct err *e);
+                      const struct http_pool *pool, struct notifier *notifier,
+                      struct http_server **out, struct err *e);
 
 /* The port actually bound (useful with port 0). */
 int http_server_port(const struct http_server *s);

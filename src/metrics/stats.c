@@ -12,6 +12,7 @@
 #define _GNU_SOURCE
 #include "metrics/metrics.h"
 #include "core/err.h"
+#include "core/clock.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -115,16 +116,11 @@ void metrics_execution(struct metrics_version *v, int64_t rows, uint64_t ns)
 
 void metrics_inferences(struct metrics_version *v, int64_t rows)
 {
-    struct timespec ts;
-
     if (!v)
         return;
-    clock_gettime(CLOCK_REALTIME, &ts);
     atomic_fetch_add_explicit(&v->inference_count, (uint64_t)(rows > 0 ? rows : 0),
                               memory_order_relaxed);
-    atomic_store_explicit(&v->last_inference_ms,
-                          (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u,
-                          memory_order_relaxed);
+    atomic_store_explicit(&v->last_inference_ms, (uint64_t)clock_now_ms(), memory_order_relaxed);
 }
 
 static int duration_json(struct buf *out, const char *key, uint64_t count, uint64_t ns, int first)

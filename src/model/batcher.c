@@ -16,6 +16,7 @@
 #define _GNU_SOURCE
 #include "model/batcher.h"
 #include "core/log.h"
+#include "core/clock.h"
 #include "metrics/metrics.h"
 
 #include <errno.h>
@@ -60,14 +61,6 @@ struct batcher {
     pthread_t sweeper;
     int sweeper_started;
 };
-
-uint64_t batcher_now_ns(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 static void deadline_to_timespec(uint64_t ns, struct timespec *ts)
 {
@@ -133,7 +126,7 @@ static void finish(struct batcher *b, struct batch_item *it, int rc, const struc
     uint64_t since = it->received_ns ? it->received_ns : it->enqueued_ns;
 
     metrics_stat(b->cfg.stats, rc == 0 ? METRICS_STAT_SUCCESS : METRICS_STAT_FAIL,
-                 batcher_now_ns() - since);
+                 clock_mono_ns() - since);
     if (rc == 0)
         metrics_inferences(b->cfg.stats, item_rows(it));
     it->done(it, rc, e);
@@ -154,7 +147,7 @@ static void answer_timeout(struct batcher *b, struct batch_item *it)
 static struct batch_item *drop_expired(struct batcher *b, struct batch_item *items, size_t *n,
                                        int64_t *rows)
 {
-    uint64_t now = batcher_now_ns();
+    uint64_t now = clock_mono_ns();
     struct batch_item *keep = NULL, **tail = &keep, *it, *next;
 
     for (it = items; it; it = next) {
@@ -238,15 +231,37 @@ void batcher_request_done(struct inferd_request *request)
 
     r->batch_item = NULL;
     /* an upstream call per request: each is one execution */
-    metrics_stat(b->cfg.stats, METRICS_STAT_COMPUTE_INFER, batcher_now_ns() - it->started_ns);
+    metrics_stat(b->cfg.stats, METRICS_STAT_COMPUTE_INFER, clock_mono_ns() - it->started_ns);
     if (!request->failed)
-        metrics_execution(b->cfg.stats, item_rows(it), batcher_now_ns() - it->started_ns);
+        metrics_execution(b->cfg.stats, item_rows(it), clock_mono_ns() - it->started_ns);
     answer_item(b, it);
     /* `b` lives until in_flight is 0: batcher_destroy waits for that */
     pthread_mutex_lock(&b->lock);
     b->in_flight--;
     pthread_cond_broadcast(&b->work);
     pthread_mutex_unlock(&b->lock);
+}
+
+static void host_log(int level, const char *backend, const char *msg)
+{
+    if (level < 0)
+        level = 0;
+    if (level > 3)
+        level = 3;
+    LOG_AT((enum log_level)level, "backend", msg, "backend=%s", backend);
+}
+
+static const struct inferd_host host = {
+    .api_version = INFERD_BACKEND_API_VERSION,
+    .output_alloc = tensor_output_alloc,
+    .log = host_log,
+    .request_done = batcher_request_done,
+    .request_cancelled = batcher_request_cancelled,
+};
+
+const struct inferd_host *batcher_host(void)
+{
+    return &host;
 }
 
 /* Gives back the places of execute_async requests that never started. */
@@ -267,7 +282,7 @@ static void run_batch(struct instance *in, struct batch_item *items, size_t n, i
     struct inferd_request **reqs = n <= 64 ? stack_reqs : malloc(n * sizeof(*reqs));
     struct batch_item *it, *next;
     char errbuf[256] = "";
-    uint64_t now = batcher_now_ns();
+    uint64_t now = clock_mono_ns();
     struct err e = {0};
     size_t i = 0;
     int rc;
@@ -297,7 +312,7 @@ static void run_batch(struct instance *in, struct batch_item *items, size_t n, i
         }
     } else {
         rc = b->api->execute(in->state, reqs, n, errbuf, sizeof(errbuf));
-        uint64_t infer_ns = batcher_now_ns() - now;
+        uint64_t infer_ns = clock_mono_ns() - now;
         for (it = items; it; it = it->next)
             metrics_stat(b->cfg.stats, METRICS_STAT_COMPUTE_INFER, infer_ns);
         if (rc == 0)
@@ -343,7 +358,7 @@ static void *instance_main(void *arg)
             struct timespec ts;
             deadline_to_timespec(until, &ts);
             while (b->head && b->pending_rows < b->cfg.max_batch_size && !b->stopping &&
-                   batcher_now_ns() < until) {
+                   clock_mono_ns() < until) {
                 if (pthread_cond_timedwait(&b->work, &b->lock, &ts) != 0)
                     break;
             }
@@ -403,7 +418,7 @@ static void *sweeper_main(void *arg)
 
     pthread_mutex_lock(&b->lock);
     while (!b->sweeper_stopping) { /* deadlines and cancels still apply while draining */
-        uint64_t now = batcher_now_ns(), wake = now + SWEEP_MS * 1000000ull;
+        uint64_t now = clock_mono_ns(), wake = now + SWEEP_MS * 1000000ull;
         struct batch_item *prev = NULL, *it = b->head, *next, *expired = NULL, *gone = NULL;
         struct timespec ts;
 
@@ -456,7 +471,7 @@ int batcher_submit(struct batcher *b, struct batch_item *item, struct err *e)
 
     item->next = NULL;
     item->started_ns = 0;
-    item->enqueued_ns = batcher_now_ns();
+    item->enqueued_ns = clock_mono_ns();
     item->batcher = b;
     pthread_mutex_lock(&b->lock);
     if (b->stopping) {

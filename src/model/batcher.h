@@ -21,7 +21,7 @@
 
 #include "core/err.h"
 #include "inferd/backend.h"
-#include "model/tensor.h"
+#include "kserve/tensor.h"
 
 #include <stdatomic.h>
 #include <stdint.h>
@@ -37,7 +37,7 @@ typedef void (*batcher_done_fn)(struct batch_item *item, int rc, const struct er
 /* Owned by the producer; must stay valid until `done` is called. */
 struct batch_item {
     struct infer_request *req; /* borrowed; outputs are filled in place */
-    uint64_t deadline_ns;      /* CLOCK_MONOTONIC; 0 means none */
+    uint64_t deadline_ns;      /* clock_mono_ns(); 0 means none */
     int client_fd;             /* checked for hang-up while queued; -1 means don't */
     /* Written once to client_fd when the client's side of the connection ends while the item
      * is pending: that may be a half-close (shutdown(SHUT_WR) after a whole request, as nc -N
@@ -95,7 +95,9 @@ void batcher_destroy(struct batcher *b);
 void batcher_request_done(struct inferd_request *request);
 int batcher_request_cancelled(const struct inferd_request *request);
 
-/* The monotonic clock the deadlines use. */
-uint64_t batcher_now_ns(void);
+/* The host services given to every backend (backend_open() passes them to its init): outputs
+ * allocated into the request (tensor_output_alloc), log lines, and the two above. Static:
+ * valid for the whole process. */
+const struct inferd_host *batcher_host(void);
 
 #endif

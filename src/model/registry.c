@@ -7,6 +7,7 @@
 #define _GNU_SOURCE
 #include "model/registry.h"
 #include "backend/backend.h"
+#include "core/jfield.h"
 #include "core/log.h"
 #include "metrics/metrics.h"
 #include "notify/notify.h"
@@ -66,25 +67,17 @@ static const struct {
 static int int_option(json_t *root, const char *key, int64_t def, int64_t *out, const char *path,
                       struct err *e)
 {
-    json_t *v = json_object_get(root, key);
+    struct err why = {0};
     size_t i;
+    int rc;
 
     *out = def;
-    if (!v)
-        return 0;
     for (i = 0; i < sizeof(int_options) / sizeof(int_options[0]); i++)
         if (strcmp(int_options[i].key, key) == 0)
             break;
-    if (!json_is_integer(v))
-        return err_set(e, ERR_INVALID, "%s: %s: expected an integer", path, key);
-    *out = json_integer_value(v);
-    if (*out < int_options[i].min)
-        return err_set(e, ERR_INVALID, "%s: %s: %lld is below the minimum %lld", path, key,
-                       (long long)*out, (long long)int_options[i].min);
-    if (*out > int_options[i].max)
-        return err_set(e, ERR_INVALID, "%s: %s: %lld is above the maximum %lld", path, key,
-                       (long long)*out, (long long)int_options[i].max);
-    return 0;
+    rc = jfield_int(root, key, int_options[i].min, int_options[i].max, JFIELD_MIN_MAX_MSG, out,
+                    NULL, &why);
+    return rc == 0 ? 0 : err_set(e, rc, "%s: %s", path, why.msg);
 }
 
 static int parse_config(json_t *root, const char *model_dir, const char *path,
@@ -322,8 +315,8 @@ static int model_build(const char *repo, const char *name, int instances, struct
     }
     m->metrics = metrics_model_get(name);
     atomic_init(&m->refs, 1);
-    rc = backend_open(cfg.backend, cfg.plugin_path[0] ? cfg.plugin_path : NULL, &m->api,
-                      &backend_state, e);
+    rc = backend_open(cfg.backend, cfg.plugin_path[0] ? cfg.plugin_path : NULL, batcher_host(),
+                      &m->api, &backend_state, e);
     if (rc != 0) {
         char reason[sizeof(e->msg)];
         snprintf(reason, sizeof(reason), "%s", e->msg);

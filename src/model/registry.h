@@ -13,7 +13,7 @@
 #include "core/err.h"
 #include "inferd/backend.h"
 #include "model/batcher.h"
-#include "model/features.h"
+#include "kserve/features.h"
 
 #include <stdatomic.h>
 #include <stdint.h>

@@ -23,6 +23,7 @@
 #include "notify/notify.h"
 #include "notify/notify_internal.h"
 #include "core/log.h"
+#include "core/clock.h"
 
 #include <curl/curl.h>
 #include <openssl/evp.h>
@@ -84,14 +85,6 @@ struct notifier {
     _Atomic int kicked;
     _Atomic uint64_t delivered, attempts_failed, given_up; /* for /metrics */
 };
-
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static int64_t clamp_ms(int64_t ms, int64_t lo, int64_t hi)
 {
@@ -301,7 +294,7 @@ static int attempt_start(struct notifier *n, struct notify_delivery *d, size_t s
     }
     a->d = d;
     a->slot = slot;
-    a->started_ms = now_ms();
+    a->started_ms = clock_now_ms();
     a->host = url_host(d->url);
     a->easy = curl_easy_init();
     if (!a->easy || build_headers(n, a) != 0 || setup_easy(n, a) != 0 ||
@@ -336,7 +329,7 @@ static int attempt_record(struct notifier *n, struct attempt *a)
         log_error("notify", "cannot record a webhook attempt; kept until the store takes it",
                   "delivery=%lld error=\"%s\"", (long long)d->id, e.msg);
     a->unrecorded = 1;
-    n->pause_until_ms = now_ms() + STORE_PAUSE_MS;
+    n->pause_until_ms = clock_now_ms() + STORE_PAUSE_MS;
     return -1;
 }
 
@@ -352,7 +345,7 @@ static int attempt_finish(struct notifier *n, struct attempt *a, int status, con
     const struct notify_delivery *d = a->d;
     int made = d->attempts + 1, delivered = error == NULL;
     int done = delivered || permanent || made >= n->cfg.max_attempts;
-    int64_t now = now_ms(), next = done ? 0 : now + backoff_ms(&n->cfg, made);
+    int64_t now = clock_now_ms(), next = done ? 0 : now + backoff_ms(&n->cfg, made);
     const char *outcome = delivered ? "delivered" : done ? "given_up" : "retry";
     const char *event = d->event_id ? d->event_id : "-"; /* NULL when refused for it */
     char origin[256];
@@ -387,7 +380,7 @@ static int attempt_finish(struct notifier *n, struct attempt *a, int status, con
  * store refuses the record, the delivery stays due and is refused again later.) */
 static void attempt_refuse(struct notifier *n, struct notify_delivery *d, const char *why)
 {
-    struct attempt a = {.d = d, .started_ms = now_ms()};
+    struct attempt a = {.d = d, .started_ms = clock_now_ms()};
 
     attempt_finish(n, &a, 0, why, 1);
     notify_delivery_free(d);
@@ -504,7 +497,7 @@ static void start_all(struct notifier *n, struct notify_delivery **got, size_t n
         } else if (attempt_start(n, d, slot) != 0) {
             log_error("notify", "out of memory starting a webhook attempt", "delivery=%lld",
                       (long long)d->id);
-            n->pause_until_ms = now_ms() + STORE_PAUSE_MS;
+            n->pause_until_ms = clock_now_ms() + STORE_PAUSE_MS;
         }
     }
     free(got);
@@ -524,7 +517,7 @@ static void look(struct notifier *n, int64_t now)
         (n_got > 0 && !got)) {
         log_warn("notify", "cannot take due webhooks", "error=\"%s\"",
                  e.msg[0] ? e.msg : "take_due returned no array");
-        n->pause_until_ms = now_ms() + STORE_PAUSE_MS;
+        n->pause_until_ms = clock_now_ms() + STORE_PAUSE_MS;
         return;
     }
     start_all(n, got, n_got);
@@ -539,7 +532,7 @@ static void look(struct notifier *n, int64_t now)
     k = collect_ids(n);
     if (n->store.next_due(n->store.ctx, n->ids, k, &next, &e) != 0) {
         log_warn("notify", "cannot read the next webhook due time", "error=\"%s\"", e.msg);
-        n->pause_until_ms = now_ms() + STORE_PAUSE_MS;
+        n->pause_until_ms = clock_now_ms() + STORE_PAUSE_MS;
         next = now + POLL_MS;
     }
     if (next < 0)
@@ -580,10 +573,10 @@ static void *notify_main(void *arg)
     while (!atomic_load(&n->stopping)) {
         CURLMcode mc;
 
-        record_kept(n, now_ms());
-        if (should_look(n, now_ms()))
-            look(n, now_ms());
-        mc = curl_multi_poll(n->multi, NULL, 0, poll_timeout_ms(n, now_ms()), NULL);
+        record_kept(n, clock_now_ms());
+        if (should_look(n, clock_now_ms()))
+            look(n, clock_now_ms());
+        mc = curl_multi_poll(n->multi, NULL, 0, poll_timeout_ms(n, clock_now_ms()), NULL);
         if (mc == CURLM_OK)
             mc = curl_multi_perform(n->multi, &running);
         if (mc != CURLM_OK) {

@@ -118,12 +118,11 @@ static json_t *batch_object(const struct batch_job *b)
     json_object_set_new(o, "output", json_str_or_null(b->output));
     json_object_set_new(o, "started_at", json_time(b->started_ms));
     json_object_set_new(o, "finished_at", json_time(b->finished_ms));
-    json_object_set_new(o, "progress",
-                        json_pack("{s:I, s:I, s:I, s:I}", "objects_total",
-                                  (json_int_t)b->objects_total, "objects_done",
-                                  (json_int_t)b->objects_done, "records_done",
-                                  (json_int_t)b->records_done, "records_failed",
-                                  (json_int_t)b->records_failed));
+    json_object_set_new(
+        o, "progress",
+        json_pack("{s:I, s:I, s:I, s:I}", "objects_total", (json_int_t)b->objects_total,
+                  "objects_done", (json_int_t)b->objects_done, "records_done",
+                  (json_int_t)b->records_done, "records_failed", (json_int_t)b->records_failed));
     json_object_set_new(o, "error", json_str_or_null(b->error));
     return o;
 }
@@ -174,8 +173,7 @@ int queue_batch_event_json(const struct batch_job *b, const char *event_id, stru
     return rc;
 }
 
-int queue_batch_manifest_json(const char *model, char *const *results, size_t n,
-                              struct buf *out)
+int queue_batch_manifest_json(const char *model, char *const *results, size_t n, struct buf *out)
 {
     json_t *objects = json_object(), *root;
     int rc;
@@ -184,11 +182,10 @@ int queue_batch_manifest_json(const char *model, char *const *results, size_t n,
         json_t *r = results[i] ? json_loads(results[i], 0, NULL) : NULL;
         const char *name = json_string_value(json_object_get(r, "object"));
         if (name)
-            json_object_set_new(objects, name,
-                                json_pack("{s:O, s:O, s:O*}", "records",
-                                          json_object_get(r, "records"), "sha256",
-                                          json_object_get(r, "sha256"), "input",
-                                          json_object_get(r, "input")));
+            json_object_set_new(
+                objects, name,
+                json_pack("{s:O, s:O, s:O*}", "records", json_object_get(r, "records"), "sha256",
+                          json_object_get(r, "sha256"), "input", json_object_get(r, "input")));
         json_decref(r);
     }
     root = objects ? json_pack("{s:s, s:o}", "model", model, "objects", objects) : NULL;

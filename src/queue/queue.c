@@ -3,6 +3,7 @@
  * shapes of a job and of a webhook event, shared by every implementation.
  */
 #include "queue/queue_internal.h"
+#include "core/clock.h"
 #include "queue/queue_redis.h"
 #include "notify/notify.h"
 
@@ -147,59 +148,103 @@ void queue_on_final(struct queue *q, queue_final_fn fn, void *ctx)
     if (!fn) {
         /* one more write through the store: when it returns, no earlier group is still
          * calling the previous listener */
-        q->ops->extend(q, "", 0, 0, NULL);
+        q->ops->jobs->extend(q, "", 0, 0, NULL);
     }
 }
 
 int queue_enqueue(struct queue *q, const struct job_spec *spec, char id_out[40], int *existed,
                   struct err *e)
 {
-    return q->ops->enqueue(q, spec, id_out, existed, e);
+    return q->ops->jobs->enqueue(q, spec, id_out, existed, e);
 }
 
 int queue_lease(struct queue *q, const char *worker, int64_t wait_ms, struct job **out,
                 struct err *e)
 {
-    return q->ops->lease(q, worker, wait_ms, out, e);
+    size_t n = 0;
+    int rc;
+
+    *out = NULL;
+    rc = q->ops->jobs->lease_many(q, worker, 1, 1, wait_ms, out, &n, e);
+    if (n == 0)
+        *out = NULL;
+    return rc;
 }
 
 int queue_enqueue_async(struct queue *q, const struct job_spec *spec, queue_enqueue_fn fn,
                         void *ctx, struct err *e)
 {
-    return q->ops->enqueue_async(q, spec, fn, ctx, e);
+    return q->ops->jobs->enqueue_async(q, spec, fn, ctx, e);
 }
 
 int queue_lease_many(struct queue *q, const char *worker, size_t max, int max_tasks,
                      int64_t wait_ms, struct job **out, size_t *n, struct err *e)
 {
-    return q->ops->lease_many(q, worker, max, max_tasks, wait_ms, out, n, e);
+    return q->ops->jobs->lease_many(q, worker, max, max_tasks, wait_ms, out, n, e);
 }
 
 int queue_finish_many(struct queue *q, struct queue_outcome *outs, size_t n, struct err *e)
 {
-    return q->ops->finish_many(q, outs, n, e);
+    return q->ops->jobs->finish_many(q, outs, n, e);
 }
 
 int queue_extend(struct queue *q, const char *id, uint64_t token, int64_t lease_ms, struct err *e)
 {
-    return q->ops->extend(q, id, token, lease_ms, e);
+    return q->ops->jobs->extend(q, id, token, lease_ms, e);
+}
+
+int64_t queue_now_ms(void)
+{
+    return clock_now_ms();
+}
+
+int64_t queue_retry_backoff_ms(int64_t first_ms, int counted, int64_t retry_after_ms)
+{
+    int64_t backoff = first_ms;
+
+    for (int i = 1; i < counted && backoff < QUEUE_MAX_BACKOFF_MS; i++)
+        backoff *= 2;
+    if (backoff > QUEUE_MAX_BACKOFF_MS)
+        backoff = QUEUE_MAX_BACKOFF_MS;
+    return retry_after_ms > backoff ? retry_after_ms : backoff;
+}
+
+/* Records one outcome; a fencing conflict is this call's error. */
+static int finish_one(struct queue *q, struct queue_outcome *o, struct err *e)
+{
+    int rc = q->ops->jobs->finish_many(q, o, 1, e);
+
+    if (rc == 0 && o->rc == ERR_CONFLICT)
+        rc = err_set(e, ERR_CONFLICT, "job %s: attempt %llu no longer holds the lease", o->id,
+                     (unsigned long long)o->token);
+    return rc;
 }
 
 int queue_complete(struct queue *q, const char *id, uint64_t token, const char *result,
                    size_t result_len, int64_t result_json_len, struct err *e)
 {
-    return q->ops->complete(q, id, token, result, result_len, result_json_len, e);
+    struct queue_outcome o = {.id = id,
+                              .token = token,
+                              .ok = 1,
+                              .result = result,
+                              .result_len = result_len,
+                              .result_json_len = result_json_len};
+
+    return finish_one(q, &o, e);
 }
 
 int queue_fail(struct queue *q, const char *id, uint64_t token, const char *error, int retryable,
                struct err *e)
 {
-    return q->ops->fail(q, id, token, error, retryable, e);
+    struct queue_outcome o = {
+        .id = id, .token = token, .ok = 0, .error = error, .retryable = retryable};
+
+    return finish_one(q, &o, e);
 }
 
 int queue_cancel(struct queue *q, const char *id, struct job **out, struct err *e)
 {
-    int rc = q->ops->cancel(q, id, out, e);
+    int rc = q->ops->jobs->cancel(q, id, out, e);
 
     if (rc == 0 && *out && (*out)->state == JOB_RUNNING)
         queue_note_cancel(q, id);
@@ -235,7 +280,7 @@ int queue_cancel_noted(struct queue *q, const char *id)
 
 int queue_retry(struct queue *q, const char *id, struct job **out, struct err *e)
 {
-    return q->ops->retry(q, id, out, e);
+    return q->ops->jobs->retry(q, id, out, e);
 }
 
 /* A page of up to f->limit jobs matching `f`, newest first, into the caller's array `jobs` of
@@ -244,7 +289,7 @@ static int list_page(struct queue *q, const struct queue_list_filter *f, struct 
                      size_t *n, struct err *e)
 {
     *n = 0;
-    return q->ops->list(q, f, jobs, n, e);
+    return q->ops->jobs->list(q, f, jobs, n, e);
 }
 
 static void jobs_free(struct job **jobs, size_t n)
@@ -314,13 +359,13 @@ int queue_retry_matching(struct queue *q, const struct queue_list_filter *f, int
 
 int queue_get(struct queue *q, const char *id, int want_result, struct job **out, struct err *e)
 {
-    return q->ops->get(q, id, want_result, out, e);
+    return q->ops->jobs->get(q, id, want_result, out, e);
 }
 
 int queue_batch_create(struct queue *q, const struct batch_job_spec *spec, char id_out[40],
                        struct err *e)
 {
-    return q->ops->batch_create(q, spec, id_out, e);
+    return q->ops->batch->create(q, spec, id_out, e);
 }
 
 /* Appends `b`'s JSON (when `rc` is 0) and frees it (an array of one). */
@@ -336,7 +381,7 @@ int queue_batch_get(struct queue *q, const char *id, struct buf *out, struct err
 {
     struct batch_job *b = NULL;
 
-    int rc = q->ops->batch_get(q, id, &b, e);
+    int rc = q->ops->batch->get(q, id, &b, e);
 
     return answer_batch_job(rc, b, out, e);
 }
@@ -349,7 +394,7 @@ int queue_batch_list(struct queue *q, int limit, const char *status, struct buf 
     int rc = 0;
 
     if (queue_batch_filter_parse(status, &f))
-        rc = q->ops->batch_list(q, &f, &b, &n, e);
+        rc = q->ops->batch->list(q, &f, &b, &n, e);
     if (rc == 0 && queue_batch_list_json(b, n, out) != 0)
         rc = err_set(e, ERR_NOMEM, "out of memory");
     batch_jobs_free(b, n);
@@ -359,7 +404,7 @@ int queue_batch_list(struct queue *q, int limit, const char *status, struct buf 
 int queue_batch_definition(struct queue *q, const char *id, struct queue_schedule **out,
                            struct err *e)
 {
-    return q->ops->batch_definition(q, id, out, e);
+    return q->ops->batch->definition(q, id, out, e);
 }
 
 int queue_batch_pause(struct queue *q, const char *id, int paused, int64_t next_run_ms,
@@ -367,7 +412,7 @@ int queue_batch_pause(struct queue *q, const char *id, int paused, int64_t next_
 {
     struct batch_job *b = NULL;
 
-    int rc = q->ops->batch_pause(q, id, paused, next_run_ms, &b, e);
+    int rc = q->ops->batch->pause(q, id, paused, next_run_ms, &b, e);
 
     return answer_batch_job(rc, b, out, e);
 }
@@ -375,14 +420,14 @@ int queue_batch_pause(struct queue *q, const char *id, int paused, int64_t next_
 int queue_batch_progress(struct queue *q, const char *batch_id, const char *task_id, uint64_t token,
                          int64_t records, struct err *e)
 {
-    return q->ops->batch_progress(q, batch_id, task_id, token, records, e);
+    return q->ops->batch->progress(q, batch_id, task_id, token, records, e);
 }
 
 int queue_batch_cancel(struct queue *q, const char *id, struct buf *out, struct err *e)
 {
     struct batch_job *b = NULL;
 
-    int rc = q->ops->batch_cancel(q, id, &b, e);
+    int rc = q->ops->batch->cancel(q, id, &b, e);
 
     return answer_batch_job(rc, b, out, e);
 }
@@ -391,7 +436,7 @@ int queue_batch_manifest(struct queue *q, const char *id, struct buf *out, struc
 {
     char *model = NULL, **results = NULL;
     size_t n = 0;
-    int rc = q->ops->batch_results(q, id, &model, &results, &n, e);
+    int rc = q->ops->batch->results(q, id, &model, &results, &n, e);
 
     if (rc == 0 && queue_batch_manifest_json(model, results, n, out) != 0)
         rc = err_set(e, ERR_NOMEM, "out of memory");
@@ -405,24 +450,24 @@ int queue_batch_manifest(struct queue *q, const char *id, struct buf *out, struc
 int queue_schedules_due(struct queue *q, int64_t now_ms, struct queue_schedule **out, size_t *n,
                         struct err *e)
 {
-    return q->ops->schedules_due(q, now_ms, out, n, e);
+    return q->ops->batch->schedules_due(q, now_ms, out, n, e);
 }
 
 /* ---- workers ---- */
 
 int queue_worker_beat(struct queue *q, const struct queue_worker *w, struct err *e)
 {
-    return q->ops->worker_beat(q, w, e);
+    return q->ops->jobs->worker_beat(q, w, e);
 }
 
 int queue_worker_leave(struct queue *q, const char *id, struct err *e)
 {
-    return q->ops->worker_leave(q, id, e);
+    return q->ops->jobs->worker_leave(q, id, e);
 }
 
 int queue_workers_list(struct queue *q, struct queue_worker **out, size_t *n, struct err *e)
 {
-    return q->ops->workers_list(q, out, n, e);
+    return q->ops->jobs->workers_list(q, out, n, e);
 }
 
 void queue_worker_id_of(const char *name, char out[96])
@@ -465,7 +510,7 @@ int queue_workers_json(const struct queue_worker *w, size_t n, struct buf *out)
 
 int queue_outbox_exclusive(struct queue *q)
 {
-    return q->ops->outbox_exclusive;
+    return q->ops->outbox->exclusive;
 }
 
 void queue_schedules_free(struct queue_schedule *s, size_t n)
@@ -509,28 +554,28 @@ int queue_list(struct queue *q, const struct queue_list_filter *f, struct buf *o
 
 int queue_counts(struct queue *q, int64_t counts[JOB_N_STATES], struct err *e)
 {
-    return q->ops->counts(q, counts, e);
+    return q->ops->jobs->counts(q, counts, e);
 }
 
 int64_t queue_queued(struct queue *q)
 {
-    return q->ops->queued(q);
+    return q->ops->jobs->queued(q);
 }
 
 int queue_outbox_due(struct queue *q, int64_t now_ms, size_t max, struct queue_outbox_item **out,
                      size_t *n, struct err *e)
 {
-    return q->ops->outbox_due(q, now_ms, max, out, n, e);
+    return q->ops->outbox->due(q, now_ms, max, out, n, e);
 }
 
 int64_t queue_outbox_next_due(struct queue *q)
 {
-    return q->ops->outbox_next_due(q);
+    return q->ops->outbox->next_due(q);
 }
 
 int queue_outbox_record(struct queue *q, const struct queue_outbox_attempt *a, struct err *e)
 {
-    return q->ops->outbox_record(q, a, e);
+    return q->ops->outbox->record(q, a, e);
 }
 
 /* ---- JSON ---- */
@@ -637,7 +682,7 @@ int queue_job_json(const struct job *j, struct buf *out)
     if (rc == 0)
         rc = queue_json_time(out, j->finished_ms);
     if (rc == 0) { /* since it first started, until it finished */
-        int64_t end = j->state == JOB_RUNNING ? queue_now_ms() : j->finished_ms;
+        int64_t end = j->state == JOB_RUNNING ? clock_now_ms() : j->finished_ms;
         if (j->started_ms > 0 && end >= j->started_ms)
             rc = buf_printf(out, ",\"elapsed_s\":%.3f", (double)(end - j->started_ms) / 1e3);
         else

@@ -1,7 +1,7 @@
 /*
  * queue.h: the durable job queue and job store behind one interface.
  *
- * Implementations: queue_sqlite.c (embedded default, one SQLite database in WAL mode under
+ * Implementations: src/queue/sqlite/ (embedded default, one SQLite database in WAL mode under
  * --data-dir). The operations are the ones a Redis Streams queue (consumer groups, XAUTOCLAIM)
  * or a PostgreSQL `FOR UPDATE SKIP LOCKED` queue also offers, so callers never change.
  *
@@ -55,7 +55,7 @@ struct job_spec {
     const char *model;
     enum job_kind kind;
     const char *batch_id; /* batch tasks: their batch job; NULL otherwise */
-    const char *input; /* a v2 infer request body (JSON); NULL with input_location */
+    const char *input;    /* a v2 infer request body (JSON); NULL with input_location */
     size_t input_len;
     int64_t input_json_len;      /* Inference-Header-Content-Length of `input`, or -1 */
     const char *input_location;  /* URI of a file holding that body; NULL means inline */
@@ -197,9 +197,9 @@ struct queue_outcome {
     int64_t retry_after_ms; /* > 0: the next attempt no sooner than this (after a backoff) */
     int released; /* with ok 0: stopped by the worker's shutdown, not by the job: queued again
                    * at once, and this attempt does not count against max_attempts */
-    int rc; /* filled: 0 (recorded), ERR_CONFLICT when fenced out (the outcome is discarded),
-             * or another error: not recorded (the store failed; the same outcome may be sent
-             * again, its token still fencing it) */
+    int rc;       /* filled: 0 (recorded), ERR_CONFLICT when fenced out (the outcome is discarded),
+                   * or another error: not recorded (the store failed; the same outcome may be sent
+                   * again, its token still fencing it) */
     int failed_final; /* filled with rc 0: this failure ended the job failed (no attempt left,
                        * or not retryable); 0: it runs again, or it was not a failure */
 };
@@ -268,7 +268,7 @@ int64_t queue_queued(struct queue *q);
 int queue_job_json(const struct job *j, struct buf *out);
 /* Appends an ISO-8601 UTC time for milliseconds since the epoch, or null for 0. */
 int queue_json_time(struct buf *out, int64_t ms);
-int64_t queue_now_ms(void);
+int64_t queue_now_ms(void); /* the wall clock, as clock_now_ms() (core/clock.h) is */
 
 /* ---- workers: the processes that run jobs, and their heartbeats ---- */
 
@@ -311,18 +311,18 @@ void queue_worker_id_of(const char *name, char out[96]);
  * next run; the scheduler creates its runs.
  */
 struct batch_job_spec {
-    const char *definition;   /* JSON object: the options as accepted */
+    const char *definition; /* JSON object: the options as accepted */
     const char *model;
     const char *callback_url; /* NULL: none */
     int64_t max_errors;       /* bad records tolerated over the whole run */
     int max_attempts;         /* per task */
     int64_t lease_timeout_ms; /* per task attempt */
     /* a schedule: no run now */
-    const char *schedule;     /* the cron expression; NULL for a run */
-    int64_t next_run_ms;      /* its first run */
+    const char *schedule; /* the cron expression; NULL for a run */
+    int64_t next_run_ms;  /* its first run */
     /* a run */
-    const char *output;             /* where this run writes */
-    const char *const *task_inputs; /* per input object: the task's input (JSON) */
+    const char *output;              /* where this run writes */
+    const char *const *task_inputs;  /* per input object: the task's input (JSON) */
     const char *const *task_objects; /* per input object: its name */
     size_t n_tasks;
     const char *finish_input; /* the finishing job's input (JSON) */
@@ -350,8 +350,8 @@ struct batch_job {
     char *output;     /* where the run writes; NULL if not known */
     char *error;      /* why it failed or was cancelled; NULL if none */
     int64_t created_ms, started_ms, finished_ms; /* 0 when not yet */
-    int64_t run_at_ms;   /* a run of a schedule: when it was due */
-    int64_t next_run_ms; /* a schedule: its next run */
+    int64_t run_at_ms;                           /* a run of a schedule: when it was due */
+    int64_t next_run_ms;                         /* a schedule: its next run */
     int64_t objects_total, objects_done;
     int64_t records_done; /* of finished objects, plus what running tasks reported so far */
     int64_t records_failed;

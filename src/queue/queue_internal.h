@@ -5,71 +5,31 @@
 #define INFERD_QUEUE_INTERNAL_H
 
 #include "queue/queue.h"
+#include "queue/store_batch.h"
+#include "queue/store_jobs.h"
+#include "queue/store_outbox.h"
 
 #include <jansson.h>
 #include <stdatomic.h>
 
-/* Which batch jobs a listing wants (from its ?status=). */
-struct queue_batch_filter {
-    int schedules; /* 1: schedules only; 0: runs only; -1: both */
-    int state;     /* a schedule's QUEUE_SCHEDULE_* or a run's job_state; -1 any */
-    int limit;     /* at most this many */
+/* A store: three tables of durable primitives, by concern, and its close. */
+struct queue_ops {
+    const struct queue_job_ops *jobs;
+    const struct queue_batch_ops *batch;
+    const struct queue_outbox_ops *outbox;
+    void (*close)(struct queue *q); /* once, when no other call runs */
 };
 
-struct queue_ops {
-    int (*enqueue)(struct queue *q, const struct job_spec *spec, char id_out[40], int *existed,
-                   struct err *e);
-    int (*lease)(struct queue *q, const char *worker, int64_t wait_ms, struct job **out,
-                 struct err *e);
-    int (*enqueue_async)(struct queue *q, const struct job_spec *spec, queue_enqueue_fn fn,
-                         void *ctx, struct err *e);
-    int (*lease_many)(struct queue *q, const char *worker, size_t max, int max_tasks,
-                      int64_t wait_ms, struct job **out, size_t *n, struct err *e);
-    int (*finish_many)(struct queue *q, struct queue_outcome *outs, size_t n, struct err *e);
-    int (*extend)(struct queue *q, const char *id, uint64_t token, int64_t lease_ms, struct err *e);
-    int (*complete)(struct queue *q, const char *id, uint64_t token, const char *result, size_t len,
-                    int64_t json_len, struct err *e);
-    int (*fail)(struct queue *q, const char *id, uint64_t token, const char *error, int retryable,
-                struct err *e);
-    int (*cancel)(struct queue *q, const char *id, struct job **out, struct err *e);
-    int (*retry)(struct queue *q, const char *id, struct job **out, struct err *e);
-    int (*get)(struct queue *q, const char *id, int want_result, struct job **out, struct err *e);
-    /* up to f->limit jobs matching `f`, newest first, with their notifications and history, into
-     * the caller's array of f->limit; `*n` (0 on entry) counts them */
-    int (*list)(struct queue *q, const struct queue_list_filter *f, struct job **out, size_t *n,
-                struct err *e);
-    int (*counts)(struct queue *q, int64_t counts[JOB_N_STATES], struct err *e);
-    int64_t (*queued)(struct queue *q);
-    int (*outbox_due)(struct queue *q, int64_t now_ms, size_t max, struct queue_outbox_item **out,
-                      size_t *n, struct err *e);
-    int64_t (*outbox_next_due)(struct queue *q);
-    int (*outbox_record)(struct queue *q, const struct queue_outbox_attempt *a, struct err *e);
-    int (*batch_create)(struct queue *q, const struct batch_job_spec *spec, char id_out[40],
-                        struct err *e);
-    /* a batch job, with a schedule's latest runs: a new array of one */
-    int (*batch_get)(struct queue *q, const char *id, struct batch_job **out, struct err *e);
-    /* runs started by hand and schedules matching `f`, newest first: a new array */
-    int (*batch_list)(struct queue *q, const struct queue_batch_filter *f,
-                      struct batch_job **out, size_t *n, struct err *e);
-    int (*batch_cancel)(struct queue *q, const char *id, struct batch_job **out, struct err *e);
-    /* the run's model, and the stored result (JSON text) of each of its succeeded tasks;
-     * `*model` and `*results` (and each result) are the caller's to free() */
-    int (*batch_results)(struct queue *q, const char *id, char **model, char ***results,
-                         size_t *n, struct err *e);
-    int (*schedules_due)(struct queue *q, int64_t now_ms, struct queue_schedule **out, size_t *n,
-                         struct err *e);
-    int (*batch_definition)(struct queue *q, const char *id, struct queue_schedule **out,
-                            struct err *e);
-    int (*batch_pause)(struct queue *q, const char *id, int paused, int64_t next_run_ms,
-                       struct batch_job **out, struct err *e);
-    int (*batch_progress)(struct queue *q, const char *batch_id, const char *task_id,
-                          uint64_t token, int64_t records, struct err *e);
-    int (*worker_beat)(struct queue *q, const struct queue_worker *w, struct err *e);
-    int (*worker_leave)(struct queue *q, const char *id, struct err *e);
-    int (*workers_list)(struct queue *q, struct queue_worker **out, size_t *n, struct err *e);
-    void (*close)(struct queue *q);
-    int outbox_exclusive; /* outbox_due hides what it handed out (held for one sender) */
-};
+/* The longest wait before a retry, however many attempts failed. */
+#define QUEUE_MAX_BACKOFF_MS 60000
+
+/*
+ * How long a job waits before its next attempt after its `counted`-th counted attempt failed:
+ * `first_ms` doubled per attempt after the first, at most QUEUE_MAX_BACKOFF_MS, and never
+ * sooner than `retry_after_ms` (what the model or its upstream asked for). Every store uses
+ * this rule (the Redis script gets the same two numbers and applies it in Lua).
+ */
+int64_t queue_retry_backoff_ms(int64_t first_ms, int counted, int64_t retry_after_ms);
 
 /* Frees what `b` holds (its runs too) and zeroes it; `b` itself is the caller's. */
 void batch_job_release(struct batch_job *b);
@@ -79,8 +39,7 @@ int queue_batch_filter_parse(const char *status, struct queue_batch_filter *f);
 /* {"batch_jobs": [...]} */
 int queue_batch_list_json(const struct batch_job *b, size_t n, struct buf *out);
 /* A run's manifest from its tasks' results (see queue_batch_manifest). */
-int queue_batch_manifest_json(const char *model, char *const *results, size_t n,
-                              struct buf *out);
+int queue_batch_manifest_json(const char *model, char *const *results, size_t n, struct buf *out);
 
 #define QUEUE_CANCEL_RING 256
 

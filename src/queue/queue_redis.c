@@ -673,16 +673,6 @@ static int r_lease_many(struct queue *qb, const char *worker, size_t max, int ma
     return rc;
 }
 
-static int r_lease(struct queue *qb, const char *worker, int64_t wait_ms, struct job **out,
-                   struct err *e)
-{
-    size_t n = 0;
-    int rc = r_lease_many(qb, worker, 1, 1, wait_ms, out, &n, e);
-
-    if (n == 0)
-        *out = NULL;
-    return rc;
-}
 
 static int int_reply(redisReply *r, int64_t *v)
 {
@@ -780,36 +770,7 @@ static int r_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n,
     return rc;
 }
 
-static int r_complete(struct queue *qb, const char *id, uint64_t token, const char *result,
-                      size_t len, int64_t json_len, struct err *e)
-{
-    struct queue_outcome o = {.id = id,
-                              .token = token,
-                              .ok = 1,
-                              .result = result,
-                              .result_len = len,
-                              .result_json_len = json_len};
-    int rc = r_finish_many(qb, &o, 1, e);
 
-    if (rc == 0 && o.rc == ERR_CONFLICT)
-        return err_set(e, ERR_CONFLICT,
-                       "job %s: attempt %llu no longer holds the lease; its "
-                       "result is discarded",
-                       id, (unsigned long long)token);
-    return rc;
-}
-
-static int r_fail(struct queue *qb, const char *id, uint64_t token, const char *error,
-                  int retryable, struct err *e)
-{
-    struct queue_outcome o = {.id = id, .token = token, .error = error, .retryable = retryable};
-    int rc = r_finish_many(qb, &o, 1, e);
-
-    if (rc == 0 && o.rc == ERR_CONFLICT)
-        return err_set(e, ERR_CONFLICT, "job %s: attempt %llu no longer holds the lease", id,
-                       (unsigned long long)token);
-    return rc;
-}
 
 /* cancel and retry: a script answering a state (or -1 / -2), then the job. */
 static int change_then_load(struct redis_queue *q, const char *op, const char *id, struct job **out,
@@ -1945,38 +1906,47 @@ static void r_close(struct queue *qb)
     free(q);
 }
 
-static const struct queue_ops redis_ops = {
+static const struct queue_job_ops redis_job_ops = {
     .enqueue = r_enqueue,
-    .lease = r_lease,
-    .lease_many = r_lease_many,
     .enqueue_async = r_enqueue_async,
+    .lease_many = r_lease_many,
     .finish_many = r_finish_many,
     .extend = r_extend,
-    .complete = r_complete,
-    .fail = r_fail,
     .cancel = r_cancel,
     .retry = r_retry,
     .get = r_get,
     .list = r_list,
     .counts = r_counts,
     .queued = r_queued,
-    .outbox_due = r_outbox_due,
-    .outbox_next_due = r_outbox_next_due,
-    .outbox_record = r_outbox_record,
-    .batch_create = r_batch_create,
-    .batch_get = r_batch_get,
-    .batch_list = r_batch_list,
-    .batch_cancel = r_batch_cancel,
-    .batch_results = r_batch_results,
-    .schedules_due = r_schedules_due,
-    .batch_definition = r_batch_definition,
-    .batch_pause = r_batch_pause,
-    .batch_progress = r_batch_progress,
     .worker_beat = r_worker_beat,
     .worker_leave = r_worker_leave,
     .workers_list = r_workers_list,
+};
+
+static const struct queue_batch_ops redis_batch_ops = {
+    .create = r_batch_create,
+    .get = r_batch_get,
+    .list = r_batch_list,
+    .cancel = r_batch_cancel,
+    .pause = r_batch_pause,
+    .results = r_batch_results,
+    .definition = r_batch_definition,
+    .progress = r_batch_progress,
+    .schedules_due = r_schedules_due,
+};
+
+static const struct queue_outbox_ops redis_outbox_ops = {
+    .due = r_outbox_due,
+    .next_due = r_outbox_next_due,
+    .record = r_outbox_record,
+    .exclusive = 1,
+};
+
+static const struct queue_ops redis_ops = {
+    .jobs = &redis_job_ops,
+    .batch = &redis_batch_ops,
+    .outbox = &redis_outbox_ops,
     .close = r_close,
-    .outbox_exclusive = 1,
 };
 
 /* redis://[host][:port][/db] */

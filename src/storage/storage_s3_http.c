@@ -18,6 +18,7 @@
  */
 #define _GNU_SOURCE
 #include "storage/storage_internal.h"
+#include "core/clock.h"
 #include "core/log.h"
 
 #include <curl/curl.h>
@@ -507,8 +508,7 @@ static void backoff(int attempt)
     struct timespec ts;
 
     if (!state) {
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        state = ((unsigned long long)ts.tv_nsec << 20) ^ (unsigned long long)(uintptr_t)&ts;
+        state = (clock_mono_ns() % 1000000000ull << 20) ^ (unsigned long long)(uintptr_t)&ts;
         state |= 1;
     }
     state ^= state << 13, state ^= state >> 7, state ^= state << 17; /* xorshift64 */

@@ -15,8 +15,9 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include "core/clock.h"
 #include "model/batcher.h"
-#include "model/codec.h"
+#include "kserve/codec.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -251,7 +252,7 @@ static void test_full_queue_is_busy_and_deadline_is_answered(void **state)
     assert_int_equal(batcher_submit(b, &running.item, &e), 0);
     wait_in_execute(); /* the only instance is now busy */
     waiter_init(&queued, r2, 0);
-    waiter_init(&late, r3, batcher_now_ns() + 1000000); /* 1 ms */
+    waiter_init(&late, r3, clock_mono_ns() + 1000000); /* 1 ms */
     waiter_init(&extra, r4, 0);
     assert_int_equal(batcher_submit(b, &queued.item, &e), 0);
     assert_int_equal(batcher_submit(b, &late.item, &e), 0);
@@ -517,7 +518,7 @@ struct completer {
     int alternate;         /* take from both ends of the open list, so ends are out of order */
     struct batcher *probe; /* set: end nothing until batcher_destroy has begun */
     int linger_ms;         /* before each end, give a wrong destroy this long to show itself */
-    uint64_t after_ns;     /* end nothing before this batcher_now_ns() */
+    uint64_t after_ns;     /* end nothing before this clock_mono_ns() */
     pthread_t thread;
     int ended, timed_out; /* read after join */
 };
@@ -527,13 +528,13 @@ struct completer {
 static int wait_stopping(struct batcher *b)
 {
     struct timespec pause = {.tv_nsec = 1000000};
-    uint64_t until = batcher_now_ns() + (uint64_t)WAIT_S * 1000000000ull;
+    uint64_t until = clock_mono_ns() + (uint64_t)WAIT_S * 1000000000ull;
     struct waiter probe;
     struct err e;
     int rc;
 
     waiter_init(&probe, NULL, 0);
-    while ((rc = batcher_submit(b, &probe.item, &e)) == ERR_BUSY && batcher_now_ns() < until)
+    while ((rc = batcher_submit(b, &probe.item, &e)) == ERR_BUSY && clock_mono_ns() < until)
         nanosleep(&pause, NULL);
     return rc == ERR_UNAVAILABLE ? 0 : -1;
 }
@@ -544,10 +545,10 @@ static int wait_stopping(struct batcher *b)
  * then report. */
 static void linger(struct afake *f, int ms)
 {
-    uint64_t until_ns = batcher_now_ns() + (uint64_t)ms * 1000000ull;
+    uint64_t until_ns = clock_mono_ns() + (uint64_t)ms * 1000000ull;
     struct timespec pause = {.tv_nsec = 1000000};
 
-    while (afake_get(f, &f->instances_alive) > 0 && batcher_now_ns() < until_ns)
+    while (afake_get(f, &f->instances_alive) > 0 && clock_mono_ns() < until_ns)
         nanosleep(&pause, NULL);
 }
 
@@ -561,7 +562,7 @@ static void *completer_main(void *arg)
         c->timed_out = 1;
         return NULL;
     }
-    while (batcher_now_ns() < c->after_ns)
+    while (clock_mono_ns() < c->after_ns)
         nanosleep(&pause, NULL);
     while (c->ended < c->total) {
         struct inferd_request *req = NULL;
@@ -1006,7 +1007,7 @@ static void test_async_expired_while_draining_frees_its_place(void **state)
     assert_int_equal(afake_wait_open(&f, 1), 0);
     /* the sweeper stops with destroy; `late` expires after that, while it waits for the place,
      * so the dispatcher must answer it and give the place to `c` */
-    waiter_init(&late, rl, batcher_now_ns() + 200000000ull);
+    waiter_init(&late, rl, clock_mono_ns() + 200000000ull);
     waiter_init(&wc, rc, 0);
     assert_int_equal(batcher_submit(b, &late.item, &e), 0);
     assert_int_equal(batcher_submit(b, &wc.item, &e), 0);

@@ -13,7 +13,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
-#include "model/codec.h"
+#include "kserve/codec.h"
 
 #include <math.h>
 #include <stdio.h>

@@ -9,8 +9,8 @@
 #include <stdint.h>
 #include <cmocka.h>
 
-#include "model/codec.h"
-#include "model/tensor.h"
+#include "kserve/codec.h"
+#include "kserve/tensor.h"
 
 #include <math.h>
 #include <stdio.h>

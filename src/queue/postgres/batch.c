@@ -17,6 +17,7 @@
  */
 #define _GNU_SOURCE
 #include "queue/postgres/pg_internal.h"
+#include "core/id.h"
 #include "core/log.h"
 
 #include <jansson.h>
@@ -201,7 +202,7 @@ static int queue_finish_job(struct pg_txn *t, const char *batch_id, struct err *
         spec.input_len = strlen(spec.input);
         spec.max_attempts = (int)pg_int(r, 0, 2);
         spec.lease_timeout_ms = pg_int(r, 0, 3);
-        pg_new_id(id);
+        id_new(id);
         rc = pg_insert_job(t, &spec, id, e);
     }
     PQclear(r);
@@ -361,7 +362,7 @@ int pg_op_batch_create(struct pg_txn *t, struct pg_op *o)
     /* after the admission: an operation that fails cleanly has changed nothing (writer.c) */
     if (s->parent && !s->by_hand && (rc = claim_schedule(t, s, &o->err)) != 0)
         return rc;
-    pg_new_id(raw);
+    id_new(raw);
     snprintf(o->id_out, sizeof(o->id_out), "batch-%s", raw);
     pg_p_str(&p, o->id_out);
     pg_p_str(&p, s->parent);
@@ -409,7 +410,7 @@ int pg_op_batch_create(struct pg_txn *t, struct pg_op *o)
             .lease_timeout_ms = s->lease_timeout_ms,
         };
         char id[40];
-        pg_new_id(id);
+        id_new(id);
         rc = pg_insert_job(t, &task, id, &o->err);
     }
     if (rc == 0 && s->n_tasks == 0)

@@ -9,26 +9,20 @@
  * for, so a sweep and a late outcome cannot both win. Sweeps take their rows with SKIP
  * LOCKED too: sweepers of several processes share the work and never block a writer.
  *
- * The op_* functions run inside a transaction of the writer (writer.c), the sweep inside one
- * of the sweeper (pg.c); reads (get, list, counts, workers) use a pooled connection.
+ * The op_* functions run inside a transaction of the writer (writer.c); lost attempts, dead
+ * workers and the sweeps are in sweep.c, reads in reads.c.
  */
 #define _GNU_SOURCE
 #include "queue/postgres/pg_internal.h"
+#include "core/id.h"
 #include "core/log.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define JOB_COLUMNS                                                                                \
-    "id, model, state, priority, attempts, max_attempts, created_ms, "                             \
-    "COALESCE(started_ms, 0), COALESCE(finished_ms, 0), lease_timeout_ms, ttl_s, error, "          \
-    "input_location, output_location, callback_url, cancel_requested, kind, batch_id, worker, "    \
-    "extra_attempts"
-#define N_JOB_COLUMNS 20
 
-/* The job in row `row` of `r`, its columns JOB_COLUMNS from column `c0`. NULL: no memory. */
-static struct job *job_from_row(const PGresult *r, int row, int c0)
+struct job *pg_job_from_row(const PGresult *r, int row, int c0)
 {
     struct job *j = calloc(1, sizeof(*j));
 
@@ -78,7 +72,7 @@ int pg_load_job(struct pg_queue *q, PGconn *c, const char *id, int lock, struct 
         return e->code;
     if (PQntuples(r) == 0)
         rc = err_set(e, ERR_NOT_FOUND, "no job '%.40s'", id);
-    else if (!(*out = job_from_row(r, 0, 0)))
+    else if (!(*out = pg_job_from_row(r, 0, 0)))
         rc = err_set(e, ERR_NOMEM, "out of memory");
     PQclear(r);
     return rc;
@@ -106,7 +100,7 @@ int pg_load_history(struct pg_queue *q, PGconn *c, struct job *j)
     return rc;
 }
 
-static void note_final(struct pg_txn *t, const char *id, enum job_state state)
+void pg_note_final(struct pg_txn *t, const char *id, enum job_state state)
 {
     struct pg_final *f = calloc(1, sizeof(*f));
 
@@ -129,7 +123,7 @@ int pg_job_became_final(struct pg_txn *t, const char *id, struct err *e)
     rc = pg_load_job(q, t->c, id, 0, &j, e);
     if (rc != 0)
         goto cleanup;
-    note_final(t, id, j->state);
+    pg_note_final(t, id, j->state);
     if (j->kind != JOB_KIND_INFER) {
         rc = pg_batch_task_final(t, j, e); /* the batch job, not the task, has a webhook */
         goto cleanup;
@@ -173,7 +167,7 @@ cleanup:
 }
 
 /* Ends attempt `attempt` of job `id` in its history, with `error` (NULL: the job's own). */
-static int attempt_ended(struct pg_txn *t, const char *id, uint64_t attempt, const char *error,
+int pg_attempt_ended(struct pg_txn *t, const char *id, uint64_t attempt, const char *error,
                          struct err *e)
 {
     struct pg_params p = {0};
@@ -190,7 +184,7 @@ static int attempt_ended(struct pg_txn *t, const char *id, uint64_t attempt, con
 }
 
 /* Rows changed by the command of `r`. */
-static long changed(const PGresult *r)
+long pg_changed(const PGresult *r)
 {
     return strtol(PQcmdTuples((PGresult *)r), NULL, 10);
 }
@@ -203,7 +197,7 @@ static int fenced(struct pg_txn *t, struct pg_op *o, const char *sql, const stru
 
     if (!r)
         return o->err.code;
-    if (changed(r) == 0)
+    if (pg_changed(r) == 0)
         rc = err_set(&o->err, ERR_CONFLICT,
                      "job %s: attempt %llu no longer holds the lease; its result is discarded",
                      o->id, (unsigned long long)o->token);
@@ -264,7 +258,7 @@ int pg_op_enqueue(struct pg_txn *t, struct pg_op *o)
     if (t->queued >= t->q->cfg.max_queued)
         return err_set(&o->err, ERR_BUSY, "the queue holds %lld jobs, the limit (--max-queue)",
                        (long long)t->queued);
-    pg_new_id(o->id_out);
+    id_new(o->id_out);
     rc = pg_insert_job(t, s, o->id_out, &o->err);
     if (rc == 1) {
         /* another process stored the key meanwhile (the unique index waited for it) */
@@ -309,7 +303,7 @@ int pg_insert_job(struct pg_txn *t, const struct job_spec *s, const char *id, st
                 &p, "insert job", e);
     if (!r)
         return e->code;
-    if (changed(r) == 0)
+    if (pg_changed(r) == 0)
         rc = 1;
     PQclear(r);
     if (rc == 0) {
@@ -352,7 +346,7 @@ int pg_ops_enqueue(struct pg_txn *t, struct pg_op **ops, size_t n, struct err *e
             continue;
         }
         admitted++;
-        pg_new_id(ops[i]->id_out);
+        id_new(ops[i]->id_out);
         snprintf(num[PRIO], 24, "%d", sp->priority);
         snprintf(num[MAXATT], 24, "%d", sp->max_attempts);
         snprintf(num[EXPIRES], 24, "%lld", (long long)(sp->ttl_s > 0 ? now + sp->ttl_s * 1000 : 0));
@@ -428,7 +422,7 @@ static int leased_jobs(struct pg_txn *t, struct pg_op *o, const PGresult *r, con
             struct job *j;
             if (pg_int(r, i, 0) != seqs[k])
                 continue;
-            j = job_from_row(r, i, 1);
+            j = pg_job_from_row(r, i, 1);
             if (!j)
                 return err_set(&o->err, ERR_NOMEM, "out of memory");
             o->jobs[o->n_jobs++] = j;
@@ -579,7 +573,7 @@ int pg_op_complete(struct pg_txn *t, struct pg_op *o)
                      "job %s: attempt %llu no longer holds the lease; its result is discarded",
                      o->id, (unsigned long long)o->token);
     } else if (pg_int(r, 0, 1) == JOB_KIND_INFER && strcmp(PQgetvalue(r, 0, 2), "t") != 0) {
-        note_final(t, o->id, (enum job_state)pg_int(r, 0, 0)); /* no webhook, no batch job */
+        pg_note_final(t, o->id, (enum job_state)pg_int(r, 0, 0)); /* no webhook, no batch job */
     } else {
         rc = pg_job_became_final(t, o->id, &o->err);
     }
@@ -649,7 +643,7 @@ int pg_ops_complete(struct pg_txn *t, struct pg_op **ops, size_t n, struct err *
                             "discarded",
                             o->id, (unsigned long long)o->token);
         } else if (pg_int(r, row, 2) == JOB_KIND_INFER && strcmp(PQgetvalue(r, row, 3), "t")) {
-            note_final(t, o->id, (enum job_state)pg_int(r, row, 1));
+            pg_note_final(t, o->id, (enum job_state)pg_int(r, row, 1));
             o->rc = 0;
         } else {
             o->rc = pg_job_became_final(t, o->id, &o->err);
@@ -670,7 +664,7 @@ cleanup:
 
 int pg_op_fail(struct pg_txn *t, struct pg_op *o)
 {
-    int64_t now = queue_now_ms(), backoff = t->q->cfg.retry_backoff_ms;
+    int64_t now = queue_now_ms(), backoff;
     struct pg_params p = {0};
     struct job *j = NULL;
     int final, end_state, rc;
@@ -688,14 +682,10 @@ int pg_op_fail(struct pg_txn *t, struct pg_op *o)
         j->cancel_requested ||
         (!o->released && (!o->retryable || j->attempts - j->attempts_uncounted >= j->max_attempts));
     end_state = j->cancel_requested ? JOB_CANCELLED : final ? JOB_FAILED : JOB_QUEUED;
-    for (int i = 1; i < j->attempts - j->attempts_uncounted && backoff < PG_MAX_BACKOFF_MS; i++)
-        backoff *= 2;
-    if (backoff > PG_MAX_BACKOFF_MS)
-        backoff = PG_MAX_BACKOFF_MS;
-    if (o->retry_after_ms > backoff) /* the model said when (an upstream's Retry-After) */
-        backoff = o->retry_after_ms;
-    if (o->released)
-        backoff = 0;
+    backoff = o->released ? 0
+                          : queue_retry_backoff_ms(t->q->cfg.retry_backoff_ms,
+                                                   j->attempts - j->attempts_uncounted,
+                                                   o->retry_after_ms);
     job_free(j);
     /* a failed job keeps its input: POST /v1/jobs/{id}/retry sends it back */
     pg_p_int(&p, end_state);
@@ -714,7 +704,7 @@ int pg_op_fail(struct pg_txn *t, struct pg_op *o)
                 "attempts = $7",
                 &p);
     if (rc == 0)
-        rc = attempt_ended(t, o->id, o->token, o->data ? o->data : "failed", &o->err);
+        rc = pg_attempt_ended(t, o->id, o->token, o->data ? o->data : "failed", &o->err);
     if (rc != 0)
         return rc;
     o->failed_final = end_state == JOB_FAILED;
@@ -785,7 +775,7 @@ int pg_op_retry(struct pg_txn *t, struct pg_op *o)
                 &p, "retry", &o->err);
     if (!r)
         return o->err.code;
-    if (changed(r) == 0) {
+    if (pg_changed(r) == 0) {
         struct job *j = NULL;
         rc = pg_load_job(t->q, t->c, o->id, 0, &j, &o->err);
         if (rc == 0)
@@ -801,362 +791,4 @@ int pg_op_retry(struct pg_txn *t, struct pg_op *o)
         t->queued++;
     t->runnable = 1;
     return pg_load_job(t->q, t->c, o->id, 0, &o->job, &o->err);
-}
-
-/* ---- lost attempts, workers, sweeps ---- */
-
-/*
- * A running attempt is lost (its lease ran out, or its worker is presumed dead): it counts,
- * and the job runs again at once, or fails when that was its last attempt. Its late outcome is
- * fenced out: the next lease makes another attempt number. The row is locked by the caller.
- */
-static int attempt_lost(struct pg_txn *t, const char *id, const char *why, int64_t now,
-                        struct err *e)
-{
-    struct pg_params p = {0};
-    struct job *j = NULL;
-    int exhausted, rc;
-
-    rc = pg_load_job(t->q, t->c, id, 1, &j, e);
-    if (rc != 0)
-        return rc == ERR_NOT_FOUND ? 0 : rc;
-    if (j->state != JOB_RUNNING) {
-        job_free(j);
-        return 0;
-    }
-    exhausted = j->attempts - j->attempts_uncounted >= j->max_attempts;
-    pg_p_int(&p, now);
-    pg_p_str(&p, id);
-    pg_p_str(&p, why);
-    rc = pg_run(t->q, t->c,
-                exhausted ? "UPDATE inferd_jobs SET state = 3, finished_ms = $1, error = $3 || ' "
-                            "on the last attempt' WHERE id = $2 AND state = 1"
-                          : "UPDATE inferd_jobs SET state = 0, available_ms = $1, error = $3 "
-                            "WHERE id = $2 AND state = 1",
-                &p, "requeue job", e);
-    if (rc == 0)
-        rc = attempt_ended(t, id, (uint64_t)j->attempts, why, e);
-    if (rc == 0 && exhausted) {
-        log_warn("queue", "job failed", "job=%s model=%s attempts=%d error=\"%s on the last attempt\"",
-                 id, j->model, j->attempts, why);
-        rc = pg_job_became_final(t, id, e);
-    } else if (rc == 0) {
-        if (t->queued >= 0)
-            t->queued++;
-        t->runnable = 1;
-    }
-    job_free(j);
-    return rc;
-}
-
-/* The running jobs of worker `wid` are lost (`why`); when none is left, it leaves the list.
- * Sets *n to how many were lost. */
-static int reap_worker(struct pg_txn *t, const char *wid, const char *why, int64_t now, int *n,
-                       struct err *e)
-{
-    struct pg_params p = {0};
-    PGresult *r;
-    int rows, rc = 0;
-
-    *n = 0;
-    pg_p_str(&p, wid);
-    r = pg_exec(t->q, t->c,
-                "SELECT id FROM inferd_jobs WHERE state = 1 AND worker = $1 LIMIT 64 FOR UPDATE "
-                "SKIP LOCKED",
-                &p, "read a worker's jobs", e);
-    if (!r)
-        return e->code;
-    rows = PQntuples(r);
-    for (int i = 0; rc == 0 && i < rows; i++)
-        rc = attempt_lost(t, PQgetvalue(r, i, 0), why, now, e);
-    PQclear(r);
-    if (rc != 0)
-        return rc;
-    *n = rows;
-    if (rows == 64)
-        return 0; /* more: the next sweep goes on before the worker leaves */
-    if (rows > 0)
-        log_warn("queue", "worker gone; its running jobs are queued again",
-                 "worker=%s jobs=%d reason=\"%s\"", wid, rows, why);
-    return pg_run(t->q, t->c, "DELETE FROM inferd_workers WHERE id = $1", &p, "worker leaves", e);
-}
-
-int pg_op_worker_leave(struct pg_txn *t, struct pg_op *o)
-{
-    int n;
-
-    return reap_worker(t, o->id, "its worker stopped", queue_now_ms(), &n, &o->err);
-}
-
-int pg_op_worker_beat(struct pg_txn *t, struct pg_op *o)
-{
-    const struct queue_worker *w = o->wk;
-    struct pg_params p = {0};
-
-    pg_p_str(&p, w->id);
-    pg_p_str(&p, w->host);
-    pg_p_int(&p, w->pid);
-    pg_p_int(&p, w->started_ms);
-    pg_p_int(&p, queue_now_ms());
-    pg_p_int(&p, w->timeout_ms);
-    pg_p_int(&p, w->jobs_running);
-    return pg_run(t->q, t->c,
-                  "INSERT INTO inferd_workers (id, host, pid, started_ms, heartbeat_ms, "
-                  "timeout_ms, jobs_running) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) "
-                  "DO UPDATE SET heartbeat_ms = $5, timeout_ms = $6, jobs_running = $7",
-                  &p, "worker heartbeat", &o->err);
-}
-
-/* Workers silent past their timeout are presumed dead: their running jobs run again now. Only
- * after a whole timeout of this process reaching PostgreSQL: a worker cut off with us had no
- * way to beat. */
-static int reap_dead_workers(struct pg_txn *t, int64_t now, struct err *e)
-{
-    struct pg_params p = {0};
-    PGresult *r;
-    int rc = 0;
-
-    pg_p_int(&p, now);
-    pg_p_int(&p, atomic_load(&t->q->up_since_ms));
-    r = pg_exec(t->q, t->c,
-                "SELECT id, ($1::bigint - heartbeat_ms) / 1000 FROM inferd_workers WHERE "
-                "heartbeat_ms + timeout_ms <= $1::bigint AND $2::bigint + timeout_ms <= "
-                "$1::bigint LIMIT 8 FOR UPDATE SKIP LOCKED",
-                &p, "read workers", e);
-    if (!r)
-        return e->code;
-    for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
-        char why[160];
-        int n;
-        snprintf(why, sizeof(why), "its worker %.95s sent no heartbeat for %lld s",
-                 PQgetvalue(r, i, 0), (long long)pg_int(r, i, 1));
-        rc = reap_worker(t, PQgetvalue(r, i, 0), why, now, &n, e);
-    }
-    PQclear(r);
-    return rc;
-}
-
-/* Removes inference jobs that finished more than --result-ttl-s ago, with their webhook
- * records and attempts, at most PG_RETAIN_MAX; a job whose webhook is still pending stays.
- * (Batch jobs' tasks stay with their batch job.) */
-static int retain(struct pg_txn *t, int64_t now, struct err *e)
-{
-    struct pg_params p = {0};
-    PGresult *r;
-
-    pg_p_int(&p, now - t->q->cfg.result_ttl_s * 1000);
-    pg_p_int(&p, PG_RETAIN_MAX);
-    r = pg_exec(t->q, t->c,
-                "WITH gone AS (SELECT id FROM inferd_jobs j WHERE state >= 2 AND finished_ms <= "
-                "$1 AND kind = 0 AND batch_id IS NULL AND NOT EXISTS (SELECT 1 FROM "
-                "inferd_outbox o WHERE o.job_id = j.id AND o.done = 0) ORDER BY finished_ms "
-                "LIMIT $2 FOR UPDATE SKIP LOCKED), "
-                "d1 AS (DELETE FROM inferd_deliveries WHERE job_id IN (SELECT id FROM gone)), "
-                "d2 AS (DELETE FROM inferd_outbox WHERE job_id IN (SELECT id FROM gone)), "
-                "d3 AS (DELETE FROM inferd_attempts WHERE job_id IN (SELECT id FROM gone)) "
-                "DELETE FROM inferd_jobs WHERE id IN (SELECT id FROM gone)",
-                &p, "retention", e);
-    if (!r)
-        return e->code;
-    if (changed(r) > 0)
-        log_debug("queue", "finished jobs past their retention removed", "jobs=%ld", changed(r));
-    PQclear(r);
-    return 0;
-}
-
-int pg_sweep(struct pg_txn *t, int64_t now, int retain_now, struct err *e)
-{
-    struct pg_params p = {0};
-    PGresult *r;
-    int rc = 0;
-
-    /* queued jobs past their ttl: expired */
-    pg_p_int(&p, now);
-    r = pg_exec(t->q, t->c,
-                "UPDATE inferd_jobs SET state = 5, finished_ms = $1, error = 'its "
-                "ttl passed before a worker started it' WHERE seq IN (SELECT seq FROM inferd_jobs "
-                "WHERE state = 0 AND expires_ms > 0 AND expires_ms <= $1 LIMIT 64 FOR UPDATE SKIP "
-                "LOCKED) RETURNING id",
-                &p, "expire jobs", e);
-    if (!r)
-        return e->code;
-    for (int i = 0; rc == 0 && i < PQntuples(r); i++)
-        rc = pg_job_became_final(t, PQgetvalue(r, i, 0), e);
-    PQclear(r);
-    if (rc != 0)
-        return rc;
-    /* a lease that ran out: the attempt is lost; count it and go again (or give up) */
-    r = pg_exec(t->q, t->c,
-                "SELECT id FROM inferd_jobs WHERE state = 1 AND lease_until_ms <= $1 LIMIT 64 "
-                "FOR UPDATE SKIP LOCKED",
-                &p, "read expired leases", e);
-    if (!r)
-        return e->code;
-    for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
-        rc = attempt_lost(t, PQgetvalue(r, i, 0), "its lease expired", now, e);
-        if (rc == 0)
-            log_warn("queue", "lease expired", "job=%s", PQgetvalue(r, i, 0));
-    }
-    PQclear(r);
-    if (rc == 0)
-        rc = reap_dead_workers(t, now, e);
-    if (rc == 0 && retain_now)
-        rc = retain(t, now, e);
-    return rc;
-}
-
-/* ---- reads (a pooled connection) ---- */
-
-int pg_get(struct queue *qb, const char *id, int want_result, struct job **out, struct err *e)
-{
-    struct pg_queue *q = pgq(qb);
-    PGconn *c = pg_take(q, e);
-    int rc;
-
-    *out = NULL;
-    if (!c)
-        return e->code;
-    rc = pg_load_job(q, c, id, 0, out, e);
-    if (rc == 0 && want_result && (*out)->state == JOB_SUCCEEDED) {
-        struct pg_params p = {0};
-        PGresult *r;
-        pg_p_str(&p, id);
-        r = pg_exec(q, c, "SELECT result, result_json_len FROM inferd_jobs WHERE id = $1", &p,
-                    "read result", e);
-        if (!r) {
-            rc = e->code;
-        } else if (PQntuples(r) == 1) {
-            if (pg_bytea(r, 0, 0, &(*out)->result) != 0)
-                rc = err_set(e, ERR_NOMEM, "out of memory");
-            (*out)->result_json_len = pg_int(r, 0, 1);
-        }
-        PQclear(r);
-    }
-    if (rc == 0 && (pg_load_notifications(q, c, *out) != 0 || pg_load_history(q, c, *out) != 0))
-        rc = err_set(e, PQstatus(c) == CONNECTION_OK ? ERR_IO : ERR_UNAVAILABLE,
-                     "job store: cannot read job %s's webhooks and attempts", id);
-    pg_give(q, c);
-    if (rc != 0) {
-        job_free(*out);
-        *out = NULL;
-    }
-    return rc;
-}
-
-int pg_list(struct queue *qb, const struct queue_list_filter *f, struct job **out, size_t *n,
-            struct err *e)
-{
-    struct pg_queue *q = pgq(qb);
-    struct pg_params p = {0};
-    PGconn *c = pg_take(q, e);
-    PGresult *r = NULL;
-    int rc = 0;
-
-    if (!c)
-        return e->code;
-    pg_p_int(&p, f->state);
-    pg_p_str(&p, f->model);
-    pg_p_str(&p, f->cursor);
-    pg_p_int(&p, f->limit);
-    pg_p_int(&p, f->state == JOB_RUNNING ? f->cancelling : -1);
-    r = pg_exec(q, c,
-                "SELECT " JOB_COLUMNS " FROM inferd_jobs WHERE kind = 0 AND ($1::int < 0 OR "
-                "state = $1::int) AND ($2::text IS NULL OR model = $2::text) AND ($3::text IS "
-                "NULL OR seq < (SELECT seq FROM inferd_jobs WHERE id = $3::text)) AND ($5::int < "
-                "0 OR cancel_requested = $5::int) ORDER BY seq DESC LIMIT $4",
-                &p, "list jobs", e);
-    if (!r)
-        rc = e->code;
-    for (int i = 0; rc == 0 && i < PQntuples(r) && i < f->limit; i++) {
-        struct job *j = job_from_row(r, i, 0);
-        if (!j) {
-            rc = err_set(e, ERR_NOMEM, "out of memory");
-            break;
-        }
-        out[(*n)++] = j;
-        /* each job as GET /v1/jobs/{id} shows it */
-        if (pg_load_notifications(q, c, j) != 0 || pg_load_history(q, c, j) != 0)
-            rc = err_set(e, PQstatus(c) == CONNECTION_OK ? ERR_IO : ERR_UNAVAILABLE,
-                         "job store: cannot read webhooks and attempts");
-    }
-    PQclear(r);
-    pg_give(q, c);
-    if (rc != 0) {
-        for (size_t i = 0; i < *n; i++) {
-            job_free(out[i]);
-            out[i] = NULL;
-        }
-        *n = 0;
-    }
-    return rc;
-}
-
-int pg_counts(struct queue *qb, int64_t counts[JOB_N_STATES], struct err *e)
-{
-    struct pg_queue *q = pgq(qb);
-    PGconn *c = pg_take(q, e);
-    PGresult *r;
-
-    memset(counts, 0, sizeof(int64_t) * JOB_N_STATES);
-    if (!c)
-        return e->code;
-    r = pg_exec(q, c, "SELECT state, COUNT(*) FROM inferd_jobs GROUP BY state", NULL,
-                "count jobs", e);
-    for (int i = 0; r && i < PQntuples(r); i++) {
-        int64_t s = pg_int(r, i, 0);
-        if (s >= 0 && s < JOB_N_STATES)
-            counts[s] = pg_int(r, i, 1);
-    }
-    if (r)
-        atomic_store(&q->n_queued, counts[JOB_QUEUED]);
-    PQclear(r);
-    pg_give(q, c);
-    return r ? 0 : e->code;
-}
-
-int64_t pg_queued(struct queue *qb)
-{
-    return atomic_load(&pgq(qb)->n_queued);
-}
-
-int pg_workers_list(struct queue *qb, struct queue_worker **out, size_t *n, struct err *e)
-{
-    struct pg_queue *q = pgq(qb);
-    struct pg_params p = {0};
-    struct queue_worker *v = NULL;
-    PGconn *c = pg_take(q, e);
-    PGresult *r;
-    int rows;
-
-    *out = NULL;
-    *n = 0;
-    if (!c)
-        return e->code;
-    pg_p_int(&p, queue_now_ms());
-    r = pg_exec(q, c,
-                "SELECT id, host, pid, started_ms, heartbeat_ms, timeout_ms, jobs_running FROM "
-                "inferd_workers WHERE heartbeat_ms + timeout_ms > $1 ORDER BY started_ms, id",
-                &p, "list workers", e);
-    pg_give(q, c);
-    if (!r)
-        return e->code;
-    rows = PQntuples(r);
-    if (rows > 0 && !(v = calloc((size_t)rows, sizeof(*v)))) {
-        PQclear(r);
-        return err_set(e, ERR_NOMEM, "out of memory");
-    }
-    for (int i = 0; i < rows; i++) {
-        struct queue_worker *w = &v[i];
-        snprintf(w->id, sizeof(w->id), "%s", PQgetvalue(r, i, 0));
-        snprintf(w->host, sizeof(w->host), "%s", PQgetvalue(r, i, 1));
-        w->pid = (int)pg_int(r, i, 2);
-        w->started_ms = pg_int(r, i, 3);
-        w->heartbeat_ms = pg_int(r, i, 4);
-        w->timeout_ms = pg_int(r, i, 5);
-        w->jobs_running = (int)pg_int(r, i, 6);
-    }
-    PQclear(r);
-    *out = v;
-    *n = (size_t)rows;
-    return 0;
 }

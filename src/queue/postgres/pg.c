@@ -30,7 +30,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 
 /* ---- statements ---- */
 
@@ -164,20 +163,6 @@ int pg_array_add_bytea(struct buf *b, const void *data, size_t len)
         rc = buf_append(b, two, 2);
     }
     return rc ? rc : buf_puts(b, "\"");
-}
-
-/* Time-ordered ids, as the other stores make them: 12 hex digits of ms, 12 random ones. */
-void pg_new_id(char out[40])
-{
-    unsigned char rnd[6] = {0};
-    int64_t now = queue_now_ms();
-
-    if (getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd)) {
-        for (size_t i = 0; i < sizeof(rnd); i++)
-            rnd[i] = (unsigned char)rand();
-    }
-    snprintf(out, 40, "%012llx%02x%02x%02x%02x%02x%02x", (unsigned long long)now, rnd[0], rnd[1],
-             rnd[2], rnd[3], rnd[4], rnd[5]);
 }
 
 /* ---- connections ---- */
@@ -594,43 +579,53 @@ static void pg_close(struct queue *qb)
     pthread_cond_destroy(&q->finished);
     pthread_cond_destroy(&q->runnable);
     pthread_cond_destroy(&q->stop);
+    free(q->lost);
     free(q->conninfo);
     free(q->shown);
     free(q);
 }
 
-static const struct queue_ops postgres_ops = {
+static const struct queue_job_ops postgres_job_ops = {
     .enqueue = pg_enqueue,
-    .lease = pg_lease,
-    .lease_many = pg_lease_many,
     .enqueue_async = pg_enqueue_async,
+    .lease_many = pg_lease_many,
     .finish_many = pg_finish_many,
     .extend = pg_extend,
-    .complete = pg_complete,
-    .fail = pg_fail,
     .cancel = pg_cancel,
     .retry = pg_retry,
     .get = pg_get,
     .list = pg_list,
     .counts = pg_counts,
     .queued = pg_queued,
-    .outbox_due = pg_outbox_due,
-    .outbox_next_due = pg_outbox_next_due,
-    .outbox_record = pg_outbox_record,
-    .batch_create = pg_batch_create,
-    .batch_get = pg_batch_get,
-    .batch_list = pg_batch_list,
-    .batch_cancel = pg_batch_cancel,
-    .batch_results = pg_batch_results,
-    .schedules_due = pg_schedules_due,
-    .batch_definition = pg_batch_definition,
-    .batch_pause = pg_batch_pause,
-    .batch_progress = pg_batch_progress,
     .worker_beat = pg_worker_beat,
     .worker_leave = pg_worker_leave,
     .workers_list = pg_workers_list,
+};
+
+static const struct queue_batch_ops postgres_batch_ops = {
+    .create = pg_batch_create,
+    .get = pg_batch_get,
+    .list = pg_batch_list,
+    .cancel = pg_batch_cancel,
+    .pause = pg_batch_pause,
+    .results = pg_batch_results,
+    .definition = pg_batch_definition,
+    .progress = pg_batch_progress,
+    .schedules_due = pg_schedules_due,
+};
+
+static const struct queue_outbox_ops postgres_outbox_ops = {
+    .due = pg_outbox_due,
+    .next_due = pg_outbox_next_due,
+    .record = pg_outbox_record,
+    .exclusive = 1, /* many processes send: a taken webhook is held for its sender */
+};
+
+static const struct queue_ops postgres_ops = {
+    .jobs = &postgres_job_ops,
+    .batch = &postgres_batch_ops,
+    .outbox = &postgres_outbox_ops,
     .close = pg_close,
-    .outbox_exclusive = 1, /* many processes send: a taken webhook is held for its sender */
 };
 
 int queue_postgres_open(const struct queue_config *cfg, struct queue **out, struct err *e)

@@ -1,7 +1,8 @@
 /*
  * pg_internal.h: what the PostgreSQL queue's files share (pg.c: connections, schema, threads,
- * the ops table; writer.c: group commit; jobs.c: the jobs' SQL, sweeps, workers; outbox.c:
- * webhooks; batch.c: batch jobs and schedules). Included by those files only.
+ * the ops table; writer.c: group commit; jobs.c: the jobs' changes; sweep.c: lost attempts,
+ * workers, expiry and retention; reads.c: reads; outbox.c: webhooks; batch.c: batch jobs and
+ * schedules). Included by those files only.
  *
  * Threads and their connections (a PGconn is used by one thread at a time):
  *   writer    every change (enqueue, lease, outcomes, cancel, ...), grouped into one
@@ -32,7 +33,6 @@
 #define PG_RETAIN_MS 1000       /* how often finished jobs past --result-ttl-s are removed */
 #define PG_RETAIN_MAX 1000      /* at most this many per pass */
 #define PG_IDLE_POLL_MS 1000    /* an idle lease looks again this often without a NOTIFY */
-#define PG_MAX_BACKOFF_MS 60000 /* retries of failed attempts: the backoff's cap */
 #define PG_OUTBOX_HOLD_MS 60000 /* a webhook handed to a sender is its own for this long */
 #define PG_RECONNECT_MIN_MS 100
 #define PG_RECONNECT_MAX_MS 2000
@@ -151,6 +151,13 @@ struct pg_queue {
     PGconn *wconn;           /* writer thread only */
     int64_t next_connect_ms; /* writer thread only: no reconnect before (backoff) */
     int64_t connect_backoff_ms; /* writer thread only */
+    /* writer thread only: attempts a lease handed out in a group whose COMMIT got no answer
+     * (the connection broke): committed or not, nobody runs them; released at the next group */
+    struct pg_lost_lease {
+        char id[40];
+        uint64_t token;
+    } *lost;
+    size_t n_lost;
 
     _Atomic int64_t n_queued;      /* jobs queued, as last counted (queue_queued) */
     _Atomic int64_t down_since_ms; /* 0 while PostgreSQL answers */
@@ -193,7 +200,6 @@ int64_t pg_int(const PGresult *r, int row, int col);
 char *pg_strdup(const PGresult *r, int row, int col);
 /* Appends a bytea value (text form) to `out`. 0 or ERR_NOMEM. */
 int pg_bytea(const PGresult *r, int row, int col, struct buf *out);
-void pg_new_id(char out[40]);
 /* Appends one element to an array literal being built in `b` (started with "{"; "}" ends
  * it): a text (NULL: SQL NULL), or a bytea. 0 or ERR_NOMEM. */
 int pg_array_add(struct buf *b, const char *s);
@@ -213,14 +219,8 @@ int pg_enqueue_async(struct queue *qb, const struct job_spec *spec, queue_enqueu
                      void *ctx, struct err *e);
 int pg_lease_many(struct queue *qb, const char *worker, size_t max, int max_tasks,
                   int64_t wait_ms, struct job **out, size_t *n, struct err *e);
-int pg_lease(struct queue *qb, const char *worker, int64_t wait_ms, struct job **out,
-             struct err *e);
 int pg_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n, struct err *e);
 int pg_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms, struct err *e);
-int pg_complete(struct queue *qb, const char *id, uint64_t token, const char *result, size_t len,
-                int64_t json_len, struct err *e);
-int pg_fail(struct queue *qb, const char *id, uint64_t token, const char *error, int retryable,
-            struct err *e);
 int pg_cancel(struct queue *qb, const char *id, struct job **out, struct err *e);
 int pg_retry(struct queue *qb, const char *id, struct job **out, struct err *e);
 int pg_outbox_record(struct queue *qb, const struct queue_outbox_attempt *a, struct err *e);
@@ -228,6 +228,22 @@ int pg_worker_beat(struct queue *qb, const struct queue_worker *w, struct err *e
 int pg_worker_leave(struct queue *qb, const char *id, struct err *e);
 
 /* ---- jobs.c: operations (inside a transaction of `t`) ---- */
+
+#define JOB_COLUMNS                                                                                \
+    "id, model, state, priority, attempts, max_attempts, created_ms, "                             \
+    "COALESCE(started_ms, 0), COALESCE(finished_ms, 0), lease_timeout_ms, ttl_s, error, "          \
+    "input_location, output_location, callback_url, cancel_requested, kind, batch_id, worker, "    \
+    "extra_attempts"
+#define N_JOB_COLUMNS 20
+/* The job in row `row` of `r`, its columns JOB_COLUMNS from column `c0`. NULL: no memory. */
+struct job *pg_job_from_row(const PGresult *r, int row, int c0);
+/* Rows changed by the command of `r`. */
+long pg_changed(const PGresult *r);
+/* Notes that job `id` became `state` (NOTIFY inferd_final, on_final after the commit). */
+void pg_note_final(struct pg_txn *t, const char *id, enum job_state state);
+/* Ends attempt `attempt` of job `id` in its history, with `error` (NULL: the job's own). */
+int pg_attempt_ended(struct pg_txn *t, const char *id, uint64_t attempt, const char *error,
+                     struct err *e);
 
 int pg_op_enqueue(struct pg_txn *t, struct pg_op *o);
 /* Enqueues `n` operations without idempotency keys in one statement; as pg_op_enqueue each. */
@@ -250,14 +266,20 @@ int pg_load_job(struct pg_queue *q, PGconn *c, const char *id, int lock, struct 
 int pg_load_history(struct pg_queue *q, PGconn *c, struct job *j);
 /* A job just became final: its note, its webhook, its batch job; in the transaction. */
 int pg_job_became_final(struct pg_txn *t, const char *id, struct err *e);
+
+/* ---- sweep.c ---- */
+
 /* The sweeper's round: ttls, leases, dead workers, retention. In the transaction of `t`. */
 int pg_sweep(struct pg_txn *t, int64_t now, int retain, struct err *e);
+int pg_workers_list(struct queue *qb, struct queue_worker **out, size_t *n, struct err *e);
+
+/* ---- reads.c ---- */
+
 int pg_get(struct queue *qb, const char *id, int want_result, struct job **out, struct err *e);
 int pg_list(struct queue *qb, const struct queue_list_filter *f, struct job **out, size_t *n,
             struct err *e);
 int pg_counts(struct queue *qb, int64_t counts[JOB_N_STATES], struct err *e);
 int64_t pg_queued(struct queue *qb);
-int pg_workers_list(struct queue *qb, struct queue_worker **out, size_t *n, struct err *e);
 
 /* ---- outbox.c ---- */
 

@@ -283,9 +283,57 @@ static void group_reset(struct pg_txn *t, struct pg_op *ops)
     }
 }
 
+/* The group's leases when its COMMIT got no answer: they may have happened, and their jobs
+ * reached nobody. Kept for release_lost(). */
+static void note_lost_leases(struct pg_queue *q, const struct pg_op *ops)
+{
+    for (const struct pg_op *o = ops; o; o = o->next) {
+        for (size_t i = 0; o->kind == PG_OP_LEASE && i < o->n_jobs; i++) {
+            struct pg_lost_lease *more = realloc(q->lost, (q->n_lost + 1) * sizeof(*more));
+            if (!more)
+                return; /* those jobs run again after their lease, as a crashed worker's do */
+            q->lost = more;
+            snprintf(q->lost[q->n_lost].id, sizeof(q->lost[0].id), "%s", o->jobs[i]->id);
+            q->lost[q->n_lost++].token = o->jobs[i]->token;
+        }
+    }
+}
+
+/* Queues again, at once and without counting the attempt, the jobs of leases whose answer was
+ * lost, if those leases happened (the fence: still that attempt, still running). */
+static int release_lost(struct pg_txn *t, struct err *e)
+{
+    struct pg_queue *q = t->q;
+    int rc = 0;
+
+    for (size_t i = 0; rc == 0 && i < q->n_lost; i++) {
+        struct pg_params p = {0};
+        PGresult *r;
+        pg_p_str(&p, q->lost[i].id);
+        pg_p_int(&p, (int64_t)q->lost[i].token);
+        r = pg_exec(q, t->c,
+                    "UPDATE inferd_jobs SET state = 0, available_ms = 0, extra_attempts = "
+                    "extra_attempts + 1 WHERE id = $1 AND state = 1 AND attempts = $2",
+                    &p, "release a lost lease", e);
+        if (!r)
+            return e->code;
+        if (pg_changed(r) > 0) {
+            rc = pg_attempt_ended(t, q->lost[i].id, q->lost[i].token,
+                                  "the answer of its lease was lost; queued again", e);
+            t->runnable = 1;
+            log_warn("queue", "a lease's answer was lost; its job is queued again", "job=%s",
+                     q->lost[i].id);
+        }
+        PQclear(r);
+    }
+    return rc;
+}
+
 static void run_group(struct pg_queue *q, struct pg_op *ops)
 {
     struct pg_txn t = {.q = q, .queued = -1};
+    size_t n_lost = q->n_lost;
+    int committing = 0;
     struct err e = {0};
     int rc;
 
@@ -294,6 +342,8 @@ static void run_group(struct pg_queue *q, struct pg_op *ops)
         t.c = q->wconn;
         rc = pg_run(q, t.c, "BEGIN", NULL, "begin", &e);
     }
+    if (rc == 0 && n_lost > 0)
+        rc = release_lost(&t, &e);
     if (rc == 0)
         rc = run_ops(&t, ops, 0, &e);
     if (rc == REDO) {
@@ -301,14 +351,23 @@ static void run_group(struct pg_queue *q, struct pg_op *ops)
         group_reset(&t, ops);
         if (rc == 0)
             rc = pg_run(q, t.c, "BEGIN", NULL, "begin", &e);
+        if (rc == 0 && n_lost > 0)
+            rc = release_lost(&t, &e);
         if (rc == 0)
             rc = run_ops(&t, ops, 1, &e);
     }
+    committing = rc == 0;
     if (rc == 0)
         rc = pg_txn_commit(&t, &e);
     if (rc == 0) {
         pg_note_up(q);
+        if (n_lost > 0) { /* released (those noted since stay for the next group) */
+            memmove(q->lost, q->lost + n_lost, (q->n_lost - n_lost) * sizeof(*q->lost));
+            q->n_lost -= n_lost;
+        }
     } else {
+        if (committing && rc == ERR_UNAVAILABLE)
+            note_lost_leases(q, ops);
         if (t.c && PQstatus(t.c) == CONNECTION_OK) {
             struct err ignored;
             pg_run(q, t.c, "ROLLBACK", NULL, "rollback", &ignored);
@@ -493,15 +552,6 @@ int pg_lease_many(struct queue *qb, const char *worker, size_t max, int max_task
     }
 }
 
-int pg_lease(struct queue *qb, const char *worker, int64_t wait_ms, struct job **out,
-             struct err *e)
-{
-    size_t n = 0;
-
-    *out = NULL;
-    return pg_lease_many(qb, worker, 1, 1, wait_ms, out, &n, e);
-}
-
 int pg_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n, struct err *e)
 {
     struct pg_op *ops = calloc(n ? n : 1, sizeof(*ops));
@@ -548,32 +598,6 @@ int pg_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms
         pthread_mutex_lock(&pgq(qb)->final_lock);
         pthread_mutex_unlock(&pgq(qb)->final_lock);
     }
-    copy_err(e, &o);
-    return rc;
-}
-
-int pg_complete(struct queue *qb, const char *id, uint64_t token, const char *result, size_t len,
-                int64_t json_len, struct err *e)
-{
-    struct pg_op o = {.kind = PG_OP_COMPLETE,
-                      .id = id,
-                      .token = token,
-                      .data = result,
-                      .data_len = len,
-                      .json_len = json_len};
-    int rc = pg_submit(pgq(qb), &o);
-
-    copy_err(e, &o);
-    return rc;
-}
-
-int pg_fail(struct queue *qb, const char *id, uint64_t token, const char *error, int retryable,
-            struct err *e)
-{
-    struct pg_op o = {
-        .kind = PG_OP_FAIL, .id = id, .token = token, .data = error, .retryable = retryable};
-    int rc = pg_submit(pgq(qb), &o);
-
     copy_err(e, &o);
     return rc;
 }

@@ -2,7 +2,7 @@
  * features.c: a model's feature names, sorted once at load so that mapping a record by name
  * costs a binary search per field, whatever the number of features.
  */
-#include "model/features.h"
+#include "kserve/features.h"
 
 #include <stdlib.h>
 #include <string.h>

@@ -8,7 +8,7 @@
  * from a location (CODEC_FROM_STORE: a job's input_location) quotes none of it, neither a value
  * nor a name, so a job cannot be used to read a file it has no business reading.
  */
-#include "model/codec.h"
+#include "kserve/codec.h"
 
 #include "core/jdoc.h"
 

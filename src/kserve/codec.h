@@ -10,8 +10,8 @@
 
 #include "core/buf.h"
 #include "core/err.h"
-#include "model/features.h"
-#include "model/tensor.h"
+#include "kserve/features.h"
+#include "kserve/tensor.h"
 
 #include <stddef.h>
 #include <stdint.h>

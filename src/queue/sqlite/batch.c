@@ -1,5 +1,5 @@
 /*
- * queue_sqlite_batch.c: batch jobs in the SQLite queue.
+ * batch.c: batch runs in the SQLite queue (schedules and reads: schedules.c).
  *
  * A run is a row of batch_jobs plus one job (kind JOB_KIND_BATCH_TASK) per input object,
  * stored in one commit. Workers lease tasks like any job; the final-state hook of a task
@@ -14,8 +14,10 @@
  * its object's records in records_done, so the sum of both never counts a record twice.
  */
 #define _GNU_SOURCE
+#include "core/clock.h"
+#include "core/id.h"
 #include "core/log.h"
-#include "queue/sqlite_internal.h"
+#include "queue/sqlite/internal.h"
 
 #include <jansson.h>
 #include <stdio.h>
@@ -112,7 +114,7 @@ static int row_batch_job(sqlite3_stmt *st, struct batch_job *b)
 }
 
 /* A batch job, with a schedule's latest runs, read with `db`: a new array of one. */
-static int load_batch(sqlite3 *db, const char *id, struct batch_job **out, struct err *e)
+int sq_load_batch(sqlite3 *db, const char *id, struct batch_job **out, struct err *e)
 {
     sqlite3_stmt *st = sq_prepare(db, "SELECT " BATCH_COLUMNS " FROM batch_jobs WHERE id = ?");
     struct batch_job *b = calloc(1, sizeof(*b));
@@ -171,7 +173,7 @@ static int load_batch(sqlite3 *db, const char *id, struct batch_job **out, struc
 static int end_run(struct sqlite_queue *q, const char *id, enum job_state state, const char *error,
                    struct err *e)
 {
-    int64_t now = queue_now_ms();
+    int64_t now = clock_now_ms();
     sqlite3_stmt *st;
     struct batch_job *b = NULL;
     struct buf body = {0};
@@ -226,7 +228,7 @@ static int end_run(struct sqlite_queue *q, const char *id, enum job_state state,
         return rc;
     log_info("batch", "batch job ended", "batch_job=%s status=%s%s%s%s", id, job_state_name(state),
              error ? " reason=\"" : "", error ? error : "", error ? "\"" : "");
-    rc = load_batch(q->wdb, id, &b, e);
+    rc = sq_load_batch(q->wdb, id, &b, e);
     if (rc != 0)
         return rc;
     snprintf(event_id, sizeof(event_id), "evt_%s", id);
@@ -279,7 +281,7 @@ static int queue_finish_job(struct sqlite_queue *q, const char *batch_id, struct
         spec.model = model;
         spec.input = input;
         spec.input_len = strlen(input);
-        sq_new_id(id);
+        id_new(id);
         rc = sq_insert_job(q, &spec, id, e);
         if (rc == 0)
             q->n_queued++;
@@ -425,7 +427,7 @@ static int claim_schedule(struct sqlite_queue *q, const struct batch_job_spec *s
 int sq_op_batch_create(struct sqlite_queue *q, struct op *o)
 {
     const struct batch_job_spec *s = o->batch;
-    int64_t now = queue_now_ms();
+    int64_t now = clock_now_ms();
     sqlite3_stmt *st;
     int rc = 0;
 
@@ -437,7 +439,7 @@ int sq_op_batch_create(struct sqlite_queue *q, struct op *o)
                        "%lld are waiting",
                        s->n_tasks, (long long)q->cfg.max_queued, (long long)q->n_queued);
     char raw[40];
-    sq_new_id(raw);
+    id_new(raw);
     snprintf(o->id_out, sizeof(o->id_out), "batch-%s", raw);
     st = sq_prepare(q->wdb,
                     "INSERT INTO batch_jobs (id, parent, definition, model, schedule, state, "
@@ -482,7 +484,7 @@ int sq_op_batch_create(struct sqlite_queue *q, struct op *o)
             .lease_timeout_ms = s->lease_timeout_ms,
         };
         char id[40];
-        sq_new_id(id);
+        id_new(id);
         rc = sq_insert_job(q, &task, id, &o->err);
         if (rc == 0)
             q->n_queued++;
@@ -493,7 +495,7 @@ int sq_op_batch_create(struct sqlite_queue *q, struct op *o)
 }
 
 /* A batch job's state and whether it is a schedule (writer thread); ERR_NOT_FOUND names it. */
-static int batch_state(struct sqlite_queue *q, struct op *o, int *state, int *is_schedule)
+int sq_batch_state(struct sqlite_queue *q, struct op *o, int *state, int *is_schedule)
 {
     sqlite3_stmt *st = sq_prepare(q->wdb, "SELECT state, schedule IS NOT NULL FROM batch_jobs "
                                           "WHERE id = ?");
@@ -516,7 +518,7 @@ int sq_op_batch_cancel(struct sqlite_queue *q, struct op *o)
     sqlite3_stmt *st;
     int state, is_schedule, rc;
 
-    if ((rc = batch_state(q, o, &state, &is_schedule)) != 0)
+    if ((rc = sq_batch_state(q, o, &state, &is_schedule)) != 0)
         return rc;
     if (is_schedule ? state == JOB_CANCELLED : job_state_is_final((enum job_state)state))
         return err_set(&o->err, ERR_CONFLICT, "batch job %s is already %s", o->id,
@@ -525,7 +527,7 @@ int sq_op_batch_cancel(struct sqlite_queue *q, struct op *o)
         st = sq_prepare(q->wdb, "UPDATE batch_jobs SET state = 4, finished_ms = ? WHERE id = ?");
         if (!st)
             return sq_db_err(q->wdb, &o->err, "prepare");
-        sqlite3_bind_int64(st, 1, queue_now_ms());
+        sqlite3_bind_int64(st, 1, clock_now_ms());
         sqlite3_bind_text(st, 2, o->id, -1, SQLITE_STATIC);
         if (sqlite3_step(st) != SQLITE_DONE)
             rc = sq_db_err(q->wdb, &o->err, "cancel schedule");
@@ -534,7 +536,7 @@ int sq_op_batch_cancel(struct sqlite_queue *q, struct op *o)
         rc = end_run(q, o->id, JOB_CANCELLED, "cancelled", &o->err);
     }
     if (rc == 0)
-        rc = load_batch(q->wdb, o->id, o->batch_out, &o->err);
+        rc = sq_load_batch(q->wdb, o->id, o->batch_out, &o->err);
     return rc;
 }
 
@@ -559,308 +561,4 @@ int sq_batch_cancel(struct queue *qb, const char *id, struct batch_job **out, st
     if (rc != 0)
         *e = o.err;
     return rc;
-}
-
-/* ---- reading (the read connection) ---- */
-
-int sq_batch_get(struct queue *qb, const char *id, struct batch_job **out, struct err *e)
-{
-    struct sqlite_queue *q = sq_of(qb);
-    int rc;
-
-    pthread_mutex_lock(&q->read_lock);
-    rc = load_batch(q->rdb, id, out, e);
-    pthread_mutex_unlock(&q->read_lock);
-    return rc;
-}
-
-int sq_batch_list(struct queue *qb, const struct queue_batch_filter *f, struct batch_job **out,
-                  size_t *n, struct err *e)
-{
-    struct sqlite_queue *q = sq_of(qb);
-    struct batch_job *v = calloc((size_t)(f->limit > 0 ? f->limit : 1), sizeof(*v));
-    char(*ids)[40] = calloc((size_t)(f->limit > 0 ? f->limit : 1), 40);
-    sqlite3_stmt *st;
-    int rc = 0, n_ids = 0;
-
-    *out = NULL;
-    *n = 0;
-    if (!v || !ids) {
-        free(v);
-        free(ids);
-        return err_set(e, ERR_NOMEM, "out of memory");
-    }
-    pthread_mutex_lock(&q->read_lock);
-    st = sq_prepare(q->rdb, "SELECT id FROM batch_jobs WHERE parent IS NULL AND (?1 = -1 OR "
-                            "state = ?1) AND (?2 = -1 OR (schedule IS NOT NULL) = ?2) "
-                            "ORDER BY seq DESC LIMIT ?3");
-    if (!st) {
-        rc = sq_db_err(q->rdb, e, "prepare");
-    } else {
-        sqlite3_bind_int(st, 1, f->state);
-        sqlite3_bind_int(st, 2, f->schedules);
-        sqlite3_bind_int(st, 3, f->limit);
-    }
-    /* ids first: load_batch() uses other statements on the same connection */
-    while (rc == 0 && n_ids < f->limit && sqlite3_step(st) == SQLITE_ROW)
-        snprintf(ids[n_ids++], 40, "%s", sqlite3_column_text(st, 0));
-    sq_finish(st);
-    for (int i = 0; rc == 0 && i < n_ids; i++) {
-        struct batch_job *b = NULL;
-        rc = load_batch(q->rdb, ids[i], &b, e);
-        if (rc == 0) {
-            v[(*n)++] = *b; /* its strings move into the array */
-            free(b);
-        }
-    }
-    pthread_mutex_unlock(&q->read_lock);
-    free(ids);
-    if (rc != 0) {
-        batch_jobs_free(v, *n);
-        *n = 0;
-        return rc;
-    }
-    *out = v;
-    return 0;
-}
-
-int sq_batch_results(struct queue *qb, const char *id, char **model, char ***results, size_t *n,
-                     struct err *e)
-{
-    struct sqlite_queue *q = sq_of(qb);
-    sqlite3_stmt *st;
-    char **v = NULL;
-    size_t cap = 0;
-    int rc = 0;
-
-    *model = NULL;
-    *results = NULL;
-    *n = 0;
-    pthread_mutex_lock(&q->read_lock);
-    st = sq_prepare(q->rdb, "SELECT model FROM batch_jobs WHERE id = ?");
-    if (st) {
-        sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
-        if (sqlite3_step(st) == SQLITE_ROW)
-            *model = sq_col_strdup(st, 0);
-        sq_finish(st);
-    }
-    st = sq_prepare(q->rdb, "SELECT result FROM jobs WHERE batch_id = ? AND kind = 1 AND "
-                            "state = 2");
-    if (!st || !*model) {
-        rc = !*model ? err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id)
-                     : sq_db_err(q->rdb, e, "prepare");
-    } else {
-        sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
-        while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
-            if (*n == cap) {
-                char **nv = realloc(v, (cap ? cap * 2 : 16) * sizeof(*v));
-                if (!nv) {
-                    rc = err_set(e, ERR_NOMEM, "out of memory");
-                    break;
-                }
-                v = nv;
-                cap = cap ? cap * 2 : 16;
-            }
-            v[*n] = strndup(sqlite3_column_blob(st, 0), (size_t)sqlite3_column_bytes(st, 0));
-            if (!v[(*n)++])
-                rc = err_set(e, ERR_NOMEM, "out of memory");
-        }
-    }
-    sq_finish(st);
-    pthread_mutex_unlock(&q->read_lock);
-    if (rc != 0) {
-        for (size_t i = 0; i < *n; i++)
-            free(v[i]);
-        free(v);
-        free(*model);
-        *model = NULL;
-        *n = 0;
-        return rc;
-    }
-    *results = v;
-    return 0;
-}
-
-int sq_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **out, size_t *n,
-                     struct err *e)
-{
-    struct sqlite_queue *q = sq_of(qb);
-    struct queue_schedule *v = NULL;
-    size_t cap = 0, row = 0;
-    sqlite3_stmt *st;
-    int rc = 0;
-
-    *out = NULL;
-    *n = 0;
-    pthread_mutex_lock(&q->read_lock);
-    st = sq_prepare(q->rdb, "SELECT id, definition, schedule, next_run_ms FROM batch_jobs "
-                            "INDEXED BY batch_due WHERE schedule IS NOT NULL AND state = 0 AND "
-                            "next_run_ms <= ? ORDER BY next_run_ms LIMIT 100");
-    if (!st) {
-        rc = sq_db_err(q->rdb, e, "prepare");
-    } else {
-        sqlite3_bind_int64(st, 1, now_ms);
-        while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
-            if (*n == cap) {
-                size_t ncap = cap ? cap * 2 : 8;
-                struct queue_schedule *p = realloc(v, ncap * sizeof(*p));
-                if (!p) {
-                    rc = err_set(e, ERR_NOMEM, "out of memory");
-                    break;
-                }
-                v = p;
-                cap = ncap;
-            }
-            /* a schedule that cannot be copied is left out: it is due again at the next look */
-            struct queue_schedule *s = &v[*n];
-            snprintf(s->id, sizeof(s->id), "%s", sqlite3_column_text(st, 0));
-            s->definition = sq_col_strdup(st, 1);
-            s->schedule = sq_col_strdup(st, 2);
-            s->next_run_ms = sqlite3_column_int64(st, 3);
-            if (s->definition && s->schedule && !queue_fault("schedules_due", row++)) {
-                (*n)++;
-            } else {
-                free(s->definition);
-                free(s->schedule);
-                memset(s, 0, sizeof(*s));
-            }
-        }
-    }
-    sq_finish(st);
-    pthread_mutex_unlock(&q->read_lock);
-    if (rc != 0) {
-        queue_schedules_free(v, *n);
-        *n = 0;
-        return rc;
-    }
-    *out = v;
-    return 0;
-}
-
-/* ---- pausing schedules, progress of running tasks, definitions ---- */
-
-int sq_op_batch_pause(struct sqlite_queue *q, struct op *o)
-{
-    sqlite3_stmt *st;
-    int state, is_schedule, rc;
-
-    if ((rc = batch_state(q, o, &state, &is_schedule)) != 0)
-        return rc;
-    if (!is_schedule)
-        return err_set(&o->err, ERR_CONFLICT,
-                       "batch job %s is a run, not a schedule: only schedules pause and resume",
-                       o->id);
-    if (state == JOB_CANCELLED)
-        return err_set(&o->err, ERR_CONFLICT, "schedule %s is cancelled", o->id);
-    if (state != (o->paused ? QUEUE_SCHEDULE_PAUSED : QUEUE_SCHEDULE_ACTIVE)) {
-        st = sq_prepare(q->wdb, "UPDATE batch_jobs SET state = ?, next_run_ms = CASE WHEN ? > 0 "
-                                "THEN ? ELSE next_run_ms END WHERE id = ?");
-        if (!st)
-            return sq_db_err(q->wdb, &o->err, "prepare");
-        sqlite3_bind_int(st, 1, o->paused ? QUEUE_SCHEDULE_PAUSED : QUEUE_SCHEDULE_ACTIVE);
-        sqlite3_bind_int64(st, 2, o->paused ? 0 : o->next_run_ms);
-        sqlite3_bind_int64(st, 3, o->next_run_ms);
-        sqlite3_bind_text(st, 4, o->id, -1, SQLITE_STATIC);
-        if (sqlite3_step(st) != SQLITE_DONE)
-            rc = sq_db_err(q->wdb, &o->err, "pause schedule");
-        sq_finish(st);
-        if (rc == 0)
-            log_info("batch", o->paused ? "schedule paused" : "schedule resumed", "schedule=%s",
-                     o->id);
-    }
-    if (rc == 0)
-        rc = load_batch(q->wdb, o->id, o->batch_out, &o->err);
-    return rc;
-}
-
-int sq_op_batch_progress(struct sqlite_queue *q, struct op *o)
-{
-    /* only while this attempt holds the task: a stale attempt cannot add to a finished run */
-    sqlite3_stmt *st =
-        sq_prepare(q->wdb, "INSERT INTO batch_progress (task_id, batch_id, records) "
-                           "SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM jobs WHERE "
-                           "id = ?1 AND state = 1 AND attempts = ?4) "
-                           "ON CONFLICT(task_id) DO UPDATE SET records = ?3");
-    int rc = 0;
-
-    if (!st)
-        return sq_db_err(q->wdb, &o->err, "prepare");
-    sqlite3_bind_text(st, 1, o->id, -1, SQLITE_STATIC);
-    sqlite3_bind_text(st, 2, o->batch_id, -1, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 3, o->records);
-    sqlite3_bind_int64(st, 4, (int64_t)o->token);
-    if (sqlite3_step(st) != SQLITE_DONE)
-        rc = sq_db_err(q->wdb, &o->err, "record progress");
-    sq_finish(st);
-    return rc;
-}
-
-int sq_batch_pause(struct queue *qb, const char *id, int paused, int64_t next_run_ms,
-                   struct batch_job **out, struct err *e)
-{
-    struct op o = {.kind = OP_BATCH_PAUSE,
-                   .id = id,
-                   .paused = paused,
-                   .next_run_ms = next_run_ms,
-                   .batch_out = out};
-    int rc = sq_submit(sq_of(qb), &o);
-
-    if (rc != 0)
-        *e = o.err;
-    return rc;
-}
-
-int sq_batch_progress(struct queue *qb, const char *batch_id, const char *task_id, uint64_t token,
-                      int64_t records, struct err *e)
-{
-    struct op o = {.kind = OP_BATCH_PROGRESS,
-                   .id = task_id,
-                   .batch_id = batch_id,
-                   .token = token,
-                   .records = records};
-    int rc = sq_submit(sq_of(qb), &o);
-
-    if (rc != 0)
-        *e = o.err;
-    return rc;
-}
-
-int sq_batch_definition(struct queue *qb, const char *id, struct queue_schedule **out,
-                        struct err *e)
-{
-    struct sqlite_queue *q = sq_of(qb);
-    struct queue_schedule *s = calloc(1, sizeof(*s));
-    sqlite3_stmt *st;
-    int rc = 0;
-
-    *out = NULL;
-    if (!s)
-        return err_set(e, ERR_NOMEM, "out of memory");
-    pthread_mutex_lock(&q->read_lock);
-    st = sq_prepare(q->rdb, "SELECT definition, schedule, COALESCE(next_run_ms, 0), state "
-                            "FROM batch_jobs WHERE id = ?");
-    if (!st) {
-        rc = sq_db_err(q->rdb, e, "prepare");
-    } else {
-        sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
-        if (sqlite3_step(st) == SQLITE_ROW) {
-            snprintf(s->id, sizeof(s->id), "%s", id);
-            s->definition = sq_col_strdup(st, 0);
-            s->schedule = sqlite3_column_type(st, 1) == SQLITE_NULL ? NULL : sq_col_strdup(st, 1);
-            s->next_run_ms = sqlite3_column_int64(st, 2);
-            s->state = sqlite3_column_int(st, 3);
-            if (!s->definition || (sqlite3_column_type(st, 1) != SQLITE_NULL && !s->schedule))
-                rc = err_set(e, ERR_NOMEM, "out of memory");
-        } else {
-            rc = err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
-        }
-    }
-    sq_finish(st);
-    pthread_mutex_unlock(&q->read_lock);
-    if (rc != 0) {
-        queue_schedules_free(s, 1);
-        return rc;
-    }
-    *out = s;
-    return 0;
 }

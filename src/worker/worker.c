@@ -13,12 +13,13 @@
  * each worker keeps of what it holds, and leaves that worker's thread behind.
  */
 #define _GNU_SOURCE
-#include "queue/worker.h"
+#include "worker/worker.h"
 #include "batch/batch_jobs.h"
 #include "core/clock.h"
+#include "core/id.h"
 #include "core/log.h"
 #include "metrics/metrics.h"
-#include "model/codec.h"
+#include "kserve/codec.h"
 #include "model/registry.h"
 #include "storage/storage.h"
 
@@ -28,7 +29,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -180,7 +180,7 @@ static void item_done(struct batch_item *item, int rc, const struct err *e)
 
 static void count_completions(struct worker_pool *p, size_t n)
 {
-    int64_t now = queue_now_ms();
+    int64_t now = clock_now_ms();
 
     pthread_mutex_lock(&p->rate_lock);
     if (now - p->rate_window_start_ms >= 2000) {
@@ -233,7 +233,7 @@ static void submit_slot(struct worker *w, struct slot *sl)
     int rc;
 
     sl->item = (struct batch_item){.req = sl->req, .client_fd = -1, .done = item_done, .ctx = sl};
-    metrics_job_wait(sl->model->metrics, (double)(queue_now_ms() - sl->job->created_ms) / 1e3);
+    metrics_job_wait(sl->model->metrics, (double)(clock_now_ms() - sl->job->created_ms) / 1e3);
     pthread_mutex_lock(&w->lock);
     w->pending++;
     pthread_mutex_unlock(&w->lock);
@@ -322,7 +322,7 @@ static void start_jobs(struct worker *w, struct job **jobs, size_t n)
         while (w->slots[k].job)
             k++;
         w->slots[k].job = jobs[i];
-        w->slots[k].started_ms = queue_now_ms();
+        w->slots[k].started_ms = clock_now_ms();
         w->slots[k].fresh = 1;
         set_held(w, k, jobs[i]);
         w->n_used++;
@@ -367,7 +367,7 @@ static void slot_outcome(struct slot *sl, struct queue_outcome *out)
     }
     if (!sl->kept) {
         if (sl->submitted)
-            metrics_job_run(sl->model->metrics, (double)(queue_now_ms() - sl->started_ms) / 1e3);
+            metrics_job_run(sl->model->metrics, (double)(clock_now_ms() - sl->started_ms) / 1e3);
         encode_slot(sl);
     }
     *out = (struct queue_outcome){
@@ -429,7 +429,7 @@ static void record_done(struct worker *w)
     size_t cap = (size_t)p->cfg.batch, n = 0, n_freed = 0, n_kept = 0;
     struct slot **done = w->scratch_slots;
     struct queue_outcome *outs = w->scratch_outs;
-    int64_t now = queue_now_ms();
+    int64_t now = clock_now_ms();
     struct err e;
 
     if (w->record_retry_ms > now) {
@@ -522,7 +522,7 @@ static void stop_cancelled(struct worker *w, uint64_t *gen)
 static void extend_leases(struct worker *w, int64_t *last_ms)
 {
     struct worker_pool *p = w->pool;
-    int64_t every = INT64_MAX, now = queue_now_ms();
+    int64_t every = INT64_MAX, now = clock_now_ms();
 
     for (int i = 0; i < p->cfg.batch; i++)
         if (w->slots[i].job && w->slots[i].job->lease_timeout_ms / 3 < every)
@@ -633,7 +633,7 @@ static void reap_task(struct worker *w)
  * start and once a minute while they last, not every 200 ms per worker. */
 static void lease_failed(struct worker *w, const struct err *e)
 {
-    int64_t now = queue_now_ms();
+    int64_t now = clock_now_ms();
 
     if (w->lease_failures++ == 0 || now - w->lease_logged_ms >= 60000) {
         log_error("worker", "lease failed; retrying every 200 ms",
@@ -656,7 +656,7 @@ static void *worker_main(void *arg)
     struct worker_pool *p = w->pool;
     size_t cap = (size_t)p->cfg.batch;
     struct job **jobs = calloc(cap, sizeof(*jobs));
-    int64_t last_extend = queue_now_ms(), stop_seen_ms = 0;
+    int64_t last_extend = clock_now_ms(), stop_seen_ms = 0;
     uint64_t gen = 0;
 
     while (jobs && !given_up(w)) {
@@ -698,9 +698,9 @@ static void *worker_main(void *arg)
         pthread_mutex_unlock(&w->lock);
         stop_cancelled(w, &gen);
         if (leaving && !stop_seen_ms) /* the pool's drain started when it was told to */
-            stop_seen_ms = atomic_load(&p->stopping) ? p->stop_ms : queue_now_ms();
+            stop_seen_ms = atomic_load(&p->stopping) ? p->stop_ms : clock_now_ms();
         if (leaving && p->cfg.drain_timeout_ms > 0 &&
-            queue_now_ms() - stop_seen_ms >= p->cfg.drain_timeout_ms) {
+            clock_now_ms() - stop_seen_ms >= p->cfg.drain_timeout_ms) {
             /* shutting down and out of patience: stop what still runs; not recorded, so each
              * runs again once its lease lapses (at once, on a restarted SQLite queue) */
             for (size_t i = 0; i < cap; i++) {
@@ -770,14 +770,13 @@ static int heartbeat_start(struct worker_pool *p, const char *host)
 {
     unsigned char rnd[2] = {0};
 
-    if (getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd))
-        rnd[0] = (unsigned char)rand(), rnd[1] = (unsigned char)rand();
+    id_random(rnd, sizeof(rnd));
     /* the random part tells a restarted process from the dead one (a container's pid 1) */
     snprintf(p->self.id, sizeof(p->self.id), "%.40s/%d/%02x%02x", host, (int)getpid(), rnd[0],
              rnd[1]);
     snprintf(p->self.host, sizeof(p->self.host), "%s", host);
     p->self.pid = (int)getpid();
-    p->self.started_ms = queue_now_ms();
+    p->self.started_ms = clock_now_ms();
     p->self.timeout_ms = p->cfg.worker_timeout_ms > 0 ? p->cfg.worker_timeout_ms : 30000;
     pthread_mutex_init(&p->beat_lock, NULL);
     pthread_cond_init(&p->beat_cond, NULL);
@@ -861,7 +860,7 @@ static void reap(struct worker_pool *p)
 static void scale(struct worker_pool *p)
 {
     const struct worker_pool_config *c = &p->cfg;
-    int64_t now = queue_now_ms(), queued = queue_queued(p->q);
+    int64_t now = clock_now_ms(), queued = queue_queued(p->q);
     int n = atomic_load(&p->n_active), busy = atomic_load(&p->busy);
     double rate = worker_pool_drain_rate(p);
     double per_worker = n > 0 ? (double)queued / n : (double)queued;
@@ -929,8 +928,8 @@ int worker_pool_start(const struct worker_pool_config *cfg, struct queue *q, str
     p->q = q;
     p->reg = reg;
     pthread_mutex_init(&p->rate_lock, NULL);
-    p->rate_window_start_ms = queue_now_ms();
-    p->idle_since_ms = queue_now_ms();
+    p->rate_window_start_ms = clock_now_ms();
+    p->idle_since_ms = clock_now_ms();
     p->n_slots = p->cfg.max_workers > 0 ? p->cfg.max_workers : 1;
     p->workers = calloc((size_t)p->n_slots, sizeof(*p->workers));
     if (!p->workers) {
@@ -1001,7 +1000,7 @@ void worker_pool_drain(struct worker_pool *p)
 {
     if (!p || atomic_load(&p->stopping))
         return;
-    p->stop_ms = queue_now_ms();
+    p->stop_ms = clock_now_ms();
     atomic_store(&p->stopping, 1);
 }
 
@@ -1055,7 +1054,7 @@ int worker_pool_stop(struct worker_pool *p)
     if (p->controller_started)
         pthread_join(p->controller, NULL);
     if (p->cfg.drain_timeout_ms > 0) {
-        int64_t left_ms = p->stop_ms + p->cfg.drain_timeout_ms + STOP_GRACE_MS - queue_now_ms();
+        int64_t left_ms = p->stop_ms + p->cfg.drain_timeout_ms + STOP_GRACE_MS - clock_now_ms();
         until = clock_realtime_after_ms(left_ms > 0 ? left_ms : 0);
     }
     for (int i = 0; i < p->n_slots; i++) {

@@ -4,7 +4,7 @@
  * The check converts numeric inputs to the model's datatype here, once, so that every backend
  * sees exactly the datatype its metadata declares.
  */
-#include "model/tensor.h"
+#include "kserve/tensor.h"
 
 #include <stddef.h>
 #include <stdint.h>

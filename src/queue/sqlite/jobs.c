@@ -1,0 +1,738 @@
+/*
+ * jobs.c: jobs in the SQLite queue: the operations the writer thread runs (enqueue, lease,
+ * finish, cancel, retry), the calls that submit them, and the reads (get, list, counts).
+ */
+#define _GNU_SOURCE
+#include "queue/sqlite/internal.h"
+#include "core/clock.h"
+#include "core/id.h"
+#include "core/log.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+
+/* ---- operations (writer thread, inside the group's transaction) ---- */
+
+/* Ends attempt `attempt` of job `id` in its history, with `error` (NULL: it succeeded). */
+int sq_attempt_ended(struct sqlite_queue *q, const char *id, uint64_t attempt, const char *error,
+                     struct err *e)
+{
+    /* no error given: the job's own (set when a cancel ended it; NULL when it succeeded) */
+    sqlite3_stmt *st = sq_prepare(q->wdb, "UPDATE attempts SET ended_ms = ?1, error = COALESCE("
+                                          "?2, (SELECT error FROM jobs WHERE id = ?3)) WHERE "
+                                          "job_id = ?3 AND attempt = ?4 AND ended_ms IS NULL");
+    int rc = 0;
+
+    if (!st)
+        return sq_db_err(q->wdb, e, "prepare");
+    sqlite3_bind_int64(st, 1, clock_now_ms());
+    sqlite3_bind_text(st, 2, error, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 4, (int64_t)attempt);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = sq_db_err(q->wdb, e, "record attempt");
+    sq_finish(st);
+    return rc;
+}
+
+int sq_op_enqueue(struct sqlite_queue *q, struct op *o)
+{
+    const struct job_spec *s = o->spec;
+    sqlite3_stmt *st = NULL;
+    int rc = 0;
+
+    if (s->idempotency_key) {
+        st = sq_prepare(q->wdb, "SELECT id, request_hash FROM jobs WHERE idem_key = ?");
+        if (!st)
+            return sq_db_err(q->wdb, &o->err, "prepare");
+        sqlite3_bind_text(st, 1, s->idempotency_key, -1, SQLITE_STATIC);
+        if (sqlite3_step(st) == SQLITE_ROW) {
+            const char *hash = (const char *)sqlite3_column_text(st, 1);
+            snprintf(o->id_out, sizeof(o->id_out), "%s", sqlite3_column_text(st, 0));
+            if (!hash || !s->request_hash || strcmp(hash, s->request_hash) != 0)
+                rc = err_set(&o->err, ERR_CONFLICT,
+                             "Idempotency-Key '%.64s' was used for another request (job %s)",
+                             s->idempotency_key, o->id_out);
+            o->existed = 1;
+        }
+        sq_finish(st);
+        st = NULL;
+        if (o->existed)
+            return rc;
+    }
+    if (q->n_queued >= q->cfg.max_queued)
+        return err_set(&o->err, ERR_BUSY, "the queue holds %lld jobs, the limit (--max-queue)",
+                       (long long)q->n_queued);
+    id_new(o->id_out);
+    return sq_insert_job(q, s, o->id_out, &o->err);
+}
+
+int sq_insert_job(struct sqlite_queue *q, const struct job_spec *s, const char *id, struct err *e)
+{
+    int64_t now = clock_now_ms();
+    sqlite3_stmt *st;
+    int rc = 0;
+
+    st = sq_prepare(q->wdb,
+                    "INSERT INTO jobs (id, model, state, priority, max_attempts, created_ms, "
+                    "expires_ms, lease_timeout_ms, ttl_s, input, input_json_len, input_location, "
+                    "output_location, callback_url, idem_key, request_hash, kind, batch_id) "
+                    "VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+    if (!st)
+        return sq_db_err(q->wdb, e, "prepare");
+    sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, s->model, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 3, s->priority);
+    sqlite3_bind_int(st, 4, s->max_attempts);
+    sqlite3_bind_int64(st, 5, now);
+    sqlite3_bind_int64(st, 6, s->ttl_s > 0 ? now + s->ttl_s * 1000 : 0);
+    sqlite3_bind_int64(st, 7, s->lease_timeout_ms);
+    sqlite3_bind_int64(st, 8, s->ttl_s);
+    if (s->input)
+        sqlite3_bind_blob(st, 9, s->input, (int)s->input_len, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 10, s->input_json_len);
+    sqlite3_bind_text(st, 11, s->input_location, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 12, s->output_location, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 13, s->callback_url, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 14, s->idempotency_key, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 15, s->request_hash, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 16, (int)s->kind);
+    sqlite3_bind_text(st, 17, s->batch_id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = sq_db_err(q->wdb, e, "insert job");
+    sq_finish(st);
+    if (rc == 0)
+        q->n_queued++;
+    return rc;
+}
+
+/* Leases job `id`, the `index`-th of this lease, into `*out` (NULL on failure). */
+static int lease_one(struct sqlite_queue *q, struct op *o, const char *id, size_t index,
+                     int64_t now, struct job **out)
+{
+    sqlite3_stmt *st;
+    char wid[96];
+    int rc = 0;
+
+    *out = NULL;
+    queue_worker_id_of(o->worker, wid);
+    st = sq_prepare(q->wdb, "UPDATE jobs SET state = 1, attempts = attempts + 1, "
+                            "started_ms = COALESCE(started_ms, ?), lease_until_ms = ? + "
+                            "lease_timeout_ms, worker = ? WHERE id = ?");
+    if (!st)
+        return sq_db_err(q->wdb, &o->err, "prepare");
+    sqlite3_bind_int64(st, 1, now);
+    sqlite3_bind_int64(st, 2, now);
+    sqlite3_bind_text(st, 3, wid, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 4, id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = sq_db_err(q->wdb, &o->err, "lease");
+    sq_finish(st);
+    if (rc == 0) {
+        st = sq_prepare(q->wdb, "INSERT OR REPLACE INTO attempts (job_id, attempt, started_ms, "
+                                "worker) SELECT id, attempts, ?, worker FROM jobs WHERE id = ?");
+        if (!st)
+            return sq_db_err(q->wdb, &o->err, "prepare");
+        sqlite3_bind_int64(st, 1, now);
+        sqlite3_bind_text(st, 2, id, -1, SQLITE_STATIC);
+        if (sqlite3_step(st) != SQLITE_DONE)
+            rc = sq_db_err(q->wdb, &o->err, "record attempt");
+        sq_finish(st);
+    }
+    if (rc != 0)
+        return rc;
+    q->n_queued--;
+    rc = sq_load_job(q->wdb, id, out, &o->err);
+    if (rc == 0 && (*out)->batch_id[0])
+        rc = sq_batch_task_started(q, (*out)->batch_id, now, &o->err);
+    if (rc == 0 &&
+        !(st = sq_prepare(q->wdb, "SELECT input, input_json_len FROM jobs WHERE id = ?")))
+        rc = sq_db_err(q->wdb, &o->err, "prepare");
+    if (rc == 0) {
+        sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+        if (sqlite3_step(st) == SQLITE_ROW) {
+            if (buf_append(&(*out)->input, sqlite3_column_blob(st, 0),
+                           (size_t)sqlite3_column_bytes(st, 0)) != 0)
+                rc = err_set(&o->err, ERR_NOMEM, "out of memory");
+            (*out)->input_json_len = sqlite3_column_int64(st, 1);
+        }
+        sq_finish(st);
+    }
+    if (rc == 0 && queue_fault("lease", index))
+        rc = err_set(&o->err, ERR_IO, "job store: lease of job %s: injected fault", id);
+    if (rc != 0) { /* the op is rolled back: this job was not leased */
+        job_free(*out);
+        *out = NULL;
+    }
+    return rc;
+}
+
+/* Leases up to o->max runnable jobs, highest priority first, FIFO within a priority. */
+int sq_op_lease(struct sqlite_queue *q, struct op *o)
+{
+    int64_t now = clock_now_ms();
+    sqlite3_stmt *st;
+    char(*ids)[40] = calloc(o->max, 40);
+    size_t n = 0;
+    int rc = 0;
+
+    if (!ids)
+        return err_set(&o->err, ERR_NOMEM, "out of memory");
+    st = sq_prepare(
+        q->wdb,
+        "SELECT id, kind FROM jobs INDEXED BY jobs_ready WHERE state = 0 AND available_ms <= ? AND "
+        "(expires_ms = 0 OR expires_ms > ?) ORDER BY priority DESC, seq LIMIT ?");
+    if (!st) {
+        free(ids);
+        return sq_db_err(q->wdb, &o->err, "prepare");
+    }
+    sqlite3_bind_int64(st, 1, now);
+    sqlite3_bind_int64(st, 2, now);
+    sqlite3_bind_int64(st, 3, (int64_t)o->max);
+    /* a batch task runs for long: at most one per lease (none when the worker runs one), so
+     * the others wait for a free worker */
+    int tasks = 0;
+    while (n < o->max && sqlite3_step(st) == SQLITE_ROW) {
+        if (sqlite3_column_int(st, 1) != JOB_KIND_INFER && tasks++ >= o->max_tasks)
+            continue;
+        snprintf(ids[n++], 40, "%s", sqlite3_column_text(st, 0));
+    }
+    sq_finish(st);
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        rc = lease_one(q, o, ids[i], i, now, &o->jobs[o->n_jobs]);
+        if (rc == 0)
+            o->n_jobs++;
+    }
+    free(ids);
+    return rc;
+}
+
+/* Runs `sql` (binding id, then token) and says whether the attempt still held its lease. */
+static int fenced_update(struct sqlite_queue *q, struct op *o, sqlite3_stmt *st)
+{
+    int rc = 0;
+
+    if (!st)
+        return sq_db_err(q->wdb, &o->err, "prepare");
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = sq_db_err(q->wdb, &o->err, "update job");
+    else if (sqlite3_changes(q->wdb) == 0)
+        rc = err_set(&o->err, ERR_CONFLICT,
+                     "job %s: attempt %llu no longer holds the lease; its result is discarded",
+                     o->id, (unsigned long long)o->token);
+    sq_finish(st);
+    return rc;
+}
+
+int sq_op_extend(struct sqlite_queue *q, struct op *o)
+{
+    sqlite3_stmt *st = sq_prepare(q->wdb, "UPDATE jobs SET lease_until_ms = ? WHERE id = ? AND "
+                                          "state = 1 AND attempts = ?");
+
+    if (st) {
+        sqlite3_bind_int64(st, 1, clock_now_ms() + o->lease_ms);
+        sqlite3_bind_text(st, 2, o->id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 3, (int64_t)o->token);
+    }
+    return fenced_update(q, o, st);
+}
+
+int sq_op_complete(struct sqlite_queue *q, struct op *o)
+{
+    /* a job cancelled while it ran ends cancelled and its result is discarded */
+    sqlite3_stmt *st = sq_prepare(
+        q->wdb, "UPDATE jobs SET state = CASE WHEN cancel_requested THEN 4 ELSE 2 END, "
+                "result = CASE WHEN cancel_requested THEN NULL ELSE ? END, result_json_len = ?, "
+                "finished_ms = ?, error = CASE WHEN cancel_requested THEN 'cancelled while "
+                "running; result discarded' ELSE NULL END, input = NULL "
+                "WHERE id = ? AND state = 1 AND attempts = ?");
+    int rc;
+
+    if (st) {
+        if (o->data)
+            sqlite3_bind_blob(st, 1, o->data, (int)o->data_len, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, o->json_len);
+        sqlite3_bind_int64(st, 3, clock_now_ms());
+        sqlite3_bind_text(st, 4, o->id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 5, (int64_t)o->token);
+    }
+    rc = fenced_update(q, o, st);
+    if (rc == 0)
+        rc = sq_attempt_ended(q, o->id, o->token, NULL, &o->err);
+    return rc ? rc : sq_job_became_final(q, o->id, &o->err);
+}
+
+int sq_op_fail(struct sqlite_queue *q, struct op *o)
+{
+    int64_t now = clock_now_ms(), backoff;
+    struct job *j = NULL;
+    sqlite3_stmt *st;
+    int final, rc;
+
+    rc = sq_load_job(q->wdb, o->id, &j, &o->err);
+    if (rc != 0)
+        return rc;
+    if (j->state != JOB_RUNNING || (uint64_t)j->attempts != o->token) {
+        job_free(j);
+        return err_set(&o->err, ERR_CONFLICT, "job %s: attempt %llu no longer holds the lease",
+                       o->id, (unsigned long long)o->token);
+    }
+    /* released by a worker's shutdown: again at once, with one more attempt to make up */
+    final =
+        j->cancel_requested ||
+        (!o->released && (!o->retryable || j->attempts - j->attempts_uncounted >= j->max_attempts));
+    int end_state = j->cancel_requested ? JOB_CANCELLED : final ? JOB_FAILED : JOB_QUEUED;
+    backoff = o->released
+                  ? 0
+                  : queue_retry_backoff_ms(q->cfg.retry_backoff_ms,
+                                           j->attempts - j->attempts_uncounted, o->retry_after_ms);
+    job_free(j);
+    /* a failed job keeps its input: POST /v1/jobs/{id}/retry sends it back */
+    st = sq_prepare(q->wdb, "UPDATE jobs SET state = ?1, error = ?2, finished_ms = ?3, "
+                            "available_ms = ?4, extra_attempts = extra_attempts + ?8 WHERE id = ?6 "
+                            "AND state = 1 AND attempts = ?7 AND ?5 IS NOT NULL");
+    if (st) {
+        sqlite3_bind_int(st, 1, end_state);
+        sqlite3_bind_text(st, 2, o->data, -1, SQLITE_STATIC);
+        if (final)
+            sqlite3_bind_int64(st, 3, now);
+        else
+            sqlite3_bind_null(st, 3);
+        sqlite3_bind_int64(st, 4, now + backoff);
+        sqlite3_bind_int(st, 5, final);
+        sqlite3_bind_text(st, 6, o->id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 7, (int64_t)o->token);
+        sqlite3_bind_int(st, 8, o->released && !final ? 1 : 0);
+    }
+    rc = fenced_update(q, o, st);
+    if (rc == 0)
+        rc = sq_attempt_ended(q, o->id, o->token, o->data ? o->data : "failed", &o->err);
+    if (rc != 0)
+        return rc;
+    o->failed_final = end_state == JOB_FAILED;
+    if (!final) {
+        q->n_queued++;
+        return 0;
+    }
+    return sq_job_became_final(q, o->id, &o->err);
+}
+
+int sq_op_cancel(struct sqlite_queue *q, struct op *o)
+{
+    struct job *j = NULL;
+    sqlite3_stmt *st;
+    int rc;
+
+    rc = sq_load_job(q->wdb, o->id, &j, &o->err);
+    if (rc != 0)
+        return rc;
+    if (job_state_is_final(j->state)) {
+        rc =
+            err_set(&o->err, ERR_CONFLICT, "job %s is already %s", o->id, job_state_name(j->state));
+        job_free(j);
+        return rc;
+    }
+    if (j->state == JOB_QUEUED) {
+        st = sq_prepare(q->wdb, "UPDATE jobs SET state = 4, finished_ms = ?1, input = NULL, "
+                                "error = 'cancelled' WHERE id = ?2 AND state = 0");
+        q->n_queued--;
+    } else {
+        st = sq_prepare(q->wdb, "UPDATE jobs SET cancel_requested = 1 WHERE id = ?2 AND state = 1 "
+                                "AND ?1 IS NOT NULL");
+    }
+    job_free(j);
+    if (!st)
+        return sq_db_err(q->wdb, &o->err, "prepare");
+    sqlite3_bind_int64(st, 1, clock_now_ms());
+    sqlite3_bind_text(st, 2, o->id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = sq_db_err(q->wdb, &o->err, "cancel");
+    sq_finish(st);
+    if (rc == 0)
+        rc = sq_load_job(q->wdb, o->id, &o->job, &o->err);
+    if (rc == 0 && o->job->state == JOB_CANCELLED)
+        rc = sq_job_became_final(q, o->id, &o->err);
+    return rc;
+}
+
+int sq_op_retry(struct sqlite_queue *q, struct op *o)
+{
+    sqlite3_stmt *st = sq_prepare(
+        q->wdb, "UPDATE jobs SET state = 0, extra_attempts = attempts, "
+                "available_ms = 0, finished_ms = NULL, expires_ms = 0, error = NULL "
+                "WHERE id = ? AND state IN (3, 5) AND (input IS NOT NULL OR input_location IS "
+                "NOT NULL)");
+    int rc = 0;
+
+    if (!st)
+        return sq_db_err(q->wdb, &o->err, "prepare");
+    sqlite3_bind_text(st, 1, o->id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = sq_db_err(q->wdb, &o->err, "retry");
+    else if (sqlite3_changes(q->wdb) == 0)
+        rc = ERR_CONFLICT;
+    sq_finish(st);
+    if (rc == ERR_CONFLICT) {
+        struct job *j = NULL;
+        rc = sq_load_job(q->wdb, o->id, &j, &o->err);
+        if (rc == 0)
+            rc = err_set(&o->err, ERR_CONFLICT,
+                         "job %s is %s; only failed or expired jobs are "
+                         "sent back to the queue",
+                         o->id, job_state_name(j->state));
+        job_free(j);
+        return rc;
+    }
+    if (rc == 0) {
+        q->n_queued++;
+        rc = sq_load_job(q->wdb, o->id, &o->job, &o->err);
+    }
+    return rc;
+}
+
+/* ---- the ops table ---- */
+
+static int sq_enqueue(struct queue *qb, const struct job_spec *spec, char id_out[40], int *existed,
+                      struct err *e)
+{
+    struct op o = {.kind = OP_ENQUEUE, .spec = spec};
+    int rc = sq_submit(sq_of(qb), &o);
+
+    sq_copy_err(e, &o);
+    snprintf(id_out, 40, "%s", o.id_out);
+    *existed = o.existed;
+    return rc;
+}
+
+static int sq_enqueue_async(struct queue *qb, const struct job_spec *spec, queue_enqueue_fn fn,
+                            void *ctx, struct err *e)
+{
+    struct sqlite_queue *q = sq_of(qb);
+    struct op *o = calloc(1, sizeof(*o));
+
+    if (!o)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    o->kind = OP_ENQUEUE;
+    o->spec = spec;
+    o->callback = fn;
+    o->callback_ctx = ctx;
+    pthread_mutex_lock(&q->lock);
+    if (q->stopping) {
+        pthread_mutex_unlock(&q->lock);
+        free(o);
+        return err_set(e, ERR_UNAVAILABLE, "the job store is closing");
+    }
+    if (q->tail)
+        q->tail->next = o;
+    else
+        q->head = o;
+    q->tail = o;
+    pthread_cond_signal(&q->work);
+    pthread_mutex_unlock(&q->lock);
+    return 0;
+}
+
+static int sq_lease_many(struct queue *qb, const char *worker, size_t max, int max_tasks,
+                         int64_t wait_ms, struct job **out, size_t *n, struct err *e)
+{
+    struct sqlite_queue *q = sq_of(qb);
+    int64_t until = clock_now_ms() + wait_ms;
+    int rc;
+
+    *n = 0;
+    for (;;) {
+        struct op o = {
+            .kind = OP_LEASE, .worker = worker, .max = max, .max_tasks = max_tasks, .jobs = out};
+        uint64_t gen;
+        pthread_mutex_lock(&q->lock);
+        gen = q->generation;
+        pthread_mutex_unlock(&q->lock);
+        rc = sq_submit(q, &o);
+        if (rc != 0 || o.n_jobs) {
+            if (rc != 0) {
+                /* nothing of the group is durable: the leases did not happen */
+                for (size_t i = 0; i < o.n_jobs; i++) {
+                    job_free(out[i]);
+                    out[i] = NULL;
+                }
+                o.n_jobs = 0;
+            }
+            sq_copy_err(e, &o);
+            *n = o.n_jobs;
+            return rc;
+        }
+        int64_t now = clock_now_ms();
+        if (now >= until)
+            return 0;
+        /* nothing runnable: sleep until something is enqueued or requeued, or a backoff or
+         * sweep may have made a job runnable */
+        int64_t nap = until - now < SWEEP_INTERVAL_MS ? until - now : SWEEP_INTERVAL_MS;
+        struct timespec ts = clock_realtime_after_ms(nap);
+        pthread_mutex_lock(&q->lock);
+        while (q->generation == gen && !q->stopping &&
+               pthread_cond_timedwait(&q->runnable, &q->lock, &ts) == 0)
+            ;
+        int stopping = q->stopping;
+        pthread_mutex_unlock(&q->lock);
+        if (stopping)
+            return 0;
+    }
+}
+
+static int sq_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n, struct err *e)
+{
+    struct op *ops = calloc(n ? n : 1, sizeof(*ops));
+    int rc = 0;
+
+    if (!ops) {
+        for (size_t i = 0; i < n; i++)
+            outs[i].rc = ERR_NOMEM; /* none recorded */
+        return err_set(e, ERR_NOMEM, "out of memory");
+    }
+    for (size_t i = 0; i < n; i++) {
+        struct queue_outcome *oc = &outs[i];
+        ops[i] = (struct op){.kind = oc->ok ? OP_COMPLETE : OP_FAIL,
+                             .id = oc->id,
+                             .token = oc->token,
+                             .data = oc->ok ? oc->result : oc->error,
+                             .data_len = oc->result_len,
+                             .json_len = oc->result_json_len,
+                             .retryable = oc->retryable || oc->released,
+                             .retry_after_ms = oc->retry_after_ms,
+                             .released = oc->released};
+    }
+    sq_submit_many(sq_of(qb), ops, n);
+    for (size_t i = 0; i < n; i++) {
+        outs[i].rc = ops[i].rc;
+        outs[i].failed_final = ops[i].rc == 0 && ops[i].failed_final;
+        if (ops[i].rc != 0 && ops[i].rc != ERR_CONFLICT && rc == 0) {
+            rc = ops[i].rc;
+            sq_copy_err(e, &ops[i]);
+        }
+    }
+    free(ops);
+    return rc;
+}
+
+static int sq_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms,
+                     struct err *e)
+{
+    struct op o = {.kind = OP_EXTEND, .id = id, .token = token, .lease_ms = lease_ms};
+    int rc = sq_submit(sq_of(qb), &o);
+
+    sq_copy_err(e, &o);
+    return rc;
+}
+
+static int sq_cancel(struct queue *qb, const char *id, struct job **out, struct err *e)
+{
+    struct op o = {.kind = OP_CANCEL, .id = id};
+    int rc = sq_submit(sq_of(qb), &o);
+
+    sq_copy_err(e, &o);
+    *out = o.job;
+    return rc;
+}
+
+static int sq_retry(struct queue *qb, const char *id, struct job **out, struct err *e)
+{
+    struct op o = {.kind = OP_RETRY, .id = id};
+    int rc = sq_submit(sq_of(qb), &o);
+
+    sq_copy_err(e, &o);
+    *out = o.job;
+    return rc;
+}
+
+/* ---- reads (their own connection) ---- */
+
+static int load_notifications(sqlite3 *db, struct job *j)
+{
+    sqlite3_stmt *st = sq_prepare(db, "SELECT event_id, at_ms, http_status, error FROM deliveries "
+                                      "WHERE job_id = ? ORDER BY at_ms");
+    struct buf b = {0};
+    int n = 0, rc = 0;
+
+    if (!st)
+        return ERR_IO;
+    sqlite3_bind_text(st, 1, j->id, -1, SQLITE_STATIC);
+    rc = buf_puts(&b, "[");
+    while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
+        const char *err_text = (const char *)sqlite3_column_text(st, 3);
+        rc = buf_printf(&b, "%s{\"event_id\":", n++ ? "," : "");
+        if (rc == 0)
+            rc = buf_json_string(&b, (const char *)sqlite3_column_text(st, 0));
+        if (rc == 0)
+            rc = buf_puts(&b, ",\"at\":");
+        if (rc == 0)
+            rc = queue_json_time(&b, sqlite3_column_int64(st, 1));
+        if (rc == 0)
+            rc = buf_printf(&b, ",\"status_code\":%d,\"error\":", sqlite3_column_int(st, 2));
+        if (rc == 0)
+            rc = err_text ? buf_json_string(&b, err_text) : buf_puts(&b, "null");
+        if (rc == 0)
+            rc = buf_puts(&b, "}");
+    }
+    sq_finish(st);
+    if (rc == 0)
+        rc = buf_puts(&b, "]");
+    if (rc != 0) {
+        buf_release(&b);
+        return rc;
+    }
+    j->notifications_json = buf_take(&b);
+    return 0;
+}
+
+/* Fills j->history from the attempts table. */
+int sq_load_history(sqlite3 *db, struct job *j)
+{
+    sqlite3_stmt *st = sq_prepare(db, "SELECT attempt, started_ms, COALESCE(ended_ms, 0), worker, "
+                                      "error FROM attempts WHERE job_id = ? ORDER BY attempt");
+    int rc = 0;
+
+    if (!st)
+        return ERR_IO;
+    sqlite3_bind_text(st, 1, j->id, -1, SQLITE_STATIC);
+    while (rc == 0 && sqlite3_step(st) == SQLITE_ROW)
+        rc = queue_job_add_attempt(
+            j, sqlite3_column_int(st, 0), sqlite3_column_int64(st, 1), sqlite3_column_int64(st, 2),
+            (const char *)sqlite3_column_text(st, 3), (const char *)sqlite3_column_text(st, 4));
+    sq_finish(st);
+    return rc;
+}
+
+static int sq_get(struct queue *qb, const char *id, int want_result, struct job **out,
+                  struct err *e)
+{
+    struct sqlite_queue *q = sq_of(qb);
+    int rc;
+
+    pthread_mutex_lock(&q->read_lock);
+    rc = sq_load_job(q->rdb, id, out, e);
+    if (rc == 0 && want_result && (*out)->state == JOB_SUCCEEDED) {
+        sqlite3_stmt *st =
+            sq_prepare(q->rdb, "SELECT result, result_json_len FROM jobs WHERE id = ?");
+        if (!st) {
+            rc = sq_db_err(q->rdb, e, "prepare");
+        } else {
+            sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
+            if (sqlite3_step(st) == SQLITE_ROW) {
+                if (buf_append(&(*out)->result, sqlite3_column_blob(st, 0),
+                               (size_t)sqlite3_column_bytes(st, 0)) != 0)
+                    rc = err_set(e, ERR_NOMEM, "out of memory");
+                (*out)->result_json_len = sqlite3_column_int64(st, 1);
+            }
+            sq_finish(st);
+        }
+    }
+    if (rc == 0 && load_notifications(q->rdb, *out) != 0)
+        rc = sq_db_err(q->rdb, e, "read notifications");
+    if (rc == 0 && sq_load_history(q->rdb, *out) != 0)
+        rc = sq_db_err(q->rdb, e, "read attempts");
+    pthread_mutex_unlock(&q->read_lock);
+    if (rc != 0) {
+        job_free(*out);
+        *out = NULL;
+    }
+    return rc;
+}
+
+static int sq_list(struct queue *qb, const struct queue_list_filter *f, struct job **out, size_t *n,
+                   struct err *e)
+{
+    struct sqlite_queue *q = sq_of(qb);
+    sqlite3_stmt *st;
+    int rc = 0;
+
+    pthread_mutex_lock(&q->read_lock);
+    st = sq_prepare(q->rdb, "SELECT " JOB_COLUMNS
+                            " FROM jobs WHERE kind = 0 AND (?1 < 0 OR state = ?1) AND "
+                            "(?2 IS NULL OR model = ?2) AND (?3 IS NULL OR seq < (SELECT seq FROM "
+                            "jobs WHERE id = ?3)) AND (?5 < 0 OR cancel_requested = ?5) "
+                            "ORDER BY seq DESC LIMIT ?4");
+    if (!st) {
+        rc = sq_db_err(q->rdb, e, "prepare");
+        goto cleanup;
+    }
+    sqlite3_bind_int(st, 1, f->state);
+    sqlite3_bind_text(st, 2, f->model, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 3, f->cursor, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 4, f->limit);
+    sqlite3_bind_int(st, 5, f->state == JOB_RUNNING ? f->cancelling : -1);
+    while (rc == 0 && (int)*n < f->limit && sqlite3_step(st) == SQLITE_ROW) {
+        struct job *j = sq_job_from_row(st);
+        if (!j) {
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+            break;
+        }
+        out[(*n)++] = j;
+        if (load_notifications(q->rdb, j) != 0 || sq_load_history(q->rdb, j) != 0)
+            rc = sq_db_err(q->rdb, e, "read notifications and attempts");
+    }
+cleanup:
+    sq_finish(st);
+    pthread_mutex_unlock(&q->read_lock);
+    if (rc != 0) {
+        for (size_t i = 0; i < *n; i++)
+            job_free(out[i]);
+        *n = 0;
+    }
+    return rc;
+}
+
+static int sq_counts(struct queue *qb, int64_t counts[JOB_N_STATES], struct err *e)
+{
+    struct sqlite_queue *q = sq_of(qb);
+    sqlite3_stmt *st;
+    int rc = 0;
+
+    memset(counts, 0, sizeof(int64_t) * JOB_N_STATES);
+    pthread_mutex_lock(&q->read_lock);
+    st = sq_prepare(q->rdb, "SELECT state, COUNT(*) FROM jobs GROUP BY state");
+    if (!st)
+        rc = sq_db_err(q->rdb, e, "prepare");
+    while (st && sqlite3_step(st) == SQLITE_ROW) {
+        int s = sqlite3_column_int(st, 0);
+        if (s >= 0 && s < JOB_N_STATES)
+            counts[s] = sqlite3_column_int64(st, 1);
+    }
+    sq_finish(st);
+    pthread_mutex_unlock(&q->read_lock);
+    return rc;
+}
+
+static int64_t sq_queued(struct queue *qb)
+{
+    struct sqlite_queue *q = sq_of(qb);
+    int64_t n;
+
+    pthread_mutex_lock(&q->lock);
+    n = q->n_queued;
+    pthread_mutex_unlock(&q->lock);
+    return n;
+}
+
+const struct queue_job_ops sqlite_job_ops = {
+    .enqueue = sq_enqueue,
+    .enqueue_async = sq_enqueue_async,
+    .lease_many = sq_lease_many,
+    .finish_many = sq_finish_many,
+    .extend = sq_extend,
+    .cancel = sq_cancel,
+    .retry = sq_retry,
+    .get = sq_get,
+    .list = sq_list,
+    .counts = sq_counts,
+    .queued = sq_queued,
+    .worker_beat = sq_worker_beat,
+    .worker_leave = sq_worker_leave,
+    .workers_list = sq_workers_list,
+};

@@ -1,0 +1,143 @@
+/*
+ * test_core.c: core's clock (the scheduler's injectable time), ids and bounded integer JSON
+ * fields (core/clock.h, core/id.h, core/jfield.h).
+ */
+#define _GNU_SOURCE
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "core/clock.h"
+#include "core/id.h"
+#include "core/jfield.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static void test_clock_kinds(void **state)
+{
+    int64_t wall = clock_now_ms(), mono = clock_mono_ms();
+    uint64_t ns = clock_mono_ns();
+
+    (void)state;
+    /* the wall clock is epoch milliseconds: after 2020, and agrees with time() */
+    assert_true(wall > 1577836800000LL);
+    assert_true(llabs(wall / 1000 - (long long)time(NULL)) <= 2);
+    assert_true(clock_mono_ms() >= mono);
+    assert_true(clock_mono_ns() >= ns);
+}
+
+static void test_sched_clock_file(void **state)
+{
+    char path[] = "/tmp/inferd_test_clock_XXXXXX";
+    int fd = mkstemp(path);
+    FILE *f;
+
+    (void)state;
+    assert_true(fd >= 0);
+    close(fd);
+    assert_int_equal(setenv("INFERD_CLOCK_FILE", path, 1), 0);
+    /* an empty file is the real time */
+    assert_true(llabs(clock_sched_now_ms() - clock_now_ms()) < 5000);
+    f = fopen(path, "w");
+    assert_non_null(f);
+    fprintf(f, "1700000000123\n");
+    fclose(f);
+    assert_int_equal(clock_sched_now_ms(), 1700000000123LL);
+    /* re-read on every call: a test moves time forward by rewriting the file */
+    f = fopen(path, "w");
+    assert_non_null(f);
+    fprintf(f, "1700000060123");
+    fclose(f);
+    assert_int_equal(clock_sched_now_ms(), 1700000060123LL);
+    unlink(path);
+    /* a missing file is the real time */
+    assert_true(llabs(clock_sched_now_ms() - clock_now_ms()) < 5000);
+    unsetenv("INFERD_CLOCK_FILE");
+    assert_true(llabs(clock_sched_now_ms() - clock_now_ms()) < 5000);
+}
+
+static void test_ids(void **state)
+{
+    char a[ID_SIZE], b[ID_SIZE], ms_hex[16];
+    int64_t before = clock_now_ms();
+
+    (void)state;
+    id_new(a);
+    id_new(b);
+    assert_int_equal(strlen(a), 24);
+    assert_int_equal(strspn(a, "0123456789abcdef"), 24);
+    assert_string_not_equal(a, b);
+    /* time-ordered: the first 12 digits are the creation millisecond */
+    snprintf(ms_hex, sizeof(ms_hex), "%012llx", (unsigned long long)before);
+    assert_true(strncmp(a, ms_hex, 12) >= 0);
+    assert_true(strncmp(a, b, 12) <= 0);
+}
+
+static int read_int(const char *json, unsigned flags, int64_t *out, int *present, struct err *e)
+{
+    json_t *root = json_loads(json, 0, NULL);
+    int rc;
+
+    assert_non_null(root);
+    rc = jfield_int(root, "n", 1, 9, flags, out, present, e);
+    json_decref(root);
+    return rc;
+}
+
+static void test_jfield_int(void **state)
+{
+    struct err e = {0};
+    int64_t v = -7;
+    int present = -1;
+
+    (void)state;
+    assert_int_equal(read_int("{}", 0, &v, &present, &e), 0);
+    assert_int_equal(v, -7);
+    assert_int_equal(present, 0);
+    assert_int_equal(read_int("{\"n\": 4}", 0, &v, &present, &e), 0);
+    assert_int_equal(v, 4);
+    assert_int_equal(present, 1);
+    assert_int_equal(read_int("{\"n\": 1}", 0, &v, NULL, &e), 0);
+    assert_int_equal(read_int("{\"n\": 9}", 0, &v, NULL, &e), 0);
+    assert_int_equal(v, 9);
+
+    assert_int_equal(read_int("{\"n\": null}", 0, &v, &present, &e), ERR_INVALID);
+    assert_string_equal(e.msg, "n: expected an integer");
+    assert_int_equal(present, 1);
+    assert_int_equal(read_int("{\"n\": null}", JFIELD_NULL_ABSENT, &v, &present, &e), 0);
+    assert_int_equal(present, 0);
+    assert_int_equal(read_int("{\"n\": 2.5}", 0, &v, NULL, &e), ERR_INVALID);
+    assert_string_equal(e.msg, "n: expected an integer");
+    assert_int_equal(read_int("{\"n\": \"3\"}", 0, &v, NULL, &e), ERR_INVALID);
+    assert_string_equal(e.msg, "n: expected an integer");
+
+    assert_int_equal(read_int("{\"n\": 10}", 0, &v, NULL, &e), ERR_INVALID);
+    assert_string_equal(e.msg, "n: 10 is outside 1..9");
+    assert_int_equal(read_int("{\"n\": 0}", 0, &v, NULL, &e), ERR_INVALID);
+    assert_string_equal(e.msg, "n: 0 is outside 1..9");
+    assert_int_equal(read_int("{\"n\": 0}", JFIELD_MIN_MAX_MSG, &v, NULL, &e), ERR_INVALID);
+    assert_string_equal(e.msg, "n: 0 is below the minimum 1");
+    assert_int_equal(read_int("{\"n\": 10}", JFIELD_MIN_MAX_MSG, &v, NULL, &e), ERR_INVALID);
+    assert_string_equal(e.msg, "n: 10 is above the maximum 9");
+    assert_int_equal(v, 9); /* untouched by every refusal */
+
+    /* not an object: the field is absent */
+    assert_int_equal(jfield_int(NULL, "n", 1, 9, 0, &v, &present, &e), 0);
+    assert_int_equal(present, 0);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_clock_kinds),
+        cmocka_unit_test(test_sched_clock_file),
+        cmocka_unit_test(test_ids),
+        cmocka_unit_test(test_jfield_int),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
