@@ -1222,8 +1222,9 @@ class PostgresServer:
     ``postgres`` user when the tests run as root, because PostgreSQL refuses to run as root),
     on a free 127.0.0.1 port with a unix socket folder of its own, ``trust`` authentication
     (roles with a password can be made to need it: :meth:`require_password`), fsync and
-    synchronous_commit on, so what inferd acknowledged survives :meth:`restart`. Started and stopped with ``pg_ctl``; its log is attached to a failing
-    test's report, like inferd's. :meth:`destroy` stops it and deletes the folder.
+    synchronous_commit on, so what inferd acknowledged survives :meth:`restart`. Started and
+    stopped with ``pg_ctl``; its log is attached to a failing test's report, like inferd's.
+    :meth:`destroy` stops it and deletes the folder.
     """
 
     def __init__(self, tag="postgres", scope="function"):
