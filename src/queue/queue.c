@@ -40,7 +40,11 @@ void job_free(struct job *j)
     free(j->input_location);
     free(j->output_location);
     free(j->callback_url);
-    free(j->notifications_json);
+    for (size_t i = 0; i < j->n_notifications; i++) {
+        free(j->notifications[i].event_id);
+        free(j->notifications[i].error);
+    }
+    free(j->notifications);
     free(j->worker);
     for (size_t i = 0; i < j->n_history; i++) {
         free(j->history[i].worker);
@@ -73,6 +77,28 @@ int queue_job_add_attempt(struct job *j, int attempt, int64_t started_ms, int64_
         return ERR_NOMEM;
     }
     j->n_history++;
+    return 0;
+}
+
+int queue_job_add_notification(struct job *j, const char *event_id, int64_t at_ms, int status_code,
+                               const char *error)
+{
+    struct job_notification *v = realloc(j->notifications, (j->n_notifications + 1) * sizeof(*v));
+    struct job_notification *n;
+
+    if (!v)
+        return ERR_NOMEM;
+    j->notifications = v;
+    n = &v[j->n_notifications];
+    *n = (struct job_notification){.at_ms = at_ms, .status_code = status_code};
+    n->event_id = strdup(event_id ? event_id : "");
+    n->error = error ? strdup(error) : NULL;
+    if (!n->event_id || (error && !n->error)) {
+        free(n->event_id);
+        free(n->error);
+        return ERR_NOMEM;
+    }
+    j->n_notifications++;
     return 0;
 }
 
@@ -653,6 +679,30 @@ static int attempts_json(const struct job *j, struct buf *out)
     return rc ? rc : buf_puts(out, "]");
 }
 
+/* [{"event_id","at","status_code","error"}...]: the job's webhook attempts */
+static int notifications_json(const struct job *j, struct buf *out)
+{
+    int rc = buf_puts(out, "[");
+
+    for (size_t i = 0; rc == 0 && i < j->n_notifications; i++) {
+        const struct job_notification *n = &j->notifications[i];
+        rc = buf_puts(out, i ? ",{\"event_id\":" : "{\"event_id\":");
+        if (rc == 0)
+            rc = buf_json_string(out, n->event_id);
+        if (rc == 0)
+            rc = buf_puts(out, ",\"at\":");
+        if (rc == 0)
+            rc = queue_json_time(out, n->at_ms);
+        if (rc == 0)
+            rc = buf_printf(out, ",\"status_code\":%d,\"error\":", n->status_code);
+        if (rc == 0)
+            rc = json_str_or_null(out, n->error);
+        if (rc == 0)
+            rc = buf_puts(out, "}");
+    }
+    return rc ? rc : buf_puts(out, "]");
+}
+
 int queue_job_json(const struct job *j, struct buf *out)
 {
     int rc = buf_puts(out, "{\"id\":");
@@ -710,7 +760,7 @@ int queue_job_json(const struct job *j, struct buf *out)
     if (rc == 0)
         rc = buf_puts(out, ",\"notifications\":");
     if (rc == 0)
-        rc = buf_puts(out, j->notifications_json ? j->notifications_json : "[]");
+        rc = notifications_json(j, out);
     return rc ? rc : buf_puts(out, "}");
 }
 

@@ -78,6 +78,14 @@ struct job_attempt {
     char *error;        /* why it did not succeed; NULL when it did, or while it runs */
 };
 
+/* One delivery attempt of a job's webhook, as its record lists it. Strings owned by the job. */
+struct job_notification {
+    char *event_id;
+    int64_t at_ms;
+    int status_code; /* the receiver's HTTP status; 0 when there was no response */
+    char *error;     /* NULL when none */
+};
+
 /* A snapshot of a job. Owned by whoever received it; free with job_free(). */
 struct job {
     char id[40];
@@ -103,7 +111,8 @@ struct job {
     /* filled by queue_get() with want_result, for succeeded jobs stored inline */
     struct buf result;
     int64_t result_json_len;
-    char *notifications_json; /* a JSON array of webhook attempts; NULL if none */
+    struct job_notification *notifications; /* webhook attempts, oldest first */
+    size_t n_notifications;
     enum job_kind kind;
     char batch_id[40]; /* batch tasks: the batch job they belong to; "" otherwise */
     char *worker;      /* the worker id that holds it (or last held it); NULL if none */
@@ -126,8 +135,8 @@ struct queue_list_filter {
 struct queue;
 
 struct queue_config {
-    const char *url; /* NULL or "sqlite": SQLite; "redis://host:port/db": Redis;
-                      * "postgresql://[user[:password]@]host[:port]/db[?...]": PostgreSQL */
+    const char *url;                 /* NULL or "sqlite": SQLite; "redis://host:port/db": Redis;
+                                      * "postgresql://[user[:password]@]host[:port]/db[?...]": PostgreSQL */
     const char *data_dir;            /* SQLite: the database lives at DIR/inferd.db */
     int64_t result_ttl_s;            /* how long a finished job is kept; 0 forever */
     int64_t max_queued;              /* past it, enqueue says ERR_BUSY */

@@ -73,6 +73,10 @@ void queue_outbox_item_release(struct queue_outbox_item *it);
 /* Records that running job `id` was asked to cancel (here, or in another process). */
 void queue_note_cancel(struct queue *q, const char *id);
 
+/* Appends a job_notification to j->notifications (strings copied). 0 or ERR_NOMEM. */
+int queue_job_add_notification(struct job *j, const char *event_id, int64_t at_ms, int status_code,
+                               const char *error);
+
 /* Appends a job_attempt to j->history (strings copied). 0 or ERR_NOMEM. */
 int queue_job_add_attempt(struct job *j, int attempt, int64_t started_ms, int64_t ended_ms,
                           const char *worker, const char *error);

@@ -149,7 +149,6 @@ int64_t pg_outbox_next_due(struct queue *qb)
 int pg_load_notifications(struct pg_queue *q, PGconn *c, struct job *j)
 {
     struct pg_params p = {0};
-    struct buf b = {0};
     struct err e;
     PGresult *r;
     int rc;
@@ -161,31 +160,11 @@ int pg_load_notifications(struct pg_queue *q, PGconn *c, struct job *j)
                 &p, "read webhooks", &e);
     if (!r)
         return e.code;
-    rc = buf_puts(&b, "[");
-    for (int i = 0; rc == 0 && i < PQntuples(r); i++) {
-        rc = buf_printf(&b, "%s{\"event_id\":", i ? "," : "");
-        if (rc == 0)
-            rc = buf_json_string(&b, PQgetvalue(r, i, 0));
-        if (rc == 0)
-            rc = buf_puts(&b, ",\"at\":");
-        if (rc == 0)
-            rc = queue_json_time(&b, pg_int(r, i, 1));
-        if (rc == 0)
-            rc = buf_printf(&b, ",\"status_code\":%d,\"error\":", (int)pg_int(r, i, 2));
-        if (rc == 0)
-            rc = PQgetisnull(r, i, 3) ? buf_puts(&b, "null")
-                                      : buf_json_string(&b, PQgetvalue(r, i, 3));
-        if (rc == 0)
-            rc = buf_puts(&b, "}");
-    }
+    rc = 0;
+    for (int i = 0; rc == 0 && i < PQntuples(r); i++)
+        rc = queue_job_add_notification(j, PQgetvalue(r, i, 0), pg_int(r, i, 1),
+                                        (int)pg_int(r, i, 2),
+                                        PQgetisnull(r, i, 3) ? NULL : PQgetvalue(r, i, 3));
     PQclear(r);
-    if (rc == 0)
-        rc = buf_puts(&b, "]");
-    if (rc != 0) {
-        buf_release(&b);
-        return rc;
-    }
-    free(j->notifications_json);
-    j->notifications_json = buf_take(&b);
-    return 0;
+    return rc;
 }

@@ -300,7 +300,7 @@ int pg_op_outbox_record(struct pg_txn *t, struct pg_op *o);
 int pg_outbox_due(struct queue *qb, int64_t now_ms, size_t max, struct queue_outbox_item **out,
                   size_t *n, struct err *e);
 int64_t pg_outbox_next_due(struct queue *qb);
-/* The job's webhook attempts as a JSON array, into j->notifications_json. */
+/* The job's webhook attempts, into j->notifications. */
 int pg_load_notifications(struct pg_queue *q, PGconn *c, struct job *j);
 
 /* ---- batch.c ---- */

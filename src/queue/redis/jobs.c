@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/random.h>
 
 /* ---- jobs from hashes ---- */
@@ -529,27 +530,47 @@ static int r_retry(struct queue *qb, const char *id, struct job **out, struct er
     return change_then_load(rq(qb), "retry", id, out, e);
 }
 
-/* The webhook attempts of a job, as the job JSON shows them. */
+/* Milliseconds since the epoch of "YYYY-MM-DDTHH:MM:SS.mmmZ" (how records written by inferd
+ * before 2026-12 kept their time); 0 if it is not that. */
+static int64_t parse_time(const char *s)
+{
+    struct tm tm = {0};
+    int ms = 0;
+
+    if (!s || sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d.%3dZ", &tm.tm_year, &tm.tm_mon, &tm.tm_mday,
+                     &tm.tm_hour, &tm.tm_min, &tm.tm_sec, &ms) != 7)
+        return 0;
+    tm.tm_year -= 1900;
+    tm.tm_mon -= 1;
+    return (int64_t)timegm(&tm) * 1000 + ms;
+}
+
+/* The webhook attempts of a job, from its list of delivery records (JSON objects: event_id,
+ * at_ms, status_code, error). */
 static int load_notifications(struct redis_queue *q, redisContext *c, struct job *j)
 {
     redisReply *r = redisCommand(c, "LRANGE %sdeliv:%s 0 -1", q->prefix, j->id);
-    struct buf b = {0};
     int rc = 0;
 
     if (!r)
         return ERR_UNAVAILABLE;
-    rc = buf_puts(&b, "[");
-    for (size_t i = 0; rc == 0 && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++)
-        rc = buf_printf(&b, "%s%s", i ? "," : "", r->element[i]->str);
-    if (rc == 0)
-        rc = buf_puts(&b, "]");
-    freeReplyObject(r);
-    if (rc != 0) {
-        buf_release(&b);
-        return rc;
+    for (size_t i = 0; rc == 0 && r->type == REDIS_REPLY_ARRAY && i < r->elements; i++) {
+        json_t *o = json_loadb(r->element[i]->str, r->element[i]->len, 0, NULL);
+        json_t *at = json_object_get(o, "at_ms");
+        if (!json_is_object(o)) { /* not a record: skipped, as a listing skips a lost job */
+            json_decref(o);
+            continue;
+        }
+        rc =
+            queue_job_add_notification(j, json_string_value(json_object_get(o, "event_id")),
+                                       at ? (int64_t)json_integer_value(at)
+                                          : parse_time(json_string_value(json_object_get(o, "at"))),
+                                       (int)json_integer_value(json_object_get(o, "status_code")),
+                                       json_string_value(json_object_get(o, "error")));
+        json_decref(o);
     }
-    j->notifications_json = buf_take(&b);
-    return 0;
+    freeReplyObject(r);
+    return rc;
 }
 
 /* A job's attempts (attempts_history), from its list of JSON objects. */

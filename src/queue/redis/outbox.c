@@ -176,12 +176,10 @@ static int r_outbox_record(struct queue *qb, const struct queue_outbox_attempt *
     char oid[24];
     int rc;
 
-    /* the script puts the outbox item's event id first, so the record reads as SQLite's */
-    rc = buf_puts(&rec, ",\"at\":");
-    if (rc == 0)
-        rc = queue_json_time(&rec, at->at_ms);
-    if (rc == 0)
-        rc = buf_printf(&rec, ",\"status_code\":%d,\"error\":", at->http_status);
+    /* a record of the delivery (load_notifications reads it); the script puts the outbox
+     * item's event id first */
+    rc = buf_printf(&rec, ",\"at_ms\":%lld,\"status_code\":%d,\"error\":", (long long)at->at_ms,
+                    at->http_status);
     if (rc == 0)
         rc = at->error ? buf_json_string(&rec, at->error) : buf_puts(&rec, "null");
     if (rc == 0)

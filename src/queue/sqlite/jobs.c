@@ -557,38 +557,17 @@ static int load_notifications(sqlite3 *db, struct job *j)
 {
     sqlite3_stmt *st = sq_prepare(db, "SELECT event_id, at_ms, http_status, error FROM deliveries "
                                       "WHERE job_id = ? ORDER BY at_ms");
-    struct buf b = {0};
-    int n = 0, rc = 0;
+    int rc = 0;
 
     if (!st)
         return ERR_IO;
     sqlite3_bind_text(st, 1, j->id, -1, SQLITE_STATIC);
-    rc = buf_puts(&b, "[");
-    while (rc == 0 && sqlite3_step(st) == SQLITE_ROW) {
-        const char *err_text = (const char *)sqlite3_column_text(st, 3);
-        rc = buf_printf(&b, "%s{\"event_id\":", n++ ? "," : "");
-        if (rc == 0)
-            rc = buf_json_string(&b, (const char *)sqlite3_column_text(st, 0));
-        if (rc == 0)
-            rc = buf_puts(&b, ",\"at\":");
-        if (rc == 0)
-            rc = queue_json_time(&b, sqlite3_column_int64(st, 1));
-        if (rc == 0)
-            rc = buf_printf(&b, ",\"status_code\":%d,\"error\":", sqlite3_column_int(st, 2));
-        if (rc == 0)
-            rc = err_text ? buf_json_string(&b, err_text) : buf_puts(&b, "null");
-        if (rc == 0)
-            rc = buf_puts(&b, "}");
-    }
+    while (rc == 0 && sqlite3_step(st) == SQLITE_ROW)
+        rc = queue_job_add_notification(j, (const char *)sqlite3_column_text(st, 0),
+                                        sqlite3_column_int64(st, 1), sqlite3_column_int(st, 2),
+                                        (const char *)sqlite3_column_text(st, 3));
     sq_finish(st);
-    if (rc == 0)
-        rc = buf_puts(&b, "]");
-    if (rc != 0) {
-        buf_release(&b);
-        return rc;
-    }
-    j->notifications_json = buf_take(&b);
-    return 0;
+    return rc;
 }
 
 /* Fills j->history from the attempts table. */
