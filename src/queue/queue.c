@@ -223,17 +223,6 @@ int queue_extend(struct queue *q, const char *id, uint64_t token, int64_t lease_
     return q->ops->jobs->extend(q, id, token, lease_ms, e);
 }
 
-int64_t queue_retry_backoff_ms(int64_t first_ms, int counted, int64_t retry_after_ms)
-{
-    int64_t backoff = first_ms;
-
-    for (int i = 1; i < counted && backoff < QUEUE_MAX_BACKOFF_MS; i++)
-        backoff *= 2;
-    if (backoff > QUEUE_MAX_BACKOFF_MS)
-        backoff = QUEUE_MAX_BACKOFF_MS;
-    return retry_after_ms > backoff ? retry_after_ms : backoff;
-}
-
 /* Records one outcome; a fencing conflict is this call's error. */
 static int finish_one(struct queue *q, struct queue_outcome *o, struct err *e)
 {

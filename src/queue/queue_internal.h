@@ -31,6 +31,34 @@ struct queue_ops {
  */
 int64_t queue_retry_backoff_ms(int64_t first_ms, int counted, int64_t retry_after_ms);
 
+/*
+ * Admission (--max-queue): `n` more jobs may wait when `queued` already do, unless that makes
+ * more than cfg->max_queued. 0, or ERR_BUSY saying how full the queue is. Stores call it in
+ * the transaction that stores the jobs (the Redis scripts make the same comparison in Lua and
+ * hand the count back for the message).
+ */
+int queue_admit(const struct queue_config *cfg, int64_t queued, int64_t n, struct err *e);
+
+/*
+ * Idempotency: the key of `s` already names job `old_id`, stored for a request whose hash is
+ * `old_hash` (NULL: unknown). 0 when `s` is that same request (the caller answers with the
+ * old job, existed = 1); ERR_CONFLICT naming the job otherwise.
+ */
+int queue_idem_match(const struct job_spec *s, const char *old_id, const char *old_hash,
+                     struct err *e);
+
+/*
+ * Retention (--result-ttl-s): a finished job, or a finished batch run with its tasks, that
+ * ended at or before this time goes, unless a webhook about it is still being delivered.
+ * Schedules, queued and running work stay. INT64_MIN when nothing goes (--result-ttl-s 0).
+ * (Redis sets the same ttl on the keys when the job or run ends.)
+ */
+int64_t queue_retain_before_ms(const struct queue_config *cfg, int64_t now_ms);
+
+/* The one log line for a worker whose running attempts were lost (`why`: it stopped, or it
+ * went silent), whichever store noticed. */
+void queue_log_worker_lost(const char *worker, int64_t jobs, const char *why);
+
 /* Frees what `b` holds (its runs too) and zeroes it; `b` itself is the caller's. */
 void batch_job_release(struct batch_job *b);
 

@@ -79,8 +79,10 @@ def test_kill9_worker_jobs_back_in_seconds(shared_queue, server_factory, worker_
     ids = [w["id"] for w in workers_of(c)]
     assert wa["id"] not in ids and wb["id"] in ids, f"workers after A's kill -9: {ids}"
     logs = serve.log() + b.log()
-    # Redis: "workers presumed dead (no heartbeat)"; PostgreSQL (as SQLite): "worker gone"
-    assert "presumed dead" in logs or "worker gone" in logs, "no process logged the dead worker"
+    # one line on every store, naming the worker and why
+    assert re.search(r"worker lost; its running jobs are queued again\" worker=" +
+                     re.escape(wa["id"]) + r" jobs=\d+ reason=\"its worker .*sent no heartbeat",
+                     logs), f"no process logged the dead worker: {logs[-3000:]}"
 
 
 def test_stopped_worker_leaves_the_list(shared_queue, server_factory, worker_factory, repo,

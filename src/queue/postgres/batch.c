@@ -353,11 +353,9 @@ int pg_op_batch_create(struct pg_txn *t, struct pg_op *o)
         t->queued = pg_int(r, 0, 0);
         PQclear(r);
     }
-    if (!s->schedule && !s->error && t->queued + (int64_t)s->n_tasks > t->q->cfg.max_queued)
-        return err_set(&o->err, ERR_BUSY,
-                       "%zu tasks would pass the queue's limit of %lld jobs (--max-queue); "
-                       "%lld are waiting",
-                       s->n_tasks, (long long)t->q->cfg.max_queued, (long long)t->queued);
+    if (!s->schedule && !s->error &&
+        (rc = queue_admit(&t->q->cfg, t->queued, (int64_t)s->n_tasks, &o->err)) != 0)
+        return rc;
     /* after the admission: an operation that fails cleanly has changed nothing (writer.c) */
     if (s->parent && !s->by_hand && (rc = claim_schedule(t, s, &o->err)) != 0)
         return rc;

@@ -225,12 +225,9 @@ static int idem_lookup(struct pg_txn *t, struct pg_op *o, int *found)
     if (!r)
         return o->err.code;
     if (PQntuples(r) == 1) {
-        const char *hash = PQgetisnull(r, 0, 1) ? NULL : PQgetvalue(r, 0, 1);
         snprintf(o->id_out, sizeof(o->id_out), "%s", PQgetvalue(r, 0, 0));
-        if (!hash || !s->request_hash || strcmp(hash, s->request_hash) != 0)
-            rc = err_set(&o->err, ERR_CONFLICT,
-                         "Idempotency-Key '%.64s' was used for another request (job %s)",
-                         s->idempotency_key, o->id_out);
+        rc = queue_idem_match(s, o->id_out, PQgetisnull(r, 0, 1) ? NULL : PQgetvalue(r, 0, 1),
+                              &o->err);
         o->existed = 1;
         *found = 1;
     }
@@ -257,9 +254,8 @@ int pg_op_enqueue(struct pg_txn *t, struct pg_op *o)
         t->queued = pg_int(r, 0, 0);
         PQclear(r);
     }
-    if (t->queued >= t->q->cfg.max_queued)
-        return err_set(&o->err, ERR_BUSY, "the queue holds %lld jobs, the limit (--max-queue)",
-                       (long long)t->queued);
+    if ((rc = queue_admit(&t->q->cfg, t->queued, 1, &o->err)) != 0)
+        return rc;
     id_new(o->id_out);
     rc = pg_insert_job(t, s, o->id_out, &o->err);
     if (rc == 1) {
@@ -356,12 +352,9 @@ int pg_ops_enqueue(struct pg_txn *t, struct pg_op **ops, size_t n, struct err *e
     for (size_t i = 0; rc == 0 && i < n; i++) {
         const struct job_spec *sp = ops[i]->spec;
         char num[N_COLS][24];
-        if (t->queued + (int64_t)admitted >= t->q->cfg.max_queued) {
-            ops[i]->rc = err_set(&ops[i]->err, ERR_BUSY,
-                                 "the queue holds %lld jobs, the limit (--max-queue)",
-                                 (long long)(t->queued + (int64_t)admitted));
+        if ((ops[i]->rc =
+                 queue_admit(&t->q->cfg, t->queued + (int64_t)admitted, 1, &ops[i]->err)) != 0)
             continue;
-        }
         admitted++;
         id_new(ops[i]->id_out);
         snprintf(num[PRIO], 24, "%d", sp->priority);

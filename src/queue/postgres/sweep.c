@@ -87,8 +87,7 @@ static int reap_worker(struct pg_txn *t, const char *wid, const char *why, int64
     if (rows == 64)
         return 0; /* more: the next sweep goes on before the worker leaves */
     if (rows > 0)
-        log_warn("queue", "worker gone; its running jobs are queued again",
-                 "worker=%s jobs=%d reason=\"%s\"", wid, rows, why);
+        queue_log_worker_lost(wid, rows, why);
     return pg_run(t->q, t->c, "DELETE FROM inferd_workers WHERE id = $1", &p, "worker leaves", e);
 }
 

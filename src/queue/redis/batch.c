@@ -200,10 +200,9 @@ static int r_batch_create(struct queue *qb, const struct batch_job_spec *s, char
     } else if (strcmp(r->element[0]->str, "conflict") == 0) {
         rc = err_set(e, ERR_CONFLICT, "schedule %s is no longer due at that time", s->parent);
     } else if (strcmp(r->element[0]->str, "busy") == 0) {
-        rc = err_set(e, ERR_BUSY,
-                     "%zu tasks would pass the queue's limit of %lld jobs (--max-queue); %s are "
-                     "waiting",
-                     s->n_tasks, (long long)q->cfg.max_queued, r->element[1]->str);
+        rc = queue_admit(&q->cfg, strtoll(r->element[1]->str, NULL, 10), (int64_t)s->n_tasks, e);
+        if (rc == 0) /* the script saw more waiting than its answer says */
+            rc = err_set(e, ERR_BUSY, "the queue is full (--max-queue)");
     }
 cleanup:
     freeReplyObject(r);

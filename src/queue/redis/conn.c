@@ -154,11 +154,16 @@ static void *sweeper_main(void *self)
         rq_arg_int(&a,
                    atomic_load(&q->down_since_ms) ? clock_now_ms() : atomic_load(&q->up_since_ms));
         r = rq_run(q, &a, &e);
-        /* {jobs of workers presumed dead, jobs whose lease expired, jobs failed for good} */
-        if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
-            r->element[0]->type == REDIS_REPLY_INTEGER && r->element[0]->integer > 0)
-            log_warn("queue", "workers presumed dead (no heartbeat); their jobs reclaimed",
-                     "jobs=%lld", (long long)r->element[0]->integer);
+        /* {workers presumed dead, jobs whose lease expired, jobs failed for good} */
+        for (size_t i = 0; r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
+                           r->element[0]->type == REDIS_REPLY_ARRAY && i < r->element[0]->elements;
+             i++) {
+            const redisReply *w = r->element[0]->element[i];
+            if (w->type == REDIS_REPLY_ARRAY && w->elements == 3 && w->element[0]->str &&
+                w->element[1]->type == REDIS_REPLY_INTEGER && w->element[2]->str)
+                queue_log_worker_lost(w->element[0]->str, w->element[1]->integer,
+                                      w->element[2]->str);
+        }
         if (r && r->type == REDIS_REPLY_ARRAY && r->elements == 3 &&
             r->element[1]->type == REDIS_REPLY_INTEGER && r->element[1]->integer > 0)
             log_warn("queue", "leases expired; jobs reclaimed", "jobs=%lld",

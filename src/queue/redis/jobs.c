@@ -128,23 +128,27 @@ static void enqueue_args(struct redis_queue *q, struct args *a, const struct job
         rq_arg(a, "input"), rq_arg_bin(a, s->input, s->input_len);
 }
 
-/* The enqueue script's answer: {"ok"|"existed"|"conflict"|"busy", id}. */
-static int enqueue_reply(const struct job_spec *s, redisReply *r, char id_out[40], int *existed,
-                         struct err *e)
+/* The enqueue script's answer: {"ok", id}, {"existed", id, its request hash} or {"busy",
+ * how many wait}; the core's rules decide what the last two mean. */
+static int enqueue_reply(struct redis_queue *q, const struct job_spec *s, redisReply *r,
+                         char id_out[40], int *existed, struct err *e)
 {
     const char *status;
 
-    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2)
+    if (r->type != REDIS_REPLY_ARRAY || r->elements < 2 || !r->element[0]->str ||
+        !r->element[1]->str)
         return err_set(e, ERR_IO, "Redis: unexpected answer to enqueue");
     status = r->element[0]->str;
-    snprintf(id_out, 40, "%s", r->element[1]->str ? r->element[1]->str : "");
-    *existed = strcmp(status, "existed") == 0 || strcmp(status, "conflict") == 0;
-    if (strcmp(status, "conflict") == 0)
-        return err_set(e, ERR_CONFLICT,
-                       "Idempotency-Key '%.64s' was used for another request (job %s)",
-                       s->idempotency_key, id_out);
-    if (strcmp(status, "busy") == 0)
-        return err_set(e, ERR_BUSY, "the queue holds %s jobs, the limit (--max-queue)", id_out);
+    snprintf(id_out, 40, "%s", r->element[1]->str);
+    *existed = strcmp(status, "existed") == 0;
+    if (*existed)
+        return queue_idem_match(s, id_out, r->elements > 2 ? r->element[2]->str : NULL, e);
+    if (strcmp(status, "busy") == 0) {
+        int rc = queue_admit(&q->cfg, strtoll(r->element[1]->str, NULL, 10), 1, e);
+        id_out[0] = '\0';
+        /* the script saw more waiting than its answer says */
+        return rc ? rc : err_set(e, ERR_BUSY, "the queue is full (--max-queue)");
+    }
     return 0;
 }
 
@@ -162,7 +166,7 @@ static int r_enqueue(struct queue *qb, const struct job_spec *spec, char id_out[
     r = rq_run(q, &a, e);
     if (!r)
         return e->code;
-    rc = enqueue_reply(spec, r, id_out, existed, e);
+    rc = enqueue_reply(q, spec, r, id_out, existed, e);
     freeReplyObject(r);
     return rc;
 }
@@ -204,7 +208,7 @@ void *rq_async_main(void *self)
             next = o->next;
             if (c && redisGetReply(c, (void **)&r) == REDIS_OK && r) {
                 rc = r->type == REDIS_REPLY_ERROR ? err_set(&e, ERR_IO, "Redis: %.200s", r->str)
-                                                  : enqueue_reply(&o->spec, r, id, &existed, &e);
+                                                  : enqueue_reply(q, &o->spec, r, id, &existed, &e);
             } else {
                 rc = err_set(&e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port,
                              c ? c->errstr : e.msg);

@@ -131,12 +131,11 @@ local function enqueue()
     if idem ~= '' then
         local old = redis.call('GET', P .. 'idem:' .. idem)
         if old and redis.call('EXISTS', jkey(old)) == 1 then
-            if field(old, 'request_hash') == hash then return {'existed', old} end
-            return {'conflict', old}
+            return {'existed', old, field(old, 'request_hash') or ''}
         end
     end
     local queued = tonumber(redis.call('HGET', P .. 'counts', 'queued') or '0')
-    if queued >= max_queued then return {'busy', tostring(queued)} end
+    if queued + 1 > max_queued then return {'busy', tostring(queued)} end
     local args = {}
     for i = 8, #ARGV do args[#args + 1] = ARGV[i] end
     redis.call('HSET', jkey(id), 'state', 0, 'attempts', 0, 'created_ms', now, 'started_ms', 0,
@@ -395,19 +394,20 @@ end
 -- dead: their jobs run again at once. Attempts whose lease ran out (their worker
 -- stalled, or died before it ever beat): XAUTOCLAIM finds the stream entries idle past the
 -- shortest lease; the job's own lease decides. Expired ones run again, or fail on their last
--- attempt. Returns {jobs of dead workers, expired leases, {{id, model, attempts, error} of
--- the jobs that failed for good}}.
+-- attempt. Returns {{{worker, jobs lost, why} of each dead worker with jobs}, expired leases,
+-- {{id, model, attempts, error} of the jobs that failed for good}}.
 local function reclaim()
     local sweeper, min_idle, ttl_s = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
     local up_since = tonumber(ARGV[7] or '0')
-    local dead_jobs, n = 0, 0
+    local dead, n = {}, 0
     for _, wid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'workers', '-inf', now, 'LIMIT', 0, 10)) do
         local timeout = tonumber(redis.call('HGET', P .. 'worker:' .. wid, 'timeout_ms') or '0')
         local last = tonumber(redis.call('HGET', P .. 'worker:' .. wid, 'heartbeat_ms') or '0')
         if up_since + timeout <= now then -- else Redis was away lately: time to beat again
-            dead_jobs = dead_jobs + reap_worker(wid, 'its worker ' .. wid ..
-                                                ' sent no heartbeat for ' ..
-                                                math.floor((now - last) / 1000) .. ' s', ttl_s)
+            local why = 'its worker ' .. wid .. ' sent no heartbeat for ' ..
+                        math.floor((now - last) / 1000) .. ' s'
+            local lost = reap_worker(wid, why, ttl_s)
+            if lost > 0 then dead[#dead + 1] = {wid, lost, why} end
         end
     end
     for p = 0, 9 do
@@ -431,7 +431,7 @@ local function reclaim()
             end
         end
     end
-    return {dead_jobs, n, failed_now}
+    return {dead, n, failed_now}
 end
 
 -- ARGV: id, host, pid, started_ms, timeout_ms, jobs_running. A worker's heartbeat.

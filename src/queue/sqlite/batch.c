@@ -431,11 +431,9 @@ int sq_op_batch_create(struct sqlite_queue *q, struct op *o)
 
     if (s->parent && !s->by_hand && (rc = claim_schedule(q, s, &o->err)) != 0)
         return rc;
-    if (!s->schedule && !s->error && q->n_queued + (int64_t)s->n_tasks > q->cfg.max_queued)
-        return err_set(&o->err, ERR_BUSY,
-                       "%zu tasks would pass the queue's limit of %lld jobs (--max-queue); "
-                       "%lld are waiting",
-                       s->n_tasks, (long long)q->cfg.max_queued, (long long)q->n_queued);
+    if (!s->schedule && !s->error &&
+        (rc = queue_admit(&q->cfg, q->n_queued, (int64_t)s->n_tasks, &o->err)) != 0)
+        return rc;
     char raw[40];
     id_new(raw);
     snprintf(o->id_out, sizeof(o->id_out), "batch-%s", raw);

@@ -54,12 +54,8 @@ int sq_op_enqueue(struct sqlite_queue *q, struct op *o)
             return sq_db_err(q->wdb, &o->err, "prepare");
         sqlite3_bind_text(st, 1, s->idempotency_key, -1, SQLITE_STATIC);
         if (sqlite3_step(st) == SQLITE_ROW) {
-            const char *hash = (const char *)sqlite3_column_text(st, 1);
             snprintf(o->id_out, sizeof(o->id_out), "%s", sqlite3_column_text(st, 0));
-            if (!hash || !s->request_hash || strcmp(hash, s->request_hash) != 0)
-                rc = err_set(&o->err, ERR_CONFLICT,
-                             "Idempotency-Key '%.64s' was used for another request (job %s)",
-                             s->idempotency_key, o->id_out);
+            rc = queue_idem_match(s, o->id_out, (const char *)sqlite3_column_text(st, 1), &o->err);
             o->existed = 1;
         }
         sq_finish(st);
@@ -67,9 +63,8 @@ int sq_op_enqueue(struct sqlite_queue *q, struct op *o)
         if (o->existed)
             return rc;
     }
-    if (q->n_queued >= q->cfg.max_queued)
-        return err_set(&o->err, ERR_BUSY, "the queue holds %lld jobs, the limit (--max-queue)",
-                       (long long)q->n_queued);
+    if ((rc = queue_admit(&q->cfg, q->n_queued, 1, &o->err)) != 0)
+        return rc;
     id_new(o->id_out);
     return sq_insert_job(q, s, o->id_out, &o->err);
 }

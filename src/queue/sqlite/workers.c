@@ -87,10 +87,7 @@ void sq_reap_worker(struct sqlite_queue *q, const char *wid, const char *why, in
         sq_finish(st);
     }
     if (n > 0)
-        log_warn("queue", "worker gone; its running jobs are queued again",
-                 "worker=%s jobs=%d "
-                 "reason=\"%s\"",
-                 wid, n, why);
+        queue_log_worker_lost(wid, n, why);
 }
 
 /* Workers silent past their timeout are presumed dead: their running jobs run again now. Not
