@@ -702,3 +702,31 @@ def test_list_filters_by_status(tmp_path, inputs, server_factory, monkeypatch, f
     assert r.status_code == 400, r.text
     msg = error_message(r)
     assert "status" in msg and "'done'" in msg and "succeeded" in msg, msg
+
+
+def test_finished_run_goes_after_result_ttl(tmp_path, inputs, server_factory, webhook_receiver,
+                                            fresh_queue):
+    """--result-ttl-s 1: a finished run leaves the API (404, gone from the listing) a little
+    after a second, on every store, once its webhook is delivered; what it wrote stays."""
+    q = fresh_queue()
+    m, repo, inp, data = inputs
+    server = server_factory(repo, *qa(q, tmp_path / "data", "--workers", "2",
+                                      "--result-ttl-s", "1"))
+    out = tmp_path / "out"
+    r = submit(server, model=m.name, input=str(inp), output=f"file://{out}",
+               callback_url=webhook_receiver.url + "/ttl")
+    assert r.status_code == 202, r.text
+    bid = r.json()["id"]
+    assert wait_status(server, bid, ("succeeded", "failed"))["status"] == "succeeded"
+    wait_for(lambda: webhook_receiver.received("/ttl"), 30, "the batch webhook")
+
+    def gone():
+        r = requests.get(f"{server.url}/v1/batch-jobs/{bid}", timeout=30)
+        return [r] if r.status_code == 404 else None  # (a 404 Response is falsy)
+    r, = wait_for(gone, 20, f"batch run {bid}, finished with --result-ttl-s 1, to answer 404")
+    assert bid in error_message(r), r.text
+    listed = requests.get(f"{server.url}/v1/batch-jobs", timeout=30).json()["batch_jobs"]
+    assert bid not in [b["id"] for b in listed], listed
+    assert (out / "_SUCCESS").exists() and (out / "_manifest.json").exists()
+    for name, X in data.items():
+        assert_close(read_predictions(out / (name + ".out")), m.expected(X), name)

@@ -574,6 +574,81 @@ static void test_schedule_pause_and_progress(void **state)
     queue_schedules_free(def, 1);
 }
 
+static int batch_gone(struct queue *q, const char *id)
+{
+    struct buf b = {0};
+    struct err e = {0};
+    int rc = queue_batch_get(q, id, &b, &e);
+
+    buf_release(&b);
+    return rc == ERR_NOT_FOUND;
+}
+
+static int job_gone(struct queue *q, const char *id)
+{
+    struct job *j = NULL;
+    struct err e = {0};
+    int rc = queue_get(q, id, 0, &j, &e);
+
+    job_free(j);
+    return rc == ERR_NOT_FOUND;
+}
+
+/* A finished run goes --result-ttl-s after it ended, with its tasks, as a finished job does;
+ * a run still going and a schedule stay. */
+static void test_run_retention(void **state)
+{
+    struct queue *q = qc_reopen(state, (struct qc_config){1000, 1, 0, 1024});
+    int64_t now = clock_now_ms();
+    struct batch_job_spec spec = run_spec(2);
+    struct batch_job_spec sched = {.definition = "{\"model\":\"m\",\"schedule\":\"@daily\"}",
+                                   .model = "m",
+                                   .max_attempts = 1,
+                                   .lease_timeout_ms = 60000,
+                                   .schedule = "@daily",
+                                   .next_run_ms = now - 1000};
+    struct buf b = {0};
+    struct err e = {0};
+    char done[40], going[40], sid[40], rid[40], task[40], queued_task[40];
+    struct job *t;
+
+    create(q, &spec, done);
+    t = lease_task(q);
+    assert_non_null(t);
+    snprintf(task, sizeof(task), "%s", t->id);
+    assert_int_equal(queue_complete(q, t->id, t->token, "{\"records\":1}", 13, -1, &e), 0);
+    job_free(t);
+    t = lease_task(q); /* the other task: cancelled with its run */
+    assert_non_null(t);
+    snprintf(queued_task, sizeof(queued_task), "%s", t->id);
+    assert_int_equal(queue_batch_cancel(q, done, &b, &e), 0);
+    buf_release(&b);
+    assert_int_equal(queue_complete(q, t->id, t->token, "{}", 2, -1, &e), 0);
+    job_free(t);
+    create(q, &sched, sid);
+    spec.parent = sid;
+    spec.run_at_ms = now - 1000;
+    spec.parent_next_run_ms = now + 86400000;
+    create(q, &spec, rid);
+    assert_int_equal(queue_batch_cancel(q, rid, &b, &e), 0);
+    buf_release(&b);
+    spec = run_spec(1);
+    create(q, &spec, going);
+
+    qc_poll(batch_gone(q, done), 10, "the cancelled run to go after its 1 s of retention");
+    qc_poll(job_gone(q, task), 10, "the finished run's succeeded task to go with it");
+    qc_poll(job_gone(q, queued_task), 10, "the finished run's cancelled task to go with it");
+    qc_poll(batch_gone(q, rid), 10, "the schedule's cancelled run to go");
+    json_t *o = qc_batch_json(q, sid); /* the schedule stays, without its retired run */
+    assert_string_equal(qc_str(o, "status"), "scheduled");
+    assert_int_equal(json_array_size(json_object_get(o, "runs")), 0);
+    json_decref(o);
+    assert_string_equal(status_of(q, going, &o), "queued");
+    json_decref(o);
+    assert_int_equal(n_listed(q, NULL), 2); /* the schedule and the run still waiting */
+    assert_int_equal(queue_queued(q), 1);
+}
+
 const struct CMUnitTest qc_batch_tests[] = {
     QC_TEST(test_run_lifecycle),
     QC_TEST(test_failed_task_fails_run),
@@ -586,5 +661,6 @@ const struct CMUnitTest qc_batch_tests[] = {
     QC_TEST(test_list),
     QC_TEST(test_scheduled_run_fires_once),
     QC_TEST(test_schedule_pause_and_progress),
+    QC_TEST(test_run_retention),
 };
 const size_t qc_batch_n = sizeof(qc_batch_tests) / sizeof(qc_batch_tests[0]);

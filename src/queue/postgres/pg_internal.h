@@ -32,6 +32,7 @@
 #define PG_SWEEP_MS 1000        /* how often ttls, leases and dead workers are looked at */
 #define PG_RETAIN_MS 1000       /* how often finished jobs past --result-ttl-s are removed */
 #define PG_RETAIN_MAX 1000      /* at most this many per pass */
+#define PG_RETAIN_RUNS_MAX 16   /* batch runs per pass: each takes its tasks with it */
 #define PG_IDLE_POLL_MS 1000    /* an idle lease looks again this often without a NOTIFY */
 #define PG_OUTBOX_HOLD_MS 60000 /* a webhook handed to a sender is its own for this long */
 #define PG_RECONNECT_MIN_MS 100

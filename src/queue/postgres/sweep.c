@@ -146,15 +146,18 @@ static int reap_dead_workers(struct pg_txn *t, int64_t now, struct err *e)
     return rc;
 }
 
-/* Removes inference jobs that finished more than --result-ttl-s ago, with their webhook
- * records and attempts, at most PG_RETAIN_MAX; a job whose webhook is still pending stays.
- * (Batch jobs' tasks stay with their batch job.) */
+/* Removes what finished past its retention (queue_retain_before_ms), a bounded amount per
+ * pass: inference jobs with their webhook records and attempts (a job whose webhook is still
+ * pending stays), then batch runs with their tasks and progress (a run with a task still
+ * running, or its webhook pending, stays; schedules always do). */
 static int retain(struct pg_txn *t, int64_t now, struct err *e)
 {
-    struct pg_params p = {0};
+    int64_t before = queue_retain_before_ms(&t->q->cfg, now);
+    struct pg_params p = {0}, pr = {0};
     PGresult *r;
+    long jobs, runs;
 
-    pg_p_int(&p, now - t->q->cfg.result_ttl_s * 1000);
+    pg_p_int(&p, before);
     pg_p_int(&p, PG_RETAIN_MAX);
     r = pg_exec(t->q, t->c,
                 "WITH gone AS (SELECT id FROM inferd_jobs j WHERE state >= 2 AND finished_ms <= "
@@ -168,9 +171,34 @@ static int retain(struct pg_txn *t, int64_t now, struct err *e)
                 &p, "retention", e);
     if (!r)
         return e->code;
-    if (pg_changed(r) > 0)
-        log_debug("queue", "finished jobs past their retention removed", "jobs=%ld", pg_changed(r));
+    jobs = pg_changed(r);
     PQclear(r);
+    pg_p_int(&pr, before);
+    pg_p_int(&pr, PG_RETAIN_RUNS_MAX);
+    r = pg_exec(t->q, t->c,
+                "WITH gone AS (SELECT id FROM inferd_batch_jobs b WHERE state >= 2 AND schedule "
+                "IS NULL AND finished_ms <= $1 AND NOT EXISTS (SELECT 1 FROM inferd_outbox o "
+                "WHERE o.job_id = b.id AND o.done = 0) AND NOT EXISTS (SELECT 1 FROM inferd_jobs "
+                "j WHERE j.batch_id = b.id AND j.state < 2) ORDER BY finished_ms LIMIT $2 FOR "
+                "UPDATE SKIP LOCKED), "
+                "tasks AS (SELECT id FROM inferd_jobs WHERE batch_id IN (SELECT id FROM gone)), "
+                "d1 AS (DELETE FROM inferd_deliveries WHERE job_id IN (SELECT id FROM gone) OR "
+                "job_id IN (SELECT id FROM tasks)), "
+                "d2 AS (DELETE FROM inferd_outbox WHERE job_id IN (SELECT id FROM gone) OR "
+                "job_id IN (SELECT id FROM tasks)), "
+                "d3 AS (DELETE FROM inferd_attempts WHERE job_id IN (SELECT id FROM tasks)), "
+                "d4 AS (DELETE FROM inferd_batch_progress WHERE batch_id IN (SELECT id FROM "
+                "gone)), "
+                "d5 AS (DELETE FROM inferd_jobs WHERE id IN (SELECT id FROM tasks)) "
+                "DELETE FROM inferd_batch_jobs WHERE id IN (SELECT id FROM gone)",
+                &pr, "retention of batch runs", e);
+    if (!r)
+        return e->code;
+    runs = pg_changed(r);
+    PQclear(r);
+    if (jobs > 0 || runs > 0)
+        log_debug("queue", "finished work past its retention removed", "jobs=%ld batch_runs=%ld",
+                  jobs, runs);
     return 0;
 }
 

@@ -10,10 +10,11 @@
 #include <pthread.h>
 #include <sqlite3.h>
 
-#define MAX_GROUP 512           /* operations per transaction */
-#define SWEEP_INTERVAL_MS 100   /* how often expired ttls and leases are looked for */
-#define RETAIN_INTERVAL_MS 1000 /* how often finished jobs past --result-ttl-s are removed */
-#define RETAIN_MAX 1000         /* at most this many per pass (more come at the next sweep) */
+#define MAX_GROUP 512              /* operations per transaction */
+#define SWEEP_INTERVAL_MS 100      /* how often expired ttls and leases are looked for */
+#define RETAIN_INTERVAL_MS 1000    /* how often finished jobs past --result-ttl-s are removed */
+#define RETAIN_MAX 1000            /* at most this many per pass (more come at the next sweep) */
+#define RETAIN_RUNS_MAX 16         /* batch runs per pass: each takes its tasks with it */
 #define SLOW_COMMIT_MS 500         /* commits slower than this are logged */
 #define STORE_FAILING_LOG_MS 60000 /* while commits keep failing, a reminder this often */
 

@@ -71,29 +71,50 @@ static void sweep(struct sqlite_queue *q, int64_t now)
     sq_reap_dead_workers(q, now);
 }
 
-/* Removes inference jobs that finished more than --result-ttl-s ago, with their webhook
- * records, at most RETAIN_MAX per call; a job whose webhook is still being delivered stays.
- * Returns how many went. (Batch jobs' tasks stay with their batch job.) */
-static int retain(struct sqlite_queue *q, int64_t now)
+/* Finished jobs past their retention (queue_retain_before_ms): inference jobs, with their
+ * webhook records; a job whose webhook is still being delivered stays. (Batch tasks go with
+ * their run.) ?1 is the cutoff, ?2 the most per pass. */
+static const char *const retire_jobs[] = {
+    "DELETE FROM temp.retired",
+    "INSERT INTO temp.retired SELECT id FROM jobs INDEXED BY jobs_finished WHERE state >= 2 "
+    "AND finished_ms <= ?1 AND kind = 0 AND batch_id IS NULL AND NOT EXISTS (SELECT 1 FROM "
+    "outbox WHERE outbox.job_id = jobs.id AND done = 0) ORDER BY finished_ms LIMIT ?2",
+    "DELETE FROM deliveries WHERE job_id IN temp.retired",
+    "DELETE FROM outbox WHERE job_id IN temp.retired",
+    "DELETE FROM jobs WHERE id IN temp.retired",
+};
+
+/* Finished batch runs past their retention, with their tasks, progress and webhook records;
+ * a run with a task still running (a cancelled run's) or a webhook still being delivered
+ * stays, and so does every schedule. */
+static const char *const retire_runs[] = {
+    "DELETE FROM temp.retired",
+    "INSERT INTO temp.retired SELECT id FROM batch_jobs b WHERE state >= 2 AND schedule IS NULL "
+    "AND finished_ms <= ?1 AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.job_id = b.id AND "
+    "done = 0) AND NOT EXISTS (SELECT 1 FROM jobs WHERE jobs.batch_id = b.id AND state < 2) "
+    "ORDER BY finished_ms LIMIT ?2",
+    "DELETE FROM deliveries WHERE job_id IN temp.retired OR job_id IN (SELECT id FROM jobs "
+    "WHERE batch_id IN temp.retired)",
+    "DELETE FROM outbox WHERE job_id IN temp.retired OR job_id IN (SELECT id FROM jobs WHERE "
+    "batch_id IN temp.retired)",
+    "DELETE FROM batch_progress WHERE batch_id IN temp.retired",
+    "DELETE FROM jobs WHERE batch_id IN temp.retired",
+    "DELETE FROM batch_jobs WHERE id IN temp.retired",
+};
+
+/* Runs one of the tables above; returns how many it chose (0 on an error). */
+static int retire(struct sqlite_queue *q, const char *const *steps, size_t n_steps,
+                  int64_t before_ms, int max)
 {
-    static const char *const steps[] = {
-        "DELETE FROM temp.retired",
-        "INSERT INTO temp.retired SELECT id FROM jobs INDEXED BY jobs_finished WHERE state >= 2 "
-        "AND finished_ms <= ?1 AND kind = 0 AND batch_id IS NULL AND NOT EXISTS (SELECT 1 FROM "
-        "outbox WHERE outbox.job_id = jobs.id AND done = 0) ORDER BY finished_ms LIMIT ?2",
-        "DELETE FROM deliveries WHERE job_id IN temp.retired",
-        "DELETE FROM outbox WHERE job_id IN temp.retired",
-        "DELETE FROM jobs WHERE id IN temp.retired",
-    };
     int n = 0;
 
-    for (size_t i = 0; i < sizeof(steps) / sizeof(steps[0]); i++) {
+    for (size_t i = 0; i < n_steps; i++) {
         sqlite3_stmt *st = sq_prepare(q->wdb, steps[i]);
         if (!st)
             return 0;
         if (i == 1) {
-            sqlite3_bind_int64(st, 1, now - q->cfg.result_ttl_s * 1000);
-            sqlite3_bind_int(st, 2, RETAIN_MAX);
+            sqlite3_bind_int64(st, 1, before_ms);
+            sqlite3_bind_int(st, 2, max);
         }
         int rc = sqlite3_step(st);
         if (i == 1)
@@ -102,9 +123,25 @@ static int retain(struct sqlite_queue *q, int64_t now)
         if (rc != SQLITE_DONE || (i == 1 && n == 0))
             break;
     }
-    if (n > 0)
-        log_debug("queue", "finished jobs past their retention removed", "jobs=%d", n);
     return n;
+}
+
+/* Removes what finished past --result-ttl-s, a bounded amount per call. Returns 1 when more
+ * is left for the next call. */
+static int retain(struct sqlite_queue *q, int64_t now)
+{
+    int64_t before = queue_retain_before_ms(&q->cfg, now);
+    int jobs =
+        retire(q, retire_jobs, sizeof(retire_jobs) / sizeof(retire_jobs[0]), before, RETAIN_MAX);
+    int runs = sqlite3_get_autocommit(q->wdb)
+                   ? 0
+                   : retire(q, retire_runs, sizeof(retire_runs) / sizeof(retire_runs[0]), before,
+                            RETAIN_RUNS_MAX);
+
+    if (jobs > 0 || runs > 0)
+        log_debug("queue", "finished work past its retention removed", "jobs=%d batch_runs=%d",
+                  jobs, runs);
+    return jobs == RETAIN_MAX || runs == RETAIN_RUNS_MAX;
 }
 
 static int run_op(struct sqlite_queue *q, struct op *o)
@@ -233,7 +270,7 @@ static void run_group(struct sqlite_queue *q, struct op *ops)
         q->last_sweep_ms = now;
         sweep(q, now);
         if (q->cfg.result_ttl_s > 0 && now >= q->next_retain_ms && !txn_lost(q, NULL, &e))
-            q->next_retain_ms = now + (retain(q, now) == RETAIN_MAX ? 0 : RETAIN_INTERVAL_MS);
+            q->next_retain_ms = now + (retain(q, now) ? 0 : RETAIN_INTERVAL_MS);
         ok = !txn_lost(q, NULL, &e);
     }
     int64_t commit_start = clock_now_ms();
