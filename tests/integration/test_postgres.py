@@ -12,6 +12,7 @@ PostgreSQL. Everything waits by polling against a deadline; nothing asserts on e
 import itertools
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -265,6 +266,101 @@ def test_worker_stopped_past_its_lease_records_nothing(split, gates, webhook_rec
     for _ in range(2):
         assert c.wait_final(c.submit_ok("rowsum", X))["status"] == "succeeded"
     assert a.alive() and b.alive()
+
+
+class CommitAnswerCutter:
+    """A TCP proxy in front of PostgreSQL that, once, lets a lease's COMMIT through and cuts
+    the connection instead of relaying PostgreSQL's answer: the lease happened, and the worker
+    never heard so (what a network cut at the worst moment does)."""
+
+    LEASE = b"attempts = attempts + 1"   # the lease's UPDATE (src/queue/postgres/jobs.c)
+
+    def __init__(self, upstream_port):
+        self.upstream = upstream_port
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.cut_done = threading.Event()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self):
+        self.sock.close()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.upstream))
+            conn = {"armed": False, "cut": False}
+            threading.Thread(target=self._up, args=(client, up, conn), daemon=True).start()
+            threading.Thread(target=self._down, args=(up, client, conn), daemon=True).start()
+
+    def _up(self, client, up, conn):
+        try:
+            while data := client.recv(65536):
+                with self.lock:
+                    if not self.cut_done.is_set():
+                        if self.LEASE in data:
+                            conn["armed"] = True
+                        if conn["armed"] and b"COMMIT" in data:
+                            conn["cut"] = True
+                up.sendall(data)
+        except OSError:
+            pass
+        for s in (client, up):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _down(self, up, client, conn):
+        try:
+            while data := up.recv(65536):
+                if conn["cut"]:  # COMMIT's answer: dropped, and the connection with it
+                    self.cut_done.set()
+                    break
+                client.sendall(data)
+        except OSError:
+            pass
+        for s in (client, up):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def test_lease_whose_commit_answer_is_lost_runs_again_at_once(postgres_server, server_factory,
+                                                              worker_factory, repo, tmp_path):
+    """The worker's connection is cut after PostgreSQL committed a lease and before its answer
+    arrived. The job is leased to nobody alive in that process: at its next transaction the
+    worker releases it (attempt ended, not counted against max_attempts), at once rather than
+    after its 300 s lease, and the job succeeds on the next attempt."""
+    url = postgres_server.fresh_url()
+    serve = server_factory(repo, *async_args(tmp_path / "data", "--workers", "0", queue=url),
+                           tag="serve")
+    cutter = CommitAnswerCutter(postgres_server.port)
+    try:
+        proxied = url.replace(f":{postgres_server.port}/", f":{cutter.port}/")
+        assert proxied != url, url
+        w = worker_factory(repo, proxied, "--workers", "1", "--worker-batch", "1")
+        c = serve.client()
+        X = np.array([[1, 2, 3, 4]], dtype=np.float32)
+        jid = c.submit_ok("rowsum", X)
+        assert cutter.cut_done.wait(60), "no lease COMMIT went through the proxy in 60 s"
+        job = c.wait_final(jid, 60, "the job whose lease answer was lost (lease: 300 s)")
+        assert job["status"] == "succeeded", job
+        assert job["attempts"] == 2, job
+        first, second = job["attempts_history"]
+        assert first["error"] == "the answer of its lease was lost; queued again", first
+        assert first["ended_at"] is not None and second["error"] is None, job
+        assert "a lease's answer was lost; its job is queued again" in w.log()
+        # the released attempt is not counted: one attempt (max_attempts 3 leaves 2 more)
+        assert runs(w, "rowsum") == 1, "the job ran more than once"
+        assert c.wait_final(c.submit_ok("rowsum", X), 60)["status"] == "succeeded"
+    finally:
+        cutter.close()
 
 
 # ---------------------------------------------------------------------------
