@@ -7,6 +7,7 @@
 #include "queue/queue_internal.h"
 #include "core/log.h"
 
+#include <stdio.h>
 #include <string.h>
 
 int queue_admit(const struct queue_config *cfg, int64_t queued, int64_t n, struct err *e)
@@ -52,4 +53,44 @@ void queue_log_worker_lost(const char *worker, int64_t jobs, const char *why)
 {
     log_warn("queue", "worker lost; its running jobs are queued again",
              "worker=%s jobs=%lld reason=\"%s\"", worker, (long long)jobs, why);
+}
+
+/* ---- batch runs: what a task's end does to its run ---- */
+
+enum batch_run_step queue_batch_task_ended(const struct job *task, char why[QUEUE_WHY_MAX])
+{
+    why[0] = '\0';
+    if (task->state == JOB_SUCCEEDED)
+        return task->kind == JOB_KIND_BATCH_TASK ? BATCH_RUN_COUNT : BATCH_RUN_SUCCEED;
+    if (task->state == JOB_CANCELLED)
+        snprintf(why, QUEUE_WHY_MAX, "its task %s was cancelled", task->id);
+    else
+        snprintf(why, QUEUE_WHY_MAX, "%s", task->error ? task->error : "a task failed");
+    return BATCH_RUN_FAIL;
+}
+
+void queue_batch_task_counts(const char *result, size_t len, struct batch_task_counts *out)
+{
+    json_t *res = result && len ? json_loadb(result, len, 0, NULL) : NULL;
+    json_t *object = json_object_get(res, "object");
+
+    out->records = json_integer_value(json_object_get(res, "records"));
+    out->bad = json_integer_value(json_object_get(res, "errors"));
+    snprintf(out->object, sizeof(out->object), "%s",
+             json_is_string(object) ? json_string_value(object) : "?");
+    json_decref(res);
+}
+
+enum batch_run_step queue_batch_after_count(int64_t objects_total, int64_t objects_done,
+                                            int64_t records_failed, int64_t max_errors,
+                                            const char *object, char why[QUEUE_WHY_MAX])
+{
+    why[0] = '\0';
+    if (records_failed > max_errors) {
+        snprintf(why, QUEUE_WHY_MAX,
+                 "%lld bad records in all, more than max_errors (%lld); the last from %s",
+                 (long long)records_failed, (long long)max_errors, object);
+        return BATCH_RUN_FAIL;
+    }
+    return objects_done == objects_total ? BATCH_RUN_FINISH : BATCH_RUN_WAIT;
 }

@@ -59,6 +59,35 @@ int64_t queue_retain_before_ms(const struct queue_config *cfg, int64_t now_ms);
  * went silent), whichever store noticed. */
 void queue_log_worker_lost(const char *worker, int64_t jobs, const char *why);
 
+/*
+ * Batch runs: what the end of one of a run's tasks does to the run. Stores call these in the
+ * transaction that made the task final, after checking the run has not ended already (the
+ * Redis script applies the same rules in Lua). `why` gets the run's error for BATCH_RUN_FAIL.
+ */
+#define QUEUE_WHY_MAX 512
+enum batch_run_step {
+    BATCH_RUN_WAIT,    /* nothing yet: other tasks are still to end */
+    BATCH_RUN_COUNT,   /* a task succeeded: add its counts, then ask queue_batch_after_count */
+    BATCH_RUN_FINISH,  /* every task counted: queue the run's finishing job */
+    BATCH_RUN_SUCCEED, /* the finishing job succeeded: the run succeeded */
+    BATCH_RUN_FAIL,    /* a task failed or was cancelled, or too many bad records: it failed */
+};
+enum batch_run_step queue_batch_task_ended(const struct job *task, char why[QUEUE_WHY_MAX]);
+
+/* A succeeded task's counts, from its result {"object", "records", "errors", ...} (zeros and
+ * object "?" where it says nothing). */
+struct batch_task_counts {
+    int64_t records, bad;
+    char object[1024];
+};
+void queue_batch_task_counts(const char *result, size_t len, struct batch_task_counts *out);
+
+/* After a task's counts were added to its run: the run's totals decide (FAIL, FINISH or
+ * WAIT). */
+enum batch_run_step queue_batch_after_count(int64_t objects_total, int64_t objects_done,
+                                            int64_t records_failed, int64_t max_errors,
+                                            const char *object, char why[QUEUE_WHY_MAX]);
+
 /* Frees what `b` holds (its runs too) and zeroes it; `b` itself is the caller's. */
 void batch_job_release(struct batch_job *b);
 

@@ -224,32 +224,29 @@ int pg_batch_task_started(struct pg_txn *t, const char *batch_id, int64_t now, s
 /* A succeeded task: counts its records; queues the finishing job after the last one. */
 static int count_task(struct pg_txn *t, const struct job *j, struct err *e)
 {
+    struct batch_task_counts c = {0};
+    enum batch_run_step step = BATCH_RUN_WAIT;
+    char why[QUEUE_WHY_MAX];
     struct pg_params p = {0};
     struct buf raw = {0};
-    json_t *res = NULL;
     PGresult *r;
-    int64_t records, bad, total, done, failed, max_errors;
-    const char *object = "?";
     int rc = 0;
 
     pg_p_str(&p, j->id);
     r = pg_exec(t->q, t->c, "SELECT result FROM inferd_jobs WHERE id = $1", &p, "read result", e);
     if (!r)
         return e->code;
-    if (PQntuples(r) == 1 && pg_bytea(r, 0, 0, &raw) == 0 && raw.len > 0)
-        res = json_loadb(raw.data, raw.len, 0, NULL);
+    if (PQntuples(r) != 1 || pg_bytea(r, 0, 0, &raw) != 0)
+        buf_release(&raw);
+    queue_batch_task_counts(raw.data, raw.len, &c);
     PQclear(r);
     buf_release(&raw);
-    records = json_integer_value(json_object_get(res, "records"));
-    bad = json_integer_value(json_object_get(res, "errors"));
-    if (json_is_string(json_object_get(res, "object")))
-        object = json_string_value(json_object_get(res, "object"));
     /* its object's records move from the progress table to records_done in this commit */
     rc = pg_run(t->q, t->c, "DELETE FROM inferd_batch_progress WHERE task_id = $1", &p,
                 "forget progress", e);
     p = (struct pg_params){0};
-    pg_p_int(&p, records);
-    pg_p_int(&p, bad);
+    pg_p_int(&p, c.records);
+    pg_p_int(&p, c.bad);
     pg_p_str(&p, j->batch_id);
     r = rc == 0 ? pg_exec(t->q, t->c,
                           "UPDATE inferd_batch_jobs SET objects_done = objects_done + 1, "
@@ -262,23 +259,14 @@ static int count_task(struct pg_txn *t, const struct job *j, struct err *e)
         rc = e->code;
     if (rc == 0 && PQntuples(r) != 1)
         rc = err_set(e, ERR_IO, "batch job %s: gone while its task %s ended", j->batch_id, j->id);
-    if (rc == 0) {
-        total = pg_int(r, 0, 0);
-        done = pg_int(r, 0, 1);
-        failed = pg_int(r, 0, 2);
-        max_errors = pg_int(r, 0, 3);
-        if (failed > max_errors) {
-            char why[512];
-            snprintf(why, sizeof(why),
-                     "%lld bad records in all, more than max_errors (%lld); the last from %s",
-                     (long long)failed, (long long)max_errors, object);
-            rc = end_run(t, j->batch_id, JOB_FAILED, why, e);
-        } else if (done == total) {
-            rc = queue_finish_job(t, j->batch_id, e);
-        }
-    }
+    if (rc == 0)
+        step = queue_batch_after_count(pg_int(r, 0, 0), pg_int(r, 0, 1), pg_int(r, 0, 2),
+                                       pg_int(r, 0, 3), c.object, why);
     PQclear(r);
-    json_decref(res);
+    if (step == BATCH_RUN_FAIL)
+        rc = end_run(t, j->batch_id, JOB_FAILED, why, e);
+    else if (step == BATCH_RUN_FINISH)
+        rc = queue_finish_job(t, j->batch_id, e);
     return rc;
 }
 
@@ -287,7 +275,7 @@ int pg_batch_task_final(struct pg_txn *t, const struct job *j, struct err *e)
     struct pg_params p = {0};
     PGresult *r;
     int state = -1;
-    char why[512];
+    char why[QUEUE_WHY_MAX];
 
     /* the run's row lock: its tasks, ending at once in several processes, count in turn */
     pg_p_str(&p, j->batch_id);
@@ -300,14 +288,14 @@ int pg_batch_task_final(struct pg_txn *t, const struct job *j, struct err *e)
     PQclear(r);
     if (state < 0 || job_state_is_final((enum job_state)state))
         return 0; /* it ended already: this task was cancelled with it */
-    if (j->state == JOB_SUCCEEDED)
-        return j->kind == JOB_KIND_BATCH_TASK ? count_task(t, j, e)
-                                              : end_run(t, j->batch_id, JOB_SUCCEEDED, NULL, e);
-    if (j->state == JOB_CANCELLED)
-        snprintf(why, sizeof(why), "its task %s was cancelled", j->id);
-    else
-        snprintf(why, sizeof(why), "%s", j->error ? j->error : "a task failed");
-    return end_run(t, j->batch_id, JOB_FAILED, why, e);
+    switch (queue_batch_task_ended(j, why)) {
+    case BATCH_RUN_COUNT:
+        return count_task(t, j, e);
+    case BATCH_RUN_SUCCEED:
+        return end_run(t, j->batch_id, JOB_SUCCEEDED, NULL, e);
+    default:
+        return end_run(t, j->batch_id, JOB_FAILED, why, e);
+    }
 }
 
 /* ---- creating, cancelling, pausing (in the writer's transaction) ---- */

@@ -308,10 +308,10 @@ int sq_batch_task_started(struct sqlite_queue *q, const char *batch_id, int64_t 
 /* A succeeded task: counts its records; queues the finishing job after the last one. */
 static int count_task(struct sqlite_queue *q, const struct job *j, struct err *e)
 {
+    struct batch_task_counts c = {0};
+    enum batch_run_step step = BATCH_RUN_WAIT;
+    char why[QUEUE_WHY_MAX];
     sqlite3_stmt *st;
-    json_t *res = NULL;
-    int64_t records = 0, bad = 0, total = 0, done = 0, failed = 0, max_errors = 0;
-    const char *object = "?";
     int rc = 0;
 
     st = sq_prepare(q->wdb, "SELECT result FROM jobs WHERE id = ?");
@@ -319,56 +319,44 @@ static int count_task(struct sqlite_queue *q, const struct job *j, struct err *e
         return sq_db_err(q->wdb, e, "prepare");
     sqlite3_bind_text(st, 1, j->id, -1, SQLITE_STATIC);
     if (sqlite3_step(st) == SQLITE_ROW)
-        res = json_loadb(sqlite3_column_blob(st, 0), (size_t)sqlite3_column_bytes(st, 0), 0, NULL);
+        queue_batch_task_counts(sqlite3_column_blob(st, 0), (size_t)sqlite3_column_bytes(st, 0),
+                                &c);
+    else
+        queue_batch_task_counts(NULL, 0, &c);
     sq_finish(st);
-    records = json_integer_value(json_object_get(res, "records"));
-    bad = json_integer_value(json_object_get(res, "errors"));
-    if (json_is_string(json_object_get(res, "object")))
-        object = json_string_value(json_object_get(res, "object"));
     /* its object's records move from batch_progress to records_done in this commit */
     st = sq_prepare(q->wdb, "DELETE FROM batch_progress WHERE task_id = ?");
-    if (st) {
-        sqlite3_bind_text(st, 1, j->id, -1, SQLITE_STATIC);
-        if (sqlite3_step(st) != SQLITE_DONE)
-            rc = sq_db_err(q->wdb, e, "forget progress");
-        sq_finish(st);
-    }
-    if (!st || rc != 0) {
-        json_decref(res);
-        return st ? rc : sq_db_err(q->wdb, e, "prepare");
-    }
+    if (!st)
+        return sq_db_err(q->wdb, e, "prepare");
+    sqlite3_bind_text(st, 1, j->id, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE)
+        rc = sq_db_err(q->wdb, e, "forget progress");
+    sq_finish(st);
+    if (rc != 0)
+        return rc;
     st = sq_prepare(q->wdb, "UPDATE batch_jobs SET objects_done = objects_done + 1, "
                             "records_done = records_done + ?, records_failed = records_failed + ? "
                             "WHERE id = ? RETURNING objects_total, objects_done, records_failed, "
                             "max_errors");
-    if (!st) {
-        json_decref(res);
+    if (!st)
         return sq_db_err(q->wdb, e, "prepare");
-    }
-    sqlite3_bind_int64(st, 1, records);
-    sqlite3_bind_int64(st, 2, bad);
+    sqlite3_bind_int64(st, 1, c.records);
+    sqlite3_bind_int64(st, 2, c.bad);
     sqlite3_bind_text(st, 3, j->batch_id, -1, SQLITE_STATIC);
     if (sqlite3_step(st) == SQLITE_ROW) {
-        total = sqlite3_column_int64(st, 0);
-        done = sqlite3_column_int64(st, 1);
-        failed = sqlite3_column_int64(st, 2);
-        max_errors = sqlite3_column_int64(st, 3);
+        step = queue_batch_after_count(sqlite3_column_int64(st, 0), sqlite3_column_int64(st, 1),
+                                       sqlite3_column_int64(st, 2), sqlite3_column_int64(st, 3),
+                                       c.object, why);
         while (sqlite3_step(st) == SQLITE_ROW)
             ;
     } else {
         rc = sq_db_err(q->wdb, e, "count task");
     }
     sq_finish(st);
-    if (rc == 0 && failed > max_errors) {
-        char why[512];
-        snprintf(why, sizeof(why),
-                 "%lld bad records in all, more than max_errors (%lld); the last from %s",
-                 (long long)failed, (long long)max_errors, object);
+    if (rc == 0 && step == BATCH_RUN_FAIL)
         rc = end_run(q, j->batch_id, JOB_FAILED, why, e);
-    } else if (rc == 0 && done == total) {
+    else if (rc == 0 && step == BATCH_RUN_FINISH)
         rc = queue_finish_job(q, j->batch_id, e);
-    }
-    json_decref(res);
     return rc;
 }
 
@@ -376,7 +364,7 @@ int sq_batch_task_final(struct sqlite_queue *q, const struct job *j, struct err 
 {
     sqlite3_stmt *st = sq_prepare(q->wdb, "SELECT state FROM batch_jobs WHERE id = ?");
     int state = -1;
-    char why[512];
+    char why[QUEUE_WHY_MAX];
 
     if (!st)
         return sq_db_err(q->wdb, e, "prepare");
@@ -386,14 +374,14 @@ int sq_batch_task_final(struct sqlite_queue *q, const struct job *j, struct err 
     sq_finish(st);
     if (state < 0 || job_state_is_final((enum job_state)state))
         return 0; /* it ended already: this task was cancelled with it */
-    if (j->state == JOB_SUCCEEDED)
-        return j->kind == JOB_KIND_BATCH_TASK ? count_task(q, j, e)
-                                              : end_run(q, j->batch_id, JOB_SUCCEEDED, NULL, e);
-    if (j->state == JOB_CANCELLED)
-        snprintf(why, sizeof(why), "its task %s was cancelled", j->id);
-    else
-        snprintf(why, sizeof(why), "%s", j->error ? j->error : "a task failed");
-    return end_run(q, j->batch_id, JOB_FAILED, why, e);
+    switch (queue_batch_task_ended(j, why)) {
+    case BATCH_RUN_COUNT:
+        return count_task(q, j, e);
+    case BATCH_RUN_SUCCEED:
+        return end_run(q, j->batch_id, JOB_SUCCEEDED, NULL, e);
+    default:
+        return end_run(q, j->batch_id, JOB_FAILED, why, e);
+    }
 }
 
 /* ---- creating and cancelling (writer thread) ---- */
