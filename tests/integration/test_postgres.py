@@ -363,6 +363,32 @@ def test_lease_whose_commit_answer_is_lost_runs_again_at_once(postgres_server, s
         cutter.close()
 
 
+def test_max_queue_is_exact_across_api_processes(postgres_server, server_factory, repo,
+                                                  tmp_path):
+    """Two ``serve`` processes (no workers) on one database with ``--max-queue 40`` take 160
+    concurrent submissions: exactly 40 are accepted, the rest get 429, and the table holds
+    40 queued jobs. Each process's count of the waiting jobs is taken under one lock, so
+    neither admits on a count the other is about to change."""
+    url = postgres_server.fresh_url()
+    limit, per_process = 40, 80
+    serves = [server_factory(repo, *async_args(tmp_path / f"data-{i}", "--workers", "0",
+                                               "--max-queue", str(limit), queue=url),
+                             tag=f"serve{i}")
+              for i in range(2)]
+    body = {"model": "rowsum", "input": infer_body(np.array([[1, 2, 3, 4]], dtype=np.float32))}
+
+    def post(i):
+        return post_one(serves[i % 2].url, body, HTTP_TIMEOUT_S).status_code
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(post, range(2 * per_process)))
+    assert set(codes) <= {202, 429}, sorted(set(codes))
+    assert codes.count(202) == limit, f"{codes.count(202)} accepted with --max-queue {limit}"
+    queued = int(postgres_server.psql("SELECT COUNT(*) FROM inferd_jobs WHERE state = 0",
+                                      db_name(url))[0][0])
+    assert queued == limit, f"{queued} jobs waiting with --max-queue {limit}"
+
+
 # ---------------------------------------------------------------------------
 # PostgreSQL restarted and stopped mid-run
 # ---------------------------------------------------------------------------

@@ -333,14 +333,8 @@ int pg_op_batch_create(struct pg_txn *t, struct pg_op *o)
     char raw[40];
     int rc = 0;
 
-    if (!s->schedule && !s->error && t->queued < 0) {
-        PGresult *r = pg_exec(t->q, t->c, "SELECT COUNT(*) FROM inferd_jobs WHERE state = 0", NULL,
-                              "count queued jobs", &o->err);
-        if (!r)
-            return o->err.code;
-        t->queued = pg_int(r, 0, 0);
-        PQclear(r);
-    }
+    if (!s->schedule && !s->error && (rc = pg_txn_count_queued(t, &o->err)) != 0)
+        return rc;
     if (!s->schedule && !s->error &&
         (rc = queue_admit(&t->q->cfg, t->queued, (int64_t)s->n_tasks, &o->err)) != 0)
         return rc;

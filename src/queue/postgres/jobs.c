@@ -207,6 +207,28 @@ static int fenced(struct pg_txn *t, struct pg_op *o, const char *sql, const stru
 
 /* ---- operations (inside the writer's transaction) ---- */
 
+/* Any number for the advisory lock that makes admissions take turns: "adm" in ASCII. */
+#define ADMISSION_LOCK "6382957"
+
+int pg_txn_count_queued(struct pg_txn *t, struct err *e)
+{
+    PGresult *r;
+
+    if (t->queued >= 0)
+        return 0;
+    /* two statements: the count's snapshot must come after the lock is ours */
+    if (pg_run(t->q, t->c, "SELECT pg_advisory_xact_lock(" ADMISSION_LOCK ")", NULL,
+               "take the admission lock", e) != 0)
+        return e->code;
+    r = pg_exec(t->q, t->c, "SELECT COUNT(*) FROM inferd_jobs WHERE state = 0", NULL,
+                "count queued jobs", e);
+    if (!r)
+        return e->code;
+    t->queued = pg_int(r, 0, 0);
+    PQclear(r);
+    return 0;
+}
+
 /* The job that holds idempotency key `key`: *found 1 and its id in o->id_out; ERR_CONFLICT
  * when its request differs. */
 static int idem_lookup(struct pg_txn *t, struct pg_op *o, int *found)
@@ -245,15 +267,9 @@ int pg_op_enqueue(struct pg_txn *t, struct pg_op *o)
         if (rc != 0 || found)
             return rc;
     }
-    if (t->queued < 0) {
-        /* once per group: the group's own enqueues are counted as they go */
-        PGresult *r = pg_exec(t->q, t->c, "SELECT COUNT(*) FROM inferd_jobs WHERE state = 0", NULL,
-                              "count queued jobs", &o->err);
-        if (!r)
-            return o->err.code;
-        t->queued = pg_int(r, 0, 0);
-        PQclear(r);
-    }
+    /* once per group: the group's own enqueues are counted as they go */
+    if ((rc = pg_txn_count_queued(t, &o->err)) != 0)
+        return rc;
     if ((rc = queue_admit(&t->q->cfg, t->queued, 1, &o->err)) != 0)
         return rc;
     id_new(o->id_out);
@@ -339,14 +355,8 @@ int pg_ops_enqueue(struct pg_txn *t, struct pg_op **ops, size_t n, struct err *e
     size_t admitted = 0;
     int rc = 0;
 
-    if (t->queued < 0) {
-        PGresult *r = pg_exec(t->q, t->c, "SELECT COUNT(*) FROM inferd_jobs WHERE state = 0", NULL,
-                              "count queued jobs", e);
-        if (!r)
-            return e->code;
-        t->queued = pg_int(r, 0, 0);
-        PQclear(r);
-    }
+    if ((rc = pg_txn_count_queued(t, e)) != 0)
+        return rc;
     for (int c = 0; rc == 0 && c < N_COLS; c++)
         rc = buf_puts(&cols[c], "{");
     for (size_t i = 0; rc == 0 && i < n; i++) {

@@ -80,6 +80,14 @@ static inline void pg_txn_queued_add(struct pg_txn *t, int64_t n)
         t->queued += n;
 }
 
+/*
+ * Reads, once per transaction, how many jobs wait (t->queued), for admission. It first takes
+ * the admission lock (an advisory lock held until the transaction ends), so the processes
+ * sharing the database admit in turn, each counting what the others committed: --max-queue
+ * holds exactly however many API processes there are. 0 or the error.
+ */
+int pg_txn_count_queued(struct pg_txn *t, struct err *e);
+
 enum pg_op_kind {
     PG_OP_ENQUEUE,
     PG_OP_LEASE,
