@@ -255,11 +255,13 @@ static void r_close(struct queue *qb)
     pthread_cond_broadcast(&q->cond);
     pthread_cond_broadcast(&q->async_cond);
     pthread_mutex_unlock(&q->lock);
-    if (q->threads_started) {
+    /* each thread sees `stopping` at its next wait; join those that started */
+    if (q->threads_started > 0)
         pthread_join(q->async_thread, NULL);
+    if (q->threads_started > 1)
         pthread_join(q->sweeper, NULL);
+    if (q->threads_started > 2)
         pthread_join(q->subscriber, NULL);
-    }
     for (int i = 0; i < q->n_idle; i++)
         redisFree(q->pool[i]);
     pthread_mutex_destroy(&q->pool_lock);
@@ -376,14 +378,18 @@ int queue_redis_open(const struct queue_config *cfg, struct queue **out, struct 
         r_close(&q->base);
         return rc;
     }
-    if (pthread_create(&q->async_thread, NULL, rq_async_main, q) != 0 ||
-        pthread_create(&q->sweeper, NULL, sweeper_main, q) != 0 ||
-        pthread_create(&q->subscriber, NULL, subscriber_main, q) != 0) {
-        /* a half-started set of threads cannot be joined safely: give up now */
-        log_error("queue", "cannot start the Redis queue's threads", "%s", "");
-        abort();
+    void *(*const mains[3])(void *) = {rq_async_main, sweeper_main, subscriber_main};
+    pthread_t *const threads[3] = {&q->async_thread, &q->sweeper, &q->subscriber};
+    for (int i = 0; i < 3; i++) {
+        int perr = pthread_create(threads[i], NULL, mains[i], q);
+        if (perr != 0) {
+            rc =
+                err_set(e, ERR_NOMEM, "cannot start the Redis queue's threads: %s", strerror(perr));
+            r_close(&q->base); /* stops and joins those that started */
+            return rc;
+        }
+        q->threads_started++;
     }
-    q->threads_started = 1;
     /* final states from now on reach on_final: wait (2 s at most) for the subscription */
     struct timespec until = clock_realtime_after_ms(2000);
     pthread_mutex_lock(&q->lock);

@@ -96,7 +96,8 @@ struct redis_queue {
     struct async_op *async_head, *async_tail;
     /* started by queue_redis_open(), joined by r_close(): those two only, no lock */
     pthread_t async_thread, sweeper, subscriber;
-    int threads_started; /* open and close only: no lock */
+    int threads_started; /* how many of async_thread, sweeper, subscriber (in order) started;
+                            open and close only: no lock */
     /* guarded by lock: workers whose lease call was sent and never answered (worker threads,
      * in r_lease_many) */
     struct lost_lease lost[LOST_LEASES];
