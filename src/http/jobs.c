@@ -460,11 +460,28 @@ static int async_unavailable(struct req *r, enum MHD_Result *ret)
     return 0;
 }
 
-static const char *idempotency_key(struct req *r)
+#define IDEMPOTENCY_KEY_MAX 255 /* bytes: a key is an id, not a payload */
+
+/* Sets r->spec.idempotency_key from the request's Idempotency-Key (NULL: none sent). 0, or
+ * ERR_INVALID when it is too long or holds other than printable ASCII. */
+static int idempotency_key(struct req *r, struct err *e)
 {
     const char *k = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Idempotency-Key");
+    size_t n = k ? strlen(k) : 0;
 
-    return k && *k ? k : NULL;
+    r->spec.idempotency_key = NULL;
+    if (n == 0)
+        return 0;
+    if (n > IDEMPOTENCY_KEY_MAX)
+        return err_set(e, ERR_INVALID, "Idempotency-Key: %zu bytes, more than the limit of %d", n,
+                       IDEMPOTENCY_KEY_MAX);
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)k[i] < 0x20 || (unsigned char)k[i] > 0x7e)
+            return err_set(e, ERR_INVALID,
+                           "Idempotency-Key: byte %zu is not printable ASCII (0x%02x)", i + 1,
+                           (unsigned char)k[i]);
+    r->spec.idempotency_key = k;
+    return 0;
 }
 
 static void fill_defaults(struct req *r, struct model *m)
@@ -493,7 +510,9 @@ enum MHD_Result jobs_submit_infer(struct req *r)
     r->spec.input_len = r->body.len;
     /* already validated by the decoder, which accepted this header */
     r->spec.input_json_len = hdr ? strtoll(hdr, NULL, 10) : -1;
-    r->spec.idempotency_key = idempotency_key(r);
+    struct err e = {0};
+    if (idempotency_key(r, &e) != 0)
+        return http_reply_error(r, e.code, "%s", e.msg);
     fill_defaults(r, r->model);
     hash_request(r, r->spec.model, strlen(r->spec.model), r->spec.input, r->spec.input_len);
     r->spec.request_hash = r->request_hash;
@@ -630,7 +649,8 @@ static enum MHD_Result submit_job(struct req *r)
     r->spec.priority = (int)priority;
     r->spec.ttl_s = ttl;
     r->spec.max_attempts = (int)attempts;
-    r->spec.idempotency_key = idempotency_key(r);
+    if (idempotency_key(r, &e) != 0)
+        return http_reply_error(r, e.code, "%s", e.msg);
     fill_defaults(r, m);
     {
         char *canon = json_dumps(root, JSON_COMPACT | JSON_SORT_KEYS);

@@ -373,6 +373,30 @@ def test_idempotency_key(client):
     check_result(client, jid, rowsum(X), "rowsum", "idempotent job")
 
 
+def test_idempotency_key_limits(client):
+    """A key is an id: up to 255 bytes of printable ASCII; longer, or with other bytes, is a 400
+    naming the header and the limit (and not echoing the key), on both submission routes."""
+    X = rows4(1, 117)
+    body = {"model": "rowsum", "input": infer_body(X)}
+    longest = "k" * 255
+    jid = check_accepted(client.post("/v1/jobs", json=body, headers={"Idempotency-Key": longest}))
+    again = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": longest})
+    assert again.status_code == 200 and again.json()["id"] == jid, again.text[:300]
+    for key, words in (("k" * 256, ["Idempotency-Key", "256 bytes", "limit of 255"]),
+                       ("caf\u00e9", ["Idempotency-Key", "byte 4", "printable ASCII"])):
+        for path, payload in (("/v1/jobs", body),
+                              ("/v2/models/rowsum/infer", infer_body(X))):
+            headers = {"Idempotency-Key": key.encode("latin-1")}
+            if path != "/v1/jobs":
+                headers["Prefer"] = "respond-async"
+            r = client.post(path, json=payload, headers=headers)
+            assert r.status_code == 400, f"{path} key {key[:10]!r}: HTTP {r.status_code} {r.text[:200]}"
+            msg = error_message(r)
+            for w in words:
+                assert w in msg, f"{path}: {msg!r} lacks {w!r}"
+            assert key not in msg, f"the key is echoed: {msg!r}"
+
+
 def test_full_queue_429(one_worker, gates, trained):
     s = one_worker("--max-queue", "5")
     c = s.client()
