@@ -422,7 +422,7 @@ static int claim_schedule(struct sqlite_queue *q, const struct batch_job_spec *s
     return rc;
 }
 
-int sq_op_batch_create(struct sqlite_queue *q, struct op *o)
+int sq_op_batch_create(struct sqlite_queue *q, struct queue_op *o)
 {
     const struct batch_job_spec *s = o->batch;
     int64_t now = clock_now_ms();
@@ -491,7 +491,7 @@ int sq_op_batch_create(struct sqlite_queue *q, struct op *o)
 }
 
 /* A batch job's state and whether it is a schedule (writer thread); ERR_NOT_FOUND names it. */
-int sq_batch_state(struct sqlite_queue *q, struct op *o, int *state, int *is_schedule)
+int sq_batch_state(struct sqlite_queue *q, struct queue_op *o, int *state, int *is_schedule)
 {
     sqlite3_stmt *st = sq_prepare(q->wdb, "SELECT state, schedule IS NOT NULL FROM batch_jobs "
                                           "WHERE id = ?");
@@ -509,7 +509,7 @@ int sq_batch_state(struct sqlite_queue *q, struct op *o, int *state, int *is_sch
     return *state < 0 ? err_set(&o->err, ERR_NOT_FOUND, "no batch job '%.40s'", o->id) : 0;
 }
 
-int sq_op_batch_cancel(struct sqlite_queue *q, struct op *o)
+int sq_op_batch_cancel(struct sqlite_queue *q, struct queue_op *o)
 {
     sqlite3_stmt *st;
     int state, is_schedule, rc;
@@ -539,8 +539,8 @@ int sq_op_batch_cancel(struct sqlite_queue *q, struct op *o)
 int sq_batch_create(struct queue *qb, const struct batch_job_spec *spec, char id_out[40],
                     struct err *e)
 {
-    struct op o = {.kind = OP_BATCH_CREATE, .batch = spec};
-    int rc = sq_submit(sq_of(qb), &o);
+    struct queue_op o = {.kind = QUEUE_OP_BATCH_CREATE, .batch = spec};
+    int rc = queue_writer_submit(&sq_of(qb)->w, &o);
 
     if (rc != 0)
         *e = o.err;
@@ -551,8 +551,8 @@ int sq_batch_create(struct queue *qb, const struct batch_job_spec *spec, char id
 
 int sq_batch_cancel(struct queue *qb, const char *id, struct batch_job **out, struct err *e)
 {
-    struct op o = {.kind = OP_BATCH_CANCEL, .id = id, .batch_out = out};
-    int rc = sq_submit(sq_of(qb), &o);
+    struct queue_op o = {.kind = QUEUE_OP_BATCH_CANCEL, .id = id, .batch_out = out};
+    int rc = queue_writer_submit(&sq_of(qb)->w, &o);
 
     if (rc != 0)
         *e = o.err;

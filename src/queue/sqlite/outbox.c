@@ -93,7 +93,7 @@ cleanup:
     return rc;
 }
 
-int sq_op_outbox_record(struct sqlite_queue *q, struct op *o)
+int sq_op_outbox_record(struct sqlite_queue *q, struct queue_op *o)
 {
     const struct queue_outbox_attempt *a = o->attempt;
     sqlite3_stmt *st = sq_prepare(q->wdb, "INSERT INTO deliveries (outbox_id, job_id, event_id, "
@@ -128,8 +128,8 @@ int sq_op_outbox_record(struct sqlite_queue *q, struct op *o)
 
 static int sq_outbox_record(struct queue *qb, const struct queue_outbox_attempt *a, struct err *e)
 {
-    struct op o = {.kind = OP_OUTBOX_RECORD, .attempt = a};
-    int rc = sq_submit(sq_of(qb), &o);
+    struct queue_op o = {.kind = QUEUE_OP_OUTBOX_RECORD, .attempt = a};
+    int rc = queue_writer_submit(&sq_of(qb)->w, &o);
 
     sq_copy_err(e, &o);
     return rc;

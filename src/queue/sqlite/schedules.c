@@ -189,7 +189,7 @@ int sq_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **o
 
 /* ---- pausing schedules, progress of running tasks, definitions ---- */
 
-int sq_op_batch_pause(struct sqlite_queue *q, struct op *o)
+int sq_op_batch_pause(struct sqlite_queue *q, struct queue_op *o)
 {
     sqlite3_stmt *st;
     int state, is_schedule, rc;
@@ -223,7 +223,7 @@ int sq_op_batch_pause(struct sqlite_queue *q, struct op *o)
     return rc;
 }
 
-int sq_op_batch_progress(struct sqlite_queue *q, struct op *o)
+int sq_op_batch_progress(struct sqlite_queue *q, struct queue_op *o)
 {
     /* only while this attempt holds the task: a stale attempt cannot add to a finished run */
     sqlite3_stmt *st =
@@ -248,12 +248,12 @@ int sq_op_batch_progress(struct sqlite_queue *q, struct op *o)
 int sq_batch_pause(struct queue *qb, const char *id, int paused, int64_t next_run_ms,
                    struct batch_job **out, struct err *e)
 {
-    struct op o = {.kind = OP_BATCH_PAUSE,
+    struct queue_op o = {.kind = QUEUE_OP_BATCH_PAUSE,
                    .id = id,
                    .paused = paused,
                    .next_run_ms = next_run_ms,
                    .batch_out = out};
-    int rc = sq_submit(sq_of(qb), &o);
+    int rc = queue_writer_submit(&sq_of(qb)->w, &o);
 
     if (rc != 0)
         *e = o.err;
@@ -263,12 +263,12 @@ int sq_batch_pause(struct queue *qb, const char *id, int paused, int64_t next_ru
 int sq_batch_progress(struct queue *qb, const char *batch_id, const char *task_id, uint64_t token,
                       int64_t records, struct err *e)
 {
-    struct op o = {.kind = OP_BATCH_PROGRESS,
+    struct queue_op o = {.kind = QUEUE_OP_BATCH_PROGRESS,
                    .id = task_id,
                    .batch_id = batch_id,
                    .token = token,
                    .records = records};
-    int rc = sq_submit(sq_of(qb), &o);
+    int rc = queue_writer_submit(&sq_of(qb)->w, &o);
 
     if (rc != 0)
         *e = o.err;

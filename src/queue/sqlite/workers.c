@@ -121,7 +121,7 @@ void sq_reap_dead_workers(struct sqlite_queue *q, int64_t now)
         sq_reap_worker(q, wids[i], why[i], now);
 }
 
-int sq_op_worker_beat(struct sqlite_queue *q, struct op *o)
+int sq_op_worker_beat(struct sqlite_queue *q, struct queue_op *o)
 {
     const struct queue_worker *w = o->wk;
     sqlite3_stmt *st = sq_prepare(q->wdb, "INSERT INTO workers (id, host, pid, started_ms, "
@@ -149,8 +149,8 @@ int sq_op_worker_beat(struct sqlite_queue *q, struct op *o)
 
 int sq_worker_beat(struct queue *qb, const struct queue_worker *w, struct err *e)
 {
-    struct op o = {.kind = OP_WORKER_BEAT, .wk = w};
-    int rc = sq_submit(sq_of(qb), &o);
+    struct queue_op o = {.kind = QUEUE_OP_WORKER_BEAT, .wk = w};
+    int rc = queue_writer_submit(&sq_of(qb)->w, &o);
 
     sq_copy_err(e, &o);
     return rc;
@@ -158,8 +158,8 @@ int sq_worker_beat(struct queue *qb, const struct queue_worker *w, struct err *e
 
 int sq_worker_leave(struct queue *qb, const char *id, struct err *e)
 {
-    struct op o = {.kind = OP_WORKER_LEAVE, .id = id};
-    int rc = sq_submit(sq_of(qb), &o);
+    struct queue_op o = {.kind = QUEUE_OP_WORKER_LEAVE, .id = id};
+    int rc = queue_writer_submit(&sq_of(qb)->w, &o);
 
     sq_copy_err(e, &o);
     return rc;
