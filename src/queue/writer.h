@@ -130,4 +130,33 @@ int queue_writer_take(struct queue_writer *w, int64_t idle_ms, struct queue_op *
  * same breath, when `runnable`), then calls the asynchronous ones' callbacks and frees them. */
 void queue_writer_done(struct queue_writer *w, struct queue_op *group, int runnable);
 
+/* ---- ops-table entries of a store with a writer (its struct queue's `writer`) ---- */
+
+int queue_writer_enqueue(struct queue *q, const struct job_spec *spec, char id_out[40],
+                         int *existed, struct err *e);
+int queue_writer_enqueue_async(struct queue *q, const struct job_spec *spec, queue_enqueue_fn fn,
+                               void *ctx, struct err *e);
+/* Leases as the store's lease operation does; finding nothing, waits for the writer's
+ * generation to move, for a delayed job's time (o->next_available_ms) or idle_poll_ms. */
+int queue_writer_lease_many(struct queue *q, const char *worker, size_t max, int max_tasks,
+                            int64_t wait_ms, struct job **out, size_t *n, struct err *e);
+int queue_writer_finish_many(struct queue *q, struct queue_outcome *outs, size_t n,
+                             struct err *e);
+int queue_writer_extend(struct queue *q, const char *id, uint64_t token, int64_t lease_ms,
+                        struct err *e);
+int queue_writer_cancel(struct queue *q, const char *id, struct job **out, struct err *e);
+int queue_writer_retry(struct queue *q, const char *id, struct job **out, struct err *e);
+int queue_writer_outbox_record(struct queue *q, const struct queue_outbox_attempt *a,
+                               struct err *e);
+int queue_writer_worker_beat(struct queue *q, const struct queue_worker *w, struct err *e);
+int queue_writer_worker_leave(struct queue *q, const char *id, struct err *e);
+int queue_writer_batch_create(struct queue *q, const struct batch_job_spec *spec, char id_out[40],
+                              struct err *e);
+int queue_writer_batch_cancel(struct queue *q, const char *id, struct batch_job **out,
+                              struct err *e);
+int queue_writer_batch_pause(struct queue *q, const char *id, int paused, int64_t next_run_ms,
+                             struct batch_job **out, struct err *e);
+int queue_writer_batch_progress(struct queue *q, const char *batch_id, const char *task_id,
+                                uint64_t token, int64_t records, struct err *e);
+
 #endif

@@ -507,65 +507,6 @@ int pg_op_batch_progress(struct pg_txn *t, struct queue_op *o)
                   &p, "record progress", &o->err);
 }
 
-/* ---- the ops table's entries ---- */
-
-int pg_batch_create(struct queue *qb, const struct batch_job_spec *spec, char id_out[40],
-                    struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_BATCH_CREATE, .batch = spec};
-    int rc = queue_writer_submit(&pgq(qb)->w, &o);
-
-    if (rc != 0)
-        *e = o.err;
-    else
-        snprintf(id_out, 40, "%s", o.id_out);
-    return rc;
-}
-
-int pg_batch_cancel(struct queue *qb, const char *id, struct batch_job **out, struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_BATCH_CANCEL, .id = id, .batch_out = out};
-    int rc;
-
-    *out = NULL;
-    rc = queue_writer_submit(&pgq(qb)->w, &o);
-    if (rc != 0)
-        *e = o.err;
-    return rc;
-}
-
-int pg_batch_pause(struct queue *qb, const char *id, int paused, int64_t next_run_ms,
-                   struct batch_job **out, struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_BATCH_PAUSE,
-                      .id = id,
-                      .paused = paused,
-                      .next_run_ms = next_run_ms,
-                      .batch_out = out};
-    int rc;
-
-    *out = NULL;
-    rc = queue_writer_submit(&pgq(qb)->w, &o);
-    if (rc != 0)
-        *e = o.err;
-    return rc;
-}
-
-int pg_batch_progress(struct queue *qb, const char *batch_id, const char *task_id, uint64_t token,
-                      int64_t records, struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_BATCH_PROGRESS,
-                      .id = task_id,
-                      .batch_id = batch_id,
-                      .token = token,
-                      .records = records};
-    int rc = queue_writer_submit(&pgq(qb)->w, &o);
-
-    if (rc != 0)
-        *e = o.err;
-    return rc;
-}
-
 /* ---- reading (a pooled connection) ---- */
 
 int pg_batch_get(struct queue *qb, const char *id, struct batch_job **out, struct err *e)

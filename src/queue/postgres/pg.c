@@ -585,38 +585,38 @@ static void pg_close(struct queue *qb)
 }
 
 static const struct queue_job_ops postgres_job_ops = {
-    .enqueue = pg_enqueue,
-    .enqueue_async = pg_enqueue_async,
-    .lease_many = pg_lease_many,
-    .finish_many = pg_finish_many,
+    .enqueue = queue_writer_enqueue,
+    .enqueue_async = queue_writer_enqueue_async,
+    .lease_many = queue_writer_lease_many,
+    .finish_many = queue_writer_finish_many,
     .extend = pg_extend,
-    .cancel = pg_cancel,
-    .retry = pg_retry,
+    .cancel = queue_writer_cancel,
+    .retry = queue_writer_retry,
     .get = pg_get,
     .list = pg_list,
     .counts = pg_counts,
     .queued = pg_queued,
-    .worker_beat = pg_worker_beat,
-    .worker_leave = pg_worker_leave,
+    .worker_beat = queue_writer_worker_beat,
+    .worker_leave = queue_writer_worker_leave,
     .workers_list = pg_workers_list,
 };
 
 static const struct queue_batch_ops postgres_batch_ops = {
-    .create = pg_batch_create,
+    .create = queue_writer_batch_create,
     .get = pg_batch_get,
     .list = pg_batch_list,
-    .cancel = pg_batch_cancel,
-    .pause = pg_batch_pause,
+    .cancel = queue_writer_batch_cancel,
+    .pause = queue_writer_batch_pause,
     .results = pg_batch_results,
     .definition = pg_batch_definition,
-    .progress = pg_batch_progress,
+    .progress = queue_writer_batch_progress,
     .schedules_due = pg_schedules_due,
 };
 
 static const struct queue_outbox_ops postgres_outbox_ops = {
     .due = pg_outbox_due,
     .next_due = pg_outbox_next_due,
-    .record = pg_outbox_record,
+    .record = queue_writer_outbox_record,
     .exclusive = 1, /* many processes send: a taken webhook is held for its sender */
 };
 

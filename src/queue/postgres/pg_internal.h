@@ -161,19 +161,7 @@ void *pg_writer_main(void *arg);
 int pg_txn_commit(struct pg_txn *t, struct err *e);
 /* After a commit: on_final for each final, and frees the notes. */
 void pg_txn_done(struct pg_txn *t, int committed);
-int pg_enqueue(struct queue *qb, const struct job_spec *spec, char id_out[40], int *existed,
-               struct err *e);
-int pg_enqueue_async(struct queue *qb, const struct job_spec *spec, queue_enqueue_fn fn, void *ctx,
-                     struct err *e);
-int pg_lease_many(struct queue *qb, const char *worker, size_t max, int max_tasks, int64_t wait_ms,
-                  struct job **out, size_t *n, struct err *e);
-int pg_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n, struct err *e);
 int pg_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms, struct err *e);
-int pg_cancel(struct queue *qb, const char *id, struct job **out, struct err *e);
-int pg_retry(struct queue *qb, const char *id, struct job **out, struct err *e);
-int pg_outbox_record(struct queue *qb, const struct queue_outbox_attempt *a, struct err *e);
-int pg_worker_beat(struct queue *qb, const struct queue_worker *w, struct err *e);
-int pg_worker_leave(struct queue *qb, const char *id, struct err *e);
 
 /* ---- jobs.c: operations (inside a transaction of `t`) ---- */
 
@@ -251,21 +239,14 @@ int pg_op_batch_progress(struct pg_txn *t, struct queue_op *o);
 int pg_batch_task_final(struct pg_txn *t, const struct job *j, struct err *e);
 /* A task was leased: its run is running. */
 int pg_batch_task_started(struct pg_txn *t, const char *batch_id, int64_t now, struct err *e);
-int pg_batch_create(struct queue *qb, const struct batch_job_spec *spec, char id_out[40],
-                    struct err *e);
 int pg_batch_get(struct queue *qb, const char *id, struct batch_job **out, struct err *e);
 int pg_batch_list(struct queue *qb, const struct queue_batch_filter *f, struct batch_job **out,
                   size_t *n, struct err *e);
-int pg_batch_cancel(struct queue *qb, const char *id, struct batch_job **out, struct err *e);
 int pg_batch_results(struct queue *qb, const char *id, char **model, char ***results, size_t *n,
                      struct err *e);
 int pg_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **out, size_t *n,
                      struct err *e);
 int pg_batch_definition(struct queue *qb, const char *id, struct queue_schedule **out,
                         struct err *e);
-int pg_batch_pause(struct queue *qb, const char *id, int paused, int64_t next_run_ms,
-                   struct batch_job **out, struct err *e);
-int pg_batch_progress(struct queue *qb, const char *batch_id, const char *task_id, uint64_t token,
-                      int64_t records, struct err *e);
 
 #endif

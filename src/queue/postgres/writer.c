@@ -2,9 +2,9 @@
  * writer.c: group commit for the PostgreSQL queue.
  *
  * Every change goes through one writer thread per process, as in the SQLite queue: callers
- * queue an operation and wait (an asynchronous enqueue is called back instead); the writer
- * takes everything queued, runs it in one transaction, sends the transaction's NOTIFYs and
- * commits once. Operations run without savepoints first; when one fails in a way that may
+ * queue an operation and wait (an asynchronous enqueue is called back instead; the queue and
+ * the ops-table entries that submit are the core's, queue/writer.c); the writer takes a group,
+ * runs it in one transaction, sends the transaction's NOTIFYs and commits once. Operations run without savepoints first; when one fails in a way that may
  * have left changes (a statement failed, a deadlock with another process), the group runs
  * again with a SAVEPOINT per operation, so the failing one undoes only itself (a deadlocked
  * one is retried alone). Under load, hundreds of enqueues
@@ -392,121 +392,13 @@ void *pg_writer_main(void *arg)
     return NULL;
 }
 
-static void copy_err(struct err *dst, const struct queue_op *o)
-{
-    if (dst && o->rc != 0)
-        *dst = o->err;
-}
+/* ---- the ops table's changes (the rest are the core's: writer.h) ---- */
 
-/* ---- the ops table's changes ---- */
-
-int pg_enqueue(struct queue *qb, const struct job_spec *spec, char id_out[40], int *existed,
-               struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_ENQUEUE, .spec = spec};
-    int rc = queue_writer_submit(&pgq(qb)->w, &o);
-
-    copy_err(e, &o);
-    snprintf(id_out, 40, "%s", o.id_out);
-    *existed = o.existed;
-    return rc;
-}
-
-int pg_enqueue_async(struct queue *qb, const struct job_spec *spec, queue_enqueue_fn fn, void *ctx,
-                     struct err *e)
-{
-    struct pg_queue *q = pgq(qb);
-    struct queue_op *o = calloc(1, sizeof(*o));
-
-    if (!o)
-        return err_set(e, ERR_NOMEM, "out of memory");
-    o->kind = QUEUE_OP_ENQUEUE;
-    o->spec = spec;
-    o->callback = fn;
-    o->callback_ctx = ctx;
-    return queue_writer_submit_async(&q->w, o, e);
-}
-
-int pg_lease_many(struct queue *qb, const char *worker, size_t max, int max_tasks, int64_t wait_ms,
-                  struct job **out, size_t *n, struct err *e)
-{
-    struct pg_queue *q = pgq(qb);
-    int64_t until = clock_now_ms() + wait_ms;
-
-    *n = 0;
-    for (;;) {
-        struct queue_op o = {
-            .kind = QUEUE_OP_LEASE, .worker = worker, .max = max, .max_tasks = max_tasks, .jobs = out};
-        uint64_t gen;
-        int rc;
-        pthread_mutex_lock(&q->w.lock);
-        gen = q->w.generation;
-        pthread_mutex_unlock(&q->w.lock);
-        rc = queue_writer_submit(&q->w, &o);
-        if (rc != 0 || o.n_jobs) {
-            copy_err(e, &o);
-            *n = rc == 0 ? o.n_jobs : 0;
-            return rc;
-        }
-        int64_t now = clock_now_ms();
-        if (now >= until)
-            return 0;
-        /* nothing runnable: wait for a NOTIFY (a job queued here or in another process), a
-         * backoff that ends, or a look now and then (a sweep elsewhere requeued one) */
-        int64_t nap = until - now < PG_IDLE_POLL_MS ? until - now : PG_IDLE_POLL_MS;
-        if (o.next_available_ms > now && o.next_available_ms - now < nap)
-            nap = o.next_available_ms - now;
-        struct timespec ts = clock_realtime_after_ms(nap);
-        pthread_mutex_lock(&q->w.lock);
-        while (q->w.generation == gen && !q->w.stopping &&
-               pthread_cond_timedwait(&q->w.runnable, &q->w.lock, &ts) == 0)
-            ;
-        int stopping = q->w.stopping;
-        pthread_mutex_unlock(&q->w.lock);
-        if (stopping)
-            return 0;
-    }
-}
-
-int pg_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n, struct err *e)
-{
-    struct queue_op *ops = calloc(n ? n : 1, sizeof(*ops));
-    int rc = 0;
-
-    if (!ops) {
-        for (size_t i = 0; i < n; i++)
-            outs[i].rc = ERR_NOMEM; /* none recorded */
-        return err_set(e, ERR_NOMEM, "out of memory");
-    }
-    for (size_t i = 0; i < n; i++) {
-        struct queue_outcome *oc = &outs[i];
-        ops[i] = (struct queue_op){.kind = oc->ok ? QUEUE_OP_COMPLETE : QUEUE_OP_FAIL,
-                                .id = oc->id,
-                                .token = oc->token,
-                                .data = oc->ok ? oc->result : oc->error,
-                                .data_len = oc->result_len,
-                                .json_len = oc->result_json_len,
-                                .retryable = oc->retryable || oc->released,
-                                .retry_after_ms = oc->retry_after_ms,
-                                .released = oc->released};
-    }
-    queue_writer_submit_many(&pgq(qb)->w, ops, n);
-    for (size_t i = 0; i < n; i++) {
-        outs[i].rc = ops[i].rc;
-        outs[i].failed_final = ops[i].rc == 0 && ops[i].failed_final;
-        if (ops[i].rc != 0 && ops[i].rc != ERR_CONFLICT && rc == 0) {
-            rc = ops[i].rc;
-            copy_err(e, &ops[i]);
-        }
-    }
-    free(ops);
-    return rc;
-}
-
+/* queue_writer_extend(); for the id "" (queue_on_final(NULL)'s barrier) it also waits out the
+ * listener's on_final call, if one runs. */
 int pg_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms, struct err *e)
 {
-    struct queue_op o = {.kind = QUEUE_OP_EXTEND, .id = id, .token = token, .lease_ms = lease_ms};
-    int rc = queue_writer_submit(&pgq(qb)->w, &o);
+    int rc = queue_writer_extend(qb, id, token, lease_ms, e);
 
     if (!id[0]) {
         /* queue_on_final(NULL)'s barrier: the writer's groups are past; so is any on_final
@@ -514,53 +406,5 @@ int pg_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms
         pthread_mutex_lock(&pgq(qb)->final_lock);
         pthread_mutex_unlock(&pgq(qb)->final_lock);
     }
-    copy_err(e, &o);
-    return rc;
-}
-
-int pg_cancel(struct queue *qb, const char *id, struct job **out, struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_CANCEL, .id = id};
-    int rc = queue_writer_submit(&pgq(qb)->w, &o);
-
-    copy_err(e, &o);
-    *out = o.job;
-    return rc;
-}
-
-int pg_retry(struct queue *qb, const char *id, struct job **out, struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_RETRY, .id = id};
-    int rc = queue_writer_submit(&pgq(qb)->w, &o);
-
-    copy_err(e, &o);
-    *out = o.job;
-    return rc;
-}
-
-int pg_outbox_record(struct queue *qb, const struct queue_outbox_attempt *a, struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_OUTBOX_RECORD, .attempt = a};
-    int rc = queue_writer_submit(&pgq(qb)->w, &o);
-
-    copy_err(e, &o);
-    return rc;
-}
-
-int pg_worker_beat(struct queue *qb, const struct queue_worker *w, struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_WORKER_BEAT, .wk = w};
-    int rc = queue_writer_submit(&pgq(qb)->w, &o);
-
-    copy_err(e, &o);
-    return rc;
-}
-
-int pg_worker_leave(struct queue *qb, const char *id, struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_WORKER_LEAVE, .id = id};
-    int rc = queue_writer_submit(&pgq(qb)->w, &o);
-
-    copy_err(e, &o);
     return rc;
 }

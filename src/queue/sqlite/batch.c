@@ -536,25 +536,3 @@ int sq_op_batch_cancel(struct sqlite_queue *q, struct queue_op *o)
     return rc;
 }
 
-int sq_batch_create(struct queue *qb, const struct batch_job_spec *spec, char id_out[40],
-                    struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_BATCH_CREATE, .batch = spec};
-    int rc = queue_writer_submit(&sq_of(qb)->w, &o);
-
-    if (rc != 0)
-        *e = o.err;
-    else
-        snprintf(id_out, 40, "%s", o.id_out);
-    return rc;
-}
-
-int sq_batch_cancel(struct queue *qb, const char *id, struct batch_job **out, struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_BATCH_CANCEL, .id = id, .batch_out = out};
-    int rc = queue_writer_submit(&sq_of(qb)->w, &o);
-
-    if (rc != 0)
-        *e = o.err;
-    return rc;
-}

@@ -78,12 +78,6 @@ int sq_insert_job(struct sqlite_queue *q, const struct job_spec *s, const char *
  * updates its batch job, all in the current transaction. */
 int sq_job_became_final(struct sqlite_queue *q, const char *id, struct err *e);
 
-static inline void sq_copy_err(struct err *dst, const struct queue_op *o)
-{
-    if (dst && o->rc != 0)
-        *dst = o->err;
-}
-
 /* ---- the store's tables (jobs.c, schedules.c, outbox.c) and threads (writer.c) ---- */
 
 extern const struct queue_job_ops sqlite_job_ops;
@@ -117,8 +111,6 @@ int sq_op_lease(struct sqlite_queue *q, struct queue_op *o);
 int sq_op_outbox_record(struct sqlite_queue *q, struct queue_op *o);
 int sq_op_retry(struct sqlite_queue *q, struct queue_op *o);
 int sq_op_worker_beat(struct sqlite_queue *q, struct queue_op *o);
-int sq_worker_beat(struct queue *qb, const struct queue_worker *w, struct err *e);
-int sq_worker_leave(struct queue *qb, const char *id, struct err *e);
 int sq_workers_list(struct queue *qb, struct queue_worker **out, size_t *n, struct err *e);
 struct job *sq_job_from_row(sqlite3_stmt *st);
 void sq_reap_dead_workers(struct sqlite_queue *q, int64_t now);
@@ -146,16 +138,9 @@ int sq_batch_results(struct queue *qb, const char *id, char **model, char ***res
                      struct err *e);
 int sq_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **out, size_t *n,
                      struct err *e);
-int sq_batch_create(struct queue *qb, const struct batch_job_spec *spec, char id_out[40],
-                    struct err *e);
-int sq_batch_cancel(struct queue *qb, const char *id, struct batch_job **out, struct err *e);
 int sq_op_batch_pause(struct sqlite_queue *q, struct queue_op *o);
 int sq_op_batch_progress(struct sqlite_queue *q, struct queue_op *o);
 int sq_batch_definition(struct queue *qb, const char *id, struct queue_schedule **out,
                         struct err *e);
-int sq_batch_pause(struct queue *qb, const char *id, int paused, int64_t next_run_ms,
-                   struct batch_job **out, struct err *e);
-int sq_batch_progress(struct queue *qb, const char *batch_id, const char *task_id, uint64_t token,
-                      int64_t records, struct err *e);
 
 #endif

@@ -397,147 +397,6 @@ int sq_op_retry(struct sqlite_queue *q, struct queue_op *o)
     return rc;
 }
 
-/* ---- the ops table ---- */
-
-static int sq_enqueue(struct queue *qb, const struct job_spec *spec, char id_out[40], int *existed,
-                      struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_ENQUEUE, .spec = spec};
-    int rc = queue_writer_submit(&sq_of(qb)->w, &o);
-
-    sq_copy_err(e, &o);
-    snprintf(id_out, 40, "%s", o.id_out);
-    *existed = o.existed;
-    return rc;
-}
-
-static int sq_enqueue_async(struct queue *qb, const struct job_spec *spec, queue_enqueue_fn fn,
-                            void *ctx, struct err *e)
-{
-    struct sqlite_queue *q = sq_of(qb);
-    struct queue_op *o = calloc(1, sizeof(*o));
-
-    if (!o)
-        return err_set(e, ERR_NOMEM, "out of memory");
-    o->kind = QUEUE_OP_ENQUEUE;
-    o->spec = spec;
-    o->callback = fn;
-    o->callback_ctx = ctx;
-    return queue_writer_submit_async(&q->w, o, e);
-}
-
-static int sq_lease_many(struct queue *qb, const char *worker, size_t max, int max_tasks,
-                         int64_t wait_ms, struct job **out, size_t *n, struct err *e)
-{
-    struct sqlite_queue *q = sq_of(qb);
-    int64_t until = clock_now_ms() + wait_ms;
-    int rc;
-
-    *n = 0;
-    for (;;) {
-        struct queue_op o = {
-            .kind = QUEUE_OP_LEASE, .worker = worker, .max = max, .max_tasks = max_tasks, .jobs = out};
-        uint64_t gen;
-        pthread_mutex_lock(&q->w.lock);
-        gen = q->w.generation;
-        pthread_mutex_unlock(&q->w.lock);
-        rc = queue_writer_submit(&q->w, &o);
-        if (rc != 0 || o.n_jobs) {
-            if (rc != 0) {
-                /* nothing of the group is durable: the leases did not happen */
-                for (size_t i = 0; i < o.n_jobs; i++) {
-                    job_free(out[i]);
-                    out[i] = NULL;
-                }
-                o.n_jobs = 0;
-            }
-            sq_copy_err(e, &o);
-            *n = o.n_jobs;
-            return rc;
-        }
-        int64_t now = clock_now_ms();
-        if (now >= until)
-            return 0;
-        /* nothing runnable: sleep until something is enqueued or requeued, or a backoff or
-         * sweep may have made a job runnable */
-        int64_t nap = until - now < SWEEP_INTERVAL_MS ? until - now : SWEEP_INTERVAL_MS;
-        struct timespec ts = clock_realtime_after_ms(nap);
-        pthread_mutex_lock(&q->w.lock);
-        while (q->w.generation == gen && !q->w.stopping &&
-               pthread_cond_timedwait(&q->w.runnable, &q->w.lock, &ts) == 0)
-            ;
-        int stopping = q->w.stopping;
-        pthread_mutex_unlock(&q->w.lock);
-        if (stopping)
-            return 0;
-    }
-}
-
-static int sq_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n, struct err *e)
-{
-    struct queue_op *ops = calloc(n ? n : 1, sizeof(*ops));
-    int rc = 0;
-
-    if (!ops) {
-        for (size_t i = 0; i < n; i++)
-            outs[i].rc = ERR_NOMEM; /* none recorded */
-        return err_set(e, ERR_NOMEM, "out of memory");
-    }
-    for (size_t i = 0; i < n; i++) {
-        struct queue_outcome *oc = &outs[i];
-        ops[i] = (struct queue_op){.kind = oc->ok ? QUEUE_OP_COMPLETE : QUEUE_OP_FAIL,
-                             .id = oc->id,
-                             .token = oc->token,
-                             .data = oc->ok ? oc->result : oc->error,
-                             .data_len = oc->result_len,
-                             .json_len = oc->result_json_len,
-                             .retryable = oc->retryable || oc->released,
-                             .retry_after_ms = oc->retry_after_ms,
-                             .released = oc->released};
-    }
-    queue_writer_submit_many(&sq_of(qb)->w, ops, n);
-    for (size_t i = 0; i < n; i++) {
-        outs[i].rc = ops[i].rc;
-        outs[i].failed_final = ops[i].rc == 0 && ops[i].failed_final;
-        if (ops[i].rc != 0 && ops[i].rc != ERR_CONFLICT && rc == 0) {
-            rc = ops[i].rc;
-            sq_copy_err(e, &ops[i]);
-        }
-    }
-    free(ops);
-    return rc;
-}
-
-static int sq_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms,
-                     struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_EXTEND, .id = id, .token = token, .lease_ms = lease_ms};
-    int rc = queue_writer_submit(&sq_of(qb)->w, &o);
-
-    sq_copy_err(e, &o);
-    return rc;
-}
-
-static int sq_cancel(struct queue *qb, const char *id, struct job **out, struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_CANCEL, .id = id};
-    int rc = queue_writer_submit(&sq_of(qb)->w, &o);
-
-    sq_copy_err(e, &o);
-    *out = o.job;
-    return rc;
-}
-
-static int sq_retry(struct queue *qb, const char *id, struct job **out, struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_RETRY, .id = id};
-    int rc = queue_writer_submit(&sq_of(qb)->w, &o);
-
-    sq_copy_err(e, &o);
-    *out = o.job;
-    return rc;
-}
-
 /* ---- reads (their own connection) ---- */
 
 static int load_notifications(sqlite3 *db, struct job *j)
@@ -687,18 +546,18 @@ static int64_t sq_queued(struct queue *qb)
 }
 
 const struct queue_job_ops sqlite_job_ops = {
-    .enqueue = sq_enqueue,
-    .enqueue_async = sq_enqueue_async,
-    .lease_many = sq_lease_many,
-    .finish_many = sq_finish_many,
-    .extend = sq_extend,
-    .cancel = sq_cancel,
-    .retry = sq_retry,
+    .enqueue = queue_writer_enqueue,
+    .enqueue_async = queue_writer_enqueue_async,
+    .lease_many = queue_writer_lease_many,
+    .finish_many = queue_writer_finish_many,
+    .extend = queue_writer_extend,
+    .cancel = queue_writer_cancel,
+    .retry = queue_writer_retry,
     .get = sq_get,
     .list = sq_list,
     .counts = sq_counts,
     .queued = sq_queued,
-    .worker_beat = sq_worker_beat,
-    .worker_leave = sq_worker_leave,
+    .worker_beat = queue_writer_worker_beat,
+    .worker_leave = queue_writer_worker_leave,
     .workers_list = sq_workers_list,
 };

@@ -126,15 +126,6 @@ int sq_op_outbox_record(struct sqlite_queue *q, struct queue_op *o)
     return rc;
 }
 
-static int sq_outbox_record(struct queue *qb, const struct queue_outbox_attempt *a, struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_OUTBOX_RECORD, .attempt = a};
-    int rc = queue_writer_submit(&sq_of(qb)->w, &o);
-
-    sq_copy_err(e, &o);
-    return rc;
-}
-
 static int sq_outbox_due(struct queue *qb, int64_t now_ms, size_t max,
                          struct queue_outbox_item **out, size_t *n, struct err *e)
 {
@@ -202,6 +193,6 @@ static int64_t sq_outbox_next_due(struct queue *qb)
 const struct queue_outbox_ops sqlite_outbox_ops = {
     .due = sq_outbox_due,
     .next_due = sq_outbox_next_due,
-    .record = sq_outbox_record,
+    .record = queue_writer_outbox_record,
     .exclusive = 0,
 };

@@ -147,24 +147,6 @@ int sq_op_worker_beat(struct sqlite_queue *q, struct queue_op *o)
 
 /* ---- workers ---- */
 
-int sq_worker_beat(struct queue *qb, const struct queue_worker *w, struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_WORKER_BEAT, .wk = w};
-    int rc = queue_writer_submit(&sq_of(qb)->w, &o);
-
-    sq_copy_err(e, &o);
-    return rc;
-}
-
-int sq_worker_leave(struct queue *qb, const char *id, struct err *e)
-{
-    struct queue_op o = {.kind = QUEUE_OP_WORKER_LEAVE, .id = id};
-    int rc = queue_writer_submit(&sq_of(qb)->w, &o);
-
-    sq_copy_err(e, &o);
-    return rc;
-}
-
 int sq_workers_list(struct queue *qb, struct queue_worker **out, size_t *n, struct err *e)
 {
     struct sqlite_queue *q = sq_of(qb);

@@ -5,6 +5,8 @@
  * wait; the writer takes everything queued, runs it in one transaction (one SAVEPOINT per
  * operation, so one failing operation does not undo the others), commits with one fsync
  * (synchronous=FULL) and wakes the callers. Under load, hundreds of operations share one fsync.
+ * The queue of operations and the ops-table entries that submit them are the core's
+ * (queue/writer.c); how a group runs is this file's.
  * The sweep (expired leases, ttl, dead workers) and retention run on this thread too.
  */
 #define _GNU_SOURCE
