@@ -244,8 +244,7 @@ int queue_writer_lease_many(struct queue *q, const char *worker, size_t max, int
     }
 }
 
-int queue_writer_finish_many(struct queue *q, struct queue_outcome *outs, size_t n,
-                             struct err *e)
+int queue_writer_finish_many(struct queue *q, struct queue_outcome *outs, size_t n, struct err *e)
 {
     struct queue_op *ops = calloc(n ? n : 1, sizeof(*ops));
     int rc = 0;
@@ -315,8 +314,7 @@ int queue_writer_retry(struct queue *q, const char *id, struct job **out, struct
     return rc;
 }
 
-int queue_writer_outbox_record(struct queue *q, const struct queue_outbox_attempt *a,
-                               struct err *e)
+int queue_writer_outbox_record(struct queue *q, const struct queue_outbox_attempt *a, struct err *e)
 {
     struct queue_op o = {.kind = QUEUE_OP_OUTBOX_RECORD, .attempt = a};
 

@@ -89,13 +89,13 @@ struct queue_writer {
     size_t max_group;     /* immutable after init: operations per group, at most */
     int64_t idle_poll_ms; /* immutable after init: an idle lease looks again this often */
     pthread_mutex_t lock;
-    pthread_cond_t work;                /* operations arrived, or stopping */
-    pthread_cond_t finished;            /* a group was handed back (committed or failed) */
-    pthread_cond_t runnable;            /* jobs may have become runnable */
-    struct queue_op *head, *tail;       /* guarded by lock: queued, not yet taken */
-    int stopping;                       /* guarded by lock: no more submissions */
-    uint64_t generation;                /* guarded by lock: bumped when jobs may have become
-                                           runnable; an idle lease waits for it to move */
+    pthread_cond_t work;          /* operations arrived, or stopping */
+    pthread_cond_t finished;      /* a group was handed back (committed or failed) */
+    pthread_cond_t runnable;      /* jobs may have become runnable */
+    struct queue_op *head, *tail; /* guarded by lock: queued, not yet taken */
+    int stopping;                 /* guarded by lock: no more submissions */
+    uint64_t generation;          /* guarded by lock: bumped when jobs may have become
+                                     runnable; an idle lease waits for it to move */
 };
 
 /* Sets up `w` (memory the store owns): groups of at most `max_group` operations; an idle
@@ -140,8 +140,7 @@ int queue_writer_enqueue_async(struct queue *q, const struct job_spec *spec, que
  * generation to move, for a delayed job's time (o->next_available_ms) or idle_poll_ms. */
 int queue_writer_lease_many(struct queue *q, const char *worker, size_t max, int max_tasks,
                             int64_t wait_ms, struct job **out, size_t *n, struct err *e);
-int queue_writer_finish_many(struct queue *q, struct queue_outcome *outs, size_t n,
-                             struct err *e);
+int queue_writer_finish_many(struct queue *q, struct queue_outcome *outs, size_t n, struct err *e);
 int queue_writer_extend(struct queue *q, const char *id, uint64_t token, int64_t lease_ms,
                         struct err *e);
 int queue_writer_cancel(struct queue *q, const char *id, struct job **out, struct err *e);

@@ -4,11 +4,12 @@
  * Every change goes through one writer thread per process, as in the SQLite queue: callers
  * queue an operation and wait (an asynchronous enqueue is called back instead; the queue and
  * the ops-table entries that submit are the core's, queue/writer.c); the writer takes a group,
- * runs it in one transaction, sends the transaction's NOTIFYs and commits once. Operations run without savepoints first; when one fails in a way that may
- * have left changes (a statement failed, a deadlock with another process), the group runs
- * again with a SAVEPOINT per operation, so the failing one undoes only itself (a deadlocked
- * one is retried alone). Under load, hundreds of enqueues
- * and outcomes share one commit (one WAL flush with synchronous_commit on).
+ * runs it in one transaction, sends the transaction's NOTIFYs and commits once. Operations run
+ * without savepoints first; when one fails in a way that may have left changes (a statement
+ * failed, a deadlock with another process), the group runs again with a SAVEPOINT per
+ * operation, so the failing one undoes only itself (a deadlocked one is retried alone). Under
+ * load, hundreds of enqueues and outcomes share one commit (one WAL flush with
+ * synchronous_commit on).
  *
  * A lost connection fails the whole group with ERR_UNAVAILABLE ("nothing was stored"); the
  * writer reconnects at the next group, no sooner than a backoff (100 ms doubling to 2 s), so

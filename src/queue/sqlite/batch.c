@@ -535,4 +535,3 @@ int sq_op_batch_cancel(struct sqlite_queue *q, struct queue_op *o)
         rc = sq_load_batch(q->wdb, o->id, o->batch_out, &o->err);
     return rc;
 }
-
