@@ -104,6 +104,9 @@ int queue_batch_manifest_json(const char *model, char *const *results, size_t n,
 struct queue {
     const struct queue_ops *ops;
     queue_final_fn on_final; /* set before use; NULL means nobody listens */
+    /* the store's group-commit writer (writer.h), which the shared ops-table entries submit
+     * to; set at open, NULL for a store without one (Redis) */
+    struct queue_writer *writer;
     void *on_final_ctx;
     /* running jobs asked to cancel, newest last (queue.c, under its lock) */
     char cancelled[QUEUE_CANCEL_RING][40];

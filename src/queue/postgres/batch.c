@@ -326,7 +326,7 @@ static int claim_schedule(struct pg_txn *t, const struct batch_job_spec *s, stru
     return rc;
 }
 
-int pg_op_batch_create(struct pg_txn *t, struct pg_op *o)
+int pg_op_batch_create(struct pg_txn *t, struct queue_op *o)
 {
     const struct batch_job_spec *s = o->batch;
     struct pg_params p = {0};
@@ -397,7 +397,7 @@ int pg_op_batch_create(struct pg_txn *t, struct pg_op *o)
 }
 
 /* A batch job's state and whether it is a schedule, its row locked; ERR_NOT_FOUND names it. */
-static int batch_state(struct pg_txn *t, struct pg_op *o, int *state, int *is_schedule)
+static int batch_state(struct pg_txn *t, struct queue_op *o, int *state, int *is_schedule)
 {
     struct pg_params p = {0};
     PGresult *r;
@@ -419,7 +419,7 @@ static int batch_state(struct pg_txn *t, struct pg_op *o, int *state, int *is_sc
     return *state < 0 ? err_set(&o->err, ERR_NOT_FOUND, "no batch job '%.40s'", o->id) : 0;
 }
 
-int pg_op_batch_cancel(struct pg_txn *t, struct pg_op *o)
+int pg_op_batch_cancel(struct pg_txn *t, struct queue_op *o)
 {
     int state, is_schedule, rc;
 
@@ -443,7 +443,7 @@ int pg_op_batch_cancel(struct pg_txn *t, struct pg_op *o)
     return rc ? rc : load_batch(t->q, t->c, o->id, o->batch_out, &o->err);
 }
 
-int pg_op_batch_pause(struct pg_txn *t, struct pg_op *o)
+int pg_op_batch_pause(struct pg_txn *t, struct queue_op *o)
 {
     int state, is_schedule, rc;
 
@@ -471,7 +471,7 @@ int pg_op_batch_pause(struct pg_txn *t, struct pg_op *o)
     return rc ? rc : load_batch(t->q, t->c, o->id, o->batch_out, &o->err);
 }
 
-int pg_op_batch_progress(struct pg_txn *t, struct pg_op *o)
+int pg_op_batch_progress(struct pg_txn *t, struct queue_op *o)
 {
     struct pg_params p = {0};
 
@@ -485,65 +485,6 @@ int pg_op_batch_progress(struct pg_txn *t, struct pg_op *o)
                   "$3 WHERE EXISTS (SELECT 1 FROM inferd_jobs WHERE id = $1 AND state = 1 AND "
                   "attempts = $4) ON CONFLICT (task_id) DO UPDATE SET records = $3",
                   &p, "record progress", &o->err);
-}
-
-/* ---- the ops table's entries ---- */
-
-int pg_batch_create(struct queue *qb, const struct batch_job_spec *spec, char id_out[40],
-                    struct err *e)
-{
-    struct pg_op o = {.kind = PG_OP_BATCH_CREATE, .batch = spec};
-    int rc = pg_submit(pgq(qb), &o);
-
-    if (rc != 0)
-        *e = o.err;
-    else
-        snprintf(id_out, 40, "%s", o.id_out);
-    return rc;
-}
-
-int pg_batch_cancel(struct queue *qb, const char *id, struct batch_job **out, struct err *e)
-{
-    struct pg_op o = {.kind = PG_OP_BATCH_CANCEL, .id = id, .batch_out = out};
-    int rc;
-
-    *out = NULL;
-    rc = pg_submit(pgq(qb), &o);
-    if (rc != 0)
-        *e = o.err;
-    return rc;
-}
-
-int pg_batch_pause(struct queue *qb, const char *id, int paused, int64_t next_run_ms,
-                   struct batch_job **out, struct err *e)
-{
-    struct pg_op o = {.kind = PG_OP_BATCH_PAUSE,
-                      .id = id,
-                      .paused = paused,
-                      .next_run_ms = next_run_ms,
-                      .batch_out = out};
-    int rc;
-
-    *out = NULL;
-    rc = pg_submit(pgq(qb), &o);
-    if (rc != 0)
-        *e = o.err;
-    return rc;
-}
-
-int pg_batch_progress(struct queue *qb, const char *batch_id, const char *task_id, uint64_t token,
-                      int64_t records, struct err *e)
-{
-    struct pg_op o = {.kind = PG_OP_BATCH_PROGRESS,
-                      .id = task_id,
-                      .batch_id = batch_id,
-                      .token = token,
-                      .records = records};
-    int rc = pg_submit(pgq(qb), &o);
-
-    if (rc != 0)
-        *e = o.err;
-    return rc;
 }
 
 /* ---- reading (a pooled connection) ---- */

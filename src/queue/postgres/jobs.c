@@ -190,7 +190,7 @@ long pg_changed(const PGresult *r)
 }
 
 /* Runs a fenced update: ERR_CONFLICT when the attempt no longer holds the lease. */
-static int fenced(struct pg_txn *t, struct pg_op *o, const char *sql, const struct pg_params *p)
+static int fenced(struct pg_txn *t, struct queue_op *o, const char *sql, const struct pg_params *p)
 {
     PGresult *r = pg_exec(t->q, t->c, sql, p, "update job", &o->err);
     int rc = 0;
@@ -231,7 +231,7 @@ int pg_txn_count_queued(struct pg_txn *t, struct err *e)
 
 /* The job that holds idempotency key `key`: *found 1 and its id in o->id_out; ERR_CONFLICT
  * when its request differs. */
-static int idem_lookup(struct pg_txn *t, struct pg_op *o, int *found)
+static int idem_lookup(struct pg_txn *t, struct queue_op *o, int *found)
 {
     const struct job_spec *s = o->spec;
     struct pg_params p = {0};
@@ -257,7 +257,7 @@ static int idem_lookup(struct pg_txn *t, struct pg_op *o, int *found)
     return rc;
 }
 
-int pg_op_enqueue(struct pg_txn *t, struct pg_op *o)
+int pg_op_enqueue(struct pg_txn *t, struct queue_op *o)
 {
     const struct job_spec *s = o->spec;
     int found = 0, rc;
@@ -329,7 +329,7 @@ int pg_insert_job(struct pg_txn *t, const struct job_spec *s, const char *id, st
 
 /* Enqueues `n` operations without idempotency keys in one statement (admission as
  * pg_op_enqueue: the ones past --max-queue answer ERR_BUSY, the others are stored in order). */
-int pg_ops_enqueue(struct pg_txn *t, struct pg_op **ops, size_t n, struct err *e)
+int pg_ops_enqueue(struct pg_txn *t, struct queue_op **ops, size_t n, struct err *e)
 {
     enum {
         ID,
@@ -432,7 +432,7 @@ static int seq_array(const int64_t *seqs, size_t n, struct buf *out)
 
 /* Fills the leased jobs of `r` (seq, JOB_COLUMNS, input, input_json_len) into o->jobs in the
  * order of `seqs`. */
-static int leased_jobs(struct pg_txn *t, struct pg_op *o, const PGresult *r, const int64_t *seqs,
+static int leased_jobs(struct pg_txn *t, struct queue_op *o, const PGresult *r, const int64_t *seqs,
                        size_t n, int64_t now)
 {
     int rc = 0;
@@ -458,7 +458,7 @@ static int leased_jobs(struct pg_txn *t, struct pg_op *o, const PGresult *r, con
     return rc;
 }
 
-int pg_op_lease(struct pg_txn *t, struct pg_op *o)
+int pg_op_lease(struct pg_txn *t, struct queue_op *o)
 {
     int64_t now = clock_now_ms(), *seqs = calloc(o->max ? o->max : 1, sizeof(int64_t));
     struct pg_params p = {0};
@@ -547,7 +547,7 @@ cleanup:
     return rc;
 }
 
-int pg_op_extend(struct pg_txn *t, struct pg_op *o)
+int pg_op_extend(struct pg_txn *t, struct queue_op *o)
 {
     struct pg_params p = {0};
 
@@ -560,7 +560,7 @@ int pg_op_extend(struct pg_txn *t, struct pg_op *o)
                   &p);
 }
 
-int pg_op_complete(struct pg_txn *t, struct pg_op *o)
+int pg_op_complete(struct pg_txn *t, struct queue_op *o)
 {
     struct pg_params p = {0};
     PGresult *r;
@@ -600,7 +600,7 @@ int pg_op_complete(struct pg_txn *t, struct pg_op *o)
     return rc;
 }
 
-int pg_ops_complete(struct pg_txn *t, struct pg_op **ops, size_t n, struct err *e)
+int pg_ops_complete(struct pg_txn *t, struct queue_op **ops, size_t n, struct err *e)
 {
     struct buf ids = {0}, tokens = {0}, results = {0}, lens = {0};
     struct pg_params p = {0};
@@ -653,7 +653,7 @@ int pg_ops_complete(struct pg_txn *t, struct pg_op **ops, size_t n, struct err *
         goto cleanup;
     }
     for (size_t i = 0; rc == 0 && i < n; i++) {
-        struct pg_op *o = ops[i];
+        struct queue_op *o = ops[i];
         int row = -1;
         for (int k = 0; row < 0 && k < PQntuples(r); k++)
             if (strcmp(PQgetvalue(r, k, 0), o->id) == 0)
@@ -683,7 +683,7 @@ cleanup:
     return rc;
 }
 
-int pg_op_fail(struct pg_txn *t, struct pg_op *o)
+int pg_op_fail(struct pg_txn *t, struct queue_op *o)
 {
     int64_t now = clock_now_ms(), backoff;
     struct pg_params p = {0};
@@ -737,7 +737,7 @@ int pg_op_fail(struct pg_txn *t, struct pg_op *o)
     return pg_job_became_final(t, o->id, &o->err);
 }
 
-int pg_op_cancel(struct pg_txn *t, struct pg_op *o)
+int pg_op_cancel(struct pg_txn *t, struct queue_op *o)
 {
     struct pg_params p = {0};
     struct job *j = NULL;
@@ -780,7 +780,7 @@ int pg_op_cancel(struct pg_txn *t, struct pg_op *o)
     return rc;
 }
 
-int pg_op_retry(struct pg_txn *t, struct pg_op *o)
+int pg_op_retry(struct pg_txn *t, struct queue_op *o)
 {
     struct pg_params p = {0};
     PGresult *r;

@@ -33,7 +33,7 @@ int pg_outbox_add(struct pg_txn *t, const char *job_id, const char *event_id, co
                   &p, "store webhook", e);
 }
 
-int pg_op_outbox_record(struct pg_txn *t, struct pg_op *o)
+int pg_op_outbox_record(struct pg_txn *t, struct queue_op *o)
 {
     const struct queue_outbox_attempt *a = o->attempt;
     struct pg_params p = {0};

@@ -422,11 +422,11 @@ static int wait_stop(struct pg_queue *q, int64_t ms)
     struct timespec ts = clock_realtime_after_ms(ms);
     int stop;
 
-    pthread_mutex_lock(&q->lock);
-    if (!q->stopping && ms > 0)
-        pthread_cond_timedwait(&q->stop, &q->lock, &ts);
-    stop = q->stopping;
-    pthread_mutex_unlock(&q->lock);
+    pthread_mutex_lock(&q->w.lock);
+    if (!q->w.stopping && ms > 0)
+        pthread_cond_timedwait(&q->stop, &q->w.lock, &ts);
+    stop = q->w.stopping;
+    pthread_mutex_unlock(&q->w.lock);
     return stop;
 }
 
@@ -495,10 +495,7 @@ static int own_pid(struct pg_queue *q, int pid)
 
 static void wake_leases(struct pg_queue *q)
 {
-    pthread_mutex_lock(&q->lock);
-    q->generation++;
-    pthread_cond_broadcast(&q->runnable);
-    pthread_mutex_unlock(&q->lock);
+    queue_writer_runnable(&q->w);
 }
 
 static void on_notify(struct pg_queue *q, const PGnotify *n)
@@ -564,12 +561,10 @@ static void pg_close(struct queue *qb)
 {
     struct pg_queue *q = pgq(qb);
 
-    pthread_mutex_lock(&q->lock);
-    q->stopping = 1;
-    pthread_cond_broadcast(&q->work);
-    pthread_cond_broadcast(&q->runnable);
+    queue_writer_stop(&q->w);
+    pthread_mutex_lock(&q->w.lock); /* the sweeper and listener, waiting in wait_stop() */
     pthread_cond_broadcast(&q->stop);
-    pthread_mutex_unlock(&q->lock);
+    pthread_mutex_unlock(&q->w.lock);
     if (q->threads > 0)
         pthread_join(q->writer, NULL);
     if (q->threads > 1)
@@ -580,12 +575,9 @@ static void pg_close(struct queue *qb)
     for (int i = 0; i < q->n_idle; i++)
         PQfinish(q->pool[i]);
     pthread_mutex_destroy(&q->pool_lock);
-    pthread_mutex_destroy(&q->lock);
     pthread_mutex_destroy(&q->final_lock);
-    pthread_cond_destroy(&q->work);
-    pthread_cond_destroy(&q->finished);
-    pthread_cond_destroy(&q->runnable);
     pthread_cond_destroy(&q->stop);
+    queue_writer_release(&q->w);
     free(q->lost);
     free(q->conninfo);
     free(q->shown);
@@ -593,38 +585,38 @@ static void pg_close(struct queue *qb)
 }
 
 static const struct queue_job_ops postgres_job_ops = {
-    .enqueue = pg_enqueue,
-    .enqueue_async = pg_enqueue_async,
-    .lease_many = pg_lease_many,
-    .finish_many = pg_finish_many,
+    .enqueue = queue_writer_enqueue,
+    .enqueue_async = queue_writer_enqueue_async,
+    .lease_many = queue_writer_lease_many,
+    .finish_many = queue_writer_finish_many,
     .extend = pg_extend,
-    .cancel = pg_cancel,
-    .retry = pg_retry,
+    .cancel = queue_writer_cancel,
+    .retry = queue_writer_retry,
     .get = pg_get,
     .list = pg_list,
     .counts = pg_counts,
     .queued = pg_queued,
-    .worker_beat = pg_worker_beat,
-    .worker_leave = pg_worker_leave,
+    .worker_beat = queue_writer_worker_beat,
+    .worker_leave = queue_writer_worker_leave,
     .workers_list = pg_workers_list,
 };
 
 static const struct queue_batch_ops postgres_batch_ops = {
-    .create = pg_batch_create,
+    .create = queue_writer_batch_create,
     .get = pg_batch_get,
     .list = pg_batch_list,
-    .cancel = pg_batch_cancel,
-    .pause = pg_batch_pause,
+    .cancel = queue_writer_batch_cancel,
+    .pause = queue_writer_batch_pause,
     .results = pg_batch_results,
     .definition = pg_batch_definition,
-    .progress = pg_batch_progress,
+    .progress = queue_writer_batch_progress,
     .schedules_due = pg_schedules_due,
 };
 
 static const struct queue_outbox_ops postgres_outbox_ops = {
     .due = pg_outbox_due,
     .next_due = pg_outbox_next_due,
-    .record = pg_outbox_record,
+    .record = queue_writer_outbox_record,
     .exclusive = 1, /* many processes send: a taken webhook is held for its sender */
 };
 
@@ -650,11 +642,9 @@ int queue_postgres_open(const struct queue_config *cfg, struct queue **out, stru
     q->shown = queue_url_redacted(cfg->url);
     atomic_store(&q->up_since_ms, clock_now_ms());
     pthread_mutex_init(&q->pool_lock, NULL);
-    pthread_mutex_init(&q->lock, NULL);
+    queue_writer_init(&q->w, PG_MAX_GROUP, PG_IDLE_POLL_MS);
+    q->base.writer = &q->w;
     pthread_mutex_init(&q->final_lock, NULL);
-    pthread_cond_init(&q->work, NULL);
-    pthread_cond_init(&q->finished, NULL);
-    pthread_cond_init(&q->runnable, NULL);
     pthread_cond_init(&q->stop, NULL);
     if (!q->conninfo || !q->shown)
         rc = err_set(e, ERR_NOMEM, "out of memory");

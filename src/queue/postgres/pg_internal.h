@@ -13,14 +13,15 @@
  *             inferd_final (long-polls of this process for jobs other processes ended)
  *   callers   reads (get, list, counts, outbox, batch reads) on connections of the pool
  *
- * Locks: `lock` guards the operation list, `stopping`, `generation` and the wake-ups;
- * `pool_lock` guards the idle connections; `final_lock` is held by the listener around an
- * on_final call (queue_on_final(NULL) waits it out). Never two at once.
+ * Locks: `w.lock` (writer.h) guards the operation list, `stopping`, `generation` and the
+ * wake-ups; `pool_lock` guards the idle connections; `final_lock` is held by the listener
+ * around an on_final call (queue_on_final(NULL) waits it out). Never two at once.
  */
 #ifndef INFERD_PG_INTERNAL_H
 #define INFERD_PG_INTERNAL_H
 
 #include "queue/queue_internal.h"
+#include "queue/writer.h"
 
 #include <libpq-fe.h>
 #include <pthread.h>
@@ -88,64 +89,6 @@ static inline void pg_txn_queued_add(struct pg_txn *t, int64_t n)
  */
 int pg_txn_count_queued(struct pg_txn *t, struct err *e);
 
-enum pg_op_kind {
-    PG_OP_ENQUEUE,
-    PG_OP_LEASE,
-    PG_OP_EXTEND,
-    PG_OP_COMPLETE,
-    PG_OP_FAIL,
-    PG_OP_CANCEL,
-    PG_OP_RETRY,
-    PG_OP_OUTBOX_RECORD,
-    PG_OP_BATCH_CREATE,
-    PG_OP_BATCH_CANCEL,
-    PG_OP_BATCH_PAUSE,
-    PG_OP_BATCH_PROGRESS,
-    PG_OP_WORKER_BEAT,
-    PG_OP_WORKER_LEAVE,
-};
-
-/* One change for the writer: arguments borrowed from the caller, who waits (or, for an
- * asynchronous enqueue, until its callback). */
-struct pg_op {
-    enum pg_op_kind kind;
-    const struct job_spec *spec;
-    const char *id;
-    const char *worker;
-    uint64_t token;
-    int64_t lease_ms;
-    const char *data;
-    size_t data_len;
-    int64_t json_len;
-    int retryable;
-    int64_t retry_after_ms;
-    int released;
-    const struct queue_outbox_attempt *attempt;
-    const struct batch_job_spec *batch;
-    struct batch_job **batch_out; /* batch cancel and pause: the batch job after */
-    int paused;
-    int64_t next_run_ms;
-    const char *batch_id;
-    int64_t records;
-    const struct queue_worker *wk;
-    size_t max;
-    int max_tasks;
-    struct job **jobs;
-    size_t n_jobs;
-    /* results */
-    int rc;
-    struct err err;
-    char id_out[40];
-    int existed;
-    int failed_final;
-    int64_t next_available_ms; /* lease found nothing: when a delayed job becomes runnable */
-    struct job *job;
-    int done;
-    queue_enqueue_fn callback;
-    void *callback_ctx;
-    struct pg_op *next;
-};
-
 struct pg_queue {
     struct queue base;
     struct queue_config cfg;
@@ -156,15 +99,11 @@ struct pg_queue {
     PGconn *pool[PG_POOL_SIZE]; /* guarded by pool_lock: idle connections */
     int n_idle;                 /* guarded by pool_lock */
 
-    pthread_mutex_t lock;
-    pthread_cond_t work;        /* operations arrived, or stopping */
-    pthread_cond_t finished;    /* a group committed (or failed) */
-    pthread_cond_t runnable;    /* jobs may have become runnable (here or, by NOTIFY, elsewhere) */
-    pthread_cond_t stop;        /* stopping: the sweeper and listener wait on it */
+    /* the operations for the writer thread, its lock, `stopping` and the idle leases'
+     * wake-up (jobs may have become runnable here or, by NOTIFY, elsewhere) */
+    struct queue_writer w;
+    pthread_cond_t stop;        /* with w.lock: stopping; the sweeper and listener wait on it */
     pthread_mutex_t final_lock; /* held by the listener while it calls on_final */
-    struct pg_op *head, *tail;  /* guarded by lock */
-    int stopping;               /* guarded by lock */
-    uint64_t generation;        /* guarded by lock: bumped when jobs may have become runnable */
     pthread_t writer, sweeper, listener;
     int threads;                /* how many of them started (writer, sweeper, listener in order) */
     PGconn *wconn;              /* writer thread only */
@@ -226,25 +165,12 @@ int pg_array_add_bytea(struct buf *b, const void *data, size_t len);
 
 /* ---- writer.c ---- */
 
-int pg_submit(struct pg_queue *q, struct pg_op *o);
 void *pg_writer_main(void *arg);
 /* Commits the transaction of `t` after its NOTIFYs; then wakes local waiters. */
 int pg_txn_commit(struct pg_txn *t, struct err *e);
 /* After a commit: on_final for each final, and frees the notes. */
 void pg_txn_done(struct pg_txn *t, int committed);
-int pg_enqueue(struct queue *qb, const struct job_spec *spec, char id_out[40], int *existed,
-               struct err *e);
-int pg_enqueue_async(struct queue *qb, const struct job_spec *spec, queue_enqueue_fn fn, void *ctx,
-                     struct err *e);
-int pg_lease_many(struct queue *qb, const char *worker, size_t max, int max_tasks, int64_t wait_ms,
-                  struct job **out, size_t *n, struct err *e);
-int pg_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n, struct err *e);
 int pg_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms, struct err *e);
-int pg_cancel(struct queue *qb, const char *id, struct job **out, struct err *e);
-int pg_retry(struct queue *qb, const char *id, struct job **out, struct err *e);
-int pg_outbox_record(struct queue *qb, const struct queue_outbox_attempt *a, struct err *e);
-int pg_worker_beat(struct queue *qb, const struct queue_worker *w, struct err *e);
-int pg_worker_leave(struct queue *qb, const char *id, struct err *e);
 
 /* ---- jobs.c: operations (inside a transaction of `t`) ---- */
 
@@ -264,19 +190,19 @@ void pg_note_final(struct pg_txn *t, const char *id, enum job_state state);
 int pg_attempt_ended(struct pg_txn *t, const char *id, uint64_t attempt, const char *error,
                      struct err *e);
 
-int pg_op_enqueue(struct pg_txn *t, struct pg_op *o);
+int pg_op_enqueue(struct pg_txn *t, struct queue_op *o);
 /* Enqueues `n` operations without idempotency keys in one statement; as pg_op_enqueue each. */
-int pg_ops_enqueue(struct pg_txn *t, struct pg_op **ops, size_t n, struct err *e);
-int pg_op_lease(struct pg_txn *t, struct pg_op *o);
-int pg_op_extend(struct pg_txn *t, struct pg_op *o);
-int pg_op_complete(struct pg_txn *t, struct pg_op *o);
+int pg_ops_enqueue(struct pg_txn *t, struct queue_op **ops, size_t n, struct err *e);
+int pg_op_lease(struct pg_txn *t, struct queue_op *o);
+int pg_op_extend(struct pg_txn *t, struct queue_op *o);
+int pg_op_complete(struct pg_txn *t, struct queue_op *o);
 /* Completes `n` operations (distinct jobs) in one statement; as pg_op_complete each. */
-int pg_ops_complete(struct pg_txn *t, struct pg_op **ops, size_t n, struct err *e);
-int pg_op_fail(struct pg_txn *t, struct pg_op *o);
-int pg_op_cancel(struct pg_txn *t, struct pg_op *o);
-int pg_op_retry(struct pg_txn *t, struct pg_op *o);
-int pg_op_worker_beat(struct pg_txn *t, struct pg_op *o);
-int pg_op_worker_leave(struct pg_txn *t, struct pg_op *o);
+int pg_ops_complete(struct pg_txn *t, struct queue_op **ops, size_t n, struct err *e);
+int pg_op_fail(struct pg_txn *t, struct queue_op *o);
+int pg_op_cancel(struct pg_txn *t, struct queue_op *o);
+int pg_op_retry(struct pg_txn *t, struct queue_op *o);
+int pg_op_worker_beat(struct pg_txn *t, struct queue_op *o);
+int pg_op_worker_leave(struct pg_txn *t, struct queue_op *o);
 /* Inserts a queued job (batch tasks too). */
 int pg_insert_job(struct pg_txn *t, const struct job_spec *s, const char *id, struct err *e);
 /* Loads one job; `lock` takes its row lock (FOR UPDATE). ERR_NOT_FOUND when absent. */
@@ -305,7 +231,7 @@ int64_t pg_queued(struct queue *qb);
 /* Stores the webhook of job `j` (final, with a callback) in the transaction. */
 int pg_outbox_add(struct pg_txn *t, const char *job_id, const char *event_id, const char *url,
                   const char *body, size_t body_len, struct err *e);
-int pg_op_outbox_record(struct pg_txn *t, struct pg_op *o);
+int pg_op_outbox_record(struct pg_txn *t, struct queue_op *o);
 int pg_outbox_due(struct queue *qb, int64_t now_ms, size_t max, struct queue_outbox_item **out,
                   size_t *n, struct err *e);
 int64_t pg_outbox_next_due(struct queue *qb);
@@ -314,29 +240,22 @@ int pg_load_notifications(struct pg_queue *q, PGconn *c, struct job *j);
 
 /* ---- batch.c ---- */
 
-int pg_op_batch_create(struct pg_txn *t, struct pg_op *o);
-int pg_op_batch_cancel(struct pg_txn *t, struct pg_op *o);
-int pg_op_batch_pause(struct pg_txn *t, struct pg_op *o);
-int pg_op_batch_progress(struct pg_txn *t, struct pg_op *o);
+int pg_op_batch_create(struct pg_txn *t, struct queue_op *o);
+int pg_op_batch_cancel(struct pg_txn *t, struct queue_op *o);
+int pg_op_batch_pause(struct pg_txn *t, struct queue_op *o);
+int pg_op_batch_progress(struct pg_txn *t, struct queue_op *o);
 /* A batch task or finishing job became final (from pg_job_became_final). */
 int pg_batch_task_final(struct pg_txn *t, const struct job *j, struct err *e);
 /* A task was leased: its run is running. */
 int pg_batch_task_started(struct pg_txn *t, const char *batch_id, int64_t now, struct err *e);
-int pg_batch_create(struct queue *qb, const struct batch_job_spec *spec, char id_out[40],
-                    struct err *e);
 int pg_batch_get(struct queue *qb, const char *id, struct batch_job **out, struct err *e);
 int pg_batch_list(struct queue *qb, const struct queue_batch_filter *f, struct batch_job **out,
                   size_t *n, struct err *e);
-int pg_batch_cancel(struct queue *qb, const char *id, struct batch_job **out, struct err *e);
 int pg_batch_results(struct queue *qb, const char *id, char **model, char ***results, size_t *n,
                      struct err *e);
 int pg_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **out, size_t *n,
                      struct err *e);
 int pg_batch_definition(struct queue *qb, const char *id, struct queue_schedule **out,
                         struct err *e);
-int pg_batch_pause(struct queue *qb, const char *id, int paused, int64_t next_run_ms,
-                   struct batch_job **out, struct err *e);
-int pg_batch_progress(struct queue *qb, const char *batch_id, const char *task_id, uint64_t token,
-                      int64_t records, struct err *e);
 
 #endif

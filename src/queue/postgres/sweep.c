@@ -91,14 +91,14 @@ static int reap_worker(struct pg_txn *t, const char *wid, const char *why, int64
     return pg_run(t->q, t->c, "DELETE FROM inferd_workers WHERE id = $1", &p, "worker leaves", e);
 }
 
-int pg_op_worker_leave(struct pg_txn *t, struct pg_op *o)
+int pg_op_worker_leave(struct pg_txn *t, struct queue_op *o)
 {
     int n;
 
     return reap_worker(t, o->id, "its worker stopped", clock_now_ms(), &n, &o->err);
 }
 
-int pg_op_worker_beat(struct pg_txn *t, struct pg_op *o)
+int pg_op_worker_beat(struct pg_txn *t, struct queue_op *o)
 {
     const struct queue_worker *w = o->wk;
     struct pg_params p = {0};

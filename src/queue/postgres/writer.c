@@ -2,13 +2,14 @@
  * writer.c: group commit for the PostgreSQL queue.
  *
  * Every change goes through one writer thread per process, as in the SQLite queue: callers
- * queue an operation and wait (an asynchronous enqueue is called back instead); the writer
- * takes everything queued, runs it in one transaction, sends the transaction's NOTIFYs and
- * commits once. Operations run without savepoints first; when one fails in a way that may
- * have left changes (a statement failed, a deadlock with another process), the group runs
- * again with a SAVEPOINT per operation, so the failing one undoes only itself (a deadlocked
- * one is retried alone). Under load, hundreds of enqueues
- * and outcomes share one commit (one WAL flush with synchronous_commit on).
+ * queue an operation and wait (an asynchronous enqueue is called back instead; the queue and
+ * the ops-table entries that submit are the core's, queue/writer.c); the writer takes a group,
+ * runs it in one transaction, sends the transaction's NOTIFYs and commits once. Operations run
+ * without savepoints first; when one fails in a way that may have left changes (a statement
+ * failed, a deadlock with another process), the group runs again with a SAVEPOINT per
+ * operation, so the failing one undoes only itself (a deadlocked one is retried alone). Under
+ * load, hundreds of enqueues and outcomes share one commit (one WAL flush with
+ * synchronous_commit on).
  *
  * A lost connection fails the whole group with ERR_UNAVAILABLE ("nothing was stored"); the
  * writer reconnects at the next group, no sooner than a backoff (100 ms doubling to 2 s), so
@@ -59,12 +60,8 @@ void pg_txn_done(struct pg_txn *t, int committed)
 {
     struct pg_queue *q = t->q;
 
-    if (committed && t->runnable) {
-        pthread_mutex_lock(&q->lock);
-        q->generation++;
-        pthread_cond_broadcast(&q->runnable);
-        pthread_mutex_unlock(&q->lock);
-    }
+    if (committed && t->runnable)
+        queue_writer_runnable(&q->w);
     for (struct pg_final *f = t->finals, *next; f; f = next) {
         next = f->next;
         if (committed && q->base.on_final)
@@ -79,43 +76,43 @@ void pg_txn_done(struct pg_txn *t, int committed)
     t->queued_delta = 0;
 }
 
-static int run_op(struct pg_txn *t, struct pg_op *o)
+static int run_op(struct pg_txn *t, struct queue_op *o)
 {
     switch (o->kind) {
-    case PG_OP_ENQUEUE:
+    case QUEUE_OP_ENQUEUE:
         return pg_op_enqueue(t, o);
-    case PG_OP_LEASE:
+    case QUEUE_OP_LEASE:
         return pg_op_lease(t, o);
-    case PG_OP_EXTEND:
+    case QUEUE_OP_EXTEND:
         return pg_op_extend(t, o);
-    case PG_OP_COMPLETE:
+    case QUEUE_OP_COMPLETE:
         return pg_op_complete(t, o);
-    case PG_OP_FAIL:
+    case QUEUE_OP_FAIL:
         return pg_op_fail(t, o);
-    case PG_OP_CANCEL:
+    case QUEUE_OP_CANCEL:
         return pg_op_cancel(t, o);
-    case PG_OP_RETRY:
+    case QUEUE_OP_RETRY:
         return pg_op_retry(t, o);
-    case PG_OP_OUTBOX_RECORD:
+    case QUEUE_OP_OUTBOX_RECORD:
         return pg_op_outbox_record(t, o);
-    case PG_OP_BATCH_CREATE:
+    case QUEUE_OP_BATCH_CREATE:
         return pg_op_batch_create(t, o);
-    case PG_OP_BATCH_CANCEL:
+    case QUEUE_OP_BATCH_CANCEL:
         return pg_op_batch_cancel(t, o);
-    case PG_OP_BATCH_PAUSE:
+    case QUEUE_OP_BATCH_PAUSE:
         return pg_op_batch_pause(t, o);
-    case PG_OP_BATCH_PROGRESS:
+    case QUEUE_OP_BATCH_PROGRESS:
         return pg_op_batch_progress(t, o);
-    case PG_OP_WORKER_BEAT:
+    case QUEUE_OP_WORKER_BEAT:
         return pg_op_worker_beat(t, o);
-    case PG_OP_WORKER_LEAVE:
+    case QUEUE_OP_WORKER_LEAVE:
         return pg_op_worker_leave(t, o);
     }
     return err_set(&o->err, ERR_INVALID, "unknown queue operation");
 }
 
 /* Forgets what an operation produced before it was undone. */
-static void op_undone(struct pg_op *o)
+static void op_undone(struct queue_op *o)
 {
     for (size_t i = 0; o->jobs && i < o->n_jobs; i++) {
         job_free(o->jobs[i]);
@@ -131,7 +128,7 @@ static void op_undone(struct pg_op *o)
 }
 
 /* Runs `o` inside its savepoint; returns 0 when the transaction still stands. */
-static int run_in_savepoint(struct pg_txn *t, struct pg_op *o, struct err *e)
+static int run_in_savepoint(struct pg_txn *t, struct queue_op *o, struct err *e)
 {
     struct pg_queue *q = t->q;
     int64_t queued = t->queued, queued_delta = t->queued_delta;
@@ -157,7 +154,7 @@ static int run_in_savepoint(struct pg_txn *t, struct pg_op *o, struct err *e)
         t->queued = queued;
         t->queued_delta = queued_delta;
         op_undone(o);
-        if (o->kind == PG_OP_ENQUEUE && o->rc != ERR_BUSY && o->rc != ERR_CONFLICT)
+        if (o->kind == QUEUE_OP_ENQUEUE && o->rc != ERR_BUSY && o->rc != ERR_CONFLICT)
             o->existed = 0;
         if (!pg_retryable(&o->err) || tries >= OP_RETRIES)
             return 0;
@@ -166,9 +163,9 @@ static int run_in_savepoint(struct pg_txn *t, struct pg_op *o, struct err *e)
 }
 
 /* A group could not be made durable: every caller hears why, and nothing of it stands. */
-static void group_failed(struct pg_queue *q, struct pg_op *ops, const struct err *why)
+static void group_failed(struct pg_queue *q, struct queue_op *ops, const struct err *why)
 {
-    for (struct pg_op *o = ops; o; o = o->next) {
+    for (struct queue_op *o = ops; o; o = o->next) {
         if (why->code == ERR_UNAVAILABLE)
             o->rc = err_set(&o->err, ERR_UNAVAILABLE, "%s; nothing was stored", why->msg);
         else if (why->code == ERR_FULL)
@@ -212,20 +209,20 @@ static int writer_connection(struct pg_queue *q, struct err *e)
  * an operation that fails cleanly (fenced out, busy, not found) changed nothing; any other
  * failure answers REDO, and the group runs again from its start, each operation in a
  * savepoint of its own, so that one failing undoes only itself. */
-static int run_ops(struct pg_txn *t, struct pg_op *ops, int savepoints, struct err *e)
+static int run_ops(struct pg_txn *t, struct queue_op *ops, int savepoints, struct err *e)
 {
     int rc = 0;
 
-    for (struct pg_op *o = ops; rc == 0 && o; o = o->next) {
+    for (struct queue_op *o = ops; rc == 0 && o; o = o->next) {
         if (savepoints) {
             rc = run_in_savepoint(t, o, e);
             continue;
         }
-        if (o->kind == PG_OP_COMPLETE && o->next && o->next->kind == PG_OP_COMPLETE) {
+        if (o->kind == QUEUE_OP_COMPLETE && o->next && o->next->kind == QUEUE_OP_COMPLETE) {
             /* outcomes of distinct jobs in a row: one statement for all */
-            struct pg_op *run[PG_MAX_GROUP];
+            struct queue_op *run[PG_MAX_GROUP];
             size_t n = 0;
-            for (struct pg_op *c = o; c && c->kind == PG_OP_COMPLETE && n < PG_MAX_GROUP;
+            for (struct queue_op *c = o; c && c->kind == QUEUE_OP_COMPLETE && n < PG_MAX_GROUP;
                  c = c->next) {
                 int twice = 0;
                 for (size_t k = 0; k < n && !twice; k++)
@@ -241,13 +238,13 @@ static int run_ops(struct pg_txn *t, struct pg_op *ops, int savepoints, struct e
                 continue;
             }
         }
-        if (o->kind == PG_OP_ENQUEUE && !o->spec->idempotency_key && o->next &&
-            o->next->kind == PG_OP_ENQUEUE && !o->next->spec->idempotency_key) {
+        if (o->kind == QUEUE_OP_ENQUEUE && !o->spec->idempotency_key && o->next &&
+            o->next->kind == QUEUE_OP_ENQUEUE && !o->next->spec->idempotency_key) {
             /* new jobs in a row: one statement for all */
-            struct pg_op *run[PG_MAX_GROUP];
+            struct queue_op *run[PG_MAX_GROUP];
             size_t n = 0;
-            for (struct pg_op *c = o;
-                 c && c->kind == PG_OP_ENQUEUE && !c->spec->idempotency_key && n < PG_MAX_GROUP;
+            for (struct queue_op *c = o;
+                 c && c->kind == QUEUE_OP_ENQUEUE && !c->spec->idempotency_key && n < PG_MAX_GROUP;
                  c = c->next)
                 run[n++] = c;
             if (pg_ops_enqueue(t, run, n, e) != 0)
@@ -268,13 +265,13 @@ static int run_ops(struct pg_txn *t, struct pg_op *ops, int savepoints, struct e
 }
 
 /* Forgets everything a first run of the group did, before it runs again. */
-static void group_reset(struct pg_txn *t, struct pg_op *ops)
+static void group_reset(struct pg_txn *t, struct queue_op *ops)
 {
     pg_txn_done(t, 0);
     t->runnable = 0;
     t->queued = -1;
     t->savepoint = 0;
-    for (struct pg_op *o = ops; o; o = o->next) {
+    for (struct queue_op *o = ops; o; o = o->next) {
         op_undone(o);
         o->rc = 0;
         o->err = (struct err){0};
@@ -287,10 +284,10 @@ static void group_reset(struct pg_txn *t, struct pg_op *ops)
 
 /* The group's leases when its COMMIT got no answer: they may have happened, and their jobs
  * reached nobody. Kept for release_lost(). */
-static void note_lost_leases(struct pg_queue *q, const struct pg_op *ops)
+static void note_lost_leases(struct pg_queue *q, const struct queue_op *ops)
 {
-    for (const struct pg_op *o = ops; o; o = o->next) {
-        for (size_t i = 0; o->kind == PG_OP_LEASE && i < o->n_jobs; i++) {
+    for (const struct queue_op *o = ops; o; o = o->next) {
+        for (size_t i = 0; o->kind == QUEUE_OP_LEASE && i < o->n_jobs; i++) {
             struct pg_lost_lease *more = realloc(q->lost, (q->n_lost + 1) * sizeof(*more));
             if (!more)
                 return; /* those jobs run again after their lease, as a crashed worker's do */
@@ -331,7 +328,7 @@ static int release_lost(struct pg_txn *t, struct err *e)
     return rc;
 }
 
-static void run_group(struct pg_queue *q, struct pg_op *ops)
+static void run_group(struct pg_queue *q, struct queue_op *ops)
 {
     struct pg_txn t = {.q = q, .queued = -1};
     size_t n_lost = q->n_lost;
@@ -386,210 +383,23 @@ static void run_group(struct pg_queue *q, struct pg_op *ops)
 void *pg_writer_main(void *arg)
 {
     struct pg_queue *q = arg;
+    struct queue_op *ops;
 
-    pthread_mutex_lock(&q->lock);
-    for (;;) {
-        struct pg_op *ops, *last = NULL;
-        int n = 0;
-        while (!q->head && !q->stopping)
-            pthread_cond_wait(&q->work, &q->lock);
-        if (!q->head && q->stopping)
-            break;
-        ops = q->head;
-        for (struct pg_op *o = ops; o && n < PG_MAX_GROUP; o = o->next, n++)
-            last = o;
-        q->head = last->next;
-        if (!q->head)
-            q->tail = NULL;
-        last->next = NULL;
-        pthread_mutex_unlock(&q->lock);
-
+    /* (the idle leases were woken by pg_txn_done() as the group committed) */
+    while (queue_writer_take(&q->w, -1, &ops)) {
         run_group(q, ops);
-
-        struct pg_op *async_ops = NULL, **async_tail = &async_ops;
-        pthread_mutex_lock(&q->lock);
-        for (struct pg_op *o = ops, *o_next; o; o = o_next) {
-            o_next = o->next;
-            if (o->callback) {
-                *async_tail = o;
-                async_tail = &o->next;
-                o->next = NULL;
-            } else {
-                o->done = 1; /* its caller may free it as soon as the lock is released */
-            }
-        }
-        pthread_cond_broadcast(&q->finished);
-        pthread_mutex_unlock(&q->lock);
-        for (struct pg_op *o = async_ops, *o_next; o; o = o_next) {
-            o_next = o->next;
-            o->callback(o->callback_ctx, o->rc, &o->err, o->id_out, o->existed);
-            free(o);
-        }
-        pthread_mutex_lock(&q->lock);
+        queue_writer_done(&q->w, ops, 0);
     }
-    pthread_mutex_unlock(&q->lock);
     return NULL;
 }
 
-/* Queues `n` operations at once, so they share a commit, and waits for all of them. */
-static void submit_many(struct pg_queue *q, struct pg_op *ops, size_t n)
-{
-    pthread_mutex_lock(&q->lock);
-    if (q->stopping) {
-        pthread_mutex_unlock(&q->lock);
-        for (size_t i = 0; i < n; i++)
-            ops[i].rc = err_set(&ops[i].err, ERR_UNAVAILABLE, "the job store is closing");
-        return;
-    }
-    for (size_t i = 0; i < n; i++) {
-        ops[i].next = NULL;
-        if (q->tail)
-            q->tail->next = &ops[i];
-        else
-            q->head = &ops[i];
-        q->tail = &ops[i];
-    }
-    pthread_cond_signal(&q->work);
-    for (size_t i = 0; i < n; i++)
-        while (!ops[i].done)
-            pthread_cond_wait(&q->finished, &q->lock);
-    pthread_mutex_unlock(&q->lock);
-}
+/* ---- the ops table's changes (the rest are the core's: writer.h) ---- */
 
-int pg_submit(struct pg_queue *q, struct pg_op *o)
-{
-    submit_many(q, o, 1);
-    return o->rc;
-}
-
-static void copy_err(struct err *dst, const struct pg_op *o)
-{
-    if (dst && o->rc != 0)
-        *dst = o->err;
-}
-
-/* ---- the ops table's changes ---- */
-
-int pg_enqueue(struct queue *qb, const struct job_spec *spec, char id_out[40], int *existed,
-               struct err *e)
-{
-    struct pg_op o = {.kind = PG_OP_ENQUEUE, .spec = spec};
-    int rc = pg_submit(pgq(qb), &o);
-
-    copy_err(e, &o);
-    snprintf(id_out, 40, "%s", o.id_out);
-    *existed = o.existed;
-    return rc;
-}
-
-int pg_enqueue_async(struct queue *qb, const struct job_spec *spec, queue_enqueue_fn fn, void *ctx,
-                     struct err *e)
-{
-    struct pg_queue *q = pgq(qb);
-    struct pg_op *o = calloc(1, sizeof(*o));
-
-    if (!o)
-        return err_set(e, ERR_NOMEM, "out of memory");
-    o->kind = PG_OP_ENQUEUE;
-    o->spec = spec;
-    o->callback = fn;
-    o->callback_ctx = ctx;
-    pthread_mutex_lock(&q->lock);
-    if (q->stopping) {
-        pthread_mutex_unlock(&q->lock);
-        free(o);
-        return err_set(e, ERR_UNAVAILABLE, "the job store is closing");
-    }
-    if (q->tail)
-        q->tail->next = o;
-    else
-        q->head = o;
-    q->tail = o;
-    pthread_cond_signal(&q->work);
-    pthread_mutex_unlock(&q->lock);
-    return 0;
-}
-
-int pg_lease_many(struct queue *qb, const char *worker, size_t max, int max_tasks, int64_t wait_ms,
-                  struct job **out, size_t *n, struct err *e)
-{
-    struct pg_queue *q = pgq(qb);
-    int64_t until = clock_now_ms() + wait_ms;
-
-    *n = 0;
-    for (;;) {
-        struct pg_op o = {
-            .kind = PG_OP_LEASE, .worker = worker, .max = max, .max_tasks = max_tasks, .jobs = out};
-        uint64_t gen;
-        int rc;
-        pthread_mutex_lock(&q->lock);
-        gen = q->generation;
-        pthread_mutex_unlock(&q->lock);
-        rc = pg_submit(q, &o);
-        if (rc != 0 || o.n_jobs) {
-            copy_err(e, &o);
-            *n = rc == 0 ? o.n_jobs : 0;
-            return rc;
-        }
-        int64_t now = clock_now_ms();
-        if (now >= until)
-            return 0;
-        /* nothing runnable: wait for a NOTIFY (a job queued here or in another process), a
-         * backoff that ends, or a look now and then (a sweep elsewhere requeued one) */
-        int64_t nap = until - now < PG_IDLE_POLL_MS ? until - now : PG_IDLE_POLL_MS;
-        if (o.next_available_ms > now && o.next_available_ms - now < nap)
-            nap = o.next_available_ms - now;
-        struct timespec ts = clock_realtime_after_ms(nap);
-        pthread_mutex_lock(&q->lock);
-        while (q->generation == gen && !q->stopping &&
-               pthread_cond_timedwait(&q->runnable, &q->lock, &ts) == 0)
-            ;
-        int stopping = q->stopping;
-        pthread_mutex_unlock(&q->lock);
-        if (stopping)
-            return 0;
-    }
-}
-
-int pg_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n, struct err *e)
-{
-    struct pg_op *ops = calloc(n ? n : 1, sizeof(*ops));
-    int rc = 0;
-
-    if (!ops) {
-        for (size_t i = 0; i < n; i++)
-            outs[i].rc = ERR_NOMEM; /* none recorded */
-        return err_set(e, ERR_NOMEM, "out of memory");
-    }
-    for (size_t i = 0; i < n; i++) {
-        struct queue_outcome *oc = &outs[i];
-        ops[i] = (struct pg_op){.kind = oc->ok ? PG_OP_COMPLETE : PG_OP_FAIL,
-                                .id = oc->id,
-                                .token = oc->token,
-                                .data = oc->ok ? oc->result : oc->error,
-                                .data_len = oc->result_len,
-                                .json_len = oc->result_json_len,
-                                .retryable = oc->retryable || oc->released,
-                                .retry_after_ms = oc->retry_after_ms,
-                                .released = oc->released};
-    }
-    submit_many(pgq(qb), ops, n);
-    for (size_t i = 0; i < n; i++) {
-        outs[i].rc = ops[i].rc;
-        outs[i].failed_final = ops[i].rc == 0 && ops[i].failed_final;
-        if (ops[i].rc != 0 && ops[i].rc != ERR_CONFLICT && rc == 0) {
-            rc = ops[i].rc;
-            copy_err(e, &ops[i]);
-        }
-    }
-    free(ops);
-    return rc;
-}
-
+/* queue_writer_extend(); for the id "" (queue_on_final(NULL)'s barrier) it also waits out the
+ * listener's on_final call, if one runs. */
 int pg_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms, struct err *e)
 {
-    struct pg_op o = {.kind = PG_OP_EXTEND, .id = id, .token = token, .lease_ms = lease_ms};
-    int rc = pg_submit(pgq(qb), &o);
+    int rc = queue_writer_extend(qb, id, token, lease_ms, e);
 
     if (!id[0]) {
         /* queue_on_final(NULL)'s barrier: the writer's groups are past; so is any on_final
@@ -597,53 +407,5 @@ int pg_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms
         pthread_mutex_lock(&pgq(qb)->final_lock);
         pthread_mutex_unlock(&pgq(qb)->final_lock);
     }
-    copy_err(e, &o);
-    return rc;
-}
-
-int pg_cancel(struct queue *qb, const char *id, struct job **out, struct err *e)
-{
-    struct pg_op o = {.kind = PG_OP_CANCEL, .id = id};
-    int rc = pg_submit(pgq(qb), &o);
-
-    copy_err(e, &o);
-    *out = o.job;
-    return rc;
-}
-
-int pg_retry(struct queue *qb, const char *id, struct job **out, struct err *e)
-{
-    struct pg_op o = {.kind = PG_OP_RETRY, .id = id};
-    int rc = pg_submit(pgq(qb), &o);
-
-    copy_err(e, &o);
-    *out = o.job;
-    return rc;
-}
-
-int pg_outbox_record(struct queue *qb, const struct queue_outbox_attempt *a, struct err *e)
-{
-    struct pg_op o = {.kind = PG_OP_OUTBOX_RECORD, .attempt = a};
-    int rc = pg_submit(pgq(qb), &o);
-
-    copy_err(e, &o);
-    return rc;
-}
-
-int pg_worker_beat(struct queue *qb, const struct queue_worker *w, struct err *e)
-{
-    struct pg_op o = {.kind = PG_OP_WORKER_BEAT, .wk = w};
-    int rc = pg_submit(pgq(qb), &o);
-
-    copy_err(e, &o);
-    return rc;
-}
-
-int pg_worker_leave(struct queue *qb, const char *id, struct err *e)
-{
-    struct pg_op o = {.kind = PG_OP_WORKER_LEAVE, .id = id};
-    int rc = pg_submit(pgq(qb), &o);
-
-    copy_err(e, &o);
     return rc;
 }

@@ -410,7 +410,7 @@ static int claim_schedule(struct sqlite_queue *q, const struct batch_job_spec *s
     return rc;
 }
 
-int sq_op_batch_create(struct sqlite_queue *q, struct op *o)
+int sq_op_batch_create(struct sqlite_queue *q, struct queue_op *o)
 {
     const struct batch_job_spec *s = o->batch;
     int64_t now = clock_now_ms();
@@ -477,7 +477,7 @@ int sq_op_batch_create(struct sqlite_queue *q, struct op *o)
 }
 
 /* A batch job's state and whether it is a schedule (writer thread); ERR_NOT_FOUND names it. */
-int sq_batch_state(struct sqlite_queue *q, struct op *o, int *state, int *is_schedule)
+int sq_batch_state(struct sqlite_queue *q, struct queue_op *o, int *state, int *is_schedule)
 {
     sqlite3_stmt *st = sq_prepare(q->wdb, "SELECT state, schedule IS NOT NULL FROM batch_jobs "
                                           "WHERE id = ?");
@@ -495,7 +495,7 @@ int sq_batch_state(struct sqlite_queue *q, struct op *o, int *state, int *is_sch
     return *state < 0 ? err_set(&o->err, ERR_NOT_FOUND, "no batch job '%.40s'", o->id) : 0;
 }
 
-int sq_op_batch_cancel(struct sqlite_queue *q, struct op *o)
+int sq_op_batch_cancel(struct sqlite_queue *q, struct queue_op *o)
 {
     sqlite3_stmt *st;
     int state, is_schedule, rc;
@@ -519,28 +519,5 @@ int sq_op_batch_cancel(struct sqlite_queue *q, struct op *o)
     }
     if (rc == 0)
         rc = sq_load_batch(q->wdb, o->id, o->batch_out, &o->err);
-    return rc;
-}
-
-int sq_batch_create(struct queue *qb, const struct batch_job_spec *spec, char id_out[40],
-                    struct err *e)
-{
-    struct op o = {.kind = OP_BATCH_CREATE, .batch = spec};
-    int rc = sq_submit(sq_of(qb), &o);
-
-    if (rc != 0)
-        *e = o.err;
-    else
-        snprintf(id_out, 40, "%s", o.id_out);
-    return rc;
-}
-
-int sq_batch_cancel(struct queue *qb, const char *id, struct batch_job **out, struct err *e)
-{
-    struct op o = {.kind = OP_BATCH_CANCEL, .id = id, .batch_out = out};
-    int rc = sq_submit(sq_of(qb), &o);
-
-    if (rc != 0)
-        *e = o.err;
     return rc;
 }

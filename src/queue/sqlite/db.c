@@ -284,11 +284,7 @@ static void sq_close(struct queue *qb)
 {
     struct sqlite_queue *q = sq_of(qb);
 
-    pthread_mutex_lock(&q->lock);
-    q->stopping = 1;
-    pthread_cond_broadcast(&q->work);
-    pthread_cond_broadcast(&q->runnable);
-    pthread_mutex_unlock(&q->lock);
+    queue_writer_stop(&q->w);
     pthread_join(q->writer, NULL);
     cache_owner = NULL;
     for (int i = 0; i < STMT_CACHE && q->cache[i].st; i++)
@@ -296,11 +292,8 @@ static void sq_close(struct queue *qb)
     pthread_mutex_destroy(&q->cache_lock);
     sqlite3_close(q->wdb);
     sqlite3_close(q->rdb);
-    pthread_mutex_destroy(&q->lock);
+    queue_writer_release(&q->w);
     pthread_mutex_destroy(&q->read_lock);
-    pthread_cond_destroy(&q->work);
-    pthread_cond_destroy(&q->finished);
-    pthread_cond_destroy(&q->runnable);
     free(q);
 }
 
@@ -381,13 +374,11 @@ int queue_sqlite_open(const struct queue_config *cfg, struct queue **out, struct
         return err_set(e, ERR_NOMEM, "out of memory");
     q->base.ops = &sqlite_ops;
     q->cfg = *cfg;
-    pthread_mutex_init(&q->lock, NULL);
+    queue_writer_init(&q->w, MAX_GROUP, SWEEP_INTERVAL_MS);
+    q->base.writer = &q->w;
     pthread_mutex_init(&q->read_lock, NULL);
     pthread_mutex_init(&q->cache_lock, NULL);
     cache_owner = q;
-    pthread_cond_init(&q->work, NULL);
-    pthread_cond_init(&q->finished, NULL);
-    pthread_cond_init(&q->runnable, NULL);
     rc = open_db(path, &q->wdb, e);
     if (rc == 0)
         rc = sq_exec(q->wdb, schema, e);

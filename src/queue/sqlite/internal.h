@@ -6,6 +6,7 @@
 #define INFERD_SQLITE_INTERNAL_H
 
 #include "queue/queue_internal.h"
+#include "queue/writer.h"
 
 #include <pthread.h>
 #include <sqlite3.h>
@@ -17,62 +18,6 @@
 #define RETAIN_RUNS_MAX 16         /* batch runs per pass: each takes its tasks with it */
 #define SLOW_COMMIT_MS 500         /* commits slower than this are logged */
 #define STORE_FAILING_LOG_MS 60000 /* while commits keep failing, a reminder this often */
-
-enum op_kind {
-    OP_ENQUEUE,
-    OP_LEASE,
-    OP_EXTEND,
-    OP_COMPLETE,
-    OP_FAIL,
-    OP_CANCEL,
-    OP_RETRY,
-    OP_OUTBOX_RECORD,
-    OP_BATCH_CREATE,
-    OP_BATCH_CANCEL,
-    OP_BATCH_PAUSE,
-    OP_BATCH_PROGRESS,
-    OP_WORKER_BEAT,
-    OP_WORKER_LEAVE,
-};
-
-struct op {
-    enum op_kind kind;
-    /* arguments (borrowed from the caller, who waits) */
-    const struct job_spec *spec;
-    const char *id;
-    const char *worker;
-    uint64_t token;
-    int64_t lease_ms;
-    const char *data;
-    size_t data_len;
-    int64_t json_len;
-    int retryable;
-    int64_t retry_after_ms; /* OP_FAIL: no sooner than this */
-    int released;           /* OP_FAIL: see queue_outcome.released */
-    const struct queue_outbox_attempt *attempt;
-    const struct batch_job_spec *batch; /* batch create */
-    struct batch_job **batch_out;       /* batch cancel and pause: the batch job after it */
-    int paused;                         /* batch pause: 1 pause, 0 resume */
-    int64_t next_run_ms;                /* batch pause: a resumed schedule's next run */
-    const char *batch_id;               /* batch progress: the task's run */
-    int64_t records;                    /* batch progress: written so far */
-    const struct queue_worker *wk;      /* worker beat */
-    size_t max;                         /* lease: jobs wanted */
-    int max_tasks;                      /* lease: batch tasks wanted, at most */
-    struct job **jobs;                  /* lease: the caller's array of `max` */
-    size_t n_jobs;
-    /* results */
-    int rc;
-    struct err err;
-    char id_out[40];
-    int existed;
-    int failed_final; /* OP_FAIL: it ended the job failed */
-    struct job *job;
-    int done;
-    queue_enqueue_fn callback; /* async enqueue: called after the commit, then the op is freed */
-    void *callback_ctx;
-    struct op *next;
-};
 
 struct final_note {
     char id[40];
@@ -98,14 +43,9 @@ struct sqlite_queue {
     sqlite3 *rdb; /* guarded by read_lock */
     pthread_mutex_t read_lock;
 
-    pthread_mutex_t lock;
-    pthread_cond_t work;     /* operations arrived, or stopping */
-    pthread_cond_t finished; /* a group committed */
-    pthread_cond_t runnable; /* jobs may have become runnable */
-    struct op *head, *tail;  /* guarded by lock */
-    int stopping;            /* guarded by lock */
-    int64_t n_queued;        /* guarded by lock: jobs in state queued */
-    uint64_t generation;     /* guarded by lock: bumped when jobs may have become runnable */
+    struct queue_writer w; /* the operations for the writer thread, its lock and wake-ups */
+    int64_t n_queued;      /* written by the writer thread; read by others under w.lock: jobs in
+                              state queued */
     pthread_t writer;
     int64_t last_sweep_ms;       /* writer thread only */
     int64_t next_retain_ms;      /* writer thread only */
@@ -138,21 +78,13 @@ int sq_insert_job(struct sqlite_queue *q, const struct job_spec *s, const char *
 /* A job just became final: wakes its waiters, stores its webhook, and for a batch task
  * updates its batch job, all in the current transaction. */
 int sq_job_became_final(struct sqlite_queue *q, const char *id, struct err *e);
-/* Submits an operation to the writer and waits for its commit. */
-int sq_submit(struct sqlite_queue *q, struct op *o);
-
-static inline void sq_copy_err(struct err *dst, const struct op *o)
-{
-    if (dst && o->rc != 0)
-        *dst = o->err;
-}
 
 /* ---- the store's tables (jobs.c, schedules.c, outbox.c) and threads (writer.c) ---- */
 
 extern const struct queue_job_ops sqlite_job_ops;
 extern const struct queue_batch_ops sqlite_batch_ops;
 extern const struct queue_outbox_ops sqlite_outbox_ops;
-/* The writer thread (`q`): runs every write, in groups, until q->stopping. */
+/* The writer thread (`q`): runs every write, in groups, until q->w stops. */
 void *sq_writer_main(void *q);
 
 /* The columns sq_job_from_row() reads, in order. */
@@ -171,22 +103,19 @@ int sq_attempt_ended(struct sqlite_queue *q, const char *id, uint64_t attempt, c
 int sq_load_history(sqlite3 *db, struct job *j);
 
 int sq_attempt_lost(struct sqlite_queue *q, const char *id, const char *why, int64_t now);
-int sq_op_cancel(struct sqlite_queue *q, struct op *o);
-int sq_op_complete(struct sqlite_queue *q, struct op *o);
-int sq_op_enqueue(struct sqlite_queue *q, struct op *o);
-int sq_op_extend(struct sqlite_queue *q, struct op *o);
-int sq_op_fail(struct sqlite_queue *q, struct op *o);
-int sq_op_lease(struct sqlite_queue *q, struct op *o);
-int sq_op_outbox_record(struct sqlite_queue *q, struct op *o);
-int sq_op_retry(struct sqlite_queue *q, struct op *o);
-int sq_op_worker_beat(struct sqlite_queue *q, struct op *o);
-int sq_worker_beat(struct queue *qb, const struct queue_worker *w, struct err *e);
-int sq_worker_leave(struct queue *qb, const char *id, struct err *e);
+int sq_op_cancel(struct sqlite_queue *q, struct queue_op *o);
+int sq_op_complete(struct sqlite_queue *q, struct queue_op *o);
+int sq_op_enqueue(struct sqlite_queue *q, struct queue_op *o);
+int sq_op_extend(struct sqlite_queue *q, struct queue_op *o);
+int sq_op_fail(struct sqlite_queue *q, struct queue_op *o);
+int sq_op_lease(struct sqlite_queue *q, struct queue_op *o);
+int sq_op_outbox_record(struct sqlite_queue *q, struct queue_op *o);
+int sq_op_retry(struct sqlite_queue *q, struct queue_op *o);
+int sq_op_worker_beat(struct sqlite_queue *q, struct queue_op *o);
 int sq_workers_list(struct queue *qb, struct queue_worker **out, size_t *n, struct err *e);
 struct job *sq_job_from_row(sqlite3_stmt *st);
 void sq_reap_dead_workers(struct sqlite_queue *q, int64_t now);
 void sq_reap_worker(struct sqlite_queue *q, const char *wid, const char *why, int64_t now);
-void sq_submit_many(struct sqlite_queue *q, struct op *ops, size_t n);
 
 /* ---- batch jobs (batch.c, schedules.c) ---- */
 
@@ -194,11 +123,11 @@ extern const char sq_batch_schema[];
 /* Adds columns that databases made by earlier versions lack. */
 int sq_batch_migrate(sqlite3 *db, struct err *e);
 /* A batch job's state and whether it is a schedule (writer thread); ERR_NOT_FOUND names it. */
-int sq_batch_state(struct sqlite_queue *q, struct op *o, int *state, int *is_schedule);
+int sq_batch_state(struct sqlite_queue *q, struct queue_op *o, int *state, int *is_schedule);
 /* A batch job, with a schedule's latest runs, read with `db`: a new array of one. */
 int sq_load_batch(sqlite3 *db, const char *id, struct batch_job **out, struct err *e);
-int sq_op_batch_create(struct sqlite_queue *q, struct op *o);
-int sq_op_batch_cancel(struct sqlite_queue *q, struct op *o);
+int sq_op_batch_create(struct sqlite_queue *q, struct queue_op *o);
+int sq_op_batch_cancel(struct sqlite_queue *q, struct queue_op *o);
 /* Called by sq_job_became_final for batch tasks and finishing jobs. */
 int sq_batch_task_final(struct sqlite_queue *q, const struct job *j, struct err *e);
 /* A task was leased: its run is running. */
@@ -210,16 +139,9 @@ int sq_batch_results(struct queue *qb, const char *id, char **model, char ***res
                      struct err *e);
 int sq_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **out, size_t *n,
                      struct err *e);
-int sq_batch_create(struct queue *qb, const struct batch_job_spec *spec, char id_out[40],
-                    struct err *e);
-int sq_batch_cancel(struct queue *qb, const char *id, struct batch_job **out, struct err *e);
-int sq_op_batch_pause(struct sqlite_queue *q, struct op *o);
-int sq_op_batch_progress(struct sqlite_queue *q, struct op *o);
+int sq_op_batch_pause(struct sqlite_queue *q, struct queue_op *o);
+int sq_op_batch_progress(struct sqlite_queue *q, struct queue_op *o);
 int sq_batch_definition(struct queue *qb, const char *id, struct queue_schedule **out,
                         struct err *e);
-int sq_batch_pause(struct queue *qb, const char *id, int paused, int64_t next_run_ms,
-                   struct batch_job **out, struct err *e);
-int sq_batch_progress(struct queue *qb, const char *batch_id, const char *task_id, uint64_t token,
-                      int64_t records, struct err *e);
 
 #endif

@@ -42,7 +42,7 @@ int sq_attempt_ended(struct sqlite_queue *q, const char *id, uint64_t attempt, c
     return rc;
 }
 
-int sq_op_enqueue(struct sqlite_queue *q, struct op *o)
+int sq_op_enqueue(struct sqlite_queue *q, struct queue_op *o)
 {
     const struct job_spec *s = o->spec;
     sqlite3_stmt *st = NULL;
@@ -109,7 +109,7 @@ int sq_insert_job(struct sqlite_queue *q, const struct job_spec *s, const char *
 }
 
 /* Leases job `id`, the `index`-th of this lease, into `*out` (NULL on failure). */
-static int lease_one(struct sqlite_queue *q, struct op *o, const char *id, size_t index,
+static int lease_one(struct sqlite_queue *q, struct queue_op *o, const char *id, size_t index,
                      int64_t now, struct job **out)
 {
     sqlite3_stmt *st;
@@ -170,7 +170,7 @@ static int lease_one(struct sqlite_queue *q, struct op *o, const char *id, size_
 }
 
 /* Leases up to o->max runnable jobs, highest priority first, FIFO within a priority. */
-int sq_op_lease(struct sqlite_queue *q, struct op *o)
+int sq_op_lease(struct sqlite_queue *q, struct queue_op *o)
 {
     int64_t now = clock_now_ms();
     sqlite3_stmt *st;
@@ -210,7 +210,7 @@ int sq_op_lease(struct sqlite_queue *q, struct op *o)
 }
 
 /* Runs `sql` (binding id, then token) and says whether the attempt still held its lease. */
-static int fenced_update(struct sqlite_queue *q, struct op *o, sqlite3_stmt *st)
+static int fenced_update(struct sqlite_queue *q, struct queue_op *o, sqlite3_stmt *st)
 {
     int rc = 0;
 
@@ -226,7 +226,7 @@ static int fenced_update(struct sqlite_queue *q, struct op *o, sqlite3_stmt *st)
     return rc;
 }
 
-int sq_op_extend(struct sqlite_queue *q, struct op *o)
+int sq_op_extend(struct sqlite_queue *q, struct queue_op *o)
 {
     sqlite3_stmt *st = sq_prepare(q->wdb, "UPDATE jobs SET lease_until_ms = ? WHERE id = ? AND "
                                           "state = 1 AND attempts = ?");
@@ -239,7 +239,7 @@ int sq_op_extend(struct sqlite_queue *q, struct op *o)
     return fenced_update(q, o, st);
 }
 
-int sq_op_complete(struct sqlite_queue *q, struct op *o)
+int sq_op_complete(struct sqlite_queue *q, struct queue_op *o)
 {
     /* a job cancelled while it ran ends cancelled and its result is discarded */
     sqlite3_stmt *st = sq_prepare(
@@ -264,7 +264,7 @@ int sq_op_complete(struct sqlite_queue *q, struct op *o)
     return rc ? rc : sq_job_became_final(q, o->id, &o->err);
 }
 
-int sq_op_fail(struct sqlite_queue *q, struct op *o)
+int sq_op_fail(struct sqlite_queue *q, struct queue_op *o)
 {
     int64_t now = clock_now_ms(), backoff;
     struct job *j = NULL;
@@ -319,7 +319,7 @@ int sq_op_fail(struct sqlite_queue *q, struct op *o)
     return sq_job_became_final(q, o->id, &o->err);
 }
 
-int sq_op_cancel(struct sqlite_queue *q, struct op *o)
+int sq_op_cancel(struct sqlite_queue *q, struct queue_op *o)
 {
     struct job *j = NULL;
     sqlite3_stmt *st;
@@ -357,7 +357,7 @@ int sq_op_cancel(struct sqlite_queue *q, struct op *o)
     return rc;
 }
 
-int sq_op_retry(struct sqlite_queue *q, struct op *o)
+int sq_op_retry(struct sqlite_queue *q, struct queue_op *o)
 {
     sqlite3_stmt *st = sq_prepare(
         q->wdb, "UPDATE jobs SET state = 0, extra_attempts = attempts, "
@@ -389,160 +389,6 @@ int sq_op_retry(struct sqlite_queue *q, struct op *o)
         q->n_queued++;
         rc = sq_load_job(q->wdb, o->id, &o->job, &o->err);
     }
-    return rc;
-}
-
-/* ---- the ops table ---- */
-
-static int sq_enqueue(struct queue *qb, const struct job_spec *spec, char id_out[40], int *existed,
-                      struct err *e)
-{
-    struct op o = {.kind = OP_ENQUEUE, .spec = spec};
-    int rc = sq_submit(sq_of(qb), &o);
-
-    sq_copy_err(e, &o);
-    snprintf(id_out, 40, "%s", o.id_out);
-    *existed = o.existed;
-    return rc;
-}
-
-static int sq_enqueue_async(struct queue *qb, const struct job_spec *spec, queue_enqueue_fn fn,
-                            void *ctx, struct err *e)
-{
-    struct sqlite_queue *q = sq_of(qb);
-    struct op *o = calloc(1, sizeof(*o));
-
-    if (!o)
-        return err_set(e, ERR_NOMEM, "out of memory");
-    o->kind = OP_ENQUEUE;
-    o->spec = spec;
-    o->callback = fn;
-    o->callback_ctx = ctx;
-    pthread_mutex_lock(&q->lock);
-    if (q->stopping) {
-        pthread_mutex_unlock(&q->lock);
-        free(o);
-        return err_set(e, ERR_UNAVAILABLE, "the job store is closing");
-    }
-    if (q->tail)
-        q->tail->next = o;
-    else
-        q->head = o;
-    q->tail = o;
-    pthread_cond_signal(&q->work);
-    pthread_mutex_unlock(&q->lock);
-    return 0;
-}
-
-static int sq_lease_many(struct queue *qb, const char *worker, size_t max, int max_tasks,
-                         int64_t wait_ms, struct job **out, size_t *n, struct err *e)
-{
-    struct sqlite_queue *q = sq_of(qb);
-    int64_t until = clock_now_ms() + wait_ms;
-    int rc;
-
-    *n = 0;
-    for (;;) {
-        struct op o = {
-            .kind = OP_LEASE, .worker = worker, .max = max, .max_tasks = max_tasks, .jobs = out};
-        uint64_t gen;
-        pthread_mutex_lock(&q->lock);
-        gen = q->generation;
-        pthread_mutex_unlock(&q->lock);
-        rc = sq_submit(q, &o);
-        if (rc != 0 || o.n_jobs) {
-            if (rc != 0) {
-                /* nothing of the group is durable: the leases did not happen */
-                for (size_t i = 0; i < o.n_jobs; i++) {
-                    job_free(out[i]);
-                    out[i] = NULL;
-                }
-                o.n_jobs = 0;
-            }
-            sq_copy_err(e, &o);
-            *n = o.n_jobs;
-            return rc;
-        }
-        int64_t now = clock_now_ms();
-        if (now >= until)
-            return 0;
-        /* nothing runnable: sleep until something is enqueued or requeued, or a backoff or
-         * sweep may have made a job runnable */
-        int64_t nap = until - now < SWEEP_INTERVAL_MS ? until - now : SWEEP_INTERVAL_MS;
-        struct timespec ts = clock_realtime_after_ms(nap);
-        pthread_mutex_lock(&q->lock);
-        while (q->generation == gen && !q->stopping &&
-               pthread_cond_timedwait(&q->runnable, &q->lock, &ts) == 0)
-            ;
-        int stopping = q->stopping;
-        pthread_mutex_unlock(&q->lock);
-        if (stopping)
-            return 0;
-    }
-}
-
-static int sq_finish_many(struct queue *qb, struct queue_outcome *outs, size_t n, struct err *e)
-{
-    struct op *ops = calloc(n ? n : 1, sizeof(*ops));
-    int rc = 0;
-
-    if (!ops) {
-        for (size_t i = 0; i < n; i++)
-            outs[i].rc = ERR_NOMEM; /* none recorded */
-        return err_set(e, ERR_NOMEM, "out of memory");
-    }
-    for (size_t i = 0; i < n; i++) {
-        struct queue_outcome *oc = &outs[i];
-        ops[i] = (struct op){.kind = oc->ok ? OP_COMPLETE : OP_FAIL,
-                             .id = oc->id,
-                             .token = oc->token,
-                             .data = oc->ok ? oc->result : oc->error,
-                             .data_len = oc->result_len,
-                             .json_len = oc->result_json_len,
-                             .retryable = oc->retryable || oc->released,
-                             .retry_after_ms = oc->retry_after_ms,
-                             .released = oc->released};
-    }
-    sq_submit_many(sq_of(qb), ops, n);
-    for (size_t i = 0; i < n; i++) {
-        outs[i].rc = ops[i].rc;
-        outs[i].failed_final = ops[i].rc == 0 && ops[i].failed_final;
-        if (ops[i].rc != 0 && ops[i].rc != ERR_CONFLICT && rc == 0) {
-            rc = ops[i].rc;
-            sq_copy_err(e, &ops[i]);
-        }
-    }
-    free(ops);
-    return rc;
-}
-
-static int sq_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms,
-                     struct err *e)
-{
-    struct op o = {.kind = OP_EXTEND, .id = id, .token = token, .lease_ms = lease_ms};
-    int rc = sq_submit(sq_of(qb), &o);
-
-    sq_copy_err(e, &o);
-    return rc;
-}
-
-static int sq_cancel(struct queue *qb, const char *id, struct job **out, struct err *e)
-{
-    struct op o = {.kind = OP_CANCEL, .id = id};
-    int rc = sq_submit(sq_of(qb), &o);
-
-    sq_copy_err(e, &o);
-    *out = o.job;
-    return rc;
-}
-
-static int sq_retry(struct queue *qb, const char *id, struct job **out, struct err *e)
-{
-    struct op o = {.kind = OP_RETRY, .id = id};
-    int rc = sq_submit(sq_of(qb), &o);
-
-    sq_copy_err(e, &o);
-    *out = o.job;
     return rc;
 }
 
@@ -688,25 +534,25 @@ static int64_t sq_queued(struct queue *qb)
     struct sqlite_queue *q = sq_of(qb);
     int64_t n;
 
-    pthread_mutex_lock(&q->lock);
+    pthread_mutex_lock(&q->w.lock);
     n = q->n_queued;
-    pthread_mutex_unlock(&q->lock);
+    pthread_mutex_unlock(&q->w.lock);
     return n;
 }
 
 const struct queue_job_ops sqlite_job_ops = {
-    .enqueue = sq_enqueue,
-    .enqueue_async = sq_enqueue_async,
-    .lease_many = sq_lease_many,
-    .finish_many = sq_finish_many,
-    .extend = sq_extend,
-    .cancel = sq_cancel,
-    .retry = sq_retry,
+    .enqueue = queue_writer_enqueue,
+    .enqueue_async = queue_writer_enqueue_async,
+    .lease_many = queue_writer_lease_many,
+    .finish_many = queue_writer_finish_many,
+    .extend = queue_writer_extend,
+    .cancel = queue_writer_cancel,
+    .retry = queue_writer_retry,
     .get = sq_get,
     .list = sq_list,
     .counts = sq_counts,
     .queued = sq_queued,
-    .worker_beat = sq_worker_beat,
-    .worker_leave = sq_worker_leave,
+    .worker_beat = queue_writer_worker_beat,
+    .worker_leave = queue_writer_worker_leave,
     .workers_list = sq_workers_list,
 };

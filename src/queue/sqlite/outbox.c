@@ -93,7 +93,7 @@ cleanup:
     return rc;
 }
 
-int sq_op_outbox_record(struct sqlite_queue *q, struct op *o)
+int sq_op_outbox_record(struct sqlite_queue *q, struct queue_op *o)
 {
     const struct queue_outbox_attempt *a = o->attempt;
     sqlite3_stmt *st = sq_prepare(q->wdb, "INSERT INTO deliveries (outbox_id, job_id, event_id, "
@@ -123,15 +123,6 @@ int sq_op_outbox_record(struct sqlite_queue *q, struct op *o)
     if (sqlite3_step(st) != SQLITE_DONE)
         rc = sq_db_err(q->wdb, &o->err, "record delivery");
     sq_finish(st);
-    return rc;
-}
-
-static int sq_outbox_record(struct queue *qb, const struct queue_outbox_attempt *a, struct err *e)
-{
-    struct op o = {.kind = OP_OUTBOX_RECORD, .attempt = a};
-    int rc = sq_submit(sq_of(qb), &o);
-
-    sq_copy_err(e, &o);
     return rc;
 }
 
@@ -202,6 +193,6 @@ static int64_t sq_outbox_next_due(struct queue *qb)
 const struct queue_outbox_ops sqlite_outbox_ops = {
     .due = sq_outbox_due,
     .next_due = sq_outbox_next_due,
-    .record = sq_outbox_record,
+    .record = queue_writer_outbox_record,
     .exclusive = 0,
 };

@@ -189,7 +189,7 @@ int sq_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **o
 
 /* ---- pausing schedules, progress of running tasks, definitions ---- */
 
-int sq_op_batch_pause(struct sqlite_queue *q, struct op *o)
+int sq_op_batch_pause(struct sqlite_queue *q, struct queue_op *o)
 {
     sqlite3_stmt *st;
     int state, is_schedule, rc;
@@ -223,7 +223,7 @@ int sq_op_batch_pause(struct sqlite_queue *q, struct op *o)
     return rc;
 }
 
-int sq_op_batch_progress(struct sqlite_queue *q, struct op *o)
+int sq_op_batch_progress(struct sqlite_queue *q, struct queue_op *o)
 {
     /* only while this attempt holds the task: a stale attempt cannot add to a finished run */
     sqlite3_stmt *st =
@@ -242,36 +242,6 @@ int sq_op_batch_progress(struct sqlite_queue *q, struct op *o)
     if (sqlite3_step(st) != SQLITE_DONE)
         rc = sq_db_err(q->wdb, &o->err, "record progress");
     sq_finish(st);
-    return rc;
-}
-
-int sq_batch_pause(struct queue *qb, const char *id, int paused, int64_t next_run_ms,
-                   struct batch_job **out, struct err *e)
-{
-    struct op o = {.kind = OP_BATCH_PAUSE,
-                   .id = id,
-                   .paused = paused,
-                   .next_run_ms = next_run_ms,
-                   .batch_out = out};
-    int rc = sq_submit(sq_of(qb), &o);
-
-    if (rc != 0)
-        *e = o.err;
-    return rc;
-}
-
-int sq_batch_progress(struct queue *qb, const char *batch_id, const char *task_id, uint64_t token,
-                      int64_t records, struct err *e)
-{
-    struct op o = {.kind = OP_BATCH_PROGRESS,
-                   .id = task_id,
-                   .batch_id = batch_id,
-                   .token = token,
-                   .records = records};
-    int rc = sq_submit(sq_of(qb), &o);
-
-    if (rc != 0)
-        *e = o.err;
     return rc;
 }
 
@@ -316,13 +286,13 @@ int sq_batch_definition(struct queue *qb, const char *id, struct queue_schedule 
 }
 
 const struct queue_batch_ops sqlite_batch_ops = {
-    .create = sq_batch_create,
+    .create = queue_writer_batch_create,
     .get = sq_batch_get,
     .list = sq_batch_list,
-    .cancel = sq_batch_cancel,
-    .pause = sq_batch_pause,
+    .cancel = queue_writer_batch_cancel,
+    .pause = queue_writer_batch_pause,
     .results = sq_batch_results,
     .definition = sq_batch_definition,
-    .progress = sq_batch_progress,
+    .progress = queue_writer_batch_progress,
     .schedules_due = sq_schedules_due,
 };

@@ -118,7 +118,7 @@ void sq_reap_dead_workers(struct sqlite_queue *q, int64_t now)
         sq_reap_worker(q, wids[i], why[i], now);
 }
 
-int sq_op_worker_beat(struct sqlite_queue *q, struct op *o)
+int sq_op_worker_beat(struct sqlite_queue *q, struct queue_op *o)
 {
     const struct queue_worker *w = o->wk;
     sqlite3_stmt *st = sq_prepare(q->wdb, "INSERT INTO workers (id, host, pid, started_ms, "
@@ -143,24 +143,6 @@ int sq_op_worker_beat(struct sqlite_queue *q, struct op *o)
 }
 
 /* ---- workers ---- */
-
-int sq_worker_beat(struct queue *qb, const struct queue_worker *w, struct err *e)
-{
-    struct op o = {.kind = OP_WORKER_BEAT, .wk = w};
-    int rc = sq_submit(sq_of(qb), &o);
-
-    sq_copy_err(e, &o);
-    return rc;
-}
-
-int sq_worker_leave(struct queue *qb, const char *id, struct err *e)
-{
-    struct op o = {.kind = OP_WORKER_LEAVE, .id = id};
-    int rc = sq_submit(sq_of(qb), &o);
-
-    sq_copy_err(e, &o);
-    return rc;
-}
 
 int sq_workers_list(struct queue *qb, struct queue_worker **out, size_t *n, struct err *e)
 {

@@ -5,6 +5,8 @@
  * wait; the writer takes everything queued, runs it in one transaction (one SAVEPOINT per
  * operation, so one failing operation does not undo the others), commits with one fsync
  * (synchronous=FULL) and wakes the callers. Under load, hundreds of operations share one fsync.
+ * The queue of operations and the ops-table entries that submit them are the core's
+ * (queue/writer.c); how a group runs is this file's.
  * The sweep (expired leases, ttl, dead workers) and retention run on this thread too.
  */
 #define _GNU_SOURCE
@@ -144,37 +146,37 @@ static int retain(struct sqlite_queue *q, int64_t now)
     return jobs == RETAIN_MAX || runs == RETAIN_RUNS_MAX;
 }
 
-static int run_op(struct sqlite_queue *q, struct op *o)
+static int run_op(struct sqlite_queue *q, struct queue_op *o)
 {
     switch (o->kind) {
-    case OP_WORKER_BEAT:
+    case QUEUE_OP_WORKER_BEAT:
         return sq_op_worker_beat(q, o);
-    case OP_WORKER_LEAVE:
+    case QUEUE_OP_WORKER_LEAVE:
         sq_reap_worker(q, o->id, "its worker stopped", clock_now_ms());
         return 0;
-    case OP_ENQUEUE:
+    case QUEUE_OP_ENQUEUE:
         return sq_op_enqueue(q, o);
-    case OP_LEASE:
+    case QUEUE_OP_LEASE:
         return sq_op_lease(q, o);
-    case OP_EXTEND:
+    case QUEUE_OP_EXTEND:
         return sq_op_extend(q, o);
-    case OP_COMPLETE:
+    case QUEUE_OP_COMPLETE:
         return sq_op_complete(q, o);
-    case OP_FAIL:
+    case QUEUE_OP_FAIL:
         return sq_op_fail(q, o);
-    case OP_CANCEL:
+    case QUEUE_OP_CANCEL:
         return sq_op_cancel(q, o);
-    case OP_RETRY:
+    case QUEUE_OP_RETRY:
         return sq_op_retry(q, o);
-    case OP_OUTBOX_RECORD:
+    case QUEUE_OP_OUTBOX_RECORD:
         return sq_op_outbox_record(q, o);
-    case OP_BATCH_CREATE:
+    case QUEUE_OP_BATCH_CREATE:
         return sq_op_batch_create(q, o);
-    case OP_BATCH_CANCEL:
+    case QUEUE_OP_BATCH_CANCEL:
         return sq_op_batch_cancel(q, o);
-    case OP_BATCH_PAUSE:
+    case QUEUE_OP_BATCH_PAUSE:
         return sq_op_batch_pause(q, o);
-    case OP_BATCH_PROGRESS:
+    case QUEUE_OP_BATCH_PROGRESS:
         return sq_op_batch_progress(q, o);
     }
     return ERR_INVALID;
@@ -219,7 +221,7 @@ static void note_group_committed(struct sqlite_queue *q, int64_t now)
 /* SQLite ended the transaction itself (it may, on a full disk, an I/O error or out of
  * memory): nothing of the group stands, and nothing more may run, for it would commit on its
  * own. `e` gets the reason unless `why` (the failed operation's error) gives it. */
-static int txn_lost(struct sqlite_queue *q, const struct op *why, struct err *e)
+static int txn_lost(struct sqlite_queue *q, const struct queue_op *why, struct err *e)
 {
     if (!sqlite3_get_autocommit(q->wdb))
         return 0;
@@ -230,7 +232,7 @@ static int txn_lost(struct sqlite_queue *q, const struct op *why, struct err *e)
     return 1;
 }
 
-static void run_group(struct sqlite_queue *q, struct op *ops)
+static void run_group(struct sqlite_queue *q, struct queue_op *ops)
 {
     struct err e = {0};
     int64_t queued_before = q->n_queued, now = clock_now_ms();
@@ -238,10 +240,10 @@ static void run_group(struct sqlite_queue *q, struct op *ops)
     int ok;
 
     int n_ops = 0;
-    for (struct op *o = ops; o; o = o->next)
+    for (struct queue_op *o = ops; o; o = o->next)
         n_ops++;
     ok = sq_exec(q->wdb, "BEGIN IMMEDIATE", &e) == 0;
-    for (struct op *o = ops; ok && o; o = o->next) {
+    for (struct queue_op *o = ops; ok && o; o = o->next) {
         int64_t op_queued = q->n_queued;
         if (sq_exec(q->wdb, "SAVEPOINT op", &e) != 0) {
             ok = 0;
@@ -258,7 +260,7 @@ static void run_group(struct sqlite_queue *q, struct op *ops)
                 break;
             }
             q->n_queued = op_queued; /* what the op counted was undone with it */
-            if (o->kind == OP_ENQUEUE && o->rc != ERR_BUSY)
+            if (o->kind == QUEUE_OP_ENQUEUE && o->rc != ERR_BUSY)
                 o->existed = 0;
         }
         if (sq_exec(q->wdb, "RELEASE op", &e) != 0) {
@@ -292,7 +294,7 @@ static void run_group(struct sqlite_queue *q, struct op *ops)
         sq_exec(q->wdb, "ROLLBACK", &rb);
     }
     note_group_failed(q, &e, commit_start);
-    for (struct op *o = ops; o; o = o->next) {
+    for (struct queue_op *o = ops; o; o = o->next) {
         o->rc = e.code == ERR_FULL
                     ? err_set(&o->err, ERR_FULL,
                               "job store: the disk under --data-dir is full (%s); nothing was "
@@ -314,114 +316,30 @@ static void run_group(struct sqlite_queue *q, struct op *ops)
 void *sq_writer_main(void *arg)
 {
     struct sqlite_queue *q = arg;
+    struct queue_op *ops;
 
-    pthread_mutex_lock(&q->lock);
-    for (;;) {
-        struct op *ops, *last = NULL;
+    while (queue_writer_take(&q->w, SWEEP_INTERVAL_MS, &ops)) {
         struct final_note *finals, *next;
-        int n = 0;
-        int64_t queued_before;
-        if (!q->head && !q->stopping) {
-            struct timespec ts = clock_realtime_after_ms(SWEEP_INTERVAL_MS);
-            pthread_cond_timedwait(&q->work, &q->lock, &ts);
-        }
-        if (!q->head && q->stopping)
-            break;
-        ops = q->head;
-        for (struct op *o = ops; o && n < MAX_GROUP; o = o->next, n++)
-            last = o;
-        if (last) {
-            q->head = last->next;
-            if (!q->head)
-                q->tail = NULL;
-            last->next = NULL;
-        }
-        queued_before = q->n_queued;
-        pthread_mutex_unlock(&q->lock);
+        /* n_queued is only written by this thread */
+        int64_t queued_before = q->n_queued;
 
-        /* n_queued is only written by this thread; the lock orders it for readers */
         run_group(q, ops);
         finals = q->finals;
         q->finals = NULL;
 
-        struct op *async_ops = NULL, **async_tail = &async_ops;
-        pthread_mutex_lock(&q->lock);
-        if (q->n_queued > queued_before || ops == NULL)
-            q->generation++;
-        for (struct op *o = ops, *o_next; o; o = o_next) {
-            o_next = o->next;
-            if (o->kind == OP_FAIL || o->kind == OP_RETRY || o->kind == OP_ENQUEUE)
-                q->generation++;
-            if (o->callback) {
-                *async_tail = o;
-                async_tail = &o->next;
-                o->next = NULL;
-            } else {
-                o->done = 1; /* its caller may free it as soon as the lock is released */
-            }
-        }
-        pthread_cond_broadcast(&q->finished);
-        pthread_cond_broadcast(&q->runnable);
-        pthread_mutex_unlock(&q->lock);
-        for (struct op *o = async_ops, *o_next; o; o = o_next) {
-            o_next = o->next;
-            o->callback(o->callback_ctx, o->rc, &o->err, o->id_out, o->existed);
-            free(o);
-        }
+        /* jobs may have become runnable: some were queued, failed or retried, or a sweep
+         * (an empty group) requeued some */
+        int runnable = q->n_queued > queued_before || ops == NULL;
+        for (const struct queue_op *o = ops; o && !runnable; o = o->next)
+            runnable = o->kind == QUEUE_OP_FAIL || o->kind == QUEUE_OP_RETRY ||
+                       o->kind == QUEUE_OP_ENQUEUE;
+        queue_writer_done(&q->w, ops, runnable);
         for (struct final_note *f = finals; f; f = next) {
             next = f->next;
             if (q->base.on_final)
                 q->base.on_final(q->base.on_final_ctx, f->id, f->state);
             free(f);
         }
-        pthread_mutex_lock(&q->lock);
     }
-    pthread_mutex_unlock(&q->lock);
     return NULL;
-}
-
-/* Queues `o` for the writer and waits for its group to commit. */
-int sq_submit(struct sqlite_queue *q, struct op *o)
-{
-    pthread_mutex_lock(&q->lock);
-    if (q->stopping) {
-        pthread_mutex_unlock(&q->lock);
-        return err_set(&o->err, ERR_UNAVAILABLE, "the job store is closing");
-    }
-    o->next = NULL;
-    if (q->tail)
-        q->tail->next = o;
-    else
-        q->head = o;
-    q->tail = o;
-    pthread_cond_signal(&q->work);
-    while (!o->done)
-        pthread_cond_wait(&q->finished, &q->lock);
-    pthread_mutex_unlock(&q->lock);
-    return o->rc;
-}
-
-/* Queues every op of `ops` at once, so they share one commit, and waits for all of them. */
-void sq_submit_many(struct sqlite_queue *q, struct op *ops, size_t n)
-{
-    pthread_mutex_lock(&q->lock);
-    if (q->stopping) {
-        pthread_mutex_unlock(&q->lock);
-        for (size_t i = 0; i < n; i++)
-            ops[i].rc = err_set(&ops[i].err, ERR_UNAVAILABLE, "the job store is closing");
-        return;
-    }
-    for (size_t i = 0; i < n; i++) {
-        ops[i].next = NULL;
-        if (q->tail)
-            q->tail->next = &ops[i];
-        else
-            q->head = &ops[i];
-        q->tail = &ops[i];
-    }
-    pthread_cond_signal(&q->work);
-    for (size_t i = 0; i < n; i++)
-        while (!ops[i].done)
-            pthread_cond_wait(&q->finished, &q->lock);
-    pthread_mutex_unlock(&q->lock);
 }
