@@ -269,13 +269,15 @@ def test_worker_stopped_past_its_lease_records_nothing(split, gates, webhook_rec
 
 
 class CommitAnswerCutter:
-    """A TCP proxy in front of PostgreSQL that, once, lets a lease's COMMIT through and cuts
-    the connection instead of relaying PostgreSQL's answer: the lease happened, and the worker
-    never heard so (what a network cut at the worst moment does)."""
+    """A TCP proxy in front of PostgreSQL that, once, lets the COMMIT of a transaction that
+    sent ``trigger`` through and cuts the connection instead of relaying PostgreSQL's answer:
+    the change happened, and inferd never heard so (a network cut at the worst moment)."""
 
     LEASE = b"attempts = attempts + 1"   # the lease's UPDATE (src/queue/postgres/jobs.c)
+    ENQUEUE = b"INSERT INTO inferd_jobs"
 
-    def __init__(self, upstream_port):
+    def __init__(self, upstream_port, trigger=LEASE):
+        self.trigger = trigger
         self.upstream = upstream_port
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -302,7 +304,7 @@ class CommitAnswerCutter:
             while data := client.recv(65536):
                 with self.lock:
                     if not self.cut_done.is_set():
-                        if self.LEASE in data:
+                        if self.trigger in data:
                             conn["armed"] = True
                         if conn["armed"] and b"COMMIT" in data:
                             conn["cut"] = True
@@ -359,6 +361,39 @@ def test_lease_whose_commit_answer_is_lost_runs_again_at_once(postgres_server, s
         # the released attempt is not counted: one attempt (max_attempts 3 leaves 2 more)
         assert runs(w, "rowsum") == 1, "the job ran more than once"
         assert c.wait_final(c.submit_ok("rowsum", X), 60)["status"] == "succeeded"
+    finally:
+        cutter.close()
+
+
+def test_submission_whose_commit_answer_is_lost_says_so(postgres_server, server_factory,
+                                                        repo, tmp_path):
+    """The API's connection is cut after PostgreSQL committed a job and before its answer
+    arrived: the client gets 503 saying the job may have been stored (not "nothing was
+    stored"), and resubmitting with the same Idempotency-Key finds that one job."""
+    url = postgres_server.fresh_url()
+    cutter = CommitAnswerCutter(postgres_server.port, CommitAnswerCutter.ENQUEUE)
+    try:
+        proxied = url.replace(f":{postgres_server.port}/", f":{cutter.port}/")
+        serve = server_factory(repo, *async_args(tmp_path / "data", "--workers", "0",
+                                                 queue=proxied), tag="serve")
+        body = {"model": "rowsum",
+                "input": infer_body(np.array([[1, 2, 3, 4]], dtype=np.float32))}
+        key = {"Idempotency-Key": "order-in-doubt"}
+        r = requests.post(serve.url + "/v1/jobs", json=body, headers=key, timeout=HTTP_TIMEOUT_S)
+        assert cutter.cut_done.is_set(), f"the proxy cut nothing: HTTP {r.status_code} {r.text}"
+        assert r.status_code == 503 and r.headers.get("Retry-After"), (r.status_code, r.text)
+        msg = r.json()["error"]
+        assert "whether it was stored is unknown" in msg and "Idempotency-Key" in msg, msg
+        assert "nothing was stored" not in msg, msg
+
+        def resubmit():
+            r = requests.post(serve.url + "/v1/jobs", json=body, headers=key,
+                              timeout=HTTP_TIMEOUT_S)
+            return [r] if r.status_code != 503 else None
+        again, = wait_for(resubmit, 30, "a resubmission once the API reconnected")
+        assert again.status_code == 200, f"HTTP {again.status_code} {again.text[:300]}"
+        rows = postgres_server.psql("SELECT id FROM inferd_jobs", db_name(url))
+        assert [again.json()["id"]] == [r[0] for r in rows], rows
     finally:
         cutter.close()
 

@@ -163,10 +163,19 @@ static int run_in_savepoint(struct pg_txn *t, struct queue_op *o, struct err *e)
 }
 
 /* A group could not be made durable: every caller hears why, and nothing of it stands. */
-static void group_failed(struct pg_queue *q, struct queue_op *ops, const struct err *why)
+/* `in_doubt`: the connection went while the group was committing, so PostgreSQL may have
+ * committed it; callers are told so, not "nothing was stored" (a client resubmits with its
+ * Idempotency-Key; a lease whose answer was lost is released by the next group). */
+static void group_failed(struct pg_queue *q, struct queue_op *ops, const struct err *why,
+                         int in_doubt)
 {
     for (struct queue_op *o = ops; o; o = o->next) {
-        if (why->code == ERR_UNAVAILABLE)
+        if (why->code == ERR_UNAVAILABLE && in_doubt)
+            o->rc = err_set(&o->err, ERR_UNAVAILABLE,
+                            "%s while committing: whether it was stored is unknown; resubmit "
+                            "with the same Idempotency-Key to be safe",
+                            why->msg);
+        else if (why->code == ERR_UNAVAILABLE)
             o->rc = err_set(&o->err, ERR_UNAVAILABLE, "%s; nothing was stored", why->msg);
         else if (why->code == ERR_FULL)
             o->rc = err_set(&o->err, ERR_FULL, "%s; nothing was stored", why->msg);
@@ -375,7 +384,7 @@ static void run_group(struct pg_queue *q, struct queue_op *ops)
             snprintf(why, sizeof(why), "%s", e.msg);
             pg_note_down(q, why);
         }
-        group_failed(q, ops, &e);
+        group_failed(q, ops, &e, committing && rc == ERR_UNAVAILABLE);
     }
     pg_txn_done(&t, rc == 0);
 }
