@@ -44,6 +44,22 @@ int64_t queue_retry_backoff_ms(int64_t first_ms, int counted, int64_t retry_afte
     return retry_after_ms > backoff ? retry_after_ms : backoff;
 }
 
+enum job_state queue_after_failure(const struct queue_config *cfg, const struct job *j,
+                                   int released, int retryable, int64_t retry_after_ms,
+                                   int64_t *backoff_ms)
+{
+    int counted = j->attempts - j->attempts_uncounted;
+
+    /* released by a worker's shutdown: again at once, with one more attempt to make up */
+    *backoff_ms =
+        released ? 0 : queue_retry_backoff_ms(cfg->retry_backoff_ms, counted, retry_after_ms);
+    if (j->cancel_requested)
+        return JOB_CANCELLED;
+    if (!released && (!retryable || counted >= j->max_attempts))
+        return JOB_FAILED;
+    return JOB_QUEUED;
+}
+
 int64_t queue_retain_before_ms(const struct queue_config *cfg, int64_t now_ms)
 {
     return cfg->result_ttl_s > 0 ? now_ms - cfg->result_ttl_s * 1000 : INT64_MIN;

@@ -48,6 +48,16 @@ int queue_idem_match(const struct job_spec *s, const char *old_id, const char *o
                      struct err *e);
 
 /*
+ * A running attempt of `j` failed (`retryable`: the model says another attempt may work;
+ * `released`: a worker's shutdown handed it back, which counts nothing): the job's next
+ * state. JOB_QUEUED runs it again after *backoff_ms; JOB_FAILED when it was not retryable or
+ * its counted attempts reached max_attempts; JOB_CANCELLED when it was asked to cancel.
+ */
+enum job_state queue_after_failure(const struct queue_config *cfg, const struct job *j,
+                                   int released, int retryable, int64_t retry_after_ms,
+                                   int64_t *backoff_ms);
+
+/*
  * Retention (--result-ttl-s): a finished job, or a finished batch run with its tasks, that
  * ended at or before this time goes, unless a webhook about it is still being delivered.
  * Schedules, queued and running work stay. INT64_MIN when nothing goes (--result-ttl-s 0).

@@ -76,6 +76,29 @@ static void test_backoff(void **state)
     assert_int_equal(queue_retry_backoff_ms(100, 1, 5000), 5000); /* Retry-After wins */
 }
 
+static void test_after_failure(void **state)
+{
+    struct queue_config cfg = {.retry_backoff_ms = 100};
+    struct job j = {.attempts = 2, .max_attempts = 3};
+    int64_t backoff = -1;
+
+    (void)state;
+    assert_int_equal(queue_after_failure(&cfg, &j, 0, 1, 0, &backoff), JOB_QUEUED);
+    assert_int_equal(backoff, 200); /* the second counted attempt failed: 100 doubled once */
+    assert_int_equal(queue_after_failure(&cfg, &j, 0, 0, 0, &backoff), JOB_FAILED);
+    j.attempts = 3; /* the last counted attempt */
+    assert_int_equal(queue_after_failure(&cfg, &j, 0, 1, 0, &backoff), JOB_FAILED);
+    j.attempts_uncounted = 1; /* one was handed back: it did not count */
+    assert_int_equal(queue_after_failure(&cfg, &j, 0, 1, 9000, &backoff), JOB_QUEUED);
+    assert_int_equal(backoff, 9000); /* the model's Retry-After wins over the backoff */
+    j.attempts_uncounted = 0;
+    /* a worker's shutdown hands it back: at once, however many attempts it made */
+    assert_int_equal(queue_after_failure(&cfg, &j, 1, 0, 0, &backoff), JOB_QUEUED);
+    assert_int_equal(backoff, 0);
+    j.cancel_requested = 1;
+    assert_int_equal(queue_after_failure(&cfg, &j, 1, 1, 0, &backoff), JOB_CANCELLED);
+}
+
 static void test_batch_run_steps(void **state)
 {
     struct job task = {.id = "t1", .kind = JOB_KIND_BATCH_TASK, .state = JOB_SUCCEEDED};
@@ -120,7 +143,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_admission_boundary), cmocka_unit_test(test_idempotency_comparison),
         cmocka_unit_test(test_retention_cutoff),   cmocka_unit_test(test_backoff),
-        cmocka_unit_test(test_batch_run_steps),
+        cmocka_unit_test(test_after_failure),      cmocka_unit_test(test_batch_run_steps),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

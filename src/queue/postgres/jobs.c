@@ -698,15 +698,9 @@ int pg_op_fail(struct pg_txn *t, struct queue_op *o)
         return err_set(&o->err, ERR_CONFLICT, "job %s: attempt %llu no longer holds the lease",
                        o->id, (unsigned long long)o->token);
     }
-    /* released by a worker's shutdown: again at once, with one more attempt to make up */
-    final =
-        j->cancel_requested ||
-        (!o->released && (!o->retryable || j->attempts - j->attempts_uncounted >= j->max_attempts));
-    end_state = j->cancel_requested ? JOB_CANCELLED : final ? JOB_FAILED : JOB_QUEUED;
-    backoff = o->released
-                  ? 0
-                  : queue_retry_backoff_ms(t->q->cfg.retry_backoff_ms,
-                                           j->attempts - j->attempts_uncounted, o->retry_after_ms);
+    end_state = (int)queue_after_failure(&t->q->cfg, j, o->released, o->retryable,
+                                         o->retry_after_ms, &backoff);
+    final = end_state != JOB_QUEUED;
     job_free(j);
     /* a failed job keeps its input: POST /v1/jobs/{id}/retry sends it back */
     pg_p_int(&p, end_state);

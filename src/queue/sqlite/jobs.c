@@ -279,15 +279,9 @@ int sq_op_fail(struct sqlite_queue *q, struct queue_op *o)
         return err_set(&o->err, ERR_CONFLICT, "job %s: attempt %llu no longer holds the lease",
                        o->id, (unsigned long long)o->token);
     }
-    /* released by a worker's shutdown: again at once, with one more attempt to make up */
-    final =
-        j->cancel_requested ||
-        (!o->released && (!o->retryable || j->attempts - j->attempts_uncounted >= j->max_attempts));
-    int end_state = j->cancel_requested ? JOB_CANCELLED : final ? JOB_FAILED : JOB_QUEUED;
-    backoff = o->released
-                  ? 0
-                  : queue_retry_backoff_ms(q->cfg.retry_backoff_ms,
-                                           j->attempts - j->attempts_uncounted, o->retry_after_ms);
+    int end_state = (int)queue_after_failure(&q->cfg, j, o->released, o->retryable,
+                                             o->retry_after_ms, &backoff);
+    final = end_state != JOB_QUEUED;
     job_free(j);
     /* a failed job keeps its input: POST /v1/jobs/{id}/retry sends it back */
     st = sq_prepare(q->wdb, "UPDATE jobs SET state = ?1, error = ?2, finished_ms = ?3, "
