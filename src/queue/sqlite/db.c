@@ -355,6 +355,7 @@ static int recover(struct sqlite_queue *q, struct err *e)
         return sq_db_err(q->wdb, e, "count");
     if (sqlite3_step(st) == SQLITE_ROW)
         q->n_queued = sqlite3_column_int64(st, 0);
+    atomic_store(&q->n_queued_committed, q->n_queued);
     sq_finish(st);
     return 0;
 }

@@ -44,8 +44,10 @@ struct sqlite_queue {
     pthread_mutex_t read_lock;
 
     struct queue_writer w; /* the operations for the writer thread, its lock and wake-ups */
-    int64_t n_queued;      /* written by the writer thread; read by others under w.lock: jobs in
-                              state queued */
+    int64_t n_queued;      /* writer thread only: jobs in state queued, as its transaction
+                              sees them (an operation undone takes its count back) */
+    _Atomic int64_t n_queued_committed; /* n_queued after the last commit: what
+                                           queue_queued() shows, read by any thread */
     pthread_t writer;
     int64_t last_sweep_ms;       /* writer thread only */
     int64_t next_retain_ms;      /* writer thread only */

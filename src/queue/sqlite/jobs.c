@@ -525,13 +525,7 @@ static int sq_counts(struct queue *qb, int64_t counts[JOB_N_STATES], struct err 
 
 static int64_t sq_queued(struct queue *qb)
 {
-    struct sqlite_queue *q = sq_of(qb);
-    int64_t n;
-
-    pthread_mutex_lock(&q->w.lock);
-    n = q->n_queued;
-    pthread_mutex_unlock(&q->w.lock);
-    return n;
+    return atomic_load(&sq_of(qb)->n_queued_committed);
 }
 
 const struct queue_job_ops sqlite_job_ops = {

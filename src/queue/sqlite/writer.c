@@ -324,6 +324,7 @@ void *sq_writer_main(void *arg)
         int64_t queued_before = q->n_queued;
 
         run_group(q, ops);
+        atomic_store(&q->n_queued_committed, q->n_queued);
         finals = q->finals;
         q->finals = NULL;
 
