@@ -254,7 +254,9 @@ static void usage_batch(FILE *f)
                "Runs every record under --input through the model in big batches and writes\n"
                "<output>/<name>.out per input object, one line per record, in order (after a\n"
                "header line when the input has one). Re-running skips objects already done\n"
-               "(see _manifest.json); _SUCCESS marks the end.\n"
+               "(see _manifest.json); _SUCCESS marks the end. A PostgreSQL table or query\n"
+               "(--input postgresql://...?table=T, or with --input-query) is one input: its\n"
+               "rows in key order to <output>/SCHEMA.TABLE.jsonl (or .csv, or query.jsonl).\n"
                "\noptions:\n");
     usage_options(f, batch_options, N_BATCH, 0);
 }

@@ -339,3 +339,23 @@ def test_server_batch_job_refuses_a_table_without_its_password(repo, server_fact
     assert "tables are not supported in server batch jobs yet" in msg, msg
     assert "postgresql://***@127.0.0.1:5432/db?table=t" in msg, msg
     assert password not in r.text and password not in server.log()
+
+
+def test_password_from_pgpassword(pg, repo, trained, tmp_path):
+    """libpq's environment works as for psql: no password in the URI, PGPASSWORD set."""
+    import os
+    cluster, db, _ = pg
+    password = "Env5pwSecret31"
+    role = f"tables_env_{db}"
+    cluster.create_role(role, password)
+    cluster.require_password(role)
+    m = trained["binary"]
+    ids, X = feature_table(cluster, db, "feat", m, 30, 10)
+    cluster.psql(f"GRANT SELECT ON feat TO {role}", db=db)
+    inp = f"{cluster.db_url(db, role)}?table=feat"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    p = run(repo, "binary", inp, tmp_path / "o1", check=False, env=env)
+    assert p.returncode != 0 and "cannot connect" in p.stderr, p.stderr
+    run(repo, "binary", inp, tmp_path / "out", env={**env, "PGPASSWORD": password})
+    rows = jsonl(tmp_path / "out" / "public.feat.jsonl")
+    assert_close([r["prediction"] for r in rows], m.expected(X), "PGPASSWORD")
