@@ -329,9 +329,9 @@ static char *parse_record(struct runner *run, struct chunk *c, size_t i, float *
     char *why;
 
     if (run->table)
-        return len == 0 && run->width > 0 ? batch_reason("expected %lld values, got none",
-                                                         (long long)run->width)
-                                           : batch_parse_csv(line, len, run->width, row);
+        return len == 0 && run->width > 0
+                   ? batch_reason("expected %lld values, got none", (long long)run->width)
+                   : batch_parse_csv(line, len, run->width, row);
     if (len == 0)
         return batch_reason("empty line");
     if (!run->csv)
@@ -706,8 +706,8 @@ static int write_row(struct runner *run, struct chunk *c, size_t i, const float 
 
 /* A table row named by its keys, for a bad-record message: `row {"id":5}` (JSON Lines output)
  * or `row (id)=(5)` (CSV), cut at `size`. */
-static void row_label(const struct runner *run, const struct chunk *c, size_t i, int csv,
-                      char *out, size_t size)
+static void row_label(const struct runner *run, const struct chunk *c, size_t i, int csv, char *out,
+                      size_t size)
 {
     const char *keys = c->keys.data ? c->keys.data + c->key_off[i] : "";
     int len = c->key_len[i] > 0 ? (int)c->key_len[i] - 1 : 0; /* without the last ',' */
@@ -776,9 +776,8 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
             continue;
         }
         const float *y = (const float *)t->data + g * per_row;
-        const float *x = run->table ? (const float *)c->req->inputs[0].data +
-                                          g * (size_t)run->width
-                                    : NULL;
+        const float *x =
+            run->table ? (const float *)c->req->inputs[0].data + g * (size_t)run->width : NULL;
         g++;
         rc = write_row(run, c, i, x, y, per_row, o);
         if (rc == 0)
@@ -1384,8 +1383,8 @@ static int open_table(struct runner *run, char ***names, size_t *n, struct err *
             run->keys.n = k;
             return err_set(e, ERR_NOMEM, "out of memory");
         }
-    log_info("batch", "reading a table", "source=%s name=%s keys=%zu",
-             warehouse_shown(run->table), warehouse_name(run->table), run->keys.n);
+    log_info("batch", "reading a table", "source=%s name=%s keys=%zu", warehouse_shown(run->table),
+             warehouse_name(run->table), run->keys.n);
     return 0;
 }
 
@@ -1482,12 +1481,12 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
             rc = process_object(&run, in_uri, name, out_uri, err_uri, csv,
                                 batch_has_name(outs, n_outs, err_name), &records, sha, e);
             if (rc == 0) {
-                json_object_set_new(objects, name,
-                                    json_pack("{s:I, s:s, s:o}", "records", (json_int_t)records,
-                                              "sha256", sha, "input",
-                                              run.table ? json_pack("{s:s}", "source",
-                                                                    warehouse_shown(run.table))
-                                                        : batch_input_json(&input)));
+                json_object_set_new(
+                    objects, name,
+                    json_pack("{s:I, s:s, s:o}", "records", (json_int_t)records, "sha256", sha,
+                              "input",
+                              run.table ? json_pack("{s:s}", "source", warehouse_shown(run.table))
+                                        : batch_input_json(&input)));
                 /* at most once a second (and at the end): with thousands of small objects,
                  * rewriting it after each would cost more than the objects; a crash then
                  * re-runs at most a second's worth of finished objects */

@@ -147,7 +147,8 @@ static void test_url_redacted(void **state)
 {
     (void)state;
     expect_shown("postgresql://u:pw@h:5432/db?table=s.t", "postgresql://***@h:5432/db?table=s.t");
-    expect_shown("postgresql://u@h/db?password=pw&table=t", "postgresql://***@h/db?password=***&table=t");
+    expect_shown("postgresql://u@h/db?password=pw&table=t",
+                 "postgresql://***@h/db?password=***&table=t");
     expect_shown("postgresql://h/db?table=t&password=pw", "postgresql://h/db?table=t&password=***");
     expect_shown("postgresql://h/db?sslmode=require", "postgresql://h/db?sslmode=require");
     expect_shown("http://user:pw@h/x", "http://***@h/x");
@@ -159,10 +160,8 @@ static void test_url_redacted(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_clock_kinds),
-        cmocka_unit_test(test_sched_clock_file),
-        cmocka_unit_test(test_ids),
-        cmocka_unit_test(test_jfield_int),
+        cmocka_unit_test(test_clock_kinds),  cmocka_unit_test(test_sched_clock_file),
+        cmocka_unit_test(test_ids),          cmocka_unit_test(test_jfield_int),
         cmocka_unit_test(test_url_redacted),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
