@@ -157,7 +157,9 @@ static const struct option_def batch_options[] = {
     {"models", OPT_STR, "./models", 0, 0, "model repository", 0},
     {"model", OPT_STR, "", 0, 0, "the model to run (required)", 0},
     {"input", OPT_STR, "", 0, 0,
-     "an object or a prefix: file:///path, s3://bucket/key, or a path (required)", 0},
+     "an object or a prefix: file:///path, s3://bucket/key, or a path; or a table: "
+     "postgresql://USER@HOST:PORT/DB?table=SCHEMA.TABLE (required)",
+     0},
     {"output", OPT_STR, "", 0, 0, "where <name>.out, _manifest.json and _SUCCESS go (required)", 0},
     {"format", OPT_STR, "", 0, 0, "jsonl or csv (default: from each object's extension)", 0},
     {"records-per-batch", OPT_INT, "1024", 1, 1048576, "records per model call", 0},
@@ -181,6 +183,10 @@ static const struct option_def batch_options[] = {
      0},
     {"output-suffix", OPT_STR, ".out", 0, 0,
      "appended to an input's name for its output ('' keeps the name; output outside the input)", 0},
+    {"input-query", OPT_STR, "", 0, 0,
+     "with --input postgresql://USER@HOST:PORT/DB: the SELECT whose rows are read (needs "
+     "--key-columns)",
+     0},
 };
 #define N_BATCH (sizeof(batch_options) / sizeof(batch_options[0]))
 
@@ -248,7 +254,9 @@ static void usage_batch(FILE *f)
                "Runs every record under --input through the model in big batches and writes\n"
                "<output>/<name>.out per input object, one line per record, in order (after a\n"
                "header line when the input has one). Re-running skips objects already done\n"
-               "(see _manifest.json); _SUCCESS marks the end.\n"
+               "(see _manifest.json); _SUCCESS marks the end. A PostgreSQL table or query\n"
+               "(--input postgresql://...?table=T, or with --input-query) is one input: its\n"
+               "rows in key order to <output>/SCHEMA.TABLE.jsonl (or .csv, or query.jsonl).\n"
                "\noptions:\n");
     usage_options(f, batch_options, N_BATCH, 0);
 }
@@ -614,6 +622,7 @@ static int cmd_batch(int argc, char **argv)
         .models_dir = OPT_S(&p, "models"),
         .model = OPT_S(&p, "model"),
         .input = OPT_S(&p, "input"),
+        .input_query = OPT_S(&p, "input-query"),
         .output = OPT_S(&p, "output"),
         .format = !fmt[0]                   ? BATCH_FORMAT_AUTO
                   : strcmp(fmt, "csv") == 0 ? BATCH_FORMAT_CSV

@@ -19,6 +19,12 @@
  * backend) gets each JSON Lines record as its own request: any JSON value, answered by one
  * JSON value per output line. Records the model refuses (a 4xx) are bad records like
  * unparsable ones; other failures fail the object, to be run again.
+ *
+ * A warehouse table or query (warehouse.h) is one input object named after it: its rows are
+ * read in key order, each as a CSV line of its features (parsed here as any CSV record) and
+ * its keys already written for the output, which --format picks (JSON Lines by default). A bad
+ * row is named by its keys, not by a line number. It is run again whole on every run: a table
+ * has no version to compare with the manifest's.
  */
 #define _GNU_SOURCE
 #include "batch/batch.h"
@@ -30,6 +36,7 @@
 #include "kserve/codec.h"
 #include "model/registry.h"
 #include "storage/storage.h"
+#include "warehouse/warehouse.h"
 
 #include <errno.h>
 #include <jansson.h>
@@ -97,6 +104,7 @@ struct runner {
                                 * parsed, read-only while they are */
     int said_positional;       /* the "no feature names" line was logged */
     int n_instances;
+    struct warehouse_source *table; /* the input is a table: read from it, not from storage */
     pthread_mutex_t lock;
     pthread_cond_t cond;
     struct batch_stats *stats;
@@ -320,6 +328,10 @@ static char *parse_record(struct runner *run, struct chunk *c, size_t i, float *
     size_t len = c->len[i];
     char *why;
 
+    if (run->table)
+        return len == 0 && run->width > 0
+                   ? batch_reason("expected %lld values, got none", (long long)run->width)
+                   : batch_parse_csv(line, len, run->width, row);
     if (len == 0)
         return batch_reason("empty line");
     if (!run->csv)
@@ -367,6 +379,13 @@ static void chunk_parse(struct runner *run, struct chunk *c)
             float *row = c->data + c->n_good * (size_t)run->width;
             size_t key_start = c->keys.len;
             char *why = parse_record(run, c, i, row);
+            if (run->table) { /* the keys came with the row, bad or not */
+                if (why)
+                    c->bad[i] = why;
+                else
+                    c->n_good++;
+                continue;
+            }
             c->key_off[i] = key_start;
             if (why) {
                 c->bad[i] = why;
@@ -586,6 +605,12 @@ static int write_document(struct runner *run, struct chunk *c, size_t i, struct 
     return rc ? rc : emit(o, e);
 }
 
+/* Key `k`'s name in outputs: the table's column, or the layout's (columns.h). */
+static const char *key_name(const struct runner *run, size_t k)
+{
+    return run->table ? warehouse_key_name(run->table, k) : run->cols.key_names[k];
+}
+
 /*
  * The output's header line, for a CSV input with one: the key columns (or, with --join-input,
  * the input's header) then `prediction`, or `p0,p1,...` for several values per record.
@@ -602,7 +627,7 @@ static int write_header(struct runner *run, struct object_out *o, size_t per_row
             rc = buf_puts(&o->line, ",");
     }
     for (size_t k = 0; rc == 0 && !run->cfg->join_input && k < n_keys; k++)
-        rc = buf_printf(&o->line, "%s,", run->cols.key_names[k]);
+        rc = buf_printf(&o->line, "%s,", key_name(run, k));
     if (rc == 0 && per_row == 1)
         rc = buf_puts(&o->line, "prediction");
     for (size_t k = 0; rc == 0 && per_row > 1 && k < per_row; k++)
@@ -624,9 +649,26 @@ static size_t declared_per_row(const struct model *m)
     return n;
 }
 
-/* A numeric record's output line: keys (or the input, --join-input), then its prediction. */
-static int write_row(struct runner *run, struct chunk *c, size_t i, const float *y, size_t per_row,
-                     struct object_out *o)
+/* A table row's input as the model got it (--join-input): a JSON array, or CSV fields. */
+static int append_input(struct buf *b, const float *x, int64_t width, int csv)
+{
+    int rc = csv ? 0 : buf_puts(b, "\"input\":[");
+
+    for (int64_t j = 0; rc == 0 && j < width; j++) {
+        if (j && !csv)
+            rc = buf_puts(b, ",");
+        if (rc == 0)
+            rc = append_value(b, x[j], csv);
+        if (rc == 0 && csv)
+            rc = buf_puts(b, ",");
+    }
+    return rc ? rc : csv ? 0 : buf_puts(b, "],");
+}
+
+/* A numeric record's output line: keys (or the input, --join-input), then its prediction.
+ * `x`: a table row's input (its keys then come first in CSV too); NULL for a file's record. */
+static int write_row(struct runner *run, struct chunk *c, size_t i, const float *x, const float *y,
+                     size_t per_row, struct object_out *o)
 {
     const char *keys = c->keys.data ? c->keys.data + c->key_off[i] : "";
     size_t keys_len = c->key_len[i];
@@ -635,9 +677,11 @@ static int write_row(struct runner *run, struct chunk *c, size_t i, const float 
 
     if (wrap)
         rc = buf_puts(&o->line, "{");
-    if (rc == 0 && (o->csv ? !run->cfg->join_input : wrap))
+    if (rc == 0 && (o->csv ? !run->cfg->join_input || x : wrap))
         rc = buf_append(&o->line, keys, keys_len); /* each ends in ',' */
-    if (rc == 0 && run->cfg->join_input && !o->csv)
+    if (rc == 0 && run->cfg->join_input && x)
+        rc = append_input(&o->line, x, run->width, o->csv);
+    else if (rc == 0 && run->cfg->join_input && !o->csv)
         rc = buf_printf(&o->line, "\"input\":%s,", c->raw.data + c->off[i]);
     else if (rc == 0 && run->cfg->join_input)
         rc = buf_printf(&o->line, "%s,", c->raw.data + c->off[i]);
@@ -658,6 +702,26 @@ static int write_row(struct runner *run, struct chunk *c, size_t i, const float 
     if (rc == 0)
         rc = buf_puts(&o->line, "\n");
     return rc;
+}
+
+/* A table row named by its keys, for a bad-record message: `row {"id":5}` (JSON Lines output)
+ * or `row (id)=(5)` (CSV), cut at `size`. */
+static void row_label(const struct runner *run, const struct chunk *c, size_t i, int csv, char *out,
+                      size_t size)
+{
+    const char *keys = c->keys.data ? c->keys.data + c->key_off[i] : "";
+    int len = c->key_len[i] > 0 ? (int)c->key_len[i] - 1 : 0; /* without the last ',' */
+    size_t n = 0;
+
+    if (!csv) {
+        snprintf(out, size, "row {%.*s}", len, keys);
+        return;
+    }
+    n = (size_t)snprintf(out, size, "row (");
+    for (size_t k = 0; k < run->keys.n && n < size; k++)
+        n += (size_t)snprintf(out + n, size - n, "%s%s", k ? "," : "", key_name(run, k));
+    if (n < size)
+        snprintf(out + n, size - n, ")=(%.*s)", len, keys);
 }
 
 static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o, struct err *e)
@@ -688,12 +752,15 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
             char msg[600];
             /* bad records are counted in input order, so the limit stops at the same one
              * whatever the parsing order */
+            char where[300];
+            if (run->table)
+                row_label(run, c, i, o->csv, where, sizeof(where));
+            else
+                snprintf(where, sizeof(where), "line %lld", (long long)c->line_no[i]);
             if (++run->stats->errors > run->cfg->max_errors)
-                return err_set(e, ERR_INVALID, "%s: line %lld: %s%s", o->name,
-                               (long long)c->line_no[i], c->bad[i],
+                return err_set(e, ERR_INVALID, "%s: %s: %s%s", o->name, where, c->bad[i],
                                run->cfg->max_errors ? " (more bad records than --max-errors)" : "");
-            int n =
-                snprintf(msg, sizeof(msg), "line %lld: %s\n", (long long)c->line_no[i], c->bad[i]);
+            int n = snprintf(msg, sizeof(msg), "%s: %s\n", where, c->bad[i]);
             if (!o->errors)
                 rc = storage_open_write(o->errors_uri, &o->errors, e);
             if (rc == 0)
@@ -709,8 +776,10 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
             continue;
         }
         const float *y = (const float *)t->data + g * per_row;
+        const float *x =
+            run->table ? (const float *)c->req->inputs[0].data + g * (size_t)run->width : NULL;
         g++;
-        rc = write_row(run, c, i, y, per_row, o);
+        rc = write_row(run, c, i, x, y, per_row, o);
         if (rc == 0)
             rc = emit(o, e);
     }
@@ -845,8 +914,21 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
                        "%s: model '%s' takes JSON documents: give JSON Lines, not CSV", name,
                        run->model->name);
     }
-    run->csv = csv;
-    rc = bind_object(run, name, csv, e);
+    run->csv = csv || run->table; /* a table's rows are CSV lines of features */
+    if (run->table) {
+        /* keys come with each row; the CSV output's header names them and the features */
+        batch_columns_init(&run->cols, &run->keys, &run->model->features, run->width);
+        for (size_t k = 0; rc == 0 && k < run->keys.n; k++)
+            rc = buf_printf(&header, "%s,", key_name(run, k));
+        if (rc == 0)
+            rc = buf_puts(&header, warehouse_feature_header(run->table));
+        if (rc != 0)
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+        o.header = csv ? header.data : NULL;
+        o.header_len = header.len;
+    } else {
+        rc = bind_object(run, name, csv, e);
+    }
     run->ring = chunks;
     run->n_ring = n_chunks;
     atomic_store(&run->stopping, 0);
@@ -856,7 +938,7 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
     o.sha = EVP_MD_CTX_new();
     if (rc == 0 && (!o.sha || EVP_DigestInit_ex(o.sha, EVP_sha256(), NULL) != 1))
         rc = err_set(e, ERR_NOMEM, "out of memory");
-    if (rc == 0)
+    if (rc == 0 && !run->table)
         rc = storage_open_read(in_uri, &in, e);
     if (rc == 0)
         rc = storage_open_write(out_uri, &o.out, e);
@@ -877,7 +959,26 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
                 break;
         }
         /* read: the parsers and the model work on earlier chunks meanwhile */
-        while (c->n < cap) {
+        while (run->table && c->n < cap) {
+            size_t off = c->raw.len, key_off = c->keys.len;
+            int got = warehouse_read_row(run->table, &c->raw, &c->keys, e);
+            if (got <= 0) {
+                rc = got;
+                eof = got == 0;
+                break;
+            }
+            c->line_no[c->n] = ++line_no;
+            c->off[c->n] = off;
+            c->len[c->n] = c->raw.len - off;
+            c->key_off[c->n] = key_off;
+            c->key_len[c->n] = c->keys.len - key_off;
+            if (buf_append(&c->raw, "", 1) != 0) {
+                rc = err_set(e, ERR_NOMEM, "out of memory");
+                break;
+            }
+            c->n++;
+        }
+        while (!run->table && c->n < cap) {
             const char *line;
             size_t len;
             int got = storage_read_line(in, &line, &len, e);
@@ -1238,6 +1339,55 @@ static int load_model(const struct batch_config *cfg, struct registry **reg, str
     return rc;
 }
 
+/*
+ * Opens the table (or query) cfg->input names, checked against run->model, and lists it as the
+ * one object `names[0]`: "SCHEMA.TABLE.jsonl" (or ".csv", or "query.jsonl"). Its key columns
+ * (the primary key's unless named) replace run->keys.
+ */
+static int open_table(struct runner *run, char ***names, size_t *n, struct err *e)
+{
+    const struct batch_config *cfg = run->cfg;
+    const struct features *f = &run->model->features;
+    int csv = cfg->format == BATCH_FORMAT_CSV, rc;
+    struct warehouse_spec spec = {
+        .uri = cfg->input,
+        .query = cfg->input_query,
+        .key_columns = cfg->key_columns,
+        .feature_names = f->names,
+        .n_features = f->names ? f->n : 0,
+        .width = run->width,
+        .keys_json = !csv,
+    };
+
+    if (run->documents)
+        return err_set(e, ERR_INVALID,
+                       "model '%s' takes JSON documents: a table gives rows of numbers",
+                       run->model->name);
+    rc = warehouse_open(&spec, &run->table, e);
+    if (rc != 0)
+        return rc;
+    batch_keys_release(&run->keys);
+    run->keys.n = warehouse_n_keys(run->table);
+    run->keys.names = calloc(run->keys.n + 1, sizeof(*run->keys.names));
+    *names = calloc(1, sizeof(**names));
+    if (!run->keys.names || !*names ||
+        asprintf(&(*names)[0], "%s.%s", warehouse_name(run->table), csv ? "csv" : "jsonl") < 0) {
+        free(*names);
+        *names = NULL;
+        run->keys.n = 0;
+        return err_set(e, ERR_NOMEM, "out of memory");
+    }
+    *n = 1;
+    for (size_t k = 0; k < run->keys.n; k++)
+        if (!(run->keys.names[k] = strdup(warehouse_key_name(run->table, k)))) {
+            run->keys.n = k;
+            return err_set(e, ERR_NOMEM, "out of memory");
+        }
+    log_info("batch", "reading a table", "source=%s name=%s keys=%zu", warehouse_shown(run->table),
+             warehouse_name(run->table), run->keys.n);
+    return 0;
+}
+
 int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct err *e)
 {
     struct registry *reg = NULL;
@@ -1274,7 +1424,14 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
         long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
         run.n_instances = cfg->instances > 0 ? cfg->instances : (int)(n_cpu > 0 ? n_cpu : 1);
     }
-    rc = storage_list(cfg->input, &names, &n_names, &is_object, e);
+    if (warehouse_supports(cfg->input)) {
+        rc = open_table(&run, &names, &n_names, e);
+        is_object = 1;
+    } else if (cfg->input_query && cfg->input_query[0]) {
+        rc = err_set(e, ERR_INVALID, "--input-query needs a postgresql:// input");
+    } else {
+        rc = storage_list(cfg->input, &names, &n_names, &is_object, e);
+    }
     if (rc == 0)
         rc = batch_list_output(cfg->output, &outs, &n_outs, e);
     if (rc != 0)
@@ -1303,30 +1460,33 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
     for (size_t i = 0; rc == 0 && i < n_names; i++) {
         const char *name = names[i];
         char *in_uri, *out_uri, *err_uri, out_name[4200], err_name[4200], sha[65] = "";
-        struct storage_identity input;
+        struct storage_identity input = {0};
         int64_t records = 0;
         int csv = 0;
         if (batch_is_reserved(name))
             continue;
-        snprintf(out_name, sizeof(out_name), "%s%s", name, suffix);
+        snprintf(out_name, sizeof(out_name), "%s%s", name, run.table ? "" : suffix);
         snprintf(err_name, sizeof(err_name), "%s.errors", name);
         in_uri = is_object ? strdup(cfg->input) : storage_join(cfg->input, name);
         out_uri = storage_join(cfg->output, out_name);
         err_uri = storage_join(cfg->output, err_name);
         if (!in_uri || !out_uri || !err_uri) {
             rc = err_set(e, ERR_NOMEM, "out of memory");
-        } else if ((rc = storage_identify(in_uri, &input, e)) != 0) {
+        } else if (!run.table && (rc = storage_identify(in_uri, &input, e)) != 0) {
             /* before reading: a change after this is seen by the next run */
-        } else if (already_done(objects, name, &input, out_uri)) {
+        } else if (!run.table && already_done(objects, name, &input, out_uri)) {
             stats->objects_skipped++;
             log_info("batch", "skipped: already done", "object=%s", name);
         } else if ((rc = batch_format_of(cfg, name, &csv, e)) == 0) {
             rc = process_object(&run, in_uri, name, out_uri, err_uri, csv,
                                 batch_has_name(outs, n_outs, err_name), &records, sha, e);
             if (rc == 0) {
-                json_object_set_new(objects, name,
-                                    json_pack("{s:I, s:s, s:o}", "records", (json_int_t)records,
-                                              "sha256", sha, "input", batch_input_json(&input)));
+                json_object_set_new(
+                    objects, name,
+                    json_pack("{s:I, s:s, s:o}", "records", (json_int_t)records, "sha256", sha,
+                              "input",
+                              run.table ? json_pack("{s:s}", "source", warehouse_shown(run.table))
+                                        : batch_input_json(&input)));
                 /* at most once a second (and at the end): with thousands of small objects,
                  * rewriting it after each would cost more than the objects; a crash then
                  * re-runs at most a second's worth of finished objects */
@@ -1361,6 +1521,7 @@ cleanup:
     if (cfg->progress_tty)
         fprintf(stderr, "\n");
     batch_keys_release(&run.keys);
+    warehouse_close(run.table);
     model_release(run.model);
     registry_destroy(reg);
     json_decref(manifest);

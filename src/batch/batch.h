@@ -15,7 +15,8 @@ enum batch_format { BATCH_FORMAT_AUTO = 0, BATCH_FORMAT_JSONL, BATCH_FORMAT_CSV 
 struct batch_config {
     const char *models_dir;
     const char *model;
-    const char *input;  /* an object or a prefix */
+    const char *input;  /* an object or a prefix; or a table: postgresql://...?table=T */
+    const char *input_query; /* with a postgresql:// input: the SELECT to read; NULL or "" */
     const char *output; /* a prefix */
     enum batch_format format;
     int64_t records_per_batch;

@@ -20,10 +20,12 @@
 #include "core/clock.h"
 #include "core/jdoc.h"
 #include "core/jfield.h"
+#include "core/url.h"
 #include "core/log.h"
 #include "notify/notify.h"
 #include "model/registry.h"
 #include "storage/storage.h"
+#include "warehouse/warehouse.h"
 
 #include <errno.h>
 #include <jansson.h>
@@ -80,9 +82,20 @@ static int check_location(const char *key, const char *s, struct err *e)
                        "%s: expected a non-empty string (a path, file:// or s3:// "
                        "URI)",
                        key);
-    if (strstr(s, "://") && strncmp(s, "file://", 7) != 0 && strncmp(s, "s3://", 5) != 0)
-        return err_set(e, ERR_INVALID, "%s: '%.100s': only paths, file:// and s3:// are supported",
-                       key, s);
+    if (strstr(s, "://") && strncmp(s, "file://", 7) != 0 && strncmp(s, "s3://", 5) != 0) {
+        /* shown without its credentials: a postgresql:// URI often carries a password */
+        char *shown = url_redacted(s);
+        int rc = warehouse_supports(s)
+                     ? err_set(e, ERR_INVALID,
+                               "%s: '%.100s': tables are not supported in server batch jobs yet "
+                               "(inferd batch reads them)",
+                               key, shown ? shown : "")
+                     : err_set(e, ERR_INVALID,
+                               "%s: '%.100s': only paths, file:// and s3:// are supported", key,
+                               shown ? shown : "");
+        free(shown);
+        return rc;
+    }
     struct err why = {0};
     if (storage_check_allowed(s, &why) != 0)
         return err_set(e, ERR_INVALID, "%s: %s", key, why.msg);

@@ -95,8 +95,9 @@ struct sockaddr;
 int notify_check_connect(const struct sockaddr *addr, const char *url_host, struct err *e);
 
 /* A copy of `url` fit to show back (job and batch-job JSON, webhook events, errors): its
- * userinfo ("user:password@") replaced by "***@", since it may hold credentials. Anything after
- * the host is kept. New string, freed with free(); NULL if `url` is NULL or out of memory. */
+ * userinfo ("user:password@") replaced by "***@", since it may hold credentials, as is a
+ * `password=` query parameter. The rest is kept: url_redacted() (core/url.h). New string, freed
+ * with free(); NULL if `url` is NULL or out of memory. */
 char *notify_url_redacted(const char *url);
 
 /*

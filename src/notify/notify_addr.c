@@ -15,6 +15,7 @@
 #define _GNU_SOURCE /* getifaddrs() */
 #include "notify/notify.h"
 #include "notify/notify_internal.h"
+#include "core/url.h"
 
 #include <arpa/inet.h>
 #include <curl/curl.h>
@@ -300,27 +301,7 @@ int notify_check_connect(const struct sockaddr *addr, const char *url_host, stru
 
 char *notify_url_redacted(const char *url)
 {
-    const char *sep, *auth, *end, *at = NULL;
-    size_t size;
-    char *out;
-
-    if (!url)
-        return NULL;
-    sep = strstr(url, "://");
-    if (sep && strcspn(url, "/?#@") < (size_t)(sep - url))
-        sep = NULL; /* "://" inside a path or query is not a scheme's */
-    auth = sep ? sep + 3 : url;
-    end = auth + strcspn(auth, "/?#");
-    for (const char *p = auth; p < end; p++)
-        if (*p == '@')
-            at = p; /* the last one: whatever libcurl would take for userinfo is masked */
-    if (!at)
-        return strdup(url);
-    size = (size_t)(auth - url) + 3 + strlen(at) + 1;
-    out = malloc(size);
-    if (out)
-        snprintf(out, size, "%.*s***%s", (int)(auth - url), url, at);
-    return out;
+    return url_redacted(url);
 }
 
 int notify_check_url(const char *url, struct err *e)

@@ -1,6 +1,7 @@
 /*
- * test_core.c: core's clock (the scheduler's injectable time), ids and bounded integer JSON
- * fields (core/clock.h, core/id.h, core/jfield.h).
+ * test_core.c: core's clock (the scheduler's injectable time), ids, bounded integer JSON
+ * fields and URLs shown with their credentials masked (core/clock.h, core/id.h, core/jfield.h,
+ * core/url.h).
  */
 #define _GNU_SOURCE
 #include <setjmp.h>
@@ -12,6 +13,7 @@
 #include "core/clock.h"
 #include "core/id.h"
 #include "core/jfield.h"
+#include "core/url.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -131,13 +133,36 @@ static void test_jfield_int(void **state)
     assert_int_equal(present, 0);
 }
 
+static void expect_shown(const char *url, const char *shown)
+{
+    char *got = url_redacted(url);
+
+    assert_non_null(got);
+    assert_string_equal(got, shown);
+    free(got);
+}
+
+/* A password is masked wherever a URL carries one: userinfo, or libpq's password= parameter. */
+static void test_url_redacted(void **state)
+{
+    (void)state;
+    expect_shown("postgresql://u:pw@h:5432/db?table=s.t", "postgresql://***@h:5432/db?table=s.t");
+    expect_shown("postgresql://u@h/db?password=pw&table=t",
+                 "postgresql://***@h/db?password=***&table=t");
+    expect_shown("postgresql://h/db?table=t&password=pw", "postgresql://h/db?table=t&password=***");
+    expect_shown("postgresql://h/db?sslmode=require", "postgresql://h/db?sslmode=require");
+    expect_shown("http://user:pw@h/x", "http://***@h/x");
+    expect_shown("http://h/x@y", "http://h/x@y");
+    expect_shown("", "");
+    assert_null(url_redacted(NULL));
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_clock_kinds),
-        cmocka_unit_test(test_sched_clock_file),
-        cmocka_unit_test(test_ids),
-        cmocka_unit_test(test_jfield_int),
+        cmocka_unit_test(test_clock_kinds),  cmocka_unit_test(test_sched_clock_file),
+        cmocka_unit_test(test_ids),          cmocka_unit_test(test_jfield_int),
+        cmocka_unit_test(test_url_redacted),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
