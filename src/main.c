@@ -10,6 +10,7 @@
  */
 #define _GNU_SOURCE
 #include "core/err.h"
+#include "core/url.h"
 #include "core/log.h"
 #include "http/server.h"
 #include "model/registry.h"
@@ -543,7 +544,7 @@ static int cmd_serve(int argc, char **argv, int worker)
         log_error("main", "cannot start the batch scheduler", "reason=\"%s\"", e.msg);
         goto cleanup;
     }
-    queue_shown = queue_url_redacted(OPT_S(&p, "queue")); /* a URL may hold a password */
+    queue_shown = url_redacted(OPT_S(&p, "queue")); /* a URL may hold a password */
     log_info("main", worker ? "worker running" : "listening",
              "url=http://%s:%d models=%s queue=%s workers=%d version=%s", hc.host,
              http_server_port(srv), OPT_S(&p, "models"), queue_shown ? queue_shown : "(hidden)",

@@ -3,6 +3,7 @@
  * shapes of a job and of a webhook event, shared by every implementation.
  */
 #include "queue/queue_internal.h"
+#include "core/url.h"
 #include "core/clock.h"
 #include "queue/redis/redis.h"
 #include "notify/notify.h"
@@ -124,7 +125,7 @@ int queue_open(const struct queue_config *cfg, struct queue **out, struct err *e
     if (cfg->url && queue_url_is_postgres(cfg->url))
         return queue_postgres_open(cfg, out, e);
     if (cfg->url && cfg->url[0] && strcmp(cfg->url, "sqlite") != 0) {
-        char *shown = queue_url_redacted(cfg->url); /* a password stays out of the message */
+        char *shown = url_redacted(cfg->url); /* a password stays out of the message */
         int rc = err_set(e, ERR_INVALID,
                          "--queue %s: expected sqlite, redis://host:port/db or postgresql://...",
                          shown ? shown : "(the URL given)");
@@ -137,32 +138,6 @@ int queue_open(const struct queue_config *cfg, struct queue **out, struct err *e
 int queue_url_is_postgres(const char *url)
 {
     return strncmp(url, "postgresql://", 13) == 0 || strncmp(url, "postgres://", 11) == 0;
-}
-
-char *queue_url_redacted(const char *url)
-{
-    char *shown = notify_url_redacted(url), *out;
-    const char *query, *p;
-    struct buf b = {0};
-    int rc = 0;
-
-    query = shown ? strchr(shown, '?') : NULL;
-    if (!query)
-        return shown;
-    /* a libpq URL may also carry its password as a parameter: ?password=... or &password=... */
-    rc = buf_append(&b, shown, (size_t)(query - shown));
-    for (p = query; rc == 0 && *p;) {
-        size_t n = strcspn(p + 1, "&") + 1; /* one parameter with its leading ? or & */
-        if (strncmp(p + 1, "password=", 9) == 0)
-            rc = buf_printf(&b, "%cpassword=***", *p);
-        else
-            rc = buf_append(&b, p, n);
-        p += n;
-    }
-    free(shown);
-    out = rc == 0 ? buf_take(&b) : NULL;
-    buf_release(&b);
-    return out;
 }
 
 void queue_close(struct queue *q)

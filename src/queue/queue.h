@@ -151,10 +151,6 @@ void queue_close(struct queue *q);
 
 /* 1 when `url` names a PostgreSQL queue (postgresql://... or postgres://...). */
 int queue_url_is_postgres(const char *url);
-/* A copy of a --queue URL fit for logs and errors: userinfo and ?password= masked. New
- * string (free()); NULL when out of memory. */
-char *queue_url_redacted(const char *url);
-
 /*
  * Stores a new job, durably. With an idempotency key already used: the same request hash
  * gives back that job (`*existed` = 1), another hash is ERR_CONFLICT.

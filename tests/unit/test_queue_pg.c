@@ -18,6 +18,7 @@
 #include <cmocka.h>
 
 #include "queue/queue.h"
+#include "core/url.h"
 
 #include <libpq-fe.h>
 #include <pthread.h>
@@ -364,7 +365,7 @@ static void test_unreachable_server_is_unavailable_and_its_password_hidden(void 
     assert_null(q);
     assert_non_null(strstr(e.msg, "127.0.0.1"));
     assert_null(strstr(e.msg, "s3cr3t"));
-    shown = queue_url_redacted(cfg.url);
+    shown = url_redacted(cfg.url);
     assert_string_equal(shown, "postgresql://***@127.0.0.1:1/nodb?connect_timeout=2&password=***");
     free(shown);
 }

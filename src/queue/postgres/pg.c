@@ -22,6 +22,7 @@
  */
 #define _GNU_SOURCE
 #include "queue/postgres/pg_internal.h"
+#include "core/url.h"
 #include "core/clock.h"
 #include "core/log.h"
 
@@ -639,7 +640,7 @@ int queue_postgres_open(const struct queue_config *cfg, struct queue **out, stru
     q->base.ops = &postgres_ops;
     q->cfg = *cfg;
     q->conninfo = strdup(cfg->url);
-    q->shown = queue_url_redacted(cfg->url);
+    q->shown = url_redacted(cfg->url);
     atomic_store(&q->up_since_ms, clock_now_ms());
     pthread_mutex_init(&q->pool_lock, NULL);
     queue_writer_init(&q->w, PG_MAX_GROUP, PG_IDLE_POLL_MS);
