@@ -299,6 +299,14 @@ class CommitAnswerCutter:
             threading.Thread(target=self._up, args=(client, up, conn), daemon=True).start()
             threading.Thread(target=self._down, args=(up, client, conn), daemon=True).start()
 
+    @staticmethod
+    def _close(*socks):
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def _up(self, client, up, conn):
         try:
             while data := client.recv(65536):
@@ -311,11 +319,7 @@ class CommitAnswerCutter:
                 up.sendall(data)
         except OSError:
             pass
-        for s in (client, up):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self._close(client, up)
 
     def _down(self, up, client, conn):
         try:
@@ -326,11 +330,7 @@ class CommitAnswerCutter:
                 client.sendall(data)
         except OSError:
             pass
-        for s in (client, up):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self._close(client, up)
 
 
 def test_lease_whose_commit_answer_is_lost_runs_again_at_once(postgres_server, server_factory,

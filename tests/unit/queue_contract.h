@@ -65,6 +65,8 @@ struct job *qc_lease(struct queue *q); /* as "w" */
 /* queue_get that must succeed. */
 struct job *qc_get(struct queue *q, const char *id);
 enum job_state qc_state(struct queue *q, const char *id);
+/* 1 when job `id` is no longer stored (queue_get says ERR_NOT_FOUND). */
+int qc_job_gone(struct queue *q, const char *id);
 
 /* Parses `b` (and releases it) as a JSON object; fails the test if it is not one. */
 json_t *qc_parse(struct buf *b);

@@ -205,6 +205,16 @@ enum job_state qc_state(struct queue *q, const char *id)
     return s;
 }
 
+int qc_job_gone(struct queue *q, const char *id)
+{
+    struct job *j = NULL;
+    struct err e = {0};
+    int rc = queue_get(q, id, 0, &j, &e);
+
+    job_free(j);
+    return rc == ERR_NOT_FOUND;
+}
+
 json_t *qc_parse(struct buf *b)
 {
     json_error_t je;

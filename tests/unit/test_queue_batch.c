@@ -584,16 +584,6 @@ static int batch_gone(struct queue *q, const char *id)
     return rc == ERR_NOT_FOUND;
 }
 
-static int job_gone(struct queue *q, const char *id)
-{
-    struct job *j = NULL;
-    struct err e = {0};
-    int rc = queue_get(q, id, 0, &j, &e);
-
-    job_free(j);
-    return rc == ERR_NOT_FOUND;
-}
-
 /* A finished run goes --result-ttl-s after it ended, with its tasks, as a finished job does;
  * a run still going and a schedule stay. */
 static void test_run_retention(void **state)
@@ -636,8 +626,8 @@ static void test_run_retention(void **state)
     create(q, &spec, going);
 
     qc_poll(batch_gone(q, done), 10, "the cancelled run to go after its 1 s of retention");
-    qc_poll(job_gone(q, task), 10, "the finished run's succeeded task to go with it");
-    qc_poll(job_gone(q, queued_task), 10, "the finished run's cancelled task to go with it");
+    qc_poll(qc_job_gone(q, task), 10, "the finished run's succeeded task to go with it");
+    qc_poll(qc_job_gone(q, queued_task), 10, "the finished run's cancelled task to go with it");
     qc_poll(batch_gone(q, rid), 10, "the schedule's cancelled run to go");
     json_t *o = qc_batch_json(q, sid); /* the schedule stays, without its retired run */
     assert_string_equal(qc_str(o, "status"), "scheduled");

@@ -78,16 +78,6 @@ static void test_ttl_expiry(void **state)
     job_free(j);
 }
 
-static int is_gone(struct queue *q, const char *id)
-{
-    struct job *j = NULL;
-    struct err e = {0};
-    int rc = queue_get(q, id, 1, &j, &e);
-
-    job_free(j);
-    return rc == ERR_NOT_FOUND;
-}
-
 static int succeeded_counted(struct queue *q)
 {
     int64_t counts[JOB_N_STATES] = {0};
@@ -130,8 +120,8 @@ static void test_retention(void **state)
     qc_enqueue_spec(q, &keyed, keyed_id);
     assert_int_equal(queue_cancel(q, keyed_id, &j, &e), 0);
     job_free(j);
-    qc_poll(is_gone(q, done), 10, "the finished job to go after its 1 s of retention");
-    qc_poll(is_gone(q, keyed_id), 10, "the cancelled job to go after its 1 s of retention");
+    qc_poll(qc_job_gone(q, done), 10, "the finished job to go after its 1 s of retention");
+    qc_poll(qc_job_gone(q, keyed_id), 10, "the cancelled job to go after its 1 s of retention");
     /* its Idempotency-Key may be used again, for another request */
     keyed.request_hash = "h2";
     assert_int_equal(queue_enqueue(q, &keyed, again, &existed, &e), 0);
