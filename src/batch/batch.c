@@ -105,6 +105,7 @@ struct runner {
     int said_positional;       /* the "no feature names" line was logged */
     int n_instances;
     struct warehouse_source *table; /* the input is a table: read from it, not from storage */
+    struct warehouse_sink *sink;    /* the output is a table: rows go there, not to storage */
     pthread_mutex_t lock;
     pthread_cond_t cond;
     struct batch_stats *stats;
@@ -760,6 +761,11 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
             if (++run->stats->errors > run->cfg->max_errors)
                 return err_set(e, ERR_INVALID, "%s: %s: %s%s", o->name, where, c->bad[i],
                                run->cfg->max_errors ? " (more bad records than --max-errors)" : "");
+            if (run->sink) { /* to the table's errors table, by its keys */
+                rc = warehouse_sink_put_bad(run->sink, c->keys.data + c->key_off[i],
+                                            c->key_len[i], c->bad[i], e);
+                continue;
+            }
             int n = snprintf(msg, sizeof(msg), "%s: %s\n", where, c->bad[i]);
             if (!o->errors)
                 rc = storage_open_write(o->errors_uri, &o->errors, e);
@@ -779,10 +785,17 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
         const float *x =
             run->table ? (const float *)c->req->inputs[0].data + g * (size_t)run->width : NULL;
         g++;
+        if (run->sink) {
+            rc = warehouse_sink_put(run->sink, c->keys.data + c->key_off[i], c->key_len[i], y,
+                                    per_row, e);
+            continue;
+        }
         rc = write_row(run, c, i, x, y, per_row, o);
         if (rc == 0)
             rc = emit(o, e);
     }
+    if (rc == 0 && run->sink) /* the chunk, into the staging table */
+        rc = warehouse_sink_write(run->sink, e);
     run->stats->records += (int64_t)c->n;
     return rc;
 }
@@ -924,7 +937,7 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
             rc = buf_puts(&header, warehouse_feature_header(run->table));
         if (rc != 0)
             rc = err_set(e, ERR_NOMEM, "out of memory");
-        o.header = csv ? header.data : NULL;
+        o.header = csv && !run->sink ? header.data : NULL;
         o.header_len = header.len;
     } else {
         rc = bind_object(run, name, csv, e);
@@ -940,7 +953,7 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
         rc = err_set(e, ERR_NOMEM, "out of memory");
     if (rc == 0 && !run->table)
         rc = storage_open_read(in_uri, &in, e);
-    if (rc == 0)
+    if (rc == 0 && !run->sink)
         rc = storage_open_write(out_uri, &o.out, e);
     while (rc == 0 && !eof) {
         struct chunk *c = &chunks[next];
@@ -1046,7 +1059,9 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
         rc = storage_commit(o.errors, e), o.errors = NULL;
     else if (rc == 0 && stale_errors) /* none now: an earlier run's would mislead */
         rc = storage_delete(errors_uri, e);
-    if (rc == 0)
+    if (rc == 0 && run->sink) /* all of the run's rows at once, for readers */
+        rc = warehouse_sink_commit(run->sink, e);
+    else if (rc == 0)
         rc = storage_commit(o.out, e), o.out = NULL;
     storage_abort(o.out);
     storage_abort(o.errors);
@@ -1348,7 +1363,8 @@ static int open_table(struct runner *run, char ***names, size_t *n, struct err *
 {
     const struct batch_config *cfg = run->cfg;
     const struct features *f = &run->model->features;
-    int csv = cfg->format == BATCH_FORMAT_CSV, rc;
+    /* a table output takes the keys as CSV fields */
+    int csv = cfg->format == BATCH_FORMAT_CSV || warehouse_supports(cfg->output), rc;
     struct warehouse_spec spec = {
         .uri = cfg->input,
         .query = cfg->input_query,
@@ -1388,6 +1404,70 @@ static int open_table(struct runner *run, char ***names, size_t *n, struct err *
     return 0;
 }
 
+/*
+ * Opens the table cfg->output names as the run's sink, for the keys of run->table (their
+ * types too) and the model's declared values per row.
+ */
+static int open_sink(struct runner *run, struct err *e)
+{
+    size_t n = warehouse_n_keys(run->table);
+    const char **types = calloc(n + 1, sizeof(*types));
+    struct warehouse_sink_spec spec = {
+        .uri = run->cfg->output,
+        .n_keys = n,
+        .key_names = run->keys.names,
+        .key_types = types,
+        .per_row = declared_per_row(run->model),
+        .model_version = run->model->version_str,
+    };
+    int rc;
+
+    if (!types)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    for (size_t k = 0; k < n; k++)
+        types[k] = warehouse_key_type(run->table, k);
+    rc = warehouse_sink_open(&spec, &run->sink, e);
+    free(types);
+    if (rc == 0)
+        log_info("batch", "writing a table", "target=%s name=%s staging=%s__inferd_staging",
+                 warehouse_sink_shown(run->sink), warehouse_sink_name(run->sink),
+                 warehouse_sink_name(run->sink));
+    return rc;
+}
+
+/* A table (or query) into a table: one object, no manifest; the sink's commit is the end. */
+static int run_to_table(struct runner *run, struct err *e)
+{
+    const struct batch_config *cfg = run->cfg;
+    char **names = NULL, sha[65] = "";
+    size_t n = 0;
+    int64_t records = 0;
+    int rc;
+
+    if (!warehouse_supports(cfg->input))
+        return err_set(e, ERR_INVALID,
+                       "--output: a table output needs a table or query input (--input "
+                       "postgresql://...): files and S3 objects into a table are not there yet");
+    if (cfg->join_input)
+        return err_set(e, ERR_INVALID,
+                       "--join-input: a table output holds the keys and the prediction only");
+    rc = open_table(run, &names, &n, e);
+    if (rc == 0)
+        rc = open_sink(run, e);
+    if (rc == 0) {
+        run->stats->objects_total = 1;
+        rc = process_object(run, cfg->input, names[0], NULL, NULL, 1, 0, &records, sha, e);
+    }
+    if (rc == 0) {
+        run->stats->objects_done = 1;
+        log_info("batch", "merged into the table", "name=%s records=%lld errors=%lld",
+                 warehouse_sink_name(run->sink), (long long)records,
+                 (long long)run->stats->errors);
+    }
+    storage_names_free(names, n);
+    return rc;
+}
+
 int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct err *e)
 {
     struct registry *reg = NULL;
@@ -1412,7 +1492,7 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
     rc = start_keys(&run, e);
     if (rc == 0)
         rc = batch_check_suffix(suffix, e);
-    if (rc == 0)
+    if (rc == 0 && !warehouse_supports(cfg->output))
         rc = batch_check_locations(cfg->input, cfg->output, suffix, e);
     if (rc != 0)
         goto cleanup;
@@ -1423,6 +1503,10 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
     {
         long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
         run.n_instances = cfg->instances > 0 ? cfg->instances : (int)(n_cpu > 0 ? n_cpu : 1);
+    }
+    if (warehouse_supports(cfg->output)) {
+        rc = run_to_table(&run, e);
+        goto cleanup;
     }
     if (warehouse_supports(cfg->input)) {
         rc = open_table(&run, &names, &n_names, e);
@@ -1521,6 +1605,7 @@ cleanup:
     if (cfg->progress_tty)
         fprintf(stderr, "\n");
     batch_keys_release(&run.keys);
+    warehouse_sink_close(run.sink); /* without a commit: its staging table goes */
     warehouse_close(run.table);
     model_release(run.model);
     registry_destroy(reg);
