@@ -163,7 +163,7 @@ static const struct option_def batch_options[] = {
      0},
     {"output", OPT_STR, "", 0, 0,
      "where <name>.out, _manifest.json and _SUCCESS go (required); or a PostgreSQL table "
-     "(postgresql://...?table=T) for a table input: upserted by key, all or nothing",
+     "(postgresql://...?table=T): upserted by key, all or nothing",
      0},
     {"format", OPT_STR, "", 0, 0, "jsonl or csv (default: from each object's extension)", 0},
     {"records-per-batch", OPT_INT, "1024", 1, 1048576, "records per model call", 0},
@@ -260,9 +260,10 @@ static void usage_batch(FILE *f)
                "header line when the input has one). Re-running skips objects already done\n"
                "(see _manifest.json); _SUCCESS marks the end. A PostgreSQL table or query\n"
                "(--input postgresql://...?table=T, or with --input-query) is one input: its\n"
-               "rows in key order to <output>/SCHEMA.TABLE.jsonl (or .csv, or query.jsonl),\n"
-               "or into a table (--output postgresql://...?table=T): upserted by key at the\n"
-               "end in one transaction, bad rows to T_errors.\n"
+               "rows in key order to <output>/SCHEMA.TABLE.jsonl (or .csv, or query.jsonl).\n"
+               "Any input can go into a table (--output postgresql://...?table=T): upserted\n"
+               "by key (objects: source_object, line) at the end in one transaction, bad\n"
+               "rows to T_errors.\n"
                "\noptions:\n");
     usage_options(f, batch_options, N_BATCH, 0);
 }

@@ -96,7 +96,7 @@ struct warehouse_sink;
 struct warehouse_sink_spec {
     const char *uri; /* postgresql://USER[:PW]@HOST:PORT/DB?table=[SCHEMA.]TABLE */
     size_t n_keys;
-    char *const *key_names;
+    const char *const *key_names;
     const char *const *key_types; /* warehouse_key_type() of the source */
     size_t per_row;         /* values per prediction: 1 a number, more an array */
     const char *model_version;

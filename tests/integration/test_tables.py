@@ -19,7 +19,7 @@ import pytest
 import requests
 import xgboost as xgb
 
-from conftest import INFERD_BIN, assert_close, async_args, error_message, free_port
+from conftest import S3_BUCKET, INFERD_BIN, assert_close, async_args, error_message, free_port
 
 RUN_DEADLINE_S = 180.0
 _dbs = itertools.count(1)
@@ -581,7 +581,7 @@ def test_kill_9_mid_run_leaves_the_target_untouched(pg, repo, trained, tmp_path)
     assert_close([r[1] for r in got[:-1]], m.expected(X), "after kill -9 and a re-run")
 
 
-def test_table_output_password_never_shown_and_file_input_refused(pg, repo, trained, tmp_path):
+def test_table_output_password_never_shown(pg, repo, trained, tmp_path):
     cluster, db, _ = pg
     password = "Out3pwSecret77"
     role = f"tables_out_{db}"
@@ -603,7 +603,64 @@ def test_table_output_password_never_shown_and_file_input_refused(pg, repo, trai
     assert p.returncode != 0 and "no column 'prediction'" in p.stderr, p.stderr
     assert password not in p.stdout + p.stderr
     (tmp_path / "in.csv").write_text("1,2,3,4,5,6,7\n")
-    p = run(repo, "binary", str(tmp_path / "in.csv"), f"{url}?table=scores", check=False)
-    assert p.returncode != 0 and "files and S3 objects into a table are not there yet" \
+    p = run(repo, "binary", str(tmp_path / "in.csv"), f"{url}?table=scores", "--join-input",
+            check=False)
+    assert p.returncode != 0 and "a table output holds the keys and the prediction only" \
         in p.stderr, p.stderr
     assert password not in p.stdout + p.stderr
+
+
+def test_objects_into_a_table(pg, repo, trained, tmp_path):
+    """Files under a prefix (CSV with a header, JSON Lines) into one table keyed by
+    source_object and line; a bad line goes to the errors table by the same keys; the same
+    command again replaces the scores."""
+    cluster, db, url = pg
+    m = trained["regression"]
+    X = m.rows(300, 16, nan_fraction=0.1)
+    inp = tmp_path / "in"
+    (inp / "day=1").mkdir(parents=True)
+
+    def num(v):
+        return "" if np.isnan(v) else repr(float(v))
+
+    header = ",".join(f"f{j}" for j in range(m.n_features))
+    (inp / "day=1" / "a.csv").write_text(
+        header + "\n" + "".join(",".join(num(v) for v in X[i]) + "\n" for i in range(200)))
+    lines = [json.dumps([None if np.isnan(v) else float(v) for v in X[i]]) for i in range(200, 300)]
+    lines[41] = "[1, 2]"  # line 42: a bad record
+    (inp / "b.jsonl").write_text("\n".join(lines) + "\n")
+    out = f"{url}?table=obj_scores"
+    p = run(repo, "regression", str(inp), out, "--csv-header", "--max-errors", "1")
+    assert "records=300" in p.stderr and "errors=1" in p.stderr, p.stderr
+    assert column_type(cluster, db, "obj_scores", "source_object") == "text"
+    assert column_type(cluster, db, "obj_scores", "line") == "bigint"
+    got = scores(cluster, db, "obj_scores", keys=("source_object", "line"))
+    assert [(r[0], int(r[1])) for r in got] == \
+        [("b.jsonl", i) for i in range(1, 101) if i != 42] + \
+        [("day=1/a.csv", i) for i in range(2, 202)]
+    want = m.expected(X)
+    assert_close([r[2] for r in got[:99]], np.delete(want[200:], 41), "jsonl object")
+    assert_close([r[2] for r in got[99:]], want[:200], "csv object")
+    errs = cluster.psql("SELECT source_object, line, reason FROM obj_scores_errors", db=db)
+    assert errs == [["b.jsonl", "42", f"expected {m.n_features} values, got 2"]], errs
+    run(repo, "regression", str(inp), out, "--csv-header", "--max-errors", "1")
+    assert scores(cluster, db, "obj_scores", keys=("source_object", "line")) == got
+    p = run(repo, "regression", str(inp), out, "--key-columns", "0", check=False)
+    assert p.returncode != 0 and "keyed by source_object and line" in p.stderr, p.stderr
+
+
+def test_s3_objects_into_a_table(pg, repo, trained, tmp_path, s3rver):
+    cluster, db, url = pg
+    m = trained["binary"]
+    X = m.rows(60, 17)
+    local = tmp_path / "in"
+    local.mkdir()
+    (local / "part-0.csv").write_text(
+        "".join(",".join(repr(float(v)) for v in X[i]) + "\n" for i in range(60)))
+    prefix = f"s3://{S3_BUCKET}/tables-{db}/in/"
+    s3rver.upload(local, prefix)
+    run(repo, "binary", prefix, f"{url}?table=s3_scores", "--s3-endpoint", s3rver.endpoint,
+        env=s3rver.env())
+    got = scores(cluster, db, "s3_scores", keys=("source_object", "line"))
+    assert [(r[0], int(r[1])) for r in got] == [("part-0.csv", i) for i in range(1, 61)]
+    assert_close([r[2] for r in got], m.expected(X), "an S3 object into a table")
