@@ -17,10 +17,7 @@
  * gives.
  */
 #define _GNU_SOURCE
-#include "warehouse/warehouse_internal.h"
-#include "core/log.h"
-
-#include <libpq-fe.h>
+#include "warehouse/postgres_internal.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,7 +41,7 @@ struct pg_source {
     int done;
 };
 
-static int pg_supports(const char *uri)
+int warehouse_pg_supports(const char *uri)
 {
     return strncmp(uri, "postgresql://", 13) == 0 || strncmp(uri, "postgres://", 11) == 0;
 }
@@ -70,8 +67,8 @@ static void clean(PGconn *conn, const char *msg, char *out, size_t size)
     out[n] = '\0';
 }
 
-static int pg_fail(const char *shown, PGconn *conn, const PGresult *res, int code,
-                   const char *what, struct err *e)
+int warehouse_pg_fail(const char *shown, PGconn *conn, const PGresult *res, int code,
+                      const char *what, struct err *e)
 {
     char msg[200];
 
@@ -89,7 +86,7 @@ static int pg_fail(const char *shown, PGconn *conn, const PGresult *res, int cod
 }
 
 /* Splits `uri` into libpq's conninfo (without `table=`) and the table (NULL if none). */
-static int split_uri(const char *uri, struct buf *conninfo, char **table)
+int warehouse_pg_split_uri(const char *uri, struct buf *conninfo, char **table)
 {
     const char *q = strchr(uri, '?');
     char sep = '?';
@@ -113,7 +110,7 @@ static int split_uri(const char *uri, struct buf *conninfo, char **table)
     return buf_append(conninfo, "", 1);
 }
 
-static PGresult *query1(PGconn *conn, const char *sql, const char *param)
+PGresult *warehouse_pg_query1(PGconn *conn, const char *sql, const char *param)
 {
     return PQexecParams(conn, sql, param ? 1 : 0, NULL, param ? &param : NULL, NULL, NULL, 0);
 }
@@ -122,16 +119,17 @@ static PGresult *query1(PGconn *conn, const char *sql, const char *param)
 static int find_table(struct warehouse_source *s, PGconn *conn, const char *table, struct buf *from,
                       char **oid, struct err *e)
 {
-    PGresult *res = query1(conn,
-                           "SELECT n.nspname, c.relname, c.oid::text FROM pg_catalog.pg_class c "
-                           "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-                           "WHERE c.oid = pg_catalog.to_regclass($1)",
-                           table);
+    PGresult *res =
+        warehouse_pg_query1(conn,
+                            "SELECT n.nspname, c.relname, c.oid::text FROM pg_catalog.pg_class c "
+                            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                            "WHERE c.oid = pg_catalog.to_regclass($1)",
+                            table);
     char *ns = NULL, *rel = NULL;
     int rc = 0;
 
     if (PQresultStatus(res) != PGRES_TUPLES_OK)
-        rc = pg_fail(s->shown, conn, res, ERR_INVALID, "table", e);
+        rc = warehouse_pg_fail(s->shown, conn, res, ERR_INVALID, "table", e);
     else if (PQntuples(res) != 1)
         rc = err_set(e, ERR_INVALID, "%s: no such table '%.100s'", s->shown, table);
     else if (!(ns = PQescapeIdentifier(conn, PQgetvalue(res, 0, 0),
@@ -178,14 +176,15 @@ static int find_keys(struct warehouse_source *s, PGconn *conn, const char *spec,
                        "%s: a query source needs --key-columns: they order the rows and name "
                        "them in outputs and errors",
                        s->shown);
-    res = query1(conn,
-                 "SELECT a.attname FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a "
-                 "ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
-                 "WHERE i.indrelid = $1::oid AND i.indisprimary "
-                 "ORDER BY pg_catalog.array_position(i.indkey::int2[], a.attnum)",
-                 oid);
+    res = warehouse_pg_query1(
+        conn,
+        "SELECT a.attname FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a "
+        "ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+        "WHERE i.indrelid = $1::oid AND i.indisprimary "
+        "ORDER BY pg_catalog.array_position(i.indkey::int2[], a.attnum)",
+        oid);
     if (PQresultStatus(res) != PGRES_TUPLES_OK)
-        rc = pg_fail(s->shown, conn, res, ERR_INVALID, "primary key", e);
+        rc = warehouse_pg_fail(s->shown, conn, res, ERR_INVALID, "primary key", e);
     else if (PQntuples(res) == 0)
         rc = err_set(e, ERR_INVALID,
                      "table %s has no primary key: name the columns that identify a row with "
@@ -206,8 +205,8 @@ static void type_name_mod(PGconn *conn, Oid type, int mod, char *out, size_t siz
 
     snprintf(oid, sizeof(oid), "%u", type);
     snprintf(typmod, sizeof(typmod), "%d", mod);
-    res = PQexecParams(conn, "SELECT pg_catalog.format_type($1::oid, NULLIF($2::int, -1))", 2,
-                       NULL, params, NULL, NULL, 0);
+    res = PQexecParams(conn, "SELECT pg_catalog.format_type($1::oid, NULLIF($2::int, -1))", 2, NULL,
+                       params, NULL, NULL, 0);
     snprintf(out, size, "%s",
              PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 ? PQgetvalue(res, 0, 0)
                                                                            : oid);
@@ -363,7 +362,7 @@ static int pg_open(struct warehouse_source *s, const struct warehouse_spec *spec
     PGresult *res = NULL;
     int rc = 0, is_query = spec->query && spec->query[0];
 
-    if (!pg || split_uri(spec->uri, &conninfo, &table) != 0) {
+    if (!pg || warehouse_pg_split_uri(spec->uri, &conninfo, &table) != 0) {
         free(pg);
         rc = err_set(e, ERR_NOMEM, "out of memory");
         goto cleanup;
@@ -385,7 +384,7 @@ static int pg_open(struct warehouse_source *s, const struct warehouse_spec *spec
         goto cleanup;
     }
     if (PQstatus(pg->conn) != CONNECTION_OK) {
-        rc = pg_fail(s->shown, pg->conn, NULL, ERR_IO, "cannot connect", e);
+        rc = warehouse_pg_fail(s->shown, pg->conn, NULL, ERR_IO, "cannot connect", e);
         goto cleanup;
     }
     if (is_query) {
@@ -409,13 +408,15 @@ static int pg_open(struct warehouse_source *s, const struct warehouse_spec *spec
     }
     res = PQprepare(pg->conn, "", sql.data, 0, NULL);
     if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-        rc = pg_fail(s->shown, pg->conn, res, ERR_INVALID, is_query ? "query" : s->name, e);
+        rc = warehouse_pg_fail(s->shown, pg->conn, res, ERR_INVALID, is_query ? "query" : s->name,
+                               e);
         goto cleanup;
     }
     PQclear(res);
     res = PQdescribePrepared(pg->conn, "");
     if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-        rc = pg_fail(s->shown, pg->conn, res, ERR_INVALID, is_query ? "query" : s->name, e);
+        rc = warehouse_pg_fail(s->shown, pg->conn, res, ERR_INVALID, is_query ? "query" : s->name,
+                               e);
         goto cleanup;
     }
     pg->layout.key_names = s->key_names;
@@ -437,7 +438,8 @@ static int pg_open(struct warehouse_source *s, const struct warehouse_spec *spec
     PQclear(res);
     res = PQexec(pg->conn, copy.data);
     if (PQresultStatus(res) != PGRES_COPY_OUT)
-        rc = pg_fail(s->shown, pg->conn, res, ERR_INVALID, is_query ? "query" : s->name, e);
+        rc = warehouse_pg_fail(s->shown, pg->conn, res, ERR_INVALID, is_query ? "query" : s->name,
+                               e);
 cleanup:
     PQclear(res);
     buf_release(&conninfo);
@@ -463,12 +465,12 @@ static int pg_read_row(struct warehouse_source *s, struct buf *features, struct 
         PGresult *res = PQgetResult(pg->conn);
         pg->done = 1;
         if (PQresultStatus(res) != PGRES_COMMAND_OK)
-            rc = pg_fail(s->shown, pg->conn, res, ERR_IO, "reading", e);
+            rc = warehouse_pg_fail(s->shown, pg->conn, res, ERR_IO, "reading", e);
         PQclear(res);
         return rc ? rc : 0;
     }
     if (n < 0)
-        return pg_fail(s->shown, pg->conn, NULL, ERR_IO, "reading", e);
+        return warehouse_pg_fail(s->shown, pg->conn, NULL, ERR_IO, "reading", e);
     pg->rows++;
     why = warehouse_copy_row(
         &pg->layout, row, n > 0 && row[n - 1] == '\n' ? (size_t)n - 1 : (size_t)n, features, keys);
@@ -496,401 +498,8 @@ static void pg_close(struct warehouse_source *s)
 }
 
 const struct warehouse_ops warehouse_postgres_ops = {
-    .supports = pg_supports,
+    .supports = warehouse_pg_supports,
     .open = pg_open,
     .read_row = pg_read_row,
     .close = pg_close,
-};
-
-/*
- * ---- a table as a sink ----
- *
- * At open: connect (its own connection: the source's is busy with its COPY), take a session
- * advisory lock on the target's name (one writer at a time; a killed run's lock ends with its
- * connection), check the target TABLE and TABLE_errors when they exist (the key columns of the
- * source's types, `prediction`, `model_version` / `reason`, a unique index on exactly the
- * keys), drop a staging table a failed or killed run left, and create an UNLOGGED
- * TABLE__inferd_staging (keys, prediction, reason). Each chunk is one
- *   COPY staging FROM STDIN (FORMAT csv)
- * committed on its own, so memory holds one chunk. The commit, in one transaction: create the
- * target and errors tables if missing, upsert the scored rows, remove their keys from the
- * errors table, upsert the bad rows there, drop the staging table.
- */
-struct pg_sink {
-    PGconn *conn;
-    char *target, *errors, *staging; /* quoted SCHEMA.TABLE */
-    struct buf keys;                 /* quoted "k1", "k2" */
-    struct buf match;                /* e."k1" = s."k1" AND ... */
-    struct buf create;               /* CREATE TABLE IF NOT EXISTS ... for both */
-    char *version;                   /* quoted literal */
-    int committed;
-};
-
-/* pg_exec: runs `sql` (no result rows wanted); 0 or a masked error saying `what` */
-static int pg_run(struct warehouse_sink *k, PGconn *conn, const char *sql, const char *what,
-                  struct err *e)
-{
-    PGresult *res = PQexec(conn, sql);
-    int rc = 0;
-
-    if (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK)
-        rc = pg_fail(k->shown, conn, res, ERR_INVALID, what, e);
-    PQclear(res);
-    return rc;
-}
-
-static char *quoted2(PGconn *conn, const char *schema, const char *table, const char *suffix)
-{
-    char *a = PQescapeIdentifier(conn, schema, strlen(schema)), *b = NULL, *name = NULL, *out = NULL;
-
-    if (a && asprintf(&name, "%s%s", table, suffix) >= 0)
-        b = PQescapeIdentifier(conn, name, strlen(name));
-    if (b && asprintf(&out, "%s.%s", a, b) < 0)
-        out = NULL;
-    PQfreemem(a);
-    PQfreemem(b);
-    free(name);
-    return out;
-}
-
-/*
- * Checks an existing table (`schema`.`name`) for the columns `want` (name, type pairs, n of
- * them) and a unique index on exactly the n_keys first. 0 when it does not exist (*exists 0).
- */
-static int check_table(struct warehouse_sink *k, PGconn *conn, const char *schema,
-                       const char *name, const char *const *want, size_t n, size_t n_keys,
-                       int *exists, struct err *e)
-{
-    const char *params[2] = {schema, name};
-    PGresult *res = PQexecParams(
-        conn,
-        "SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod) "
-        "FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid "
-        "JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace "
-        "WHERE ns.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped",
-        2, NULL, params, NULL, NULL, 0);
-    int rc = 0;
-
-    *exists = 0;
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        rc = pg_fail(k->shown, conn, res, ERR_INVALID, "table", e);
-        PQclear(res);
-        return rc;
-    }
-    *exists = PQntuples(res) > 0;
-    for (size_t i = 0; *exists && rc == 0 && i < n; i++) {
-        int row = -1;
-        for (int r = 0; r < PQntuples(res); r++)
-            if (strcmp(PQgetvalue(res, r, 0), want[2 * i]) == 0)
-                row = r;
-        if (row < 0)
-            rc = err_set(e, ERR_INVALID, "%s.%s: no column '%.64s' (%s): the output table needs it",
-                         schema, name, want[2 * i], want[2 * i + 1]);
-        else if (strcmp(PQgetvalue(res, row, 1), want[2 * i + 1]) != 0 &&
-                 !(strcmp(want[2 * i + 1], "text") == 0 &&
-                   strncmp(PQgetvalue(res, row, 1), "character varying", 17) == 0))
-            rc = err_set(e, ERR_INVALID, "%s.%s: column '%.64s' has type %s; the output needs %s",
-                         schema, name, want[2 * i], PQgetvalue(res, row, 1), want[2 * i + 1]);
-    }
-    PQclear(res);
-    if (rc != 0 || !*exists)
-        return rc;
-    /* ON CONFLICT needs a unique index on exactly the keys */
-    res = PQexecParams(
-        conn,
-        "SELECT i.indexrelid::text, a.attname FROM pg_catalog.pg_index i "
-        "JOIN pg_catalog.pg_class c ON c.oid = i.indrelid "
-        "JOIN pg_catalog.pg_namespace ns ON ns.oid = c.relnamespace "
-        "JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
-        "WHERE ns.nspname = $1 AND c.relname = $2 AND i.indisunique AND i.indpred IS NULL "
-        "AND i.indexprs IS NULL ORDER BY 1",
-        2, NULL, params, NULL, NULL, 0);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        rc = pg_fail(k->shown, conn, res, ERR_INVALID, "table", e);
-        PQclear(res);
-        return rc;
-    }
-    int found = 0;
-    for (int r = 0; !found && r < PQntuples(res);) {
-        int end = r, all = 1;
-        while (end < PQntuples(res) && strcmp(PQgetvalue(res, end, 0), PQgetvalue(res, r, 0)) == 0)
-            end++;
-        for (int q = r; q < end; q++) {
-            size_t j;
-            for (j = 0; j < n_keys && strcmp(want[2 * j], PQgetvalue(res, q, 1)) != 0; j++)
-                ;
-            all &= j < n_keys;
-        }
-        found = all && (size_t)(end - r) == n_keys;
-        r = end;
-    }
-    PQclear(res);
-    if (!found)
-        rc = err_set(e, ERR_INVALID,
-                     "%s.%s: no unique constraint on exactly the key columns: rows are upserted "
-                     "by them",
-                     schema, name);
-    return rc;
-}
-
-/* Column definitions "k1" type, ... into `b`; then `extra` */
-static int put_defs(PGconn *conn, struct buf *b, const struct warehouse_sink_spec *spec,
-                    const char *extra)
-{
-    for (size_t i = 0; i < spec->n_keys; i++) {
-        char *q = PQescapeIdentifier(conn, spec->key_names[i], strlen(spec->key_names[i]));
-        int rc = q ? buf_printf(b, "%s %s, ", q, spec->key_types[i]) : -1;
-        PQfreemem(q);
-        if (rc != 0)
-            return -1;
-    }
-    return buf_puts(b, extra);
-}
-
-static int sink_open(struct warehouse_sink *k, const struct warehouse_sink_spec *spec,
-                     struct err *e)
-{
-    struct pg_sink *pg = calloc(1, sizeof(*pg));
-    struct buf conninfo = {0}, sql = {0};
-    char *table = NULL, *schema = NULL, *rel = NULL, *lock = NULL;
-    const char *pred = spec->per_row > 1 ? "double precision[]" : "double precision";
-    const char **want = calloc(2 * spec->n_keys + 4, sizeof(*want));
-    PGresult *res = NULL;
-    int rc = 0, exists = 0;
-
-    if (!pg || !want || split_uri(spec->uri, &conninfo, &table) != 0) {
-        free(pg);
-        rc = err_set(e, ERR_NOMEM, "out of memory");
-        goto cleanup;
-    }
-    k->impl = pg;
-    if (!table || !table[0]) {
-        rc = err_set(e, ERR_INVALID, "%s: name the output table (?table=SCHEMA.TABLE)", k->shown);
-        goto cleanup;
-    }
-    pg->conn = PQconnectdb(conninfo.data);
-    if (!pg->conn) {
-        rc = err_set(e, ERR_NOMEM, "out of memory");
-        goto cleanup;
-    }
-    if (PQstatus(pg->conn) != CONNECTION_OK) {
-        rc = pg_fail(k->shown, pg->conn, NULL, ERR_IO, "cannot connect", e);
-        goto cleanup;
-    }
-    PQclear(PQexec(pg->conn, "SET client_min_messages TO warning")); /* no NOTICE on stderr */
-    /* the name as PostgreSQL reads it: unquoted parts folded, no schema the current one */
-    res = query1(pg->conn,
-                 "SELECT CASE WHEN cardinality(p) = 2 THEN p[1] ELSE current_schema() END, "
-                 "p[cardinality(p)], cardinality(p) FROM pg_catalog.parse_ident($1) AS p",
-                 table);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
-        rc = pg_fail(k->shown, pg->conn, res, ERR_INVALID, "output table", e);
-        goto cleanup;
-    }
-    if (atoi(PQgetvalue(res, 0, 2)) > 2 || PQgetisnull(res, 0, 0)) {
-        rc = err_set(e, ERR_INVALID, "%s: output table '%.100s': give [SCHEMA.]TABLE", k->shown,
-                     table);
-        goto cleanup;
-    }
-    schema = strdup(PQgetvalue(res, 0, 0));
-    rel = strdup(PQgetvalue(res, 0, 1));
-    PQclear(res);
-    res = NULL;
-    if (!schema || !rel || asprintf(&k->name, "%s.%s", schema, rel) < 0) {
-        k->name = NULL;
-        rc = err_set(e, ERR_NOMEM, "out of memory");
-        goto cleanup;
-    }
-    if (strlen(rel) + strlen("__inferd_staging") > 63) {
-        rc = err_set(e, ERR_INVALID,
-                     "%s: the table's name is longer than 47 bytes: its staging table "
-                     "%s__inferd_staging would not fit PostgreSQL's 63",
-                     k->name, rel);
-        goto cleanup;
-    }
-    pg->target = quoted2(pg->conn, schema, rel, "");
-    pg->errors = quoted2(pg->conn, schema, rel, "_errors");
-    pg->staging = quoted2(pg->conn, schema, rel, "__inferd_staging");
-    pg->version = PQescapeLiteral(pg->conn, spec->model_version, strlen(spec->model_version));
-    if (!pg->target || !pg->errors || !pg->staging || !pg->version ||
-        asprintf(&lock, "inferd batch %s", k->name) < 0) {
-        lock = NULL;
-        rc = err_set(e, ERR_NOMEM, "out of memory");
-        goto cleanup;
-    }
-    /* one writer: a second run would drop the first's staging table. A killed run's lock
-     * goes with its session, which the server ends as soon as it sees the connection closed:
-     * waited for a little, not failed at once */
-    PQclear(PQexec(pg->conn, "SET lock_timeout = '10s'"));
-    res = query1(pg->conn, "SELECT pg_catalog.pg_advisory_lock(pg_catalog.hashtext($1))", lock);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-        if (state && strcmp(state, "55P03") == 0)
-            rc = err_set(e, ERR_INVALID, "%s: another inferd batch run is writing to it", k->name);
-        else
-            rc = pg_fail(k->shown, pg->conn, res, ERR_INVALID, "lock", e);
-        goto cleanup;
-    }
-    PQclear(PQexec(pg->conn, "SET lock_timeout = 0"));
-    /* the target and its errors table, as they are or as they will be created */
-    for (size_t i = 0; i < spec->n_keys; i++) {
-        want[2 * i] = spec->key_names[i];
-        want[2 * i + 1] = spec->key_types[i];
-        char *q = PQescapeIdentifier(pg->conn, spec->key_names[i], strlen(spec->key_names[i]));
-        if (!q || buf_printf(&pg->keys, "%s%s", i ? ", " : "", q) != 0 ||
-            buf_printf(&pg->match, "%se.%s = s.%s", i ? " AND " : "", q, q) != 0)
-            rc = -1;
-        PQfreemem(q);
-    }
-    if (rc != 0) {
-        rc = err_set(e, ERR_NOMEM, "out of memory");
-        goto cleanup;
-    }
-    want[2 * spec->n_keys] = "prediction";
-    want[2 * spec->n_keys + 1] = pred;
-    want[2 * spec->n_keys + 2] = "model_version";
-    want[2 * spec->n_keys + 3] = "text";
-    rc = check_table(k, pg->conn, schema, rel, want, spec->n_keys + 2, spec->n_keys, &exists, e);
-    if (rc == 0 && !exists &&
-        (buf_printf(&pg->create, "CREATE TABLE IF NOT EXISTS %s (", pg->target) ||
-         put_defs(pg->conn, &pg->create, spec, "") ||
-         buf_printf(&pg->create, "prediction %s, model_version text, UNIQUE (%s)); ", pred,
-                    pg->keys.data)))
-        rc = err_set(e, ERR_NOMEM, "out of memory");
-    if (rc != 0)
-        goto cleanup;
-    free(rel);
-    rel = NULL;
-    if (asprintf(&rel, "%s_errors", k->name + strlen(schema) + 1) < 0) {
-        rel = NULL;
-        rc = err_set(e, ERR_NOMEM, "out of memory");
-        goto cleanup;
-    }
-    want[2 * spec->n_keys] = "reason";
-    want[2 * spec->n_keys + 1] = "text";
-    rc = check_table(k, pg->conn, schema, rel, want, spec->n_keys + 1, spec->n_keys, &exists, e);
-    if (rc == 0 && !exists &&
-        (buf_printf(&pg->create, "CREATE TABLE IF NOT EXISTS %s (", pg->errors) ||
-         put_defs(pg->conn, &pg->create, spec, "") ||
-         buf_printf(&pg->create, "reason text, UNIQUE (%s)); ", pg->keys.data)))
-        rc = err_set(e, ERR_NOMEM, "out of memory");
-    if (rc != 0)
-        goto cleanup;
-    /* a failed or killed run's staging table goes; this run's is new */
-    PQclear(res);
-    res = query1(pg->conn, "SELECT pg_catalog.to_regclass($1) IS NOT NULL", pg->staging);
-    if (PQresultStatus(res) == PGRES_TUPLES_OK && strcmp(PQgetvalue(res, 0, 0), "t") == 0)
-        log_warn("warehouse", "discarding the staging table of a run that did not finish",
-                 "name=%s__inferd_staging", k->name);
-    if (buf_printf(&sql, "DROP TABLE IF EXISTS %s; CREATE UNLOGGED TABLE %s (", pg->staging,
-                   pg->staging) ||
-        put_defs(pg->conn, &sql, spec, "") ||
-        buf_printf(&sql, "prediction %s, reason text)", pred)) {
-        rc = err_set(e, ERR_NOMEM, "out of memory");
-        goto cleanup;
-    }
-    rc = pg_run(k, pg->conn, sql.data, "staging table", e);
-cleanup:
-    PQclear(res);
-    buf_release(&conninfo);
-    buf_release(&sql);
-    free(table);
-    free(schema);
-    free(rel);
-    free(lock);
-    free(want);
-    return rc;
-}
-
-static int sink_write(struct warehouse_sink *k, struct err *e)
-{
-    struct pg_sink *pg = k->impl;
-    struct buf sql = {0};
-    PGresult *res;
-    int rc = 0;
-
-    if (buf_printf(&sql, "COPY %s FROM STDIN (FORMAT csv)", pg->staging) != 0) {
-        buf_release(&sql);
-        return err_set(e, ERR_NOMEM, "out of memory");
-    }
-    res = PQexec(pg->conn, sql.data);
-    buf_release(&sql);
-    if (PQresultStatus(res) != PGRES_COPY_IN) {
-        rc = pg_fail(k->shown, pg->conn, res, ERR_IO, "writing", e);
-        PQclear(res);
-        return rc;
-    }
-    PQclear(res);
-    if (PQputCopyData(pg->conn, k->rows.data, (int)k->rows.len) != 1 ||
-        PQputCopyEnd(pg->conn, NULL) != 1)
-        rc = pg_fail(k->shown, pg->conn, NULL, ERR_IO, "writing", e);
-    while ((res = PQgetResult(pg->conn)) != NULL) {
-        if (rc == 0 && PQresultStatus(res) != PGRES_COMMAND_OK)
-            rc = pg_fail(k->shown, pg->conn, res, ERR_IO, "writing", e);
-        PQclear(res);
-    }
-    return rc;
-}
-
-static int sink_commit(struct warehouse_sink *k, struct err *e)
-{
-    struct pg_sink *pg = k->impl;
-    struct buf sql = {0};
-    int rc = 0;
-
-    rc = buf_printf(
-            &sql,
-            "BEGIN; %s"
-            "INSERT INTO %s AS t (%s, prediction, model_version) SELECT %s, prediction, %s FROM %s "
-            "WHERE reason IS NULL ON CONFLICT (%s) DO UPDATE SET prediction = "
-            "EXCLUDED.prediction, model_version = EXCLUDED.model_version; "
-            "DELETE FROM %s AS e USING %s AS s WHERE s.reason IS NULL AND %s; "
-            "INSERT INTO %s (%s, reason) SELECT %s, reason FROM %s WHERE reason IS NOT NULL "
-            "ON CONFLICT (%s) DO UPDATE SET reason = EXCLUDED.reason; "
-            "DROP TABLE %s; COMMIT",
-            pg->create.data ? pg->create.data : "", pg->target, pg->keys.data, pg->keys.data,
-            pg->version, pg->staging, pg->keys.data, pg->errors, pg->staging, pg->match.data,
-            pg->errors, pg->keys.data, pg->keys.data, pg->staging, pg->keys.data, pg->staging);
-    if (rc != 0)
-        rc = err_set(e, ERR_NOMEM, "out of memory");
-    else
-        rc = pg_run(k, pg->conn, sql.data, "merging into the table", e);
-    if (rc != 0)
-        PQclear(PQexec(pg->conn, "ROLLBACK"));
-    pg->committed = rc == 0;
-    buf_release(&sql);
-    return rc;
-}
-
-static void sink_close(struct warehouse_sink *k)
-{
-    struct pg_sink *pg = k->impl;
-
-    if (!pg)
-        return;
-    if (pg->conn && pg->staging && !pg->committed && PQstatus(pg->conn) == CONNECTION_OK) {
-        struct buf sql = {0};
-        if (buf_printf(&sql, "DROP TABLE IF EXISTS %s", pg->staging) == 0)
-            PQclear(PQexec(pg->conn, sql.data)); /* best effort: the next run drops it too */
-        buf_release(&sql);
-    }
-    if (pg->conn)
-        PQfinish(pg->conn);
-    free(pg->target);
-    free(pg->errors);
-    free(pg->staging);
-    PQfreemem(pg->version);
-    buf_release(&pg->keys);
-    buf_release(&pg->match);
-    buf_release(&pg->create);
-    free(pg);
-    k->impl = NULL;
-}
-
-const struct warehouse_sink_ops warehouse_postgres_sink_ops = {
-    .supports = pg_supports,
-    .open = sink_open,
-    .write = sink_write,
-    .commit = sink_commit,
-    .close = sink_close,
 };

@@ -146,16 +146,15 @@ static int put_value(struct buf *b, float v, const char *none)
     return isfinite(v) ? buf_printf(b, "%.9g", (double)v) : buf_puts(b, none);
 }
 
-int warehouse_sink_put(struct warehouse_sink *k, const char *keys, size_t keys_len,
-                       const float *y, size_t n, struct err *e)
+int warehouse_sink_put(struct warehouse_sink *k, const char *keys, size_t keys_len, const float *y,
+                       size_t n, struct err *e)
 {
     int rc;
 
     if (n != k->per_row)
         return err_set(e, ERR_BACKEND,
-                       "%s: the model gave %zu values for a row; the table holds %zu (%s)",
-                       k->name, n, k->per_row,
-                       k->per_row > 1 ? "an array" : "one double precision value");
+                       "%s: the model gave %zu values for a row; the table holds %zu (%s)", k->name,
+                       n, k->per_row, k->per_row > 1 ? "an array" : "one double precision value");
     rc = buf_append(&k->rows, keys, keys_len);
     if (rc == 0 && n == 1)
         rc = put_value(&k->rows, y[0], "");

@@ -98,7 +98,7 @@ struct warehouse_sink_spec {
     size_t n_keys;
     const char *const *key_names;
     const char *const *key_types; /* warehouse_key_type() of the source */
-    size_t per_row;         /* values per prediction: 1 a number, more an array */
+    size_t per_row;               /* values per prediction: 1 a number, more an array */
     const char *model_version;
 };
 
@@ -112,8 +112,8 @@ int warehouse_sink_open(const struct warehouse_sink_spec *spec, struct warehouse
                         struct err *e);
 /* Adds one scored row to the chunk: `keys` as the source rendered them for CSV (each field
  * followed by ','), `n` values (NaN: none). n must be the spec's per_row. */
-int warehouse_sink_put(struct warehouse_sink *k, const char *keys, size_t keys_len,
-                       const float *y, size_t n, struct err *e);
+int warehouse_sink_put(struct warehouse_sink *k, const char *keys, size_t keys_len, const float *y,
+                       size_t n, struct err *e);
 /* Adds one bad row to the chunk: its keys, and why (one line, no feature value). */
 int warehouse_sink_put_bad(struct warehouse_sink *k, const char *keys, size_t keys_len,
                            const char *reason, struct err *e);
