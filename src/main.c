@@ -161,7 +161,10 @@ static const struct option_def batch_options[] = {
      "an object or a prefix: file:///path, s3://bucket/key, or a path; or a table: "
      "postgresql://USER@HOST:PORT/DB?table=SCHEMA.TABLE (required)",
      0},
-    {"output", OPT_STR, "", 0, 0, "where <name>.out, _manifest.json and _SUCCESS go (required)", 0},
+    {"output", OPT_STR, "", 0, 0,
+     "where <name>.out, _manifest.json and _SUCCESS go (required); or a PostgreSQL table "
+     "(postgresql://...?table=T): upserted by key, all or nothing",
+     0},
     {"format", OPT_STR, "", 0, 0, "jsonl or csv (default: from each object's extension)", 0},
     {"records-per-batch", OPT_INT, "1024", 1, 1048576, "records per model call", 0},
     {"concurrency", OPT_INT, "0", 0, 64,
@@ -258,6 +261,9 @@ static void usage_batch(FILE *f)
                "(see _manifest.json); _SUCCESS marks the end. A PostgreSQL table or query\n"
                "(--input postgresql://...?table=T, or with --input-query) is one input: its\n"
                "rows in key order to <output>/SCHEMA.TABLE.jsonl (or .csv, or query.jsonl).\n"
+               "Any input can go into a table (--output postgresql://...?table=T): upserted\n"
+               "by key (objects: source_object, line) at the end in one transaction, bad\n"
+               "rows to T_errors.\n"
                "\noptions:\n");
     usage_options(f, batch_options, N_BATCH, 0);
 }

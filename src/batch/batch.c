@@ -105,6 +105,7 @@ struct runner {
     int said_positional;       /* the "no feature names" line was logged */
     int n_instances;
     struct warehouse_source *table; /* the input is a table: read from it, not from storage */
+    struct warehouse_sink *sink;    /* the output is a table: rows go there, not to storage */
     pthread_mutex_t lock;
     pthread_cond_t cond;
     struct batch_stats *stats;
@@ -724,8 +725,36 @@ static void row_label(const struct runner *run, const struct chunk *c, size_t i,
         snprintf(out + n, size - n, ")=(%.*s)", len, keys);
 }
 
+/*
+ * A record's keys for a table sink, as CSV fields each followed by ',': a table's row's own,
+ * or for a file's record its object's name and line number (into `o->line`).
+ */
+static int sink_keys(const struct chunk *c, size_t i, struct object_out *o, const char **keys,
+                     size_t *len)
+{
+    int rc;
+
+    if (c->run->table) {
+        *keys = c->keys.data + c->key_off[i];
+        *len = c->key_len[i];
+        return 0;
+    }
+    o->line.len = 0;
+    rc = buf_puts(&o->line, "\"");
+    for (const char *p = o->name; rc == 0 && *p; p++)
+        rc = *p == '"' ? buf_puts(&o->line, "\"\"") : buf_append(&o->line, p, 1);
+    if (rc == 0)
+        rc = buf_printf(&o->line, "\",%lld,", (long long)c->line_no[i]);
+    *keys = o->line.data;
+    *len = o->line.len;
+    return rc;
+}
+
 static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o, struct err *e)
 {
+    const char *sk = NULL;
+    size_t sk_len = 0;
+
     const struct inferd_tensor *t = c->n_good && c->req ? &c->req->outputs[0] : NULL;
     size_t per_row = 1, g = 0;
     int rc = 0;
@@ -741,7 +770,7 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
             return err_set(e, ERR_BACKEND, "model '%s' returned an unexpected output",
                            run->model->name);
     }
-    if (o->header) {
+    if (o->header && !run->sink) {
         rc = write_header(run, o, t ? per_row : declared_per_row(run->model), e);
         if (rc != 0)
             return rc;
@@ -760,6 +789,12 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
             if (++run->stats->errors > run->cfg->max_errors)
                 return err_set(e, ERR_INVALID, "%s: %s: %s%s", o->name, where, c->bad[i],
                                run->cfg->max_errors ? " (more bad records than --max-errors)" : "");
+            if (run->sink) { /* to the table's errors table, by its keys */
+                rc = sink_keys(c, i, o, &sk, &sk_len)
+                         ? err_set(e, ERR_NOMEM, "out of memory")
+                         : warehouse_sink_put_bad(run->sink, sk, sk_len, c->bad[i], e);
+                continue;
+            }
             int n = snprintf(msg, sizeof(msg), "%s: %s\n", where, c->bad[i]);
             if (!o->errors)
                 rc = storage_open_write(o->errors_uri, &o->errors, e);
@@ -779,10 +814,18 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
         const float *x =
             run->table ? (const float *)c->req->inputs[0].data + g * (size_t)run->width : NULL;
         g++;
+        if (run->sink) {
+            rc = sink_keys(c, i, o, &sk, &sk_len) ? err_set(e, ERR_NOMEM, "out of memory")
+                                                  : warehouse_sink_put(run->sink, sk, sk_len, y,
+                                                                       per_row, e);
+            continue;
+        }
         rc = write_row(run, c, i, x, y, per_row, o);
         if (rc == 0)
             rc = emit(o, e);
     }
+    if (rc == 0 && run->sink) /* the chunk, into the staging table */
+        rc = warehouse_sink_write(run->sink, e);
     run->stats->records += (int64_t)c->n;
     return rc;
 }
@@ -924,7 +967,7 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
             rc = buf_puts(&header, warehouse_feature_header(run->table));
         if (rc != 0)
             rc = err_set(e, ERR_NOMEM, "out of memory");
-        o.header = csv ? header.data : NULL;
+        o.header = csv && !run->sink ? header.data : NULL;
         o.header_len = header.len;
     } else {
         rc = bind_object(run, name, csv, e);
@@ -940,7 +983,7 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
         rc = err_set(e, ERR_NOMEM, "out of memory");
     if (rc == 0 && !run->table)
         rc = storage_open_read(in_uri, &in, e);
-    if (rc == 0)
+    if (rc == 0 && !run->sink)
         rc = storage_open_write(out_uri, &o.out, e);
     while (rc == 0 && !eof) {
         struct chunk *c = &chunks[next];
@@ -1035,7 +1078,7 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
     free(chunks);
     run->ring = NULL;
     run->n_ring = 0;
-    if (rc == 0 && o.header) /* a header and no record: the output has the header alone */
+    if (rc == 0 && o.header && !run->sink) /* a header and no record: the header alone */
         rc = write_header(run, &o, declared_per_row(run->model), e);
     batch_columns_release(&run->cols);
     buf_release(&header);
@@ -1046,7 +1089,7 @@ static int process_object(struct runner *run, const char *in_uri, const char *na
         rc = storage_commit(o.errors, e), o.errors = NULL;
     else if (rc == 0 && stale_errors) /* none now: an earlier run's would mislead */
         rc = storage_delete(errors_uri, e);
-    if (rc == 0)
+    if (rc == 0 && !run->sink) /* a sink commits once, after every object (run_to_table) */
         rc = storage_commit(o.out, e), o.out = NULL;
     storage_abort(o.out);
     storage_abort(o.errors);
@@ -1348,7 +1391,8 @@ static int open_table(struct runner *run, char ***names, size_t *n, struct err *
 {
     const struct batch_config *cfg = run->cfg;
     const struct features *f = &run->model->features;
-    int csv = cfg->format == BATCH_FORMAT_CSV, rc;
+    /* a table output takes the keys as CSV fields */
+    int csv = cfg->format == BATCH_FORMAT_CSV || warehouse_supports(cfg->output), rc;
     struct warehouse_spec spec = {
         .uri = cfg->input,
         .query = cfg->input_query,
@@ -1388,6 +1432,95 @@ static int open_table(struct runner *run, char ***names, size_t *n, struct err *
     return 0;
 }
 
+/*
+ * Opens the table cfg->output names as the run's sink: keyed by the keys of run->table (their
+ * types too), or for objects by `source_object` and `line`; the model's declared values per
+ * row.
+ */
+static int open_sink(struct runner *run, struct err *e)
+{
+    static const char *const object_keys[] = {"source_object", "line"};
+    static const char *const object_types[] = {"text", "bigint"};
+    size_t n = run->table ? warehouse_n_keys(run->table) : 2;
+    const char **types = calloc(n + 1, sizeof(*types));
+    struct warehouse_sink_spec spec = {
+        .uri = run->cfg->output,
+        .n_keys = n,
+        .key_names = run->table ? (const char *const *)run->keys.names : object_keys,
+        .key_types = run->table ? types : object_types,
+        .per_row = declared_per_row(run->model),
+        .model_version = run->model->version_str,
+    };
+    int rc;
+
+    if (!types)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    for (size_t k = 0; run->table && k < n; k++)
+        types[k] = warehouse_key_type(run->table, k);
+    rc = warehouse_sink_open(&spec, &run->sink, e);
+    free(types);
+    if (rc == 0)
+        log_info("batch", "writing a table", "target=%s name=%s staging=%s__inferd_staging",
+                 warehouse_sink_shown(run->sink), warehouse_sink_name(run->sink),
+                 warehouse_sink_name(run->sink));
+    return rc;
+}
+
+/*
+ * A table or query, or the objects under cfg->input, into a table: no manifest (every run
+ * reads all again; the upsert makes that harmless); the sink's one commit is the end.
+ */
+static int run_to_table(struct runner *run, struct err *e)
+{
+    const struct batch_config *cfg = run->cfg;
+    char **names = NULL, sha[65] = "";
+    size_t n = 0;
+    int64_t records = 0;
+    int is_object = 0, from_table = warehouse_supports(cfg->input), rc = 0;
+
+    if (cfg->join_input)
+        return err_set(e, ERR_INVALID,
+                       "--join-input: a table output holds the keys and the prediction only");
+    if (!from_table && run->documents)
+        return err_set(e, ERR_INVALID,
+                       "model '%s' takes JSON documents: a table output holds numbers",
+                       run->model->name);
+    if (!from_table && run->keys.n > 0)
+        return err_set(e, ERR_INVALID,
+                       "--key-columns: objects go into a table keyed by source_object and line");
+    if (!from_table && cfg->input_query && cfg->input_query[0])
+        return err_set(e, ERR_INVALID, "--input-query needs a postgresql:// input");
+    rc = from_table ? open_table(run, &names, &n, e)
+                    : storage_list(cfg->input, &names, &n, &is_object, e);
+    if (rc == 0)
+        rc = open_sink(run, e);
+    for (size_t i = 0; i < n; i++)
+        if (!batch_is_reserved(names[i]))
+            run->stats->objects_total++;
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        char *in_uri = NULL;
+        int csv = 1;
+        if (batch_is_reserved(names[i]))
+            continue;
+        in_uri = from_table || is_object ? strdup(cfg->input) : storage_join(cfg->input, names[i]);
+        if (!in_uri)
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+        else if (from_table || (rc = batch_format_of(cfg, names[i], &csv, e)) == 0)
+            rc = process_object(run, in_uri, names[i], NULL, NULL, csv, 0, &records, sha, e);
+        if (rc == 0)
+            run->stats->objects_done++;
+        free(in_uri);
+    }
+    if (rc == 0) /* all of the run's rows at once, for readers */
+        rc = warehouse_sink_commit(run->sink, e);
+    if (rc == 0)
+        log_info("batch", "merged into the table", "name=%s records=%lld errors=%lld",
+                 warehouse_sink_name(run->sink), (long long)run->stats->records,
+                 (long long)run->stats->errors);
+    storage_names_free(names, n);
+    return rc;
+}
+
 int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct err *e)
 {
     struct registry *reg = NULL;
@@ -1412,7 +1545,7 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
     rc = start_keys(&run, e);
     if (rc == 0)
         rc = batch_check_suffix(suffix, e);
-    if (rc == 0)
+    if (rc == 0 && !warehouse_supports(cfg->output))
         rc = batch_check_locations(cfg->input, cfg->output, suffix, e);
     if (rc != 0)
         goto cleanup;
@@ -1423,6 +1556,10 @@ int batch_run(const struct batch_config *cfg, struct batch_stats *stats, struct 
     {
         long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
         run.n_instances = cfg->instances > 0 ? cfg->instances : (int)(n_cpu > 0 ? n_cpu : 1);
+    }
+    if (warehouse_supports(cfg->output)) {
+        rc = run_to_table(&run, e);
+        goto cleanup;
     }
     if (warehouse_supports(cfg->input)) {
         rc = open_table(&run, &names, &n_names, e);
@@ -1521,6 +1658,7 @@ cleanup:
     if (cfg->progress_tty)
         fprintf(stderr, "\n");
     batch_keys_release(&run.keys);
+    warehouse_sink_close(run.sink); /* without a commit: its staging table goes */
     warehouse_close(run.table);
     model_release(run.model);
     registry_destroy(reg);

@@ -100,7 +100,8 @@ static int csv_field(struct buf *keys, const char *v, size_t n)
 {
     int rc = 0;
 
-    if (strcspn(v, ",\"\r\n") >= n && memchr(v, '\0', n) == NULL)
+    /* an empty string is quoted: an empty field is NULL (to a table sink's COPY too) */
+    if (n > 0 && strcspn(v, ",\"\r\n") >= n && memchr(v, '\0', n) == NULL)
         return buf_append(keys, v, n);
     rc = buf_puts(keys, "\"");
     for (size_t i = 0; rc == 0 && i < n; i++)

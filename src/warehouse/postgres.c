@@ -17,9 +17,7 @@
  * gives.
  */
 #define _GNU_SOURCE
-#include "warehouse/warehouse_internal.h"
-
-#include <libpq-fe.h>
+#include "warehouse/postgres_internal.h"
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,7 +41,7 @@ struct pg_source {
     int done;
 };
 
-static int pg_supports(const char *uri)
+int warehouse_pg_supports(const char *uri)
 {
     return strncmp(uri, "postgresql://", 13) == 0 || strncmp(uri, "postgres://", 11) == 0;
 }
@@ -69,8 +67,8 @@ static void clean(PGconn *conn, const char *msg, char *out, size_t size)
     out[n] = '\0';
 }
 
-static int pg_fail(struct warehouse_source *s, PGconn *conn, const PGresult *res, int code,
-                   const char *what, struct err *e)
+int warehouse_pg_fail(const char *shown, PGconn *conn, const PGresult *res, int code,
+                      const char *what, struct err *e)
 {
     char msg[200];
 
@@ -84,11 +82,11 @@ static int pg_fail(struct warehouse_source *s, PGconn *conn, const PGresult *res
           msg, sizeof(msg));
     if (!msg[0] && conn)
         clean(conn, PQerrorMessage(conn), msg, sizeof(msg));
-    return err_set(e, code, "%s: %s: %s", s->shown, what, msg);
+    return err_set(e, code, "%s: %s: %s", shown, what, msg);
 }
 
 /* Splits `uri` into libpq's conninfo (without `table=`) and the table (NULL if none). */
-static int split_uri(const char *uri, struct buf *conninfo, char **table)
+int warehouse_pg_split_uri(const char *uri, struct buf *conninfo, char **table)
 {
     const char *q = strchr(uri, '?');
     char sep = '?';
@@ -112,7 +110,7 @@ static int split_uri(const char *uri, struct buf *conninfo, char **table)
     return buf_append(conninfo, "", 1);
 }
 
-static PGresult *query1(PGconn *conn, const char *sql, const char *param)
+PGresult *warehouse_pg_query1(PGconn *conn, const char *sql, const char *param)
 {
     return PQexecParams(conn, sql, param ? 1 : 0, NULL, param ? &param : NULL, NULL, NULL, 0);
 }
@@ -121,16 +119,17 @@ static PGresult *query1(PGconn *conn, const char *sql, const char *param)
 static int find_table(struct warehouse_source *s, PGconn *conn, const char *table, struct buf *from,
                       char **oid, struct err *e)
 {
-    PGresult *res = query1(conn,
-                           "SELECT n.nspname, c.relname, c.oid::text FROM pg_catalog.pg_class c "
-                           "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-                           "WHERE c.oid = pg_catalog.to_regclass($1)",
-                           table);
+    PGresult *res =
+        warehouse_pg_query1(conn,
+                            "SELECT n.nspname, c.relname, c.oid::text FROM pg_catalog.pg_class c "
+                            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                            "WHERE c.oid = pg_catalog.to_regclass($1)",
+                            table);
     char *ns = NULL, *rel = NULL;
     int rc = 0;
 
     if (PQresultStatus(res) != PGRES_TUPLES_OK)
-        rc = pg_fail(s, conn, res, ERR_INVALID, "table", e);
+        rc = warehouse_pg_fail(s->shown, conn, res, ERR_INVALID, "table", e);
     else if (PQntuples(res) != 1)
         rc = err_set(e, ERR_INVALID, "%s: no such table '%.100s'", s->shown, table);
     else if (!(ns = PQescapeIdentifier(conn, PQgetvalue(res, 0, 0),
@@ -155,7 +154,8 @@ static int find_keys(struct warehouse_source *s, PGconn *conn, const char *spec,
     int rc = 0;
 
     s->key_names = calloc(64, sizeof(*s->key_names));
-    if (!s->key_names)
+    s->key_types = calloc(64, sizeof(*s->key_types));
+    if (!s->key_names || !s->key_types)
         return err_set(e, ERR_NOMEM, "out of memory");
     if (spec && spec[0]) {
         for (const char *p = spec; rc == 0 && *p && s->n_keys < 64;) {
@@ -176,14 +176,15 @@ static int find_keys(struct warehouse_source *s, PGconn *conn, const char *spec,
                        "%s: a query source needs --key-columns: they order the rows and name "
                        "them in outputs and errors",
                        s->shown);
-    res = query1(conn,
-                 "SELECT a.attname FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a "
-                 "ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
-                 "WHERE i.indrelid = $1::oid AND i.indisprimary "
-                 "ORDER BY pg_catalog.array_position(i.indkey::int2[], a.attnum)",
-                 oid);
+    res = warehouse_pg_query1(
+        conn,
+        "SELECT a.attname FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a "
+        "ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) "
+        "WHERE i.indrelid = $1::oid AND i.indisprimary "
+        "ORDER BY pg_catalog.array_position(i.indkey::int2[], a.attnum)",
+        oid);
     if (PQresultStatus(res) != PGRES_TUPLES_OK)
-        rc = pg_fail(s, conn, res, ERR_INVALID, "primary key", e);
+        rc = warehouse_pg_fail(s->shown, conn, res, ERR_INVALID, "primary key", e);
     else if (PQntuples(res) == 0)
         rc = err_set(e, ERR_INVALID,
                      "table %s has no primary key: name the columns that identify a row with "
@@ -196,17 +197,25 @@ static int find_keys(struct warehouse_source *s, PGconn *conn, const char *spec,
     return rc;
 }
 
-static void type_name(PGconn *conn, Oid type, char *out, size_t size)
+static void type_name_mod(PGconn *conn, Oid type, int mod, char *out, size_t size)
 {
-    char oid[16];
+    char oid[16], typmod[16];
+    const char *params[2] = {oid, typmod};
     PGresult *res;
 
     snprintf(oid, sizeof(oid), "%u", type);
-    res = query1(conn, "SELECT pg_catalog.format_type($1::oid, NULL)", oid);
+    snprintf(typmod, sizeof(typmod), "%d", mod);
+    res = PQexecParams(conn, "SELECT pg_catalog.format_type($1::oid, NULLIF($2::int, -1))", 2, NULL,
+                       params, NULL, NULL, 0);
     snprintf(out, size, "%s",
              PQresultStatus(res) == PGRES_TUPLES_OK && PQntuples(res) == 1 ? PQgetvalue(res, 0, 0)
                                                                            : oid);
     PQclear(res);
+}
+
+static void type_name(PGconn *conn, Oid type, char *out, size_t size)
+{
+    type_name_mod(conn, type, -1, out, size);
 }
 
 static int is_number_type(Oid t)
@@ -235,7 +244,7 @@ static int plan_columns(struct warehouse_source *s, struct pg_source *pg, const 
     int n = PQnfields(desc), n_features = 0, array_col = -1, rc = 0;
     int *order = calloc((size_t)(n > 0 ? n : 1), sizeof(*order));
     unsigned char *role = calloc((size_t)(n > 0 ? n : 1), 1); /* 1 key, 2 feature */
-    char type[64];
+    char type[128];
 
     if (!order || !role || !(pg->key_is_number = calloc(s->n_keys + 1, 1))) {
         rc = err_set(e, ERR_NOMEM, "out of memory");
@@ -253,6 +262,11 @@ static int plan_columns(struct warehouse_source *s, struct pg_source *pg, const 
         }
         role[col] = 1;
         pg->key_is_number[k] = (unsigned char)is_number_type(PQftype(desc, col));
+        type_name_mod(pg->conn, PQftype(desc, col), PQfmod(desc, col), type, sizeof(type));
+        if (!(s->key_types[k] = strdup(type))) {
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+            break;
+        }
         rc = (k ? buf_puts(sql, ", ") : 0) || put_column(pg->conn, sql, s->key_names[k], 0);
         if (rc)
             rc = err_set(e, ERR_NOMEM, "out of memory");
@@ -348,7 +362,7 @@ static int pg_open(struct warehouse_source *s, const struct warehouse_spec *spec
     PGresult *res = NULL;
     int rc = 0, is_query = spec->query && spec->query[0];
 
-    if (!pg || split_uri(spec->uri, &conninfo, &table) != 0) {
+    if (!pg || warehouse_pg_split_uri(spec->uri, &conninfo, &table) != 0) {
         free(pg);
         rc = err_set(e, ERR_NOMEM, "out of memory");
         goto cleanup;
@@ -370,7 +384,7 @@ static int pg_open(struct warehouse_source *s, const struct warehouse_spec *spec
         goto cleanup;
     }
     if (PQstatus(pg->conn) != CONNECTION_OK) {
-        rc = pg_fail(s, pg->conn, NULL, ERR_IO, "cannot connect", e);
+        rc = warehouse_pg_fail(s->shown, pg->conn, NULL, ERR_IO, "cannot connect", e);
         goto cleanup;
     }
     if (is_query) {
@@ -394,13 +408,15 @@ static int pg_open(struct warehouse_source *s, const struct warehouse_spec *spec
     }
     res = PQprepare(pg->conn, "", sql.data, 0, NULL);
     if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-        rc = pg_fail(s, pg->conn, res, ERR_INVALID, is_query ? "query" : s->name, e);
+        rc = warehouse_pg_fail(s->shown, pg->conn, res, ERR_INVALID, is_query ? "query" : s->name,
+                               e);
         goto cleanup;
     }
     PQclear(res);
     res = PQdescribePrepared(pg->conn, "");
     if (PQresultStatus(res) != PGRES_COMMAND_OK) {
-        rc = pg_fail(s, pg->conn, res, ERR_INVALID, is_query ? "query" : s->name, e);
+        rc = warehouse_pg_fail(s->shown, pg->conn, res, ERR_INVALID, is_query ? "query" : s->name,
+                               e);
         goto cleanup;
     }
     pg->layout.key_names = s->key_names;
@@ -422,7 +438,8 @@ static int pg_open(struct warehouse_source *s, const struct warehouse_spec *spec
     PQclear(res);
     res = PQexec(pg->conn, copy.data);
     if (PQresultStatus(res) != PGRES_COPY_OUT)
-        rc = pg_fail(s, pg->conn, res, ERR_INVALID, is_query ? "query" : s->name, e);
+        rc = warehouse_pg_fail(s->shown, pg->conn, res, ERR_INVALID, is_query ? "query" : s->name,
+                               e);
 cleanup:
     PQclear(res);
     buf_release(&conninfo);
@@ -448,12 +465,12 @@ static int pg_read_row(struct warehouse_source *s, struct buf *features, struct 
         PGresult *res = PQgetResult(pg->conn);
         pg->done = 1;
         if (PQresultStatus(res) != PGRES_COMMAND_OK)
-            rc = pg_fail(s, pg->conn, res, ERR_IO, "reading", e);
+            rc = warehouse_pg_fail(s->shown, pg->conn, res, ERR_IO, "reading", e);
         PQclear(res);
         return rc ? rc : 0;
     }
     if (n < 0)
-        return pg_fail(s, pg->conn, NULL, ERR_IO, "reading", e);
+        return warehouse_pg_fail(s->shown, pg->conn, NULL, ERR_IO, "reading", e);
     pg->rows++;
     why = warehouse_copy_row(
         &pg->layout, row, n > 0 && row[n - 1] == '\n' ? (size_t)n - 1 : (size_t)n, features, keys);
@@ -481,7 +498,7 @@ static void pg_close(struct warehouse_source *s)
 }
 
 const struct warehouse_ops warehouse_postgres_ops = {
-    .supports = pg_supports,
+    .supports = warehouse_pg_supports,
     .open = pg_open,
     .read_row = pg_read_row,
     .close = pg_close,

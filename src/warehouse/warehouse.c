@@ -6,6 +6,7 @@
 #include "warehouse/warehouse_internal.h"
 #include "core/url.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -61,9 +62,13 @@ void warehouse_close(struct warehouse_source *s)
         return;
     if (s->ops)
         s->ops->close(s);
-    for (size_t i = 0; i < s->n_keys; i++)
+    for (size_t i = 0; i < s->n_keys; i++) {
         free(s->key_names[i]);
+        if (s->key_types)
+            free(s->key_types[i]);
+    }
     free(s->key_names);
+    free(s->key_types);
     free(s->name);
     free(s->shown);
     buf_release(&s->features);
@@ -93,4 +98,127 @@ const char *warehouse_key_name(const struct warehouse_source *s, size_t i)
 const char *warehouse_feature_header(const struct warehouse_source *s)
 {
     return s->features.data ? s->features.data : "";
+}
+
+const char *warehouse_key_type(const struct warehouse_source *s, size_t i)
+{
+    return s->key_types && s->key_types[i] ? s->key_types[i] : "text";
+}
+
+/* ---- sinks ---- */
+
+static const struct warehouse_sink_ops *const sinks[] = {&warehouse_postgres_sink_ops};
+#define N_SINKS (sizeof(sinks) / sizeof(sinks[0]))
+
+int warehouse_sink_open(const struct warehouse_sink_spec *spec, struct warehouse_sink **out,
+                        struct err *e)
+{
+    const struct warehouse_sink_ops *ops = NULL;
+    struct warehouse_sink *k;
+    int rc;
+
+    *out = NULL;
+    for (size_t i = 0; spec->uri && i < N_SINKS && !ops; i++)
+        if (sinks[i]->supports(spec->uri))
+            ops = sinks[i];
+    if (!ops)
+        return err_set(e, ERR_INVALID, "not a warehouse location");
+    if (spec->n_keys == 0 || spec->per_row == 0)
+        return err_set(e, ERR_INVALID, "a table output needs key columns and a prediction");
+    k = calloc(1, sizeof(*k));
+    if (!k || !(k->shown = url_redacted(spec->uri))) {
+        free(k);
+        return err_set(e, ERR_NOMEM, "out of memory");
+    }
+    k->ops = ops;
+    k->per_row = spec->per_row;
+    rc = ops->open(k, spec, e);
+    if (rc != 0) {
+        warehouse_sink_close(k);
+        return rc;
+    }
+    *out = k;
+    return 0;
+}
+
+static int put_value(struct buf *b, float v, const char *none)
+{
+    return isfinite(v) ? buf_printf(b, "%.9g", (double)v) : buf_puts(b, none);
+}
+
+int warehouse_sink_put(struct warehouse_sink *k, const char *keys, size_t keys_len, const float *y,
+                       size_t n, struct err *e)
+{
+    int rc;
+
+    if (n != k->per_row)
+        return err_set(e, ERR_BACKEND,
+                       "%s: the model gave %zu values for a row; the table holds %zu (%s)", k->name,
+                       n, k->per_row, k->per_row > 1 ? "an array" : "one double precision value");
+    rc = buf_append(&k->rows, keys, keys_len);
+    if (rc == 0 && n == 1)
+        rc = put_value(&k->rows, y[0], "");
+    for (size_t i = 0; rc == 0 && n > 1 && i < n; i++)
+        rc = buf_puts(&k->rows, i ? "," : "\"{") || put_value(&k->rows, y[i], "NULL");
+    if (rc == 0 && n > 1)
+        rc = buf_puts(&k->rows, "}\"");
+    if (rc == 0)
+        rc = buf_puts(&k->rows, ",\n");
+    if (rc != 0)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    k->n_rows++;
+    return 0;
+}
+
+int warehouse_sink_put_bad(struct warehouse_sink *k, const char *keys, size_t keys_len,
+                           const char *reason, struct err *e)
+{
+    int rc = buf_append(&k->rows, keys, keys_len) || buf_puts(&k->rows, ",\"");
+
+    for (const char *p = reason; rc == 0 && *p; p++)
+        rc = *p == '"' ? buf_puts(&k->rows, "\"\"") : buf_append(&k->rows, p, 1);
+    if (rc == 0)
+        rc = buf_puts(&k->rows, "\"\n");
+    if (rc != 0)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    k->n_rows++;
+    return 0;
+}
+
+int warehouse_sink_write(struct warehouse_sink *k, struct err *e)
+{
+    int rc = k->n_rows > 0 ? k->ops->write(k, e) : 0;
+
+    k->rows.len = 0;
+    k->n_rows = 0;
+    return rc;
+}
+
+int warehouse_sink_commit(struct warehouse_sink *k, struct err *e)
+{
+    int rc = warehouse_sink_write(k, e);
+
+    return rc ? rc : k->ops->commit(k, e);
+}
+
+void warehouse_sink_close(struct warehouse_sink *k)
+{
+    if (!k)
+        return;
+    if (k->ops)
+        k->ops->close(k);
+    free(k->name);
+    free(k->shown);
+    buf_release(&k->rows);
+    free(k);
+}
+
+const char *warehouse_sink_name(const struct warehouse_sink *k)
+{
+    return k->name;
+}
+
+const char *warehouse_sink_shown(const struct warehouse_sink *k)
+{
+    return k->shown;
 }

@@ -70,5 +70,61 @@ size_t warehouse_n_keys(const struct warehouse_source *s);
 const char *warehouse_key_name(const struct warehouse_source *s, size_t i);
 /* the feature columns as the CSV line holds them: "f1,f2", or the array column's name */
 const char *warehouse_feature_header(const struct warehouse_source *s);
+/* key column i's type in the warehouse's own words ("integer", "character varying(20)"): a
+ * sink of the same warehouse creates its key columns with it */
+const char *warehouse_key_type(const struct warehouse_source *s, size_t i);
+
+/*
+ * ---- a warehouse table as the batch runner's output (a sink) ----
+ *
+ * All or nothing for readers: rows are written into a staging table of the sink's own, a
+ * chunk at a time, and warehouse_sink_commit() merges them into the target in one transaction
+ * (an upsert by the keys: scoring a key again replaces its score) and drops the staging table.
+ * A run that fails or is killed leaves the target as it was; the next open discards a
+ * staging table left behind. Bad rows go with the same commit to the target's errors table
+ * (keys and reason), replacing the reason for a key refused again and removing a key scored
+ * this time.
+ *
+ * What a next warehouse implements (struct warehouse_sink_ops): open (connect, check or plan
+ * the target and its errors table against the keys' types and the prediction's width, one
+ * writer at a time, discard a leftover staging table, create a new one), write a chunk of
+ * rows (CSV lines, see warehouse_sink_put), commit, close (a close without commit drops the
+ * staging table where it can).
+ */
+struct warehouse_sink;
+
+struct warehouse_sink_spec {
+    const char *uri; /* postgresql://USER[:PW]@HOST:PORT/DB?table=[SCHEMA.]TABLE */
+    size_t n_keys;
+    const char *const *key_names;
+    const char *const *key_types; /* warehouse_key_type() of the source */
+    size_t per_row;               /* values per prediction: 1 a number, more an array */
+    const char *model_version;
+};
+
+/*
+ * Connects and checks or plans the target. ERR_INVALID names what is wrong (a missing column,
+ * a column of another type, no unique constraint on the keys, another run writing to it),
+ * ERR_IO an unreachable server; no message holds a password.
+ *   out  new; warehouse_sink_close() it
+ */
+int warehouse_sink_open(const struct warehouse_sink_spec *spec, struct warehouse_sink **out,
+                        struct err *e);
+/* Adds one scored row to the chunk: `keys` as the source rendered them for CSV (each field
+ * followed by ','), `n` values (NaN: none). n must be the spec's per_row. */
+int warehouse_sink_put(struct warehouse_sink *k, const char *keys, size_t keys_len, const float *y,
+                       size_t n, struct err *e);
+/* Adds one bad row to the chunk: its keys, and why (one line, no feature value). */
+int warehouse_sink_put_bad(struct warehouse_sink *k, const char *keys, size_t keys_len,
+                           const char *reason, struct err *e);
+/* Sends the chunk put so far into the staging table. */
+int warehouse_sink_write(struct warehouse_sink *k, struct err *e);
+/* Sends what is left, then merges it into the target in one transaction. */
+int warehouse_sink_commit(struct warehouse_sink *k, struct err *e);
+/* Without a commit, discards what was written. */
+void warehouse_sink_close(struct warehouse_sink *k);
+/* "SCHEMA.TABLE", and the URI with any password masked: borrowed until the close */
+const char *warehouse_sink_name(const struct warehouse_sink *k);
+const char *warehouse_sink_shown(const struct warehouse_sink *k);
 
 #endif

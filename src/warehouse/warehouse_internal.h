@@ -13,6 +13,7 @@ struct warehouse_source {
     char *name;       /* warehouse_name() */
     char *shown;      /* warehouse_shown() */
     char **key_names; /* n_keys */
+    char **key_types; /* n_keys: warehouse_key_type() */
     size_t n_keys;
     struct buf features; /* warehouse_feature_header() */
 };
@@ -30,6 +31,34 @@ struct warehouse_ops {
 };
 
 extern const struct warehouse_ops warehouse_postgres_ops;
+
+/*
+ * A sink's chunk (`rows`) is CSV lines: the key columns, the prediction (a number, an empty
+ * field for none, or "{v1,v2,...}" for several values, NULL for a missing one) and the reason
+ * (empty for a scored row, quoted text for a bad one). Filled by warehouse.c.
+ */
+struct warehouse_sink {
+    const struct warehouse_sink_ops *ops;
+    void *impl;
+    char *name;  /* warehouse_sink_name() */
+    char *shown; /* warehouse_sink_shown() */
+    size_t per_row;
+    struct buf rows; /* the chunk not yet written */
+    size_t n_rows;   /* its lines */
+};
+
+struct warehouse_sink_ops {
+    int (*supports)(const char *uri);
+    /* Fills k->impl and k->name (k->shown and per_row are set); see warehouse_sink_open(). */
+    int (*open)(struct warehouse_sink *k, const struct warehouse_sink_spec *spec, struct err *e);
+    /* writes k->rows (n_rows lines, not empty) */
+    int (*write)(struct warehouse_sink *k, struct err *e);
+    int (*commit)(struct warehouse_sink *k, struct err *e);
+    /* frees k->impl; without a commit, discards the staging table where it can */
+    void (*close)(struct warehouse_sink *k);
+};
+
+extern const struct warehouse_sink_ops warehouse_postgres_sink_ops;
 
 /* ---- rows as text (copy_text.c) ---- */
 

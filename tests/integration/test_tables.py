@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import subprocess
+import time
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,7 @@ import pytest
 import requests
 import xgboost as xgb
 
-from conftest import INFERD_BIN, assert_close, async_args, error_message, free_port
+from conftest import S3_BUCKET, INFERD_BIN, assert_close, async_args, error_message, free_port
 
 RUN_DEADLINE_S = 180.0
 _dbs = itertools.count(1)
@@ -359,3 +360,307 @@ def test_password_from_pgpassword(pg, repo, trained, tmp_path):
     run(repo, "binary", inp, tmp_path / "out", env={**env, "PGPASSWORD": password})
     rows = jsonl(tmp_path / "out" / "public.feat.jsonl")
     assert_close([r["prediction"] for r in rows], m.expected(X), "PGPASSWORD")
+
+
+# ---------------------------------------------------------------------------
+# a table as the output (all or nothing, upserted by key)
+# ---------------------------------------------------------------------------
+
+
+def scores(cluster, db, table, keys=("id",)):
+    """The output table's rows in key order: (keys..., prediction, model_version), with the
+    prediction a float, a list of floats (an array) or None."""
+    order = ", ".join(keys)
+    out = []
+    for r in cluster.psql(f"SELECT {order}, prediction, model_version FROM {table} "
+                          f"ORDER BY {order}", db=db):
+        p = r[len(keys)]
+        if p == "":
+            p = None
+        elif p.startswith("{"):
+            p = [float(v) for v in p[1:-1].split(",")]
+        else:
+            p = float(p)
+        out.append((*r[:len(keys)], p, r[len(keys) + 1]))
+    return out
+
+
+def column_type(cluster, db, table, column):
+    return cluster.psql(f"SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE "
+                        f"attrelid = '{table}'::regclass AND attname = '{column}'", db=db)[0][0]
+
+
+def staging_left(cluster, db, table):
+    return cluster.psql(f"SELECT to_regclass('{table}__inferd_staging') IS NOT NULL", db=db)[0][0]
+
+
+@pytest.mark.parametrize("model", ["binary", "regression", "multiclass"])
+def test_table_to_table(model, pg, repo, trained, tmp_path):
+    """Created when missing (keys of the source's type, prediction double precision or, for
+    several values, double precision[], model_version), compared with xgboost row by row;
+    the same command again replaces the scores (row count unchanged)."""
+    cluster, db, url = pg
+    m = trained[model]
+    ids, X = feature_table(cluster, db, "feat", m, 400, 11, key_type="bigint")
+    out = f"{url}?table=scores"
+    p = run(repo, model, f"{url}?table=feat", out)
+    assert "records=400" in p.stderr and "errors=0" in p.stderr, p.stderr
+    assert column_type(cluster, db, "scores", "id") == "bigint"
+    want_type = "double precision[]" if model == "multiclass" else "double precision"
+    assert column_type(cluster, db, "scores", "prediction") == want_type
+    got = scores(cluster, db, "scores")
+    assert [int(r[0]) for r in got] == ids.tolist()
+    assert {r[2] for r in got} == {"1"}, "model_version"
+    assert_close([r[1] for r in got], m.expected(X), f"{model} table to table")
+    assert cluster.psql("SELECT count(*) FROM scores_errors", db=db) == [["0"]]
+    # again: upserted by key, the same rows and scores; no staging table left behind
+    run(repo, model, f"{url}?table=feat", out)
+    assert scores(cluster, db, "scores") == got
+    assert staging_left(cluster, db, "scores") == "f"
+    # a key scored before keeps its row; new scores replace old ones
+    cluster.psql("UPDATE scores SET prediction = NULL WHERE id < 100", db=db)
+    cluster.psql(f"INSERT INTO scores (id) VALUES (-1)", db=db)
+    run(repo, model, f"{url}?table=feat", out)
+    assert scores(cluster, db, "scores")[1:] == got
+    assert scores(cluster, db, "scores")[0][0] == "-1"
+
+
+def test_table_to_table_composite_text_key(pg, repo, trained, tmp_path):
+    """A (text, integer) key whose text holds a comma, a quote, a tab, a backslash, or is
+    empty: the output table's keys are the source's, byte for byte."""
+    cluster, db, url = pg
+    m = trained["binary"]
+    X = m.rows(150, 12, nan_fraction=0.1)
+    regions = ['eu,"west"', "us\teast", "ap\\south", "", "plain"]
+    keys = [(regions[i % 5], i // 5) for i in range(150)]
+    cols = ", ".join(f"f{j} real" for j in range(m.n_features))
+    cluster.psql(f"CREATE TABLE ck (region varchar(20), n integer, {cols}, "
+                 "PRIMARY KEY (region, n))", db=db)
+    insert(cluster, db, "ck", [(*keys[i], *[float(v) for v in X[i]]) for i in range(150)])
+    cluster.psql("CREATE SCHEMA out", db=db)
+    run(repo, "binary", f"{url}?table=ck", f"{url}?table=out.ck_scores")
+    assert column_type(cluster, db, "out.ck_scores", "region") == "character varying(20)"
+    got = {}
+    for region, n, pred in cluster.psql(
+            "SELECT encode(convert_to(region, 'UTF8'), 'hex'), n, prediction "
+            "FROM out.ck_scores", db=db):
+        got[(bytes.fromhex(region).decode(), int(n))] = float(pred)
+    assert sorted(got) == sorted(keys)
+    assert_close([got[k] for k in keys], m.expected(X), "composite text key")
+
+
+def test_incompatible_target_is_an_error_at_start(pg, repo, trained, tmp_path):
+    cluster, db, url = pg
+    m = trained["multiclass"]
+    feature_table(cluster, db, "feat", m, 20, 13)
+
+    def fails(create):
+        cluster.psql("DROP TABLE IF EXISTS scores; " + create, db=db)
+        p = run(repo, "multiclass", f"{url}?table=feat", f"{url}?table=scores", check=False)
+        assert p.returncode != 0, p.stderr
+        assert cluster.psql("SELECT count(*) FROM scores", db=db) == [["0"]]
+        return p.stderr
+
+    err = fails("CREATE TABLE scores (id integer PRIMARY KEY, model_version text)")
+    assert "public.scores: no column 'prediction' (double precision[])" in err, err
+    err = fails("CREATE TABLE scores (id integer PRIMARY KEY, prediction double precision, "
+                "model_version text)")
+    assert "column 'prediction' has type double precision; the output needs double " \
+        "precision[]" in err, err
+    err = fails("CREATE TABLE scores (id bigint PRIMARY KEY, prediction double precision[], "
+                "model_version text)")
+    assert "column 'id' has type bigint; the output needs integer" in err, err
+    err = fails("CREATE TABLE scores (id integer, prediction double precision[], "
+                "model_version text)")
+    assert "no unique constraint on exactly the key columns" in err, err
+
+
+def array_table(cluster, db, m, n, seed, bad):
+    """arr (id integer PRIMARY KEY, x double precision[]): rows `bad` one value short."""
+    X = m.rows(n, seed, nan_fraction=0.1)
+    cluster.psql("CREATE TABLE arr (id integer PRIMARY KEY, x double precision[])", db=db)
+    rows = []
+    for i in range(n):
+        vals = ["NULL" if np.isnan(v) else repr(float(v)) for v in X[i]]
+        rows.append(f"({i}, ARRAY[{','.join(vals[:-1] if i in bad else vals)}]"
+                    "::double precision[])")
+    for k in range(0, n, 500):
+        cluster.psql(f"INSERT INTO arr VALUES {','.join(rows[k:k + 500])}", db=db)
+    return X
+
+
+def test_failed_run_leaves_the_target_untouched_and_bad_rows_go_to_errors(pg, repo, trained,
+                                                                          tmp_path):
+    """Bad rows late in key order past --max-errors: the run fails after many chunks went to
+    the staging table, and the target is exactly as before; within --max-errors they go to
+    scores_errors with their keys and reason."""
+    cluster, db, url = pg
+    m = trained["binary"]
+    n = 3000
+    X = array_table(cluster, db, m, n, 14, bad=set())
+    out = f"{url}?table=scores"
+    run(repo, "binary", f"{url}?table=arr", out, "--records-per-batch", "100")
+    before = scores(cluster, db, "scores")
+    assert len(before) == n
+    # the last rows now short, and every feature changed: a merge would show
+    bad = [2990, 2995, 2999]
+    cluster.psql("UPDATE arr SET x = array_append(x[1:6], 0.25) WHERE id < 2990", db=db)
+    cluster.psql(f"UPDATE arr SET x = x[1:6] WHERE id IN ({','.join(map(str, bad))})", db=db)
+    p = run(repo, "binary", f"{url}?table=arr", out, "--records-per-batch", "100",
+            "--max-errors", "2", check=False)
+    assert p.returncode != 0 and "row (id)=(2999)" in p.stderr and \
+        "more bad records than --max-errors" in p.stderr, p.stderr
+    assert scores(cluster, db, "scores") == before, "a failed run changed the target"
+    assert cluster.psql("SELECT count(*) FROM scores_errors", db=db) == [["0"]]
+    # within the limit: scored rows replaced, bad rows' keys and reasons in scores_errors
+    p = run(repo, "binary", f"{url}?table=arr", out, "--records-per-batch", "100",
+            "--max-errors", "3")
+    assert "errors=3" in p.stderr, p.stderr
+    assert staging_left(cluster, db, "scores") == "f"
+    errs = cluster.psql("SELECT id, reason FROM scores_errors ORDER BY id", db=db)
+    assert [int(r[0]) for r in errs] == bad
+    assert all(r[1] == "expected 7 columns, got 6" for r in errs), errs
+    X2 = X.copy()
+    X2[:2990, 6] = 0.25
+    after = scores(cluster, db, "scores")
+    good = [i for i in range(n) if i not in bad]
+    assert_close([after[i][1] for i in good], m.expected(X2[good]), "after the update")
+    assert [after[i] for i in bad] == [before[i] for i in bad], "a refused key keeps its score"
+    # fixed: scored, and out of the errors table
+    cluster.psql("UPDATE arr SET x = array_append(x, 0.25) WHERE id IN "
+                 f"({','.join(map(str, bad))})", db=db)
+    run(repo, "binary", f"{url}?table=arr", out)
+    assert cluster.psql("SELECT count(*) FROM scores_errors", db=db) == [["0"]]
+
+
+def test_kill_9_mid_run_leaves_the_target_untouched(pg, repo, trained, tmp_path):
+    """kill -9 once the staging table has rows: the target is as before (here: three rows put
+    by hand); the same command again gives the full, correct table."""
+    cluster, db, url = pg
+    m = trained["binary"]
+    n = 400_000
+    cols = ", ".join(f"f{j} real" for j in range(m.n_features))
+    vals = ", ".join(f"((i * {j + 3}) % 1000) / 250.0 - 2" for j in range(m.n_features))
+    cluster.psql(f"CREATE TABLE big (id integer PRIMARY KEY, {cols}); "
+                 f"INSERT INTO big SELECT i, {vals} FROM generate_series(0, {n - 1}) AS i", db=db)
+    i = np.arange(n, dtype=np.int64)
+    X = np.stack([((i * (j + 3)) % 1000) / 250.0 - 2 for j in range(m.n_features)],
+                 axis=1).astype(np.float32)
+    cluster.psql("CREATE TABLE scores (id integer PRIMARY KEY, prediction double precision, "
+                 "model_version text); INSERT INTO scores VALUES (1, -1, 'x'), (7, -7, 'x'), "
+                 "(10000000, -2, 'x')", db=db)
+    before = scores(cluster, db, "scores")
+    cmd = [str(INFERD_BIN), "batch", "--models", str(repo), "--model", "binary", "--input",
+           f"{url}?table=big", "--output", f"{url}?table=scores", "--records-per-batch", "500"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + RUN_DEADLINE_S
+        while True:
+            assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, "no rows in the staging table"
+            if staging_left(cluster, db, "scores") == "t" and int(cluster.psql(
+                    "SELECT count(*) FROM scores__inferd_staging", db=db)[0][0]) > 0:
+                break
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert scores(cluster, db, "scores") == before, "a killed run changed the target"
+    p = run(repo, "binary", f"{url}?table=big", f"{url}?table=scores", "--records-per-batch",
+            "500")
+    assert f"records={n}" in p.stderr, p.stderr
+    assert "discarding the staging table of a run that did not finish" in p.stderr, p.stderr
+    assert staging_left(cluster, db, "scores") == "f"
+    got = scores(cluster, db, "scores")
+    assert len(got) == n + 1 and got[-1] == before[-1], "the row of another key stays"
+    assert [int(r[0]) for r in got[:-1]] == list(range(n))
+    assert_close([r[1] for r in got[:-1]], m.expected(X), "after kill -9 and a re-run")
+
+
+def test_table_output_password_never_shown(pg, repo, trained, tmp_path):
+    cluster, db, _ = pg
+    password = "Out3pwSecret77"
+    role = f"tables_out_{db}"
+    cluster.create_role(role, password)
+    cluster.psql(f"GRANT ALL ON SCHEMA public TO {role}", db=db)
+    cluster.require_password(role)
+    m = trained["binary"]
+    ids, X = feature_table(cluster, db, "feat", m, 30, 15)
+    cluster.psql(f"GRANT SELECT ON feat TO {role}", db=db)
+    url = cluster.db_url(db, role, password)
+    p = run(repo, "binary", f"{url}?table=feat", f"{url}?table=scores", "--log-level", "debug")
+    assert password not in p.stdout + p.stderr
+    assert "***@127.0.0.1" in p.stderr, p.stderr
+    got = scores(cluster, db, "scores")
+    assert_close([r[1] for r in got], m.expected(X), "with a password")
+    # an error from the sink: the table is not ours to change
+    cluster.psql(f"CREATE TABLE locked (id integer PRIMARY KEY)", db=db)
+    p = run(repo, "binary", f"{url}?table=feat", f"{url}?table=locked", check=False)
+    assert p.returncode != 0 and "no column 'prediction'" in p.stderr, p.stderr
+    assert password not in p.stdout + p.stderr
+    (tmp_path / "in.csv").write_text("1,2,3,4,5,6,7\n")
+    p = run(repo, "binary", str(tmp_path / "in.csv"), f"{url}?table=scores", "--join-input",
+            check=False)
+    assert p.returncode != 0 and "a table output holds the keys and the prediction only" \
+        in p.stderr, p.stderr
+    assert password not in p.stdout + p.stderr
+
+
+def test_objects_into_a_table(pg, repo, trained, tmp_path):
+    """Files under a prefix (CSV with a header, JSON Lines) into one table keyed by
+    source_object and line; a bad line goes to the errors table by the same keys; the same
+    command again replaces the scores."""
+    cluster, db, url = pg
+    m = trained["regression"]
+    X = m.rows(300, 16, nan_fraction=0.1)
+    inp = tmp_path / "in"
+    (inp / "day=1").mkdir(parents=True)
+
+    def num(v):
+        return "" if np.isnan(v) else repr(float(v))
+
+    header = ",".join(f"f{j}" for j in range(m.n_features))
+    (inp / "day=1" / "a.csv").write_text(
+        header + "\n" + "".join(",".join(num(v) for v in X[i]) + "\n" for i in range(200)))
+    lines = [json.dumps([None if np.isnan(v) else float(v) for v in X[i]]) for i in range(200, 300)]
+    lines[41] = "[1, 2]"  # line 42: a bad record
+    (inp / "b.jsonl").write_text("\n".join(lines) + "\n")
+    out = f"{url}?table=obj_scores"
+    p = run(repo, "regression", str(inp), out, "--csv-header", "--max-errors", "1")
+    assert "records=300" in p.stderr and "errors=1" in p.stderr, p.stderr
+    assert column_type(cluster, db, "obj_scores", "source_object") == "text"
+    assert column_type(cluster, db, "obj_scores", "line") == "bigint"
+    got = scores(cluster, db, "obj_scores", keys=("source_object", "line"))
+    assert [(r[0], int(r[1])) for r in got] == \
+        [("b.jsonl", i) for i in range(1, 101) if i != 42] + \
+        [("day=1/a.csv", i) for i in range(2, 202)]
+    want = m.expected(X)
+    assert_close([r[2] for r in got[:99]], np.delete(want[200:], 41), "jsonl object")
+    assert_close([r[2] for r in got[99:]], want[:200], "csv object")
+    errs = cluster.psql("SELECT source_object, line, reason FROM obj_scores_errors", db=db)
+    assert errs == [["b.jsonl", "42", f"expected {m.n_features} values, got 2"]], errs
+    run(repo, "regression", str(inp), out, "--csv-header", "--max-errors", "1")
+    assert scores(cluster, db, "obj_scores", keys=("source_object", "line")) == got
+    p = run(repo, "regression", str(inp), out, "--key-columns", "0", check=False)
+    assert p.returncode != 0 and "keyed by source_object and line" in p.stderr, p.stderr
+
+
+def test_s3_objects_into_a_table(pg, repo, trained, tmp_path, s3rver):
+    cluster, db, url = pg
+    m = trained["binary"]
+    X = m.rows(60, 17)
+    local = tmp_path / "in"
+    local.mkdir()
+    (local / "part-0.csv").write_text(
+        "".join(",".join(repr(float(v)) for v in X[i]) + "\n" for i in range(60)))
+    prefix = f"s3://{S3_BUCKET}/tables-{db}/in/"
+    s3rver.upload(local, prefix)
+    run(repo, "binary", prefix, f"{url}?table=s3_scores", "--s3-endpoint", s3rver.endpoint,
+        env=s3rver.env())
+    got = scores(cluster, db, "s3_scores", keys=("source_object", "line"))
+    assert [(r[0], int(r[1])) for r in got] == [("part-0.csv", i) for i in range(1, 61)]
+    assert_close([r[2] for r in got], m.expected(X), "an S3 object into a table")

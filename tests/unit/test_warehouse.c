@@ -1,0 +1,85 @@
+/*
+ * test_warehouse.c: the warehouse's rows as text: a COPY row's keys rendered as CSV for a
+ * table sink (an empty string apart from NULL), and a sink's chunk (scored rows, arrays,
+ * missing values, bad rows with their reasons) as the CSV lines its COPY reads.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include "warehouse/warehouse_internal.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void test_csv_keys_empty_string_is_not_null(void **state)
+{
+    char *names[] = {"region", "n"};
+    unsigned char is_number[] = {0, 1};
+    struct warehouse_row_layout l = {.n_columns = 3,
+                                     .n_keys = 2,
+                                     .key_names = names,
+                                     .key_is_number = is_number,
+                                     .keys_json = 0};
+    struct buf features = {0}, keys = {0};
+    const char row1[] = "\t7\t1.5", row2[] = "\\N\t8\t2", row3[] = "a,\"b\"\t9\t3";
+
+    (void)state;
+    assert_null(warehouse_copy_row(&l, row1, strlen(row1), &features, &keys));
+    assert_null(warehouse_copy_row(&l, row2, strlen(row2), &features, &keys));
+    assert_null(warehouse_copy_row(&l, row3, strlen(row3), &features, &keys));
+    /* "" is an empty string to COPY's CSV, an empty field NULL */
+    assert_string_equal(keys.data, "\"\",7,,8,\"a,\"\"b\"\"\",9,");
+    buf_release(&features);
+    buf_release(&keys);
+}
+
+static struct buf written;
+
+static int fake_write(struct warehouse_sink *k, struct err *e)
+{
+    (void)e;
+    return buf_append(&written, k->rows.data, k->rows.len) ? -1 : 0;
+}
+
+static const struct warehouse_sink_ops fake_ops = {.write = fake_write};
+
+static void test_sink_chunk_lines(void **state)
+{
+    struct warehouse_sink k = {.ops = &fake_ops, .name = "public.s", .per_row = 3};
+    struct err e = {0};
+    float y[3] = {0.25f, NAN, 1e-7f};
+
+    (void)state;
+    written.len = 0;
+    assert_int_equal(warehouse_sink_put(&k, "5,", 2, y, 3, &e), 0);
+    assert_int_equal(warehouse_sink_put_bad(&k, "6,", 2, "value 2 is \"x\"", &e), 0);
+    assert_int_equal(warehouse_sink_write(&k, &e), 0);
+    assert_int_equal(warehouse_sink_write(&k, &e), 0); /* nothing put: nothing written */
+    assert_non_null(written.data);
+    assert_string_equal(written.data,
+                        "5,\"{0.25,NULL,1.00000001e-07}\",\n6,,\"value 2 is \"\"x\"\"\"\n");
+    /* a model giving another width than the table holds: an error naming both */
+    assert_int_equal(warehouse_sink_put(&k, "7,", 2, y, 1, &e), ERR_BACKEND);
+    assert_non_null(strstr(e.msg, "gave 1 values for a row; the table holds 3"));
+    k.per_row = 1;
+    written.len = 0;
+    y[0] = INFINITY;
+    assert_int_equal(warehouse_sink_put(&k, "\"a\",1,", 6, y, 1, &e), 0);
+    assert_int_equal(warehouse_sink_write(&k, &e), 0);
+    assert_string_equal(written.data, "\"a\",1,,\n"); /* no value: NULL */
+    buf_release(&k.rows);
+    buf_release(&written);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_csv_keys_empty_string_is_not_null),
+        cmocka_unit_test(test_sink_chunk_lines),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
