@@ -85,6 +85,24 @@ int warehouse_pg_fail(const char *shown, PGconn *conn, const PGresult *res, int 
     return err_set(e, code, "%s: %s: %s", shown, what, msg);
 }
 
+int warehouse_pg_connect(const char *shown, const char *conninfo, PGconn **out, struct err *e)
+{
+    PGconn *c = PQconnectdb(conninfo);
+    int rc;
+
+    *out = NULL;
+    if (!c)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    if (PQstatus(c) != CONNECTION_OK) {
+        rc = warehouse_pg_fail(shown, c, NULL, ERR_IO, "cannot connect", e);
+        PQfinish(c);
+        return rc;
+    }
+    PQclear(PQexec(c, "SET client_min_messages TO warning"));
+    *out = c;
+    return 0;
+}
+
 /* Splits `uri` into libpq's conninfo (without `table=`) and the table (NULL if none). */
 int warehouse_pg_split_uri(const char *uri, struct buf *conninfo, char **table)
 {
@@ -378,15 +396,8 @@ static int pg_open(struct warehouse_source *s, const struct warehouse_spec *spec
                      s->shown);
         goto cleanup;
     }
-    pg->conn = PQconnectdb(conninfo.data);
-    if (!pg->conn) {
-        rc = err_set(e, ERR_NOMEM, "out of memory");
+    if ((rc = warehouse_pg_connect(s->shown, conninfo.data, &pg->conn, e)) != 0)
         goto cleanup;
-    }
-    if (PQstatus(pg->conn) != CONNECTION_OK) {
-        rc = warehouse_pg_fail(s->shown, pg->conn, NULL, ERR_IO, "cannot connect", e);
-        goto cleanup;
-    }
     if (is_query) {
         if (!(s->name = strdup("query")) || buf_puts(&from, "(") ||
             trimmed_query(spec->query, &sql))

@@ -18,6 +18,10 @@ int warehouse_pg_supports(const char *uri);
  */
 int warehouse_pg_fail(const char *shown, PGconn *conn, const PGresult *res, int code,
                       const char *what, struct err *e);
+/* Connects with `conninfo`, asking the server for no NOTICE (libpq would print it on stderr,
+ * where a run's progress goes). 0 and *out, or ERR_IO naming the server (shown masked) and
+ * libpq's reason. */
+int warehouse_pg_connect(const char *shown, const char *conninfo, PGconn **out, struct err *e);
 /* Splits `uri` into libpq's conninfo (without `table=`, NUL-terminated) and the table.
  *   table  new string, or NULL when there is none; free() it */
 int warehouse_pg_split_uri(const char *uri, struct buf *conninfo, char **table);

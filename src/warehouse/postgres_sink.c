@@ -310,16 +310,8 @@ static int sink_open(struct warehouse_sink *k, const struct warehouse_sink_spec 
         rc = err_set(e, ERR_INVALID, "%s: name the output table (?table=SCHEMA.TABLE)", k->shown);
         goto cleanup;
     }
-    pg->conn = PQconnectdb(conninfo.data);
-    if (!pg->conn) {
-        rc = err_set(e, ERR_NOMEM, "out of memory");
+    if ((rc = warehouse_pg_connect(k->shown, conninfo.data, &pg->conn, e)) != 0)
         goto cleanup;
-    }
-    if (PQstatus(pg->conn) != CONNECTION_OK) {
-        rc = warehouse_pg_fail(k->shown, pg->conn, NULL, ERR_IO, "cannot connect", e);
-        goto cleanup;
-    }
-    PQclear(PQexec(pg->conn, "SET client_min_messages TO warning")); /* no NOTICE on stderr */
     pg->version = PQescapeLiteral(pg->conn, spec->model_version, strlen(spec->model_version));
     if (!pg->version)
         rc = err_set(e, ERR_NOMEM, "out of memory");
