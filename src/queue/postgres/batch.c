@@ -27,6 +27,9 @@
 #include <string.h>
 
 #define RUNS_LISTED "50" /* a schedule's latest runs shown with it */
+/* A schedule and its runs are read in one snapshot, so a run just fired is never shown with
+ * the schedule's next_run_at from before it fired. */
+#define READ_SNAPSHOT "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 
 #define BATCH_COLUMNS                                                                              \
     "id, parent, definition, schedule, state, output, created_ms, COALESCE(started_ms, 0), "       \
@@ -489,6 +492,16 @@ int pg_op_batch_progress(struct pg_txn *t, struct queue_op *o)
 
 /* ---- reading (a pooled connection) ---- */
 
+/* Ends a read snapshot left open by an error (a batch job not found), so the connection goes
+ * back to the pool; pg_give closes it if even that fails. */
+static void end_snapshot(struct pg_queue *q, PGconn *c)
+{
+    struct err e = {0};
+
+    if (PQstatus(c) == CONNECTION_OK && PQtransactionStatus(c) != PQTRANS_IDLE)
+        (void)pg_run(q, c, "ROLLBACK", NULL, "end a read", &e);
+}
+
 int pg_batch_get(struct queue *qb, const char *id, struct batch_job **out, struct err *e)
 {
     struct pg_queue *q = pgq(qb);
@@ -498,7 +511,15 @@ int pg_batch_get(struct queue *qb, const char *id, struct batch_job **out, struc
     *out = NULL;
     if (!c)
         return e->code;
-    rc = load_batch(q, c, id, out, e);
+    rc = pg_run(q, c, READ_SNAPSHOT, NULL, "read batch job", e);
+    if (rc == 0)
+        rc = load_batch(q, c, id, out, e);
+    if (rc == 0 && pg_run(q, c, "COMMIT", NULL, "read batch job", e) != 0) {
+        batch_jobs_free(*out, 1);
+        *out = NULL;
+        rc = e->code;
+    }
+    end_snapshot(q, c);
     pg_give(q, c);
     return rc;
 }
@@ -525,6 +546,11 @@ int pg_batch_list(struct queue *qb, const struct queue_batch_filter *f, struct b
     pg_p_int(&p, f->state);
     pg_p_int(&p, f->schedules);
     pg_p_int(&p, f->limit);
+    if (pg_run(q, c, READ_SNAPSHOT, NULL, "list batch jobs", e) != 0) {
+        pg_give(q, c);
+        free(v);
+        return e->code;
+    }
     r = pg_exec(q, c,
                 "SELECT id FROM inferd_batch_jobs WHERE parent IS NULL AND ($1::int = -1 OR "
                 "state = $1::int) AND ($2::int = -1 OR (schedule IS NOT NULL) = ($2::int = 1)) "
@@ -541,6 +567,9 @@ int pg_batch_list(struct queue *qb, const struct queue_batch_filter *f, struct b
         }
     }
     PQclear(r);
+    if (rc == 0)
+        rc = pg_run(q, c, "COMMIT", NULL, "list batch jobs", e);
+    end_snapshot(q, c);
     pg_give(q, c);
     if (rc != 0) {
         batch_jobs_free(v, *n);
