@@ -363,6 +363,30 @@ cleanup:
 }
 
 /* The query without trailing blanks and semicolons, into `out` */
+/* ` WHERE|AND (k1, k2) OP ('v1'::type1, 'v2'::type2)`: a bound of the range read; the row
+ * comparison orders as ORDER BY k1, k2 does */
+static int put_bound(const struct warehouse_source *s, PGconn *conn, struct buf *sql,
+                     const char *word, const char *op, const char *const *values, struct err *e)
+{
+    int rc = buf_printf(sql, " %s (", word);
+
+    for (size_t k = 0; rc == 0 && k < s->n_keys; k++)
+        rc = (k && buf_puts(sql, ", ")) || put_column(conn, sql, s->key_names[k], 0);
+    if (rc == 0)
+        rc = buf_printf(sql, ") %s (", op);
+    for (size_t k = 0; rc == 0 && k < s->n_keys; k++) {
+        char *lit = values[k] ? PQescapeLiteral(conn, values[k], strlen(values[k])) : NULL;
+        if (!values[k])
+            return err_set(e, ERR_INVALID, "%s: a key range without a value for '%s'", s->shown,
+                           s->key_names[k]);
+        rc = !lit || buf_printf(sql, "%s%s::%s", k ? ", " : "", lit, s->key_types[k]);
+        PQfreemem(lit);
+    }
+    if (rc == 0)
+        rc = buf_puts(sql, ")");
+    return rc == 0 ? 0 : err_set(e, ERR_NOMEM, "out of memory");
+}
+
 static int trimmed_query(const char *q, struct buf *out)
 {
     size_t n = strlen(q);
@@ -438,7 +462,13 @@ static int pg_open(struct warehouse_source *s, const struct warehouse_spec *spec
     }
     rc = plan_columns(s, pg, res, spec, &copy, e);
     pg->layout.key_is_number = pg->key_is_number;
-    if (rc == 0 && buf_printf(&copy, " FROM %s ORDER BY ", from.data) != 0)
+    if (rc == 0 && buf_printf(&copy, " FROM %s ", from.data) != 0)
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    if (rc == 0 && spec->after)
+        rc = put_bound(s, pg->conn, &copy, "WHERE", ">", spec->after, e);
+    if (rc == 0 && spec->upto)
+        rc = put_bound(s, pg->conn, &copy, spec->after ? "AND" : "WHERE", "<=", spec->upto, e);
+    if (rc == 0 && buf_puts(&copy, " ORDER BY ") != 0)
         rc = err_set(e, ERR_NOMEM, "out of memory");
     for (size_t k = 0; rc == 0 && k < s->n_keys; k++)
         if ((k && buf_puts(&copy, ", ")) || put_column(pg->conn, &copy, s->key_names[k], 0) ||

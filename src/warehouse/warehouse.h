@@ -39,6 +39,10 @@ struct warehouse_spec {
     size_t n_features;
     int64_t width; /* the model's features */
     int keys_json; /* keys written as `"name":value,` (JSON Lines), else as CSV fields */
+    /* A range of the rows by their keys, each bound the n key values as text (NULL: open):
+     * the rows after `after` (a resume point; a part's start) up to and including `upto`. */
+    const char *const *after;
+    const char *const *upto;
 };
 
 /* 1 when `uri` names a warehouse location (postgresql:// or postgres://). */
