@@ -4,8 +4,11 @@
  * the columns (1..64), byte 2 the output (bit 0: keys as JSON; bits 1..3: which keys are
  * numbers); the rest is one row. A rejection must carry a reason and leave both buffers as they
  * were; an accepted row's JSON keys must be valid JSON, its CSV keys exactly n_keys CSV fields,
- * and its features exactly as many CSV fields as the columns hold values.
+ * and its features exactly as many CSV fields as the columns hold values. CSV keys, as a
+ * table sink's resume point, split back into n_keys values (warehouse_csv_keys()) unless one is
+ * NULL; any bytes given to that split give values or -1, never a crash.
  */
+#define _GNU_SOURCE
 #include "warehouse/warehouse_internal.h"
 
 #include <jansson.h>
@@ -86,6 +89,26 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         json_decref(v);
     } else if (!l.keys_json && csv_fields(keys.data + 1, keys.len - 1) != (long)l.n_keys) {
         abort();
+    } else if (!l.keys_json && l.n_keys > 0) {
+        /* as a resume point: the key values back, or -1 for a NULL (an empty field) */
+        char **v = NULL;
+        size_t n = 0;
+        int rc = warehouse_csv_keys(keys.data + 1, keys.len - 1, &v, &n);
+        if (rc == 0 ? n != l.n_keys : !memmem(keys.data, keys.len, ",,", 2) && keys.data[1] != ',')
+            abort();
+        for (size_t i = 0; i < n; i++)
+            free(v[i]);
+        free(v);
+    }
+    {
+        /* any bytes as a resume point: values, or -1 with nothing */
+        char **v = NULL;
+        size_t n = 0;
+        if (warehouse_csv_keys((const char *)data + 3, size - 3, &v, &n) != 0 && (v || n))
+            abort();
+        for (size_t i = 0; i < n; i++)
+            free(v[i]);
+        free(v);
     }
     buf_release(&features);
     buf_release(&keys);

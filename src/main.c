@@ -191,6 +191,10 @@ static const struct option_def batch_options[] = {
      "with --input postgresql://USER@HOST:PORT/DB: the SELECT whose rows are read (needs "
      "--key-columns)",
      0},
+    {"restart", OPT_FLAG, "0", 0, 1,
+     "with --output postgresql://...: discard the rows a failed or killed run left for the table "
+     "instead of continuing after them",
+     0},
 };
 #define N_BATCH (sizeof(batch_options) / sizeof(batch_options[0]))
 
@@ -640,6 +644,7 @@ static int cmd_batch(int argc, char **argv)
         .join_input = (int)OPT_N(&p, "join-input"),
         .csv_header = (int)OPT_N(&p, "csv-header"),
         .key_columns = OPT_S(&p, "key-columns"),
+        .restart = (int)OPT_N(&p, "restart"),
         .output_suffix = OPT_S(&p, "output-suffix"),
         .max_errors = OPT_N(&p, "max-errors"),
         .progress_tty = isatty(STDERR_FILENO),

@@ -33,6 +33,7 @@
 #include "core/buf.h"
 #include "core/clock.h"
 #include "core/log.h"
+#include "core/url.h"
 #include "kserve/codec.h"
 #include "model/registry.h"
 #include "storage/storage.h"
@@ -106,6 +107,10 @@ struct runner {
     int n_instances;
     struct warehouse_source *table; /* the input is a table: read from it, not from storage */
     struct warehouse_sink *sink;    /* the output is a table: rows go there, not to storage */
+    /* objects into a table, continuing a run: the object it stopped in, and its last line
+     * written (rows up to it are read again and not written); NULL: none */
+    char *resume_object;
+    int64_t resume_line;
     pthread_mutex_t lock;
     pthread_cond_t cond;
     struct batch_stats *stats;
@@ -756,7 +761,7 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
     size_t sk_len = 0;
 
     const struct inferd_tensor *t = c->n_good && c->req ? &c->req->outputs[0] : NULL;
-    size_t per_row = 1, g = 0;
+    size_t per_row = 1, g = 0, skipped = 0;
     int rc = 0;
 
     if (c->rc != 0)
@@ -777,6 +782,13 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
     }
     for (size_t i = 0; rc == 0 && i < c->n; i++) {
         o->line.len = 0;
+        if (run->resume_object && c->line_no[i] <= run->resume_line &&
+            strcmp(o->name, run->resume_object) == 0) {
+            skipped++; /* written by the run this one continues */
+            if (!c->bad[i])
+                g++;
+            continue;
+        }
         if (c->bad[i]) {
             char msg[600];
             /* bad records are counted in input order, so the limit stops at the same one
@@ -826,7 +838,7 @@ static int chunk_write(struct runner *run, struct chunk *c, struct object_out *o
     }
     if (rc == 0 && run->sink) /* the chunk, into the staging table */
         rc = warehouse_sink_write(run->sink, e);
-    run->stats->records += (int64_t)c->n;
+    run->stats->records += (int64_t)(c->n - skipped);
     return rc;
 }
 
@@ -1450,20 +1462,81 @@ static int open_sink(struct runner *run, struct err *e)
         .key_types = run->table ? types : object_types,
         .per_row = declared_per_row(run->model),
         .model_version = run->model->version_str,
+        .source = url_redacted(run->cfg->input),
+        .query = run->cfg->input_query,
+        .model = run->model->name,
+        .restart = run->cfg->restart,
     };
     int rc;
 
-    if (!types)
+    if (!types || !spec.source) {
+        free(types);
+        free((char *)spec.source);
         return err_set(e, ERR_NOMEM, "out of memory");
+    }
     for (size_t k = 0; run->table && k < n; k++)
         types[k] = warehouse_key_type(run->table, k);
     rc = warehouse_sink_open(&spec, &run->sink, e);
     free(types);
+    free((char *)spec.source);
     if (rc == 0)
         log_info("batch", "writing a table", "target=%s name=%s staging=%s__inferd_staging",
                  warehouse_sink_shown(run->sink), warehouse_sink_name(run->sink),
                  warehouse_sink_name(run->sink));
     return rc;
+}
+
+/*
+ * When the sink continues a run a failed or killed one left: the run's counts so far, and a
+ * table read again from after its last row written, or objects from the one it stopped in
+ * (its rows up to the last line written are read and not written).
+ */
+static int resume(struct runner *run, char **names, size_t n, struct err *e)
+{
+    const char *const *after = NULL;
+    int rc, found = 0;
+
+    if (!warehouse_sink_resumed(run->sink, &after, &run->stats->records, &run->stats->errors))
+        return 0;
+    if (run->table) {
+        rc = warehouse_continue_after(run->table, after, e);
+        if (rc == 0)
+            log_info("batch", "continuing after the last row written", "records=%lld errors=%lld",
+                     (long long)run->stats->records, (long long)run->stats->errors);
+        return rc;
+    }
+    for (size_t i = 0; i < n && !found; i++)
+        found = strcmp(names[i], after[0]) == 0;
+    if (!found) /* its input changed: the rows kept may not be what this input gives */
+        return err_set(e, ERR_INVALID,
+                       "%s: the run this one continues stopped in '%.200s', which is no longer "
+                       "there: add --restart to discard its rows",
+                       warehouse_sink_name(run->sink), after[0]);
+    if (!(run->resume_object = strdup(after[0])))
+        return err_set(e, ERR_NOMEM, "out of memory");
+    run->resume_line = strtoll(after[1], NULL, 10);
+    log_info("batch", "continuing after the last row written", "object=%s line=%lld records=%lld",
+             run->resume_object, (long long)run->resume_line, (long long)run->stats->records);
+    return 0;
+}
+
+/* A failed run: recorded with its reason, and the error says what became of its rows. */
+static void kept_rows(struct runner *run, struct err *e)
+{
+    int64_t kept;
+
+    warehouse_sink_fail(run->sink, e->msg);
+    kept = warehouse_sink_kept(run->sink);
+    if (kept > 0) {
+        size_t len = strlen(e->msg);
+        log_warn("batch",
+                 "the target is unchanged; the rows written are kept: the same command continues "
+                 "after them, the same with --restart discards them",
+                 "name=%s staging=%s__inferd_staging rows=%lld", warehouse_sink_name(run->sink),
+                 warehouse_sink_name(run->sink), (long long)kept);
+        snprintf(e->msg + len, sizeof(e->msg) - len,
+                 " (%lld rows kept: run again to continue, --restart to discard)", (long long)kept);
+    }
 }
 
 /*
@@ -1494,6 +1567,8 @@ static int run_to_table(struct runner *run, struct err *e)
                     : storage_list(cfg->input, &names, &n, &is_object, e);
     if (rc == 0)
         rc = open_sink(run, e);
+    if (rc == 0)
+        rc = resume(run, names, n, e);
     for (size_t i = 0; i < n; i++)
         if (!batch_is_reserved(names[i]))
             run->stats->objects_total++;
@@ -1502,6 +1577,10 @@ static int run_to_table(struct runner *run, struct err *e)
         int csv = 1;
         if (batch_is_reserved(names[i]))
             continue;
+        if (run->resume_object && strcmp(names[i], run->resume_object) != 0) {
+            run->stats->objects_skipped++; /* written whole by the run this one continues */
+            continue;
+        }
         in_uri = from_table || is_object ? strdup(cfg->input) : storage_join(cfg->input, names[i]);
         if (!in_uri)
             rc = err_set(e, ERR_NOMEM, "out of memory");
@@ -1509,10 +1588,16 @@ static int run_to_table(struct runner *run, struct err *e)
             rc = process_object(run, in_uri, names[i], NULL, NULL, csv, 0, &records, sha, e);
         if (rc == 0)
             run->stats->objects_done++;
+        if (run->resume_object && strcmp(names[i], run->resume_object) == 0) {
+            free(run->resume_object); /* the objects after it are new */
+            run->resume_object = NULL;
+        }
         free(in_uri);
     }
     if (rc == 0) /* all of the run's rows at once, for readers */
         rc = warehouse_sink_commit(run->sink, e);
+    if (rc != 0 && run->sink)
+        kept_rows(run, e);
     if (rc == 0)
         log_info("batch", "merged into the table", "name=%s records=%lld errors=%lld",
                  warehouse_sink_name(run->sink), (long long)run->stats->records,
@@ -1658,7 +1743,8 @@ cleanup:
     if (cfg->progress_tty)
         fprintf(stderr, "\n");
     batch_keys_release(&run.keys);
-    warehouse_sink_close(run.sink); /* without a commit: its staging table goes */
+    warehouse_sink_close(run.sink); /* without a commit: its rows stay for the next run */
+    free(run.resume_object);
     warehouse_close(run.table);
     model_release(run.model);
     registry_destroy(reg);

@@ -28,6 +28,7 @@ struct batch_config {
                                 * NULL or "": none */
     const char *output_suffix; /* appended to an input's name for its output; NULL: ".out" */
     int64_t max_errors; /* bad records tolerated in the whole job */
+    int restart; /* a table output: discard the rows a failed or killed run left */
     int progress_tty;   /* a live progress line instead of log lines */
     int quiet;          /* no progress lines at all (a worker's task) */
     int stale_errors;   /* batch_run_object: an earlier run left errors_uri; it is deleted if

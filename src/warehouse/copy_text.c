@@ -227,3 +227,65 @@ char *warehouse_copy_row(const struct warehouse_row_layout *l, const char *row, 
     buf_release(&tmp);
     return why;
 }
+
+/* A resume point: keys as csv_field() rendered them, each then ',', back into values. */
+int warehouse_csv_keys(const char *keys, size_t len, char ***out, size_t *n)
+{
+    const char *p = keys, *end = keys + len;
+    struct buf v = {0};
+    char **a = NULL;
+    size_t cap = 0;
+    int rc = 0;
+
+    *out = NULL;
+    *n = 0;
+    while (rc == 0 && p < end) {
+        v.len = 0;
+        if (*p == '"') {
+            for (p++;; p++) {
+                if (p >= end) {
+                    rc = -1;
+                    break;
+                }
+                if (*p == '"' && p + 1 < end && p[1] == '"')
+                    p++;
+                else if (*p == '"')
+                    break;
+                if (buf_append(&v, p, 1) != 0)
+                    rc = -1;
+            }
+            if (rc == 0)
+                p++; /* the closing quote */
+        } else {
+            const char *comma = memchr(p, ',', (size_t)(end - p));
+            if (!comma || comma == p)
+                rc = -1; /* unterminated, or empty: NULL */
+            else if (buf_append(&v, p, (size_t)(comma - p)) != 0)
+                rc = -1;
+            else
+                p = comma;
+        }
+        if (rc == 0 && (p >= end || *p != ','))
+            rc = -1;
+        p++;
+        if (rc == 0 && *n == cap) {
+            char **bigger = realloc(a, (cap = cap ? 2 * cap : 4) * sizeof(*a));
+            if (!bigger)
+                rc = -1;
+            else
+                a = bigger;
+        }
+        if (rc == 0 && !(a[(*n)++] = strndup(v.data ? v.data : "", v.len)))
+            rc = -1, (*n)--;
+    }
+    buf_release(&v);
+    if (rc != 0 || *n == 0) {
+        for (size_t i = 0; i < *n; i++)
+            free(a[i]);
+        free(a);
+        *n = 0;
+        return -1;
+    }
+    *out = a;
+    return 0;
+}

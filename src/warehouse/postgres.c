@@ -37,6 +37,10 @@ struct pg_source {
     PGconn *conn;
     struct warehouse_row_layout layout;
     unsigned char *key_is_number;
+    /* the COPY, started at the first row: "COPY (SELECT ... FROM source", the range's bounds
+     * "(k1, k2) > (...)" (empty: none), " ORDER BY k1, k2) TO STDOUT" */
+    struct buf head, after, upto, order;
+    int started;
     int64_t rows;
     int done;
 };
@@ -363,12 +367,15 @@ cleanup:
 }
 
 /* The query without trailing blanks and semicolons, into `out` */
-/* ` WHERE|AND (k1, k2) OP ('v1'::type1, 'v2'::type2)`: a bound of the range read; the row
+/* `(k1, k2) OP ('v1'::type1, 'v2'::type2)` (reset first): a bound of the range read; the row
  * comparison orders as ORDER BY k1, k2 does */
 static int put_bound(const struct warehouse_source *s, PGconn *conn, struct buf *sql,
-                     const char *word, const char *op, const char *const *values, struct err *e)
+                     const char *op, const char *const *values, struct err *e)
 {
-    int rc = buf_printf(sql, " %s (", word);
+    int rc;
+
+    sql->len = 0;
+    rc = buf_puts(sql, "(");
 
     for (size_t k = 0; rc == 0 && k < s->n_keys; k++)
         rc = (k && buf_puts(sql, ", ")) || put_column(conn, sql, s->key_names[k], 0);
@@ -399,7 +406,7 @@ static int trimmed_query(const char *q, struct buf *out)
 static int pg_open(struct warehouse_source *s, const struct warehouse_spec *spec, struct err *e)
 {
     struct pg_source *pg = calloc(1, sizeof(*pg));
-    struct buf conninfo = {0}, from = {0}, sql = {0}, copy = {0};
+    struct buf conninfo = {0}, from = {0}, sql = {0};
     char *table = NULL, *oid = NULL;
     PGresult *res = NULL;
     int rc = 0, is_query = spec->query && spec->query[0];
@@ -456,40 +463,67 @@ static int pg_open(struct warehouse_source *s, const struct warehouse_spec *spec
     }
     pg->layout.key_names = s->key_names;
     pg->layout.keys_json = spec->keys_json;
-    if (buf_puts(&copy, "COPY (SELECT ") != 0) {
+    if (buf_puts(&pg->head, "COPY (SELECT ") != 0) {
         rc = err_set(e, ERR_NOMEM, "out of memory");
         goto cleanup;
     }
-    rc = plan_columns(s, pg, res, spec, &copy, e);
+    rc = plan_columns(s, pg, res, spec, &pg->head, e);
     pg->layout.key_is_number = pg->key_is_number;
-    if (rc == 0 && buf_printf(&copy, " FROM %s ", from.data) != 0)
+    if (rc == 0 && buf_printf(&pg->head, " FROM %s", from.data) != 0)
         rc = err_set(e, ERR_NOMEM, "out of memory");
     if (rc == 0 && spec->after)
-        rc = put_bound(s, pg->conn, &copy, "WHERE", ">", spec->after, e);
+        rc = put_bound(s, pg->conn, &pg->after, ">", spec->after, e);
     if (rc == 0 && spec->upto)
-        rc = put_bound(s, pg->conn, &copy, spec->after ? "AND" : "WHERE", "<=", spec->upto, e);
-    if (rc == 0 && buf_puts(&copy, " ORDER BY ") != 0)
+        rc = put_bound(s, pg->conn, &pg->upto, "<=", spec->upto, e);
+    if (rc == 0 && buf_puts(&pg->order, " ORDER BY ") != 0)
         rc = err_set(e, ERR_NOMEM, "out of memory");
     for (size_t k = 0; rc == 0 && k < s->n_keys; k++)
-        if ((k && buf_puts(&copy, ", ")) || put_column(pg->conn, &copy, s->key_names[k], 0) ||
-            (k + 1 == s->n_keys && buf_puts(&copy, ") TO STDOUT")))
+        if ((k && buf_puts(&pg->order, ", ")) ||
+            put_column(pg->conn, &pg->order, s->key_names[k], 0) ||
+            (k + 1 == s->n_keys && buf_puts(&pg->order, ") TO STDOUT")))
             rc = err_set(e, ERR_NOMEM, "out of memory");
-    if (rc != 0)
-        goto cleanup;
-    PQclear(res);
-    res = PQexec(pg->conn, copy.data);
-    if (PQresultStatus(res) != PGRES_COPY_OUT)
-        rc = warehouse_pg_fail(s->shown, pg->conn, res, ERR_INVALID, is_query ? "query" : s->name,
-                               e);
 cleanup:
     PQclear(res);
     buf_release(&conninfo);
     buf_release(&from);
     buf_release(&sql);
-    buf_release(&copy);
     free(table);
     free(oid);
     return rc;
+}
+
+/* The COPY of the rows in the range, in key order. */
+static int start(struct warehouse_source *s, struct pg_source *pg, struct err *e)
+{
+    struct buf sql = {0};
+    PGresult *res;
+    int rc = 0;
+
+    if (buf_append(&sql, pg->head.data, pg->head.len) ||
+        (pg->after.len && buf_printf(&sql, " WHERE %s", pg->after.data)) ||
+        (pg->upto.len && buf_printf(&sql, " %s %s", pg->after.len ? "AND" : "WHERE",
+                                    pg->upto.data)) ||
+        buf_append(&sql, pg->order.data, pg->order.len) || buf_append(&sql, "", 0)) {
+        buf_release(&sql);
+        return err_set(e, ERR_NOMEM, "out of memory");
+    }
+    res = PQexec(pg->conn, sql.data);
+    if (PQresultStatus(res) != PGRES_COPY_OUT)
+        rc = warehouse_pg_fail(s->shown, pg->conn, res, ERR_INVALID, s->name, e);
+    PQclear(res);
+    buf_release(&sql);
+    pg->started = 1;
+    pg->done = rc != 0;
+    return rc;
+}
+
+static int pg_continue_after(struct warehouse_source *s, const char *const *after, struct err *e)
+{
+    struct pg_source *pg = s->impl;
+
+    if (pg->started)
+        return err_set(e, ERR_INVALID, "%s: the rows are being read already", s->shown);
+    return put_bound(s, pg->conn, &pg->after, ">", after, e);
 }
 
 static int pg_read_row(struct warehouse_source *s, struct buf *features, struct buf *keys,
@@ -499,6 +533,8 @@ static int pg_read_row(struct warehouse_source *s, struct buf *features, struct 
     char *row = NULL, *why;
     int n, rc = 0;
 
+    if (!pg->started && (rc = start(s, pg, e)) != 0)
+        return rc;
     if (pg->done)
         return 0;
     n = PQgetCopyData(pg->conn, &row, 0);
@@ -534,6 +570,10 @@ static void pg_close(struct warehouse_source *s)
     if (pg->conn)
         PQfinish(pg->conn); /* a COPY still running ends with the connection */
     free(pg->key_is_number);
+    buf_release(&pg->head);
+    buf_release(&pg->after);
+    buf_release(&pg->upto);
+    buf_release(&pg->order);
     free(pg);
     s->impl = NULL;
 }
@@ -541,6 +581,7 @@ static void pg_close(struct warehouse_source *s)
 const struct warehouse_ops warehouse_postgres_ops = {
     .supports = warehouse_pg_supports,
     .open = pg_open,
+    .continue_after = pg_continue_after,
     .read_row = pg_read_row,
     .close = pg_close,
 };

@@ -50,6 +50,11 @@ int warehouse_open(const struct warehouse_spec *spec, struct warehouse_source **
     return 0;
 }
 
+int warehouse_continue_after(struct warehouse_source *s, const char *const *after, struct err *e)
+{
+    return s->ops->continue_after(s, after, e);
+}
+
 int warehouse_read_row(struct warehouse_source *s, struct buf *features, struct buf *keys,
                        struct err *e)
 {
@@ -156,6 +161,10 @@ int warehouse_sink_put(struct warehouse_sink *k, const char *keys, size_t keys_l
                        "%s: the model gave %zu values for a row; the table holds %zu (%s)", k->name,
                        n, k->per_row, k->per_row > 1 ? "an array" : "one double precision value");
     rc = buf_append(&k->rows, keys, keys_len);
+    if (rc == 0) {
+        k->last_keys.len = 0;
+        rc = buf_append(&k->last_keys, keys, keys_len);
+    }
     if (rc == 0 && n == 1)
         rc = put_value(&k->rows, y[0], "");
     for (size_t i = 0; rc == 0 && n > 1 && i < n; i++)
@@ -175,6 +184,9 @@ int warehouse_sink_put_bad(struct warehouse_sink *k, const char *keys, size_t ke
 {
     int rc = buf_append(&k->rows, keys, keys_len) || buf_puts(&k->rows, ",\"");
 
+    k->last_keys.len = 0;
+    rc = rc || buf_append(&k->last_keys, keys, keys_len);
+
     for (const char *p = reason; rc == 0 && *p; p++)
         rc = *p == '"' ? buf_puts(&k->rows, "\"\"") : buf_append(&k->rows, p, 1);
     if (rc == 0)
@@ -182,15 +194,26 @@ int warehouse_sink_put_bad(struct warehouse_sink *k, const char *keys, size_t ke
     if (rc != 0)
         return err_set(e, ERR_NOMEM, "out of memory");
     k->n_rows++;
+    k->n_bad++;
     return 0;
 }
 
 int warehouse_sink_write(struct warehouse_sink *k, struct err *e)
 {
-    int rc = k->n_rows > 0 ? k->ops->write(k, e) : 0;
+    int rc = 0;
 
+    if (k->n_rows > 0) {
+        k->records += (int64_t)k->n_rows;
+        k->errors += (int64_t)k->n_bad;
+        rc = k->ops->write(k, e);
+        if (rc != 0) { /* not written: the counts stay those of the last resume point */
+            k->records -= (int64_t)k->n_rows;
+            k->errors -= (int64_t)k->n_bad;
+        }
+    }
     k->rows.len = 0;
     k->n_rows = 0;
+    k->n_bad = 0;
     return rc;
 }
 
@@ -199,6 +222,14 @@ int warehouse_sink_commit(struct warehouse_sink *k, struct err *e)
     int rc = warehouse_sink_write(k, e);
 
     return rc ? rc : k->ops->commit(k, e);
+}
+
+void warehouse_sink_fail(struct warehouse_sink *k, const char *why)
+{
+    if (!k)
+        return;
+    free(k->failure);
+    k->failure = strdup(why ? why : "failed");
 }
 
 void warehouse_sink_close(struct warehouse_sink *k)
@@ -210,8 +241,28 @@ void warehouse_sink_close(struct warehouse_sink *k)
     free(k->name);
     free(k->shown);
     buf_release(&k->rows);
+    buf_release(&k->last_keys);
+    for (size_t i = 0; i < k->n_after; i++)
+        free(k->after[i]);
+    free(k->after);
+    free(k->failure);
     free(k);
 }
+
+int warehouse_sink_resumed(const struct warehouse_sink *k, const char *const **after,
+                           int64_t *records, int64_t *errors)
+{
+    *after = (const char *const *)k->after;
+    *records = k->records;
+    *errors = k->errors;
+    return k->resumed;
+}
+
+int64_t warehouse_sink_kept(const struct warehouse_sink *k)
+{
+    return k->records;
+}
+
 
 const char *warehouse_sink_name(const struct warehouse_sink *k)
 {

@@ -49,14 +49,19 @@ struct warehouse_spec {
 int warehouse_supports(const char *uri);
 
 /*
- * Connects, checks the source against the model and starts reading. ERR_INVALID names what is
- * wrong (no such table, a key column missing, a column's type, a failing query: the server's
- * message), ERR_IO an unreachable server; no message holds a password.
+ * Connects and checks the source against the model. ERR_INVALID names what is wrong (no such
+ * table, a key column missing, a column's type, a failing query: the server's message),
+ * ERR_IO an unreachable server; no message holds a password.
  *   out  new; warehouse_close() it
  */
 int warehouse_open(const struct warehouse_spec *spec, struct warehouse_source **out, struct err *e);
 /*
- * The next row: its features appended to `features` (one CSV line, no end of line) and its
+ * Before the first row is read: only the rows after `after` (the key values as text) are,
+ * as if spec.after had said so. A resumed run learns its resume point after the open.
+ */
+int warehouse_continue_after(struct warehouse_source *s, const char *const *after, struct err *e);
+/*
+ * The next row (the first call starts reading): its features appended to `features` (one CSV line, no end of line) and its
  * keys to `keys`. Returns 1 for a row, 0 at the end, or a negative error (the server's,
  * masked).
  */
@@ -84,16 +89,23 @@ const char *warehouse_key_type(const struct warehouse_source *s, size_t i);
  * All or nothing for readers: rows are written into a staging table of the sink's own, a
  * chunk at a time, and warehouse_sink_commit() merges them into the target in one transaction
  * (an upsert by the keys: scoring a key again replaces its score) and drops the staging table.
- * A run that fails or is killed leaves the target as it was; the next open discards a
- * staging table left behind. Bad rows go with the same commit to the target's errors table
- * (keys and reason), replacing the reason for a key refused again and removing a key scored
- * this time.
+ * Bad rows go with the same commit to the target's errors table (keys and reason), replacing
+ * the reason for a key refused again and removing a key scored this time.
+ *
+ * Resumable for the writer: each chunk is committed together with its resume point (the keys
+ * of its last row, rows are written in key order) and the run's counts, in a run record
+ * (PostgreSQL: the row of SCHEMA.inferd_batch_runs). A run that fails or is killed leaves the
+ * target as it was and its rows in the staging table; the next open for the same job (same
+ * source, query, keys, model and model version) continues after the resume point, and any
+ * other job, or spec.restart, discards them. Rows are read in key order, so the rows after the
+ * resume point are exactly the ones not written.
  *
  * What a next warehouse implements (struct warehouse_sink_ops): open (connect, check or plan
  * the target and its errors table against the keys' types and the prediction's width, one
- * writer at a time, discard a leftover staging table, create a new one), write a chunk of
- * rows (CSV lines, see warehouse_sink_put), commit, close (a close without commit drops the
- * staging table where it can).
+ * writer at a time, find a run left behind and continue it or discard it, record the run),
+ * write a chunk of rows (CSV lines, see warehouse_sink_put) with its resume point and counts
+ * in one transaction, commit (merge, and record the run's end), close (a close without
+ * commit records the failure and keeps the rows written for the next run).
  */
 struct warehouse_sink;
 
@@ -104,6 +116,11 @@ struct warehouse_sink_spec {
     const char *const *key_types; /* warehouse_key_type() of the source */
     size_t per_row;               /* values per prediction: 1 a number, more an array */
     const char *model_version;
+    /* what the job is, recorded with the run: a run left behind continues only for the same */
+    const char *source; /* the input, its password masked */
+    const char *query;  /* NULL or "" */
+    const char *model;
+    int restart; /* discard the rows a failed or killed run left, even for the same job */
 };
 
 /*
@@ -125,8 +142,18 @@ int warehouse_sink_put_bad(struct warehouse_sink *k, const char *keys, size_t ke
 int warehouse_sink_write(struct warehouse_sink *k, struct err *e);
 /* Sends what is left, then merges it into the target in one transaction. */
 int warehouse_sink_commit(struct warehouse_sink *k, struct err *e);
-/* Without a commit, discards what was written. */
+/* Records why the run failed (one line, no secret), before the close. */
+void warehouse_sink_fail(struct warehouse_sink *k, const char *why);
+/* Without a commit: the rows written stay for the next run of the same job. */
 void warehouse_sink_close(struct warehouse_sink *k);
+/*
+ * 1 when the open continues a run left behind: `after` (borrowed until the close) holds the
+ * text values of the keys of the last row it wrote, and records/errors its counts so far.
+ */
+int warehouse_sink_resumed(const struct warehouse_sink *k, const char *const **after,
+                           int64_t *records, int64_t *errors);
+/* Rows in the staging table (written by this run and the ones it continues). */
+int64_t warehouse_sink_kept(const struct warehouse_sink *k);
 /* "SCHEMA.TABLE", and the URI with any password masked: borrowed until the close */
 const char *warehouse_sink_name(const struct warehouse_sink *k);
 const char *warehouse_sink_shown(const struct warehouse_sink *k);

@@ -24,6 +24,8 @@ struct warehouse_ops {
     /* Fills s->impl, name, key_names, n_keys and features (s->shown is set); see
      * warehouse_open(). */
     int (*open)(struct warehouse_source *s, const struct warehouse_spec *spec, struct err *e);
+    /* see warehouse_continue_after() */
+    int (*continue_after)(struct warehouse_source *s, const char *const *after, struct err *e);
     int (*read_row)(struct warehouse_source *s, struct buf *features, struct buf *keys,
                     struct err *e);
     /* frees s->impl */
@@ -45,13 +47,23 @@ struct warehouse_sink {
     size_t per_row;
     struct buf rows; /* the chunk not yet written */
     size_t n_rows;   /* its lines */
+    size_t n_bad;    /* of which bad rows */
+    struct buf last_keys; /* the chunk's last row's keys as put: its resume point */
+    /* the run's rows written so far, bad ones included (with the run continued, if any) */
+    int64_t records, errors;
+    /* filled by open when it continues a run: the resume point's key values */
+    char **after;
+    size_t n_after;
+    int resumed;
+    char *failure; /* warehouse_sink_fail() */
 };
 
 struct warehouse_sink_ops {
     int (*supports)(const char *uri);
     /* Fills k->impl and k->name (k->shown and per_row are set); see warehouse_sink_open(). */
     int (*open)(struct warehouse_sink *k, const struct warehouse_sink_spec *spec, struct err *e);
-    /* writes k->rows (n_rows lines, not empty) */
+    /* writes k->rows (n_rows lines, not empty) with, in the same transaction, the resume
+     * point k->last_keys and the counts k->records and k->errors (already counting them) */
     int (*write)(struct warehouse_sink *k, struct err *e);
     int (*commit)(struct warehouse_sink *k, struct err *e);
     /* frees k->impl; without a commit, discards the staging table where it can */
@@ -78,6 +90,13 @@ struct warehouse_row_layout {
  * appended to `keys` as the layout says (NULL: null, or an empty field). Returns NULL, or a
  * reason (a new string) that quotes nothing of the row.
  */
+/*
+ * Splits keys rendered as CSV fields, each followed by ',' (warehouse_sink_put's `keys`), into
+ * their text values: a new array of n new strings (free each, then it). -1 for a field that
+ * is not well formed or NULL (an empty unquoted field), or without memory.
+ */
+int warehouse_csv_keys(const char *keys, size_t len, char ***out, size_t *n);
+
 char *warehouse_copy_row(const struct warehouse_row_layout *l, const char *row, size_t len,
                          struct buf *features, struct buf *keys);
 

@@ -533,9 +533,48 @@ def test_failed_run_leaves_the_target_untouched_and_bad_rows_go_to_errors(pg, re
     assert cluster.psql("SELECT count(*) FROM scores_errors", db=db) == [["0"]]
 
 
-def test_kill_9_mid_run_leaves_the_target_untouched(pg, repo, trained, tmp_path):
-    """kill -9 once the staging table has rows: the target is as before (here: three rows put
-    by hand); the same command again gives the full, correct table."""
+def runs(cluster, db, schema="public"):
+    """The rows of SCHEMA.inferd_batch_runs, oldest first, as dicts."""
+    cols = ["id", "target", "source", "query", "key_columns", "model", "model_version", "status",
+            "records", "errors", "resumes", "resume_after", "message", "finished"]
+    rows = cluster.psql(f"SELECT id, target, source, COALESCE(query, ''), key_columns, model, "
+                        f"model_version, status, records, errors, resumes, "
+                        f"COALESCE(resume_after, ''), COALESCE(message, ''), "
+                        f"finished_at IS NOT NULL AND finished_at >= started_at "
+                        f"FROM {schema}.inferd_batch_runs ORDER BY id", db=db)
+    return [dict(zip(cols, r)) for r in rows]
+
+
+def kill_when_staged(cmd, cluster, db, table, at_least):
+    """Starts `cmd` and kill -9s it once its run row says `at_least` rows were committed to
+    the staging table."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + RUN_DEADLINE_S
+        while True:
+            assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, f"fewer than {at_least} rows staged"
+            if cluster.psql("SELECT to_regclass('inferd_batch_runs') IS NOT NULL",
+                            db=db)[0][0] == "t":
+                got = cluster.psql(f"SELECT max(records) FROM inferd_batch_runs WHERE "
+                                   f"target = 'public.{table}' AND status = 'running'", db=db)
+                if got[0][0] and int(got[0][0]) >= at_least:
+                    break
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
+def test_kill_9_mid_run_then_the_same_command_continues(pg, repo, trained, tmp_path):
+    """kill -9 once chunks are committed to the staging table: the target is as before (here:
+    three rows put by hand); the same command again continues after the last row written
+    (read from there, not from the start) and the final table equals an uninterrupted run's;
+    inferd_batch_runs says so."""
     cluster, db, url = pg
     m = trained["binary"]
     n = 400_000
@@ -552,33 +591,103 @@ def test_kill_9_mid_run_leaves_the_target_untouched(pg, repo, trained, tmp_path)
     before = scores(cluster, db, "scores")
     cmd = [str(INFERD_BIN), "batch", "--models", str(repo), "--model", "binary", "--input",
            f"{url}?table=big", "--output", f"{url}?table=scores", "--records-per-batch", "500"]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + RUN_DEADLINE_S
-        while True:
-            assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read()}"
-            assert time.monotonic() < deadline, "no rows in the staging table"
-            if staging_left(cluster, db, "scores") == "t" and int(cluster.psql(
-                    "SELECT count(*) FROM scores__inferd_staging", db=db)[0][0]) > 0:
-                break
-            time.sleep(0.02)
-        proc.kill()
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    kill_when_staged(cmd, cluster, db, "scores", 20_000)
     assert scores(cluster, db, "scores") == before, "a killed run changed the target"
+    [left] = runs(cluster, db)
+    assert left["status"] == "running" and left["target"] == "public.scores", left
+    kept = int(left["records"])
+    assert int(cluster.psql("SELECT count(*) FROM scores__inferd_staging", db=db)[0][0]) == kept
+    assert left["resume_after"] == f"{kept - 1},", "the resume point is the last key written"
     p = run(repo, "binary", f"{url}?table=big", f"{url}?table=scores", "--records-per-batch",
             "500")
     assert f"records={n}" in p.stderr, p.stderr
-    assert "discarding the staging table of a run that did not finish" in p.stderr, p.stderr
+    assert "continuing a run that did not finish" in p.stderr, p.stderr
+    assert f"continuing after the last row written\" records={kept}" in p.stderr, p.stderr
+    assert "discarding" not in p.stderr, p.stderr
     assert staging_left(cluster, db, "scores") == "f"
     got = scores(cluster, db, "scores")
     assert len(got) == n + 1 and got[-1] == before[-1], "the row of another key stays"
     assert [int(r[0]) for r in got[:-1]] == list(range(n))
     assert_close([r[1] for r in got[:-1]], m.expected(X), "after kill -9 and a re-run")
+    [done] = runs(cluster, db)
+    assert (done["id"], done["status"], done["records"], done["errors"], done["resumes"],
+            done["resume_after"], done["finished"]) == \
+        (left["id"], "succeeded", str(n), "0", "1", "", "t"), done
+    # identical to an uninterrupted run's table
+    run(repo, "binary", f"{url}?table=big", f"{url}?table=whole", "--records-per-batch", "500")
+    assert cluster.psql("SELECT count(*) FROM (SELECT id, prediction, model_version FROM scores "
+                        "WHERE id < 400000 EXCEPT SELECT id, prediction, model_version FROM "
+                        "whole) AS d", db=db) == [["0"]]
+    assert [r["status"] for r in runs(cluster, db)] == ["succeeded", "succeeded"]
+
+
+def test_a_failed_run_says_how_to_continue_or_discard(pg, repo, trained, tmp_path):
+    """A failed run keeps its rows and records why; another job on the same target (another
+    query) discards them, and so does --restart; the run rows tell each run's story."""
+    cluster, db, url = pg
+    m = trained["binary"]
+    X = array_table(cluster, db, m, 1000, 21, bad={950})
+    out = f"{url}?table=scores"
+    p = run(repo, "binary", f"{url}?table=arr", out, "--records-per-batch", "100", check=False)
+    assert p.returncode != 0 and "row (id)=(950)" in p.stderr, p.stderr
+    assert "900 rows kept: run again to continue, --restart to discard" in p.stderr, p.stderr
+    assert "the same command continues after them" in p.stderr, p.stderr
+    [failed] = runs(cluster, db)
+    assert (failed["status"], failed["records"], failed["resume_after"]) == \
+        ("failed", "900", "899,"), failed
+    assert "row (id)=(950)" in failed["message"] and failed["finished"] == "t", failed
+    assert cluster.psql("SELECT to_regclass('scores') IS NULL", db=db) == [["t"]]
+    # the same again fails at the same row, reading from row 900 on
+    p = run(repo, "binary", f"{url}?table=arr", out, "--records-per-batch", "100", check=False)
+    assert "continuing after the last row written\" records=900" in p.stderr, p.stderr
+    assert p.returncode != 0 and "row (id)=(950)" in p.stderr, p.stderr
+    # another job (a query) on the same target: what the failed run left goes
+    q = "SELECT id, x FROM arr WHERE id < 950"
+    p = run(repo, "binary", url, out, "--input-query", q, "--key-columns", "id")
+    assert 'discarding the rows of a run that did not finish' in p.stderr, p.stderr
+    assert "another job" in p.stderr, p.stderr
+    assert len(scores(cluster, db, "scores")) == 950
+    r = runs(cluster, db)
+    assert [x["status"] for x in r] == ["discarded", "succeeded"], r
+    assert r[1]["query"] == q and r[1]["key_columns"] == "id" and r[1]["model"] == "binary"
+    # --restart: the same command starts over
+    run(repo, "binary", f"{url}?table=arr", out, "--records-per-batch", "100", check=False)
+    p = run(repo, "binary", f"{url}?table=arr", out, "--records-per-batch", "100",
+            "--max-errors", "1", "--restart")
+    assert 'reason="--restart"' in p.stderr and "continuing" not in p.stderr, p.stderr
+    assert "records=1000" in p.stderr and "errors=1" in p.stderr, p.stderr
+    assert [x["status"] for x in runs(cluster, db)] == \
+        ["discarded", "succeeded", "discarded", "succeeded"]
+    assert staging_left(cluster, db, "scores") == "f"
+
+
+def test_objects_killed_mid_run_continue_from_the_object_and_line(pg, repo, trained, tmp_path):
+    """Files into a table, kill -9 mid-run: the same command skips the objects written whole,
+    writes the rest of the one it stopped in from the line after the last written, and the
+    table equals an uninterrupted run's."""
+    cluster, db, url = pg
+    m = trained["regression"]
+    inp = tmp_path / "in"
+    inp.mkdir()
+    n, parts = 60_000, 4
+    X = m.rows(n * parts, 22, nan_fraction=0.05)
+    for k in range(parts):
+        np.savetxt(inp / f"part-{k}.csv", X[k * n:(k + 1) * n], delimiter=",", fmt="%.7g")
+    cmd = [str(INFERD_BIN), "batch", "--models", str(repo), "--model", "regression", "--input",
+           str(inp), "--output", f"{url}?table=obj", "--records-per-batch", "256",
+           "--instances", "1"]
+    kill_when_staged(cmd, cluster, db, "obj", n + 1000)
+    [left] = runs(cluster, db)
+    obj, line, _ = next(csv.reader([left["resume_after"]]))
+    assert obj != "part-0.csv" and int(line) > 0, left
+    p = run(repo, "regression", str(inp), f"{url}?table=obj", "--records-per-batch", "256")
+    assert f"object={obj} line={line}" in p.stderr, p.stderr
+    assert f"records={n * parts}" in p.stderr, p.stderr
+    got = scores(cluster, db, "obj", keys=("source_object", "line"))
+    assert [(r[0], int(r[1])) for r in got] == \
+        [(f"part-{k}.csv", i) for k in range(parts) for i in range(1, n + 1)]
+    assert_close([r[2] for r in got], m.expected(X), "objects after kill -9 and a re-run")
+    assert runs(cluster, db)[0]["resumes"] == "1"
 
 
 def test_table_output_password_never_shown(pg, repo, trained, tmp_path):
@@ -597,6 +706,8 @@ def test_table_output_password_never_shown(pg, repo, trained, tmp_path):
     assert "***@127.0.0.1" in p.stderr, p.stderr
     got = scores(cluster, db, "scores")
     assert_close([r[1] for r in got], m.expected(X), "with a password")
+    [r] = runs(cluster, db)
+    assert r["source"].startswith("postgresql://***@127.0.0.1") and password not in str(r), r
     # an error from the sink: the table is not ours to change
     cluster.psql(f"CREATE TABLE locked (id integer PRIMARY KEY)", db=db)
     p = run(repo, "binary", f"{url}?table=feat", f"{url}?table=locked", check=False)
