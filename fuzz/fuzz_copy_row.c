@@ -75,7 +75,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (why) {
         if (!why[0] || features.len != 1 || keys.len != 1)
             abort();
-        free(why);
+        if (why != warehouse_row_nomem)
+            free(why);
     } else if (l.keys_json && l.n_keys > 0) {
         json_error_t jerr;
         json_t *v;

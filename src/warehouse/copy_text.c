@@ -14,6 +14,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+char warehouse_row_nomem[] = "out of memory";
+
 /* Why a row does not fit the layout: a new string; `got` 0 means more columns than expected. */
 static char *width_reason(size_t want, size_t got)
 {
@@ -21,7 +23,7 @@ static char *width_reason(size_t want, size_t got)
     int n = got ? asprintf(&s, "expected %zu columns, got %zu", want, got)
                 : asprintf(&s, "expected %zu columns, got more", want);
 
-    return n < 0 ? strdup("bad row") : s;
+    return n < 0 ? warehouse_row_nomem : s;
 }
 
 static int is_null(const char *p, size_t n)
@@ -210,7 +212,7 @@ char *warehouse_copy_row(const struct warehouse_row_layout *l, const char *row, 
                 rc = put_feature(p, (size_t)(fend - p), features);
         }
         if (rc != 0) {
-            why = strdup("out of memory");
+            why = warehouse_row_nomem;
             break;
         }
         col++;

@@ -107,7 +107,36 @@ int warehouse_pg_connect(const char *shown, const char *conninfo, PGconn **out, 
     return 0;
 }
 
-/* Splits `uri` into libpq's conninfo (without `table=`) and the table (NULL if none). */
+static int hex_value(char c)
+{
+    return c >= '0' && c <= '9'   ? c - '0'
+           : c >= 'a' && c <= 'f' ? c - 'a' + 10
+           : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                  : -1;
+}
+
+/* The `n` bytes at `p` with %XX decoded (as libpq decodes the URI's other parts; '+' stays),
+ * a new string; a '%' without two hex digits, and %00, stay as they are. */
+static char *percent_decoded(const char *p, size_t n)
+{
+    char *out = malloc(n + 1), *o = out;
+
+    for (size_t i = 0; out && i < n; i++) {
+        if (p[i] == '%' && i + 2 < n && hex_value(p[i + 1]) >= 0 && hex_value(p[i + 2]) >= 0 &&
+            (p[i + 1] != '0' || p[i + 2] != '0')) {
+            *o++ = (char)(hex_value(p[i + 1]) * 16 + hex_value(p[i + 2]));
+            i += 2;
+        } else {
+            *o++ = p[i];
+        }
+    }
+    if (out)
+        *o = '\0';
+    return out;
+}
+
+/* Splits `uri` into libpq's conninfo (without `table=`) and the table (NULL if none), the
+ * table percent-decoded: ?table=%22My%20Table%22 names "My Table". */
 int warehouse_pg_split_uri(const char *uri, struct buf *conninfo, char **table)
 {
     const char *q = strchr(uri, '?');
@@ -120,7 +149,7 @@ int warehouse_pg_split_uri(const char *uri, struct buf *conninfo, char **table)
         size_t n = strcspn(q + 1, "&");
         if (strncmp(q + 1, "table=", 6) == 0) {
             free(*table);
-            if (!(*table = strndup(q + 7, n - 6)))
+            if (!(*table = percent_decoded(q + 7, n - 6)))
                 return -1;
         } else if (n > 0) {
             if (buf_printf(conninfo, "%c%.*s", sep, (int)n, q + 1) != 0)
@@ -552,6 +581,8 @@ static int pg_read_row(struct warehouse_source *s, struct buf *features, struct 
     why = warehouse_copy_row(
         &pg->layout, row, n > 0 && row[n - 1] == '\n' ? (size_t)n - 1 : (size_t)n, features, keys);
     PQfreemem(row);
+    if (why == warehouse_row_nomem)
+        return err_set(e, ERR_NOMEM, "%s: row %lld: out of memory", s->shown, (long long)pg->rows);
     if (why) {
         rc = err_set(e, ERR_IO, "%s: row %lld as the server sent it: %s", s->shown,
                      (long long)pg->rows, why);

@@ -151,6 +151,23 @@ static int put_value(struct buf *b, float v, const char *none)
     return isfinite(v) ? buf_printf(b, "%.9g", (double)v) : buf_puts(b, none);
 }
 
+/* Rows come in key order: a key given twice comes twice in a row. */
+static int same_keys(const struct warehouse_sink *k, const char *keys, size_t len)
+{
+    return k->last_keys.data && k->last_keys.len == len && memcmp(k->last_keys.data, keys, len) == 0;
+}
+
+/* The upsert would refuse the whole run at its end; say it now, naming the key. */
+static int duplicate(const struct warehouse_sink *k, const char *keys, size_t len, struct err *e)
+{
+    int shown = len > 0 && len - 1 <= 120 ? (int)len - 1 : 120; /* without the last ',' */
+
+    return err_set(e, ERR_INVALID,
+                   "%s: two rows have the keys (%.*s): the key columns must name one row each "
+                   "(give --key-columns that do)",
+                   k->name, shown, keys);
+}
+
 int warehouse_sink_put(struct warehouse_sink *k, const char *keys, size_t keys_len, const float *y,
                        size_t n, struct err *e)
 {
@@ -160,6 +177,8 @@ int warehouse_sink_put(struct warehouse_sink *k, const char *keys, size_t keys_l
         return err_set(e, ERR_BACKEND,
                        "%s: the model gave %zu values for a row; the table holds %zu (%s)", k->name,
                        n, k->per_row, k->per_row > 1 ? "an array" : "one double precision value");
+    if (same_keys(k, keys, keys_len))
+        return duplicate(k, keys, keys_len, e);
     rc = buf_append(&k->rows, keys, keys_len);
     if (rc == 0) {
         k->last_keys.len = 0;
@@ -182,7 +201,11 @@ int warehouse_sink_put(struct warehouse_sink *k, const char *keys, size_t keys_l
 int warehouse_sink_put_bad(struct warehouse_sink *k, const char *keys, size_t keys_len,
                            const char *reason, struct err *e)
 {
-    int rc = buf_append(&k->rows, keys, keys_len) || buf_puts(&k->rows, ",\"");
+    int rc;
+
+    if (same_keys(k, keys, keys_len))
+        return duplicate(k, keys, keys_len, e);
+    rc = buf_append(&k->rows, keys, keys_len) || buf_puts(&k->rows, ",\"");
 
     k->last_keys.len = 0;
     rc = rc || buf_append(&k->last_keys, keys, keys_len);

@@ -88,8 +88,10 @@ struct warehouse_row_layout {
  * split by tabs, \N for NULL, backslash escapes) into its features, appended to `features` as
  * one CSV line (NULL: an empty field; an array {1,2,NULL} spread into 1,2,), and its keys,
  * appended to `keys` as the layout says (NULL: null, or an empty field). Returns NULL, or a
- * reason (a new string) that quotes nothing of the row.
+ * reason (a new string) that quotes nothing of the row, or warehouse_row_nomem (not to be
+ * freed) when memory ran out.
  */
+extern char warehouse_row_nomem[];
 /*
  * Splits keys rendered as CSV fields, each followed by ',' (warehouse_sink_put's `keys`), into
  * their text values: a new array of n new strings (free each, then it). -1 for a field that

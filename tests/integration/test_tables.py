@@ -294,6 +294,49 @@ def test_errors_at_start(pg, repo, trained, tmp_path):
     assert "--input-query needs a postgresql:// input" in err, err
 
 
+def test_quoted_table_names_are_percent_decoded(pg, repo, trained, tmp_path):
+    """?table= is decoded like the rest of the URI: %22Feat%20Table%22 names "Feat Table"
+    (a quoted, mixed-case name with a space), as a source and as a sink."""
+    cluster, db, url = pg
+    m = trained["binary"]
+    X = m.rows(50, 23)
+    cols = ", ".join(f"f{j} real" for j in range(m.n_features))
+    cluster.psql(f'CREATE TABLE "Feat Table" (id integer PRIMARY KEY, {cols})', db=db)
+    insert(cluster, db, '"Feat Table"', [(i, *[float(v) for v in X[i]]) for i in range(50)])
+    run(repo, "binary", f"{url}?table=%22Feat%20Table%22", f"{url}?table=%22Out%2BScores%22")
+    got = scores(cluster, db, '"Out+Scores"')
+    assert [int(r[0]) for r in got] == list(range(50))
+    assert_close([r[1] for r in got], m.expected(X), "quoted names")
+    run(repo, "binary", f"{url}?table=%22Feat%20Table%22", tmp_path / "out")
+    assert (tmp_path / "out" / "public.Feat Table.jsonl").exists()
+
+
+def test_a_query_failing_as_it_runs_names_the_server_error(pg, repo, trained, tmp_path):
+    cluster, db, url = pg
+    m = trained["binary"]
+    feature_table(cluster, db, "feat", m, 10, 24)
+    feats = ", ".join(f"f{j}" for j in range(m.n_features - 1))
+    p = run(repo, "binary", url, tmp_path / "out", "--key-columns", "id", "--input-query",
+            f"SELECT id, {feats}, 1 / (id - 5) AS last FROM feat", check=False)
+    assert p.returncode != 0 and "division by zero" in p.stderr, p.stderr
+
+
+def test_a_query_giving_a_key_twice_into_a_table_is_an_error_naming_it(pg, repo, trained,
+                                                                        tmp_path):
+    """The upsert cannot take one key twice: the run stops at the second row with that key
+    (not at the merge after scoring everything) and the table is not created."""
+    cluster, db, url = pg
+    m = trained["binary"]
+    feature_table(cluster, db, "feat", m, 300, 25)
+    feats = ", ".join(f"f{j}" for j in range(m.n_features))
+    p = run(repo, "binary", url, f"{url}?table=scores", "--key-columns", "g", "--input-query",
+            f"SELECT id % 250 AS g, {feats} FROM feat", check=False)
+    assert p.returncode != 0, p.stderr
+    assert "public.scores: two rows have the keys (" in p.stderr, p.stderr
+    assert "the key columns must name one row each" in p.stderr, p.stderr
+    assert cluster.psql("SELECT to_regclass('scores') IS NULL", db=db) == [["t"]]
+
+
 @pytest.mark.parametrize("method", ["md5", "scram-sha-256"])
 def test_password_never_shown(method, pg, repo, trained, tmp_path):
     cluster, db, _ = pg

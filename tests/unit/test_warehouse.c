@@ -106,6 +106,9 @@ static void test_sink_chunk_lines(void **state)
     assert_string_equal(last_keys, "6,");
     assert_int_equal(seen_records, 2);
     assert_int_equal(seen_errors, 1);
+    /* a key twice in a row (rows come in key order): an error naming it */
+    assert_int_equal(warehouse_sink_put_bad(&k, "6,", 2, "again", &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "public.s: two rows have the keys (6)"));
     /* a chunk that was not written does not count */
     assert_int_equal(warehouse_sink_put(&k, "8,", 2, y, 3, &e), 0);
     fail_write = 1;
