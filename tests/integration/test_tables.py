@@ -451,6 +451,11 @@ def test_table_to_table(model, pg, repo, trained, tmp_path):
     assert column_type(cluster, db, "scores", "id") == "bigint"
     want_type = "double precision[]" if model == "multiclass" else "double precision"
     assert column_type(cluster, db, "scores", "prediction") == want_type
+    # room on each page for the next run's updates (HOT), and the unique constraint built
+    assert cluster.psql("SELECT reloptions FROM pg_class WHERE relname = 'scores'", db=db) == \
+        [["{fillfactor=50}"]]
+    assert cluster.psql("SELECT count(*) FROM pg_index WHERE indrelid = 'scores'::regclass "
+                        "AND indisunique", db=db) == [["1"]]
     got = scores(cluster, db, "scores")
     assert [int(r[0]) for r in got] == ids.tolist()
     assert {r[2] for r in got} == {"1"}, "model_version"
