@@ -346,6 +346,31 @@ static int open_runs(struct warehouse_sink *k, struct pg_sink *pg, const char *s
     return rc;
 }
 
+/*
+ * Runs `head` SCHEMA.inferd_batch_runs `tail` with text parameters; the rows it returns, or
+ * NULL with `e` filled.
+ */
+static PGresult *runs_exec(struct warehouse_sink *k, struct pg_sink *pg, const char *head,
+                           const char *tail, int n, const char *const *values, struct err *e)
+{
+    struct buf sql = {0};
+    PGresult *res;
+
+    if (buf_printf(&sql, "%s%s%s", head, pg->runs, tail) != 0) {
+        buf_release(&sql);
+        err_set(e, ERR_NOMEM, "out of memory");
+        return NULL;
+    }
+    res = exec_params(pg->conn, sql.data, n, values);
+    buf_release(&sql);
+    if (PQresultStatus(res) != PGRES_TUPLES_OK && PQresultStatus(res) != PGRES_COMMAND_OK) {
+        warehouse_pg_fail(k->shown, pg->conn, res, ERR_INVALID, "inferd_batch_runs", e);
+        PQclear(res);
+        return NULL;
+    }
+    return res;
+}
+
 /* "a,b": the key columns as recorded in the run row */
 static char *key_list(const struct warehouse_sink_spec *spec)
 {
@@ -380,21 +405,14 @@ static int find_left_run(struct warehouse_sink *k, struct pg_sink *pg,
     *why = NULL;
     if (!staged)
         return 0;
-    if (buf_printf(&sql,
-                   "SELECT id, source, COALESCE(query, ''), key_columns, model, model_version, "
-                   "resume_after, records, errors FROM %s WHERE target = $1 AND status IN "
-                   "('running', 'failed') ORDER BY id DESC LIMIT 1",
-                   pg->runs) != 0) {
-        buf_release(&sql);
-        return err_set(e, ERR_NOMEM, "out of memory");
-    }
-    res = exec_params(pg->conn, sql.data, 1, target);
-    buf_release(&sql);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK) {
-        rc = warehouse_pg_fail(k->shown, pg->conn, res, ERR_INVALID, "inferd_batch_runs", e);
-        PQclear(res);
-        return rc;
-    }
+    res = runs_exec(k, pg,
+                    "SELECT id, source, COALESCE(query, ''), key_columns, model, model_version, "
+                    "resume_after, records, errors FROM ",
+                    " WHERE target = $1 AND status IN ('running', 'failed') ORDER BY id DESC "
+                    "LIMIT 1",
+                    1, target, e);
+    if (!res)
+        return e->code;
     const char *want[5] = {spec->source ? spec->source : "", spec->query ? spec->query : "", keys,
                            spec->model ? spec->model : "", spec->model_version};
     int same = PQntuples(res) == 1;
@@ -474,17 +492,14 @@ static int new_run(struct warehouse_sink *k, struct pg_sink *pg,
                         keys,
                         spec->model ? spec->model : "",
                         spec->model_version};
-    if (buf_printf(&sql,
-                   "INSERT INTO %s (target, source, query, key_columns, model, model_version, "
-                   "status) VALUES ($1, $2, $3, $4, $5, $6, 'running') RETURNING id",
-                   pg->runs) != 0) {
-        buf_release(&sql);
-        return err_set(e, ERR_NOMEM, "out of memory");
-    }
-    res = exec_params(pg->conn, sql.data, 6, v);
-    buf_release(&sql);
-    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1)
-        rc = warehouse_pg_fail(k->shown, pg->conn, res, ERR_INVALID, "inferd_batch_runs", e);
+    res = runs_exec(k, pg, "INSERT INTO ",
+                    " (target, source, query, key_columns, model, model_version, status) VALUES "
+                    "($1, $2, $3, $4, $5, $6, 'running') RETURNING id",
+                    6, v, e);
+    if (!res)
+        return e->code;
+    if (PQntuples(res) != 1)
+        rc = err_set(e, ERR_INVALID, "%s: inferd_batch_runs: no id for the new run", k->name);
     else if (!(pg->run_id = strdup(PQgetvalue(res, 0, 0))))
         rc = err_set(e, ERR_NOMEM, "out of memory");
     PQclear(res);
