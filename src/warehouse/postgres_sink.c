@@ -35,9 +35,13 @@ struct pg_sink {
     struct buf merge_target, merge_errors;
     char *version;                   /* quoted literal */
     char *runs;                      /* quoted SCHEMA.inferd_batch_runs */
+    /* "__inferd_staging" for a run of its own; for a part of a server batch run,
+     * "__inferd_" and 6 hex digits of the run's id: the run's parts share it */
+    char staging_suffix[20];
     char *target_literal;            /* 'SCHEMA.TABLE' as a quoted literal */
     char *run_id;                    /* this run's row */
     int committed;
+    int part; /* a part of a server batch run: chunks go in as they are, the finish merges */
 };
 
 #define RUN_COLUMNS                                                                                \
@@ -46,7 +50,7 @@ struct pg_sink {
     "model_version text NOT NULL, status text NOT NULL, "                                          \
     "started_at timestamptz NOT NULL DEFAULT now(), finished_at timestamptz, "                    \
     "records bigint NOT NULL DEFAULT 0, errors bigint NOT NULL DEFAULT 0, "                       \
-    "resumes integer NOT NULL DEFAULT 0, resume_after text, message text"
+    "resumes integer NOT NULL DEFAULT 0, resume_after text, message text, batch_job text"
 
 /* PQexecParams with text parameters and results */
 static PGresult *exec_params(PGconn *conn, const char *sql, int n, const char *const *values)
@@ -206,7 +210,7 @@ static int resolve_names(struct warehouse_sink *k, struct pg_sink *pg, const cha
         return rc;
     pg->target = quoted2(pg->conn, *schema, *rel, "");
     pg->errors = quoted2(pg->conn, *schema, *rel, "_errors");
-    pg->staging = quoted2(pg->conn, *schema, *rel, "__inferd_staging");
+    pg->staging = quoted2(pg->conn, *schema, *rel, pg->staging_suffix);
     return pg->target && pg->errors && pg->staging ? 0 : err_set(e, ERR_NOMEM, "out of memory");
 }
 
@@ -506,6 +510,67 @@ static int new_run(struct warehouse_sink *k, struct pg_sink *pg,
     return rc;
 }
 
+/* ---- a part of a server batch run ---- */
+
+/* `(k1, k2) OP ('v1'::type1, ...)` over the staging table's keys, into `sql` */
+static int put_bound(struct pg_sink *pg, const struct warehouse_sink_spec *spec, struct buf *sql,
+                     const char *op, const char *const *values)
+{
+    int rc = buf_printf(sql, "(%s) %s (", pg->keys.data, op);
+
+    for (size_t i = 0; rc == 0 && i < spec->n_keys; i++) {
+        char *lit = PQescapeLiteral(pg->conn, values[i] ? values[i] : "", strlen(values[i] ? values[i] : ""));
+        rc = !lit || buf_printf(sql, "%s%s::%s", i ? ", " : "", lit, spec->key_types[i]);
+        PQfreemem(lit);
+    }
+    return rc ? rc : buf_puts(sql, ")");
+}
+
+/*
+ * The run's staging table, created by whichever part comes first, and this part's rows from an
+ * attempt that did not finish removed, so a retried part writes its range once.
+ */
+static int open_part(struct warehouse_sink *k, struct pg_sink *pg,
+                     const struct warehouse_sink_spec *spec, const char *pred, struct err *e)
+{
+    struct buf sql = {0};
+    int rc = buf_printf(&sql,
+                        "BEGIN; SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext(%s)); "
+                        "CREATE UNLOGGED TABLE IF NOT EXISTS %s (",
+                        pg->target_literal, pg->staging);
+
+    if (rc == 0)
+        rc = put_defs(pg->conn, &sql, spec, "");
+    if (rc == 0)
+        rc = buf_printf(&sql, "prediction %s, reason text); DELETE FROM %s", pred, pg->staging);
+    if (rc == 0 && (spec->after || spec->upto))
+        rc = buf_puts(&sql, " WHERE ");
+    if (rc == 0 && spec->after)
+        rc = put_bound(pg, spec, &sql, ">", spec->after);
+    if (rc == 0 && spec->upto)
+        rc = (spec->after && buf_puts(&sql, " AND ")) || put_bound(pg, spec, &sql, "<=", spec->upto);
+    if (rc == 0)
+        rc = buf_puts(&sql, "; COMMIT");
+    if (rc != 0)
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    else
+        rc = pg_run(k, pg->conn, sql.data, "staging table", e);
+    if (rc != 0 && PQstatus(pg->conn) == CONNECTION_OK)
+        PQclear(PQexec(pg->conn, "ROLLBACK"));
+    buf_release(&sql);
+    return rc;
+}
+
+/* 6 hex digits of FNV-1a of `run`: its staging table's suffix */
+static void run_suffix(const char *run, char *out, size_t size)
+{
+    uint32_t h = 2166136261u;
+
+    for (const unsigned char *p = (const unsigned char *)run; *p; p++)
+        h = (h ^ *p) * 16777619u;
+    snprintf(out, size, "__inferd_%06x", (unsigned)(h & 0xffffff));
+}
+
 static int sink_open(struct warehouse_sink *k, const struct warehouse_sink_spec *spec,
                      struct err *e)
 {
@@ -521,6 +586,10 @@ static int sink_open(struct warehouse_sink *k, const struct warehouse_sink_spec 
         goto cleanup;
     }
     k->impl = pg;
+    if (spec->run)
+        run_suffix(spec->run, pg->staging_suffix, sizeof(pg->staging_suffix));
+    else
+        snprintf(pg->staging_suffix, sizeof(pg->staging_suffix), "__inferd_staging");
     if (!table || !table[0]) {
         rc = err_set(e, ERR_INVALID, "%s: name the output table (?table=SCHEMA.TABLE)", k->shown);
         goto cleanup;
@@ -534,6 +603,13 @@ static int sink_open(struct warehouse_sink *k, const struct warehouse_sink_spec 
         rc = resolve_names(k, pg, table, &schema, &rel, e);
     if (rc == 0 && !(pg->target_literal = PQescapeLiteral(pg->conn, k->name, strlen(k->name))))
         rc = err_set(e, ERR_NOMEM, "out of memory");
+    if (rc == 0 && spec->run) { /* a part: no lock (its run's other parts write too) */
+        rc = plan_tables(k, pg, spec, schema, rel, pred, e);
+        if (rc == 0)
+            rc = open_part(k, pg, spec, pred, e);
+        pg->part = 1;
+        goto cleanup;
+    }
     if (rc == 0)
         rc = take_lock(k, pg, e);
     if (rc == 0)
@@ -565,7 +641,7 @@ static int sink_write(struct warehouse_sink *k, struct err *e)
     char records[24], errors[24];
     const char *v[3] = {NULL, records, errors};
 
-    if (pg_run(k, pg->conn, "BEGIN", "writing", e) != 0)
+    if (!pg->part && pg_run(k, pg->conn, "BEGIN", "writing", e) != 0)
         return e->code;
     if (buf_printf(&sql, "COPY %s FROM STDIN (FORMAT csv)", pg->staging) != 0) {
         rc = err_set(e, ERR_NOMEM, "out of memory");
@@ -586,7 +662,7 @@ static int sink_write(struct warehouse_sink *k, struct err *e)
             rc = warehouse_pg_fail(k->shown, pg->conn, res, ERR_IO, "writing", e);
         PQclear(res);
     }
-    if (rc != 0)
+    if (rc != 0 || pg->part)
         goto cleanup;
     /* the resume point, with the rows it follows */
     sql.len = 0;
@@ -618,6 +694,10 @@ static int sink_commit(struct warehouse_sink *k, struct err *e)
     struct buf sql = {0};
     int rc = 0;
 
+    if (pg->part) { /* its rows are in; the run's finish merges every part's */
+        pg->committed = 1;
+        return 0;
+    }
     rc = buf_printf(&sql,
                     "BEGIN; %s%s"
                     "UPDATE %s SET status = 'succeeded', finished_at = now(), records = %lld, "
@@ -633,6 +713,167 @@ static int sink_commit(struct warehouse_sink *k, struct err *e)
         PQclear(PQexec(pg->conn, "ROLLBACK"));
     pg->committed = rc == 0;
     buf_release(&sql);
+    return rc;
+}
+
+/* ---- the end of a server batch run: every part's rows merged at once ---- */
+
+/*
+ * The staging table's key columns and their types (every column before prediction and
+ * reason), as the parts created them: into `names`/`types` (new arrays of new strings, n),
+ * and *per_row 2 when the prediction is an array.
+ */
+static int staged_keys(struct warehouse_sink *k, struct pg_sink *pg, char ***names, char ***types,
+                       size_t *n, size_t *per_row, struct err *e)
+{
+    PGresult *res = warehouse_pg_query1(
+        pg->conn,
+        "SELECT attname, pg_catalog.format_type(atttypid, atttypmod) FROM pg_catalog.pg_attribute "
+        "WHERE attrelid = pg_catalog.to_regclass($1) AND attnum > 0 AND NOT attisdropped "
+        "ORDER BY attnum",
+        pg->staging);
+    int rows = PQresultStatus(res) == PGRES_TUPLES_OK ? PQntuples(res) : -1, rc = 0;
+
+    *n = 0;
+    if (rows < 3) {
+        rc = rows < 0 ? warehouse_pg_fail(k->shown, pg->conn, res, ERR_IO, "staging table", e)
+                      : err_set(e, ERR_INVALID, "%s: no part of the run wrote its staging table %s",
+                                k->name, pg->staging);
+        PQclear(res);
+        return rc;
+    }
+    *names = calloc((size_t)rows, sizeof(**names));
+    *types = calloc((size_t)rows, sizeof(**types));
+    for (int i = 0; *names && *types && i < rows - 2; i++, (*n)++)
+        if (!((*names)[i] = strdup(PQgetvalue(res, i, 0))) ||
+            !((*types)[i] = strdup(PQgetvalue(res, i, 1))))
+            rc = -1;
+    if (!*names || !*types || rc != 0)
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    *per_row = strstr(PQgetvalue(res, rows - 2, 1), "[]") ? 2 : 1;
+    PQclear(res);
+    return rc;
+}
+
+static int sink_finish(struct warehouse_sink *k, const struct warehouse_sink_spec *spec,
+                       struct err *e)
+{
+    struct pg_sink *pg = calloc(1, sizeof(*pg));
+    struct warehouse_sink_spec staged = *spec;
+    struct buf conninfo = {0};
+    char *table = NULL, *schema = NULL, *rel = NULL, *keys = NULL, **names = NULL, **types = NULL;
+    char records[24] = "0", errors[24] = "0", started[24];
+    size_t n = 0, per_row = 1;
+    PGresult *res = NULL;
+    int rc = 0;
+
+    if (!pg || warehouse_pg_split_uri(spec->uri, &conninfo, &table) != 0) {
+        free(pg);
+        return err_set(e, ERR_NOMEM, "out of memory");
+    }
+    k->impl = pg;
+    run_suffix(spec->run, pg->staging_suffix, sizeof(pg->staging_suffix));
+    snprintf(started, sizeof(started), "%lld", (long long)spec->started_ms);
+    if (!table || !table[0])
+        rc = err_set(e, ERR_INVALID, "%s: name the output table (?table=SCHEMA.TABLE)", k->shown);
+    if (rc == 0)
+        rc = warehouse_pg_connect(k->shown, conninfo.data, &pg->conn, e);
+    if (rc == 0 && !(pg->version = PQescapeLiteral(pg->conn, spec->model_version,
+                                                    strlen(spec->model_version))))
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    if (rc == 0)
+        rc = resolve_names(k, pg, table, &schema, &rel, e);
+    if (rc == 0 && !(pg->target_literal = PQescapeLiteral(pg->conn, k->name, strlen(k->name))))
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    if (rc == 0)
+        rc = take_lock(k, pg, e); /* one merge into the target at a time */
+    if (rc == 0)
+        rc = open_runs(k, pg, schema, e);
+    if (rc != 0)
+        goto cleanup;
+    /* a finish run again after it merged (its answer was lost): done already */
+    res = runs_exec(k, pg, "SELECT 1 FROM ", " WHERE batch_job = $1 AND status = 'succeeded'", 1,
+                    &spec->run, e);
+    if (!res) {
+        rc = e->code;
+        goto cleanup;
+    }
+    if (PQntuples(res) > 0) {
+        log_info("warehouse", "the run was merged already", "name=%s batch_job=%s", k->name,
+                 spec->run);
+        goto cleanup;
+    }
+    PQclear(res);
+    res = NULL;
+    rc = staged_keys(k, pg, &names, &types, &n, &per_row, e);
+    staged.n_keys = n;
+    staged.key_names = (const char *const *)names;
+    staged.key_types = (const char *const *)types;
+    staged.per_row = per_row;
+    if (rc == 0)
+        rc = plan_tables(k, pg, &staged, schema, rel,
+                         per_row > 1 ? "double precision[]" : "double precision", e);
+    if (rc == 0 && !(keys = key_list(&staged)))
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    if (rc == 0) {
+        struct buf sql = {0};
+        rc = buf_printf(&sql, "SELECT count(*), count(reason) FROM %s", pg->staging) == 0
+                 ? 0
+                 : err_set(e, ERR_NOMEM, "out of memory");
+        if (rc == 0) {
+            res = PQexec(pg->conn, sql.data);
+            if (PQresultStatus(res) != PGRES_TUPLES_OK)
+                rc = warehouse_pg_fail(k->shown, pg->conn, res, ERR_IO, "staging table", e);
+            else
+                snprintf(records, sizeof(records), "%s", PQgetvalue(res, 0, 0)),
+                    snprintf(errors, sizeof(errors), "%s", PQgetvalue(res, 0, 1));
+            PQclear(res);
+            res = NULL;
+        }
+        sql.len = 0;
+        if (rc == 0 && buf_printf(&sql, "BEGIN; %s%s", pg->merge_target.data,
+                                  pg->merge_errors.data) != 0)
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+        if (rc == 0)
+            rc = pg_run(k, pg->conn, sql.data, "merging into the table", e);
+        if (rc == 0) {
+            const char *v[10] = {k->name,   spec->source ? spec->source : "",
+                                 spec->query && spec->query[0] ? spec->query : NULL,
+                                 keys,      spec->model ? spec->model : "",
+                                 spec->model_version, records, errors, spec->run, started};
+            res = runs_exec(k, pg, "INSERT INTO ",
+                            " (target, source, query, key_columns, model, model_version, status, "
+                            "records, errors, batch_job, started_at, finished_at) VALUES ($1, $2, "
+                            "$3, $4, $5, $6, 'succeeded', $7, $8, $9, CASE WHEN $10::bigint > 0 "
+                            "THEN to_timestamp($10::bigint / 1000.0) ELSE now() END, now())",
+                            10, v, e);
+            rc = res ? 0 : e->code;
+        }
+        sql.len = 0;
+        if (rc == 0 && buf_printf(&sql, "DROP TABLE %s; COMMIT", pg->staging) != 0)
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+        if (rc == 0)
+            rc = pg_run(k, pg->conn, sql.data, "merging into the table", e);
+        if (rc != 0 && PQstatus(pg->conn) == CONNECTION_OK)
+            PQclear(PQexec(pg->conn, "ROLLBACK"));
+        buf_release(&sql);
+    }
+    if (rc == 0)
+        log_info("warehouse", "merged a batch run into the table",
+                 "name=%s batch_job=%s records=%s errors=%s", k->name, spec->run, records, errors);
+cleanup:
+    PQclear(res);
+    for (size_t i = 0; i < n; i++) {
+        free(names[i]);
+        free(types[i]);
+    }
+    free(names);
+    free(types);
+    free(keys);
+    buf_release(&conninfo);
+    free(table);
+    free(schema);
+    free(rel);
     return rc;
 }
 
@@ -679,5 +920,6 @@ const struct warehouse_sink_ops warehouse_postgres_sink_ops = {
     .open = sink_open,
     .write = sink_write,
     .commit = sink_commit,
+    .finish = sink_finish,
     .close = sink_close,
 };

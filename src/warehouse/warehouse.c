@@ -115,6 +115,35 @@ const char *warehouse_key_type(const struct warehouse_source *s, size_t i)
 static const struct warehouse_sink_ops *const sinks[] = {&warehouse_postgres_sink_ops};
 #define N_SINKS (sizeof(sinks) / sizeof(sinks[0]))
 
+static const struct warehouse_sink_ops *sink_ops(const char *uri)
+{
+    for (size_t i = 0; uri && i < N_SINKS; i++)
+        if (sinks[i]->supports(uri))
+            return sinks[i];
+    return NULL;
+}
+
+int warehouse_sink_finish(const struct warehouse_sink_spec *spec, struct err *e)
+{
+    const struct warehouse_sink_ops *ops = sink_ops(spec->uri);
+    struct warehouse_sink *k;
+    int rc;
+
+    if (!ops)
+        return err_set(e, ERR_INVALID, "not a warehouse location");
+    if (!spec->run || !spec->model_version)
+        return err_set(e, ERR_INVALID, "a batch run's finish needs its id and model version");
+    k = calloc(1, sizeof(*k));
+    if (!k || !(k->shown = url_redacted(spec->uri))) {
+        free(k);
+        return err_set(e, ERR_NOMEM, "out of memory");
+    }
+    k->ops = ops;
+    rc = ops->finish(k, spec, e);
+    warehouse_sink_close(k); /* a finish records no failure: the task that ran it is retried */
+    return rc;
+}
+
 int warehouse_sink_open(const struct warehouse_sink_spec *spec, struct warehouse_sink **out,
                         struct err *e)
 {

@@ -121,6 +121,17 @@ struct warehouse_sink_spec {
     const char *query;  /* NULL or "" */
     const char *model;
     int restart; /* discard the rows a failed or killed run left, even for the same job */
+    /*
+     * A server batch run, whose tasks run in several processes: its id. Each task's sink
+     * writes one part (the key range after..upto, as warehouse_spec's; a part retried
+     * replaces what its earlier attempt wrote) into the run's staging table, without a lock,
+     * a resume point or a merge; warehouse_sink_finish() merges them all once every part is
+     * in. NULL: the whole run is this sink's.
+     */
+    const char *run;
+    const char *const *after;
+    const char *const *upto;
+    int64_t started_ms; /* warehouse_sink_finish: when the run started (0: unknown) */
 };
 
 /*
@@ -142,6 +153,14 @@ int warehouse_sink_put_bad(struct warehouse_sink *k, const char *keys, size_t ke
 int warehouse_sink_write(struct warehouse_sink *k, struct err *e);
 /* Sends what is left, then merges it into the target in one transaction. */
 int warehouse_sink_commit(struct warehouse_sink *k, struct err *e);
+/*
+ * The end of a server batch run (spec.run): the rows every part wrote merged into the target
+ * in one transaction, as warehouse_sink_commit() does, and the run recorded (PostgreSQL: its
+ * inferd_batch_runs row, with batch_job = spec.run). Only uri, run, source, query, model,
+ * model_version and started_ms are used: the keys and the prediction's width are the staging
+ * table's. Run again after it succeeded, it finds the run recorded and does nothing.
+ */
+int warehouse_sink_finish(const struct warehouse_sink_spec *spec, struct err *e);
 /* Records why the run failed (one line, no secret), before the close. */
 void warehouse_sink_fail(struct warehouse_sink *k, const char *why);
 /* Without a commit: the rows written stay for the next run of the same job. */

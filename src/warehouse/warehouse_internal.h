@@ -66,6 +66,8 @@ struct warehouse_sink_ops {
      * point k->last_keys and the counts k->records and k->errors (already counting them) */
     int (*write)(struct warehouse_sink *k, struct err *e);
     int (*commit)(struct warehouse_sink *k, struct err *e);
+    /* see warehouse_sink_finish(): fills k->impl and k->name, merges, records the run */
+    int (*finish)(struct warehouse_sink *k, const struct warehouse_sink_spec *spec, struct err *e);
     /* frees k->impl; without a commit, discards the staging table where it can */
     void (*close)(struct warehouse_sink *k);
 };
