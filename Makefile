@@ -59,6 +59,7 @@ bench:
 	@scripts/install-deps --bench
 	@$(MAKE) --no-print-directory build
 	@bench/run
+	@bench/table_run
 	@bench/scale_run
 	@bench/upstream_run
 
