@@ -94,7 +94,9 @@ static json_t *batch_object(const struct batch_job *b)
         json_decref(o);
         o = json_object();
     }
-    if (!o || queue_json_redact_url(o, "callback_url") != 0) {
+    /* a table input (postgresql://) may carry a password: the worker needs it, no one else */
+    if (!o || queue_json_redact_url(o, "callback_url") != 0 ||
+        queue_json_redact_url(o, "input") != 0) {
         json_decref(o);
         return NULL;
     }
