@@ -49,6 +49,8 @@ static const char *const known_fields[] = {
 
 /* a table input's rows per task when "records_per_task" is not given */
 #define DEFAULT_RECORDS_PER_TASK 100000
+/* a run's tasks at most, for a table input: each is a queue job stored in one commit */
+#define MAX_TABLE_TASKS 100000
 
 /* fields that shape when a job runs and where it reads and writes, beside known_fields */
 static const char *const schedule_fields[] = {"timezone", NULL};
@@ -542,6 +544,15 @@ static int plan_table(struct registry *reg, json_t *def, struct run_plan *p, str
         warehouse_split_release(&split);
         /* a server that cannot be reached or refuses the login: the definition's to fix */
         return err_set(e, rc == ERR_IO ? ERR_INVALID : rc, "input: %s", msg);
+    }
+    if (split.n_parts > MAX_TABLE_TASKS) {
+        rc = err_set(e, ERR_INVALID,
+                     "records_per_task: %lld rows per task make %zu tasks, more than %d: "
+                     "give more rows per task",
+                     (long long)json_integer_value(json_object_get(def, "records_per_task")),
+                     split.n_parts, MAX_TABLE_TASKS);
+        warehouse_split_release(&split);
+        return rc;
     }
     rc = batch_list_output(p->output, &p->outs, &p->n_outs, e);
     if (rc != 0) {

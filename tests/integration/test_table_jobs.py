@@ -210,6 +210,17 @@ def test_schedule_fires_on_a_table(pg, repo, trained, tmp_path, monkeypatch, ser
     assert_close([r["prediction"] for r in rows], m.expected(X), "scheduled, multiclass")
     hook = wait_for(lambda: webhook_receiver.received("/s"), 30, "the run's webhook")
     assert check_signed(hook[0])["type"] == "batch.succeeded"
+
+    # the table is gone by the next run: that run fails naming it, with its webhook
+    cluster.psql("DROP TABLE mc", db=db)
+    clock.write_text(str(1893456125000))  # 00:02:05
+    s = wait_for(lambda: (lambda j: j if len(j["runs"]) == 2 else None)(get(server, sid)), 30,
+                 "a second run")
+    failed = wait_status(server, s["runs"][0]["id"], ("failed", "succeeded"))
+    assert failed["status"] == "failed" and "no such table 'mc'" in failed["error"], failed
+    hooks = wait_for(lambda: (lambda h: h if len(h) == 2 else None)(
+        webhook_receiver.received("/s")), 30, "the failed run's webhook")
+    assert check_signed(hooks[1])["type"] == "batch.failed"
     r = requests.delete(f"{server.url}/v1/batch-jobs/{sid}", timeout=30)
     assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
 
@@ -293,3 +304,32 @@ def test_cancel_and_a_source_gone_at_run_time(pg, repo, trained, tmp_path, share
     failed = wait_status(server, gone, ("failed", "succeeded"))
     assert failed["status"] == "failed", failed
     assert "no such table 'gone'" in failed["error"], failed["error"]
+
+
+def test_a_task_retries_while_its_source_is_down(postgres_server, trained, repo, tmp_path,
+                                                  shared_postgres, server_factory,
+                                                  worker_factory):
+    """The source's server goes down after the split: the worker's attempts fail for a passing
+    reason and are retried with backoff; once it is back, the run succeeds whole."""
+    src = postgres_server
+    src.psql('CREATE DATABASE "retry"')
+    m = trained["binary"]
+    ids, X = feature_table(src, "retry", "feat", m, 200, 26)
+    queue = shared_postgres.fresh_url()
+    server = server_factory(repo, *async_args(tmp_path / "data", "--workers", "0",
+                                              "--max-attempts", "100", queue=queue))
+    r = submit(server, model="binary", input=f"{src.db_url('retry')}?table=feat",
+               output=str(tmp_path / "out"), records_per_task=80)
+    assert r.status_code == 202, r.text
+    bid = r.json()["id"]
+    src.stop()
+    worker = worker_factory(repo, queue, "--workers", "1")
+    wait_for(lambda: 'msg="batch task failed"' in worker.log() and "retryable=1" in worker.log(),
+             DEADLINE_S, "a task attempt to fail while the source is down")
+    src.start()
+    done = wait_status(server, bid, ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done
+    assert done["progress"]["objects_done"] == 3 and done["progress"]["records_done"] == 200
+    rows = [row for f in parts(tmp_path / "out", "public.feat", "jsonl") for row in jsonl(f)]
+    assert [r["id"] for r in rows] == ids.tolist()
+    assert_close([r["prediction"] for r in rows], m.expected(X), "after retries")
