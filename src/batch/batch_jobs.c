@@ -612,7 +612,6 @@ static int check_table_source(struct registry *reg, json_t *def, struct err *e)
     if (rc != 0)
         return rc;
     table_spec(def, m, &spec);
-    spec.check_only = 1;
     rc = warehouse_open(&spec, &src, e);
     warehouse_close(src);
     model_release(m);

@@ -476,10 +476,6 @@ static int pg_open(struct warehouse_source *s, const struct warehouse_spec *spec
             rc = err_set(e, ERR_NOMEM, "out of memory");
     if (rc != 0)
         goto cleanup;
-    if (spec->check_only) { /* nothing to read: the server is not asked to start */
-        pg->done = 1;
-        goto cleanup;
-    }
     PQclear(res);
     res = PQexec(pg->conn, copy.data);
     if (PQresultStatus(res) != PGRES_COPY_OUT)

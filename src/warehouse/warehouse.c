@@ -232,7 +232,6 @@ int warehouse_split(const struct warehouse_spec *spec, int64_t rows_per_part,
                     struct warehouse_split *out, struct err *e)
 {
     const struct warehouse_split_ops *ops = NULL;
-    struct warehouse_spec checked = *spec;
     struct warehouse_source *s = NULL;
     int rc;
 
@@ -245,11 +244,12 @@ int warehouse_split(const struct warehouse_spec *spec, int64_t rows_per_part,
     if (rows_per_part < 1)
         return err_set(e, ERR_INVALID, "rows per part: %lld is below the minimum 1",
                        (long long)rows_per_part);
-    checked.check_only = 1;
-    rc = warehouse_open(&checked, &s, e); /* every check the reading run makes */
+    rc = warehouse_open(spec, &s, e); /* every check the reading run makes */
     if (rc != 0)
         return rc;
-    s->ops->close(s); /* the split is one statement on a connection of its own */
+    /* the split is one statement on a connection of its own: the source's (and any reading
+     * it started) ends now */
+    s->ops->close(s);
     out->n_keys = s->n_keys;
     out->n_parts = 1;
     if (!(out->name = strdup(s->name)))

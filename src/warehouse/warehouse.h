@@ -43,9 +43,6 @@ struct warehouse_spec {
      * the rows after `after` (a resume point; a part's start) up to and including `upto`. */
     const char *const *after;
     const char *const *upto;
-    /* 1: warehouse_open() makes every check and starts no reading (warehouse_read_row() then
-     * ends at once): a server batch job checks its source at submit, and splits it */
-    int check_only;
 };
 
 /* 1 when `uri` names a warehouse location (postgresql:// or postgres://). */
