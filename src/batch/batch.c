@@ -1324,13 +1324,18 @@ static int start_keys(struct runner *run, struct err *e)
 
 /* ---- one object, for a worker ---- */
 
+static int open_table(struct runner *run, char ***names, size_t *n, struct err *e);
+
 int batch_run_object(const struct batch_config *cfg, struct model *m, const char *in_uri,
                      const char *name, const char *out_uri, const char *errors_uri,
                      struct batch_object_result *res, struct err *e)
 {
     struct batch_stats stats = {0};
+    struct batch_config table_cfg = *cfg;
     struct runner run = {.cfg = cfg, .stats = &stats, .model = m};
     long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
+    char **names = NULL;
+    size_t n_names = 0;
     int csv = 0, rc;
 
     memset(res, 0, sizeof(*res));
@@ -1344,12 +1349,22 @@ int batch_run_object(const struct batch_config *cfg, struct model *m, const char
     run.width = run.documents ? 0 : m->info.inputs[0].shape[1];
     run.n_instances = cfg->instances > 0 ? cfg->instances : 2;
     rc = start_keys(&run, e);
-    if (rc != 0)
+    if (rc == 0 && warehouse_supports(in_uri)) {
+        /* a part of a table (a server job's task): it has no identity to keep, and is read
+         * again whole by every run */
+        table_cfg.input = in_uri;
+        run.cfg = &table_cfg;
+        rc = open_table(&run, &names, &n_names, e);
+    } else if (rc == 0) {
+        /* before reading: a change after this is seen by the next run */
+        rc = storage_identify(in_uri, &res->input, e);
+    }
+    if (rc != 0) {
+        warehouse_close(run.table);
+        batch_keys_release(&run.keys);
+        storage_names_free(names, n_names);
         return rc;
-    /* before reading: a change after this is seen by the next run */
-    rc = storage_identify(in_uri, &res->input, e);
-    if (rc != 0)
-        return rc;
+    }
     pthread_mutex_init(&run.lock, NULL);
     pthread_cond_init(&run.cond, NULL);
     rc = parsers_start(&run, (int)(n_cpu > 0 ? n_cpu : 1), e);
@@ -1359,7 +1374,9 @@ int batch_run_object(const struct batch_config *cfg, struct model *m, const char
     res->errors = stats.errors;
     if (run.parsers)
         parsers_stop(&run);
+    warehouse_close(run.table);
     batch_keys_release(&run.keys);
+    storage_names_free(names, n_names);
     pthread_mutex_destroy(&run.lock);
     pthread_cond_destroy(&run.cond);
     return rc;
@@ -1413,6 +1430,8 @@ static int open_table(struct runner *run, char ***names, size_t *n, struct err *
         .n_features = f->names ? f->n : 0,
         .width = run->width,
         .keys_json = !csv,
+        .after = cfg->after,
+        .upto = cfg->upto,
     };
 
     if (run->documents)

@@ -38,6 +38,11 @@ struct batch_config {
     void *tick_ctx;
     int64_t *records_written; /* batch_run_object: when set, the object's records written so
                                * far, updated (on the calling thread) before each tick */
+    /* a table input: the range of its rows to read, by their keys' values as text (struct
+     * warehouse_spec's after and upto; warehouse_split() makes them); NULL: from the first row,
+     * to the last */
+    const char *const *after;
+    const char *const *upto;
 };
 
 /* Summary of a finished (or failed) run. */
@@ -68,7 +73,8 @@ struct model;
  * records (up to cfg->max_errors) to `errors_uri`; res->input is the input's identity.
  * Workers run batch tasks with it; only cfg's format, records_per_batch, concurrency,
  * instances, join_input, csv_header, key_columns, max_errors, quiet, stale_errors and tick are
- * used.
+ * used. A warehouse `in_uri` (postgresql://) is read as `inferd batch` reads a table, with
+ * cfg's input_query, key_columns, after and upto; res->input is then empty.
  *   name  the object's name relative to the job's input, for messages and the format
  */
 int batch_run_object(const struct batch_config *cfg, struct model *m, const char *in_uri,

@@ -45,7 +45,12 @@
 static const char *const known_fields[] = {
     "model",      "input",      "output",     "format",       "records_per_batch", "concurrency",
     "join_input", "csv_header", "max_errors", "callback_url", "schedule",
-    "key_columns", "output_suffix", NULL};
+    "key_columns", "output_suffix", "input_query", "records_per_task", NULL};
+
+/* a table input's rows per task when "records_per_task" is not given */
+#define DEFAULT_RECORDS_PER_TASK 100000
+/* a run's tasks at most, for a table input: each is a queue job stored in one commit */
+#define MAX_TABLE_TASKS 100000
 
 /* fields that shape when a job runs and where it reads and writes, beside known_fields */
 static const char *const schedule_fields[] = {"timezone", NULL};
@@ -85,10 +90,12 @@ static int check_location(const char *key, const char *s, struct err *e)
     if (strstr(s, "://") && strncmp(s, "file://", 7) != 0 && strncmp(s, "s3://", 5) != 0) {
         /* shown without its credentials: a postgresql:// URI often carries a password */
         char *shown = url_redacted(s);
-        int rc = warehouse_supports(s)
+        int rc = warehouse_supports(s) && strcmp(key, "input") == 0
+                     ? 0 /* opened, checked and split when the run starts (plan_table) */
+                 : warehouse_supports(s)
                      ? err_set(e, ERR_INVALID,
-                               "%s: '%.100s': tables are not supported in server batch jobs yet "
-                               "(inferd batch reads them)",
+                               "%s: '%.100s': not yet: table outputs are for inferd batch (a "
+                               "server batch job writes files or S3 objects)",
                                key, shown ? shown : "")
                      : err_set(e, ERR_INVALID,
                                "%s: '%.100s': only paths, file:// and s3:// are supported", key,
@@ -157,7 +164,7 @@ static int check_names(json_t *def, struct err *e)
     if (!json_is_string(v))
         return err_set(e, ERR_INVALID, "output_suffix: expected a string (\"\" allowed)");
     rc = batch_check_suffix(json_string_value(v), e);
-    if (rc == 0)
+    if (rc == 0 && !warehouse_supports(json_string_value(json_object_get(def, "input"))))
         rc = batch_check_locations(json_string_value(json_object_get(def, "input")),
                                    json_string_value(json_object_get(def, "output")),
                                    json_string_value(v), e);
@@ -200,6 +207,33 @@ static int check_timezone(json_t *def, struct tm *now_there, struct err *e)
     cron_zone_time(z, clock_sched_now_ms(), now_there);
     cron_zone_close(z);
     return 0;
+}
+
+/* "input_query" and "records_per_task": a table input's, checked against the input */
+static int check_table_fields(json_t *def, int documents, struct err *e)
+{
+    const char *input = json_string_value(json_object_get(def, "input"));
+    json_t *v = json_object_get(def, "input_query");
+    int table = warehouse_supports(input);
+
+    if (v && !json_is_null(v) &&
+        (!json_is_string(v) || !json_string_value(v)[0] || strlen(json_string_value(v)) > 65536))
+        return err_set(e, ERR_INVALID, "input_query: expected a SELECT statement (a string of "
+                                       "at most 65536 bytes)");
+    if (v && json_is_string(v) && !table)
+        return err_set(e, ERR_INVALID, "input_query: needs a postgresql:// input");
+    v = json_object_get(def, "records_per_task");
+    if (v && !json_is_null(v) && !table)
+        return err_set(e, ERR_INVALID,
+                       "records_per_task: only for a table or query input (a job over objects "
+                       "has one task per object)");
+    if (!table)
+        return 0;
+    if (documents)
+        return err_set(e, ERR_INVALID,
+                       "input: model '%s' takes JSON documents: a table gives rows of numbers",
+                       json_string_value(json_object_get(def, "model")));
+    return check_int(def, "records_per_task", 1, 1000000000, DEFAULT_RECORDS_PER_TASK, e);
 }
 
 static int check_fields(json_t *def, struct registry *reg, struct err *e)
@@ -247,7 +281,7 @@ static int check_fields(json_t *def, struct registry *reg, struct err *e)
         (rc = check_int(def, "max_errors", 0, INT64_MAX / 2, 0, e)) ||
         (rc = check_bool(def, "join_input", e)) || (rc = check_bool(def, "csv_header", e)))
         return rc;
-    if ((rc = check_names(def, e)) != 0)
+    if ((rc = check_names(def, e)) != 0 || (rc = check_table_fields(def, documents, e)) != 0)
         return rc;
     v = json_object_get(def, "callback_url");
     if (v && !json_is_null(v)) {
@@ -429,6 +463,166 @@ static int plan_run(json_t *def, struct run_plan *p, struct err *e)
     return p->finish_input ? 0 : err_set(e, ERR_NOMEM, "out of memory");
 }
 
+/* ---- a table or query input: one task per key range ---- */
+
+/* The source `def` names, read for model `m` (borrowed from both). */
+static void table_spec(json_t *def, const struct model *m, struct warehouse_spec *spec)
+{
+    const char *format = json_string_value(json_object_get(def, "format"));
+
+    memset(spec, 0, sizeof(*spec));
+    spec->uri = json_string_value(json_object_get(def, "input"));
+    spec->query = json_string_value(json_object_get(def, "input_query"));
+    spec->key_columns = json_string_value(json_object_get(def, "key_columns"));
+    spec->feature_names = m->features.names;
+    spec->n_features = m->features.names ? m->features.n : 0;
+    spec->width = m->info.inputs[0].shape[1];
+    spec->keys_json = !format || strcmp(format, "csv") != 0;
+}
+
+static json_t *bound_json(const char *const *values, size_t n)
+{
+    json_t *a;
+
+    if (!values)
+        return json_null();
+    a = json_array();
+    for (size_t k = 0; a && k < n; k++)
+        json_array_append_new(a, json_string(values[k]));
+    return a;
+}
+
+/* Part i's task: the common options, and what the part reads (its key range). */
+static char *part_input(json_t *def, const struct warehouse_split *split, size_t i,
+                        const char *name, const char *out_uri, const char *err_uri, int csv,
+                        int stale_errors)
+{
+    const char *input = json_string_value(json_object_get(def, "input"));
+    char *base = task_input(def, name, input, out_uri, err_uri, csv, stale_errors), *text = NULL;
+    json_t *t = base ? json_loads(base, 0, NULL) : NULL;
+    json_t *query = json_object_get(def, "input_query");
+
+    if (t && json_object_set_new(t, "after",
+                                 bound_json(warehouse_split_after(split, i), split->n_keys)) == 0 &&
+        json_object_set_new(t, "upto",
+                            bound_json(warehouse_split_upto(split, i), split->n_keys)) == 0 &&
+        (!json_is_string(query) || json_object_set(t, "input_query", query) == 0))
+        text = json_dumps(t, JSON_COMPACT);
+    json_decref(t);
+    free(base);
+    return text;
+}
+
+/*
+ * Opens the table or query the run reads (every check `inferd batch` makes against the model),
+ * cuts it into parts of about records_per_task rows by its keys, and prepares one task per
+ * part: "<SCHEMA.TABLE>-00000.jsonl" (or "query-...", ".csv"), keys first as inferd batch
+ * writes them.
+ */
+static int plan_table(struct registry *reg, json_t *def, struct run_plan *p, struct err *e)
+{
+    const char *output = json_string_value(json_object_get(def, "output"));
+    const char *format = json_string_value(json_object_get(def, "format"));
+    int csv = format && strcmp(format, "csv") == 0, rc;
+    struct warehouse_spec spec;
+    struct warehouse_split split = {0};
+    struct model *m = NULL;
+
+    p->output = strdup(output);
+    if (!p->output)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    rc = registry_acquire(reg, json_string_value(json_object_get(def, "model")), 0, &m, e);
+    if (rc != 0)
+        return rc;
+    table_spec(def, m, &spec);
+    rc = warehouse_split(&spec, json_integer_value(json_object_get(def, "records_per_task")),
+                         &split, e);
+    model_release(m);
+    if (rc != 0) {
+        char msg[sizeof(e->msg)];
+        snprintf(msg, sizeof(msg), "%s", e->msg);
+        warehouse_split_release(&split);
+        /* a server that cannot be reached or refuses the login: the definition's to fix */
+        return err_set(e, rc == ERR_IO ? ERR_INVALID : rc, "input: %s", msg);
+    }
+    if (split.n_parts > MAX_TABLE_TASKS) {
+        rc = err_set(e, ERR_INVALID,
+                     "records_per_task: %lld rows per task make %zu tasks, more than %d: "
+                     "give more rows per task",
+                     (long long)json_integer_value(json_object_get(def, "records_per_task")),
+                     split.n_parts, MAX_TABLE_TASKS);
+        warehouse_split_release(&split);
+        return rc;
+    }
+    rc = batch_list_output(p->output, &p->outs, &p->n_outs, e);
+    if (rc != 0) {
+        char msg[sizeof(e->msg)];
+        snprintf(msg, sizeof(msg), "%s", e->msg);
+        warehouse_split_release(&split);
+        return err_set(e, rc, "output: %s", msg);
+    }
+    p->inputs = calloc(split.n_parts, sizeof(*p->inputs));
+    p->objects = calloc(split.n_parts, sizeof(*p->objects));
+    if (!p->inputs || !p->objects)
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    for (size_t i = 0; rc == 0 && i < split.n_parts; i++) {
+        char name[300], err_name[320], *out_uri, *err_uri;
+        snprintf(name, sizeof(name), "%.200s-%05zu.%s", split.name, i, csv ? "csv" : "jsonl");
+        snprintf(err_name, sizeof(err_name), "%s.errors", name);
+        out_uri = storage_join(p->output, name);
+        err_uri = storage_join(p->output, err_name);
+        if (out_uri && err_uri) {
+            p->inputs[i] = part_input(def, &split, i, name, out_uri, err_uri, csv,
+                                      batch_has_name(p->outs, p->n_outs, err_name));
+            p->objects[i] = strdup(name);
+        }
+        p->n_tasks++; /* so plan_free frees what was made */
+        if (!p->inputs[i] || !p->objects[i])
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+        free(out_uri);
+        free(err_uri);
+    }
+    if (rc == 0) {
+        json_t *fin = json_pack("{s:s}", "output", p->output);
+        p->finish_input = fin ? json_dumps(fin, JSON_COMPACT) : NULL;
+        json_decref(fin);
+        if (!p->finish_input)
+            rc = err_set(e, ERR_NOMEM, "out of memory");
+    }
+    if (rc == 0)
+        log_info("batch", "table split", "source=%s parts=%zu records_per_task=%lld", split.name,
+                 split.n_parts,
+                 (long long)json_integer_value(json_object_get(def, "records_per_task")));
+    warehouse_split_release(&split);
+    return rc;
+}
+
+/* A schedule over a table: its source checked now, as a run's would be at its start. */
+static int check_table_source(struct registry *reg, json_t *def, struct err *e)
+{
+    const char *input = json_string_value(json_object_get(def, "input"));
+    struct warehouse_source *src = NULL;
+    struct warehouse_spec spec;
+    struct model *m = NULL;
+    int rc;
+
+    if (!warehouse_supports(input) || strchr(input, '{'))
+        return 0; /* a templated location is checked by each run */
+    rc = registry_acquire(reg, json_string_value(json_object_get(def, "model")), 0, &m, e);
+    if (rc != 0)
+        return rc;
+    table_spec(def, m, &spec);
+    rc = warehouse_open(&spec, &src, e);
+    warehouse_close(src);
+    model_release(m);
+    if (rc != 0) {
+        char msg[sizeof(e->msg)];
+        snprintf(msg, sizeof(msg), "%s", e->msg);
+        return err_set(e, rc == ERR_IO ? ERR_INVALID : rc, "input: %s", msg);
+    }
+    return 0;
+}
+
 static int64_t lease_of(struct registry *reg, const char *model)
 {
     struct model *m = NULL;
@@ -521,7 +715,9 @@ static int start_run(const struct batch_jobs_config *cfg, const char *definition
     rc = resolve_locations(def, parent ? run_at_ms : clock_sched_now_ms(), parent != NULL,
                            &plan_err);
     run_def = json_dumps(def, JSON_COMPACT | JSON_SORT_KEYS);
-    if (rc == 0)
+    if (rc == 0 && warehouse_supports(json_string_value(json_object_get(def, "input"))))
+        rc = plan_table(cfg->reg, def, &p, &plan_err);
+    else if (rc == 0)
         rc = plan_run(def, &p, &plan_err);
     if (rc != 0 && !parent) {
         *e = plan_err;
@@ -590,6 +786,8 @@ int batch_job_schedule(const struct batch_jobs_config *cfg, const char *definiti
         return err_set(e, ERR_INVALID, "batch job definition is not a JSON object");
     }
     rc = next_run(def, clock_sched_now_ms(), &spec.next_run_ms, e);
+    if (rc == 0)
+        rc = check_table_source(cfg->reg, def, e);
     if (rc == 0) {
         spec.definition = definition;
         spec.model = json_string_value(json_object_get(def, "model"));
@@ -789,10 +987,43 @@ static int task_tick(void *ctx, struct err *e)
     return rc;
 }
 
+/* A task's key bound (an array of texts, or null) as warehouse_spec takes it: into `values`
+ * (at most `max`); NULL for null. */
+static const char *const *bound_of(json_t *v, const char **values, size_t max)
+{
+    size_t i;
+    json_t *item;
+
+    if (!json_is_array(v) || json_array_size(v) == 0 || json_array_size(v) > max)
+        return NULL;
+    json_array_foreach (v, i, item)
+        values[i] = json_string_value(item) ? json_string_value(item) : "";
+    return values;
+}
+
+/* What the result says the task read: for a table part, the source (shown masked) and its
+ * key range; for an object, its identity. */
+static json_t *result_input(json_t *in, const struct batch_object_result *res)
+{
+    const char *uri = json_string_value(json_object_get(in, "in"));
+    char *shown;
+    json_t *o;
+
+    if (!warehouse_supports(uri))
+        return batch_input_json(&res->input);
+    shown = url_redacted(uri);
+    o = shown ? json_pack("{s:s, s:O*, s:O*}", "source", shown, "after",
+                          json_object_get(in, "after"), "upto", json_object_get(in, "upto"))
+              : NULL;
+    free(shown);
+    return o;
+}
+
 static int run_object(struct queue *q, struct registry *reg, const struct job *job,
                       const _Atomic int *stop, json_t *in, struct buf *result, int *retryable,
                       struct err *e)
 {
+    const char *after[64], *upto[64];
     const char *object = json_string_value(json_object_get(in, "object"));
     const char *format = json_string_value(json_object_get(in, "format"));
     struct task_tick tick = {.q = q, .stop = stop, .job = job};
@@ -809,6 +1040,9 @@ static int run_object(struct queue *q, struct registry *reg, const struct job *j
         .tick = task_tick,
         .tick_ctx = &tick,
         .records_written = &tick.records,
+        .input_query = json_string_value(json_object_get(in, "input_query")),
+        .after = bound_of(json_object_get(in, "after"), after, 64),
+        .upto = bound_of(json_object_get(in, "upto"), upto, 64),
     };
     struct batch_object_result res;
     struct model *m = NULL;
@@ -836,7 +1070,7 @@ static int run_object(struct queue *q, struct registry *reg, const struct job *j
     }
     out = json_pack("{s:s, s:I, s:I, s:s, s:o}", "object", object, "records",
                     (json_int_t)res.records, "errors", (json_int_t)res.errors, "sha256", res.sha256,
-                    "input", batch_input_json(&res.input));
+                    "input", result_input(in, &res));
     text = out ? json_dumps(out, JSON_COMPACT) : NULL;
     rc = text ? buf_puts(result, text) : err_set(e, ERR_NOMEM, "out of memory");
     free(text);

@@ -89,12 +89,18 @@ static json_t *json_str_or_null(const char *s)
 static json_t *batch_object(const struct batch_job *b)
 {
     json_t *o = b->definition ? json_loads(b->definition, 0, NULL) : NULL;
+    const char *input;
 
     if (!json_is_object(o)) {
         json_decref(o);
         o = json_object();
     }
-    if (!o || queue_json_redact_url(o, "callback_url") != 0) {
+    input = json_string_value(json_object_get(o, "input"));
+
+    /* a table input (postgresql://) may carry a password: the worker needs it, no one else;
+     * a path is shown as it is ('@' in a file name is no userinfo) */
+    if (!o || queue_json_redact_url(o, "callback_url") != 0 ||
+        (input && strstr(input, "://") && queue_json_redact_url(o, "input") != 0)) {
         json_decref(o);
         return NULL;
     }

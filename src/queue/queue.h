@@ -367,7 +367,8 @@ struct batch_job {
 void batch_jobs_free(struct batch_job *b, size_t n);
 /* "queued" ... "cancelled" for a run; "scheduled", "paused", "cancelled" for a schedule. */
 const char *batch_job_status(const struct batch_job *b);
-/* Appends a batch job's public JSON: its definition's options (callback credentials masked),
+/* Appends a batch job's public JSON: its definition's options (the credentials of its
+ * callback URL and of its input, a postgresql:// URI's password, masked),
  * then id, status, created_at, and a run's output, times, progress and error, or a schedule's
  * next_run_at and latest runs. */
 int queue_batch_job_json(const struct batch_job *b, struct buf *out);

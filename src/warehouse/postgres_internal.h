@@ -28,4 +28,14 @@ int warehouse_pg_split_uri(const char *uri, struct buf *conninfo, char **table);
 /* `sql` with one text parameter (NULL: none), results as text. PQclear() it. */
 PGresult *warehouse_pg_query1(PGconn *conn, const char *sql, const char *param);
 
+/*
+ * The statement that splits a source (postgres_split.c): the keys, as text, of every
+ * `rows_per_part`-th row in key order that is not the last row.
+ *   from         "SCHEMA"."TABLE", or "(SELECT ...) AS inferd_source": already quoted
+ *   quoted_keys  n_keys column names, already quoted
+ * 0, or -1 without memory.
+ */
+int warehouse_pg_split_sql(const char *from, const char *const *quoted_keys, size_t n_keys,
+                           int64_t rows_per_part, struct buf *sql);
+
 #endif

@@ -343,3 +343,88 @@ const char *warehouse_sink_shown(const struct warehouse_sink *k)
 {
     return k->shown;
 }
+
+/* ---- splitting a source into key ranges ---- */
+
+static const struct warehouse_split_ops *const splitters[] = {&warehouse_postgres_split_ops};
+#define N_SPLITTERS (sizeof(splitters) / sizeof(splitters[0]))
+
+int warehouse_split(const struct warehouse_spec *spec, int64_t rows_per_part,
+                    struct warehouse_split *out, struct err *e)
+{
+    const struct warehouse_split_ops *ops = NULL;
+    struct warehouse_source *s = NULL;
+    int rc;
+
+    memset(out, 0, sizeof(*out));
+    for (size_t i = 0; spec->uri && i < N_SPLITTERS; i++)
+        if (splitters[i]->supports(spec->uri))
+            ops = splitters[i];
+    if (!ops)
+        return err_set(e, ERR_INVALID, "not a warehouse location");
+    if (rows_per_part < 1)
+        return err_set(e, ERR_INVALID, "rows per part: %lld is below the minimum 1",
+                       (long long)rows_per_part);
+    rc = warehouse_open(spec, &s, e); /* every check the reading run makes */
+    if (rc != 0)
+        return rc;
+    /* the split is one statement on a connection of its own: the source's (and any reading
+     * it started) ends now */
+    s->ops->close(s);
+    out->n_keys = s->n_keys;
+    out->n_parts = 1;
+    if (!(out->name = strdup(s->name)))
+        rc = err_set(e, ERR_NOMEM, "out of memory");
+    if (rc == 0)
+        rc = ops->split(s, spec, rows_per_part, out, e);
+    warehouse_close(s);
+    return rc;
+}
+
+int warehouse_split_add(struct warehouse_split *s, const char *const *values)
+{
+    size_t n = s->n_parts - 1, k;
+    char **grown;
+
+    if (n > 0) {
+        for (k = 0; k < s->n_keys; k++)
+            if (strcmp(s->bounds[(n - 1) * s->n_keys + k], values[k]) != 0)
+                break;
+        if (k == s->n_keys)
+            return 0;
+    }
+    grown = realloc(s->bounds, (n + 1) * s->n_keys * sizeof(*grown));
+    if (!grown)
+        return ERR_NOMEM;
+    s->bounds = grown;
+    for (k = 0; k < s->n_keys; k++) {
+        if (!(grown[n * s->n_keys + k] = strdup(values[k]))) {
+            while (k-- > 0)
+                free(grown[n * s->n_keys + k]);
+            return ERR_NOMEM;
+        }
+    }
+    s->n_parts++;
+    return 0;
+}
+
+void warehouse_split_release(struct warehouse_split *s)
+{
+    if (!s)
+        return;
+    for (size_t i = 0; s->n_parts > 0 && i < (s->n_parts - 1) * s->n_keys; i++)
+        free(s->bounds[i]);
+    free(s->bounds);
+    free(s->name);
+    memset(s, 0, sizeof(*s));
+}
+
+const char *const *warehouse_split_after(const struct warehouse_split *s, size_t i)
+{
+    return i == 0 || i >= s->n_parts ? NULL : (const char *const *)&s->bounds[(i - 1) * s->n_keys];
+}
+
+const char *const *warehouse_split_upto(const struct warehouse_split *s, size_t i)
+{
+    return i + 1 >= s->n_parts ? NULL : (const char *const *)&s->bounds[i * s->n_keys];
+}

@@ -84,6 +84,40 @@ const char *warehouse_feature_header(const struct warehouse_source *s);
 const char *warehouse_key_type(const struct warehouse_source *s, size_t i);
 
 /*
+ * ---- a source split into key ranges (server batch jobs: one task per range) ----
+ *
+ * Server batch jobs share one table among several workers: the source is cut, by its keys,
+ * into parts of about `rows_per_part` rows, and each part is read with its own after/upto
+ * (warehouse_spec). The parts together hold every row once, whatever the rows are when each
+ * part is read: the first part has no lower bound, the last no upper one.
+ *
+ * What a next warehouse implements (struct warehouse_split_ops): one statement over the
+ * source's keys, in key order, that returns the key values of every rows_per_part-th row
+ * (not the last row) as text, which its source's after/upto take back.
+ */
+struct warehouse_split {
+    char *name;     /* warehouse_name() of the source: "SCHEMA.TABLE" or "query" */
+    size_t n_keys;  /* the key columns (the primary key's when none were named) */
+    size_t n_parts; /* >= 1 */
+    /* (n_parts - 1) x n_keys key values as text, row after row: part i reads the rows after
+     * bound i-1 (part 0: from the first) up to and including bound i (the last: to the end) */
+    char **bounds;
+};
+
+/*
+ * Opens the source as warehouse_open() does (the same checks, so the same errors), then
+ * computes its split points. ERR_INVALID names what is wrong, as warehouse_open's do; a key
+ * column holding NULL (no range would hold the row) is an error naming the column.
+ *   out  filled; warehouse_split_release() it (also after a failure)
+ */
+int warehouse_split(const struct warehouse_spec *spec, int64_t rows_per_part,
+                    struct warehouse_split *out, struct err *e);
+void warehouse_split_release(struct warehouse_split *s);
+/* Part i's bounds for warehouse_spec's after and upto: borrowed from `s`; NULL: open. */
+const char *const *warehouse_split_after(const struct warehouse_split *s, size_t i);
+const char *const *warehouse_split_upto(const struct warehouse_split *s, size_t i);
+
+/*
  * ---- a warehouse table as the batch runner's output (a sink) ----
  *
  * All or nothing for readers: rows are written into a staging table of the sink's own, a

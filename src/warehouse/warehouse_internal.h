@@ -75,6 +75,21 @@ struct warehouse_sink_ops {
 
 extern const struct warehouse_sink_ops warehouse_postgres_sink_ops;
 
+/* How a warehouse splits its sources (warehouse_split()), beside its source and sink. */
+struct warehouse_split_ops {
+    int (*supports)(const char *uri);
+    /* Fills out->bounds and n_parts for the source `s` opened from `spec` (its name, keys and
+     * types are set; its reading has been stopped: s->impl is gone). */
+    int (*split)(const struct warehouse_source *s, const struct warehouse_spec *spec,
+                 int64_t rows_per_part, struct warehouse_split *out, struct err *e);
+};
+
+extern const struct warehouse_split_ops warehouse_postgres_split_ops;
+
+/* Appends a split point (n_keys values) to `s`, unless it equals the last one (many rows with
+ * one key: the part between them would be empty). 0 or ERR_NOMEM. */
+int warehouse_split_add(struct warehouse_split *s, const char *const *values);
+
 /* ---- rows as text (copy_text.c) ---- */
 
 /* How a row of text values maps: the first n_keys columns are keys, the rest features. */
