@@ -15,9 +15,10 @@ entries:
   staging_s   the sum of the sink's COPY ... __inferd_staging FROM STDIN (staging_n chunks),
               on the sink's connection, overlapping read_s
   drain_s     end of the source's COPY to the start of the merge (the last chunks)
-  merge_s     the merge transaction (BEGIN; CREATE ... IF NOT EXISTS; INSERT ... ON CONFLICT;
-              the errors table; DROP staging; COMMIT), of which
-  upsert_s    its INSERT ... ON CONFLICT into the target alone (auto_explain)
+  merge_s     the merge transaction (BEGIN; a new target created, filled and given its unique
+              constraint, or an INSERT ... ON CONFLICT into an existing one; the errors table;
+              the run's row; DROP staging; COMMIT), of which
+  upsert_s    its INSERT into the target alone (auto_explain)
 
 Prints one line: PROFILE open_s=... read_s=... staging_s=... staging_n=... drain_s=...
 merge_s=... upsert_s=... (a phase the log does not show is "nan"); exits 1 if the run has
@@ -75,9 +76,10 @@ def main():
             elif text.startswith("COPY ") and "__inferd_staging" in text and "FROM STDIN" in text:
                 staging_s += d
                 staging_n += 1
-            elif text.startswith("BEGIN;") and "ON CONFLICT" in text:
+            elif text.startswith("BEGIN;") and "__inferd_staging" in text and \
+                    "DROP TABLE" in text:
                 merge = (t - d, t)
-        elif re.search(r"^\s*Insert on (?!\S*_errors\b)\S+.*\n\s*Conflict Resolution: UPDATE",
+        elif re.search(r"^\s*Insert on (?!\S*(_errors|__inferd_staging|inferd_batch_runs)\b)\S+",
                        text, re.M):
             upsert_s = d
     if first is None:
