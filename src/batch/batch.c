@@ -1326,6 +1326,8 @@ static int start_keys(struct runner *run, struct err *e)
 
 static int open_table(struct runner *run, char ***names, size_t *n, struct err *e);
 
+static int open_sink(struct runner *run, struct err *e);
+
 int batch_run_object(const struct batch_config *cfg, struct model *m, const char *in_uri,
                      const char *name, const char *out_uri, const char *errors_uri,
                      struct batch_object_result *res, struct err *e)
@@ -1353,13 +1355,19 @@ int batch_run_object(const struct batch_config *cfg, struct model *m, const char
         /* a part of a table (a server job's task): it has no identity to keep, and is read
          * again whole by every run */
         table_cfg.input = in_uri;
+        table_cfg.output = out_uri; /* a table output takes the keys as CSV fields */
         run.cfg = &table_cfg;
         rc = open_table(&run, &names, &n_names, e);
+        /* into a table: the part's rows go to its run's staging table */
+        if (rc == 0 && warehouse_supports(out_uri))
+            rc = cfg->run_id ? open_sink(&run, e)
+                             : err_set(e, ERR_INVALID, "a table output needs its batch run");
     } else if (rc == 0) {
         /* before reading: a change after this is seen by the next run */
         rc = storage_identify(in_uri, &res->input, e);
     }
     if (rc != 0) {
+        warehouse_sink_close(run.sink);
         warehouse_close(run.table);
         batch_keys_release(&run.keys);
         storage_names_free(names, n_names);
@@ -1369,11 +1377,15 @@ int batch_run_object(const struct batch_config *cfg, struct model *m, const char
     pthread_cond_init(&run.cond, NULL);
     rc = parsers_start(&run, (int)(n_cpu > 0 ? n_cpu : 1), e);
     if (rc == 0)
-        rc = process_object(&run, in_uri, name, out_uri, errors_uri, csv, cfg->stale_errors,
-                            &res->records, res->sha256, e);
+        rc = process_object(&run, in_uri, name, run.sink ? NULL : out_uri,
+                            run.sink ? NULL : errors_uri, csv, cfg->stale_errors, &res->records,
+                            res->sha256, e);
+    if (rc == 0 && run.sink) /* the part's last rows; the run's finish merges every part */
+        rc = warehouse_sink_commit(run.sink, e);
     res->errors = stats.errors;
     if (run.parsers)
         parsers_stop(&run);
+    warehouse_sink_close(run.sink);
     warehouse_close(run.table);
     batch_keys_release(&run.keys);
     storage_names_free(names, n_names);
@@ -1485,6 +1497,9 @@ static int open_sink(struct runner *run, struct err *e)
         .query = run->cfg->input_query,
         .model = run->model->name,
         .restart = run->cfg->restart,
+        .run = run->cfg->run_id,
+        .after = run->cfg->after,
+        .upto = run->cfg->upto,
     };
     int rc;
 
@@ -1498,7 +1513,7 @@ static int open_sink(struct runner *run, struct err *e)
     rc = warehouse_sink_open(&spec, &run->sink, e);
     free(types);
     free((char *)spec.source);
-    if (rc == 0)
+    if (rc == 0 && !run->cfg->run_id)
         log_info("batch", "writing a table", "target=%s name=%s staging=%s__inferd_staging",
                  warehouse_sink_shown(run->sink), warehouse_sink_name(run->sink),
                  warehouse_sink_name(run->sink));

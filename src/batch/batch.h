@@ -43,6 +43,8 @@ struct batch_config {
      * to the last */
     const char *const *after;
     const char *const *upto;
+    /* batch_run_object into a table: the server batch run the part belongs to (its id) */
+    const char *run_id;
 };
 
 /* Summary of a finished (or failed) run. */

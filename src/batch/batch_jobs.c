@@ -90,13 +90,8 @@ static int check_location(const char *key, const char *s, struct err *e)
     if (strstr(s, "://") && strncmp(s, "file://", 7) != 0 && strncmp(s, "s3://", 5) != 0) {
         /* shown without its credentials: a postgresql:// URI often carries a password */
         char *shown = url_redacted(s);
-        int rc = warehouse_supports(s) && strcmp(key, "input") == 0
+        int rc = warehouse_supports(s)
                      ? 0 /* opened, checked and split when the run starts (plan_table) */
-                 : warehouse_supports(s)
-                     ? err_set(e, ERR_INVALID,
-                               "%s: '%.100s': not yet: table outputs are for inferd batch (a "
-                               "server batch job writes files or S3 objects)",
-                               key, shown ? shown : "")
                      : err_set(e, ERR_INVALID,
                                "%s: '%.100s': only paths, file:// and s3:// are supported", key,
                                shown ? shown : "");
@@ -227,6 +222,15 @@ static int check_table_fields(json_t *def, int documents, struct err *e)
         return err_set(e, ERR_INVALID,
                        "records_per_task: only for a table or query input (a job over objects "
                        "has one task per object)");
+    if (warehouse_supports(json_string_value(json_object_get(def, "output")))) {
+        if (!table)
+            return err_set(e, ERR_INVALID,
+                           "output: a table output in a server batch job needs a table or query "
+                           "input (not yet: objects into a table; inferd batch does that)");
+        if (json_is_true(json_object_get(def, "join_input")))
+            return err_set(e, ERR_INVALID,
+                           "join_input: a table output holds the keys and the prediction only");
+    }
     if (!table)
         return 0;
     if (documents)
@@ -523,10 +527,11 @@ static int plan_table(struct registry *reg, json_t *def, struct run_plan *p, str
 {
     const char *output = json_string_value(json_object_get(def, "output"));
     const char *format = json_string_value(json_object_get(def, "format"));
-    int csv = format && strcmp(format, "csv") == 0, rc;
+    int csv = format && strcmp(format, "csv") == 0, to_table = warehouse_supports(output), rc;
     struct warehouse_spec spec;
     struct warehouse_split split = {0};
     struct model *m = NULL;
+    char version[64];
 
     p->output = strdup(output);
     if (!p->output)
@@ -537,6 +542,7 @@ static int plan_table(struct registry *reg, json_t *def, struct run_plan *p, str
     table_spec(def, m, &spec);
     rc = warehouse_split(&spec, json_integer_value(json_object_get(def, "records_per_task")),
                          &split, e);
+    snprintf(version, sizeof(version), "%s", m->version_str);
     model_release(m);
     if (rc != 0) {
         char msg[sizeof(e->msg)];
@@ -554,7 +560,7 @@ static int plan_table(struct registry *reg, json_t *def, struct run_plan *p, str
         warehouse_split_release(&split);
         return rc;
     }
-    rc = batch_list_output(p->output, &p->outs, &p->n_outs, e);
+    rc = to_table ? 0 : batch_list_output(p->output, &p->outs, &p->n_outs, e);
     if (rc != 0) {
         char msg[sizeof(e->msg)];
         snprintf(msg, sizeof(msg), "%s", e->msg);
@@ -567,10 +573,12 @@ static int plan_table(struct registry *reg, json_t *def, struct run_plan *p, str
         rc = err_set(e, ERR_NOMEM, "out of memory");
     for (size_t i = 0; rc == 0 && i < split.n_parts; i++) {
         char name[300], err_name[320], *out_uri, *err_uri;
-        snprintf(name, sizeof(name), "%.200s-%05zu.%s", split.name, i, csv ? "csv" : "jsonl");
+        snprintf(name, sizeof(name), "%.200s-%05zu%s", split.name, i,
+                 to_table ? "" : csv ? ".csv" : ".jsonl");
         snprintf(err_name, sizeof(err_name), "%s.errors", name);
-        out_uri = storage_join(p->output, name);
-        err_uri = storage_join(p->output, err_name);
+        /* into a table, every part writes the run's staging table (the finish merges) */
+        out_uri = to_table ? strdup(p->output) : storage_join(p->output, name);
+        err_uri = to_table ? strdup(p->output) : storage_join(p->output, err_name);
         if (out_uri && err_uri) {
             p->inputs[i] = part_input(def, &split, i, name, out_uri, err_uri, csv,
                                       batch_has_name(p->outs, p->n_outs, err_name));
@@ -584,6 +592,18 @@ static int plan_table(struct registry *reg, json_t *def, struct run_plan *p, str
     }
     if (rc == 0) {
         json_t *fin = json_pack("{s:s}", "output", p->output);
+        char *source = url_redacted(json_string_value(json_object_get(def, "input")));
+        /* what the run's row in inferd_batch_runs says */
+        if (fin && to_table &&
+            (!source || json_object_set_new(fin, "table", json_true()) ||
+             json_object_set_new(fin, "source", json_string(source)) ||
+             json_object_set(fin, "input_query", json_object_get(def, "input_query")
+                                                     ? json_object_get(def, "input_query")
+                                                     : json_null()) ||
+             json_object_set_new(fin, "model_version", json_string(version)) ||
+             json_object_set_new(fin, "started_ms", json_integer(clock_now_ms()))))
+            json_decref(fin), fin = NULL;
+        free(source);
         p->finish_input = fin ? json_dumps(fin, JSON_COMPACT) : NULL;
         json_decref(fin);
         if (!p->finish_input)
@@ -740,9 +760,12 @@ static int start_run(const struct batch_jobs_config *cfg, const char *definition
     spec.parent_next_run_ms = parent_next_ms;
     spec.by_hand = by_hand;
     rc = queue_batch_create(cfg->q, &spec, id_out, e);
-    if (rc == 0)
+    if (rc == 0) {
+        char *shown = url_redacted(p.output ? p.output : "-");
         log_info("batch", "batch job started", "batch_job=%s objects=%zu output=%s", id_out,
-                 spec.n_tasks, p.output ? p.output : "-");
+                 spec.n_tasks, shown ? shown : "-");
+        free(shown);
+    }
 cleanup:
     plan_free(&p);
     free(run_def);
@@ -1043,6 +1066,7 @@ static int run_object(struct queue *q, struct registry *reg, const struct job *j
         .input_query = json_string_value(json_object_get(in, "input_query")),
         .after = bound_of(json_object_get(in, "after"), after, 64),
         .upto = bound_of(json_object_get(in, "upto"), upto, 64),
+        .run_id = job->batch_id,
     };
     struct batch_object_result res;
     struct model *m = NULL;
@@ -1089,6 +1113,22 @@ static int finish_run(struct queue *q, const struct job *job, json_t *in, struct
 
     if (!output)
         return err_set(e, ERR_INVALID, "batch job %s: malformed finishing input", job->batch_id);
+    if (json_is_true(json_object_get(in, "table"))) {
+        /* every part's rows into the table at once, and the run's row in inferd_batch_runs */
+        struct warehouse_sink_spec spec = {
+            .uri = output,
+            .run = job->batch_id,
+            .source = json_string_value(json_object_get(in, "source")),
+            .query = json_string_value(json_object_get(in, "input_query")),
+            .model = job->model,
+            .model_version = json_string_value(json_object_get(in, "model_version")),
+            .started_ms = json_integer_value(json_object_get(in, "started_ms")),
+        };
+        rc = warehouse_sink_finish(&spec, e);
+        /* a server or a lock that comes back; a target made incompatible meanwhile will not */
+        *retryable = rc != ERR_INVALID;
+        return rc == 0 ? buf_puts(result, "{}") : rc;
+    }
     manifest_uri = storage_join(output, "_manifest.json");
     success_uri = storage_join(output, "_SUCCESS");
     *retryable = 1;

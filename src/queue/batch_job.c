@@ -89,18 +89,20 @@ static json_t *json_str_or_null(const char *s)
 static json_t *batch_object(const struct batch_job *b)
 {
     json_t *o = b->definition ? json_loads(b->definition, 0, NULL) : NULL;
-    const char *input;
+    const char *input, *output;
 
     if (!json_is_object(o)) {
         json_decref(o);
         o = json_object();
     }
     input = json_string_value(json_object_get(o, "input"));
+    output = json_string_value(json_object_get(o, "output"));
 
-    /* a table input (postgresql://) may carry a password: the worker needs it, no one else;
-     * a path is shown as it is ('@' in a file name is no userinfo) */
+    /* a table input or output (postgresql://) may carry a password: the worker needs it, no
+     * one else; a path is shown as it is ('@' in a file name is no userinfo) */
     if (!o || queue_json_redact_url(o, "callback_url") != 0 ||
-        (input && strstr(input, "://") && queue_json_redact_url(o, "input") != 0)) {
+        (input && strstr(input, "://") && queue_json_redact_url(o, "input") != 0) ||
+        (output && strstr(output, "://") && queue_json_redact_url(o, "output") != 0)) {
         json_decref(o);
         return NULL;
     }
@@ -122,6 +124,10 @@ static json_t *batch_object(const struct batch_job *b)
         json_object_del(o, "schedule");
     }
     json_object_set_new(o, "output", json_str_or_null(b->output));
+    if (b->output && strstr(b->output, "://") && queue_json_redact_url(o, "output") != 0) {
+        json_decref(o);
+        return NULL;
+    }
     json_object_set_new(o, "started_at", json_time(b->started_ms));
     json_object_set_new(o, "finished_at", json_time(b->finished_ms));
     json_object_set_new(

@@ -233,7 +233,8 @@ static int take_lock(struct warehouse_sink *k, struct pg_sink *pg, struct err *e
     if (PQresultStatus(res) != PGRES_TUPLES_OK) {
         const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
         if (state && strcmp(state, "55P03") == 0) /* lock_not_available */
-            rc = err_set(e, ERR_INVALID, "%s: another inferd batch run is writing to it", k->name);
+            rc = err_set(e, ERR_UNAVAILABLE, "%s: another inferd batch run is writing to it",
+                         k->name);
         else
             rc = warehouse_pg_fail(k->shown, pg->conn, res, ERR_INVALID, "lock", e);
     }

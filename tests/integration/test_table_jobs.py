@@ -249,8 +249,10 @@ def test_bad_table_definitions(pg, repo, trained, tmp_path, server_factory):
         ({"input": f"{url}?table=feat", "records_per_task": 0}, "records_per_task"),
         ({"input": str(tmp_path), "records_per_task": 10}, "records_per_task: only for a table"),
         ({"input": str(tmp_path), "input_query": "SELECT 1"}, "input_query: needs a postgresql"),
-        ({"input": f"{url}?table=feat", "output": f"{url}?table=scores"},
-         "not yet: table outputs are for inferd batch"),
+        ({"input": str(tmp_path), "output": f"{url}?table=scores"},
+         "a table output in a server batch job needs a table or query input"),
+        ({"input": f"{url}?table=feat", "output": f"{url}?table=scores", "join_input": True},
+         "join_input: a table output holds the keys and the prediction only"),
     ]
     for extra, words in cases:
         r = submit(server, **{**base, **extra})
@@ -333,3 +335,69 @@ def test_a_task_retries_while_its_source_is_down(postgres_server, trained, repo,
     rows = [row for f in parts(tmp_path / "out", "public.feat", "jsonl") for row in jsonl(f)]
     assert [r["id"] for r in rows] == ids.tolist()
     assert_close([r["prediction"] for r in rows], m.expected(X), "after retries")
+
+
+def test_workers_score_a_table_into_a_table(pg, repo, trained, tmp_path, queue_url,
+                                            server_factory, worker_factory, webhook_receiver):
+    """A table into a table by two worker processes, 10 parts: readers see no row until the
+    finishing job merges every part at once; the table equals inferd batch's (the same
+    predictions, key by key); the run has its inferd_batch_runs row; a second run replaces
+    the scores; the password shows nowhere."""
+    cluster, db, _ = pg
+    m = trained["multiclass"]
+    ids, X = feature_table(cluster, db, "feat", m, 1000, 31, key_type="bigint")
+    password = "Tt7pwSecret6262"
+    role = f"{db}_reader"
+    url = password_role(cluster, db, ["feat"], password)
+    cluster.psql(f"GRANT CREATE ON SCHEMA public TO {role}", db=db)
+    server = server_factory(repo, *async_args(tmp_path / "data", "--workers", "0",
+                                              "--webhook-secret", SECRET, "--log-level", "debug",
+                                              queue=queue_url))
+    workers = [worker_factory(repo, queue_url, "--workers", "1", "--log-level", "debug",
+                              "--webhook-secret", SECRET, tag=f"worker{i}") for i in range(2)]
+    out = f"{url}?table=scores"
+    r = submit(server, model="multiclass", input=f"{url}?table=feat", output=out,
+               records_per_task=100, records_per_batch=32,
+               callback_url=webhook_receiver.url + "/tt")
+    assert r.status_code == 202, r.text
+    assert password not in r.text and r.json()["output"].startswith("postgresql://***@"), r.text
+    bid = r.json()["id"]
+    done = wait_status(server, bid, ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done
+    assert done["progress"]["objects_total"] == 10 and done["progress"]["records_done"] == 1000
+
+    def table(name):
+        return [(int(k), [float(v) for v in p[1:-1].split(",")], ver) for k, p, ver in
+                cluster.psql(f"SELECT id, prediction, model_version FROM {name} ORDER BY id",
+                             db=db)]
+
+    got = table("scores")
+    assert [k for k, _, _ in got] == ids.tolist() and {v for _, _, v in got} == {"1"}
+    assert_close([p for _, p, _ in got], m.expected(X), "a table into a table by two workers")
+    cli_run(repo, "multiclass", f"{url}?table=feat", f"{url}?table=cli_scores")
+    assert table("cli_scores") == got, "the server's table is inferd batch's"
+    assert cluster.psql("SELECT count(*) FROM pg_class WHERE relname LIKE 'scores__inferd_%'",
+                        db=db) == [["0"]], "the run's staging table is gone"
+    rows = cluster.psql("SELECT status, records, errors, model, model_version, source "
+                        f"FROM inferd_batch_runs WHERE batch_job = '{bid}'", db=db)
+    assert len(rows) == 1 and rows[0][:5] == ["succeeded", "1000", "0", "multiclass", "1"], rows
+    assert rows[0][5].startswith("postgresql://***@") and password not in rows[0][5]
+    ran = [w.log().count('msg="batch task done"') for w in workers]
+    assert sum(ran) == 10 and all(n > 0 for n in ran), f"tasks per worker: {ran}"
+
+    # scored again: the scores replaced, key by key, one row each
+    cluster.psql("UPDATE feat SET f0 = f0 + 1", db=db)
+    X2 = X.copy()
+    X2[:, 0] += 1
+    r = submit(server, model="multiclass", input=f"{url}?table=feat", output=out,
+               records_per_task=300)
+    assert r.status_code == 202, r.text
+    assert wait_status(server, r.json()["id"], ("succeeded", "failed"))["status"] == "succeeded"
+    again = table("scores")
+    assert [k for k, _, _ in again] == ids.tolist()
+    assert_close([p for _, p, _ in again], m.expected(X2), "scored again")
+    hook = wait_for(lambda: webhook_receiver.received("/tt"), 30, "the run's webhook")
+    assert check_signed(hook[0])["type"] == "batch.succeeded" and \
+        password not in hook[0]["body"].decode()
+    for p in [server, *workers]:
+        assert password not in p.log(), f"{p.tag} logged the password"
