@@ -1351,21 +1351,21 @@ int batch_run_object(const struct batch_config *cfg, struct model *m, const char
     run.width = run.documents ? 0 : m->info.inputs[0].shape[1];
     run.n_instances = cfg->instances > 0 ? cfg->instances : 2;
     rc = start_keys(&run, e);
+    table_cfg.input = in_uri;
+    table_cfg.output = out_uri; /* a table output takes the keys as CSV fields */
+    run.cfg = &table_cfg;
     if (rc == 0 && warehouse_supports(in_uri)) {
         /* a part of a table (a server job's task): it has no identity to keep, and is read
          * again whole by every run */
-        table_cfg.input = in_uri;
-        table_cfg.output = out_uri; /* a table output takes the keys as CSV fields */
-        run.cfg = &table_cfg;
         rc = open_table(&run, &names, &n_names, e);
-        /* into a table: the part's rows go to its run's staging table */
-        if (rc == 0 && warehouse_supports(out_uri))
-            rc = cfg->run_id ? open_sink(&run, e)
-                             : err_set(e, ERR_INVALID, "a table output needs its batch run");
     } else if (rc == 0) {
         /* before reading: a change after this is seen by the next run */
         rc = storage_identify(in_uri, &res->input, e);
     }
+    /* into a table: the part's rows go to its run's staging table */
+    if (rc == 0 && warehouse_supports(out_uri))
+        rc = cfg->run_id ? open_sink(&run, e)
+                         : err_set(e, ERR_INVALID, "a table output needs its batch run");
     if (rc != 0) {
         warehouse_sink_close(run.sink);
         warehouse_close(run.table);

@@ -223,10 +223,14 @@ static int check_table_fields(json_t *def, int documents, struct err *e)
                        "records_per_task: only for a table or query input (a job over objects "
                        "has one task per object)");
     if (warehouse_supports(json_string_value(json_object_get(def, "output")))) {
-        if (!table)
+        if (documents)
             return err_set(e, ERR_INVALID,
-                           "output: a table output in a server batch job needs a table or query "
-                           "input (not yet: objects into a table; inferd batch does that)");
+                           "output: model '%s' takes JSON documents: a table output holds numbers",
+                           json_string_value(json_object_get(def, "model")));
+        if (!table && json_is_string(json_object_get(def, "key_columns")) &&
+            json_string_value(json_object_get(def, "key_columns"))[0])
+            return err_set(e, ERR_INVALID,
+                           "key_columns: objects go into a table keyed by source_object and line");
         if (json_is_true(json_object_get(def, "join_input")))
             return err_set(e, ERR_INVALID,
                            "join_input: a table output holds the keys and the prediction only");
@@ -394,8 +398,61 @@ static char *task_input(json_t *def, const char *name, const char *in_uri, const
     return s;
 }
 
-/* Lists the input and prepares one task per object. */
-static int plan_run(json_t *def, struct run_plan *p, struct err *e)
+/*
+ * The finishing job's input: the output; into a table (warehouse_sink_finish), also what the
+ * run's inferd_batch_runs row says. A new string, NULL without memory.
+ */
+static char *finish_input(json_t *def, const char *output, const char *version)
+{
+    json_t *fin = json_pack("{s:s}", "output", output);
+    json_t *query = json_object_get(def, "input_query");
+    char *source = url_redacted(json_string_value(json_object_get(def, "input")));
+    char *text = NULL;
+
+    if (fin && (!warehouse_supports(output) ||
+                (source && !json_object_set_new(fin, "table", json_true()) &&
+                 !json_object_set_new(fin, "source", json_string(source)) &&
+                 !json_object_set(fin, "input_query", query ? query : json_null()) &&
+                 !json_object_set_new(fin, "model_version", json_string(version)) &&
+                 !json_object_set_new(fin, "started_ms", json_integer(clock_now_ms())))))
+        text = json_dumps(fin, JSON_COMPACT);
+    json_decref(fin);
+    free(source);
+    return text;
+}
+
+/* The version of the model `def` names, into `out`; "" if it is not loaded. */
+static void model_version(struct registry *reg, json_t *def, char *out, size_t size)
+{
+    struct err e = {0};
+    struct model *m = NULL;
+
+    out[0] = '\0';
+    if (registry_acquire(reg, json_string_value(json_object_get(def, "model")), 0, &m, &e) == 0) {
+        snprintf(out, size, "%s", m->version_str);
+        model_release(m);
+    }
+}
+
+/* An object's task into a table: its rows are the part keyed (name, 1..) in the run's
+ * staging table, which a retried task first empties. */
+static char *object_part_input(json_t *def, const char *name, const char *in_uri,
+                               const char *out_uri, int csv)
+{
+    char *base = task_input(def, name, in_uri, out_uri, out_uri, csv, 0), *text = NULL;
+    json_t *t = base ? json_loads(base, 0, NULL) : NULL;
+
+    if (t && json_object_set_new(t, "after", json_pack("[s,s]", name, "0")) == 0 &&
+        json_object_set_new(t, "upto", json_pack("[s,s]", name, "9223372036854775807")) == 0)
+        text = json_dumps(t, JSON_COMPACT);
+    json_decref(t);
+    free(base);
+    return text;
+}
+
+/* Lists the input and prepares one task per object: into a table, each writes its rows into
+ * the run's staging table, keyed by source_object and line. */
+static int plan_run(struct registry *reg, json_t *def, struct run_plan *p, struct err *e)
 {
     const char *input = json_string_value(json_object_get(def, "input"));
     const char *output = json_string_value(json_object_get(def, "output"));
@@ -406,18 +463,20 @@ static int plan_run(json_t *def, struct run_plan *p, struct err *e)
                   : strcmp(format, "csv") == 0 ? BATCH_FORMAT_CSV
                                                : BATCH_FORMAT_JSONL,
     };
-    int is_object = 0, rc;
+    int is_object = 0, to_table = warehouse_supports(output), rc;
+    char version[64];
 
     p->output = strdup(output);
     if (!p->output)
         return err_set(e, ERR_NOMEM, "out of memory");
+    model_version(reg, def, version, sizeof(version));
     rc = storage_list(input, &p->names, &p->n_names, &is_object, e);
     if (rc != 0) {
         char msg[sizeof(e->msg)];
         snprintf(msg, sizeof(msg), "%s", e->msg);
         return err_set(e, rc, "input: %s", msg);
     }
-    rc = batch_list_output(p->output, &p->outs, &p->n_outs, e);
+    rc = to_table ? 0 : batch_list_output(p->output, &p->outs, &p->n_outs, e);
     if (rc != 0) {
         char msg[sizeof(e->msg)];
         snprintf(msg, sizeof(msg), "%s", e->msg);
@@ -441,11 +500,13 @@ static int plan_run(json_t *def, struct run_plan *p, struct err *e)
         snprintf(out_name, sizeof(out_name), "%s%s", name, suffix ? suffix : ".out");
         snprintf(err_name, sizeof(err_name), "%s.errors", name);
         in_uri = is_object ? strdup(input) : storage_join(input, name);
-        out_uri = storage_join(p->output, out_name);
-        err_uri = storage_join(p->output, err_name);
+        out_uri = to_table ? strdup(p->output) : storage_join(p->output, out_name);
+        err_uri = to_table ? strdup(p->output) : storage_join(p->output, err_name);
         if (in_uri && out_uri && err_uri) {
-            p->inputs[p->n_tasks] = task_input(def, name, in_uri, out_uri, err_uri, csv,
-                                               batch_has_name(p->outs, p->n_outs, err_name));
+            p->inputs[p->n_tasks] =
+                to_table ? object_part_input(def, name, in_uri, out_uri, csv)
+                         : task_input(def, name, in_uri, out_uri, err_uri, csv,
+                                      batch_has_name(p->outs, p->n_outs, err_name));
             p->objects[p->n_tasks] = strdup(name);
         }
         free(in_uri);
@@ -461,9 +522,7 @@ static int plan_run(json_t *def, struct run_plan *p, struct err *e)
     }
     if (p->n_tasks == 0)
         return err_set(e, ERR_NOT_FOUND, "input: no input objects under %.200s", input);
-    json_t *fin = json_pack("{s:s}", "output", p->output);
-    p->finish_input = fin ? json_dumps(fin, JSON_COMPACT) : NULL;
-    json_decref(fin);
+    p->finish_input = finish_input(def, p->output, version);
     return p->finish_input ? 0 : err_set(e, ERR_NOMEM, "out of memory");
 }
 
@@ -590,25 +649,8 @@ static int plan_table(struct registry *reg, json_t *def, struct run_plan *p, str
         free(out_uri);
         free(err_uri);
     }
-    if (rc == 0) {
-        json_t *fin = json_pack("{s:s}", "output", p->output);
-        char *source = url_redacted(json_string_value(json_object_get(def, "input")));
-        /* what the run's row in inferd_batch_runs says */
-        if (fin && to_table &&
-            (!source || json_object_set_new(fin, "table", json_true()) ||
-             json_object_set_new(fin, "source", json_string(source)) ||
-             json_object_set(fin, "input_query", json_object_get(def, "input_query")
-                                                     ? json_object_get(def, "input_query")
-                                                     : json_null()) ||
-             json_object_set_new(fin, "model_version", json_string(version)) ||
-             json_object_set_new(fin, "started_ms", json_integer(clock_now_ms()))))
-            json_decref(fin), fin = NULL;
-        free(source);
-        p->finish_input = fin ? json_dumps(fin, JSON_COMPACT) : NULL;
-        json_decref(fin);
-        if (!p->finish_input)
-            rc = err_set(e, ERR_NOMEM, "out of memory");
-    }
+    if (rc == 0 && !(p->finish_input = finish_input(def, p->output, version)))
+        rc = err_set(e, ERR_NOMEM, "out of memory");
     if (rc == 0)
         log_info("batch", "table split", "source=%s parts=%zu records_per_task=%lld", split.name,
                  split.n_parts,
@@ -701,7 +743,8 @@ static int resolve_locations(json_t *def, int64_t at_ms, int stamp, struct err *
         (rc = expand_location(def, "output", &at, e)))
         return rc;
     output = json_string_value(json_object_get(def, "output")); /* replaced if templated */
-    if (stamp && !templated && output) {
+    /* a table is one place: every run upserts into it, each with its inferd_batch_runs row */
+    if (stamp && !templated && output && !warehouse_supports(output)) {
         char text[32];
         time_t t = (time_t)(at_ms / 1000);
         struct tm tm;
@@ -738,7 +781,7 @@ static int start_run(const struct batch_jobs_config *cfg, const char *definition
     if (rc == 0 && warehouse_supports(json_string_value(json_object_get(def, "input"))))
         rc = plan_table(cfg->reg, def, &p, &plan_err);
     else if (rc == 0)
-        rc = plan_run(def, &p, &plan_err);
+        rc = plan_run(cfg->reg, def, &p, &plan_err);
     if (rc != 0 && !parent) {
         *e = plan_err;
         goto cleanup;

@@ -249,8 +249,8 @@ def test_bad_table_definitions(pg, repo, trained, tmp_path, server_factory):
         ({"input": f"{url}?table=feat", "records_per_task": 0}, "records_per_task"),
         ({"input": str(tmp_path), "records_per_task": 10}, "records_per_task: only for a table"),
         ({"input": str(tmp_path), "input_query": "SELECT 1"}, "input_query: needs a postgresql"),
-        ({"input": str(tmp_path), "output": f"{url}?table=scores"},
-         "a table output in a server batch job needs a table or query input"),
+        ({"input": str(tmp_path), "output": f"{url}?table=scores", "key_columns": "0"},
+         "key_columns: objects go into a table keyed by source_object and line"),
         ({"input": f"{url}?table=feat", "output": f"{url}?table=scores", "join_input": True},
          "join_input: a table output holds the keys and the prediction only"),
     ]
@@ -401,3 +401,56 @@ def test_workers_score_a_table_into_a_table(pg, repo, trained, tmp_path, queue_u
         password not in hook[0]["body"].decode()
     for p in [server, *workers]:
         assert password not in p.log(), f"{p.tag} logged the password"
+
+
+def test_a_schedule_scores_objects_into_a_table(pg, repo, trained, tmp_path, monkeypatch,
+                                                 server_factory):
+    """Files into a table by a scheduled server job, one task per object: keyed by
+    source_object and line as inferd batch keys them; a bad line goes to the errors table;
+    the next run replaces the scores."""
+    cluster, db, url = pg
+    m = trained["binary"]
+    X = m.rows(300, 32)
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for k in range(3):
+        lines = [",".join(repr(float(v)) for v in X[i]) for i in range(k * 100, (k + 1) * 100)]
+        if k == 1:
+            lines[9] = "1,2"  # part-1.csv line 10: a bad record
+        (inp / f"part-{k}.csv").write_text("\n".join(lines) + "\n")
+    clock = tmp_path / "clock"
+    clock.write_text(str(1893456030000))  # 2030-01-01T00:00:30Z
+    monkeypatch.setenv("INFERD_CLOCK_FILE", str(clock))
+    server = server_factory(repo, *async_args(tmp_path / "data", "--workers", "2"))
+    r = submit(server, model="binary", input=str(inp), output=f"{url}?table=obj",
+               schedule="* * * * *", max_errors=1)
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    clock.write_text(str(1893456065000))  # 00:01:05
+    s = wait_for(lambda: (lambda j: j if j["runs"] else None)(get(server, sid)), 30, "a run")
+    run_id = s["runs"][0]["id"]
+    done = wait_status(server, run_id, ("succeeded", "failed"))
+    assert done["status"] == "succeeded", done
+    got = cluster.psql("SELECT source_object, line, prediction FROM obj "
+                       "ORDER BY source_object, line", db=db)
+    keys = [(f"part-{k}.csv", i) for k in range(3) for i in range(1, 101)
+            if (k, i) != (1, 10)]
+    assert [(o, int(n)) for o, n, _ in got] == keys
+    want = np.delete(m.expected(X), 109)
+    assert_close([float(p) for _, _, p in got], want, "objects into a table, scheduled")
+    assert cluster.psql("SELECT source_object, line, reason FROM obj_errors", db=db) == \
+        [["part-1.csv", "10", f"expected {m.n_features} columns, got 2"]]
+    rows = cluster.psql("SELECT status, records, errors FROM inferd_batch_runs WHERE "
+                        f"batch_job = '{run_id}'", db=db)
+    assert rows == [["succeeded", "300", "1"]], rows
+    # the next run, with part-1 fixed: scored, and out of the errors table
+    (inp / "part-1.csv").write_text("".join(",".join(repr(float(v)) for v in X[i]) + "\n"
+                                            for i in range(100, 200)))
+    clock.write_text(str(1893456125000))  # 00:02:05
+    s = wait_for(lambda: (lambda j: j if len(j["runs"]) == 2 else None)(get(server, sid)), 30,
+                 "a second run")
+    assert wait_status(server, s["runs"][0]["id"], ("succeeded", "failed"))["status"] == \
+        "succeeded"
+    assert cluster.psql("SELECT count(*) FROM obj", db=db) == [["300"]]
+    assert cluster.psql("SELECT count(*) FROM obj_errors", db=db) == [["0"]]
+    requests.delete(f"{server.url}/v1/batch-jobs/{sid}", timeout=30)
