@@ -9,13 +9,20 @@
  * model and version, status, counts, times, the resume point), and then either continue the
  * run a failed or killed run left (its row says the same job, its TABLE__inferd_staging is
  * there) or discard what it left and start an UNLOGGED TABLE__inferd_staging (keys,
- * prediction, reason) and a run row. Each chunk is one transaction:
+ * prediction, reason) and a run row. Each send (warehouse.c: a mebibyte or a second of rows)
+ * is one transaction:
  *   BEGIN; COPY staging FROM STDIN (FORMAT csv); UPDATE the run row's resume point; COMMIT
- * so memory holds one chunk and the staging table holds exactly the rows up to the resume
+ * so memory holds one send and the staging table holds exactly the rows up to the resume
  * point. The commit, in one transaction: a target missing at the open is created, filled and
  * then given its unique constraint (one index build), an existing one gets the scored rows
  * upserted; the same for the errors table with the bad rows, whose keys scored this time
  * leave it; the run is recorded as succeeded and the staging table dropped.
+ *
+ * A part of a server batch run (spec->run) takes no lock and keeps no run row: it creates the
+ * run's TABLE__inferd_XXXXXX if no other part has, deletes its own key range from it (an
+ * earlier attempt's), and sends its rows with plain COPYs. sink_finish, run once by the run's
+ * finishing job, locks the target, reads the keys' types from the staging table, merges as
+ * the commit does and adds the run's row (batch_job = the run's id).
  */
 #define _GNU_SOURCE
 #include "warehouse/postgres_internal.h"

@@ -431,14 +431,22 @@ static int wait_stop(struct pg_queue *q, int64_t ms)
     return stop;
 }
 
+/* The queued jobs counted anew (other processes' changes too), unless this process committed
+ * a change meanwhile: its count is newer than this one (see commits_begun). */
 static void count_queued(struct pg_queue *q, PGconn *c)
 {
     struct err e;
-    PGresult *r = pg_exec(q, c, "SELECT COUNT(*) FROM inferd_jobs WHERE state = 0", NULL,
-                          "count queued jobs", &e);
+    uint64_t begun = atomic_load(&q->commits_begun), ended = atomic_load(&q->commits_ended);
+    PGresult *r;
 
-    if (r)
+    if (begun != ended)
+        return; /* a commit in flight: the next sweep counts */
+    r = pg_exec(q, c, "SELECT COUNT(*) FROM inferd_jobs WHERE state = 0", NULL,
+                "count queued jobs", &e);
+    pthread_mutex_lock(&q->count_lock);
+    if (r && atomic_load(&q->commits_begun) == begun)
         atomic_store(&q->n_queued, pg_int(r, 0, 0));
+    pthread_mutex_unlock(&q->count_lock);
     PQclear(r);
 }
 
@@ -577,6 +585,7 @@ static void pg_close(struct queue *qb)
         PQfinish(q->pool[i]);
     pthread_mutex_destroy(&q->pool_lock);
     pthread_mutex_destroy(&q->final_lock);
+    pthread_mutex_destroy(&q->count_lock);
     pthread_cond_destroy(&q->stop);
     queue_writer_release(&q->w);
     free(q->lost);
@@ -646,6 +655,7 @@ int queue_postgres_open(const struct queue_config *cfg, struct queue **out, stru
     queue_writer_init(&q->w, PG_MAX_GROUP, PG_IDLE_POLL_MS);
     q->base.writer = &q->w;
     pthread_mutex_init(&q->final_lock, NULL);
+    pthread_mutex_init(&q->count_lock, NULL);
     pthread_cond_init(&q->stop, NULL);
     if (!q->conninfo || !q->shown)
         rc = err_set(e, ERR_NOMEM, "out of memory");

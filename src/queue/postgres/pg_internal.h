@@ -70,6 +70,7 @@ struct pg_txn {
     int64_t queued;          /* jobs in state queued as this transaction sees them; -1 unknown */
     int64_t queued_delta;    /* how this transaction changed that count */
     int savepoint;           /* writer: an operation's savepoint is taken */
+    int commit_begun;        /* its COMMIT was sent: counted in q->commits_begun */
 };
 
 /* This transaction queued `n` more jobs (or fewer: n < 0). At its commit queue_queued() takes
@@ -118,6 +119,12 @@ struct pg_queue {
     size_t n_lost;
 
     _Atomic int64_t n_queued;      /* jobs queued, as last counted (queue_queued) */
+    /* A count taken on the side (count_queued) is stored only if no transaction of this
+     * process committed while it was taken: commits_begun moves before a COMMIT is sent,
+     * commits_ended after its effect on n_queued is published, both under count_lock for the
+     * publishing, so a late count never overwrites a newer one. */
+    _Atomic uint64_t commits_begun, commits_ended;
+    pthread_mutex_t count_lock;
     _Atomic int64_t down_since_ms; /* 0 while PostgreSQL answers */
     _Atomic int64_t up_since_ms;   /* when it last became reachable (or the queue opened) */
     _Atomic int own_pid[2];        /* backend pids of the writer's and sweeper's connections:

@@ -53,7 +53,11 @@ int pg_txn_commit(struct pg_txn *t, struct err *e)
     }
     if (rc == 0 && t->runnable)
         rc = pg_run(t->q, t->c, "SELECT pg_notify('inferd_jobs', '')", NULL, "notify", e);
-    return rc ? rc : pg_run(t->q, t->c, "COMMIT", NULL, "commit", e);
+    if (rc != 0)
+        return rc;
+    t->commit_begun = 1;
+    atomic_fetch_add(&t->q->commits_begun, 1);
+    return pg_run(t->q, t->c, "COMMIT", NULL, "commit", e);
 }
 
 void pg_txn_done(struct pg_txn *t, int committed)
@@ -69,10 +73,15 @@ void pg_txn_done(struct pg_txn *t, int committed)
         free(f);
     }
     t->finals = NULL;
+    pthread_mutex_lock(&q->count_lock);
     if (committed && t->queued >= 0)
         atomic_store(&q->n_queued, t->queued);
     else if (committed && t->queued_delta != 0)
         atomic_fetch_add(&q->n_queued, t->queued_delta);
+    if (t->commit_begun)
+        atomic_fetch_add(&q->commits_ended, 1);
+    pthread_mutex_unlock(&q->count_lock);
+    t->commit_begun = 0;
     t->queued_delta = 0;
 }
 
