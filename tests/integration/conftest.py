@@ -1474,3 +1474,58 @@ def assert_quotes_nothing_of(text, message, what):
     leaked = sorted(w for w in set(re.findall(r"[A-Za-z_]{4,}", message)) if w in file_words)
     assert not leaked, f"{what} quotes the file's words {leaked}: {message[:500]!r}"
     assert SECRET_WORD not in message, f"{what} quotes {SECRET_WORD!r}: {message[:500]!r}"
+
+
+# ---------------------------------------------------------------------------
+# a certificate authority of the test's own (openssl CLI), for TLS in and out
+# ---------------------------------------------------------------------------
+
+class LocalCA:
+    """A CA made with the openssl CLI in ``folder``, and certificates it signs.
+
+    ``ca_cert``: the CA's certificate (PEM); ``server_cert`` / ``server_key``: a server
+    certificate for 127.0.0.1 and localhost; ``client_cert`` / ``client_key``: a client
+    certificate (CN ``client``); ``other_ca_cert``: a second, unrelated CA, for "the right
+    name but the wrong issuer"."""
+
+    def __init__(self, folder):
+        self.dir = Path(folder)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ca_cert, self.ca_key = self._ca("inferd test CA")
+        self.other_ca_cert, self.other_ca_key = self._ca("unrelated CA")
+        self.server_cert, self.server_key = self.issue(
+            "server", "127.0.0.1", san="IP:127.0.0.1,DNS:localhost", usage="serverAuth")
+        self.client_cert, self.client_key = self.issue("client", "client", usage="clientAuth")
+
+    def _run(self, *args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=self.dir)
+
+    def _ca(self, cn):
+        stem = cn.replace(" ", "_")
+        cert, key = self.dir / f"{stem}.pem", self.dir / f"{stem}.key"
+        self._run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                  "-subj", f"/CN={cn}", "-keyout", str(key), "-out", str(cert),
+                  "-addext", "basicConstraints=critical,CA:TRUE",
+                  "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+        return cert, key
+
+    def issue(self, stem, cn, san=None, usage="serverAuth", ca=None):
+        """Signs a new key pair with this CA (or ``ca``: (cert, key)); returns (cert, key)."""
+        ca_cert, ca_key = ca or (self.ca_cert, self.ca_key)
+        key, csr, cert = (self.dir / f"{stem}.key", self.dir / f"{stem}.csr",
+                          self.dir / f"{stem}.pem")
+        ext = self.dir / f"{stem}.ext"
+        lines = [f"extendedKeyUsage={usage}", "basicConstraints=CA:FALSE"]
+        if san:
+            lines.append(f"subjectAltName={san}")
+        ext.write_text("\n".join(lines) + "\n")
+        self._run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
+                  "-keyout", str(key), "-out", str(csr))
+        self._run("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
+                  "-CAcreateserial", "-days", "2", "-out", str(cert), "-extfile", str(ext))
+        return cert, key
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory):
+    return LocalCA(tmp_path_factory.mktemp("ca"))
