@@ -9,6 +9,7 @@
  * mirrors these tables (tests/integration/test_docs.py checks that).
  */
 #define _GNU_SOURCE
+#include "auth/auth.h"
 #include "core/err.h"
 #include "core/url.h"
 #include "core/log.h"
@@ -21,6 +22,7 @@
 #include "storage/storage.h"
 #include "batch/batch_jobs.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <execinfo.h>
 #include <signal.h>
@@ -132,6 +134,15 @@ static const struct option_def serve_options[] = {
      "the workers heartbeat to the queue; silent this long, they are presumed dead and their "
      "jobs run again at once",
      BOTH},
+    {"keys-file", OPT_STR, "", 0, 0,
+     "API keys (inferd keys add): every route but /v2/health/* then needs Authorization: "
+     "Bearer KEY with the route's scope; SIGHUP re-reads it; empty: no keys",
+     BOTH},
+    {"metrics-auth", OPT_FLAG, "0", 0, 1, "with --keys-file: /metrics needs a key too", BOTH},
+    {"allow-unauthenticated", OPT_FLAG, "0", 0, 1,
+     "listen beyond loopback (--host) without --keys-file: anyone who reaches the port may use "
+     "every route",
+     SERVE},
 };
 #define N_SERVE (sizeof(serve_options) / sizeof(serve_options[0]))
 
@@ -216,7 +227,9 @@ static void usage(FILE *f)
             "  serve    serve a model repository: online (KServe v2), async and batch jobs\n"
             "  worker   run async jobs from a shared queue (--queue redis://... or postgresql://...),\n"
             "           no API\n"
-            "  batch    run a batch transform over files or S3 and exit\n\n"
+            "  batch    run a batch transform over files or S3 and exit\n"
+            "  keys     add, list and revoke the API keys inferd serve --keys-file checks\n"
+            "  routes   print every HTTP route with the scope a key needs\n\n"
             "  inferd --version        print the version\n"
             "  inferd COMMAND --help   options of a command\n",
             INFERD_VERSION);
@@ -392,6 +405,14 @@ static double pool_drain_rate(void *pool)
     return worker_pool_drain_rate(pool);
 }
 
+/* 1 if `host` is an IPv4 loopback address (127.0.0.0/8). */
+static int is_loopback(const char *host)
+{
+    struct in_addr a;
+
+    return inet_pton(AF_INET, host, &a) == 1 && (ntohl(a.s_addr) >> 24) == 127;
+}
+
 static int cmd_serve(int argc, char **argv, int worker)
 {
     struct parsed p = {0};
@@ -410,6 +431,7 @@ static int cmd_serve(int argc, char **argv, int worker)
     struct notify_store store;
     const char *secret;
     struct http_config hc;
+    struct auth *auth = NULL;
     struct err e = {0};
     sigset_t sigs;
     int sig, failed, blocked = 0, rc = 1, listen_fd = -1, port;
@@ -435,6 +457,34 @@ static int cmd_serve(int argc, char **argv, int worker)
     }
     if (configure_storage(&p, cmd, OPT_S(&p, "file-roots")) != 0)
         return 2;
+    /* Redis's protected mode: reachable from the network means keys, or the operator's word */
+    if (!worker && !OPT_S(&p, "keys-file")[0] && !is_loopback(OPT_S(&p, "host")) &&
+        !OPT_N(&p, "allow-unauthenticated")) {
+        fprintf(stderr,
+                "inferd serve: --host %s is reachable beyond this machine, and without API keys "
+                "anyone who reaches it may load and unload models and read every job. Add "
+                "keys (inferd keys add NAME --scopes infer,jobs,batch; then --keys-file "
+                "inferd.keys), or pass --allow-unauthenticated if a gateway in front checks "
+                "every request.\n",
+                OPT_S(&p, "host"));
+        return 2;
+    }
+    if (OPT_N(&p, "metrics-auth") && !OPT_S(&p, "keys-file")[0]) {
+        fprintf(stderr, "inferd %s: --metrics-auth needs --keys-file\n", cmd);
+        return 2;
+    }
+    if (OPT_S(&p, "keys-file")[0]) {
+        if (auth_open(OPT_S(&p, "keys-file"), &auth, &e) != 0) {
+            fprintf(stderr, "inferd %s: %s\n", cmd, e.msg);
+            return 2;
+        }
+        if (auth_n_active(auth) == 0)
+            log_warn("main", "the keys file holds no active key: every request but health is "
+                     "refused", "path=%s", OPT_S(&p, "keys-file"));
+    } else if (!worker && !is_loopback(OPT_S(&p, "host"))) {
+        log_warn("main", "listening beyond loopback without API keys (--allow-unauthenticated)",
+                 "host=%s", OPT_S(&p, "host"));
+    }
     if (notify_set_allowed_hosts(OPT_S(&p, "webhook-hosts"), &e) != 0) {
         fprintf(stderr, "inferd %s: %s\n", cmd, e.msg);
         return 2;
@@ -540,6 +590,8 @@ static int cmd_serve(int argc, char **argv, int worker)
         .workers = (int)OPT_N(&p, "workers"),
         .worker_only = worker,
         .max_input_bytes = wc.max_input_bytes,
+        .auth = auth,
+        .metrics_auth = (int)OPT_N(&p, "metrics-auth"),
     };
     listen_fd = -1; /* the server's now, started or not */
     hp = (struct http_pool){
@@ -566,6 +618,11 @@ static int cmd_serve(int argc, char **argv, int worker)
         if (sig == SIGHUP) {
             log_info("main", "SIGHUP: reloading the model repository", "%s", "");
             registry_load_all(reg);
+            if (auth && auth_reload(auth, &e) != 0)
+                log_error("main", "SIGHUP: the keys file cannot be read; the keys in use stay",
+                          "reason=\"%s\"", e.msg);
+            else if (auth)
+                log_info("main", "SIGHUP: keys re-read", "active=%zu", auth_n_active(auth));
             continue;
         }
         log_info("main", "draining", "signal=%s", sig == SIGTERM ? "SIGTERM" : "SIGINT");
@@ -592,6 +649,7 @@ cleanup:
     }
     queue_close(queue);
     registry_destroy(reg);
+    auth_close(auth);
     if (rc == 0)
         log_info("main", "stopped", "%s", "");
     return rc;
@@ -672,6 +730,114 @@ static int cmd_worker(int argc, char **argv)
     return cmd_serve(argc, argv, 1);
 }
 
+/* `inferd keys` */
+static const struct option_def keys_options[] = {
+    {"keys-file", OPT_STR, "inferd.keys", 0, 0,
+     "the keys file (created mode 0600); inferd serve --keys-file reads it", 0},
+    {"scopes", OPT_STR, "", 0, 0,
+     "add: what the key may do, a comma list of infer, jobs, batch, admin (required)", 0},
+    {"tenant", OPT_STR, "", 0, 0,
+     "add: who owns the jobs the key makes (default: NAME; name another key's tenant to "
+     "rotate it)",
+     0},
+};
+#define N_KEYS (sizeof(keys_options) / sizeof(keys_options[0]))
+
+static void usage_keys(FILE *f)
+{
+    fprintf(f, "usage: inferd keys add NAME --scopes infer,jobs,batch,admin [options]\n"
+               "       inferd keys list [--keys-file FILE]\n"
+               "       inferd keys revoke NAME [--keys-file FILE]\n\n"
+               "Manages the API keys inferd serve --keys-file checks. add prints the new key\n"
+               "once; only its SHA-256 is stored. A running server re-reads the file on SIGHUP.\n"
+               "\noptions:\n");
+    usage_options(f, keys_options, N_KEYS, 0);
+}
+
+static int cmd_keys(int argc, char **argv)
+{
+    struct parsed p = {0};
+    struct err e = {0};
+    const char *verb = argc > 0 ? argv[0] : "", *name = NULL;
+    int first = 1;
+    unsigned scopes = 0;
+    char token[64];
+
+    if (strcmp(verb, "add") != 0 && strcmp(verb, "list") != 0 && strcmp(verb, "revoke") != 0) {
+        usage_keys(stderr);
+        return 2;
+    }
+    if (strcmp(verb, "list") != 0) {
+        if (argc < 2 || strncmp(argv[1], "--", 2) == 0) {
+            fprintf(stderr, "inferd keys %s: NAME is required\n", verb);
+            return 2;
+        }
+        name = argv[1];
+        first = 2;
+    }
+    if (parse_options(keys_options, N_KEYS, "keys", 0, argc - first, argv + first, &p, &e) != 0) {
+        fprintf(stderr, "inferd keys: %s\n", e.msg);
+        return 2;
+    }
+    if (strcmp(verb, "list") == 0) {
+        if (auth_keys_list(OPT_S(&p, "keys-file"), stdout, &e) != 0) {
+            fprintf(stderr, "inferd keys list: %s\n", e.msg);
+            return 1;
+        }
+        return 0;
+    }
+    if (strcmp(verb, "revoke") == 0) {
+        if (auth_keys_revoke(OPT_S(&p, "keys-file"), name, &e) != 0) {
+            fprintf(stderr, "inferd keys revoke: %s\n", e.msg);
+            return 1;
+        }
+        fprintf(stderr, "revoked '%s': a server running with --keys-file %s refuses it after "
+                        "SIGHUP (kill -HUP PID)\n",
+                name, OPT_S(&p, "keys-file"));
+        return 0;
+    }
+    if (!OPT_S(&p, "scopes")[0]) {
+        fprintf(stderr, "inferd keys add: --scopes is required (a comma list of infer, jobs, "
+                        "batch, admin)\n");
+        return 2;
+    }
+    if (auth_parse_scopes(OPT_S(&p, "scopes"), &scopes, &e) != 0) {
+        fprintf(stderr, "inferd keys add: --scopes: %s\n", e.msg);
+        return 2;
+    }
+    if (auth_keys_add(OPT_S(&p, "keys-file"), name,
+                      OPT_S(&p, "tenant")[0] ? OPT_S(&p, "tenant") : name, scopes, token,
+                      &e) != 0) {
+        fprintf(stderr, "inferd keys add: %s\n", e.msg);
+        return e.code == ERR_CONFLICT ? 1 : 2;
+    }
+    /* the key on stdout alone, for KEY=$(inferd keys add ...); the rest on stderr */
+    printf("%s\n", token);
+    fprintf(stderr, "added '%s' to %s: the key above is shown once; only its hash is stored. "
+                    "A running server takes it after SIGHUP.\n",
+            name, OPT_S(&p, "keys-file"));
+    memset(token, 0, sizeof(token));
+    return 0;
+}
+
+static void usage_routes(FILE *f)
+{
+    fprintf(f, "usage: inferd routes\n\n"
+               "Prints every HTTP route, one JSON object per line: method, path, the scope a\n"
+               "key needs (public: none; metrics: none unless --metrics-auth), the thread its\n"
+               "handler runs on, and whether inferd worker serves it.\n");
+}
+
+static int cmd_routes(int argc, char **argv)
+{
+    (void)argv;
+    if (argc > 0) {
+        usage_routes(stderr);
+        return 2;
+    }
+    return http_routes_print(stdout) == 0 ? 0 : 1;
+}
+
 static const struct {
     const char *name;
     void (*usage)(FILE *f);
@@ -680,6 +846,8 @@ static const struct {
     {"serve", usage_serve, cmd_serve_api},
     {"worker", usage_worker, cmd_worker},
     {"batch", usage_batch, cmd_batch},
+    {"keys", usage_keys, cmd_keys},
+    {"routes", usage_routes, cmd_routes},
 };
 
 /* A crash says where, on stderr (where the logs go): the signal and the stack as

@@ -30,6 +30,10 @@ int err_http_status(enum err_code code)
         return 404;
     case ERR_CONFLICT:
         return 409;
+    case ERR_UNAUTHORIZED:
+        return 401;
+    case ERR_FORBIDDEN:
+        return 403;
     case ERR_TOO_LARGE:
         return 413;
     case ERR_SHAPE:

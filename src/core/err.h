@@ -23,6 +23,8 @@ enum err_code {
     ERR_CANCELLED = -12,  /* the client went away: 499 */
     ERR_UPSTREAM = -13,   /* an upstream model server failed or cannot be reached: 502 */
     ERR_FULL = -14,       /* a store is out of space (disk full): 507, nothing was stored */
+    ERR_UNAUTHORIZED = -15, /* no valid API key: 401 */
+    ERR_FORBIDDEN = -16,    /* the key lacks the route's scope: 403 */
 };
 
 struct err {

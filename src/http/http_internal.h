@@ -5,6 +5,7 @@
 #ifndef INFERD_HTTP_INTERNAL_H
 #define INFERD_HTTP_INTERNAL_H
 
+#include "auth/auth.h"
 #include "core/buf.h"
 #include "http/server.h"
 #include "model/batcher.h"
@@ -56,6 +57,51 @@ enum req_state {
 
 enum req_kind { KIND_V2, KIND_V1, KIND_JOB };
 
+/* ---- the route table (routes.c) ---- */
+
+/* What a handler did with its request: answered it (status, body and headers are in the
+ * request, and the frame sends them) or took it on (the connection is suspended, and whoever
+ * finishes it calls http_finish_async). */
+enum handled { HANDLED_ANSWER = 0, HANDLED_PENDING };
+typedef enum handled (*http_handler)(struct req *r);
+
+/* the thread a handler runs on: an HTTP event thread (never blocks) or the I/O pool (may wait
+ * on the job store, storage or a model load) */
+enum route_thread { ON_EVENT = 0, ON_POOL };
+
+/* what a key needs for a route; PUBLIC and METRICS need none (METRICS: unless
+ * --metrics-auth, then any valid key) */
+enum route_scope { SCOPE_PUBLIC = 0, SCOPE_METRICS, SCOPE_INFER, SCOPE_JOBS, SCOPE_BATCH,
+                   SCOPE_ADMIN };
+
+#define ROUTE_WORKER 1u /* inferd worker serves it too */
+#define ROUTE_MAX_PARAMS 3
+
+/* One row: METHOD /path/{param}/literal ({p}:suffix matches a segment ending in :suffix). */
+struct route {
+    const char *method;
+    const char *pattern;
+    enum route_scope scope;
+    enum route_thread thread;
+    http_handler fn;
+    unsigned flags;
+};
+
+extern const struct route http_routes[];
+extern const size_t http_n_routes;
+
+/* The row for `method` and `path`, its parameters pointing into `path` (which it cuts); NULL
+ * when none matches, with *path_known 1 when another method has the path. */
+const struct route *http_route_match(const char *method, char *path,
+                                     const char *params[ROUTE_MAX_PARAMS], int *path_known);
+const char *http_scope_name(enum route_scope s);
+
+/* a query argument or header, as the frame copies them for a route that runs on the pool */
+struct req_value {
+    enum MHD_ValueKind kind;
+    const char *key, *value; /* libmicrohttpd's, valid until the request completes */
+};
+
 /* what a waiter answers: the job (200), its result, or DELETE's answer (200 once the job is
  * final, 202 while its cancellation is still pending) */
 enum wait_mode { WAIT_STATUS, WAIT_INFER, WAIT_CANCEL };
@@ -65,6 +111,13 @@ struct req {
     struct http_server *srv;
     struct MHD_Connection *conn;
     struct conn *track; /* the connection guard's entry; NULL: untracked */
+    const struct route *route;            /* its row of the route table; NULL: none matched */
+    char *path;                           /* a copy of the path, cut into `params` */
+    const char *params[ROUTE_MAX_PARAMS]; /* the pattern's {names} in order; NULL: absent */
+    struct req_value *values; /* query arguments and headers, copied for a route on the pool */
+    size_t n_values;
+    struct auth_principal who; /* the key's; all zero without keys (the anonymous tenant) */
+    int authenticated;         /* a key was checked (keys are on) */
     int close_after;    /* answer with Connection: close (the framing was refused) */
     int http11;         /* an HTTP/1.1 request (it may be sent a 1xx before its answer) */
     int settled;        /* the request is whole and libmicrohttpd no longer reads the socket */
@@ -87,14 +140,6 @@ struct req {
     enum wait_mode wait_mode;
     int64_t wait_deadline_ms;
     struct req *wait_next; /* in the waiters' bucket; guarded by waiters.lock */
-    int list_state;        /* GET /v1/jobs filters (and POST /v1/jobs/retry's) */
-    int list_cancelling;   /* -1, 0, 1: see queue_list_filter.cancelling */
-    char list_model[128];
-    char list_cursor[40];
-    int list_limit;
-    char repo_model[256]; /* POST /v2/repository/models/{m}/load|unload */
-    int repo_load;
-    int batch_schedule; /* POST /v1/batch-jobs: the definition has a schedule */
     /* the answer, built by whichever thread finishes the request */
     int status;
     struct buf out;
@@ -103,30 +148,68 @@ struct req {
     int counted;                       /* already in the request metrics */
     char location[80];                 /* Location header; "" means none */
     const char *content_type;          /* static string; NULL means application/json */
-    void (*deferred)(struct req *r);   /* what the I/O pool runs for this request */
+    const char *www_authenticate;      /* static string: the 401's challenge; NULL: none */
+    http_handler deferred;             /* what the I/O pool runs for this request */
     uint64_t ready_ns;                 /* when the answer was made ready; 0 before */
     struct req *live_prev, *live_next; /* guarded by srv->live_lock */
 };
 
-/* ---- server.c ---- */
+/* ---- server.c: the frame every handler runs in ---- */
 void http_set_error(struct req *r, int code, const char *msg);
-enum MHD_Result http_reply_error(struct req *r, int code, const char *fmt, ...)
+/* Counts an inference request in its model's metrics, once. */
+void http_count_request(struct req *r);
+/* A header's non-negative integer value; -1 when absent, with *bad 1 when not an integer. */
+int64_t http_header_int(struct MHD_Connection *conn, const char *name, int *bad);
+/* 1 if the request's key has `scope` (AUTH_*), or keys are off. */
+int http_has_scope(const struct req *r, unsigned scope);
+/* Sets the error answer; returns HANDLED_ANSWER, for `return http_fail(r, ...)`. */
+enum handled http_fail(struct req *r, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/* While the server drains: sets 503 with Retry-After 5 and returns 1 (no new work). */
+int http_refuse_draining(struct req *r);
+/* Sets a 200-style answer from `json` (taken); returns HANDLED_ANSWER. */
+enum handled http_answer_json(struct req *r, int status, struct buf *json);
+enum handled http_answer_text(struct req *r, int status, const char *json);
+/* A query argument (MHD_GET_ARGUMENT_KIND) or header (MHD_HEADER_KIND) of the request, on any
+ * thread the request's handler runs on; NULL when absent. */
+const char *http_value(struct req *r, enum MHD_ValueKind kind, const char *key);
 /* Marks the answer ready and resumes the suspended connection (any thread). */
 void http_finish_async(struct req *r);
 /* Resumes again a connection whose answer has been ready for long but which libmicrohttpd
  * still holds suspended (a lost wake-up), and logs it. Called by the waiters' timer. */
 void http_watchdog(struct http_server *s);
-/* Suspends the connection and runs fn(r) on the I/O pool. */
-enum MHD_Result http_defer(struct req *r, void (*fn)(struct req *r));
+/* Suspends the connection and runs fn(r) on the I/O pool, which sends what it answers. */
+enum handled http_defer(struct req *r, http_handler fn);
+
+/* ---- online.c: health, metadata, inference, the repository, /metrics ---- */
+enum handled online_live(struct req *r);
+enum handled online_ready(struct req *r);
+enum handled online_server_meta(struct req *r);
+enum handled online_metrics(struct req *r);
+enum handled online_stats(struct req *r);
+enum handled online_model_meta(struct req *r);
+enum handled online_model_ready(struct req *r);
+enum handled online_infer(struct req *r);
+enum handled online_predict(struct req *r);
+enum handled online_repo_index(struct req *r);
+enum handled online_repo_load(struct req *r);
+enum handled online_repo_unload(struct req *r);
+/* Asks the model to stop an inference in flight (on stop). */
+void online_cancel(struct req *r);
 
 /* ---- jobs.c ---- */
 /* 1 if `id` can be a job or batch-job id (1-39 letters, digits, '-', '_'). */
 int http_valid_id(const char *id);
-enum MHD_Result jobs_route(struct req *r, int is_get, int is_post, int is_delete, char **seg,
-                           int n);
+enum handled jobs_submit(struct req *r);
+enum handled jobs_list(struct req *r);
+enum handled jobs_redrive(struct req *r);
+enum handled jobs_get(struct req *r);
+enum handled jobs_cancel(struct req *r);
+enum handled jobs_result(struct req *r);
+enum handled jobs_retry(struct req *r);
+enum handled jobs_workers(struct req *r);
 /* POST /v2/models/{m}/infer with Prefer: respond-async (after the request checked out). */
-enum MHD_Result jobs_submit_infer(struct req *r);
+enum handled jobs_submit_infer(struct req *r);
 /* Parses a Prefer header: respond-async and wait=N. */
 void jobs_parse_prefer(const char *prefer, int *respond_async, int64_t *wait_ms);
 int jobs_waiters_start(struct http_server *s);
@@ -137,8 +220,13 @@ void jobs_on_final(void *ctx, const char *id, enum job_state state);
 int jobs_metrics(struct http_server *s, struct buf *out);
 
 /* ---- batch_api.c ---- */
-enum MHD_Result batch_api_route(struct req *r, int is_get, int is_post, int is_delete,
-                                char **seg, int n);
+enum handled batch_api_create(struct req *r);
+enum handled batch_api_list(struct req *r);
+enum handled batch_api_get(struct req *r);
+enum handled batch_api_cancel(struct req *r);
+enum handled batch_api_run(struct req *r);
+enum handled batch_api_pause(struct req *r);
+enum handled batch_api_resume(struct req *r);
 
 /* ---- framing.c ---- */
 /* 0, or ERR_INVALID when the request's framing is ambiguous, with `*status` 400 (or 501 for a

@@ -346,8 +346,9 @@ static void answer_waiter(struct req *r)
     http_finish_async(r);
 }
 
-/* Waits for the job to end (or the deadline), without a thread. Called on the I/O pool. */
-static void wait_or_answer(struct req *r, struct job *j)
+/* Waits for the job to end (or the deadline), without a thread. Called on the I/O pool:
+ * answers, or leaves the request with the waiters (HANDLED_PENDING). */
+static enum handled wait_or_answer(struct req *r, struct job *j)
 {
     if (j && !job_state_is_final(j->state) && r->wait_ms > 0) {
         r->wait_deadline_ms = clock_now_ms() + r->wait_ms;
@@ -359,7 +360,7 @@ static void wait_or_answer(struct req *r, struct job *j)
                 job_state_is_final(again->state) && waiter_claim(r->srv, r))
                 answer_waiter(r);
             job_free(again);
-            return;
+            return HANDLED_PENDING;
         }
     }
     if (j && r->wait_mode == WAIT_INFER)
@@ -368,7 +369,7 @@ static void wait_or_answer(struct req *r, struct job *j)
         reply_cancel(r, j);
     else if (j)
         reply_job(r, 200, j);
-    http_finish_async(r);
+    return HANDLED_ANSWER;
 }
 
 /* ---- enqueue ---- */
@@ -382,7 +383,8 @@ static void after_enqueue(struct req *r)
     if (r->prefer_async && r->wait_ms > 0 && r->status == 0) {
         if (queue_get(r->srv->queue, r->job_id, 1, &j, &e) == 0) {
             r->wait_mode = WAIT_INFER;
-            wait_or_answer(r, j);
+            if (wait_or_answer(r, j) == HANDLED_ANSWER)
+                http_finish_async(r);
             job_free(j);
             return;
         }
@@ -429,7 +431,7 @@ static void enqueued(void *ctx, int rc, const struct err *e, const char *id, int
 }
 
 /* Suspends the connection and hands the job to the store; the commit's callback answers. */
-static enum MHD_Result enqueue(struct req *r)
+static enum handled enqueue(struct req *r)
 {
     struct err e = {0};
 
@@ -442,21 +444,18 @@ static enum MHD_Result enqueue(struct req *r)
             r->retry_after_s = 5;
         http_finish_async(r);
     }
-    return MHD_YES;
+    return HANDLED_PENDING;
 }
 
-/* Answers 503 and returns 1 when no job can be accepted now. */
-static int async_unavailable(struct req *r, enum MHD_Result *ret)
+/* Sets a 503 answer and returns 1 when no job can be accepted now. */
+static int async_unavailable(struct req *r)
 {
     if (!r->srv->queue) {
-        *ret = http_reply_error(r, ERR_UNAVAILABLE, "the async queue is not enabled");
+        http_fail(r, ERR_UNAVAILABLE, "the async queue is not enabled");
         return 1;
     }
-    if (atomic_load(&r->srv->draining)) {
-        r->retry_after_s = 5;
-        *ret = http_reply_error(r, ERR_UNAVAILABLE, "inferd is shutting down");
+    if (http_refuse_draining(r))
         return 1;
-    }
     return 0;
 }
 
@@ -466,7 +465,7 @@ static int async_unavailable(struct req *r, enum MHD_Result *ret)
  * ERR_INVALID when it is too long or holds other than printable ASCII. */
 static int idempotency_key(struct req *r, struct err *e)
 {
-    const char *k = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Idempotency-Key");
+    const char *k = http_value(r, MHD_HEADER_KIND, "Idempotency-Key");
     size_t n = k ? strlen(k) : 0;
 
     r->spec.idempotency_key = NULL;
@@ -495,14 +494,12 @@ static void fill_defaults(struct req *r, struct model *m)
         r->spec.ttl_s = r->srv->cfg.default_ttl_s;
 }
 
-enum MHD_Result jobs_submit_infer(struct req *r)
+enum handled jobs_submit_infer(struct req *r)
 {
-    const char *hdr =
-        MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Inference-Header-Content-Length");
-    enum MHD_Result ret;
+    const char *hdr = http_value(r, MHD_HEADER_KIND, "Inference-Header-Content-Length");
 
-    if (async_unavailable(r, &ret))
-        return ret;
+    if (async_unavailable(r))
+        return HANDLED_ANSWER;
     r->kind = KIND_JOB;
     memset(&r->spec, 0, sizeof(r->spec));
     r->spec.model = r->model->name;
@@ -512,7 +509,7 @@ enum MHD_Result jobs_submit_infer(struct req *r)
     r->spec.input_json_len = hdr ? strtoll(hdr, NULL, 10) : -1;
     struct err e = {0};
     if (idempotency_key(r, &e) != 0)
-        return http_reply_error(r, e.code, "%s", e.msg);
+        return http_fail(r, e.code, "%s", e.msg);
     fill_defaults(r, r->model);
     hash_request(r, r->spec.model, strlen(r->spec.model), r->spec.input, r->spec.input_len);
     r->spec.request_hash = r->request_hash;
@@ -573,7 +570,7 @@ static int check_location(const char *key, const char *uri, int64_t max_bytes, s
 }
 
 /* POST /v1/jobs: {"model", "input" | "input_location", ...} */
-static enum MHD_Result submit_job(struct req *r)
+enum handled jobs_submit(struct req *r)
 {
     struct model *m = NULL;
     struct infer_request *req = NULL;
@@ -584,21 +581,19 @@ static enum MHD_Result submit_job(struct req *r)
     char *input_text = NULL;
     int rc;
 
-    enum MHD_Result ret;
-
-    if (async_unavailable(r, &ret))
-        return ret;
+    if (async_unavailable(r))
+        return HANDLED_ANSWER;
     r->kind = KIND_JOB;
     /* \u0000 is valid JSON: an inline input's "id" may hold it; get_str refuses it elsewhere */
     root = json_loadb(r->body.data ? r->body.data : "", r->body.len,
                       JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
     if (!root)
-        return http_reply_error(r, ERR_INVALID, "malformed JSON at line %d column %d: %s",
+        return http_fail(r, ERR_INVALID, "malformed JSON at line %d column %d: %s",
                                 jerr.line, jerr.column,
                                 jdoc_jansson_why(r->body.data, r->body.len, &jerr, 0));
     r->json = root;
     if (!json_is_object(root))
-        return http_reply_error(r, ERR_INVALID, "the request body must be a JSON object");
+        return http_fail(r, ERR_INVALID, "the request body must be a JSON object");
     memset(&r->spec, 0, sizeof(r->spec));
     r->spec.input_json_len = -1;
     if ((rc = get_str(root, "model", &r->spec.model, &e)) ||
@@ -612,23 +607,23 @@ static enum MHD_Result submit_job(struct req *r)
         (rc = get_int(root, "priority", 0, 9, &priority, &e)) ||
         (rc = get_int(root, "ttl_s", 1, 365LL * 86400, &ttl, &e)) ||
         (rc = get_int(root, "max_attempts", 1, 100, &attempts, &e)))
-        return http_reply_error(r, rc, "%s", e.msg);
+        return http_fail(r, rc, "%s", e.msg);
     if (!r->spec.model)
-        return http_reply_error(r, ERR_INVALID, "model: missing");
+        return http_fail(r, ERR_INVALID, "model: missing");
     input = json_object_get(root, "input");
     if (!input == !r->spec.input_location)
-        return http_reply_error(r, ERR_INVALID, "give exactly one of input and input_location");
+        return http_fail(r, ERR_INVALID, "give exactly one of input and input_location");
     rc = registry_acquire(r->srv->reg, r->spec.model, 0, &m, &e);
     if (rc != 0)
-        return http_reply_error(r, rc, "%s", e.msg);
+        return http_fail(r, rc, "%s", e.msg);
     r->model = m; /* released when the request completes */
     if (input) {
         if (!json_is_object(input) && m->info.json_io == INFERD_JSON_IO_NONE) {
-            return http_reply_error(r, ERR_INVALID, "input: expected a v2 infer request object");
+            return http_fail(r, ERR_INVALID, "input: expected a v2 infer request object");
         }
         input_text = json_dumps(input, JSON_COMPACT | JSON_ENCODE_ANY);
         if (!input_text)
-            return http_reply_error(r, ERR_NOMEM, "out of memory");
+            return http_fail(r, ERR_NOMEM, "out of memory");
         /* check it now: a bad input is the client's 4xx, not a failed job later */
         rc = codec_decode_for_model(&m->info, input_text, strlen(input_text), -1, CODEC_FROM_CLIENT,
                                     &req, &e);
@@ -637,7 +632,7 @@ static enum MHD_Result submit_job(struct req *r)
         infer_request_destroy(req);
         if (rc != 0) {
             free(input_text);
-            return http_reply_error(r, rc, "input: model '%s': %s", m->name, e.msg);
+            return http_fail(r, rc, "input: model '%s': %s", m->name, e.msg);
         }
         /* keep the text in the body buffer, which lives as long as the request */
         buf_release(&r->body);
@@ -650,7 +645,7 @@ static enum MHD_Result submit_job(struct req *r)
     r->spec.ttl_s = ttl;
     r->spec.max_attempts = (int)attempts;
     if (idempotency_key(r, &e) != 0)
-        return http_reply_error(r, e.code, "%s", e.msg);
+        return http_fail(r, e.code, "%s", e.msg);
     fill_defaults(r, m);
     {
         char *canon = json_dumps(root, JSON_COMPACT | JSON_SORT_KEYS);
@@ -661,30 +656,88 @@ static enum MHD_Result submit_job(struct req *r)
     return enqueue(r);
 }
 
-/* ---- reading, cancelling, listing ---- */
+/* ---- reading, cancelling, listing (on the I/O pool: routes.c) ---- */
 
-static void do_get(struct req *r)
+int http_valid_id(const char *id)
 {
-    struct job *j = NULL;
-    struct err e;
-    int rc = queue_get(r->srv->queue, r->job_id, 0, &j, &e);
+    size_t n = strlen(id);
 
-    if (rc != 0) {
-        http_set_error(r, rc, e.msg);
-        http_finish_async(r);
-        return;
-    }
-    r->wait_mode = WAIT_STATUS;
-    wait_or_answer(r, j);
-    job_free(j);
+    if (n == 0 || n >= 40)
+        return 0;
+    for (const char *p = id; *p; p++)
+        if (!isalnum((unsigned char)*p) && *p != '-' && *p != '_')
+            return 0;
+    return 1;
 }
 
-static void do_result(struct req *r)
+/* Takes the route's {id} as the job this request is about; 0, or 404 set. */
+static int take_job_id(struct req *r)
+{
+    if (!r->srv->queue) {
+        http_fail(r, ERR_UNAVAILABLE, "the async queue is not enabled");
+        return -1;
+    }
+    if (!http_valid_id(r->params[0])) {
+        http_fail(r, ERR_NOT_FOUND, "no job '%.40s'", r->params[0]);
+        return -1;
+    }
+    snprintf(r->job_id, sizeof(r->job_id), "%s", r->params[0]);
+    return 0;
+}
+
+static int parse_wait(struct req *r, struct err *e)
+{
+    const char *w = http_value(r, MHD_GET_ARGUMENT_KIND, "wait");
+    char *end;
+    double secs;
+
+    r->wait_ms = 0;
+    if (!w)
+        return 0;
+    errno = 0;
+    secs = strtod(w, &end);
+    if (errno || *end || end == w || secs < 0 || isnan(secs))
+        return err_set(e, ERR_INVALID, "wait: expected seconds >= 0, got '%.32s'", w);
+    if (secs > WAIT_MAX_S)
+        return err_set(e, ERR_INVALID, "wait: %.32s seconds is above the limit of %d", w,
+                       WAIT_MAX_S);
+    r->wait_ms = (int64_t)(secs * 1000);
+    return 0;
+}
+
+/* GET /v1/jobs/{id}[?wait=S] */
+enum handled jobs_get(struct req *r)
 {
     struct job *j = NULL;
     struct err e;
-    int rc = queue_get(r->srv->queue, r->job_id, 1, &j, &e);
+    enum handled h;
+    int rc;
 
+    r->kind = KIND_JOB;
+    if (take_job_id(r) != 0)
+        return HANDLED_ANSWER;
+    if (parse_wait(r, &e) != 0)
+        return http_fail(r, e.code, "%s", e.msg);
+    rc = queue_get(r->srv->queue, r->job_id, 0, &j, &e);
+    if (rc != 0)
+        return http_fail(r, rc, "%s", e.msg);
+    r->wait_mode = WAIT_STATUS;
+    h = wait_or_answer(r, j);
+    job_free(j);
+    return h;
+}
+
+/* GET /v1/jobs/{id}/result */
+enum handled jobs_result(struct req *r)
+{
+    struct job *j = NULL;
+    struct err e;
+    int rc;
+
+    r->kind = KIND_JOB;
+    if (take_job_id(r) != 0)
+        return HANDLED_ANSWER;
+    rc = queue_get(r->srv->queue, r->job_id, 1, &j, &e);
     if (rc != 0) {
         http_set_error(r, rc, e.msg);
     } else if (j->state != JOB_SUCCEEDED) {
@@ -710,35 +763,44 @@ static void do_result(struct req *r)
         answer_with_result(r, j);
     }
     job_free(j);
-    http_finish_async(r);
+    return HANDLED_ANSWER;
 }
 
-/* A queued job ends cancelled at once. A running one is marked, and ends cancelled when its
- * worker stops it: wait a little for that, and answer 202 if it is still running (blocked
- * before it reached its model, or in a model that cannot stop). Never 200 for a job that runs. */
-static void do_cancel(struct req *r)
+/* DELETE /v1/jobs/{id}. A queued job ends cancelled at once. A running one is marked, and ends
+ * cancelled when its worker stops it: wait a little for that, and answer 202 if it is still
+ * running (blocked before it reached its model, or in a model that cannot stop). Never 200 for
+ * a job that runs. */
+enum handled jobs_cancel(struct req *r)
 {
     struct job *j = NULL;
     struct err e;
-    int rc = queue_cancel(r->srv->queue, r->job_id, &j, &e);
+    enum handled h;
+    int rc;
 
-    if (rc != 0) {
-        http_set_error(r, rc, e.msg);
-        http_finish_async(r);
-    } else {
-        r->wait_mode = WAIT_CANCEL;
-        r->wait_ms = CANCEL_WAIT_MS;
-        wait_or_answer(r, j);
-    }
+    r->kind = KIND_JOB;
+    if (take_job_id(r) != 0)
+        return HANDLED_ANSWER;
+    rc = queue_cancel(r->srv->queue, r->job_id, &j, &e);
+    if (rc != 0)
+        return http_fail(r, rc, "%s", e.msg);
+    r->wait_mode = WAIT_CANCEL;
+    r->wait_ms = CANCEL_WAIT_MS;
+    h = wait_or_answer(r, j);
     job_free(j);
+    return h;
 }
 
-static void do_retry(struct req *r)
+/* POST /v1/jobs/{id}/retry */
+enum handled jobs_retry(struct req *r)
 {
     struct job *j = NULL;
     struct err e;
-    int rc = queue_retry(r->srv->queue, r->job_id, &j, &e);
+    int rc;
 
+    r->kind = KIND_JOB;
+    if (take_job_id(r) != 0)
+        return HANDLED_ANSWER;
+    rc = queue_retry(r->srv->queue, r->job_id, &j, &e);
     if (rc != 0) {
         http_set_error(r, rc, e.msg);
     } else {
@@ -746,227 +808,127 @@ static void do_retry(struct req *r)
         set_location(r);
     }
     job_free(j);
-    http_finish_async(r);
+    return HANDLED_ANSWER;
 }
 
-static void do_list(struct req *r)
+/* GET /v1/jobs?status=&model=&cursor=&limit= */
+enum handled jobs_list(struct req *r)
 {
-    struct queue_list_filter f = {
-        .state = r->list_state,
-        .cancelling = r->list_cancelling,
-        .model = r->list_model[0] ? r->list_model : NULL,
-        .cursor = r->list_cursor[0] ? r->list_cursor : NULL,
-        .limit = r->list_limit,
-    };
+    const char *status = http_value(r, MHD_GET_ARGUMENT_KIND, "status");
+    const char *model = http_value(r, MHD_GET_ARGUMENT_KIND, "model");
+    const char *cursor = http_value(r, MHD_GET_ARGUMENT_KIND, "cursor");
+    const char *limit = http_value(r, MHD_GET_ARGUMENT_KIND, "limit");
+    struct queue_list_filter f = {.state = -1, .cancelling = -1, .limit = 100};
     struct err e;
     int rc;
 
-    buf_release(&r->out);
-    rc = queue_list(r->srv->queue, &f, &r->out, &e);
-    if (rc != 0) {
-        http_set_error(r, rc, e.msg);
-    } else {
-        r->status = 200;
-        r->json_len = -1;
-    }
-    http_finish_async(r);
-}
-
-/* POST /v1/jobs/retry: the bulk redrive, on the I/O pool. */
-static void do_retry_matching(struct req *r)
-{
-    struct queue_list_filter f = {
-        .state = r->list_state,
-        .cancelling = -1,
-        .model = r->list_model[0] ? r->list_model : NULL,
-        .limit = r->list_limit,
-    };
-    int64_t n = 0;
-    struct err e;
-    int rc = queue_retry_matching(r->srv->queue, &f, &n, &e);
-
-    buf_release(&r->out);
-    if (rc != 0) {
-        char msg[sizeof(e.msg) + 64];
-        snprintf(msg, sizeof(msg), "%s (%lld jobs were sent back before it)", e.msg, (long long)n);
-        http_set_error(r, rc, msg);
-    } else {
-        buf_printf(&r->out, "{\"retried\":%lld}", (long long)n);
-        r->status = 200;
-        r->json_len = -1;
-    }
-    http_finish_async(r);
-}
-
-#define RETRY_MAX 100000 /* jobs one bulk redrive sends back at most */
-
-/* {"status": "failed"|"expired" (default both), "model": M, "limit": N}: checked here. */
-static enum MHD_Result retry_matching(struct req *r)
-{
-    json_error_t jerr;
-    json_t *root, *v;
-    const char *key, *status = NULL, *model = NULL;
-    int64_t limit = 10000;
-    struct err e;
-    int rc;
-
-    if (atomic_load(&r->srv->draining)) {
-        r->retry_after_s = 5;
-        return http_reply_error(r, ERR_UNAVAILABLE, "inferd is shutting down");
-    }
-    root = json_loadb(r->body.data ? r->body.data : "{}", r->body.data ? r->body.len : 2,
-                      JSON_REJECT_DUPLICATES, &jerr);
-    if (!root)
-        return http_reply_error(r, ERR_INVALID, "malformed JSON at line %d column %d: %s",
-                                jerr.line, jerr.column, jerr.text);
-    r->json = root;
-    if (!json_is_object(root))
-        return http_reply_error(r, ERR_INVALID, "the request body must be a JSON object");
-    json_object_foreach (root, key, v) {
-        if (strcmp(key, "status") != 0 && strcmp(key, "model") != 0 && strcmp(key, "limit") != 0)
-            return http_reply_error(
-                r, ERR_INVALID, "unknown field '%.64s' (a filter has status, model, limit)", key);
-    }
-    if ((rc = get_str(root, "status", &status, &e)) || (rc = get_str(root, "model", &model, &e)) ||
-        (rc = get_int(root, "limit", 1, RETRY_MAX, &limit, &e)))
-        return http_reply_error(r, rc, "%s", e.msg);
-    r->list_state = -1;
-    if (status && (r->list_state = job_state_parse(status)) != JOB_FAILED &&
-        r->list_state != JOB_EXPIRED)
-        return http_reply_error(
-            r, ERR_INVALID, "status: '%.32s': only failed or expired jobs are sent back", status);
-    if (model && strlen(model) >= sizeof(r->list_model))
-        return http_reply_error(r, ERR_INVALID, "model: longer than %zu bytes",
-                                sizeof(r->list_model) - 1);
-    snprintf(r->list_model, sizeof(r->list_model), "%s", model ? model : "");
-    r->list_limit = (int)limit;
-    return http_defer(r, do_retry_matching);
-}
-
-/* GET /v1/workers: the worker processes whose heartbeat is current, from the queue. */
-static void do_workers(struct req *r)
-{
-    struct queue_worker *w = NULL;
-    size_t n = 0;
-    struct err e;
-    int rc = queue_workers_list(r->srv->queue, &w, &n, &e);
-
-    buf_release(&r->out);
-    if (rc != 0) {
-        http_set_error(r, rc, e.msg);
-    } else if (queue_workers_json(w, n, &r->out) != 0) {
-        http_set_error(r, ERR_NOMEM, "out of memory");
-    } else {
-        r->status = 200;
-        r->json_len = -1;
-    }
-    free(w);
-    http_finish_async(r);
-}
-
-static int parse_wait(struct req *r, struct err *e)
-{
-    const char *w = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "wait");
-    char *end;
-    double secs;
-
-    r->wait_ms = 0;
-    if (!w)
-        return 0;
-    errno = 0;
-    secs = strtod(w, &end);
-    if (errno || *end || end == w || secs < 0 || isnan(secs))
-        return err_set(e, ERR_INVALID, "wait: expected seconds >= 0, got '%.32s'", w);
-    if (secs > WAIT_MAX_S)
-        return err_set(e, ERR_INVALID, "wait: %.32s seconds is above the limit of %d", w,
-                       WAIT_MAX_S);
-    r->wait_ms = (int64_t)(secs * 1000);
-    return 0;
-}
-
-static enum MHD_Result list_jobs(struct req *r)
-{
-    const char *status = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "status");
-    const char *model = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "model");
-    const char *cursor = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "cursor");
-    const char *limit = MHD_lookup_connection_value(r->conn, MHD_GET_ARGUMENT_KIND, "limit");
-
-    r->list_state = -1;
-    r->list_cancelling = -1;
-    r->list_limit = 100;
+    r->kind = KIND_JOB;
+    if (!r->srv->queue)
+        return http_fail(r, ERR_UNAVAILABLE, "the async queue is not enabled");
     if (status && strcmp(status, "cancelling") == 0) { /* running, asked to cancel */
-        r->list_state = JOB_RUNNING;
-        r->list_cancelling = 1;
-    } else if (status && *status && (r->list_state = job_state_parse(status)) < 0) {
-        return http_reply_error(r, ERR_INVALID,
-                                "status: '%.32s' is not queued, running, cancelling, succeeded, "
-                                "failed, cancelled or expired",
-                                status);
-    } else if (r->list_state == JOB_RUNNING) {
-        r->list_cancelling = 0;
+        f.state = JOB_RUNNING;
+        f.cancelling = 1;
+    } else if (status && *status && (f.state = job_state_parse(status)) < 0) {
+        return http_fail(r, ERR_INVALID,
+                         "status: '%.32s' is not queued, running, cancelling, succeeded, failed, "
+                         "cancelled or expired",
+                         status);
+    } else if (f.state == JOB_RUNNING) {
+        f.cancelling = 0;
     }
     if (limit) {
         char *end;
         long long n = strtoll(limit, &end, 10);
         if (*end || end == limit || n < 1 || n > 1000)
-            return http_reply_error(r, ERR_INVALID, "limit: expected 1..1000, got '%.32s'", limit);
-        r->list_limit = (int)n;
+            return http_fail(r, ERR_INVALID, "limit: expected 1..1000, got '%.32s'", limit);
+        f.limit = (int)n;
     }
-    snprintf(r->list_model, sizeof(r->list_model), "%s", model ? model : "");
-    snprintf(r->list_cursor, sizeof(r->list_cursor), "%s", cursor ? cursor : "");
-    return http_defer(r, do_list);
+    f.model = model && *model ? model : NULL;
+    f.cursor = cursor && *cursor ? cursor : NULL;
+    buf_release(&r->out);
+    rc = queue_list(r->srv->queue, &f, &r->out, &e);
+    if (rc != 0)
+        return http_fail(r, rc, "%s", e.msg);
+    r->status = 200;
+    r->json_len = -1;
+    return HANDLED_ANSWER;
 }
 
-int http_valid_id(const char *id)
-{
-    size_t n = strlen(id);
+#define RETRY_MAX 100000 /* jobs one bulk redrive sends back at most */
 
-    if (n == 0 || n >= 40)
-        return 0;
-    for (const char *p = id; *p; p++)
-        if (!isalnum((unsigned char)*p) && *p != '-' && *p != '_')
-            return 0;
-    return 1;
-}
-
-/* seg: v1 jobs [id [result|retry]], v1 batch-jobs ..., v1 workers */
-enum MHD_Result jobs_route(struct req *r, int is_get, int is_post, int is_delete, char **seg, int n)
+/* POST /v1/jobs/retry, the bulk redrive: {"status": "failed"|"expired" (default both),
+ * "model": M, "limit": N} */
+enum handled jobs_redrive(struct req *r)
 {
+    json_error_t jerr;
+    json_t *root, *v;
+    const char *key, *status = NULL, *model = NULL;
+    int64_t limit = 10000, n = 0;
+    struct queue_list_filter f = {.state = -1, .cancelling = -1};
     struct err e;
+    int rc;
 
     r->kind = KIND_JOB;
-    if (strcmp(seg[1], "batch-jobs") == 0)
-        return batch_api_route(r, is_get, is_post, is_delete, seg, n);
     if (!r->srv->queue)
-        return http_reply_error(r, ERR_UNAVAILABLE, "the async queue is not enabled");
-    if (strcmp(seg[1], "workers") == 0) {
-        if (n == 2 && is_get)
-            return http_defer(r, do_workers);
-        return http_reply_error(r, ERR_NOT_FOUND, "no route for this method and path");
+        return http_fail(r, ERR_UNAVAILABLE, "the async queue is not enabled");
+    if (http_refuse_draining(r))
+        return HANDLED_ANSWER;
+    root = json_loadb(r->body.data ? r->body.data : "{}", r->body.data ? r->body.len : 2,
+                      JSON_REJECT_DUPLICATES, &jerr);
+    if (!root)
+        return http_fail(r, ERR_INVALID, "malformed JSON at line %d column %d: %s", jerr.line,
+                         jerr.column, jerr.text);
+    r->json = root;
+    if (!json_is_object(root))
+        return http_fail(r, ERR_INVALID, "the request body must be a JSON object");
+    json_object_foreach (root, key, v) {
+        if (strcmp(key, "status") != 0 && strcmp(key, "model") != 0 && strcmp(key, "limit") != 0)
+            return http_fail(r, ERR_INVALID,
+                             "unknown field '%.64s' (a filter has status, model, limit)", key);
     }
-    if (n == 2 && is_post)
-        return submit_job(r);
-    if (n == 2 && is_get)
-        return list_jobs(r);
-    if (n == 3 && is_post && strcmp(seg[2], "retry") == 0)
-        return retry_matching(r);
-    if (n < 3 || n > 4)
-        return http_reply_error(r, ERR_NOT_FOUND, "no route for this path");
-    if (!http_valid_id(seg[2]))
-        return http_reply_error(r, ERR_NOT_FOUND, "no job '%.40s'", seg[2]);
-    snprintf(r->job_id, sizeof(r->job_id), "%s", seg[2]);
-    if (n == 3 && is_get) {
-        if (parse_wait(r, &e) != 0)
-            return http_reply_error(r, e.code, "%s", e.msg);
-        return http_defer(r, do_get);
+    if ((rc = get_str(root, "status", &status, &e)) || (rc = get_str(root, "model", &model, &e)) ||
+        (rc = get_int(root, "limit", 1, RETRY_MAX, &limit, &e)))
+        return http_fail(r, rc, "%s", e.msg);
+    if (status && (f.state = job_state_parse(status)) != JOB_FAILED && f.state != JOB_EXPIRED)
+        return http_fail(r, ERR_INVALID,
+                         "status: '%.32s': only failed or expired jobs are sent back", status);
+    if (model && strlen(model) >= 128)
+        return http_fail(r, ERR_INVALID, "model: longer than %d bytes", 127);
+    f.model = model;
+    f.limit = (int)limit;
+    rc = queue_retry_matching(r->srv->queue, &f, &n, &e);
+    buf_release(&r->out);
+    if (rc != 0)
+        return http_fail(r, rc, "%s (%lld jobs were sent back before it)", e.msg, (long long)n);
+    buf_printf(&r->out, "{\"retried\":%lld}", (long long)n);
+    r->status = 200;
+    r->json_len = -1;
+    return HANDLED_ANSWER;
+}
+
+/* GET /v1/workers: the worker processes whose heartbeat is current, from the queue. */
+enum handled jobs_workers(struct req *r)
+{
+    struct queue_worker *w = NULL;
+    size_t n = 0;
+    struct err e;
+    int rc;
+
+    r->kind = KIND_JOB;
+    if (!r->srv->queue)
+        return http_fail(r, ERR_UNAVAILABLE, "the async queue is not enabled");
+    rc = queue_workers_list(r->srv->queue, &w, &n, &e);
+    buf_release(&r->out);
+    if (rc != 0)
+        http_set_error(r, rc, e.msg);
+    else if (queue_workers_json(w, n, &r->out) != 0)
+        http_set_error(r, ERR_NOMEM, "out of memory");
+    else {
+        r->status = 200;
+        r->json_len = -1;
     }
-    if (n == 3 && is_delete)
-        return http_defer(r, do_cancel);
-    if (n == 4 && is_get && strcmp(seg[3], "result") == 0)
-        return http_defer(r, do_result);
-    if (n == 4 && is_post && strcmp(seg[3], "retry") == 0)
-        return http_defer(r, do_retry);
-    return http_reply_error(r, ERR_NOT_FOUND, "no route for this method and path");
+    free(w);
+    return HANDLED_ANSWER;
 }
 
 /* ---- metrics ---- */

@@ -1,15 +1,42 @@
 /*
- * server.c: the HTTP server: connection life cycle, routing and the handlers.
+ * server.c: the HTTP server's frame: connections, the route table's dispatch, answers, stop.
+ * The handlers live in online.c, jobs.c and batch_api.c; their routes in routes.c.
  *
- * Thread map:
- *   HTTP threads (libmicrohttpd's pool, epoll each)  read the body, route, decode and validate,
- *       suspend the connection and hand the request to the model's batcher. They never run a
- *       model, so no thread is held per in-flight request. They also run the connection
- *       guard's accept and notify callbacks (conns.c).
- *   batcher threads (model/batcher.c)  run the backend, encode the response into the request's
- *       context and resume the connection; the HTTP thread then sends it.
- *   the guard's sweeper (conns.c)  closes connections past their deadlines (shutdown(2) only).
- *   main thread  waits for signals (main.c) and calls http_server_stop().
+ * A request's life: libmicrohttpd calls on_request() once its headers are in; the frame checks
+ * the framing, the declared length and the route (routes.c: method, path, scope, thread) before
+ * a byte of the body is read, then reads the body, then runs the route's handler on the
+ * route's thread. A handler answers (status and body in the request: the frame sends them) or
+ * takes the request on (it suspended the connection; whoever finishes calls
+ * http_finish_async(), and libmicrohttpd's next call sends the answer).
+ *
+ * Thread map of the whole program (what each kind of thread owns; locks in the order taken):
+ *   main thread (main.c)  parses options, starts everything, then waits in sigwait(): SIGHUP
+ *       reloads the repository, SIGTERM/SIGINT call http_server_stop() and the pools' stops.
+ *   HTTP threads (libmicrohttpd's pool, one epoll loop each)  own their connections: read,
+ *       match the route, decode and validate, hand off and suspend. They never run a model nor
+ *       wait on SQLite, Redis, PostgreSQL, S3 or a webhook. Locks: live_lock (the live list),
+ *       then the guard's lock (conns.c), each alone; registry `lock` to take a model reference.
+ *   the guard's sweeper (conns.c)  closes connections past their deadlines (shutdown(2) only);
+ *       guard lock.
+ *   I/O pool (iopool.c, --io-threads)  runs ON_POOL handlers and what follows a commit: job
+ *       store calls, storage reads, model loads (registry load_lock then lock), /metrics.
+ *   the waiters' timer (jobs.c)  answers long-polls whose deadline passed and runs the
+ *       lost-wake-up watchdog; waiters.lock, then (separately) live_lock.
+ *   batcher threads (model/batcher.c: one sweeper and `instances` runners per model)  run the
+ *       backend, encode the answer into the request and resume the connection; batcher lock,
+ *       never held across a backend call. The http backend has one event loop thread per model
+ *       (backend/http.c).
+ *   queue threads (queue/: sqlite and postgres writer with group commit, postgres sweeper and
+ *       listener, redis async/sweeper/subscriber)  own their store connections; they call the
+ *       final-state hook (jobs_on_final: waiters.lock only) and the enqueue callbacks, which
+ *       never block.
+ *   worker threads (worker/worker.c: workers, batch-task thread, heartbeat, autoscaler)  lease
+ *       jobs, run them through the batchers, record outcomes; worker pool lock, never held
+ *       across a queue call.
+ *   the notifier (notify/notify.c)  delivers webhooks from the outbox; the batch scheduler
+ *       (batch/batch_jobs.c) starts scheduled runs.
+ * Shared across them: the registry (refcounted model snapshots), metrics (their own lock),
+ * the queue (thread-safe calls).
  *
  * A suspended connection never times out in libmicrohttpd, so deadlines belong to the batcher
  * (its sweeper answers 504 on time and notices clients that hang up). The client's own pace
@@ -57,7 +84,7 @@
 
 /* Counts an inference request once, when its answer is decided (even if the client is gone
  * and MHD never sends it). */
-static void count_request(struct req *r)
+void http_count_request(struct req *r)
 {
     if (r->model && !r->counted) {
         r->counted = 1;
@@ -111,13 +138,15 @@ static enum MHD_Result send_reply(struct req *r)
     }
     if (r->close_after)
         MHD_add_response_header(resp, MHD_HTTP_HEADER_CONNECTION, "close");
+    if (r->www_authenticate)
+        MHD_add_response_header(resp, MHD_HTTP_HEADER_WWW_AUTHENTICATE, r->www_authenticate);
     ret = MHD_queue_response(r->conn, (unsigned)r->status, resp);
     MHD_destroy_response(resp);
-    count_request(r);
+    http_count_request(r);
     return ret;
 }
 
-enum MHD_Result http_reply_error(struct req *r, int code, const char *fmt, ...)
+enum handled http_fail(struct req *r, int code, const char *fmt, ...)
 {
     char msg[512];
     va_list ap;
@@ -126,17 +155,35 @@ enum MHD_Result http_reply_error(struct req *r, int code, const char *fmt, ...)
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
     http_set_error(r, code, msg);
-    return send_reply(r);
+    return HANDLED_ANSWER;
 }
 
-static enum MHD_Result reply_json(struct req *r, int status, struct buf *json)
+int http_refuse_draining(struct req *r)
+{
+    if (!atomic_load(&r->srv->draining))
+        return 0;
+    r->retry_after_s = 5;
+    http_fail(r, ERR_UNAVAILABLE, "inferd is shutting down");
+    return 1;
+}
+
+enum handled http_answer_json(struct req *r, int status, struct buf *json)
 {
     buf_release(&r->out);
     r->out = *json;
     *json = (struct buf){0};
     r->status = status;
     r->json_len = -1;
-    return send_reply(r);
+    return HANDLED_ANSWER;
+}
+
+enum handled http_answer_text(struct req *r, int status, const char *json)
+{
+    struct buf b = {0};
+
+    if (buf_puts(&b, json) != 0)
+        return http_fail(r, ERR_NOMEM, "out of memory");
+    return http_answer_json(r, status, &b);
 }
 
 void http_finish_async(struct req *r)
@@ -146,73 +193,7 @@ void http_finish_async(struct req *r)
     MHD_resume_connection(r->conn);
 }
 
-static void run_deferred(void *arg)
-{
-    struct req *r = arg;
-    r->deferred(r);
-}
-
-enum MHD_Result http_defer(struct req *r, void (*fn)(struct req *r))
-{
-    atomic_store(&r->state, REQ_WAITING);
-    MHD_suspend_connection(r->conn);
-    r->deferred = fn;
-    iopool_run(r->srv->io, run_deferred, r);
-    return MHD_YES;
-}
-
-/* ---- inference ---- */
-
-/* Runs on a batcher thread (or the sweeper): encode, then wake the HTTP thread. */
-static void infer_done(struct batch_item *item, int rc, const struct err *e)
-{
-    struct req *r = item->ctx;
-
-    if (rc == ERR_CANCELLED && atomic_load(&r->srv->draining)) {
-        /* stopped by http_server_stop(), not by the client */
-        http_set_error(r, ERR_UNAVAILABLE, "inferd is shutting down: the request was stopped");
-        r->retry_after_s = 5;
-    } else if (rc != 0) {
-        http_set_error(r, rc, e->msg);
-    } else {
-        uint64_t t0 = clock_mono_ns();
-        int enc;
-        buf_release(&r->out);
-        r->json_len = -1;
-        if (r->kind == KIND_V1)
-            enc = codec_encode_v1(r->infer, &r->out);
-        else
-            enc = codec_encode_result(r->infer, r->model->name, r->model->version_str, &r->out,
-                                      &r->json_len);
-        metrics_stat(r->model->stats, METRICS_STAT_COMPUTE_OUTPUT, clock_mono_ns() - t0);
-        if (enc != 0)
-            http_set_error(r, ERR_NOMEM, "out of memory encoding the response");
-        else
-            r->status = 200;
-    }
-    metrics_inflight_add(r->model->metrics, -1);
-    count_request(r);
-    /* the watchdog measures from here: without it, every answer looked overdue and got a
-     * second resume, which under load made MHD answer a kept-alive request twice */
-    r->ready_ns = clock_mono_ns();
-    atomic_store(&r->state, REQ_READY);
-    MHD_resume_connection(r->conn);
-}
-
-static int parse_version(const char *s, int64_t *out)
-{
-    char *end;
-    long long v;
-
-    errno = 0;
-    v = strtoll(s, &end, 10);
-    if (errno || *end || end == s || v < 1)
-        return -1;
-    *out = v;
-    return 0;
-}
-
-static int64_t header_int(struct MHD_Connection *conn, const char *name, int *bad)
+int64_t http_header_int(struct MHD_Connection *conn, const char *name, int *bad)
 {
     const char *v = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, name);
     char *end;
@@ -230,363 +211,157 @@ static int64_t header_int(struct MHD_Connection *conn, const char *name, int *ba
     return n;
 }
 
-static enum MHD_Result handle_infer(struct req *r, const char *name, const char *version,
-                                    enum req_kind kind)
+/* ---- the frame: every route's handler runs in it ---- */
+
+static void run_deferred(void *arg)
 {
-    struct http_server *srv = r->srv;
-    const union MHD_ConnectionInfo *ci;
-    struct err e = {0};
-    int64_t v = 0, json_len;
-    uint64_t timeout_us, decode_ns;
-    int bad, rc;
+    struct req *r = arg;
 
-    r->kind = kind;
-    if (atomic_load(&srv->draining))
-        return http_reply_error(r, ERR_UNAVAILABLE, "inferd is shutting down");
-    if (version && parse_version(version, &v) != 0)
-        return http_reply_error(r, ERR_NOT_FOUND, "model '%s' has no version '%s'", name, version);
-    rc = registry_acquire(srv->reg, name, v, &r->model, &e);
-    if (rc != 0)
-        return http_reply_error(r, rc, "%s", e.msg);
-    decode_ns = clock_mono_ns();
-    if (kind == KIND_V1) {
-        rc = codec_decode_v1(r->body.data ? r->body.data : "", r->body.len,
-                             r->model->info.n_inputs ? r->model->info.inputs[0].name : "input__0",
-                             &r->model->features, &r->infer, &e);
-    } else {
-        json_len = header_int(r->conn, "Inference-Header-Content-Length", &bad);
-        if (bad)
-            return http_reply_error(r, ERR_INVALID,
-                                    "Inference-Header-Content-Length: expected a byte count");
-        rc = codec_decode_for_model(&r->model->info, r->body.data ? r->body.data : "", r->body.len,
-                                    json_len, CODEC_FROM_CLIENT, &r->infer, &e);
-    }
-    if (rc == 0)
-        rc = tensor_check_inputs(r->infer, &r->model->info, &e);
-    if (rc != 0) {
-        metrics_stat(r->model->stats, METRICS_STAT_FAIL, clock_mono_ns() - decode_ns);
-        return http_reply_error(r, rc, "model '%s': %s", name, e.msg);
-    }
-    if (kind == KIND_V2) {
-        jobs_parse_prefer(MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Prefer"),
-                          &r->prefer_async, &r->wait_ms);
-        if (r->prefer_async)
-            return jobs_submit_infer(r); /* checked: now it becomes a job */
-    }
-    buf_release(&r->body); /* decoded: the raw bytes are no longer needed */
-    metrics_stat(r->model->stats, METRICS_STAT_COMPUTE_INPUT, clock_mono_ns() - decode_ns);
+    if (r->deferred(r) == HANDLED_ANSWER)
+        http_finish_async(r);
+}
 
-    timeout_us =
-        r->infer->timeout_us ? r->infer->timeout_us : (uint64_t)r->model->default_timeout_us;
-    r->item = (struct batch_item){
-        .req = r->infer,
-        .deadline_ns = timeout_us ? r->start_ns + timeout_us * 1000 : 0,
-        .received_ns = decode_ns, /* the body is in: from here on the time is inferd's */
-        .client_fd = -1,
-        .done = infer_done,
-        .ctx = r,
-    };
-    ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
-    if (ci)
-        r->item.client_fd = ci->connect_fd;
-    /* an HTTP/1.1 client must read a 1xx before its answer (RFC 9110 section 15.2), so one
-     * tells a half-closed client (which reads it) from one that closed (which resets) */
-    if (r->http11) {
-        static const char probe[] = "HTTP/1.1 100 Continue\r\n\r\n";
-        r->item.eof_probe = probe;
-        r->item.eof_probe_len = sizeof(probe) - 1;
-    }
-    /* suspend before handing over: the batch may finish before this function returns */
+enum handled http_defer(struct req *r, http_handler fn)
+{
     atomic_store(&r->state, REQ_WAITING);
-    metrics_inflight_add(r->model->metrics, 1);
     MHD_suspend_connection(r->conn);
-    rc = batcher_submit(r->model->batcher, &r->item, &e);
-    if (rc != 0) {
-        metrics_stat(r->model->stats, METRICS_STAT_FAIL, clock_mono_ns() - decode_ns);
-        infer_done(&r->item, rc, &e);
-    }
+    r->deferred = fn;
+    iopool_run(r->srv->io, run_deferred, r);
+    return HANDLED_PENDING;
+}
+
+static enum MHD_Result keep_value(void *cls, enum MHD_ValueKind kind, const char *key,
+                                  const char *value)
+{
+    struct req *r = cls;
+    struct req_value *v = realloc(r->values, (r->n_values + 1) * sizeof(*v));
+
+    if (!v)
+        return MHD_NO;
+    r->values = v;
+    v[r->n_values++] = (struct req_value){kind, key, value};
     return MHD_YES;
 }
 
-/* ---- metadata, health, repository ---- */
-
-/* ,"parameters":{"feature_names":[...],"feature_types":[...]} of a model's first input */
-static int append_features(struct buf *b, const struct features *f)
+const char *http_value(struct req *r, enum MHD_ValueKind kind, const char *key)
 {
-    int rc = buf_puts(b, ",\"parameters\":{\"feature_names\":[");
-
-    for (size_t i = 0; rc == 0 && i < f->n; i++)
-        if ((rc = i ? buf_puts(b, ",") : 0) == 0)
-            rc = buf_json_string(b, f->names[i]);
-    if (rc == 0 && f->types)
-        rc = buf_puts(b, "],\"feature_types\":[");
-    for (size_t i = 0; rc == 0 && f->types && i < f->n; i++)
-        if ((rc = i ? buf_puts(b, ",") : 0) == 0)
-            rc = buf_json_string(b, f->types[i]);
-    return rc ? rc : buf_puts(b, "]}");
+    if (atomic_load(&r->state) != REQ_WAITING)
+        return MHD_lookup_connection_value(r->conn, kind, key);
+    /* on the pool the connection belongs to its HTTP thread: read the copies */
+    for (size_t i = 0; i < r->n_values; i++)
+        if (r->values[i].kind == kind && r->values[i].key &&
+            (kind == MHD_HEADER_KIND ? strcasecmp(r->values[i].key, key)
+                                     : strcmp(r->values[i].key, key)) == 0)
+            return r->values[i].value;
+    return NULL;
 }
 
-/* `f`: the model's feature names, shown with the first tensor (NULL for outputs) */
-static int append_io(struct buf *b, const struct inferd_tensor *t, size_t n,
-                     const struct features *f)
+/* Runs the matched route's handler on its thread; the request is whole. */
+static enum MHD_Result dispatch(struct req *r)
 {
-    int rc = buf_puts(b, "[");
+    const struct route *rt = r->route;
 
-    for (size_t i = 0; rc == 0 && i < n; i++) {
-        rc = buf_puts(b, i ? ",{\"name\":" : "{\"name\":");
-        if (rc == 0)
-            rc = buf_json_string(b, t[i].name);
-        if (rc == 0)
-            rc = buf_printf(b, ",\"datatype\":\"%s\",\"shape\":[",
-                            tensor_datatype_name(t[i].datatype));
-        for (int d = 0; rc == 0 && d < t[i].n_dims; d++)
-            rc = buf_printf(b, "%s%lld", d ? "," : "", (long long)t[i].shape[d]);
-        if (rc == 0)
-            rc = buf_puts(b, "]");
-        if (rc == 0 && i == 0 && f && f->n > 0)
-            rc = append_features(b, f);
-        if (rc == 0)
-            rc = buf_puts(b, "}");
+    if (rt->thread == ON_POOL) {
+        MHD_get_connection_values(r->conn, MHD_HEADER_KIND | MHD_GET_ARGUMENT_KIND, keep_value, r);
+        http_defer(r, rt->fn);
+        return MHD_YES;
     }
-    return rc ? rc : buf_puts(b, "]");
+    if (rt->fn(r) == HANDLED_ANSWER)
+        return send_reply(r);
+    return MHD_YES;
 }
 
-static enum MHD_Result handle_model_meta(struct req *r, const char *name, const char *version,
-                                         int ready_only)
+static unsigned scope_bit(enum route_scope s)
 {
-    struct buf b = {0};
-    struct model *m = NULL;
-    struct err e = {0};
-    int64_t v = 0;
-    int rc;
-
-    if (version && parse_version(version, &v) != 0)
-        return http_reply_error(r, ERR_NOT_FOUND, "model '%s' has no version '%s'", name, version);
-    rc = registry_acquire(r->srv->reg, name, v, &m, &e);
-    if (rc != 0)
-        return http_reply_error(r, rc, "%s", e.msg);
-    rc = buf_puts(&b, "{\"name\":");
-    if (rc == 0)
-        rc = buf_json_string(&b, m->name);
-    if (rc == 0 && ready_only)
-        rc = buf_puts(&b, ",\"ready\":true}");
-    else if (rc == 0) {
-        rc = buf_printf(&b, ",\"versions\":[\"%s\"],\"platform\":", m->version_str);
-        if (rc == 0)
-            rc = buf_json_string(&b, m->info.platform ? m->info.platform : m->api->name);
-        if (rc == 0)
-            rc = buf_puts(&b, ",\"inputs\":");
-        if (rc == 0)
-            rc = append_io(&b, m->info.inputs, m->info.n_inputs, &m->features);
-        if (rc == 0)
-            rc = buf_puts(&b, ",\"outputs\":");
-        if (rc == 0)
-            rc = append_io(&b, m->info.outputs, m->info.n_outputs, NULL);
-        if (rc == 0)
-            rc = buf_puts(&b, "}");
+    switch (s) {
+    case SCOPE_INFER:
+        return AUTH_INFER;
+    case SCOPE_JOBS:
+        return AUTH_JOBS;
+    case SCOPE_BATCH:
+        return AUTH_BATCH;
+    case SCOPE_ADMIN:
+        return AUTH_ADMIN;
+    case SCOPE_PUBLIC:
+    case SCOPE_METRICS:
+        break;
     }
-    model_release(m);
-    if (rc != 0) {
-        buf_release(&b);
-        return http_reply_error(r, ERR_NOMEM, "out of memory");
+    return 0;
+}
+
+int http_has_scope(const struct req *r, unsigned scope)
+{
+    return !r->srv->cfg.auth || (r->who.scopes & (scope | AUTH_ADMIN)) != 0;
+}
+
+/* With keys on: the request's key, against its route's scope (no route: any valid key, so
+ * the API's paths are not told to a caller without one). 0, or 401 / 403 in `e`. */
+static int check_key(struct req *r, struct err *e)
+{
+    const struct route *rt = r->route;
+    struct auth *a = r->srv->cfg.auth;
+    enum auth_result got;
+    unsigned need;
+
+    if (!a || (rt && rt->scope == SCOPE_PUBLIC) ||
+        (rt && rt->scope == SCOPE_METRICS && !r->srv->cfg.metrics_auth))
+        return 0;
+    got = auth_check(a, MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND,
+                                                    MHD_HTTP_HEADER_AUTHORIZATION),
+                     &r->who);
+    if (got == AUTH_MISSING) {
+        r->www_authenticate = "Bearer realm=\"inferd\"";
+        return err_set(e, ERR_UNAUTHORIZED,
+                       "an API key is required: send Authorization: Bearer KEY (inferd keys add "
+                       "makes one)");
     }
-    return reply_json(r, 200, &b);
-}
-
-static enum MHD_Result reply_text(struct req *r, int status, const char *json)
-{
-    struct buf b = {0};
-
-    if (buf_puts(&b, json) != 0)
-        return http_reply_error(r, ERR_NOMEM, "out of memory");
-    return reply_json(r, status, &b);
-}
-
-/* On the I/O pool: loading a model reads files and may take seconds. */
-static void do_repository(struct req *r)
-{
-    struct err e = {0};
-    int rc = r->repo_load ? registry_load(r->srv->reg, r->repo_model, &e)
-                          : registry_unload(r->srv->reg, r->repo_model, &e);
-
-    buf_release(&r->out);
-    r->json_len = -1;
-    if (rc != 0) {
-        http_set_error(r, rc, e.msg);
-    } else if (buf_puts(&r->out, "{}") != 0) {
-        http_set_error(r, ERR_NOMEM, "out of memory");
-    } else {
-        r->status = 200;
+    if (got != AUTH_OK) {
+        r->www_authenticate = "Bearer realm=\"inferd\", error=\"invalid_token\"";
+        return err_set(e, ERR_UNAUTHORIZED,
+                       got == AUTH_MALFORMED
+                           ? "Authorization: expected Bearer followed by an API key"
+                           : "the API key is not valid (unknown or revoked)");
     }
-    http_finish_async(r);
-}
-
-static enum MHD_Result handle_repository(struct req *r, const char *name, const char *action)
-{
-    if (strcmp(action, "load") != 0 && strcmp(action, "unload") != 0)
-        return http_reply_error(r, ERR_NOT_FOUND, "no repository action '%s' (load or unload)",
-                                action);
-    if (strlen(name) >= sizeof(r->repo_model))
-        return http_reply_error(r, ERR_NOT_FOUND, "no model folder '%.64s...'", name);
-    snprintf(r->repo_model, sizeof(r->repo_model), "%s", name);
-    r->repo_load = strcmp(action, "load") == 0;
-    return http_defer(r, do_repository);
-}
-
-/* On the I/O pool: the async part reads the job store, which HTTP threads never wait on. */
-static void render_metrics(struct req *r)
-{
-    buf_release(&r->out);
-    if (metrics_render(&r->out) != 0 || jobs_metrics(r->srv, &r->out) != 0 ||
-        conns_metrics(r->srv->guard, &r->out) != 0) {
-        http_set_error(r, ERR_NOMEM, "out of memory");
-    } else {
-        r->status = 200;
-        r->json_len = -1;
-        r->content_type = "text/plain; version=0.0.4; charset=utf-8";
+    r->authenticated = 1;
+    need = rt ? scope_bit(rt->scope) : 0;
+    if (need && !http_has_scope(r, need)) {
+        log_info("http", "key without the route's scope", "key=%s scope=%s", r->who.name,
+                 http_scope_name(rt->scope));
+        return err_set(e, ERR_FORBIDDEN, "this API key (%s) lacks the '%s' scope that %s %s needs",
+                       r->who.name, http_scope_name(rt->scope), rt->method, rt->pattern);
     }
-    http_finish_async(r);
+    return 0;
 }
 
-static enum MHD_Result handle_metrics(struct req *r)
+/* Matches the request to its route once its headers are in: 0, or an error to answer before
+ * the body is read. */
+static int match_route(struct req *r, const char *method, const char *url, struct err *e)
 {
-    return http_defer(r, render_metrics);
-}
-
-/* Triton's statistics extension: every version loaded since start (name NULL: every model). */
-static enum MHD_Result handle_stats(struct req *r, const char *name, const char *version)
-{
-    struct buf b = {0};
-    int64_t v = 0;
-    int rc;
-
-    if (version && parse_version(version, &v) != 0)
-        return http_reply_error(r, ERR_NOT_FOUND, "model '%s' has no version '%s'", name, version);
-    rc = metrics_stats_render(name, v, &b);
-    if (rc == 0)
-        return reply_json(r, 200, &b);
-    buf_release(&b);
-    if (rc == ERR_NOT_FOUND && v)
-        return http_reply_error(r, rc, "model '%s' has no version %lld loaded since start", name,
-                                (long long)v);
-    if (rc == ERR_NOT_FOUND)
-        return http_reply_error(r, rc, "unknown model '%s': no version loaded since start", name);
-    return http_reply_error(r, ERR_NOMEM, "out of memory");
-}
-
-/* ---- routing ---- */
-
-/* Splits "/a/b/c" into at most `max` segments (copied into `store`). Returns the count. */
-static int split_path(const char *url, char *store, size_t store_len, char **seg, int max)
-{
-    int n = 0;
-
-    snprintf(store, store_len, "%s", url);
-    for (char *p = store; *p && n < max + 1;) {
-        while (*p == '/')
-            *p++ = '\0';
-        if (!*p)
-            break;
-        seg[n++] = p;
-        while (*p && *p != '/')
-            p++;
-    }
-    return n;
-}
-
-static enum MHD_Result route_models(struct req *r, int is_get, char **seg, int n)
-{
-    /* seg: v2 models {name} [versions {v}] [infer|ready] */
-    const char *name = seg[2], *version = NULL, *tail = NULL;
-    int i = 3;
-
-    if (n >= 5 && strcmp(seg[3], "versions") == 0) {
-        version = seg[4];
-        i = 5;
-    }
-    if (n == i + 1)
-        tail = seg[i];
-    else if (n != i)
-        return http_reply_error(r, ERR_NOT_FOUND, "no route for this path");
-    if (!tail && is_get)
-        return handle_model_meta(r, name, version, 0);
-    if (tail && strcmp(tail, "ready") == 0 && is_get)
-        return handle_model_meta(r, name, version, 1);
-    if (tail && strcmp(tail, "stats") == 0 && is_get)
-        return handle_stats(r, name, version);
-    if (tail && strcmp(tail, "infer") == 0 && !is_get)
-        return handle_infer(r, name, version, KIND_V2);
-    return http_reply_error(r, ERR_NOT_FOUND, "no route for this method and path");
-}
-
-static enum MHD_Result route(struct req *r, const char *method, const char *url)
-{
-    char store[1024], *seg[8];
-    int is_get = strcmp(method, "GET") == 0, is_post = strcmp(method, "POST") == 0;
-    int is_delete = strcmp(method, "DELETE") == 0;
-    int n;
+    int path_known;
 
     /* a callback_url pointed at an inferd API (this one from another inferd process on this
      * host, or any other): inferd never acts on a webhook delivery, whatever its path */
     if (MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "X-Inferd-Event-Id"))
-        return http_reply_error(r, ERR_INVALID,
-                                "this is an inferd webhook delivery (X-Inferd-Event-Id); the "
-                                "inferd API does not act on webhooks");
-    if (strlen(url) >= sizeof(store))
-        return http_reply_error(r, ERR_NOT_FOUND, "path too long");
-    n = split_path(url, store, sizeof(store), seg, 7);
-    if (r->srv->cfg.worker_only && !(n == 1 && is_get && strcmp(seg[0], "metrics") == 0) &&
-        !(n == 3 && is_get && strcmp(seg[0], "v2") == 0 && strcmp(seg[1], "health") == 0))
-        return http_reply_error(r, ERR_NOT_FOUND,
-                                "inferd worker serves only /metrics and /v2/health/*; the API "
-                                "is on inferd serve");
-    if (n >= 2 && strcmp(seg[0], "v1") == 0 &&
-        (strcmp(seg[1], "jobs") == 0 || strcmp(seg[1], "batch-jobs") == 0 ||
-         strcmp(seg[1], "workers") == 0))
-        return jobs_route(r, is_get, is_post, is_delete, seg, n);
-    if (!is_get && !is_post)
-        return http_reply_error(r, ERR_NOT_FOUND, "no route for %s %s", method, url);
-    if (n == 3 && is_get && strcmp(seg[0], "v2") == 0 && strcmp(seg[1], "health") == 0) {
-        if (strcmp(seg[2], "live") == 0)
-            return reply_text(r, 200, "{\"live\":true}");
-        if (strcmp(seg[2], "ready") == 0) {
-            if (atomic_load(&r->srv->draining))
-                return http_reply_error(r, ERR_UNAVAILABLE, "inferd is shutting down");
-            return reply_text(r, 200, "{\"ready\":true}");
-        }
-    }
-    if (n == 1 && is_get && strcmp(seg[0], "v2") == 0)
-        return reply_text(r, 200,
-                          "{\"name\":\"inferd\",\"version\":\"" INFERD_VERSION "\","
-                          "\"extensions\":[\"binary_tensor_data\",\"model_repository\","
-                          "\"statistics\"]}");
-    if (n == 1 && is_get && strcmp(seg[0], "metrics") == 0)
-        return handle_metrics(r);
-    if (n == 3 && is_get && strcmp(seg[0], "v2") == 0 && strcmp(seg[1], "models") == 0 &&
-        strcmp(seg[2], "stats") == 0)
-        return handle_stats(r, NULL, NULL);
-    if (n >= 3 && strcmp(seg[0], "v2") == 0 && strcmp(seg[1], "models") == 0 && n <= 6)
-        return route_models(r, is_get, seg, n);
-    if (n == 3 && is_post && strcmp(seg[0], "v2") == 0 && strcmp(seg[1], "repository") == 0 &&
-        strcmp(seg[2], "index") == 0) {
-        struct buf b = {0};
-        if (registry_index(r->srv->reg, &b) != 0) {
-            buf_release(&b);
-            return http_reply_error(r, ERR_NOMEM, "out of memory");
-        }
-        return reply_json(r, 200, &b);
-    }
-    if (n == 5 && is_post && strcmp(seg[0], "v2") == 0 && strcmp(seg[1], "repository") == 0 &&
-        strcmp(seg[2], "models") == 0)
-        return handle_repository(r, seg[3], seg[4]);
-    if (n == 3 && is_post && strcmp(seg[0], "v1") == 0 && strcmp(seg[1], "models") == 0) {
-        char *colon = strrchr(seg[2], ':');
-        if (colon && strcmp(colon, ":predict") == 0) {
-            *colon = '\0';
-            return handle_infer(r, seg[2], NULL, KIND_V1);
-        }
-    }
-    return http_reply_error(r, ERR_NOT_FOUND, "no route for %s %s", method, url);
+        return err_set(e, ERR_INVALID,
+                       "this is an inferd webhook delivery (X-Inferd-Event-Id); the inferd API "
+                       "does not act on webhooks");
+    if (strlen(url) >= 1024)
+        return err_set(e, ERR_NOT_FOUND, "path too long");
+    r->path = strdup(url);
+    if (!r->path)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    r->route = http_route_match(method, r->path, r->params, &path_known);
+    if (r->srv->cfg.worker_only && !(r->route && (r->route->flags & ROUTE_WORKER)))
+        return err_set(e, ERR_NOT_FOUND,
+                       "inferd worker serves only /metrics and /v2/health/*; the API is on inferd "
+                       "serve");
+    if (check_key(r, e) != 0)
+        return e->code;
+    if (!r->route && path_known)
+        return err_set(e, ERR_NOT_FOUND, "no route for this method and path");
+    if (!r->route)
+        return err_set(e, ERR_NOT_FOUND, "no route for %.16s %.200s", method, url);
+    return 0;
 }
 
 /* ---- libmicrohttpd callbacks ---- */
@@ -608,7 +383,8 @@ static void *on_request_line(void *cls, const char *uri, struct MHD_Connection *
 static enum MHD_Result reply_early(struct req *r, int code, const char *msg)
 {
     conns_phase(r->srv->guard, r->track, CONN_BUSY);
-    return http_reply_error(r, code, "%s", msg);
+    http_fail(r, code, "%s", msg);
+    return send_reply(r);
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
@@ -648,13 +424,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
         }
         if (conns_bad_uri(r->track))
             return reply_early(r, ERR_INVALID, "the path holds a NUL byte (%00)");
-        int64_t declared = header_int(conn, MHD_HTTP_HEADER_CONTENT_LENGTH, &bad);
+        int64_t declared = http_header_int(conn, MHD_HTTP_HEADER_CONTENT_LENGTH, &bad);
         if (declared > srv->cfg.max_body_bytes) {
             char msg[128];
             snprintf(msg, sizeof(msg), "request body of %lld bytes, limit is %lld",
                      (long long)declared, (long long)srv->cfg.max_body_bytes);
             return reply_early(r, ERR_TOO_LARGE, msg);
         }
+        if (match_route(r, method, url, &e) != 0)
+            return reply_early(r, e.code, e.msg);
         return MHD_YES;
     }
     if (atomic_load(&r->state) == REQ_READY)
@@ -682,11 +460,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (r->too_large) {
         buf_release(&r->body);
-        return http_reply_error(r, ERR_TOO_LARGE,
-                                "request body larger than the limit of %lld bytes",
-                                (long long)srv->cfg.max_body_bytes);
+        http_fail(r, ERR_TOO_LARGE, "request body larger than the limit of %lld bytes",
+                  (long long)srv->cfg.max_body_bytes);
+        return send_reply(r);
     }
-    return route(r, method, url);
+    return dispatch(r);
 }
 
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
@@ -720,6 +498,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     model_release(r->model);
     buf_release(&r->body);
     buf_release(&r->out);
+    free(r->path);
+    free(r->values);
     free(r);
     *con_cls = NULL;
     atomic_fetch_sub(&srv->in_flight, 1);
@@ -893,8 +673,8 @@ static void cancel_inferences(struct http_server *s)
 {
     pthread_mutex_lock(&s->live_lock);
     for (struct req *r = s->live; r; r = r->live_next)
-        if (atomic_load(&r->state) == REQ_WAITING && r->kind != KIND_JOB && r->infer)
-            batch_item_cancel(&r->item);
+        if (atomic_load(&r->state) == REQ_WAITING)
+            online_cancel(r);
     pthread_mutex_unlock(&s->live_lock);
 }
 

@@ -8,10 +8,12 @@
 #include "core/err.h"
 
 #include <stdint.h>
+#include <stdio.h>
 
 struct registry;
 struct queue;
 struct notifier;
+struct auth;
 
 struct http_config {
     const char *host;               /* the address listened on, for logs and metrics */
@@ -31,6 +33,8 @@ struct http_config {
     int worker_only;                /* inferd worker: only metrics and health */
     int64_t max_input_bytes;        /* a job's input_location (and a result read back from its
                                      * output_location) past this is refused, > 0 */
+    struct auth *auth;              /* API keys (borrowed, outlives the server); NULL: none */
+    int metrics_auth;               /* /metrics wants a key too */
 };
 
 /*
@@ -62,6 +66,10 @@ int http_listen(const char *host, int port, int reuse_port, int *fd, int *bound_
 int http_server_start(const struct http_config *cfg, struct registry *reg, struct queue *q,
                       const struct http_pool *pool, struct notifier *notifier,
                       struct http_server **out, struct err *e);
+
+/* Prints the route table, one JSON object per line ({"method", "path", "scope", "thread",
+ * "worker"}). 0, or -1 on a write error. */
+int http_routes_print(FILE *out);
 
 /* The port actually bound (useful with port 0). */
 int http_server_port(const struct http_server *s);

@@ -240,7 +240,7 @@ def test_beyond_loopback_refuses_local_receivers_unless_named(server_factory, re
                                                              webhook_receiver):
     recv = webhook_receiver
     s = server_factory(repo, *async_args(tmp_path / "data", "--workers", "1", "--host", "0.0.0.0",
-                                         "--webhook-attempts", "1"))
+                                         "--allow-unauthenticated", "--webhook-attempts", "1"))
     c = s.client()
     for url in [recv.url + "/refused"] + LOCAL_URLS:
         r = c.post("/v1/jobs", json=job_body(callback_url=url))
@@ -269,7 +269,8 @@ def test_beyond_loopback_refuses_local_receivers_unless_named(server_factory, re
     # --webhook-hosts names the receiver: delivered; inferd's own port still refused
     named = "127.0.0.1" + (f",{name}" if name else "")
     s2 = server_factory(repo, *async_args(tmp_path / "data2", "--workers", "1", "--host",
-                                          "0.0.0.0", "--webhook-hosts", named))
+                                          "0.0.0.0", "--allow-unauthenticated",
+                                          "--webhook-hosts", named))
     c2 = s2.client()
     c2.submit_ok(MODEL, np.ones((1, 4), np.float32), callback_url=recv.url + "/named")
     wait_for(lambda: recv.received("/named"), DEADLINE_S, "the webhook to a named loopback host")

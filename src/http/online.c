@@ -1,0 +1,364 @@
+/*
+ * online.c: the online front door's handlers: health, server and model metadata, statistics,
+ * inference (KServe v2 and the v1 predict shape), the model repository and /metrics.
+ *
+ * Inference decodes and validates on the HTTP thread, then suspends the connection and hands
+ * the request to the model's batcher; a batcher thread encodes the answer and resumes it
+ * (infer_done). Loading a model and rendering /metrics run on the I/O pool (routes.c).
+ */
+#define _GNU_SOURCE
+#include "http/http_internal.h"
+#include "core/buf.h"
+#include "core/clock.h"
+#include "metrics/metrics.h"
+#include "model/batcher.h"
+#include "kserve/codec.h"
+#include "model/registry.h"
+
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef INFERD_VERSION
+#define INFERD_VERSION "0.0.0"
+#endif
+
+/* ---- inference ---- */
+
+/* Runs on a batcher thread (or the sweeper): encode, then wake the HTTP thread. */
+static void infer_done(struct batch_item *item, int rc, const struct err *e)
+{
+    struct req *r = item->ctx;
+
+    if (rc == ERR_CANCELLED && atomic_load(&r->srv->draining)) {
+        /* stopped by http_server_stop(), not by the client */
+        http_set_error(r, ERR_UNAVAILABLE, "inferd is shutting down: the request was stopped");
+        r->retry_after_s = 5;
+    } else if (rc != 0) {
+        http_set_error(r, rc, e->msg);
+    } else {
+        uint64_t t0 = clock_mono_ns();
+        int enc;
+        buf_release(&r->out);
+        r->json_len = -1;
+        if (r->kind == KIND_V1)
+            enc = codec_encode_v1(r->infer, &r->out);
+        else
+            enc = codec_encode_result(r->infer, r->model->name, r->model->version_str, &r->out,
+                                      &r->json_len);
+        metrics_stat(r->model->stats, METRICS_STAT_COMPUTE_OUTPUT, clock_mono_ns() - t0);
+        if (enc != 0)
+            http_set_error(r, ERR_NOMEM, "out of memory encoding the response");
+        else
+            r->status = 200;
+    }
+    metrics_inflight_add(r->model->metrics, -1);
+    http_count_request(r);
+    /* the watchdog measures from here: without it, every answer looked overdue and got a
+     * second resume, which under load made MHD answer a kept-alive request twice */
+    r->ready_ns = clock_mono_ns();
+    atomic_store(&r->state, REQ_READY);
+    MHD_resume_connection(r->conn);
+}
+
+static int parse_version(const char *s, int64_t *out)
+{
+    char *end;
+    long long v;
+
+    errno = 0;
+    v = strtoll(s, &end, 10);
+    if (errno || *end || end == s || v < 1)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static enum handled infer(struct req *r, const char *name, const char *version,
+                          enum req_kind kind)
+{
+    struct http_server *srv = r->srv;
+    const union MHD_ConnectionInfo *ci;
+    struct err e = {0};
+    int64_t v = 0, json_len;
+    uint64_t timeout_us, decode_ns;
+    int bad, rc;
+
+    r->kind = kind;
+    if (atomic_load(&srv->draining))
+        return http_fail(r, ERR_UNAVAILABLE, "inferd is shutting down");
+    if (version && parse_version(version, &v) != 0)
+        return http_fail(r, ERR_NOT_FOUND, "model '%s' has no version '%s'", name, version);
+    rc = registry_acquire(srv->reg, name, v, &r->model, &e);
+    if (rc != 0)
+        return http_fail(r, rc, "%s", e.msg);
+    decode_ns = clock_mono_ns();
+    if (kind == KIND_V1) {
+        rc = codec_decode_v1(r->body.data ? r->body.data : "", r->body.len,
+                             r->model->info.n_inputs ? r->model->info.inputs[0].name : "input__0",
+                             &r->model->features, &r->infer, &e);
+    } else {
+        json_len = http_header_int(r->conn, "Inference-Header-Content-Length", &bad);
+        if (bad)
+            return http_fail(r, ERR_INVALID,
+                                    "Inference-Header-Content-Length: expected a byte count");
+        rc = codec_decode_for_model(&r->model->info, r->body.data ? r->body.data : "", r->body.len,
+                                    json_len, CODEC_FROM_CLIENT, &r->infer, &e);
+    }
+    if (rc == 0)
+        rc = tensor_check_inputs(r->infer, &r->model->info, &e);
+    if (rc != 0) {
+        metrics_stat(r->model->stats, METRICS_STAT_FAIL, clock_mono_ns() - decode_ns);
+        return http_fail(r, rc, "model '%s': %s", name, e.msg);
+    }
+    if (kind == KIND_V2) {
+        jobs_parse_prefer(MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Prefer"),
+                          &r->prefer_async, &r->wait_ms);
+        if (r->prefer_async && !http_has_scope(r, AUTH_JOBS))
+            return http_fail(r, ERR_FORBIDDEN,
+                             "this API key (%s) lacks the 'jobs' scope that Prefer: "
+                             "respond-async needs (it makes a job)",
+                             r->who.name);
+        if (r->prefer_async)
+            return jobs_submit_infer(r); /* checked: now it becomes a job */
+    }
+    buf_release(&r->body); /* decoded: the raw bytes are no longer needed */
+    metrics_stat(r->model->stats, METRICS_STAT_COMPUTE_INPUT, clock_mono_ns() - decode_ns);
+
+    timeout_us =
+        r->infer->timeout_us ? r->infer->timeout_us : (uint64_t)r->model->default_timeout_us;
+    r->item = (struct batch_item){
+        .req = r->infer,
+        .deadline_ns = timeout_us ? r->start_ns + timeout_us * 1000 : 0,
+        .received_ns = decode_ns, /* the body is in: from here on the time is inferd's */
+        .client_fd = -1,
+        .done = infer_done,
+        .ctx = r,
+    };
+    ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (ci)
+        r->item.client_fd = ci->connect_fd;
+    /* an HTTP/1.1 client must read a 1xx before its answer (RFC 9110 section 15.2), so one
+     * tells a half-closed client (which reads it) from one that closed (which resets) */
+    if (r->http11) {
+        static const char probe[] = "HTTP/1.1 100 Continue\r\n\r\n";
+        r->item.eof_probe = probe;
+        r->item.eof_probe_len = sizeof(probe) - 1;
+    }
+    /* suspend before handing over: the batch may finish before this function returns */
+    atomic_store(&r->state, REQ_WAITING);
+    metrics_inflight_add(r->model->metrics, 1);
+    MHD_suspend_connection(r->conn);
+    rc = batcher_submit(r->model->batcher, &r->item, &e);
+    if (rc != 0) {
+        metrics_stat(r->model->stats, METRICS_STAT_FAIL, clock_mono_ns() - decode_ns);
+        infer_done(&r->item, rc, &e);
+    }
+    return HANDLED_PENDING;
+}
+
+enum handled online_infer(struct req *r)
+{
+    return infer(r, r->params[0], r->params[1], KIND_V2);
+}
+
+enum handled online_predict(struct req *r)
+{
+    return infer(r, r->params[0], NULL, KIND_V1);
+}
+
+void online_cancel(struct req *r)
+{
+    if (r->kind != KIND_JOB && r->infer)
+        batch_item_cancel(&r->item);
+}
+
+/* ---- metadata, health, repository ---- */
+
+/* ,"parameters":{"feature_names":[...],"feature_types":[...]} of a model's first input */
+static int append_features(struct buf *b, const struct features *f)
+{
+    int rc = buf_puts(b, ",\"parameters\":{\"feature_names\":[");
+
+    for (size_t i = 0; rc == 0 && i < f->n; i++)
+        if ((rc = i ? buf_puts(b, ",") : 0) == 0)
+            rc = buf_json_string(b, f->names[i]);
+    if (rc == 0 && f->types)
+        rc = buf_puts(b, "],\"feature_types\":[");
+    for (size_t i = 0; rc == 0 && f->types && i < f->n; i++)
+        if ((rc = i ? buf_puts(b, ",") : 0) == 0)
+            rc = buf_json_string(b, f->types[i]);
+    return rc ? rc : buf_puts(b, "]}");
+}
+
+/* `f`: the model's feature names, shown with the first tensor (NULL for outputs) */
+static int append_io(struct buf *b, const struct inferd_tensor *t, size_t n,
+                     const struct features *f)
+{
+    int rc = buf_puts(b, "[");
+
+    for (size_t i = 0; rc == 0 && i < n; i++) {
+        rc = buf_puts(b, i ? ",{\"name\":" : "{\"name\":");
+        if (rc == 0)
+            rc = buf_json_string(b, t[i].name);
+        if (rc == 0)
+            rc = buf_printf(b, ",\"datatype\":\"%s\",\"shape\":[",
+                            tensor_datatype_name(t[i].datatype));
+        for (int d = 0; rc == 0 && d < t[i].n_dims; d++)
+            rc = buf_printf(b, "%s%lld", d ? "," : "", (long long)t[i].shape[d]);
+        if (rc == 0)
+            rc = buf_puts(b, "]");
+        if (rc == 0 && i == 0 && f && f->n > 0)
+            rc = append_features(b, f);
+        if (rc == 0)
+            rc = buf_puts(b, "}");
+    }
+    return rc ? rc : buf_puts(b, "]");
+}
+
+static enum handled model_meta(struct req *r, const char *name, const char *version,
+                               int ready_only)
+{
+    struct buf b = {0};
+    struct model *m = NULL;
+    struct err e = {0};
+    int64_t v = 0;
+    int rc;
+
+    if (version && parse_version(version, &v) != 0)
+        return http_fail(r, ERR_NOT_FOUND, "model '%s' has no version '%s'", name, version);
+    rc = registry_acquire(r->srv->reg, name, v, &m, &e);
+    if (rc != 0)
+        return http_fail(r, rc, "%s", e.msg);
+    rc = buf_puts(&b, "{\"name\":");
+    if (rc == 0)
+        rc = buf_json_string(&b, m->name);
+    if (rc == 0 && ready_only)
+        rc = buf_puts(&b, ",\"ready\":true}");
+    else if (rc == 0) {
+        rc = buf_printf(&b, ",\"versions\":[\"%s\"],\"platform\":", m->version_str);
+        if (rc == 0)
+            rc = buf_json_string(&b, m->info.platform ? m->info.platform : m->api->name);
+        if (rc == 0)
+            rc = buf_puts(&b, ",\"inputs\":");
+        if (rc == 0)
+            rc = append_io(&b, m->info.inputs, m->info.n_inputs, &m->features);
+        if (rc == 0)
+            rc = buf_puts(&b, ",\"outputs\":");
+        if (rc == 0)
+            rc = append_io(&b, m->info.outputs, m->info.n_outputs, NULL);
+        if (rc == 0)
+            rc = buf_puts(&b, "}");
+    }
+    model_release(m);
+    if (rc != 0) {
+        buf_release(&b);
+        return http_fail(r, ERR_NOMEM, "out of memory");
+    }
+    return http_answer_json(r, 200, &b);
+}
+
+enum handled online_model_meta(struct req *r)
+{
+    return model_meta(r, r->params[0], r->params[1], 0);
+}
+
+enum handled online_model_ready(struct req *r)
+{
+    return model_meta(r, r->params[0], r->params[1], 1);
+}
+
+enum handled online_live(struct req *r)
+{
+    return http_answer_text(r, 200, "{\"live\":true}");
+}
+
+enum handled online_ready(struct req *r)
+{
+    if (atomic_load(&r->srv->draining))
+        return http_fail(r, ERR_UNAVAILABLE, "inferd is shutting down");
+    return http_answer_text(r, 200, "{\"ready\":true}");
+}
+
+enum handled online_server_meta(struct req *r)
+{
+    return http_answer_text(r, 200,
+                            "{\"name\":\"inferd\",\"version\":\"" INFERD_VERSION "\","
+                            "\"extensions\":[\"binary_tensor_data\",\"model_repository\","
+                            "\"statistics\"]}");
+}
+
+enum handled online_repo_index(struct req *r)
+{
+    struct buf b = {0};
+
+    if (registry_index(r->srv->reg, &b) != 0) {
+        buf_release(&b);
+        return http_fail(r, ERR_NOMEM, "out of memory");
+    }
+    return http_answer_json(r, 200, &b);
+}
+
+/* On the I/O pool: loading a model reads files and may take seconds. */
+static enum handled repository(struct req *r, int load)
+{
+    const char *name = r->params[0];
+    struct err e = {0};
+    int rc;
+
+    if (strlen(name) >= 256)
+        return http_fail(r, ERR_NOT_FOUND, "no model folder '%.64s...'", name);
+    rc = load ? registry_load(r->srv->reg, name, &e) : registry_unload(r->srv->reg, name, &e);
+
+    if (rc != 0)
+        return http_fail(r, rc, "%s", e.msg);
+    return http_answer_text(r, 200, "{}");
+}
+
+enum handled online_repo_load(struct req *r)
+{
+    return repository(r, 1);
+}
+
+enum handled online_repo_unload(struct req *r)
+{
+    return repository(r, 0);
+}
+
+/* On the I/O pool: the async part reads the job store, which HTTP threads never wait on. */
+enum handled online_metrics(struct req *r)
+{
+    buf_release(&r->out);
+    if (metrics_render(&r->out) != 0 || jobs_metrics(r->srv, &r->out) != 0 ||
+        conns_metrics(r->srv->guard, &r->out) != 0)
+        return http_fail(r, ERR_NOMEM, "out of memory");
+    r->status = 200;
+    r->json_len = -1;
+    r->content_type = "text/plain; version=0.0.4; charset=utf-8";
+    return HANDLED_ANSWER;
+}
+
+/* Triton's statistics extension: every version loaded since start (no {m}: every model). */
+enum handled online_stats(struct req *r)
+{
+    const char *name = r->params[0], *version = r->params[1];
+    struct buf b = {0};
+    int64_t v = 0;
+    int rc;
+
+    if (version && parse_version(version, &v) != 0)
+        return http_fail(r, ERR_NOT_FOUND, "model '%s' has no version '%s'", name, version);
+    rc = metrics_stats_render(name, v, &b);
+    if (rc == 0)
+        return http_answer_json(r, 200, &b);
+    buf_release(&b);
+    if (rc == ERR_NOT_FOUND && v)
+        return http_fail(r, rc, "model '%s' has no version %lld loaded since start", name,
+                                (long long)v);
+    if (rc == ERR_NOT_FOUND)
+        return http_fail(r, rc, "unknown model '%s': no version loaded since start", name);
+    return http_fail(r, ERR_NOMEM, "out of memory");
+}
+
