@@ -882,7 +882,7 @@ int batch_job_run_now(const struct batch_jobs_config *cfg, const char *id, char 
                       struct err *e)
 {
     struct queue_schedule *s = NULL;
-    int rc = queue_batch_definition(cfg->q, id, &s, e);
+    int rc = queue_batch_definition(cfg->q, id, NULL, &s, e);
 
     if (rc != 0)
         return rc;
@@ -907,7 +907,7 @@ int batch_job_pause(const struct batch_jobs_config *cfg, const char *id, int pau
 
     if (!paused) { /* resumed: the next time after now; what it missed does not run */
         json_t *def = NULL;
-        rc = queue_batch_definition(cfg->q, id, &s, e);
+        rc = queue_batch_definition(cfg->q, id, NULL, &s, e);
         if (rc == 0 && s->schedule && (def = json_loads(s->definition, 0, NULL)) != NULL)
             rc = next_run(def, clock_sched_now_ms(), &next, e);
         json_decref(def);
@@ -915,7 +915,7 @@ int batch_job_pause(const struct batch_jobs_config *cfg, const char *id, int pau
         if (rc != 0)
             return rc;
     }
-    return queue_batch_pause(cfg->q, id, paused, next, out, e);
+    return queue_batch_pause(cfg->q, id, NULL, paused, next, out, e);
 }
 
 /* ---- the scheduler ---- */
@@ -1046,7 +1046,7 @@ static int task_tick(void *ctx, struct err *e)
     }
     if (now - t->last_check_ms >= CANCEL_CHECK_MS) {
         t->last_check_ms = now;
-        if (queue_get(t->q, t->job->id, 0, &j, e) == 0 && j->cancel_requested)
+        if (queue_get(t->q, t->job->id, NULL, 0, &j, e) == 0 && j->cancel_requested)
             rc = err_set(e, ERR_CANCELLED, "cancelled");
         job_free(j);
     }
@@ -1177,7 +1177,7 @@ static int finish_run(struct queue *q, const struct job *job, json_t *in, struct
     *retryable = 1;
     rc = manifest_uri && success_uri ? 0 : err_set(e, ERR_NOMEM, "out of memory");
     if (rc == 0)
-        rc = queue_batch_manifest(q, job->batch_id, &manifest, e);
+        rc = queue_batch_manifest(q, job->batch_id, NULL, &manifest, e);
     if (rc == 0) {
         json_t *m = json_loadb(manifest.data, manifest.len, 0, NULL);
         char *pretty = m ? json_dumps(m, JSON_INDENT(2) | JSON_SORT_KEYS) : NULL;

@@ -21,7 +21,7 @@ static void reply_batch(struct req *r, int status, const char *id)
     struct err e;
 
     buf_release(&r->out);
-    if (queue_batch_get(r->srv->queue, id, &r->out, &e) != 0) {
+    if (queue_batch_get(r->srv->queue, id, NULL, &r->out, &e) != 0) {
         http_set_error(r, e.code, e.msg);
         return;
     }
@@ -69,7 +69,7 @@ static void do_cancel(struct req *r)
     struct err e;
 
     buf_release(&r->out);
-    if (queue_batch_cancel(r->srv->queue, r->job_id, &r->out, &e) != 0) {
+    if (queue_batch_cancel(r->srv->queue, r->job_id, NULL, &r->out, &e) != 0) {
         http_set_error(r, e.code, e.msg);
     } else {
         r->status = 200;
@@ -89,7 +89,7 @@ static void do_list(struct req *r)
     struct err e;
 
     buf_release(&r->out);
-    if (queue_batch_list(r->srv->queue, r->list_limit,
+    if (queue_batch_list(r->srv->queue, NULL, r->list_limit,
                          r->list_state >= 0 ? statuses[r->list_state] : NULL, &r->out, &e) != 0) {
         http_set_error(r, e.code, e.msg);
     } else {

@@ -332,7 +332,7 @@ static void answer_waiter(struct req *r)
 {
     struct job *j = NULL;
     struct err e;
-    int rc = queue_get(r->srv->queue, r->job_id, r->wait_mode == WAIT_INFER, &j, &e);
+    int rc = queue_get(r->srv->queue, r->job_id, NULL, r->wait_mode == WAIT_INFER, &j, &e);
 
     if (rc != 0)
         http_set_error(r, rc, e.msg);
@@ -355,7 +355,7 @@ static void wait_or_answer(struct req *r, struct job *j)
             /* it may have ended between the read and the registration: look once more */
             struct job *again = NULL;
             struct err e;
-            if (queue_get(r->srv->queue, r->job_id, 0, &again, &e) == 0 &&
+            if (queue_get(r->srv->queue, r->job_id, NULL, 0, &again, &e) == 0 &&
                 job_state_is_final(again->state) && waiter_claim(r->srv, r))
                 answer_waiter(r);
             job_free(again);
@@ -380,7 +380,7 @@ static void after_enqueue(struct req *r)
     struct job *j = NULL;
 
     if (r->prefer_async && r->wait_ms > 0 && r->status == 0) {
-        if (queue_get(r->srv->queue, r->job_id, 1, &j, &e) == 0) {
+        if (queue_get(r->srv->queue, r->job_id, NULL, 1, &j, &e) == 0) {
             r->wait_mode = WAIT_INFER;
             wait_or_answer(r, j);
             job_free(j);
@@ -388,7 +388,7 @@ static void after_enqueue(struct req *r)
         }
     }
     /* the same request again: the same job back */
-    if (queue_get(r->srv->queue, r->job_id, 0, &j, &e) == 0)
+    if (queue_get(r->srv->queue, r->job_id, NULL, 0, &j, &e) == 0)
         reply_job(r, 200, j);
     else
         http_set_error(r, e.code, e.msg);
@@ -667,7 +667,7 @@ static void do_get(struct req *r)
 {
     struct job *j = NULL;
     struct err e;
-    int rc = queue_get(r->srv->queue, r->job_id, 0, &j, &e);
+    int rc = queue_get(r->srv->queue, r->job_id, NULL, 0, &j, &e);
 
     if (rc != 0) {
         http_set_error(r, rc, e.msg);
@@ -683,7 +683,7 @@ static void do_result(struct req *r)
 {
     struct job *j = NULL;
     struct err e;
-    int rc = queue_get(r->srv->queue, r->job_id, 1, &j, &e);
+    int rc = queue_get(r->srv->queue, r->job_id, NULL, 1, &j, &e);
 
     if (rc != 0) {
         http_set_error(r, rc, e.msg);
@@ -720,7 +720,7 @@ static void do_cancel(struct req *r)
 {
     struct job *j = NULL;
     struct err e;
-    int rc = queue_cancel(r->srv->queue, r->job_id, &j, &e);
+    int rc = queue_cancel(r->srv->queue, r->job_id, NULL, &j, &e);
 
     if (rc != 0) {
         http_set_error(r, rc, e.msg);
@@ -737,7 +737,7 @@ static void do_retry(struct req *r)
 {
     struct job *j = NULL;
     struct err e;
-    int rc = queue_retry(r->srv->queue, r->job_id, &j, &e);
+    int rc = queue_retry(r->srv->queue, r->job_id, NULL, &j, &e);
 
     if (rc != 0) {
         http_set_error(r, rc, e.msg);

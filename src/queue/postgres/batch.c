@@ -662,6 +662,7 @@ int pg_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **o
     for (int i = 0; i < PQntuples(r); i++) {
         /* a schedule that cannot be copied is left out: it is due again at the next look */
         struct queue_schedule *s = &v[*n];
+        memset(s, 0, sizeof(*s));
         snprintf(s->id, sizeof(s->id), "%s", PQgetvalue(r, i, 0));
         s->definition = pg_strdup(r, i, 1);
         s->schedule = pg_strdup(r, i, 2);

@@ -491,6 +491,7 @@ static int r_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedu
         redisReply *h = redisCommand(c, "HMGET %sbatch:%s definition schedule next_run_ms",
                                      q->prefix, ids->element[i]->str);
         struct queue_schedule *s = &v[*n];
+        memset(s, 0, sizeof(*s));
         if (h && h->type == REDIS_REPLY_ARRAY && h->elements == 3 && h->element[0]->str &&
             h->element[1]->str && h->element[2]->str) {
             snprintf(s->id, sizeof(s->id), "%s", ids->element[i]->str);
