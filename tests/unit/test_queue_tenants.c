@@ -427,8 +427,8 @@ static void test_tenant_schedule_runs_are_the_schedules(void **state)
 
 /* ---- a store made before tenants ---- */
 
-/* Today's-but-one SQLite schema (before tenants): the tables a job and a batch job live in,
- * with one job and one batch run in them. */
+/* The SQLite tables of a job and a batch job as the inferd before tenants made them, with one
+ * job and one batch run in them. */
 static const char old_sqlite[] =
     "CREATE TABLE jobs (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, model TEXT NOT NULL,"
     " state INTEGER NOT NULL, priority INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
@@ -459,7 +459,52 @@ static const char old_sqlite[] =
     "INSERT INTO batch_jobs (id, definition, model, state, created_ms) VALUES"
     " ('batch-old', '{\"model\":\"m\"}', 'm', 0, 1700000000000);";
 
-static void test_tenant_old_sqlite_store_is_anonymous(void **state)
+/* Replaces the SQLite store of this test with one made before tenants. */
+static void make_old_sqlite(void)
+{
+    char path[512];
+    sqlite3 *db = NULL;
+    const char *suffix[] = {"", "-wal", "-shm"};
+
+    for (int i = 0; i < 3; i++) {
+        snprintf(path, sizeof(path), "%s/inferd.db%s", qc_data_dir(), suffix[i]);
+        unlink(path);
+    }
+    snprintf(path, sizeof(path), "%s/inferd.db", qc_data_dir());
+    assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+    assert_int_equal(sqlite3_exec(db, old_sqlite, NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+}
+
+/* Takes the PostgreSQL store of this test (just made, closed) back to schema version 1, as
+ * the inferd before tenants left it, with one job and one batch run in it. */
+static const char old_postgres[] =
+    "\\set ON_ERROR_STOP 1\n"
+    "SET client_min_messages = warning;\n"
+    "ALTER TABLE inferd_jobs DROP COLUMN tenant;\n" /* its indexes go with it */
+    "ALTER TABLE inferd_batch_jobs DROP COLUMN tenant;\n"
+    "CREATE UNIQUE INDEX inferd_jobs_idem ON inferd_jobs (md5(idem_key)) WHERE idem_key IS NOT "
+    "NULL;\n"
+    "DELETE FROM inferd_schema_version WHERE version > 1;\n"
+    "INSERT INTO inferd_jobs (id, model, state, priority, max_attempts, created_ms, "
+    "lease_timeout_ms, input, idem_key, request_hash) VALUES ('old-job', 'm', 0, 0, 1, "
+    "1700000000000, 60000, '\\x7b7d', 'k', 'h1');\n"
+    "INSERT INTO inferd_batch_jobs (id, definition, model, state, created_ms) VALUES "
+    "('batch-old', '{\"model\":\"m\"}', 'm', 0, 1700000000000);\n";
+
+static void make_old_postgres(void)
+{
+    char cmd[1024];
+    FILE *p;
+
+    snprintf(cmd, sizeof(cmd), "psql -X -q '%s' >/dev/null", qc_store->url);
+    p = popen(cmd, "w");
+    assert_non_null(p);
+    assert_true(fputs(old_postgres, p) >= 0);
+    assert_int_equal(pclose(p), 0);
+}
+
+static void test_tenant_old_store_is_anonymous(void **state)
 {
     struct job_spec spec = {.model = "m",
                             .input = "{}",
@@ -473,22 +518,17 @@ static void test_tenant_old_sqlite_store_is_anonymous(void **state)
     struct job *j = NULL;
     struct buf b = {0};
     struct err e = {0};
-    char path[512], got[512], id[40];
+    char got[512], id[40];
     int existed = -1;
-    sqlite3 *db = NULL;
 
-    if (strcmp(qc_store->name, "sqlite") != 0)
-        skip(); /* the other stores' own migrations are in their groups of this suite */
     queue_close(*state);
     *state = NULL;
-    snprintf(path, sizeof(path), "%s/inferd.db", qc_data_dir());
-    unlink(path);
-    snprintf(path, sizeof(path), "%s/inferd.db-wal", qc_data_dir());
-    unlink(path);
-    snprintf(path, sizeof(path), "%s/inferd.db", qc_data_dir());
-    assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
-    assert_int_equal(sqlite3_exec(db, old_sqlite, NULL, NULL, NULL), SQLITE_OK);
-    sqlite3_close(db);
+    if (strcmp(qc_store->name, "sqlite") == 0)
+        make_old_sqlite();
+    else if (strcmp(qc_store->name, "postgres") == 0)
+        make_old_postgres();
+    else
+        skip();
 
     q = qc_reopen(state, QC_CONFIG_DEFAULT);
     assert_int_equal(queue_get(q, "old-job", "", 0, &j, &e), 0);
@@ -523,6 +563,6 @@ const struct CMUnitTest qc_tenants_tests[] = {
     QC_TEST(test_tenant_in_json_and_webhooks),
     QC_TEST(test_tenant_batch_jobs_are_private),
     QC_TEST(test_tenant_schedule_runs_are_the_schedules),
-    QC_TEST(test_tenant_old_sqlite_store_is_anonymous),
+    QC_TEST(test_tenant_old_store_is_anonymous),
 };
 const size_t qc_tenants_n = sizeof(qc_tenants_tests) / sizeof(qc_tenants_tests[0]);
