@@ -504,6 +504,33 @@ static void make_old_postgres(void)
     assert_int_equal(pclose(p), 0);
 }
 
+/* Writes, on the Redis store of this test, a job and a batch run as the inferd before tenants
+ * wrote them (no tenant field, the idempotency key under idem:). */
+static const char old_redis[] =
+    "HSET inferd:job:old-job state 0 attempts 0 created_ms 1700000000000 started_ms 0 "
+    "finished_ms 0 cancel_requested 0 request_hash h1 idem_key k model m priority 0 "
+    "max_attempts 1 lease_timeout_ms 60000 ttl_s 0 kind 0 input {} input_json_len -1\n"
+    "ZADD inferd:jobs 1700000000000 old-job\n"
+    "SET inferd:idem:k old-job\n"
+    "HSET inferd:batch:batch-old state 0 created_ms 1700000000000 started_ms 0 finished_ms 0 "
+    "objects_total 0 objects_done 0 records_done 0 records_failed 0 parent \"\" run_at_ms 0 "
+    "definition \"{\\\"model\\\":\\\"m\\\"}\" model m schedule \"\" output \"\" callback_url \"\" "
+    "max_errors 0 max_attempts 1 lease_timeout_ms 60000 next_run_ms 0 finish_input \"\" "
+    "error \"\"\n"
+    "ZADD inferd:batches 1700000000000 batch-old\n";
+
+static void make_old_redis(void)
+{
+    char cmd[1024];
+    FILE *p;
+
+    snprintf(cmd, sizeof(cmd), "redis-cli -u '%s' >/dev/null", qc_store->url);
+    p = popen(cmd, "w");
+    assert_non_null(p);
+    assert_true(fputs(old_redis, p) >= 0);
+    assert_int_equal(pclose(p), 0);
+}
+
 static void test_tenant_old_store_is_anonymous(void **state)
 {
     struct job_spec spec = {.model = "m",
@@ -528,7 +555,7 @@ static void test_tenant_old_store_is_anonymous(void **state)
     else if (strcmp(qc_store->name, "postgres") == 0)
         make_old_postgres();
     else
-        skip();
+        make_old_redis();
 
     q = qc_reopen(state, QC_CONFIG_DEFAULT);
     assert_int_equal(queue_get(q, "old-job", "", 0, &j, &e), 0);
