@@ -407,7 +407,8 @@ int queue_retry_matching(struct queue *q, const struct queue_list_filter *f, int
         int one;
         if (rc != 0)
             break;
-        one = queue_retry(q, json_string_value(id), f->tenant, &j, e);
+        /* the listing took only f->tenant's, and a job's tenant never changes: no second look */
+        one = q->ops->jobs->retry(q, json_string_value(id), &j, e);
         job_free(j);
         if (one == 0)
             (*n_retried)++;
