@@ -802,6 +802,7 @@ static int start_run(const struct batch_jobs_config *cfg, const char *definition
     spec.run_at_ms = run_at_ms;
     spec.parent_next_run_ms = parent_next_ms;
     spec.by_hand = by_hand;
+    spec.tenant = cfg->tenant; /* a schedule's run is the schedule's tenant's, whatever this */
     rc = queue_batch_create(cfg->q, &spec, id_out, e);
     if (rc == 0) {
         char *shown = url_redacted(p.output ? p.output : "-");
@@ -862,6 +863,7 @@ int batch_job_schedule(const struct batch_jobs_config *cfg, const char *definiti
         spec.max_attempts = cfg->max_attempts > 0 ? cfg->max_attempts : 3;
         spec.lease_timeout_ms = lease_of(cfg->reg, spec.model);
         spec.schedule = json_string_value(json_object_get(def, "schedule"));
+        spec.tenant = cfg->tenant;
         rc = queue_batch_create(cfg->q, &spec, id_out, e);
     }
     json_decref(def);
@@ -882,7 +884,7 @@ int batch_job_run_now(const struct batch_jobs_config *cfg, const char *id, char 
                       struct err *e)
 {
     struct queue_schedule *s = NULL;
-    int rc = queue_batch_definition(cfg->q, id, &s, e);
+    int rc = queue_batch_definition(cfg->q, id, cfg->viewer, &s, e);
 
     if (rc != 0)
         return rc;
@@ -907,7 +909,7 @@ int batch_job_pause(const struct batch_jobs_config *cfg, const char *id, int pau
 
     if (!paused) { /* resumed: the next time after now; what it missed does not run */
         json_t *def = NULL;
-        rc = queue_batch_definition(cfg->q, id, &s, e);
+        rc = queue_batch_definition(cfg->q, id, cfg->viewer, &s, e);
         if (rc == 0 && s->schedule && (def = json_loads(s->definition, 0, NULL)) != NULL)
             rc = next_run(def, clock_sched_now_ms(), &next, e);
         json_decref(def);
@@ -915,7 +917,7 @@ int batch_job_pause(const struct batch_jobs_config *cfg, const char *id, int pau
         if (rc != 0)
             return rc;
     }
-    return queue_batch_pause(cfg->q, id, paused, next, out, e);
+    return queue_batch_pause(cfg->q, id, cfg->viewer, paused, next, out, e);
 }
 
 /* ---- the scheduler ---- */
@@ -1046,7 +1048,7 @@ static int task_tick(void *ctx, struct err *e)
     }
     if (now - t->last_check_ms >= CANCEL_CHECK_MS) {
         t->last_check_ms = now;
-        if (queue_get(t->q, t->job->id, 0, &j, e) == 0 && j->cancel_requested)
+        if (queue_get(t->q, t->job->id, NULL, 0, &j, e) == 0 && j->cancel_requested)
             rc = err_set(e, ERR_CANCELLED, "cancelled");
         job_free(j);
     }
@@ -1177,7 +1179,7 @@ static int finish_run(struct queue *q, const struct job *job, json_t *in, struct
     *retryable = 1;
     rc = manifest_uri && success_uri ? 0 : err_set(e, ERR_NOMEM, "out of memory");
     if (rc == 0)
-        rc = queue_batch_manifest(q, job->batch_id, &manifest, e);
+        rc = queue_batch_manifest(q, job->batch_id, NULL, &manifest, e);
     if (rc == 0) {
         json_t *m = json_loadb(manifest.data, manifest.len, 0, NULL);
         char *pretty = m ? json_dumps(m, JSON_INDENT(2) | JSON_SORT_KEYS) : NULL;

@@ -18,7 +18,9 @@ struct registry;
 struct batch_jobs_config {
     struct queue *q;
     struct registry *reg;
-    int max_attempts; /* per task */
+    int max_attempts;   /* per task */
+    const char *tenant; /* who owns what is created (NULL: the anonymous tenant) */
+    const char *viewer; /* who asks, for a schedule by id: NULL every tenant (queue.h) */
 };
 
 /*

@@ -20,7 +20,7 @@ static void reply_batch(struct req *r, int status, const char *id)
     struct err e;
 
     buf_release(&r->out);
-    if (queue_batch_get(r->srv->queue, id, &r->out, &e) != 0) {
+    if (queue_batch_get(r->srv->queue, id, http_viewer(r), &r->out, &e) != 0) {
         http_set_error(r, e.code, e.msg);
         return;
     }
@@ -35,6 +35,8 @@ static struct batch_jobs_config jobs_config(struct req *r)
         .q = r->srv->queue,
         .reg = r->srv->reg,
         .max_attempts = (int)r->srv->cfg.default_max_attempts,
+        .tenant = http_owner(r),
+        .viewer = http_viewer(r),
     };
 }
 
@@ -101,7 +103,7 @@ enum handled batch_api_cancel(struct req *r)
     if (take_id(r) != 0)
         return HANDLED_ANSWER;
     buf_release(&r->out);
-    if (queue_batch_cancel(r->srv->queue, r->job_id, &r->out, &e) != 0)
+    if (queue_batch_cancel(r->srv->queue, r->job_id, http_viewer(r), &r->out, &e) != 0)
         return http_fail(r, e.code, "%s", e.msg);
     r->status = 200;
     r->json_len = -1;
@@ -136,7 +138,7 @@ enum handled batch_api_list(struct req *r)
                          "failed, cancelled, scheduled, paused)",
                          status);
     buf_release(&r->out);
-    if (queue_batch_list(r->srv->queue, (int)v, status, &r->out, &e) != 0)
+    if (queue_batch_list(r->srv->queue, http_viewer(r), (int)v, status, &r->out, &e) != 0)
         return http_fail(r, e.code, "%s", e.msg);
     r->status = 200;
     r->json_len = -1;

@@ -160,6 +160,11 @@ void http_set_error(struct req *r, int code, const char *msg);
 void http_count_request(struct req *r);
 /* A header's non-negative integer value; -1 when absent, with *bad 1 when not an integer. */
 int64_t http_header_int(struct MHD_Connection *conn, const char *name, int *bad);
+/* The tenant that owns what the request creates: its key's; NULL (anonymous) without keys. */
+const char *http_owner(const struct req *r);
+/* Who asks, for what it reads or changes by id or lists: NULL sees every tenant (an admin key,
+ * or a server without keys); otherwise the key's tenant (queue.h, "Tenants"). */
+const char *http_viewer(const struct req *r);
 /* 1 if the request's key has `scope` (AUTH_*), or keys are off. */
 int http_has_scope(const struct req *r, unsigned scope);
 /* Sets the error answer; returns HANDLED_ANSWER, for `return http_fail(r, ...)`. */

@@ -332,7 +332,7 @@ static void answer_waiter(struct req *r)
 {
     struct job *j = NULL;
     struct err e;
-    int rc = queue_get(r->srv->queue, r->job_id, r->wait_mode == WAIT_INFER, &j, &e);
+    int rc = queue_get(r->srv->queue, r->job_id, http_viewer(r), r->wait_mode == WAIT_INFER, &j, &e);
 
     if (rc != 0)
         http_set_error(r, rc, e.msg);
@@ -356,7 +356,7 @@ static enum handled wait_or_answer(struct req *r, struct job *j)
             /* it may have ended between the read and the registration: look once more */
             struct job *again = NULL;
             struct err e;
-            if (queue_get(r->srv->queue, r->job_id, 0, &again, &e) == 0 &&
+            if (queue_get(r->srv->queue, r->job_id, http_viewer(r), 0, &again, &e) == 0 &&
                 job_state_is_final(again->state) && waiter_claim(r->srv, r))
                 answer_waiter(r);
             job_free(again);
@@ -381,7 +381,7 @@ static void after_enqueue(struct req *r)
     struct job *j = NULL;
 
     if (r->prefer_async && r->wait_ms > 0 && r->status == 0) {
-        if (queue_get(r->srv->queue, r->job_id, 1, &j, &e) == 0) {
+        if (queue_get(r->srv->queue, r->job_id, http_viewer(r), 1, &j, &e) == 0) {
             r->wait_mode = WAIT_INFER;
             if (wait_or_answer(r, j) == HANDLED_ANSWER)
                 http_finish_async(r);
@@ -390,7 +390,7 @@ static void after_enqueue(struct req *r)
         }
     }
     /* the same request again: the same job back */
-    if (queue_get(r->srv->queue, r->job_id, 0, &j, &e) == 0)
+    if (queue_get(r->srv->queue, r->job_id, http_viewer(r), 0, &j, &e) == 0)
         reply_job(r, 200, j);
     else
         http_set_error(r, e.code, e.msg);
@@ -513,6 +513,7 @@ enum handled jobs_submit_infer(struct req *r)
     fill_defaults(r, r->model);
     hash_request(r, r->spec.model, strlen(r->spec.model), r->spec.input, r->spec.input_len);
     r->spec.request_hash = r->request_hash;
+    r->spec.tenant = http_owner(r);
     return enqueue(r);
 }
 
@@ -653,6 +654,7 @@ enum handled jobs_submit(struct req *r)
         free(canon);
     }
     r->spec.request_hash = r->request_hash;
+    r->spec.tenant = http_owner(r);
     return enqueue(r);
 }
 
@@ -718,7 +720,7 @@ enum handled jobs_get(struct req *r)
         return HANDLED_ANSWER;
     if (parse_wait(r, &e) != 0)
         return http_fail(r, e.code, "%s", e.msg);
-    rc = queue_get(r->srv->queue, r->job_id, 0, &j, &e);
+    rc = queue_get(r->srv->queue, r->job_id, http_viewer(r), 0, &j, &e);
     if (rc != 0)
         return http_fail(r, rc, "%s", e.msg);
     r->wait_mode = WAIT_STATUS;
@@ -737,7 +739,7 @@ enum handled jobs_result(struct req *r)
     r->kind = KIND_JOB;
     if (take_job_id(r) != 0)
         return HANDLED_ANSWER;
-    rc = queue_get(r->srv->queue, r->job_id, 1, &j, &e);
+    rc = queue_get(r->srv->queue, r->job_id, http_viewer(r), 1, &j, &e);
     if (rc != 0) {
         http_set_error(r, rc, e.msg);
     } else if (j->state != JOB_SUCCEEDED) {
@@ -780,7 +782,7 @@ enum handled jobs_cancel(struct req *r)
     r->kind = KIND_JOB;
     if (take_job_id(r) != 0)
         return HANDLED_ANSWER;
-    rc = queue_cancel(r->srv->queue, r->job_id, &j, &e);
+    rc = queue_cancel(r->srv->queue, r->job_id, http_viewer(r), &j, &e);
     if (rc != 0)
         return http_fail(r, rc, "%s", e.msg);
     r->wait_mode = WAIT_CANCEL;
@@ -800,7 +802,7 @@ enum handled jobs_retry(struct req *r)
     r->kind = KIND_JOB;
     if (take_job_id(r) != 0)
         return HANDLED_ANSWER;
-    rc = queue_retry(r->srv->queue, r->job_id, &j, &e);
+    rc = queue_retry(r->srv->queue, r->job_id, http_viewer(r), &j, &e);
     if (rc != 0) {
         http_set_error(r, rc, e.msg);
     } else {
@@ -845,6 +847,7 @@ enum handled jobs_list(struct req *r)
     }
     f.model = model && *model ? model : NULL;
     f.cursor = cursor && *cursor ? cursor : NULL;
+    f.tenant = http_viewer(r);
     buf_release(&r->out);
     rc = queue_list(r->srv->queue, &f, &r->out, &e);
     if (rc != 0)
@@ -896,6 +899,7 @@ enum handled jobs_redrive(struct req *r)
         return http_fail(r, ERR_INVALID, "model: longer than %d bytes", 127);
     f.model = model;
     f.limit = (int)limit;
+    f.tenant = http_viewer(r); /* an admin route: every tenant's */
     rc = queue_retry_matching(r->srv->queue, &f, &n, &e);
     buf_release(&r->out);
     if (rc != 0)

@@ -289,6 +289,18 @@ static unsigned scope_bit(enum route_scope s)
     return 0;
 }
 
+const char *http_owner(const struct req *r)
+{
+    return r->srv->cfg.auth && r->authenticated ? r->who.tenant : NULL;
+}
+
+const char *http_viewer(const struct req *r)
+{
+    if (!r->srv->cfg.auth || (r->authenticated && (r->who.scopes & AUTH_ADMIN)))
+        return NULL;
+    return r->who.tenant; /* "" when unauthenticated: the anonymous tenant's only */
+}
+
 int http_has_scope(const struct req *r, unsigned scope)
 {
     return !r->srv->cfg.auth || (r->who.scopes & (scope | AUTH_ADMIN)) != 0;

@@ -15,6 +15,7 @@ void batch_job_release(struct batch_job *b)
     free(b->schedule);
     free(b->output);
     free(b->error);
+    free(b->tenant);
     batch_jobs_free(b->runs, b->n_runs);
     memset(b, 0, sizeof(*b));
 }
@@ -107,6 +108,10 @@ static json_t *batch_object(const struct batch_job *b)
         return NULL;
     }
     json_object_set_new(o, "id", json_string(b->id));
+    if (b->tenant && b->tenant[0]) /* the anonymous tenant's JSON is as it was */
+        json_object_set_new(o, "tenant", json_string(b->tenant));
+    else
+        json_object_del(o, "tenant"); /* whatever the definition says, it is not an owner */
     json_object_set_new(o, "status", json_string(batch_job_status(b)));
     json_object_set_new(o, "created_at", json_time(b->created_ms));
     if (b->schedule) {

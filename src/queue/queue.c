@@ -52,12 +52,74 @@ void job_free(struct job *j)
         free(j->history[i].error);
     }
     free(j->history);
+    free(j->tenant);
     buf_release(&j->input);
     buf_release(&j->result);
     free(j);
 }
 
 int (*queue_fault_hook)(const char *where, size_t index);
+
+/* ---- tenants ---- */
+
+int queue_tenant_set(char **dst, const char *stored)
+{
+    *dst = NULL;
+    if (!stored || !stored[0])
+        return 0;
+    *dst = strdup(stored);
+    return *dst ? 0 : ERR_NOMEM;
+}
+
+/* 1 when `asker` (NULL: every tenant) may see what `owner` (NULL or "": anonymous) owns. */
+static int tenant_may_see(const char *asker, const char *owner)
+{
+    return !asker || strcmp(asker, queue_tenant_stored(owner)) == 0;
+}
+
+/* The one answer for a job that does not exist or that the asker may not see: the same code
+ * and text for both, so an answer never tells another tenant's job from a missing id. */
+static int job_not_found(struct err *e, const char *id)
+{
+    return err_set(e, ERR_NOT_FOUND, "no job '%.40s'", id);
+}
+
+static int batch_not_found(struct err *e, const char *id)
+{
+    return err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
+}
+
+/* 0 when job `id` exists and `tenant` may see it; ERR_NOT_FOUND otherwise (or a read error).
+ * Nothing to read when `tenant` is NULL. A job's tenant never changes, so what this read says
+ * still holds for the change that follows it. */
+static int job_check_tenant(struct queue *q, const char *id, const char *tenant, struct err *e)
+{
+    struct job *j = NULL;
+    int rc;
+
+    if (!tenant)
+        return 0;
+    rc = q->ops->jobs->get(q, id, 0, &j, e);
+    if (rc == ERR_NOT_FOUND || (rc == 0 && !tenant_may_see(tenant, j->tenant)))
+        rc = job_not_found(e, id);
+    job_free(j);
+    return rc;
+}
+
+/* As job_check_tenant, for a batch job or schedule. */
+static int batch_check_tenant(struct queue *q, const char *id, const char *tenant, struct err *e)
+{
+    struct queue_schedule *s = NULL;
+    int rc;
+
+    if (!tenant)
+        return 0;
+    rc = q->ops->batch->definition(q, id, &s, e);
+    if (rc == ERR_NOT_FOUND || (rc == 0 && !tenant_may_see(tenant, s->tenant)))
+        rc = batch_not_found(e, id);
+    queue_schedules_free(s, s ? 1 : 0);
+    return rc;
+}
 
 int queue_job_add_attempt(struct job *j, int attempt, int64_t started_ms, int64_t ended_ms,
                           const char *worker, const char *error)
@@ -231,9 +293,14 @@ int queue_fail(struct queue *q, const char *id, uint64_t token, const char *erro
     return finish_one(q, &o, e);
 }
 
-int queue_cancel(struct queue *q, const char *id, struct job **out, struct err *e)
+int queue_cancel(struct queue *q, const char *id, const char *tenant, struct job **out,
+                 struct err *e)
 {
-    int rc = q->ops->jobs->cancel(q, id, out, e);
+    int rc = job_check_tenant(q, id, tenant, e);
+
+    *out = NULL;
+    if (rc == 0)
+        rc = q->ops->jobs->cancel(q, id, out, e);
 
     if (rc == 0 && *out && (*out)->state == JOB_RUNNING)
         queue_note_cancel(q, id);
@@ -267,9 +334,13 @@ int queue_cancel_noted(struct queue *q, const char *id)
     return found;
 }
 
-int queue_retry(struct queue *q, const char *id, struct job **out, struct err *e)
+int queue_retry(struct queue *q, const char *id, const char *tenant, struct job **out,
+                struct err *e)
 {
-    return q->ops->jobs->retry(q, id, out, e);
+    int rc = job_check_tenant(q, id, tenant, e);
+
+    *out = NULL;
+    return rc ? rc : q->ops->jobs->retry(q, id, out, e);
 }
 
 /* A page of up to f->limit jobs matching `f`, newest first, into the caller's array `jobs` of
@@ -301,7 +372,8 @@ static int matching_ids(struct queue *q, const struct queue_list_filter *f, int 
                                          .cancelling = -1,
                                          .model = f->model,
                                          .cursor = cursor[0] ? cursor : NULL,
-                                         .limit = PAGE};
+                                         .limit = PAGE,
+                                         .tenant = f->tenant};
         size_t n = 0;
         rc = list_page(q, &page, jobs, &n, e);
         for (size_t i = 0; rc == 0 && i < n && json_array_size(ids) < max; i++)
@@ -335,7 +407,8 @@ int queue_retry_matching(struct queue *q, const struct queue_list_filter *f, int
         int one;
         if (rc != 0)
             break;
-        one = queue_retry(q, json_string_value(id), &j, e);
+        /* the listing took only f->tenant's, and a job's tenant never changes: no second look */
+        one = q->ops->jobs->retry(q, json_string_value(id), &j, e);
         job_free(j);
         if (one == 0)
             (*n_retried)++;
@@ -346,15 +419,39 @@ int queue_retry_matching(struct queue *q, const struct queue_list_filter *f, int
     return rc;
 }
 
-int queue_get(struct queue *q, const char *id, int want_result, struct job **out, struct err *e)
+int queue_get(struct queue *q, const char *id, const char *tenant, int want_result,
+              struct job **out, struct err *e)
 {
-    return q->ops->jobs->get(q, id, want_result, out, e);
+    int rc = q->ops->jobs->get(q, id, want_result, out, e);
+
+    if (rc == 0 && !tenant_may_see(tenant, (*out)->tenant)) {
+        job_free(*out);
+        *out = NULL;
+        rc = job_not_found(e, id);
+    }
+    return rc;
 }
 
 int queue_batch_create(struct queue *q, const struct batch_job_spec *spec, char id_out[40],
                        struct err *e)
 {
-    return q->ops->batch->create(q, spec, id_out, e);
+    struct batch_job_spec own = *spec;
+    struct queue_schedule *parent = NULL;
+    int rc = 0;
+
+    /* a run of a schedule belongs to the schedule's tenant, whoever starts it (the scheduler
+     * does not know it; run now by an admin must not move it to another tenant) */
+    if (spec->parent) {
+        rc = q->ops->batch->definition(q, spec->parent, &parent, e);
+        if (rc == 0)
+            own.tenant = parent->tenant;
+        else if (rc == ERR_NOT_FOUND) /* the store says why it cannot run, as it always has */
+            rc = 0;
+    }
+    if (rc == 0)
+        rc = q->ops->batch->create(q, &own, id_out, e);
+    queue_schedules_free(parent, parent ? 1 : 0);
+    return rc;
 }
 
 /* Appends `b`'s JSON (when `rc` is 0) and frees it (an array of one). */
@@ -366,18 +463,25 @@ static int answer_batch_job(int rc, struct batch_job *b, struct buf *out, struct
     return rc;
 }
 
-int queue_batch_get(struct queue *q, const char *id, struct buf *out, struct err *e)
+int queue_batch_get(struct queue *q, const char *id, const char *tenant, struct buf *out,
+                    struct err *e)
 {
     struct batch_job *b = NULL;
 
     int rc = q->ops->batch->get(q, id, &b, e);
 
+    if (rc == 0 && !tenant_may_see(tenant, b->tenant)) {
+        batch_jobs_free(b, 1);
+        b = NULL;
+        rc = batch_not_found(e, id);
+    }
     return answer_batch_job(rc, b, out, e);
 }
 
-int queue_batch_list(struct queue *q, int limit, const char *status, struct buf *out, struct err *e)
+int queue_batch_list(struct queue *q, const char *tenant, int limit, const char *status,
+                     struct buf *out, struct err *e)
 {
-    struct queue_batch_filter f = {.limit = limit};
+    struct queue_batch_filter f = {.limit = limit, .tenant = tenant};
     struct batch_job *b = NULL;
     size_t n = 0;
     int rc = 0;
@@ -390,19 +494,27 @@ int queue_batch_list(struct queue *q, int limit, const char *status, struct buf 
     return rc;
 }
 
-int queue_batch_definition(struct queue *q, const char *id, struct queue_schedule **out,
-                           struct err *e)
+int queue_batch_definition(struct queue *q, const char *id, const char *tenant,
+                           struct queue_schedule **out, struct err *e)
 {
-    return q->ops->batch->definition(q, id, out, e);
+    int rc = q->ops->batch->definition(q, id, out, e);
+
+    if (rc == 0 && !tenant_may_see(tenant, (*out)->tenant)) {
+        queue_schedules_free(*out, 1);
+        *out = NULL;
+        rc = batch_not_found(e, id);
+    }
+    return rc;
 }
 
-int queue_batch_pause(struct queue *q, const char *id, int paused, int64_t next_run_ms,
-                      struct buf *out, struct err *e)
+int queue_batch_pause(struct queue *q, const char *id, const char *tenant, int paused,
+                      int64_t next_run_ms, struct buf *out, struct err *e)
 {
     struct batch_job *b = NULL;
+    int rc = batch_check_tenant(q, id, tenant, e);
 
-    int rc = q->ops->batch->pause(q, id, paused, next_run_ms, &b, e);
-
+    if (rc == 0)
+        rc = q->ops->batch->pause(q, id, paused, next_run_ms, &b, e);
     return answer_batch_job(rc, b, out, e);
 }
 
@@ -412,20 +524,26 @@ int queue_batch_progress(struct queue *q, const char *batch_id, const char *task
     return q->ops->batch->progress(q, batch_id, task_id, token, records, e);
 }
 
-int queue_batch_cancel(struct queue *q, const char *id, struct buf *out, struct err *e)
+int queue_batch_cancel(struct queue *q, const char *id, const char *tenant, struct buf *out,
+                       struct err *e)
 {
     struct batch_job *b = NULL;
+    int rc = batch_check_tenant(q, id, tenant, e);
 
-    int rc = q->ops->batch->cancel(q, id, &b, e);
-
+    if (rc == 0)
+        rc = q->ops->batch->cancel(q, id, &b, e);
     return answer_batch_job(rc, b, out, e);
 }
 
-int queue_batch_manifest(struct queue *q, const char *id, struct buf *out, struct err *e)
+int queue_batch_manifest(struct queue *q, const char *id, const char *tenant, struct buf *out,
+                         struct err *e)
 {
     char *model = NULL, **results = NULL;
     size_t n = 0;
-    int rc = q->ops->batch->results(q, id, &model, &results, &n, e);
+    int rc = batch_check_tenant(q, id, tenant, e);
+
+    if (rc == 0)
+        rc = q->ops->batch->results(q, id, &model, &results, &n, e);
 
     if (rc == 0 && queue_batch_manifest_json(model, results, n, out) != 0)
         rc = err_set(e, ERR_NOMEM, "out of memory");
@@ -507,6 +625,7 @@ void queue_schedules_free(struct queue_schedule *s, size_t n)
     for (size_t i = 0; s && i < n; i++) {
         free(s[i].definition);
         free(s[i].schedule);
+        free(s[i].tenant);
     }
     free(s);
 }
@@ -677,6 +796,11 @@ int queue_job_json(const struct job *j, struct buf *out)
         rc = buf_puts(out, ",\"model\":");
     if (rc == 0)
         rc = json_str_or_null(out, j->model);
+    if (rc == 0 && j->tenant && j->tenant[0]) { /* the anonymous tenant's JSON is as it was */
+        rc = buf_puts(out, ",\"tenant\":");
+        if (rc == 0)
+            rc = buf_json_string(out, j->tenant);
+    }
     if (rc == 0)
         rc = buf_printf(out,
                         ",\"status\":\"%s\",\"priority\":%d,\"attempts\":%d,"

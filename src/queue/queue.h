@@ -67,6 +67,8 @@ struct job_spec {
     int64_t lease_timeout_ms;    /* visibility timeout of each attempt */
     const char *idempotency_key; /* NULL means none */
     const char *request_hash;    /* hash of the request, compared for the idempotency key */
+    const char *tenant; /* who owns it (an API key's name); NULL or "" the anonymous tenant.
+                         * Idempotency keys are per tenant. */
 };
 
 /* One attempt of a job, as its record keeps it (attempts_history). Strings owned by the job. */
@@ -119,6 +121,7 @@ struct job {
     /* filled by queue_get() and queue_list(): every attempt, oldest first, across redrives */
     struct job_attempt *history;
     size_t n_history;
+    char *tenant; /* its owner; NULL for the anonymous tenant */
 };
 
 void job_free(struct job *j);
@@ -130,6 +133,8 @@ struct queue_list_filter {
     const char *model;  /* NULL means any */
     const char *cursor; /* the last id of the previous page; NULL starts at the newest */
     int limit;          /* 1..1000 */
+    const char *tenant; /* only this tenant's jobs ("": the anonymous tenant's); NULL: every
+                         * tenant's (an admin key, or a server without keys) */
 };
 
 struct queue;
@@ -151,6 +156,16 @@ void queue_close(struct queue *q);
 
 /* 1 when `url` names a PostgreSQL queue (postgresql://... or postgres://...). */
 int queue_url_is_postgres(const char *url);
+
+/*
+ * Tenants. Every job, batch job and schedule belongs to a tenant (job_spec.tenant,
+ * batch_job_spec.tenant; NULL or "" is the anonymous tenant, which owns everything a server
+ * without API keys makes). Every call below that reads or changes one of them by id takes
+ * `tenant`, who asks: NULL asks for every tenant (an admin, or a server without keys); any other
+ * value (including "", the anonymous tenant) sees only its own, and another tenant's job is
+ * ERR_NOT_FOUND with the very message an id that does not exist gets, so its existence is not
+ * revealed. Listings and retry_matching take the tenant in their filter, with the same rule.
+ */
 /*
  * Stores a new job, durably. With an idempotency key already used: the same request hash
  * gives back that job (`*existed` = 1), another hash is ERR_CONFLICT.
@@ -228,7 +243,8 @@ int queue_fail(struct queue *q, const char *id, uint64_t token, const char *erro
 
 /* Cancels: a queued job ends cancelled at once; a running one is marked and ends cancelled
  * when its attempt reports. ERR_CONFLICT if already final; ERR_NOT_FOUND. */
-int queue_cancel(struct queue *q, const char *id, struct job **out, struct err *e);
+int queue_cancel(struct queue *q, const char *id, const char *tenant, struct job **out,
+                 struct err *e);
 
 /*
  * Running jobs asked to cancel, as this process learnt (its own queue_cancel calls; on Redis,
@@ -239,19 +255,23 @@ uint64_t queue_cancel_generation(struct queue *q);
 int queue_cancel_noted(struct queue *q, const char *id);
 
 /* Sends a failed (or expired) job back to the queue with a fresh attempt budget. */
-int queue_retry(struct queue *q, const char *id, struct job **out, struct err *e);
+int queue_retry(struct queue *q, const char *id, const char *tenant, struct job **out,
+                struct err *e);
 
 /*
  * Bulk redrive: sends back to the queue, as queue_retry() does one, every job that matches `f`
  * (state JOB_FAILED, JOB_EXPIRED, or -1 for both; model or NULL; at most f->limit jobs, newest
- * first; cursor unused). `*n_retried` counts them; a job that changed meanwhile, or has no
- * input to run again, is passed over. Works on every store (through queue_list/queue_retry).
+ * first; cursor unused; only f->tenant's jobs unless it is NULL). `*n_retried` counts them; a job
+ * that changed meanwhile, or has no input to run again, is passed over. Works on every store
+ * (through queue_list/queue_retry).
  */
 int queue_retry_matching(struct queue *q, const struct queue_list_filter *f, int64_t *n_retried,
                          struct err *e);
 
-/* A snapshot of one job; `want_result` also loads the stored result. ERR_NOT_FOUND. */
-int queue_get(struct queue *q, const char *id, int want_result, struct job **out, struct err *e);
+/* A snapshot of one job; `want_result` also loads the stored result. ERR_NOT_FOUND (also for
+ * another tenant's job, see "Tenants" above). */
+int queue_get(struct queue *q, const char *id, const char *tenant, int want_result,
+              struct job **out, struct err *e);
 
 /* Appends a JSON page {"jobs": [...], "next_cursor": ...} (newest first). */
 int queue_list(struct queue *q, const struct queue_list_filter *f, struct buf *out, struct err *e);
@@ -269,7 +289,8 @@ void queue_on_final(struct queue *q, queue_final_fn fn, void *ctx);
 /* Jobs waiting now (cheap: kept in memory). */
 int64_t queue_queued(struct queue *q);
 
-/* Appends a job's public JSON: id, model, status, priority, attempts, created_at, ... */
+/* Appends a job's public JSON: id, model, (tenant, when not the anonymous one,) status,
+ * priority, attempts, created_at, ... */
 int queue_job_json(const struct job *j, struct buf *out);
 /* Appends an ISO-8601 UTC time for milliseconds since the epoch, or null for 0. */
 int queue_json_time(struct buf *out, int64_t ms);
@@ -338,6 +359,9 @@ struct batch_job_spec {
     int64_t parent_next_run_ms;
     int by_hand; /* a run of `parent` started by hand (run now): the schedule is not claimed
                   * and its next run stays where it is */
+    /* its owner; NULL or "" the anonymous tenant. A run of a schedule belongs to the schedule's
+     * tenant whatever this says; a run's tasks and finishing job belong to the run's. */
+    const char *tenant;
 };
 
 /*
@@ -361,6 +385,7 @@ struct batch_job {
     int64_t records_failed;
     struct batch_job *runs; /* a schedule's latest runs (at most 50), newest first */
     size_t n_runs;
+    char *tenant; /* its owner; NULL for the anonymous tenant */
 };
 
 /* Frees `n` batch jobs of an array (their runs too) and the array. */
@@ -369,8 +394,8 @@ void batch_jobs_free(struct batch_job *b, size_t n);
 const char *batch_job_status(const struct batch_job *b);
 /* Appends a batch job's public JSON: its definition's options (the credentials of its
  * callback URL and of its input, a postgresql:// URI's password, masked),
- * then id, status, created_at, and a run's output, times, progress and error, or a schedule's
- * next_run_at and latest runs. */
+ * then id, tenant (when not the anonymous one), status, created_at, and a run's output, times,
+ * progress and error, or a schedule's next_run_at and latest runs. */
 int queue_batch_job_json(const struct batch_job *b, struct buf *out);
 /* The webhook body for a run that ended: {"id": event_id, "type": "batch.<status>",
  * "batch_job": {...}}. */
@@ -380,19 +405,23 @@ int queue_batch_event_json(const struct batch_job *b, const char *event_id, stru
  * scheduled run is no longer due (another scheduler made it). */
 int queue_batch_create(struct queue *q, const struct batch_job_spec *spec, char id_out[40],
                        struct err *e);
-/* Appends a batch job's public JSON (a schedule's lists its latest runs). ERR_NOT_FOUND. */
-int queue_batch_get(struct queue *q, const char *id, struct buf *out, struct err *e);
-/* Appends {"batch_jobs": [...]}: runs started by hand and schedules, newest first; with
- * `status` (NULL: any) only those whose status is that (queued ... cancelled, scheduled,
- * paused). */
-int queue_batch_list(struct queue *q, int limit, const char *status, struct buf *out,
-                     struct err *e);
+/* Appends a batch job's public JSON (a schedule's lists its latest runs). ERR_NOT_FOUND.
+ * `tenant` here and below: who asks (see "Tenants" above). */
+int queue_batch_get(struct queue *q, const char *id, const char *tenant, struct buf *out,
+                    struct err *e);
+/* Appends {"batch_jobs": [...]}: runs started by hand and schedules, newest first, of `tenant`
+ * (NULL: every tenant's); with `status` (NULL: any) only those whose status is that (queued ...
+ * cancelled, scheduled, paused). */
+int queue_batch_list(struct queue *q, const char *tenant, int limit, const char *status,
+                     struct buf *out, struct err *e);
 /* Cancels a run (its tasks stop) or a schedule (no more runs). Appends its JSON to `out`.
  * ERR_CONFLICT if it already ended. */
-int queue_batch_cancel(struct queue *q, const char *id, struct buf *out, struct err *e);
+int queue_batch_cancel(struct queue *q, const char *id, const char *tenant, struct buf *out,
+                       struct err *e);
 /* Appends the run's manifest: {"model", "objects": {name: {"records", "sha256", "input"}}}
  * ("input" when the task's result has it: the input object's identity). */
-int queue_batch_manifest(struct queue *q, const char *id, struct buf *out, struct err *e);
+int queue_batch_manifest(struct queue *q, const char *id, const char *tenant, struct buf *out,
+                         struct err *e);
 
 /* A schedule's state in the store: active (due at next_run_ms), paused (never due), or
  * cancelled (JOB_CANCELLED). */
@@ -407,17 +436,20 @@ struct queue_schedule {
     char *schedule;   /* NULL for a run (queue_batch_definition) */
     int64_t next_run_ms;
     int state; /* queue_batch_definition: a schedule's QUEUE_SCHEDULE_* or a run's job_state */
+    /* its owner; NULL for the anonymous tenant (runs of it belong to it too) */
+    char *tenant;
 };
 
-/* One batch job's stored definition; `*out` is a new array of one: queue_schedules_free(). */
-int queue_batch_definition(struct queue *q, const char *id, struct queue_schedule **out,
-                           struct err *e);
+/* One batch job's stored definition; `*out` is a new array of one: queue_schedules_free().
+ * This is what "run now" of a schedule reads: a tenant that may not see it cannot run it. */
+int queue_batch_definition(struct queue *q, const char *id, const char *tenant,
+                           struct queue_schedule **out, struct err *e);
 
 /* Pauses (`paused` 1) or resumes a schedule; a resumed one runs next at `next_run_ms`.
  * Appends its JSON to `out`. ERR_NOT_FOUND; ERR_CONFLICT for a run or a cancelled schedule.
  * Pausing a paused schedule (or resuming an active one) changes nothing. */
-int queue_batch_pause(struct queue *q, const char *id, int paused, int64_t next_run_ms,
-                      struct buf *out, struct err *e);
+int queue_batch_pause(struct queue *q, const char *id, const char *tenant, int paused,
+                      int64_t next_run_ms, struct buf *out, struct err *e);
 
 /* Records that the attempt `token` of batch task `task_id` has written `records` records of
  * its object so far: the run's records_done counts them while the object runs. Ignored once

@@ -137,6 +137,18 @@ static inline int queue_fault(const char *where, size_t index)
     return queue_fault_hook && queue_fault_hook(where, index);
 }
 
+/*
+ * Tenants in a store. Every store keeps the anonymous tenant as "" (so one index on (tenant,
+ * ...) serves every listing, and data written before tenants existed reads as anonymous) and
+ * hands it back as NULL.
+ */
+static inline const char *queue_tenant_stored(const char *tenant)
+{
+    return tenant ? tenant : "";
+}
+/* Sets `*dst` to a copy of a stored tenant (NULL for ""/NULL). 0 or ERR_NOMEM. */
+int queue_tenant_set(char **dst, const char *stored);
+
 /* Frees an outbox item's strings and empties it; the item itself is the caller's. */
 void queue_outbox_item_release(struct queue_outbox_item *it);
 

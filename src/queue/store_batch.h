@@ -17,6 +17,8 @@ struct queue_batch_filter {
     int schedules; /* 1: schedules only; 0: runs only; -1: both */
     int state;     /* a schedule's QUEUE_SCHEDULE_* or a run's job_state; -1 any */
     int limit;     /* at most this many */
+    /* only this tenant's ("": the anonymous one); NULL: every tenant's */
+    const char *tenant;
 };
 
 struct queue_batch_ops {

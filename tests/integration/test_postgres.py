@@ -656,7 +656,7 @@ def test_password_from_pgpassword(postgres_server, server_factory, worker_factor
 
 def test_schema_created_versioned_and_newer_refused(postgres_server, server_factory, repo,
                                                     tmp_path):
-    """The first start creates the schema (inferd_schema_version says 1); a database whose
+    """The first start creates the schema (inferd_schema_version says 2); a database whose
     schema is newer than this binary is refused at start, by serve and by worker, with one
     error line that says so, and left as it was."""
     pg = postgres_server
@@ -665,7 +665,7 @@ def test_schema_created_versioned_and_newer_refused(postgres_server, server_fact
     serve = server_factory(repo, *async_args(tmp_path / "data", queue=url))
     jid = serve.client().submit_ok("rowsum", np.ones((1, 4), dtype=np.float32))
     serve.stop()
-    assert pg.psql("SELECT MAX(version) FROM inferd_schema_version", db) == [["1"]]
+    assert pg.psql("SELECT MAX(version) FROM inferd_schema_version", db) == [["2"]]
     tables = {t for (t,) in pg.psql("SELECT tablename FROM pg_tables WHERE schemaname = "
                                     "'public'", db)}
     assert {"inferd_schema_version", "inferd_jobs", "inferd_outbox"} <= tables, tables
@@ -684,8 +684,8 @@ def test_schema_created_versioned_and_newer_refused(postgres_server, server_fact
 
 def test_schema_created_once_by_processes_starting_together(postgres_server, repo, tmp_path,
                                                             server_factory, worker_factory):
-    """serve and three workers started at once on an empty database: the migration runs
-    once (one row in inferd_schema_version) and every process comes up."""
+    """serve and three workers started at once on an empty database: each migration runs
+    once (one row per version in inferd_schema_version) and every process comes up."""
     pg = postgres_server
     url = pg.fresh_url()
 
@@ -696,7 +696,8 @@ def test_schema_created_once_by_processes_starting_together(postgres_server, rep
         return worker_factory(repo, url, "--workers", "1", tag=f"worker{i}")
     with ThreadPoolExecutor(4) as ex:
         procs = list(ex.map(start, range(4)))
-    assert pg.psql("SELECT version FROM inferd_schema_version", db_name(url)) == [["1"]]
+    assert pg.psql("SELECT version FROM inferd_schema_version ORDER BY version",
+                   db_name(url)) == [["1"], ["2"]]
     c = procs[0].client()
     jid = c.submit_ok("rowsum", np.ones((1, 4), dtype=np.float32))
     assert c.wait_final(jid)["status"] == "succeeded"

@@ -52,6 +52,9 @@ struct queue *qc_reopen(void **state, struct qc_config cfg);
  * NULL for a single-owner store (SQLite). Close it with queue_close() before the test ends. */
 struct queue *qc_open_another(void);
 
+/* SQLite's --data-dir of the current test (its database is DIR/inferd.db). */
+const char *qc_data_dir(void);
+
 /* Skips the current test on store `store` because of `bug`, saying so. */
 void qc_skip_on(const char *store, const char *bug);
 
@@ -115,5 +118,7 @@ extern const struct CMUnitTest qc_concurrency_tests[];
 extern const size_t qc_concurrency_n;
 extern const struct CMUnitTest qc_faults_tests[];
 extern const size_t qc_faults_n;
+extern const struct CMUnitTest qc_tenants_tests[];
+extern const size_t qc_tenants_n;
 
 #endif

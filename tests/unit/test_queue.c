@@ -3,7 +3,8 @@
  *
  * Every store of src/queue must pass the same tables of tests, one file per concern
  * (test_queue_jobs.c, _lifetimes.c, _workers.c, _outbox.c, _batch.c, _concurrency.c,
- * _faults.c). This file runs them all once per store it can reach, each test on an empty store:
+ * _faults.c, _tenants.c). This file runs them all once per store it can reach, each test on an
+ * empty store:
  *   - SQLite, always: a fresh temporary --data-dir per test;
  *   - Redis, with $INFERD_TEST_REDIS (tests/unit/with_redis starts a private redis-server):
  *     FLUSHDB before each test;
@@ -115,6 +116,11 @@ struct queue *qc_reopen(void **state, struct qc_config cfg)
     return q;
 }
 
+const char *qc_data_dir(void)
+{
+    return dir;
+}
+
 struct queue *qc_open_another(void)
 {
     struct err e = {0};
@@ -189,7 +195,7 @@ struct job *qc_get(struct queue *q, const char *id)
 {
     struct job *j = NULL;
     struct err e = {0};
-    int rc = queue_get(q, id, 0, &j, &e);
+    int rc = queue_get(q, id, NULL, 0, &j, &e);
 
     if (rc != 0)
         fail_msg("%s: queue_get %s: %d %s", qc_store->name, id, rc, e.msg);
@@ -209,7 +215,7 @@ int qc_job_gone(struct queue *q, const char *id)
 {
     struct job *j = NULL;
     struct err e = {0};
-    int rc = queue_get(q, id, 0, &j, &e);
+    int rc = queue_get(q, id, NULL, 0, &j, &e);
 
     job_free(j);
     return rc == ERR_NOT_FOUND;
@@ -252,7 +258,7 @@ json_t *qc_batch_json(struct queue *q, const char *id)
 {
     struct buf b = {0};
     struct err e = {0};
-    int rc = queue_batch_get(q, id, &b, &e);
+    int rc = queue_batch_get(q, id, NULL, &b, &e);
 
     if (rc != 0)
         fail_msg("%s: queue_batch_get %s: %d %s", qc_store->name, id, rc, e.msg);
@@ -353,6 +359,7 @@ int main(void)
         {"batch", qc_batch_tests, &qc_batch_n},
         {"concurrency", qc_concurrency_tests, &qc_concurrency_n},
         {"faults", qc_faults_tests, &qc_faults_n},
+        {"tenants", qc_tenants_tests, &qc_tenants_n},
     };
     const char *redis = getenv("INFERD_TEST_REDIS"), *pg = getenv("INFERD_TEST_POSTGRES");
     struct qc_store stores[3];

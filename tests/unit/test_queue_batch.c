@@ -68,7 +68,7 @@ static size_t n_listed(struct queue *q, const char *status)
     json_t *o;
     size_t n;
 
-    assert_int_equal(queue_batch_list(q, 10, status, &b, &e), 0);
+    assert_int_equal(queue_batch_list(q, NULL, 10, status, &b, &e), 0);
     o = qc_parse(&b);
     n = json_array_size(json_object_get(o, "batch_jobs"));
     json_decref(o);
@@ -125,8 +125,8 @@ static void test_run_lifecycle(void **state)
     assert_int_equal(progress(o, "records_done"), 0);
     assert_int_equal(progress(o, "records_failed"), 0);
     json_decref(o);
-    assert_int_equal(queue_batch_get(q, "batch-nope", &b, &e), ERR_NOT_FOUND);
-    assert_int_equal(queue_batch_definition(q, id, &def, &e), 0);
+    assert_int_equal(queue_batch_get(q, "batch-nope", NULL, &b, &e), ERR_NOT_FOUND);
+    assert_int_equal(queue_batch_definition(q, id, NULL, &def, &e), 0);
     assert_string_equal(def->id, id);
     assert_string_equal(def->definition, spec.definition);
     assert_null(def->schedule);
@@ -175,7 +175,7 @@ static void test_run_lifecycle(void **state)
     assert_memory_equal(fin->input.data, "{\"finish\":true}", fin->input.len);
     assert_string_equal(status_of(q, id, &o), "running");
     json_decref(o);
-    assert_int_equal(queue_batch_manifest(q, id, &b, &e), 0);
+    assert_int_equal(queue_batch_manifest(q, id, NULL, &b, &e), 0);
     o = qc_parse(&b);
     assert_string_equal(qc_str(o, "model"), "m");
     json_t *objs = json_object_get(o, "objects");
@@ -196,9 +196,9 @@ static void test_run_lifecycle(void **state)
     json_decref(o);
     assert_int_equal(n_listed(q, "succeeded"), 1);
     assert_int_equal(queue_queued(q), 0); /* nothing left waiting: admission is whole again */
-    assert_int_equal(queue_batch_cancel(q, id, &b, &e), ERR_CONFLICT);
+    assert_int_equal(queue_batch_cancel(q, id, NULL, &b, &e), ERR_CONFLICT);
     buf_release(&b);
-    assert_int_equal(queue_batch_manifest(q, "batch-nope", &b, &e), ERR_NOT_FOUND);
+    assert_int_equal(queue_batch_manifest(q, "batch-nope", NULL, &b, &e), ERR_NOT_FOUND);
     buf_release(&b);
     job_free(t1);
     job_free(t2);
@@ -259,7 +259,7 @@ static void test_cancelled_task_fails_run(void **state)
     create(q, &spec, id);
     t = lease_task(q);
     assert_non_null(t);
-    assert_int_equal(queue_cancel(q, t->id, &c, &e), 0);
+    assert_int_equal(queue_cancel(q, t->id, NULL, &c, &e), 0);
     job_free(c);
     assert_int_equal(queue_complete(q, t->id, t->token, "{}", 2, -1, &e), 0);
     assert_int_equal(qc_state(q, t->id), JOB_CANCELLED);
@@ -349,7 +349,7 @@ static void test_cancel_run(void **state)
     create(q, &spec, id);
     t = lease_task(q);
     assert_non_null(t);
-    assert_int_equal(queue_batch_cancel(q, id, &b, &e), 0);
+    assert_int_equal(queue_batch_cancel(q, id, NULL, &b, &e), 0);
     json_t *o = qc_parse(&b);
     assert_string_equal(qc_str(o, "id"), id);
     assert_string_equal(qc_str(o, "status"), "cancelled");
@@ -364,9 +364,9 @@ static void test_cancel_run(void **state)
     job_free(t);
     assert_string_equal(status_of(q, id, &o), "cancelled");
     json_decref(o);
-    assert_int_equal(queue_batch_cancel(q, id, &b, &e), ERR_CONFLICT);
+    assert_int_equal(queue_batch_cancel(q, id, NULL, &b, &e), ERR_CONFLICT);
     buf_release(&b);
-    assert_int_equal(queue_batch_cancel(q, "batch-nope", &b, &e), ERR_NOT_FOUND);
+    assert_int_equal(queue_batch_cancel(q, "batch-nope", NULL, &b, &e), ERR_NOT_FOUND);
     buf_release(&b);
     assert_int_equal(n_listed(q, "cancelled"), 1);
     assert_null(lease_task(q));
@@ -399,7 +399,7 @@ static void test_list(void **state)
 
     for (int i = 0; i < 3; i++)
         create(q, &spec, ids[i]);
-    assert_int_equal(queue_batch_list(q, 10, NULL, &b, &e), 0);
+    assert_int_equal(queue_batch_list(q, NULL, 10, NULL, &b, &e), 0);
     json_t *o = qc_parse(&b), *list = json_object_get(o, "batch_jobs");
     const char *keys[] = {"batch_jobs", NULL};
     qc_assert_keys(o, keys, "a batch job listing");
@@ -408,7 +408,7 @@ static void test_list(void **state)
     assert_string_equal(qc_str(json_array_get(list, 2), "id"), ids[0]);
     qc_assert_keys(json_array_get(list, 0), run_keys, "a listed run");
     json_decref(o);
-    assert_int_equal(queue_batch_list(q, 2, NULL, &b, &e), 0);
+    assert_int_equal(queue_batch_list(q, NULL, 2, NULL, &b, &e), 0);
     o = qc_parse(&b);
     assert_int_equal(json_array_size(json_object_get(o, "batch_jobs")), 2);
     json_decref(o);
@@ -497,15 +497,15 @@ static void test_schedule_pause_and_progress(void **state)
 
     create(q, &sched, sid);
     assert_int_equal(n_due(q, clock_now_ms()), 1);
-    assert_int_equal(queue_batch_pause(q, sid, 1, 0, &b, &e), 0);
+    assert_int_equal(queue_batch_pause(q, sid, NULL, 1, 0, &b, &e), 0);
     o = qc_parse(&b);
     assert_string_equal(qc_str(o, "status"), "paused");
     assert_true(json_is_null(json_object_get(o, "next_run_at")));
     json_decref(o);
-    assert_int_equal(queue_batch_pause(q, sid, 1, 0, &b, &e), 0); /* already: no change */
+    assert_int_equal(queue_batch_pause(q, sid, NULL, 1, 0, &b, &e), 0); /* already: no change */
     buf_release(&b);
     assert_int_equal(n_due(q, clock_now_ms()), 0);
-    assert_int_equal(queue_batch_definition(q, sid, &def, &e), 0);
+    assert_int_equal(queue_batch_definition(q, sid, NULL, &def, &e), 0);
     assert_int_equal(def->state, QUEUE_SCHEDULE_PAUSED);
     assert_string_equal(def->schedule, "@daily");
     assert_string_equal(def->definition, sched.definition);
@@ -523,25 +523,25 @@ static void test_schedule_pause_and_progress(void **state)
     json_decref(o);
     run.parent = NULL;
     run.by_hand = 0;
-    assert_int_equal(queue_batch_cancel(q, hand, &b, &e), 0);
+    assert_int_equal(queue_batch_cancel(q, hand, NULL, &b, &e), 0);
     buf_release(&b);
 
-    assert_int_equal(queue_batch_pause(q, sid, 0, now - 1000, &b, &e), 0);
+    assert_int_equal(queue_batch_pause(q, sid, NULL, 0, now - 1000, &b, &e), 0);
     o = qc_parse(&b);
     assert_string_equal(qc_str(o, "status"), "scheduled");
     json_decref(o);
     assert_int_equal(n_due(q, clock_now_ms()), 1);
     assert_int_equal(n_listed(q, "scheduled"), 1);
-    assert_int_equal(queue_batch_definition(q, sid, &def, &e), 0);
+    assert_int_equal(queue_batch_definition(q, sid, NULL, &def, &e), 0);
     assert_int_equal(def->state, QUEUE_SCHEDULE_ACTIVE);
     assert_int_equal(def->next_run_ms, now - 1000);
     queue_schedules_free(def, 1);
 
     /* a run: it does not pause; its running task's progress counts until it is done */
     create(q, &run, rid);
-    assert_int_equal(queue_batch_pause(q, rid, 1, 0, &b, &e), ERR_CONFLICT);
-    assert_int_equal(queue_batch_pause(q, "batch-nope", 1, 0, &b, &e), ERR_NOT_FOUND);
-    assert_int_equal(queue_batch_definition(q, "batch-nope", &def, &e), ERR_NOT_FOUND);
+    assert_int_equal(queue_batch_pause(q, rid, NULL, 1, 0, &b, &e), ERR_CONFLICT);
+    assert_int_equal(queue_batch_pause(q, "batch-nope", NULL, 1, 0, &b, &e), ERR_NOT_FOUND);
+    assert_int_equal(queue_batch_definition(q, "batch-nope", NULL, &def, &e), ERR_NOT_FOUND);
     assert_int_equal(queue_lease_many(q, "w", 2, 1, 0, jobs, &n, &e), 0);
     assert_int_equal(n, 1);
     assert_int_equal(queue_batch_progress(q, rid, jobs[0]->id, jobs[0]->token, 5, &e), 0);
@@ -563,13 +563,13 @@ static void test_schedule_pause_and_progress(void **state)
     job_free(jobs[0]);
     assert_int_equal(n_listed(q, NULL), 2); /* runs of a schedule are listed with it */
     assert_int_equal(n_listed(q, "cancelled"), 0);
-    assert_int_equal(queue_batch_cancel(q, sid, &b, &e), 0);
+    assert_int_equal(queue_batch_cancel(q, sid, NULL, &b, &e), 0);
     buf_release(&b);
     assert_int_equal(n_listed(q, "cancelled"), 1);
     assert_int_equal(n_due(q, clock_now_ms()), 0);
-    assert_int_equal(queue_batch_pause(q, sid, 0, now, &b, &e), ERR_CONFLICT);
+    assert_int_equal(queue_batch_pause(q, sid, NULL, 0, now, &b, &e), ERR_CONFLICT);
     assert_non_null(strstr(e.msg, "cancelled"));
-    assert_int_equal(queue_batch_definition(q, sid, &def, &e), 0);
+    assert_int_equal(queue_batch_definition(q, sid, NULL, &def, &e), 0);
     assert_int_equal(def->state, JOB_CANCELLED);
     queue_schedules_free(def, 1);
 }
@@ -578,7 +578,7 @@ static int batch_gone(struct queue *q, const char *id)
 {
     struct buf b = {0};
     struct err e = {0};
-    int rc = queue_batch_get(q, id, &b, &e);
+    int rc = queue_batch_get(q, id, NULL, &b, &e);
 
     buf_release(&b);
     return rc == ERR_NOT_FOUND;
@@ -611,7 +611,7 @@ static void test_run_retention(void **state)
     t = lease_task(q); /* the other task: cancelled with its run */
     assert_non_null(t);
     snprintf(queued_task, sizeof(queued_task), "%s", t->id);
-    assert_int_equal(queue_batch_cancel(q, done, &b, &e), 0);
+    assert_int_equal(queue_batch_cancel(q, done, NULL, &b, &e), 0);
     buf_release(&b);
     assert_int_equal(queue_complete(q, t->id, t->token, "{}", 2, -1, &e), 0);
     job_free(t);
@@ -620,7 +620,7 @@ static void test_run_retention(void **state)
     spec.run_at_ms = now - 1000;
     spec.parent_next_run_ms = now + 86400000;
     create(q, &spec, rid);
-    assert_int_equal(queue_batch_cancel(q, rid, &b, &e), 0);
+    assert_int_equal(queue_batch_cancel(q, rid, NULL, &b, &e), 0);
     buf_release(&b);
     spec = run_spec(1);
     create(q, &spec, going);

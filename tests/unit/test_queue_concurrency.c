@@ -252,7 +252,7 @@ static void test_other_process_cancel_and_final(void **state)
     qc_enqueue(q, 5, "{}", id);
     j = qc_lease(q);
     assert_string_equal(j->id, id);
-    assert_int_equal(queue_cancel(other, id, &c, &e), 0);
+    assert_int_equal(queue_cancel(other, id, NULL, &c, &e), 0);
     assert_int_equal(c->cancel_requested, 1);
     job_free(c);
     qc_poll(queue_cancel_noted(q, id), 10, "the other process's cancel to be noted here");

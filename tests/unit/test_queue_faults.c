@@ -199,7 +199,7 @@ static void test_reopen_keeps_everything(void **state)
     assert_int_equal(queue_complete(q, done, j->token, "{\"r\":2}", 7, -1, &e), 0);
     job_free(j);
     q = qc_reopen(state, QC_CONFIG_DEFAULT);
-    assert_int_equal(queue_get(q, done, 1, &j, &e), 0);
+    assert_int_equal(queue_get(q, done, NULL, 1, &j, &e), 0);
     assert_int_equal(j->state, JOB_SUCCEEDED);
     assert_memory_equal(j->result.data, "{\"r\":2}", 7);
     job_free(j);

@@ -56,7 +56,7 @@ static void test_enqueue_get_and_job_json(void **state)
     assert_string_equal(j->output_location, "file:///tmp/out.json");
     assert_int_equal(j->n_history, 0);
     job_free(j);
-    assert_int_equal(queue_get(q, "no-such-job", 0, &j, &e), ERR_NOT_FOUND);
+    assert_int_equal(queue_get(q, "no-such-job", NULL, 0, &j, &e), ERR_NOT_FOUND);
 
     o = qc_job_json(q, id);
     qc_assert_keys(o, job_keys, "a queued job's JSON");
@@ -262,7 +262,7 @@ static void test_lifecycle_and_order(void **state)
     assert_true(j->history[0].ended_ms > 0);
     assert_null(j->history[0].error);
     job_free(j);
-    assert_int_equal(queue_get(q, a, 1, &j, &e), 0);
+    assert_int_equal(queue_get(q, a, NULL, 1, &j, &e), 0);
     assert_int_equal(j->result.len, 7);
     assert_memory_equal(j->result.data, "{\"r\":1}", 7);
     assert_int_equal(j->result_json_len, -1);
@@ -290,7 +290,7 @@ static void test_get_want_result(void **state)
     j = qc_lease(q);
     assert_int_equal(queue_complete(q, id, j->token, result, len, 14, &e), 0);
     job_free(j);
-    assert_int_equal(queue_get(q, id, 1, &j, &e), 0);
+    assert_int_equal(queue_get(q, id, NULL, 1, &j, &e), 0);
     assert_int_equal(j->result.len, len);
     assert_memory_equal(j->result.data, result, len);
     assert_int_equal(j->result_json_len, 14);
@@ -300,7 +300,7 @@ static void test_get_want_result(void **state)
     j = qc_lease(q);
     assert_int_equal(queue_fail(q, failed, j->token, "bad input", 0, &e), 0);
     job_free(j);
-    assert_int_equal(queue_get(q, failed, 1, &j, &e), 0);
+    assert_int_equal(queue_get(q, failed, NULL, 1, &j, &e), 0);
     assert_int_equal(j->state, JOB_FAILED);
     assert_int_equal(j->result.len, 0);
     assert_string_equal(j->error, "bad input");
@@ -318,7 +318,7 @@ static void test_get_want_result(void **state)
     j = qc_lease(q);
     assert_int_equal(queue_complete(q, out, j->token, NULL, 0, -1, &e), 0);
     job_free(j);
-    assert_int_equal(queue_get(q, out, 1, &j, &e), 0);
+    assert_int_equal(queue_get(q, out, NULL, 1, &j, &e), 0);
     assert_int_equal(j->state, JOB_SUCCEEDED);
     assert_int_equal(j->result.len, 0);
     assert_string_equal(j->output_location, "file:///tmp/result.json");
@@ -575,7 +575,7 @@ static void test_finish_many(void **state)
     assert_int_equal(qc_state(q, ids[3]), JOB_QUEUED);
     assert_int_equal(qc_state(q, ids[4]), JOB_FAILED);
     struct job *j = NULL;
-    assert_int_equal(queue_get(q, ids[0], 1, &j, &e), 0);
+    assert_int_equal(queue_get(q, ids[0], NULL, 1, &j, &e), 0);
     assert_memory_equal(j->result.data, "{\"r\":0}", 7);
     job_free(j);
     /* the same outcome sent again is fenced: its attempt is over */
@@ -651,17 +651,17 @@ static void test_cancel(void **state)
     other = qc_lease(q);
     assert_string_equal(other->id, run2);
     /* queued: cancelled at once, never leased */
-    assert_int_equal(queue_cancel(q, queued, &j, &e), 0);
+    assert_int_equal(queue_cancel(q, queued, NULL, &j, &e), 0);
     assert_int_equal(j->state, JOB_CANCELLED);
     job_free(j);
     assert_int_equal(queue_queued(q), 0);
     assert_int_equal(queue_cancel_generation(q), gen); /* nothing running was asked */
-    assert_int_equal(queue_cancel(q, queued, &j, &e), ERR_CONFLICT);
-    assert_int_equal(queue_cancel(q, "no-such-job", &j, &e), ERR_NOT_FOUND);
+    assert_int_equal(queue_cancel(q, queued, NULL, &j, &e), ERR_CONFLICT);
+    assert_int_equal(queue_cancel(q, "no-such-job", NULL, &j, &e), ERR_NOT_FOUND);
     assert_int_equal(running_listed(q, 1), 0);
     assert_int_equal(running_listed(q, 0), 2);
     /* running: marked now ("cancelling"), cancelled when it reports, result discarded */
-    assert_int_equal(queue_cancel(q, run, &j, &e), 0);
+    assert_int_equal(queue_cancel(q, run, NULL, &j, &e), 0);
     assert_int_equal(j->state, JOB_RUNNING);
     assert_int_equal(j->cancel_requested, 1);
     job_free(j);
@@ -676,18 +676,18 @@ static void test_cancel(void **state)
     assert_int_equal(running_listed(q, 0), 1);
     assert_int_equal(running_listed(q, -1), 2);
     assert_int_equal(queue_complete(q, run, running->token, "{}", 2, -1, &e), 0);
-    assert_int_equal(queue_get(q, run, 1, &j, &e), 0);
+    assert_int_equal(queue_get(q, run, NULL, 1, &j, &e), 0);
     assert_int_equal(j->state, JOB_CANCELLED);
     assert_int_equal(j->result.len, 0);
     job_free(j);
     /* a failure of an attempt asked to cancel ends it cancelled too, not retried */
     gen = queue_cancel_generation(q);
-    assert_int_equal(queue_cancel(q, run2, &j, &e), 0);
+    assert_int_equal(queue_cancel(q, run2, NULL, &j, &e), 0);
     job_free(j);
     assert_true(queue_cancel_generation(q) != gen);
     assert_int_equal(queue_fail(q, run2, other->token, "interrupted", 1, &e), 0);
     assert_int_equal(qc_state(q, run2), JOB_CANCELLED);
-    assert_int_equal(queue_cancel(q, run2, &j, &e), ERR_CONFLICT);
+    assert_int_equal(queue_cancel(q, run2, NULL, &j, &e), ERR_CONFLICT);
     job_free(running);
     job_free(other);
     assert_null(qc_lease(q));
@@ -730,16 +730,16 @@ static void test_retry_and_redrive(void **state)
     fail_for_good(q, b);
     qc_enqueue(q, 0, "{}", queued);
     /* one: back in the queue with a fresh attempt budget, its history kept */
-    assert_int_equal(queue_retry(q, queued, &j, &e), ERR_CONFLICT);
-    assert_int_equal(queue_retry(q, "no-such-job", &j, &e), ERR_NOT_FOUND);
-    assert_int_equal(queue_cancel(q, queued, &j, &e), 0);
+    assert_int_equal(queue_retry(q, queued, NULL, &j, &e), ERR_CONFLICT);
+    assert_int_equal(queue_retry(q, "no-such-job", NULL, &j, &e), ERR_NOT_FOUND);
+    assert_int_equal(queue_cancel(q, queued, NULL, &j, &e), 0);
     job_free(j);
-    assert_int_equal(queue_retry(q, a[0], &j, &e), 0);
+    assert_int_equal(queue_retry(q, a[0], NULL, &j, &e), 0);
     assert_int_equal(j->state, JOB_QUEUED);
     assert_int_equal(j->max_attempts, 2);
     assert_int_equal(j->attempts_uncounted, 2);
     job_free(j);
-    assert_int_equal(queue_retry(q, a[0], &j, &e), ERR_CONFLICT); /* queued now */
+    assert_int_equal(queue_retry(q, a[0], NULL, &j, &e), ERR_CONFLICT); /* queued now */
     j = qc_lease(q);
     assert_string_equal(j->id, a[0]);
     assert_int_equal(j->attempts, 3);
@@ -916,7 +916,7 @@ static void test_counts(void **state)
     job_free(j);
     j = qc_lease(q); /* ids[2] stays running */
     job_free(j);
-    assert_int_equal(queue_cancel(q, ids[3], &j, &e), 0);
+    assert_int_equal(queue_cancel(q, ids[3], NULL, &j, &e), 0);
     job_free(j);
     assert_int_equal(queue_counts(q, counts, &e), 0);
     assert_int_equal(counts[JOB_QUEUED], 1);
@@ -981,7 +981,7 @@ static void test_on_final(void **state)
     j = qc_lease(q);
     assert_int_equal(queue_fail(q, retried, j->token, "flaky", 1, &e), 0); /* not final */
     job_free(j);
-    assert_int_equal(queue_cancel(q, gone, &j, &e), 0);
+    assert_int_equal(queue_cancel(q, gone, NULL, &j, &e), 0);
     job_free(j);
     qc_poll(final_of(&f, ok) >= 0 && final_of(&f, bad) >= 0 && final_of(&f, gone) >= 0, 10,
             "on_final for the succeeded, failed and cancelled jobs");
@@ -1026,7 +1026,7 @@ static void test_input_location(void **state)
     assert_int_equal(queue_fail(q, id, j->token, "no such key", 0, &e), 0);
     job_free(j);
     /* it can run again: its input is still where it was */
-    assert_int_equal(queue_retry(q, id, &j, &e), 0);
+    assert_int_equal(queue_retry(q, id, NULL, &j, &e), 0);
     job_free(j);
     j = qc_lease(q);
     assert_non_null(j);

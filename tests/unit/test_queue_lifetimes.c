@@ -118,7 +118,7 @@ static void test_retention(void **state)
     char keyed_id[40], again[40];
     int existed = 0;
     qc_enqueue_spec(q, &keyed, keyed_id);
-    assert_int_equal(queue_cancel(q, keyed_id, &j, &e), 0);
+    assert_int_equal(queue_cancel(q, keyed_id, NULL, &j, &e), 0);
     job_free(j);
     qc_poll(qc_job_gone(q, done), 10, "the finished job to go after its 1 s of retention");
     qc_poll(qc_job_gone(q, keyed_id), 10, "the cancelled job to go after its 1 s of retention");
@@ -127,7 +127,7 @@ static void test_retention(void **state)
     assert_int_equal(queue_enqueue(q, &keyed, again, &existed, &e), 0);
     assert_int_equal(existed, 0);
     assert_string_not_equal(again, keyed_id);
-    assert_int_equal(queue_cancel(q, again, &j, &e), 0);
+    assert_int_equal(queue_cancel(q, again, NULL, &j, &e), 0);
     job_free(j);
     assert_int_equal(qc_state(q, running), JOB_RUNNING);
     assert_int_equal(qc_state(q, waiting), JOB_QUEUED);

@@ -85,7 +85,7 @@ static void test_outbox_events(void **state)
     job_free(j);
     j = leased_with_hook(q, gone); /* running, asked to cancel: no event until it reports */
     struct job *c = NULL;
-    assert_int_equal(queue_cancel(q, gone, &c, &e), 0);
+    assert_int_equal(queue_cancel(q, gone, NULL, &c, &e), 0);
     job_free(c);
     job_free(j);
     /* a job without a callback has no webhook */
@@ -146,7 +146,7 @@ static void test_outbox_cancelled_event(void **state)
     char id[40], queued[40];
 
     j = leased_with_hook(q, id);
-    assert_int_equal(queue_cancel(q, id, &c, &e), 0);
+    assert_int_equal(queue_cancel(q, id, NULL, &c, &e), 0);
     job_free(c);
     assert_int_equal(queue_complete(q, id, j->token, "{}", 2, -1, &e), 0);
     job_free(j);
@@ -159,7 +159,7 @@ static void test_outbox_cancelled_event(void **state)
                             .lease_timeout_ms = 60000,
                             .callback_url = HOOK};
     qc_enqueue_spec(q, &spec, queued);
-    assert_int_equal(queue_cancel(q, queued, &c, &e), 0);
+    assert_int_equal(queue_cancel(q, queued, NULL, &c, &e), 0);
     job_free(c);
     size_t n = take_due(q, 10, &items);
     assert_int_equal(n, 2);

@@ -136,11 +136,11 @@ static void test_newer_schema_is_refused(void **state)
     queue_close(q);
     q = open_pg();
     struct job *j = NULL;
-    assert_int_equal(queue_get(q, id, 0, &j, &e), 0);
+    assert_int_equal(queue_get(q, id, NULL, 0, &j, &e), 0);
     assert_int_equal(j->state, JOB_QUEUED);
     job_free(j);
     sql("SELECT COUNT(*) FROM inferd_schema_version", v, sizeof(v));
-    assert_string_equal(v, "1");
+    assert_string_equal(v, "2"); /* one row per migration: version 1, and 2 (tenants) */
     queue_close(q);
 }
 
@@ -255,7 +255,7 @@ static void test_cancel_reaches_the_other_handle(void **state)
     assert_int_equal(queue_lease(b, "b/1", 0, &j, &e), 0);
     assert_non_null(j);
     assert_false(queue_cancel_noted(b, id));
-    assert_int_equal(queue_cancel(a, id, &c, &e), 0);
+    assert_int_equal(queue_cancel(a, id, NULL, &c, &e), 0);
     assert_int_equal(c->state, JOB_RUNNING);
     assert_true(c->cancel_requested);
     job_free(c);
@@ -267,7 +267,7 @@ static void test_cancel_reaches_the_other_handle(void **state)
     assert_int_equal(queue_complete(b, id, j->token, "{}", 2, -1, &e), 0);
     job_free(j);
     j = NULL;
-    assert_int_equal(queue_get(a, id, 0, &j, &e), 0);
+    assert_int_equal(queue_get(a, id, NULL, 0, &j, &e), 0);
     assert_int_equal(j->state, JOB_CANCELLED);
     job_free(j);
     queue_close(a);
@@ -297,7 +297,7 @@ static void test_expired_lease_is_reclaimed_by_another_handle(void **state)
     job_free(j1);
     job_free(j2);
     j1 = NULL;
-    assert_int_equal(queue_get(b, id, 1, &j1, &e), 0);
+    assert_int_equal(queue_get(b, id, NULL, 1, &j1, &e), 0);
     assert_int_equal(j1->state, JOB_SUCCEEDED);
     assert_int_equal(j1->result.len, 2);
     job_free(j1);
@@ -341,7 +341,7 @@ static void test_lost_connections_come_back(void **state)
     assert_int_equal(rc, 0); /* waited up to 15 s for the writer to reconnect */
     /* reads reconnect too; both jobs are there */
     deadline = now_ms() + 15000;
-    while ((rc = queue_get(q, id, 0, &j, &e)) == ERR_UNAVAILABLE && now_ms() < deadline)
+    while ((rc = queue_get(q, id, NULL, 0, &j, &e)) == ERR_UNAVAILABLE && now_ms() < deadline)
         sleep_ms(50);
     assert_int_equal(rc, 0);
     job_free(j);
@@ -497,12 +497,12 @@ static void test_tasks_ending_in_two_handles_finish_the_run_once(void **state)
     pthread_join(tb, NULL);
     sql("SELECT COUNT(*) FROM inferd_jobs WHERE kind = 2", n, sizeof(n));
     assert_string_equal(n, "1"); /* one finishing job, however the last tasks raced */
-    assert_int_equal(queue_batch_get(b, id, &out, &e), 0);
+    assert_int_equal(queue_batch_get(b, id, NULL, &out, &e), 0);
     assert_non_null(strstr(out.data, "\"status\":\"succeeded\""));
     assert_non_null(strstr(out.data, "\"objects_done\":12"));
     assert_non_null(strstr(out.data, "\"records_done\":36"));
     buf_release(&out);
-    assert_int_equal(queue_batch_manifest(a, id, &out, &e), 0);
+    assert_int_equal(queue_batch_manifest(a, id, NULL, &out, &e), 0);
     assert_non_null(strstr(out.data, "\"model\":\"m\""));
     buf_release(&out);
     queue_close(a);

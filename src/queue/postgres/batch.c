@@ -35,7 +35,7 @@
     "id, parent, definition, schedule, state, output, created_ms, COALESCE(started_ms, 0), "       \
     "COALESCE(finished_ms, 0), COALESCE(run_at_ms, 0), COALESCE(next_run_ms, 0), "                 \
     "objects_total, objects_done, records_done + (SELECT COALESCE(SUM(records), 0) FROM "          \
-    "inferd_batch_progress p WHERE p.batch_id = b.id), records_failed, error"
+    "inferd_batch_progress p WHERE p.batch_id = b.id), records_failed, error, tenant"
 
 /* Fills `b` from row `i` of BATCH_COLUMNS. 0 or ERR_NOMEM. */
 static int row_batch_job(const PGresult *r, int i, struct batch_job *b)
@@ -57,6 +57,8 @@ static int row_batch_job(const PGresult *r, int i, struct batch_job *b)
     b->records_done = pg_int(r, i, 13);
     b->records_failed = pg_int(r, i, 14);
     b->error = pg_strdup(r, i, 15);
+    if (queue_tenant_set(&b->tenant, PQgetvalue(r, i, 16)) != 0)
+        return ERR_NOMEM;
     if (!b->definition || (!PQgetisnull(r, i, 3) && !b->schedule) ||
         (!PQgetisnull(r, i, 5) && !b->output) || (!PQgetisnull(r, i, 15) && !b->error))
         return ERR_NOMEM;
@@ -192,7 +194,7 @@ static int queue_finish_job(struct pg_txn *t, const char *batch_id, struct err *
 
     pg_p_str(&p, batch_id);
     r = pg_exec(t->q, t->c,
-                "SELECT model, finish_input, max_attempts, lease_timeout_ms FROM "
+                "SELECT model, finish_input, max_attempts, lease_timeout_ms, tenant FROM "
                 "inferd_batch_jobs WHERE id = $1",
                 &p, "read batch job", e);
     if (!r)
@@ -205,6 +207,7 @@ static int queue_finish_job(struct pg_txn *t, const char *batch_id, struct err *
         spec.input_len = strlen(spec.input);
         spec.max_attempts = (int)pg_int(r, 0, 2);
         spec.lease_timeout_ms = pg_int(r, 0, 3);
+        spec.tenant = PQgetvalue(r, 0, 4); /* the run's: its finishing job is the tenant's too */
         id_new(id);
         rc = pg_insert_job(t, &spec, id, e);
     }
@@ -367,11 +370,12 @@ int pg_op_batch_create(struct pg_txn *t, struct queue_op *o)
         pg_p_str(&p, NULL);
     pg_p_int(&p, (int64_t)s->n_tasks);
     pg_p_str(&p, s->finish_input);
+    pg_p_str(&p, queue_tenant_stored(s->tenant));
     rc = pg_run(t->q, t->c,
                 "INSERT INTO inferd_batch_jobs (id, parent, definition, model, schedule, state, "
                 "output, callback_url, max_errors, max_attempts, lease_timeout_ms, created_ms, "
-                "run_at_ms, next_run_ms, objects_total, finish_input) VALUES ($1, $2, $3, $4, "
-                "$5, 0, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                "run_at_ms, next_run_ms, objects_total, finish_input, tenant) VALUES ($1, $2, $3, "
+                "$4, $5, 0, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
                 &p, "insert batch job", &o->err);
     if (rc == ERR_CONFLICT && s->parent) /* (parent, run_at) taken: another scheduler's */
         rc = err_set(&o->err, ERR_CONFLICT, "schedule %s: its run at that time exists", s->parent);
@@ -389,6 +393,7 @@ int pg_op_batch_create(struct pg_txn *t, struct queue_op *o)
             .input_json_len = -1,
             .max_attempts = s->max_attempts,
             .lease_timeout_ms = s->lease_timeout_ms,
+            .tenant = s->tenant, /* the run's */
         };
         char id[40];
         id_new(id);
@@ -551,11 +556,20 @@ int pg_batch_list(struct queue *qb, const struct queue_batch_filter *f, struct b
         free(v);
         return e->code;
     }
-    r = pg_exec(q, c,
-                "SELECT id FROM inferd_batch_jobs WHERE parent IS NULL AND ($1::int = -1 OR "
-                "state = $1::int) AND ($2::int = -1 OR (schedule IS NOT NULL) = ($2::int = 1)) "
-                "ORDER BY seq DESC LIMIT $3",
-                &p, "list batch jobs", e);
+    if (!f->tenant) {
+        r = pg_exec(q, c,
+                    "SELECT id FROM inferd_batch_jobs WHERE parent IS NULL AND ($1::int = -1 OR "
+                    "state = $1::int) AND ($2::int = -1 OR (schedule IS NOT NULL) = ($2::int = "
+                    "1)) ORDER BY seq DESC LIMIT $3",
+                    &p, "list batch jobs", e);
+    } else { /* one tenant's, from inferd_batch_tenant */
+        pg_p_str(&p, f->tenant);
+        r = pg_exec(q, c,
+                    "SELECT id FROM inferd_batch_jobs WHERE tenant = $4 AND parent IS NULL AND "
+                    "($1::int = -1 OR state = $1::int) AND ($2::int = -1 OR (schedule IS NOT "
+                    "NULL) = ($2::int = 1)) ORDER BY tenant DESC, seq DESC LIMIT $3",
+                    &p, "list batch jobs", e);
+    }
     if (!r)
         rc = e->code;
     for (int i = 0; rc == 0 && i < PQntuples(r) && i < f->limit; i++) {
@@ -662,6 +676,7 @@ int pg_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **o
     for (int i = 0; i < PQntuples(r); i++) {
         /* a schedule that cannot be copied is left out: it is due again at the next look */
         struct queue_schedule *s = &v[*n];
+        memset(s, 0, sizeof(*s));
         snprintf(s->id, sizeof(s->id), "%s", PQgetvalue(r, i, 0));
         s->definition = pg_strdup(r, i, 1);
         s->schedule = pg_strdup(r, i, 2);
@@ -703,7 +718,7 @@ int pg_batch_definition(struct queue *qb, const char *id, struct queue_schedule 
     }
     pg_p_str(&p, id);
     r = pg_exec(q, c,
-                "SELECT definition, schedule, COALESCE(next_run_ms, 0), state FROM "
+                "SELECT definition, schedule, COALESCE(next_run_ms, 0), state, tenant FROM "
                 "inferd_batch_jobs WHERE id = $1",
                 &p, "read batch job", e);
     pg_give(q, c);
@@ -717,7 +732,8 @@ int pg_batch_definition(struct queue *qb, const char *id, struct queue_schedule 
         s->schedule = pg_strdup(r, 0, 1);
         s->next_run_ms = pg_int(r, 0, 2);
         s->state = (int)pg_int(r, 0, 3);
-        if (!s->definition || (!PQgetisnull(r, 0, 1) && !s->schedule))
+        if (!s->definition || (!PQgetisnull(r, 0, 1) && !s->schedule) ||
+            queue_tenant_set(&s->tenant, PQgetvalue(r, 0, 4)) != 0)
             rc = err_set(e, ERR_NOMEM, "out of memory");
     }
     PQclear(r);

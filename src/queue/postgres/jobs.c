@@ -49,6 +49,10 @@ struct job *pg_job_from_row(const PGresult *r, int row, int c0)
         snprintf(j->batch_id, sizeof(j->batch_id), "%s", PQgetvalue(r, row, c0 + 17));
     j->worker = pg_strdup(r, row, c0 + 18);
     j->attempts_uncounted = (int)pg_int(r, row, c0 + 19);
+    if (queue_tenant_set(&j->tenant, PQgetvalue(r, row, c0 + 20)) != 0) {
+        job_free(j);
+        return NULL;
+    }
     j->token = (uint64_t)j->attempts;
     j->input_json_len = -1;
     j->result_json_len = -1;
@@ -240,9 +244,10 @@ static int idem_lookup(struct pg_txn *t, struct queue_op *o, int *found)
 
     *found = 0;
     pg_p_str(&p, s->idempotency_key);
+    pg_p_str(&p, queue_tenant_stored(s->tenant)); /* a key is the tenant's own */
     r = pg_exec(t->q, t->c,
-                "SELECT id, request_hash FROM inferd_jobs WHERE md5(idem_key) = md5($1::text) AND "
-                "idem_key = $1",
+                "SELECT id, request_hash FROM inferd_jobs WHERE tenant = $2 AND md5(idem_key) = "
+                "md5($1::text) AND idem_key = $1",
                 &p, "read idempotency key", &o->err);
     if (!r)
         return o->err.code;
@@ -308,12 +313,14 @@ int pg_insert_job(struct pg_txn *t, const struct job_spec *s, const char *id, st
     pg_p_str(&p, s->request_hash);
     pg_p_int(&p, (int)s->kind);
     pg_p_str(&p, s->batch_id);
+    pg_p_str(&p, queue_tenant_stored(s->tenant));
     r = pg_exec(t->q, t->c,
                 "INSERT INTO inferd_jobs (id, model, state, priority, max_attempts, created_ms, "
                 "expires_ms, lease_timeout_ms, ttl_s, input, input_json_len, input_location, "
-                "output_location, callback_url, idem_key, request_hash, kind, batch_id) VALUES "
-                "($1, $2, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) "
-                "ON CONFLICT ((md5(idem_key))) WHERE idem_key IS NOT NULL DO NOTHING",
+                "output_location, callback_url, idem_key, request_hash, kind, batch_id, tenant) "
+                "VALUES ($1, $2, 0, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, "
+                "$17, $18) ON CONFLICT (tenant, (md5(idem_key))) WHERE idem_key IS NOT NULL DO "
+                "NOTHING",
                 &p, "insert job", e);
     if (!r)
         return e->code;
@@ -347,6 +354,7 @@ int pg_ops_enqueue(struct pg_txn *t, struct queue_op **ops, size_t n, struct err
         HASH,
         KIND,
         BATCH,
+        TENANT,
         N_COLS
     };
     int64_t now = clock_now_ms();
@@ -384,7 +392,8 @@ int pg_ops_enqueue(struct pg_txn *t, struct queue_op **ops, size_t n, struct err
              pg_array_add(&cols[OUTLOC], sp->output_location) |
              pg_array_add(&cols[URL], sp->callback_url) |
              pg_array_add(&cols[HASH], sp->request_hash) | pg_array_add(&cols[KIND], num[KIND]) |
-             pg_array_add(&cols[BATCH], sp->batch_id);
+             pg_array_add(&cols[BATCH], sp->batch_id) |
+             pg_array_add(&cols[TENANT], queue_tenant_stored(sp->tenant));
     }
     for (int c = 0; rc == 0 && c < N_COLS; c++)
         rc = buf_puts(&cols[c], "}");
@@ -400,15 +409,15 @@ int pg_ops_enqueue(struct pg_txn *t, struct queue_op **ops, size_t n, struct err
     rc = pg_run(t->q, t->c,
                 "INSERT INTO inferd_jobs (id, model, state, priority, max_attempts, created_ms, "
                 "expires_ms, lease_timeout_ms, ttl_s, input, input_json_len, input_location, "
-                "output_location, callback_url, request_hash, kind, batch_id) SELECT id, model, "
-                "0, priority, max_attempts, $16, expires_ms, lease_timeout_ms, ttl_s, input, "
-                "input_json_len, input_location, output_location, callback_url, request_hash, "
-                "kind, batch_id FROM unnest($1::text[], $2::text[], $3::int[], $4::int[], "
-                "$5::bigint[], $6::bigint[], $7::bigint[], $8::bytea[], $9::bigint[], "
-                "$10::text[], $11::text[], $12::text[], $13::text[], $14::int[], $15::text[]) AS "
-                "v(id, model, priority, max_attempts, expires_ms, lease_timeout_ms, ttl_s, input, "
-                "input_json_len, input_location, output_location, callback_url, request_hash, "
-                "kind, batch_id)",
+                "output_location, callback_url, request_hash, kind, batch_id, tenant) SELECT id, "
+                "model, 0, priority, max_attempts, $17, expires_ms, lease_timeout_ms, ttl_s, "
+                "input, input_json_len, input_location, output_location, callback_url, "
+                "request_hash, kind, batch_id, tenant FROM unnest($1::text[], $2::text[], "
+                "$3::int[], $4::int[], $5::bigint[], $6::bigint[], $7::bigint[], $8::bytea[], "
+                "$9::bigint[], $10::text[], $11::text[], $12::text[], $13::text[], $14::int[], "
+                "$15::text[], $16::text[]) AS v(id, model, priority, max_attempts, expires_ms, "
+                "lease_timeout_ms, ttl_s, input, input_json_len, input_location, output_location, "
+                "callback_url, request_hash, kind, batch_id, tenant)",
                 &p, "insert jobs", e);
     if (rc == 0) {
         pg_txn_queued_add(t, (int64_t)admitted);

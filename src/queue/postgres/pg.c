@@ -355,8 +355,20 @@ static const char migration_1[] =
     " batch_id text NOT NULL, records bigint NOT NULL);"
     "CREATE INDEX inferd_batch_progress_run ON inferd_batch_progress (batch_id);";
 
+/* Version 2: tenants. Every job and batch job belongs to one ("" is the anonymous tenant, so
+ * what version 1 stored is the anonymous tenant's); an idempotency key is unique per tenant; a
+ * tenant's listings walk its own rows newest first from an index. */
+static const char migration_2[] =
+    "ALTER TABLE inferd_jobs ADD COLUMN IF NOT EXISTS tenant text NOT NULL DEFAULT '';"
+    "ALTER TABLE inferd_batch_jobs ADD COLUMN IF NOT EXISTS tenant text NOT NULL DEFAULT '';"
+    "DROP INDEX IF EXISTS inferd_jobs_idem;"
+    "CREATE UNIQUE INDEX inferd_jobs_idem ON inferd_jobs (tenant, md5(idem_key)) WHERE "
+    " idem_key IS NOT NULL;"
+    "CREATE INDEX inferd_jobs_tenant ON inferd_jobs (tenant, seq) WHERE kind = 0;"
+    "CREATE INDEX inferd_batch_tenant ON inferd_batch_jobs (tenant, seq) WHERE parent IS NULL;";
+
 /* Migrations in order: migrations[i] takes a database from version i to i + 1. */
-static const char *const migrations[PG_SCHEMA_VERSION] = {migration_1};
+static const char *const migrations[PG_SCHEMA_VERSION] = {migration_1, migration_2};
 
 /* Any number for the advisory lock that serializes migrations: "infe" in ASCII. */
 #define MIGRATION_LOCK "1768842853"

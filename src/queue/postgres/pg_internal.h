@@ -27,7 +27,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 
-#define PG_SCHEMA_VERSION 1     /* the newest schema this binary knows (pg.c: migrations) */
+#define PG_SCHEMA_VERSION 2     /* the newest schema this binary knows (pg.c: migrations) */
 #define PG_POOL_SIZE 16         /* idle read connections kept */
 #define PG_MAX_GROUP 256        /* operations per transaction */
 #define PG_SWEEP_MS 1000        /* how often ttls, leases and dead workers are looked at */
@@ -185,8 +185,8 @@ int pg_extend(struct queue *qb, const char *id, uint64_t token, int64_t lease_ms
     "id, model, state, priority, attempts, max_attempts, created_ms, "                             \
     "COALESCE(started_ms, 0), COALESCE(finished_ms, 0), lease_timeout_ms, ttl_s, error, "          \
     "input_location, output_location, callback_url, cancel_requested, kind, batch_id, worker, "    \
-    "extra_attempts"
-#define N_JOB_COLUMNS 20
+    "extra_attempts, tenant"
+#define N_JOB_COLUMNS 21
 /* The job in row `row` of `r`, its columns JOB_COLUMNS from column `c0`. NULL: no memory. */
 struct job *pg_job_from_row(const PGresult *r, int row, int c0);
 /* Rows changed by the command of `r`. */

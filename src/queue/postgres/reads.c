@@ -62,12 +62,23 @@ int pg_list(struct queue *qb, const struct queue_list_filter *f, struct job **ou
     pg_p_str(&p, f->cursor);
     pg_p_int(&p, f->limit);
     pg_p_int(&p, f->state == JOB_RUNNING ? f->cancelling : -1);
-    r = pg_exec(q, c,
-                "SELECT " JOB_COLUMNS " FROM inferd_jobs WHERE kind = 0 AND ($1::int < 0 OR "
-                "state = $1::int) AND ($2::text IS NULL OR model = $2::text) AND ($3::text IS "
-                "NULL OR seq < (SELECT seq FROM inferd_jobs WHERE id = $3::text)) AND ($5::int < "
-                "0 OR cancel_requested = $5::int) ORDER BY seq DESC LIMIT $4",
-                &p, "list jobs", e);
+    if (!f->tenant) {
+        r = pg_exec(q, c,
+                    "SELECT " JOB_COLUMNS " FROM inferd_jobs WHERE kind = 0 AND ($1::int < 0 OR "
+                    "state = $1::int) AND ($2::text IS NULL OR model = $2::text) AND ($3::text IS "
+                    "NULL OR seq < (SELECT seq FROM inferd_jobs WHERE id = $3::text)) AND "
+                    "($5::int < 0 OR cancel_requested = $5::int) ORDER BY seq DESC LIMIT $4",
+                    &p, "list jobs", e);
+    } else { /* one tenant's: its own jobs, newest first, from inferd_jobs_tenant */
+        pg_p_str(&p, f->tenant);
+        r = pg_exec(q, c,
+                    "SELECT " JOB_COLUMNS " FROM inferd_jobs WHERE tenant = $6 AND kind = 0 AND "
+                    "($1::int < 0 OR state = $1::int) AND ($2::text IS NULL OR model = $2::text) "
+                    "AND ($3::text IS NULL OR seq < (SELECT seq FROM inferd_jobs WHERE id = "
+                    "$3::text)) AND ($5::int < 0 OR cancel_requested = $5::int) ORDER BY tenant "
+                    "DESC, seq DESC LIMIT $4",
+                    &p, "list jobs", e);
+    }
     if (!r)
         rc = e->code;
     for (int i = 0; rc == 0 && i < PQntuples(r) && i < f->limit; i++) {

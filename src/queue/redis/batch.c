@@ -51,6 +51,7 @@ static int batch_from_hash(const char *id, const redisReply *h, int64_t running_
     b->objects_done = rq_hget_int(h, "objects_done");
     b->records_done = rq_hget_int(h, "records_done") + running_records;
     b->records_failed = rq_hget_int(h, "records_failed");
+    b->tenant = hget_dup_or_null(h, "tenant", &ok); /* missing: anonymous, as before tenants */
     return ok ? 0 : ERR_NOMEM;
 }
 
@@ -136,7 +137,7 @@ static int r_batch_create(struct queue *qb, const struct batch_job_spec *s, char
                           struct err *e)
 {
     struct redis_queue *q = rq(qb);
-    size_t n = 32 + 2 * s->n_tasks; /* 23 fixed arguments, then id and input per task */
+    size_t n = 32 + 2 * s->n_tasks; /* 24 fixed arguments, then id and input per task */
     const char **v = calloc(n, sizeof(*v));
     size_t *len = calloc(n, sizeof(*len));
     char(*ids)[40] = calloc(s->n_tasks ? s->n_tasks : 1, 40);
@@ -178,6 +179,7 @@ static int r_batch_create(struct queue *qb, const struct batch_job_spec *s, char
     ADD(next);
     ADD(s->finish_input);
     ADD(s->error);
+    ADD(queue_tenant_stored(s->tenant));
     for (size_t i = 0; !s->schedule && !s->error && i < s->n_tasks; i++) {
         id_new(ids[i]);
         ADD(ids[i]);
@@ -234,7 +236,8 @@ static int r_batch_get(struct queue *qb, const char *id, struct batch_job **out,
 static int batch_matches(const struct batch_job *b, const struct queue_batch_filter *f)
 {
     return (f->schedules < 0 || f->schedules == (b->schedule != NULL)) &&
-           (f->state < 0 || f->state == b->state);
+           (f->state < 0 || f->state == b->state) &&
+           (!f->tenant || strcmp(f->tenant, b->tenant ? b->tenant : "") == 0);
 }
 
 static int r_batch_list(struct queue *qb, const struct queue_batch_filter *f,
@@ -242,7 +245,7 @@ static int r_batch_list(struct queue *qb, const struct queue_batch_filter *f,
 {
     struct redis_queue *q = rq(qb);
     redisContext *c = rq_take_conn(q, e);
-    int filtered = f->schedules >= 0 || f->state >= 0;
+    int filtered = f->schedules >= 0 || f->state >= 0 || (f->tenant && !f->tenant[0]);
     struct batch_job *v = calloc((size_t)(f->limit > 0 ? f->limit : 1), sizeof(*v));
     redisReply *ids = NULL;
     int rc = 0;
@@ -257,7 +260,13 @@ static int r_batch_list(struct queue *qb, const struct queue_batch_filter *f,
     }
     /* the filter is on each one's state, so it reads each */
     while ((int)*n < f->limit && start < LIST_SCAN_MAX) {
-        ids = redisCommand(c, "ZREVRANGE %sbatches %ld %ld", q->prefix, start, start + page - 1);
+        /* another tenant's from its own index; the anonymous tenant's (which data written
+         * before tenants holds, unindexed) from all, filtered */
+        ids = f->tenant && f->tenant[0]
+                  ? redisCommand(c, "ZREVRANGE %stbatches:%s %ld %ld", q->prefix, f->tenant,
+                                 start, start + page - 1)
+                  : redisCommand(c, "ZREVRANGE %sbatches %ld %ld", q->prefix, start,
+                                 start + page - 1);
         if (!ids) {
             rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
             break;
@@ -393,10 +402,11 @@ static int r_batch_definition(struct queue *qb, const char *id, struct queue_sch
         rc = c ? err_set(e, ERR_NOMEM, "out of memory") : e->code;
         goto cleanup;
     }
-    h = redisCommand(c, "HMGET %sbatch:%s definition schedule next_run_ms state", q->prefix, id);
+    h = redisCommand(c, "HMGET %sbatch:%s definition schedule next_run_ms state tenant", q->prefix,
+                     id);
     if (!h) {
         rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
-    } else if (h->type != REDIS_REPLY_ARRAY || h->elements != 4 || !h->element[0]->str) {
+    } else if (h->type != REDIS_REPLY_ARRAY || h->elements != 5 || !h->element[0]->str) {
         rc = err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
     } else {
         snprintf(s->id, sizeof(s->id), "%s", id);
@@ -405,7 +415,8 @@ static int r_batch_definition(struct queue *qb, const char *id, struct queue_sch
             s->schedule = strdup(h->element[1]->str);
         s->next_run_ms = h->element[2]->str ? strtoll(h->element[2]->str, NULL, 10) : 0;
         s->state = h->element[3]->str ? (int)strtol(h->element[3]->str, NULL, 10) : 0;
-        if (!s->definition || (h->element[1]->str && h->element[1]->str[0] && !s->schedule))
+        if (!s->definition || (h->element[1]->str && h->element[1]->str[0] && !s->schedule) ||
+            queue_tenant_set(&s->tenant, h->element[4]->str) != 0)
             rc = err_set(e, ERR_NOMEM, "out of memory");
     }
 cleanup:
@@ -491,6 +502,7 @@ static int r_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedu
         redisReply *h = redisCommand(c, "HMGET %sbatch:%s definition schedule next_run_ms",
                                      q->prefix, ids->element[i]->str);
         struct queue_schedule *s = &v[*n];
+        memset(s, 0, sizeof(*s));
         if (h && h->type == REDIS_REPLY_ARRAY && h->elements == 3 && h->element[0]->str &&
             h->element[1]->str && h->element[2]->str) {
             snprintf(s->id, sizeof(s->id), "%s", ids->element[i]->str);

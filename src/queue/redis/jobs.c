@@ -60,6 +60,8 @@ static struct job *job_from_hash(const char *id, const redisReply *h, int with_i
     j->worker = hget_dup_ok(h, "wid", &ok);
     j->attempts_uncounted = (int)rq_hget_int(h, "extra_attempts");
     j->kind = (enum job_kind)rq_hget_int(h, "kind");
+    if (queue_tenant_set(&j->tenant, rq_hget(h, "tenant", NULL)) != 0) /* missing: anonymous */
+        ok = 0;
     if ((s = rq_hget(h, "batch_id", NULL)))
         snprintf(j->batch_id, sizeof(j->batch_id), "%s", s);
     j->token = (uint64_t)j->attempts;
@@ -124,6 +126,8 @@ static void enqueue_args(struct redis_queue *q, struct args *a, const struct job
     rq_arg(a, "output_location"), rq_arg(a, s->output_location);
     rq_arg(a, "callback_url"), rq_arg(a, s->callback_url);
     rq_arg(a, "input_json_len"), rq_arg_int(a, s->input_json_len);
+    if (s->tenant && s->tenant[0]) /* the anonymous tenant's job is stored as before tenants */
+        rq_arg(a, "tenant"), rq_arg(a, s->tenant);
     if (s->input)
         rq_arg(a, "input"), rq_arg_bin(a, s->input, s->input_len);
 }
@@ -627,18 +631,24 @@ static int r_list(struct queue *qb, const struct queue_list_filter *f, struct jo
     redisContext *c = rq_take_conn(q, e);
     long long start = 0;
     int rc = 0, scanned = 0;
+    char index[512];
 
     if (!c)
         return e->code;
+    /* another tenant's jobs from its own index; the anonymous tenant's (which data written
+     * before tenants holds, unindexed) from all of them, filtered */
+    if (f->tenant && f->tenant[0])
+        snprintf(index, sizeof(index), "%stjobs:%s", q->prefix, f->tenant);
+    else
+        snprintf(index, sizeof(index), "%sjobs", q->prefix);
     if (f->cursor) {
-        redisReply *r = redisCommand(c, "ZREVRANK %sjobs %s", q->prefix, f->cursor);
+        redisReply *r = redisCommand(c, "ZREVRANK %s %s", index, f->cursor);
         if (r && r->type == REDIS_REPLY_INTEGER)
             start = r->integer + 1;
         freeReplyObject(r);
     }
     while (rc == 0 && (int)*n < f->limit && scanned < 100000) {
-        redisReply *ids =
-            redisCommand(c, "ZREVRANGE %sjobs %lld %lld", q->prefix, start, start + 199);
+        redisReply *ids = redisCommand(c, "ZREVRANGE %s %lld %lld", index, start, start + 199);
         if (!ids || ids->type != REDIS_REPLY_ARRAY) {
             freeReplyObject(ids);
             rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
@@ -654,11 +664,12 @@ static int r_list(struct queue *qb, const struct queue_list_filter *f, struct jo
             scanned++;
             start++;
             if (rq_load_job(q, c, id, 0, 0, &j, e) != 0) {
-                freeReplyObject(redisCommand(c, "ZREM %sjobs %s", q->prefix, id));
+                freeReplyObject(redisCommand(c, "ZREM %s %s", index, id));
                 start--;
                 continue;
             }
             if (j->kind == JOB_KIND_INFER && (f->state < 0 || (int)j->state == f->state) &&
+                (!f->tenant || strcmp(f->tenant, j->tenant ? j->tenant : "") == 0) &&
                 (f->state != JOB_RUNNING || f->cancelling < 0 ||
                  j->cancel_requested == f->cancelling) &&
                 (!f->model || (j->model && strcmp(j->model, f->model) == 0))) {

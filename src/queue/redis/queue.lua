@@ -16,6 +16,10 @@
 -- host pid started_ms heartbeat_ms timeout_ms jobs_running); P..'workers' the workers (zset,
 -- score = when one is presumed dead); P..'wjobs:'..wid the jobs a worker leased (set; an entry
 -- counts only while the job runs there). Channel P..'final' carries "id state" when a job ends.
+-- Tenants: a job's or batch job's hash has 'tenant' (missing or '': the anonymous tenant, as
+-- everything written before tenants is); P..'tjobs:'..tenant and P..'tbatches:'..tenant list
+-- another tenant's jobs and batch jobs as P..'jobs' and P..'batches' list all; an anonymous
+-- idempotency key is P..'idem:'..key, another tenant's P..'tidem:'..#tenant..':'..tenant..':'..key.
 
 local op, P, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local STATES = {[0] = 'queued', 'running', 'succeeded', 'failed', 'cancelled', 'expired'}
@@ -64,6 +68,12 @@ local function drop_entry(id)
     end
 end
 
+-- The key that holds an idempotency key's job: each tenant has its own keys.
+local function idem_key(tenant, key)
+    if not tenant or tenant == '' then return P .. 'idem:' .. key end
+    return P .. 'tidem:' .. #tenant .. ':' .. tenant .. ':' .. key
+end
+
 -- A job reached a final state: wake its waiters, store its webhook, start its retention.
 local function ended(id, state, ttl_s)
     redis.call('PUBLISH', P .. 'final', id .. ' ' .. STATES[state])
@@ -81,7 +91,9 @@ local function ended(id, state, ttl_s)
         redis.call('EXPIRE', P .. 'deliv:' .. id, ttl_s + 86400)
         redis.call('EXPIRE', P .. 'att:' .. id, ttl_s) -- goes with the job
         local idem = field(id, 'idem_key')
-        if idem and idem ~= '' then redis.call('EXPIRE', P .. 'idem:' .. idem, ttl_s) end
+        if idem and idem ~= '' then
+            redis.call('EXPIRE', idem_key(field(id, 'tenant'), idem), ttl_s)
+        end
     end
 end
 
@@ -120,6 +132,8 @@ local function housekeeping(ttl_s)
         if id then
             count(tonumber(state), -1)
             redis.call('ZREM', P .. 'jobs', id)
+            local tenant = field(id, 'tenant')
+            if tenant and tenant ~= '' then redis.call('ZREM', P .. 'tjobs:' .. tenant, id) end
             redis.call('DEL', jkey(id), P .. 'att:' .. id)
         end
     end
@@ -128,8 +142,12 @@ end
 -- ARGV: id, idem_key, request_hash, max_queued, then field/value pairs of the job.
 local function enqueue()
     local id, idem, hash, max_queued = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+    local tenant = ''
+    for i = 8, #ARGV - 1, 2 do
+        if ARGV[i] == 'tenant' then tenant = ARGV[i + 1] end
+    end
     if idem ~= '' then
-        local old = redis.call('GET', P .. 'idem:' .. idem)
+        local old = redis.call('GET', idem_key(tenant, idem))
         if old and redis.call('EXISTS', jkey(old)) == 1 then
             return {'existed', old, field(old, 'request_hash') or ''}
         end
@@ -141,10 +159,11 @@ local function enqueue()
     redis.call('HSET', jkey(id), 'state', 0, 'attempts', 0, 'created_ms', now, 'started_ms', 0,
                'finished_ms', 0, 'cancel_requested', 0, 'request_hash', hash, 'idem_key', idem,
                unpack(args))
-    if idem ~= '' then redis.call('SET', P .. 'idem:' .. idem, id) end
+    if idem ~= '' then redis.call('SET', idem_key(tenant, idem), id) end
     local ttl = num(id, 'ttl_s')
     if ttl > 0 then redis.call('ZADD', P .. 'expiring', now + ttl * 1000, id) end
     redis.call('ZADD', P .. 'jobs', now, id)
+    if tenant ~= '' then redis.call('ZADD', P .. 'tjobs:' .. tenant, now, id) end
     count(0, 1)
     push(id)
     return {'ok', id}
@@ -499,7 +518,8 @@ local function new_task(id, batch, kind, input)
                'finished_ms', 0, 'cancel_requested', 0, 'model', redis.call('HGET', b, 'model'),
                'priority', 0, 'max_attempts', redis.call('HGET', b, 'max_attempts'),
                'lease_timeout_ms', redis.call('HGET', b, 'lease_timeout_ms'), 'ttl_s', 0,
-               'kind', kind, 'batch_id', batch, 'input', input, 'input_json_len', -1)
+               'kind', kind, 'batch_id', batch, 'input', input, 'input_json_len', -1,
+               'tenant', redis.call('HGET', b, 'tenant') or '') -- the run's
     redis.call('SADD', P .. 'btasks:' .. batch, id)
     count(0, 1)
     push(id)
@@ -573,12 +593,13 @@ end
 -- ARGV: id, parent, run_at, parent_next (-1: a run started by hand, the schedule not
 -- claimed), max_queued, result_ttl_s, then 11 field values
 -- (definition model schedule output callback_url max_errors max_attempts lease_timeout_ms
--- next_run_ms finish_input error), then task id / input pairs.
+-- next_run_ms finish_input error tenant), then task id / input pairs.
 local function batch_create()
     local id, parent, run_at, parent_next = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
     local max_queued, ttl_s = tonumber(ARGV[8]), tonumber(ARGV[9])
     local names = {'definition', 'model', 'schedule', 'output', 'callback_url', 'max_errors',
-                   'max_attempts', 'lease_timeout_ms', 'next_run_ms', 'finish_input', 'error'}
+                   'max_attempts', 'lease_timeout_ms', 'next_run_ms', 'finish_input', 'error',
+                   'tenant'}
     local f = {}
     for i, name in ipairs(names) do f[name] = ARGV[9 + i] end
     local first_task = 10 + #names
@@ -604,15 +625,18 @@ local function batch_create()
                'objects_total', n_tasks, 'objects_done', 0, 'records_done', 0,
                'records_failed', 0, 'parent', parent, 'run_at_ms', run_at)
     for _, name in ipairs(names) do redis.call('HSET', bkey(id), name, f[name]) end
+    local listed = f.tenant ~= '' and P .. 'tbatches:' .. f.tenant or nil
     if f.schedule ~= '' then
         redis.call('ZADD', P .. 'schedules', tonumber(f.next_run_ms), id)
         redis.call('ZADD', P .. 'batches', now, id)
+        if listed then redis.call('ZADD', listed, now, id) end
         return {'ok', id}
     end
     if parent ~= '' then
         redis.call('ZADD', P .. 'runs:' .. parent, now, id)
     else
         redis.call('ZADD', P .. 'batches', now, id)
+        if listed then redis.call('ZADD', listed, now, id) end
     end
     if f.error ~= '' then
         end_run(id, 3, f.error, ttl_s)

@@ -38,7 +38,8 @@ const char sq_batch_schema[] =
     " run_at_ms INTEGER, next_run_ms INTEGER,"
     " objects_total INTEGER NOT NULL DEFAULT 0, objects_done INTEGER NOT NULL DEFAULT 0,"
     " records_done INTEGER NOT NULL DEFAULT 0, records_failed INTEGER NOT NULL DEFAULT 0,"
-    " error TEXT, finish_input BLOB);"
+    " error TEXT, finish_input BLOB,"
+    " tenant TEXT NOT NULL DEFAULT '');" /* "": the anonymous tenant */
     "CREATE UNIQUE INDEX IF NOT EXISTS batch_runs ON batch_jobs(parent, run_at_ms) "
     " WHERE parent IS NOT NULL;"
     "CREATE INDEX IF NOT EXISTS batch_due ON batch_jobs(next_run_ms) "
@@ -84,7 +85,7 @@ static const char *status_name(int is_schedule, int state)
     "id, parent, definition, schedule, state, output, created_ms, COALESCE(started_ms, 0), "       \
     "COALESCE(finished_ms, 0), COALESCE(run_at_ms, 0), COALESCE(next_run_ms, 0), "                 \
     "objects_total, objects_done, records_done + (SELECT COALESCE(SUM(records), 0) FROM "          \
-    "batch_progress p WHERE p.batch_id = batch_jobs.id), records_failed, error"
+    "batch_progress p WHERE p.batch_id = batch_jobs.id), records_failed, error, tenant"
 
 /* Fills `b` from one row of BATCH_COLUMNS. 0 or ERR_NOMEM (`b` then holds what it got). */
 static int row_batch_job(sqlite3_stmt *st, struct batch_job *b)
@@ -106,6 +107,8 @@ static int row_batch_job(sqlite3_stmt *st, struct batch_job *b)
     b->records_done = sqlite3_column_int64(st, 13);
     b->records_failed = sqlite3_column_int64(st, 14);
     b->error = sqlite3_column_type(st, 15) != SQLITE_NULL ? sq_col_strdup(st, 15) : NULL;
+    if (queue_tenant_set(&b->tenant, (const char *)sqlite3_column_text(st, 16)) != 0)
+        return ERR_NOMEM;
     if (!b->definition || (sqlite3_column_type(st, 3) != SQLITE_NULL && !b->schedule) ||
         (sqlite3_column_type(st, 5) != SQLITE_NULL && !b->output) ||
         (sqlite3_column_type(st, 15) != SQLITE_NULL && !b->error))
@@ -259,10 +262,10 @@ static int end_run(struct sqlite_queue *q, const char *id, enum job_state state,
 static int queue_finish_job(struct sqlite_queue *q, const char *batch_id, struct err *e)
 {
     sqlite3_stmt *st = sq_prepare(q->wdb, "SELECT model, finish_input, max_attempts, "
-                                          "lease_timeout_ms FROM batch_jobs WHERE id = ?");
+                                          "lease_timeout_ms, tenant FROM batch_jobs WHERE id = ?");
     struct job_spec spec = {
         .kind = JOB_KIND_BATCH_FINISH, .batch_id = batch_id, .input_json_len = -1};
-    char *model = NULL, *input = NULL, id[40];
+    char *model = NULL, *input = NULL, *tenant = NULL, id[40];
     int rc = 0;
 
     if (!st)
@@ -273,19 +276,22 @@ static int queue_finish_job(struct sqlite_queue *q, const char *batch_id, struct
         input = sq_col_strdup(st, 1);
         spec.max_attempts = sqlite3_column_int(st, 2);
         spec.lease_timeout_ms = sqlite3_column_int64(st, 3);
+        tenant = sq_col_strdup(st, 4); /* the run's: its finishing job is the tenant's too */
     }
     sq_finish(st);
-    if (!model || !input) {
+    if (!model || !input || !tenant) {
         rc = err_set(e, ERR_IO, "batch job %s: cannot read its definition", batch_id);
     } else {
         spec.model = model;
         spec.input = input;
         spec.input_len = strlen(input);
+        spec.tenant = tenant;
         id_new(id);
         rc = sq_insert_job(q, &spec, id, e); /* counts it in n_queued */
     }
     free(model);
     free(input);
+    free(tenant);
     return rc;
 }
 
@@ -428,8 +434,8 @@ int sq_op_batch_create(struct sqlite_queue *q, struct queue_op *o)
     st = sq_prepare(q->wdb,
                     "INSERT INTO batch_jobs (id, parent, definition, model, schedule, state, "
                     "output, callback_url, max_errors, max_attempts, lease_timeout_ms, created_ms, "
-                    "run_at_ms, next_run_ms, objects_total, finish_input) "
-                    "VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+                    "run_at_ms, next_run_ms, objects_total, finish_input, tenant) "
+                    "VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
     if (!st)
         return sq_db_err(q->wdb, &o->err, "prepare");
     sqlite3_bind_text(st, 1, o->id_out, -1, SQLITE_STATIC);
@@ -449,6 +455,7 @@ int sq_op_batch_create(struct sqlite_queue *q, struct queue_op *o)
         sqlite3_bind_int64(st, 13, s->next_run_ms);
     sqlite3_bind_int64(st, 14, (int64_t)s->n_tasks);
     sqlite3_bind_text(st, 15, s->finish_input, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 16, queue_tenant_stored(s->tenant), -1, SQLITE_STATIC);
     if (sqlite3_step(st) != SQLITE_DONE)
         rc = sq_db_err(q->wdb, &o->err, "insert batch job");
     sq_finish(st);
@@ -466,6 +473,7 @@ int sq_op_batch_create(struct sqlite_queue *q, struct queue_op *o)
             .input_json_len = -1,
             .max_attempts = s->max_attempts,
             .lease_timeout_ms = s->lease_timeout_ms,
+            .tenant = s->tenant, /* the run's */
         };
         char id[40];
         id_new(id);

@@ -145,6 +145,10 @@ struct job *sq_job_from_row(sqlite3_stmt *st)
         snprintf(j->batch_id, sizeof(j->batch_id), "%s", sqlite3_column_text(st, 17));
     j->worker = sq_col_strdup(st, 18);
     j->attempts_uncounted = sqlite3_column_int(st, 19);
+    if (queue_tenant_set(&j->tenant, (const char *)sqlite3_column_text(st, 20)) != 0) {
+        job_free(j);
+        return NULL;
+    }
     j->token = (uint64_t)j->attempts;
     j->input_json_len = -1;
     j->result_json_len = -1;
@@ -176,64 +180,148 @@ int sq_load_job(sqlite3 *db, const char *id, struct job **out, struct err *e)
 
 /* ---- schema ---- */
 
-static const char schema[] =
-    "CREATE TABLE IF NOT EXISTS jobs ("
-    " seq INTEGER PRIMARY KEY,"
-    " id TEXT NOT NULL UNIQUE,"
-    " model TEXT NOT NULL,"
-    " state INTEGER NOT NULL,"
-    " priority INTEGER NOT NULL,"
-    " attempts INTEGER NOT NULL DEFAULT 0,"
-    " max_attempts INTEGER NOT NULL,"
-    " created_ms INTEGER NOT NULL,"
-    " started_ms INTEGER, finished_ms INTEGER,"
-    " expires_ms INTEGER NOT NULL DEFAULT 0,"
-    " available_ms INTEGER NOT NULL DEFAULT 0,"
-    " lease_until_ms INTEGER NOT NULL DEFAULT 0,"
-    " lease_timeout_ms INTEGER NOT NULL,"
-    " ttl_s INTEGER NOT NULL DEFAULT 0,"
-    " worker TEXT,"
-    " cancel_requested INTEGER NOT NULL DEFAULT 0,"
-    " input BLOB, input_json_len INTEGER NOT NULL DEFAULT -1,"
-    " input_location TEXT, output_location TEXT, callback_url TEXT,"
-    " result BLOB, result_json_len INTEGER NOT NULL DEFAULT -1,"
-    " error TEXT,"
-    " idem_key TEXT UNIQUE, request_hash TEXT,"
-    " kind INTEGER NOT NULL DEFAULT 0, batch_id TEXT, object TEXT,"
-    " extra_attempts INTEGER NOT NULL DEFAULT 0);"
-    "CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(priority DESC, seq) WHERE state = 0;"
-    "CREATE INDEX IF NOT EXISTS jobs_expiring ON jobs(expires_ms) WHERE state = 0 AND "
-    " expires_ms > 0;"
-    "CREATE INDEX IF NOT EXISTS jobs_leased ON jobs(lease_until_ms) WHERE state = 1;"
-    "CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);"
-    "CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_ms) WHERE state >= 2;"
-    "CREATE TABLE IF NOT EXISTS outbox ("
-    " id INTEGER PRIMARY KEY,"
-    " event_id TEXT NOT NULL UNIQUE,"
-    " job_id TEXT NOT NULL,"
-    " url TEXT NOT NULL,"
-    " body BLOB NOT NULL,"
-    " attempts INTEGER NOT NULL DEFAULT 0,"
-    " next_ms INTEGER NOT NULL,"
-    " done INTEGER NOT NULL DEFAULT 0,"
-    " delivered INTEGER NOT NULL DEFAULT 0);"
-    "CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_ms) WHERE done = 0;"
-    "CREATE INDEX IF NOT EXISTS outbox_job ON outbox(job_id);"
-    "CREATE TABLE IF NOT EXISTS deliveries ("
-    " outbox_id INTEGER NOT NULL, job_id TEXT NOT NULL, event_id TEXT NOT NULL,"
-    " at_ms INTEGER NOT NULL, http_status INTEGER NOT NULL, error TEXT);"
-    "CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries(job_id);"
-    /* every attempt of a job, kept across attempts and redrives (attempts_history) */
-    "CREATE TABLE IF NOT EXISTS attempts ("
-    " job_id TEXT NOT NULL, attempt INTEGER NOT NULL, started_ms INTEGER NOT NULL,"
-    " ended_ms INTEGER, worker TEXT, error TEXT, PRIMARY KEY (job_id, attempt));"
-    "CREATE TRIGGER IF NOT EXISTS attempts_go_with_job AFTER DELETE ON jobs BEGIN"
-    " DELETE FROM attempts WHERE job_id = old.id; END;"
-    /* the worker processes and their heartbeats (queue_worker_beat) */
-    "CREATE TABLE IF NOT EXISTS workers ("
-    " id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL,"
-    " started_ms INTEGER NOT NULL, heartbeat_ms INTEGER NOT NULL, timeout_ms INTEGER NOT NULL,"
-    " jobs_running INTEGER NOT NULL DEFAULT 0);";
+/* The jobs table, by name: migrate_tenants() rebuilds an older one as this very table. */
+#define JOBS_TABLE(name)                                                                           \
+    "CREATE TABLE IF NOT EXISTS " name " ("                                                        \
+    " seq INTEGER PRIMARY KEY,"                                                                    \
+    " id TEXT NOT NULL UNIQUE,"                                                                    \
+    " model TEXT NOT NULL,"                                                                        \
+    " state INTEGER NOT NULL,"                                                                     \
+    " priority INTEGER NOT NULL,"                                                                  \
+    " attempts INTEGER NOT NULL DEFAULT 0,"                                                        \
+    " max_attempts INTEGER NOT NULL,"                                                              \
+    " created_ms INTEGER NOT NULL,"                                                                \
+    " started_ms INTEGER, finished_ms INTEGER,"                                                    \
+    " expires_ms INTEGER NOT NULL DEFAULT 0,"                                                      \
+    " available_ms INTEGER NOT NULL DEFAULT 0,"                                                    \
+    " lease_until_ms INTEGER NOT NULL DEFAULT 0,"                                                  \
+    " lease_timeout_ms INTEGER NOT NULL,"                                                          \
+    " ttl_s INTEGER NOT NULL DEFAULT 0,"                                                           \
+    " worker TEXT,"                                                                                \
+    " cancel_requested INTEGER NOT NULL DEFAULT 0,"                                                \
+    " input BLOB, input_json_len INTEGER NOT NULL DEFAULT -1,"                                     \
+    " input_location TEXT, output_location TEXT, callback_url TEXT,"                               \
+    " result BLOB, result_json_len INTEGER NOT NULL DEFAULT -1,"                                   \
+    " error TEXT,"                                                                                 \
+    " idem_key TEXT, request_hash TEXT," /* unique per tenant: jobs_idem */                        \
+    " kind INTEGER NOT NULL DEFAULT 0, batch_id TEXT, object TEXT,"                                \
+    " extra_attempts INTEGER NOT NULL DEFAULT 0,"                                                  \
+    " tenant TEXT NOT NULL DEFAULT '');" /* "": the anonymous tenant */
+
+static const char schema[] = JOBS_TABLE(
+    "jobs") "CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(priority DESC, seq) WHERE state = 0;"
+            "CREATE INDEX IF NOT EXISTS jobs_expiring ON jobs(expires_ms) WHERE state = 0 AND "
+            " expires_ms > 0;"
+            "CREATE INDEX IF NOT EXISTS jobs_leased ON jobs(lease_until_ms) WHERE state = 1;"
+            "CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);"
+            "CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_ms) WHERE state >= 2;"
+            "CREATE TABLE IF NOT EXISTS outbox ("
+            " id INTEGER PRIMARY KEY,"
+            " event_id TEXT NOT NULL UNIQUE,"
+            " job_id TEXT NOT NULL,"
+            " url TEXT NOT NULL,"
+            " body BLOB NOT NULL,"
+            " attempts INTEGER NOT NULL DEFAULT 0,"
+            " next_ms INTEGER NOT NULL,"
+            " done INTEGER NOT NULL DEFAULT 0,"
+            " delivered INTEGER NOT NULL DEFAULT 0);"
+            "CREATE INDEX IF NOT EXISTS outbox_due ON outbox(next_ms) WHERE done = 0;"
+            "CREATE INDEX IF NOT EXISTS outbox_job ON outbox(job_id);"
+            "CREATE TABLE IF NOT EXISTS deliveries ("
+            " outbox_id INTEGER NOT NULL, job_id TEXT NOT NULL, event_id TEXT NOT NULL,"
+            " at_ms INTEGER NOT NULL, http_status INTEGER NOT NULL, error TEXT);"
+            "CREATE INDEX IF NOT EXISTS deliveries_job ON deliveries(job_id);"
+            /* every attempt of a job, kept across attempts and redrives (attempts_history) */
+            "CREATE TABLE IF NOT EXISTS attempts ("
+            " job_id TEXT NOT NULL, attempt INTEGER NOT NULL, started_ms INTEGER NOT NULL,"
+            " ended_ms INTEGER, worker TEXT, error TEXT, PRIMARY KEY (job_id, attempt));"
+            "CREATE TRIGGER IF NOT EXISTS attempts_go_with_job AFTER DELETE ON jobs BEGIN"
+            " DELETE FROM attempts WHERE job_id = old.id; END;"
+            /* the worker processes and their heartbeats (queue_worker_beat) */
+            "CREATE TABLE IF NOT EXISTS workers ("
+            " id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL,"
+            " started_ms INTEGER NOT NULL, heartbeat_ms INTEGER NOT NULL, timeout_ms INTEGER NOT "
+            "NULL,"
+            " jobs_running INTEGER NOT NULL DEFAULT 0);";
+
+/* Indexes on the tenant column, made after migrate_tenants() (an older table lacks it):
+ * idempotency keys are unique per tenant, and a tenant's listing walks its own jobs and batch
+ * jobs newest first, never the whole table. */
+static const char tenant_indexes[] =
+    "CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs(tenant, idem_key) "
+    " WHERE idem_key IS NOT NULL;"
+    "CREATE INDEX IF NOT EXISTS jobs_tenant ON jobs(tenant, seq);"
+    "CREATE INDEX IF NOT EXISTS batch_tenant ON batch_jobs(tenant, seq);";
+
+/* 1 when `table` has `column`; -1 on error. Not cached: it runs at open only. */
+static int has_column(sqlite3 *db, const char *table, const char *column)
+{
+    sqlite3_stmt *st = NULL;
+    int has;
+
+    if (sqlite3_prepare_v2(db, "SELECT 1 FROM pragma_table_info(?) WHERE name = ?", -1, &st,
+                           NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_text(st, 1, table, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 2, column, -1, SQLITE_STATIC);
+    has = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_finalize(st);
+    return has;
+}
+
+/*
+ * Gives a store made before tenants its tenant columns: everything in it belongs to the
+ * anonymous tenant. The jobs table is rebuilt, in one transaction, because its idempotency
+ * keys were unique across the whole table (a column constraint SQLite cannot drop) and are
+ * now unique per tenant; batch_jobs only gains the column.
+ */
+static int migrate_tenants(sqlite3 *db, struct err *e)
+{
+    sqlite3_stmt *st = NULL;
+    char *cols = NULL, *sql = NULL;
+    int jobs_has = has_column(db, "jobs", "tenant"),
+        batch_has = has_column(db, "batch_jobs", "tenant");
+    int rc = 0;
+
+    if (jobs_has < 0 || batch_has < 0)
+        return sq_db_err(db, e, "read schema");
+    if (!batch_has)
+        rc = sq_exec(db, "ALTER TABLE batch_jobs ADD COLUMN tenant TEXT NOT NULL DEFAULT '';", e);
+    if (rc != 0 || jobs_has)
+        return rc;
+    log_info("queue",
+             "adding tenants to an older job store: its jobs belong to the anonymous "
+             "tenant",
+             "table=%s", "jobs");
+    if (sqlite3_prepare_v2(db, "SELECT group_concat(name, ', ') FROM pragma_table_info('jobs')", -1,
+                           &st, NULL) != SQLITE_OK)
+        return sq_db_err(db, e, "read schema");
+    if (sqlite3_step(st) == SQLITE_ROW)
+        cols = sq_col_strdup(st, 0);
+    sqlite3_finalize(st);
+    if (!cols)
+        return err_set(e, ERR_NOMEM, "out of memory");
+    if (asprintf(&sql,
+                 "BEGIN IMMEDIATE;"
+                 "DROP TABLE IF EXISTS jobs_tenants;" JOBS_TABLE(
+                     "jobs_tenants") "INSERT INTO jobs_tenants (%s) SELECT %s FROM jobs;"
+                                     "DROP TABLE jobs;"
+                                     "ALTER TABLE jobs_tenants RENAME TO jobs;"
+                                     "COMMIT;",
+                 cols, cols) < 0) {
+        free(cols);
+        return err_set(e, ERR_NOMEM, "out of memory");
+    }
+    rc = sq_exec(db, sql, e);
+    if (rc != 0)
+        sq_exec(db, "ROLLBACK", &(struct err){0});
+    free(sql);
+    free(cols);
+    /* the indexes and the trigger went with the old table */
+    if (rc == 0)
+        rc = sq_exec(db, schema, e);
+    return rc ? rc : sq_exec(db, sq_batch_schema, e);
+}
 
 /* Adds the job columns that databases made by earlier versions lack. */
 static int migrate_jobs(sqlite3 *db, struct err *e)
@@ -387,6 +475,10 @@ int queue_sqlite_open(const struct queue_config *cfg, struct queue **out, struct
         rc = migrate_jobs(q->wdb, e);
     if (rc == 0)
         rc = sq_batch_migrate(q->wdb, e);
+    if (rc == 0)
+        rc = migrate_tenants(q->wdb, e);
+    if (rc == 0)
+        rc = sq_exec(q->wdb, tenant_indexes, e);
     if (rc == 0) /* the writer's scratch list of jobs past their retention (retain()) */
         rc = sq_exec(q->wdb, "CREATE TEMP TABLE IF NOT EXISTS retired(id TEXT PRIMARY KEY)", e);
     if (rc == 0)

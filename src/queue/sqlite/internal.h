@@ -94,7 +94,7 @@ void *sq_writer_main(void *q);
     "id, model, state, priority, attempts, max_attempts, created_ms, "                             \
     "COALESCE(started_ms, 0), COALESCE(finished_ms, 0), lease_timeout_ms, ttl_s, error, "          \
     "input_location, output_location, callback_url, cancel_requested, kind, batch_id, worker, "    \
-    "extra_attempts"
+    "extra_attempts, tenant"
 
 /* ---- operations and calls the files share ---- */
 

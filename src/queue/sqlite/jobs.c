@@ -49,10 +49,13 @@ int sq_op_enqueue(struct sqlite_queue *q, struct queue_op *o)
     int rc = 0;
 
     if (s->idempotency_key) {
-        st = sq_prepare(q->wdb, "SELECT id, request_hash FROM jobs WHERE idem_key = ?");
+        /* a key is the tenant's own: another tenant's same key is another job */
+        st = sq_prepare(q->wdb, "SELECT id, request_hash FROM jobs WHERE tenant = ? AND "
+                                "idem_key = ?");
         if (!st)
             return sq_db_err(q->wdb, &o->err, "prepare");
-        sqlite3_bind_text(st, 1, s->idempotency_key, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 1, queue_tenant_stored(s->tenant), -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, s->idempotency_key, -1, SQLITE_STATIC);
         if (sqlite3_step(st) == SQLITE_ROW) {
             snprintf(o->id_out, sizeof(o->id_out), "%s", sqlite3_column_text(st, 0));
             rc = queue_idem_match(s, o->id_out, (const char *)sqlite3_column_text(st, 1), &o->err);
@@ -78,8 +81,8 @@ int sq_insert_job(struct sqlite_queue *q, const struct job_spec *s, const char *
     st = sq_prepare(q->wdb,
                     "INSERT INTO jobs (id, model, state, priority, max_attempts, created_ms, "
                     "expires_ms, lease_timeout_ms, ttl_s, input, input_json_len, input_location, "
-                    "output_location, callback_url, idem_key, request_hash, kind, batch_id) "
-                    "VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+                    "output_location, callback_url, idem_key, request_hash, kind, batch_id, "
+                    "tenant) VALUES (?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
     if (!st)
         return sq_db_err(q->wdb, e, "prepare");
     sqlite3_bind_text(st, 1, id, -1, SQLITE_STATIC);
@@ -100,6 +103,7 @@ int sq_insert_job(struct sqlite_queue *q, const struct job_spec *s, const char *
     sqlite3_bind_text(st, 15, s->request_hash, -1, SQLITE_STATIC);
     sqlite3_bind_int(st, 16, (int)s->kind);
     sqlite3_bind_text(st, 17, s->batch_id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(st, 18, queue_tenant_stored(s->tenant), -1, SQLITE_STATIC);
     if (sqlite3_step(st) != SQLITE_DONE)
         rc = sq_db_err(q->wdb, e, "insert job");
     sq_finish(st);
@@ -467,11 +471,18 @@ static int sq_list(struct queue *qb, const struct queue_list_filter *f, struct j
     int rc = 0;
 
     pthread_mutex_lock(&q->read_lock);
-    st = sq_prepare(q->rdb, "SELECT " JOB_COLUMNS
-                            " FROM jobs WHERE kind = 0 AND (?1 < 0 OR state = ?1) AND "
-                            "(?2 IS NULL OR model = ?2) AND (?3 IS NULL OR seq < (SELECT seq FROM "
-                            "jobs WHERE id = ?3)) AND (?5 < 0 OR cancel_requested = ?5) "
-                            "ORDER BY seq DESC LIMIT ?4");
+    if (!f->tenant)
+        st = sq_prepare(q->rdb, "SELECT " JOB_COLUMNS
+                                " FROM jobs WHERE kind = 0 AND (?1 < 0 OR state = ?1) AND "
+                                "(?2 IS NULL OR model = ?2) AND (?3 IS NULL OR seq < (SELECT seq "
+                                "FROM jobs WHERE id = ?3)) AND (?5 < 0 OR cancel_requested = ?5) "
+                                "ORDER BY seq DESC LIMIT ?4");
+    else /* one tenant's: its own jobs, newest first, from the index, never the whole table */
+        st = sq_prepare(q->rdb, "SELECT " JOB_COLUMNS
+                                " FROM jobs INDEXED BY jobs_tenant WHERE tenant = ?6 AND kind = 0 "
+                                "AND (?1 < 0 OR state = ?1) AND (?2 IS NULL OR model = ?2) AND "
+                                "(?3 IS NULL OR seq < (SELECT seq FROM jobs WHERE id = ?3)) AND "
+                                "(?5 < 0 OR cancel_requested = ?5) ORDER BY seq DESC LIMIT ?4");
     if (!st) {
         rc = sq_db_err(q->rdb, e, "prepare");
         goto cleanup;
@@ -481,6 +492,8 @@ static int sq_list(struct queue *qb, const struct queue_list_filter *f, struct j
     sqlite3_bind_text(st, 3, f->cursor, -1, SQLITE_STATIC);
     sqlite3_bind_int(st, 4, f->limit);
     sqlite3_bind_int(st, 5, f->state == JOB_RUNNING ? f->cancelling : -1);
+    if (f->tenant)
+        sqlite3_bind_text(st, 6, f->tenant, -1, SQLITE_STATIC);
     while (rc == 0 && (int)*n < f->limit && sqlite3_step(st) == SQLITE_ROW) {
         struct job *j = sq_job_from_row(st);
         if (!j) {

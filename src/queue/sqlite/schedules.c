@@ -41,15 +41,22 @@ int sq_batch_list(struct queue *qb, const struct queue_batch_filter *f, struct b
         return err_set(e, ERR_NOMEM, "out of memory");
     }
     pthread_mutex_lock(&q->read_lock);
-    st = sq_prepare(q->rdb, "SELECT id FROM batch_jobs WHERE parent IS NULL AND (?1 = -1 OR "
-                            "state = ?1) AND (?2 = -1 OR (schedule IS NOT NULL) = ?2) "
-                            "ORDER BY seq DESC LIMIT ?3");
+    if (!f->tenant)
+        st = sq_prepare(q->rdb, "SELECT id FROM batch_jobs WHERE parent IS NULL AND (?1 = -1 OR "
+                                "state = ?1) AND (?2 = -1 OR (schedule IS NOT NULL) = ?2) "
+                                "ORDER BY seq DESC LIMIT ?3");
+    else /* one tenant's, from its index */
+        st = sq_prepare(q->rdb, "SELECT id FROM batch_jobs INDEXED BY batch_tenant WHERE tenant = "
+                                "?4 AND parent IS NULL AND (?1 = -1 OR state = ?1) AND (?2 = -1 "
+                                "OR (schedule IS NOT NULL) = ?2) ORDER BY seq DESC LIMIT ?3");
     if (!st) {
         rc = sq_db_err(q->rdb, e, "prepare");
     } else {
         sqlite3_bind_int(st, 1, f->state);
         sqlite3_bind_int(st, 2, f->schedules);
         sqlite3_bind_int(st, 3, f->limit);
+        if (f->tenant)
+            sqlite3_bind_text(st, 4, f->tenant, -1, SQLITE_STATIC);
     }
     /* ids first: sq_load_batch() uses other statements on the same connection */
     while (rc == 0 && n_ids < f->limit && sqlite3_step(st) == SQLITE_ROW)
@@ -163,6 +170,7 @@ int sq_schedules_due(struct queue *qb, int64_t now_ms, struct queue_schedule **o
             }
             /* a schedule that cannot be copied is left out: it is due again at the next look */
             struct queue_schedule *s = &v[*n];
+            memset(s, 0, sizeof(*s));
             snprintf(s->id, sizeof(s->id), "%s", sqlite3_column_text(st, 0));
             s->definition = sq_col_strdup(st, 1);
             s->schedule = sq_col_strdup(st, 2);
@@ -257,8 +265,8 @@ int sq_batch_definition(struct queue *qb, const char *id, struct queue_schedule 
     if (!s)
         return err_set(e, ERR_NOMEM, "out of memory");
     pthread_mutex_lock(&q->read_lock);
-    st = sq_prepare(q->rdb, "SELECT definition, schedule, COALESCE(next_run_ms, 0), state "
-                            "FROM batch_jobs WHERE id = ?");
+    st = sq_prepare(q->rdb, "SELECT definition, schedule, COALESCE(next_run_ms, 0), state, "
+                            "tenant FROM batch_jobs WHERE id = ?");
     if (!st) {
         rc = sq_db_err(q->rdb, e, "prepare");
     } else {
@@ -269,7 +277,8 @@ int sq_batch_definition(struct queue *qb, const char *id, struct queue_schedule 
             s->schedule = sqlite3_column_type(st, 1) == SQLITE_NULL ? NULL : sq_col_strdup(st, 1);
             s->next_run_ms = sqlite3_column_int64(st, 2);
             s->state = sqlite3_column_int(st, 3);
-            if (!s->definition || (sqlite3_column_type(st, 1) != SQLITE_NULL && !s->schedule))
+            if (!s->definition || (sqlite3_column_type(st, 1) != SQLITE_NULL && !s->schedule) ||
+                queue_tenant_set(&s->tenant, (const char *)sqlite3_column_text(st, 4)) != 0)
                 rc = err_set(e, ERR_NOMEM, "out of memory");
         } else {
             rc = err_set(e, ERR_NOT_FOUND, "no batch job '%.40s'", id);
