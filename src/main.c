@@ -132,6 +132,15 @@ static const struct option_def serve_options[] = {
      "the workers heartbeat to the queue; silent this long, they are presumed dead and their "
      "jobs run again at once",
      BOTH},
+    {"tls-cert", OPT_STR, "", 0, 0,
+     "PEM certificate chain: serve HTTPS instead of HTTP (with --tls-key); re-read on SIGHUP",
+     BOTH},
+    {"tls-key", OPT_STR, "", 0, 0,
+     "PEM private key (unencrypted) of --tls-cert's first certificate; re-read on SIGHUP", BOTH},
+    {"tls-client-ca", OPT_STR, "", 0, 0,
+     "PEM CA certificates: require each client to show a certificate they signed (mutual TLS); "
+     "re-read on SIGHUP",
+     BOTH},
 };
 #define N_SERVE (sizeof(serve_options) / sizeof(serve_options[0]))
 
@@ -439,6 +448,12 @@ static int cmd_serve(int argc, char **argv, int worker)
         fprintf(stderr, "inferd %s: %s\n", cmd, e.msg);
         return 2;
     }
+    if (!OPT_S(&p, "tls-cert")[0] != !OPT_S(&p, "tls-key")[0] ||
+        (OPT_S(&p, "tls-client-ca")[0] && !OPT_S(&p, "tls-cert")[0])) {
+        fprintf(stderr, "inferd %s: --tls-cert and --tls-key go together, and --tls-client-ca "
+                        "needs them\n", cmd);
+        return 2;
+    }
     /* the port first: a process that cannot have it stops before it touches the queue */
     if (http_listen(OPT_S(&p, "host"), (int)OPT_N(&p, "port"), (int)OPT_N(&p, "reuse-port"),
                     &listen_fd, &port, &e) != 0) {
@@ -540,6 +555,9 @@ static int cmd_serve(int argc, char **argv, int worker)
         .workers = (int)OPT_N(&p, "workers"),
         .worker_only = worker,
         .max_input_bytes = wc.max_input_bytes,
+        .tls_cert = OPT_S(&p, "tls-cert"),
+        .tls_key = OPT_S(&p, "tls-key"),
+        .tls_client_ca = OPT_S(&p, "tls-client-ca"),
     };
     listen_fd = -1; /* the server's now, started or not */
     hp = (struct http_pool){
@@ -556,7 +574,8 @@ static int cmd_serve(int argc, char **argv, int worker)
     }
     queue_shown = url_redacted(OPT_S(&p, "queue")); /* a URL may hold a password */
     log_info("main", worker ? "worker running" : "listening",
-             "url=http://%s:%d models=%s queue=%s workers=%d version=%s", hc.host,
+             "url=%s://%s:%d models=%s queue=%s workers=%d version=%s",
+             http_server_is_tls(srv) ? "https" : "http", hc.host,
              http_server_port(srv), OPT_S(&p, "models"), queue_shown ? queue_shown : "(hidden)",
              wc.workers, INFERD_VERSION);
     free(queue_shown);
@@ -566,6 +585,9 @@ static int cmd_serve(int argc, char **argv, int worker)
         if (sig == SIGHUP) {
             log_info("main", "SIGHUP: reloading the model repository", "%s", "");
             registry_load_all(reg);
+            if (http_server_reload_tls(srv, &e) != 0)
+                log_error("main", "SIGHUP: TLS certificates not reloaded; the old ones serve",
+                          "reason=\"%s\"", e.msg);
             continue;
         }
         log_info("main", "draining", "signal=%s", sig == SIGTERM ? "SIGTERM" : "SIGINT");

@@ -290,8 +290,10 @@ static enum MHD_Result handle_infer(struct req *r, const char *name, const char 
     if (ci)
         r->item.client_fd = ci->connect_fd;
     /* an HTTP/1.1 client must read a 1xx before its answer (RFC 9110 section 15.2), so one
-     * tells a half-closed client (which reads it) from one that closed (which resets) */
-    if (r->http11) {
+     * tells a half-closed client (which reads it) from one that closed (which resets). Not over
+     * TLS: raw bytes on the socket would corrupt the TLS stream, and a TLS client does not
+     * half-close (it ends with close_notify), so there the end of its side is a hang-up. */
+    if (r->http11 && !r->srv->tls) {
         static const char probe[] = "HTTP/1.1 100 Continue\r\n\r\n";
         r->item.eof_probe = probe;
         r->item.eof_probe_len = sizeof(probe) - 1;
@@ -779,6 +781,7 @@ static void free_server(struct http_server *s)
     jobs_waiters_stop(s);
     iopool_destroy(s->io);
     conns_destroy(s->guard);
+    tls_destroy(s->tls);
     free(s);
 }
 
@@ -825,7 +828,9 @@ int http_server_start(const struct http_config *cfg, struct registry *reg, struc
     struct http_server *s = calloc(1, sizeof(*s));
     const union MHD_DaemonInfo *di;
     long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
-    unsigned threads, mhd_limit;
+    unsigned threads, mhd_limit, tls_flags;
+    struct MHD_OptionItem tls_opts[3];
+    int rc;
 
     *out = NULL;
     if (!s) {
@@ -845,6 +850,12 @@ int http_server_start(const struct http_config *cfg, struct registry *reg, struc
         free_server(s);
         return err_set(e, ERR_NOMEM, "cannot start the I/O threads");
     }
+    if (cfg->tls_cert && cfg->tls_cert[0] && (rc = tls_create(cfg, &s->tls, e)) != 0) {
+        close(cfg->listen_fd);
+        free_server(s);
+        return rc;
+    }
+    tls_flags = tls_daemon_options(s->tls, tls_opts);
     if (q)
         queue_on_final(q, jobs_on_final, s);
     check_fd_limit(cfg);
@@ -853,12 +864,14 @@ int http_server_start(const struct http_config *cfg, struct registry *reg, struc
      * threads) leaves room for connections being closed to make room */
     mhd_limit = (unsigned)cfg->max_connections + (unsigned)cfg->max_connections / 2 + 64 * threads;
     s->daemon = MHD_start_daemon(
-        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_TURBO,
+        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_TURBO |
+            tls_flags,
         0, conns_accept, s->guard, on_request, s, MHD_OPTION_LISTEN_SOCKET, cfg->listen_fd,
         MHD_OPTION_THREAD_POOL_SIZE, threads, MHD_OPTION_CONNECTION_LIMIT, mhd_limit,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->idle_timeout_s, MHD_OPTION_NOTIFY_COMPLETED,
         on_completed, s, MHD_OPTION_NOTIFY_CONNECTION, conns_notify, s->guard,
-        MHD_OPTION_URI_LOG_CALLBACK, on_request_line, s, MHD_OPTION_END);
+        MHD_OPTION_URI_LOG_CALLBACK, on_request_line, s, MHD_OPTION_ARRAY, tls_opts,
+        MHD_OPTION_END);
     if (!s->daemon) {
         close(cfg->listen_fd);
         free_server(s);
@@ -946,6 +959,7 @@ int http_server_stop(struct http_server *s)
     MHD_stop_daemon(s->daemon);
     iopool_destroy(s->io);
     conns_destroy(s->guard);
+    tls_destroy(s->tls);
     if (s->queue)
         queue_on_final(s->queue, NULL, NULL);
     free(s);
