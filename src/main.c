@@ -79,7 +79,7 @@ static const struct option_def serve_options[] = {
     {"log-level", OPT_STR, "info", 0, 0, "error, warn, info or debug", BOTH},
     {"data-dir", OPT_STR, "./data", 0, 0, "where the async job queue keeps its database", SERVE},
     {"queue", OPT_STR, "sqlite", 0, 0,
-     "the job queue: sqlite (under --data-dir), redis://HOST:PORT/DB or "
+     "the job queue: sqlite (under --data-dir), redis[s]://[[USER]:PASSWORD@]HOST:PORT/DB[?ca=FILE] or "
      "postgresql://USER[:PASSWORD]@HOST[:PORT]/DB (shared with inferd worker processes)",
      BOTH},
     {"workers", OPT_INT, "2", 0, 4096,
@@ -436,6 +436,7 @@ static int cmd_serve(int argc, char **argv, int worker)
         return 2;
     }
     if (worker && strncmp(OPT_S(&p, "queue"), "redis://", 8) != 0 &&
+        strncmp(OPT_S(&p, "queue"), "rediss://", 9) != 0 &&
         !queue_url_is_postgres(OPT_S(&p, "queue"))) {
         fprintf(stderr, "inferd worker: --queue redis://HOST:PORT/DB or postgresql://... is "
                         "required (the SQLite queue belongs to one inferd serve, which runs its "
