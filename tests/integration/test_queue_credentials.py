@@ -4,6 +4,8 @@ tls-port and a certificate of the suite's CA), ``redis://USER:PASSWORD@`` and
 and PostgreSQL's ``sslmode`` passed through libpq, for the queue and the warehouse. Jobs run
 end to end; a wrong password or CA is a clear start-up error that never shows a secret."""
 import json
+import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -232,3 +234,99 @@ def test_redis_url_errors(server_factory, repo, tmp_path, test_ca):
     log = start_fails(server_factory, repo, tmp_path, "redis://secretuser@127.0.0.1:1/0",
                       tag="nopass")
     assert "USER:PASSWORD@" in log and "secretuser" not in log, log
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL: sslmode and friends pass through libpq
+# ---------------------------------------------------------------------------
+
+PG_ROLE, PG_PASSWORD = "inferd_tls", "Pg-s3cret-7781"
+
+
+@pytest.fixture
+def ssl_postgres(postgres_server, test_ca):
+    """A cluster with ssl = on (the suite CA's server certificate) that refuses connections
+    without TLS over 127.0.0.1, and a role that needs its password; (cluster, url base)."""
+    pg = postgres_server
+    for src, name, mode in ((test_ca.server_cert, "server.crt", 0o644),
+                            (test_ca.server_key, "server.key", 0o600)):
+        dst = pg.data / name
+        shutil.copyfile(src, dst)
+        os.chmod(dst, mode)
+        if pg.as_root:
+            shutil.chown(dst, "postgres", "postgres")
+    with open(pg.data / "postgresql.conf", "a") as f:
+        f.write("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
+    pg.create_role(PG_ROLE, PG_PASSWORD, db="tlsdb")
+    hba = pg.data / "pg_hba.conf"
+    hba.write_text("hostnossl all all 127.0.0.1/32 reject\n"
+                   f"hostssl all {PG_ROLE} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+    pg.psql("SELECT pg_reload_conf()")
+    wait_for(lambda: pg.psql("SHOW ssl") == [["on"]], DEADLINE_S, "PostgreSQL to turn ssl on")
+    return pg, f"postgresql://{PG_ROLE}:{PG_PASSWORD}@127.0.0.1:{pg.port}/tlsdb"
+
+
+def test_postgres_queue_with_sslmode_verify_full(ssl_postgres, server_factory, repo, tmp_path,
+                                                 trained, test_ca):
+    pg, base = ssl_postgres
+    m = trained["binary"]
+    url = f"{base}?sslmode=verify-full&sslrootcert={test_ca.ca_cert}"
+    serve = server_factory(repo, *async_args(tmp_path / "data", queue=url))
+    c = serve.client()
+    X = m.rows(4, seed=31)
+    jid = c.submit_ok("binary", X)
+    assert c.wait_final(jid, DEADLINE_S, "a job on the PostgreSQL queue over TLS")["status"] \
+        == "succeeded"
+    r = c.get(f"/v1/jobs/{jid}/result")
+    assert_close(np.asarray(r.json()["outputs"][0]["data"], dtype=np.float64), m.expected(X),
+                 "job over TLS")
+    # inferd's connections are TLS ones (the cluster refuses any other over 127.0.0.1)
+    n = pg.psql("SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) "
+                f"WHERE usename = '{PG_ROLE}' AND ssl")
+    assert int(n[0][0]) >= 1, n
+    assert PG_PASSWORD not in serve.log()
+
+
+@pytest.mark.parametrize("case", ["wrong-ca", "no-tls", "missing-ca-file"])
+def test_postgres_tls_errors_are_clear_and_without_the_password(ssl_postgres, server_factory,
+                                                                repo, tmp_path, test_ca, case):
+    pg, base = ssl_postgres
+    query = {"wrong-ca": f"sslmode=verify-full&sslrootcert={test_ca.other_ca_cert}",
+             "no-tls": "sslmode=disable",
+             "missing-ca-file": f"sslmode=verify-full&sslrootcert={tmp_path}/none.pem"}[case]
+    log = start_fails(server_factory, repo, tmp_path, f"{base}?{query}")
+    assert "cannot open the job queue" in log and f"127.0.0.1:{pg.port}" in log, log
+    want = {"wrong-ca": "certificate verify failed", "no-tls": "no encryption",
+            "missing-ca-file": "none.pem"}[case]
+    assert want in log, log
+    assert PG_PASSWORD not in log, log
+
+
+def test_warehouse_table_with_sslmode_verify_full(ssl_postgres, repo, trained, tmp_path,
+                                                  test_ca):
+    pg, base = ssl_postgres
+    m = trained["binary"]
+    X = m.rows(50, seed=41)
+    cols = ", ".join(f"f{j} double precision" for j in range(m.n_features))
+    pg.psql(f"CREATE TABLE feat (id integer PRIMARY KEY, {cols})", db="tlsdb")
+    pg.psql(f"ALTER TABLE feat OWNER TO {PG_ROLE}", db="tlsdb")
+    values = ",".join("(" + ",".join([str(i)] + [repr(float(v)) for v in X[i]]) + ")"
+                      for i in range(50))
+    pg.psql(f"INSERT INTO feat VALUES {values}", db="tlsdb")
+    ca_q = f"sslmode=verify-full&sslrootcert={test_ca.ca_cert}"
+    out = tmp_path / "out"
+    p = subprocess.run([str(INFERD_BIN), "batch", "--models", str(repo), "--model", "binary",
+                        "--input", f"{base}?{ca_q}&table=feat", "--output", str(out)],
+                       capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(l) for l in (out / "public.feat.jsonl").read_text().splitlines()]
+    assert_close([r["prediction"] for r in rows], m.expected(X), "table over TLS")
+    assert PG_PASSWORD not in p.stderr + p.stdout
+    # the wrong CA: a clear error, without the password
+    p = subprocess.run([str(INFERD_BIN), "batch", "--models", str(repo), "--model", "binary",
+                        "--input", f"{base}?sslmode=verify-full&sslrootcert="
+                                   f"{test_ca.other_ca_cert}&table=feat",
+                        "--output", str(tmp_path / "out2")],
+                       capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert p.returncode != 0 and "certificate verify failed" in p.stderr, p.stderr
+    assert PG_PASSWORD not in p.stderr + p.stdout
