@@ -31,9 +31,9 @@ struct http_config {
     int worker_only;                /* inferd worker: only metrics and health */
     int64_t max_input_bytes;        /* a job's input_location (and a result read back from its
                                      * output_location) past this is refused, > 0 */
-    const char *tls_cert;      /* PEM chain: HTTPS on the port; NULL or "": plain HTTP */
-    const char *tls_key;       /* PEM private key of tls_cert's first certificate */
-    const char *tls_client_ca; /* PEM CAs: clients must show a certificate they signed; NULL: none */
+    const char *tls_cert;           /* PEM chain: HTTPS on the port; NULL or "": plain HTTP */
+    const char *tls_key;            /* PEM private key of tls_cert's first certificate */
+    const char *tls_client_ca;      /* PEM CAs that must sign client certificates; NULL: none */
 };
 
 /*

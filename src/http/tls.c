@@ -43,8 +43,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#define TLS_MAX_CHAIN 16                  /* certificates in --tls-cert */
-#define TLS_MAX_FILE_BYTES (1024 * 1024)  /* a PEM file larger than this is not a certificate */
+#define TLS_MAX_CHAIN 16                 /* certificates in --tls-cert */
+#define TLS_MAX_FILE_BYTES (1024 * 1024) /* a PEM file larger than this is not a certificate */
 #define TLS_RETIRE_MARGIN_NS (60ull * 1000000000ull)
 /* TLS 1.2 and 1.3 only, GnuTLS's usual ciphers */
 #define TLS_PRIORITIES "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
@@ -155,8 +155,9 @@ static int load_chain(struct tls_creds *c, const char *path, struct err *e)
     grc = gnutls_pcert_list_import_x509_raw(c->chain, &c->n_chain, &d, GNUTLS_X509_FMT_PEM, 0);
     if (grc < 0 || c->n_chain == 0) {
         c->n_chain = 0;
-        rc = err_set(e, ERR_INVALID, "--tls-cert '%s': not a PEM certificate chain of at most %d: %s",
-                     path, TLS_MAX_CHAIN, grc < 0 ? gnutls_strerror(grc) : "no certificate");
+        rc = err_set(e, ERR_INVALID,
+                     "--tls-cert '%s': not a PEM certificate chain of at most %d: %s", path,
+                     TLS_MAX_CHAIN, grc < 0 ? gnutls_strerror(grc) : "no certificate");
     }
     gnutls_free(d.data);
     return rc;
@@ -173,8 +174,8 @@ static int load_key(struct tls_creds *c, const char *path, struct err *e)
     if (grc == 0)
         grc = gnutls_privkey_import_x509_raw(c->key, &d, GNUTLS_X509_FMT_PEM, NULL, 0);
     if (grc < 0)
-        rc = err_set(e, ERR_INVALID, "--tls-key '%s': not an unencrypted PEM private key: %s",
-                     path, gnutls_strerror(grc));
+        rc = err_set(e, ERR_INVALID, "--tls-key '%s': not an unencrypted PEM private key: %s", path,
+                     gnutls_strerror(grc));
     /* the key's bytes leave memory as soon as GnuTLS holds them */
     if (d.data)
         explicit_bzero(d.data, d.size);
@@ -191,11 +192,11 @@ static int load_client_ca(struct tls_creds *c, const char *path, struct err *e)
         return rc;
     grc = gnutls_x509_trust_list_init(&c->client_ca, 0);
     if (grc == 0)
-        grc = gnutls_x509_trust_list_add_trust_mem(c->client_ca, &d, NULL, GNUTLS_X509_FMT_PEM,
-                                                   0, 0);
+        grc =
+            gnutls_x509_trust_list_add_trust_mem(c->client_ca, &d, NULL, GNUTLS_X509_FMT_PEM, 0, 0);
     if (grc <= 0)
-        rc = err_set(e, ERR_INVALID, "--tls-client-ca '%s': no PEM CA certificate in it%s%s",
-                     path, grc < 0 ? ": " : "", grc < 0 ? gnutls_strerror(grc) : "");
+        rc = err_set(e, ERR_INVALID, "--tls-client-ca '%s': no PEM CA certificate in it%s%s", path,
+                     grc < 0 ? ": " : "", grc < 0 ? gnutls_strerror(grc) : "");
     gnutls_free(d.data);
     return rc;
 }
@@ -260,8 +261,8 @@ static int verify_client(gnutls_session_t session)
     struct tls_creds *c = t ? atomic_load(&t->cur) : NULL;
     const gnutls_datum_t *peers;
     gnutls_x509_crt_t crts[TLS_MAX_CHAIN];
-    gnutls_typed_vdata_st purpose = {
-        .type = GNUTLS_DT_KEY_PURPOSE_OID, .data = (void *)GNUTLS_KP_TLS_WWW_CLIENT};
+    gnutls_typed_vdata_st purpose = {.type = GNUTLS_DT_KEY_PURPOSE_OID,
+                                     .data = (void *)GNUTLS_KP_TLS_WWW_CLIENT};
     gnutls_datum_t why = {0};
     unsigned n = 0, n_crt = 0, status = 0;
     int rc = -1;
@@ -285,7 +286,8 @@ static int verify_client(gnutls_session_t session)
         rc = 0;
     else {
         gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &why, 0);
-        while (why.data && why.size > 0 && (why.data[why.size - 1] == ' ' || !why.data[why.size - 1]))
+        while (why.data && why.size > 0 &&
+               (why.data[why.size - 1] == ' ' || !why.data[why.size - 1]))
             why.data[--why.size] = '\0';
         log_info("http", "TLS client refused", "reason=\"%s\"",
                  why.data ? (const char *)why.data : "its certificate did not verify");

@@ -120,7 +120,8 @@ void queue_outbox_items_free(struct queue_outbox_item *items, size_t n)
 
 int queue_open(const struct queue_config *cfg, struct queue **out, struct err *e)
 {
-    if (cfg->url && (strncmp(cfg->url, "redis://", 8) == 0 || strncmp(cfg->url, "rediss://", 9) == 0))
+    if (cfg->url &&
+        (strncmp(cfg->url, "redis://", 8) == 0 || strncmp(cfg->url, "rediss://", 9) == 0))
         return queue_redis_open(cfg, out, e);
     if (cfg->url && queue_url_is_postgres(cfg->url))
         return queue_postgres_open(cfg, out, e);

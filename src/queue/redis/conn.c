@@ -44,8 +44,8 @@ static int authenticate(struct redis_queue *q, redisContext *c, struct err *e)
         /* Redis's replies do not echo the password; make sure of it */
         if (!why || (q->password[0] && strstr(why, q->password)))
             why = "refused";
-        rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: authentication as %s failed: %s",
-                     q->host, q->port, q->user[0] ? q->user : "the default user", why);
+        rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: authentication as %s failed: %s", q->host,
+                     q->port, q->user[0] ? q->user : "the default user", why);
     }
     freeReplyObject(r);
     return rc;
@@ -361,8 +361,8 @@ static int percent_decode(const char *p, size_t n, char *out, size_t cap)
 }
 
 /* The query's parameters: ca, cert and key (files, rediss:// only). */
-static int parse_query(const char *query, int tls, const char *shown,
-                       char *ca, char *cert, char *key, size_t cap, struct err *e)
+static int parse_query(const char *query, int tls, const char *shown, char *ca, char *cert,
+                       char *key, size_t cap, struct err *e)
 {
     for (const char *p = query; p && *p;) {
         size_t n = strcspn(p, "&");
@@ -417,11 +417,12 @@ static int parse_url(struct redis_queue *q, const char *url, struct err *e)
             goto cleanup;
         }
         if (percent_decode(p, (size_t)(uc - p), q->user, sizeof(q->user)) != 0 ||
-            percent_decode(uc + 1, (size_t)(at - uc - 1), q->password, sizeof(q->password)) !=
-                0 ||
+            percent_decode(uc + 1, (size_t)(at - uc - 1), q->password, sizeof(q->password)) != 0 ||
             !q->password[0]) {
-            rc = err_set(e, ERR_INVALID, "--queue %s: bad user or password (percent-encode "
-                         "reserved characters; the password may not be empty)", sh);
+            rc = err_set(e, ERR_INVALID,
+                         "--queue %s: bad user or password (percent-encode "
+                         "reserved characters; the password may not be empty)",
+                         sh);
             goto cleanup;
         }
         p = at + 1;

@@ -81,13 +81,13 @@ struct redis_queue {
     struct queue_config cfg; /* immutable after open: no lock */
     char host[256];          /* immutable after open (parse_url): no lock */
     int port, db;            /* immutable after open (parse_url): no lock */
+    char prefix[64];         /* immutable after open: no lock */
+    char sha[41];            /* of the script; immutable after open: no lock */
+    char name[96];           /* this process: host/pid; immutable after open: no lock */
     /* immutable after open (parse_url): the URL's user and password ("": none; AUTH after
      * connecting), and the TLS context of rediss:// (NULL: plain TCP). Never logged. */
     char user[128], password[512];
     SSL_CTX *tls;
-    char prefix[64];         /* immutable after open: no lock */
-    char sha[41];            /* of the script; immutable after open: no lock */
-    char name[96];           /* this process: host/pid; immutable after open: no lock */
 
     pthread_mutex_t pool_lock;     /* held only to take or give a connection, never across a call */
     redisContext *pool[POOL_SIZE]; /* guarded by pool_lock: idle connections */
@@ -123,8 +123,7 @@ static inline struct redis_queue *rq(struct queue *q)
 
 /* A client TLS context verifying the server against `ca` (a PEM file; NULL or "": the system's
  * CAs), with a client certificate when `cert` and `key` are given. Errors name the file. */
-int rq_tls_create(const char *ca, const char *cert, const char *key, SSL_CTX **out,
-                  struct err *e);
+int rq_tls_create(const char *ca, const char *cert, const char *key, SSL_CTX **out, struct err *e);
 /* Connects to host:port over TLS and returns, in *fd_out, a socket for hiredis
  * (redisConnectFd) bridged to it; the bridge ends when either side closes. */
 int rq_tls_connect(SSL_CTX *ctx, const char *host, int port, int timeout_ms, int *fd_out,

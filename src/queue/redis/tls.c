@@ -50,8 +50,7 @@ static const char *ssl_reason(char *buf, size_t len)
     return buf;
 }
 
-int rq_tls_create(const char *ca, const char *cert, const char *key, SSL_CTX **out,
-                  struct err *e)
+int rq_tls_create(const char *ca, const char *cert, const char *key, SSL_CTX **out, struct err *e)
 {
     SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
     char why[256];
