@@ -274,12 +274,14 @@ static int verify_client(gnutls_session_t session)
         log_info("http", "TLS client refused", "reason=\"no client certificate\"");
         return -1;
     }
-    for (; n_crt < n && n_crt < TLS_MAX_CHAIN; n_crt++)
-        if (gnutls_x509_crt_init(&crts[n_crt]) != 0 ||
-            gnutls_x509_crt_import(crts[n_crt], &peers[n_crt], GNUTLS_X509_FMT_DER) != 0) {
+    for (; n_crt < n && n_crt < TLS_MAX_CHAIN; n_crt++) {
+        if (gnutls_x509_crt_init(&crts[n_crt]) != 0)
+            goto cleanup;
+        if (gnutls_x509_crt_import(crts[n_crt], &peers[n_crt], GNUTLS_X509_FMT_DER) != 0) {
             gnutls_x509_crt_deinit(crts[n_crt]);
             goto cleanup;
         }
+    }
     if (gnutls_x509_trust_list_verify_crt2(c->client_ca, crts, n_crt, &purpose, 1, 0, &status,
                                            NULL) == 0 &&
         status == 0)

@@ -8,9 +8,7 @@ import signal
 import socket
 import ssl
 import subprocess
-import time
 
-import numpy as np
 import pytest
 import requests
 
@@ -320,3 +318,21 @@ def test_tls_flags_go_together(test_ca, binary_repo, server_factory):
     srv = server_factory(binary_repo, "--tls-cert", str(test_ca.server_cert), wait_ready=False)
     assert srv.proc.wait(timeout=READY_DEADLINE_S) == 2
     assert "--tls-cert and --tls-key go together" in srv.log()
+
+
+def test_worker_serves_its_port_over_https(test_ca, binary_repo, redis_server, worker_factory):
+    """inferd worker takes the same flags: its health and metrics port speaks HTTPS."""
+    w = worker_factory(binary_repo, redis_server.fresh_url(), *tls_args(test_ca),
+                       wait_ready=False)
+    url = f"https://127.0.0.1:{w.port}"
+    w.url = url
+
+    def ready():
+        assert w.alive(), f"inferd worker exited:\n{w.log_tail()}"
+        return requests.get(url + "/v2/health/ready", verify=str(test_ca.ca_cert),
+                            timeout=5).status_code == 200
+
+    wait_for(ready, READY_DEADLINE_S, "inferd worker to answer over HTTPS")
+    r = requests.get(url + "/metrics", verify=str(test_ca.ca_cert), timeout=TIMEOUT_S)
+    assert r.status_code == 200 and "inferd_" in r.text
+    assert "url=https://" in w.log()

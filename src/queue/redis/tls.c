@@ -104,60 +104,54 @@ struct pump {
     int local; /* our end of the socketpair; hiredis has the other */
 };
 
-static int send_all(int fd, const char *p, size_t n)
-{
-    while (n > 0) {
-        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w <= 0)
-            return -1;
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
-/* 1 to go on, 0 when the TLS side has ended */
-static int pump_from_redis(struct pump *p, char *buf, size_t len)
-{
-    int n = SSL_read(p->ssl, buf, (int)len);
-
-    if (n > 0)
-        return send_all(p->local, buf, (size_t)n) == 0;
-    switch (SSL_get_error(p->ssl, n)) {
-    case SSL_ERROR_WANT_READ:
-    case SSL_ERROR_WANT_WRITE:
-        return 1; /* a record that carried no data, or one not whole yet */
-    default:
-        return 0;
-    }
-}
-
+/*
+ * Copies both ways until either side ends. Redis's replies wait in `in` while hiredis is not
+ * reading them (it may be writing a long pipeline first): meanwhile the pump reads no more
+ * from Redis, which buffers its own output, but goes on passing hiredis's commands to Redis,
+ * so a pipeline larger than the socket buffers cannot deadlock the two.
+ */
 static void *pump_main(void *arg)
 {
     struct pump *p = arg;
-    char buf[16384];
+    char in[16384], out[16384];
+    size_t in_len = 0, in_off = 0;
 
     for (;;) {
-        struct pollfd fds[2] = {{.fd = p->local, .events = POLLIN},
-                                {.fd = p->tcp, .events = POLLIN}};
-        if (SSL_pending(p->ssl) > 0) {
-            fds[1].revents = POLLIN;
-        } else if (poll(fds, 2, -1) < 0) {
+        struct pollfd fds[2] = {
+            {.fd = p->local, .events = (short)(POLLIN | (in_len ? POLLOUT : 0))},
+            {.fd = p->tcp, .events = (short)(in_len ? 0 : POLLIN)}};
+        int pending = !in_len && SSL_pending(p->ssl) > 0;
+        if (!pending && poll(fds, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
             break;
         }
-        if ((fds[1].revents & (POLLIN | POLLHUP | POLLERR)) &&
-            !pump_from_redis(p, buf, sizeof(buf)))
-            break;
+        if (!in_len && (pending || (fds[1].revents & (POLLIN | POLLHUP | POLLERR)))) {
+            int n = SSL_read(p->ssl, in, (int)sizeof(in));
+            int err = n > 0 ? SSL_ERROR_NONE : SSL_get_error(p->ssl, n);
+            if (n > 0) {
+                in_len = (size_t)n;
+                in_off = 0;
+            } else if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_WANT_WRITE) {
+                break; /* Redis closed, or the TLS session failed */
+            }
+        }
+        if (in_len) {
+            ssize_t w = send(p->local, in + in_off, in_len - in_off, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (w > 0) {
+                in_off += (size_t)w;
+                if (in_off == in_len)
+                    in_len = 0;
+            } else if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                break;
+            }
+        }
         if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
-            ssize_t n = read(p->local, buf, sizeof(buf));
-            if (n < 0 && errno == EINTR)
-                continue;
-            if (n <= 0 || SSL_write(p->ssl, buf, (int)n) <= 0)
-                break; /* hiredis closed its end, or Redis is gone */
+            ssize_t n = recv(p->local, out, sizeof(out), MSG_DONTWAIT);
+            if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+                break; /* hiredis closed its end */
+            if (n > 0 && SSL_write(p->ssl, out, (int)n) <= 0)
+                break; /* Redis is gone */
         }
     }
     close(p->local); /* hiredis sees the end of the stream */
