@@ -62,6 +62,7 @@ bench:
 	@bench/table_run
 	@bench/scale_run
 	@bench/upstream_run
+	@bench/tls_run
 
 format:
 	@clang-format -i $$(git ls-files '*.c' '*.h')

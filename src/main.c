@@ -81,7 +81,7 @@ static const struct option_def serve_options[] = {
     {"log-level", OPT_STR, "info", 0, 0, "error, warn, info or debug", BOTH},
     {"data-dir", OPT_STR, "./data", 0, 0, "where the async job queue keeps its database", SERVE},
     {"queue", OPT_STR, "sqlite", 0, 0,
-     "the job queue: sqlite (under --data-dir), redis://HOST:PORT/DB or "
+     "the job queue: sqlite (under --data-dir), redis[s]://[[USER]:PASSWORD@]HOST:PORT/DB[?ca=FILE] or "
      "postgresql://USER[:PASSWORD]@HOST[:PORT]/DB (shared with inferd worker processes)",
      BOTH},
     {"workers", OPT_INT, "2", 0, 4096,
@@ -143,6 +143,15 @@ static const struct option_def serve_options[] = {
      "listen beyond loopback (--host) without --keys-file: anyone who reaches the port may use "
      "every route",
      SERVE},
+    {"tls-cert", OPT_STR, "", 0, 0,
+     "PEM certificate chain: serve HTTPS instead of HTTP (with --tls-key); re-read on SIGHUP",
+     BOTH},
+    {"tls-key", OPT_STR, "", 0, 0,
+     "PEM private key (unencrypted) of --tls-cert's first certificate; re-read on SIGHUP", BOTH},
+    {"tls-client-ca", OPT_STR, "", 0, 0,
+     "PEM CA certificates: require each client to show a certificate they signed (mutual TLS); "
+     "re-read on SIGHUP",
+     BOTH},
 };
 #define N_SERVE (sizeof(serve_options) / sizeof(serve_options[0]))
 
@@ -449,6 +458,7 @@ static int cmd_serve(int argc, char **argv, int worker)
         return 2;
     }
     if (worker && strncmp(OPT_S(&p, "queue"), "redis://", 8) != 0 &&
+        strncmp(OPT_S(&p, "queue"), "rediss://", 9) != 0 &&
         !queue_url_is_postgres(OPT_S(&p, "queue"))) {
         fprintf(stderr, "inferd worker: --queue redis://HOST:PORT/DB or postgresql://... is "
                         "required (the SQLite queue belongs to one inferd serve, which runs its "
@@ -487,6 +497,12 @@ static int cmd_serve(int argc, char **argv, int worker)
     }
     if (notify_set_allowed_hosts(OPT_S(&p, "webhook-hosts"), &e) != 0) {
         fprintf(stderr, "inferd %s: %s\n", cmd, e.msg);
+        return 2;
+    }
+    if (!OPT_S(&p, "tls-cert")[0] != !OPT_S(&p, "tls-key")[0] ||
+        (OPT_S(&p, "tls-client-ca")[0] && !OPT_S(&p, "tls-cert")[0])) {
+        fprintf(stderr, "inferd %s: --tls-cert and --tls-key go together, and --tls-client-ca "
+                        "needs them\n", cmd);
         return 2;
     }
     /* the port first: a process that cannot have it stops before it touches the queue */
@@ -592,6 +608,9 @@ static int cmd_serve(int argc, char **argv, int worker)
         .max_input_bytes = wc.max_input_bytes,
         .auth = auth,
         .metrics_auth = (int)OPT_N(&p, "metrics-auth"),
+        .tls_cert = OPT_S(&p, "tls-cert"),
+        .tls_key = OPT_S(&p, "tls-key"),
+        .tls_client_ca = OPT_S(&p, "tls-client-ca"),
     };
     listen_fd = -1; /* the server's now, started or not */
     hp = (struct http_pool){
@@ -608,7 +627,8 @@ static int cmd_serve(int argc, char **argv, int worker)
     }
     queue_shown = url_redacted(OPT_S(&p, "queue")); /* a URL may hold a password */
     log_info("main", worker ? "worker running" : "listening",
-             "url=http://%s:%d models=%s queue=%s workers=%d version=%s", hc.host,
+             "url=%s://%s:%d models=%s queue=%s workers=%d version=%s",
+             http_server_is_tls(srv) ? "https" : "http", hc.host,
              http_server_port(srv), OPT_S(&p, "models"), queue_shown ? queue_shown : "(hidden)",
              wc.workers, INFERD_VERSION);
     free(queue_shown);
@@ -623,6 +643,9 @@ static int cmd_serve(int argc, char **argv, int worker)
                           "reason=\"%s\"", e.msg);
             else if (auth)
                 log_info("main", "SIGHUP: keys re-read", "active=%zu", auth_n_active(auth));
+            if (http_server_reload_tls(srv, &e) != 0)
+                log_error("main", "SIGHUP: TLS certificates not reloaded; the old ones serve",
+                          "reason=\"%s\"", e.msg);
             continue;
         }
         log_info("main", "draining", "signal=%s", sig == SIGTERM ? "SIGTERM" : "SIGINT");

@@ -21,6 +21,7 @@ struct notifier;
 struct req;
 struct conn;
 struct conn_guard;
+struct http_tls;
 
 /* Requests waiting for jobs to end (long-polls and `Prefer: wait`), by job id. */
 #define WAITER_BUCKETS 1024
@@ -42,6 +43,7 @@ struct http_server {
     struct waiters waiters;
     struct conn_guard *guard; /* deadlines and limits per connection (conns.c) */
     struct MHD_Daemon *daemon;
+    struct http_tls *tls; /* NULL: plain HTTP (tls.c) */
     int port;
     _Atomic int draining;
     _Atomic int64_t in_flight; /* contexts between arrival and completion */
@@ -271,6 +273,18 @@ void conns_mark_bad_uri(struct conn *c);
 int conns_bad_uri(const struct conn *c);
 /* Appends the connection metrics. Returns 0 or ERR_NOMEM. */
 int conns_metrics(struct conn_guard *g, struct buf *out);
+
+/* ---- tls.c ---- */
+/* Loads cfg->tls_cert, tls_key and tls_client_ca (if set): 0, or an error naming the option and
+ * the file. One per process (see tls.c). */
+int tls_create(const struct http_config *cfg, struct http_tls **out, struct err *e);
+/* Re-reads the files; the next handshake uses them. On error the old ones keep serving. */
+int tls_reload(struct http_tls *t, struct err *e);
+/* Call after the daemon has stopped. NULL does nothing. */
+void tls_destroy(struct http_tls *t);
+/* Fills libmicrohttpd's options for `t` (an empty list when NULL) and returns the daemon flags
+ * to add (MHD_USE_TLS or 0). `opts` must outlive MHD_start_daemon(). */
+unsigned tls_daemon_options(struct http_tls *t, struct MHD_OptionItem opts[3]);
 
 /* ---- iopool.c ---- */
 int iopool_create(int threads, struct iopool **out);

@@ -141,8 +141,10 @@ static enum handled infer(struct req *r, const char *name, const char *version,
     if (ci)
         r->item.client_fd = ci->connect_fd;
     /* an HTTP/1.1 client must read a 1xx before its answer (RFC 9110 section 15.2), so one
-     * tells a half-closed client (which reads it) from one that closed (which resets) */
-    if (r->http11) {
+     * tells a half-closed client (which reads it) from one that closed (which resets). Not over
+     * TLS: raw bytes on the socket would corrupt the TLS stream, and a TLS client does not
+     * half-close (it ends with close_notify), so there the end of its side is a hang-up. */
+    if (r->http11 && !r->srv->tls) {
         static const char probe[] = "HTTP/1.1 100 Continue\r\n\r\n";
         r->item.eof_probe = probe;
         r->item.eof_probe_len = sizeof(probe) - 1;

@@ -11,11 +11,15 @@
  *
  * Thread map of the whole program (what each kind of thread owns; locks in the order taken):
  *   main thread (main.c)  parses options, starts everything, then waits in sigwait(): SIGHUP
- *       reloads the repository, SIGTERM/SIGINT call http_server_stop() and the pools' stops.
+ *       reloads the repository, the API keys (auth/keys.c: its rwlock's write side, for a
+ *       pointer swap) and the TLS certificates (tls.c: its leaf lock), SIGTERM/SIGINT call
+ *       http_server_stop() and the pools' stops.
  *   HTTP threads (libmicrohttpd's pool, one epoll loop each)  own their connections: read,
  *       match the route, decode and validate, hand off and suspend. They never run a model nor
- *       wait on SQLite, Redis, PostgreSQL, S3 or a webhook. Locks: live_lock (the live list),
- *       then the guard's lock (conns.c), each alone; registry `lock` to take a model reference.
+ *       wait on SQLite, Redis, PostgreSQL, S3 or a webhook. They run the TLS handshakes (tls.c:
+ *       lock-free reads of the current certificates) and the key check (the keys' rwlock, read
+ *       side, alone). Locks: live_lock (the live list), then the guard's lock (conns.c), each
+ *       alone; registry `lock` to take a model reference.
  *   the guard's sweeper (conns.c)  closes connections past their deadlines (shutdown(2) only);
  *       guard lock.
  *   I/O pool (iopool.c, --io-threads)  runs ON_POOL handlers and what follows a commit: job
@@ -571,6 +575,7 @@ static void free_server(struct http_server *s)
     jobs_waiters_stop(s);
     iopool_destroy(s->io);
     conns_destroy(s->guard);
+    tls_destroy(s->tls);
     free(s);
 }
 
@@ -617,7 +622,9 @@ int http_server_start(const struct http_config *cfg, struct registry *reg, struc
     struct http_server *s = calloc(1, sizeof(*s));
     const union MHD_DaemonInfo *di;
     long n_cpu = sysconf(_SC_NPROCESSORS_ONLN);
-    unsigned threads, mhd_limit;
+    unsigned threads, mhd_limit, tls_flags;
+    struct MHD_OptionItem tls_opts[3];
+    int rc;
 
     *out = NULL;
     if (!s) {
@@ -637,6 +644,12 @@ int http_server_start(const struct http_config *cfg, struct registry *reg, struc
         free_server(s);
         return err_set(e, ERR_NOMEM, "cannot start the I/O threads");
     }
+    if (cfg->tls_cert && cfg->tls_cert[0] && (rc = tls_create(cfg, &s->tls, e)) != 0) {
+        close(cfg->listen_fd);
+        free_server(s);
+        return rc;
+    }
+    tls_flags = tls_daemon_options(s->tls, tls_opts);
     if (q)
         queue_on_final(q, jobs_on_final, s);
     check_fd_limit(cfg);
@@ -645,12 +658,14 @@ int http_server_start(const struct http_config *cfg, struct registry *reg, struc
      * threads) leaves room for connections being closed to make room */
     mhd_limit = (unsigned)cfg->max_connections + (unsigned)cfg->max_connections / 2 + 64 * threads;
     s->daemon = MHD_start_daemon(
-        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_TURBO,
+        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_TURBO |
+            tls_flags,
         0, conns_accept, s->guard, on_request, s, MHD_OPTION_LISTEN_SOCKET, cfg->listen_fd,
         MHD_OPTION_THREAD_POOL_SIZE, threads, MHD_OPTION_CONNECTION_LIMIT, mhd_limit,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->idle_timeout_s, MHD_OPTION_NOTIFY_COMPLETED,
         on_completed, s, MHD_OPTION_NOTIFY_CONNECTION, conns_notify, s->guard,
-        MHD_OPTION_URI_LOG_CALLBACK, on_request_line, s, MHD_OPTION_END);
+        MHD_OPTION_URI_LOG_CALLBACK, on_request_line, s, MHD_OPTION_ARRAY, tls_opts,
+        MHD_OPTION_END);
     if (!s->daemon) {
         close(cfg->listen_fd);
         free_server(s);
@@ -738,6 +753,7 @@ int http_server_stop(struct http_server *s)
     MHD_stop_daemon(s->daemon);
     iopool_destroy(s->io);
     conns_destroy(s->guard);
+    tls_destroy(s->tls);
     if (s->queue)
         queue_on_final(s->queue, NULL, NULL);
     free(s);

@@ -35,6 +35,9 @@ struct http_config {
                                      * output_location) past this is refused, > 0 */
     struct auth *auth;              /* API keys (borrowed, outlives the server); NULL: none */
     int metrics_auth;               /* /metrics wants a key too */
+    const char *tls_cert;           /* PEM chain: HTTPS on the port; NULL or "": plain HTTP */
+    const char *tls_key;            /* PEM private key of tls_cert's first certificate */
+    const char *tls_client_ca;      /* PEM CAs that must sign client certificates; NULL: none */
 };
 
 /*
@@ -73,6 +76,13 @@ int http_routes_print(FILE *out);
 
 /* The port actually bound (useful with port 0). */
 int http_server_port(const struct http_server *s);
+
+/* Re-reads --tls-cert, --tls-key and --tls-client-ca (SIGHUP): new handshakes use them, open
+ * connections stay. 0 (also without TLS), or the error naming the bad file: then the old
+ * certificates keep serving. Main thread. */
+int http_server_reload_tls(struct http_server *s, struct err *e);
+/* 1 if the server speaks HTTPS. */
+int http_server_is_tls(const struct http_server *s);
 
 /*
  * Graceful stop: readiness turns 503, new work gets 503 with Retry-After, the listening socket

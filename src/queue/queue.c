@@ -182,14 +182,16 @@ void queue_outbox_items_free(struct queue_outbox_item *items, size_t n)
 
 int queue_open(const struct queue_config *cfg, struct queue **out, struct err *e)
 {
-    if (cfg->url && strncmp(cfg->url, "redis://", 8) == 0)
+    if (cfg->url &&
+        (strncmp(cfg->url, "redis://", 8) == 0 || strncmp(cfg->url, "rediss://", 9) == 0))
         return queue_redis_open(cfg, out, e);
     if (cfg->url && queue_url_is_postgres(cfg->url))
         return queue_postgres_open(cfg, out, e);
     if (cfg->url && cfg->url[0] && strcmp(cfg->url, "sqlite") != 0) {
         char *shown = url_redacted(cfg->url); /* a password stays out of the message */
         int rc = err_set(e, ERR_INVALID,
-                         "--queue %s: expected sqlite, redis://host:port/db or postgresql://...",
+                         "--queue %s: expected sqlite, redis://host:port/db, rediss://... or "
+                         "postgresql://...",
                          shown ? shown : "(the URL given)");
         free(shown);
         return rc;

@@ -9,11 +9,15 @@
 #include "storage/storage_internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
+#include <linux/openat2.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define READ_BUF_BYTES (1u << 20) /* grows for longer lines */
@@ -39,7 +43,10 @@ static char s3_endpoint[512];
 static int64_t s3_part_size = 8 * MIB;
 #define MAX_FILE_ROOTS 16
 static char file_roots[MAX_FILE_ROOTS][PATH_MAX]; /* resolved, no trailing '/' ("" for /) */
+static int file_root_fds[MAX_FILE_ROOTS];         /* each root opened O_PATH, for openat2 */
 static int n_file_roots;
+/* set once openat2(2) answered ENOSYS (a kernel before 5.6): then the check alone guards */
+static _Atomic int no_openat2;
 static char file_roots_option[1024];
 
 /* Sets the file roots from "DIR[:DIR...]": each must exist and be a folder. */
@@ -48,6 +55,8 @@ static int set_file_roots(const char *list, struct err *e)
     char one[PATH_MAX];
     const char *p = list, *end;
 
+    for (int i = 0; i < n_file_roots; i++)
+        close(file_root_fds[i]);
     n_file_roots = 0;
     file_roots_option[0] = '\0';
     if (!list || !list[0])
@@ -69,6 +78,10 @@ static int set_file_roots(const char *list, struct err *e)
         if (!realpath(one, file_roots[n_file_roots]) || stat(file_roots[n_file_roots], &st) != 0 ||
             !S_ISDIR(st.st_mode))
             return err_set(e, ERR_INVALID, "--file-roots: '%.200s' is not an existing folder", one);
+        file_root_fds[n_file_roots] =
+            open(file_roots[n_file_roots], O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (file_root_fds[n_file_roots] < 0)
+            return err_set(e, ERR_INVALID, "--file-roots: '%.200s': %s", one, strerror(errno));
         if (strcmp(file_roots[n_file_roots], "/") == 0)
             file_roots[n_file_roots][0] = '\0';
         n_file_roots++;
@@ -115,25 +128,84 @@ static int resolve_path(const char *path, char out[PATH_MAX])
     }
 }
 
-int storage_check_allowed(const char *uri, struct err *e)
+/* The root `resolved` lies in (-1: none) and where, relative to it. */
+static int root_of(const char *resolved, const char **rel)
 {
-    char resolved[PATH_MAX];
-    const char *path = uri;
+    for (int i = 0; i < n_file_roots; i++) {
+        size_t n = strlen(file_roots[i]);
+        if (strncmp(resolved, file_roots[i], n) == 0 &&
+            (resolved[n] == '/' || resolved[n] == '\0')) {
+            *rel = resolved + n + (resolved[n] == '/');
+            return i;
+        }
+    }
+    return -1;
+}
 
-    if (n_file_roots == 0 || strncmp(uri, "s3://", 5) == 0)
-        return 0;
-    if (strncmp(uri, "file://", 7) == 0)
-        path = uri + 7;
+/* Resolves `uri`'s path and finds its root: the root's index, or a negative error in `e`. */
+static int place(const char *uri, char resolved[PATH_MAX], const char **rel, struct err *e)
+{
+    const char *path = strncmp(uri, "file://", 7) == 0 ? uri + 7 : uri;
+    int i;
+
     if (!path[0] || resolve_path(path, resolved) != 0)
         return err_set(e, ERR_INVALID,
                        "'%.200s': cannot be resolved inside --file-roots (no '..' allowed)", uri);
-    for (int i = 0; i < n_file_roots; i++) {
-        size_t n = strlen(file_roots[i]);
-        if (strncmp(resolved, file_roots[i], n) == 0 && (resolved[n] == '/' || resolved[n] == '\0'))
-            return 0;
+    i = root_of(resolved, rel);
+    if (i < 0)
+        return err_set(e, ERR_INVALID, "'%.200s' is outside --file-roots (%.200s)", uri,
+                       file_roots_option);
+    return i;
+}
+
+int storage_check_allowed(const char *uri, struct err *e)
+{
+    char resolved[PATH_MAX];
+    const char *rel;
+    int i;
+
+    if (n_file_roots == 0 || strncmp(uri, "s3://", 5) == 0)
+        return 0;
+    i = place(uri, resolved, &rel, e);
+    return i < 0 ? i : 0;
+}
+
+int storage_file_place(const char *uri, int *dirfd, char rel[PATH_MAX], struct err *e)
+{
+    char resolved[PATH_MAX];
+    const char *in_root;
+    int i;
+
+    *dirfd = AT_FDCWD;
+    if (n_file_roots == 0) {
+        const char *path = strncmp(uri, "file://", 7) == 0 ? uri + 7 : uri;
+        if (strlen(path) >= PATH_MAX)
+            return err_set(e, ERR_INVALID, "'%.200s...': path too long", uri);
+        snprintf(rel, PATH_MAX, "%s", path);
+        return 0;
     }
-    return err_set(e, ERR_INVALID, "'%.200s' is outside --file-roots (%.200s)", uri,
-                   file_roots_option);
+    i = place(uri, resolved, &in_root, e);
+    if (i < 0)
+        return i;
+    snprintf(rel, PATH_MAX, "%s", in_root[0] ? in_root : ".");
+    *dirfd = file_root_fds[i];
+    return 0;
+}
+
+int storage_open_beneath(int dirfd, const char *rel, int flags, mode_t mode)
+{
+    if (dirfd != AT_FDCWD && !atomic_load(&no_openat2)) {
+        struct open_how how = {
+            .flags = (uint64_t)(unsigned)flags,
+            .mode = (flags & O_CREAT) || (flags & O_TMPFILE) == O_TMPFILE ? mode : 0,
+            .resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS,
+        };
+        long fd = syscall(SYS_openat2, dirfd, rel, &how, sizeof(how));
+        if (fd >= 0 || errno != ENOSYS)
+            return (int)fd;
+        atomic_store(&no_openat2, 1); /* a kernel before 5.6: the path check alone guards */
+    }
+    return openat(dirfd, rel, flags, mode);
 }
 
 int storage_configure(const struct storage_config *cfg, struct err *e)

@@ -11,7 +11,9 @@
 
 #include "storage/storage.h"
 
+#include <limits.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 /* A growable array of new strings (the listing under construction). */
 struct storage_names {
@@ -52,6 +54,24 @@ extern const struct storage_ops storage_s3_ops;
 /* storage_identify() for each backend (kept out of the ops table: one call, two backends) */
 int storage_file_identify(const char *uri, struct storage_identity *out, struct err *e);
 int storage_s3_identify(const char *uri, struct storage_identity *out, struct err *e);
+
+/* ---- files under --file-roots (storage.c) ---- */
+
+/*
+ * Where the file location `uri` is, for the *at() calls of storage_file.c: with --file-roots,
+ * `*dirfd` is its root's folder (an O_PATH descriptor owned by storage.c) and `rel` the path
+ * below it ("." for the root itself), found by storage_check_allowed()'s resolution; without
+ * roots, AT_FDCWD and the path as given. ERR_INVALID for a location outside the roots.
+ */
+int storage_file_place(const char *uri, int *dirfd, char rel[PATH_MAX], struct err *e);
+/*
+ * Opens `rel` below `dirfd` as open(2) would with `flags` and `mode`. Below a root it is
+ * openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS): the kernel walks the path again and fails
+ * (EXDEV, ELOOP) where a symlink or ".." would leave the root, so a folder swapped for a link
+ * after the check cannot lead outside. A kernel without openat2 (ENOSYS) gets openat(2) and
+ * the check alone. Returns the descriptor, or -1 with errno.
+ */
+int storage_open_beneath(int dirfd, const char *rel, int flags, mode_t mode);
 
 /* ---- S3: settings (storage.c) ---- */
 

@@ -14,6 +14,9 @@
 
 #include "storage/storage_internal.h"
 
+#include <dirent.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -426,6 +429,117 @@ static void test_file_roots(void **state)
     buf_release(&b);
 }
 
+/* ---- --file-roots against a racing swap ---- */
+
+#define RACE_ROUNDS 3000 /* storage calls of each kind; the swapper runs until they end */
+
+struct swapper {
+    char inside[256], parked[256], outside[256];
+    _Atomic int stop;
+    _Atomic long swaps;
+};
+
+/* Swaps root/d for a symlink to the outside folder and back, as fast as it can. */
+static void *swap_main(void *arg)
+{
+    struct swapper *sw = arg;
+
+    while (!atomic_load(&sw->stop)) {
+        if (rename(sw->inside, sw->parked) != 0)
+            continue;
+        if (symlink(sw->outside, sw->inside) == 0) {
+            atomic_fetch_add(&sw->swaps, 1);
+            unlink(sw->inside);
+        }
+        rename(sw->parked, sw->inside);
+    }
+    return NULL;
+}
+
+/* 1 if the outside folder holds only its one file, as made. */
+static int outside_untouched(const char *outside)
+{
+    DIR *d = opendir(outside);
+    struct dirent *de;
+    int n = 0, ok = 1;
+
+    assert_non_null(d);
+    while ((de = readdir(d)))
+        if (strcmp(de->d_name, ".") != 0 && strcmp(de->d_name, "..") != 0)
+            ok = ok && strcmp(de->d_name, "f") == 0 && ++n == 1;
+    closedir(d);
+    return ok && n == 1;
+}
+
+/*
+ * A thread swaps a folder under the root for a symlink to a folder outside it, in a loop,
+ * while reads, writes, stats and listings go on under the root: none ever reads, lists or
+ * writes anything outside (each call either works inside or fails).
+ */
+static void test_file_roots_against_a_racing_symlink(void **state)
+{
+    char root[128], p[512], out_p[512];
+    struct swapper sw = {0};
+    struct err e = {0};
+    struct buf b = {0};
+    pthread_t th;
+    int n_read = 0, n_written = 0;
+
+    (void)state;
+    snprintf(root, sizeof(root), "%s/race-root", dir);
+    snprintf(sw.inside, sizeof(sw.inside), "%s/d", root);
+    snprintf(sw.parked, sizeof(sw.parked), "%s/d.parked", root);
+    snprintf(sw.outside, sizeof(sw.outside), "%s/race-outside", dir);
+    assert_int_equal(mkdir(root, 0755), 0);
+    assert_int_equal(mkdir(sw.inside, 0755), 0);
+    assert_int_equal(mkdir(sw.outside, 0755), 0);
+    snprintf(p, sizeof(p), "%s/f", sw.inside);
+    assert_int_equal(storage_put(p, "inside\n", 7, &e), 0);
+    snprintf(p, sizeof(p), "%s/f", sw.outside);
+    assert_int_equal(storage_put(p, "SECRET\n", 7, &e), 0);
+    assert_int_equal(storage_configure(&(struct storage_config){.file_roots = root}, &e), 0);
+
+    assert_int_equal(pthread_create(&th, NULL, swap_main, &sw), 0);
+    snprintf(p, sizeof(p), "%s/f", sw.inside);
+    for (int i = 0; i < RACE_ROUNDS; i++) {
+        struct storage_identity id;
+        char **names = NULL;
+        size_t n = 0;
+        int is_object = 0;
+
+        b.len = 0;
+        if (storage_get(p, 1 << 20, &b, &e) == 0) {
+            assert_string_equal(b.data, "inside\n");
+            n_read++;
+        }
+        if (storage_identify(p, &id, &e) == 0)
+            assert_int_equal(id.size_bytes, 7);
+        snprintf(out_p, sizeof(out_p), "%s/w-%d", sw.inside, i % 8);
+        if (storage_put(out_p, "written\n", 8, &e) == 0)
+            n_written++;
+        if (storage_list(sw.inside, &names, &n, &is_object, &e) == 0) {
+            for (size_t k = 0; k < n; k++)
+                assert_true(strcmp(names[k], "f") == 0 || strncmp(names[k], "w-", 2) == 0);
+            storage_names_free(names, n);
+        }
+        storage_delete(out_p, &e);
+    }
+    atomic_store(&sw.stop, 1);
+    pthread_join(th, NULL);
+
+    /* the outside folder was never written (no output, no temporary file) nor read */
+    assert_true(outside_untouched(sw.outside));
+    snprintf(out_p, sizeof(out_p), "%s/f", sw.outside);
+    assert_int_equal(storage_configure(&(struct storage_config){0}, &e), 0);
+    b.len = 0;
+    assert_int_equal(storage_get(out_p, 1 << 20, &b, &e), 0);
+    assert_string_equal(b.data, "SECRET\n");
+    /* the race really ran both ways */
+    assert_true(atomic_load(&sw.swaps) > 0);
+    assert_true(n_read > 0 && n_written > 0);
+    buf_release(&b);
+}
+
 static void test_join(void **state)
 {
     char *s;
@@ -513,6 +627,7 @@ int main(void)
         cmocka_unit_test(test_list_loop),
         cmocka_unit_test(test_schemes_and_configuration),
         cmocka_unit_test(test_file_roots),
+        cmocka_unit_test(test_file_roots_against_a_racing_symlink),
         cmocka_unit_test(test_join),
         cmocka_unit_test(test_s3_encoding),
         cmocka_unit_test(test_s3_xml),

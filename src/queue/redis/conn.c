@@ -8,6 +8,7 @@
 #include "queue/redis/internal.h"
 #include "core/clock.h"
 #include "core/log.h"
+#include "core/url.h"
 
 #include <errno.h>
 #include <openssl/sha.h>
@@ -31,20 +32,77 @@ static int load_script(redisContext *c, struct err *e)
     return rc;
 }
 
+/* AUTH with the URL's user (an ACL user) or password alone. */
+static int authenticate(struct redis_queue *q, redisContext *c, struct err *e)
+{
+    redisReply *r = q->user[0] ? redisCommand(c, "AUTH %s %s", q->user, q->password)
+                               : redisCommand(c, "AUTH %s", q->password);
+    int rc = 0;
+
+    if (!r || r->type == REDIS_REPLY_ERROR) {
+        const char *why = r ? r->str : c->errstr;
+        /* Redis's replies do not echo the password; make sure of it */
+        if (!why || (q->password[0] && strstr(why, q->password)))
+            why = "refused";
+        rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: authentication as %s failed: %s", q->host,
+                     q->port, q->user[0] ? q->user : "the default user", why);
+    }
+    freeReplyObject(r);
+    return rc;
+}
+
+/* Without credentials: a PING says at once whether Redis wants them (before the script, whose
+ * size an unauthenticated connection may not even send). */
+static int check_no_auth(struct redis_queue *q, redisContext *c, struct err *e)
+{
+    redisReply *r = redisCommand(c, "PING");
+    int rc = 0;
+
+    if (r && r->type == REDIS_REPLY_ERROR && strncmp(r->str, "NOAUTH", 6) == 0)
+        rc = err_set(e, ERR_UNAVAILABLE,
+                     "Redis at %s:%d wants a password (%s): give it in the URL, "
+                     "redis://:PASSWORD@HOST... or redis://USER:PASSWORD@HOST...",
+                     q->host, q->port, r->str);
+    else if (!r)
+        rc = err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port, c->errstr);
+    freeReplyObject(r);
+    return rc;
+}
+
 redisContext *rq_connect_redis(struct redis_queue *q, struct err *e)
 {
     struct timeval tv = {CONNECT_TIMEOUT_MS / 1000, (CONNECT_TIMEOUT_MS % 1000) * 1000};
     struct timeval cmd = {COMMAND_TIMEOUT_MS / 1000, 0};
-    redisContext *c = redisConnectWithTimeout(q->host, q->port, tv);
+    redisContext *c = NULL;
     redisReply *r;
+    int fd;
 
-    if (!c || c->err) {
-        err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port,
-                c ? c->errstr : "cannot connect");
+    if (q->tls) {
+        if (rq_tls_connect(q->tls, q->host, q->port, CONNECT_TIMEOUT_MS, &fd, e) != 0)
+            return NULL;
+        c = redisConnectFd(fd);
+        if (!c || c->err) {
+            err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port,
+                    c ? c->errstr : "out of memory");
+            if (!c)
+                close(fd);
+            redisFree(c);
+            return NULL;
+        }
+    } else {
+        c = redisConnectWithTimeout(q->host, q->port, tv);
+        if (!c || c->err) {
+            err_set(e, ERR_UNAVAILABLE, "Redis at %s:%d: %s", q->host, q->port,
+                    c ? c->errstr : "cannot connect");
+            redisFree(c);
+            return NULL;
+        }
+    }
+    redisSetTimeout(c, cmd);
+    if (q->password[0] ? authenticate(q, c, e) != 0 : check_no_auth(q, c, e) != 0) {
         redisFree(c);
         return NULL;
     }
-    redisSetTimeout(c, cmd);
     if (q->db != 0) {
         r = redisCommand(c, "SELECT %d", q->db);
         if (!r || r->type == REDIS_REPLY_ERROR) {
@@ -264,6 +322,8 @@ static void r_close(struct queue *qb)
         pthread_join(q->subscriber, NULL);
     for (int i = 0; i < q->n_idle; i++)
         redisFree(q->pool[i]);
+    SSL_CTX_free(q->tls);
+    explicit_bzero(q->password, sizeof(q->password));
     pthread_mutex_destroy(&q->pool_lock);
     pthread_mutex_destroy(&q->lock);
     pthread_cond_destroy(&q->cond);
@@ -278,42 +338,130 @@ static const struct queue_ops redis_ops = {
     .close = r_close,
 };
 
-/* redis://[host][:port][/db] */
+/* Decodes %XX in [p, p+n) into out (size `cap`); -1 if malformed or too long. */
+static int percent_decode(const char *p, size_t n, char *out, size_t cap)
+{
+    size_t j = 0;
+
+    for (size_t i = 0; i < n; i++) {
+        unsigned v;
+        if (j + 1 >= cap)
+            return -1;
+        if (p[i] != '%') {
+            out[j++] = p[i];
+            continue;
+        }
+        if (i + 2 >= n || sscanf(p + i + 1, "%2x", &v) != 1)
+            return -1;
+        out[j++] = (char)v;
+        i += 2;
+    }
+    out[j] = '\0';
+    return 0;
+}
+
+/* The query's parameters: ca, cert and key (files, rediss:// only). */
+static int parse_query(const char *query, int tls, const char *shown, char *ca, char *cert,
+                       char *key, size_t cap, struct err *e)
+{
+    for (const char *p = query; p && *p;) {
+        size_t n = strcspn(p, "&");
+        const char *eq = memchr(p, '=', n);
+        char *dst = NULL;
+        if (eq && eq - p == 2 && strncmp(p, "ca", 2) == 0)
+            dst = ca;
+        else if (eq && eq - p == 4 && strncmp(p, "cert", 4) == 0)
+            dst = cert;
+        else if (eq && eq - p == 3 && strncmp(p, "key", 3) == 0)
+            dst = key;
+        if (!dst)
+            return err_set(e, ERR_INVALID,
+                           "--queue %s: unknown parameter '%.*s' (ca, cert and key are known)",
+                           shown, (int)(eq ? (size_t)(eq - p) : n), p);
+        if (!tls)
+            return err_set(e, ERR_INVALID, "--queue %s: '%.*s' needs rediss:// (TLS)", shown,
+                           (int)(eq - p), p);
+        if (percent_decode(eq + 1, n - (size_t)(eq + 1 - p), dst, cap) != 0)
+            return err_set(e, ERR_INVALID, "--queue %s: '%.*s': bad or too long a value", shown,
+                           (int)(eq - p), p);
+        p += n + (p[n] == '&');
+    }
+    return 0;
+}
+
+/* redis[s]://[[USER]:PASSWORD@][host][:port][/db][?ca=FILE&cert=FILE&key=FILE] */
 static int parse_url(struct redis_queue *q, const char *url, struct err *e)
 {
-    const char *p = url + strlen("redis://"), *colon, *slash;
+    int tls = strncmp(url, "rediss://", 9) == 0;
+    const char *p = url + (tls ? 9 : 8), *colon, *slash, *at, *end, *query;
+    char *shown = url_redacted(url), ca[1024] = "", cert[1024] = "", key[1024] = "";
+    const char *sh = shown ? shown : "(the URL given)";
     size_t hlen;
+    int rc = 0;
 
     q->port = 6379;
     q->db = 0;
-    slash = strchr(p, '/');
-    colon = strchr(p, ':');
-    if (colon && slash && colon > slash)
-        colon = NULL;
-    hlen = (size_t)((colon ? colon : slash ? slash : p + strlen(p)) - p);
-    if (strchr(p, '@'))
-        return err_set(e, ERR_INVALID, "--queue %s: passwords are not supported yet", url);
-    if (hlen >= sizeof(q->host))
-        return err_set(e, ERR_INVALID, "--queue %s: host name too long", url);
+    query = strchr(p, '?');
+    end = query ? query : p + strlen(p);
+    /* userinfo: up to the last '@' before the path */
+    slash = memchr(p, '/', (size_t)(end - p));
+    at = NULL;
+    for (const char *s2 = p; s2 < (slash ? slash : end); s2++)
+        if (*s2 == '@')
+            at = s2;
+    if (at) {
+        const char *uc = memchr(p, ':', (size_t)(at - p));
+        if (!uc) {
+            rc = err_set(e, ERR_INVALID,
+                         "--queue %s: the userinfo must be USER:PASSWORD@ or :PASSWORD@", sh);
+            goto cleanup;
+        }
+        if (percent_decode(p, (size_t)(uc - p), q->user, sizeof(q->user)) != 0 ||
+            percent_decode(uc + 1, (size_t)(at - uc - 1), q->password, sizeof(q->password)) != 0 ||
+            !q->password[0]) {
+            rc = err_set(e, ERR_INVALID,
+                         "--queue %s: bad user or password (percent-encode "
+                         "reserved characters; the password may not be empty)",
+                         sh);
+            goto cleanup;
+        }
+        p = at + 1;
+    }
+    slash = memchr(p, '/', (size_t)(end - p));
+    colon = memchr(p, ':', (size_t)((slash ? slash : end) - p));
+    hlen = (size_t)((colon ? colon : slash ? slash : end) - p);
+    if (hlen >= sizeof(q->host)) {
+        rc = err_set(e, ERR_INVALID, "--queue %s: host name too long", sh);
+        goto cleanup;
+    }
     memcpy(q->host, p, hlen);
     q->host[hlen] = '\0';
     if (!q->host[0])
         snprintf(q->host, sizeof(q->host), "127.0.0.1");
     if (colon) {
-        char *end;
-        long v = strtol(colon + 1, &end, 10);
-        if (end == colon + 1 || v < 1 || v > 65535 || (*end && *end != '/'))
-            return err_set(e, ERR_INVALID, "--queue %s: bad port", url);
+        char *pend;
+        long v = strtol(colon + 1, &pend, 10);
+        if (pend == colon + 1 || v < 1 || v > 65535 || pend != (slash ? slash : end)) {
+            rc = err_set(e, ERR_INVALID, "--queue %s: bad port", sh);
+            goto cleanup;
+        }
         q->port = (int)v;
     }
-    if (slash && slash[1]) {
-        char *end;
-        long v = strtol(slash + 1, &end, 10);
-        if (*end || v < 0 || v > 1000)
-            return err_set(e, ERR_INVALID, "--queue %s: bad database number", url);
+    if (slash && slash + 1 < end) {
+        char *pend;
+        long v = strtol(slash + 1, &pend, 10);
+        if (pend != end || v < 0 || v > 1000) {
+            rc = err_set(e, ERR_INVALID, "--queue %s: bad database number", sh);
+            goto cleanup;
+        }
         q->db = (int)v;
     }
-    return 0;
+    rc = parse_query(query ? query + 1 : NULL, tls, sh, ca, cert, key, sizeof(ca), e);
+    if (rc == 0 && tls)
+        rc = rq_tls_create(ca, cert, key, &q->tls, e);
+cleanup:
+    free(shown);
+    return rc;
 }
 
 static void script_sha(char out[41])
@@ -396,8 +544,10 @@ int queue_redis_open(const struct queue_config *cfg, struct queue **out, struct 
     while (!q->subscribed && pthread_cond_timedwait(&q->cond, &q->lock, &until) == 0)
         ;
     pthread_mutex_unlock(&q->lock);
-    log_info("queue", "job queue on Redis", "redis=%s:%d db=%d result_ttl_s=%lld", q->host, q->port,
-             q->db, (long long)cfg->result_ttl_s);
+    log_info("queue", "job queue on Redis", "redis=%s:%d db=%d tls=%s auth=%s result_ttl_s=%lld",
+             q->host, q->port, q->db, q->tls ? "on" : "off",
+             q->password[0] ? (q->user[0] ? q->user : "password") : "none",
+             (long long)cfg->result_ttl_s);
     *out = &q->base;
     return 0;
 }

@@ -10,6 +10,7 @@
  *   workers.c  workers and their heartbeats
  *   outbox.c   webhooks: taking due ones (their bodies built once), recording attempts
  *   batch.c    batch jobs and schedules
+ *   tls.c      rediss://: TLS connections bridged to hiredis (a pump thread each)
  *   queue.lua  the script: every change, atomic (embedded by CMakeLists.txt as queue_redis_lua)
  *
  * Threads and locks: any thread may call the store (the ops tables); each call takes a pooled
@@ -42,6 +43,7 @@
 #include "queue/redis/redis.h"
 
 #include <hiredis/hiredis.h>
+#include <openssl/ssl.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -82,6 +84,10 @@ struct redis_queue {
     char prefix[64];         /* immutable after open: no lock */
     char sha[41];            /* of the script; immutable after open: no lock */
     char name[96];           /* this process: host/pid; immutable after open: no lock */
+    /* immutable after open (parse_url): the URL's user and password ("": none; AUTH after
+     * connecting), and the TLS context of rediss:// (NULL: plain TCP). Never logged. */
+    char user[128], password[512];
+    SSL_CTX *tls;
 
     pthread_mutex_t pool_lock;     /* held only to take or give a connection, never across a call */
     redisContext *pool[POOL_SIZE]; /* guarded by pool_lock: idle connections */
@@ -112,6 +118,16 @@ static inline struct redis_queue *rq(struct queue *q)
 {
     return (struct redis_queue *)q;
 }
+
+/* ---- TLS (tls.c) ---- */
+
+/* A client TLS context verifying the server against `ca` (a PEM file; NULL or "": the system's
+ * CAs), with a client certificate when `cert` and `key` are given. Errors name the file. */
+int rq_tls_create(const char *ca, const char *cert, const char *key, SSL_CTX **out, struct err *e);
+/* Connects to host:port over TLS and returns, in *fd_out, a socket for hiredis
+ * (redisConnectFd) bridged to it; the bridge ends when either side closes. */
+int rq_tls_connect(SSL_CTX *ctx, const char *host, int port, int timeout_ms, int *fd_out,
+                   struct err *e);
 
 /* ---- connections (conn.c) ---- */
 
