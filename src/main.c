@@ -132,6 +132,8 @@ static const struct option_def serve_options[] = {
      "the workers heartbeat to the queue; silent this long, they are presumed dead and their "
      "jobs run again at once",
      BOTH},
+    {"s3-ca-file", OPT_STR, "", 0, 0,
+     "PEM file of CAs that S3 over https trusts besides the system's (a private CA)", BOTH},
 };
 #define N_SERVE (sizeof(serve_options) / sizeof(serve_options[0]))
 
@@ -195,6 +197,8 @@ static const struct option_def batch_options[] = {
      "with --output postgresql://...: discard the rows a failed or killed run left for the table "
      "instead of continuing after them",
      0},
+    {"s3-ca-file", OPT_STR, "", 0, 0,
+     "PEM file of CAs that S3 over https trusts besides the system's (a private CA)", 0},
 };
 #define N_BATCH (sizeof(batch_options) / sizeof(batch_options[0]))
 
@@ -353,6 +357,7 @@ static int configure_storage(const struct parsed *p, const char *command, const 
 {
     struct storage_config sc = {
         .s3_endpoint = OPT_S(p, "s3-endpoint"),
+        .s3_ca_file = OPT_S(p, "s3-ca-file"),
         .s3_part_size_bytes = OPT_N(p, "s3-part-size-mb") * 1024 * 1024,
         .file_roots = file_roots,
     };

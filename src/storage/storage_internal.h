@@ -58,6 +58,9 @@ int storage_s3_identify(const char *uri, struct storage_identity *out, struct er
 /* What storage_configure() set: "" means "from the environment"; the part size in bytes. */
 const char *storage_s3_endpoint_option(void);
 int64_t storage_s3_part_size(void);
+/* --s3-ca-file's certificates (core/ca_file.h), or NULL; lives until the process exits. */
+struct ca_file;
+const struct ca_file *storage_s3_ca(void);
 
 /* ---- S3: credentials (storage_s3_creds.c) ---- */
 

@@ -18,6 +18,7 @@
  */
 #define _GNU_SOURCE
 #include "storage/storage_internal.h"
+#include "core/ca_file.h"
 #include "core/clock.h"
 #include "core/log.h"
 
@@ -426,6 +427,8 @@ static CURLcode perform(CURL *h, struct attempt *a, const char *url, struct curl
     curl_easy_setopt(h, CURLOPT_WRITEDATA, a);
     curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
     curl_easy_setopt(h, CURLOPT_HEADERDATA, a);
+    if (storage_s3_ca())
+        ca_file_apply(storage_s3_ca(), h);
     if (a->creds->key_id) {
         curl_easy_setopt(h, CURLOPT_AWS_SIGV4, s3.sigv4);
         curl_easy_setopt(h, CURLOPT_USERNAME, a->creds->key_id);
@@ -626,6 +629,13 @@ int storage_s3_do(struct storage_s3_request *rq, struct err *e)
             if (a.too_big)
                 rc = err_set(e, ERR_IO, "%s: the answer is longer than the %zu bytes asked for",
                              target, rq->max_out);
+            else if (cc == CURLE_PEER_FAILED_VERIFICATION || cc == CURLE_SSL_CACERT_BADFILE)
+                rc = err_set(e, ERR_IO,
+                             "%s: %s: certificate verification failed: %.200s (a private CA: "
+                             "--s3-ca-file%s%.150s)",
+                             target, s3.endpoint, errbuf[0] ? errbuf : curl_easy_strerror(cc),
+                             storage_s3_ca() ? ", now " : "",
+                             storage_s3_ca() ? ca_file_path(storage_s3_ca()) : "");
             else if (cc != CURLE_OK)
                 rc = err_set(e, ERR_IO, "%s: cannot reach %s: %s (%s, %d attempt%s)", target,
                              s3.endpoint, errbuf[0] ? errbuf : curl_easy_strerror(cc), rq->method,

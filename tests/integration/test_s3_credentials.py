@@ -563,3 +563,63 @@ def test_threads_share_one_refresh(server_factory, repo, fake_s3, metadata, tmp_
     assert late == {"AKIDIMDS2"}, f"jobs submitted after the expiry were signed by {late}"
     assert meta.calls - calls_before <= 2, \
         f"{meta.calls - calls_before} credential fetches for one expiry"
+
+
+# ---------------------------------------------------------------------------
+# S3 over https: certificates are verified; --s3-ca-file trusts a private CA
+# ---------------------------------------------------------------------------
+
+
+def tls_context(test_ca):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(test_ca.server_cert), str(test_ca.server_key))
+    return ctx
+
+
+def env_keys(tmp_path):
+    return clean_env(tmp_path, AWS_ACCESS_KEY_ID="AKIDENV",
+                     AWS_SECRET_ACCESS_KEY=SECRETS["AKIDENV"])
+
+
+def test_https_s3_verifies_the_certificate(repo, fake_s3, test_ca, tmp_path):
+    s3 = fake_s3(tls=tls_context(test_ca))
+    assert s3.endpoint.startswith("https://")
+    rc, log, _ = run_batch(repo, s3, tmp_path, env_keys(tmp_path))
+    assert rc != 0, "a certificate signed by an unknown CA must be refused"
+    assert "certificate verification failed" in log and "--s3-ca-file" in log, log[-2000:]
+    assert not s3.signers(), "no request may reach an endpoint whose certificate did not verify"
+    # the right name, but another CA: still refused
+    rc, log, _ = run_batch(repo, s3, tmp_path, env_keys(tmp_path),
+                           "--s3-ca-file", test_ca.other_ca_cert)
+    assert rc != 0 and "certificate verification failed" in log, log[-2000:]
+    assert not s3.signers()
+
+
+def test_s3_ca_file_trusts_a_private_ca(repo, fake_s3, test_ca, tmp_path):
+    s3 = fake_s3(tls=tls_context(test_ca))
+    rc, log, out = run_batch(repo, s3, tmp_path, env_keys(tmp_path),
+                             "--s3-ca-file", test_ca.ca_cert)
+    assert_ok(rc, log, out)
+    assert s3.signers("/in/rows.jsonl")
+
+
+def test_s3_ca_file_in_serve_and_bad_files(server_factory, repo, fake_s3, test_ca, tmp_path,
+                                           monkeypatch):
+    s3 = fake_s3(tls=tls_context(test_ca))
+    srv = serve_with(server_factory, repo, tmp_path, monkeypatch, s3,
+                     {"AWS_ACCESS_KEY_ID": "AKIDENV",
+                      "AWS_SECRET_ACCESS_KEY": SECRETS["AKIDENV"]})
+    c = srv.client()
+    s3.put("jobs/x.json", json.dumps(infer_body(ROWS)).encode())
+    job = c.wait_final(c.submit_ok("rowsum", input_location=f"s3://{BUCKET}/jobs/x.json"))
+    assert job["status"] == "failed" and "certificate verification failed" in job["error"], job
+    srv2 = server_factory(repo, *async_args(tmp_path / "data2"), "--s3-endpoint", s3.endpoint,
+                          "--s3-ca-file", test_ca.ca_cert)
+    assert run_job(srv2.client(), s3, 7)[0] == "AKIDENV"
+    for bad, says in ((tmp_path / "missing.pem", "cannot read"),
+                      (test_ca.server_key, "holds no PEM certificate")):
+        p = subprocess.run([str(INFERD_BIN), "serve", "--models", str(repo), "--port", "0",
+                            "--s3-ca-file", str(bad)], capture_output=True, timeout=30,
+                           cwd=str(tmp_path))
+        err = p.stderr.decode()
+        assert p.returncode == 2 and "--s3-ca-file" in err and says in err, err
