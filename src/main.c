@@ -134,6 +134,9 @@ static const struct option_def serve_options[] = {
      BOTH},
     {"s3-ca-file", OPT_STR, "", 0, 0,
      "PEM file of CAs that S3 over https trusts besides the system's (a private CA)", BOTH},
+    {"webhook-ca-file", OPT_STR, "", 0, 0,
+     "PEM file of CAs that https webhook receivers are verified against besides the system's",
+     BOTH},
 };
 #define N_SERVE (sizeof(serve_options) / sizeof(serve_options[0]))
 
@@ -522,6 +525,7 @@ static int cmd_serve(int argc, char **argv, int worker)
         .max_attempts = (int)OPT_N(&p, "webhook-attempts"),
         .initial_backoff_ms = OPT_N(&p, "webhook-backoff-ms"),
         .timeout_ms = OPT_N(&p, "webhook-timeout-ms"),
+        .ca_file = OPT_S(&p, "webhook-ca-file"),
     };
     queue_notify_store(queue, &store);
     if (notify_create(&nc, &store, &notifier, &e) != 0) {
