@@ -697,6 +697,8 @@ static void install(int rc, struct fetched *f, const char *tried, const struct e
                      "expire", "source=\"%s\" expires_in_s=%lld reason=\"%s\"", cr.cur.source,
                      (long long)(cr.cur.expires_ms - now) / 1000,
                      rc == 1 ? "no source has credentials any more" : e->msg);
+        snprintf(cr.last_error, sizeof(cr.last_error), "%s",
+                 rc == 1 ? "no source has credentials any more" : e->msg);
         cr.failing = 1;
         cr.next_try_ms = now + MIN_RETRY_MS;
         return;
@@ -767,6 +769,11 @@ int storage_s3_creds_get(struct storage_s3_creds *out, struct err *e)
     }
     if (cr.cur.key_id && (cr.cur.expires_ms == 0 || clock_now_ms() < cr.cur.expires_ms))
         rc = copy_out(out, e);
+    else if (cr.cur.key_id) /* expired before the next refresh is due: never unsigned */
+        rc = err_set(e, ERR_IO,
+                     "S3 credentials: the credentials from %.100s expired and cannot be "
+                     "refreshed: %.200s",
+                     cr.cur.source, cr.last_error[0] ? cr.last_error : "the refresh is pending");
     else if (cr.last_error[0])
         rc = err_set(e, ERR_IO, "S3 credentials: %s", cr.last_error);
     pthread_mutex_unlock(&cr.lock);

@@ -534,6 +534,40 @@ def test_a_failed_refresh_keeps_the_current_credentials(server_factory, repo, fa
     check_no_secrets_anywhere(srv, c, jobs)
 
 
+def test_expired_credentials_that_cannot_be_refreshed_fail_requests(server_factory, repo,
+                                                                    fake_s3, metadata, tmp_path,
+                                                                    monkeypatch):
+    s3, meta = fake_s3(), metadata(auth=CONTAINER_AUTH)
+    meta.serve("AKIDCONTAINER1", expires_in_s=3)
+    srv = serve_with(server_factory, repo, tmp_path, monkeypatch, s3,
+                     {"AWS_CONTAINER_CREDENTIALS_FULL_URI": f"{meta.url}/creds",
+                      "AWS_CONTAINER_AUTHORIZATION_TOKEN": CONTAINER_AUTH})
+    c = srv.client()
+    assert run_job(c, s3, 1)[0] == "AKIDCONTAINER1"
+    expires = meta.expires
+    with meta.lock:
+        meta.fail = True
+    wait_for(lambda: datetime.now(timezone.utc) > expires, 30, "the Expiration to pass")
+    s3.put("jobs/late.json", json.dumps(infer_body(ROWS)).encode())
+    job = c.wait_final(c.submit_ok("rowsum", input_location=f"s3://{BUCKET}/jobs/late.json"))
+    assert job["status"] == "failed", job
+    assert "container (AWS_CONTAINER_CREDENTIALS_FULL_URI)" in job["error"] and \
+        ("expired" in job["error"] or "HTTP 500" in job["error"]), job["error"]
+    assert not s3.signers("jobs/late.json"), "nothing may be sent unsigned or with expired keys"
+    meta.serve("AKIDCONTAINER2")
+    n = [10]
+
+    def recovered():
+        n[0] += 1
+        s3.put(f"jobs/req-{n[0]}.json", json.dumps(infer_body(ROWS)).encode())
+        j = c.wait_final(c.submit_ok("rowsum",
+                                     input_location=f"s3://{BUCKET}/jobs/req-{n[0]}.json"))
+        return j["status"] == "succeeded" and \
+            {k for k, _ in s3.signers(f"jobs/req-{n[0]}.json")} == {"AKIDCONTAINER2"}
+    wait_for(recovered, 30, "a job signed with the credentials served after the outage")
+    check_no_secrets_anywhere(srv, c, [job])
+
+
 def test_threads_share_one_refresh(server_factory, repo, fake_s3, metadata, tmp_path,
                                    monkeypatch):
     """Jobs run by several workers at once while the credentials expire: every request is
