@@ -609,6 +609,10 @@ static int from_imds(struct fetched *f, char *why, size_t why_cap, struct err *e
              : meta_call("PUT", url.data, headers, 3000, &session, &status, why, why_cap);
     if (rc == ERR_NOMEM) {
         rc = err_set(e, ERR_NOMEM, "out of memory");
+    } else if (rc == 0 && (status == 403 || status == 404 || status == 405)) {
+        /* what the SDKs take for "no IMDSv2 here" (disabled, or not EC2's service) */
+        snprintf(why, why_cap, "the token request was answered HTTP %ld", status);
+        rc = 1;
     } else if (rc == 0 && status != 200) {
         rc = err_set(e, ERR_IO, "instance metadata: PUT /latest/api/token answered HTTP %ld",
                      status);

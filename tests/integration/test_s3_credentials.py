@@ -203,6 +203,7 @@ class MetadataServer:
         self.key_id = None
         self.expires = None
         self.fail = False
+        self.refuse_token = False   # answer 403 to IMDSv2's token PUT (IMDS turned off)
         self.calls = 0
         self.auth = auth   # the Authorization the container agent requires (None: any)
         self.log = []
@@ -230,6 +231,8 @@ class MetadataServer:
             def do_PUT(self):  # noqa: N802
                 with meta.lock:
                     meta.log.append(("PUT", self.path, dict(self.headers)))
+                if meta.refuse_token:
+                    return self.reply(403, b"")
                 if self.path == "/latest/api/token" and \
                         self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
                     return self.reply(200, meta.SESSION.encode())
@@ -422,6 +425,19 @@ def test_no_credentials_names_every_source_tried(repo, fake_s3, tmp_path):
     assert rc != 0
     assert "no S3 credentials: tried environment, shared files (profile nope), container, " \
            "instance metadata" in log, log[-2000:]
+
+
+def test_imds_that_refuses_a_token_is_no_source(repo, fake_s3, metadata, tmp_path):
+    s3, meta = fake_s3(), metadata()
+    meta.serve("AKIDIMDS1")
+    meta.refuse_token = True
+    env = clean_env(tmp_path, AWS_EC2_METADATA_DISABLED=None,
+                    AWS_EC2_METADATA_SERVICE_ENDPOINT=meta.url)
+    rc, log, _ = run_batch(repo, s3, tmp_path, env)
+    assert rc != 0
+    assert "no S3 credentials: tried environment, shared files (profile default), container, " \
+           "instance metadata (the token request was answered HTTP 403)" in log, log[-2000:]
+    assert all(k is None for k, _ in s3.signers()), "no credentials: the requests go unsigned"
 
 
 def test_a_failing_container_source_is_an_error_naming_it(repo, fake_s3, metadata, tmp_path):
