@@ -152,6 +152,11 @@ static const struct option_def serve_options[] = {
      "PEM CA certificates: require each client to show a certificate they signed (mutual TLS); "
      "re-read on SIGHUP",
      BOTH},
+    {"s3-ca-file", OPT_STR, "", 0, 0,
+     "PEM file of CAs that S3 over https trusts besides the system's (a private CA)", BOTH},
+    {"webhook-ca-file", OPT_STR, "", 0, 0,
+     "PEM file of CAs that https webhook receivers are verified against besides the system's",
+     BOTH},
 };
 #define N_SERVE (sizeof(serve_options) / sizeof(serve_options[0]))
 
@@ -215,6 +220,8 @@ static const struct option_def batch_options[] = {
      "with --output postgresql://...: discard the rows a failed or killed run left for the table "
      "instead of continuing after them",
      0},
+    {"s3-ca-file", OPT_STR, "", 0, 0,
+     "PEM file of CAs that S3 over https trusts besides the system's (a private CA)", 0},
 };
 #define N_BATCH (sizeof(batch_options) / sizeof(batch_options[0]))
 
@@ -375,6 +382,7 @@ static int configure_storage(const struct parsed *p, const char *command, const 
 {
     struct storage_config sc = {
         .s3_endpoint = OPT_S(p, "s3-endpoint"),
+        .s3_ca_file = OPT_S(p, "s3-ca-file"),
         .s3_part_size_bytes = OPT_N(p, "s3-part-size-mb") * 1024 * 1024,
         .file_roots = file_roots,
     };
@@ -583,6 +591,7 @@ static int cmd_serve(int argc, char **argv, int worker)
         .max_attempts = (int)OPT_N(&p, "webhook-attempts"),
         .initial_backoff_ms = OPT_N(&p, "webhook-backoff-ms"),
         .timeout_ms = OPT_N(&p, "webhook-timeout-ms"),
+        .ca_file = OPT_S(&p, "webhook-ca-file"),
     };
     queue_notify_store(queue, &store);
     if (notify_create(&nc, &store, &notifier, &e) != 0) {

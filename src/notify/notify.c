@@ -22,6 +22,7 @@
  */
 #include "notify/notify.h"
 #include "notify/notify_internal.h"
+#include "core/ca_file.h"
 #include "core/log.h"
 #include "core/clock.h"
 
@@ -67,6 +68,7 @@ struct attempt {
 struct notifier {
     struct notify_config cfg;  /* defaults applied; immutable after create: no lock */
     char *secret;              /* immutable; NULL means unsigned */
+    struct ca_file *ca;        /* immutable; NULL: the system's CAs only */
     struct notify_store store; /* immutable */
     CURLM *multi;              /* the thread's; other threads only call curl_multi_wakeup() */
     int curl_ready;            /* curl_global_init() succeeded; only create and destroy */
@@ -279,6 +281,8 @@ static int setup_easy(struct notifier *n, struct attempt *a)
     SETOPT(CURLOPT_ERRORBUFFER, a->errbuf);
     SETOPT(CURLOPT_PRIVATE, (void *)a);
 #undef SETOPT
+    if (cc == CURLE_OK && n->ca && ca_file_apply(n->ca, h) != 0)
+        return -1;
     return cc == CURLE_OK ? 0 : -1;
 }
 
@@ -425,7 +429,14 @@ static void reap(struct notifier *n)
         curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &status);
         a = (struct attempt *)(void *)priv;
         curl_multi_remove_handle(n->multi, easy); /* msg is invalid from here */
-        if (res != CURLE_OK) {
+        if (res == CURLE_PEER_FAILED_VERIFICATION || res == CURLE_SSL_CACERT_BADFILE) {
+            /* retried like any failure: the receiver may fix its certificate */
+            snprintf(text, sizeof(text),
+                     "certificate verification failed: %.200s (a private CA: "
+                     "--webhook-ca-file)",
+                     a->errbuf[0] ? a->errbuf : curl_easy_strerror(res));
+            error = text;
+        } else if (res != CURLE_OK) {
             snprintf(text, sizeof(text), "%s",
                      a->refused[0]  ? a->refused
                      : a->errbuf[0] ? a->errbuf
@@ -645,12 +656,16 @@ int notify_create(const struct notify_config *cfg, const struct notify_store *st
     if (!n)
         return err_set(e, ERR_NOMEM, "out of memory");
     n->cfg = c;
-    n->cfg.secret = NULL; /* borrowed: the copy below is the one used */
+    n->cfg.secret = NULL;  /* borrowed: the copy below is the one used */
+    n->cfg.ca_file = NULL; /* read into n->ca below */
     n->store = *store;
     if (c.secret && c.secret[0] && !(n->secret = strdup(c.secret))) {
         rc = err_set(e, ERR_NOMEM, "out of memory");
         goto fail;
     }
+    if (c.ca_file && c.ca_file[0] &&
+        (rc = ca_file_load(c.ca_file, "--webhook-ca-file", &n->ca, e)) != 0)
+        goto fail;
     n->slots = calloc((size_t)c.max_in_flight, sizeof(*n->slots));
     n->ids = calloc((size_t)c.max_in_flight, sizeof(*n->ids));
     if (!n->slots || !n->ids) {
@@ -709,6 +724,7 @@ void notify_destroy(struct notifier *n)
         curl_global_cleanup();
     free(n->slots);
     free(n->ids);
+    ca_file_destroy(n->ca); /* every handle that used it is gone */
     if (n->secret)
         OPENSSL_cleanse(n->secret, strlen(n->secret));
     free(n->secret);

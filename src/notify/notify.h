@@ -17,8 +17,9 @@
  *   X-Inferd-Event-Id: <event_id>
  *   X-Inferd-Signature: sha256=<hex HMAC-SHA256 of the raw body keyed by the secret>
  *                        (only when a secret is configured)
- * A 2xx answer means delivered. Anything else (no connection, timeout, any other status, a
- * redirect: redirects are never followed) is a failed attempt, retried after initial_backoff_ms,
+ * A 2xx answer means delivered. Anything else (no connection, timeout, an https receiver whose
+ * certificate does not verify, any other status, a redirect: redirects are never followed) is
+ * a failed attempt, retried after initial_backoff_ms,
  * doubling each time up to max_backoff_ms, until max_attempts attempts; then the delivery is
  * given up. A URL that is not http:// or https:// is given up after its first attempt, since
  * retrying cannot help.
@@ -147,6 +148,9 @@ struct notify_config {
     int64_t max_backoff_ms;     /* cap on the wait; default 300000 */
     int64_t timeout_ms;         /* whole attempt (connect, send, answer); default 10000 */
     int max_in_flight;          /* concurrent POSTs; default 64 */
+    const char *ca_file;        /* NULL or "": https receivers are verified against the system's
+                                   CAs; else a PEM file of CAs trusted too (--webhook-ca-file),
+                                   read by notify_create(). Certificates are always verified. */
 };
 
 /* Counters for /metrics, each since notify_create(). */
@@ -162,7 +166,8 @@ struct notify_stats {
  *   store  copied; store->ctx must outlive notify_destroy()
  *   out    receives a new notifier; the caller frees it with notify_destroy()
  * Returns 0, ERR_INVALID (a negative field, initial_backoff_ms above max_backoff_ms, a missing
- * take_due or record) or ERR_NOMEM (also when libcurl or the thread cannot start).
+ * take_due or record, an unreadable ca_file or one without a certificate) or ERR_NOMEM (also
+ * when libcurl or the thread cannot start).
  */
 int notify_create(const struct notify_config *cfg, const struct notify_store *store,
                   struct notifier **out, struct err *e);

@@ -7,6 +7,7 @@
  */
 #define _GNU_SOURCE
 #include "storage/storage_internal.h"
+#include "core/ca_file.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -40,6 +41,7 @@ struct storage_writer {
 /* ---- settings ---- */
 
 static char s3_endpoint[512];
+static struct ca_file *s3_ca; /* NULL: the system's CAs only; kept until exit (handles use it) */
 static int64_t s3_part_size = 8 * MIB;
 #define MAX_FILE_ROOTS 16
 static char file_roots[MAX_FILE_ROOTS][PATH_MAX]; /* resolved, no trailing '/' ("" for /) */
@@ -226,6 +228,14 @@ int storage_configure(const struct storage_config *cfg, struct err *e)
     if (part > (int64_t)5 * 1024 * MIB)
         return err_set(e, ERR_INVALID, "--s3-part-size-mb: %lld bytes is above S3's maximum, 5 GiB",
                        (long long)part);
+    if (cfg->s3_ca_file && cfg->s3_ca_file[0]) {
+        struct ca_file *ca;
+        int rc = ca_file_load(cfg->s3_ca_file, "--s3-ca-file", &ca, e);
+        if (rc != 0)
+            return rc;
+        ca_file_destroy(s3_ca);
+        s3_ca = ca;
+    }
     snprintf(s3_endpoint, sizeof(s3_endpoint), "%s", ep);
     s3_part_size = part;
     return set_file_roots(cfg->file_roots, e);
@@ -234,6 +244,11 @@ int storage_configure(const struct storage_config *cfg, struct err *e)
 const char *storage_s3_endpoint_option(void)
 {
     return s3_endpoint;
+}
+
+const struct ca_file *storage_s3_ca(void)
+{
+    return s3_ca;
 }
 
 int64_t storage_s3_part_size(void)

@@ -31,6 +31,9 @@ struct storage_config {
     /* "" or NULL: $AWS_ENDPOINT_URL_S3, then $AWS_ENDPOINT_URL, else
      * https://s3.<region>.amazonaws.com (region: $AWS_REGION, $AWS_DEFAULT_REGION, us-east-1) */
     const char *s3_endpoint;
+    /* "" or NULL: S3 over https trusts the system's CAs; else a PEM file of CAs trusted too
+     * (a private CA's certificate). Certificates are always verified. */
+    const char *s3_ca_file;
     /* multipart uploads start past this many bytes, in parts this big; 0: 8 MiB, minimum 5 MiB */
     int64_t s3_part_size_bytes;
     /* "" or NULL: file:// and plain paths may name any file; else a ':'-separated list of
@@ -39,8 +42,8 @@ struct storage_config {
 };
 
 /*
- * Sets the S3 options (the strings are copied). Call before the first storage call, from one
- * thread; without it the defaults hold. ERR_INVALID names the bad option.
+ * Sets the S3 options (the strings are copied; the CA file is read now). Call before the first
+ * storage call, from one thread; without it the defaults hold. ERR_INVALID names the bad option.
  */
 int storage_configure(const struct storage_config *cfg, struct err *e);
 

@@ -78,6 +78,34 @@ int storage_open_beneath(int dirfd, const char *rel, int flags, mode_t mode);
 /* What storage_configure() set: "" means "from the environment"; the part size in bytes. */
 const char *storage_s3_endpoint_option(void);
 int64_t storage_s3_part_size(void);
+/* --s3-ca-file's certificates (core/ca_file.h), or NULL; lives until the process exits. */
+struct ca_file;
+const struct ca_file *storage_s3_ca(void);
+
+/* ---- S3: credentials (storage_s3_creds.c) ---- */
+
+#define STORAGE_S3_CREDS_ERR 256
+
+/* What one request is signed with: copies, so a refresh never changes them under a request. */
+struct storage_s3_creds {
+    char *key_id; /* NULL: no source has credentials; the request goes unsigned */
+    char *secret;
+    char *token;     /* NULL: none (long-term keys) */
+    char source[160]; /* where they came from, for errors: "environment", "instance metadata" */
+};
+
+/*
+ * The current credentials, found (the first time) and refreshed (before they expire) in the
+ * AWS SDKs' order: environment, shared files, container, instance metadata. Returns 0 with
+ * `out` filled (key_id NULL when nothing was found: unsigned requests), or ERR_IO naming the
+ * source that failed, or whose credentials expired and cannot be refreshed; never a secret.
+ * Free `out` with storage_s3_creds_release(). Thread-safe; one set per process.
+ */
+int storage_s3_creds_get(struct storage_s3_creds *out, struct err *e);
+void storage_s3_creds_release(struct storage_s3_creds *c);
+/* "environment, shared files (profile P), container, instance metadata": the sources the last
+ * run of the chain tried, for the error of a request refused while unsigned. */
+void storage_s3_creds_tried(char *out, size_t cap);
 
 /* ---- S3: one request (storage_s3_http.c) ---- */
 

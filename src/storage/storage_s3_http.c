@@ -13,17 +13,19 @@
  * a 301 from S3 means the wrong region, and is reported as such.
  *
  * Settings come once, at the first request: the endpoint from storage_configure() or the
- * AWS_* variables, the credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
- * AWS_SESSION_TOKEN (none: anonymous, unsigned requests). Credentials are never logged.
+ * AWS_* variables. Credentials come per request from storage_s3_creds.c (the AWS SDKs' chain,
+ * refreshed before they expire; none: anonymous, unsigned requests), and are never logged.
  */
 #define _GNU_SOURCE
 #include "storage/storage_internal.h"
+#include "core/ca_file.h"
 #include "core/clock.h"
 #include "core/log.h"
 
 #include <curl/curl.h>
 #include <libxml/parser.h>
 #include <libxml/tree.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 
 #include <limits.h>
@@ -47,19 +49,11 @@ static struct {
     int ready; /* curl, libxml2 and the key are set up */
     char endpoint[512];
     char sigv4[128];
-    char *key_id, *secret, *token; /* NULL: anonymous */
 } s3 = {.once = PTHREAD_ONCE_INIT};
 
 static void free_handle(void *h)
 {
     curl_easy_cleanup(h);
-}
-
-static char *env_copy(const char *name)
-{
-    const char *v = getenv(name);
-
-    return v && v[0] ? strdup(v) : NULL;
 }
 
 static void s3_init(void)
@@ -84,19 +78,10 @@ static void s3_init(void)
     while (n > 0 && s3.endpoint[n - 1] == '/')
         s3.endpoint[--n] = '\0';
     snprintf(s3.sigv4, sizeof(s3.sigv4), "aws:amz:%s:s3", region);
-    s3.key_id = env_copy("AWS_ACCESS_KEY_ID");
-    s3.secret = env_copy("AWS_SECRET_ACCESS_KEY");
-    s3.token = env_copy("AWS_SESSION_TOKEN");
-    if (!s3.key_id || !s3.secret) {
-        free(s3.key_id);
-        free(s3.secret);
-        s3.key_id = s3.secret = NULL;
-    }
     xmlInitParser();
     s3.ready = curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK &&
                pthread_key_create(&s3.handle_key, free_handle) == 0;
-    log_debug("storage", "s3 settings", "endpoint=%s region=%s signed=%s", s3.endpoint, region,
-              s3.key_id ? "yes" : "no");
+    log_debug("storage", "s3 settings", "endpoint=%s region=%s", s3.endpoint, region);
 }
 
 static CURL *thread_handle(void)
@@ -271,6 +256,7 @@ int storage_s3_parse_list(const char *xml, size_t len, const char *prefix,
 
 struct attempt {
     struct storage_s3_request *rq;
+    const struct storage_s3_creds *creds; /* key_id NULL: unsigned */
     struct buf *out;
     size_t sent; /* of rq->body, for PUT */
     int nomem;
@@ -352,34 +338,47 @@ static size_t on_header(char *p, size_t size, size_t n, void *ctx)
     return len;
 }
 
-/* Appends "name: value" unless `value` is NULL; clears `*ok` when out of memory. */
+/* Appends "name: value" unless `value` is NULL; clears `*ok` when out of memory. Any length: a
+ * session token from STS is often over a kilobyte. */
 static struct curl_slist *add_header(struct curl_slist *list, int *ok, const char *name,
                                      const char *value)
 {
-    char line[512];
-    struct curl_slist *l;
+    struct buf line = {0};
+    struct curl_slist *l = NULL;
 
     if (!*ok || !value)
         return list;
-    snprintf(line, sizeof(line), "%s: %s", name, value);
-    l = curl_slist_append(list, line);
+    if (buf_printf(&line, "%s: %s", name, value) == 0)
+        l = curl_slist_append(list, line.data);
+    if (line.data)
+        OPENSSL_cleanse(line.data, line.len);
+    buf_release(&line);
     if (!l)
         *ok = 0;
     return l ? l : list;
 }
 
-static struct curl_slist *request_headers(const struct storage_s3_request *rq, const char *sha)
+/* Frees a header list, wiping it first (it may hold the session token). */
+static void free_headers(struct curl_slist *h)
+{
+    for (struct curl_slist *l = h; l; l = l->next)
+        OPENSSL_cleanse(l->data, strlen(l->data));
+    curl_slist_free_all(h);
+}
+
+static struct curl_slist *request_headers(const struct storage_s3_request *rq, const char *sha,
+                                          const struct storage_s3_creds *creds)
 {
     struct curl_slist *h = NULL;
     int ok = 1;
 
     h = add_header(h, &ok, "x-amz-content-sha256", sha);
-    h = add_header(h, &ok, "x-amz-security-token", s3.key_id ? s3.token : NULL);
+    h = add_header(h, &ok, "x-amz-security-token", creds->key_id ? creds->token : NULL);
     h = add_header(h, &ok, "Content-Type", rq->content_type);
     h = add_header(h, &ok, "Range", rq->range);
     h = add_header(h, &ok, "If-Match", rq->if_match);
     if (!ok) {
-        curl_slist_free_all(h);
+        free_headers(h);
         return NULL;
     }
     return h;
@@ -428,10 +427,12 @@ static CURLcode perform(CURL *h, struct attempt *a, const char *url, struct curl
     curl_easy_setopt(h, CURLOPT_WRITEDATA, a);
     curl_easy_setopt(h, CURLOPT_HEADERFUNCTION, on_header);
     curl_easy_setopt(h, CURLOPT_HEADERDATA, a);
-    if (s3.key_id) {
+    if (storage_s3_ca())
+        ca_file_apply(storage_s3_ca(), h);
+    if (a->creds->key_id) {
         curl_easy_setopt(h, CURLOPT_AWS_SIGV4, s3.sigv4);
-        curl_easy_setopt(h, CURLOPT_USERNAME, s3.key_id);
-        curl_easy_setopt(h, CURLOPT_PASSWORD, s3.secret);
+        curl_easy_setopt(h, CURLOPT_USERNAME, a->creds->key_id);
+        curl_easy_setopt(h, CURLOPT_PASSWORD, a->creds->secret);
     }
     set_method(h, a);
     a->sent = 0;
@@ -532,8 +533,15 @@ static int answer_error(const struct attempt *a, const char *target, int attempt
                  a->message);
     else
         snprintf(detail, sizeof(detail), "HTTP %ld", rq->status);
-    if (rq->status == 403)
-        return err_set(e, ERR_INVALID, "%s: access denied (%s)", target, detail);
+    if (rq->status == 403 && a->creds->key_id)
+        return err_set(e, ERR_INVALID, "%s: access denied (%s) for the credentials from %s",
+                       target, detail, a->creds->source);
+    if (rq->status == 403) {
+        char tried[STORAGE_S3_CREDS_ERR];
+        storage_s3_creds_tried(tried, sizeof(tried));
+        return err_set(e, ERR_INVALID, "%s: access denied (%s) to an unsigned request; no S3 "
+                       "credentials: tried %.150s", target, detail, tried);
+    }
     if (rq->status == 404 && strcmp(rq->code, "NoSuchBucket") == 0)
         return err_set(e, ERR_NOT_FOUND, "%s: bucket '%.100s' does not exist", target, rq->bucket);
     if (rq->status == 404 && strcmp(rq->code, "NoSuchKey") == 0)
@@ -575,7 +583,9 @@ static int build_url(const struct storage_s3_request *rq, struct buf *url)
 int storage_s3_do(struct storage_s3_request *rq, struct err *e)
 {
     struct buf url = {0}, scratch = {0};
-    struct attempt a = {.rq = rq, .out = rq->out ? rq->out : &scratch};
+    struct storage_s3_creds creds = {0};
+    struct err ce = {0};
+    struct attempt a = {.rq = rq, .out = rq->out ? rq->out : &scratch, .creds = &creds};
     struct curl_slist *headers = NULL;
     char target[300], sha[65], errbuf[CURL_ERROR_SIZE];
     CURL *h;
@@ -592,8 +602,12 @@ int storage_s3_do(struct storage_s3_request *rq, struct err *e)
     pthread_once(&s3.once, s3_init);
     if (!(h = thread_handle()))
         return err_set(e, ERR_IO, "%s: cannot start libcurl", target);
+    if ((rc = storage_s3_creds_get(&creds, &ce)) != 0) {
+        rc = err_set(e, rc, "%s: %s", target, ce.msg);
+        goto cleanup;
+    }
     sha256_hex(rq->body, rq->body_len, sha);
-    if (build_url(rq, &url) != 0 || !(headers = request_headers(rq, sha))) {
+    if (build_url(rq, &url) != 0 || !(headers = request_headers(rq, sha, &creds))) {
         rc = err_set(e, ERR_NOMEM, "out of memory");
         goto cleanup;
     }
@@ -615,6 +629,13 @@ int storage_s3_do(struct storage_s3_request *rq, struct err *e)
             if (a.too_big)
                 rc = err_set(e, ERR_IO, "%s: the answer is longer than the %zu bytes asked for",
                              target, rq->max_out);
+            else if (cc == CURLE_PEER_FAILED_VERIFICATION || cc == CURLE_SSL_CACERT_BADFILE)
+                rc = err_set(e, ERR_IO,
+                             "%s: %s: certificate verification failed: %.200s (a private CA: "
+                             "--s3-ca-file%s%.150s)",
+                             target, s3.endpoint, errbuf[0] ? errbuf : curl_easy_strerror(cc),
+                             storage_s3_ca() ? ", now " : "",
+                             storage_s3_ca() ? ca_file_path(storage_s3_ca()) : "");
             else if (cc != CURLE_OK)
                 rc = err_set(e, ERR_IO, "%s: cannot reach %s: %s (%s, %d attempt%s)", target,
                              s3.endpoint, errbuf[0] ? errbuf : curl_easy_strerror(cc), rq->method,
@@ -634,7 +655,8 @@ int storage_s3_do(struct storage_s3_request *rq, struct err *e)
 cleanup:
     /* the handle points at this call's buffers and headers: forget them, keep the connection */
     curl_easy_reset(h);
-    curl_slist_free_all(headers);
+    free_headers(headers);
+    storage_s3_creds_release(&creds);
     buf_release(&url);
     buf_release(&scratch);
     return rc;

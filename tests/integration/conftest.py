@@ -31,6 +31,10 @@ import requests
 import xgboost as xgb
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# inferd looks for S3 credentials at the EC2 instance metadata address (169.254.169.254) when
+# no other source has them: no test may reach the host's own. Tests of that source serve it
+# on loopback (test_s3_credentials.py) and lift this for their own processes.
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 INFERD_BIN = Path(os.environ.get("INFERD_BIN", REPO_ROOT / "build" / "inferd"))
 PLUGIN_SO = Path(os.environ.get(
     "INFERD_PLUGIN",
@@ -787,11 +791,12 @@ class WebhookReceiver:
 
     Paths ``/flaky/<key>`` answer 500 to the first two POSTs for that key, then 200;
     ``/fail/...`` always 500; ``/slow/...`` 200 after ``SLOW_S`` (so deliveries overlap);
-    everything else 200.
+    everything else 200. ``tls``: an ``ssl.SSLContext`` (server side) makes it an https
+    receiver (``url`` starts with https://).
     """
     SLOW_S = 0.3
 
-    def __init__(self):
+    def __init__(self, tls=None):
         import http.server
 
         self.requests = []
@@ -832,6 +837,9 @@ class WebhookReceiver:
         self.httpd = Quiet(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+            self.url = "https" + self.url[len("http"):]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 

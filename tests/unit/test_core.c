@@ -1,7 +1,7 @@
 /*
  * test_core.c: core's clock (the scheduler's injectable time), ids, bounded integer JSON
  * fields and URLs shown with their credentials masked (core/clock.h, core/id.h, core/jfield.h,
- * core/url.h).
+ * core/url.h), and extra trusted CAs for libcurl (core/ca_file.h).
  */
 #define _GNU_SOURCE
 #include <setjmp.h>
@@ -14,6 +14,9 @@
 #include "core/id.h"
 #include "core/jfield.h"
 #include "core/url.h"
+#include "core/ca_file.h"
+
+#include <curl/curl.h>
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -157,12 +160,82 @@ static void test_url_redacted(void **state)
     assert_null(url_redacted(NULL));
 }
 
+/* A self-signed CA certificate (openssl req -x509), as --s3-ca-file and --webhook-ca-file take. */
+static const char unit_ca_pem[] =
+    "-----BEGIN CERTIFICATE-----\n"
+    "MIIDHzCCAgegAwIBAgIUJY2+TbyF2IghHazd17DiHBC7l9IwDQYJKoZIhvcNAQEL\n"
+    "BQAwHjEcMBoGA1UEAwwTaW5mZXJkIHVuaXQgdGVzdCBDQTAgFw0yNjEyMDUwMzQ0\n"
+    "NDdaGA8yMTI2MTExMTAzNDQ0N1owHjEcMBoGA1UEAwwTaW5mZXJkIHVuaXQgdGVz\n"
+    "dCBDQTCCASIwDQYJKoZIhvcNAQEBBQADggEPADCCAQoCggEBAOJz3eMBjEj+AF9W\n"
+    "hj9pX4HO3ZZfyv08JYPhyvmyfByLoLD12HOElNIxHv6lbBI/uZOKuuwLYWVw46+T\n"
+    "h3SDVGy8saDIL9VJDj0XHUwxotCua2lFBsdr7C9x1WLVrIJi6qmFFTy3SJkqVFxn\n"
+    "keObIQ51AuD6YDUuMOpEbTCpDY4kQ9+zGWsjWbUOFFewknoXCvDfBYLe++zFv7Pl\n"
+    "KIg7Wo7eODhs1kpX92AqoN5/o6USneBePNaNS9xogaBLGbrnOC5Ly7+eVCHJcc4K\n"
+    "ygApOmiwPqXJH2LPaIrohr/Lrcwhr7k6R+GgmRL48EvjmOTm3KvucQiffjFlx2EV\n"
+    "uxIWqicCAwEAAaNTMFEwHQYDVR0OBBYEFKtV72OhG+Rq6xiaJIu1DK7nhQziMB8G\n"
+    "A1UdIwQYMBaAFKtV72OhG+Rq6xiaJIu1DK7nhQziMA8GA1UdEwEB/wQFMAMBAf8w\n"
+    "DQYJKoZIhvcNAQELBQADggEBAJIWqOYawuX81ozFMT8AGrBZuEHB3FQpNvYpwaEq\n"
+    "J8zufVDXe81GsZh+ZOJ+a/0Ocbv5SUHjFftr2BeMr4J+Aobn8+bOQMXwWdaa3dll\n"
+    "krGfLvqPFGWPTfhfMmaokv8hhilIgruSo9Z8PgbAqWthcDdvdqE+AnbI6icdf7OQ\n"
+    "hvJZQPpnYee4bfxpYmHnIzgpGeB1Ypu1C1yJ4aX0WWlxLFAQFWPF2pcKukB8CpNO\n"
+    "q8UMMY9P2/eb9OPrPr2XjuF9bFg0s+kco48eh4X+t3xsJ0YWtda+1ZSabDuF9pk2\n"
+    "YkQmGnJqWzMNNZAw6HtNYOipO96fEqxI99lh2IPKMlN15wg=\n"
+    "-----END CERTIFICATE-----\n";
+
+static char *write_temp(const char *text)
+{
+    char *path = strdup("/tmp/inferd-ca-XXXXXX");
+    int fd = mkstemp(path);
+
+    assert_true(fd >= 0);
+    assert_int_equal(write(fd, text, strlen(text)), (ssize_t)strlen(text));
+    close(fd);
+    return path;
+}
+
+static void test_ca_file(void **state)
+{
+    struct ca_file *ca = NULL;
+    struct err e = {0};
+    char *good, *two, *junk;
+    char both[4096];
+    CURL *h;
+
+    (void)state;
+    snprintf(both, sizeof(both), "# two CAs, text around them\n%sjunk\n%s", unit_ca_pem,
+             unit_ca_pem);
+    good = write_temp(unit_ca_pem);
+    two = write_temp(both);
+    junk = write_temp("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n");
+
+    assert_int_equal(ca_file_load(good, "--x-ca-file", &ca, &e), 0);
+    assert_string_equal(ca_file_path(ca), good);
+    h = curl_easy_init();
+    assert_non_null(h);
+    assert_int_equal(ca_file_apply(ca, h), 0);
+    curl_easy_cleanup(h);
+    ca_file_destroy(ca);
+    assert_int_equal(ca_file_load(two, "--x-ca-file", &ca, &e), 0);
+    ca_file_destroy(ca);
+
+    ca = NULL;
+    assert_int_equal(ca_file_load(junk, "--x-ca-file", &ca, &e), ERR_INVALID);
+    assert_null(ca);
+    assert_non_null(strstr(e.msg, "--x-ca-file: "));
+    assert_non_null(strstr(e.msg, "holds no PEM certificate"));
+    assert_int_equal(ca_file_load("/nonexistent/ca.pem", "--x-ca-file", &ca, &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "--x-ca-file: cannot read '/nonexistent/ca.pem'"));
+    ca_file_destroy(NULL);
+    unlink(good), unlink(two), unlink(junk);
+    free(good), free(two), free(junk);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_clock_kinds),  cmocka_unit_test(test_sched_clock_file),
         cmocka_unit_test(test_ids),          cmocka_unit_test(test_jfield_int),
-        cmocka_unit_test(test_url_redacted),
+        cmocka_unit_test(test_url_redacted), cmocka_unit_test(test_ca_file),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
