@@ -20,7 +20,7 @@
 #include <string.h>
 
 struct ca_file {
-    STACK_OF(X509) *certs; /* immutable after load: no lock */
+    STACK_OF(X509) * certs; /* immutable after load: no lock */
     char *path;
 };
 
@@ -46,8 +46,7 @@ int ca_file_load(const char *path, const char *option, struct ca_file **out, str
         goto cleanup;
     }
     if (!(fp = fopen(path, "r"))) {
-        rc = err_set(e, ERR_INVALID, "%s: cannot read '%.200s': %s", option, path,
-                     strerror(errno));
+        rc = err_set(e, ERR_INVALID, "%s: cannot read '%.200s': %s", option, path, strerror(errno));
         goto cleanup;
     }
     while ((x = PEM_read_X509(fp, NULL, NULL, NULL))) {

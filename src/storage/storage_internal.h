@@ -90,7 +90,7 @@ const struct ca_file *storage_s3_ca(void);
 struct storage_s3_creds {
     char *key_id; /* NULL: no source has credentials; the request goes unsigned */
     char *secret;
-    char *token;     /* NULL: none (long-term keys) */
+    char *token;      /* NULL: none (long-term keys) */
     char source[160]; /* where they came from, for errors: "environment", "instance metadata" */
 };
 

@@ -72,12 +72,12 @@ struct fetched {
 
 static struct {
     pthread_mutex_t lock;
-    pthread_cond_t changed;        /* a refresh ended */
-    int resolved;                  /* the chain ran at least once */
-    int refreshing;                /* one thread is running the chain without the lock */
-    struct fetched cur;            /* key_id NULL: none */
-    int64_t next_try_ms;           /* run the chain again at or after this (0: never) */
-    int failing;                   /* the last refresh failed (logged once per streak) */
+    pthread_cond_t changed;                /* a refresh ended */
+    int resolved;                          /* the chain ran at least once */
+    int refreshing;                        /* one thread is running the chain without the lock */
+    struct fetched cur;                    /* key_id NULL: none */
+    int64_t next_try_ms;                   /* run the chain again at or after this (0: never) */
+    int failing;                           /* the last refresh failed (logged once per streak) */
     char last_error[STORAGE_S3_CREDS_ERR]; /* why the chain failed and nothing holds, or "" */
     char tried[STORAGE_S3_CREDS_ERR];      /* "environment, shared files (...), ..." */
 } cr = {.lock = PTHREAD_MUTEX_INITIALIZER, .changed = PTHREAD_COND_INITIALIZER};
@@ -99,8 +99,8 @@ static void fetched_release(struct fetched *f)
 }
 
 /* Takes copies of the three strings (token may be NULL or ""). 0 or ERR_NOMEM. */
-static int fetched_set(struct fetched *f, const char *key_id, const char *secret,
-                       const char *token, struct err *e)
+static int fetched_set(struct fetched *f, const char *key_id, const char *secret, const char *token,
+                       struct err *e)
 {
     f->key_id = strdup(key_id);
     f->secret = strdup(secret);
@@ -288,8 +288,10 @@ static int from_files(struct fetched *f, struct err *e)
     shared_path("AWS_CONFIG_FILE", "config", path, sizeof(path));
     rc = path[0] ? from_ini(path, "config file", profile_name(), 1, f, &has_profile, e) : 1;
     if (rc == 1 && has_profile)
-        log_debug("storage", "the AWS profile has no access keys (role_arn, sso and "
-                  "credential_process are not read)", "profile=%s", profile_name());
+        log_debug("storage",
+                  "the AWS profile has no access keys (role_arn, sso and "
+                  "credential_process are not read)",
+                  "profile=%s", profile_name());
     return rc;
 }
 
@@ -348,7 +350,7 @@ static int meta_call(const char *method, const char *url, struct curl_slist *hea
     curl_easy_cleanup(h);
     if (cc != CURLE_OK || buf_append(&a.body, "", 1) != 0) {
         snprintf(why, why_cap, "%s",
-                 a.too_big ? "the answer is too long"
+                 a.too_big   ? "the answer is too long"
                  : errbuf[0] ? errbuf
                              : curl_easy_strerror(cc));
         if (a.body.data)
@@ -397,8 +399,7 @@ static int parse_answer(const struct buf *body, const char *source, struct fetch
 
     /* jerr.text may quote the document, secrets included: only its line is shown */
     if (!json_is_object(root)) {
-        rc = err_set(e, ERR_IO, "%s: the answer is not a JSON object (line %d)", source,
-                     jerr.line);
+        rc = err_set(e, ERR_IO, "%s: the answer is not a JSON object (line %d)", source, jerr.line);
         goto cleanup;
     }
     if (json_unpack(root, "{s?s, s?s, s?s, s?s, s?s}", "AccessKeyId", &id, "SecretAccessKey",
@@ -418,8 +419,7 @@ static int parse_answer(const struct buf *body, const char *source, struct fetch
     }
     f->expires_ms = exp ? parse_time(exp) : 0;
     if (f->expires_ms < 0) {
-        rc = err_set(e, ERR_IO, "%s: Expiration '%.40s' is not an ISO-8601 UTC time", source,
-                     exp);
+        rc = err_set(e, ERR_IO, "%s: Expiration '%.40s' is not an ISO-8601 UTC time", source, exp);
         goto cleanup;
     }
     rc = fetched_set(f, id, secret, token, e);
@@ -556,8 +556,8 @@ static int imds_disabled(void)
 
 /* GET endpoint + path with the session token; 0 (200, body in `out`), 1 (no answer or 404:
  * `why`), ERR_IO for another status. */
-static int imds_get(const char *endpoint, const char *path, const char *session,
-                    struct buf *out, char *why, size_t why_cap, struct err *e)
+static int imds_get(const char *endpoint, const char *path, const char *session, struct buf *out,
+                    char *why, size_t why_cap, struct err *e)
 {
     struct curl_slist *headers = NULL;
     struct buf url = {0}, line = {0};
@@ -620,8 +620,8 @@ static int from_imds(struct fetched *f, char *why, size_t why_cap, struct err *e
         rc = err_set(e, ERR_IO, "instance metadata: the session token is empty or not text");
     }
     if (rc == 0)
-        rc = imds_get(endpoint, "/latest/meta-data/iam/security-credentials/", session.data,
-                      &roles, why, why_cap, e);
+        rc = imds_get(endpoint, "/latest/meta-data/iam/security-credentials/", session.data, &roles,
+                      why, why_cap, e);
     if (rc == 0) {
         role = trim(roles.data);
         role[strcspn(role, "\r\n")] = '\0'; /* one role per instance profile: the first line */
@@ -656,8 +656,10 @@ static int run_chain(struct fetched *f, char *tried, size_t tried_cap, struct er
     char why[CURL_ERROR_SIZE] = "";
     int rc;
 
-    snprintf(tried, tried_cap, "environment, shared files (profile %.60s), container, instance "
-             "metadata", profile_name());
+    snprintf(tried, tried_cap,
+             "environment, shared files (profile %.60s), container, instance "
+             "metadata",
+             profile_name());
     if ((rc = from_env(f, e)) != 1 || (rc = from_files(f, e)) != 1 ||
         (rc = from_container(f, e)) != 1 || (rc = from_imds(f, why, sizeof(why), e)) != 1)
         return rc;
@@ -697,8 +699,10 @@ static void install(int rc, struct fetched *f, const char *tried, const struct e
     fetched_release(f);
     if (holds) { /* keep the current ones while they last */
         if (!cr.failing)
-            log_warn("storage", "cannot refresh S3 credentials; the current ones hold until they "
-                     "expire", "source=\"%s\" expires_in_s=%lld reason=\"%s\"", cr.cur.source,
+            log_warn("storage",
+                     "cannot refresh S3 credentials; the current ones hold until they "
+                     "expire",
+                     "source=\"%s\" expires_in_s=%lld reason=\"%s\"", cr.cur.source,
                      (long long)(cr.cur.expires_ms - now) / 1000,
                      rc == 1 ? "no source has credentials any more" : e->msg);
         snprintf(cr.last_error, sizeof(cr.last_error), "%s",

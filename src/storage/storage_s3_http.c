@@ -534,13 +534,15 @@ static int answer_error(const struct attempt *a, const char *target, int attempt
     else
         snprintf(detail, sizeof(detail), "HTTP %ld", rq->status);
     if (rq->status == 403 && a->creds->key_id)
-        return err_set(e, ERR_INVALID, "%s: access denied (%s) for the credentials from %s",
-                       target, detail, a->creds->source);
+        return err_set(e, ERR_INVALID, "%s: access denied (%s) for the credentials from %s", target,
+                       detail, a->creds->source);
     if (rq->status == 403) {
         char tried[STORAGE_S3_CREDS_ERR];
         storage_s3_creds_tried(tried, sizeof(tried));
-        return err_set(e, ERR_INVALID, "%s: access denied (%s) to an unsigned request; no S3 "
-                       "credentials: tried %.150s", target, detail, tried);
+        return err_set(e, ERR_INVALID,
+                       "%s: access denied (%s) to an unsigned request; no S3 "
+                       "credentials: tried %.150s",
+                       target, detail, tried);
     }
     if (rq->status == 404 && strcmp(rq->code, "NoSuchBucket") == 0)
         return err_set(e, ERR_NOT_FOUND, "%s: bucket '%.100s' does not exist", target, rq->bucket);
