@@ -31,7 +31,8 @@
  *       never held across a backend call. The http backend has one event loop thread per model
  *       (backend/http.c).
  *   queue threads (queue/: sqlite and postgres writer with group commit, postgres sweeper and
- *       listener, redis async/sweeper/subscriber)  own their store connections; they call the
+ *       listener, redis async/sweeper/subscriber; with rediss://, one TLS pump thread per Redis
+ *       connection, queue/redis/tls.c)  own their store connections; they call the
  *       final-state hook (jobs_on_final: waiters.lock only) and the enqueue callbacks, which
  *       never block.
  *   worker threads (worker/worker.c: workers, batch-task thread, heartbeat, autoscaler)  lease

@@ -106,6 +106,13 @@ void storage_s3_creds_release(struct storage_s3_creds *c);
 /* "environment, shared files (profile P), container, instance metadata": the sources the last
  * run of the chain tried, for the error of a request refused while unsigned. */
 void storage_s3_creds_tried(char *out, size_t cap);
+/* The chain's parsers alone (fuzz/fuzz_s3_creds.c): a shared credentials or config file's text
+ * (cut in place; 0: the profile's keys are there, 1: not) and a container or instance-metadata
+ * answer (0: valid credentials; else an error that quotes none of it). */
+int storage_s3_creds_parse_ini(char *text, const char *profile, int is_config, int *has_profile,
+                               struct err *e);
+int storage_s3_creds_parse_answer(const char *body, size_t len, int64_t *expires_ms,
+                                  struct err *e);
 
 /* ---- S3: one request (storage_s3_http.c) ---- */
 

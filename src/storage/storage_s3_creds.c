@@ -202,17 +202,17 @@ static int section_matches(const char *header, const char *profile, int is_confi
 }
 
 /*
- * Looks for the profile's keys in one INI file. 0: found both keys (f filled); 1: the file or
- * the keys are not there (`*has_profile` says whether the section was); < 0: unreadable.
+ * Looks for the profile's keys in an INI text (cut in place). 0: found both keys (f filled;
+ * `what` and `path` name the source); 1: the keys are not there (`*has_profile` says whether
+ * the section was); < 0: out of memory.
  */
-static int from_ini(const char *path, const char *what, const char *profile, int is_config,
-                    struct fetched *f, int *has_profile, struct err *e)
+static int parse_ini(char *text, const char *what, const char *path, const char *profile,
+                     int is_config, struct fetched *f, int *has_profile, struct err *e)
 {
-    struct buf text = {0};
     char *line, *next, *id = NULL, *secret = NULL, *token = NULL;
-    int in = 0, rc = read_file(path, what, &text, e);
+    int in = 0, rc;
 
-    for (line = rc == 0 ? text.data : NULL; line; line = next) {
+    for (line = text; line; line = next) {
         char *eq, *key;
         if ((next = strchr(line, '\n')))
             *next++ = '\0';
@@ -240,14 +240,23 @@ static int from_ini(const char *path, const char *what, const char *profile, int
         else if (strcasecmp(key, "aws_session_token") == 0)
             token = trim(eq + 1);
     }
-    if (rc == 0 && id && secret && id[0] && secret[0]) {
-        rc = fetched_set(f, id, secret, token, e);
-        if (rc == 0)
-            snprintf(f->source, sizeof(f->source), "%s '%.80s' (profile %.40s)", what, path,
-                     profile);
-    } else if (rc == 0) {
-        rc = 1;
-    }
+    if (!id || !secret || !id[0] || !secret[0])
+        return 1;
+    rc = fetched_set(f, id, secret, token, e);
+    if (rc == 0)
+        snprintf(f->source, sizeof(f->source), "%s '%.80s' (profile %.40s)", what, path, profile);
+    return rc;
+}
+
+/* parse_ini() on one file. 1 also when the file does not exist; < 0: unreadable. */
+static int from_ini(const char *path, const char *what, const char *profile, int is_config,
+                    struct fetched *f, int *has_profile, struct err *e)
+{
+    struct buf text = {0};
+    int rc = read_file(path, what, &text, e);
+
+    if (rc == 0)
+        rc = parse_ini(text.data, what, path, profile, is_config, f, has_profile, e);
     if (text.data)
         OPENSSL_cleanse(text.data, text.len);
     buf_release(&text);
@@ -419,7 +428,8 @@ static int parse_answer(const struct buf *body, const char *source, struct fetch
     }
     f->expires_ms = exp ? parse_time(exp) : 0;
     if (f->expires_ms < 0) {
-        rc = err_set(e, ERR_IO, "%s: Expiration '%.40s' is not an ISO-8601 UTC time", source, exp);
+        /* not quoted: an answer's fields are not shown (a broken one may hold the secret) */
+        rc = err_set(e, ERR_IO, "%s: Expiration is not an ISO-8601 UTC time", source);
         goto cleanup;
     }
     rc = fetched_set(f, id, secret, token, e);
@@ -801,4 +811,28 @@ void storage_s3_creds_release(struct storage_s3_creds *c)
     wipe_free(c->secret);
     wipe_free(c->token);
     c->key_id = c->secret = c->token = NULL;
+}
+
+/* ---- the parsers alone, for fuzz/fuzz_s3_creds.c ---- */
+
+int storage_s3_creds_parse_ini(char *text, const char *profile, int is_config, int *has_profile,
+                               struct err *e)
+{
+    struct fetched f = {0};
+    int rc = parse_ini(text, "credentials file", "fuzz", profile, is_config, &f, has_profile, e);
+
+    fetched_release(&f);
+    return rc;
+}
+
+int storage_s3_creds_parse_answer(const char *body, size_t len, int64_t *expires_ms,
+                                  struct err *e)
+{
+    struct fetched f = {0};
+    struct buf b = {.data = (char *)body, .len = len};
+    int rc = parse_answer(&b, "instance metadata", &f, e);
+
+    *expires_ms = f.expires_ms;
+    fetched_release(&f);
+    return rc;
 }
