@@ -484,6 +484,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     return dispatch(r);
 }
 
+/* the request's route pattern, for log lines ("-": none matched) */
+static const char *route_of(const struct req *r)
+{
+    return r->route ? r->route->pattern : "-";
+}
+
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
@@ -498,9 +504,9 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     if (atomic_load(&r->state) == REQ_WAITING)
         log_warn("http", "connection closed while its request was queued", "%s", "");
     else if (clock_mono_ns() - r->start_ns > SLOW_REQUEST_NS)
-        log_warn("http", "slow request", "ms=%llu status=%d job=%s termination=%d",
+        log_warn("http", "slow request", "ms=%llu status=%d route=%s id=%s termination=%d",
                  (unsigned long long)((clock_mono_ns() - r->start_ns) / 1000000), r->status,
-                 r->job_id[0] ? r->job_id : "-", (int)toe);
+                 route_of(r), r->params[0] ? r->params[0] : "-", (int)toe);
     pthread_mutex_lock(&srv->live_lock);
     if (r->live_prev)
         r->live_prev->live_next = r->live_next;
@@ -545,9 +551,9 @@ void http_watchdog(struct http_server *s)
         ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_SUSPENDED);
         if (ci && ci->suspended == MHD_YES) {
             log_warn("http", "answer ready but connection still suspended: resuming again",
-                     "ms=%llu status=%d job=%s",
+                     "ms=%llu status=%d route=%s id=%s",
                      (unsigned long long)((now - r->ready_ns) / 1000000), r->status,
-                     r->job_id[0] ? r->job_id : "-");
+                     route_of(r), r->params[0] ? r->params[0] : "-");
             r->ready_ns = now;
             MHD_resume_connection(r->conn);
         }
