@@ -40,10 +40,10 @@ static struct batch_jobs_config jobs_config(struct req *r)
     };
 }
 
-/* Takes the route's {id}; 0, or an answer set (no queue: 503; not an id: 404). */
+/* Checks the route's {id}, if it has one (it stays in r->params[0]); 0, or an answer set (no
+ * queue: 503; not an id: 404). */
 static int take_id(struct req *r)
 {
-    r->kind = KIND_JOB;
     if (!r->srv->queue) {
         http_fail(r, ERR_UNAVAILABLE, "the queue is not enabled");
         return -1;
@@ -52,7 +52,6 @@ static int take_id(struct req *r)
         http_fail(r, ERR_NOT_FOUND, "no batch job '%.40s'", r->params[0]);
         return -1;
     }
-    snprintf(r->job_id, sizeof(r->job_id), "%s", r->params[0] ? r->params[0] : "");
     return 0;
 }
 
@@ -90,7 +89,7 @@ enum handled batch_api_get(struct req *r)
 {
     if (take_id(r) != 0)
         return HANDLED_ANSWER;
-    reply_batch(r, 200, r->job_id);
+    reply_batch(r, 200, r->params[0]);
     r->location[0] = '\0';
     return HANDLED_ANSWER;
 }
@@ -103,7 +102,7 @@ enum handled batch_api_cancel(struct req *r)
     if (take_id(r) != 0)
         return HANDLED_ANSWER;
     buf_release(&r->out);
-    if (queue_batch_cancel(r->srv->queue, r->job_id, http_viewer(r), &r->out, &e) != 0)
+    if (queue_batch_cancel(r->srv->queue, r->params[0], http_viewer(r), &r->out, &e) != 0)
         return http_fail(r, e.code, "%s", e.msg);
     r->status = 200;
     r->json_len = -1;
@@ -157,7 +156,7 @@ enum handled batch_api_run(struct req *r)
         return HANDLED_ANSWER;
     if (http_refuse_draining(r))
         return HANDLED_ANSWER;
-    rc = batch_job_run_now(&cfg, r->job_id, id, &e);
+    rc = batch_job_run_now(&cfg, r->params[0], id, &e);
     if (rc == ERR_BUSY)
         r->retry_after_s = 5;
     if (rc != 0)
@@ -174,7 +173,7 @@ static enum handled pause_or_resume(struct req *r, int paused)
     if (take_id(r) != 0)
         return HANDLED_ANSWER;
     buf_release(&r->out);
-    if (batch_job_pause(&cfg, r->job_id, paused, &r->out, &e) != 0)
+    if (batch_job_pause(&cfg, r->params[0], paused, &r->out, &e) != 0)
         return http_fail(r, e.code, "%s", e.msg);
     r->status = 200;
     r->json_len = -1;

@@ -23,11 +23,12 @@ struct conn;
 struct conn_guard;
 struct http_tls;
 
-/* Requests waiting for jobs to end (long-polls and `Prefer: wait`), by job id. */
+/* Requests waiting for jobs to end (long-polls and `Prefer: wait`), by job id (jobs.c). */
 #define WAITER_BUCKETS 1024
+struct job_call;
 struct waiters {
     pthread_mutex_t lock;
-    struct req *buckets[WAITER_BUCKETS]; /* guarded by lock */
+    struct job_call *buckets[WAITER_BUCKETS]; /* guarded by lock */
     pthread_t timer;
     int timer_started;
     int stopping; /* guarded by lock */
@@ -57,8 +58,6 @@ enum req_state {
     REQ_READY,         /* response encoded, connection resumed */
 };
 
-enum req_kind { KIND_V2, KIND_V1, KIND_JOB };
-
 /* ---- the route table (routes.c) ---- */
 
 /* What a handler did with its request: answered it (status, body and headers are in the
@@ -73,8 +72,14 @@ enum route_thread { ON_EVENT = 0, ON_POOL };
 
 /* what a key needs for a route; PUBLIC and METRICS need none (METRICS: unless
  * --metrics-auth, then any valid key) */
-enum route_scope { SCOPE_PUBLIC = 0, SCOPE_METRICS, SCOPE_INFER, SCOPE_JOBS, SCOPE_BATCH,
-                   SCOPE_ADMIN };
+enum route_scope {
+    SCOPE_PUBLIC = 0,
+    SCOPE_METRICS,
+    SCOPE_INFER,
+    SCOPE_JOBS,
+    SCOPE_BATCH,
+    SCOPE_ADMIN
+};
 
 #define ROUTE_WORKER 1u /* inferd worker serves it too */
 #define ROUTE_MAX_PARAMS 3
@@ -104,15 +109,18 @@ struct req_value {
     const char *key, *value; /* libmicrohttpd's, valid until the request completes */
 };
 
-/* what a waiter answers: the job (200), its result, or DELETE's answer (200 once the job is
- * final, 202 while its cancellation is still pending) */
-enum wait_mode { WAIT_STATUS, WAIT_INFER, WAIT_CANCEL };
+/* How the frame handles what a route keeps for the life of its request beyond the frame's own
+ * fields (online.c's inference in flight, jobs.c's job and its wait). */
+struct route_state_ops {
+    void (*release)(void *state); /* frees it, once the request has completed */
+    void (*cancel)(void *state);  /* asks its work in flight to stop (server stop); NULL: none */
+};
 
 /* One HTTP request. Lives from the first access-handler call to MHD's completion callback. */
 struct req {
     struct http_server *srv;
     struct MHD_Connection *conn;
-    struct conn *track; /* the connection guard's entry; NULL: untracked */
+    struct conn *track;                   /* the connection guard's entry; NULL: untracked */
     const struct route *route;            /* its row of the route table; NULL: none matched */
     char *path;                           /* a copy of the path, cut into `params` */
     const char *params[ROUTE_MAX_PARAMS]; /* the pattern's {names} in order; NULL: absent */
@@ -120,28 +128,18 @@ struct req {
     size_t n_values;
     struct auth_principal who; /* the key's; all zero without keys (the anonymous tenant) */
     int authenticated;         /* a key was checked (keys are on) */
-    int close_after;    /* answer with Connection: close (the framing was refused) */
-    int http11;         /* an HTTP/1.1 request (it may be sent a 1xx before its answer) */
-    int settled;        /* the request is whole and libmicrohttpd no longer reads the socket */
+    int close_after;           /* answer with Connection: close (the framing was refused) */
+    int http11;                /* an HTTP/1.1 request (it may be sent a 1xx before its answer) */
+    int settled; /* the request is whole and libmicrohttpd no longer reads the socket */
     _Atomic int state;
     int too_large;
     struct buf body;
     uint64_t start_ns;
-    /* set while an inference is in flight */
-    enum req_kind kind;
-    struct model *model;
-    struct infer_request *infer;
-    struct batch_item item;
-    /* async: the job this request is about */
-    char job_id[40];
-    struct job_spec spec; /* enqueue: strings point into `json` or `body` */
-    void *json;           /* the parsed body (json_t *), kept while `spec` points into it */
-    char request_hash[65];
-    int prefer_async;
-    int64_t wait_ms; /* long-poll or Prefer: wait */
-    enum wait_mode wait_mode;
-    int64_t wait_deadline_ms;
-    struct req *wait_next; /* in the waiters' bucket; guarded by waiters.lock */
+    struct model *model; /* the model the request counts against in /metrics; NULL: none */
+    /* the route's own state (http_set_route_state); its ops are published after it, so a thread
+     * that walks the live requests (on stop) reads them without the handler's thread */
+    void *route_state;
+    _Atomic(const struct route_state_ops *) route_ops;
     /* the answer, built by whichever thread finishes the request */
     int status;
     struct buf out;
@@ -180,6 +178,9 @@ enum handled http_answer_text(struct req *r, int status, const char *json);
 /* A query argument (MHD_GET_ARGUMENT_KIND) or header (MHD_HEADER_KIND) of the request, on any
  * thread the request's handler runs on; NULL when absent. */
 const char *http_value(struct req *r, enum MHD_ValueKind kind, const char *key);
+/* Gives the request the route's `state`, which ops->release frees at completion. A request has
+ * one: a handler sets it at most once. */
+void http_set_route_state(struct req *r, void *state, const struct route_state_ops *ops);
 /* Marks the answer ready and resumes the suspended connection (any thread). */
 void http_finish_async(struct req *r);
 /* Resumes again a connection whose answer has been ready for long but which libmicrohttpd
@@ -201,8 +202,6 @@ enum handled online_predict(struct req *r);
 enum handled online_repo_index(struct req *r);
 enum handled online_repo_load(struct req *r);
 enum handled online_repo_unload(struct req *r);
-/* Asks the model to stop an inference in flight (on stop). */
-void online_cancel(struct req *r);
 
 /* ---- jobs.c ---- */
 /* 1 if `id` can be a job or batch-job id (1-39 letters, digits, '-', '_'). */
@@ -215,8 +214,10 @@ enum handled jobs_cancel(struct req *r);
 enum handled jobs_result(struct req *r);
 enum handled jobs_retry(struct req *r);
 enum handled jobs_workers(struct req *r);
-/* POST /v2/models/{m}/infer with Prefer: respond-async (after the request checked out). */
-enum handled jobs_submit_infer(struct req *r);
+/* POST /v2/models/{m}/infer with Prefer: respond-async, after the request checked out against
+ * r->model: it becomes a job; `wait_ms` > 0 (Prefer: wait) answers with its result if it ends
+ * within that time. */
+enum handled jobs_submit_infer(struct req *r, int64_t wait_ms);
 /* Parses a Prefer header: respond-async and wait=N. */
 void jobs_parse_prefer(const char *prefer, int *respond_async, int64_t *wait_ms);
 int jobs_waiters_start(struct http_server *s);

@@ -37,11 +37,53 @@
  * a worker notices within 100 ms, a model that honours cancellation stops as fast */
 #define CANCEL_WAIT_MS 3000
 
+/* what a waiter answers: the job (200), its result, or DELETE's answer (200 once the job is
+ * final, 202 while its cancellation is still pending) */
+enum wait_mode { WAIT_STATUS, WAIT_INFER, WAIT_CANCEL };
+
+/* A request about one job, as long as it lives (the request's route state): the job, what it
+ * enqueues, and its wait. */
+struct job_call {
+    struct req *r;
+    char job_id[40];
+    struct job_spec spec; /* enqueue: strings point into `json` or the request's body */
+    json_t *json;         /* the parsed body, kept while `spec` points into it */
+    char request_hash[65];
+    int64_t wait_ms; /* long-poll, Prefer: wait, or DELETE's wait; 0: answer now */
+    enum wait_mode wait_mode;
+    int64_t wait_deadline_ms;
+    struct job_call *wait_next; /* in the waiters' bucket; guarded by waiters.lock */
+};
+
+static void job_call_release(void *state)
+{
+    struct job_call *c = state;
+
+    json_decref(c->json);
+    free(c);
+}
+
+static const struct route_state_ops job_call_ops = {job_call_release, NULL};
+
+/* The request's job call, made now; NULL with 500 set when memory is out. */
+static struct job_call *job_call_create(struct req *r)
+{
+    struct job_call *c = calloc(1, sizeof(*c));
+
+    if (!c) {
+        http_fail(r, ERR_NOMEM, "out of memory");
+        return NULL;
+    }
+    c->r = r;
+    http_set_route_state(r, c, &job_call_ops);
+    return c;
+}
+
 /* ---- small helpers ---- */
 
-static void set_location(struct req *r)
+static void set_location(struct req *r, const char *id)
 {
-    snprintf(r->location, sizeof(r->location), "/v1/jobs/%s", r->job_id);
+    snprintf(r->location, sizeof(r->location), "/v1/jobs/%s", id);
 }
 
 static int reply_job(struct req *r, int status, const struct job *j);
@@ -93,19 +135,20 @@ static void set_busy(struct req *r, const char *msg)
     r->retry_after_s = secs < 1 ? 1 : secs > 600 ? 600 : (int)secs;
 }
 
-static void hash_request(struct req *r, const void *a, size_t a_len, const void *b, size_t b_len)
+static void hash_request(struct job_call *c, const void *a, size_t a_len, const void *b,
+                         size_t b_len)
 {
     unsigned char md[EVP_MAX_MD_SIZE];
     unsigned int md_len = 0;
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
 
-    r->request_hash[0] = '\0';
+    c->request_hash[0] = '\0';
     if (!ctx)
         return;
     if (EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) == 1 && EVP_DigestUpdate(ctx, a, a_len) == 1 &&
         EVP_DigestUpdate(ctx, b, b_len) == 1 && EVP_DigestFinal_ex(ctx, md, &md_len) == 1) {
         for (unsigned i = 0; i < md_len && i < 32; i++)
-            snprintf(r->request_hash + 2 * i, 3, "%02x", md[i]);
+            snprintf(c->request_hash + 2 * i, 3, "%02x", md[i]);
     }
     EVP_MD_CTX_free(ctx);
 }
@@ -149,34 +192,34 @@ static unsigned bucket_of(const char *id)
     return h % WAITER_BUCKETS;
 }
 
-/* Adds `r`; returns 0, or -1 when the table is stopping (answer now). */
-static int waiter_add(struct http_server *s, struct req *r)
+/* Adds `c`; returns 0, or -1 when the table is stopping (answer now). */
+static int waiter_add(struct http_server *s, struct job_call *c)
 {
-    unsigned b = bucket_of(r->job_id);
+    unsigned b = bucket_of(c->job_id);
     int rc = 0;
 
     pthread_mutex_lock(&s->waiters.lock);
     if (s->waiters.stopping) {
         rc = -1;
     } else {
-        r->wait_next = s->waiters.buckets[b];
-        s->waiters.buckets[b] = r;
+        c->wait_next = s->waiters.buckets[b];
+        s->waiters.buckets[b] = c;
     }
     pthread_mutex_unlock(&s->waiters.lock);
     return rc;
 }
 
-/* Removes `r` if it is still there: 1 means the caller now owns answering it. */
-static int waiter_claim(struct http_server *s, struct req *r)
+/* Removes `c` if it is still there: 1 means the caller now owns answering it. */
+static int waiter_claim(struct http_server *s, struct job_call *c)
 {
-    unsigned b = bucket_of(r->job_id);
+    unsigned b = bucket_of(c->job_id);
     int found = 0;
 
     pthread_mutex_lock(&s->waiters.lock);
-    for (struct req **pp = &s->waiters.buckets[b]; *pp; pp = &(*pp)->wait_next) {
-        if (*pp == r) {
-            *pp = r->wait_next;
-            r->wait_next = NULL;
+    for (struct job_call **pp = &s->waiters.buckets[b]; *pp; pp = &(*pp)->wait_next) {
+        if (*pp == c) {
+            *pp = c->wait_next;
+            c->wait_next = NULL;
             found = 1;
             break;
         }
@@ -185,72 +228,68 @@ static int waiter_claim(struct http_server *s, struct req *r)
     return found;
 }
 
-static void answer_waiter(struct req *r);
+static void answer_waiter(struct job_call *c);
 
 static void run_answer(void *arg)
 {
     answer_waiter(arg);
 }
 
+/* Answers every claimed waiter, on the I/O pool. */
+static void answer_claimed(struct http_server *s, struct job_call *claimed)
+{
+    while (claimed) {
+        struct job_call *next = claimed->wait_next;
+        claimed->wait_next = NULL;
+        iopool_run(s->io, run_answer, claimed);
+        claimed = next;
+    }
+}
+
 void jobs_on_final(void *ctx, const char *id, enum job_state state)
 {
     struct http_server *s = ctx;
     unsigned b = bucket_of(id);
-    struct req *claimed = NULL;
+    struct job_call *claimed = NULL;
 
     (void)state;
     if (s->notifier)
         notify_kick(s->notifier); /* its webhook, if any, was stored with the final state */
     pthread_mutex_lock(&s->waiters.lock);
-    for (struct req **pp = &s->waiters.buckets[b]; *pp;) {
-        struct req *r = *pp;
-        if (strcmp(r->job_id, id) == 0) {
-            *pp = r->wait_next;
-            r->wait_next = claimed;
-            claimed = r;
+    for (struct job_call **pp = &s->waiters.buckets[b]; *pp;) {
+        struct job_call *c = *pp;
+        if (strcmp(c->job_id, id) == 0) {
+            *pp = c->wait_next;
+            c->wait_next = claimed;
+            claimed = c;
         } else {
-            pp = &r->wait_next;
+            pp = &c->wait_next;
         }
     }
     pthread_mutex_unlock(&s->waiters.lock);
-    while (claimed) {
-        struct req *next = claimed->wait_next;
-        claimed->wait_next = NULL;
-        iopool_run(s->io, run_answer, claimed);
-        claimed = next;
-    }
+    answer_claimed(s, claimed);
 }
 
 /* Claims every waiter whose deadline passed (all of them when `all`). */
-static struct req *claim_expired(struct http_server *s, int64_t now, int all)
+static struct job_call *claim_expired(struct http_server *s, int64_t now, int all)
 {
-    struct req *claimed = NULL;
+    struct job_call *claimed = NULL;
 
     pthread_mutex_lock(&s->waiters.lock);
     for (int b = 0; b < WAITER_BUCKETS; b++) {
-        for (struct req **pp = &s->waiters.buckets[b]; *pp;) {
-            struct req *r = *pp;
-            if (all || r->wait_deadline_ms <= now) {
-                *pp = r->wait_next;
-                r->wait_next = claimed;
-                claimed = r;
+        for (struct job_call **pp = &s->waiters.buckets[b]; *pp;) {
+            struct job_call *c = *pp;
+            if (all || c->wait_deadline_ms <= now) {
+                *pp = c->wait_next;
+                c->wait_next = claimed;
+                claimed = c;
             } else {
-                pp = &r->wait_next;
+                pp = &c->wait_next;
             }
         }
     }
     pthread_mutex_unlock(&s->waiters.lock);
     return claimed;
-}
-
-static void answer_claimed(struct http_server *s, struct req *claimed)
-{
-    while (claimed) {
-        struct req *next = claimed->wait_next;
-        claimed->wait_next = NULL;
-        iopool_run(s->io, run_answer, claimed);
-        claimed = next;
-    }
 }
 
 static void *timer_main(void *arg)
@@ -328,17 +367,19 @@ static void answer_with_result(struct req *r, struct job *j)
     buf_printf(&r->out, "{\"id\":\"%s\",\"status\":\"%s\"}", j->id, job_state_name(j->state));
 }
 
-static void answer_waiter(struct req *r)
+static void answer_waiter(struct job_call *c)
 {
+    struct req *r = c->r;
     struct job *j = NULL;
     struct err e;
-    int rc = queue_get(r->srv->queue, r->job_id, http_viewer(r), r->wait_mode == WAIT_INFER, &j, &e);
+    int rc =
+        queue_get(r->srv->queue, c->job_id, http_viewer(r), c->wait_mode == WAIT_INFER, &j, &e);
 
     if (rc != 0)
         http_set_error(r, rc, e.msg);
-    else if (r->wait_mode == WAIT_INFER)
+    else if (c->wait_mode == WAIT_INFER)
         answer_with_result(r, j);
-    else if (r->wait_mode == WAIT_CANCEL)
+    else if (c->wait_mode == WAIT_CANCEL)
         reply_cancel(r, j);
     else
         reply_job(r, 200, j);
@@ -348,24 +389,26 @@ static void answer_waiter(struct req *r)
 
 /* Waits for the job to end (or the deadline), without a thread. Called on the I/O pool:
  * answers, or leaves the request with the waiters (HANDLED_PENDING). */
-static enum handled wait_or_answer(struct req *r, struct job *j)
+static enum handled wait_or_answer(struct job_call *c, struct job *j)
 {
-    if (j && !job_state_is_final(j->state) && r->wait_ms > 0) {
-        r->wait_deadline_ms = clock_now_ms() + r->wait_ms;
-        if (waiter_add(r->srv, r) == 0) {
+    struct req *r = c->r;
+
+    if (j && !job_state_is_final(j->state) && c->wait_ms > 0) {
+        c->wait_deadline_ms = clock_now_ms() + c->wait_ms;
+        if (waiter_add(r->srv, c) == 0) {
             /* it may have ended between the read and the registration: look once more */
             struct job *again = NULL;
             struct err e;
-            if (queue_get(r->srv->queue, r->job_id, http_viewer(r), 0, &again, &e) == 0 &&
-                job_state_is_final(again->state) && waiter_claim(r->srv, r))
-                answer_waiter(r);
+            if (queue_get(r->srv->queue, c->job_id, http_viewer(r), 0, &again, &e) == 0 &&
+                job_state_is_final(again->state) && waiter_claim(r->srv, c))
+                answer_waiter(c);
             job_free(again);
             return HANDLED_PENDING;
         }
     }
-    if (j && r->wait_mode == WAIT_INFER)
+    if (j && c->wait_mode == WAIT_INFER)
         answer_with_result(r, j);
-    else if (j && r->wait_mode == WAIT_CANCEL)
+    else if (j && c->wait_mode == WAIT_CANCEL)
         reply_cancel(r, j);
     else if (j)
         reply_job(r, 200, j);
@@ -375,22 +418,23 @@ static enum handled wait_or_answer(struct req *r, struct job *j)
 /* ---- enqueue ---- */
 
 /* What follows a commit when it needs the job store again (on the I/O pool). */
-static void after_enqueue(struct req *r)
+static void after_enqueue(struct job_call *c)
 {
+    struct req *r = c->r;
     struct err e = {0};
     struct job *j = NULL;
 
-    if (r->prefer_async && r->wait_ms > 0 && r->status == 0) {
-        if (queue_get(r->srv->queue, r->job_id, http_viewer(r), 1, &j, &e) == 0) {
-            r->wait_mode = WAIT_INFER;
-            if (wait_or_answer(r, j) == HANDLED_ANSWER)
+    if (c->wait_ms > 0 && r->status == 0) {
+        if (queue_get(r->srv->queue, c->job_id, http_viewer(r), 1, &j, &e) == 0) {
+            c->wait_mode = WAIT_INFER;
+            if (wait_or_answer(c, j) == HANDLED_ANSWER)
                 http_finish_async(r);
             job_free(j);
             return;
         }
     }
     /* the same request again: the same job back */
-    if (queue_get(r->srv->queue, r->job_id, http_viewer(r), 0, &j, &e) == 0)
+    if (queue_get(r->srv->queue, c->job_id, http_viewer(r), 0, &j, &e) == 0)
         reply_job(r, 200, j);
     else
         http_set_error(r, e.code, e.msg);
@@ -406,39 +450,41 @@ static void run_after_enqueue(void *arg)
 /* Called on the store's writer thread once the job is durable (or refused): never blocks. */
 static void enqueued(void *ctx, int rc, const struct err *e, const char *id, int existed)
 {
-    struct req *r = ctx;
+    struct job_call *c = ctx;
+    struct req *r = c->r;
 
-    snprintf(r->job_id, sizeof(r->job_id), "%s", id ? id : "");
+    snprintf(c->job_id, sizeof(c->job_id), "%s", id ? id : "");
     if (rc == ERR_BUSY) {
         set_busy(r, e->msg);
     } else if (rc != 0) {
         http_set_error(r, rc, e->msg);
         if (rc == ERR_CONFLICT)
-            set_location(r);
+            set_location(r, c->job_id);
         if (rc == ERR_UNAVAILABLE)
             r->retry_after_s = 5; /* the job store is unreachable: nothing was stored */
     } else {
-        set_location(r);
-        if (existed || (r->prefer_async && r->wait_ms > 0)) {
-            iopool_run(r->srv->io, run_after_enqueue, r);
+        set_location(r, c->job_id);
+        if (existed || c->wait_ms > 0) {
+            iopool_run(r->srv->io, run_after_enqueue, c);
             return;
         }
         r->status = 202;
         buf_release(&r->out);
-        buf_printf(&r->out, "{\"id\":\"%s\",\"status\":\"queued\"}", r->job_id);
+        buf_printf(&r->out, "{\"id\":\"%s\",\"status\":\"queued\"}", c->job_id);
     }
     http_finish_async(r);
 }
 
 /* Suspends the connection and hands the job to the store; the commit's callback answers. */
-static enum handled enqueue(struct req *r)
+static enum handled enqueue(struct job_call *c)
 {
+    struct req *r = c->r;
     struct err e = {0};
 
     atomic_store(&r->state, REQ_WAITING);
     MHD_suspend_connection(r->conn);
     r->status = 0;
-    if (queue_enqueue_async(r->srv->queue, &r->spec, enqueued, r, &e) != 0) {
+    if (queue_enqueue_async(r->srv->queue, &c->spec, enqueued, c, &e) != 0) {
         http_set_error(r, e.code, e.msg);
         if (e.code == ERR_UNAVAILABLE)
             r->retry_after_s = 5;
@@ -461,14 +507,14 @@ static int async_unavailable(struct req *r)
 
 #define IDEMPOTENCY_KEY_MAX 255 /* bytes: a key is an id, not a payload */
 
-/* Sets r->spec.idempotency_key from the request's Idempotency-Key (NULL: none sent). 0, or
+/* Sets spec->idempotency_key from the request's Idempotency-Key (NULL: none sent). 0, or
  * ERR_INVALID when it is too long or holds other than printable ASCII. */
-static int idempotency_key(struct req *r, struct err *e)
+static int idempotency_key(struct req *r, struct job_spec *spec, struct err *e)
 {
     const char *k = http_value(r, MHD_HEADER_KIND, "Idempotency-Key");
     size_t n = k ? strlen(k) : 0;
 
-    r->spec.idempotency_key = NULL;
+    spec->idempotency_key = NULL;
     if (n == 0)
         return 0;
     if (n > IDEMPOTENCY_KEY_MAX)
@@ -479,42 +525,44 @@ static int idempotency_key(struct req *r, struct err *e)
             return err_set(e, ERR_INVALID,
                            "Idempotency-Key: byte %zu is not printable ASCII (0x%02x)", i + 1,
                            (unsigned char)k[i]);
-    r->spec.idempotency_key = k;
+    spec->idempotency_key = k;
     return 0;
 }
 
-static void fill_defaults(struct req *r, struct model *m)
+static void fill_defaults(struct job_call *c, struct model *m)
 {
-    r->spec.lease_timeout_ms = m->job_lease_timeout_ms;
-    if (!r->spec.callback_url)
-        r->spec.callback_url = m->callback_url;
-    if (r->spec.max_attempts <= 0)
-        r->spec.max_attempts = (int)r->srv->cfg.default_max_attempts;
-    if (r->spec.ttl_s <= 0)
-        r->spec.ttl_s = r->srv->cfg.default_ttl_s;
+    c->spec.lease_timeout_ms = m->job_lease_timeout_ms;
+    if (!c->spec.callback_url)
+        c->spec.callback_url = m->callback_url;
+    if (c->spec.max_attempts <= 0)
+        c->spec.max_attempts = (int)c->r->srv->cfg.default_max_attempts;
+    if (c->spec.ttl_s <= 0)
+        c->spec.ttl_s = c->r->srv->cfg.default_ttl_s;
 }
 
-enum handled jobs_submit_infer(struct req *r)
+enum handled jobs_submit_infer(struct req *r, int64_t wait_ms)
 {
     const char *hdr = http_value(r, MHD_HEADER_KIND, "Inference-Header-Content-Length");
+    struct job_call *c;
+    struct err e = {0};
 
     if (async_unavailable(r))
         return HANDLED_ANSWER;
-    r->kind = KIND_JOB;
-    memset(&r->spec, 0, sizeof(r->spec));
-    r->spec.model = r->model->name;
-    r->spec.input = r->body.data ? r->body.data : "";
-    r->spec.input_len = r->body.len;
+    if (!(c = job_call_create(r)))
+        return HANDLED_ANSWER;
+    c->wait_ms = wait_ms;
+    c->spec.model = r->model->name;
+    c->spec.input = r->body.data ? r->body.data : "";
+    c->spec.input_len = r->body.len;
     /* already validated by the decoder, which accepted this header */
-    r->spec.input_json_len = hdr ? strtoll(hdr, NULL, 10) : -1;
-    struct err e = {0};
-    if (idempotency_key(r, &e) != 0)
+    c->spec.input_json_len = hdr ? strtoll(hdr, NULL, 10) : -1;
+    if (idempotency_key(r, &c->spec, &e) != 0)
         return http_fail(r, e.code, "%s", e.msg);
-    fill_defaults(r, r->model);
-    hash_request(r, r->spec.model, strlen(r->spec.model), r->spec.input, r->spec.input_len);
-    r->spec.request_hash = r->request_hash;
-    r->spec.tenant = http_owner(r);
-    return enqueue(r);
+    fill_defaults(c, r->model);
+    hash_request(c, c->spec.model, strlen(c->spec.model), c->spec.input, c->spec.input_len);
+    c->spec.request_hash = c->request_hash;
+    c->spec.tenant = http_owner(r);
+    return enqueue(c);
 }
 
 /* An absent field leaves *out alone; null is "expected an integer", as any other non-integer. */
@@ -575,6 +623,7 @@ enum handled jobs_submit(struct req *r)
 {
     struct model *m = NULL;
     struct infer_request *req = NULL;
+    struct job_call *c;
     json_error_t jerr;
     json_t *root, *input;
     struct err e = {0};
@@ -584,37 +633,36 @@ enum handled jobs_submit(struct req *r)
 
     if (async_unavailable(r))
         return HANDLED_ANSWER;
-    r->kind = KIND_JOB;
+    if (!(c = job_call_create(r)))
+        return HANDLED_ANSWER;
     /* \u0000 is valid JSON: an inline input's "id" may hold it; get_str refuses it elsewhere */
     root = json_loadb(r->body.data ? r->body.data : "", r->body.len,
                       JSON_REJECT_DUPLICATES | JSON_ALLOW_NUL, &jerr);
     if (!root)
-        return http_fail(r, ERR_INVALID, "malformed JSON at line %d column %d: %s",
-                                jerr.line, jerr.column,
-                                jdoc_jansson_why(r->body.data, r->body.len, &jerr, 0));
-    r->json = root;
+        return http_fail(r, ERR_INVALID, "malformed JSON at line %d column %d: %s", jerr.line,
+                         jerr.column, jdoc_jansson_why(r->body.data, r->body.len, &jerr, 0));
+    c->json = root;
     if (!json_is_object(root))
         return http_fail(r, ERR_INVALID, "the request body must be a JSON object");
-    memset(&r->spec, 0, sizeof(r->spec));
-    r->spec.input_json_len = -1;
-    if ((rc = get_str(root, "model", &r->spec.model, &e)) ||
-        (rc = get_str(root, "input_location", &r->spec.input_location, &e)) ||
-        (rc = get_str(root, "output_location", &r->spec.output_location, &e)) ||
-        (rc = get_str(root, "callback_url", &r->spec.callback_url, &e)) ||
-        (rc = check_url("callback_url", r->spec.callback_url, &e)) ||
-        (rc = check_location("input_location", r->spec.input_location, r->srv->cfg.max_input_bytes,
+    c->spec.input_json_len = -1;
+    if ((rc = get_str(root, "model", &c->spec.model, &e)) ||
+        (rc = get_str(root, "input_location", &c->spec.input_location, &e)) ||
+        (rc = get_str(root, "output_location", &c->spec.output_location, &e)) ||
+        (rc = get_str(root, "callback_url", &c->spec.callback_url, &e)) ||
+        (rc = check_url("callback_url", c->spec.callback_url, &e)) ||
+        (rc = check_location("input_location", c->spec.input_location, r->srv->cfg.max_input_bytes,
                              &e)) ||
-        (rc = check_location("output_location", r->spec.output_location, 0, &e)) ||
+        (rc = check_location("output_location", c->spec.output_location, 0, &e)) ||
         (rc = get_int(root, "priority", 0, 9, &priority, &e)) ||
         (rc = get_int(root, "ttl_s", 1, 365LL * 86400, &ttl, &e)) ||
         (rc = get_int(root, "max_attempts", 1, 100, &attempts, &e)))
         return http_fail(r, rc, "%s", e.msg);
-    if (!r->spec.model)
+    if (!c->spec.model)
         return http_fail(r, ERR_INVALID, "model: missing");
     input = json_object_get(root, "input");
-    if (!input == !r->spec.input_location)
+    if (!input == !c->spec.input_location)
         return http_fail(r, ERR_INVALID, "give exactly one of input and input_location");
-    rc = registry_acquire(r->srv->reg, r->spec.model, 0, &m, &e);
+    rc = registry_acquire(r->srv->reg, c->spec.model, 0, &m, &e);
     if (rc != 0)
         return http_fail(r, rc, "%s", e.msg);
     r->model = m; /* released when the request completes */
@@ -639,23 +687,23 @@ enum handled jobs_submit(struct req *r)
         buf_release(&r->body);
         buf_puts(&r->body, input_text);
         free(input_text);
-        r->spec.input = r->body.data;
-        r->spec.input_len = r->body.len;
+        c->spec.input = r->body.data;
+        c->spec.input_len = r->body.len;
     }
-    r->spec.priority = (int)priority;
-    r->spec.ttl_s = ttl;
-    r->spec.max_attempts = (int)attempts;
-    if (idempotency_key(r, &e) != 0)
+    c->spec.priority = (int)priority;
+    c->spec.ttl_s = ttl;
+    c->spec.max_attempts = (int)attempts;
+    if (idempotency_key(r, &c->spec, &e) != 0)
         return http_fail(r, e.code, "%s", e.msg);
-    fill_defaults(r, m);
+    fill_defaults(c, m);
     {
         char *canon = json_dumps(root, JSON_COMPACT | JSON_SORT_KEYS);
-        hash_request(r, canon ? canon : "", canon ? strlen(canon) : 0, "", 0);
+        hash_request(c, canon ? canon : "", canon ? strlen(canon) : 0, "", 0);
         free(canon);
     }
-    r->spec.request_hash = r->request_hash;
-    r->spec.tenant = http_owner(r);
-    return enqueue(r);
+    c->spec.request_hash = c->request_hash;
+    c->spec.tenant = http_owner(r);
+    return enqueue(c);
 }
 
 /* ---- reading, cancelling, listing (on the I/O pool: routes.c) ---- */
@@ -672,7 +720,8 @@ int http_valid_id(const char *id)
     return 1;
 }
 
-/* Takes the route's {id} as the job this request is about; 0, or 404 set. */
+/* Checks the route's {id} (it stays in r->params[0]): 0, or the answer set (no queue: 503;
+ * not an id: 404). */
 static int take_job_id(struct req *r)
 {
     if (!r->srv->queue) {
@@ -683,17 +732,29 @@ static int take_job_id(struct req *r)
         http_fail(r, ERR_NOT_FOUND, "no job '%.40s'", r->params[0]);
         return -1;
     }
-    snprintf(r->job_id, sizeof(r->job_id), "%s", r->params[0]);
     return 0;
 }
 
-static int parse_wait(struct req *r, struct err *e)
+/* The call of a request that may wait for the job of its route's {id}; NULL with the answer
+ * set. */
+static struct job_call *take_job_call(struct req *r)
+{
+    struct job_call *c;
+
+    if (take_job_id(r) != 0 || !(c = job_call_create(r)))
+        return NULL;
+    snprintf(c->job_id, sizeof(c->job_id), "%s", r->params[0]);
+    return c;
+}
+
+/* ?wait=S: the seconds to wait for the job to end, in *wait_ms (0: none asked). */
+static int parse_wait(struct req *r, int64_t *wait_ms, struct err *e)
 {
     const char *w = http_value(r, MHD_GET_ARGUMENT_KIND, "wait");
     char *end;
     double secs;
 
-    r->wait_ms = 0;
+    *wait_ms = 0;
     if (!w)
         return 0;
     errno = 0;
@@ -703,7 +764,7 @@ static int parse_wait(struct req *r, struct err *e)
     if (secs > WAIT_MAX_S)
         return err_set(e, ERR_INVALID, "wait: %.32s seconds is above the limit of %d", w,
                        WAIT_MAX_S);
-    r->wait_ms = (int64_t)(secs * 1000);
+    *wait_ms = (int64_t)(secs * 1000);
     return 0;
 }
 
@@ -711,20 +772,20 @@ static int parse_wait(struct req *r, struct err *e)
 enum handled jobs_get(struct req *r)
 {
     struct job *j = NULL;
+    struct job_call *c;
     struct err e;
     enum handled h;
     int rc;
 
-    r->kind = KIND_JOB;
-    if (take_job_id(r) != 0)
+    if (!(c = take_job_call(r)))
         return HANDLED_ANSWER;
-    if (parse_wait(r, &e) != 0)
+    if (parse_wait(r, &c->wait_ms, &e) != 0)
         return http_fail(r, e.code, "%s", e.msg);
-    rc = queue_get(r->srv->queue, r->job_id, http_viewer(r), 0, &j, &e);
+    rc = queue_get(r->srv->queue, c->job_id, http_viewer(r), 0, &j, &e);
     if (rc != 0)
         return http_fail(r, rc, "%s", e.msg);
-    r->wait_mode = WAIT_STATUS;
-    h = wait_or_answer(r, j);
+    c->wait_mode = WAIT_STATUS;
+    h = wait_or_answer(c, j);
     job_free(j);
     return h;
 }
@@ -736,10 +797,9 @@ enum handled jobs_result(struct req *r)
     struct err e;
     int rc;
 
-    r->kind = KIND_JOB;
     if (take_job_id(r) != 0)
         return HANDLED_ANSWER;
-    rc = queue_get(r->srv->queue, r->job_id, http_viewer(r), 1, &j, &e);
+    rc = queue_get(r->srv->queue, r->params[0], http_viewer(r), 1, &j, &e);
     if (rc != 0) {
         http_set_error(r, rc, e.msg);
     } else if (j->state != JOB_SUCCEEDED) {
@@ -775,19 +835,19 @@ enum handled jobs_result(struct req *r)
 enum handled jobs_cancel(struct req *r)
 {
     struct job *j = NULL;
+    struct job_call *c;
     struct err e;
     enum handled h;
     int rc;
 
-    r->kind = KIND_JOB;
-    if (take_job_id(r) != 0)
+    if (!(c = take_job_call(r)))
         return HANDLED_ANSWER;
-    rc = queue_cancel(r->srv->queue, r->job_id, http_viewer(r), &j, &e);
+    rc = queue_cancel(r->srv->queue, c->job_id, http_viewer(r), &j, &e);
     if (rc != 0)
         return http_fail(r, rc, "%s", e.msg);
-    r->wait_mode = WAIT_CANCEL;
-    r->wait_ms = CANCEL_WAIT_MS;
-    h = wait_or_answer(r, j);
+    c->wait_mode = WAIT_CANCEL;
+    c->wait_ms = CANCEL_WAIT_MS;
+    h = wait_or_answer(c, j);
     job_free(j);
     return h;
 }
@@ -799,15 +859,14 @@ enum handled jobs_retry(struct req *r)
     struct err e;
     int rc;
 
-    r->kind = KIND_JOB;
     if (take_job_id(r) != 0)
         return HANDLED_ANSWER;
-    rc = queue_retry(r->srv->queue, r->job_id, http_viewer(r), &j, &e);
+    rc = queue_retry(r->srv->queue, r->params[0], http_viewer(r), &j, &e);
     if (rc != 0) {
         http_set_error(r, rc, e.msg);
     } else {
         reply_job(r, 202, j);
-        set_location(r);
+        set_location(r, r->params[0]);
     }
     job_free(j);
     return HANDLED_ANSWER;
@@ -824,7 +883,6 @@ enum handled jobs_list(struct req *r)
     struct err e;
     int rc;
 
-    r->kind = KIND_JOB;
     if (!r->srv->queue)
         return http_fail(r, ERR_UNAVAILABLE, "the async queue is not enabled");
     if (status && strcmp(status, "cancelling") == 0) { /* running, asked to cancel */
@@ -859,31 +917,16 @@ enum handled jobs_list(struct req *r)
 
 #define RETRY_MAX 100000 /* jobs one bulk redrive sends back at most */
 
-/* POST /v1/jobs/retry, the bulk redrive: {"status": "failed"|"expired" (default both),
- * "model": M, "limit": N} */
-enum handled jobs_redrive(struct req *r)
+/* Sends back the jobs that match the filter `root` (a JSON object). */
+static enum handled redrive(struct req *r, json_t *root)
 {
-    json_error_t jerr;
-    json_t *root, *v;
+    json_t *v;
     const char *key, *status = NULL, *model = NULL;
     int64_t limit = 10000, n = 0;
     struct queue_list_filter f = {.state = -1, .cancelling = -1};
     struct err e;
     int rc;
 
-    r->kind = KIND_JOB;
-    if (!r->srv->queue)
-        return http_fail(r, ERR_UNAVAILABLE, "the async queue is not enabled");
-    if (http_refuse_draining(r))
-        return HANDLED_ANSWER;
-    root = json_loadb(r->body.data ? r->body.data : "{}", r->body.data ? r->body.len : 2,
-                      JSON_REJECT_DUPLICATES, &jerr);
-    if (!root)
-        return http_fail(r, ERR_INVALID, "malformed JSON at line %d column %d: %s", jerr.line,
-                         jerr.column, jerr.text);
-    r->json = root;
-    if (!json_is_object(root))
-        return http_fail(r, ERR_INVALID, "the request body must be a JSON object");
     json_object_foreach (root, key, v) {
         if (strcmp(key, "status") != 0 && strcmp(key, "model") != 0 && strcmp(key, "limit") != 0)
             return http_fail(r, ERR_INVALID,
@@ -910,6 +953,29 @@ enum handled jobs_redrive(struct req *r)
     return HANDLED_ANSWER;
 }
 
+/* POST /v1/jobs/retry, the bulk redrive: {"status": "failed"|"expired" (default both),
+ * "model": M, "limit": N} */
+enum handled jobs_redrive(struct req *r)
+{
+    json_error_t jerr;
+    json_t *root;
+    enum handled h;
+
+    if (!r->srv->queue)
+        return http_fail(r, ERR_UNAVAILABLE, "the async queue is not enabled");
+    if (http_refuse_draining(r))
+        return HANDLED_ANSWER;
+    root = json_loadb(r->body.data ? r->body.data : "{}", r->body.data ? r->body.len : 2,
+                      JSON_REJECT_DUPLICATES, &jerr);
+    if (!root)
+        return http_fail(r, ERR_INVALID, "malformed JSON at line %d column %d: %s", jerr.line,
+                         jerr.column, jerr.text);
+    h = json_is_object(root) ? redrive(r, root)
+                             : http_fail(r, ERR_INVALID, "the request body must be a JSON object");
+    json_decref(root);
+    return h;
+}
+
 /* GET /v1/workers: the worker processes whose heartbeat is current, from the queue. */
 enum handled jobs_workers(struct req *r)
 {
@@ -918,7 +984,6 @@ enum handled jobs_workers(struct req *r)
     struct err e;
     int rc;
 
-    r->kind = KIND_JOB;
     if (!r->srv->queue)
         return http_fail(r, ERR_UNAVAILABLE, "the async queue is not enabled");
     rc = queue_workers_list(r->srv->queue, &w, &n, &e);

@@ -27,10 +27,39 @@
 
 /* ---- inference ---- */
 
+enum infer_api { API_V2, API_V1 };
+
+/* An inference in flight, from its decode to its answer: the request's state
+ * (http_set_route_state). */
+struct infer_call {
+    enum infer_api api;
+    struct infer_request *infer;
+    struct batch_item item; /* in the model's batcher; its ctx is the request */
+};
+
+static void infer_call_release(void *state)
+{
+    struct infer_call *c = state;
+
+    infer_request_destroy(c->infer);
+    free(c);
+}
+
+/* on stop: asks the model to stop it; it is answered and resumed as usual */
+static void infer_call_cancel(void *state)
+{
+    struct infer_call *c = state;
+
+    batch_item_cancel(&c->item);
+}
+
+static const struct route_state_ops infer_call_ops = {infer_call_release, infer_call_cancel};
+
 /* Runs on a batcher thread (or the sweeper): encode, then wake the HTTP thread. */
 static void infer_done(struct batch_item *item, int rc, const struct err *e)
 {
     struct req *r = item->ctx;
+    struct infer_call *c = r->route_state;
 
     if (rc == ERR_CANCELLED && atomic_load(&r->srv->draining)) {
         /* stopped by http_server_stop(), not by the client */
@@ -43,10 +72,10 @@ static void infer_done(struct batch_item *item, int rc, const struct err *e)
         int enc;
         buf_release(&r->out);
         r->json_len = -1;
-        if (r->kind == KIND_V1)
-            enc = codec_encode_v1(r->infer, &r->out);
+        if (c->api == API_V1)
+            enc = codec_encode_v1(c->infer, &r->out);
         else
-            enc = codec_encode_result(r->infer, r->model->name, r->model->version_str, &r->out,
+            enc = codec_encode_result(c->infer, r->model->name, r->model->version_str, &r->out,
                                       &r->json_len);
         metrics_stat(r->model->stats, METRICS_STAT_COMPUTE_OUTPUT, clock_mono_ns() - t0);
         if (enc != 0)
@@ -76,17 +105,53 @@ static int parse_version(const char *s, int64_t *out)
     return 0;
 }
 
-static enum handled infer(struct req *r, const char *name, const char *version,
-                          enum req_kind kind)
+/* Decodes the body for r->model and checks it against the model's inputs: 0 and *out, or the
+ * error set on the request. */
+static int decode(struct req *r, const char *name, enum infer_api api, struct infer_request **out)
+{
+    struct model *m = r->model;
+    struct err e = {0};
+    int64_t json_len;
+    uint64_t decode_ns = clock_mono_ns();
+    int bad, rc;
+
+    *out = NULL;
+    if (api == API_V1) {
+        rc = codec_decode_v1(r->body.data ? r->body.data : "", r->body.len,
+                             m->info.n_inputs ? m->info.inputs[0].name : "input__0", &m->features,
+                             out, &e);
+    } else {
+        json_len = http_header_int(r->conn, "Inference-Header-Content-Length", &bad);
+        if (bad) {
+            http_fail(r, ERR_INVALID, "Inference-Header-Content-Length: expected a byte count");
+            return -1;
+        }
+        rc = codec_decode_for_model(&m->info, r->body.data ? r->body.data : "", r->body.len,
+                                    json_len, CODEC_FROM_CLIENT, out, &e);
+    }
+    if (rc == 0)
+        rc = tensor_check_inputs(*out, &m->info, &e);
+    if (rc != 0) {
+        infer_request_destroy(*out);
+        *out = NULL;
+        metrics_stat(m->stats, METRICS_STAT_FAIL, clock_mono_ns() - decode_ns);
+        http_fail(r, rc, "model '%s': %s", name, e.msg);
+        return -1;
+    }
+    return 0;
+}
+
+static enum handled infer(struct req *r, const char *name, const char *version, enum infer_api api)
 {
     struct http_server *srv = r->srv;
     const union MHD_ConnectionInfo *ci;
+    struct infer_request *decoded = NULL;
+    struct infer_call *c;
     struct err e = {0};
-    int64_t v = 0, json_len;
+    int64_t v = 0;
     uint64_t timeout_us, decode_ns;
-    int bad, rc;
+    int rc;
 
-    r->kind = kind;
     if (atomic_load(&srv->draining))
         return http_fail(r, ERR_UNAVAILABLE, "inferd is shutting down");
     if (version && parse_version(version, &v) != 0)
@@ -95,42 +160,37 @@ static enum handled infer(struct req *r, const char *name, const char *version,
     if (rc != 0)
         return http_fail(r, rc, "%s", e.msg);
     decode_ns = clock_mono_ns();
-    if (kind == KIND_V1) {
-        rc = codec_decode_v1(r->body.data ? r->body.data : "", r->body.len,
-                             r->model->info.n_inputs ? r->model->info.inputs[0].name : "input__0",
-                             &r->model->features, &r->infer, &e);
-    } else {
-        json_len = http_header_int(r->conn, "Inference-Header-Content-Length", &bad);
-        if (bad)
-            return http_fail(r, ERR_INVALID,
-                                    "Inference-Header-Content-Length: expected a byte count");
-        rc = codec_decode_for_model(&r->model->info, r->body.data ? r->body.data : "", r->body.len,
-                                    json_len, CODEC_FROM_CLIENT, &r->infer, &e);
-    }
-    if (rc == 0)
-        rc = tensor_check_inputs(r->infer, &r->model->info, &e);
-    if (rc != 0) {
-        metrics_stat(r->model->stats, METRICS_STAT_FAIL, clock_mono_ns() - decode_ns);
-        return http_fail(r, rc, "model '%s': %s", name, e.msg);
-    }
-    if (kind == KIND_V2) {
+    if (decode(r, name, api, &decoded) != 0)
+        return HANDLED_ANSWER;
+    if (api == API_V2) {
+        int prefer_async;
+        int64_t wait_ms;
         jobs_parse_prefer(MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Prefer"),
-                          &r->prefer_async, &r->wait_ms);
-        if (r->prefer_async && !http_has_scope(r, AUTH_JOBS))
-            return http_fail(r, ERR_FORBIDDEN,
-                             "this API key (%s) lacks the 'jobs' scope that Prefer: "
-                             "respond-async needs (it makes a job)",
-                             r->who.name);
-        if (r->prefer_async)
-            return jobs_submit_infer(r); /* checked: now it becomes a job */
+                          &prefer_async, &wait_ms);
+        if (prefer_async) {
+            infer_request_destroy(decoded); /* checked: now it becomes a job */
+            if (!http_has_scope(r, AUTH_JOBS))
+                return http_fail(r, ERR_FORBIDDEN,
+                                 "this API key (%s) lacks the 'jobs' scope that Prefer: "
+                                 "respond-async needs (it makes a job)",
+                                 r->who.name);
+            return jobs_submit_infer(r, wait_ms);
+        }
     }
+    c = calloc(1, sizeof(*c));
+    if (!c) {
+        infer_request_destroy(decoded);
+        return http_fail(r, ERR_NOMEM, "out of memory");
+    }
+    c->api = api;
+    c->infer = decoded;
     buf_release(&r->body); /* decoded: the raw bytes are no longer needed */
     metrics_stat(r->model->stats, METRICS_STAT_COMPUTE_INPUT, clock_mono_ns() - decode_ns);
 
     timeout_us =
-        r->infer->timeout_us ? r->infer->timeout_us : (uint64_t)r->model->default_timeout_us;
-    r->item = (struct batch_item){
-        .req = r->infer,
+        c->infer->timeout_us ? c->infer->timeout_us : (uint64_t)r->model->default_timeout_us;
+    c->item = (struct batch_item){
+        .req = c->infer,
         .deadline_ns = timeout_us ? r->start_ns + timeout_us * 1000 : 0,
         .received_ns = decode_ns, /* the body is in: from here on the time is inferd's */
         .client_fd = -1,
@@ -139,42 +199,37 @@ static enum handled infer(struct req *r, const char *name, const char *version,
     };
     ci = MHD_get_connection_info(r->conn, MHD_CONNECTION_INFO_CONNECTION_FD);
     if (ci)
-        r->item.client_fd = ci->connect_fd;
+        c->item.client_fd = ci->connect_fd;
     /* an HTTP/1.1 client must read a 1xx before its answer (RFC 9110 section 15.2), so one
      * tells a half-closed client (which reads it) from one that closed (which resets). Not over
      * TLS: raw bytes on the socket would corrupt the TLS stream, and a TLS client does not
      * half-close (it ends with close_notify), so there the end of its side is a hang-up. */
     if (r->http11 && !r->srv->tls) {
         static const char probe[] = "HTTP/1.1 100 Continue\r\n\r\n";
-        r->item.eof_probe = probe;
-        r->item.eof_probe_len = sizeof(probe) - 1;
+        c->item.eof_probe = probe;
+        c->item.eof_probe_len = sizeof(probe) - 1;
     }
+    http_set_route_state(r, c, &infer_call_ops);
     /* suspend before handing over: the batch may finish before this function returns */
     atomic_store(&r->state, REQ_WAITING);
     metrics_inflight_add(r->model->metrics, 1);
     MHD_suspend_connection(r->conn);
-    rc = batcher_submit(r->model->batcher, &r->item, &e);
+    rc = batcher_submit(r->model->batcher, &c->item, &e);
     if (rc != 0) {
         metrics_stat(r->model->stats, METRICS_STAT_FAIL, clock_mono_ns() - decode_ns);
-        infer_done(&r->item, rc, &e);
+        infer_done(&c->item, rc, &e);
     }
     return HANDLED_PENDING;
 }
 
 enum handled online_infer(struct req *r)
 {
-    return infer(r, r->params[0], r->params[1], KIND_V2);
+    return infer(r, r->params[0], r->params[1], API_V2);
 }
 
 enum handled online_predict(struct req *r)
 {
-    return infer(r, r->params[0], NULL, KIND_V1);
-}
-
-void online_cancel(struct req *r)
-{
-    if (r->kind != KIND_JOB && r->infer)
-        batch_item_cancel(&r->item);
+    return infer(r, r->params[0], NULL, API_V1);
 }
 
 /* ---- metadata, health, repository ---- */
@@ -220,8 +275,7 @@ static int append_io(struct buf *b, const struct inferd_tensor *t, size_t n,
     return rc ? rc : buf_puts(b, "]");
 }
 
-static enum handled model_meta(struct req *r, const char *name, const char *version,
-                               int ready_only)
+static enum handled model_meta(struct req *r, const char *name, const char *version, int ready_only)
 {
     struct buf b = {0};
     struct model *m = NULL;
@@ -358,9 +412,8 @@ enum handled online_stats(struct req *r)
     buf_release(&b);
     if (rc == ERR_NOT_FOUND && v)
         return http_fail(r, rc, "model '%s' has no version %lld loaded since start", name,
-                                (long long)v);
+                         (long long)v);
     if (rc == ERR_NOT_FOUND)
         return http_fail(r, rc, "unknown model '%s': no version loaded since start", name);
     return http_fail(r, ERR_NOMEM, "out of memory");
 }
-

@@ -7,7 +7,9 @@
  * a byte of the body is read, then reads the body, then runs the route's handler on the
  * route's thread. A handler answers (status and body in the request: the frame sends them) or
  * takes the request on (it suspended the connection; whoever finishes calls
- * http_finish_async(), and libmicrohttpd's next call sends the answer).
+ * http_finish_async(), and libmicrohttpd's next call sends the answer). What a route keeps
+ * beyond the frame's fields (an inference in flight, a job and its wait) is its route state
+ * (http_set_route_state), which the frame frees when the request completes.
  *
  * Thread map of the whole program (what each kind of thread owns; locks in the order taken):
  *   main thread (main.c)  parses options, starts everything, then waits in sigwait(): SIGHUP
@@ -63,7 +65,7 @@
 #include "model/registry.h"
 
 #include <arpa/inet.h>
-#include <jansson.h>
+#include <assert.h>
 #include <errno.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
@@ -189,6 +191,13 @@ enum handled http_answer_text(struct req *r, int status, const char *json)
     if (buf_puts(&b, json) != 0)
         return http_fail(r, ERR_NOMEM, "out of memory");
     return http_answer_json(r, status, &b);
+}
+
+void http_set_route_state(struct req *r, void *state, const struct route_state_ops *ops)
+{
+    assert(!atomic_load(&r->route_ops));
+    r->route_state = state;
+    atomic_store(&r->route_ops, ops);
 }
 
 void http_finish_async(struct req *r)
@@ -323,9 +332,9 @@ static int check_key(struct req *r, struct err *e)
     if (!a || (rt && rt->scope == SCOPE_PUBLIC) ||
         (rt && rt->scope == SCOPE_METRICS && !r->srv->cfg.metrics_auth))
         return 0;
-    got = auth_check(a, MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND,
-                                                    MHD_HTTP_HEADER_AUTHORIZATION),
-                     &r->who);
+    got = auth_check(
+        a, MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION),
+        &r->who);
     if (got == AUTH_MISSING) {
         r->www_authenticate = "Bearer realm=\"inferd\"";
         return err_set(e, ERR_UNAUTHORIZED,
@@ -515,9 +524,9 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     if (r->live_next)
         r->live_next->live_prev = r->live_prev;
     pthread_mutex_unlock(&srv->live_lock);
-    infer_request_destroy(r->infer);
-    if (r->json)
-        json_decref((json_t *)r->json);
+    const struct route_state_ops *ops = atomic_load(&r->route_ops);
+    if (ops)
+        ops->release(r->route_state);
     model_release(r->model);
     buf_release(&r->body);
     buf_release(&r->out);
@@ -552,8 +561,8 @@ void http_watchdog(struct http_server *s)
         if (ci && ci->suspended == MHD_YES) {
             log_warn("http", "answer ready but connection still suspended: resuming again",
                      "ms=%llu status=%d route=%s id=%s",
-                     (unsigned long long)((now - r->ready_ns) / 1000000), r->status,
-                     route_of(r), r->params[0] ? r->params[0] : "-");
+                     (unsigned long long)((now - r->ready_ns) / 1000000), r->status, route_of(r),
+                     r->params[0] ? r->params[0] : "-");
             r->ready_ns = now;
             MHD_resume_connection(r->conn);
         }
@@ -616,8 +625,8 @@ int http_listen(const char *host, int port, int reuse_port, int *out, int *bound
                            host, port, port);
         return err_set(e, ERR_IO, "cannot listen on %s:%d: %s", host, port, strerror(saved));
     }
-    *bound_port = getsockname(fd, (struct sockaddr *)&addr, &len) == 0 ? ntohs(addr.sin_port)
-                                                                       : port;
+    *bound_port =
+        getsockname(fd, (struct sockaddr *)&addr, &len) == 0 ? ntohs(addr.sin_port) : port;
     *out = fd;
     return 0;
 }
@@ -706,9 +715,11 @@ static int64_t n_waiting(struct http_server *s)
 static void cancel_inferences(struct http_server *s)
 {
     pthread_mutex_lock(&s->live_lock);
-    for (struct req *r = s->live; r; r = r->live_next)
-        if (atomic_load(&r->state) == REQ_WAITING)
-            online_cancel(r);
+    for (struct req *r = s->live; r; r = r->live_next) {
+        const struct route_state_ops *ops = atomic_load(&r->route_ops);
+        if (atomic_load(&r->state) == REQ_WAITING && ops && ops->cancel)
+            ops->cancel(r->route_state);
+    }
     pthread_mutex_unlock(&s->live_lock);
 }
 
