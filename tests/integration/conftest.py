@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -1532,6 +1533,13 @@ class LocalCA:
         self._run("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
                   "-CAcreateserial", "-days", "2", "-out", str(cert), "-extfile", str(ext))
         return cert, key
+
+    def server_context(self):
+        """An ssl server context serving ``server_cert`` (127.0.0.1), for a test's own
+        receivers (S3, webhooks)."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(self.server_cert), str(self.server_key))
+        return ctx
 
 
 @pytest.fixture(scope="session")

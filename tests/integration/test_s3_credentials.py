@@ -16,13 +16,11 @@ import hashlib
 import http.server
 import json
 import re
-import ssl
 import subprocess
 import threading
 import time
 import warnings
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import pytest
@@ -620,19 +618,13 @@ def test_threads_share_one_refresh(server_factory, repo, fake_s3, metadata, tmp_
 # ---------------------------------------------------------------------------
 
 
-def tls_context(test_ca):
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(test_ca.server_cert), str(test_ca.server_key))
-    return ctx
-
-
 def env_keys(tmp_path):
     return clean_env(tmp_path, AWS_ACCESS_KEY_ID="AKIDENV",
                      AWS_SECRET_ACCESS_KEY=SECRETS["AKIDENV"])
 
 
 def test_https_s3_verifies_the_certificate(repo, fake_s3, test_ca, tmp_path):
-    s3 = fake_s3(tls=tls_context(test_ca))
+    s3 = fake_s3(tls=test_ca.server_context())
     assert s3.endpoint.startswith("https://")
     rc, log, _ = run_batch(repo, s3, tmp_path, env_keys(tmp_path))
     assert rc != 0, "a certificate signed by an unknown CA must be refused"
@@ -646,7 +638,7 @@ def test_https_s3_verifies_the_certificate(repo, fake_s3, test_ca, tmp_path):
 
 
 def test_s3_ca_file_trusts_a_private_ca(repo, fake_s3, test_ca, tmp_path):
-    s3 = fake_s3(tls=tls_context(test_ca))
+    s3 = fake_s3(tls=test_ca.server_context())
     rc, log, out = run_batch(repo, s3, tmp_path, env_keys(tmp_path),
                              "--s3-ca-file", test_ca.ca_cert)
     assert_ok(rc, log, out)
@@ -655,7 +647,7 @@ def test_s3_ca_file_trusts_a_private_ca(repo, fake_s3, test_ca, tmp_path):
 
 def test_s3_ca_file_in_serve_and_bad_files(server_factory, repo, fake_s3, test_ca, tmp_path,
                                            monkeypatch):
-    s3 = fake_s3(tls=tls_context(test_ca))
+    s3 = fake_s3(tls=test_ca.server_context())
     srv = serve_with(server_factory, repo, tmp_path, monkeypatch, s3,
                      {"AWS_ACCESS_KEY_ID": "AKIDENV",
                       "AWS_SECRET_ACCESS_KEY": SECRETS["AKIDENV"]})

@@ -8,7 +8,6 @@ is; with it, the signed webhook arrives.
 import hashlib
 import hmac
 import json
-import ssl
 import subprocess
 import time
 
@@ -29,9 +28,7 @@ def repo(tmp_path):
 
 @pytest.fixture
 def tls_receiver(test_ca):
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(test_ca.server_cert), str(test_ca.server_key))
-    r = WebhookReceiver(tls=ctx)
+    r = WebhookReceiver(tls=test_ca.server_context())
     yield r
     r.close()
 

@@ -16,18 +16,34 @@
 
 #define HOOK "http://127.0.0.1:9/hook"
 
-/* A job of model "m" for `tenant`, one attempt, with a webhook. */
+/* A job of model "m" for `tenant`: input {}, one attempt, a 60 s lease. */
+static struct job_spec spec_for(const char *tenant)
+{
+    return (struct job_spec){.model = "m",
+                             .input = "{}",
+                             .input_len = 2,
+                             .input_json_len = -1,
+                             .max_attempts = 1,
+                             .lease_timeout_ms = 60000,
+                             .tenant = tenant};
+}
+
+/* The same request (idempotency key "k"), for `tenant`. */
+static struct job_spec keyed_spec_for(const char *tenant)
+{
+    struct job_spec spec = spec_for(tenant);
+
+    spec.idempotency_key = "k";
+    spec.request_hash = "h1";
+    return spec;
+}
+
+/* A job for `tenant`, with a webhook. */
 static void enqueue_for(struct queue *q, const char *tenant, char id[40])
 {
-    struct job_spec spec = {.model = "m",
-                            .input = "{}",
-                            .input_len = 2,
-                            .input_json_len = -1,
-                            .max_attempts = 1,
-                            .lease_timeout_ms = 60000,
-                            .callback_url = HOOK,
-                            .tenant = tenant};
+    struct job_spec spec = spec_for(tenant);
 
+    spec.callback_url = HOOK;
     qc_enqueue_spec(q, &spec, id);
 }
 
@@ -175,14 +191,7 @@ static void test_tenant_jobs_are_private(void **state)
 static void test_tenant_idempotency_keys(void **state)
 {
     struct queue *q = *state;
-    struct job_spec spec = {.model = "m",
-                            .input = "{}",
-                            .input_len = 2,
-                            .input_json_len = -1,
-                            .max_attempts = 1,
-                            .lease_timeout_ms = 60000,
-                            .idempotency_key = "k",
-                            .request_hash = "h1"};
+    struct job_spec spec = keyed_spec_for(NULL);
     char a[40], b[40], anon[40], again[40];
     struct err e = {0};
     int existed = -1;
@@ -492,18 +501,6 @@ static const char old_postgres[] =
     "INSERT INTO inferd_batch_jobs (id, definition, model, state, created_ms) VALUES "
     "('batch-old', '{\"model\":\"m\"}', 'm', 0, 1700000000000);\n";
 
-static void make_old_postgres(void)
-{
-    char cmd[1024];
-    FILE *p;
-
-    snprintf(cmd, sizeof(cmd), "psql -X -q '%s' >/dev/null", qc_store->url);
-    p = popen(cmd, "w");
-    assert_non_null(p);
-    assert_true(fputs(old_postgres, p) >= 0);
-    assert_int_equal(pclose(p), 0);
-}
-
 /* Writes, on the Redis store of this test, a job and a batch run as the inferd before tenants
  * wrote them (no tenant field, the idempotency key under idem:). */
 static const char old_redis[] =
@@ -519,28 +516,22 @@ static const char old_redis[] =
     "error \"\"\n"
     "ZADD inferd:batches 1700000000000 batch-old\n";
 
-static void make_old_redis(void)
+/* Feeds `script` to `client` (psql or redis-cli, with its URL option) on this test's store. */
+static void feed_store(const char *client, const char *script)
 {
     char cmd[1024];
     FILE *p;
 
-    snprintf(cmd, sizeof(cmd), "redis-cli -u '%s' >/dev/null", qc_store->url);
+    snprintf(cmd, sizeof(cmd), "%s '%s' >/dev/null", client, qc_store->url);
     p = popen(cmd, "w");
     assert_non_null(p);
-    assert_true(fputs(old_redis, p) >= 0);
+    assert_true(fputs(script, p) >= 0);
     assert_int_equal(pclose(p), 0);
 }
 
 static void test_tenant_old_store_is_anonymous(void **state)
 {
-    struct job_spec spec = {.model = "m",
-                            .input = "{}",
-                            .input_len = 2,
-                            .input_json_len = -1,
-                            .max_attempts = 1,
-                            .lease_timeout_ms = 60000,
-                            .idempotency_key = "k",
-                            .request_hash = "h1"};
+    struct job_spec spec = keyed_spec_for(NULL);
     struct queue *q;
     struct job *j = NULL;
     struct buf b = {0};
@@ -553,9 +544,9 @@ static void test_tenant_old_store_is_anonymous(void **state)
     if (strcmp(qc_store->name, "sqlite") == 0)
         make_old_sqlite();
     else if (strcmp(qc_store->name, "postgres") == 0)
-        make_old_postgres();
+        feed_store("psql -X -q", old_postgres);
     else
-        make_old_redis();
+        feed_store("redis-cli -u", old_redis);
 
     q = qc_reopen(state, QC_CONFIG_DEFAULT);
     assert_int_equal(queue_get(q, "old-job", "", 0, &j, &e), 0);
