@@ -576,11 +576,7 @@ static int cmd_serve(int argc, char **argv, int worker)
                 wc.min_workers, wc.max_workers);
         return 2;
     }
-    if ((wc.workers > 0 || wc.max_workers > 0) &&
-        worker_pool_start(&wc, queue, reg, &pool, &e) != 0) {
-        log_error("main", "cannot start the workers", "reason=\"%s\"", e.msg);
-        goto cleanup;
-    }
+    /* before the workers: a bad --webhook-ca-file stops inferd before anything is leased */
     secret = OPT_S(&p, "webhook-secret")[0] ? OPT_S(&p, "webhook-secret")
                                             : getenv("INFERD_WEBHOOK_SECRET");
     if (!secret || !secret[0])
@@ -596,6 +592,11 @@ static int cmd_serve(int argc, char **argv, int worker)
     queue_notify_store(queue, &store);
     if (notify_create(&nc, &store, &notifier, &e) != 0) {
         log_error("main", "cannot start webhook delivery", "reason=\"%s\"", e.msg);
+        goto cleanup;
+    }
+    if ((wc.workers > 0 || wc.max_workers > 0) &&
+        worker_pool_start(&wc, queue, reg, &pool, &e) != 0) {
+        log_error("main", "cannot start the workers", "reason=\"%s\"", e.msg);
         goto cleanup;
     }
     hc = (struct http_config){
