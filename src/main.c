@@ -595,7 +595,8 @@ static int cmd_serve(int argc, char **argv, int worker)
         goto cleanup;
     }
     if ((wc.workers > 0 || wc.max_workers > 0) &&
-        worker_pool_start(&wc, queue, reg, &pool, &e) != 0) {
+        (worker_pool_create(&wc, queue, reg, &pool, &e) != 0 ||
+         worker_pool_run(pool, &e) != 0)) {
         log_error("main", "cannot start the workers", "reason=\"%s\"", e.msg);
         goto cleanup;
     }

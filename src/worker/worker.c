@@ -764,9 +764,8 @@ static void *heartbeat_main(void *arg)
     return NULL;
 }
 
-/* Registers the pool (a first beat before any lease, so no job is held by an unknown worker)
- * and starts beating. */
-static int heartbeat_start(struct worker_pool *p, const char *host)
+/* The pool's identity in the workers list, and its heartbeat's lock (no thread yet). */
+static void heartbeat_init(struct worker_pool *p, const char *host)
 {
     unsigned char rnd[2] = {0};
 
@@ -780,9 +779,18 @@ static int heartbeat_start(struct worker_pool *p, const char *host)
     p->self.timeout_ms = p->cfg.worker_timeout_ms > 0 ? p->cfg.worker_timeout_ms : 30000;
     pthread_mutex_init(&p->beat_lock, NULL);
     pthread_cond_init(&p->beat_cond, NULL);
+}
+
+/* Registers the pool (a first beat before any lease, so no job is held by an unknown worker)
+ * and starts beating. */
+static int heartbeat_start(struct worker_pool *p)
+{
     beat(p);
-    if (pthread_create(&p->heartbeat, NULL, heartbeat_main, p) != 0)
+    if (pthread_create(&p->heartbeat, NULL, heartbeat_main, p) != 0) {
+        struct err e;
+        queue_worker_leave(p->q, p->self.id, &e); /* beat() joined the list */
         return -1;
+    }
     p->heartbeat_started = 1;
     return 0;
 }
@@ -910,12 +918,11 @@ static void *controller_main(void *arg)
     return NULL;
 }
 
-int worker_pool_start(const struct worker_pool_config *cfg, struct queue *q, struct registry *reg,
-                      struct worker_pool **out, struct err *e)
+int worker_pool_create(const struct worker_pool_config *cfg, struct queue *q, struct registry *reg,
+                       struct worker_pool **out, struct err *e)
 {
     struct worker_pool *p = calloc(1, sizeof(*p));
     char host[64] = "host";
-    int start;
 
     *out = NULL;
     if (!p)
@@ -933,20 +940,12 @@ int worker_pool_start(const struct worker_pool_config *cfg, struct queue *q, str
     p->n_slots = p->cfg.max_workers > 0 ? p->cfg.max_workers : 1;
     p->workers = calloc((size_t)p->n_slots, sizeof(*p->workers));
     if (!p->workers) {
+        pthread_mutex_destroy(&p->rate_lock);
         free(p);
         return err_set(e, ERR_NOMEM, "out of memory");
     }
     gethostname(host, sizeof(host) - 1);
-    if (heartbeat_start(p, host) != 0) {
-        struct err le;
-        queue_worker_leave(q, p->self.id, &le);
-        pthread_mutex_destroy(&p->beat_lock);
-        pthread_cond_destroy(&p->beat_cond);
-        pthread_mutex_destroy(&p->rate_lock);
-        free(p->workers);
-        free(p);
-        return err_set(e, ERR_NOMEM, "cannot start the workers' heartbeat");
-    }
+    heartbeat_init(p, host);
     for (int i = 0; i < p->n_slots; i++) {
         struct worker *w = &p->workers[i];
         w->pool = p;
@@ -956,21 +955,24 @@ int worker_pool_start(const struct worker_pool_config *cfg, struct queue *q, str
         pthread_mutex_init(&w->lock, NULL);
         pthread_cond_init(&w->cond, NULL);
     }
-    start = p->cfg.min_workers == p->cfg.max_workers ? p->cfg.max_workers : p->cfg.min_workers;
-    for (int i = 0; i < start; i++) {
-        if (start_worker(p, &p->workers[i]) != 0) {
-            worker_pool_stop(p);
+    *out = p;
+    return 0;
+}
+
+int worker_pool_run(struct worker_pool *p, struct err *e)
+{
+    int start = p->cfg.min_workers == p->cfg.max_workers ? p->cfg.max_workers : p->cfg.min_workers;
+
+    if (heartbeat_start(p) != 0)
+        return err_set(e, ERR_NOMEM, "cannot start the workers' heartbeat");
+    for (int i = 0; i < start; i++)
+        if (start_worker(p, &p->workers[i]) != 0)
             return err_set(e, ERR_NOMEM, "cannot start worker %d", i);
-        }
-    }
     if (p->cfg.max_workers > p->cfg.min_workers) {
-        if (pthread_create(&p->controller, NULL, controller_main, p) != 0) {
-            worker_pool_stop(p);
+        if (pthread_create(&p->controller, NULL, controller_main, p) != 0)
             return err_set(e, ERR_NOMEM, "cannot start the autoscaler");
-        }
         p->controller_started = 1;
     }
-    *out = p;
     return 0;
 }
 

@@ -32,9 +32,15 @@ struct worker_pool_config {
                                 * presumed dead and its jobs run again (0: 30 s) */
 };
 
-/* `q` and `reg` are borrowed and must outlive the pool. */
-int worker_pool_start(const struct worker_pool_config *cfg, struct queue *q, struct registry *reg,
-                      struct worker_pool **out, struct err *e);
+/* A pool that leases nothing yet: its figures (busy, size, drain rate) read as idle until
+ * worker_pool_run(). `q` and `reg` are borrowed and must outlive the pool. Free it with
+ * worker_pool_stop(), run or not. */
+int worker_pool_create(const struct worker_pool_config *cfg, struct queue *q, struct registry *reg,
+                       struct worker_pool **out, struct err *e);
+
+/* Joins the workers list and starts the workers (and the autoscaler): from now on jobs are
+ * leased. On failure, what started is stopped by worker_pool_stop(). */
+int worker_pool_run(struct worker_pool *p, struct err *e);
 
 /* Jobs running now. */
 int worker_pool_busy(struct worker_pool *p);
