@@ -576,7 +576,6 @@ static int cmd_serve(int argc, char **argv, int worker)
                 wc.min_workers, wc.max_workers);
         return 2;
     }
-    /* before the workers: a bad --webhook-ca-file stops inferd before anything is leased */
     secret = OPT_S(&p, "webhook-secret")[0] ? OPT_S(&p, "webhook-secret")
                                             : getenv("INFERD_WEBHOOK_SECRET");
     if (!secret || !secret[0])
@@ -595,8 +594,7 @@ static int cmd_serve(int argc, char **argv, int worker)
         goto cleanup;
     }
     if ((wc.workers > 0 || wc.max_workers > 0) &&
-        (worker_pool_create(&wc, queue, reg, &pool, &e) != 0 ||
-         worker_pool_run(pool, &e) != 0)) {
+        worker_pool_create(&wc, queue, reg, &pool, &e) != 0) {
         log_error("main", "cannot start the workers", "reason=\"%s\"", e.msg);
         goto cleanup;
     }
@@ -634,6 +632,11 @@ static int cmd_serve(int argc, char **argv, int worker)
         .q = queue, .reg = reg, .max_attempts = (int)OPT_N(&p, "max-attempts")};
     if (!worker && batch_scheduler_start(&bjc, &scheduler, &e) != 0) {
         log_error("main", "cannot start the batch scheduler", "reason=\"%s\"", e.msg);
+        goto cleanup;
+    }
+    /* last: every check of the start (TLS files, the port) passed before a job is leased */
+    if (pool && worker_pool_run(pool, &e) != 0) {
+        log_error("main", "cannot start the workers", "reason=\"%s\"", e.msg);
         goto cleanup;
     }
     queue_shown = url_redacted(OPT_S(&p, "queue")); /* a URL may hold a password */

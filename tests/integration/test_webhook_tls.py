@@ -93,18 +93,3 @@ def test_a_bad_webhook_ca_file_stops_the_start(repo, tmp_path, test_ca, bad, say
     err = p.stderr.decode()
     assert p.returncode != 0 and "--webhook-ca-file" in err and says in err, err
 
-
-def test_a_bad_webhook_ca_file_stops_before_a_worker_leases(server_factory, repo, tmp_path):
-    """The file is checked before the workers start: the queued job is left as it was."""
-    data = tmp_path / "data-kept"
-    srv = server_factory(repo, *async_args(data, "--workers", "0"))
-    jid = submit(srv.client(), "http://127.0.0.1:9/hook")
-    srv.stop()
-    p = subprocess.run([str(INFERD_BIN), "serve", "--models", str(repo), "--port", "0",
-                        *async_args(data, "--workers", "2"),
-                        "--webhook-ca-file", str(tmp_path / "missing.pem")],
-                       capture_output=True, timeout=60, cwd=str(tmp_path))
-    err = p.stderr.decode()
-    assert p.returncode != 0 and "--webhook-ca-file" in err, err
-    job = server_factory(repo, *async_args(data, "--workers", "0")).client().job(jid)
-    assert job["status"] == "queued" and job["attempts"] == 0, job

@@ -126,3 +126,23 @@ def test_worker_help_and_readme_agree_on_defaults():
             continue
         assert opt in rows, f"--{opt} has no row in the README's table"
         assert value in rows[opt], f"--{opt}: worker --help says {value}, README {rows[opt]!r}"
+
+
+@pytest.mark.parametrize("bad", ["--webhook-ca-file", "--tls-cert"])
+def test_a_failed_start_leases_nothing(server_factory, repo, tmp_path, bad):
+    """Every start-up check (here an unreadable webhook CA file, or TLS certificate) comes
+    before the workers lease: the job queued before is left as it was."""
+    data = tmp_path / "data"
+    srv = server_factory(repo, *async_args(data, "--workers", "0"))
+    jid = srv.client().submit_ok("rowsum", [[1.0, 2.0, 3.0, 4.0]])
+    srv.stop()
+    missing = str(tmp_path / "missing.pem")
+    opts = ["--webhook-ca-file", missing] if bad == "--webhook-ca-file" else \
+        ["--tls-cert", missing, "--tls-key", missing]
+    p = subprocess.run([str(INFERD_BIN), "serve", "--models", str(repo), "--port", "0",
+                        *async_args(data, "--workers", "2"), *opts],
+                       capture_output=True, timeout=60, cwd=str(tmp_path))
+    err = p.stderr.decode()
+    assert p.returncode != 0 and bad in err, err
+    job = server_factory(repo, *async_args(data, "--workers", "0")).client().job(jid)
+    assert job["status"] == "queued" and job["attempts"] == 0, job
