@@ -579,15 +579,18 @@ static void run_suffix(const char *run, char *out, size_t size)
     snprintf(out, size, "__inferd_%06x", (unsigned)(h & 0xffffff));
 }
 
-static int sink_open(struct warehouse_sink *k, const struct warehouse_sink_spec *spec,
-                     struct err *e)
+/* What opening and finishing share: k->impl, the connection to the target's server, the
+ * model version as a literal, and the target's names (*schema and *rel: new strings the caller
+ * frees, also on failure). Staging is the run's table when spec->run, else the sink's own. */
+static int connect_target(struct warehouse_sink *k, const struct warehouse_sink_spec *spec,
+                          char **schema, char **rel, struct err *e)
 {
     struct pg_sink *pg = calloc(1, sizeof(*pg));
     struct buf conninfo = {0};
-    char *table = NULL, *schema = NULL, *rel = NULL, *keys = NULL;
-    const char *pred = spec->per_row > 1 ? "double precision[]" : "double precision", *why = NULL;
+    char *table = NULL;
     int rc = 0;
 
+    *schema = *rel = NULL;
     if (!pg || warehouse_pg_split_uri(spec->uri, &conninfo, &table) != 0) {
         free(pg);
         rc = err_set(e, ERR_NOMEM, "out of memory");
@@ -608,9 +611,24 @@ static int sink_open(struct warehouse_sink *k, const struct warehouse_sink_spec 
     if (!pg->version)
         rc = err_set(e, ERR_NOMEM, "out of memory");
     if (rc == 0)
-        rc = resolve_names(k, pg, table, &schema, &rel, e);
+        rc = resolve_names(k, pg, table, schema, rel, e);
     if (rc == 0 && !(pg->target_literal = PQescapeLiteral(pg->conn, k->name, strlen(k->name))))
         rc = err_set(e, ERR_NOMEM, "out of memory");
+cleanup:
+    buf_release(&conninfo);
+    free(table);
+    return rc;
+}
+
+static int sink_open(struct warehouse_sink *k, const struct warehouse_sink_spec *spec,
+                     struct err *e)
+{
+    struct pg_sink *pg;
+    char *schema = NULL, *rel = NULL, *keys = NULL;
+    const char *pred = spec->per_row > 1 ? "double precision[]" : "double precision", *why = NULL;
+    int rc = connect_target(k, spec, &schema, &rel, e);
+
+    pg = k->impl;
     if (rc == 0 && spec->run) { /* a part: no lock (its run's other parts write too) */
         rc = plan_tables(k, pg, spec, schema, rel, pred, e);
         if (rc == 0)
@@ -632,8 +650,6 @@ static int sink_open(struct warehouse_sink *k, const struct warehouse_sink_spec 
         rc = new_run(k, pg, spec, pred, keys, why, e);
 cleanup:
     free(keys);
-    buf_release(&conninfo);
-    free(table);
     free(schema);
     free(rel);
     return rc;
@@ -766,33 +782,16 @@ static int staged_keys(struct warehouse_sink *k, struct pg_sink *pg, char ***nam
 static int sink_finish(struct warehouse_sink *k, const struct warehouse_sink_spec *spec,
                        struct err *e)
 {
-    struct pg_sink *pg = calloc(1, sizeof(*pg));
+    struct pg_sink *pg;
     struct warehouse_sink_spec staged = *spec;
-    struct buf conninfo = {0};
-    char *table = NULL, *schema = NULL, *rel = NULL, *keys = NULL, **names = NULL, **types = NULL;
+    char *schema = NULL, *rel = NULL, *keys = NULL, **names = NULL, **types = NULL;
     char records[24] = "0", errors[24] = "0", started[24];
     size_t n = 0, per_row = 1;
     PGresult *res = NULL;
-    int rc = 0;
+    int rc = connect_target(k, spec, &schema, &rel, e);
 
-    if (!pg || warehouse_pg_split_uri(spec->uri, &conninfo, &table) != 0) {
-        free(pg);
-        return err_set(e, ERR_NOMEM, "out of memory");
-    }
-    k->impl = pg;
-    run_suffix(spec->run, pg->staging_suffix, sizeof(pg->staging_suffix));
+    pg = k->impl;
     snprintf(started, sizeof(started), "%lld", (long long)spec->started_ms);
-    if (!table || !table[0])
-        rc = err_set(e, ERR_INVALID, "%s: name the output table (?table=SCHEMA.TABLE)", k->shown);
-    if (rc == 0)
-        rc = warehouse_pg_connect(k->shown, conninfo.data, &pg->conn, e);
-    if (rc == 0 && !(pg->version = PQescapeLiteral(pg->conn, spec->model_version,
-                                                    strlen(spec->model_version))))
-        rc = err_set(e, ERR_NOMEM, "out of memory");
-    if (rc == 0)
-        rc = resolve_names(k, pg, table, &schema, &rel, e);
-    if (rc == 0 && !(pg->target_literal = PQescapeLiteral(pg->conn, k->name, strlen(k->name))))
-        rc = err_set(e, ERR_NOMEM, "out of memory");
     if (rc == 0)
         rc = take_lock(k, pg, e); /* one merge into the target at a time */
     if (rc == 0)
@@ -878,8 +877,6 @@ cleanup:
     free(names);
     free(types);
     free(keys);
-    buf_release(&conninfo);
-    free(table);
     free(schema);
     free(rel);
     return rc;
