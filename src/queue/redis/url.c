@@ -9,26 +9,41 @@
 #include "queue/redis/internal.h"
 #include "core/url.h"
 
+#include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* Decodes %XX in [p, p+n) into out (size `cap`); -1 if malformed or too long. */
+static int hex_value(char c)
+{
+    return c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10;
+}
+
+/* Why percent_decode() refused a part of the URL, for its error message. */
+static const char *const decode_errors[] = {
+    [1] = "a '%' must start an escape of two hex digits (%XX)",
+    [2] = "%00 (a NUL byte) is not allowed",
+    [3] = "too long",
+};
+
+/* Decodes %XX in [p, p+n) into out (size `cap`): 0, or an index of decode_errors. A NUL
+ * would silently cut the value short (a password or a file name), so %00 is refused. */
 static int percent_decode(const char *p, size_t n, char *out, size_t cap)
 {
     size_t j = 0;
 
     for (size_t i = 0; i < n; i++) {
-        unsigned v;
         if (j + 1 >= cap)
-            return -1;
+            return 3;
         if (p[i] != '%') {
             out[j++] = p[i];
             continue;
         }
-        if (i + 2 >= n || sscanf(p + i + 1, "%2x", &v) != 1)
-            return -1;
-        out[j++] = (char)v;
+        if (i + 2 >= n || !isxdigit((unsigned char)p[i + 1]) || !isxdigit((unsigned char)p[i + 2]))
+            return 1;
+        out[j] = (char)(hex_value(p[i + 1]) * 16 + hex_value(p[i + 2]));
+        if (out[j++] == '\0')
+            return 2;
         i += 2;
     }
     out[j] = '\0';
@@ -55,9 +70,10 @@ static int parse_query(const char *query, struct rq_url *out, const char *shown,
         if (!out->tls)
             return err_set(e, ERR_INVALID, "--queue %s: '%.*s' needs rediss:// (TLS)", shown,
                            (int)(eq - p), p);
-        if (percent_decode(eq + 1, n - (size_t)(eq + 1 - p), dst, cap) != 0)
-            return err_set(e, ERR_INVALID, "--queue %s: '%.*s': bad or too long a value", shown,
-                           (int)(eq - p), p);
+        int why = percent_decode(eq + 1, n - (size_t)(eq + 1 - p), dst, cap);
+        if (why != 0)
+            return err_set(e, ERR_INVALID, "--queue %s: '%.*s': %s", shown, (int)(eq - p), p,
+                           decode_errors[why]);
         p += n + (p[n] == '&');
     }
     return 0;
@@ -91,14 +107,17 @@ int rq_url_parse(const char *url, struct rq_url *out, struct err *e)
                          "--queue %s: the userinfo must be USER:PASSWORD@ or :PASSWORD@", sh);
             goto cleanup;
         }
-        if (percent_decode(p, (size_t)(uc - p), out->user, sizeof(out->user)) != 0 ||
-            percent_decode(uc + 1, (size_t)(at - uc - 1), out->password, sizeof(out->password)) !=
-                0 ||
-            !out->password[0]) {
+        int why = percent_decode(p, (size_t)(uc - p), out->user, sizeof(out->user));
+        if (why != 0) {
+            rc = err_set(e, ERR_INVALID, "--queue %s: the user: %s", sh, decode_errors[why]);
+            goto cleanup;
+        }
+        /* the message says why, never the password's text */
+        why = percent_decode(uc + 1, (size_t)(at - uc - 1), out->password, sizeof(out->password));
+        if (why != 0 || !out->password[0]) {
             rc = err_set(e, ERR_INVALID,
-                         "--queue %s: bad user or password (percent-encode "
-                         "reserved characters; the password may not be empty)",
-                         sh);
+                         "--queue %s: the password: %s (percent-encode reserved characters)", sh,
+                         why ? decode_errors[why] : "may not be empty");
             goto cleanup;
         }
         p = at + 1;
