@@ -1,6 +1,6 @@
 /*
- * test_queue_redis_url.c: the Redis queue's URL (--queue redis[s]://...), rq_url_parse(): its parts,
- * percent-decoding, and errors that name the wrong part and never show the password.
+ * test_queue_redis_url.c: the Redis queue's URL (--queue redis[s]://...), rq_url_parse(): its
+ * parts, percent-decoding, and errors that name the wrong part and never show the password.
  */
 #define _GNU_SOURCE
 #include <setjmp.h>
@@ -57,8 +57,7 @@ static void test_parts(void **state)
 static void test_bad_escapes(void **state)
 {
     (void)state;
-    rejected("redis://:s3cr%00etpw@host", "the password: %00 (a NUL byte) is not allowed",
-             "s3cr");
+    rejected("redis://:s3cr%00etpw@host", "the password: %00 (a NUL byte) is not allowed", "s3cr");
     rejected("redis://bob%00x:s3cretpw@host", "the user: %00", "s3cretpw");
     rejected("rediss://host/0?ca=/etc/ca.pem%00.evil", "'ca': %00 (a NUL byte) is not allowed",
              NULL);
@@ -70,11 +69,22 @@ static void test_bad_escapes(void **state)
     rejected("redis://:@host", "the password: may not be empty", NULL);
 }
 
+/* the errors show the URL with url_redacted(), which ends the userinfo at a '#': a password
+ * holding one was shown whole by any later error (here, the port's) */
+static void test_fragment(void **state)
+{
+    (void)state;
+    rejected("redis://:s3cr#etpw@host:0", "'#' in a Redis URL must be percent-encoded", "s3cr");
+    rejected("redis://:s3cretpw@host/0#x", "(%23)", "s3cr");
+    rejected("redis://:s3cr#etpw@host:6379/0", "'#'", "s3cr");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_parts),
         cmocka_unit_test(test_bad_escapes),
+        cmocka_unit_test(test_fragment),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

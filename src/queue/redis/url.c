@@ -89,6 +89,17 @@ int rq_url_parse(const char *url, struct rq_url *out, struct err *e)
     int rc = 0;
 
     memset(out, 0, sizeof(*out));
+    if (!tls && strncmp(url, "redis://", 8) != 0) {
+        rc = err_set(e, ERR_INVALID, "--queue: expected redis:// or rediss://");
+        goto cleanup;
+    }
+    /* url_redacted() ends the userinfo at a '#' (a fragment), so a password holding one would
+     * be shown in the errors below: refuse it first, without showing the URL */
+    if (strchr(url, '#')) {
+        rc =
+            err_set(e, ERR_INVALID, "--queue: a '#' in a Redis URL must be percent-encoded (%%23)");
+        goto cleanup;
+    }
     out->tls = tls;
     out->port = 6379;
     out->db = 0;
