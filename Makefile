@@ -34,7 +34,7 @@ layers:
 unit: build
 	@cd $(BUILD) && ctest --output-on-failure
 
-FUZZ_TARGETS := infer_request batch_record cron s3_xml copy_row auth s3_creds
+FUZZ_TARGETS := infer_request batch_record cron s3_xml copy_row auth s3_creds redis_url batch_job callback_url
 FUZZ_SECONDS ?= 60
 
 fuzz-build: $(wildcard src/*/*.c src/*/*.cc src/*/*.h fuzz/*.c)

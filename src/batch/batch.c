@@ -1258,56 +1258,7 @@ int batch_remove_leftovers(const char *output, struct err *e)
 
 /* ---- checks ---- */
 
-int batch_check_suffix(const char *suffix, struct err *e)
-{
-    if (strlen(suffix) > 32)
-        return err_set(e, ERR_INVALID, "output suffix: longer than 32 bytes");
-    for (const char *p = suffix; *p; p++)
-        if (*p == '/' || (unsigned char)*p < 0x20 || *p == 0x7f)
-            return err_set(e, ERR_INVALID,
-                           "output suffix: '/' and control characters are not "
-                           "allowed");
-    return 0;
-}
-
-/* `uri` without a file:// scheme and trailing slashes, into `out` */
-static void plain_location(const char *uri, char *out, size_t size)
-{
-    size_t n;
-
-    snprintf(out, size, "%s", strncmp(uri, "file://", 7) == 0 ? uri + 7 : uri);
-    n = strlen(out);
-    while (n > 1 && out[n - 1] == '/')
-        out[--n] = '\0';
-}
-
-int batch_check_locations(const char *input, const char *output, const char *suffix, struct err *e)
-{
-    char in[4096], out[4096];
-    size_t n;
-
-    if (!suffix || strcmp(suffix, ".out") == 0)
-        return 0; /* inputs named *.out are never read (batch_is_reserved) */
-    plain_location(input, in, sizeof(in));
-    plain_location(output, out, sizeof(out));
-    n = strlen(in);
-    if ((strncmp(out, in, n) == 0 && (out[n] == '\0' || out[n] == '/')) ||
-        (strncmp(in, out, strlen(out)) == 0 && in[strlen(out)] == '/'))
-        return err_set(e, ERR_INVALID,
-                       "output suffix '%s': input and output must not be inside one another, or "
-                       "outputs could replace inputs or be read as inputs by the next run",
-                       suffix);
-    return 0;
-}
-
-int batch_check_keys(const char *spec, struct err *e)
-{
-    struct batch_keys k;
-    int rc = batch_keys_parse(spec, &k, e);
-
-    batch_keys_release(&k);
-    return rc;
-}
+/* batch_check_suffix, batch_check_locations and batch_check_keys: in batch_def.c */
 
 /* Parses cfg->key_columns for a run of run->model. */
 static int start_keys(struct runner *run, struct err *e)

@@ -33,6 +33,22 @@ struct batch_jobs_config {
 int batch_job_check(const char *body, size_t len, struct registry *reg, char **normalized,
                     int *is_schedule, struct err *e);
 
+/* What a definition's check needs to know of its model. */
+struct batch_job_model {
+    int is_ok;     /* it takes rows of numbers (batch_model_ok()); 0: the definition fails */
+    int documents; /* it takes JSON documents (no CSV, no table input or output) */
+};
+/* Fills `*out` for model `name` (borrowed): 0, or ERR_NOT_FOUND etc. with `e` naming it. */
+typedef int (*batch_job_model_fn)(void *ctx, const char *name, struct batch_job_model *out,
+                                  struct err *e);
+/*
+ * batch_job_check, with the model told by `model_fn` (called once, with `ctx`, for the
+ * definition's "model") instead of the registry. Pure apart from the clock and the time zone
+ * files: no storage is read and no connection opened, a postgresql:// input included.
+ */
+int batch_job_check_def(const char *body, size_t len, batch_job_model_fn model_fn, void *ctx,
+                        char **normalized, int *is_schedule, struct err *e);
+
 /*
  * Starts a run of a checked definition now: lists its input and stores the run with one task
  * per input object. For a run of a schedule, `parent` is the schedule, `run_at_ms` the minute
@@ -40,14 +56,13 @@ int batch_job_check(const char *body, size_t len, struct registry *reg, char **n
  * schedule's next run; a scheduled run whose input cannot be listed is stored as failed.
  * ERR_INVALID / ERR_NOT_FOUND for a manual run whose input has no usable objects.
  */
-int batch_job_start(const struct batch_jobs_config *cfg, const char *definition,
-                    const char *parent, int64_t run_at_ms, int64_t parent_next_ms,
-                    char id_out[40], struct err *e);
+int batch_job_start(const struct batch_jobs_config *cfg, const char *definition, const char *parent,
+                    int64_t run_at_ms, int64_t parent_next_ms, char id_out[40], struct err *e);
 
 /* Stores a checked definition that has a schedule; its first run is the next matching
  * minute in its time zone. */
-int batch_job_schedule(const struct batch_jobs_config *cfg, const char *definition,
-                       char id_out[40], struct err *e);
+int batch_job_schedule(const struct batch_jobs_config *cfg, const char *definition, char id_out[40],
+                       struct err *e);
 
 /*
  * Runs batch job `id` now. A schedule (active or paused) gets a run of its own for the time

@@ -304,6 +304,30 @@ char *notify_url_redacted(const char *url)
     return url_redacted(url);
 }
 
+/*
+ * A callback URL for an error message: masked by url_redacted(), and only where that is sure
+ * to have masked its password. url_redacted() finds userinfo after "scheme://"; libcurl also
+ * reads "http:/u:pw@h" and "http:///u:pw@h" as userinfo, and a user may mean userinfo where
+ * an '@' follows an unencoded '#' or '?'. So a URL not of the form scheme://host, or with an
+ * '@' left unmasked, is not shown. New string (free()); NULL if out of memory.
+ */
+static char *shown_in_error(const char *url)
+{
+    size_t n = strspn(url, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-");
+    char *shown;
+    const char *rest;
+
+    if (n == 0 || strncmp(url + n, "://", 3) != 0 || url[n + 3] == '/')
+        return strdup("(a URL not of the form scheme://host, not shown)");
+    shown = url_redacted(url);
+    rest = shown ? strstr(shown, "***@") : NULL;
+    if (shown && strchr(rest ? rest + 4 : shown, '@')) {
+        free(shown);
+        return strdup("(a URL with an unencoded '@', not shown)");
+    }
+    return shown;
+}
+
 int notify_check_url(const char *url, struct err *e)
 {
     CURLU *u = NULL;
@@ -313,9 +337,15 @@ int notify_check_url(const char *url, struct err *e)
     int rc = 0;
 
     if (!url || !scheme_ok(url)) {
-        shown = notify_url_redacted(url ? url : "");
+        shown = shown_in_error(url ? url : "");
         rc = err_set(e, ERR_INVALID, "'%.100s' is not an http:// or https:// URL",
                      shown ? shown : "");
+        goto cleanup;
+    }
+    /* "http:///u:pw@h": libcurl takes it (the host after the slashes), url_redacted() would
+     * show the password in the job's JSON */
+    if (url[url[4] == ':' ? 7 : 8] == '/') {
+        rc = err_set(e, ERR_INVALID, "expected a host right after http:// or https://");
         goto cleanup;
     }
     u = curl_url();
@@ -326,7 +356,7 @@ int notify_check_url(const char *url, struct err *e)
     if (curl_url_set(u, CURLUPART_URL, url, 0) != CURLUE_OK ||
         curl_url_get(u, CURLUPART_HOST, &host, 0) != CURLUE_OK || !host || !host[0] ||
         curl_url_get(u, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT) != CURLUE_OK || !port) {
-        shown = notify_url_redacted(url);
+        shown = shown_in_error(url);
         rc = err_set(e, ERR_INVALID, "'%.100s' is not a URL with a host", shown ? shown : "");
         goto cleanup;
     }

@@ -967,6 +967,31 @@ static void test_url_redacted(void **state)
     assert_null(strstr(e.msg, "s3cret"));
 }
 
+/* libcurl reads "http:/u:pw@h" and "http:///u:pw@h" as userinfo where url_redacted() sees
+ * none: the first was refused with the URL shown whole, the second accepted (and shown whole in
+ * the job's JSON); an '@' after an unencoded '#' was shown too */
+static void test_url_userinfo_never_shown(void **state)
+{
+    static const char *const bad[] = {
+        "http:/alice:s3cretpw@example.com/x",    "http:///alice:s3cretpw@example.com/x",
+        "HTTPS:///alice:s3cretpw@example.com/x", "http://alice:s3cr#etpw@example.com/",
+        "http://alice:s3cr?etpw@example.com/",   "h:/alice:s3cretpw@example.com/",
+    };
+    struct err e = {0};
+
+    (void)state;
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        assert_int_equal(notify_check_url(bad[i], &e), ERR_INVALID);
+        if (strstr(e.msg, "s3cr"))
+            fail_msg("%s: the password is in '%s'", bad[i], e.msg);
+    }
+    assert_int_equal(notify_check_url("http:///alice:s3cretpw@example.com/x", &e), ERR_INVALID);
+    assert_string_equal(e.msg, "expected a host right after http:// or https://");
+    /* what url_redacted() surely masks is still shown */
+    assert_int_equal(notify_check_url("ftp://user:s3cret@h/", &e), ERR_INVALID);
+    assert_non_null(strstr(e.msg, "ftp://***@h/"));
+}
+
 #define N_MANY 50
 
 /* 50 at once through 8 slots, without next_due (the 200 ms look): each arrives exactly once. */
@@ -1165,6 +1190,7 @@ int main(void)
         cmocka_unit_test(test_connect_rule_on_resolved_addresses),
         cmocka_unit_test(test_own_port_refused_at_connect),
         cmocka_unit_test(test_url_redacted),
+        cmocka_unit_test(test_url_userinfo_never_shown),
         cmocka_unit_test(test_fifty_arrive_exactly_once),
         cmocka_unit_test(test_store_failures_delay_only),
         cmocka_unit_test(test_unrecorded_attempts_keep_the_budget),

@@ -1,14 +1,14 @@
 /*
  * conn.c: the Redis queue's connections and life: connecting (the database selected, the script
- * loaded), the pool of idle connections, noting Redis down and up, the URL, opening and closing,
- * and the two threads every process runs: the sweeper (reclaims expired leases, presumes silent
- * workers dead) and the subscriber (final states and cancels published by any process).
+ * loaded), the pool of idle connections, noting Redis down and up, opening and closing (the URL
+ * read by url.c), and the two threads every process runs: the sweeper (reclaims expired
+ * leases, presumes silent workers dead) and the subscriber (final states and cancels published
+ * by any process).
  */
 #define _GNU_SOURCE
 #include "queue/redis/internal.h"
 #include "core/clock.h"
 #include "core/log.h"
-#include "core/url.h"
 
 #include <errno.h>
 #include <openssl/sha.h>
@@ -338,129 +338,22 @@ static const struct queue_ops redis_ops = {
     .close = r_close,
 };
 
-/* Decodes %XX in [p, p+n) into out (size `cap`); -1 if malformed or too long. */
-static int percent_decode(const char *p, size_t n, char *out, size_t cap)
+/* The URL's parts, copied; the TLS context of rediss:// created from its files. */
+static int apply_url(struct redis_queue *q, const char *url, struct err *e)
 {
-    size_t j = 0;
+    struct rq_url u;
+    int rc = rq_url_parse(url, &u, e);
 
-    for (size_t i = 0; i < n; i++) {
-        unsigned v;
-        if (j + 1 >= cap)
-            return -1;
-        if (p[i] != '%') {
-            out[j++] = p[i];
-            continue;
-        }
-        if (i + 2 >= n || sscanf(p + i + 1, "%2x", &v) != 1)
-            return -1;
-        out[j++] = (char)v;
-        i += 2;
+    if (rc == 0) {
+        snprintf(q->host, sizeof(q->host), "%s", u.host);
+        q->port = u.port;
+        q->db = u.db;
+        snprintf(q->user, sizeof(q->user), "%s", u.user);
+        snprintf(q->password, sizeof(q->password), "%s", u.password);
+        if (u.tls)
+            rc = rq_tls_create(u.ca, u.cert, u.key, &q->tls, e);
     }
-    out[j] = '\0';
-    return 0;
-}
-
-/* The query's parameters: ca, cert and key (files, rediss:// only). */
-static int parse_query(const char *query, int tls, const char *shown, char *ca, char *cert,
-                       char *key, size_t cap, struct err *e)
-{
-    for (const char *p = query; p && *p;) {
-        size_t n = strcspn(p, "&");
-        const char *eq = memchr(p, '=', n);
-        char *dst = NULL;
-        if (eq && eq - p == 2 && strncmp(p, "ca", 2) == 0)
-            dst = ca;
-        else if (eq && eq - p == 4 && strncmp(p, "cert", 4) == 0)
-            dst = cert;
-        else if (eq && eq - p == 3 && strncmp(p, "key", 3) == 0)
-            dst = key;
-        if (!dst)
-            return err_set(e, ERR_INVALID,
-                           "--queue %s: unknown parameter '%.*s' (ca, cert and key are known)",
-                           shown, (int)(eq ? (size_t)(eq - p) : n), p);
-        if (!tls)
-            return err_set(e, ERR_INVALID, "--queue %s: '%.*s' needs rediss:// (TLS)", shown,
-                           (int)(eq - p), p);
-        if (percent_decode(eq + 1, n - (size_t)(eq + 1 - p), dst, cap) != 0)
-            return err_set(e, ERR_INVALID, "--queue %s: '%.*s': bad or too long a value", shown,
-                           (int)(eq - p), p);
-        p += n + (p[n] == '&');
-    }
-    return 0;
-}
-
-/* redis[s]://[[USER]:PASSWORD@][host][:port][/db][?ca=FILE&cert=FILE&key=FILE] */
-static int parse_url(struct redis_queue *q, const char *url, struct err *e)
-{
-    int tls = strncmp(url, "rediss://", 9) == 0;
-    const char *p = url + (tls ? 9 : 8), *colon, *slash, *at, *end, *query;
-    char *shown = url_redacted(url), ca[1024] = "", cert[1024] = "", key[1024] = "";
-    const char *sh = shown ? shown : "(the URL given)";
-    size_t hlen;
-    int rc = 0;
-
-    q->port = 6379;
-    q->db = 0;
-    query = strchr(p, '?');
-    end = query ? query : p + strlen(p);
-    /* userinfo: up to the last '@' before the path */
-    slash = memchr(p, '/', (size_t)(end - p));
-    at = NULL;
-    for (const char *s2 = p; s2 < (slash ? slash : end); s2++)
-        if (*s2 == '@')
-            at = s2;
-    if (at) {
-        const char *uc = memchr(p, ':', (size_t)(at - p));
-        if (!uc) {
-            rc = err_set(e, ERR_INVALID,
-                         "--queue %s: the userinfo must be USER:PASSWORD@ or :PASSWORD@", sh);
-            goto cleanup;
-        }
-        if (percent_decode(p, (size_t)(uc - p), q->user, sizeof(q->user)) != 0 ||
-            percent_decode(uc + 1, (size_t)(at - uc - 1), q->password, sizeof(q->password)) != 0 ||
-            !q->password[0]) {
-            rc = err_set(e, ERR_INVALID,
-                         "--queue %s: bad user or password (percent-encode "
-                         "reserved characters; the password may not be empty)",
-                         sh);
-            goto cleanup;
-        }
-        p = at + 1;
-    }
-    slash = memchr(p, '/', (size_t)(end - p));
-    colon = memchr(p, ':', (size_t)((slash ? slash : end) - p));
-    hlen = (size_t)((colon ? colon : slash ? slash : end) - p);
-    if (hlen >= sizeof(q->host)) {
-        rc = err_set(e, ERR_INVALID, "--queue %s: host name too long", sh);
-        goto cleanup;
-    }
-    memcpy(q->host, p, hlen);
-    q->host[hlen] = '\0';
-    if (!q->host[0])
-        snprintf(q->host, sizeof(q->host), "127.0.0.1");
-    if (colon) {
-        char *pend;
-        long v = strtol(colon + 1, &pend, 10);
-        if (pend == colon + 1 || v < 1 || v > 65535 || pend != (slash ? slash : end)) {
-            rc = err_set(e, ERR_INVALID, "--queue %s: bad port", sh);
-            goto cleanup;
-        }
-        q->port = (int)v;
-    }
-    if (slash && slash + 1 < end) {
-        char *pend;
-        long v = strtol(slash + 1, &pend, 10);
-        if (pend != end || v < 0 || v > 1000) {
-            rc = err_set(e, ERR_INVALID, "--queue %s: bad database number", sh);
-            goto cleanup;
-        }
-        q->db = (int)v;
-    }
-    rc = parse_query(query ? query + 1 : NULL, tls, sh, ca, cert, key, sizeof(ca), e);
-    if (rc == 0 && tls)
-        rc = rq_tls_create(ca, cert, key, &q->tls, e);
-cleanup:
-    free(shown);
+    rq_url_release(&u);
     return rc;
 }
 
@@ -510,7 +403,7 @@ int queue_redis_open(const struct queue_config *cfg, struct queue **out, struct 
     pthread_mutex_init(&q->lock, NULL);
     pthread_cond_init(&q->cond, NULL);
     pthread_cond_init(&q->async_cond, NULL);
-    rc = parse_url(q, cfg->url, e);
+    rc = apply_url(q, cfg->url, e);
     if (rc != 0) {
         r_close(&q->base);
         return rc;

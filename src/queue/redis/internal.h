@@ -3,7 +3,7 @@
  *
  * The files, by what they hold:
  *   conn.c     connecting, the connection pool, Redis's up/down notes, loading the script,
- *              the URL, opening and closing, the sweeper and subscriber threads
+ *              opening and closing, the sweeper and subscriber threads
  *   call.c     calling the script (its arguments, one call, one pooled call) and reading replies
  *   jobs.c     jobs: enqueue (and the asynchronous enqueue thread), lease, extend, finish,
  *              cancel, retry, get, list, counts
@@ -11,6 +11,7 @@
  *   outbox.c   webhooks: taking due ones (their bodies built once), recording attempts
  *   batch.c    batch jobs and schedules
  *   tls.c      rediss://: TLS connections bridged to hiredis (a pump thread each)
+ *   url.c      the URL, read into a struct rq_url (no I/O: the fuzz target calls it)
  *   queue.lua  the script: every change, atomic (embedded by CMakeLists.txt as queue_redis_lua)
  *
  * Threads and locks: any thread may call the store (the ops tables); each call takes a pooled
@@ -79,12 +80,12 @@ struct lost_lease {
 struct redis_queue {
     struct queue base;
     struct queue_config cfg; /* immutable after open: no lock */
-    char host[256];          /* immutable after open (parse_url): no lock */
-    int port, db;            /* immutable after open (parse_url): no lock */
+    char host[256];          /* immutable after open (the URL): no lock */
+    int port, db;            /* immutable after open (the URL): no lock */
     char prefix[64];         /* immutable after open: no lock */
     char sha[41];            /* of the script; immutable after open: no lock */
     char name[96];           /* this process: host/pid; immutable after open: no lock */
-    /* immutable after open (parse_url): the URL's user and password ("": none; AUTH after
+    /* immutable after open (the URL): the URL's user and password ("": none; AUTH after
      * connecting), and the TLS context of rediss:// (NULL: plain TCP). Never logged. */
     char user[128], password[512];
     SSL_CTX *tls;
@@ -118,6 +119,29 @@ static inline struct redis_queue *rq(struct queue *q)
 {
     return (struct redis_queue *)q;
 }
+
+/* ---- the URL (url.c) ---- */
+
+/* What --queue redis[s]://[[USER]:PASSWORD@][host][:port][/db][?ca=&cert=&key=] says. */
+struct rq_url {
+    char host[256];     /* never "": 127.0.0.1 when the URL has none */
+    int port;           /* 1..65535; 6379 when the URL has none */
+    int db;             /* 0..1000; 0 when the URL has none */
+    char user[128];     /* "": none (AUTH with the password alone) */
+    char password[512]; /* "": none (no AUTH); a secret, never shown */
+    char ca[1024];      /* rediss:// only: PEM files; "": none (the system's CAs) */
+    char cert[1024], key[1024];
+    int tls; /* 1 for rediss:// */
+};
+
+/*
+ * Reads `url` (borrowed; it starts with redis:// or rediss://) into `*out`, which the caller
+ * owns and clears with rq_url_release() (it wipes the password). No I/O. Returns 0 or
+ * ERR_INVALID with `e` naming the part of the URL that is wrong (the URL shown with its
+ * userinfo masked); on failure `*out` holds no password.
+ */
+int rq_url_parse(const char *url, struct rq_url *out, struct err *e);
+void rq_url_release(struct rq_url *u);
 
 /* ---- TLS (tls.c) ---- */
 
