@@ -15,6 +15,7 @@
  */
 #define _GNU_SOURCE /* memmem */
 #include "batch/batch_jobs.h"
+#include "fuzz_secret.h"
 
 #include <jansson.h>
 #include <stdint.h>
@@ -44,21 +45,11 @@ static int fake_model(void *ctx, const char *name, struct batch_job_model *out, 
 static int password_span(const char *url, size_t *from, size_t *to)
 {
     size_t n = strspn(url, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-.");
-    const char *auth, *end, *at = NULL, *colon;
 
     if (n == 0 || !((url[0] | 0x20) >= 'a' && (url[0] | 0x20) <= 'z') ||
         strncmp(url + n, "://", 3) != 0)
         return 0;
-    auth = url + n + 3;
-    end = auth + strcspn(auth, "/?#");
-    for (const char *p = auth; p < end; p++)
-        if (*p == '@')
-            at = p;
-    if (!at || !(colon = memchr(auth, ':', (size_t)(at - auth))))
-        return 0;
-    *from = (size_t)(colon + 1 - url);
-    *to = (size_t)(at - url);
-    return 1;
+    return fuzz_password_span(url, url + n + 3, "/?#", from, to);
 }
 
 /* The password of definition field `key` must not be in `msg` (see the top). */
@@ -76,17 +67,7 @@ static void check_hidden(const char *body, size_t len, uint8_t flags, const char
         !memmem(msg, strlen(msg), url + from, to - from))
         goto cleanup;
     copy = strdup(url);
-    for (size_t i = from; copy && i < to; i++) {
-        char c = copy[i];
-        if (c == '%')
-            i += 2;
-        else if ((c >= 'g' && c <= 'y') || (c >= 'G' && c <= 'Y') || (c >= '0' && c <= '8'))
-            copy[i] = (char)(c + 1), changed = 1;
-        else if (c == 'z' || c == 'Z')
-            copy[i] = (char)(c - 19), changed = 1;
-        else if (c == '9')
-            copy[i] = '0', changed = 1;
-    }
+    changed = copy && fuzz_mutate_secret(copy, from, to);
     if (!changed || json_object_set_new(def, key, json_string(copy)) != 0 ||
         !(body2 = json_dumps(def, JSON_COMPACT | JSON_PRESERVE_ORDER)))
         goto cleanup;

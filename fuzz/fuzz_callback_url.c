@@ -11,6 +11,7 @@
  * password's letters and digits changed must give the same message: otherwise it was shown.
  */
 #include "notify/notify.h"
+#include "fuzz_secret.h"
 
 #include <curl/curl.h>
 #include <stdint.h>
@@ -22,27 +23,6 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 #define URL_MAX 4096
-
-/* Letters and digits in [from, to) changed to others (a %XX escape's digits left alone). */
-static int mutate(char *s, size_t from, size_t to)
-{
-    int changed = 0;
-
-    for (size_t i = from; i < to; i++) {
-        char c = s[i];
-        if (c == '%') {
-            i += 2;
-            continue;
-        }
-        if ((c >= 'g' && c <= 'y') || (c >= 'G' && c <= 'Y') || (c >= '0' && c <= '8'))
-            s[i] = (char)(c + 1), changed = 1;
-        else if (c == 'z' || c == 'Z')
-            s[i] = (char)(c - 19), changed = 1;
-        else if (c == '9')
-            s[i] = '0', changed = 1;
-    }
-    return changed;
-}
 
 /* `pw` (raw text, at [from, to) of `url`) must not be shown by the message `msg`. */
 static void check_hidden(const char *url, size_t from, size_t to, const char *msg)
@@ -57,7 +37,7 @@ static void check_hidden(const char *url, size_t from, size_t to, const char *ms
     if (!strstr(msg, pw))
         return;
     snprintf(copy, sizeof(copy), "%s", url);
-    if (!mutate(copy, from, to))
+    if (!fuzz_mutate_secret(copy, from, to))
         return;
     if (notify_check_url(copy, &e2) == 0 || strcmp(msg, e2.msg) != 0) {
         fprintf(stderr, "password '%s' shown: '%s'\n", pw, msg);
@@ -69,17 +49,11 @@ static void check_hidden(const char *url, size_t from, size_t to, const char *ms
  * authority (which ends at the first '/', '?' or '#'), after the userinfo's first ':'. */
 static void check_redacted_rule(const char *url, const char *msg)
 {
-    const char *sep = strstr(url, "://"), *auth, *end, *at = NULL, *colon;
+    const char *sep = strstr(url, "://");
+    size_t from, to;
 
-    if (!sep)
-        return;
-    auth = sep + 3;
-    end = auth + strcspn(auth, "/?#");
-    for (const char *p = auth; p < end; p++)
-        if (*p == '@')
-            at = p;
-    if (at && (colon = memchr(auth, ':', (size_t)(at - auth))))
-        check_hidden(url, (size_t)(colon + 1 - url), (size_t)(at - url), msg);
+    if (sep && fuzz_password_span(url, sep + 3, "/?#", &from, &to))
+        check_hidden(url, from, to, msg);
 }
 
 /* The password as libcurl reads it (it takes "http:/h" and "http:///h" too), wherever its

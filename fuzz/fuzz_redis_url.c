@@ -12,6 +12,7 @@
  * first '/', '?' or '#' after the scheme.
  */
 #include "queue/redis/internal.h"
+#include "fuzz_secret.h"
 
 #include <ctype.h>
 #include <stdint.h>
@@ -52,17 +53,7 @@ static int ref_decode(const char *p, size_t n, char *out, size_t *out_len)
  * url_redacted()'s rule "/?#"; a parser that let '#' into the password would see "/?"). */
 static int password_span(const char *url, const char *stops, size_t *from, size_t *to)
 {
-    const char *auth = strstr(url, "://") + 3, *end = auth + strcspn(auth, stops), *at = NULL;
-    const char *colon;
-
-    for (const char *p = auth; p < end; p++)
-        if (*p == '@')
-            at = p;
-    if (!at || !(colon = memchr(auth, ':', (size_t)(at - auth))))
-        return 0;
-    *from = (size_t)(colon + 1 - url);
-    *to = (size_t)(at - url);
-    return 1;
+    return fuzz_password_span(url, strstr(url, "://") + 3, stops, from, to);
 }
 
 /* Each of the query's values is well formed, and ca, cert and key are each the last value
@@ -125,30 +116,6 @@ static void check_accepted(const char *url, const struct rq_url *u)
     check_query(url, u);
 }
 
-/* A letter or digit of the password changed to another, which no rule of the parser tells
- * apart: the bytes of a %XX escape are left as they are. */
-static int mutate_password(char *url, size_t from, size_t to)
-{
-    int changed = 0;
-
-    for (size_t i = from; i < to; i++) {
-        char c = url[i];
-        if (c == '%') {
-            i += 2;
-            continue;
-        }
-        if ((c >= 'g' && c <= 'y') || (c >= 'G' && c <= 'Y'))
-            url[i] = (char)(c + 1), changed = 1;
-        else if (c == 'z' || c == 'Z')
-            url[i] = (char)(c - 19), changed = 1; /* to 'g' / 'G' */
-        else if (c >= '0' && c <= '8')
-            url[i] = (char)(c + 1), changed = 1;
-        else if (c == '9')
-            url[i] = '0', changed = 1;
-    }
-    return changed;
-}
-
 static void check_no_password(char *url, const char *stops, const struct err *e)
 {
     static char raw[URL_MAX], copy[URL_MAX + 1];
@@ -162,7 +129,7 @@ static void check_no_password(char *url, const char *stops, const struct err *e)
     url = copy;
     memcpy(raw, url + from, to - from);
     raw[to - from] = '\0';
-    if (!mutate_password(url, from, to))
+    if (!fuzz_mutate_secret(url, from, to))
         return;
     if (rq_url_parse(url, &u2, &e2) == 0)
         abort(); /* the password's letters decided whether the URL is good */
