@@ -79,6 +79,9 @@ json_t *qc_job_json(struct queue *q, const char *id);
 json_t *qc_list(struct queue *q, const struct queue_list_filter *f);
 /* queue_batch_get, parsed. */
 json_t *qc_batch_json(struct queue *q, const char *id);
+/* How many batch jobs queue_batch_list shows to `tenant` (NULL: all) with `status` (NULL: any),
+ * at most 10. */
+size_t qc_n_batches_listed(struct queue *q, const char *tenant, const char *status);
 /* Fails unless `o` has exactly the keys `keys` (NULL-terminated), naming what differs. */
 void qc_assert_keys(const json_t *o, const char *const *keys, const char *what);
 const char *qc_str(const json_t *o, const char *key); /* NULL when missing or not a string */

@@ -265,6 +265,21 @@ json_t *qc_batch_json(struct queue *q, const char *id)
     return qc_parse(&b);
 }
 
+size_t qc_n_batches_listed(struct queue *q, const char *tenant, const char *status)
+{
+    struct buf b = {0};
+    struct err e = {0};
+    json_t *o;
+    size_t n;
+
+    if (queue_batch_list(q, tenant, 10, status, &b, &e) != 0)
+        fail_msg("%s: queue_batch_list: %s", qc_store->name, e.msg);
+    o = qc_parse(&b);
+    n = json_array_size(json_object_get(o, "batch_jobs"));
+    json_decref(o);
+    return n;
+}
+
 void qc_assert_keys(const json_t *o, const char *const *keys, const char *what)
 {
     const char *key;

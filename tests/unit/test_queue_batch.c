@@ -61,20 +61,6 @@ static int64_t progress(const json_t *o, const char *key)
     return json_integer_value(json_object_get(json_object_get(o, "progress"), key));
 }
 
-static size_t n_listed(struct queue *q, const char *status)
-{
-    struct buf b = {0};
-    struct err e = {0};
-    json_t *o;
-    size_t n;
-
-    assert_int_equal(queue_batch_list(q, NULL, 10, status, &b, &e), 0);
-    o = qc_parse(&b);
-    n = json_array_size(json_object_get(o, "batch_jobs"));
-    json_decref(o);
-    return n;
-}
-
 static size_t n_due(struct queue *q, int64_t now_ms)
 {
     struct queue_schedule *due = NULL;
@@ -147,7 +133,7 @@ static void test_run_lifecycle(void **state)
     assert_string_equal(status_of(q, id, &o), "running");
     assert_non_null(qc_str(o, "started_at"));
     json_decref(o);
-    assert_int_equal(n_listed(q, "running"), 1);
+    assert_int_equal(qc_n_batches_listed(q, NULL, "running"), 1);
     /* tasks are not inference jobs: the job listing does not show them */
     struct queue_list_filter f = {.state = -1, .cancelling = -1, .limit = 10};
     o = qc_list(q, &f);
@@ -194,7 +180,7 @@ static void test_run_lifecycle(void **state)
     assert_int_equal(progress(o, "objects_done"), 2);
     assert_int_equal(progress(o, "records_done"), 7);
     json_decref(o);
-    assert_int_equal(n_listed(q, "succeeded"), 1);
+    assert_int_equal(qc_n_batches_listed(q, NULL, "succeeded"), 1);
     assert_int_equal(queue_queued(q), 0); /* nothing left waiting: admission is whole again */
     assert_int_equal(queue_batch_cancel(q, id, NULL, &b, &e), ERR_CONFLICT);
     buf_release(&b);
@@ -242,8 +228,8 @@ static void test_failed_task_fails_run(void **state)
     json_decref(o);
     assert_int_equal(queue_queued(q), 0); /* the other tasks were cancelled */
     assert_null(lease_task(q));
-    assert_int_equal(n_listed(q, "failed"), 1);
-    assert_int_equal(n_listed(q, "queued"), 0);
+    assert_int_equal(qc_n_batches_listed(q, NULL, "failed"), 1);
+    assert_int_equal(qc_n_batches_listed(q, NULL, "queued"), 0);
 }
 
 /* A task cancelled on its own fails its run: the run cannot be whole without it. */
@@ -368,7 +354,7 @@ static void test_cancel_run(void **state)
     buf_release(&b);
     assert_int_equal(queue_batch_cancel(q, "batch-nope", NULL, &b, &e), ERR_NOT_FOUND);
     buf_release(&b);
-    assert_int_equal(n_listed(q, "cancelled"), 1);
+    assert_int_equal(qc_n_batches_listed(q, NULL, "cancelled"), 1);
     assert_null(lease_task(q));
 }
 
@@ -382,7 +368,7 @@ static void test_run_admission(void **state)
 
     assert_int_equal(queue_batch_create(q, &spec, id, &e), ERR_BUSY);
     assert_int_equal(queue_queued(q), 0);
-    assert_int_equal(n_listed(q, NULL), 0);
+    assert_int_equal(qc_n_batches_listed(q, NULL, NULL), 0);
     spec.n_tasks = 2;
     create(q, &spec, id);
     assert_int_equal(queue_queued(q), 2);
@@ -412,9 +398,9 @@ static void test_list(void **state)
     o = qc_parse(&b);
     assert_int_equal(json_array_size(json_object_get(o, "batch_jobs")), 2);
     json_decref(o);
-    assert_int_equal(n_listed(q, "queued"), 3);
-    assert_int_equal(n_listed(q, "running"), 0);
-    assert_int_equal(n_listed(q, "scheduled"), 0);
+    assert_int_equal(qc_n_batches_listed(q, NULL, "queued"), 3);
+    assert_int_equal(qc_n_batches_listed(q, NULL, "running"), 0);
+    assert_int_equal(qc_n_batches_listed(q, NULL, "scheduled"), 0);
 }
 
 /* A scheduled run is made once however many schedulers try: the second is ERR_CONFLICT. */
@@ -471,8 +457,8 @@ static void test_scheduled_run_fires_once(void **state)
     assert_non_null(qc_str(o, "run_at"));
     assert_null(json_object_get(o, "schedule"));
     json_decref(o);
-    assert_int_equal(n_listed(q, NULL), 1); /* the schedule, its run with it */
-    assert_int_equal(n_listed(q, "scheduled"), 1);
+    assert_int_equal(qc_n_batches_listed(q, NULL, NULL), 1); /* the schedule, its run with it */
+    assert_int_equal(qc_n_batches_listed(q, NULL, "scheduled"), 1);
 }
 
 /* Pause and resume, a run started by hand, progress inside a running task, the status filter. */
@@ -510,8 +496,8 @@ static void test_schedule_pause_and_progress(void **state)
     assert_string_equal(def->schedule, "@daily");
     assert_string_equal(def->definition, sched.definition);
     queue_schedules_free(def, 1);
-    assert_int_equal(n_listed(q, "paused"), 1);
-    assert_int_equal(n_listed(q, "scheduled"), 0);
+    assert_int_equal(qc_n_batches_listed(q, NULL, "paused"), 1);
+    assert_int_equal(qc_n_batches_listed(q, NULL, "scheduled"), 0);
 
     /* a run by hand while paused: stored though the schedule is not due, nothing claimed */
     run.parent = sid;
@@ -531,7 +517,7 @@ static void test_schedule_pause_and_progress(void **state)
     assert_string_equal(qc_str(o, "status"), "scheduled");
     json_decref(o);
     assert_int_equal(n_due(q, clock_now_ms()), 1);
-    assert_int_equal(n_listed(q, "scheduled"), 1);
+    assert_int_equal(qc_n_batches_listed(q, NULL, "scheduled"), 1);
     assert_int_equal(queue_batch_definition(q, sid, NULL, &def, &e), 0);
     assert_int_equal(def->state, QUEUE_SCHEDULE_ACTIVE);
     assert_int_equal(def->next_run_ms, now - 1000);
@@ -553,7 +539,7 @@ static void test_schedule_pause_and_progress(void **state)
     o = qc_batch_json(q, rid);
     assert_int_equal(progress(o, "records_done"), 5);
     json_decref(o);
-    assert_int_equal(n_listed(q, "running"), 1);
+    assert_int_equal(qc_n_batches_listed(q, NULL, "running"), 1);
     const char *result = "{\"object\":\"a.jsonl\",\"records\":7,\"errors\":0}";
     assert_int_equal(queue_complete(q, jobs[0]->id, jobs[0]->token, result, strlen(result), -1, &e),
                      0);
@@ -561,11 +547,12 @@ static void test_schedule_pause_and_progress(void **state)
     assert_int_equal(progress(o, "records_done"), 7); /* the object's records, counted once */
     json_decref(o);
     job_free(jobs[0]);
-    assert_int_equal(n_listed(q, NULL), 2); /* runs of a schedule are listed with it */
-    assert_int_equal(n_listed(q, "cancelled"), 0);
+    assert_int_equal(qc_n_batches_listed(q, NULL, NULL),
+                     2); /* runs of a schedule are listed with it */
+    assert_int_equal(qc_n_batches_listed(q, NULL, "cancelled"), 0);
     assert_int_equal(queue_batch_cancel(q, sid, NULL, &b, &e), 0);
     buf_release(&b);
-    assert_int_equal(n_listed(q, "cancelled"), 1);
+    assert_int_equal(qc_n_batches_listed(q, NULL, "cancelled"), 1);
     assert_int_equal(n_due(q, clock_now_ms()), 0);
     assert_int_equal(queue_batch_pause(q, sid, NULL, 0, now, &b, &e), ERR_CONFLICT);
     assert_non_null(strstr(e.msg, "cancelled"));
@@ -635,7 +622,8 @@ static void test_run_retention(void **state)
     json_decref(o);
     assert_string_equal(status_of(q, going, &o), "queued");
     json_decref(o);
-    assert_int_equal(n_listed(q, NULL), 2); /* the schedule and the run still waiting */
+    assert_int_equal(qc_n_batches_listed(q, NULL, NULL),
+                     2); /* the schedule and the run still waiting */
     assert_int_equal(queue_queued(q), 1);
 }
 

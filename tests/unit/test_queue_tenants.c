@@ -288,21 +288,6 @@ static struct batch_job_spec batch_spec(const char *tenant, const char *schedule
     return s;
 }
 
-/* How many batch jobs a listing for `tenant` shows. */
-static size_t n_batch_listed(struct queue *q, const char *tenant)
-{
-    struct buf b = {0};
-    struct err e = {0};
-    json_t *o;
-    size_t n;
-
-    assert_int_equal(queue_batch_list(q, tenant, 10, NULL, &b, &e), 0);
-    o = qc_parse(&b);
-    n = json_array_size(json_object_get(o, "batch_jobs"));
-    json_decref(o);
-    return n;
-}
-
 static void test_tenant_batch_jobs_are_private(void **state)
 {
     struct queue *q = *state;
@@ -349,10 +334,10 @@ static void test_tenant_batch_jobs_are_private(void **state)
     o = qc_batch_json(q, rid);
     assert_string_equal(qc_str(o, "status"), "queued");
     json_decref(o);
-    assert_int_equal(n_batch_listed(q, "B"), 0);
-    assert_int_equal(n_batch_listed(q, "A"), 2);
-    assert_int_equal(n_batch_listed(q, ""), 1);
-    assert_int_equal(n_batch_listed(q, NULL), 3);
+    assert_int_equal(qc_n_batches_listed(q, "B", NULL), 0);
+    assert_int_equal(qc_n_batches_listed(q, "A", NULL), 2);
+    assert_int_equal(qc_n_batches_listed(q, "", NULL), 1);
+    assert_int_equal(qc_n_batches_listed(q, NULL, NULL), 3);
 
     /* the run's task and finishing job are A's: B cannot see or cancel them */
     assert_int_equal(queue_batch_cancel(q, aid, NULL, &b, &e), 0);
@@ -559,8 +544,8 @@ static void test_tenant_old_store_is_anonymous(void **state)
     assert_string_equal(got, "");
     assert_int_equal(queue_batch_get(q, "batch-old", "", &b, &e), 0);
     buf_release(&b);
-    assert_int_equal(n_batch_listed(q, ""), 1);
-    assert_int_equal(n_batch_listed(q, "A"), 0);
+    assert_int_equal(qc_n_batches_listed(q, "", NULL), 1);
+    assert_int_equal(qc_n_batches_listed(q, "A", NULL), 0);
     /* its idempotency key is the anonymous tenant's: the same request is the old job, the
      * same key from A is A's own */
     assert_int_equal(queue_enqueue(q, &spec, id, &existed, &e), 0);
